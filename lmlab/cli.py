@@ -1,0 +1,255 @@
+"""``lmlab VERB``: a thin shell over the Python API.
+
+Arguments are parsed by jsonargparse (argparse plus ``--config file.yaml``: a YAML file supplies any
+flag by its option name with underscores, e.g. ``max_steps: 2000``, and flags given after it
+override it; an unknown key is an error). Library errors (:class:`LmlabError`) print as one line
+and exit with code 1; tracebacks are kept for bugs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Optional, Sequence, get_type_hints
+
+from jsonargparse import ActionConfigFile, ArgumentParser
+
+from lmlab.errors import LmlabError
+
+
+def _parser(description: str) -> ArgumentParser:
+    parser = ArgumentParser(description=description, exit_on_error=True)
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML file with any of these options (keys use underscores: max_steps: 100)")
+    return parser
+
+
+def _add_dataclass_flags(parser: ArgumentParser, cls: type, skip: Sequence[str] = ()) -> None:
+    """One flag per dataclass field: ``max_steps`` → ``--max-steps``, help from the field's metadata."""
+    hints = get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help", "")
+        if hints[f.name] is bool:
+            if f.default:
+                parser.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false", help=f"do not: {help_text}")
+            else:
+                parser.add_argument(flag, dest=f.name, action="store_true", help=help_text)
+        else:
+            parser.add_argument(flag, dest=f.name, type=hints[f.name], default=f.default, help=f"{help_text} (default: {f.default})")
+
+
+def _input_flags(parser: ArgumentParser) -> None:
+    parser.add_argument("--input", nargs="+", required=True, help="text files, folders and globs (.txt .md .jsonl .csv .tsv .parquet)")
+    parser.add_argument("--text-field", default="text", help="JSONL field (and default CSV/Parquet column) holding the text (default: text)")
+    parser.add_argument("--column", type=Optional[str], default=None, help="CSV/TSV/Parquet column holding the text (default: --text-field)")
+    parser.add_argument("--normalize", type=Optional[str], default=None, help="Unicode normalisation: NFC, NFKC, NFD or NFKD (default: none)")
+    parser.add_argument("--no-dedup", dest="dedup", action="store_false", help="keep exact duplicate documents (default: drop them)")
+
+
+def build_parser() -> ArgumentParser:
+    from lmlab.config import PRESETS
+    from lmlab.train.loop import TrainConfig
+
+    root = ArgumentParser(prog="lmlab", description="Train, generate, evaluate and critique Transformer language models.")
+    commands = root.add_subcommands(dest="command", required=True)
+
+    # -- tokenizer train --------------------------------------------------------------------
+    tokenizer = ArgumentParser(description="Tokenizer commands.")
+    commands.add_subcommand("tokenizer", tokenizer, help="train a tokenizer (BPE, WordPiece, Unigram)")
+
+    prepare = _parser("Tokenize a corpus into memory-mapped token shards (train/valid) with a JSON manifest.")
+    _input_flags(prepare)
+    prepare.add_argument("--tokenizer", required=True, help="folder (or tokenizer.json) of the tokenizer to use")
+    prepare.add_argument("--out", required=True, help="output folder for the shards and manifest.json")
+    prepare.add_argument("--valid-fraction", type=float, default=0.05, help="share of documents held out for validation (default: 0.05)")
+    prepare.add_argument("--seed", type=int, default=0, help="seed of the train/validation split (default: 0)")
+    prepare.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    commands.add_subcommand("prepare", prepare, help="tokenize and pack a corpus into token shards")
+
+    pretrain = _parser("Pretrain a model on a prepared data folder. Every training option is also a key of --config.")
+    pretrain.add_argument("--model", default="gpt2-tiny", help=f"model preset: {', '.join(PRESETS)} (default: gpt2-tiny)")
+    pretrain.add_argument("--data", required=True, help="folder made by `lmlab prepare`")
+    pretrain.add_argument("--out", required=True, help="run folder: checkpoints, log.jsonl, loss.png")
+    pretrain.add_argument("--objective", default="clm", help="training objective: clm (causal LM) (default: clm)")
+    pretrain.add_argument("--resume", action="store_true", help="continue the latest checkpoint in --out exactly where it stopped")
+    pretrain.add_argument("--init-from", type=Optional[str], default=None, help="start from this checkpoint's weights (fresh optimizer)")
+    pretrain.add_argument("--dropout", type=Optional[float], default=None, help="override the preset's dropout")
+    pretrain.add_argument("--block-size", type=Optional[int], default=None, help="override the preset's context length")
+    _add_dataclass_flags(pretrain, TrainConfig)
+    commands.add_subcommand("pretrain", pretrain, help="pretrain a model (causal LM)")
+
+    generate = _parser("Generate text from a checkpoint.")
+    generate.add_argument("checkpoint", help="checkpoint folder (or run folder: its best checkpoint)")
+    generate.add_argument("--prompt", nargs="+", default=None, help="one or more prompts")
+    generate.add_argument("--prompts-file", type=Optional[str], default=None, help="a file with one prompt per line")
+    generate.add_argument("--max-new-tokens", type=int, default=50, help="tokens to generate per prompt (default: 50)")
+    generate.add_argument("--strategy", default="greedy", help="greedy or sample (default: greedy)")
+    generate.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: 1.0)")
+    generate.add_argument("--top-k", type=Optional[int], default=None, help="sample among the k most likely tokens")
+    generate.add_argument("--top-p", type=Optional[float], default=None, help="nucleus sampling: smallest set reaching probability p")
+    generate.add_argument("--seed", type=Optional[int], default=None, help="seed for reproducible sampling")
+    generate.add_argument("--stream", action="store_true", help="print tokens as they are made (one prompt)")
+    generate.add_argument("--format", default="text", help="text or jsonl (default: text)")
+    generate.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
+    commands.add_subcommand("generate", generate, help="generate text from a checkpoint")
+
+    info = _parser("Parameter count and FLOPs per token of a preset or a checkpoint (all presets when none is named).")
+    info.add_argument("model", nargs="?", default=None, help="preset name or checkpoint folder")
+    info.add_argument("--seq-len", type=Optional[int], default=None, help="sequence length for the FLOPs (default: block_size)")
+    commands.add_subcommand("info", info, help="model sizes: parameters and FLOPs per token")
+
+    demo = _parser("Run the whole pipeline on the embedded corpus (Python's own documentation), offline.")
+    demo.add_argument("--out", default="lmlab-demo", help="output folder (default: lmlab-demo)")
+    demo.add_argument("--max-steps", type=int, default=300, help="pretraining steps (default: 300)")
+    demo.add_argument("--model", default="gpt2-mini", help="model preset (default: gpt2-mini)")
+    demo.add_argument("--max-chars", type=int, default=3_000_000, help="characters of the embedded corpus to use (default: 3,000,000)")
+    demo.add_argument("--vocab-size", type=int, default=4096, help="tokenizer vocabulary size (default: 4096)")
+    demo.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+    commands.add_subcommand("demo", demo, help="the end-to-end demo: corpus → tokenizer → pretrain → generate")
+
+    # second level: `lmlab tokenizer train` (jsonargparse adds nested levels after the first)
+    tok_commands = tokenizer.add_subcommands(dest="action", required=True)
+    tok_train = _parser("Train a tokenizer with the `tokenizers` library and save tokenizer.json.")
+    _input_flags(tok_train)
+    tok_train.add_argument("--kind", default="bpe", help="bpe (byte-level), wordpiece or unigram (default: bpe)")
+    tok_train.add_argument("--vocab-size", type=int, default=8000, help="vocabulary size including special tokens (default: 8000)")
+    tok_train.add_argument("--min-frequency", type=int, default=2, help="minimum pair/word frequency to enter the vocabulary (default: 2)")
+    tok_train.add_argument("--special-tokens", nargs="+", default=None, help="special tokens (default: the kind's own, e.g. <|endoftext|> for bpe)")
+    tok_train.add_argument("--out", required=True, help="output folder for tokenizer.json and tokenizer_config.json")
+    tok_commands.add_subcommand("train", tok_train, help="train a tokenizer on a corpus")
+    return root
+
+
+# -- commands ------------------------------------------------------------------------------------
+
+
+def cmd_tokenizer(args) -> int:
+    from lmlab.data import read_corpus
+    from lmlab.tokenizer import train_tokenizer
+
+    a = args.train
+    texts = read_corpus(a.input, text_field=a.text_field, column=a.column, normalize=a.normalize, dedup=a.dedup)
+    tok = train_tokenizer(texts, kind=a.kind, vocab_size=a.vocab_size, min_frequency=a.min_frequency, special_tokens=a.special_tokens, show_progress=True)
+    tok.save(a.out)
+    print(f"lmlab: {a.kind} tokenizer with {tok.vocab_size:,} tokens written to {Path(a.out) / 'tokenizer.json'}")
+    return 0
+
+
+def cmd_prepare(a) -> int:
+    from lmlab.data.pack import prepare
+
+    manifest = prepare(
+        a.input, a.tokenizer, a.out, valid_fraction=a.valid_fraction, seed=a.seed, text_field=a.text_field,
+        column=a.column, normalize=a.normalize, dedup=a.dedup, show_progress=a.progress,
+    )
+    splits = ", ".join(f"{name}: {s['tokens']:,} tokens in {s['documents']:,} documents" for name, s in manifest["splits"].items())
+    print(f"lmlab: {a.out} — {splits}")
+    return 0
+
+
+def cmd_pretrain(a) -> int:
+    from lmlab.train.loop import TrainConfig
+    from lmlab.train.pretrain import pretrain
+
+    train_args = {f.name: getattr(a, f.name) for f in dataclasses.fields(TrainConfig)}
+    overrides = {k: v for k, v in (("dropout", a.dropout), ("block_size", a.block_size)) if v is not None}
+    result = pretrain(
+        a.model, a.data, a.out, objective=a.objective, resume=a.resume, init_from=a.init_from, model_overrides=overrides, **train_args
+    )
+    if result.val_loss is not None:
+        print(f"lmlab: step {result.step}, validation loss {result.val_loss:.4f}")
+    print(f"lmlab: last checkpoint {result.last_checkpoint}" + (f", best {result.best_checkpoint}" if result.best_checkpoint else ""))
+    print(f"lmlab: log {result.log_file}, loss curve {Path(result.log_file).with_name('loss.png')}")
+    return 0
+
+
+def cmd_generate(a) -> int:
+    from lmlab.api import load
+
+    prompts = list(a.prompt or [])
+    if a.prompts_file:
+        path = Path(a.prompts_file)
+        try:
+            prompts += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise LmlabError(f"--prompts-file {path}: cannot read it ({e.__class__.__name__}); expected a UTF-8 text file") from None
+    if not prompts:
+        raise LmlabError("no prompt: give --prompt TEXT or --prompts-file FILE")
+    if a.format not in ("text", "jsonl"):
+        raise LmlabError(f"--format is '{a.format}': expected text or jsonl")
+    lm = load(a.checkpoint, device=a.device)
+    options = dict(max_new_tokens=a.max_new_tokens, strategy=a.strategy, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
+    if a.stream:
+        if len(prompts) != 1:
+            raise LmlabError("--stream takes one prompt")
+        sys.stdout.write(prompts[0])
+        for piece in lm.stream(prompts[0], **options):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        return 0
+    outputs = lm.generate(prompts, **options)
+    for prompt, output in zip(prompts, outputs):
+        if a.format == "jsonl":
+            print(json.dumps({"prompt": prompt, "completion": output}, ensure_ascii=False))
+        else:
+            print(prompt + output)
+    return 0
+
+
+def cmd_info(a) -> int:
+    from lmlab.config import PRESETS, ModelConfig, preset
+    from lmlab.io.checkpoint import resolve_checkpoint
+
+    if a.model is None:
+        configs = [preset(name) for name in PRESETS]
+    elif a.model in PRESETS:
+        configs = [preset(a.model)]
+    else:
+        configs = [ModelConfig.load(resolve_checkpoint(a.model) / "config.json")]
+    print(f"{'model':<12} {'layers':>6} {'d_model':>7} {'heads':>8} {'params':>14} {'non-emb':>14} {'GFLOPs/tok':>10}")
+    for c in configs:
+        heads = f"{c.n_head}/{c.n_kv_heads}" if c.n_kv_heads != c.n_head else str(c.n_head)
+        print(
+            f"{c.name or 'custom':<12} {c.n_layer:>6} {c.n_embd:>7} {heads:>8} {c.num_params():>14,} "
+            f"{c.num_params(include_embeddings=False):>14,} {c.flops_per_token(a.seq_len) / 1e9:>10.3f}"
+        )
+    print("GFLOPs/tok: one training step (forward + backward) per token, 6·N + 12·L·d·T (nanoGPT / PaLM).")
+    return 0
+
+
+def cmd_demo(a) -> int:
+    from lmlab.demo import run_demo
+
+    run_demo(out=a.out, max_steps=a.max_steps, model=a.model, max_chars=a.max_chars, vocab_size=a.vocab_size, progress=a.progress)
+    return 0
+
+
+COMMANDS = {
+    "tokenizer": cmd_tokenizer,
+    "prepare": cmd_prepare,
+    "pretrain": cmd_pretrain,
+    "generate": cmd_generate,
+    "info": cmd_info,
+    "demo": cmd_demo,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(list(argv) if argv is not None else None)
+    try:
+        return COMMANDS[args.command](args[args.command])
+    except LmlabError as e:
+        print(f"lmlab: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("lmlab: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,199 @@
+"""One ``ModelConfig`` describes every architecture lmlab builds; named presets are data.
+
+Families differ only in swapped parts, each a field here (never a name test in ``forward``):
+
+=================  ===================  ==================
+field              GPT-2 style          LLaMA style
+=================  ===================  ==================
+``norm``           ``"layernorm"``      ``"rmsnorm"``
+``mlp``            ``"gelu"``           ``"swiglu"``
+``position``       ``"learned"``        ``"rope"``
+``bias``           ``True``             ``False``
+``tie_embeddings`` ``True``             ``False``
+``n_kv_heads``     ``= n_head``         ``< n_head`` (GQA)
+=================  ===================  ==================
+
+Field names follow the ones HF Transformers and litgpt users already know (``n_layer``,
+``n_head``, ``n_embd``, ``n_kv_heads``, ``rope_theta``, ``block_size``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lmlab.errors import LmlabError
+
+ARCHS = ("decoder",)
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu", "swiglu")
+POSITIONS = ("learned", "rope")
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to build a model. Defaults give a small GPT-2-style decoder."""
+
+    arch: str = "decoder"
+    vocab_size: int = 50257
+    block_size: int = 1024  # longest sequence the model sees (learned positions, RoPE cache)
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    n_kv_heads: int | None = None  # None: = n_head (multi-head); fewer: grouped-query attention
+    intermediate_size: int | None = None  # MLP hidden width; None: 4·n_embd (gelu) or LLaMA's 8/3 rule
+    norm: str = "layernorm"
+    norm_eps: float = 1e-5
+    mlp: str = "gelu"
+    gelu_approximate: str = "tanh"  # GPT-2's "gelu_new" is the tanh approximation
+    position: str = "learned"
+    rope_theta: float = 10000.0
+    bias: bool = True  # biases in every Linear and norm (GPT-2) or none (LLaMA)
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+    init_std: float = 0.02
+    name: str = ""  # the preset this came from, for humans only; nothing switches on it
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_head
+        if self.intermediate_size is None:
+            if self.mlp == "swiglu":
+                # LLaMA: 2/3 of 4d, rounded up to a multiple of 256 (keeps FLOPs ≈ a 4d GELU MLP).
+                hidden = int(2 * 4 * self.n_embd / 3)
+                self.intermediate_size = 256 * ((hidden + 255) // 256)
+            else:
+                self.intermediate_size = 4 * self.n_embd
+        self.validate()
+
+    def validate(self) -> None:
+        def bad(field_name: str, expected: str) -> LmlabError:
+            value = getattr(self, field_name)
+            return LmlabError(f"model config field '{field_name}' is {value!r}: expected {expected}")
+
+        for field_name, choices in (("arch", ARCHS), ("norm", NORMS), ("mlp", MLPS), ("position", POSITIONS)):
+            if getattr(self, field_name) not in choices:
+                raise bad(field_name, "one of " + ", ".join(choices))
+        for field_name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "n_kv_heads", "intermediate_size"):
+            value = getattr(self, field_name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise bad(field_name, "a positive integer")
+        if self.n_embd % self.n_head:
+            raise bad("n_embd", f"a multiple of n_head={self.n_head}")
+        if self.n_head % self.n_kv_heads:
+            raise bad("n_kv_heads", f"a divisor of n_head={self.n_head}")
+        if self.position == "rope" and self.head_dim % 2:
+            raise bad("n_embd", "n_embd / n_head even, as RoPE rotates pairs of dimensions")
+        if not 0.0 <= self.dropout < 1.0:
+            raise bad("dropout", "a number in [0, 1)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    # -- sizes ---------------------------------------------------------------------------------
+
+    def num_params(self, include_embeddings: bool = True) -> int:
+        """Parameter count, computed from the config alone (equal to the built model's)."""
+        d, L, h = self.n_embd, self.n_layer, self.intermediate_size
+        kv = self.n_kv_heads * self.head_dim
+        b = 1 if self.bias else 0
+        attn = d * (d + 2 * kv) + b * (d + 2 * kv) + d * d + b * d
+        mlp = (3 * d * h if self.mlp == "swiglu" else 2 * d * h) + b * (h + d if self.mlp == "gelu" else 0)
+        norm = d + b * d  # weight (+ bias for LayerNorm with bias)
+        total = L * (attn + mlp + 2 * norm) + norm  # + final norm
+        embeddings = self.vocab_size * d + (self.block_size * d if self.position == "learned" else 0)
+        head = 0 if self.tie_embeddings else self.vocab_size * d
+        if include_embeddings:
+            return total + embeddings + head
+        return total + head
+
+    def flops_per_token(self, seq_len: int | None = None, training: bool = True) -> float:
+        """FLOPs per token, nanoGPT's formula (PaLM appendix B): 6·N + 12·L·d·T for a training step.
+
+        N counts every parameter but the position embeddings; the second term is attention's
+        QKᵀ and AV. A forward pass alone is a third of it (2·N + 4·L·d·T).
+        """
+        T = seq_len or self.block_size
+        n = self.num_params(include_embeddings=True)
+        if self.position == "learned":
+            n -= self.block_size * self.n_embd
+        flops = 6 * n + 12 * self.n_layer * self.n_embd * T
+        return flops if training else flops / 3
+
+    # -- (de)serialisation ---------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise LmlabError(f"{source}: unknown model config key(s) {', '.join(unknown)}; expected some of {', '.join(sorted(known))}")
+        return cls(**data)
+
+    def save(self, path: str | Path) -> None:
+        write_json_atomic(Path(path), {"lmlab_model_config": self.to_dict()})
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ModelConfig":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise LmlabError(f"{path}: not found; expected an lmlab config.json") from None
+        except json.JSONDecodeError as e:
+            raise LmlabError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+        if "lmlab_model_config" not in data:
+            raise LmlabError(f"{path}: expected a key 'lmlab_model_config' (an lmlab checkpoint config)")
+        return cls.from_dict(data["lmlab_model_config"], source=str(path))
+
+
+def option(default: Any, help: str) -> Any:
+    """A dataclass field with its ``--help`` text: the CLI builds its flags from these."""
+    return field(default=default, metadata={"help": help})
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to ``path`` through a temp file and a rename, so a reader never sees half of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# -- presets: an exact-match table (STYLE habit 12) --------------------------------------------
+# vocab_size here is the family's own; `pretrain` replaces it with the tokenizer's.
+
+_GPT2 = dict(norm="layernorm", mlp="gelu", position="learned", bias=True, tie_embeddings=True, vocab_size=50257)
+_LLAMA = dict(norm="rmsnorm", mlp="swiglu", position="rope", bias=False, tie_embeddings=False, vocab_size=32000, norm_eps=1e-5)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # tests and demos: seconds on a laptop CPU
+    "gpt2-tiny": dict(_GPT2, n_layer=2, n_head=2, n_embd=64, block_size=128),
+    "gpt2-mini": dict(_GPT2, n_layer=4, n_head=4, n_embd=128, block_size=256),
+    # GPT-2 (Radford et al., 2019)
+    "gpt2-124m": dict(_GPT2, n_layer=12, n_head=12, n_embd=768, block_size=1024),
+    "gpt2-355m": dict(_GPT2, n_layer=24, n_head=16, n_embd=1024, block_size=1024),
+    "gpt2-774m": dict(_GPT2, n_layer=36, n_head=20, n_embd=1280, block_size=1024),
+    # LLaMA style (Touvron et al., 2023): RoPE, RMSNorm, SwiGLU, GQA, untied head
+    "llama-tiny": dict(_LLAMA, n_layer=2, n_head=4, n_kv_heads=2, n_embd=64, intermediate_size=176, block_size=128),
+    "llama-mini": dict(_LLAMA, n_layer=4, n_head=4, n_kv_heads=2, n_embd=128, intermediate_size=352, block_size=256),
+    # TinyLlama-1.1B's shape (Zhang et al., 2024)
+    "llama-1b": dict(_LLAMA, n_layer=22, n_head=32, n_kv_heads=4, n_embd=2048, intermediate_size=5632, block_size=2048),
+}
+
+
+def preset(name: str, **overrides: Any) -> ModelConfig:
+    """The named preset, with ``overrides`` applied. Unknown names fail loudly, listing the known ones."""
+    if name not in PRESETS:
+        raise LmlabError(f"unknown model preset '{name}'; expected one of {', '.join(PRESETS)}")
+    values = dict(PRESETS[name], name=name)
+    values.update(overrides)
+    return ModelConfig.from_dict(values, source=f"preset '{name}'")

@@ -1,0 +1,200 @@
+"""Checkpoints: one folder each, written atomically, readable by ``safetensors`` alone.
+
+A checkpoint folder holds
+
+- ``config.json`` — the :class:`~lmlab.config.ModelConfig` (under ``lmlab_model_config``) and what
+  produced it (step, validation loss, tokenizer hash);
+- ``model.safetensors`` — the weights (a tied LM head is stored once, as the token embedding);
+- ``tokenizer.json`` + ``tokenizer_config.json`` — the tokenizer, so the folder stands alone;
+- ``train_state.pt`` — for resuming only: optimizer state, RNG states, step, best validation loss.
+
+A run folder holds ``step-XXXXXXXX/`` checkpoints (the last K are kept), ``best/`` (lowest
+validation loss), ``log.jsonl`` and ``loss.png``. Every checkpoint is written into a hidden temp
+folder and renamed into place, so a run killed mid-write never leaves a half checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lmlab.config import ModelConfig, write_json_atomic
+from lmlab.errors import LmlabError
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+STATE_FILE = "train_state.pt"
+STEP_DIR = re.compile(r"^step-(\d{8})$")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    path = Path(path)
+    return (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file()
+
+
+def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """The step checkpoints in a run folder, oldest first."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = []
+    for child in run_dir.iterdir():
+        m = STEP_DIR.match(child.name)
+        if m and is_checkpoint(child):
+            found.append((int(m.group(1)), child))
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    checkpoints = [c for c in list_checkpoints(run_dir) if (c[1] / STATE_FILE).is_file()]
+    return checkpoints[-1][1] if checkpoints else None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder, or a run folder (meaning its ``best/``, else its latest step)."""
+    path = Path(path)
+    if is_checkpoint(path):
+        return path
+    if not path.exists():
+        raise LmlabError(f"{path}: no such checkpoint folder")
+    if is_checkpoint(path / "best"):
+        return path / "best"
+    checkpoints = list_checkpoints(path)
+    if checkpoints:
+        return checkpoints[-1][1]
+    raise LmlabError(f"{path} is not a checkpoint: expected a folder with {CONFIG_FILE} and {WEIGHTS_FILE} (or a run folder holding step-* checkpoints)")
+
+
+def weights_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict as stored: contiguous CPU tensors, a tied LM head stored once."""
+    state = model.state_dict()
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "tie_embeddings", False):
+        state.pop("lm_head.weight", None)
+    return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: nn.Module,
+    *,
+    tokenizer: Any | None = None,
+    train_state: dict[str, Any] | None = None,
+    meta: dict[str, Any] | None = None,
+) -> Path:
+    """Write a checkpoint folder atomically (temp folder + rename); replaces an existing one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".tmp-{path.name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        config: ModelConfig = model.config
+        write_json_atomic(tmp / CONFIG_FILE, {"lmlab_model_config": config.to_dict(), **(meta or {})})
+        save_file(weights_for_saving(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        if train_state is not None:
+            torch.save(train_state, tmp / STATE_FILE)
+        old = None
+        if path.exists():
+            old = path.parent / f".old-{path.name}-{uuid.uuid4().hex[:8]}"
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """config.json of a checkpoint, as a dict."""
+    file = Path(path) / CONFIG_FILE
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise LmlabError(f"{Path(path)} is not a checkpoint: expected {CONFIG_FILE}") from None
+    except json.JSONDecodeError as e:
+        raise LmlabError(f"{file}: invalid JSON at line {e.lineno}: {e.msg}") from None
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
+    """Build the model a checkpoint folder describes and load its weights (strictly)."""
+    from lmlab.model import build_model
+
+    path = resolve_checkpoint(path)
+    config = ModelConfig.load(path / CONFIG_FILE)
+    with torch.device("meta"):
+        model = build_model(config)
+    model.to_empty(device=device)
+    model.tie_weights()  # to_empty gives every parameter its own storage; a tied head must share again
+    state = load_file(str(path / WEIGHTS_FILE), device=str(device))
+    load_weights(model, state, source=str(path / WEIGHTS_FILE))
+    _rebuild_buffers(model)  # buffers that are not stored (RoPE tables) are recomputed on the device
+    if dtype is not None:
+        model.to(dtype=dtype)
+    return model.eval()
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load ``state`` into ``model``; any missing or unexpected weight is an error naming it."""
+    expected = set(weights_for_saving_keys(model))
+    missing = sorted(expected - set(state))
+    unexpected = sorted(set(state) - expected)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}")
+        if unexpected:
+            parts.append(f"unexpected {', '.join(unexpected[:5])}{' …' if len(unexpected) > 5 else ''}")
+        raise LmlabError(f"{source}: weights do not match the config ({'; '.join(parts)})")
+    own = model.state_dict()
+    for name, tensor in state.items():
+        if tuple(own[name].shape) != tuple(tensor.shape):
+            raise LmlabError(f"{source}: weight {name} has shape {tuple(tensor.shape)}; the config expects {tuple(own[name].shape)}")
+    model.load_state_dict(state, strict=False, assign=False)
+
+
+def weights_for_saving_keys(model: nn.Module) -> list[str]:
+    keys = list(model.state_dict().keys())
+    if getattr(model.config, "tie_embeddings", False):
+        keys.remove("lm_head.weight")
+    return keys
+
+
+def _rebuild_buffers(model: nn.Module) -> None:
+    """Recompute non-persistent buffers (e.g. RoPE tables) that ``to_empty`` left uninitialised."""
+    from lmlab.model.blocks import rope_cache
+
+    if hasattr(model, "rope_cos"):
+        cos, sin = rope_cache(model.config, device=model.rope_cos.device)
+        model.rope_cos.copy_(cos)
+        model.rope_sin.copy_(sin)
+
+
+def load_train_state(path: str | Path) -> dict[str, Any]:
+    file = Path(path) / STATE_FILE
+    if not file.is_file():
+        raise LmlabError(f"{path}: no {STATE_FILE}; this checkpoint cannot resume training")
+    return torch.load(file, map_location="cpu", weights_only=True)
+
+
+def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
+    """Delete all but the newest ``keep_last`` step checkpoints (``best/`` is separate and kept)."""
+    checkpoints = list_checkpoints(run_dir)
+    for _, path in checkpoints[: max(0, len(checkpoints) - keep_last)]:
+        shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,199 @@
+"""The parts every lmlab model is built from: norms, positions, attention, MLPs, the block, the KV cache.
+
+One attention class serves every architecture (multi-head, grouped-query, causal or not, with or
+without a cache); the families differ only in which norm, MLP and position encoding the config
+picks (see :mod:`lmlab.config`). A pre-norm block, as GPT-2 and LLaMA use it::
+
+    x ──┬──► norm_1 ──► attention ──►(+)──┬──► norm_2 ──► mlp ──►(+)──► out
+        └────────────────────────────────┘└───────────────────────┘
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lmlab.config import ModelConfig
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.n_embd, eps=config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x²) + eps) · weight (Zhang & Sennrich, 2019), computed in fp32 as LLaMA does."""
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+# -- rotary position embedding (Su et al., 2021) ------------------------------------------------
+
+
+def rope_cache(config: ModelConfig, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
+    """cos and sin tables, (block_size, head_dim), in fp32: θ_i = rope_theta^(-2i/head_dim)."""
+    hd = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64, device=device).float() / hd))
+    positions = torch.arange(config.block_size, device=device, dtype=torch.float32)
+    freqs = torch.outer(positions, inv_freq)  # (block_size, head_dim/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # the "rotate half" layout HF LLaMA checkpoints use
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate pairs (x_i, x_{i+d/2}) by position-dependent angles. x: (B, n_head, T, head_dim)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+# -- the KV cache -------------------------------------------------------------------------------
+
+
+class KVCache:
+    """Static, pre-allocated key/value buffers for every layer, as gpt-fast keeps them.
+
+    Shapes never change while decoding, so a decode step can be compiled or captured as a CUDA
+    graph; ``input_pos`` says which slots the new keys and values fill.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        batch_size: int,
+        max_len: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        shape = (batch_size, config.n_kv_heads, max_len, config.head_dim)
+        self.max_len = max_len
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
+
+    def update(self, layer: int, input_pos: Tensor, k: Tensor, v: Tensor, length: int | None) -> tuple[Tensor, Tensor]:
+        """Write k, v (B, n_kv_heads, T, head_dim) at slots ``input_pos``; return the first ``length`` slots."""
+        self.k[layer].index_copy_(2, input_pos, k.to(self.k[layer].dtype))
+        self.v[layer].index_copy_(2, input_pos, v.to(self.v[layer].dtype))
+        if length is None:
+            return self.k[layer], self.v[layer]
+        return self.k[layer][:, :, :length], self.v[layer][:, :, :length]
+
+    def select(self, rows: Tensor) -> None:
+        """Keep the batch rows ``rows`` (in that order), as beam search reorders its hypotheses."""
+        self.k = [k.index_select(0, rows) for k in self.k]
+        self.v = [v.index_select(0, rows) for v in self.v]
+
+
+# -- attention and MLP --------------------------------------------------------------------------
+
+
+class Attention(nn.Module):
+    """Multi-head (or grouped-query) self-attention: softmax(QKᵀ/√d_k)·V per head, then a projection."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_heads, self.head_dim = config.n_head, config.n_kv_heads, config.head_dim
+        kv_dim = config.n_kv_heads * config.head_dim
+        # one matmul for Q, K and V: [q | k | v] along the output dimension
+        self.qkv = nn.Linear(config.n_embd, config.n_embd + 2 * kv_dim, bias=config.bias)
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = config.dropout
+
+    def forward(
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor] | None,
+        mask: Tensor | None,
+        is_causal: bool,
+        kv_cache: KVCache | None = None,
+        input_pos: Tensor | None = None,
+        cache_len: int | None = None,
+    ) -> Tensor:
+        B, T, C = x.shape
+        kv_dim = self.n_kv_heads * self.head_dim
+        q, k, v = self.qkv(x).split((C, kv_dim, kv_dim), dim=-1)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv_heads, T, head_dim)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            cos, sin = rope
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, input_pos, k, v, cache_len)  # (B, n_kv_heads, S, head_dim)
+        # softmax(QKᵀ / √d_k) V — the attention formula, one fused kernel (flash / memory-efficient on GPU)
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=is_causal,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_heads != self.n_head,
+        )  # (B, n_head, T, head_dim)
+        y = y.transpose(1, 2).reshape(B, T, C)  # concatenate the heads
+        return self.proj(y)
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward: GELU (GPT-2) or SwiGLU (Shazeer, 2020; LLaMA)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.swiglu = config.mlp == "swiglu"
+        hidden = config.intermediate_size
+        # SwiGLU's gate and up projections share one matmul: fc outputs [gate | up]
+        self.fc = nn.Linear(config.n_embd, 2 * hidden if self.swiglu else hidden, bias=config.bias)
+        self.proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
+        self.gelu_approximate = config.gelu_approximate
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.fc(x)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h, approximate=self.gelu_approximate)
+        return self.proj(h)
+
+
+class Block(nn.Module):
+    """A pre-norm Transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.norm_1 = make_norm(config)
+        self.attn = Attention(config, layer_idx)
+        self.norm_2 = make_norm(config)
+        self.mlp = MLP(config)
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor, rope, mask, is_causal, kv_cache=None, input_pos=None, cache_len=None) -> Tensor:
+        x = x + self.drop(self.attn(self.norm_1(x), rope, mask, is_causal, kv_cache, input_pos, cache_len))
+        return x + self.drop(self.mlp(self.norm_2(x)))
+
+
+def init_weights(module: nn.Module, config: ModelConfig) -> None:
+    """GPT-2 initialisation: N(0, 0.02) weights, zero biases; residual projections scaled by 1/√(2L)."""
+    for name, p in module.named_parameters():
+        if p.dim() >= 2:
+            std = config.init_std
+            if name.endswith(("attn.proj.weight", "mlp.proj.weight")):
+                std = std / math.sqrt(2 * config.n_layer)
+            nn.init.normal_(p, mean=0.0, std=std)
+        elif name.endswith("bias"):
+            nn.init.zeros_(p)
+        else:
+            nn.init.ones_(p)  # norm weights

@@ -1,0 +1,116 @@
+"""A decoder-only language model (GPT-2 and LLaMA style), read top to bottom.
+
+    token ids ──► token embedding (+ learned positions) ──► N × Block ──► final norm ──► LM head ──► logits
+
+A language model gives P(x_t | x_<t); the causal mask in every attention layer is what makes
+position t see only positions ≤ t, so one forward pass scores every next token of a sequence.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from lmlab.config import ModelConfig
+from lmlab.model.blocks import Block, KVCache, init_weights, make_norm, rope_cache
+
+
+class DecoderLM(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
+        self.pos_emb = nn.Embedding(config.block_size, config.n_embd) if config.position == "learned" else None
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.norm_f = make_norm(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.tie_weights()
+        if config.position == "rope":
+            cos, sin = rope_cache(config)
+            self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, head_dim)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        init_weights(self, config)
+
+    def forward(
+        self,
+        idx: Tensor,
+        *,
+        kv_cache: KVCache | None = None,
+        input_pos: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        key_padding_mask: Tensor | None = None,
+        cache_len: int | None = None,
+        logits_to_keep: int = 0,
+    ) -> Tensor:
+        """Logits (B, T, vocab_size) for token ids ``idx`` (B, T).
+
+        Training passes ``idx`` alone. Decoding passes a ``kv_cache`` and ``input_pos`` (T,), the
+        cache slots of these tokens; ``cache_len`` (a Python int) lets attention read only the first
+        slots, ``key_padding_mask`` (B, S) marks real tokens (True) against left padding, and
+        ``position_ids`` (T,) or (B, T) give positions when they differ from the slots.
+        ``logits_to_keep=n`` computes logits for the last n positions only (1 while decoding).
+        """
+        B, T = idx.shape
+        if input_pos is None:
+            input_pos = torch.arange(T, device=idx.device)
+        if position_ids is None:
+            position_ids = input_pos
+        mask, is_causal = self._mask(T, input_pos, kv_cache, cache_len, key_padding_mask)
+
+        x = self.tok_emb(idx)  # (B, T, n_embd)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(position_ids)
+        rope = None
+        if self.config.position == "rope":
+            cos, sin = self.rope_cos[position_ids], self.rope_sin[position_ids]  # (T | B×T, head_dim)
+            if cos.dim() == 3:
+                cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, head_dim): one per batch row
+            rope = (cos.to(x.dtype), sin.to(x.dtype))
+        x = self.drop(x)
+        for block in self.blocks:
+            x = block(x, rope, mask, is_causal, kv_cache, input_pos, cache_len)
+        x = self.norm_f(x)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        return self.lm_head(x)  # (B, T, vocab_size)
+
+    @staticmethod
+    def _mask(
+        T: int, input_pos: Tensor, kv_cache: KVCache | None, cache_len: int | None, key_padding_mask: Tensor | None
+    ) -> tuple[Tensor | None, bool]:
+        """The attention mask, built once per forward and shared by every layer.
+
+        Returns (mask, is_causal): without a cache or padding, SDPA's own causal mask is fastest.
+        Otherwise a boolean (B|1, 1, T, S) mask: key slot s is visible to the query at slot p when
+        s ≤ p and s holds a real token. A query always sees itself, so a padding row is never
+        empty (an empty row would give NaN).
+        """
+        if kv_cache is None and key_padding_mask is None:
+            return None, T > 1
+        S = (cache_len or kv_cache.max_len) if kv_cache is not None else T
+        slots = torch.arange(S, device=input_pos.device)
+        visible = slots[None, :] <= input_pos[:, None]  # (T, S) causal
+        mask = visible[None, None]  # (1, 1, T, S)
+        if key_padding_mask is not None:
+            itself = slots[None, :] == input_pos[:, None]
+            mask = (mask & key_padding_mask[:, None, None, :S].bool()) | itself
+        return mask, False
+
+    def tie_weights(self) -> None:
+        """Share the token embedding with the LM head (Press & Wolf, 2017) when the config says so."""
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+
+    # -- sizes -------------------------------------------------------------------------------
+
+    def num_params(self, include_embeddings: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())  # tied weights are counted once
+        if not include_embeddings:
+            n -= self.tok_emb.weight.numel()  # when tied, the head goes with it (as in ModelConfig)
+            n -= self.pos_emb.weight.numel() if self.pos_emb is not None else 0
+        return n
+
+    def new_kv_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
+        ref = self.tok_emb.weight
+        return KVCache(self.config, batch_size, max_len, dtype=dtype or ref.dtype, device=ref.device)

@@ -1,0 +1,290 @@
+"""The one training loop. Every objective and task runs through :func:`train_loop`.
+
+Per optimizer step: set the learning rate from the schedule, run ``grad_accum_steps`` micro-batches
+(forward under autocast, loss / accum, backward), clip, step. Host syncs happen only at log, eval
+and save boundaries, never per step. Only rank 0 writes (logs, checkpoints, plots).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from lmlab.config import option
+from lmlab.errors import LmlabError
+from lmlab.io.checkpoint import load_train_state, prune_checkpoints, save_checkpoint, step_dir_name
+from lmlab.train.dist import DistInfo, all_reduce_mean
+from lmlab.train.objectives import Objective, evaluate_loss
+from lmlab.train.optim import SCHEDULES, lr_at, make_optimizer
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass
+class TrainConfig:
+    """How to train. Every field is a ``lmlab pretrain`` flag of the same name (``--max-steps`` …)."""
+
+    max_steps: int = option(1000, "optimizer steps in the whole run")
+    micro_batch_size: int = option(8, "sequences per forward pass")
+    grad_accum_steps: int = option(1, "micro-batches per optimizer step")
+    seq_len: int | None = option(None, "tokens per sequence; None: the model's block_size")
+    lr: float = option(6e-4, "peak learning rate")
+    min_lr: float | None = option(None, "floor of the decay; None: lr / 10")
+    warmup_steps: int = option(100, "linear warm-up from 0 to lr")
+    schedule: str = option("cosine", "after warm-up: cosine, linear (to min_lr) or constant")
+    weight_decay: float = option(0.1, "AdamW decoupled weight decay, on matrices only")
+    beta1: float = option(0.9, "AdamW β1")
+    beta2: float = option(0.95, "AdamW β2")
+    adam_eps: float = option(1e-8, "AdamW ε (added to the denominator)")
+    grad_clip: float = option(1.0, "max global gradient norm; 0 disables clipping")
+    eval_interval: int = option(200, "validate every N steps (and at the end)")
+    eval_batches: int = option(20, "validation batches per evaluation")
+    save_interval: int | None = option(None, "checkpoint every N steps; None: = eval_interval")
+    keep_last: int = option(3, "step checkpoints kept (best/ is kept apart)")
+    log_interval: int = option(10, "log and update the progress bar every N steps")
+    seed: int = option(0, "weights, data order and dropout all follow it")
+    precision: str = option("auto", "auto (bf16 on GPUs that have it, fp16 on older, fp32 on CPU), fp32, bf16, fp16")
+    compile: bool = option(False, "torch.compile the model for training")
+    device: str = option("auto", "auto, cpu, cuda, cuda:1, …")
+    progress: bool = option(True, "show a progress bar")
+    tensorboard: bool = option(True, "also log to TensorBoard when it is installed")
+
+    def __post_init__(self) -> None:
+        positive = ("max_steps", "micro_batch_size", "grad_accum_steps", "eval_interval", "eval_batches", "keep_last", "log_interval")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise LmlabError(f"--{name.replace('_', '-')} is {getattr(self, name)}: expected a positive integer")
+        if self.save_interval is None:
+            self.save_interval = self.eval_interval
+        if self.min_lr is None:
+            self.min_lr = self.lr / 10
+        if self.schedule not in SCHEDULES:
+            raise LmlabError(f"--schedule is '{self.schedule}': expected one of {', '.join(SCHEDULES)}")
+        if self.precision not in PRECISIONS:
+            raise LmlabError(f"--precision is '{self.precision}': expected one of {', '.join(PRECISIONS)}")
+        if self.lr <= 0:
+            raise LmlabError(f"--lr is {self.lr}: expected a positive number")
+        if self.warmup_steps < 0:
+            raise LmlabError(f"--warmup-steps is {self.warmup_steps}: expected 0 or more")
+
+
+@dataclass
+class TrainResult:
+    step: int
+    train_loss: float | None
+    val_loss: float | None
+    best_val_loss: float | None
+    last_checkpoint: Path | None
+    best_checkpoint: Path | None
+    log_file: Path
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def autocast_for(precision: str, device: torch.device) -> tuple[Callable[[], contextlib.AbstractContextManager], str]:
+    """The autocast context for a precision name, and the precision actually used."""
+    if precision == "auto":
+        if device.type == "cuda":
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            precision = "fp32"
+    if precision == "fp32":
+        return contextlib.nullcontext, precision
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return (lambda: torch.autocast(device.type, dtype=dtype)), precision
+
+
+class JsonlLog:
+    """Append-only JSON-lines log; on resume, records after the resumed step are dropped."""
+
+    def __init__(self, path: Path, enabled: bool, resume_step: int | None) -> None:
+        self.path, self.enabled = path, enabled
+        if not enabled:
+            return
+        if resume_step is None:
+            path.write_text("", encoding="utf-8")
+        elif path.exists():
+            keep = [line for line in path.read_text(encoding="utf-8").splitlines() if line and json.loads(line)["step"] <= resume_step]
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+            os.replace(tmp, path)
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def _tensorboard(out_dir: Path, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional: pip install 'lmlab[tensorboard]'
+        return None
+    return SummaryWriter(log_dir=str(out_dir / "tensorboard"))
+
+
+def train_loop(
+    model: nn.Module,
+    objective: Objective,
+    train_batches: Callable[[int, int], Tensor],
+    valid_batches: list[Tensor],
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    *,
+    device: torch.device,
+    dist: DistInfo = DistInfo(),
+    tokenizer: Any | None = None,
+    meta: dict[str, Any] | None = None,
+    resume_from: Path | None = None,
+    desc: str = "train",
+) -> TrainResult:
+    """Train ``model`` (already on ``device``) for ``cfg.max_steps`` optimizer steps.
+
+    ``train_batches(step, micro_step)`` returns the token batch for that position (a pure function,
+    which makes resuming exact); ``valid_batches`` are fixed. Checkpoints go to ``out_dir``.
+    """
+    out_dir = Path(out_dir)
+    if dist.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    raw_model = model
+    optimizer = make_optimizer(raw_model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.adam_eps, device)
+    autocast, precision = autocast_for(cfg.precision, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+    start_step, best_val = 0, math.inf
+    if resume_from is not None:
+        state = load_train_state(resume_from)
+        optimizer.load_state_dict(state["optimizer"])
+        if "scaler" in state and state["scaler"]:
+            scaler.load_state_dict(state["scaler"])
+        start_step, best_val = state["step"], state["best_val_loss"]
+        torch.set_rng_state(state["rng"]["torch"])
+        if device.type == "cuda" and state["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+
+    if dist.enabled:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    fwd_model = torch.compile(model) if cfg.compile else model
+
+    log = JsonlLog(out_dir / "log.jsonl", dist.is_main, start_step if resume_from is not None else None)
+    tb = _tensorboard(out_dir, cfg.tensorboard and dist.is_main)
+    valid = [objective.batch(t.to(device)) for t in valid_batches]
+    tokens_per_step = cfg.micro_batch_size * cfg.grad_accum_steps * (cfg.seq_len or 0) * dist.world_size
+    history: list[dict[str, Any]] = []
+    last_good: Path | None = resume_from
+    best_dir = out_dir / "best"
+    result = TrainResult(
+        start_step, None, None, best_val if best_val < math.inf else None, last_good,
+        best_dir if resume_from is not None and best_dir.is_dir() else None, out_dir / "log.jsonl", history,
+    )
+
+    bar = tqdm(total=cfg.max_steps, initial=start_step, desc=desc, unit="step", dynamic_ncols=True, disable=not (cfg.progress and dist.is_main))
+    loss_sum = torch.zeros((), device=device)
+    loss_count, t_last, step_last = 0, time.perf_counter(), start_step
+    grad_norm = torch.zeros((), device=device)
+    model.train()
+
+    def stop_if_not_finite(value: float, what: str, step: int) -> None:
+        if not math.isfinite(value):
+            where = f"last good checkpoint: {last_good}" if last_good else "no checkpoint was written yet"
+            raise LmlabError(f"{what} is {value} at step {step}: training stopped ({where}); lower --lr or check the data")
+
+    for step in range(start_step, cfg.max_steps):
+        lr = lr_at(step, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps, schedule=cfg.schedule)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        for micro in range(cfg.grad_accum_steps):
+            batch = objective.batch(train_batches(step, micro).to(device, non_blocking=True))
+            last_micro = micro == cfg.grad_accum_steps - 1
+            sync = model.no_sync() if dist.enabled and not last_micro else contextlib.nullcontext()
+            with sync:
+                with autocast():
+                    loss = objective.loss(fwd_model, batch) / cfg.grad_accum_steps
+                scaler.scale(loss).backward()
+            loss_sum += loss.detach()
+        if cfg.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        loss_count += 1
+        done = step + 1
+        bar.update(1)
+
+        at_end = done == cfg.max_steps
+        do_eval = done % cfg.eval_interval == 0 or at_end
+        do_save = done % cfg.save_interval == 0 or at_end
+        if done % cfg.log_interval == 0 or do_eval or do_save:
+            train_loss = all_reduce_mean(loss_sum / loss_count, dist).item()  # the one host sync, at boundaries only
+            stop_if_not_finite(train_loss, "the training loss", done)
+            now = time.perf_counter()
+            tok_s = tokens_per_step * (done - step_last) / max(now - t_last, 1e-9)
+            record = {"step": done, "loss": train_loss, "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tok_s}
+            log.write(record)
+            history.append(record)
+            if tb is not None:
+                for key in ("loss", "lr", "grad_norm", "tokens_per_s"):
+                    tb.add_scalar(f"train/{key}", record[key], done)
+            bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
+            result.train_loss = train_loss
+            loss_sum.zero_()
+            loss_count, t_last, step_last = 0, now, done
+
+        val_loss = None
+        if do_eval and valid:
+            val_loss = all_reduce_mean(evaluate_loss(raw_model, objective, valid, autocast), dist).item()
+            stop_if_not_finite(val_loss, "the validation loss", done)
+            record = {"step": done, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+            log.write(record)
+            history.append(record)
+            if tb is not None:
+                tb.add_scalar("valid/loss", val_loss, done)
+            if cfg.progress and dist.is_main:
+                bar.write(f"step {done}: val loss {val_loss:.4f}, perplexity {record['val_ppl']:.2f}")
+            result.val_loss = val_loss
+            if val_loss < best_val:
+                best_val = val_loss
+                result.best_val_loss = val_loss
+                if dist.is_main:
+                    result.best_checkpoint = save_checkpoint(
+                        out_dir / "best", raw_model, tokenizer=tokenizer, meta={**(meta or {}), "step": done, "val_loss": val_loss}
+                    )
+
+        if do_save and dist.is_main:
+            state = {
+                "step": done,
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict() if scaler.is_enabled() else {},
+                "best_val_loss": best_val,
+                "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
+                "train_config": dataclasses.asdict(cfg),
+                "objective": objective.name,
+            }
+            last_good = save_checkpoint(
+                out_dir / step_dir_name(done), raw_model, tokenizer=tokenizer, train_state=state,
+                meta={**(meta or {}), "step": done, "val_loss": val_loss},
+            )
+            result.last_checkpoint = last_good
+            prune_checkpoints(out_dir, cfg.keep_last)
+        result.step = done
+    bar.close()
+    if tb is not None:
+        tb.close()
+    if dist.is_main and history:
+        from lmlab.plots import plot_loss
+
+        plot_loss(out_dir / "log.jsonl", out_dir / "loss.png")
+    return result

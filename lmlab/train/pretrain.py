@@ -1,0 +1,138 @@
+"""``lmlab.pretrain``: packed tokens + a preset (or a checkpoint) → a trained checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmlab.config import ModelConfig, preset
+from lmlab.errors import LmlabError
+from lmlab.io.checkpoint import latest_checkpoint, list_checkpoints, load_model, read_meta, resolve_checkpoint
+from lmlab.model import build_model
+from lmlab.train import dist as dist_mod
+from lmlab.train.data import RandomWindows, fixed_windows
+from lmlab.train.loop import TrainConfig, TrainResult, autocast_for, train_loop
+from lmlab.train.objectives import get_objective
+
+
+def pretrain(
+    model: str | ModelConfig = "gpt2-tiny",
+    data: str | Path = "data",
+    out: str | Path = "runs/pretrain",
+    *,
+    objective: str = "clm",
+    resume: bool = False,
+    init_from: str | Path | None = None,
+    model_overrides: dict[str, Any] | None = None,
+    **train_args: Any,
+) -> TrainResult:
+    """Pretrain a model on a folder made by :func:`lmlab.prepare`.
+
+    ``model`` is a preset name (``lmlab.config.PRESETS``) or a :class:`ModelConfig`; its vocab size
+    becomes the tokenizer's. ``init_from`` starts from a checkpoint's weights instead of random ones;
+    ``resume`` continues the latest checkpoint in ``out`` exactly where it stopped. Every other
+    keyword is a :class:`TrainConfig` field (``max_steps``, ``lr``, …).
+    """
+    from lmlab.data.pack import PackedTokens, load_manifest
+    from lmlab.tokenizer import Tokenizer
+
+    cfg = _train_config(train_args)
+    out = Path(out)
+    info, device = dist_mod.setup(cfg.device)
+    load_manifest(data)  # a clear error when `data` is not a prepared folder
+    tokenizer = Tokenizer.load(data)
+    train_tokens = PackedTokens(data, "train")
+
+    resume_from = None
+    if resume:
+        resume_from = latest_checkpoint(out)
+        if resume_from is None and info.is_main:
+            print(f"lmlab: no checkpoint to resume in {out}; starting from scratch", file=sys.stderr)
+    elif list_checkpoints(out):
+        raise LmlabError(f"{out} already holds checkpoints: pass --resume to continue that run, or choose another --out")
+
+    if resume_from is not None:
+        config = ModelConfig.load(resume_from / "config.json")
+        _check_same_tokenizer(resume_from, tokenizer, "--resume")
+    elif init_from is not None:
+        init_from = resolve_checkpoint(init_from)
+        config = ModelConfig.load(init_from / "config.json")
+        _check_same_tokenizer(init_from, tokenizer, "--init-from")
+    else:
+        config = _model_config(model, tokenizer.vocab_size, model_overrides or {})
+    if config.vocab_size < tokenizer.vocab_size:
+        raise LmlabError(f"model vocab_size {config.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size} (data {data})")
+
+    seq_len = cfg.seq_len or config.block_size
+    if seq_len > config.block_size:
+        raise LmlabError(f"--seq-len {seq_len} exceeds the model's block_size {config.block_size}")
+    cfg.seq_len = seq_len
+
+    torch.manual_seed(cfg.seed)
+    if resume_from is not None:
+        net = load_model(resume_from, device=device).train()
+    elif init_from is not None:
+        net = load_model(init_from, device=device).train()
+    else:
+        net = build_model(config).to(device)
+
+    train_batches = RandomWindows(train_tokens, seq_len, cfg.micro_batch_size, cfg.seed, info.rank, source=f"{data} (train split)")
+    valid_batches = _valid_windows(data, seq_len, cfg, info)
+
+    if info.is_main:
+        _, precision = autocast_for(cfg.precision, device)
+        tokens_per_step = cfg.micro_batch_size * cfg.grad_accum_steps * seq_len * info.world_size
+        print(
+            f"lmlab: {config.name or 'custom'} model, {net.num_params():,} parameters "
+            f"({net.num_params(include_embeddings=False):,} without embeddings), "
+            f"{config.flops_per_token(seq_len) / 1e9:.3f} GFLOPs/token (train)\n"
+            f"lmlab: {len(train_tokens):,} training tokens, {tokens_per_step:,} tokens/step, "
+            f"{cfg.max_steps} steps on {device} ({precision}, {info.world_size} process{'es' if info.world_size > 1 else ''})",
+            file=sys.stderr,
+        )
+    meta = {"objective": objective, "tokenizer_sha256": tokenizer.sha256, "data": str(data)}
+    return train_loop(
+        net, get_objective(objective), train_batches, valid_batches, cfg, out,
+        device=device, dist=info, tokenizer=tokenizer, meta=meta, resume_from=resume_from, desc="pretrain",
+    )
+
+
+def _train_config(args: dict[str, Any]) -> TrainConfig:
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(args) - known)
+    if unknown:
+        raise LmlabError(f"unknown training option(s) {', '.join(unknown)}; expected some of {', '.join(sorted(known))}")
+    return TrainConfig(**args)
+
+
+def _model_config(model: str | ModelConfig, vocab_size: int, overrides: dict[str, Any]) -> ModelConfig:
+    if isinstance(model, ModelConfig):
+        return dataclasses.replace(model, vocab_size=vocab_size, **overrides)
+    return preset(model, vocab_size=vocab_size, **overrides)
+
+
+def _check_same_tokenizer(checkpoint: Path, tokenizer, flag: str) -> None:
+    expected = read_meta(checkpoint).get("tokenizer_sha256")
+    if expected and expected != tokenizer.sha256:
+        raise LmlabError(f"{flag} {checkpoint} was trained with a different tokenizer than the data's (tokenizer hash differs)")
+
+
+def _valid_windows(data: str | Path, seq_len: int, cfg: TrainConfig, info) -> list[torch.Tensor]:
+    from lmlab.data.pack import PackedTokens, load_manifest
+
+    if "valid" not in load_manifest(data)["splits"]:
+        return []
+    valid = PackedTokens(data, "valid")
+    windows = fixed_windows(valid, seq_len, cfg.micro_batch_size, cfg.eval_batches)
+    if not windows and info.is_main:
+        print(f"lmlab: the validation split of {data} holds {len(valid)} tokens, fewer than one window of {seq_len + 1}: "
+              "validation is skipped (raise --valid-fraction in `lmlab prepare`)", file=sys.stderr)
+    # each rank evaluates its share; the loop averages across ranks
+    return windows[info.rank :: info.world_size] if info.enabled else windows
+
+
+__all__ = ["pretrain", "TrainConfig", "TrainResult"]

@@ -1,0 +1,54 @@
+"""Shared fixtures: a small real corpus, tokenizer and prepared data folder, made once per session."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory) -> Path:
+    from lmlab.data import builtin_corpus
+
+    folder = tmp_path_factory.mktemp("corpus")
+    docs = builtin_corpus(max_chars=120_000)
+    path = folder / "corpus.jsonl"
+    path.write_text("".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(corpus_file, tmp_path_factory) -> Path:
+    from lmlab.data import read_corpus
+    from lmlab.tokenizer import train_tokenizer
+
+    folder = tmp_path_factory.mktemp("tok")
+    train_tokenizer(read_corpus(corpus_file), kind="bpe", vocab_size=512).save(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def data_dir(corpus_file, tokenizer_dir, tmp_path_factory) -> Path:
+    from lmlab.data.pack import prepare
+
+    folder = tmp_path_factory.mktemp("data")
+    prepare(corpus_file, tokenizer_dir, folder, valid_fraction=0.1, show_progress=False)
+    return folder
+
+
+TINY_TRAIN = dict(micro_batch_size=4, seq_len=32, lr=3e-3, warmup_steps=2, eval_batches=2, progress=False, tensorboard=False)
+
+
+@pytest.fixture(scope="session")
+def trained_run(data_dir, tmp_path_factory) -> Path:
+    """A gpt2-tiny run of 30 steps: enough for checkpoints, logs and generation tests."""
+    from lmlab.train.pretrain import pretrain
+
+    out = tmp_path_factory.mktemp("run") / "run"
+    pretrain("gpt2-tiny", data_dir, out, max_steps=30, eval_interval=10, log_interval=5, **TINY_TRAIN)
+    return out

@@ -1,0 +1,57 @@
+import dataclasses
+
+import pytest
+import torch
+
+from lmlab.config import PRESETS, ModelConfig, preset
+from lmlab.errors import LmlabError
+from lmlab.model import build_model
+
+
+@pytest.mark.parametrize("name", [n for n in PRESETS if "tiny" in n or "mini" in n])
+def test_num_params_from_config_equals_built_model(name):
+    config = preset(name, vocab_size=300)
+    model = build_model(config)
+    assert config.num_params() == model.num_params()
+    assert config.num_params(include_embeddings=False) == model.num_params(include_embeddings=False)
+
+
+def test_gpt2_124m_and_llama_1b_have_their_published_sizes():
+    assert preset("gpt2-124m").num_params() == 124_439_808  # GPT-2 small, vocab 50257
+    assert abs(preset("llama-1b").num_params() - 1.1e9) < 0.01e9  # TinyLlama-1.1B
+
+
+def test_flops_per_token_follows_nanogpt_formula():
+    c = preset("gpt2-124m")
+    n = c.num_params() - c.block_size * c.n_embd
+    assert c.flops_per_token(1024) == 6 * n + 12 * c.n_layer * c.n_embd * 1024
+    assert c.flops_per_token(1024, training=False) == pytest.approx(c.flops_per_token(1024) / 3)
+
+
+def test_unknown_preset_lists_known_ones():
+    with pytest.raises(LmlabError, match="unknown model preset 'gpt5'.*gpt2-tiny"):
+        preset("gpt5")
+
+
+def test_bad_field_values_name_the_field():
+    with pytest.raises(LmlabError, match="'n_kv_heads'"):
+        ModelConfig(n_head=4, n_kv_heads=3, n_embd=64)
+    with pytest.raises(LmlabError, match="'norm'"):
+        ModelConfig(norm="batchnorm")
+
+
+def test_unknown_config_key_is_an_error(tmp_path):
+    with pytest.raises(LmlabError, match="unknown model config key.*n_layers"):
+        ModelConfig.from_dict({"n_layers": 2})
+
+
+def test_save_load_round_trip(tmp_path):
+    c = preset("llama-tiny", vocab_size=123)
+    c.save(tmp_path / "config.json")
+    assert ModelConfig.load(tmp_path / "config.json") == c
+    assert dataclasses.asdict(c)["n_kv_heads"] == 2
+
+
+def test_swiglu_default_hidden_size_follows_llama_rule():
+    c = ModelConfig(mlp="swiglu", n_embd=4096, n_head=32, norm="rmsnorm", position="rope", bias=False)
+    assert c.intermediate_size == 11008  # LLaMA-7B

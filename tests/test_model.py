@@ -1,0 +1,99 @@
+import pytest
+import torch
+
+from lmlab.config import preset
+from lmlab.model import build_model
+
+FAMILIES = ["gpt2-tiny", "llama-tiny"]
+
+
+def tiny(name: str, **kw):
+    torch.manual_seed(0)
+    return build_model(preset(name, vocab_size=97, **kw)).eval()
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_causal_mask_changing_a_later_token_never_changes_earlier_logits(name):
+    model = tiny(name)
+    x = torch.randint(0, 97, (2, 24))
+    y = x.clone()
+    y[:, 15] = (y[:, 15] + 1) % 97
+    with torch.no_grad():
+        a, b = model(x), model(y)
+    assert torch.equal(a[:, :15], b[:, :15])
+    assert not torch.allclose(a[:, 15:], b[:, 15:])
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_kv_cache_decode_equals_full_forward(name):
+    model = tiny(name)
+    x = torch.randint(0, 97, (3, 20))
+    with torch.no_grad():
+        full = model(x)
+        cache = model.new_kv_cache(3, 32)
+        steps = [model(x[:, :7], kv_cache=cache, input_pos=torch.arange(7), cache_len=7)]
+        for t in range(7, 20):
+            steps.append(model(x[:, t : t + 1], kv_cache=cache, input_pos=torch.tensor([t]), cache_len=t + 1))
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_static_cache_without_cache_len_equals_full_forward(name):
+    model = tiny(name)
+    x = torch.randint(0, 97, (1, 12))
+    with torch.no_grad():
+        full = model(x)
+        cache = model.new_kv_cache(1, 64)
+        steps = [model(x[:, :1], kv_cache=cache, input_pos=torch.tensor([0]))]
+        for t in range(1, 12):
+            steps.append(model(x[:, t : t + 1], kv_cache=cache, input_pos=torch.tensor([t])))
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_left_padding_with_mask_and_positions_matches_unpadded(name):
+    model = tiny(name)
+    x = torch.randint(1, 97, (1, 10))
+    padded = torch.cat([torch.zeros(1, 4, dtype=torch.long), x], dim=1)
+    real = torch.cat([torch.zeros(1, 4, dtype=torch.bool), torch.ones(1, 10, dtype=torch.bool)], dim=1)
+    positions = (real.long().cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        ref = model(x)
+        out = model(padded, key_padding_mask=real, position_ids=positions)
+    torch.testing.assert_close(out[:, 4:], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_tied_embeddings_share_one_tensor_and_untied_do_not():
+    g = tiny("gpt2-tiny")
+    assert g.lm_head.weight is g.tok_emb.weight
+    l = tiny("llama-tiny")
+    assert l.lm_head.weight is not l.tok_emb.weight
+
+
+def test_grouped_query_attention_has_fewer_key_value_heads():
+    model = tiny("llama-tiny")
+    c = model.config
+    assert c.n_kv_heads < c.n_head
+    assert model.blocks[0].attn.qkv.out_features == c.n_embd + 2 * c.n_kv_heads * c.head_dim
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_tiny_model_overfits_one_batch(name):
+    torch.manual_seed(0)
+    model = build_model(preset(name, vocab_size=50)).train()
+    x = torch.randint(0, 50, (4, 33))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(150):
+        logits = model(x[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.1  # from ln(50) ≈ 3.9
+
+
+def test_logits_to_keep_returns_the_last_positions_only():
+    model = tiny("gpt2-tiny")
+    x = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, logits_to_keep=1), model(x)[:, -1:])

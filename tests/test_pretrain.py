@@ -1,0 +1,124 @@
+"""Pretraining end to end through the Python API: resume exactness, NaN stop, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import TINY_TRAIN
+from lmlab.errors import LmlabError
+from lmlab.io.checkpoint import list_checkpoints, load_model
+from lmlab.train import objectives
+from lmlab.train.data import RandomWindows
+from lmlab.train.pretrain import pretrain
+
+
+def losses(run) -> list[tuple[int, float]]:
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in records if "loss" in r] + [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+
+
+@pytest.mark.parametrize("family", ["gpt2-tiny", "llama-tiny"])
+def test_killed_and_resumed_run_reproduces_the_uninterrupted_losses_exactly(family, data_dir, tmp_path, monkeypatch):
+    args = dict(TINY_TRAIN, max_steps=12, eval_interval=4, log_interval=1, seed=3)
+    overrides = {"dropout": 0.1}  # dropout makes the RNG state part of what must be restored
+    pretrain(family, data_dir, tmp_path / "whole", model_overrides=overrides, **args)
+
+    real_call = RandomWindows.__call__
+
+    def crash_at_step_7(self, step, micro_step):
+        if step == 6:
+            raise KeyboardInterrupt  # the process dies mid-run, after the step-4 checkpoint
+        return real_call(self, step, micro_step)
+
+    monkeypatch.setattr(RandomWindows, "__call__", crash_at_step_7)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(family, data_dir, tmp_path / "killed", model_overrides=overrides, **args)
+    assert [s for s, _ in list_checkpoints(tmp_path / "killed")] == [4]
+    monkeypatch.setattr(RandomWindows, "__call__", real_call)
+
+    pretrain(family, data_dir, tmp_path / "killed", resume=True, model_overrides=overrides, **args)
+    assert losses(tmp_path / "killed") == losses(tmp_path / "whole")  # exact float equality
+    whole = load_model(tmp_path / "whole" / "step-00000012")
+    resumed = load_model(tmp_path / "killed" / "step-00000012")
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_run_writes_checkpoints_best_log_and_loss_curve(trained_run):
+    assert [s for s, _ in list_checkpoints(trained_run)] == [10, 20, 30]  # keep_last=3
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "train_state.pt"):
+        assert (trained_run / "step-00000030" / name).is_file()
+    assert (trained_run / "best" / "model.safetensors").is_file()
+    assert (trained_run / "loss.png").stat().st_size > 1000
+    records = [json.loads(line) for line in (trained_run / "log.jsonl").read_text().splitlines()]
+    train = [r for r in records if "loss" in r]
+    valid = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in valid] == [10, 20, 30]
+    assert valid[-1]["val_ppl"] == pytest.approx(math.exp(valid[-1]["val_loss"]))
+    assert train[-1]["loss"] < train[0]["loss"]  # it learns
+    assert not list(trained_run.glob(".tmp-*"))  # no half-written checkpoint left
+
+
+def test_keep_last_prunes_old_checkpoints(data_dir, tmp_path):
+    pretrain("gpt2-tiny", data_dir, tmp_path / "r", max_steps=6, eval_interval=2, keep_last=2, **TINY_TRAIN)
+    assert [s for s, _ in list_checkpoints(tmp_path / "r")] == [4, 6]
+
+
+def test_nan_loss_stops_with_a_clear_error_and_the_last_checkpoint_stays_usable(data_dir, tmp_path, monkeypatch):
+    real_loss = objectives.CausalLM.loss
+    calls = {"n": 0}
+
+    def nan_after_5_steps(self, model, batch):
+        loss = real_loss(self, model, batch)
+        if not model.training:
+            return loss  # validation stays finite: the training loss is what breaks
+        calls["n"] += 1
+        return loss * float("nan") if calls["n"] > 5 else loss
+
+    monkeypatch.setattr(objectives.CausalLM, "loss", nan_after_5_steps)
+    with pytest.raises(LmlabError, match=r"training loss is nan at step 6.*last good checkpoint: .*step-00000004"):
+        pretrain("gpt2-tiny", data_dir, tmp_path / "r", max_steps=10, eval_interval=2, log_interval=1, **TINY_TRAIN)
+    assert [s for s, _ in list_checkpoints(tmp_path / "r")] == [2, 4]
+    model = load_model(tmp_path / "r" / "step-00000004")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_existing_run_without_resume_is_refused(trained_run, data_dir):
+    with pytest.raises(LmlabError, match="already holds checkpoints: pass --resume"):
+        pretrain("gpt2-tiny", data_dir, trained_run, max_steps=2, **TINY_TRAIN)
+
+
+def test_corpus_shorter_than_one_context_window_is_an_error(tokenizer_dir, tmp_path):
+    from lmlab.data.pack import prepare
+
+    (tmp_path / "small.txt").write_text("A corpus of a few words.", encoding="utf-8")
+    prepare(tmp_path / "small.txt", tokenizer_dir, tmp_path / "data", valid_fraction=0.0, show_progress=False)
+    with pytest.raises(LmlabError, match=r"holds \d+ tokens, fewer than one context window \(33 = --seq-len \+ 1\)"):
+        pretrain("gpt2-tiny", tmp_path / "data", tmp_path / "r", max_steps=2, **TINY_TRAIN)
+    assert not list_checkpoints(tmp_path / "r")
+
+
+def test_unknown_preset_and_bad_options_are_errors(data_dir, tmp_path):
+    with pytest.raises(LmlabError, match="unknown model preset"):
+        pretrain("gpt9", data_dir, tmp_path / "r", **TINY_TRAIN)
+    with pytest.raises(LmlabError, match="--schedule"):
+        pretrain("gpt2-tiny", data_dir, tmp_path / "r", schedule="exp", **TINY_TRAIN)
+    with pytest.raises(LmlabError, match="not a prepared data folder"):
+        pretrain("gpt2-tiny", tmp_path, tmp_path / "r", **TINY_TRAIN)
+    assert not (tmp_path / "r").exists()
+
+
+def test_lr_schedule_warms_up_then_decays_to_min_lr():
+    from lmlab.train.optim import lr_at
+
+    kw = dict(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
+    assert lr_at(0, schedule="cosine", **kw) == pytest.approx(0.1)
+    assert lr_at(9, schedule="cosine", **kw) == pytest.approx(1.0)
+    assert lr_at(60, schedule="cosine", **kw) == pytest.approx(0.55)
+    assert lr_at(110, schedule="cosine", **kw) == pytest.approx(0.1)
+    assert lr_at(60, schedule="linear", **kw) == pytest.approx(0.55)
+    assert lr_at(100, schedule="constant", **kw) == 1.0
