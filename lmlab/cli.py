@@ -2,8 +2,9 @@
 
 Arguments are parsed by jsonargparse (argparse plus ``--config file.yaml``: a YAML file supplies any
 flag by its option name with underscores, e.g. ``max_steps: 2000``, and flags given after it
-override it; an unknown key is an error). Library errors (:class:`LmlabError`) print as one line
-and exit with code 1; tracebacks are kept for bugs.
+override it; an unknown key is an error). Usage errors print as one line and exit with code 2;
+library errors (:class:`LmlabError`) print as one line and exit with code 1; tracebacks are kept
+for bugs.
 """
 
 from __future__ import annotations
@@ -14,13 +15,15 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence, get_type_hints
 
+from argparse import ArgumentError
+
 from jsonargparse import ActionConfigFile, ArgumentParser
 
 from lmlab.errors import LmlabError
 
 
 def _parser(description: str) -> ArgumentParser:
-    parser = ArgumentParser(description=description, exit_on_error=True)
+    parser = ArgumentParser(description=description, exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile, help="YAML file with any of these options (keys use underscores: max_steps: 100)")
     return parser
 
@@ -54,11 +57,11 @@ def build_parser() -> ArgumentParser:
     from lmlab.config import PRESETS
     from lmlab.train.loop import TrainConfig
 
-    root = ArgumentParser(prog="lmlab", description="Train, generate, evaluate and critique Transformer language models.")
+    root = ArgumentParser(prog="lmlab", description="Train, generate, evaluate and critique Transformer language models.", exit_on_error=False)
     commands = root.add_subcommands(dest="command", required=True)
 
     # -- tokenizer train --------------------------------------------------------------------
-    tokenizer = ArgumentParser(description="Tokenizer commands.")
+    tokenizer = ArgumentParser(description="Tokenizer commands.", exit_on_error=False)
     commands.add_subcommand("tokenizer", tokenizer, help="train a tokenizer (BPE, WordPiece, Unigram)")
 
     prepare = _parser("Tokenize a corpus into memory-mapped token shards (train/valid) with a JSON manifest.")
@@ -147,7 +150,7 @@ def cmd_prepare(a) -> int:
         column=a.column, normalize=a.normalize, dedup=a.dedup, show_progress=a.progress,
     )
     splits = ", ".join(f"{name}: {s['tokens']:,} tokens in {s['documents']:,} documents" for name, s in manifest["splits"].items())
-    print(f"lmlab: {a.out} — {splits}")
+    print(f"lmlab: {a.out} {manifest['_status']} — {splits}")
     return 0
 
 
@@ -240,7 +243,15 @@ COMMANDS = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(list(argv) if argv is not None else None)
+    argv = list(argv) if argv is not None else sys.argv[1:]
+    try:
+        args = build_parser().parse_args(argv)
+    except ArgumentError as e:
+        # one line: what was wrong, and where the options are listed
+        verb = " ".join(a for a in argv[:2] if not a.startswith("-") and a in ("tokenizer", "train", *COMMANDS))
+        message = " ".join(line.strip() for line in str(e).splitlines())
+        print(f"lmlab: error: {message} (see `lmlab {verb + ' ' if verb else ''}--help`)", file=sys.stderr)
+        return 2
     try:
         return COMMANDS[args.command](args[args.command])
     except LmlabError as e:

@@ -1,0 +1,23 @@
+"""Corpus reading, cleaning and splitting; packing token ids into memory-mapped shards."""
+
+from lmlab.data.corpus import (
+    KNOWN_EXTENSIONS,
+    builtin_corpus,
+    expand_inputs,
+    iter_documents,
+    read_corpus,
+    split_documents,
+)
+from lmlab.data.pack import PackedTokens, load_manifest, prepare
+
+__all__ = [
+    "KNOWN_EXTENSIONS",
+    "PackedTokens",
+    "builtin_corpus",
+    "expand_inputs",
+    "iter_documents",
+    "load_manifest",
+    "prepare",
+    "read_corpus",
+    "split_documents",
+]

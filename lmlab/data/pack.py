@@ -1,0 +1,447 @@
+"""Tokenize a corpus once and pack it into memory-mapped token shards.
+
+A prepared data folder holds::
+
+    manifest.json        what is here and how it was made (written last: its presence means done)
+    train_00000.bin ...  raw token ids (uint16 when the vocabulary fits, else uint32), one document
+    valid_00000.bin ...  after another, each followed by the tokenizer's EOS id (as GPT-2 packs)
+    tokenizer.json       the tokenizer that made the ids (+ tokenizer_config.json), so the folder
+                         describes itself and ``Tokenizer.load(data_dir)`` works on it
+
+Training reads fixed-length windows from the shards through :class:`PackedTokens` without loading
+them into memory.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import hashlib
+import itertools
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from lmlab.data.corpus import expand_inputs, read_corpus, split_documents
+from lmlab.errors import LmlabError
+from lmlab.tokenizer import Tokenizer
+
+__all__ = ["FORMAT", "VERSION", "MANIFEST_NAME", "SPLITS", "prepare", "load_manifest", "PackedTokens"]
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "lmlab-tokens"
+VERSION = 1
+MANIFEST_NAME = "manifest.json"
+SPLITS = ("train", "valid")
+
+_SHARD_NAME = re.compile(r"^(train|valid)_\d{5,}\.bin$")
+# Documents per encode_batch call: large enough to keep the library's threads busy, small enough
+# for a smooth progress bar and bounded memory (ids are Python lists until packed).
+_CHUNK_DOCS = 1024
+_HASH_BLOCK = 1 << 20
+
+
+# ------------------------------------------------------------------------------------ manifest
+def load_manifest(data_dir: str | Path) -> dict[str, Any]:
+    """The manifest of a prepared data folder, checked for format and version."""
+    data_dir = Path(data_dir)
+    path = data_dir / MANIFEST_NAME
+    if not path.is_file():
+        raise LmlabError(
+            f"{data_dir} is not a prepared data folder: expected {MANIFEST_NAME} (run `lmlab prepare`)"
+        )
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise LmlabError(f"{path}: cannot read manifest ({err}); re-run `lmlab prepare`") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise LmlabError(f"{path}: not an lmlab token manifest; expected \"format\": \"{FORMAT}\"")
+    if manifest.get("version") != VERSION:
+        raise LmlabError(
+            f"{path}: manifest version {manifest.get('version')!r}; expected {VERSION} (re-run `lmlab prepare`)"
+        )
+    if manifest.get("dtype") not in ("uint16", "uint32"):
+        raise LmlabError(f"{path}: dtype {manifest.get('dtype')!r}; expected \"uint16\" or \"uint32\"")
+    return manifest
+
+
+def _fingerprint_inputs(paths: Sequence[Path]) -> str:
+    """blake2b of the files' contents, in order: touching or moving a file changes nothing,
+    editing, adding, removing or reordering one does."""
+    total = hashlib.blake2b(digest_size=32)
+    total.update(f"lmlab-inputs\0{len(paths)}\0".encode())
+    for path in paths:
+        single = hashlib.blake2b(digest_size=32)
+        try:
+            with path.open("rb") as handle:
+                for block in iter(lambda: handle.read(_HASH_BLOCK), b""):
+                    single.update(block)
+        except OSError as err:
+            raise LmlabError(f"{path}: cannot read file ({err.strerror or err})") from None
+        total.update(single.digest())
+    return total.hexdigest()
+
+
+def _stale_reason(
+    out_dir: Path, existing: dict[str, Any] | None, fingerprint: str, tokenizer_sha: str, options: dict
+) -> str | None:
+    """Why the folder must be rebuilt, or None when it is up to date."""
+    if existing is None:
+        return "no previous build"
+    if existing.get("input_fingerprint") != fingerprint:
+        return "input changed"
+    if existing.get("tokenizer_sha256") != tokenizer_sha:
+        return "tokenizer changed"
+    if existing.get("options") != options:
+        return "options changed"
+    itemsize = np.dtype(existing["dtype"]).itemsize
+    for split in existing.get("splits", {}).values():
+        for shard in split.get("shards", []):
+            path = out_dir / shard["file"]
+            if not path.is_file() or path.stat().st_size != shard["tokens"] * itemsize:
+                return f"shard {shard['file']} missing or damaged"
+    if not (out_dir / "tokenizer.json").is_file():
+        return "tokenizer.json missing"
+    return None
+
+
+# ------------------------------------------------------------------------------------ writing
+class _ShardWriter:
+    """Appends token arrays to ``<split>_NNNNN.bin`` files of at most ``shard_tokens`` tokens."""
+
+    def __init__(self, folder: Path, split: str, dtype: np.dtype, shard_tokens: int) -> None:
+        self.folder, self.split, self.dtype, self.shard_tokens = folder, split, dtype, shard_tokens
+        self.shards: list[dict[str, Any]] = []
+        self._handle: BinaryIO | None = None
+
+    def write(self, tokens: np.ndarray) -> None:
+        pos = 0
+        while pos < len(tokens):
+            if self._handle is None:
+                # Opened lazily so a split never ends with an empty shard (np.memmap rejects those).
+                name = f"{self.split}_{len(self.shards):05d}.bin"
+                self._handle = (self.folder / name).open("wb")
+                self.shards.append({"file": name, "tokens": 0})
+            shard = self.shards[-1]
+            part = tokens[pos : pos + self.shard_tokens - shard["tokens"]]
+            part.astype(self.dtype, copy=False).tofile(self._handle)
+            shard["tokens"] += len(part)
+            pos += len(part)
+            if shard["tokens"] == self.shard_tokens:
+                self.close()
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+
+@contextlib.contextmanager
+def _library_threads_off() -> Iterator[None]:
+    """Turn off the tokenizers library's own thread pool for the duration (it reads this variable
+    on every call), so ``num_workers`` Python threads are the only parallelism."""
+    previous = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = previous
+
+
+def _encoded_chunks(
+    tokenizer: Tokenizer, docs: list[str], num_workers: int | None
+) -> Iterator[tuple[int, list[list[int]]]]:
+    """(number of documents, their ids) per chunk of documents, in order."""
+    chunks = (docs[i : i + _CHUNK_DOCS] for i in range(0, len(docs), _CHUNK_DOCS))
+    if num_workers is None:
+        # encode_batch runs on the library's Rust thread pool: all cores, no GIL.
+        for chunk in chunks:
+            yield len(chunk), tokenizer.encode_batch(chunk)
+        return
+    # encode_batch releases the GIL, so plain threads give num_workers-way parallelism. A bounded
+    # window of chunks in flight keeps memory flat on large corpora.
+    with _library_threads_off(), ThreadPoolExecutor(max_workers=num_workers) as pool:
+        pending: deque[tuple[int, Future]] = deque()
+        for chunk in chunks:
+            pending.append((len(chunk), pool.submit(tokenizer.encode_batch, chunk)))
+            if len(pending) >= 2 * num_workers:
+                count, future = pending.popleft()
+                yield count, future.result()
+        while pending:
+            count, future = pending.popleft()
+            yield count, future.result()
+
+
+def _pack_split(
+    docs: list[str],
+    writer: _ShardWriter,
+    tokenizer: Tokenizer,
+    eos_id: int,
+    num_workers: int | None,
+    progress: tqdm,
+) -> int:
+    """Tokenize ``docs``, append EOS after each, write them; returns the number of tokens."""
+    total = 0
+    limit = np.iinfo(writer.dtype).max
+    for count, batch in _encoded_chunks(tokenizer, docs, num_workers):
+        size = sum(len(ids) for ids in batch) + len(batch)
+        flat = np.fromiter(
+            itertools.chain.from_iterable(itertools.chain(ids, (eos_id,)) for ids in batch),
+            dtype=np.int64,
+            count=size,
+        )
+        if size and int(flat.max()) > limit:
+            raise LmlabError(
+                f"tokenizer produced id {int(flat.max())}, beyond its vocab_size {tokenizer.vocab_size}"
+            )
+        writer.write(flat)
+        total += size
+        progress.update(count)
+    writer.close()
+    return total
+
+
+def _commit(tmp: Path, out_dir: Path, keep: set[str]) -> None:
+    """Move the finished build from ``tmp`` into ``out_dir``, manifest last."""
+    manifest = out_dir / MANIFEST_NAME
+    # Drop the old manifest first: while files are being swapped the folder reads as "not
+    # prepared" rather than as an old manifest describing new shards.
+    manifest.unlink(missing_ok=True)
+    for entry in sorted(tmp.iterdir()):
+        if entry.name != MANIFEST_NAME:
+            os.replace(entry, out_dir / entry.name)
+    for entry in out_dir.iterdir():
+        if _SHARD_NAME.match(entry.name) and entry.name not in keep:
+            entry.unlink()
+    os.replace(tmp / MANIFEST_NAME, manifest)
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path.resolve().is_relative_to(folder.resolve())
+
+
+def prepare(
+    inputs: str | Path | Sequence[str | Path],
+    tokenizer: str | Path | Tokenizer,
+    out_dir: str | Path,
+    *,
+    valid_fraction: float = 0.05,
+    seed: int = 0,
+    text_field: str = "text",
+    column: str | None = None,
+    normalize: str | None = None,
+    dedup: bool = True,
+    shard_tokens: int = 2**27,
+    num_workers: int | None = None,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Read, split, tokenize and pack ``inputs`` into ``out_dir``; returns the manifest.
+
+    ``tokenizer`` is a :class:`Tokenizer` or a path :meth:`Tokenizer.load` accepts; it must have an
+    EOS token, which ends every document. Corpus options are those of
+    :func:`~lmlab.data.read_corpus` and :func:`~lmlab.data.split_documents`. ``num_workers``: None
+    uses the tokenizers library's own thread pool (all cores); N uses N threads.
+
+    When ``out_dir`` already holds a build of the same input contents, tokenizer and options, nothing
+    is done. The returned dict is the manifest plus two keys that are not on disk: ``"_reused"``
+    (True when the existing build was kept) and ``"_status"`` (``"up to date"`` or ``"built (<why>)"``
+    with why one of ``no previous build``, ``input changed``, ``tokenizer changed``,
+    ``options changed``, ...). The build is atomic: files are written in a hidden temporary folder
+    inside ``out_dir`` and moved into place with ``manifest.json`` last, so a failed run leaves
+    the previous build (or no manifest) behind, never a half-written one.
+    """
+    out_dir = Path(out_dir)
+    if isinstance(shard_tokens, bool) or not isinstance(shard_tokens, int) or shard_tokens < 1:
+        raise LmlabError(f"--shard-tokens {shard_tokens!r}: expected a positive integer")
+    if num_workers is not None and (
+        isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1
+    ):
+        raise LmlabError(f"--num-workers {num_workers!r}: expected a positive integer or None")
+
+    # A data folder inside an input folder must not read its own tokenizer.json/manifest as text.
+    files = [path for path in expand_inputs(inputs) if not _inside(path, out_dir)]
+    if not files:
+        raise LmlabError(f"{inputs}: no input files outside the output folder {out_dir}")
+    tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.load(tokenizer)
+    eos_id = tok.eos_id
+    if eos_id is None:
+        where = "" if isinstance(tokenizer, Tokenizer) else f" {tokenizer}"
+        raise LmlabError(
+            f"tokenizer{where} has no eos token; expected one (e.g. <|endoftext|> or </s>) to end "
+            "each document"
+        )
+    options = {
+        "valid_fraction": valid_fraction,
+        "seed": seed,
+        "text_field": text_field,
+        "column": column,
+        "normalize": normalize,
+        "dedup": dedup,
+        "shard_tokens": shard_tokens,
+    }
+    fingerprint = _fingerprint_inputs(files)
+    tokenizer_sha = tok.sha256
+
+    existing, unreadable = None, False
+    if (out_dir / MANIFEST_NAME).is_file():
+        try:
+            existing = load_manifest(out_dir)
+        except LmlabError as err:
+            logger.warning("%s; rebuilding", err)
+            unreadable = True
+    reason = _stale_reason(out_dir, existing, fingerprint, tokenizer_sha, options)
+    if unreadable:
+        reason = "previous manifest unreadable"
+    if reason is None:
+        logger.info("%s: up to date", out_dir)
+        return {**existing, "_reused": True, "_status": "up to date"}
+    logger.info("%s: building (%s)", out_dir, reason)
+
+    documents = read_corpus(
+        files, text_field=text_field, column=column, normalize=normalize, dedup=dedup
+    )
+    splits = dict(zip(SPLITS, split_documents(documents, valid_fraction=valid_fraction, seed=seed)))
+    # ids < vocab_size, so a vocabulary of up to 2**16 ids fits uint16 (GPT-2's 50257 does).
+    dtype = np.dtype(np.uint16 if tok.vocab_size <= 2**16 else np.uint32)
+
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise LmlabError(f"{out_dir}: cannot create folder ({err.strerror or err})") from None
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out_dir))
+    try:
+        manifest: dict[str, Any] = {
+            "format": FORMAT,
+            "version": VERSION,
+            "dtype": dtype.name,
+            "vocab_size": tok.vocab_size,
+            "eos_id": eos_id,
+            "tokenizer_sha256": tokenizer_sha,
+            "input_fingerprint": fingerprint,
+            "inputs": [str(path) for path in files],
+            "options": options,
+            "splits": {},
+        }
+        with tqdm(
+            total=len(documents), unit="doc", desc="tokenizing", disable=not show_progress
+        ) as progress:
+            for split, docs in splits.items():
+                writer = _ShardWriter(tmp, split, dtype, shard_tokens)
+                try:
+                    tokens = _pack_split(docs, writer, tok, eos_id, num_workers, progress)
+                finally:
+                    writer.close()
+                manifest["splits"][split] = {
+                    "shards": writer.shards,
+                    "tokens": tokens,
+                    "documents": len(docs),
+                }
+        tok.save(tmp)
+        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        keep = {shard["file"] for split in manifest["splits"].values() for shard in split["shards"]}
+        _commit(tmp, out_dir, keep)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    status = f"built ({reason})"
+    logger.info(
+        "%s: %s; train %d tokens, valid %d tokens",
+        out_dir, status, manifest["splits"]["train"]["tokens"], manifest["splits"]["valid"]["tokens"],
+    )
+    return {**manifest, "_reused": False, "_status": status}
+
+
+# ------------------------------------------------------------------------------------ reading
+class PackedTokens:
+    """The tokens of one split of a prepared data folder, as one long read-only array.
+
+    Shards are opened with ``np.memmap``, so only the windows read are loaded. Pickling (e.g. into
+    DataLoader workers) sends the folder and split, not the data; the copy reopens the files.
+    """
+
+    def __init__(self, data_dir: str | Path, split: str = "train") -> None:
+        self.data_dir = Path(data_dir)
+        self.split = split
+        self.manifest = load_manifest(self.data_dir)
+        splits = self.manifest.get("splits", {})
+        if split not in splits:
+            raise LmlabError(
+                f"{self.data_dir}: no split {split!r}; available splits: {', '.join(splits) or 'none'}"
+            )
+        self.dtype = np.dtype(self.manifest["dtype"])
+        self._shards: list[np.memmap] = []
+        self._starts: list[int] = []
+        start = 0
+        for shard in splits[split]["shards"]:
+            path = self.data_dir / shard["file"]
+            tokens = int(shard["tokens"])
+            expected = tokens * self.dtype.itemsize
+            if not path.is_file() or path.stat().st_size != expected:
+                raise LmlabError(
+                    f"{path}: missing or not {expected} bytes as {MANIFEST_NAME} says; re-run `lmlab prepare`"
+                )
+            self._shards.append(np.memmap(path, dtype=self.dtype, mode="r", shape=(tokens,)))
+            self._starts.append(start)
+            start += tokens
+        self._length = start
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.manifest["vocab_size"])
+
+    @property
+    def eos_id(self) -> int:
+        return int(self.manifest["eos_id"])
+
+    @property
+    def tokenizer_sha256(self) -> str:
+        return str(self.manifest["tokenizer_sha256"])
+
+    @property
+    def documents(self) -> int:
+        return int(self.manifest["splits"][self.split]["documents"])
+
+    def __len__(self) -> int:
+        return self._length
+
+    def window(self, start: int, length: int) -> np.ndarray:
+        """Tokens ``[start, start + length)`` as a fresh int64 array, across shard boundaries."""
+        start, length = int(start), int(length)
+        if start < 0 or length < 0 or start + length > self._length:
+            raise IndexError(
+                f"window [{start}, {start + length}) outside the {self._length} tokens of split {self.split!r}"
+            )
+        out = np.empty(length, dtype=np.int64)
+        shard = bisect.bisect_right(self._starts, start) - 1
+        pos = 0
+        while pos < length:
+            offset = start + pos - self._starts[shard]
+            take = min(length - pos, len(self._shards[shard]) - offset)
+            out[pos : pos + take] = self._shards[shard][offset : offset + take]
+            pos += take
+            shard += 1
+        return out
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"data_dir": self.data_dir, "split": self.split}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["data_dir"], state["split"])
+
+    def __repr__(self) -> str:
+        return f"PackedTokens({str(self.data_dir)!r}, split={self.split!r}, tokens={self._length})"

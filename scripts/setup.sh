@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Create .venv and install lmlab with what the tests need, on a fresh machine. Idempotent and quick
+# when already done. torch is installed first, pinned to the CPU build that lies on this kind of
+# machine's disk; the package itself only asks for torch>=2.5, so GPU users keep their own build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+TORCH_PIN="${LMLAB_TORCH_PIN:-torch==2.13.0}"
+
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+# pip's own exit status counts; only this machine's harmless index-location warnings are filtered out
+pip_install() { .venv/bin/python -m pip install --disable-pip-version-check -q "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
+
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  pip_install "$TORCH_PIN"
+fi
+stamp=.venv/.lmlab-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  pip_install -e ".[dev]"
+  touch "$stamp"
+fi
+.venv/bin/python -c "import torch, tokenizers, safetensors, lmlab" || { echo "setup failed: see the pip output above" >&2; exit 1; }

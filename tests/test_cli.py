@@ -1,0 +1,116 @@
+"""The command line: every verb, YAML config + flag overrides, one-line errors, and the demo at a tiny size."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import pytest
+
+from lmlab.cli import main
+from lmlab.train.loop import TrainConfig
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, *needles):
+    assert code != 0
+    errors = [line for line in err.splitlines() if line.startswith("lmlab: error:")]
+    assert len(errors) == 1, err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+
+
+@pytest.mark.parametrize("verb", [["tokenizer", "train"], ["prepare"], ["pretrain"], ["generate"], ["info"], ["demo"]])
+def test_every_verb_has_help(verb, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*verb, "--help"])
+    assert exit_info.value.code == 0
+    assert "--config" in capsys.readouterr().out
+
+
+def test_pretrain_help_documents_every_training_option(capsys):
+    with pytest.raises(SystemExit):
+        main(["pretrain", "--help"])
+    out = capsys.readouterr().out
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        assert flag in out or "--no-" + f.name.replace("_", "-") in out, flag
+        assert f.metadata["help"].split()[0] in out
+
+
+def test_the_whole_pipeline_through_the_cli(corpus_file, tmp_path, capsys):
+    tok, data, runs = tmp_path / "tok", tmp_path / "data", tmp_path / "runs" / "a"
+    code, out, _ = run(capsys, "tokenizer", "train", "--input", str(corpus_file), "--kind", "bpe", "--vocab-size", "400", "--out", str(tok))
+    assert code == 0 and (tok / "tokenizer.json").is_file()
+    code, out, _ = run(capsys, "prepare", "--input", str(corpus_file), "--tokenizer", str(tok), "--out", str(data), "--no-progress")
+    assert code == 0 and "train:" in out and (data / "manifest.json").is_file()
+
+    config = tmp_path / "run.yaml"
+    config.write_text("max_steps: 100\nmicro_batch_size: 4\nseq_len: 32\neval_interval: 3\nwarmup_steps: 1\nprogress: false\ntensorboard: false\n")
+    argv = ["pretrain", "--config", str(config), "--model", "llama-tiny", "--data", str(data), "--out", str(runs), "--max-steps", "6"]
+    code, out, _ = run(capsys, *argv)  # the flag after --config overrides it: 6 steps, not 100
+    assert code == 0
+    assert "step-00000006" in out and (runs / "step-00000006" / "train_state.pt").is_file()
+    assert not (runs / "step-00000009").exists()
+    code, out, err = run(capsys, *argv, "--resume")  # already complete: nothing to do, still fine
+    assert code == 0
+
+    code, out, _ = run(capsys, "generate", str(runs / "step-00000006"), "--prompt", "The", "A list", "--max-new-tokens", "5", "--format", "jsonl")
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and [r["prompt"] for r in rows] == ["The", "A list"]
+    code, out, _ = run(capsys, "generate", str(runs), "--prompt", "The", "--max-new-tokens", "5", "--strategy", "sample", "--top-k", "5", "--seed", "1", "--stream")
+    assert code == 0 and out.startswith("The")
+    code, out, _ = run(capsys, "info", str(runs))
+    assert code == 0 and "GFLOPs/tok" in out
+
+
+def test_bad_input_gets_one_line_errors_and_writes_nothing(corpus_file, tokenizer_dir, data_dir, tmp_path, capsys):
+    out_dir = tmp_path / "out"
+    code, _, err = run(capsys, "tokenizer", "train", "--input", str(tmp_path / "missing.txt"), "--out", str(out_dir))
+    assert_one_line_error(code, err, "missing.txt", "no such file")
+
+    (tmp_path / "empty.txt").write_text("  \n", encoding="utf-8")
+    code, _, err = run(capsys, "prepare", "--input", str(tmp_path / "empty.txt"), "--tokenizer", str(tokenizer_dir), "--out", str(out_dir))
+    assert_one_line_error(code, err, "empty corpus")
+
+    code, _, err = run(capsys, "tokenizer", "train", "--input", str(corpus_file), "--vocab-size", "10", "--out", str(out_dir))
+    assert_one_line_error(code, err, "--vocab-size")
+
+    code, _, err = run(capsys, "pretrain", "--model", "gpt-9", "--data", str(data_dir), "--out", str(out_dir))
+    assert_one_line_error(code, err, "unknown model preset 'gpt-9'", "gpt2-tiny")
+
+    code, _, err = run(capsys, "generate", str(tmp_path), "--prompt", "x")
+    assert_one_line_error(code, err, str(tmp_path), "is not a checkpoint")
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("max_stepz: 3\n")
+    code, _, err = run(capsys, "pretrain", "--config", str(bad), "--data", str(data_dir), "--out", str(out_dir))
+    assert_one_line_error(code, err, "max_stepz")
+
+    code, _, err = run(capsys, "pretrain", "--data", str(data_dir), "--out", str(out_dir), "--max-steps", "many")
+    assert_one_line_error(code, err, "max_steps")
+    assert not out_dir.exists()
+
+
+def test_console_script_entry_point_runs():
+    proc = subprocess.run([sys.executable, "-m", "lmlab.cli", "info", "gpt2-124m"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "124,439,808" in proc.stdout
+
+
+def test_demo_runs_end_to_end_at_a_tiny_size(tmp_path, capsys):
+    code, out, _ = run(
+        capsys, "demo", "--out", str(tmp_path / "demo"), "--model", "gpt2-tiny", "--max-steps", "4",
+        "--max-chars", "60000", "--vocab-size", "300", "--no-progress",
+    )
+    assert code == 0
+    for name in ("corpus.jsonl", "tokenizer/tokenizer.json", "data/manifest.json", "run/loss.png", "run/log.jsonl", "samples.txt"):
+        assert (tmp_path / "demo" / name).is_file(), name
+    assert "[greedy] The for statement" in out and "[sample]" in out

@@ -1,0 +1,206 @@
+"""Packing: token counts, shard layout, memmap windows, rebuild rules, atomicity, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tokenizers
+from tokenizers import models, pre_tokenizers
+
+from lmlab.data import PackedTokens, builtin_corpus, load_manifest, prepare, read_corpus, split_documents
+from lmlab.errors import LmlabError
+from lmlab.tokenizer import Tokenizer, train_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return train_tokenizer(builtin_corpus(max_chars=30_000), kind="bpe", vocab_size=300)
+
+
+@pytest.fixture()
+def corpus_dir(tmp_path) -> Path:
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    lines = [{"text": f"Document {i}: the cat sat on mat number {i * 7}.\n大语言模型 {i}"} for i in range(60)]
+    (folder / "a.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in lines), encoding="utf-8")
+    (folder / "b.txt").write_text("A plain text file is one document.\r\nIt keeps its CRLF.", encoding="utf-8")
+    return folder
+
+
+def expected_stream(tok: Tokenizer, docs: list[str]) -> list[int]:
+    out: list[int] = []
+    for doc in docs:
+        out += tok.encode(doc) + [tok.eos_id]
+    return out
+
+
+def mtimes(folder: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+
+
+def test_manifest_counts_encoded_lengths_plus_one_eos_per_document(tok, corpus_dir, tmp_path):
+    manifest = prepare(corpus_dir, tok, tmp_path / "out", valid_fraction=0.2, seed=1, show_progress=False)
+    train, valid = split_documents(read_corpus(corpus_dir), valid_fraction=0.2, seed=1)
+    for split, docs in (("train", train), ("valid", valid)):
+        stream = expected_stream(tok, docs)
+        assert manifest["splits"][split]["tokens"] == len(stream)
+        assert manifest["splits"][split]["documents"] == len(docs)
+        packed = PackedTokens(tmp_path / "out", split)
+        assert len(packed) == len(stream)
+        assert packed.window(0, len(packed)).tolist() == stream
+    assert manifest["format"] == "lmlab-tokens" and manifest["eos_id"] == tok.eos_id
+    assert manifest["tokenizer_sha256"] == tok.sha256
+    assert manifest["_reused"] is False
+    on_disk = load_manifest(tmp_path / "out")
+    assert "_reused" not in on_disk and on_disk["splits"] == manifest["splits"]
+
+
+def test_data_folder_carries_its_tokenizer(tok, corpus_dir, tmp_path):
+    prepare(corpus_dir, tok, tmp_path / "out", show_progress=False)
+    assert Tokenizer.load(tmp_path / "out").sha256 == tok.sha256
+
+
+def test_window_across_shard_boundaries_equals_concatenation(tok, corpus_dir, tmp_path):
+    manifest = prepare(corpus_dir, tok, tmp_path / "out", shard_tokens=7, show_progress=False)
+    shards = manifest["splits"]["train"]["shards"]
+    assert len(shards) > 3 and all(shard["tokens"] <= 7 for shard in shards)
+    assert all(shard["tokens"] == 7 for shard in shards[:-1])
+    whole = np.concatenate([np.fromfile(tmp_path / "out" / s["file"], dtype=np.uint16) for s in shards])
+    packed = PackedTokens(tmp_path / "out")
+    for start, length in [(0, 7), (5, 4), (6, 16), (13, 30), (len(whole) - 9, 9), (3, 0)]:
+        window = packed.window(start, length)
+        assert window.dtype == np.int64
+        assert window.tolist() == whole[start : start + length].tolist()
+    with pytest.raises(IndexError):
+        packed.window(len(whole) - 2, 3)
+
+
+def test_small_vocab_packs_as_uint16(tok, corpus_dir, tmp_path):
+    manifest = prepare(corpus_dir, tok, tmp_path / "out", show_progress=False)
+    assert manifest["dtype"] == "uint16"
+    shard = manifest["splits"]["train"]["shards"][0]
+    assert (tmp_path / "out" / shard["file"]).stat().st_size == 2 * shard["tokens"]
+    assert PackedTokens(tmp_path / "out").dtype == np.uint16
+
+
+def test_large_vocab_packs_as_uint32(tmp_path):
+    vocab = {f"w{i}": i for i in range(70_000)}
+    backend = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.add_special_tokens(["</s>"])
+    (tmp_path / "a.txt").write_text("w69999 w1 w65536")
+    manifest = prepare(tmp_path / "a.txt", Tokenizer(backend), tmp_path / "out", valid_fraction=0, show_progress=False)
+    assert manifest["dtype"] == "uint32"
+    assert PackedTokens(tmp_path / "out").window(0, 4).tolist() == [69999, 1, 65536, 70000]
+
+
+def test_second_prepare_is_a_no_op_even_after_touching_inputs(tok, corpus_dir, tmp_path):
+    out = tmp_path / "out"
+    prepare(corpus_dir, tok, out, show_progress=False)
+    before = mtimes(out)
+    os.utime(corpus_dir / "b.txt", ns=(1, 1))  # same content, new mtime
+    again = prepare(corpus_dir, tok, out, show_progress=False)
+    assert again["_reused"] is True and again["_status"] == "up to date"
+    assert mtimes(out) == before
+
+
+def test_changed_input_tokenizer_or_option_rebuilds_and_says_why(tok, corpus_dir, tmp_path):
+    out = tmp_path / "out"
+    first = prepare(corpus_dir, tok, out, show_progress=False)
+    (corpus_dir / "b.txt").write_text("Changed content, longer than before: " * 5, encoding="utf-8")
+    changed = prepare(corpus_dir, tok, out, show_progress=False)
+    assert changed["_status"] == "built (input changed)"
+    assert changed["input_fingerprint"] != first["input_fingerprint"]
+    other = train_tokenizer(builtin_corpus(max_chars=30_000), kind="bpe", vocab_size=310)
+    assert prepare(corpus_dir, other, out, show_progress=False)["_status"] == "built (tokenizer changed)"
+    assert load_manifest(out)["tokenizer_sha256"] == other.sha256
+    assert prepare(corpus_dir, other, out, seed=5, show_progress=False)["_status"] == "built (options changed)"
+
+
+def test_rebuild_removes_stale_shards(tok, corpus_dir, tmp_path):
+    out = tmp_path / "out"
+    prepare(corpus_dir, tok, out, shard_tokens=50, show_progress=False)
+    many = {p.name for p in out.glob("train_*.bin")}
+    manifest = prepare(corpus_dir, tok, out, shard_tokens=10**6, show_progress=False)
+    assert len(many) > 1
+    assert sorted(p.name for p in out.glob("*.bin")) == sorted(
+        s["file"] for split in manifest["splits"].values() for s in split["shards"]
+    )
+    assert not [p for p in out.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_num_workers_gives_identical_shards(tok, corpus_dir, tmp_path):
+    prepare(corpus_dir, tok, tmp_path / "a", show_progress=False)
+    prepare(corpus_dir, tok, tmp_path / "b", num_workers=2, show_progress=False)
+    assert PackedTokens(tmp_path / "a").window(0, len(PackedTokens(tmp_path / "a"))).tolist() == (
+        PackedTokens(tmp_path / "b").window(0, len(PackedTokens(tmp_path / "b"))).tolist()
+    )
+
+
+def test_output_folder_inside_the_input_folder_is_not_read_as_input(tok, corpus_dir):
+    out = corpus_dir / "prepared"
+    prepare(corpus_dir, tok, out, show_progress=False)
+    assert prepare(corpus_dir, tok, out, show_progress=False)["_reused"] is True
+
+
+def test_corpus_error_leaves_no_manifest(tok, tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"body": "no text field"}\n')
+    with pytest.raises(LmlabError, match=r"bad\.jsonl:1: missing field 'text'"):
+        prepare(tmp_path / "bad.jsonl", tok, tmp_path / "out", show_progress=False)
+    assert not (tmp_path / "out" / "manifest.json").exists()
+    (tmp_path / "blank.txt").write_text("  \n")
+    with pytest.raises(LmlabError, match="empty corpus"):
+        prepare(tmp_path / "blank.txt", tok, tmp_path / "out", show_progress=False)
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_failed_rebuild_keeps_previous_build_and_no_temporary_folder(tok, corpus_dir, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    first = prepare(corpus_dir, tok, out, show_progress=False)
+    (corpus_dir / "b.txt").write_text("new content", encoding="utf-8")
+
+    def broken_save(self, directory):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Tokenizer, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        prepare(corpus_dir, tok, out, show_progress=False)
+    assert load_manifest(out)["input_fingerprint"] == first["input_fingerprint"]
+    assert len(PackedTokens(out)) == first["splits"]["train"]["tokens"]
+    assert not [p for p in out.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_tokenizer_without_eos_is_rejected(corpus_dir, tmp_path):
+    tok = train_tokenizer(["abc def"] * 3, kind="bpe", vocab_size=300, special_tokens=["<pad>"])
+    with pytest.raises(LmlabError, match="no eos token"):
+        prepare(corpus_dir, tok, tmp_path / "out", show_progress=False)
+
+
+def test_non_prepared_folder_and_missing_split_are_errors(tok, corpus_dir, tmp_path):
+    with pytest.raises(LmlabError, match=r"is not a prepared data folder: expected manifest\.json"):
+        PackedTokens(tmp_path)
+    prepare(corpus_dir, tok, tmp_path / "out", show_progress=False)
+    with pytest.raises(LmlabError, match=r"no split 'test'; available splits: train, valid"):
+        PackedTokens(tmp_path / "out", "test")
+
+
+def test_truncated_shard_is_reported(tok, corpus_dir, tmp_path):
+    manifest = prepare(corpus_dir, tok, tmp_path / "out", show_progress=False)
+    shard = tmp_path / "out" / manifest["splits"]["train"]["shards"][0]["file"]
+    shard.write_bytes(shard.read_bytes()[:-2])
+    with pytest.raises(LmlabError, match="re-run `lmlab prepare`"):
+        PackedTokens(tmp_path / "out")
+    assert prepare(corpus_dir, tok, tmp_path / "out", show_progress=False)["_reused"] is False
+
+
+def test_packed_tokens_pickle_by_reference(tok, corpus_dir, tmp_path):
+    prepare(corpus_dir, tok, tmp_path / "out", show_progress=False)
+    packed = PackedTokens(tmp_path / "out")
+    blob = pickle.dumps(packed)
+    assert len(blob) < 1_000
+    assert pickle.loads(blob).window(3, 20).tolist() == packed.window(3, 20).tolist()
