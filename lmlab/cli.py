@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence, get_type_hints
@@ -163,6 +164,8 @@ def cmd_pretrain(a) -> int:
     result = pretrain(
         a.model, a.data, a.out, objective=a.objective, resume=a.resume, init_from=a.init_from, model_overrides=overrides, **train_args
     )
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # under torchrun, rank 0 reports
     if result.val_loss is not None:
         print(f"lmlab: step {result.step}, validation loss {result.val_loss:.4f}")
     print(f"lmlab: last checkpoint {result.last_checkpoint}" + (f", best {result.best_checkpoint}" if result.best_checkpoint else ""))

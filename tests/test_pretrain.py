@@ -122,3 +122,22 @@ def test_lr_schedule_warms_up_then_decays_to_min_lr():
     assert lr_at(110, schedule="cosine", **kw) == pytest.approx(0.1)
     assert lr_at(60, schedule="linear", **kw) == pytest.approx(0.55)
     assert lr_at(100, schedule="constant", **kw) == 1.0
+
+
+def test_torchrun_ddp_on_cpu_trains_and_only_rank_0_writes(data_dir, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "lmlab.cli", "pretrain",
+        "--model", "gpt2-tiny", "--data", str(data_dir), "--out", str(out), "--max-steps", "4", "--eval-interval", "2",
+        "--micro-batch-size", "2", "--seq-len", "32", "--eval-batches", "2", "--no-progress", "--no-tensorboard",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("last checkpoint") == 1  # rank 0 reports
+    assert "2 processes" in proc.stderr and "128 tokens/step" in proc.stderr  # 2 sequences × 32 tokens × 2 ranks
+    assert [s for s, _ in list_checkpoints(out)] == [2, 4]
+    steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and steps.count(4) == 2  # one train and one validation record, written once

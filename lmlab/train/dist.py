@@ -43,6 +43,11 @@ def setup(device_name: str) -> tuple[DistInfo, torch.device]:
     return info, device
 
 
+def teardown(info: DistInfo) -> None:
+    if info.enabled and torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
+
+
 def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
     if info.enabled:
         value = value.clone()

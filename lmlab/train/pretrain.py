@@ -95,10 +95,13 @@ def pretrain(
             file=sys.stderr,
         )
     meta = {"objective": objective, "tokenizer_sha256": tokenizer.sha256, "data": str(data)}
-    return train_loop(
-        net, get_objective(objective), train_batches, valid_batches, cfg, out,
-        device=device, dist=info, tokenizer=tokenizer, meta=meta, resume_from=resume_from, desc="pretrain",
-    )
+    try:
+        return train_loop(
+            net, get_objective(objective), train_batches, valid_batches, cfg, out,
+            device=device, dist=info, tokenizer=tokenizer, meta=meta, resume_from=resume_from, desc="pretrain",
+        )
+    finally:
+        dist_mod.teardown(info)
 
 
 def _train_config(args: dict[str, Any]) -> TrainConfig:
