@@ -34,6 +34,9 @@ _EXPORTS = {
     "TrainConfig": "lmlab.train.loop",
     "load": "lmlab.api",
     "LM": "lmlab.api",
+    "Completion": "lmlab.api",
+    "Score": "lmlab.api",
+    "GenerationConfig": "lmlab.generate",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,7 +1,20 @@
-"""``lmlab.load(path)``: a model and its tokenizer, ready to generate — the notebook entry point."""
+"""``lmlab.load(path)``: a model and its tokenizer, ready to generate, stream and score — the notebook entry point.
+
+    m = lmlab.load("runs/a")                                # a checkpoint or run folder
+    m.generate("Once", max_new_tokens=50)                   # -> str
+    m.generate(["a", "b"], strategy="sample", top_p=0.9)    # -> list[str]
+    m.generate("Once", strategy="beam", num_beams=4, details=True)   # -> Completion
+    for piece in m.stream("Once"): print(piece, end="")
+    m.score("The cat", " sat on the mat")                    # -> Score (log-likelihood, perplexity)
+
+Every keyword of ``generate``/``stream`` is a :class:`GenerationConfig` field (or pass ``config=``).
+"""
 
 from __future__ import annotations
 
+import logging
+import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -9,31 +22,42 @@ import torch
 from torch import nn
 
 from lmlab.errors import LmlabError
-from lmlab.generate import Temperature, TopK, TopP, decode
-from lmlab.generate.processors import LogitsProcessor
+from lmlab.generate import BeamSearch, GenerationConfig, decode
+from lmlab.generate.stopping import cut_at_stop, held_back
 from lmlab.io.checkpoint import load_model, resolve_checkpoint
 
-STRATEGIES = ("greedy", "sample")
+logger = logging.getLogger(__name__)
 
 
-def build_processors(strategy: str, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None) -> list[LogitsProcessor]:
-    """The processor list for a strategy, in a fixed order: temperature, then top-k, then top-p (as HF orders them)."""
-    if strategy not in STRATEGIES:
-        raise LmlabError(f"unknown --strategy '{strategy}'; expected one of {', '.join(STRATEGIES)}")
-    if strategy == "greedy":
-        return []
-    processors: list[LogitsProcessor] = []
-    if temperature != 1.0:
-        processors.append(Temperature(temperature))
-    if top_k is not None and top_k > 0:
-        processors.append(TopK(top_k))
-    if top_p is not None and top_p < 1.0:
-        processors.append(TopP(top_p))
-    return processors
+@dataclass
+class Completion:
+    """One generated sequence, with what a caller may want besides its text."""
+
+    text: str  # the new text only, cut before a stop string; the end-of-text token is not in it
+    token_ids: list[int]  # the new tokens (through the one that completed a stop string; no stop token id)
+    finish_reason: str  # "stop" (end-of-text, stop id or stop string) or "length"
+    tokens: list[str] | None = None  # each new token as text (with ``logprobs``)
+    logprobs: list[float] | None = None  # each new token's log-probability under the model
+    top_logprobs: list[list[tuple[int, float]]] | None = None  # per token: the n most likely (id, log-prob)
+    score: float | None = None  # beam search: the length-penalised score that ranked it
+
+
+@dataclass
+class Score:
+    """How likely the model finds a continuation: ``logprob`` is the sum over its tokens."""
+
+    logprob: float
+    num_tokens: int
+    token_ids: list[int]
+    token_logprobs: list[float]
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(-self.logprob / self.num_tokens)
 
 
 class LM:
-    """A model and its tokenizer. ``generate`` returns text; ``stream`` yields it piece by piece."""
+    """A model and its tokenizer. ``generate`` returns text; ``stream`` yields it; ``score`` rates it."""
 
     def __init__(self, model: nn.Module, tokenizer, path: Path | None = None) -> None:
         self.model, self.tokenizer, self.path = model.eval(), tokenizer, path
@@ -42,69 +66,285 @@ class LM:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def _tokens(
-        self, prompts: Sequence[str], max_new_tokens: int, strategy: str, temperature: float, top_k: int | None,
-        top_p: float | None, seed: int | None, stop_at_eos: bool,
-    ) -> Iterator[torch.Tensor]:
-        processors = build_processors(strategy, temperature, top_k, top_p)
-        generator = None
-        if strategy == "sample":
-            generator = torch.Generator(device=self.device)
-            generator.manual_seed(seed if seed is not None else torch.seed())
-        ids = [self.tokenizer.encode(p) for p in prompts]
+    @property
+    def block_size(self) -> int:
+        return self.model.config.block_size
+
+    def __repr__(self) -> str:
+        c = self.model.config
+        return f"LM({c.name or c.arch}, {self.model.num_params():,} parameters, vocab {c.vocab_size}, path={self.path})"
+
+    # -- preparing a request ---------------------------------------------------------------------
+
+    @staticmethod
+    def _config(config: GenerationConfig | None, options: dict) -> GenerationConfig:
+        if config is None:
+            unknown = set(options) - set(GenerationConfig.__dataclass_fields__)
+            if unknown:
+                raise LmlabError(f"unknown generation option(s): {', '.join(sorted(unknown))}")
+            return GenerationConfig(**options)
+        return config.replace(**options) if options else config
+
+    def _stop_ids(self, config: GenerationConfig) -> list[int]:
         eos = self.tokenizer.eos_id
-        pad = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else (eos or 0)
-        return decode(
-            self.model, ids, max_new_tokens=max_new_tokens, processors=processors, sample=strategy == "sample",
-            generator=generator, stop_ids=[eos] if stop_at_eos and eos is not None else [], pad_id=pad,
+        return sorted(set(config.stop_token_ids) | ({eos} if eos is not None and not config.ignore_eos else set()))
+
+    def _pad_id(self) -> int:
+        for candidate in (self.tokenizer.pad_id, self.tokenizer.eos_id):
+            if candidate is not None:
+                return candidate
+        return 0
+
+    def _encode_prompts(self, prompts: Sequence[str], config: GenerationConfig) -> tuple[list[list[int]], int]:
+        """Token ids of the prompts (cut from the left to fit the context window) and the tokens to generate."""
+        for i, p in enumerate(prompts):
+            if not isinstance(p, str):
+                raise LmlabError(f"prompt {i} is {type(p).__name__}: expected a string")
+        ids = self.tokenizer.encode_batch(list(prompts))
+        for i, row in enumerate(ids):
+            if not row:
+                raise LmlabError(f"prompt {i} is empty (it encodes to no tokens): give at least one character of prompt")
+        longest = max(len(row) for row in ids)
+        new = config.max_new_tokens
+        if config.max_length is not None:
+            new = min(new, config.max_length - longest)
+            if new < 1:
+                raise LmlabError(f"--max-length {config.max_length} leaves no room after the {longest}-token prompt")
+        room = self.block_size - new
+        if room < 1:
+            raise LmlabError(f"--max-new-tokens {new} leaves no room for a prompt in the model's context window of {self.block_size} tokens")
+        if longest > room:
+            if config.truncate == "error":
+                raise LmlabError(
+                    f"a prompt has {longest} tokens; with --max-new-tokens {new} the context window of {self.block_size} holds {room} "
+                    "(use --truncate left to keep its last tokens)"
+                )
+            logger.warning("a prompt of %d tokens is cut to its last %d to fit the %d-token context window", longest, room, self.block_size)
+            ids = [row[-room:] for row in ids]
+        return ids, new
+
+    def _generator(self, config: GenerationConfig) -> torch.Generator | None:
+        if not config.samples:
+            return None
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(config.seed if config.seed is not None else torch.seed())
+        return generator
+
+    # -- the decoding paths ------------------------------------------------------------------------
+
+    def _completions(self, ids: list[list[int]], new: int, config: GenerationConfig, logprobs: int | None) -> list[list[Completion]]:
+        """``num_return_sequences`` completions for each prompt."""
+        n, stop_ids = config.num_return_sequences, self._stop_ids(config)
+        if config.strategy == "beam":
+            search = self._beam_search(ids, new, config)
+            for _ in search.run():
+                pass
+            out = []
+            for prompt_ids, hyps in zip(ids, search.results):
+                row = []
+                for h in hyps:
+                    tokens = h.tokens[:-1] if h.tokens and h.tokens[-1] in stop_ids else h.tokens
+                    c = self._completion(tokens, h.finish_reason, config)
+                    c.score = h.score
+                    if logprobs is not None:
+                        self._add_logprobs(c, prompt_ids, logprobs)
+                    row.append(c)
+                out.append(row)
+            return out
+        rows = [row for row in ids for _ in range(n)]
+        new_tokens: list[list[int]] = [[] for _ in rows]
+        reasons = ["length"] * len(rows)
+        lps: list[list[float]] = [[] for _ in rows]
+        tops: list[list[list[tuple[int, float]]]] = [[] for _ in rows]
+        stop_set = set(stop_ids)
+        steps = decode(
+            self.model, rows, max_new_tokens=new, processors=config.processors(stop_ids), sample=config.samples,
+            generator=self._generator(config), stop_ids=stop_ids, stop_rules=config.stop_rules(self.tokenizer),
+            pad_id=self._pad_id(), logprobs=logprobs,
         )
+        for step in steps:
+            tokens, active, finished = step.tokens.tolist(), step.active.tolist(), step.finished.tolist()
+            step_lps = step.logprobs.tolist() if step.logprobs is not None else None
+            top = (step.top_ids.tolist(), step.top_logprobs.tolist()) if step.top_ids is not None else None
+            for r, token in enumerate(tokens):
+                if not active[r]:
+                    continue
+                if finished[r]:
+                    reasons[r] = "stop"
+                    if token in stop_set:
+                        continue  # the end-of-text token is not part of the output
+                new_tokens[r].append(token)
+                if step_lps is not None:
+                    lps[r].append(step_lps[r])
+                if top is not None:
+                    tops[r].append(list(zip(top[0][r], top[1][r])))
+        out = []
+        for i in range(len(ids)):
+            row = []
+            for r in range(i * n, (i + 1) * n):
+                c = self._completion(new_tokens[r], reasons[r], config)
+                if logprobs is not None:
+                    c.tokens = [self.tokenizer.decode([t]) for t in new_tokens[r]]
+                    c.logprobs, c.top_logprobs = lps[r], (tops[r] if logprobs > 0 else None)
+                row.append(c)
+            out.append(row)
+        return out
+
+    def _completion(self, tokens: list[int], reason: str, config: GenerationConfig) -> Completion:
+        text, hit = cut_at_stop(self.tokenizer.decode(tokens), config.stop)
+        return Completion(text, tokens, "stop" if hit else reason)
+
+    def _beam_search(self, ids: list[list[int]], new: int, config: GenerationConfig) -> BeamSearch:
+        stop_ids = self._stop_ids(config)
+        return BeamSearch(
+            self.model, ids, num_beams=config.num_beams, max_new_tokens=new, processors=config.processors(stop_ids),
+            stop_ids=stop_ids, stop_rules=config.stop_rules(self.tokenizer), length_penalty=config.length_penalty,
+            early_stopping=config.early_stopping, num_return_sequences=config.num_return_sequences, pad_id=self._pad_id(),
+        )
+
+    def _add_logprobs(self, c: Completion, prompt_ids: list[int], n: int) -> None:
+        """Per-token log-probabilities of a finished sequence, by one forward pass (beam search)."""
+        if not c.token_ids:
+            c.tokens, c.logprobs, c.top_logprobs = [], [], ([] if n > 0 else None)
+            return
+        logprobs = self._logprobs(prompt_ids, c.token_ids)
+        chosen = logprobs.gather(-1, torch.tensor(c.token_ids, device=logprobs.device)[:, None]).squeeze(-1)
+        c.tokens = [self.tokenizer.decode([t]) for t in c.token_ids]
+        c.logprobs = chosen.tolist()
+        if n > 0:
+            values, indices = logprobs.topk(min(n, logprobs.shape[-1]), dim=-1)
+            c.top_logprobs = [list(zip(i, v)) for i, v in zip(indices.tolist(), values.tolist())]
+
+    @torch.inference_mode()
+    def _logprobs(self, context: list[int], continuation: list[int]) -> torch.Tensor:
+        """(len(continuation), vocab_size) log-probabilities of each continuation position given what precedes it."""
+        if not context:
+            raise LmlabError("scoring needs at least one token of context before the continuation")
+        if len(continuation) >= self.block_size:
+            raise LmlabError(f"the continuation has {len(continuation)} tokens; the context window holds {self.block_size}")
+        seq = (context + continuation)[-self.block_size :]
+        logits = self.model(torch.tensor([seq], device=self.device))[0, -len(continuation) - 1 : -1]
+        return logits.float().log_softmax(dim=-1)
+
+    # -- public ------------------------------------------------------------------------------------
 
     def generate(
         self,
         prompt: str | Sequence[str],
-        max_new_tokens: int = 50,
-        strategy: str = "greedy",
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        seed: int | None = None,
+        config: GenerationConfig | None = None,
+        *,
         return_ids: bool = False,
-        stop_at_eos: bool = True,
+        details: bool = False,
+        logprobs: int | None = None,
+        **options,
     ):
-        """The continuation of ``prompt`` (a str, or a list of str for a batch): text, or new token ids."""
+        """The continuation of ``prompt`` (a str, or a list of str for a batch).
+
+        Returns text; with ``return_ids`` the new token ids; with ``details`` (or ``logprobs=n``,
+        which adds each token's log-probability and its n most likely alternatives) a
+        :class:`Completion`. With ``num_return_sequences > 1`` each prompt gets a list of them.
+        """
+        config = self._config(config, options)
+        if logprobs is not None and (isinstance(logprobs, bool) or logprobs < 0):
+            raise LmlabError(f"logprobs={logprobs!r}: expected a count of alternatives, 0 or more")
         single = isinstance(prompt, str)
         prompts = [prompt] if single else list(prompt)
-        steps = list(self._tokens(prompts, max_new_tokens, strategy, temperature, top_k, top_p, seed, stop_at_eos))
-        eos = self.tokenizer.eos_id if stop_at_eos else None
-        outputs = []
-        for row in range(len(prompts)):
-            new = []
-            for step in steps:
-                token = int(step[row])
-                if token == eos:
-                    break
-                new.append(token)
-            outputs.append(new if return_ids else self.tokenizer.decode(new))
-        return outputs[0] if single else outputs
+        if not prompts:
+            raise LmlabError("no prompt: give a string or a non-empty list of strings")
+        ids, new = self._encode_prompts(prompts, config)
+        results = self._completions(ids, new, config, logprobs)
+        shaped = []
+        for row in results:
+            items = [c if details or logprobs is not None else (c.token_ids if return_ids else c.text) for c in row]
+            shaped.append(items[0] if config.num_return_sequences == 1 else items)
+        return shaped[0] if single else shaped
 
-    def stream(
-        self, prompt: str, max_new_tokens: int = 50, strategy: str = "greedy", temperature: float = 1.0,
-        top_k: int | None = None, top_p: float | None = None, seed: int | None = None, stop_at_eos: bool = True,
-    ) -> Iterator[str]:
-        """Yield pieces of text as tokens are made; a character split across tokens is held until whole."""
-        new: list[int] = []
-        shown = ""
-        eos = self.tokenizer.eos_id if stop_at_eos else None
-        for step in self._tokens([prompt], max_new_tokens, strategy, temperature, top_k, top_p, seed, stop_at_eos):
-            token = int(step[0])
-            if token == eos:
-                break
-            new.append(token)
-            text = self.tokenizer.decode(new)
-            if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+    def stream(self, prompt: str, config: GenerationConfig | None = None, **options) -> Iterator[str]:
+        """Yield the continuation of ``prompt`` piece by piece, as tokens are made.
+
+        A character split across byte-level tokens is held until whole, and text that may be the
+        start of a stop string is held until it is known not to be. Beam search yields the tokens
+        all surviving beams agree on. The pieces join to exactly what ``generate`` returns.
+        """
+        config = self._config(config, options)
+        if not isinstance(prompt, str):
+            raise LmlabError("stream takes one prompt (a string)")
+        if config.num_return_sequences != 1:
+            raise LmlabError("stream makes one sequence: --num-return-sequences must be 1")
+        ids, new = self._encode_prompts([prompt], config)
+        shown = 0
+        text = ""
+        for tokens in self._token_stream(ids, new, config):
+            text, hit = cut_at_stop(self.tokenizer.decode(tokens), config.stop)
+            if hit:
+                limit = len(text)
+            elif text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
                 continue
-            yield text[len(shown) :]
-            shown = text
+            else:
+                limit = len(text) - held_back(text, config.stop)
+            if limit > shown:
+                yield text[shown:limit]
+                shown = limit
+            if hit:
+                return
+        if len(text) > shown:  # the end: what was held back is final
+            yield text[shown:]
+
+    def _token_stream(self, ids: list[list[int]], new: int, config: GenerationConfig) -> Iterator[list[int]]:
+        """The new tokens of the one prompt so far (no stop token id), after each step."""
+        stop_ids = self._stop_ids(config)
+        if config.strategy == "beam":
+            search = self._beam_search(ids, new, config)
+            for committed in search.run():
+                yield committed[0]
+            best = search.results[0][0].tokens
+            yield best[:-1] if best and best[-1] in stop_ids else best
+            return
+        tokens: list[int] = []
+        steps = decode(
+            self.model, ids, max_new_tokens=new, processors=config.processors(stop_ids), sample=config.samples,
+            generator=self._generator(config), stop_ids=stop_ids, stop_rules=config.stop_rules(self.tokenizer),
+            pad_id=self._pad_id(),
+        )
+        for step in steps:
+            token = int(step.tokens[0])
+            if token in stop_ids:
+                return
+            tokens.append(token)
+            yield tokens
+            if bool(step.finished[0]):
+                return
+
+    def score(self, text: str | Sequence[str], continuation: str | Sequence[int] | None = None) -> Score | list[Score]:
+        """Log-likelihood of ``continuation`` after ``text`` (or of ``text`` itself when no continuation).
+
+        A string continuation is tokenized as lm-evaluation-harness does: the tokens of
+        ``text + continuation`` after those of ``text``. Token ids are scored as given. Without a
+        continuation every token of ``text`` after the first is scored (all of them when the
+        tokenizer has a beginning-of-text token, which is put in front). A list of texts gives a list.
+        """
+        if not isinstance(text, str):
+            if continuation is not None and not isinstance(continuation, (list, tuple)):
+                raise LmlabError("score: with a list of texts, give a list of continuations (or none)")
+            conts = list(continuation) if continuation is not None else [None] * len(text)
+            if len(conts) != len(text):
+                raise LmlabError(f"score: {len(text)} texts but {len(conts)} continuations")
+            return [self.score(t, c) for t, c in zip(text, conts)]
+        if continuation is None:
+            tokens = self.tokenizer.encode(text)
+            bos = self.tokenizer.bos_id
+            context, cont = ([bos], tokens) if bos is not None else (tokens[:1], tokens[1:])
+        elif isinstance(continuation, str):
+            context = self.tokenizer.encode(text)
+            whole = self.tokenizer.encode(text + continuation)
+            cont = whole[len(context) :] if whole[: len(context)] == context else self.tokenizer.encode(continuation)
+        else:
+            context, cont = self.tokenizer.encode(text), [int(t) for t in continuation]
+        if not cont:
+            raise LmlabError("score: nothing to score (the continuation encodes to no tokens)")
+        logprobs = self._logprobs(context, cont)
+        token_logprobs = logprobs.gather(-1, torch.tensor(cont, device=logprobs.device)[:, None]).squeeze(-1).tolist()
+        return Score(sum(token_logprobs), len(cont), cont, token_logprobs)
 
 
 def load(path: str | Path, device: str = "auto", dtype: torch.dtype | None = None) -> LM:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -56,6 +57,7 @@ def _input_flags(parser: ArgumentParser) -> None:
 
 def build_parser() -> ArgumentParser:
     from lmlab.config import PRESETS
+    from lmlab.generate import GenerationConfig
     from lmlab.train.loop import TrainConfig
 
     root = ArgumentParser(prog="lmlab", description="Train, generate, evaluate and critique Transformer language models.", exit_on_error=False)
@@ -86,20 +88,25 @@ def build_parser() -> ArgumentParser:
     _add_dataclass_flags(pretrain, TrainConfig)
     commands.add_subcommand("pretrain", pretrain, help="pretrain a model (causal LM)")
 
-    generate = _parser("Generate text from a checkpoint.")
+    generate = _parser(
+        "Generate text from a checkpoint: greedy, sampling (temperature, top-k, top-p, min-p, typical-p) or beam "
+        "search, with penalties and stop strings. A prompt longer than the context window keeps its last tokens "
+        "(a warning says so) unless --truncate error."
+    )
     generate.add_argument("checkpoint", help="checkpoint folder (or run folder: its best checkpoint)")
     generate.add_argument("--prompt", nargs="+", default=None, help="one or more prompts")
-    generate.add_argument("--prompts-file", type=Optional[str], default=None, help="a file with one prompt per line")
-    generate.add_argument("--max-new-tokens", type=int, default=50, help="tokens to generate per prompt (default: 50)")
-    generate.add_argument("--strategy", default="greedy", help="greedy or sample (default: greedy)")
-    generate.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: 1.0)")
-    generate.add_argument("--top-k", type=Optional[int], default=None, help="sample among the k most likely tokens")
-    generate.add_argument("--top-p", type=Optional[float], default=None, help="nucleus sampling: smallest set reaching probability p")
-    generate.add_argument("--seed", type=Optional[int], default=None, help="seed for reproducible sampling")
+    generate.add_argument("--prompts-file", type=Optional[str], default=None, help="a UTF-8 file with one prompt per line (or .jsonl with a 'prompt' field)")
+    generate.add_argument("--interactive", "-i", action="store_true", help="a REPL: type a prompt, watch the continuation stream; Ctrl-D or /quit ends")
     generate.add_argument("--stream", action="store_true", help="print tokens as they are made (one prompt)")
-    generate.add_argument("--format", default="text", help="text or jsonl (default: text)")
+    generate.add_argument("--format", default="text", help="text (prompt + continuation) or jsonl (one object per output) (default: text)")
+    generate.add_argument("--output", type=Optional[str], default=None, help="write the outputs to this file instead of stdout (atomically)")
+    generate.add_argument("--logprobs", type=Optional[int], default=None, help="jsonl: add each token's log-probability and its N most likely alternatives")
+    generate.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (default: 8)")
     generate.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
-    commands.add_subcommand("generate", generate, help="generate text from a checkpoint")
+    _add_dataclass_flags(generate, GenerationConfig, skip=("stop", "stop_token_ids"))
+    generate.add_argument("--stop", nargs="+", default=[], help="stop when the output contains one of these strings; the text is cut before it")
+    generate.add_argument("--stop-token-ids", nargs="+", type=int, default=[], help="stop on these token ids (besides the tokenizer's end-of-text)")
+    commands.add_subcommand("generate", generate, help="generate text from a checkpoint (all decoding strategies, streaming, REPL)")
 
     info = _parser("Parameter count and FLOPs per token of a preset or a checkpoint (all presets when none is named).")
     info.add_argument("model", nargs="?", default=None, help="preset name or checkpoint folder")
@@ -173,38 +180,110 @@ def cmd_pretrain(a) -> int:
     return 0
 
 
+def _read_prompts(path: Path) -> list[str]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise LmlabError(f"--prompts-file {path}: cannot read it ({e.__class__.__name__}); expected a UTF-8 text file") from None
+    if path.suffix != ".jsonl":
+        return [line for line in lines if line.strip()]
+    prompts = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise LmlabError(f"--prompts-file {path}:{number}: not valid JSON ({e.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+            raise LmlabError(f"--prompts-file {path}:{number}: expected an object with a string field 'prompt'")
+        prompts.append(record["prompt"])
+    return prompts
+
+
+def _stream(lm, prompt: str, config, out) -> None:
+    for piece in lm.stream(prompt, config):
+        out.write(piece)
+        out.flush()
+    out.write("\n")
+
+
+def _interactive(lm, config) -> int:
+    print(f"lmlab: {lm!r}; {config.strategy} decoding, {config.max_new_tokens} new tokens. Type a prompt; Ctrl-D or /quit ends.", file=sys.stderr)
+    while True:
+        try:
+            prompt = input("» ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        if prompt.strip() in ("/quit", "/exit"):
+            return 0
+        if not prompt.strip():
+            continue
+        try:
+            sys.stdout.write(prompt)
+            _stream(lm, prompt, config, sys.stdout)
+        except LmlabError as e:  # a bad prompt ends that turn, not the session
+            print(f"\nlmlab: error: {e}", file=sys.stderr)
+
+
 def cmd_generate(a) -> int:
     from lmlab.api import load
+    from lmlab.generate import GenerationConfig
 
+    config = GenerationConfig(**{f.name: getattr(a, f.name) for f in dataclasses.fields(GenerationConfig)})
     prompts = list(a.prompt or [])
     if a.prompts_file:
-        path = Path(a.prompts_file)
-        try:
-            prompts += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        except (OSError, UnicodeDecodeError) as e:
-            raise LmlabError(f"--prompts-file {path}: cannot read it ({e.__class__.__name__}); expected a UTF-8 text file") from None
-    if not prompts:
-        raise LmlabError("no prompt: give --prompt TEXT or --prompts-file FILE")
+        prompts += _read_prompts(Path(a.prompts_file))
+    if not prompts and not a.interactive:
+        raise LmlabError("no prompt: give --prompt TEXT, --prompts-file FILE or --interactive")
     if a.format not in ("text", "jsonl"):
         raise LmlabError(f"--format is '{a.format}': expected text or jsonl")
+    if a.logprobs is not None and (a.logprobs < 0 or a.format != "jsonl"):
+        raise LmlabError("--logprobs N needs --format jsonl and N ≥ 0")
+    if a.batch_size < 1:
+        raise LmlabError(f"--batch-size is {a.batch_size}: expected a positive integer")
+    if a.stream and (len(prompts) != 1 or a.format != "text" or a.output):
+        raise LmlabError("--stream prints one prompt's text as it is made: give one --prompt, --format text and no --output")
     lm = load(a.checkpoint, device=a.device)
-    options = dict(max_new_tokens=a.max_new_tokens, strategy=a.strategy, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
+    if a.interactive:
+        return _interactive(lm, config)
     if a.stream:
-        if len(prompts) != 1:
-            raise LmlabError("--stream takes one prompt")
         sys.stdout.write(prompts[0])
-        for piece in lm.stream(prompts[0], **options):
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
+        _stream(lm, prompts[0], config, sys.stdout)
         return 0
-    outputs = lm.generate(prompts, **options)
-    for prompt, output in zip(prompts, outputs):
-        if a.format == "jsonl":
-            print(json.dumps({"prompt": prompt, "completion": output}, ensure_ascii=False))
-        else:
-            print(prompt + output)
+    lines: list[str] = []
+    for start in range(0, len(prompts), a.batch_size):
+        chunk = prompts[start : start + a.batch_size]
+        results = lm.generate(chunk, config, details=True, logprobs=a.logprobs)
+        for prompt, outputs in zip(chunk, results):
+            for index, c in enumerate(outputs if isinstance(outputs, list) else [outputs]):
+                if a.format == "text":
+                    lines.append(prompt + c.text)
+                    continue
+                record = {"prompt": prompt, "index": index, "completion": c.text, "finish_reason": c.finish_reason}
+                if c.score is not None:
+                    record["score"] = c.score
+                if a.logprobs is not None:
+                    record.update(tokens=c.tokens, token_ids=c.token_ids, logprobs=c.logprobs)
+                    if c.top_logprobs is not None:
+                        record["top_logprobs"] = [[{"id": i, "token": lm.tokenizer.decode([i]), "logprob": lp} for i, lp in alts] for alts in c.top_logprobs]
+                lines.append(json.dumps(record, ensure_ascii=False))
+    separator = "\n" if a.format == "jsonl" else "\n\n"
+    text = separator.join(lines) + "\n"
+    if a.output:
+        _write_text_atomic(Path(a.output), text)
+        print(f"lmlab: {len(lines)} output(s) written to {a.output}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
     return 0
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def cmd_info(a) -> int:
@@ -245,8 +324,26 @@ COMMANDS = {
 }
 
 
+class _OneLine(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"lmlab: {record.levelname.lower()}: {record.getMessage()}"
+
+
+def _log_warnings_as_one_line() -> None:
+    """Library warnings (``logging``) reach the terminal as ``lmlab: warning: …``."""
+    root = logging.getLogger("lmlab")
+    if not any(getattr(h, "_lmlab", False) for h in root.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(_OneLine())
+        handler._lmlab = True
+        root.addHandler(handler)
+        root.setLevel(logging.WARNING)
+        root.propagate = False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(argv) if argv is not None else sys.argv[1:]
+    _log_warnings_as_one_line()
     try:
         args = build_parser().parse_args(argv)
     except ArgumentError as e:

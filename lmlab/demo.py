@@ -65,13 +65,15 @@ def run_demo(
     if result.val_loss is not None:
         print(f"validation loss {result.val_loss:.3f} (perplexity {2.718281828 ** result.val_loss:.1f})")
 
-    stage("5/5 generation: greedy and sampled continuations")
+    stage("5/5 generation: greedy, beam search and nucleus sampling")
     lm = load(out / "run", device="cpu")
     lines = []
     for prompt in DEMO_PROMPTS:
-        greedy = lm.generate(prompt, max_new_tokens=40, strategy="greedy")
-        sampled = lm.generate(prompt, max_new_tokens=40, strategy="sample", temperature=0.8, top_k=50, seed=0)
-        lines += [f"[greedy] {prompt}{greedy}", f"[sample] {prompt}{sampled}", ""]
+        # a small model loops on its likeliest tokens (blank lines here): forbid repeated trigrams
+        greedy = lm.generate(prompt, max_new_tokens=40, strategy="greedy", no_repeat_ngram_size=3)
+        beam = lm.generate(prompt, max_new_tokens=40, strategy="beam", num_beams=4, no_repeat_ngram_size=3)
+        sampled = lm.generate(prompt, max_new_tokens=40, strategy="sample", temperature=0.8, top_p=0.95, repetition_penalty=1.2, seed=0)
+        lines += [f"[greedy] {prompt}{greedy}", f"[beam×4] {prompt}{beam}", f"[sample] {prompt}{sampled}", ""]
     samples = out / "samples.txt"
     samples.write_text("\n".join(lines), encoding="utf-8")
     print("\n".join(lines))

@@ -114,3 +114,60 @@ def test_demo_runs_end_to_end_at_a_tiny_size(tmp_path, capsys):
     for name in ("corpus.jsonl", "tokenizer/tokenizer.json", "data/manifest.json", "run/loss.png", "run/log.jsonl", "samples.txt"):
         assert (tmp_path / "demo" / name).is_file(), name
     assert "[greedy] The for statement" in out and "[sample]" in out
+
+
+def test_generate_help_documents_every_decoding_option(capsys):
+    from lmlab.generate import GenerationConfig
+
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    out = capsys.readouterr().out
+    for f in dataclasses.fields(GenerationConfig):
+        assert "--" + f.name.replace("_", "-") in out, f.name
+    assert "--interactive" in out and "--logprobs" in out and "last tokens" in out  # truncation is stated
+
+
+def test_generate_strategies_formats_files_and_the_repl(trained_run, tmp_path, capsys, monkeypatch):
+    code, out, _ = run(capsys, "generate", str(trained_run), "--prompt", "Once", "--strategy", "beam", "--num-beams", "4",
+                       "--repetition-penalty", "1.2", "--stream", "--max-new-tokens", "8")
+    assert code == 0 and out.startswith("Once")
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "The"}\n\n{"prompt": "大语言"}\n', encoding="utf-8")
+    target = tmp_path / "out" / "samples.jsonl"
+    code, out, err = run(capsys, "generate", str(trained_run), "--prompts-file", str(prompts), "--strategy", "sample",
+                         "--temperature", "0.8", "--top-k", "50", "--top-p", "0.95", "--seed", "1", "--num-return-sequences", "2",
+                         "--format", "jsonl", "--logprobs", "2", "--max-new-tokens", "4", "--output", str(target))
+    assert code == 0 and out == "" and "4 output(s)" in err
+    rows = [json.loads(line) for line in target.read_text(encoding="utf-8").splitlines()]
+    assert [(r["prompt"], r["index"]) for r in rows] == [("The", 0), ("The", 1), ("大语言", 0), ("大语言", 1)]
+    assert all(len(r["logprobs"]) == len(r["token_ids"]) == len(r["top_logprobs"]) for r in rows)
+    assert all(len(alts) == 2 and {"id", "token", "logprob"} <= set(alts[0]) for r in rows for alts in r["top_logprobs"])
+    assert not list(target.parent.glob(".*tmp*"))
+
+    monkeypatch.setattr(sys, "stdin", __import__("io").StringIO("The\n\n/quit\nnever read\n"))
+    code, out, err = run(capsys, "generate", str(trained_run), "--interactive", "--max-new-tokens", "3")
+    assert code == 0 and out.startswith("» The") and out.count("» ") == 3 and "Ctrl-D" in err  # ends at /quit
+
+
+@pytest.mark.parametrize(
+    "flags, needle",
+    [
+        (["--strategy", "sample", "--top-p", "1.5"], "--top-p is 1.5"),
+        (["--strategy", "sample", "--num-beams", "4"], "--num-beams 4 needs --strategy beam"),
+        (["--strategy", "sample", "--temperature", "-1"], "--temperature is -1.0"),
+        (["--top-k", "-3", "--strategy", "sample"], "--top-k is -3"),
+        (["--prompt", "a", "b", "--stream"], "--stream prints one prompt"),
+        (["--logprobs", "2"], "--logprobs N needs --format jsonl"),
+        (["--truncate", "middle"], "--truncate is 'middle'"),
+    ],
+)
+def test_generate_bad_flags_are_one_line_errors(trained_run, capsys, flags, needle):
+    argv = ["generate", str(trained_run), *(["--prompt", "x"] if "--prompt" not in flags else []), *flags]
+    code, _, err = run(capsys, *argv)
+    assert_one_line_error(code, err, needle)
+
+
+def test_generate_an_empty_prompt_is_a_one_line_error(trained_run, capsys):
+    code, _, err = run(capsys, "generate", str(trained_run), "--prompt", "")
+    assert_one_line_error(code, err, "prompt 0 is empty")

@@ -1,13 +1,21 @@
 """Decoding rules as small composable callables ``(input_ids, scores) -> scores`` (STYLE habit 5).
 
-``input_ids`` is (B, L): the tokens so far; ``scores`` is (B, vocab_size): next-token logits. A
-processor list is built once per request, in a stated order, and applied in that order every
-step. None of these keep state between steps.
+``input_ids`` is (B, L): every token so far, the prompt then what was generated, with ``-1`` where
+a row has no token (the left padding of a shorter prompt in a batch). ``scores`` is (B, vocab_size):
+next-token logits. A request builds its list once, in a stated order, and the decoding loop applies
+it in that order at every step. A processor that needs to know where the prompt ends has a
+``begin(prompt_len)`` method, which the loop calls once before the first step.
+
+Two kinds, in the order Hugging Face applies them: *penalties* change the logits from what the
+text so far contains (repetition, presence, frequency, no-repeat-n-gram, minimum length); *warpers*
+reshape the distribution to sample from (temperature, top-k, top-p, min-p, typical-p). A removed
+token gets ``-inf``; every warper keeps at least the most likely token.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+import math
+from typing import Protocol, Sequence
 
 import torch
 from torch import Tensor
@@ -19,12 +27,118 @@ class LogitsProcessor(Protocol):
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor: ...
 
 
+class LogitsProcessorList(list):
+    """Processors applied in order, as ``transformers.LogitsProcessorList``."""
+
+    def begin(self, prompt_len: int) -> None:
+        for processor in self:
+            if hasattr(processor, "begin"):
+                processor.begin(prompt_len)
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        for processor in self:
+            scores = processor(input_ids, scores)
+        return scores
+
+
+def token_counts(input_ids: Tensor, vocab_size: int) -> Tensor:
+    """(B, vocab_size) float: how often each token occurs in each row (``-1`` slots count for nothing)."""
+    real = input_ids >= 0
+    counts = torch.zeros(input_ids.shape[0], vocab_size, dtype=torch.float32, device=input_ids.device)
+    return counts.scatter_add_(1, input_ids.clamp(min=0), real.float())
+
+
+def _remove(scores: Tensor, drop: Tensor) -> Tensor:
+    return scores.masked_fill(drop, float("-inf"))
+
+
+# -- penalties: what the text so far contains ----------------------------------------------------
+
+
+class RepetitionPenalty:
+    """CTRL's penalty (Keskar et al., 2019): a token already in the text (prompt included) has its
+    logit divided by θ when positive and multiplied by θ when negative; θ > 1 discourages repeats."""
+
+    def __init__(self, penalty: float) -> None:
+        if not penalty > 0:
+            raise LmlabError(f"--repetition-penalty is {penalty}: expected a positive number (1.0 = off, > 1 discourages repeats)")
+        self.penalty = penalty
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        seen = token_counts(input_ids, scores.shape[-1]) > 0
+        penalised = torch.where(scores > 0, scores / self.penalty, scores * self.penalty)
+        return torch.where(seen, penalised, scores)
+
+
+class PresenceFrequencyPenalty:
+    """OpenAI's additive penalties over the *generated* tokens: ``logit -= presence·[count > 0] +
+    frequency·count``. Positive values discourage repeats; negative values encourage them."""
+
+    def __init__(self, presence: float = 0.0, frequency: float = 0.0) -> None:
+        for name, value in (("--presence-penalty", presence), ("--frequency-penalty", frequency)):
+            if not -2.0 <= value <= 2.0:
+                raise LmlabError(f"{name} is {value}: expected a number in [-2, 2]")
+        self.presence, self.frequency = presence, frequency
+        self.prompt_len = 0
+
+    def begin(self, prompt_len: int) -> None:
+        self.prompt_len = prompt_len
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        counts = token_counts(input_ids[:, self.prompt_len :], scores.shape[-1])
+        return scores - self.presence * (counts > 0).to(scores.dtype) - self.frequency * counts.to(scores.dtype)
+
+
+class NoRepeatNGram:
+    """Forbid any token that would repeat an n-gram already in the text (Paulus et al., 2017)."""
+
+    def __init__(self, n: int) -> None:
+        if n < 1:
+            raise LmlabError(f"--no-repeat-ngram-size is {n}: expected a positive integer (0 = off)")
+        self.n = n
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        n, L = self.n, input_ids.shape[1]
+        if L < n:
+            return scores
+        if n == 1:
+            return _remove(scores, token_counts(input_ids, scores.shape[-1]) > 0)
+        windows = input_ids.unfold(1, n, 1)  # (B, W, n): every n-gram so far
+        suffix = input_ids[:, L - n + 1 :]  # (B, n-1): what the next token would extend
+        match = (windows[:, :, :-1] == suffix[:, None, :]).all(-1) & (windows >= 0).all(-1)  # (B, W)
+        banned = torch.zeros_like(scores).scatter_add_(1, windows[:, :, -1].clamp(min=0), match.to(scores.dtype))
+        return _remove(scores, banned > 0)
+
+
+class MinNewTokens:
+    """Forbid the end-of-text tokens until ``min_new_tokens`` tokens have been generated."""
+
+    def __init__(self, min_new_tokens: int, eos_ids: Sequence[int]) -> None:
+        if min_new_tokens < 0:
+            raise LmlabError(f"--min-new-tokens is {min_new_tokens}: expected 0 or more")
+        self.min_new_tokens, self.eos_ids = min_new_tokens, sorted(set(eos_ids))
+        self.prompt_len = 0
+
+    def begin(self, prompt_len: int) -> None:
+        self.prompt_len = prompt_len
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        if input_ids.shape[1] - self.prompt_len >= self.min_new_tokens or not self.eos_ids:
+            return scores
+        scores = scores.clone()
+        scores[:, self.eos_ids] = float("-inf")
+        return scores
+
+
+# -- warpers: the distribution to sample from -----------------------------------------------------
+
+
 class Temperature:
-    """Divide logits by T: T < 1 sharpens the distribution, T > 1 flattens it."""
+    """Divide logits by T: T < 1 sharpens the distribution, T > 1 flattens it (T → 0 is greedy)."""
 
     def __init__(self, temperature: float) -> None:
-        if temperature <= 0:
-            raise LmlabError(f"--temperature is {temperature}: expected a positive number (use --strategy greedy for T → 0)")
+        if not temperature > 0:
+            raise LmlabError(f"--temperature is {temperature}: expected a positive number (0 means greedy)")
         self.temperature = temperature
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
@@ -36,13 +150,13 @@ class TopK:
 
     def __init__(self, k: int) -> None:
         if k < 1:
-            raise LmlabError(f"--top-k is {k}: expected a positive integer")
+            raise LmlabError(f"--top-k is {k}: expected a positive integer (0 = off)")
         self.k = k
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
         k = min(self.k, scores.shape[-1])
         kth = torch.topk(scores, k, dim=-1).values[..., -1:]  # (B, 1): the k-th largest logit
-        return scores.masked_fill(scores < kth, float("-inf"))
+        return _remove(scores, scores < kth)
 
 
 class TopP:
@@ -55,8 +169,41 @@ class TopP:
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
         sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
-        cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+        probs = sorted_scores.softmax(dim=-1)
         # drop a token when the tokens before it already reach p (the most likely token always stays)
-        drop_sorted = (cumulative - sorted_scores.softmax(dim=-1)) >= self.p
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
-        return scores.masked_fill(drop, float("-inf"))
+        drop_sorted = (probs.cumsum(dim=-1) - probs) >= self.p
+        return _remove(scores, drop_sorted.scatter(-1, order, drop_sorted))
+
+
+class MinP:
+    """Min-p sampling (Nguyen et al., 2024): keep tokens at least ``p`` times as likely as the most likely one."""
+
+    def __init__(self, p: float) -> None:
+        if not 0.0 < p <= 1.0:
+            raise LmlabError(f"--min-p is {p}: expected a number in (0, 1]")
+        self.log_p = math.log(p)
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        logprobs = scores.log_softmax(dim=-1)
+        return _remove(scores, logprobs < logprobs.max(dim=-1, keepdim=True).values + self.log_p)
+
+
+class TypicalP:
+    """Locally typical sampling (Meister et al., 2023): keep the tokens whose surprisal is closest to
+    the distribution's entropy, until their probability reaches ``mass``."""
+
+    def __init__(self, mass: float) -> None:
+        if not 0.0 < mass <= 1.0:
+            raise LmlabError(f"--typical-p is {mass}: expected a number in (0, 1]")
+        self.mass = mass
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        logprobs = scores.log_softmax(dim=-1)
+        probs = logprobs.exp()
+        entropy = -(probs * logprobs).nan_to_num().sum(-1, keepdim=True)
+        distance = (-logprobs - entropy).abs()  # how far each token's surprisal is from typical
+        sorted_distance, order = torch.sort(distance, dim=-1)
+        sorted_probs = probs.gather(-1, order)
+        # keep the typical set: tokens before the one where the running mass first reaches `mass`
+        drop_sorted = (sorted_probs.cumsum(-1) - sorted_probs) >= self.mass
+        return _remove(scores, drop_sorted.scatter(-1, order, drop_sorted))

@@ -92,8 +92,12 @@ class KVCache:
 
     def select(self, rows: Tensor) -> None:
         """Keep the batch rows ``rows`` (in that order), as beam search reorders its hypotheses."""
-        self.k = [k.index_select(0, rows) for k in self.k]
-        self.v = [v.index_select(0, rows) for v in self.v]
+        if len(rows) == self.k[0].shape[0]:  # same batch size: reorder in place, the buffers stay put
+            for buffer in (*self.k, *self.v):
+                buffer.copy_(buffer.index_select(0, rows))
+        else:
+            self.k = [k.index_select(0, rows) for k in self.k]
+            self.v = [v.index_select(0, rows) for v in self.v]
 
 
 # -- attention and MLP --------------------------------------------------------------------------
