@@ -28,7 +28,8 @@ from typing import Any
 
 from lmlab.errors import LmlabError
 
-ARCHS = ("decoder",)
+ARCHS = ("decoder", "encoder")
+NORM_PLACEMENTS = ("pre", "post")
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu")
 POSITIONS = ("learned", "rope")
@@ -56,6 +57,12 @@ class ModelConfig:
     tie_embeddings: bool = True
     dropout: float = 0.0
     init_std: float = 0.02
+    # encoder (BERT style) parts; a decoder leaves them off
+    type_vocab_size: int = 0  # segment (token type) embeddings: 2 for BERT's sentence A/B, 0 for none
+    norm_placement: str = "pre"  # "pre": x + f(norm(x)) (GPT-2, LLaMA); "post": norm(x + f(x)) (BERT, the 2017 Transformer)
+    embedding_norm: bool = False  # a norm right after the embeddings (BERT)
+    pooler: bool = False  # BERT's pooler: tanh(W·h_[CLS] + b), the sentence vector NSP and classifiers read
+    nsp_head: bool = False  # a next-sentence-prediction head on the pooled vector (BERT pretraining)
     name: str = ""  # the preset this came from, for humans only; nothing switches on it
 
     def __post_init__(self) -> None:
@@ -75,7 +82,9 @@ class ModelConfig:
             value = getattr(self, field_name)
             return LmlabError(f"model config field '{field_name}' is {value!r}: expected {expected}")
 
-        for field_name, choices in (("arch", ARCHS), ("norm", NORMS), ("mlp", MLPS), ("position", POSITIONS)):
+        for field_name, choices in (
+            ("arch", ARCHS), ("norm", NORMS), ("mlp", MLPS), ("position", POSITIONS), ("norm_placement", NORM_PLACEMENTS)
+        ):
             if getattr(self, field_name) not in choices:
                 raise bad(field_name, "one of " + ", ".join(choices))
         for field_name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "n_kv_heads", "intermediate_size"):
@@ -90,6 +99,10 @@ class ModelConfig:
             raise bad("n_embd", "n_embd / n_head even, as RoPE rotates pairs of dimensions")
         if not 0.0 <= self.dropout < 1.0:
             raise bad("dropout", "a number in [0, 1)")
+        if not isinstance(self.type_vocab_size, int) or self.type_vocab_size < 0:
+            raise bad("type_vocab_size", "0 (no segments) or a positive integer")
+        if self.nsp_head and not self.pooler:
+            raise bad("nsp_head", "False unless pooler is True (NSP reads the pooled vector)")
 
     @property
     def head_dim(self) -> int:
@@ -99,15 +112,20 @@ class ModelConfig:
 
     def num_params(self, include_embeddings: bool = True) -> int:
         """Parameter count, computed from the config alone (equal to the built model's)."""
-        d, L, h = self.n_embd, self.n_layer, self.intermediate_size
+        d, L, h, V = self.n_embd, self.n_layer, self.intermediate_size, self.vocab_size
         kv = self.n_kv_heads * self.head_dim
         b = 1 if self.bias else 0
         attn = d * (d + 2 * kv) + b * (d + 2 * kv) + d * d + b * d
         mlp = (3 * d * h if self.mlp == "swiglu" else 2 * d * h) + b * (h + d if self.mlp == "gelu" else 0)
         norm = d + b * d  # weight (+ bias for LayerNorm with bias)
-        total = L * (attn + mlp + 2 * norm) + norm  # + final norm
-        embeddings = self.vocab_size * d + (self.block_size * d if self.position == "learned" else 0)
-        head = 0 if self.tie_embeddings else self.vocab_size * d
+        total = L * (attn + mlp + 2 * norm) + (norm if self.norm_placement == "pre" else 0)  # + final norm (pre-norm)
+        total += norm if self.embedding_norm else 0
+        total += d * d + b * d if self.pooler else 0
+        if self.arch == "encoder":
+            total += d * d + b * d + norm + b * V  # MLM head: dense + norm before the (tied) vocabulary projection, its bias
+        total += 2 * d + 2 if self.nsp_head else 0
+        embeddings = V * d + (self.block_size * d if self.position == "learned" else 0) + self.type_vocab_size * d
+        head = 0 if self.tie_embeddings else V * d
         if include_embeddings:
             return total + embeddings + head
         return total + head
@@ -174,6 +192,13 @@ def write_json_atomic(path: Path, data: Any) -> None:
 _GPT2 = dict(norm="layernorm", mlp="gelu", position="learned", bias=True, tie_embeddings=True, vocab_size=50257)
 _LLAMA = dict(norm="rmsnorm", mlp="swiglu", position="rope", bias=False, tie_embeddings=False, vocab_size=32000, norm_eps=1e-5)
 
+# BERT (Devlin et al., 2019): post-norm, exact GELU, segments, an embedding LayerNorm, pooler + NSP head
+_BERT = dict(
+    arch="encoder", norm="layernorm", norm_eps=1e-12, mlp="gelu", gelu_approximate="none", position="learned", bias=True,
+    tie_embeddings=True, vocab_size=30522, type_vocab_size=2, norm_placement="post", embedding_norm=True, pooler=True,
+    nsp_head=True, dropout=0.1,
+)
+
 PRESETS: dict[str, dict[str, Any]] = {
     # tests and demos: seconds on a laptop CPU
     "gpt2-tiny": dict(_GPT2, n_layer=2, n_head=2, n_embd=64, block_size=128),
@@ -187,6 +212,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     "llama-mini": dict(_LLAMA, n_layer=4, n_head=4, n_kv_heads=2, n_embd=128, intermediate_size=352, block_size=256),
     # TinyLlama-1.1B's shape (Zhang et al., 2024)
     "llama-1b": dict(_LLAMA, n_layer=22, n_head=32, n_kv_heads=4, n_embd=2048, intermediate_size=5632, block_size=2048),
+    # BERT encoders: tiny/mini/small are Turc et al. (2019)'s compact BERTs, base the original
+    "bert-tiny": dict(_BERT, n_layer=2, n_head=2, n_embd=128, block_size=128),
+    "bert-mini": dict(_BERT, n_layer=4, n_head=4, n_embd=256, block_size=512),
+    "bert-small": dict(_BERT, n_layer=4, n_head=8, n_embd=512, block_size=512),
+    "bert-base": dict(_BERT, n_layer=12, n_head=12, n_embd=768, block_size=512),
 }
 
 

@@ -282,6 +282,10 @@ class Tokenizer:
             backend = tokenizers.Tokenizer.from_file(str(file))
         except Exception as err:  # the Rust side raises a bare Exception for every parse error
             raise LmlabError(f"{file}: not a valid tokenizer.json ({err})") from None
+        # Some HF folders save padding/truncation settings in tokenizer.json (all-MiniLM-L6-v2 pads
+        # every text to 128 tokens); transformers ignores them unless a call asks, and so does lmlab.
+        backend.no_padding()
+        backend.no_truncation()
 
         roles: dict[str, str | None] = dict(_infer_roles(backend))
         config: dict[str, Any] = {}

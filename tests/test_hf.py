@@ -156,8 +156,10 @@ def test_config_no_hf_family_expresses_raises(overrides, field):
 
 
 def test_unsupported_hf_config_raises():
-    with pytest.raises(LmlabError, match="'bert'.*gpt2, llama"):
-        config_from_hf(transformers.BertConfig())
+    with pytest.raises(LmlabError, match="'roberta'.*gpt2, llama, bert"):
+        config_from_hf(transformers.RobertaConfig())
+    with pytest.raises(LmlabError, match="position_embedding_type"):
+        config_from_hf(transformers.BertConfig(position_embedding_type="relative_key"))
     scaled = transformers.LlamaConfig(
         vocab_size=VOCAB, hidden_size=64, num_attention_heads=4, rope_parameters={"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0}
     )

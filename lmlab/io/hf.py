@@ -1,4 +1,4 @@
-"""Weights and configs between lmlab and HF Transformers, both ways, for the GPT-2 and LLaMA families.
+"""Weights and configs between lmlab and HF Transformers, both ways, for the GPT-2, LLaMA and BERT families.
 
 The two sides hold the same numbers in different places::
 
@@ -14,6 +14,20 @@ The two sides hold the same numbers in different places::
     norm_f                         transformer.ln_f                    model.norm
     lm_head                        lm_head                             lm_head
 
+BERT (``BertForPreTraining``; a bare ``BertModel`` drops the ``bert.`` prefix and the ``cls.`` heads)::
+
+    tok_emb / pos_emb / seg_emb    bert.embeddings.{word,position,token_type}_embeddings
+    emb_norm                       bert.embeddings.LayerNorm
+    blocks.{i}.attn.qkv  [q|k|v]   bert.encoder.layer.{i}.attention.self.{query,key,value}
+    blocks.{i}.attn.proj           bert.encoder.layer.{i}.attention.output.dense
+    blocks.{i}.norm_1 (post-norm)  bert.encoder.layer.{i}.attention.output.LayerNorm
+    blocks.{i}.mlp.fc / mlp.proj   bert.encoder.layer.{i}.intermediate.dense / output.dense
+    blocks.{i}.norm_2 (post-norm)  bert.encoder.layer.{i}.output.LayerNorm
+    pooler                         bert.pooler.dense
+    mlm_dense / mlm_norm           cls.predictions.transform.dense / .LayerNorm
+    lm_head (tied) + bias          cls.predictions.decoder (tied) + cls.predictions.bias
+    nsp_head                       cls.seq_relationship
+
 (ᵀ): HF GPT-2 stores these in ``Conv1D`` layers, whose weight is (in, out) — the transpose of
 ``nn.Linear``'s (out, in). lmlab's fused ``qkv`` and SwiGLU ``fc`` split along their output rows
 into LLaMA's separate projections. Every mapping is exact: a round trip gives back the same tensors,
@@ -25,20 +39,23 @@ inside the functions that need it.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from lmlab.config import ModelConfig
 from lmlab.errors import LmlabError
-from lmlab.model.decoder import DecoderLM
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # pragma: no cover
     import transformers
 
-SUPPORTED_MODEL_TYPES = ("gpt2", "llama")
+SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "bert")
 
 # HF GPT-2 activation names → lmlab's ``gelu_approximate``. "gelu_new" is what GPT-2 checkpoints
 # use (the tanh approximation written out by hand); "gelu_pytorch_tanh" is the same function as
@@ -47,7 +64,11 @@ _GPT2_ACTIVATIONS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "n
 
 # Tensors an HF state dict may hold that are not weights: causal-mask and RoPE buffers kept by
 # some versions of transformers. They are rebuilt from the config, so importing ignores them.
-_HF_BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq", "rotary_emb.original_inv_freq")
+_HF_BUFFER_SUFFIXES = (
+    ".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq", "rotary_emb.original_inv_freq", "embeddings.position_ids",
+)
+# BERT's output layer is tied twice over: decoder.weight is the word embedding, decoder.bias is cls.predictions.bias
+_BERT_TIED = ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias")
 
 
 def _transformers() -> Any:
@@ -68,6 +89,18 @@ def _family(config: ModelConfig) -> str:
             f"needs {expected}; no supported HF family ({', '.join(SUPPORTED_MODEL_TYPES)}) expresses this config exactly"
         )
 
+    if config.arch == "encoder":
+        for field_name, expected in (
+            ("norm", "layernorm"), ("mlp", "gelu"), ("bias", True), ("position", "learned"), ("norm_placement", "post"),
+            ("embedding_norm", True), ("tie_embeddings", True),
+        ):
+            if getattr(config, field_name) != expected:
+                raise cannot(field_name, "bert", repr(expected))
+        if config.n_kv_heads != config.n_head:
+            raise cannot("n_kv_heads", "bert", f"n_kv_heads == n_head ({config.n_head})")
+        return "bert"
+    if config.norm_placement != "pre":
+        raise cannot("norm_placement", "gpt2/llama", "'pre'")
     if config.position == "learned":
         for field_name, expected in (("norm", "layernorm"), ("mlp", "gelu"), ("bias", True)):
             if getattr(config, field_name) != expected:
@@ -96,6 +129,23 @@ def hf_config_from(config: ModelConfig) -> "transformers.PretrainedConfig":
     def token_id(default: int) -> int | None:
         return default if default < config.vocab_size else None
 
+    if family == "bert":
+        return tf.BertConfig(
+            vocab_size=config.vocab_size,
+            hidden_size=config.n_embd,
+            num_hidden_layers=config.n_layer,
+            num_attention_heads=config.n_head,
+            intermediate_size=config.intermediate_size,
+            hidden_act="gelu" if config.gelu_approximate == "none" else "gelu_pytorch_tanh",
+            hidden_dropout_prob=config.dropout,
+            attention_probs_dropout_prob=config.dropout,
+            max_position_embeddings=config.block_size,
+            type_vocab_size=max(config.type_vocab_size, 1),
+            initializer_range=config.init_std,
+            layer_norm_eps=config.norm_eps,
+            tie_word_embeddings=True,
+            pad_token_id=0,
+        )
     if family == "gpt2":
         return tf.GPT2Config(
             vocab_size=config.vocab_size,
@@ -151,6 +201,37 @@ def config_from_hf(hf_config: Any) -> ModelConfig:
         value = getattr(hf_config, field_name, None)
         return LmlabError(f"HF {model_type} config field '{field_name}' is {value!r}: lmlab supports only {expected}")
 
+    if model_type == "bert":
+        activation = hf_config.hidden_act
+        if activation not in ("gelu", "gelu_pytorch_tanh", "gelu_new"):
+            raise unsupported("hidden_act", "gelu, gelu_new or gelu_pytorch_tanh")
+        if getattr(hf_config, "position_embedding_type", "absolute") != "absolute":
+            raise unsupported("position_embedding_type", "'absolute'")
+        if hf_config.hidden_dropout_prob != hf_config.attention_probs_dropout_prob:
+            raise LmlabError("HF bert config has different hidden and attention dropouts: lmlab has one 'dropout' for both")
+        return ModelConfig(
+            arch="encoder",
+            vocab_size=hf_config.vocab_size,
+            block_size=hf_config.max_position_embeddings,
+            n_layer=hf_config.num_hidden_layers,
+            n_head=hf_config.num_attention_heads,
+            n_embd=hf_config.hidden_size,
+            intermediate_size=hf_config.intermediate_size,
+            norm="layernorm",
+            norm_eps=hf_config.layer_norm_eps,
+            mlp="gelu",
+            gelu_approximate="none" if activation == "gelu" else "tanh",
+            position="learned",
+            bias=True,
+            tie_embeddings=True,
+            dropout=float(hf_config.hidden_dropout_prob),
+            init_std=hf_config.initializer_range,
+            type_vocab_size=hf_config.type_vocab_size,
+            norm_placement="post",
+            embedding_norm=True,
+            pooler=True,
+            nsp_head=True,
+        )
     if model_type == "gpt2":
         activation = hf_config.activation_function
         if activation not in _GPT2_ACTIVATIONS:
@@ -250,6 +331,8 @@ def _rules(config: ModelConfig) -> list[_Rule]:
     """The exact mapping for ``config``: every lmlab tensor but a tied ``lm_head.weight``, in ``DecoderLM.state_dict()`` order."""
     family = _family(config)
     rules: list[_Rule] = []
+    if family == "bert":
+        return _bert_rules(config)
     if family == "gpt2":
         rules += [_Rule("tok_emb.weight", ("transformer.wte.weight",)), _Rule("pos_emb.weight", ("transformer.wpe.weight",))]
         for i in range(config.n_layer):
@@ -289,6 +372,38 @@ def _rules(config: ModelConfig) -> list[_Rule]:
         rules.append(_Rule("norm_f.weight", ("model.norm.weight",)))
     if not config.tie_embeddings:
         rules.append(_Rule("lm_head.weight", ("lm_head.weight",)))
+    return rules
+
+
+def _bert_rules(config: ModelConfig) -> list[_Rule]:
+    """BERT (``BertForPreTraining`` names): a backbone under ``bert.``, the MLM and NSP heads under ``cls.``."""
+    d = config.n_embd
+
+    def linear(ours: str, theirs: str) -> list[_Rule]:
+        return [_Rule(f"{ours}.{kind}", (f"{theirs}.{kind}",)) for kind in ("weight", "bias")]
+
+    e = "bert.embeddings."
+    rules = [_Rule("tok_emb.weight", (e + "word_embeddings.weight",)), _Rule("pos_emb.weight", (e + "position_embeddings.weight",))]
+    if config.type_vocab_size:
+        rules.append(_Rule("seg_emb.weight", (e + "token_type_embeddings.weight",)))
+    rules += linear("emb_norm", e + "LayerNorm")
+    for i in range(config.n_layer):
+        ours, theirs = f"blocks.{i}.", f"bert.encoder.layer.{i}."
+        for kind in ("weight", "bias"):
+            qkv = tuple(f"{theirs}attention.self.{p}.{kind}" for p in ("query", "key", "value"))
+            rules.append(_Rule(f"{ours}attn.qkv.{kind}", qkv, sizes=(d, d, d)))
+        rules += linear(ours + "attn.proj", theirs + "attention.output.dense")
+        rules += linear(ours + "norm_1", theirs + "attention.output.LayerNorm")
+        rules += linear(ours + "mlp.fc", theirs + "intermediate.dense")
+        rules += linear(ours + "mlp.proj", theirs + "output.dense")
+        rules += linear(ours + "norm_2", theirs + "output.LayerNorm")
+    if config.pooler:
+        rules += linear("pooler", "bert.pooler.dense")
+    rules += linear("mlm_dense", "cls.predictions.transform.dense")
+    rules += linear("mlm_norm", "cls.predictions.transform.LayerNorm")
+    rules.append(_Rule("lm_head.bias", ("cls.predictions.bias",)))
+    if config.nsp_head:
+        rules += linear("nsp_head", "cls.seq_relationship")
     return rules
 
 
@@ -339,12 +454,16 @@ def state_dict_from_hf(hf_state_dict: dict[str, Tensor], config: ModelConfig) ->
     """
     rules = _rules(config)
     family = _family(config)
-    prefix = "transformer." if family == "gpt2" else "model."
-    sd = {k: v for k, v in hf_state_dict.items() if not k.endswith(_HF_BUFFER_SUFFIXES)}
-    if not any(k.startswith(prefix) for k in sd):  # a bare GPT2Model / LlamaModel checkpoint
-        sd = {(k if k == "lm_head.weight" else prefix + k): v for k, v in sd.items()}
+    prefix = {"gpt2": "transformer.", "llama": "model.", "bert": "bert."}[family]
+    sd = {k: v for k, v in hf_state_dict.items() if not k.endswith(_HF_BUFFER_SUFFIXES) and k not in _BERT_TIED}
+    if not any(k.startswith(prefix) for k in sd):  # a bare GPT2Model / LlamaModel / BertModel checkpoint
+        sd = {(k if k == "lm_head.weight" or k.startswith("cls.") else prefix + k): v for k, v in sd.items()}
     if config.tie_embeddings:
         sd.pop("lm_head.weight", None)
+    if family == "bert" and not any(k.startswith("cls.") for k in sd):
+        # a bare BertModel (sentence-transformers folders, MiniLM): the backbone only; the MLM head
+        # keeps its fresh initialisation and the caller says so
+        rules = [r for r in rules if not r.hf[0].startswith("cls.")]
     _check_keys(set(sd), {name for r in rules for name in r.hf}, f"HF {family} state dict")
     out: dict[str, Tensor] = {}
     for rule in rules:
@@ -364,14 +483,27 @@ def _check_rows(t: Tensor, rule: _Rule) -> None:
 # -- models -------------------------------------------------------------------------------------
 
 
-def to_hf_model(model: DecoderLM) -> "transformers.PreTrainedModel":
-    """A ``GPT2LMHeadModel`` or ``LlamaForCausalLM`` with ``model``'s weights: fp32, eval mode, SDPA attention, same device."""
+def _hf_class(tf: Any, config: ModelConfig) -> Any:
+    if config.arch != "encoder":
+        return tf.AutoModelForCausalLM
+    if config.nsp_head:
+        return tf.BertForPreTraining
+    if config.pooler:
+        raise LmlabError("an encoder with a pooler but no NSP head has no HF class that holds both its heads; export needs nsp_head or no pooler")
+    return tf.BertForMaskedLM
+
+
+def to_hf_model(model: nn.Module) -> "transformers.PreTrainedModel":
+    """The HF model with ``model``'s weights — ``GPT2LMHeadModel``, ``LlamaForCausalLM``, or for a BERT
+    encoder ``BertForPreTraining`` (with an NSP head) / ``BertForMaskedLM`` — fp32, eval mode, SDPA, same device."""
     tf = _transformers()
     config: ModelConfig = model.config
     hf_config = hf_config_from(config)
-    hf_model = tf.AutoModelForCausalLM.from_config(hf_config, attn_implementation="sdpa").float()
+    cls = _hf_class(tf, config)
+    build = getattr(cls, "from_config", None) or cls._from_config  # Auto classes, or a concrete class
+    hf_model = build(hf_config, attn_implementation="sdpa").float()
     result = hf_model.load_state_dict(state_dict_to_hf(model.state_dict(), config), strict=False)
-    tied = {"lm_head.weight"} if config.tie_embeddings else set()
+    tied = set(_BERT_TIED) if config.arch == "encoder" else {"lm_head.weight"} if config.tie_embeddings else set()
     missing = [k for k in result.missing_keys if k not in tied and not k.endswith(_HF_BUFFER_SUFFIXES)]
     if missing or result.unexpected_keys:
         raise LmlabError(
@@ -382,22 +514,44 @@ def to_hf_model(model: DecoderLM) -> "transformers.PreTrainedModel":
     return hf_model.to(model.tok_emb.weight.device).eval()
 
 
-def from_hf_model(hf_model: Any) -> DecoderLM:
-    """A ``DecoderLM`` (fp32, eval mode, on ``hf_model``'s device) with an HF GPT-2 or LLaMA model's weights."""
+def from_hf_model(hf_model: Any) -> nn.Module:
+    """The lmlab model (fp32, eval mode, on ``hf_model``'s device) with an HF GPT-2, LLaMA or BERT model's weights.
+
+    A BERT model keeps the heads it has: the pooler and NSP head come along when present; a bare
+    ``BertModel`` gets a freshly initialised MLM head (a warning says so).
+    """
+    from lmlab.model import build_model
+
     config = config_from_hf(hf_model.config)
-    model = DecoderLM(config)
-    model.load_state_dict(state_dict_from_hf(hf_model.state_dict(), config), strict=True)
+    sd = hf_model.state_dict()
+    if config.arch == "encoder":
+        config = dataclasses.replace(
+            config, pooler=any(".pooler." in k or k.startswith("pooler.") for k in sd), nsp_head=any("seq_relationship" in k for k in sd)
+        )
+    model = build_model(config)
+    weights = state_dict_from_hf(sd, config)
+    result = model.load_state_dict(weights, strict=False)
+    fresh = sorted(result.missing_keys)
+    if result.unexpected_keys or any(not k.startswith(("mlm_", "lm_head.bias")) for k in fresh):
+        raise LmlabError(f"loading HF {type(hf_model).__name__} weights: missing {fresh}, unexpected {result.unexpected_keys}")
+    if fresh:
+        logger.warning("HF %s has no MLM head: lmlab's starts freshly initialised (%s)", type(hf_model).__name__, ", ".join(fresh))
     return model.to(hf_model.device).eval()
 
 
+def _hf_logits(output: Any) -> Tensor:
+    logits = getattr(output, "logits", None)
+    return output.prediction_logits if logits is None else logits
+
+
 @torch.no_grad()
-def max_logit_diff(model: DecoderLM, hf_model: Any, input_ids: Tensor) -> float:
+def max_logit_diff(model: nn.Module, hf_model: Any, input_ids: Tensor) -> float:
     """max |lmlab logits − HF logits| over a batch of token ids (B, T), both in fp32 and eval mode."""
     modes = model.training, hf_model.training
     model.eval(), hf_model.eval()
     try:
         ours = model(input_ids).float()
-        theirs = hf_model(input_ids=input_ids).logits.float()
+        theirs = _hf_logits(hf_model(input_ids=input_ids)).float()
     finally:
         model.train(modes[0]), hf_model.train(modes[1])
     if ours.shape != theirs.shape:

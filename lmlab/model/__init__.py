@@ -7,12 +7,13 @@ from torch import nn
 from lmlab.config import ModelConfig
 from lmlab.model.blocks import KVCache
 from lmlab.model.decoder import DecoderLM
+from lmlab.model.encoder import EncoderLM
 
-MODEL_CLASSES: dict[str, type[nn.Module]] = {"decoder": DecoderLM}
+MODEL_CLASSES: dict[str, type[nn.Module]] = {"decoder": DecoderLM, "encoder": EncoderLM}
 
 
 def build_model(config: ModelConfig) -> nn.Module:
     return MODEL_CLASSES[config.arch](config)
 
 
-__all__ = ["DecoderLM", "KVCache", "ModelConfig", "build_model"]
+__all__ = ["DecoderLM", "EncoderLM", "KVCache", "ModelConfig", "build_model"]

@@ -174,10 +174,12 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """A pre-norm Transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """A Transformer block. Pre-norm (GPT-2, LLaMA): x + attn(norm(x)), then x + mlp(norm(x)).
+    Post-norm (BERT, Vaswani et al. 2017): norm(x + attn(x)), then norm(x + mlp(x))."""
 
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
+        self.post_norm = config.norm_placement == "post"
         self.norm_1 = make_norm(config)
         self.attn = Attention(config, layer_idx)
         self.norm_2 = make_norm(config)
@@ -185,6 +187,9 @@ class Block(nn.Module):
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor, rope, mask, is_causal, kv_cache=None, input_pos=None, cache_len=None) -> Tensor:
+        if self.post_norm:
+            x = self.norm_1(x + self.drop(self.attn(x, rope, mask, is_causal, kv_cache, input_pos, cache_len)))
+            return self.norm_2(x + self.drop(self.mlp(x)))
         x = x + self.drop(self.attn(self.norm_1(x), rope, mask, is_causal, kv_cache, input_pos, cache_len))
         return x + self.drop(self.mlp(self.norm_2(x)))
 

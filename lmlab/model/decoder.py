@@ -23,7 +23,7 @@ class DecoderLM(nn.Module):
         self.pos_emb = nn.Embedding(config.block_size, config.n_embd) if config.position == "learned" else None
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
-        self.norm_f = make_norm(config)
+        self.norm_f = make_norm(config) if config.norm_placement == "pre" else nn.Identity()  # post-norm ends normed
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.tie_weights()
         if config.position == "rope":
