@@ -95,8 +95,14 @@ class LM:
                 return candidate
         return 0
 
+    def _need_decoder(self) -> None:
+        arch = self.model.config.arch
+        if arch != "decoder":
+            raise LmlabError(f"{self.path or 'this model'} is an {arch} (BERT style): it reads text but does not generate or score it left to right; use a decoder checkpoint")
+
     def _encode_prompts(self, prompts: Sequence[str], config: GenerationConfig) -> tuple[list[list[int]], int]:
         """Token ids of the prompts (cut from the left to fit the context window) and the tokens to generate."""
+        self._need_decoder()
         for i, p in enumerate(prompts):
             if not isinstance(p, str):
                 raise LmlabError(f"prompt {i} is {type(p).__name__}: expected a string")
@@ -323,6 +329,7 @@ class LM:
         continuation every token of ``text`` after the first is scored (all of them when the
         tokenizer has a beginning-of-text token, which is put in front). A list of texts gives a list.
         """
+        self._need_decoder()
         if not isinstance(text, str):
             if continuation is not None and not isinstance(continuation, (list, tuple)):
                 raise LmlabError("score: with a list of texts, give a list of continuations (or none)")

@@ -80,13 +80,13 @@ def build_parser() -> ArgumentParser:
     pretrain.add_argument("--model", default="gpt2-tiny", help=f"model preset: {', '.join(PRESETS)} (default: gpt2-tiny)")
     pretrain.add_argument("--data", required=True, help="folder made by `lmlab prepare`")
     pretrain.add_argument("--out", required=True, help="run folder: checkpoints, log.jsonl, loss.png")
-    pretrain.add_argument("--objective", default="clm", help="training objective: clm (causal LM) (default: clm)")
+    pretrain.add_argument("--objective", default="clm", help="training objective: clm (causal LM, decoders), mlm, mlm+nsp or wwm (whole-word mlm) for encoders (default: clm)")
     pretrain.add_argument("--resume", action="store_true", help="continue the latest checkpoint in --out exactly where it stopped")
     pretrain.add_argument("--init-from", type=Optional[str], default=None, help="start from this checkpoint's weights (fresh optimizer)")
     pretrain.add_argument("--dropout", type=Optional[float], default=None, help="override the preset's dropout")
     pretrain.add_argument("--block-size", type=Optional[int], default=None, help="override the preset's context length")
     _add_dataclass_flags(pretrain, TrainConfig)
-    commands.add_subcommand("pretrain", pretrain, help="pretrain a model (causal LM)")
+    commands.add_subcommand("pretrain", pretrain, help="pretrain a model (causal LM, masked LM, next-sentence prediction)")
 
     generate = _parser(
         "Generate text from a checkpoint: greedy, sampling (temperature, top-k, top-p, min-p, typical-p) or beam "

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from lmlab.config import option
 from lmlab.errors import LmlabError
 from lmlab.io.checkpoint import load_train_state, prune_checkpoints, save_checkpoint, step_dir_name
+from lmlab.train.data import hash_position
 from lmlab.train.dist import DistInfo, all_reduce_mean
 from lmlab.train.objectives import Objective, evaluate_loss
 from lmlab.train.optim import SCHEDULES, lr_at, make_optimizer
@@ -135,6 +136,15 @@ def _tensorboard(out_dir: Path, enabled: bool):
     return SummaryWriter(log_dir=str(out_dir / "tensorboard"))
 
 
+def _batch_generator(*position: int) -> torch.Generator:
+    """The random stream an objective draws a batch's masks from: a pure function of its position."""
+    return torch.Generator().manual_seed(hash_position(0x6D61736B, *(p & 0x7FFFFFFF for p in position)))
+
+
+def _to(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
 def train_loop(
     model: nn.Module,
     objective: Objective,
@@ -180,7 +190,8 @@ def train_loop(
 
     log = JsonlLog(out_dir / "log.jsonl", dist.is_main, start_step if resume_from is not None else None)
     tb = _tensorboard(out_dir, cfg.tensorboard and dist.is_main)
-    valid = [objective.batch(t.to(device)) for t in valid_batches]
+    # masks and pairs (mlm, nsp) are drawn from a generator seeded by the batch's position, like the windows
+    valid = [_to(objective.batch(t, _batch_generator(cfg.seed, -1, 0, i)), device) for i, t in enumerate(valid_batches)]
     tokens_per_step = cfg.micro_batch_size * cfg.grad_accum_steps * (cfg.seq_len or 0) * dist.world_size
     history: list[dict[str, Any]] = []
     last_good: Path | None = resume_from
@@ -206,7 +217,7 @@ def train_loop(
         for group in optimizer.param_groups:
             group["lr"] = lr
         for micro in range(cfg.grad_accum_steps):
-            batch = objective.batch(train_batches(step, micro).to(device, non_blocking=True))
+            batch = _to(objective.batch(train_batches(step, micro), _batch_generator(cfg.seed, dist.rank, step, micro)), device)
             last_micro = micro == cfg.grad_accum_steps - 1
             sync = model.no_sync() if dist.enabled and not last_micro else contextlib.nullcontext()
             with sync:

@@ -6,7 +6,7 @@ runs; a new objective (mlm, nsp, span, classify, …) is a new class here, not a
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -19,9 +19,11 @@ IGNORE_INDEX = -100  # label value that contributes no loss (padding, prompt tok
 
 class Objective(Protocol):
     name: str
+    arch: str  # the model family it trains: "decoder" or "encoder"
 
-    def batch(self, tokens: Tensor) -> dict[str, Tensor]:
-        """Turn a (B, seq_len + 1) window of packed tokens into model inputs and labels."""
+    def batch(self, tokens: Tensor, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """Turn a (B, seq_len + 1) window of packed tokens into model inputs and labels; any randomness
+        (masks, pairs) comes from ``generator``, which the loop seeds by the batch's position."""
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
         """Mean loss over the batch's labelled tokens (a scalar tensor)."""
@@ -30,9 +32,12 @@ class Objective(Protocol):
 class CausalLM:
     """Autoregressive language modelling: maximise log P(x_t | x_<t), i.e. next-token cross-entropy."""
 
-    name = "clm"
+    name, arch = "clm", "decoder"
 
-    def batch(self, tokens: Tensor) -> dict[str, Tensor]:
+    def __init__(self, tokenizer=None) -> None:
+        pass
+
+    def batch(self, tokens: Tensor, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         return {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}  # targets: the input shifted by one
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
@@ -41,13 +46,117 @@ class CausalLM:
         return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
 
 
-OBJECTIVES: dict[str, type] = {"clm": CausalLM}
+class MaskedLM:
+    """BERT's masked language model (Devlin et al., 2019), optionally with next-sentence prediction.
+
+    Each window becomes ``[CLS] x [SEP]`` (or, with NSP, ``[CLS] A [SEP] B [SEP]`` where B follows A
+    in half the rows and comes from another window in the rest, label 1). ``mask_prob`` of the
+    non-special tokens are chosen — whole words with ``whole_word`` — and of those 80% become
+    ``[MASK]``, 10% a random token and 10% stay, so the model cannot rely on seeing ``[MASK]``. The
+    loss is cross-entropy on the chosen tokens only (plus the NSP cross-entropy). Masks are drawn
+    anew for every batch (dynamic masking, as RoBERTa), from the loop's seeded generator.
+    """
+
+    arch = "encoder"
+
+    def __init__(self, tokenizer, *, nsp: bool = False, mask_prob: float = 0.15, whole_word: bool = False) -> None:
+        if tokenizer is None:
+            raise LmlabError("the mlm objective needs the tokenizer (its [MASK], [CLS] and [SEP] tokens)")
+        for role in ("mask", "bos", "eos"):
+            if getattr(tokenizer, f"{role}_id") is None:
+                raise LmlabError(
+                    f"--objective mlm needs a tokenizer with a {role} token ([MASK], [CLS], [SEP]); "
+                    "train one with `lmlab tokenizer train --kind wordpiece`"
+                )
+        if not 0.0 < mask_prob < 1.0:
+            raise LmlabError(f"mask_prob is {mask_prob}: expected a number in (0, 1)")
+        self.name = "mlm+nsp" if nsp else "mlm"
+        self.nsp, self.mask_prob, self.whole_word = nsp, mask_prob, whole_word
+        self.mask_id, self.cls_id, self.sep_id = tokenizer.mask_id, tokenizer.bos_id, tokenizer.eos_id
+        self.vocab_size = tokenizer.vocab_size
+        special = {tokenizer.token_to_id(t) for t in tokenizer.backend.get_added_tokens_decoder().values() for t in [t.content]}
+        self.special = torch.zeros(self.vocab_size, dtype=torch.bool)
+        self.special[sorted(i for i in special if i is not None)] = True
+        # a token continues a word when WordPiece marks it "##" (byte-level BPE: when it lacks the "Ġ" space)
+        vocab = tokenizer.backend.get_vocab()
+        byte_level = any(t.startswith("Ġ") for t in vocab)
+        self.continues = torch.zeros(self.vocab_size, dtype=torch.bool)
+        for token, i in vocab.items():
+            if i < self.vocab_size and not self.special[i]:
+                self.continues[i] = token.startswith("##") or (byte_level and not token.startswith("Ġ"))
+
+    def _pairs(self, x: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor, Tensor]:
+        """[CLS] A [SEP] B [SEP] rows, their segment ids, and NSP labels (0: B follows A, 1: random)."""
+        B, T = x.shape
+        budget = T - 3
+        ids = torch.empty(B, T, dtype=x.dtype)
+        types = torch.zeros(B, T, dtype=torch.long)
+        cut = torch.randint(1, budget, (B,), generator=generator).tolist()
+        random_next = torch.rand(B, generator=generator) < 0.5
+        others = torch.roll(x, shifts=1, dims=0)  # another random window of the corpus
+        for row in range(B):
+            a = cut[row]
+            first, second = x[row, :a], (others[row] if random_next[row] and B > 1 else x[row])[a:budget]
+            ids[row] = torch.cat([x.new_tensor([self.cls_id]), first, x.new_tensor([self.sep_id]), second, x.new_tensor([self.sep_id])])
+            types[row, a + 2 :] = 1
+        return ids, types, (random_next & (B > 1)).long()
+
+    def batch(self, tokens: Tensor, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        x = tokens[:, :-1].long()
+        B, T = x.shape
+        out: dict[str, Tensor] = {}
+        if self.nsp:
+            ids, types, out["nsp_labels"] = self._pairs(x, generator)
+            out["token_type_ids"] = types
+        else:
+            cls = x.new_full((B, 1), self.cls_id)
+            sep = x.new_full((B, 1), self.sep_id)
+            ids = torch.cat([cls, x[:, : T - 2], sep], dim=1)
+        maskable = ~self.special[ids]
+        draw = torch.rand(ids.shape, generator=generator)
+        if self.whole_word:  # a word is chosen as one: every token reads its first token's draw
+            starts = ~self.continues[ids]
+            first = torch.where(starts, torch.arange(T).expand(B, T), torch.zeros_like(ids)).cummax(dim=1).values
+            draw = draw.gather(1, first)
+        chosen = maskable & (draw < self.mask_prob)
+        labels = torch.where(chosen, ids, torch.full_like(ids, IGNORE_INDEX))
+        how = torch.rand(ids.shape, generator=generator)
+        random_tokens = torch.randint(0, self.vocab_size, ids.shape, generator=generator)
+        random_tokens = torch.where(self.special[random_tokens], ids, random_tokens)  # never a special token
+        inputs = torch.where(chosen & (how < 0.8), torch.full_like(ids, self.mask_id), ids)
+        inputs = torch.where(chosen & (how >= 0.8) & (how < 0.9), random_tokens, inputs)
+        out.update(input_ids=inputs, labels=labels)
+        return out
+
+    def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        hidden = model.encode(batch["input_ids"], batch.get("token_type_ids"))
+        chosen = batch["labels"] != IGNORE_INDEX
+        logits = model.mlm_logits(hidden[chosen])  # only the chosen positions: the vocabulary matmul is the big one
+        loss = F.cross_entropy(logits.float(), batch["labels"][chosen]) if logits.shape[0] else hidden.sum() * 0.0
+        if self.nsp:
+            loss = loss + F.cross_entropy(model.nsp_logits(hidden).float(), batch["nsp_labels"])
+        return loss
 
 
-def get_objective(name: str) -> Objective:
+OBJECTIVES: dict[str, Any] = {
+    "clm": CausalLM,
+    "mlm": MaskedLM,
+    "mlm+nsp": lambda tokenizer: MaskedLM(tokenizer, nsp=True),
+    "wwm": lambda tokenizer: MaskedLM(tokenizer, whole_word=True),
+}
+
+
+def get_objective(name: str, tokenizer=None, config=None) -> Objective:
+    """The objective called ``name``; with a model ``config``, check that it trains that family."""
     if name not in OBJECTIVES:
         raise LmlabError(f"unknown --objective '{name}'; expected one of {', '.join(OBJECTIVES)}")
-    return OBJECTIVES[name]()
+    objective = OBJECTIVES[name](tokenizer)
+    if config is not None:
+        if config.arch != objective.arch:
+            raise LmlabError(f"--objective {name} trains {objective.arch} models; the model is a {config.arch} ({config.name or 'custom'})")
+        if name == "mlm+nsp" and not config.nsp_head:
+            raise LmlabError(f"--objective mlm+nsp needs a model with an NSP head; {config.name or 'this model'} has none (use mlm)")
+    return objective
 
 
 @torch.no_grad()

@@ -67,6 +67,7 @@ def pretrain(
     if config.vocab_size < tokenizer.vocab_size:
         raise LmlabError(f"model vocab_size {config.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size} (data {data})")
 
+    task = get_objective(objective, tokenizer, config)  # before any work: a wrong pairing is a one-line error
     seq_len = cfg.seq_len or config.block_size
     if seq_len > config.block_size:
         raise LmlabError(f"--seq-len {seq_len} exceeds the model's block_size {config.block_size}")
@@ -97,7 +98,7 @@ def pretrain(
     meta = {"objective": objective, "tokenizer_sha256": tokenizer.sha256, "data": str(data)}
     try:
         return train_loop(
-            net, get_objective(objective), train_batches, valid_batches, cfg, out,
+            net, task, train_batches, valid_batches, cfg, out,
             device=device, dist=info, tokenizer=tokenizer, meta=meta, resume_from=resume_from, desc="pretrain",
         )
     finally:
