@@ -30,21 +30,23 @@ def _parser(description: str) -> ArgumentParser:
     return parser
 
 
-def _add_dataclass_flags(parser: ArgumentParser, cls: type, skip: Sequence[str] = ()) -> None:
-    """One flag per dataclass field: ``max_steps`` → ``--max-steps``, help from the field's metadata."""
+def _add_dataclass_flags(parser: ArgumentParser, cls: type, skip: Sequence[str] = (), defaults: dict | None = None) -> None:
+    """One flag per dataclass field: ``max_steps`` → ``--max-steps``, help from the field's metadata;
+    ``defaults`` replaces some fields' defaults (fine-tuning starts from other values than pretraining)."""
     hints = get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
+        default = defaults[f.name] if defaults and f.name in defaults else f.default
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata.get("help", "")
         if hints[f.name] is bool:
-            if f.default:
+            if default:
                 parser.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false", help=f"do not: {help_text}")
             else:
                 parser.add_argument(flag, dest=f.name, action="store_true", help=help_text)
         else:
-            parser.add_argument(flag, dest=f.name, type=hints[f.name], default=f.default, help=f"{help_text} (default: {f.default})")
+            parser.add_argument(flag, dest=f.name, type=hints[f.name], default=default, help=f"{help_text} (default: {default})")
 
 
 def _input_flags(parser: ArgumentParser) -> None:
@@ -87,6 +89,44 @@ def build_parser() -> ArgumentParser:
     pretrain.add_argument("--block-size", type=Optional[int], default=None, help="override the preset's context length")
     _add_dataclass_flags(pretrain, TrainConfig)
     commands.add_subcommand("pretrain", pretrain, help="pretrain a model (causal LM, masked LM, next-sentence prediction)")
+
+    finetune = _parser(
+        "Fine-tune a checkpoint on a labelled task: classify (text or text pair → label(s)), tag (a label per word) or "
+        "qa (extractive answer spans). The task metric on --valid picks best/ and drives --patience."
+    )
+    finetune.add_argument("checkpoint", help="the pretrained checkpoint (or run folder) to start from")
+    finetune.add_argument("--task", required=True, help="classify, tag or qa")
+    finetune.add_argument("--train", required=True, help="training file: classify .jsonl/.csv/.tsv, tag CoNLL or .jsonl (tokens, tags), qa SQuAD .json")
+    finetune.add_argument("--valid", type=Optional[str], default=None, help="validation file of the same kind (metrics, best checkpoint)")
+    finetune.add_argument("--out", required=True, help="run folder: checkpoints, best/, log.jsonl, loss.png")
+    finetune.add_argument("--max-length", type=int, default=128, help="tokens per example, special tokens included (default: 128)")
+    finetune.add_argument("--text-field", default="text", help="classify: the text field/column (default: text)")
+    finetune.add_argument("--pair-field", type=Optional[str], default=None, help="classify: the second text of a pair (default: none)")
+    finetune.add_argument("--label-field", default="label", help="classify: the label field/column (a name, a list of names, or a number) (default: label)")
+    finetune.add_argument("--class-weights", action="store_true", help="classify: weight classes by inverse frequency (imbalanced data)")
+    finetune.add_argument("--patience", type=Optional[int], default=None, help="stop after this many evaluations without a better validation metric")
+    finetune.add_argument("--resume", action="store_true", help="continue the latest checkpoint in --out exactly where it stopped")
+    from lmlab.train.finetune import FINETUNE_DEFAULTS
+
+    _add_dataclass_flags(finetune, TrainConfig, skip=("seq_len",), defaults=FINETUNE_DEFAULTS)
+    commands.add_subcommand("finetune", finetune, help="fine-tune on classify, tag or qa")
+
+    evaluate = _parser(
+        "Evaluate a checkpoint on a labelled file: the task's metrics with bootstrap 95% confidence intervals, "
+        "calibration for classifiers, per-example predictions; --task lm: a decoder's perplexity on text."
+    )
+    evaluate.add_argument("checkpoint", help="checkpoint folder (or run folder: its best checkpoint)")
+    evaluate.add_argument("--data", required=True, help="the test file (as for finetune; text files for --task lm)")
+    evaluate.add_argument("--task", type=Optional[str], default=None, help="classify, tag, qa or lm (default: the checkpoint's task; lm for a plain decoder)")
+    evaluate.add_argument("--out", type=Optional[str], default=None, help="folder for metrics.json and predictions.jsonl")
+    evaluate.add_argument("--max-length", type=int, default=128, help="tokens per example (default: 128)")
+    evaluate.add_argument("--batch-size", type=int, default=32, help="examples per forward pass (default: 32)")
+    evaluate.add_argument("--n-resamples", type=int, default=1000, help="bootstrap resamples for the confidence intervals (default: 1000)")
+    evaluate.add_argument("--text-field", default="text", help="the text field/column (default: text)")
+    evaluate.add_argument("--pair-field", type=Optional[str], default=None, help="classify: the second text of a pair")
+    evaluate.add_argument("--label-field", default="label", help="classify: the label field/column (default: label)")
+    evaluate.add_argument("--device", default="cpu", help="cpu, cuda (default: cpu)")
+    commands.add_subcommand("evaluate", evaluate, help="task metrics with confidence intervals, or perplexity")
 
     generate = _parser(
         "Generate text from a checkpoint: greedy, sampling (temperature, top-k, top-p, min-p, typical-p) or beam "
@@ -286,6 +326,46 @@ def _write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def cmd_finetune(a) -> int:
+    from lmlab.train.finetune import finetune
+    from lmlab.train.loop import TrainConfig
+
+    train_args = {f.name: getattr(a, f.name) for f in dataclasses.fields(TrainConfig) if f.name != "seq_len"}
+    result = finetune(
+        a.checkpoint, a.task, a.train, a.out, valid=a.valid, max_length=a.max_length, text_field=a.text_field,
+        pair_field=a.pair_field, label_field=a.label_field, class_weights=a.class_weights, patience=a.patience,
+        resume=a.resume, **train_args,
+    )
+    if os.environ.get("RANK", "0") != "0":
+        return 0
+    if result.val_scores:
+        print("lmlab: validation " + ", ".join(f"{k} {v:.4f}" for k, v in result.val_scores.items()) + (" (stopped early)" if result.stopped_early else ""))
+    print(f"lmlab: last checkpoint {result.last_checkpoint}" + (f", best {result.best_checkpoint}" if result.best_checkpoint else ""))
+    return 0
+
+
+def cmd_evaluate(a) -> int:
+    from lmlab.evaluate.runner import evaluate
+
+    if a.batch_size < 1 or a.n_resamples < 1:
+        raise LmlabError("--batch-size and --n-resamples must be positive integers")
+    result = evaluate(
+        a.checkpoint, a.data, task=a.task, out=a.out, max_length=a.max_length, batch_size=a.batch_size,
+        n_resamples=a.n_resamples, device=a.device, text_field=a.text_field, pair_field=a.pair_field, label_field=a.label_field,
+    )
+    skip = {"task", "checkpoint", "data", "ci", "per_class", "confusion_matrix", "calibration", "labels", "per_type"}
+    for name, value in result.items():
+        if name in skip or not isinstance(value, (int, float)):
+            continue
+        ci = result.get("ci", {}).get(name)
+        print(f"{name:>16}: {value:.4f}" + (f"  (95% CI {ci['low']:.4f} – {ci['high']:.4f})" if ci else ""))
+    if "calibration" in result:
+        print(f"{'ECE':>16}: {result['calibration']['ece']:.4f}  (expected calibration error, 10 equal-mass bins)")
+    if a.out:
+        print(f"lmlab: {Path(a.out) / 'metrics.json'}, {Path(a.out) / 'predictions.jsonl'}")
+    return 0
+
+
 def cmd_info(a) -> int:
     from lmlab.config import PRESETS, ModelConfig, preset
     from lmlab.io.checkpoint import resolve_checkpoint
@@ -318,6 +398,8 @@ COMMANDS = {
     "tokenizer": cmd_tokenizer,
     "prepare": cmd_prepare,
     "pretrain": cmd_pretrain,
+    "finetune": cmd_finetune,
+    "evaluate": cmd_evaluate,
     "generate": cmd_generate,
     "info": cmd_info,
     "demo": cmd_demo,

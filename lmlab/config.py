@@ -28,8 +28,10 @@ from typing import Any
 
 from lmlab.errors import LmlabError
 
-ARCHS = ("decoder", "encoder")
+ARCHS = ("decoder", "encoder", "seq2seq")
 NORM_PLACEMENTS = ("pre", "post")
+TASKS = ("", "classify", "tag", "qa")
+PROBLEM_TYPES = ("single", "multi", "regression")
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu")
 POSITIONS = ("learned", "rope")
@@ -63,6 +65,14 @@ class ModelConfig:
     embedding_norm: bool = False  # a norm right after the embeddings (BERT)
     pooler: bool = False  # BERT's pooler: tanh(W·h_[CLS] + b), the sentence vector NSP and classifiers read
     nsp_head: bool = False  # a next-sentence-prediction head on the pooled vector (BERT pretraining)
+    # a fine-tuned task head on top of the backbone ("" = none: the LM / MLM head only)
+    task: str = ""  # "classify" (a label per text), "tag" (a label per token) or "qa" (answer span start/end)
+    num_labels: int = 0  # classify/tag: classes (regression: 1); qa: 2 (start, end)
+    problem_type: str = "single"  # classify: "single" (softmax), "multi" (sigmoid per label) or "regression"
+    labels: list[str] = field(default_factory=list)  # label names, index = class id
+    # encoder–decoder (seq2seq: the 2017 Transformer, T5) parts; n_layer counts the encoder blocks
+    n_decoder_layer: int | None = None  # seq2seq decoder blocks; None: = n_layer
+    decoder_start_token_id: int = 0  # the token the decoder starts from (T5: pad, BART: eos)
     name: str = ""  # the preset this came from, for humans only; nothing switches on it
 
     def __post_init__(self) -> None:
@@ -75,6 +85,8 @@ class ModelConfig:
                 self.intermediate_size = 256 * ((hidden + 255) // 256)
             else:
                 self.intermediate_size = 4 * self.n_embd
+        if self.arch == "seq2seq" and self.n_decoder_layer is None:
+            self.n_decoder_layer = self.n_layer
         self.validate()
 
     def validate(self) -> None:
@@ -101,6 +113,24 @@ class ModelConfig:
             raise bad("dropout", "a number in [0, 1)")
         if not isinstance(self.type_vocab_size, int) or self.type_vocab_size < 0:
             raise bad("type_vocab_size", "0 (no segments) or a positive integer")
+        if self.task not in TASKS:
+            raise bad("task", "one of " + ", ".join(repr(t) for t in TASKS))
+        if self.problem_type not in PROBLEM_TYPES:
+            raise bad("problem_type", "one of " + ", ".join(PROBLEM_TYPES))
+        if self.task and (not isinstance(self.num_labels, int) or self.num_labels < 1):
+            raise bad("num_labels", f"a positive integer for task {self.task!r}")
+        if self.labels and len(self.labels) != self.num_labels:
+            raise bad("labels", f"{self.num_labels} names (num_labels)")
+        if self.n_decoder_layer is not None and (
+            not isinstance(self.n_decoder_layer, int) or isinstance(self.n_decoder_layer, bool) or self.n_decoder_layer < 1
+        ):
+            raise bad("n_decoder_layer", "None (= n_layer) or a positive integer")
+        if not isinstance(self.decoder_start_token_id, int) or not 0 <= self.decoder_start_token_id < self.vocab_size:
+            raise bad("decoder_start_token_id", f"a token id in [0, vocab_size={self.vocab_size})")
+        if self.arch == "seq2seq":  # what the seq2seq model does not build: fail loudly rather than ignore
+            for field_name, off in (("type_vocab_size", 0), ("pooler", False), ("nsp_head", False), ("task", "")):
+                if getattr(self, field_name) != off:
+                    raise bad(field_name, f"{off!r} for arch 'seq2seq' (the encoder–decoder has no segments, pooler or task heads)")
         if self.nsp_head and not self.pooler:
             raise bad("nsp_head", "False unless pooler is True (NSP reads the pooled vector)")
 
@@ -120,11 +150,16 @@ class ModelConfig:
         norm = d + b * d  # weight (+ bias for LayerNorm with bias)
         total = L * (attn + mlp + 2 * norm) + (norm if self.norm_placement == "pre" else 0)  # + final norm (pre-norm)
         total += norm if self.embedding_norm else 0
+        if self.arch == "seq2seq":  # + the decoder: self-attention, cross-attention (same shapes), MLP, 3 norms each
+            total += self.n_decoder_layer * (2 * attn + mlp + 3 * norm) + (norm if self.norm_placement == "pre" else 0)
+            total += norm if self.embedding_norm else 0
         total += d * d + b * d if self.pooler else 0
         if self.arch == "encoder":
             total += d * d + b * d + norm + b * V  # MLM head: dense + norm before the (tied) vocabulary projection, its bias
         total += 2 * d + 2 if self.nsp_head else 0
+        total += d * self.num_labels + self.num_labels if self.task else 0  # the task head: one Linear
         embeddings = V * d + (self.block_size * d if self.position == "learned" else 0) + self.type_vocab_size * d
+        embeddings += self.block_size * d if self.arch == "seq2seq" and self.position == "learned" else 0  # the decoder's own table
         head = 0 if self.tie_embeddings else V * d
         if include_embeddings:
             return total + embeddings + head
@@ -199,6 +234,23 @@ _BERT = dict(
     nsp_head=True, dropout=0.1,
 )
 
+# Encoder–decoders. The blocks have two position schemes, learned and RoPE; neither is the original's:
+# - T5 (Raffel et al., 2020) v1.0 shape: pre-norm RMSNorm, no biases, tied embeddings, d_ff = 4d. T5's
+#   relative position bias is replaced by RoPE (also relative, also free of a length-bound table), and
+#   its ReLU MLP by GELU.
+# - The 2017 Transformer (Vaswani et al.): post-norm LayerNorm with biases, shared source/target/output
+#   embeddings. Sinusoidal positions are replaced by learned ones, which the paper found "nearly
+#   identical" (Table 3, row E), one table each for encoder and decoder; ReLU by exact GELU; no √d
+#   embedding scale.
+_T5 = dict(
+    arch="seq2seq", norm="rmsnorm", norm_eps=1e-6, mlp="gelu", gelu_approximate="none", position="rope", bias=False,
+    tie_embeddings=True, vocab_size=32128, norm_placement="pre", dropout=0.1, decoder_start_token_id=0,
+)
+_TRANSFORMER = dict(
+    arch="seq2seq", norm="layernorm", norm_eps=1e-6, mlp="gelu", gelu_approximate="none", position="learned", bias=True,
+    tie_embeddings=True, vocab_size=37000, norm_placement="post", dropout=0.1, decoder_start_token_id=0,
+)
+
 PRESETS: dict[str, dict[str, Any]] = {
     # tests and demos: seconds on a laptop CPU
     "gpt2-tiny": dict(_GPT2, n_layer=2, n_head=2, n_embd=64, block_size=128),
@@ -217,6 +269,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     "bert-mini": dict(_BERT, n_layer=4, n_head=4, n_embd=256, block_size=512),
     "bert-small": dict(_BERT, n_layer=4, n_head=8, n_embd=512, block_size=512),
     "bert-base": dict(_BERT, n_layer=12, n_head=12, n_embd=768, block_size=512),
+    # encoder–decoders: n_layer encoder + n_decoder_layer decoder blocks
+    "t5-tiny": dict(_T5, n_layer=2, n_decoder_layer=2, n_head=2, n_embd=64, block_size=128),
+    "t5-mini": dict(_T5, n_layer=4, n_decoder_layer=4, n_head=4, n_embd=128, block_size=256),
+    "t5-small": dict(_T5, n_layer=6, n_decoder_layer=6, n_head=8, n_embd=512, intermediate_size=2048, block_size=512),  # ≈ 60M
+    "transformer-base": dict(_TRANSFORMER, n_layer=6, n_decoder_layer=6, n_head=8, n_embd=512, intermediate_size=2048, block_size=512),
 }
 
 

@@ -151,6 +151,41 @@ class Attention(nn.Module):
         return self.proj(y)
 
 
+class CrossAttention(nn.Module):
+    """Encoder–decoder attention (Vaswani et al., 2017, §3.2.3): the decoder's queries attend over the
+    encoder's output ("memory"), softmax(Q_dec·K_memᵀ/√d_k)·V_mem. Keys and values depend on the
+    source alone, so :meth:`memory_kv` computes them once per source and every decoding step reuses
+    them. Separate ``q`` and ``kv`` projections (not one fused matrix): they read different inputs."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.n_head, self.n_kv_heads, self.head_dim = config.n_head, config.n_kv_heads, config.head_dim
+        self.q = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.kv = nn.Linear(config.n_embd, 2 * config.n_kv_heads * config.head_dim, bias=config.bias)  # [k | v]
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = config.dropout
+
+    def memory_kv(self, memory: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values (B, n_kv_heads, S, head_dim) of the encoder output ``memory`` (B, S, n_embd)."""
+        B, S, _ = memory.shape
+        k, v = self.kv(memory).chunk(2, dim=-1)
+        k = k.view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        return k, v
+
+    def forward(self, x: Tensor, memory_kv: tuple[Tensor, Tensor], memory_mask: Tensor | None) -> Tensor:
+        """``memory_mask`` (B, 1, 1, S) bool: True on real source tokens; None: no padding."""
+        B, T, C = x.shape
+        q = self.q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
+        k, v = memory_kv  # (B, n_kv_heads, S, head_dim)
+        # softmax(QKᵀ / √d_k) V with K, V from the source: no causal mask, every target position sees the whole source
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=memory_mask, dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_heads != self.n_head,
+        )  # (B, n_head, T, head_dim)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
 class MLP(nn.Module):
     """Position-wise feed-forward: GELU (GPT-2) or SwiGLU (Shazeer, 2020; LLaMA)."""
 
@@ -175,22 +210,35 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
     """A Transformer block. Pre-norm (GPT-2, LLaMA): x + attn(norm(x)), then x + mlp(norm(x)).
-    Post-norm (BERT, Vaswani et al. 2017): norm(x + attn(x)), then norm(x + mlp(x))."""
+    Post-norm (BERT, Vaswani et al. 2017): norm(x + attn(x)), then norm(x + mlp(x)).
 
-    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+    ``cross=True`` makes the decoder block of an encoder–decoder (Vaswani et al. 2017, §3.1): a third
+    sub-layer between the two, cross-attention over the encoder output, with its own norm placed the
+    same way — x + cross_attn(norm_cross(x)) (pre) or norm_cross(x + cross_attn(x)) (post)."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int, cross: bool = False) -> None:
         super().__init__()
         self.post_norm = config.norm_placement == "post"
         self.norm_1 = make_norm(config)
         self.attn = Attention(config, layer_idx)
+        self.norm_cross = make_norm(config) if cross else None
+        self.cross_attn = CrossAttention(config) if cross else None
         self.norm_2 = make_norm(config)
         self.mlp = MLP(config)
         self.drop = nn.Dropout(config.dropout)
 
-    def forward(self, x: Tensor, rope, mask, is_causal, kv_cache=None, input_pos=None, cache_len=None) -> Tensor:
+    def forward(
+        self, x: Tensor, rope, mask, is_causal, kv_cache=None, input_pos=None, cache_len=None, memory_kv=None, memory_mask=None
+    ) -> Tensor:
+        # a cross block also takes memory_kv: its cross_attn.memory_kv(encoder output), and memory_mask (B, 1, 1, S)
         if self.post_norm:
             x = self.norm_1(x + self.drop(self.attn(x, rope, mask, is_causal, kv_cache, input_pos, cache_len)))
+            if self.cross_attn is not None:
+                x = self.norm_cross(x + self.drop(self.cross_attn(x, memory_kv, memory_mask)))
             return self.norm_2(x + self.drop(self.mlp(x)))
         x = x + self.drop(self.attn(self.norm_1(x), rope, mask, is_causal, kv_cache, input_pos, cache_len))
+        if self.cross_attn is not None:
+            x = x + self.drop(self.cross_attn(self.norm_cross(x), memory_kv, memory_mask))
         return x + self.drop(self.mlp(self.norm_2(x)))
 
 

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from lmlab.config import ModelConfig
 from lmlab.model.blocks import Block, KVCache, init_weights, make_norm, rope_cache
+from lmlab.model.heads import TaskHead, task_logits
 
 
 class DecoderLM(nn.Module):
@@ -25,6 +26,7 @@ class DecoderLM(nn.Module):
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.norm_f = make_norm(config) if config.norm_placement == "pre" else nn.Identity()  # post-norm ends normed
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.task_head = TaskHead(config) if config.task else None
         self.tie_weights()
         if config.position == "rope":
             cos, sin = rope_cache(config)
@@ -42,6 +44,7 @@ class DecoderLM(nn.Module):
         key_padding_mask: Tensor | None = None,
         cache_len: int | None = None,
         logits_to_keep: int = 0,
+        hidden_only: bool = False,
     ) -> Tensor:
         """Logits (B, T, vocab_size) for token ids ``idx`` (B, T).
 
@@ -73,7 +76,16 @@ class DecoderLM(nn.Module):
         x = self.norm_f(x)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
-        return self.lm_head(x)  # (B, T, vocab_size)
+        return x if hidden_only else self.lm_head(x)  # (B, T, vocab_size)
+
+    def encode(self, input_ids: Tensor, token_type_ids: Tensor | None = None, attention_mask: Tensor | None = None) -> Tensor:
+        """Final hidden states (B, T, n_embd) of right-padded inputs (causal attention never looks at
+        the padding after a token, so ``attention_mask`` only matters to the heads that pool)."""
+        return self(input_ids, hidden_only=True)
+
+    def task_logits(self, input_ids: Tensor, token_type_ids: Tensor | None = None, attention_mask: Tensor | None = None) -> Tensor:
+        """The fine-tuned task head's logits (see :mod:`lmlab.model.heads`); classification reads the last real token."""
+        return task_logits(self, input_ids, token_type_ids, attention_mask)
 
     @staticmethod
     def _mask(

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from lmlab.config import ModelConfig
 from lmlab.model.blocks import Block, init_weights, make_norm, rope_cache
+from lmlab.model.heads import TaskHead, task_logits
 
 
 class EncoderLM(nn.Module):
@@ -37,6 +38,7 @@ class EncoderLM(nn.Module):
         self.mlm_norm = make_norm(config)
         self.lm_head = nn.Linear(d, config.vocab_size, bias=config.bias)
         self.nsp_head = nn.Linear(d, 2) if config.nsp_head else None
+        self.task_head = TaskHead(config) if config.task else None
         self.tie_weights()
         if config.position == "rope":
             cos, sin = rope_cache(config)
@@ -82,6 +84,10 @@ class EncoderLM(nn.Module):
         if self.nsp_head is None:
             raise RuntimeError("this encoder has no NSP head (config.nsp_head is False)")
         return self.nsp_head(self.pool(hidden))
+
+    def task_logits(self, input_ids: Tensor, token_type_ids: Tensor | None = None, attention_mask: Tensor | None = None) -> Tensor:
+        """The fine-tuned task head's logits (see :mod:`lmlab.model.heads`)."""
+        return task_logits(self, input_ids, token_type_ids, attention_mask)
 
     def forward(self, input_ids: Tensor, token_type_ids: Tensor | None = None, attention_mask: Tensor | None = None) -> Tensor:
         """MLM logits (B, T, vocab_size) at every position."""

@@ -90,6 +90,8 @@ class TrainResult:
     best_checkpoint: Path | None
     log_file: Path
     history: list[dict[str, Any]] = field(default_factory=list)
+    val_scores: dict[str, float] = field(default_factory=dict)  # the last evaluation's task metrics
+    stopped_early: bool = False
 
 
 def autocast_for(precision: str, device: torch.device) -> tuple[Callable[[], contextlib.AbstractContextManager], str]:
@@ -159,12 +161,22 @@ def train_loop(
     meta: dict[str, Any] | None = None,
     resume_from: Path | None = None,
     desc: str = "train",
+    score_fn: Callable[[nn.Module], dict[str, float]] | None = None,
+    select: str | None = None,
+    patience: int | None = None,
 ) -> TrainResult:
     """Train ``model`` (already on ``device``) for ``cfg.max_steps`` optimizer steps.
 
     ``train_batches(step, micro_step)`` returns the token batch for that position (a pure function,
     which makes resuming exact); ``valid_batches`` are fixed. Checkpoints go to ``out_dir``.
+
+    ``score_fn(model)`` adds task metrics at every evaluation (logged as ``val_<name>``); with
+    ``select`` the best checkpoint is the one with the highest ``select`` metric instead of the
+    lowest validation loss, and ``patience`` stops training after that many evaluations without
+    improvement (early stopping; the last state is still saved, so nothing is lost).
     """
+    if select is not None and score_fn is None:
+        raise LmlabError(f"select={select!r} needs a score_fn that computes it")
     out_dir = Path(out_dir)
     if dist.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -173,13 +185,14 @@ def train_loop(
     autocast, precision = autocast_for(cfg.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
-    start_step, best_val = 0, math.inf
+    start_step, best_val, since_best = 0, math.inf, 0  # best_val: the lowest criterion (val loss, or −metric)
     if resume_from is not None:
         state = load_train_state(resume_from)
+        since_best = state.get("since_best", 0)  # a run that stopped early resumes as finished
         optimizer.load_state_dict(state["optimizer"])
         if "scaler" in state and state["scaler"]:
             scaler.load_state_dict(state["scaler"])
-        start_step, best_val = state["step"], state["best_val_loss"]
+        start_step, best_val = (cfg.max_steps if state.get("stopped_early") else state["step"]), state["best_val_loss"]
         torch.set_rng_state(state["rng"]["torch"])
         if device.type == "cuda" and state["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(state["rng"]["cuda"], device)
@@ -191,7 +204,8 @@ def train_loop(
     log = JsonlLog(out_dir / "log.jsonl", dist.is_main, start_step if resume_from is not None else None)
     tb = _tensorboard(out_dir, cfg.tensorboard and dist.is_main)
     # masks and pairs (mlm, nsp) are drawn from a generator seeded by the batch's position, like the windows
-    valid = [_to(objective.batch(t, _batch_generator(cfg.seed, -1, 0, i)), device) for i, t in enumerate(valid_batches)]
+    make_valid = getattr(objective, "valid_batch", objective.batch)  # a task objective reads its validation set
+    valid = [_to(make_valid(t, _batch_generator(cfg.seed, -1, 0, i)), device) for i, t in enumerate(valid_batches)]
     tokens_per_step = cfg.micro_batch_size * cfg.grad_accum_steps * (cfg.seq_len or 0) * dist.world_size
     history: list[dict[str, Any]] = []
     last_good: Path | None = resume_from
@@ -237,6 +251,7 @@ def train_loop(
 
         at_end = done == cfg.max_steps
         do_eval = done % cfg.eval_interval == 0 or at_end
+        stopping = False
         do_save = done % cfg.save_interval == 0 or at_end
         if done % cfg.log_interval == 0 or do_eval or do_save:
             train_loss = all_reduce_mean(loss_sum / loss_count, dist).item()  # the one host sync, at boundaries only
@@ -266,13 +281,32 @@ def train_loop(
             if cfg.progress and dist.is_main:
                 bar.write(f"step {done}: val loss {val_loss:.4f}, perplexity {record['val_ppl']:.2f}")
             result.val_loss = val_loss
-            if val_loss < best_val:
-                best_val = val_loss
+        if do_eval and (valid or score_fn is not None):
+            scores = dict(score_fn(raw_model)) if score_fn is not None else {}
+            if scores:
+                record = {"step": done, **{f"val_{k}": v for k, v in scores.items()}}
+                log.write(record)
+                history.append(record)
+                if cfg.progress and dist.is_main:
+                    bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+                result.val_scores = scores
+            if select is not None and select not in scores:
+                raise LmlabError(f"the metric to select by, {select!r}, is not among the computed ones: {', '.join(scores)}")
+            criterion = -scores[select] if select is not None else val_loss
+            if criterion is not None and criterion < best_val:
+                best_val, since_best = criterion, 0
                 result.best_val_loss = val_loss
                 if dist.is_main:
                     result.best_checkpoint = save_checkpoint(
-                        out_dir / "best", raw_model, tokenizer=tokenizer, meta={**(meta or {}), "step": done, "val_loss": val_loss}
+                        out_dir / "best", raw_model, tokenizer=tokenizer,
+                        meta={**(meta or {}), "step": done, "val_loss": val_loss, **{f"val_{k}": v for k, v in scores.items()}},
                     )
+            elif criterion is not None:
+                since_best += 1
+                if patience is not None and since_best >= patience and not at_end:
+                    stopping, do_save = True, True
+                    if cfg.progress and dist.is_main:
+                        bar.write(f"step {done}: no improvement in {patience} evaluations: early stop")
 
         if do_save and dist.is_main:
             state = {
@@ -280,6 +314,8 @@ def train_loop(
                 "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict() if scaler.is_enabled() else {},
                 "best_val_loss": best_val,
+                "since_best": since_best,
+                "stopped_early": stopping,
                 "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
                 "train_config": dataclasses.asdict(cfg),
                 "objective": objective.name,
@@ -291,6 +327,9 @@ def train_loop(
             result.last_checkpoint = last_good
             prune_checkpoints(out_dir, cfg.keep_last)
         result.step = done
+        if stopping:
+            result.stopped_early = True
+            break
     bar.close()
     if tb is not None:
         tb.close()

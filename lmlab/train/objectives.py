@@ -13,13 +13,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmlab.errors import LmlabError
+from lmlab.model.seq2seq import shift_right
 
 IGNORE_INDEX = -100  # label value that contributes no loss (padding, prompt tokens), as in HF
 
 
 class Objective(Protocol):
     name: str
-    arch: str  # the model family it trains: "decoder" or "encoder"
+    arch: str  # the model family it trains: "decoder", "encoder" or "seq2seq"
 
     def batch(self, tokens: Tensor, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         """Turn a (B, seq_len + 1) window of packed tokens into model inputs and labels; any randomness
@@ -138,11 +139,114 @@ class MaskedLM:
         return loss
 
 
+class SpanCorruption:
+    """T5's span corruption (Raffel et al., 2020, §3.1.4), the seq2seq denoising objective.
+
+    In each window, ``noise_density`` of the tokens, in spans of mean length ``mean_span_length``,
+    are dropped from the input; each dropped span leaves one sentinel in its place, and the target
+    lists every sentinel followed by the span it stands for, then eos::
+
+        window:  Thank you for inviting me to your party last week .
+        input:   Thank you <extra_id_0> me to your party <extra_id_1> week . </s>
+        target:  <extra_id_0> for inviting <extra_id_1> last </s>
+
+    As T5's ``random_spans_noise_mask``: every row has exactly round(n·density) noise tokens in
+    round(noise / mean_span_length) spans, span and gap lengths split uniformly at random, the
+    window starting with kept text — so inputs and targets have the same length in every row (no
+    padding). The window is cut, where needed, so that the input with its sentinels and eos fits in
+    the ``seq_len`` tokens the model was told it reads.
+
+    Sentinels are T5's: the tokenizer must hold added tokens ``<extra_id_0>``, ``<extra_id_1>``, …
+    (the first span gets ``<extra_id_0>``), as T5's own tokenizer does. lmlab does not take ids from
+    the top of an ordinary vocabulary, where they would also stand for real text.
+    """
+
+    name, arch = "span", "seq2seq"
+
+    def __init__(self, tokenizer, *, noise_density: float = 0.15, mean_span_length: float = 3.0) -> None:
+        if tokenizer is None:
+            raise LmlabError("the span objective needs the tokenizer (its eos and <extra_id_N> sentinel tokens)")
+        if tokenizer.eos_id is None:
+            raise LmlabError("--objective span needs a tokenizer with an eos token (it ends every input and target)")
+        added = {t.content: i for i, t in tokenizer.backend.get_added_tokens_decoder().items()}
+        sentinels = []
+        while f"<extra_id_{len(sentinels)}>" in added:
+            sentinels.append(added[f"<extra_id_{len(sentinels)}>"])
+        if not sentinels:
+            raise LmlabError(
+                "--objective span needs sentinel tokens <extra_id_0>, <extra_id_1>, … (T5's) among the tokenizer's added tokens; "
+                "train one with `lmlab tokenizer train --special-tokens <pad> </s> <unk> <extra_id_0> <extra_id_1> …` "
+                "(about seq_len·density/mean_span_length of them, T5 has 100) or use a T5 tokenizer.json"
+            )
+        if not 0.0 < noise_density < 1.0:
+            raise LmlabError(f"noise_density is {noise_density}: expected a number in (0, 1)")
+        if mean_span_length < 1.0:
+            raise LmlabError(f"mean_span_length is {mean_span_length}: expected a number >= 1")
+        self.noise_density, self.mean_span_length = noise_density, mean_span_length
+        self.sentinels = torch.tensor(sentinels, dtype=torch.long)  # span k -> <extra_id_k>
+        self.eos_id = tokenizer.eos_id
+
+    def plan(self, seq_len: int) -> tuple[int, int, int]:
+        """(window tokens used n, noise tokens, noise spans) for inputs of at most ``seq_len`` tokens."""
+        for n in range(seq_len + 1, 1, -1):  # the window holds seq_len + 1 tokens
+            noise = min(max(round(n * self.noise_density), 1), n - 1)
+            spans = max(round(noise / self.mean_span_length), 1)
+            if n - noise + spans + 1 <= seq_len:  # kept tokens + a sentinel per span + eos
+                return n, noise, spans
+        raise LmlabError(f"--seq-len {seq_len} is too short for span corruption: expected at least 3")
+
+    def noise_mask(self, B: int, n: int, noise: int, spans: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+        """(is_noise, span_index), both (B, n): which tokens are dropped, and the span each token is in."""
+        noise_lengths = _random_segmentation(B, noise, spans, generator)
+        kept_lengths = _random_segmentation(B, n - noise, spans, generator)
+        lengths = torch.stack([kept_lengths, noise_lengths], dim=2).view(B, 2 * spans)  # kept, noise, kept, noise, …
+        starts = lengths.cumsum(dim=1)[:, :-1]  # where every span but the first begins
+        span_num = torch.zeros(B, n, dtype=torch.long).scatter_(1, starts, 1).cumsum(dim=1)  # 0 kept, 1 noise, 2 kept, …
+        return span_num % 2 == 1, span_num // 2
+
+    def batch(self, tokens: Tensor, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        n, noise, spans = self.plan(tokens.shape[1] - 1)
+        if spans > len(self.sentinels):
+            raise LmlabError(
+                f"span corruption of {n}-token windows makes {spans} spans, but the tokenizer has {len(self.sentinels)} "
+                f"sentinels (<extra_id_0> … <extra_id_{len(self.sentinels) - 1}>): add more or use a smaller --seq-len"
+            )
+        x = tokens[:, :n].long()
+        is_noise, span_index = self.noise_mask(x.shape[0], n, noise, spans, generator)
+        return {
+            "input_ids": self._collapse(x, is_noise, span_index),  # (B, n - noise + spans + 1)
+            "labels": self._collapse(x, ~is_noise, span_index),  # (B, noise + spans + 1)
+        }
+
+    def _collapse(self, x: Tensor, drop: Tensor, span_index: Tensor) -> Tensor:
+        """Replace every run of ``drop`` tokens by the sentinel of its span; append eos."""
+        first = drop & ~F.pad(drop[:, :-1], (1, 0), value=False)  # the first token of each dropped run
+        out = torch.where(first, self.sentinels[span_index], x)
+        out = out[~drop | first].view(x.shape[0], -1)  # every row keeps the same number of tokens
+        return F.pad(out, (0, 1), value=self.eos_id)
+
+    def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        start_id = getattr(model, "module", model).config.decoder_start_token_id  # DDP keeps the model in .module
+        logits = model(batch["input_ids"], shift_right(batch["labels"], start_id))  # (B, T_target, vocab_size)
+        return F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)
+
+
+def _random_segmentation(B: int, n_items: int, n_segments: int, generator: torch.Generator | None) -> Tensor:
+    """(B, n_segments) lengths >= 1 summing to ``n_items``, each row a uniformly random composition
+    (T5's ``_random_segmentation``): choose n_segments - 1 of the n_items - 1 gaps as boundaries."""
+    if n_segments == 1:
+        return torch.full((B, 1), n_items, dtype=torch.long)
+    boundary = torch.rand(B, n_items - 1, generator=generator).argsort(dim=1) < n_segments - 1
+    segment = F.pad(boundary, (1, 0), value=False).long().cumsum(dim=1)  # (B, n_items): each item's segment
+    return torch.zeros(B, n_segments, dtype=torch.long).scatter_add_(1, segment, torch.ones_like(segment))
+
+
 OBJECTIVES: dict[str, Any] = {
     "clm": CausalLM,
     "mlm": MaskedLM,
     "mlm+nsp": lambda tokenizer: MaskedLM(tokenizer, nsp=True),
     "wwm": lambda tokenizer: MaskedLM(tokenizer, whole_word=True),
+    "span": SpanCorruption,
 }
 
 

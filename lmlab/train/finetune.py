@@ -1,0 +1,354 @@
+"""``lmlab.finetune``: a pretrained checkpoint + labelled files → a task model (classify, tag, qa).
+
+The same one training loop as pretraining: the batches are example indices (a pure function of the
+step, so resuming is exact), a :class:`TaskObjective` collates them and computes the task's loss,
+and a scorer computes the task metric on the validation set at every evaluation, which picks the
+best checkpoint and drives early stopping.
+
+    classify   JSONL/CSV/TSV with text (+ pair) and label(s)   accuracy, macro-F1 (torchmetrics)
+    tag        CoNLL or JSONL tokens/tags (BIO, IOB1, IOBES)    entity F1 (seqeval)
+    qa         SQuAD v1.1 / v2.0 JSON                           exact match, F1 (SQuAD rules)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lmlab.config import ModelConfig
+from lmlab.errors import LmlabError
+from lmlab.io.checkpoint import latest_checkpoint, load_model, resolve_checkpoint
+from lmlab.model import build_model
+from lmlab.train import dist as dist_mod
+from lmlab.train.data import hash_position
+from lmlab.train.loop import TrainConfig, TrainResult, train_loop
+from lmlab.train.objectives import IGNORE_INDEX
+
+TASKS = ("classify", "tag", "qa")
+# fine-tuning starts from BERT's recipe (Devlin et al.: 2e-5–5e-5, no long warm-up, AdamW β2 0.999, decay 0.01)
+FINETUNE_DEFAULTS = dict(lr=5e-5, warmup_steps=0, weight_decay=0.01, beta2=0.999, max_steps=300, eval_interval=100)
+# the metric that picks the best checkpoint, per task (higher is better)
+SELECT = {"classify": "accuracy", "multi": "f1_micro", "regression": "pearson", "tag": "f1", "qa": "f1"}  # multi/regression: classify kinds
+
+
+class ExampleBatches:
+    """Shuffled epochs over ``n`` examples: ``(step, micro)`` → the example indices of that micro-batch.
+
+    Example ``q`` of the whole run (counting across steps, micro-steps and ranks) is
+    ``perm_e[q mod n]`` with ``perm_e`` the permutation of epoch ``e = q // n``, seeded by (seed, e).
+    """
+
+    def __init__(self, n: int, batch_size: int, grad_accum_steps: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        if n < 1:
+            raise LmlabError("the training file holds no examples")
+        self.n, self.batch_size, self.accum, self.seed = n, batch_size, grad_accum_steps, seed
+        self.rank, self.world = rank, world_size
+        self._perms: dict[int, Tensor] = {}
+
+    def _perm(self, epoch: int) -> Tensor:
+        if epoch not in self._perms:
+            if len(self._perms) > 4:
+                self._perms.clear()
+            g = torch.Generator().manual_seed(hash_position(self.seed, epoch))
+            self._perms[epoch] = torch.randperm(self.n, generator=g)
+        return self._perms[epoch]
+
+    def __call__(self, step: int, micro: int) -> Tensor:
+        first = ((step * self.accum + micro) * self.world + self.rank) * self.batch_size
+        return torch.stack([self._perm(q // self.n)[q % self.n] for q in range(first, first + self.batch_size)])
+
+    def steps_per_epoch(self) -> int:
+        return max(1, math.ceil(self.n / (self.batch_size * self.accum * self.world)))
+
+
+class TaskObjective:
+    """Collate examples into padded tensors and compute the task's loss from the model's task head.
+
+    classify: cross-entropy (optionally class-weighted), binary cross-entropy per label (multi-label)
+    or mean squared error (regression); tag: token cross-entropy on the first sub-token of each word;
+    qa: the mean of the start and end cross-entropies.
+    """
+
+    arch = "any"
+
+    def __init__(
+        self, task: str, features: dict[str, list], pad_id: int, problem_type: str = "single",
+        class_weights: Tensor | None = None, valid_features: dict[str, list] | None = None,
+    ) -> None:
+        self.name, self.task, self.features, self.pad_id = task, task, features, pad_id
+        self.problem_type, self.class_weights, self.valid_features = problem_type, class_weights, valid_features
+
+    def batch(self, indices: Tensor, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """Training examples ``indices``, padded on the right."""
+        return self._collate(self.features, indices)
+
+    def valid_batch(self, indices: Tensor, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """Validation examples ``indices`` (the loop builds validation batches with this when present)."""
+        return self._collate(self.valid_features, indices)
+
+    def _collate(self, features: dict[str, list], indices: Tensor) -> dict[str, Tensor]:
+        rows = indices.tolist()
+        ids = [features["input_ids"][i] for i in rows]
+        T = max(len(r) for r in ids)
+        input_ids = torch.full((len(rows), T), self.pad_id, dtype=torch.long)
+        types = torch.zeros((len(rows), T), dtype=torch.long)
+        mask = torch.zeros((len(rows), T), dtype=torch.long)
+        for k, i in enumerate(rows):
+            n = len(ids[k])
+            input_ids[k, :n] = torch.tensor(ids[k])
+            mask[k, :n] = 1
+            if features.get("token_type_ids"):
+                types[k, :n] = torch.tensor(features["token_type_ids"][i])
+        out = {"input_ids": input_ids, "token_type_ids": types, "attention_mask": mask}
+        if self.task == "classify":
+            labels = [features["labels"][i] for i in rows]
+            out["labels"] = torch.tensor(labels, dtype=torch.long if self.problem_type == "single" else torch.float)
+        elif self.task == "tag":
+            labels = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
+            for k, i in enumerate(rows):
+                row = features["labels"][i]
+                labels[k, : len(row)] = torch.tensor(row)
+            out["labels"] = labels
+        else:
+            out["start_positions"] = torch.tensor([features["start_positions"][i] for i in rows])
+            out["end_positions"] = torch.tensor([features["end_positions"][i] for i in rows])
+        return out
+
+    def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        logits = model.task_logits(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"]).float()
+        if self.task == "classify":
+            if self.problem_type == "single":
+                weight = self.class_weights.to(logits.device) if self.class_weights is not None else None
+                return F.cross_entropy(logits, batch["labels"], weight=weight)
+            if self.problem_type == "multi":
+                return F.binary_cross_entropy_with_logits(logits, batch["labels"])
+            return F.mse_loss(logits.squeeze(-1), batch["labels"])
+        if self.task == "tag":
+            return F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)
+        start, end = logits.unbind(-1)  # (B, T) each
+        return (F.cross_entropy(start, batch["start_positions"]) + F.cross_entropy(end, batch["end_positions"])) / 2
+
+
+@dataclasses.dataclass
+class TaskData:
+    """A task's examples, their features, and what scoring needs to turn predictions into metrics."""
+
+    task: str
+    features: dict[str, list]
+    num_labels: int
+    problem_type: str = "single"
+    labels: list[str] = dataclasses.field(default_factory=list)
+    raw: Any = None  # the reader's object (ClassifyData, TagData, SquadExamples)
+    qa_features: list | None = None
+
+    def __len__(self) -> int:
+        return len(self.features["input_ids"])
+
+
+def load_task_data(
+    task: str, path: str | Path, tokenizer, *, max_length: int, labels: list[str] | None = None, problem_type: str | None = None,
+    text_field: str = "text", pair_field: str | None = None, label_field: str = "label", doc_stride: int = 128,
+) -> TaskData:
+    """Read a task file and build its features. ``labels`` (the training labels) check a validation file."""
+    from lmlab.data import tasks as T
+
+    if task == "classify":
+        data = T.read_classify(path, text_field=text_field, pair_field=pair_field, label_field=label_field)
+        if labels is not None:
+            if problem_type is not None and data.kind != problem_type:
+                raise LmlabError(f"{path}: its labels are {data.kind}, the training file's are {problem_type}")
+            data = T.check_labels(data, labels, path)
+        features = T.encode_classify(tokenizer, data, max_length)
+        names = list(data.label_names)
+        return TaskData("classify", features, 1 if data.kind == "regression" else len(names), data.kind, names, raw=data)
+    if task == "tag":
+        data = T.read_tags(path)
+        if labels is not None:
+            data = T.check_tags(data, labels, path)
+        names = list(labels if labels is not None else data.tag_names)
+        features = T.align_tags(tokenizer, data, {t: i for i, t in enumerate(names)}, max_length)
+        return TaskData("tag", features, len(names), labels=names, raw=data)
+    if task == "qa":
+        examples = T.read_squad(path)
+        # HF run_qa's 384/128/64, scaled down for short windows so each window still holds new context
+        quarter = max(1, max_length // 4)
+        feats = T.qa_features(
+            tokenizer, examples, max_length=max_length, doc_stride=min(doc_stride, quarter), max_query_length=min(64, quarter)
+        )
+        features = {
+            "input_ids": [f.input_ids for f in feats], "token_type_ids": [f.token_type_ids for f in feats],
+            "start_positions": [f.start_position for f in feats], "end_positions": [f.end_position for f in feats],
+        }
+        return TaskData("qa", features, 2, raw=examples, qa_features=feats)
+    raise LmlabError(f"unknown --task '{task}'; expected one of {', '.join(TASKS)}")
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, objective: TaskObjective, n: int, batch_size: int, device: torch.device) -> list[Tensor]:
+    """Task-head logits for examples 0..n-1, one CPU tensor per example (unpadded for token tasks)."""
+    was_training = model.training
+    model.eval()
+    out: list[Tensor] = []
+    for start in range(0, n, batch_size):
+        batch = objective.batch(torch.arange(start, min(start + batch_size, n)))
+        logits = model.task_logits(*(batch[k].to(device) for k in ("input_ids", "token_type_ids", "attention_mask"))).float().cpu()
+        lengths = batch["attention_mask"].sum(1).tolist()
+        out += [logits[k] if logits.dim() == 2 else logits[k, : lengths[k]] for k in range(logits.shape[0])]
+    model.train(was_training)
+    return out
+
+
+def task_metrics(data: TaskData, logits: list[Tensor]) -> dict[str, float]:
+    """The headline metrics of predictions (as logits) against ``data``'s gold labels."""
+    from lmlab.data import tasks as T
+    from lmlab.evaluate import metrics as M
+
+    if data.task == "classify":
+        stacked = torch.stack(logits)
+        gold = data.features["labels"]
+        if data.problem_type == "single":
+            m = M.classification_metrics(stacked.argmax(-1).tolist(), gold, num_classes=data.num_labels, label_names=data.labels)
+            return {"accuracy": m["accuracy"], "f1_macro": m["f1_macro"]}
+        if data.problem_type == "multi":
+            m = M.multilabel_metrics((stacked > 0).int().tolist(), [[int(v) for v in row] for row in gold], label_names=data.labels)
+            return {k: m[k] for k in ("subset_accuracy", "f1_micro", "f1_macro") if k in m}
+        m = M.regression_metrics(stacked.squeeze(-1).tolist(), gold)
+        return {k: m[k] for k in ("mse", "pearson", "spearman") if k in m}
+    if data.task == "tag":
+        pred_tags = [
+            T.tags_from_predictions(row.argmax(-1).tolist(), word_ids, data.labels, n_words=len(words))
+            for row, word_ids, words in zip(logits, data.features["word_ids"], data.raw.words)
+        ]
+        m = M.tagging_metrics(pred_tags, data.raw.tags)
+        return {"f1": m["f1"], "precision": m["precision"], "recall": m["recall"]}
+    starts = [row[:, 0].tolist() for row in logits]
+    ends = [row[:, 1].tolist() for row in logits]
+    version_2 = getattr(data.raw, "version_2", False)
+    predictions = T.qa_postprocess(data.raw, data.qa_features, starts, ends, version_2=version_2)
+    references = {ex.id: list(ex.answer_texts) for ex in data.raw}
+    m = M.squad_metrics(predictions, references)
+    return {"exact": m["exact"], "f1": m["f1"]}
+
+
+def finetune(
+    checkpoint: str | Path,
+    task: str,
+    train: str | Path,
+    out: str | Path,
+    *,
+    valid: str | Path | None = None,
+    max_length: int = 128,
+    text_field: str = "text",
+    pair_field: str | None = None,
+    label_field: str = "label",
+    class_weights: bool = False,
+    patience: int | None = None,
+    resume: bool = False,
+    **train_args: Any,
+) -> TrainResult:
+    """Fine-tune ``checkpoint`` (an lmlab checkpoint or run folder) on a task; checkpoints go to ``out``.
+
+    The model gets a fresh task head for ``task`` (a checkpoint already fine-tuned on the same task
+    keeps its head); ``train_args`` are :class:`TrainConfig` fields. With ``valid`` the task metric
+    picks ``best/`` and ``patience`` evaluations without improvement stop the run early.
+    """
+    from lmlab.tokenizer import Tokenizer
+
+    if task not in TASKS:
+        raise LmlabError(f"unknown --task '{task}'; expected one of {', '.join(TASKS)}")
+    out = Path(out)
+    cfg = TrainConfig(**{**FINETUNE_DEFAULTS, **train_args})
+    resume_from = latest_checkpoint(out) if resume else None
+    if resume and resume_from is None:
+        raise LmlabError(f"--resume: {out} holds no checkpoint to resume from")
+    if not resume and latest_checkpoint(out) is not None:
+        raise LmlabError(f"{out} already holds checkpoints: pass --resume to continue that run, or choose another --out")
+    base = resume_from or resolve_checkpoint(checkpoint)
+    tokenizer = Tokenizer.load(base)
+    base_config = ModelConfig.load(base / "config.json")
+    if base_config.arch not in ("encoder", "decoder"):
+        raise LmlabError(f"{base}: a {base_config.arch} model; --task {task} fine-tunes encoders and decoders")
+    if max_length > base_config.block_size:
+        raise LmlabError(f"--max-length {max_length} exceeds the model's block_size {base_config.block_size}")
+    if tokenizer.pad_id is None and tokenizer.eos_id is None:
+        raise LmlabError(f"{base}: the tokenizer has neither a pad nor an eos token to pad batches with")
+    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
+
+    options = dict(max_length=max_length, text_field=text_field, pair_field=pair_field, label_field=label_field)
+    train_data = load_task_data(task, train, tokenizer, **options)
+    valid_data = None
+    if valid is not None:
+        valid_data = load_task_data(task, valid, tokenizer, labels=train_data.labels if task != "qa" else None,
+                                    problem_type=train_data.problem_type if task == "classify" else None, **options)
+
+    config = dataclasses.replace(
+        base_config, task=task, num_labels=train_data.num_labels, problem_type=train_data.problem_type,
+        labels=train_data.labels if task != "qa" else ["start", "end"],
+    )
+    info, device = dist_mod.setup(cfg.device)
+    torch.manual_seed(cfg.seed)
+    if resume_from is not None:
+        model = load_model(resume_from, device=device).train()
+        if model.config.task != task:
+            raise LmlabError(f"--resume: {resume_from} was fine-tuned for {model.config.task!r}, not {task!r}")
+    else:
+        model = _with_task_head(base, base_config, config, device)
+
+    weights = None
+    if class_weights and task == "classify" and train_data.problem_type == "single":
+        counts = torch.bincount(torch.tensor(train_data.features["labels"]), minlength=train_data.num_labels).float()
+        weights = counts.sum() / (len(counts) * counts.clamp(min=1))  # "balanced", as scikit-learn
+    objective = TaskObjective(task, train_data.features, pad_id, train_data.problem_type, weights)
+    batches = ExampleBatches(len(train_data), cfg.micro_batch_size, cfg.grad_accum_steps, cfg.seed, info.rank, info.world_size)
+    cfg.seq_len = max_length
+
+    valid_batches: list[Tensor] = []
+    score_fn: Callable[[nn.Module], dict[str, float]] | None = None
+    select = None
+    if valid_data is not None:
+        objective.valid_features = valid_data.features
+        scorer = TaskObjective(task, valid_data.features, pad_id, valid_data.problem_type)
+        valid_batches = [torch.arange(i, min(i + cfg.micro_batch_size, len(valid_data))) for i in range(0, len(valid_data), cfg.micro_batch_size)]
+
+        def score_fn(m: nn.Module) -> dict[str, float]:
+            return task_metrics(valid_data, predict_logits(m, scorer, len(valid_data), cfg.micro_batch_size, device))
+
+        select = SELECT[train_data.problem_type if task == "classify" and train_data.problem_type != "single" else task]
+    if info.is_main:
+        print(
+            f"lmlab: fine-tuning {base} for {task} ({config.num_labels} labels), {len(train_data):,} training examples"
+            + (f", {len(valid_data):,} validation" if valid_data is not None else "")
+            + f"; {batches.steps_per_epoch():,} steps per epoch, {cfg.max_steps:,} steps",
+            file=sys.stderr,
+        )
+    meta = {"objective": task, "tokenizer_sha256": tokenizer.sha256, "base": str(base), "train": str(train)}
+    try:
+        return train_loop(
+            model, objective, batches, valid_batches, cfg, out, device=device, dist=info, tokenizer=tokenizer, meta=meta,
+            resume_from=resume_from, desc=f"finetune {task}", score_fn=score_fn, select=select, patience=patience,
+        )
+    finally:
+        dist_mod.teardown(info)
+
+
+def _with_task_head(base: Path, base_config: ModelConfig, config: ModelConfig, device: torch.device) -> nn.Module:
+    """The base checkpoint's weights in a model with ``config``'s task head (fresh unless the base has the same one)."""
+    from safetensors.torch import load_file
+
+    model = build_model(config)
+    state = load_file(str(base / "model.safetensors"))
+    same_head = base_config.task == config.task and base_config.num_labels == config.num_labels
+    state = {k: v for k, v in state.items() if same_head or not k.startswith("task_head.")}
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith("task_head.") and not (config.tie_embeddings and k == "lm_head.weight")]
+    if missing or result.unexpected_keys:
+        raise LmlabError(f"{base}: weights do not fit the model (missing {missing[:5]}, unexpected {list(result.unexpected_keys)[:5]})")
+    model.tie_weights()
+    return model.to(device).train()
