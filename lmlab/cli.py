@@ -159,8 +159,9 @@ def build_parser() -> ArgumentParser:
     demo.add_argument("--model", default="gpt2-mini", help="model preset (default: gpt2-mini)")
     demo.add_argument("--max-chars", type=int, default=3_000_000, help="characters of the embedded corpus to use (default: 3,000,000)")
     demo.add_argument("--vocab-size", type=int, default=4096, help="tokenizer vocabulary size (default: 4096)")
+    demo.add_argument("--finetune-steps", type=int, default=150, help="fine-tuning steps of the demo classifier (default: 150)")
     demo.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
-    commands.add_subcommand("demo", demo, help="the end-to-end demo: corpus → tokenizer → pretrain → generate")
+    commands.add_subcommand("demo", demo, help="the end-to-end demo: corpus → tokenizer → pretrain → generate → fine-tune → evaluate")
 
     # second level: `lmlab tokenizer train` (jsonargparse adds nested levels after the first)
     tok_commands = tokenizer.add_subcommands(dest="action", required=True)
@@ -390,7 +391,10 @@ def cmd_info(a) -> int:
 def cmd_demo(a) -> int:
     from lmlab.demo import run_demo
 
-    run_demo(out=a.out, max_steps=a.max_steps, model=a.model, max_chars=a.max_chars, vocab_size=a.vocab_size, progress=a.progress)
+    run_demo(
+        out=a.out, max_steps=a.max_steps, model=a.model, max_chars=a.max_chars, vocab_size=a.vocab_size,
+        finetune_steps=a.finetune_steps, progress=a.progress,
+    )
     return 0
 
 

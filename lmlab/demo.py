@@ -1,12 +1,15 @@
 """``lmlab demo``: the whole pipeline on text every Python install already has, offline, in minutes.
 
 corpus (Python's own documentation) → byte-level BPE tokenizer → packed shards → pretraining →
-generation. Later stages (fine-tuning, evaluation, critique) join the demo as they land.
+generation → fine-tuning a classifier (is a passage from the language reference or from a library
+docstring?) → its evaluation with confidence intervals. The critique report joins when it lands.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
+import random
 import time
 from pathlib import Path
 
@@ -22,11 +25,15 @@ def run_demo(
     vocab_size: int = 4096,
     seq_len: int = 128,
     micro_batch_size: int = 16,
+    finetune_steps: int = 150,
     progress: bool = True,
 ) -> dict:
     """Run every stage into ``out`` and print where each result is; returns those paths and figures."""
     from lmlab.api import load
     from lmlab.data import builtin_corpus
+    from lmlab.evaluate.runner import evaluate
+    from lmlab.io.checkpoint import latest_checkpoint
+    from lmlab.train.finetune import finetune
     from lmlab.data.pack import prepare
     from lmlab.tokenizer import train_tokenizer
     from lmlab.train.pretrain import pretrain
@@ -38,7 +45,7 @@ def run_demo(
     def stage(title: str) -> None:
         print(f"\n== {title} ({time.perf_counter() - started:.0f}s)", flush=True)
 
-    stage("1/5 corpus: Python's own documentation (pydoc topics and module docstrings)")
+    stage("1/7 corpus: Python's own documentation (pydoc topics and module docstrings)")
     docs = builtin_corpus(max_chars=max_chars)
     corpus = out / "corpus.jsonl"
     tmp = corpus.with_suffix(".tmp")
@@ -46,17 +53,17 @@ def run_demo(
     tmp.replace(corpus)
     print(f"{len(docs):,} documents, {sum(map(len, docs)):,} characters → {corpus}")
 
-    stage(f"2/5 tokenizer: byte-level BPE, {vocab_size} tokens")
+    stage(f"2/7 tokenizer: byte-level BPE, {vocab_size} tokens")
     tokenizer = train_tokenizer(docs, kind="bpe", vocab_size=vocab_size)
     tokenizer.save(out / "tokenizer")
     print(f"→ {out / 'tokenizer' / 'tokenizer.json'}")
 
-    stage("3/5 packing into token shards")
+    stage("3/7 packing into token shards")
     manifest = prepare(corpus, out / "tokenizer", out / "data", show_progress=progress)
     for name, split in manifest["splits"].items():
         print(f"{name}: {split['tokens']:,} tokens")
 
-    stage(f"4/5 pretraining {model}, {max_steps} steps")
+    stage(f"4/7 pretraining {model}, {max_steps} steps")
     result = pretrain(
         model, out / "data", out / "run", resume=True, max_steps=max_steps, seq_len=seq_len,
         micro_batch_size=micro_batch_size, lr=2e-3, warmup_steps=max(1, max_steps // 20),
@@ -65,7 +72,7 @@ def run_demo(
     if result.val_loss is not None:
         print(f"validation loss {result.val_loss:.3f} (perplexity {2.718281828 ** result.val_loss:.1f})")
 
-    stage("5/5 generation: greedy, beam search and nucleus sampling")
+    stage("5/7 generation: greedy, beam search and nucleus sampling")
     lm = load(out / "run", device="cpu")
     lines = []
     for prompt in DEMO_PROMPTS:
@@ -78,11 +85,53 @@ def run_demo(
     samples.write_text("\n".join(lines), encoding="utf-8")
     print("\n".join(lines))
 
+    stage("6/7 fine-tuning a classifier: language reference or library docstring?")
+    train_file, test_file = _classification_files(builtin_corpus(), out / "classify")  # the whole corpus: both kinds
+    run_dir = out / "classify" / "run"
+    tuned = finetune(
+        lm.path, "classify", train_file, run_dir, valid=test_file, max_length=64, max_steps=finetune_steps,
+        resume=latest_checkpoint(run_dir) is not None,
+        micro_batch_size=16, lr=1e-3, warmup_steps=10, eval_interval=max(1, finetune_steps // 3), log_interval=10,
+        progress=progress, tensorboard=False,
+    )
+
+    stage("7/7 evaluation of the classifier on held-out passages")
+    metrics = evaluate(tuned.best_checkpoint, test_file, out=out / "classify" / "eval", max_length=64, n_resamples=1000)
+    ci = metrics["ci"]["accuracy"]
+    print(f"accuracy {metrics['accuracy']:.3f} (95% CI {ci['low']:.3f}–{ci['high']:.3f}), macro-F1 {metrics['f1_macro']:.3f}, "
+          f"ECE {metrics['calibration']['ece']:.3f} on {len(metrics['confusion_matrix']) and sum(map(sum, metrics['confusion_matrix']))} passages")
+
     stage("done")
     made = {
         "corpus": corpus, "tokenizer": out / "tokenizer", "data": out / "data", "checkpoint": lm.path,
         "log": result.log_file, "loss_curve": out / "run" / "loss.png", "samples": samples,
+        "classifier": tuned.best_checkpoint, "evaluation": out / "classify" / "eval" / "metrics.json",
     }
     for what, path in made.items():
         print(f"{what:>11}: {path}")
-    return {**{k: str(v) for k, v in made.items()}, "val_loss": result.val_loss, "seconds": time.perf_counter() - started}
+    return {
+        **{k: str(v) for k, v in made.items()}, "val_loss": result.val_loss, "accuracy": metrics["accuracy"],
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def _classification_files(docs: list[str], folder: Path) -> tuple[Path, Path]:
+    """A labelled set made from the corpus: one passage (up to 300 characters from the middle of a
+    document) per document, labelled by where the document comes from; every fifth one held out."""
+    from pydoc_data.topics import topics
+
+    reference = {inspect.cleandoc(text) for text in topics.values()}
+    rows = []
+    for doc in docs:
+        middle = max(0, len(doc) // 2 - 150)
+        rows.append({"text": doc[middle : middle + 300], "label": "reference" if doc in reference else "library"})
+    random.Random(0).shuffle(rows)
+    folder.mkdir(parents=True, exist_ok=True)
+    files = []
+    for name, part in (("train.jsonl", [r for i, r in enumerate(rows) if i % 5]), ("test.jsonl", rows[::5])):
+        path = folder / name
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part), encoding="utf-8")
+        tmp.replace(path)
+        files.append(path)
+    return files[0], files[1]

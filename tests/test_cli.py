@@ -108,12 +108,14 @@ def test_console_script_entry_point_runs():
 def test_demo_runs_end_to_end_at_a_tiny_size(tmp_path, capsys):
     code, out, _ = run(
         capsys, "demo", "--out", str(tmp_path / "demo"), "--model", "gpt2-tiny", "--max-steps", "4",
-        "--max-chars", "60000", "--vocab-size", "300", "--no-progress",
+        "--max-chars", "60000", "--vocab-size", "300", "--finetune-steps", "2", "--no-progress",
     )
     assert code == 0
-    for name in ("corpus.jsonl", "tokenizer/tokenizer.json", "data/manifest.json", "run/loss.png", "run/log.jsonl", "samples.txt"):
+    for name in ("corpus.jsonl", "tokenizer/tokenizer.json", "data/manifest.json", "run/loss.png", "run/log.jsonl", "samples.txt",
+                 "classify/train.jsonl", "classify/eval/metrics.json", "classify/eval/predictions.jsonl"):
         assert (tmp_path / "demo" / name).is_file(), name
-    assert "[greedy] The for statement" in out and "[sample]" in out
+    assert "[greedy] The for statement" in out and "[sample]" in out and "[beam×4]" in out
+    assert "accuracy" in out and "95% CI" in out
 
 
 def test_generate_help_documents_every_decoding_option(capsys):
