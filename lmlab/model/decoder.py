@@ -100,6 +100,13 @@ class DecoderLM(nn.Module):
         """
         if kv_cache is None and key_padding_mask is None:
             return None, T > 1
+        if key_padding_mask is None and cache_len is not None:
+            # without padding, reading exactly the first cache_len slots needs no explicit mask: one new
+            # token sees them all, and a prefill into an empty cache is plain causal — SDPA's fast paths
+            if T == 1:
+                return None, False
+            if cache_len == T:
+                return None, True
         S = (cache_len or kv_cache.max_len) if kv_cache is not None else T
         slots = torch.arange(S, device=input_pos.device)
         visible = slots[None, :] <= input_pos[:, None]  # (T, S) causal
