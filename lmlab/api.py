@@ -98,7 +98,10 @@ class LM:
     def _need_decoder(self) -> None:
         arch = self.model.config.arch
         if arch != "decoder":
-            raise LmlabError(f"{self.path or 'this model'} is an {arch} (BERT style): it reads text but does not generate or score it left to right; use a decoder checkpoint")
+            what = "an encoder (BERT style): it reads text but does not generate it" if arch == "encoder" else (
+                "an encoder–decoder: lmlab.load generates from decoder-only models for now (see lmlab.model.seq2seq.generate_seq2seq)"
+            )
+            raise LmlabError(f"{self.path or 'this model'} is {what}; use a decoder checkpoint")
 
     def _encode_prompts(self, prompts: Sequence[str], config: GenerationConfig) -> tuple[list[list[int]], int]:
         """Token ids of the prompts (cut from the left to fit the context window) and the tokens to generate."""

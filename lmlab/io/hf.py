@@ -89,6 +89,8 @@ def _family(config: ModelConfig) -> str:
             f"needs {expected}; no supported HF family ({', '.join(SUPPORTED_MODEL_TYPES)}) expresses this config exactly"
         )
 
+    if config.arch == "seq2seq":
+        raise LmlabError("model config field 'arch' is 'seq2seq': HF interop for encoder–decoders (T5/BART) is not supported yet")
     if config.arch == "encoder":
         for field_name, expected in (
             ("norm", "layernorm"), ("mlp", "gelu"), ("bias", True), ("position", "learned"), ("norm_placement", "post"),
