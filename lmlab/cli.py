@@ -19,13 +19,22 @@ from typing import Optional, Sequence, get_type_hints
 
 from argparse import ArgumentError
 
-from jsonargparse import ActionConfigFile, ArgumentParser
+from jsonargparse import ActionConfigFile, ArgumentParser, DefaultHelpFormatter
 
 from lmlab.errors import LmlabError
 
 
+class _Help(DefaultHelpFormatter):
+    """jsonargparse's help, minus its "(type: …, default: …)" suffix where our text already names the default."""
+
+    def _get_help_string(self, action) -> str:
+        if action.help and "(default" in action.help:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _parser(description: str) -> ArgumentParser:
-    parser = ArgumentParser(description=description, exit_on_error=False)
+    parser = ArgumentParser(description=description, exit_on_error=False, formatter_class=_Help)
     parser.add_argument("--config", action=ActionConfigFile, help="YAML file with any of these options (keys use underscores: max_steps: 100)")
     return parser
 
@@ -62,11 +71,13 @@ def build_parser() -> ArgumentParser:
     from lmlab.generate import GenerationConfig
     from lmlab.train.loop import TrainConfig
 
-    root = ArgumentParser(prog="lmlab", description="Train, generate, evaluate and critique Transformer language models.", exit_on_error=False)
+    root = ArgumentParser(
+        prog="lmlab", description="Train, generate, evaluate and critique Transformer language models.", exit_on_error=False, formatter_class=_Help
+    )
     commands = root.add_subcommands(dest="command", required=True)
 
     # -- tokenizer train --------------------------------------------------------------------
-    tokenizer = ArgumentParser(description="Tokenizer commands.", exit_on_error=False)
+    tokenizer = ArgumentParser(description="Tokenizer commands.", exit_on_error=False, formatter_class=_Help)
     commands.add_subcommand("tokenizer", tokenizer, help="train a tokenizer (BPE, WordPiece, Unigram)")
 
     prepare = _parser("Tokenize a corpus into memory-mapped token shards (train/valid) with a JSON manifest.")
