@@ -166,12 +166,7 @@ class LM:
         lps: list[list[float]] = [[] for _ in rows]
         tops: list[list[list[tuple[int, float]]]] = [[] for _ in rows]
         stop_set = set(stop_ids)
-        steps = decode(
-            self.model, rows, max_new_tokens=new, processors=config.processors(stop_ids), sample=config.samples,
-            generator=self._generator(config), stop_ids=stop_ids, stop_rules=config.stop_rules(self.tokenizer),
-            pad_id=self._pad_id(), logprobs=logprobs,
-        )
-        for step in steps:
+        for step in self._steps(rows, new, config, logprobs):
             tokens, active, finished = step.tokens.tolist(), step.active.tolist(), step.finished.tolist()
             step_lps = step.logprobs.tolist() if step.logprobs is not None else None
             top = (step.top_ids.tolist(), step.top_logprobs.tolist()) if step.top_ids is not None else None
@@ -198,6 +193,15 @@ class LM:
                 row.append(c)
             out.append(row)
         return out
+
+    def _steps(self, ids: list[list[int]], new: int, config: GenerationConfig, logprobs: int | None = None):
+        """The greedy/sampling decoding loop for ``config`` (stop ids, stop strings, seed, processors)."""
+        stop_ids = self._stop_ids(config)
+        return decode(
+            self.model, ids, max_new_tokens=new, processors=config.processors(stop_ids), sample=config.samples,
+            generator=self._generator(config), stop_ids=stop_ids, stop_rules=config.stop_rules(self.tokenizer),
+            pad_id=self._pad_id(), logprobs=logprobs,
+        )
 
     def _completion(self, tokens: list[int], reason: str, config: GenerationConfig) -> Completion:
         text, hit = cut_at_stop(self.tokenizer.decode(tokens), config.stop)
@@ -310,12 +314,7 @@ class LM:
             yield best[:-1] if best and best[-1] in stop_ids else best
             return
         tokens: list[int] = []
-        steps = decode(
-            self.model, ids, max_new_tokens=new, processors=config.processors(stop_ids), sample=config.samples,
-            generator=self._generator(config), stop_ids=stop_ids, stop_rules=config.stop_rules(self.tokenizer),
-            pad_id=self._pad_id(),
-        )
-        for step in steps:
+        for step in self._steps(ids, new, config):
             token = int(step.tokens[0])
             if token in stop_ids:
                 return

@@ -324,18 +324,13 @@ def cmd_generate(a) -> int:
     separator = "\n" if a.format == "jsonl" else "\n\n"
     text = separator.join(lines) + "\n"
     if a.output:
-        _write_text_atomic(Path(a.output), text)
+        from lmlab.config import write_text_atomic
+
+        write_text_atomic(a.output, text)
         print(f"lmlab: {len(lines)} output(s) written to {a.output}", file=sys.stderr)
     else:
         sys.stdout.write(text)
     return 0
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def cmd_finetune(a) -> int:

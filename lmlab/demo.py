@@ -8,10 +8,11 @@ docstring?) → its evaluation with confidence intervals. The critique report jo
 from __future__ import annotations
 
 import inspect
-import json
 import random
 import time
 from pathlib import Path
+
+from lmlab.config import write_jsonl_atomic
 
 DEMO_PROMPTS = ("The for statement", "A dictionary is", "Return the number of", "Exceptions are")
 
@@ -48,9 +49,7 @@ def run_demo(
     stage("1/7 corpus: Python's own documentation (pydoc topics and module docstrings)")
     docs = builtin_corpus(max_chars=max_chars)
     corpus = out / "corpus.jsonl"
-    tmp = corpus.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs), encoding="utf-8")
-    tmp.replace(corpus)
+    write_jsonl_atomic(corpus, ({"text": d} for d in docs))
     print(f"{len(docs):,} documents, {sum(map(len, docs)):,} characters → {corpus}")
 
     stage(f"2/7 tokenizer: byte-level BPE, {vocab_size} tokens")
@@ -126,12 +125,5 @@ def _classification_files(docs: list[str], folder: Path) -> tuple[Path, Path]:
         middle = max(0, len(doc) // 2 - 150)
         rows.append({"text": doc[middle : middle + 300], "label": "reference" if doc in reference else "library"})
     random.Random(0).shuffle(rows)
-    folder.mkdir(parents=True, exist_ok=True)
-    files = []
-    for name, part in (("train.jsonl", [r for i, r in enumerate(rows) if i % 5]), ("test.jsonl", rows[::5])):
-        path = folder / name
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part), encoding="utf-8")
-        tmp.replace(path)
-        files.append(path)
-    return files[0], files[1]
+    train = write_jsonl_atomic(folder / "train.jsonl", [r for i, r in enumerate(rows) if i % 5])
+    return train, write_jsonl_atomic(folder / "test.jsonl", rows[::5])

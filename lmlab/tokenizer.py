@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +29,7 @@ from typing import Any
 import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
+from lmlab.config import write_text_atomic
 from lmlab.errors import LmlabError
 
 __all__ = [
@@ -68,23 +67,6 @@ _KIND_MIN_EXTRA = {"bpe": 256, "wordpiece": 1, "unigram": 257}
 
 # transformers writes int(1e30) as model_max_length when the limit is unknown.
 _UNKNOWN_MAX_LENGTH = 10**18
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so a reader sees the old file or the new one, never half of it."""
-    handle = tempfile.NamedTemporaryFile(
-        "w", encoding="utf-8", newline="", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp",
-        delete=False,
-    )
-    try:
-        with handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
 
 
 def _infer_roles(backend: tokenizers.Tokenizer) -> dict[str, str]:
@@ -253,8 +235,8 @@ class Tokenizer:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise LmlabError(f"{directory}: cannot create folder ({err.strerror or err})") from None
-        _atomic_write_text(directory / "tokenizer.json", self._backend.to_str(pretty=True))
-        _atomic_write_text(
+        write_text_atomic(directory / "tokenizer.json", self._backend.to_str(pretty=True))
+        write_text_atomic(
             directory / "tokenizer_config.json",
             json.dumps(self.tokenizer_config(), indent=2, ensure_ascii=False) + "\n",
         )

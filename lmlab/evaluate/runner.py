@@ -10,15 +10,13 @@
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lmlab.config import write_json_atomic
+from lmlab.config import write_json_atomic, write_jsonl_atomic
 from lmlab.errors import LmlabError
 from lmlab.io.checkpoint import load_model, resolve_checkpoint
 
@@ -67,7 +65,7 @@ def evaluate(
     if out is not None:
         out = Path(out)
         write_json_atomic(out / "metrics.json", result)
-        _write_jsonl_atomic(out / "predictions.jsonl", rows)
+        write_jsonl_atomic(out / "predictions.jsonl", rows)
     return result
 
 
@@ -150,10 +148,3 @@ def _perplexity(model, tokenizer, data, batch_size: int, text_field: str) -> tup
     if not total_tokens:
         raise LmlabError(f"{data}: no text to score")
     return {"perplexity": math.exp(total_nll / total_tokens), "nll_per_token": total_nll / total_tokens, "tokens": total_tokens, "documents": len(rows)}, rows
-
-
-def _write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    os.replace(tmp, path)

@@ -75,9 +75,8 @@ class MaskedLM:
         self.nsp, self.mask_prob, self.whole_word = nsp, mask_prob, whole_word
         self.mask_id, self.cls_id, self.sep_id = tokenizer.mask_id, tokenizer.bos_id, tokenizer.eos_id
         self.vocab_size = tokenizer.vocab_size
-        special = {tokenizer.token_to_id(t) for t in tokenizer.backend.get_added_tokens_decoder().values() for t in [t.content]}
-        self.special = torch.zeros(self.vocab_size, dtype=torch.bool)
-        self.special[sorted(i for i in special if i is not None)] = True
+        self.special = torch.zeros(self.vocab_size, dtype=torch.bool)  # added tokens: [CLS], [SEP], [MASK], …
+        self.special[list(tokenizer.backend.get_added_tokens_decoder())] = True
         # a token continues a word when WordPiece marks it "##" (byte-level BPE: when it lacks the "Ġ" space)
         vocab = tokenizer.backend.get_vocab()
         byte_level = any(t.startswith("Ġ") for t in vocab)
