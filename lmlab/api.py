@@ -8,6 +8,8 @@
     m.score("The cat", " sat on the mat")                    # -> Score (log-likelihood, perplexity)
 
 Every keyword of ``generate``/``stream`` is a :class:`GenerationConfig` field (or pass ``config=``).
+Decoders continue the prompt; an encoder–decoder (``t5-*`` presets) reads the prompt as its source
+and generates the target — same calls, same decoding loop (:mod:`lmlab.model.seq2seq`).
 """
 
 from __future__ import annotations
@@ -95,24 +97,33 @@ class LM:
                 return candidate
         return 0
 
-    def _need_decoder(self) -> None:
-        arch = self.model.config.arch
-        if arch != "decoder":
-            what = "an encoder (BERT style): it reads text but does not generate it" if arch == "encoder" else (
-                "an encoder–decoder: lmlab.load generates from decoder-only models for now (see lmlab.model.seq2seq.generate_seq2seq)"
+    @property
+    def is_seq2seq(self) -> bool:
+        return self.model.config.arch == "seq2seq"
+
+    def _need_generator(self) -> None:
+        if self.model.config.arch == "encoder":
+            raise LmlabError(
+                f"{self.path or 'this model'} is an encoder (BERT style): it reads text but does not generate it; "
+                "use a decoder or encoder–decoder checkpoint"
             )
-            raise LmlabError(f"{self.path or 'this model'} is {what}; use a decoder checkpoint")
 
     def _encode_prompts(self, prompts: Sequence[str], config: GenerationConfig) -> tuple[list[list[int]], int]:
         """Token ids of the prompts (cut from the left to fit the context window) and the tokens to generate."""
-        self._need_decoder()
+        self._need_generator()
         for i, p in enumerate(prompts):
             if not isinstance(p, str):
                 raise LmlabError(f"prompt {i} is {type(p).__name__}: expected a string")
+        if self.is_seq2seq:
+            return self._encode_sources(prompts, config)
         ids = self.tokenizer.encode_batch(list(prompts))
         for i, row in enumerate(ids):
             if not row:
                 raise LmlabError(f"prompt {i} is empty (it encodes to no tokens): give at least one character of prompt")
+        return self._fit(ids, config)
+
+    def _fit(self, ids: list[list[int]], config: GenerationConfig) -> tuple[list[list[int]], int]:
+        """Decoder prompts cut from the left to leave room for the new tokens, and how many to make."""
         longest = max(len(row) for row in ids)
         new = config.max_new_tokens
         if config.max_length is not None:
@@ -131,6 +142,37 @@ class LM:
             logger.warning("a prompt of %d tokens is cut to its last %d to fit the %d-token context window", longest, room, self.block_size)
             ids = [row[-room:] for row in ids]
         return ids, new
+
+    def _encode_sources(self, sources: Sequence[str], config: GenerationConfig) -> tuple[list[list[int]], int]:
+        """An encoder–decoder's source ids (as fine-tuning encodes them) and the target tokens to make:
+        the source has the whole context window; the target all of it but the start token."""
+        from lmlab.data.tasks import encode_sources
+
+        if any(not s.strip() for s in sources):
+            raise LmlabError("a source is empty: give at least one character of text to transform")
+        ids = encode_sources(self.tokenizer, sources)
+        longest = max(len(row) for row in ids)
+        if longest > self.block_size:
+            if config.truncate == "error":
+                raise LmlabError(f"a source has {longest} tokens; the encoder's context window holds {self.block_size} (use --truncate to cut it)")
+            logger.warning("a source of %d tokens is cut to its first %d, the encoder's context window", longest, self.block_size)
+            ids = encode_sources(self.tokenizer, sources, self.block_size)
+        new = min(config.max_new_tokens, self.block_size - 1)
+        if config.max_length is not None:
+            new = min(new, config.max_length - 1)  # a target's length counts its start token, as HF's max_length does
+            if new < 1:
+                raise LmlabError(f"--max-length {config.max_length} leaves no room for a target token after the start token")
+        return ids, new
+
+    def _decoder(self, ids: list[list[int]]) -> tuple[nn.Module, list[list[int]]]:
+        """The module the decoding loop drives and its prompts: the decoder-only model and its prompts, or an
+        encoder–decoder's decoder bound to the encoded sources, each starting from the start token."""
+        if not self.is_seq2seq:
+            return self.model, ids
+        from lmlab.model.seq2seq import condition_on_sources
+
+        with torch.inference_mode():
+            return condition_on_sources(self.model, ids, self._pad_id())
 
     def _generator(self, config: GenerationConfig) -> torch.Generator | None:
         if not config.samples:
@@ -197,8 +239,9 @@ class LM:
     def _steps(self, ids: list[list[int]], new: int, config: GenerationConfig, logprobs: int | None = None):
         """The greedy/sampling decoding loop for ``config`` (stop ids, stop strings, seed, processors)."""
         stop_ids = self._stop_ids(config)
+        model, ids = self._decoder(ids)
         return decode(
-            self.model, ids, max_new_tokens=new, processors=config.processors(stop_ids), sample=config.samples,
+            model, ids, max_new_tokens=new, processors=config.processors(stop_ids), sample=config.samples,
             generator=self._generator(config), stop_ids=stop_ids, stop_rules=config.stop_rules(self.tokenizer),
             pad_id=self._pad_id(), logprobs=logprobs,
         )
@@ -209,8 +252,9 @@ class LM:
 
     def _beam_search(self, ids: list[list[int]], new: int, config: GenerationConfig) -> BeamSearch:
         stop_ids = self._stop_ids(config)
+        model, ids = self._decoder(ids)
         return BeamSearch(
-            self.model, ids, num_beams=config.num_beams, max_new_tokens=new, processors=config.processors(stop_ids),
+            model, ids, num_beams=config.num_beams, max_new_tokens=new, processors=config.processors(stop_ids),
             stop_ids=stop_ids, stop_rules=config.stop_rules(self.tokenizer), length_penalty=config.length_penalty,
             early_stopping=config.early_stopping, num_return_sequences=config.num_return_sequences, pad_id=self._pad_id(),
         )
@@ -230,9 +274,18 @@ class LM:
 
     @torch.inference_mode()
     def _logprobs(self, context: list[int], continuation: list[int]) -> torch.Tensor:
-        """(len(continuation), vocab_size) log-probabilities of each continuation position given what precedes it."""
+        """(len(continuation), vocab_size) log-probabilities of each continuation position given what precedes it
+        (for an encoder–decoder: given the source ``context`` and the target tokens before it)."""
         if not context:
             raise LmlabError("scoring needs at least one token of context before the continuation")
+        if self.is_seq2seq:
+            if len(context) > self.block_size:
+                raise LmlabError(f"the source has {len(context)} tokens; the encoder's context window holds {self.block_size}")
+            target = [self.model.config.decoder_start_token_id] + continuation[:-1]
+            if len(target) > self.block_size:
+                raise LmlabError(f"the continuation has {len(continuation)} tokens; the decoder's context window holds {self.block_size}")
+            logits = self.model(torch.tensor([context], device=self.device), torch.tensor([target], device=self.device))[0]
+            return logits.float().log_softmax(dim=-1)
         if len(continuation) >= self.block_size:
             raise LmlabError(f"the continuation has {len(continuation)} tokens; the context window holds {self.block_size}")
         seq = (context + continuation)[-self.block_size :]
@@ -271,6 +324,25 @@ class LM:
             items = [c if details or logprobs is not None else (c.token_ids if return_ids else c.text) for c in row]
             shaped.append(items[0] if config.num_return_sequences == 1 else items)
         return shaped[0] if single else shaped
+
+    def complete_ids(
+        self, prompt_ids: Sequence[Sequence[int]], config: GenerationConfig | None = None, *, logprobs: int | None = None, **options
+    ) -> list[list[Completion]]:
+        """Generate from prompts already tokenized (sources, for an encoder–decoder): per prompt, a list of
+        ``num_return_sequences`` :class:`Completion` s. Prompts must fit the context window with the new
+        tokens (nothing is cut); evaluation uses this to decode exactly the ids it trained on."""
+        config = self._config(config, options)
+        self._need_generator()
+        ids = [[int(t) for t in row] for row in prompt_ids]
+        if not ids or any(not row for row in ids):
+            raise LmlabError("complete_ids: expected a non-empty list of non-empty token id lists")
+        if self.is_seq2seq:
+            new = min(config.max_new_tokens, self.block_size - 1)
+        else:
+            new = min(config.max_new_tokens, self.block_size - max(len(row) for row in ids))
+            if new < 1:
+                raise LmlabError(f"a prompt of {max(len(row) for row in ids)} tokens leaves no room in the {self.block_size}-token context window")
+        return self._completions(ids, new, config, logprobs)
 
     def stream(self, prompt: str, config: GenerationConfig | None = None, **options) -> Iterator[str]:
         """Yield the continuation of ``prompt`` piece by piece, as tokens are made.
@@ -330,8 +402,10 @@ class LM:
         ``text + continuation`` after those of ``text``. Token ids are scored as given. Without a
         continuation every token of ``text`` after the first is scored (all of them when the
         tokenizer has a beginning-of-text token, which is put in front). A list of texts gives a list.
+        An encoder–decoder scores the target ``continuation`` (its tokens, without end-of-text) given the
+        source ``text``.
         """
-        self._need_decoder()
+        self._need_generator()
         if not isinstance(text, str):
             if continuation is not None and not isinstance(continuation, (list, tuple)):
                 raise LmlabError("score: with a list of texts, give a list of continuations (or none)")
@@ -339,7 +413,14 @@ class LM:
             if len(conts) != len(text):
                 raise LmlabError(f"score: {len(text)} texts but {len(conts)} continuations")
             return [self.score(t, c) for t, c in zip(text, conts)]
-        if continuation is None:
+        if self.is_seq2seq:
+            from lmlab.data.tasks import encode_sources
+
+            if continuation is None:
+                raise LmlabError("an encoder–decoder scores a target given a source: score(source, target)")
+            context = encode_sources(self.tokenizer, [text])[0]
+            cont = self.tokenizer.encode(continuation) if isinstance(continuation, str) else [int(t) for t in continuation]
+        elif continuation is None:
             tokens = self.tokenizer.encode(text)
             bos = self.tokenizer.bos_id
             context, cont = ([bos], tokens) if bos is not None else (tokens[:1], tokens[1:])
@@ -363,7 +444,7 @@ def load(path: str | Path, device: str = "auto", dtype: torch.dtype | None = Non
     path = resolve_checkpoint(path)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_model(path, device=device, dtype=dtype)
+    model = load_model(path, device=device, dtype=dtype, merge_lora=True)  # adapters folded in: plain, faster inference
     if not (path / "tokenizer.json").is_file():
         raise LmlabError(f"{path}: no tokenizer.json; expected the tokenizer beside the weights")
     return LM(model, Tokenizer.load(path), path)

@@ -106,21 +106,32 @@ def build_parser() -> ArgumentParser:
         "qa (extractive answer spans). The task metric on --valid picks best/ and drives --patience."
     )
     finetune.add_argument("checkpoint", help="the pretrained checkpoint (or run folder) to start from")
-    finetune.add_argument("--task", required=True, help="classify, tag or qa")
-    finetune.add_argument("--train", required=True, help="training file: classify .jsonl/.csv/.tsv, tag CoNLL or .jsonl (tokens, tags), qa SQuAD .json")
+    finetune.add_argument("--task", required=True, help="classify, tag, qa or seq2seq")
+    finetune.add_argument(
+        "--train", required=True,
+        help="training file: classify .jsonl/.csv/.tsv, tag CoNLL or .jsonl (tokens, tags), qa SQuAD .json, seq2seq .jsonl (source, target)",
+    )
     finetune.add_argument("--valid", type=Optional[str], default=None, help="validation file of the same kind (metrics, best checkpoint)")
     finetune.add_argument("--out", required=True, help="run folder: checkpoints, best/, log.jsonl, loss.png")
-    finetune.add_argument("--max-length", type=int, default=128, help="tokens per example, special tokens included (default: 128)")
+    finetune.add_argument("--max-length", type=int, default=128, help="tokens per example, special tokens included; seq2seq: per source or prompt (default: 128)")
+    finetune.add_argument("--max-target-length", type=int, default=128, help="seq2seq: tokens per target, end-of-text included; also the generation length when scoring (default: 128)")
+    finetune.add_argument("--source-field", default="source", help="seq2seq: the source field (records with prompt/completion work too) (default: source)")
+    finetune.add_argument("--target-field", default="target", help="seq2seq: the target field (default: target)")
     finetune.add_argument("--text-field", default="text", help="classify: the text field/column (default: text)")
     finetune.add_argument("--pair-field", type=Optional[str], default=None, help="classify: the second text of a pair (default: none)")
     finetune.add_argument("--label-field", default="label", help="classify: the label field/column (a name, a list of names, or a number) (default: label)")
     finetune.add_argument("--class-weights", action="store_true", help="classify: weight classes by inverse frequency (imbalanced data)")
     finetune.add_argument("--patience", type=Optional[int], default=None, help="stop after this many evaluations without a better validation metric")
     finetune.add_argument("--resume", action="store_true", help="continue the latest checkpoint in --out exactly where it stopped")
+    finetune.add_argument(
+        "--lora", type=Optional[str], default=None,
+        help="train LoRA adapters (peft) instead of all weights: r=8,alpha=16,dropout=0.05,targets=qkv (targets: module "
+        "names such as qkv, proj, attn.proj, mlp.fc, mlp.proj; several as targets=qkv,proj); 'default' for those defaults",
+    )
     from lmlab.train.finetune import FINETUNE_DEFAULTS
 
     _add_dataclass_flags(finetune, TrainConfig, skip=("seq_len",), defaults=FINETUNE_DEFAULTS)
-    commands.add_subcommand("finetune", finetune, help="fine-tune on classify, tag or qa")
+    commands.add_subcommand("finetune", finetune, help="fine-tune on classify, tag, qa or seq2seq")
 
     evaluate = _parser(
         "Evaluate a checkpoint on a labelled file: the task's metrics with bootstrap 95% confidence intervals, "
@@ -128,9 +139,16 @@ def build_parser() -> ArgumentParser:
     )
     evaluate.add_argument("checkpoint", help="checkpoint folder (or run folder: its best checkpoint)")
     evaluate.add_argument("--data", required=True, help="the test file (as for finetune; text files for --task lm)")
-    evaluate.add_argument("--task", type=Optional[str], default=None, help="classify, tag, qa or lm (default: the checkpoint's task; lm for a plain decoder)")
+    evaluate.add_argument(
+        "--task", type=Optional[str], default=None,
+        help="classify, tag, qa, seq2seq or lm (default: the checkpoint's task; seq2seq for an encoder–decoder; lm for a plain decoder)",
+    )
     evaluate.add_argument("--out", type=Optional[str], default=None, help="folder for metrics.json and predictions.jsonl")
-    evaluate.add_argument("--max-length", type=int, default=128, help="tokens per example (default: 128)")
+    evaluate.add_argument("--max-length", type=int, default=128, help="tokens per example; seq2seq: per source or prompt (default: 128)")
+    evaluate.add_argument("--max-target-length", type=int, default=128, help="seq2seq: tokens to generate at most (default: 128)")
+    evaluate.add_argument("--num-beams", type=int, default=1, help="seq2seq: beam search with this many beams (default: 1, greedy)")
+    evaluate.add_argument("--source-field", default="source", help="seq2seq: the source field (default: source)")
+    evaluate.add_argument("--target-field", default="target", help="seq2seq: the target field (default: target)")
     evaluate.add_argument("--batch-size", type=int, default=32, help="examples per forward pass (default: 32)")
     evaluate.add_argument("--n-resamples", type=int, default=1000, help="bootstrap resamples for the confidence intervals (default: 1000)")
     evaluate.add_argument("--text-field", default="text", help="the text field/column (default: text)")
@@ -138,6 +156,11 @@ def build_parser() -> ArgumentParser:
     evaluate.add_argument("--label-field", default="label", help="classify: the label field/column (default: label)")
     evaluate.add_argument("--device", default="cpu", help="cpu, cuda (default: cpu)")
     commands.add_subcommand("evaluate", evaluate, help="task metrics with confidence intervals, or perplexity")
+
+    merge = _parser("Fold a LoRA checkpoint's adapters into its base weights: a plain checkpoint, for export and fast inference.")
+    merge.add_argument("checkpoint", help="a LoRA checkpoint (or run folder: its best checkpoint)")
+    merge.add_argument("--out", required=True, help="folder for the merged checkpoint (written atomically)")
+    commands.add_subcommand("merge-lora", merge, help="merge LoRA adapters into the base weights")
 
     generate = _parser(
         "Generate text from a checkpoint: greedy, sampling (temperature, top-k, top-p, min-p, typical-p) or beam "
@@ -340,8 +363,9 @@ def cmd_finetune(a) -> int:
     train_args = {f.name: getattr(a, f.name) for f in dataclasses.fields(TrainConfig) if f.name != "seq_len"}
     result = finetune(
         a.checkpoint, a.task, a.train, a.out, valid=a.valid, max_length=a.max_length, text_field=a.text_field,
-        pair_field=a.pair_field, label_field=a.label_field, class_weights=a.class_weights, patience=a.patience,
-        resume=a.resume, **train_args,
+        pair_field=a.pair_field, label_field=a.label_field, source_field=a.source_field, target_field=a.target_field,
+        max_target_length=a.max_target_length, class_weights=a.class_weights, patience=a.patience, resume=a.resume, lora=a.lora,
+        **train_args,
     )
     if os.environ.get("RANK", "0") != "0":
         return 0
@@ -351,16 +375,24 @@ def cmd_finetune(a) -> int:
     return 0
 
 
+def cmd_merge_lora(a) -> int:
+    from lmlab.train.lora import merge_checkpoint
+
+    print(f"lmlab: merged checkpoint {merge_checkpoint(a.checkpoint, a.out)}")
+    return 0
+
+
 def cmd_evaluate(a) -> int:
     from lmlab.evaluate.runner import evaluate
 
-    if a.batch_size < 1 or a.n_resamples < 1:
-        raise LmlabError("--batch-size and --n-resamples must be positive integers")
+    if a.batch_size < 1 or a.n_resamples < 1 or a.num_beams < 1 or a.max_target_length < 1:
+        raise LmlabError("--batch-size, --n-resamples, --num-beams and --max-target-length must be positive integers")
     result = evaluate(
         a.checkpoint, a.data, task=a.task, out=a.out, max_length=a.max_length, batch_size=a.batch_size,
         n_resamples=a.n_resamples, device=a.device, text_field=a.text_field, pair_field=a.pair_field, label_field=a.label_field,
+        source_field=a.source_field, target_field=a.target_field, max_target_length=a.max_target_length, num_beams=a.num_beams,
     )
-    skip = {"task", "checkpoint", "data", "ci", "per_class", "confusion_matrix", "calibration", "labels", "per_type"}
+    skip = {"task", "checkpoint", "data", "ci", "per_class", "confusion_matrix", "calibration", "labels", "per_type", "num_examples"}
     for name, value in result.items():
         if name in skip or not isinstance(value, (int, float)):
             continue
@@ -410,6 +442,7 @@ COMMANDS = {
     "pretrain": cmd_pretrain,
     "finetune": cmd_finetune,
     "evaluate": cmd_evaluate,
+    "merge-lora": cmd_merge_lora,
     "generate": cmd_generate,
     "info": cmd_info,
     "demo": cmd_demo,

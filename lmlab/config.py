@@ -74,6 +74,8 @@ class ModelConfig:
     # encoder–decoder (seq2seq: the 2017 Transformer, T5) parts; n_layer counts the encoder blocks
     n_decoder_layer: int | None = None  # seq2seq decoder blocks; None: = n_layer
     decoder_start_token_id: int = 0  # the token the decoder starts from (T5: pad, BART: eos)
+    # adapters: LoRA settings (lmlab.train.lora.LoraSpec.to_dict: r, alpha, dropout, targets); {} = none
+    lora: dict[str, Any] = field(default_factory=dict)  # set by apply_lora; load_model injects the same adapters
     name: str = ""  # the preset this came from, for humans only; nothing switches on it
 
     def __post_init__(self) -> None:
@@ -134,6 +136,12 @@ class ModelConfig:
                     raise bad(field_name, f"{off!r} for arch 'seq2seq' (the encoder–decoder has no segments, pooler or task heads)")
         if self.nsp_head and not self.pooler:
             raise bad("nsp_head", "False unless pooler is True (NSP reads the pooled vector)")
+        if not isinstance(self.lora, dict):
+            raise bad("lora", "a dict of LoRA settings (r, alpha, dropout, targets), or {} for none")
+        if self.lora:
+            from lmlab.train.lora import LoraSpec  # here, not at the top: lora imports the checkpoint code, which imports this
+
+            LoraSpec.from_dict(self.lora, source="model config field 'lora'")
 
     @property
     def head_dim(self) -> int:

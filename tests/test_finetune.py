@@ -187,3 +187,170 @@ def test_finetune_and_evaluate_through_the_cli(files, tmp_path, capsys, trained_
     assert "perplexity" in capsys.readouterr().out
     assert main(["evaluate", str(run), "--data", str(files["tag_valid"]), "--task", "tag"]) == 1
     assert "fine-tuned for 'classify'" in capsys.readouterr().err
+
+
+# -- seq2seq: an encoder–decoder on source → target, a decoder on prompt → completion ---------------
+ENGLISH = ["red", "blue", "green", "cat", "dog", "bird", "big", "small", "runs", "sleeps"]
+FRENCH = ["rouge", "bleu", "vert", "chat", "chien", "oiseau", "grand", "petit", "court", "dort"]
+
+
+def word_translation(n, seed, cue=""):
+    """Word-by-word 'translation' of 2–5 word sentences; ``cue`` ends a decoder's prompt."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        words = [rng.randrange(10) for _ in range(rng.randint(2, 5))]
+        rows.append({"source": " ".join(ENGLISH[i] for i in words) + cue, "target": " ".join(FRENCH[i] for i in words)})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def translated(tmp_path_factory):
+    """A t5-tiny and a gpt2-tiny, each fine-tuned to translate (the runs are shared by the tests below)."""
+    from lmlab.tokenizer import train_tokenizer
+
+    folder = tmp_path_factory.mktemp("s2s")
+    texts = [r["source"] + " " + r["target"] for r in word_translation(300, 0)]
+    out = {}
+    # byte-level BPE: tokenizers' WordPiece trainer numbers its ##-pieces in hash-map order, so its ids (and
+    # then merges) vary run to run (huggingface/tokenizers#1794), and with them what a tiny model learns
+    tok = train_tokenizer(texts, kind="bpe", vocab_size=300)
+    for family, cue, steps in (("t5-tiny", "", 450), ("gpt2-tiny", " =", 300)):
+        torch.manual_seed(0)
+        base = save_checkpoint(folder / family, build_model(preset(family, vocab_size=tok.vocab_size, dropout=0.0)), tokenizer=tok)
+        train = write_jsonl(folder / f"{family}-train.jsonl", word_translation(400, 1, cue))
+        valid = write_jsonl(folder / f"{family}-valid.jsonl", word_translation(60, 2, cue))
+        args = dict(TINY_TRAIN, micro_batch_size=16, lr=3e-3, warmup_steps=5, eval_interval=150, log_interval=50, keep_last=1, seed=0)
+        result = finetune(base, "seq2seq", train, folder / f"{family}-run", valid=valid, max_length=16, max_target_length=16, max_steps=steps, **args)
+        out[family] = dict(base=base, train=train, valid=valid, result=result, cue=cue)
+    return out
+
+
+@pytest.mark.parametrize("family, chrf", [("t5-tiny", 90), ("gpt2-tiny", 80)])
+def test_seq2seq_fine_tuning_learns_to_translate(translated, family, chrf):
+    import lmlab
+
+    run = translated[family]
+    assert run["result"].val_scores["chrf"] >= chrf, run["result"].val_scores
+    assert set(run["result"].val_scores) == {"chrf", "bleu", "rougeL"}
+    best = run["result"].best_checkpoint
+    assert read_meta(best)["objective"] == "seq2seq" and load_model(best).config.task == ""
+    m = lmlab.load(best)  # the fine-tuned model generates through the API like any checkpoint
+    if family == "t5-tiny":
+        assert m.generate(["red cat runs", "small bird sleeps"], max_new_tokens=8) == ["rouge chat court", "petit oiseau dort"]
+        good, bad = m.score("red cat", "rouge chat"), m.score("red cat", "bleu chien")
+        assert good.logprob > bad.logprob and good.token_ids == m.tokenizer.encode("rouge chat")
+    else:
+        assert m.generate("red cat runs" + run["cue"], max_new_tokens=8).strip() == "rouge chat court"
+
+
+def test_seq2seq_decoder_loss_ignores_the_prompt(translated):
+    """Changing the labels of prompt tokens cannot change the loss: only the completion is learnt."""
+    from lmlab.train.finetune import TaskObjective, load_task_data
+    from lmlab.tokenizer import Tokenizer
+
+    base = translated["gpt2-tiny"]["base"]
+    tok = Tokenizer.load(base)
+    data = load_task_data("seq2seq", translated["gpt2-tiny"]["valid"], tok, max_length=16, max_target_length=16, decoder_only=True)
+    objective = TaskObjective("seq2seq", data.features, tok.eos_id, model_arch="decoder")
+    model = load_model(base)
+    batch = objective.batch(torch.arange(8))
+    prompt = batch["labels"] == -100
+    assert prompt.any() and (prompt[:, 0]).all()  # every row starts with an ignored prompt
+    target_only = torch.where(prompt, -100, batch["labels"])
+    assert torch.equal(target_only, batch["labels"])
+    loss = objective.loss(model, batch)
+    logits = model(batch["input_ids"])[:, :-1]
+    manual = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100)
+    assert loss.item() == pytest.approx(manual.item(), rel=1e-6)
+    n_completion = (batch["labels"] != -100).sum().item()
+    per_token = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100, reduction="sum")
+    assert loss.item() == pytest.approx(per_token.item() / n_completion, rel=1e-6)  # the mean over completion tokens only
+
+
+def test_seq2seq_evaluate_through_the_cli(translated, tmp_path, capsys):
+    from lmlab.cli import main
+
+    run = translated["t5-tiny"]
+    assert main(["evaluate", str(run["result"].best_checkpoint), "--data", str(run["valid"]), "--out", str(tmp_path / "eval"),
+                 "--n-resamples", "100", "--num-beams", "2", "--max-target-length", "12"]) == 0  # task: seq2seq, the model's kind
+    out = capsys.readouterr().out
+    assert "bleu" in out and "chrf" in out and "95% CI" in out
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["task"] == "seq2seq" and metrics["chrf"] >= 90 and metrics["ci"]["bleu"]["low"] <= metrics["bleu"]
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 60 and {"source", "target", "prediction"} <= set(rows[0])
+    assert sum(r["prediction"] == r["target"] for r in rows) >= 40
+
+    decoder = translated["gpt2-tiny"]["result"].best_checkpoint  # a decoder fine-tuned on seq2seq evaluates as seq2seq
+    assert main(["evaluate", str(decoder), "--data", str(translated["gpt2-tiny"]["valid"]), "--n-resamples", "50"]) == 0
+    assert "chrf" in capsys.readouterr().out
+
+
+def test_seq2seq_bad_input_is_a_one_line_error(translated, files, tmp_path):
+    t5 = translated["t5-tiny"]
+    with pytest.raises(LmlabError, match="encoder \\(BERT style\\) does not generate"):
+        finetune(files["bert-tiny"], "seq2seq", t5["train"], tmp_path / "a")
+    with pytest.raises(LmlabError, match="--task classify fine-tunes encoders and decoders"):
+        finetune(t5["base"], "classify", files["cls_train"], tmp_path / "b")
+    with pytest.raises(LmlabError, match="--max-target-length 200 does not fit after a --max-length 100 prompt"):
+        finetune(translated["gpt2-tiny"]["base"], "seq2seq", t5["train"], tmp_path / "c", max_length=100, max_target_length=200)
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"source": "red cat", "target": "rouge chat"}, {"source": "dog"}])
+    with pytest.raises(LmlabError, match="bad.jsonl:2: missing field 'target'"):
+        finetune(t5["base"], "seq2seq", bad, tmp_path / "d")
+    with pytest.raises(LmlabError, match="was fine-tuned for 'seq2seq', not 'classify'"):
+        finetune(t5["base"], "classify", files["cls_train"], t5["result"].last_checkpoint.parent, resume=True)
+
+
+# -- LoRA ----------------------------------------------------------------------------------------------
+def test_lora_tagger_learns_trains_only_adapters_resumes_exactly_and_merges(files, tmp_path, monkeypatch, capsys):
+    from safetensors.torch import load_file
+
+    from lmlab.cli import main
+
+    args = dict(FAST, lr=3e-3, eval_interval=60, max_steps=120)
+    lora = "r=4,alpha=8,targets=qkv,mlp.fc"
+    result = finetune(files["bert-tiny"], "tag", files["tag_train"], tmp_path / "run", valid=files["tag_valid"], max_length=32, lora=lora, **args)
+    assert result.val_scores["f1"] >= 0.9, result.val_scores
+    assert "trainable of" in capsys.readouterr().err  # the adapter share is reported
+
+    # the frozen weights did not move: every base weight equals the pretrained checkpoint's
+    base, tuned = load_file(str(files["bert-tiny"] / "model.safetensors")), load_file(str(result.best_checkpoint / "model.safetensors"))
+    adapters = [k for k in tuned if ".lora_" in k]
+    assert adapters and all(".attn.qkv." in k or ".mlp.fc." in k for k in adapters)
+    for key, value in tuned.items():
+        plain = key.replace(".base_layer", "")
+        if ".lora_" not in key and not key.startswith("task_head."):
+            assert torch.equal(value, base[plain]), key
+
+    # merged (through the CLI) = unmerged, and a plain checkpoint
+    merged_dir = tmp_path / "merged"
+    assert main(["merge-lora", str(result.best_checkpoint), "--out", str(merged_dir)]) == 0
+    unmerged, merged = load_model(result.best_checkpoint), load_model(merged_dir)
+    assert unmerged.config.lora and not merged.config.lora and not any(".lora_" in k for k in merged.state_dict())
+    ids = torch.randint(5, files["tok"].vocab_size, (2, 12))
+    assert torch.allclose(unmerged.task_logits(ids), merged.task_logits(ids), atol=1e-5)
+    assert main(["evaluate", str(result.best_checkpoint), "--data", str(files["tag_valid"]), "--n-resamples", "50"]) == 0  # adapters merged on load
+    assert float(capsys.readouterr().out.split("f1:")[1].split()[0]) == pytest.approx(result.val_scores["f1"])
+
+    # a killed LoRA run resumes exactly like a full one
+    args = dict(FAST, lr=3e-3, eval_interval=5, max_steps=20)
+    whole = finetune(files["bert-tiny"], "tag", files["tag_train"], tmp_path / "whole", valid=files["tag_valid"], max_length=32, lora=lora, **args)
+    real = ExampleBatches.__call__
+
+    def crash(self, step, micro):
+        if step == 12:
+            raise KeyboardInterrupt
+        return real(self, step, micro)
+
+    monkeypatch.setattr(ExampleBatches, "__call__", crash)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(files["bert-tiny"], "tag", files["tag_train"], tmp_path / "killed", valid=files["tag_valid"], max_length=32, lora=lora, **args)
+    monkeypatch.setattr(ExampleBatches, "__call__", real)
+    resumed = finetune(files["bert-tiny"], "tag", files["tag_train"], tmp_path / "killed", valid=files["tag_valid"], max_length=32,
+                       lora=lora, resume=True, **args)
+    assert resumed.val_scores == whole.val_scores
+    assert torch.equal(load_file(str(resumed.last_checkpoint / "model.safetensors"))[adapters[0]],
+                       load_file(str(whole.last_checkpoint / "model.safetensors"))[adapters[0]])
+    with pytest.raises(LmlabError, match="--resume: .* was trained with --lora"):
+        finetune(files["bert-tiny"], "tag", files["tag_train"], tmp_path / "killed", max_length=32, lora="r=2", resume=True, **args)

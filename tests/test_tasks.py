@@ -575,3 +575,4 @@ def test_encoder_decoder_targets_end_with_eos_and_respect_lengths(bpe, corpus):
     assert out["labels"][1] == bpe.encode(data.targets[1])[:9] + [bpe.eos_id]
     truncated = encode_seq2seq(bpe, data, max_source_length=4, max_target_length=3, decoder_only=True)
     assert truncated["labels"][1] == [IGNORE_INDEX] * 4 + bpe.encode(data.targets[1])[:2] + [bpe.eos_id]
+    assert truncated["input_ids"][1][:4] == bpe.encode(data.sources[1])[-4:]  # a prompt keeps its end, where generation goes on

@@ -12,7 +12,8 @@ classify      :func:`read_classify` (JSONL/CSV/    :func:`encode_classify`
 tag           :func:`read_tags` (CoNLL, JSONL),    :func:`align_tags`,
               :func:`check_tags`                   :func:`tags_from_predictions`
 qa            :func:`read_squad` (SQuAD 1.1/2.0)   :func:`qa_features`, :func:`qa_postprocess`
-seq2seq       :func:`read_seq2seq` (JSONL)         :func:`encode_seq2seq`
+seq2seq       :func:`read_seq2seq` (JSONL)         :func:`encode_seq2seq`,
+                                                   :func:`encode_sources`
 ============  ===================================  ========================================
 
 Special tokens come from the tokenizer's post-processor (WordPiece: ``[CLS] a [SEP] b [SEP]`` with
@@ -66,6 +67,7 @@ __all__ = [
     "qa_features",
     "qa_postprocess",
     "encode_seq2seq",
+    "encode_sources",
 ]
 
 LABEL_KINDS = ("single", "multi", "regression")
@@ -915,12 +917,13 @@ def encode_seq2seq(
 ) -> dict[str, list[list[int]]]:
     """Token ids for sequence-to-sequence training.
 
-    Encoder–decoder: ``input_ids`` is the source through the post-processor (``[CLS] src [SEP]`` or
-    ``src eos``), at most ``max_source_length`` tokens; ``labels`` the target, at most
-    ``max_target_length`` tokens ending with eos. Decoder-only: ``input_ids`` is prompt + completion +
-    eos in one sequence (prompt cut to ``max_source_length``, completion + eos to
-    ``max_target_length``) and ``labels`` equal it with ``IGNORE_INDEX`` on the prompt tokens, so
-    only the completion is learnt. Labels line up with ``input_ids``; the loss shifts them.
+    Encoder–decoder: ``input_ids`` is the source through the post-processor (:func:`encode_sources`),
+    at most ``max_source_length`` tokens; ``labels`` the target, at most ``max_target_length`` tokens
+    ending with eos. Decoder-only: ``input_ids`` is prompt + completion + eos in one sequence (the
+    prompt's last ``max_source_length`` tokens — its end, where a cue such as "Answer:" sits, is what
+    generation continues from —, completion + eos cut to ``max_target_length``) and ``labels`` equal
+    it with ``IGNORE_INDEX`` on the prompt tokens, so only the completion is learnt. Labels line up
+    with ``input_ids``; the loss shifts them.
     """
     eos_id = tokenizer.eos_id
     if eos_id is None:
@@ -931,12 +934,20 @@ def encode_seq2seq(
     targets = [encoding.ids[: max_target_length - 1] + [eos_id] for encoding in target_encodings]
     if decoder_only:
         _check_int("max_source_length", max_source_length, 1)
-        prompts = [e.ids[:max_source_length] for e in backend.encode_batch(data.sources, add_special_tokens=False)]
+        prompts = [e.ids[-max_source_length:] for e in backend.encode_batch(data.sources, add_special_tokens=False)]
         return {
             "input_ids": [prompt + target for prompt, target in zip(prompts, targets)],
             "labels": [[IGNORE_INDEX] * len(prompt) + target for prompt, target in zip(prompts, targets)],
         }
-    _check_int("max_source_length", max_source_length, backend.num_special_tokens_to_add(False) + 1)
-    backend.enable_truncation(max_source_length)
-    sources = [e.ids for e in backend.encode_batch(data.sources, add_special_tokens=True)]
-    return {"input_ids": sources, "labels": targets}
+    return {"input_ids": encode_sources(tokenizer, data.sources, max_source_length), "labels": targets}
+
+
+def encode_sources(tokenizer: Tokenizer, sources: Sequence[str], max_length: int | None = None) -> list[list[int]]:
+    """An encoder–decoder's source ids: each text through the post-processor (``[CLS] src [SEP]``, or
+    ``src eos`` for tokenizers that add no special tokens), cut to ``max_length`` tokens keeping the
+    special tokens (``None``: not cut). Training and generation both encode sources this way."""
+    backend = _task_backend(tokenizer)
+    if max_length is not None:
+        _check_int("max_source_length", max_length, backend.num_special_tokens_to_add(False) + 1)
+        backend.enable_truncation(max_length)
+    return [e.ids for e in backend.encode_batch(list(sources), add_special_tokens=True)]

@@ -5,7 +5,9 @@
     predictions.jsonl  one line per example: the input, the gold answer, the prediction (and its
                        confidence) — what the critique reads
 
-``--task lm`` reports the perplexity of a decoder on a text file instead.
+``--task seq2seq`` generates each source's output (greedy, or beam search with ``num_beams``) and
+scores it against the target: BLEU and chrF (sacrebleu) and ROUGE. ``--task lm`` reports the
+perplexity of a decoder on a text file instead.
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ import torch
 
 from lmlab.config import write_json_atomic, write_jsonl_atomic
 from lmlab.errors import LmlabError
-from lmlab.io.checkpoint import load_model, resolve_checkpoint
+from lmlab.io.checkpoint import load_model, read_meta, resolve_checkpoint
 
-TASKS = ("classify", "tag", "qa", "lm")
+TASKS = ("classify", "tag", "qa", "seq2seq", "lm")
 
 
 def evaluate(
@@ -36,20 +38,41 @@ def evaluate(
     text_field: str = "text",
     pair_field: str | None = None,
     label_field: str = "label",
+    source_field: str = "source",
+    target_field: str = "target",
+    max_target_length: int = 128,
+    num_beams: int = 1,
 ) -> dict[str, Any]:
-    """Metrics of ``checkpoint`` on ``data`` (the checkpoint's own task unless ``task`` says otherwise)."""
+    """Metrics of ``checkpoint`` on ``data`` (the checkpoint's own task unless ``task`` says otherwise:
+    a task head's task, seq2seq for an encoder–decoder or a decoder fine-tuned on it, else lm)."""
+    from lmlab.evaluate import metrics as M
     from lmlab.tokenizer import Tokenizer
-    from lmlab.train.finetune import TaskObjective, load_task_data, predict_logits
+    from lmlab.train.finetune import TaskObjective, generate_outputs, load_task_data, predict_logits
 
     path = resolve_checkpoint(checkpoint)
-    model = load_model(path, device=device).eval()
+    model = load_model(path, device=device, merge_lora=True).eval()
     tokenizer = Tokenizer.load(path)
     config = model.config
-    task = task or config.task or ("lm" if config.arch == "decoder" else "")
+    if not task:
+        seq2seq = config.arch == "seq2seq" or read_meta(path).get("objective") == "seq2seq"
+        task = config.task or ("seq2seq" if seq2seq else "lm" if config.arch == "decoder" else "")
     if task not in TASKS:
         raise LmlabError(f"--task '{task}': expected one of {', '.join(TASKS)} (the checkpoint has no task head; name one)")
     if task == "lm":
         result, rows = _perplexity(model, tokenizer, data, batch_size, text_field)
+    elif task == "seq2seq":
+        if config.arch == "encoder":
+            raise LmlabError(f"{path} is an encoder (BERT style): --task seq2seq needs a model that generates (encoder–decoder or decoder)")
+        max_length = min(max_length, config.block_size)
+        test = load_task_data("seq2seq", data, tokenizer, max_length=max_length, source_field=source_field, target_field=target_field,
+                              max_target_length=max_target_length, decoder_only=config.arch == "decoder")
+        outputs = generate_outputs(model, tokenizer, test, max_new_tokens=max_target_length, batch_size=batch_size, num_beams=num_beams)
+        references = [t.strip() for t in test.raw.targets]
+        result = M.with_cis("seq2seq", outputs, references, n_resamples=n_resamples)
+        rows = [
+            {"index": i, "source": src, "target": ref, "prediction": out}
+            for i, (src, ref, out) in enumerate(zip(test.raw.sources, references, outputs))
+        ]
     else:
         if config.task != task:
             raise LmlabError(f"{path} was fine-tuned for {config.task or 'no task'!r}; it cannot be evaluated on --task {task}")

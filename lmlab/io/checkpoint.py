@@ -8,6 +8,11 @@ A checkpoint folder holds
 - ``tokenizer.json`` + ``tokenizer_config.json`` — the tokenizer, so the folder stands alone;
 - ``train_state.pt`` — for resuming only: optimizer state, RNG states, step, best validation loss.
 
+A LoRA checkpoint (``config.lora`` set, see :mod:`lmlab.train.lora`) is self-contained too: it holds
+the base weights and the adapters, under peft's names (``blocks.0.attn.qkv.base_layer.weight``,
+``blocks.0.attn.qkv.lora_A.default.weight``, …). :func:`load_model` injects the same adapters before
+loading it strictly; ``load_model(..., merge_lora=True)`` folds them in, giving a plain model.
+
 A run folder holds ``step-XXXXXXXX/`` checkpoints (the last K are kept), ``best/`` (lowest
 validation loss), ``log.jsonl`` and ``loss.png``. Every checkpoint is written into a hidden temp
 folder and renamed into place, so a run killed mid-write never leaves a half checkpoint.
@@ -132,19 +137,33 @@ def read_meta(path: str | Path) -> dict[str, Any]:
         raise LmlabError(f"{file}: invalid JSON at line {e.lineno}: {e.msg}") from None
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
-    """Build the model a checkpoint folder describes and load its weights (strictly)."""
+def load_model(
+    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, merge_lora: bool = False
+) -> nn.Module:
+    """Build the model a checkpoint folder describes and load its weights (strictly).
+
+    A LoRA checkpoint comes back as it was saved: adapters injected, only they (and a task head)
+    trainable, parameters in the same order, so a resumed optimizer state fits. ``merge_lora`` folds
+    the adapters into the base weights after loading (a plain model, for inference and export); it
+    changes nothing for a checkpoint without adapters.
+    """
     from lmlab.model import build_model
 
     path = resolve_checkpoint(path)
     config = ModelConfig.load(path / CONFIG_FILE)
     with torch.device("meta"):
         model = build_model(config)
+        if config.lora:
+            from lmlab.train import lora  # here, not at the top: lora imports this module
+
+            lora.apply_lora(model, lora.LoraSpec.from_dict(config.lora))
     model.to_empty(device=device)
     model.tie_weights()  # to_empty gives every parameter its own storage; a tied head must share again
     state = load_file(str(path / WEIGHTS_FILE), device=str(device))
     load_weights(model, state, source=str(path / WEIGHTS_FILE))
     _rebuild_buffers(model)  # buffers that are not stored (RoPE tables) are recomputed on the device
+    if merge_lora and config.lora:
+        lora.merge_lora(model)
     if dtype is not None:
         model.to(dtype=dtype)
     return model.eval()

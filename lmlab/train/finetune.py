@@ -1,4 +1,4 @@
-"""``lmlab.finetune``: a pretrained checkpoint + labelled files → a task model (classify, tag, qa).
+"""``lmlab.finetune``: a pretrained checkpoint + labelled files → a task model (classify, tag, qa, seq2seq).
 
 The same one training loop as pretraining: the batches are example indices (a pure function of the
 step, so resuming is exact), a :class:`TaskObjective` collates them and computes the task's loss,
@@ -8,6 +8,16 @@ best checkpoint and drives early stopping.
     classify   JSONL/CSV/TSV with text (+ pair) and label(s)   accuracy, macro-F1 (torchmetrics)
     tag        CoNLL or JSONL tokens/tags (BIO, IOB1, IOBES)    entity F1 (seqeval)
     qa         SQuAD v1.1 / v2.0 JSON                           exact match, F1 (SQuAD rules)
+    seq2seq    JSONL source/target (or prompt/completion)       chrF, BLEU (sacrebleu), ROUGE of greedy outputs
+
+``seq2seq`` trains an encoder–decoder on source → target (teacher forcing, the target shifted right
+behind the start token), or a decoder on prompt → completion with the loss on the completion only;
+either way the model keeps its LM head (no task head) and is scored by generating through
+:class:`lmlab.api.LM`, the one decoding path.
+
+``lora`` (``--lora r=8,alpha=16,targets=qkv``) freezes the model and trains low-rank adapters through
+``peft`` (:mod:`lmlab.train.lora`) plus the new task head; checkpoints hold base + adapters and resume
+like any run; ``lmlab merge-lora`` folds the adapters in for export.
 """
 
 from __future__ import annotations
@@ -24,18 +34,19 @@ from torch import Tensor, nn
 
 from lmlab.config import ModelConfig
 from lmlab.errors import LmlabError
-from lmlab.io.checkpoint import latest_checkpoint, load_model, resolve_checkpoint
+from lmlab.io.checkpoint import latest_checkpoint, load_model, read_meta, resolve_checkpoint
 from lmlab.model import build_model
 from lmlab.train import dist as dist_mod
 from lmlab.train.data import hash_position
 from lmlab.train.loop import TrainConfig, TrainResult, train_loop
 from lmlab.train.objectives import IGNORE_INDEX
 
-TASKS = ("classify", "tag", "qa")
+TASKS = ("classify", "tag", "qa", "seq2seq")
 # fine-tuning starts from BERT's recipe (Devlin et al.: 2e-5–5e-5, no long warm-up, AdamW β2 0.999, decay 0.01)
 FINETUNE_DEFAULTS = dict(lr=5e-5, warmup_steps=0, weight_decay=0.01, beta2=0.999, max_steps=300, eval_interval=100)
 # the metric that picks the best checkpoint, per task (higher is better)
-SELECT = {"classify": "accuracy", "multi": "f1_micro", "regression": "pearson", "tag": "f1", "qa": "f1"}  # multi/regression: classify kinds
+# (seq2seq: chrF, as BLEU of a small validation set sits at 0 until whole 4-grams match; both are logged)
+SELECT = {"classify": "accuracy", "multi": "f1_micro", "regression": "pearson", "tag": "f1", "qa": "f1", "seq2seq": "chrf"}
 
 
 class ExampleBatches:
@@ -73,7 +84,9 @@ class TaskObjective:
 
     classify: cross-entropy (optionally class-weighted), binary cross-entropy per label (multi-label)
     or mean squared error (regression); tag: token cross-entropy on the first sub-token of each word;
-    qa: the mean of the start and end cross-entropies.
+    qa: the mean of the start and end cross-entropies; seq2seq: next-token cross-entropy on the
+    target (``model_arch`` "seq2seq": the decoder fed the target shifted right behind ``start_id``;
+    "decoder": prompt + completion in one sequence, the prompt's labels ignored).
     """
 
     arch = "any"
@@ -81,9 +94,11 @@ class TaskObjective:
     def __init__(
         self, task: str, features: dict[str, list], pad_id: int, problem_type: str = "single",
         class_weights: Tensor | None = None, valid_features: dict[str, list] | None = None,
+        model_arch: str = "encoder", start_id: int = 0,
     ) -> None:
         self.name, self.task, self.features, self.pad_id = task, task, features, pad_id
         self.problem_type, self.class_weights, self.valid_features = problem_type, class_weights, valid_features
+        self.model_arch, self.start_id = model_arch, start_id
 
     def batch(self, indices: Tensor, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         """Training examples ``indices``, padded on the right."""
@@ -116,12 +131,27 @@ class TaskObjective:
                 row = features["labels"][i]
                 labels[k, : len(row)] = torch.tensor(row)
             out["labels"] = labels
+        elif self.task == "seq2seq":
+            targets = [features["labels"][i] for i in rows]
+            labels = torch.full((len(rows), max(len(t) for t in targets)), IGNORE_INDEX, dtype=torch.long)
+            for k, target in enumerate(targets):
+                labels[k, : len(target)] = torch.tensor(target)
+            out["labels"] = labels
         else:
             out["start_positions"] = torch.tensor([features["start_positions"][i] for i in rows])
             out["end_positions"] = torch.tensor([features["end_positions"][i] for i in rows])
         return out
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        if self.task == "seq2seq":
+            labels = batch["labels"]
+            if self.model_arch == "seq2seq":
+                from lmlab.model.seq2seq import shift_right
+
+                logits = model(batch["input_ids"], shift_right(labels, self.start_id), batch["attention_mask"])
+            else:  # right padding needs no mask under causal attention: real tokens never see it
+                logits, labels = model(batch["input_ids"])[:, :-1], labels[:, 1:]
+            return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
         logits = model.task_logits(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"]).float()
         if self.task == "classify":
             if self.problem_type == "single":
@@ -145,8 +175,9 @@ class TaskData:
     num_labels: int
     problem_type: str = "single"
     labels: list[str] = dataclasses.field(default_factory=list)
-    raw: Any = None  # the reader's object (ClassifyData, TagData, SquadExamples)
+    raw: Any = None  # the reader's object (ClassifyData, TagData, SquadExamples, Seq2SeqData)
     qa_features: list | None = None
+    prompts: list[list[int]] | None = None  # seq2seq: what generation starts from (sources, or decoder prompts)
 
     def __len__(self) -> int:
         return len(self.features["input_ids"])
@@ -155,9 +186,23 @@ class TaskData:
 def load_task_data(
     task: str, path: str | Path, tokenizer, *, max_length: int, labels: list[str] | None = None, problem_type: str | None = None,
     text_field: str = "text", pair_field: str | None = None, label_field: str = "label", doc_stride: int = 128,
+    source_field: str = "source", target_field: str = "target", max_target_length: int = 128, decoder_only: bool = False,
 ) -> TaskData:
-    """Read a task file and build its features. ``labels`` (the training labels) check a validation file."""
+    """Read a task file and build its features. ``labels`` (the training labels) check a validation file.
+    seq2seq: ``max_length`` bounds the source (a decoder's prompt), ``max_target_length`` the target."""
     from lmlab.data import tasks as T
+
+    if task == "seq2seq":
+        data = T.read_seq2seq(path, source_field=source_field, target_field=target_field)
+        features = T.encode_seq2seq(tokenizer, data, max_length, max_target_length, decoder_only=decoder_only)
+        if decoder_only:
+            prompts = [ids[: labels.count(IGNORE_INDEX)] for ids, labels in zip(features["input_ids"], features["labels"])]
+            for k, prompt in enumerate(prompts):
+                if not prompt:
+                    raise LmlabError(f"{path}:{data.lines[k]}: the prompt encodes to no tokens; a decoder needs a prompt to continue")
+        else:
+            prompts = features["input_ids"]
+        return TaskData("seq2seq", features, 0, raw=data, prompts=prompts)
 
     if task == "classify":
         data = T.read_classify(path, text_field=text_field, pair_field=pair_field, label_field=label_field)
@@ -205,11 +250,34 @@ def predict_logits(model: nn.Module, objective: TaskObjective, n: int, batch_siz
     return out
 
 
-def task_metrics(data: TaskData, logits: list[Tensor]) -> dict[str, float]:
-    """The headline metrics of predictions (as logits) against ``data``'s gold labels."""
+def generate_outputs(
+    model: nn.Module, tokenizer, data: TaskData, *, max_new_tokens: int, batch_size: int, num_beams: int = 1
+) -> list[str]:
+    """seq2seq: the model's output text for each example's source (prompt) — greedy, or beam search."""
+    from lmlab.api import LM
+    from lmlab.generate import GenerationConfig
+
+    was_training = model.training
+    lm = LM(model, tokenizer)  # puts the model in eval mode
+    config = GenerationConfig(strategy="beam" if num_beams > 1 else "greedy", num_beams=num_beams, max_new_tokens=max_new_tokens)
+    try:
+        outputs: list[str] = []
+        for start in range(0, len(data.prompts), batch_size):
+            outputs += [row[0].text.strip() for row in lm.complete_ids(data.prompts[start : start + batch_size], config)]
+        return outputs
+    finally:
+        model.train(was_training)
+
+
+def task_metrics(data: TaskData, predictions: list[Tensor] | list[str]) -> dict[str, float]:
+    """The headline metrics of predictions (logits; seq2seq: output texts) against ``data``'s gold labels."""
     from lmlab.data import tasks as T
     from lmlab.evaluate import metrics as M
 
+    if data.task == "seq2seq":
+        m = M.seq2seq_metrics(predictions, [t.strip() for t in data.raw.targets])
+        return {k: m[k] for k in ("chrf", "bleu", "rougeL")}
+    logits = predictions
     if data.task == "classify":
         stacked = torch.stack(logits)
         gold = data.features["labels"]
@@ -248,18 +316,28 @@ def finetune(
     text_field: str = "text",
     pair_field: str | None = None,
     label_field: str = "label",
+    source_field: str = "source",
+    target_field: str = "target",
+    max_target_length: int = 128,
     class_weights: bool = False,
     patience: int | None = None,
     resume: bool = False,
+    lora: str | Any | None = None,
     **train_args: Any,
 ) -> TrainResult:
     """Fine-tune ``checkpoint`` (an lmlab checkpoint or run folder) on a task; checkpoints go to ``out``.
 
     The model gets a fresh task head for ``task`` (a checkpoint already fine-tuned on the same task
-    keeps its head); ``train_args`` are :class:`TrainConfig` fields. With ``valid`` the task metric
-    picks ``best/`` and ``patience`` evaluations without improvement stop the run early.
+    keeps its head; seq2seq keeps the LM head and needs none); ``train_args`` are :class:`TrainConfig`
+    fields. With ``valid`` the task metric picks ``best/`` and ``patience`` evaluations without
+    improvement stop the run early. seq2seq: ``max_length`` bounds the source (a decoder's prompt)
+    and ``max_target_length`` the target; a decoder holds both in its context window. ``lora`` (a
+    ``--lora`` string or a :class:`~lmlab.train.lora.LoraSpec`) trains adapters instead of the weights.
     """
     from lmlab.tokenizer import Tokenizer
+    from lmlab.train import lora as lora_mod
+
+    spec = lora_mod.parse_lora(lora) if isinstance(lora, str) else lora
 
     if task not in TASKS:
         raise LmlabError(f"unknown --task '{task}'; expected one of {', '.join(TASKS)}")
@@ -271,43 +349,64 @@ def finetune(
     if not resume and latest_checkpoint(out) is not None:
         raise LmlabError(f"{out} already holds checkpoints: pass --resume to continue that run, or choose another --out")
     base = resume_from or resolve_checkpoint(checkpoint)
+    if resume_from is not None and read_meta(resume_from).get("objective") != task:
+        raise LmlabError(f"--resume: {resume_from} was fine-tuned for {read_meta(resume_from).get('objective')!r}, not {task!r}")
     tokenizer = Tokenizer.load(base)
     base_config = ModelConfig.load(base / "config.json")
-    if base_config.arch not in ("encoder", "decoder"):
-        raise LmlabError(f"{base}: a {base_config.arch} model; --task {task} fine-tunes encoders and decoders")
+    arch = base_config.arch
+    if task == "seq2seq" and arch == "encoder":
+        raise LmlabError(f"{base}: an encoder (BERT style) does not generate; --task seq2seq fine-tunes encoder–decoders and decoders")
+    if task != "seq2seq" and arch not in ("encoder", "decoder"):
+        raise LmlabError(f"{base}: a {arch} model; --task {task} fine-tunes encoders and decoders (an encoder–decoder takes --task seq2seq)")
     if max_length > base_config.block_size:
         raise LmlabError(f"--max-length {max_length} exceeds the model's block_size {base_config.block_size}")
+    if task == "seq2seq":
+        room = base_config.block_size - (max_length if arch == "decoder" else 0)
+        if max_target_length > room:
+            where = f"after a --max-length {max_length} prompt in" if arch == "decoder" else "in"
+            raise LmlabError(f"--max-target-length {max_target_length} does not fit {where} the model's block_size {base_config.block_size}")
     if tokenizer.pad_id is None and tokenizer.eos_id is None:
         raise LmlabError(f"{base}: the tokenizer has neither a pad nor an eos token to pad batches with")
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
 
-    options = dict(max_length=max_length, text_field=text_field, pair_field=pair_field, label_field=label_field)
+    options = dict(max_length=max_length, text_field=text_field, pair_field=pair_field, label_field=label_field, source_field=source_field,
+                   target_field=target_field, max_target_length=max_target_length, decoder_only=arch == "decoder")
     train_data = load_task_data(task, train, tokenizer, **options)
     valid_data = None
     if valid is not None:
-        valid_data = load_task_data(task, valid, tokenizer, labels=train_data.labels if task != "qa" else None,
+        valid_data = load_task_data(task, valid, tokenizer, labels=train_data.labels if task in ("classify", "tag") else None,
                                     problem_type=train_data.problem_type if task == "classify" else None, **options)
 
-    config = dataclasses.replace(
-        base_config, task=task, num_labels=train_data.num_labels, problem_type=train_data.problem_type,
-        labels=train_data.labels if task != "qa" else ["start", "end"],
-    )
+    if task == "seq2seq":  # the LM head generates: no task head (one the base had is dropped)
+        config = dataclasses.replace(base_config, task="", num_labels=0, problem_type="single", labels=[], lora={})
+    else:
+        config = dataclasses.replace(
+            base_config, task=task, num_labels=train_data.num_labels, problem_type=train_data.problem_type,
+            labels=train_data.labels if task != "qa" else ["start", "end"], lora={},
+        )
     info, device = dist_mod.setup(cfg.device)
     torch.manual_seed(cfg.seed)
     if resume_from is not None:
-        model = load_model(resume_from, device=device).train()
-        if model.config.task != task:
-            raise LmlabError(f"--resume: {resume_from} was fine-tuned for {model.config.task!r}, not {task!r}")
+        model = load_model(resume_from, device=device).train()  # adapters and all, as saved
+        saved = lora_mod.LoraSpec.from_dict(model.config.lora) if model.config.lora else None
+        if spec is not None and spec != saved:
+            raise LmlabError(f"--resume: {resume_from} was trained {'with --lora ' + str(saved.to_dict()) if saved else 'without --lora'}; resume it as it was")
     else:
         model = _with_task_head(base, base_config, config, device)
+        if spec is not None:
+            lora_mod.apply_lora(model, spec)
+    if model.config.lora and info.is_main:
+        print(f"lmlab: {lora_mod.trainable_summary(model)}", file=sys.stderr)
 
     weights = None
     if class_weights and task == "classify" and train_data.problem_type == "single":
         counts = torch.bincount(torch.tensor(train_data.features["labels"]), minlength=train_data.num_labels).float()
         weights = counts.sum() / (len(counts) * counts.clamp(min=1))  # "balanced", as scikit-learn
-    objective = TaskObjective(task, train_data.features, pad_id, train_data.problem_type, weights)
+    objective = TaskObjective(
+        task, train_data.features, pad_id, train_data.problem_type, weights, model_arch=arch, start_id=base_config.decoder_start_token_id
+    )
     batches = ExampleBatches(len(train_data), cfg.micro_batch_size, cfg.grad_accum_steps, cfg.seed, info.rank, info.world_size)
-    cfg.seq_len = max_length
+    cfg.seq_len = max_length + (max_target_length if task == "seq2seq" else 0)
 
     valid_batches: list[Tensor] = []
     score_fn: Callable[[nn.Module], dict[str, float]] | None = None
@@ -318,12 +417,17 @@ def finetune(
         valid_batches = [torch.arange(i, min(i + cfg.micro_batch_size, len(valid_data))) for i in range(0, len(valid_data), cfg.micro_batch_size)]
 
         def score_fn(m: nn.Module) -> dict[str, float]:
+            if task == "seq2seq":
+                outputs = generate_outputs(m, tokenizer, valid_data, max_new_tokens=max_target_length, batch_size=cfg.micro_batch_size)
+                return task_metrics(valid_data, outputs)
             return task_metrics(valid_data, predict_logits(m, scorer, len(valid_data), cfg.micro_batch_size, device))
 
         select = SELECT[train_data.problem_type if task == "classify" and train_data.problem_type != "single" else task]
     if info.is_main:
         print(
-            f"lmlab: fine-tuning {base} for {task} ({config.num_labels} labels), {len(train_data):,} training examples"
+            f"lmlab: fine-tuning {base} for {task} "
+            + (f"({'source → target' if arch == 'seq2seq' else 'prompt → completion'})" if task == "seq2seq" else f"({config.num_labels} labels)")
+            + f", {len(train_data):,} training examples"
             + (f", {len(valid_data):,} validation" if valid_data is not None else "")
             + f"; {batches.steps_per_epoch():,} steps per epoch, {cfg.max_steps:,} steps",
             file=sys.stderr,
@@ -339,11 +443,17 @@ def finetune(
 
 
 def _with_task_head(base: Path, base_config: ModelConfig, config: ModelConfig, device: torch.device) -> nn.Module:
-    """The base checkpoint's weights in a model with ``config``'s task head (fresh unless the base has the same one)."""
+    """The base checkpoint's weights in a model with ``config``'s task head (fresh unless the base has the same one).
+    A LoRA base is merged first: its adapters become part of the weights the new run starts from."""
     from safetensors.torch import load_file
 
+    from lmlab.io.checkpoint import weights_for_saving
+
     model = build_model(config)
-    state = load_file(str(base / "model.safetensors"))
+    if base_config.lora:
+        state = weights_for_saving(load_model(base, merge_lora=True))
+    else:
+        state = load_file(str(base / "model.safetensors"))
     same_head = base_config.task == config.task and base_config.num_labels == config.num_labels
     state = {k: v for k, v in state.items() if same_head or not k.startswith("task_head.")}
     result = model.load_state_dict(state, strict=False)

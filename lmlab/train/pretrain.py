@@ -77,7 +77,7 @@ def pretrain(
     if resume_from is not None:
         net = load_model(resume_from, device=device).train()
     elif init_from is not None:
-        net = load_model(init_from, device=device).train()
+        net = load_model(init_from, device=device, merge_lora=True).train()  # a LoRA checkpoint starts as its merged weights
     else:
         net = build_model(config).to(device)
 
