@@ -172,7 +172,7 @@ def build_parser() -> ArgumentParser:
     generate.add_argument("--prompts-file", type=Optional[str], default=None, help="a UTF-8 file with one prompt per line (or .jsonl with a 'prompt' field)")
     generate.add_argument("--interactive", "-i", action="store_true", help="a REPL: type a prompt, watch the continuation stream; Ctrl-D or /quit ends")
     generate.add_argument("--stream", action="store_true", help="print tokens as they are made (one prompt)")
-    generate.add_argument("--format", default="text", help="text (prompt + continuation) or jsonl (one object per output) (default: text)")
+    generate.add_argument("--format", default="text", help="text (prompt + continuation; an encoder–decoder's target alone) or jsonl (one object per output) (default: text)")
     generate.add_argument("--output", type=Optional[str], default=None, help="write the outputs to this file instead of stdout (atomically)")
     generate.add_argument("--logprobs", type=Optional[int], default=None, help="jsonl: add each token's log-probability and its N most likely alternatives")
     generate.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (default: 8)")
@@ -296,7 +296,7 @@ def _interactive(lm, config) -> int:
         if not prompt.strip():
             continue
         try:
-            sys.stdout.write(prompt)
+            sys.stdout.write("" if lm.is_seq2seq else prompt)
             _stream(lm, prompt, config, sys.stdout)
         except LmlabError as e:  # a bad prompt ends that turn, not the session
             print(f"\nlmlab: error: {e}", file=sys.stderr)
@@ -323,8 +323,9 @@ def cmd_generate(a) -> int:
     lm = load(a.checkpoint, device=a.device)
     if a.interactive:
         return _interactive(lm, config)
+    echo = "" if lm.is_seq2seq else None  # an encoder–decoder's output is no continuation: print the target alone
     if a.stream:
-        sys.stdout.write(prompts[0])
+        sys.stdout.write(prompts[0] if echo is None else echo)
         _stream(lm, prompts[0], config, sys.stdout)
         return 0
     lines: list[str] = []
@@ -334,7 +335,7 @@ def cmd_generate(a) -> int:
         for prompt, outputs in zip(chunk, results):
             for index, c in enumerate(outputs if isinstance(outputs, list) else [outputs]):
                 if a.format == "text":
-                    lines.append(prompt + c.text)
+                    lines.append((prompt if echo is None else echo) + c.text)
                     continue
                 record = {"prompt": prompt, "index": index, "completion": c.text, "finish_reason": c.finish_reason}
                 if c.score is not None:

@@ -282,6 +282,9 @@ def test_seq2seq_evaluate_through_the_cli(translated, tmp_path, capsys):
     assert len(rows) == 60 and {"source", "target", "prediction"} <= set(rows[0])
     assert sum(r["prediction"] == r["target"] for r in rows) >= 40
 
+    assert main(["generate", str(run["result"].best_checkpoint), "--prompt", "red cat runs", "--max-new-tokens", "8"]) == 0
+    assert capsys.readouterr().out == "rouge chat court\n"  # an encoder–decoder prints its target alone, not prompt + target
+
     decoder = translated["gpt2-tiny"]["result"].best_checkpoint  # a decoder fine-tuned on seq2seq evaluates as seq2seq
     assert main(["evaluate", str(decoder), "--data", str(translated["gpt2-tiny"]["valid"]), "--n-resamples", "50"]) == 0
     assert "chrf" in capsys.readouterr().out
@@ -298,6 +301,8 @@ def test_seq2seq_bad_input_is_a_one_line_error(translated, files, tmp_path):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"source": "red cat", "target": "rouge chat"}, {"source": "dog"}])
     with pytest.raises(LmlabError, match="bad.jsonl:2: missing field 'target'"):
         finetune(t5["base"], "seq2seq", bad, tmp_path / "d")
+    with pytest.raises(LmlabError, match="--lora: unknown key 'rank'; expected r, alpha, dropout, targets"):
+        finetune(t5["base"], "seq2seq", t5["train"], tmp_path / "e", lora="rank=8")
     with pytest.raises(LmlabError, match="was fine-tuned for 'seq2seq', not 'classify'"):
         finetune(t5["base"], "classify", files["cls_train"], t5["result"].last_checkpoint.parent, resume=True)
 
