@@ -2,6 +2,10 @@
 # Create .venv and install lmlab with what the tests need, on a fresh machine. Idempotent and quick
 # when already done. torch is installed first, pinned to the CPU build that lies on this kind of
 # machine's disk; the package itself only asks for torch>=2.5, so GPU users keep their own build.
+#
+#   bash scripts/setup.sh            lmlab and the test libraries
+#   bash scripts/setup.sh --tests    also Debian's Chromium, in which the tests open the critique's HTML
+#                                    report (needs apt-get and root; elsewhere that one test is skipped)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
@@ -22,3 +26,13 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   touch "$stamp"
 fi
 .venv/bin/python -c "import torch, tokenizers, safetensors, lmlab" || { echo "setup failed: see the pip output above" >&2; exit 1; }
+
+if [ "${1:-}" = "--tests" ] && [ ! -x /usr/bin/chromium ]; then
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    echo "setup: installing Chromium (Debian) for the report's browser test" >&2
+    { apt-get install -y -q chromium >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }; } \
+      || echo "setup: could not install Chromium; the browser test will be skipped" >&2
+  else
+    echo "setup: no apt-get or not root: Chromium not installed; the browser test will be skipped" >&2
+  fi
+fi

@@ -61,6 +61,7 @@ __all__ = [
     "check_tags",
     "read_squad",
     "read_seq2seq",
+    "read_records",
     "encode_classify",
     "align_tags",
     "tags_from_predictions",
@@ -203,6 +204,19 @@ def _jsonl_records(path: Path, text: str) -> Iterator[tuple[int, dict[str, Any]]
         if not isinstance(record, dict):
             raise LmlabError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
         yield number, record
+
+
+def read_records(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, record) of every example in a ``.jsonl``, ``.csv`` or ``.tsv`` file, every field kept
+    (CSV/TSV cells as strings): what the critique reads extra columns (a group, a slice) from, matched to
+    a reader's examples by their ``lines``."""
+    path, text = _read_text(path, "a .jsonl, .csv or .tsv file")
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return list(_jsonl_records(path, text))
+    if suffix in (".csv", ".tsv"):
+        return list(_table_records(path, text))
+    raise LmlabError(f"{path}: unknown file type {path.suffix!r}; expected .jsonl, .csv or .tsv")
 
 
 def _table_records(path: Path, text: str) -> Iterator[tuple[int, dict[str, str]]]:

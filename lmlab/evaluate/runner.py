@@ -45,16 +45,50 @@ def evaluate(
 ) -> dict[str, Any]:
     """Metrics of ``checkpoint`` on ``data`` (the checkpoint's own task unless ``task`` says otherwise:
     a task head's task, seq2seq for an encoder–decoder or a decoder fine-tuned on it, else lm)."""
-    from lmlab.evaluate import metrics as M
     from lmlab.tokenizer import Tokenizer
-    from lmlab.train.finetune import TaskObjective, generate_outputs, load_task_data, predict_logits
 
     path = resolve_checkpoint(checkpoint)
     model = load_model(path, device=device, merge_lora=True).eval()
-    tokenizer = Tokenizer.load(path)
+    result, rows = evaluate_model(
+        model, Tokenizer.load(path), data, task=task, meta=read_meta(path), max_length=max_length, batch_size=batch_size,
+        n_resamples=n_resamples, text_field=text_field, pair_field=pair_field, label_field=label_field,
+        source_field=source_field, target_field=target_field, max_target_length=max_target_length, num_beams=num_beams,
+    )
+    result.update(checkpoint=str(path))
+    if out is not None:
+        out = Path(out)
+        write_json_atomic(out / "metrics.json", result)
+        write_jsonl_atomic(out / "predictions.jsonl", rows)
+    return result
+
+
+def evaluate_model(
+    model,
+    tokenizer,
+    data: str | Path,
+    *,
+    task: str | None = None,
+    meta: dict[str, Any] | None = None,
+    max_length: int = 128,
+    batch_size: int = 32,
+    n_resamples: int = 1000,
+    text_field: str = "text",
+    pair_field: str | None = None,
+    label_field: str = "label",
+    source_field: str = "source",
+    target_field: str = "target",
+    max_target_length: int = 128,
+    num_beams: int = 1,
+) -> tuple[dict[str, Any], list[dict]]:
+    """:func:`evaluate` for a model already loaded (``meta``: its checkpoint's config.json, which says
+    what a decoder was fine-tuned for): the metrics and the per-example prediction rows."""
+    from lmlab.evaluate import metrics as M
+    from lmlab.train.finetune import TaskObjective, generate_outputs, load_task_data, predict_logits
+
     config = model.config
+    device = next(model.parameters()).device
     if not task:
-        seq2seq = config.arch == "seq2seq" or read_meta(path).get("objective") == "seq2seq"
+        seq2seq = config.arch == "seq2seq" or (meta or {}).get("objective") == "seq2seq"
         task = config.task or ("seq2seq" if seq2seq else "lm" if config.arch == "decoder" else "")
     if task not in TASKS:
         raise LmlabError(f"--task '{task}': expected one of {', '.join(TASKS)} (the checkpoint has no task head; name one)")
@@ -62,7 +96,7 @@ def evaluate(
         result, rows = _perplexity(model, tokenizer, data, batch_size, text_field)
     elif task == "seq2seq":
         if config.arch == "encoder":
-            raise LmlabError(f"{path} is an encoder (BERT style): --task seq2seq needs a model that generates (encoder–decoder or decoder)")
+            raise LmlabError("this checkpoint is an encoder (BERT style): --task seq2seq needs a model that generates (encoder–decoder or decoder)")
         max_length = min(max_length, config.block_size)
         test = load_task_data("seq2seq", data, tokenizer, max_length=max_length, source_field=source_field, target_field=target_field,
                               max_target_length=max_target_length, decoder_only=config.arch == "decoder")
@@ -75,21 +109,17 @@ def evaluate(
         ]
     else:
         if config.task != task:
-            raise LmlabError(f"{path} was fine-tuned for {config.task or 'no task'!r}; it cannot be evaluated on --task {task}")
+            raise LmlabError(f"the checkpoint was fine-tuned for {config.task or 'no task'!r}; it cannot be evaluated on --task {task}")
         max_length = min(max_length, config.block_size)
         labels = config.labels if task != "qa" else None
         kind = config.problem_type if task == "classify" else None
         test = load_task_data(task, data, tokenizer, max_length=max_length, labels=labels, problem_type=kind,
                               text_field=text_field, pair_field=pair_field, label_field=label_field)
         pad = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0)
-        logits = predict_logits(model, TaskObjective(task, test.features, pad, test.problem_type), len(test), batch_size, torch.device(device))
+        logits = predict_logits(model, TaskObjective(task, test.features, pad, test.problem_type), len(test), batch_size, device)
         result, rows = _score(task, test, logits, n_resamples)
-    result.update(task=task, checkpoint=str(path), data=str(data))
-    if out is not None:
-        out = Path(out)
-        write_json_atomic(out / "metrics.json", result)
-        write_jsonl_atomic(out / "predictions.jsonl", rows)
-    return result
+    result.update(task=task, data=str(data))
+    return result, rows
 
 
 def _score(task: str, test, logits: list[torch.Tensor], n_resamples: int) -> tuple[dict, list[dict]]:

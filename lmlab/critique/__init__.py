@@ -1,0 +1,114 @@
+"""``lmlab critique``: a report on a model along seven lenses — the seeds' "模型批评与反思".
+
+    performance   task metrics with CIs, calibration, perplexity, per-slice metrics
+    interpret     attention maps, integrated-gradients attributions, the logit lens
+    bias          paired-sentence likelihood bias (CrowS-Pairs format), counterfactual fairness, group gaps
+    safety        toxicity of generations (pluggable classifier), refusal of harmful requests
+    privacy       canary exposure, verbatim extraction of training text, PII in the training corpus
+    robustness    CheckList-style invariance: typos, case, punctuation, contractions, spaces, names
+    efficiency    parameters, FLOPs, latency, throughput, memory, size; training energy and CO2
+
+Each lens is a function ``lens(subject, **options) -> Section`` (:mod:`lmlab.critique.core`) that
+can be called alone; :func:`critique` runs the chosen ones on one checkpoint and writes
+``report.json`` and ``report.html`` (:mod:`lmlab.critique.report`). A lens without the data it needs
+is skipped with a note saying what to provide; built-in probe sets (pair sets, word lists, prompts)
+live in ``lmlab/critique/data/``, written for this project.
+
+    import lmlab.critique as C
+    report = C.critique("runs/cls", "critique/", data="test.jsonl", lenses=["performance", "bias"])
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+from lmlab.critique.core import Finding, Section, Subject, load_subject, skipped
+from lmlab.errors import LmlabError
+
+LENSES = ("performance", "interpret", "bias", "safety", "privacy", "robustness", "efficiency")
+
+__all__ = ["LENSES", "critique", "run_lens", "load_subject", "Subject", "Section", "Finding", "skipped"]
+
+
+def lens_function(name: str):
+    """The function of lens ``name`` (``lmlab.critique.<name>.<name>``)."""
+    if name not in LENSES:
+        raise LmlabError(f"unknown lens '{name}'; expected some of {', '.join(LENSES)}")
+    return getattr(importlib.import_module(f"lmlab.critique.{name}"), name)
+
+
+def run_lens(name: str, subject: Subject, **options: Any) -> Section:
+    """Run one lens with the ``options`` its function takes (the others are for other lenses) and time it."""
+    fn = lens_function(name)
+    accepted = inspect.signature(fn).parameters
+    start = time.perf_counter()
+    section = fn(subject, **{k: v for k, v in options.items() if k in accepted and v is not None})
+    section.seconds = time.perf_counter() - start
+    return section
+
+
+def parse_lenses(lenses: str | Sequence[str] | None) -> list[str]:
+    """``"performance,bias"`` or a list → lens names in the report's order; None → all of them."""
+    if lenses is None:
+        return list(LENSES)
+    names = [n.strip() for n in (lenses.split(",") if isinstance(lenses, str) else lenses) if n.strip()]
+    unknown = [n for n in names if n not in LENSES]
+    if unknown or not names:
+        raise LmlabError(f"--lenses {','.join(names) or '(none)'}: unknown lens {unknown[0]!r}; expected some of {', '.join(LENSES)}" if unknown
+                         else f"--lenses: expected some of {', '.join(LENSES)}")
+    return [n for n in LENSES if n in names]
+
+
+def critique(
+    checkpoint: str | Path,
+    out: str | Path,
+    *,
+    lenses: str | Sequence[str] | None = None,
+    data: str | Path | None = None,
+    text: str | Path | None = None,
+    train_data: str | Path | None = None,
+    task: str | None = None,
+    device: str = "cpu",
+    seed: int = 0,
+    max_examples: int = 500,
+    fields: dict[str, str] | None = None,
+    options: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Critique ``checkpoint`` through ``lenses`` (all by default); write ``out``/report.json and
+    report.html and return the report's dict. ``fields`` name the data's columns (``text_field``,
+    ``label_field``, ``group_field``, …); ``options`` are lens options (``pairs``, ``prompts``,
+    ``canaries``, ``samples``, …), each passed to the lenses that take it."""
+    from lmlab import __version__
+    from lmlab.critique.report import write_report
+
+    names = parse_lenses(lenses)
+    subject = load_subject(
+        checkpoint, data=data, text=text, train_data=train_data, task=task, device=device, seed=seed,
+        max_examples=max_examples, **(fields or {}),
+    )
+    sections = []
+    for name in names:
+        if progress:
+            print(f"lmlab: critique: {name} …", file=sys.stderr, flush=True)
+        sections.append(run_lens(name, subject, progress=progress, **(options or {})))
+    config = subject.config
+    report = {
+        "checkpoint": str(subject.path),
+        "created": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "lmlab_version": __version__,
+        "model": {"name": subject.name, "arch": config.arch, "task": config.task, "parameters": subject.model.num_params(),
+                  "vocab_size": config.vocab_size, "block_size": config.block_size},
+        "data": {"data": str(data) if data else None, "text": str(text) if text else None,
+                 "train_data": str(train_data) if train_data else None, "task": subject.task or None},
+        "lenses": {s.lens: s.to_json() for s in sections},
+    }
+    json_path, html_path = write_report(out, report, sections)
+    report["_paths"] = {"json": str(json_path), "html": str(html_path)}
+    return report

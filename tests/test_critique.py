@@ -1,0 +1,122 @@
+"""The critique runner, the report writers and the performance lens: planted effects are found,
+lenses without data are skipped with a note, and the report holds every number with its sentence."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from conftest import TINY_TRAIN
+from lmlab.config import preset
+from lmlab.critique import LENSES, critique, load_subject, parse_lenses, run_lens
+from lmlab.critique.core import proportion_ci
+from lmlab.critique.report import format_value
+from lmlab.errors import LmlabError
+from lmlab.io.checkpoint import save_checkpoint
+from lmlab.model import build_model
+from lmlab.train.finetune import finetune
+
+GOOD = ["great", "wonderful", "superb", "lovely"]
+BAD = ["awful", "terrible", "boring", "dreadful"]
+FILLER = ["the", "film", "was", "really", "a", "plot", "and", "acting", "quite", "story"]
+
+
+def sentiment(n, seed, *, flip_group=None):
+    """Keyword sentiment with a group column; ``flip_group``'s gold labels are inverted (the model cannot
+    know), which plants a slice whose accuracy is near 0 and an over-confident model."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = rng.choice(["pos", "neg"])
+        words = rng.choices(FILLER, k=5)
+        words.insert(rng.randrange(6), rng.choice(GOOD if label == "pos" else BAD))
+        group = "a" if i % 2 else "b"
+        if group == flip_group:
+            label = "neg" if label == "pos" else "pos"
+        rows.append({"text": " ".join(words), "label": label, "group": group})
+    return rows
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory):
+    from lmlab.tokenizer import train_tokenizer
+
+    folder = tmp_path_factory.mktemp("crit")
+    tok = train_tokenizer([r["text"] for r in sentiment(200, 0)], kind="bpe", vocab_size=300)
+    torch.manual_seed(0)
+    base = save_checkpoint(folder / "base", build_model(preset("gpt2-tiny", vocab_size=tok.vocab_size)), tokenizer=tok)
+    train = write_jsonl(folder / "train.jsonl", sentiment(300, 1))
+    args = dict(TINY_TRAIN, micro_batch_size=16, lr=2e-3, warmup_steps=5, eval_interval=80, log_interval=20, seed=0)
+    result = finetune(base, "classify", train, folder / "run", max_length=24, max_steps=80, **args)
+    return {
+        "run": folder / "run", "ckpt": result.last_checkpoint,
+        "test": write_jsonl(folder / "test.jsonl", sentiment(120, 2)),
+        "flipped": write_jsonl(folder / "flipped.jsonl", sentiment(120, 2, flip_group="b")),
+        "folder": folder,
+    }
+
+
+def test_performance_finds_a_planted_bad_slice_and_overconfidence(classifier):
+    subject = load_subject(classifier["ckpt"], data=classifier["flipped"])
+    section = run_lens("performance", subject, n_resamples=200)
+    slices = section.metrics["slices"]
+    assert slices["a"]["accuracy"] >= 0.9 and slices["b"]["accuracy"] <= 0.1  # b's gold labels were inverted
+    assert section.metrics["slice_gap"] >= 0.8
+    assert any(f.level == "bad" and "slice" in f.text for f in section.findings)
+    assert section.metrics["ece"] > 0.3  # confident everywhere, right half the time
+    assert any(f.level == "bad" and "calibrated" in f.text for f in section.findings)
+    assert section.metrics["ci"]["accuracy"]["low"] <= section.metrics["accuracy"] <= section.metrics["ci"]["accuracy"]["high"]
+    assert {f.title for f in section.figures} >= {"Confusion matrix", "Reliability diagram", "Accuracy per slice"}
+    assert all(f.png.startswith(b"\x89PNG") for f in section.figures)
+    for name in ("accuracy", "ece", "slices", "slice_gap"):  # every number has its sentence
+        assert section.explain.get(name), name
+
+    clean = run_lens("performance", load_subject(classifier["ckpt"], data=classifier["test"]), n_resamples=200)
+    assert clean.metrics["accuracy"] >= 0.9 and clean.metrics["slice_gap"] < 0.15
+    assert any(f.level == "good" and "even across" in f.text for f in clean.findings)
+
+
+def test_performance_without_data_is_skipped_with_a_note(classifier, trained_run, corpus_file):
+    section = run_lens("performance", load_subject(classifier["ckpt"]))
+    assert section.skipped and "--data" in section.skipped
+    lm = run_lens("performance", load_subject(trained_run, text=corpus_file))  # a decoder: perplexity of held-out text
+    assert lm.skipped is None and 1 < lm.metrics["perplexity"] < lm.metrics["text_tokens"]
+    assert lm.explain["perplexity"]
+
+
+def test_critique_writes_json_and_a_self_contained_html(classifier, tmp_path):
+    report = critique(classifier["ckpt"], tmp_path / "out", lenses="performance", data=classifier["flipped"], progress=False,
+                      options={"n_resamples": 100})
+    on_disk = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert on_disk["lenses"]["performance"]["metrics"]["slices"]["b"]["n"] == 60
+    assert on_disk["model"]["parameters"] == report["model"]["parameters"] > 0
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert page.startswith("<!DOCTYPE html>") and "data:image/png;base64," in page
+    assert "What to look at first" in page and "worrying" in page
+    assert "<script" not in page and "http://" not in page and "https://" not in page  # nothing fetched, nothing run
+    assert "Expected calibration error" in page  # numbers come with their sentences
+
+
+def test_lens_choice_and_bad_input(classifier, tmp_path):
+    assert parse_lenses(None) == list(LENSES)
+    assert parse_lenses("bias, performance") == ["performance", "bias"]  # the report's order
+    with pytest.raises(LmlabError, match="unknown lens 'speed'"):
+        parse_lenses("performance,speed")
+    with pytest.raises(LmlabError, match="--data .*missing.jsonl: no such file"):
+        load_subject(classifier["ckpt"], data=tmp_path / "missing.jsonl")
+
+
+def test_small_helpers():
+    low, high = proportion_ci(0, 10)
+    assert low == pytest.approx(0.0, abs=1e-12) and 0.2 < high < 0.35  # Wilson: not the degenerate [0, 0]
+    low, high = proportion_ci(50, 100)
+    assert low < 0.5 < high and high - low == pytest.approx(2 * 1.96 * 0.05, abs=0.01)
+    assert format_value(1234567) == "1,234,567" and format_value(0.123456) == "0.1235" and format_value(1e-5) == "1.000e-05"
