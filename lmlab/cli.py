@@ -86,6 +86,14 @@ def build_parser() -> ArgumentParser:
     prepare.add_argument("--out", required=True, help="output folder for the shards and manifest.json")
     prepare.add_argument("--valid-fraction", type=float, default=0.05, help="share of documents held out for validation (default: 0.05)")
     prepare.add_argument("--seed", type=int, default=0, help="seed of the train/validation split (default: 0)")
+    prepare.add_argument(
+        "--canaries", type=Optional[int], default=None,
+        help="plant N random secrets ('canaries') in the training split, for `lmlab critique`'s memorisation test "
+        "(The Secret Sharer); they are listed, with as many never-planted ones, in OUT/canaries.json",
+    )
+    prepare.add_argument("--canary-repeats", type=int, default=50, help="copies of each canary in the training split (default: 50)")
+    prepare.add_argument("--canary-digits", type=int, default=6, help="digits of each secret: 10^digits possible secrets (default: 6)")
+    prepare.add_argument("--canary-template", default="the secret code is {}", help="the canary sentence; {} is the secret (default: 'the secret code is {}')")
     prepare.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     commands.add_subcommand("prepare", prepare, help="tokenize and pack a corpus into token shards")
 
@@ -156,6 +164,39 @@ def build_parser() -> ArgumentParser:
     evaluate.add_argument("--label-field", default="label", help="classify: the label field/column (default: label)")
     evaluate.add_argument("--device", default="cpu", help="cpu, cuda (default: cpu)")
     commands.add_subcommand("evaluate", evaluate, help="task metrics with confidence intervals, or perplexity")
+
+    crit = _parser(
+        "Critique a model: a report on performance, interpretability, bias, safety, privacy, robustness and efficiency "
+        "(report.html to read, report.json for scripts). Lenses that lack the data they need are skipped with a note "
+        "saying what to give them."
+    )
+    crit.add_argument("checkpoint", help="checkpoint folder (or run folder: its best checkpoint)")
+    crit.add_argument("--out", required=True, help="folder for report.html and report.json")
+    crit.add_argument("--lenses", default=None, help="comma-separated: performance,interpret,bias,safety,privacy,robustness,efficiency (default: all)")
+    crit.add_argument("--data", type=Optional[str], default=None, help="a labelled test file of the checkpoint's task (metrics, slices, counterfactuals, robustness)")
+    crit.add_argument("--text", type=Optional[str], default=None, help="held-out plain text (a decoder's perplexity and robustness)")
+    crit.add_argument("--train-data", type=Optional[str], default=None, help="the training corpus (verbatim extraction, PII scan)")
+    crit.add_argument("--task", type=Optional[str], default=None, help="what --data is scored as (default: the checkpoint's task)")
+    crit.add_argument("--text-field", type=Optional[str], default=None, help="--data's text field/column (default: text)")
+    crit.add_argument("--pair-field", type=Optional[str], default=None, help="--data's second text of a pair")
+    crit.add_argument("--label-field", type=Optional[str], default=None, help="--data's label field (default: label)")
+    crit.add_argument("--group-field", type=Optional[str], default=None, help="--data's group/slice column for per-group metrics (default: group)")
+    crit.add_argument("--pairs", type=Optional[str], default=None, help="bias: a CrowS-Pairs-format CSV (sent_more, sent_less, stereo_antistereo, bias_type) (default: the built-in set)")
+    crit.add_argument("--swaps", type=Optional[str], default=None, help="bias: a JSON of group terms to swap for counterfactuals (default: the built-in lists)")
+    crit.add_argument("--prompts", type=Optional[str], default=None, help="safety: extra prompts, one per line, added to the built-in set")
+    crit.add_argument("--harmful", type=Optional[str], default=None, help="safety: extra harmful requests, one per line, for the refusal rate")
+    crit.add_argument("--toxicity-classifier", type=Optional[str], default=None, help="safety: a local HF sequence-classification folder that scores toxicity (default: the built-in lexicon, labelled as such)")
+    crit.add_argument("--samples", type=Optional[int], default=None, help="safety: sampled continuations per prompt, for the expected maximum toxicity (default: 5)")
+    crit.add_argument("--max-new-tokens", type=Optional[int], default=None, help="safety: tokens per continuation or response (default: 40)")
+    crit.add_argument("--canaries", type=Optional[str], default=None, help="privacy: the canaries.json `lmlab prepare --canaries` wrote (default: found in --train-data or the run's data folder)")
+    crit.add_argument("--extraction-prefix", type=Optional[int], default=None, help="privacy: tokens of training text given as the prompt (default: 32)")
+    crit.add_argument("--extraction-suffix", type=Optional[int], default=None, help="privacy: tokens that must come back verbatim to count as extracted (default: 32)")
+    crit.add_argument("--input", type=Optional[str], default=None, help="interpret: the text to explain (default: the first test example, or a built-in sentence)")
+    crit.add_argument("--max-examples", type=int, default=500, help="examples each lens reads at most (a seeded sample) (default: 500)")
+    crit.add_argument("--seed", type=int, default=0, help="seed of every sample and perturbation (default: 0)")
+    crit.add_argument("--device", default="cpu", help="cpu, cuda (default: cpu)")
+    crit.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress messages")
+    commands.add_subcommand("critique", crit, help="a report on a model: performance, interpretability, bias, safety, privacy, robustness, efficiency")
 
     merge = _parser("Fold a LoRA checkpoint's adapters into its base weights: a plain checkpoint, for export and fast inference.")
     merge.add_argument("checkpoint", help="a LoRA checkpoint (or run folder: its best checkpoint)")
@@ -231,6 +272,7 @@ def cmd_prepare(a) -> int:
     manifest = prepare(
         a.input, a.tokenizer, a.out, valid_fraction=a.valid_fraction, seed=a.seed, text_field=a.text_field,
         column=a.column, normalize=a.normalize, dedup=a.dedup, show_progress=a.progress,
+        canaries=None if a.canaries is None else {"n": a.canaries, "repeats": a.canary_repeats, "digits": a.canary_digits, "template": a.canary_template},
     )
     splits = ", ".join(f"{name}: {s['tokens']:,} tokens in {s['documents']:,} documents" for name, s in manifest["splits"].items())
     print(f"lmlab: {a.out} {manifest['_status']} — {splits}")
@@ -376,6 +418,27 @@ def cmd_finetune(a) -> int:
     return 0
 
 
+def cmd_critique(a) -> int:
+    from lmlab.critique import critique
+
+    fields = {k: getattr(a, k) for k in ("text_field", "pair_field", "label_field", "group_field") if getattr(a, k) is not None}
+    options = {"pairs": a.pairs, "swaps": a.swaps, "prompts": a.prompts, "harmful": a.harmful, "classifier": a.toxicity_classifier,
+               "samples": a.samples, "max_new_tokens": a.max_new_tokens, "canaries": a.canaries, "extraction_prefix": a.extraction_prefix,
+               "extraction_suffix": a.extraction_suffix, "text": a.input}
+    report = critique(
+        a.checkpoint, a.out, lenses=a.lenses, data=a.data, text=a.text, train_data=a.train_data, task=a.task, device=a.device,
+        seed=a.seed, max_examples=a.max_examples, fields=fields, options={k: v for k, v in options.items() if v is not None}, progress=a.progress,
+    )
+    for name, lens in report["lenses"].items():
+        if "skipped" in lens:
+            print(f"{name:>12}: skipped — {lens['skipped']}")
+            continue
+        worst = [f for f in lens["findings"] if f["level"] in ("bad", "warn")]
+        print(f"{name:>12}: " + ("; ".join(f"{f['level']}: {f['text']}" for f in worst[:2]) if worst else "nothing worrying"))
+    print(f"lmlab: {report['_paths']['html']}  (and report.json)")
+    return 0
+
+
 def cmd_merge_lora(a) -> int:
     from lmlab.train.lora import merge_checkpoint
 
@@ -443,6 +506,7 @@ COMMANDS = {
     "pretrain": cmd_pretrain,
     "finetune": cmd_finetune,
     "evaluate": cmd_evaluate,
+    "critique": cmd_critique,
     "merge-lora": cmd_merge_lora,
     "generate": cmd_generate,
     "info": cmd_info,

@@ -214,7 +214,9 @@ def proportion_ci(successes: int, n: int, confidence: float = 0.95) -> tuple[flo
     denominator = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denominator
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
-    return (max(0.0, centre - half), min(1.0, centre + half))
+    low = 0.0 if successes == 0 else max(0.0, centre - half)  # exact at the edges, not a rounding residue
+    high = 1.0 if successes == n else min(1.0, centre + half)
+    return (low, high)
 
 
 def subsample(items: Sequence[Any], limit: int, seed: int) -> list[int]:
@@ -224,3 +226,52 @@ def subsample(items: Sequence[Any], limit: int, seed: int) -> list[int]:
         return list(range(n))
     g = torch.Generator().manual_seed(seed)
     return sorted(torch.randperm(n, generator=g)[:limit].tolist())
+
+
+def group_stats(groups: Sequence[Any], correct: Sequence[bool]) -> dict[str, Any]:
+    """Accuracy per group (examples whose group is None or blank are left out), each with its Wilson
+    95% interval, and the best and worst group, their gap, and whether their intervals are apart."""
+    tally: dict[str, list[int]] = {}
+    for group, right in zip(groups, correct):
+        if group is None or str(group).strip() == "":
+            continue
+        counts = tally.setdefault(str(group), [0, 0])
+        counts[0] += bool(right)
+        counts[1] += 1
+    by_group = {}
+    for name, (right, n) in sorted(tally.items()):
+        low, high = proportion_ci(right, n)
+        by_group[name] = {"n": n, "accuracy": right / n, "ci_low": low, "ci_high": high}
+    if len(by_group) < 2:
+        return {"by_group": by_group}
+    best = max(by_group, key=lambda g: by_group[g]["accuracy"])
+    worst = min(by_group, key=lambda g: by_group[g]["accuracy"])
+    return {
+        "by_group": by_group, "best": best, "worst": worst,
+        "gap": by_group[best]["accuracy"] - by_group[worst]["accuracy"],
+        "separated": by_group[worst]["ci_high"] < by_group[best]["ci_low"],
+    }
+
+
+def ci_bars(
+    title: str, names: list[str], values: list[float], lows: list[float], highs: list[float], xlabel: str, *,
+    lines: list[tuple[float, str]], caption: str, percent: bool = True, high_bad: float | None = None,
+    limits: tuple[float, float] | None = (0.0, 1.0),
+) -> Figure:
+    """Horizontal bars with 95% interval whiskers and labelled reference lines (``percent``: shares shown
+    as %; ``limits``: the x range before scaling, None to fit); bars whose interval lies wholly above
+    ``high_bad`` are red."""
+    scale = 100 if percent else 1
+    fig, ax = new_figure(6.4, 1.3 + 0.42 * len(names))
+    colors = ["#c62828" if high_bad is not None and lo > high_bad else "#5c7cfa" for lo in lows]
+    v = [x * scale for x in values]
+    errors = [[max(0.0, (x - lo) * scale) for x, lo in zip(values, lows)], [max(0.0, (hi - x) * scale) for x, hi in zip(values, highs)]]
+    ax.barh(names, v, xerr=errors, color=colors, ecolor="#333", capsize=3)
+    for x, label in lines:
+        ax.axvline(x * scale, color="#555", linestyle="--", linewidth=1)
+        ax.text(x * scale, -0.6, f" {label}", fontsize=8, color="#555", va="bottom")
+    if limits is not None:
+        ax.set_xlim(limits[0] * scale, limits[1] * scale)
+    ax.set_xlabel(f"{xlabel} (%, 95% CI)" if percent else xlabel)
+    ax.invert_yaxis()
+    return Figure(title, figure_png(fig), caption)

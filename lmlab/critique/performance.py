@@ -14,11 +14,10 @@
 from __future__ import annotations
 
 import tempfile
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from lmlab.critique.core import Figure, Finding, Section, Subject, Table, figure_png, new_figure, proportion_ci, skipped
+from lmlab.critique.core import Figure, Finding, Section, Subject, Table, ci_bars, figure_png, group_stats, new_figure, skipped
 
 TITLE = "Performance"
 METHOD = (
@@ -135,26 +134,15 @@ def _slices_part(section: Section, subject: Subject, rows: list[dict], group_fie
         section.metrics["slices"] = None
         section.explain["slices"] = f"No per-slice metrics: the test file has no '{group_field}' column (name it with --group-field)."
         return
-    tally: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-    for group, row in zip(groups, rows):
-        if group is None or group == "":
-            continue
-        tally[str(group)][0] += row["label"] == row["prediction"]
-        tally[str(group)][1] += 1
-    slices = {}
-    for group, (right, n) in sorted(tally.items()):
-        low, high = proportion_ci(right, n)
-        slices[group] = {"accuracy": right / n, "low": low, "high": high, "n": n}
+    stats = group_stats(groups, [row["label"] == row["prediction"] for row in rows])
+    slices = stats["by_group"]
     section.metrics["slices"] = slices
     section.explain["slices"] = f"Accuracy within each value of the '{group_field}' column, with a Wilson 95% interval and the slice's size."
     if len(slices) < 2:
         return
-    best = max(slices, key=lambda g: slices[g]["accuracy"])
-    worst = min(slices, key=lambda g: slices[g]["accuracy"])
-    gap = slices[best]["accuracy"] - slices[worst]["accuracy"]
+    best, worst, gap, separated = stats["best"], stats["worst"], stats["gap"], stats["separated"]
     section.metrics["slice_gap"] = gap
     section.explain["slice_gap"] = "Accuracy of the best slice minus that of the worst."
-    separated = slices[worst]["high"] < slices[best]["low"]
     if gap > SLICE_GAP_WARN:
         level = "bad" if separated else "warn"
         how = "their intervals do not overlap" if separated else "their intervals overlap, so more data would tell"
@@ -163,17 +151,14 @@ def _slices_part(section: Section, subject: Subject, rows: list[dict], group_fie
         section.findings.append(Finding("good", f"Accuracy is even across the {len(slices)} slices (largest gap {gap:.3f} ≤ {SLICE_GAP_WARN})."))
     section.tables.append(Table(
         f"Accuracy per '{group_field}'", ["slice", "examples", "accuracy", "95% CI low", "95% CI high"],
-        [[g, s["n"], s["accuracy"], s["low"], s["high"]] for g, s in slices.items()],
+        [[g, v["n"], v["accuracy"], v["ci_low"], v["ci_high"]] for g, v in slices.items()],
     ))
-    fig, ax = new_figure(6.4, 0.5 + 0.45 * len(slices))
     names = list(slices)
-    values = [slices[g]["accuracy"] for g in names]
-    errors = [[max(0.0, v - slices[g]["low"]) for g, v in zip(names, values)], [max(0.0, slices[g]["high"] - v) for g, v in zip(names, values)]]
-    ax.barh(names, values, xerr=errors, color="#5c7cfa", ecolor="#333", capsize=3)
-    ax.set_xlim(0, 1)
-    ax.set_xlabel("accuracy (95% CI)")
-    ax.invert_yaxis()
-    section.figures.append(Figure("Accuracy per slice", figure_png(fig), "One bar per slice; the whiskers are Wilson 95% intervals. Bars whose whiskers do not overlap differ beyond chance."))
+    section.figures.append(ci_bars(
+        "Accuracy per slice", names, [slices[g]["accuracy"] for g in names], [slices[g]["ci_low"] for g in names],
+        [slices[g]["ci_high"] for g in names], "accuracy (95% CI)", lines=[], percent=False,
+        caption="One bar per slice; the whiskers are Wilson 95% intervals. Bars whose whiskers do not overlap differ beyond chance.",
+    ))
 
 
 def _perplexity_part(section: Section, subject: Subject, result: dict[str, Any]) -> None:

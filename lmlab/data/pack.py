@@ -7,6 +7,8 @@ A prepared data folder holds::
     valid_00000.bin ...  after another, each followed by the tokenizer's EOS id (as GPT-2 packs)
     tokenizer.json       the tokenizer that made the ids (+ tokenizer_config.json), so the folder
                          describes itself and ``Tokenizer.load(data_dir)`` works on it
+    canaries.json        only with ``canaries=``: the secrets planted in the train split
+                         (:mod:`lmlab.data.canaries`)
 
 Training reads fixed-length windows from the shards through :class:`PackedTokens` without loading
 them into memory.
@@ -33,6 +35,8 @@ from typing import Any, BinaryIO
 import numpy as np
 from tqdm.auto import tqdm
 
+from lmlab.config import write_json_atomic
+from lmlab.data.canaries import CANARIES_NAME, canary_options, plant_canaries
 from lmlab.data.corpus import expand_inputs, read_corpus, split_documents
 from lmlab.errors import LmlabError
 from lmlab.tokenizer import Tokenizer
@@ -114,6 +118,8 @@ def _stale_reason(
                 return f"shard {shard['file']} missing or damaged"
     if not (out_dir / "tokenizer.json").is_file():
         return "tokenizer.json missing"
+    if "canaries" in options and not (out_dir / CANARIES_NAME).is_file():
+        return f"{CANARIES_NAME} missing"
     return None
 
 
@@ -249,13 +255,16 @@ def prepare(
     shard_tokens: int = 2**27,
     num_workers: int | None = None,
     show_progress: bool = True,
+    canaries: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Read, split, tokenize and pack ``inputs`` into ``out_dir``; returns the manifest.
 
     ``tokenizer`` is a :class:`Tokenizer` or a path :meth:`Tokenizer.load` accepts; it must have an
     EOS token, which ends every document. Corpus options are those of
     :func:`~lmlab.data.read_corpus` and :func:`~lmlab.data.split_documents`. ``num_workers``: None
-    uses the tokenizers library's own thread pool (all cores); N uses N threads.
+    uses the tokenizers library's own thread pool (all cores); N uses N threads. ``canaries``
+    (``{"n": 10, "repeats": 50, ...}``, see :func:`~lmlab.data.canaries.plant_canaries`; the seed
+    defaults to ``seed``) plants random secrets in the train split only and writes ``canaries.json``.
 
     When ``out_dir`` already holds a build of the same input contents, tokenizer and options, nothing
     is done. The returned dict is the manifest plus two keys that are not on disk: ``"_reused"``
@@ -294,6 +303,8 @@ def prepare(
         "dedup": dedup,
         "shard_tokens": shard_tokens,
     }
+    if canaries is not None:  # only then: folders built without canaries stay up to date
+        options["canaries"] = canary_options(canaries, seed=seed)
     fingerprint = _fingerprint_inputs(files)
     tokenizer_sha = tok.sha256
 
@@ -316,6 +327,8 @@ def prepare(
         files, text_field=text_field, column=column, normalize=normalize, dedup=dedup
     )
     splits = dict(zip(SPLITS, split_documents(documents, valid_fraction=valid_fraction, seed=seed)))
+    if canaries is not None:
+        splits["train"], planted = plant_canaries(splits["train"], **options["canaries"])
     # ids < vocab_size, so a vocabulary of up to 2**16 ids fits uint16 (GPT-2's 50257 does).
     dtype = np.dtype(np.uint16 if tok.vocab_size <= 2**16 else np.uint32)
 
@@ -352,6 +365,10 @@ def prepare(
                     "documents": len(docs),
                 }
         tok.save(tmp)
+        if canaries is not None:
+            write_json_atomic(tmp / CANARIES_NAME, planted)
+        else:  # a canaries.json left by an earlier build would describe secrets this one lacks
+            (out_dir / CANARIES_NAME).unlink(missing_ok=True)
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         keep = {shard["file"] for split in manifest["splits"].values() for shard in split["shards"]}
         _commit(tmp, out_dir, keep)

@@ -186,6 +186,7 @@ def train_loop(
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
     start_step, best_val, since_best = 0, math.inf, 0  # best_val: the lowest criterion (val loss, or −metric)
+    elapsed_before = 0.0  # training seconds of earlier processes of this run: the logged clock survives resume
     if resume_from is not None:
         state = load_train_state(resume_from)
         since_best = state.get("since_best", 0)  # a run that stopped early resumes as finished
@@ -193,6 +194,7 @@ def train_loop(
         if "scaler" in state and state["scaler"]:
             scaler.load_state_dict(state["scaler"])
         start_step, best_val = (cfg.max_steps if state.get("stopped_early") else state["step"]), state["best_val_loss"]
+        elapsed_before = state.get("elapsed_s", 0.0)
         torch.set_rng_state(state["rng"]["torch"])
         if device.type == "cuda" and state["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(state["rng"]["cuda"], device)
@@ -218,6 +220,7 @@ def train_loop(
     bar = tqdm(total=cfg.max_steps, initial=start_step, desc=desc, unit="step", dynamic_ncols=True, disable=not (cfg.progress and dist.is_main))
     loss_sum = torch.zeros((), device=device)
     loss_count, t_last, step_last = 0, time.perf_counter(), start_step
+    t_start = t_last
     grad_norm = torch.zeros((), device=device)
     model.train()
 
@@ -258,7 +261,8 @@ def train_loop(
             stop_if_not_finite(train_loss, "the training loss", done)
             now = time.perf_counter()
             tok_s = tokens_per_step * (done - step_last) / max(now - t_last, 1e-9)
-            record = {"step": done, "loss": train_loss, "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tok_s}
+            record = {"step": done, "loss": train_loss, "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tok_s,
+                      "elapsed_s": elapsed_before + now - t_start}  # wall-clock training seconds, across resumes
             log.write(record)
             history.append(record)
             if tb is not None:
@@ -318,6 +322,7 @@ def train_loop(
                 "stopped_early": stopping,
                 "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
                 "train_config": dataclasses.asdict(cfg),
+                "elapsed_s": elapsed_before + time.perf_counter() - t_start,
                 "objective": objective.name,
             }
             last_good = save_checkpoint(
