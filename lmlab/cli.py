@@ -235,6 +235,7 @@ def build_parser() -> ArgumentParser:
     demo.add_argument("--max-chars", type=int, default=3_000_000, help="characters of the embedded corpus to use (default: 3,000,000)")
     demo.add_argument("--vocab-size", type=int, default=4096, help="tokenizer vocabulary size (default: 4096)")
     demo.add_argument("--finetune-steps", type=int, default=150, help="fine-tuning steps of the demo classifier (default: 150)")
+    demo.add_argument("--critique-examples", type=int, default=200, help="examples each critique lens reads at most (default: 200)")
     demo.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
     commands.add_subcommand("demo", demo, help="the end-to-end demo: corpus → tokenizer → pretrain → generate → fine-tune → evaluate")
 
@@ -495,7 +496,7 @@ def cmd_demo(a) -> int:
 
     run_demo(
         out=a.out, max_steps=a.max_steps, model=a.model, max_chars=a.max_chars, vocab_size=a.vocab_size,
-        finetune_steps=a.finetune_steps, progress=a.progress,
+        finetune_steps=a.finetune_steps, critique_examples=a.critique_examples, progress=a.progress,
     )
     return 0
 

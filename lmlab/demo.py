@@ -1,8 +1,11 @@
 """``lmlab demo``: the whole pipeline on text every Python install already has, offline, in minutes.
 
-corpus (Python's own documentation) → byte-level BPE tokenizer → packed shards → pretraining →
-generation → fine-tuning a classifier (is a passage from the language reference or from a library
-docstring?) → its evaluation with confidence intervals. The critique report joins when it lands.
+corpus (Python's own documentation) → byte-level BPE tokenizer → packed shards (with a few planted
+secrets, "canaries") → pretraining → generation → fine-tuning a classifier (is a passage from the
+language reference or from a library docstring?) → its evaluation with confidence intervals → a
+critique report of each model (the language model: perplexity, pair bias, safety, memorisation of
+the canaries, efficiency; the classifier: metrics, calibration, attributions, counterfactuals,
+robustness).
 """
 
 from __future__ import annotations
@@ -27,10 +30,12 @@ def run_demo(
     seq_len: int = 128,
     micro_batch_size: int = 16,
     finetune_steps: int = 150,
+    critique_examples: int = 200,
     progress: bool = True,
 ) -> dict:
     """Run every stage into ``out`` and print where each result is; returns those paths and figures."""
     from lmlab.api import load
+    from lmlab.critique import critique
     from lmlab.data import builtin_corpus
     from lmlab.evaluate.runner import evaluate
     from lmlab.io.checkpoint import latest_checkpoint
@@ -46,23 +51,28 @@ def run_demo(
     def stage(title: str) -> None:
         print(f"\n== {title} ({time.perf_counter() - started:.0f}s)", flush=True)
 
-    stage("1/7 corpus: Python's own documentation (pydoc topics and module docstrings)")
+    stage("1/9 corpus: Python's own documentation (pydoc topics and module docstrings)")
     docs = builtin_corpus(max_chars=max_chars)
-    corpus = out / "corpus.jsonl"
+    heldout_docs = docs[::50]  # never trained on: the critique's perplexity and robustness text
+    docs = [d for i, d in enumerate(docs) if i % 50]
+    corpus, heldout = out / "corpus.jsonl", out / "heldout.jsonl"
     write_jsonl_atomic(corpus, ({"text": d} for d in docs))
-    print(f"{len(docs):,} documents, {sum(map(len, docs)):,} characters → {corpus}")
+    write_jsonl_atomic(heldout, ({"text": d} for d in heldout_docs))
+    print(f"{len(docs):,} documents, {sum(map(len, docs)):,} characters → {corpus} (+ {len(heldout_docs)} held out → {heldout})")
 
-    stage(f"2/7 tokenizer: byte-level BPE, {vocab_size} tokens")
+    stage(f"2/9 tokenizer: byte-level BPE, {vocab_size} tokens")
     tokenizer = train_tokenizer(docs, kind="bpe", vocab_size=vocab_size)
     tokenizer.save(out / "tokenizer")
     print(f"→ {out / 'tokenizer' / 'tokenizer.json'}")
 
-    stage("3/7 packing into token shards")
-    manifest = prepare(corpus, out / "tokenizer", out / "data", show_progress=progress)
+    stage("3/9 packing into token shards, with 4 canaries planted 50 times each")
+    # The Secret Sharer's test: random secrets in the training text; the critique measures how far the model memorised them
+    canaries = {"n": 4, "repeats": 50, "digits": 4, "template": "my locker code is {}"}
+    manifest = prepare(corpus, out / "tokenizer", out / "data", show_progress=progress, canaries=canaries)
     for name, split in manifest["splits"].items():
         print(f"{name}: {split['tokens']:,} tokens")
 
-    stage(f"4/7 pretraining {model}, {max_steps} steps")
+    stage(f"4/9 pretraining {model}, {max_steps} steps")
     result = pretrain(
         model, out / "data", out / "run", resume=True, max_steps=max_steps, seq_len=seq_len,
         micro_batch_size=micro_batch_size, lr=2e-3, warmup_steps=max(1, max_steps // 20),
@@ -71,7 +81,7 @@ def run_demo(
     if result.val_loss is not None:
         print(f"validation loss {result.val_loss:.3f} (perplexity {2.718281828 ** result.val_loss:.1f})")
 
-    stage("5/7 generation: greedy, beam search and nucleus sampling")
+    stage("5/9 generation: greedy, beam search and nucleus sampling")
     lm = load(out / "run", device="cpu")
     lines = []
     for prompt in DEMO_PROMPTS:
@@ -84,7 +94,7 @@ def run_demo(
     samples.write_text("\n".join(lines), encoding="utf-8")
     print("\n".join(lines))
 
-    stage("6/7 fine-tuning a classifier: language reference or library docstring?")
+    stage("6/9 fine-tuning a classifier: language reference or library docstring?")
     train_file, test_file = _classification_files(builtin_corpus(), out / "classify")  # the whole corpus: both kinds
     run_dir = out / "classify" / "run"
     tuned = finetune(
@@ -94,17 +104,27 @@ def run_demo(
         progress=progress, tensorboard=False,
     )
 
-    stage("7/7 evaluation of the classifier on held-out passages")
+    stage("7/9 evaluation of the classifier on held-out passages")
     metrics = evaluate(tuned.best_checkpoint, test_file, out=out / "classify" / "eval", max_length=64, n_resamples=1000)
     ci = metrics["ci"]["accuracy"]
     print(f"accuracy {metrics['accuracy']:.3f} (95% CI {ci['low']:.3f}–{ci['high']:.3f}), macro-F1 {metrics['f1_macro']:.3f}, "
           f"ECE {metrics['calibration']['ece']:.3f} on {len(metrics['confusion_matrix']) and sum(map(sum, metrics['confusion_matrix']))} passages")
+
+    stage("8/9 critique of the language model")
+    common = dict(progress=False, max_examples=critique_examples, seed=0)
+    lm_report = critique(lm.path, out / "critique" / "lm", text=heldout, train_data=out / "data", options={"samples": 3}, **common)
+    _print_findings(lm_report)
+
+    stage("9/9 critique of the classifier")
+    cls_report = critique(tuned.best_checkpoint, out / "critique" / "classifier", data=test_file, options={"n_resamples": 1000}, **common)
+    _print_findings(cls_report)
 
     stage("done")
     made = {
         "corpus": corpus, "tokenizer": out / "tokenizer", "data": out / "data", "checkpoint": lm.path,
         "log": result.log_file, "loss_curve": out / "run" / "loss.png", "samples": samples,
         "classifier": tuned.best_checkpoint, "evaluation": out / "classify" / "eval" / "metrics.json",
+        "critique LM": lm_report["_paths"]["html"], "critique cls": cls_report["_paths"]["html"],
     }
     for what, path in made.items():
         print(f"{what:>11}: {path}")
@@ -112,6 +132,18 @@ def run_demo(
         **{k: str(v) for k, v in made.items()}, "val_loss": result.val_loss, "accuracy": metrics["accuracy"],
         "seconds": time.perf_counter() - started,
     }
+
+
+def _print_findings(report: dict) -> None:
+    """What each lens found worrying (or that it was skipped, and why), one line each."""
+    for name, lens in report["lenses"].items():
+        if "skipped" in lens:
+            print(f"{name:>12}: skipped ({lens['skipped'][:100]}…)")
+            continue
+        worst = [f for f in lens["findings"] if f["level"] in ("bad", "warn")]
+        first = worst[0] if worst else next((f for f in lens["findings"]), None)
+        print(f"{name:>12}: " + (f"{first['level']}: {first['text'][:150]}" if first else "ran") + (f" (+{len(worst) - 1} more)" if len(worst) > 1 else ""))
+    print(f"report: {report['_paths']['html']}")
 
 
 def _classification_files(docs: list[str], folder: Path) -> tuple[Path, Path]:

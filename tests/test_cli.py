@@ -28,7 +28,9 @@ def assert_one_line_error(code, err, *needles):
         assert needle in errors[0], errors[0]
 
 
-@pytest.mark.parametrize("verb", [["tokenizer", "train"], ["prepare"], ["pretrain"], ["generate"], ["info"], ["demo"]])
+@pytest.mark.parametrize(
+    "verb", [["tokenizer", "train"], ["prepare"], ["pretrain"], ["finetune"], ["evaluate"], ["generate"], ["critique"], ["merge-lora"], ["info"], ["demo"]]
+)
 def test_every_verb_has_help(verb, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([*verb, "--help"])
@@ -108,14 +110,17 @@ def test_console_script_entry_point_runs():
 def test_demo_runs_end_to_end_at_a_tiny_size(tmp_path, capsys):
     code, out, _ = run(
         capsys, "demo", "--out", str(tmp_path / "demo"), "--model", "gpt2-tiny", "--max-steps", "4",
-        "--max-chars", "60000", "--vocab-size", "300", "--finetune-steps", "2", "--no-progress",
+        "--max-chars", "60000", "--vocab-size", "300", "--finetune-steps", "2", "--critique-examples", "10", "--no-progress",
     )
     assert code == 0
-    for name in ("corpus.jsonl", "tokenizer/tokenizer.json", "data/manifest.json", "run/loss.png", "run/log.jsonl", "samples.txt",
-                 "classify/train.jsonl", "classify/eval/metrics.json", "classify/eval/predictions.jsonl"):
+    for name in ("corpus.jsonl", "heldout.jsonl", "tokenizer/tokenizer.json", "data/manifest.json", "data/canaries.json", "run/loss.png",
+                 "run/log.jsonl", "samples.txt", "classify/train.jsonl", "classify/eval/metrics.json", "classify/eval/predictions.jsonl",
+                 "critique/lm/report.html", "critique/lm/report.json", "critique/classifier/report.html"):
         assert (tmp_path / "demo" / name).is_file(), name
     assert "[greedy] The for statement" in out and "[sample]" in out and "[beam×4]" in out
     assert "accuracy" in out and "95% CI" in out
+    lm = json.loads((tmp_path / "demo" / "critique" / "lm" / "report.json").read_text())["lenses"]
+    assert "canary_space_size" in json.dumps(lm["privacy"]) and "skipped" not in lm["bias"]  # the planted canaries are measured
 
 
 def test_generate_help_documents_every_decoding_option(capsys):
@@ -173,3 +178,19 @@ def test_generate_bad_flags_are_one_line_errors(trained_run, capsys, flags, need
 def test_generate_an_empty_prompt_is_a_one_line_error(trained_run, capsys):
     code, _, err = run(capsys, "generate", str(trained_run), "--prompt", "")
     assert_one_line_error(code, err, "prompt 0 is empty")
+
+
+def test_prepare_plants_canaries_and_critique_measures_them(corpus_file, tokenizer_dir, trained_run, tmp_path, capsys):
+    code, out, _ = run(capsys, "prepare", "--input", str(corpus_file), "--tokenizer", str(tokenizer_dir), "--out", str(tmp_path / "data"),
+                       "--canaries", "2", "--canary-digits", "3", "--canary-repeats", "5", "--no-progress")
+    assert code == 0
+    record = json.loads((tmp_path / "data" / "canaries.json").read_text())
+    assert record["space_size"] == 1000 and len(record["planted"]) == 2
+    code, out, err = run(capsys, "critique", str(trained_run), "--lenses", "privacy,efficiency", "--train-data", str(tmp_path / "data"),
+                         "--max-examples", "8", "--extraction-prefix", "8", "--extraction-suffix", "8", "--out", str(tmp_path / "c"), "--no-progress")
+    assert code == 0, err
+    assert "privacy:" in out and "efficiency:" in out and "report.html" in out
+    report = json.loads((tmp_path / "c" / "report.json").read_text())
+    assert report["lenses"]["privacy"]["metrics"]["canary_space_size"] == 1000
+    code, _, err = run(capsys, "critique", str(trained_run), "--lenses", "privacy,speed", "--out", str(tmp_path / "d"))
+    assert_one_line_error(code, err, "unknown lens 'speed'")
