@@ -96,6 +96,11 @@ def test_energy_and_co2_from_the_run_log(tok, tmp_path):
     assert section.metrics["co2_kg"] == pytest.approx(section.metrics["energy_kwh"] * 0.4)
     assert any(f.level == "warn" and "rough bound" in f.text for f in section.findings)
     assert any(t.title.startswith("Training energy") for t in section.tables)
+    # a checkpoint that records its training device (as the loop writes it): two H100s at 700 W each
+    subject.meta["train_device"] = "2 × NVIDIA H100 80GB HBM3"
+    section = efficiency(subject, prompt_tokens=4, new_tokens=2, repeats=1)
+    assert section.metrics["power_watts"] == 1400 and section.metrics["energy_kwh"] == pytest.approx(1.5 * 1.4 * 1.1)
+    assert not any(f.level == "warn" and "rough bound" in f.text for f in section.findings)
     (run / "log.jsonl").write_text('{"step": 1}\nnot json\n', encoding="utf-8")
     with pytest.raises(LmlabError, match="log.jsonl:2"):
         efficiency(subject, prompt_tokens=4, new_tokens=2, repeats=1)
@@ -128,3 +133,6 @@ def test_training_log_elapsed_seconds_survive_a_resume(tok, tmp_path, monkeypatc
     assert [r["step"] for r in train] == [2, 4, 6, 8]
     elapsed = [r["elapsed_s"] for r in train]
     assert all(0 < a < b for a, b in zip(elapsed, elapsed[1:]))  # the resumed process continues the clock, not restarts it
+    from lmlab.io.checkpoint import read_meta
+
+    assert read_meta(tmp_path / "run" / "best")["train_device"] == "cpu"  # what the energy estimate reads

@@ -323,16 +323,24 @@ def _read_log(path: Path) -> list[dict]:
     return records
 
 
-def _device_power(device: torch.device) -> tuple[float, str]:
-    """Assumed power draw of the training device, and where the figure comes from."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, watts in GPU_WATTS:
-            if key in name:
-                return watts, f"the board power (TDP) of an {name} from NVIDIA's datasheet"
-        return UNKNOWN_GPU_WATTS, f"{UNKNOWN_GPU_WATTS:.0f} W assumed for an {name} (not in the TDP table)"
-    cores = os.cpu_count() or 1
-    return CPU_WATTS_PER_CORE * cores, f"{CPU_WATTS_PER_CORE:.0f} W per CPU core × {cores} cores (a rough bound for CPU-only training)"
+def _device_power(subject: Subject) -> tuple[float, str]:
+    """Assumed power draw of the training device(s), and where the figure comes from: the device the
+    checkpoint records (``train_device``: "cpu" or "N × <GPU name>"), else the one the critique runs on."""
+    recorded = subject.meta.get("train_device")
+    if recorded is None:
+        recorded = "cpu" if subject.device.type != "cuda" else f"1 × {torch.cuda.get_device_name(subject.device)}"
+        whose = "the device this critique runs on (the checkpoint records none)"
+    else:
+        whose = "the training device the checkpoint records"
+    if recorded == "cpu":
+        cores = os.cpu_count() or 1
+        return CPU_WATTS_PER_CORE * cores, f"{CPU_WATTS_PER_CORE:.0f} W per CPU core × {cores} cores of {whose} (a rough bound for CPU-only training)"
+    count, _, name = recorded.partition(" × ")
+    count = int(count) if count.isdigit() else 1
+    for key, watts in GPU_WATTS:
+        if key in name:
+            return count * watts, f"{count} × the board power (TDP) of an {name} from NVIDIA's datasheet, {whose}"
+    return count * UNKNOWN_GPU_WATTS, f"{count} × {UNKNOWN_GPU_WATTS:.0f} W assumed for an {name} (not in the TDP table), {whose}"
 
 
 def _energy_part(section: Section, subject: Subject, grid_intensity: float, power_watts: float | None) -> str:
@@ -348,7 +356,7 @@ def _energy_part(section: Section, subject: Subject, grid_intensity: float, powe
     if power_watts is not None:
         watts, power_source = float(power_watts), "given (power_watts)"
     else:
-        watts, power_source = _device_power(subject.device)
+        watts, power_source = _device_power(subject)
     kwh = seconds / 3600 * watts / 1000 * PUE
     co2 = kwh * grid_intensity
     section.metrics.update(
@@ -378,7 +386,7 @@ def _energy_part(section: Section, subject: Subject, grid_intensity: float, powe
         ],
         "Every factor but the training time is an assumption; pass power_watts and grid_intensity for your hardware and region.",
     ))
-    level = "warn" if power_watts is None and subject.device.type != "cuda" else "info"
+    level = "warn" if power_watts is None and "per CPU core" in power_source else "info"
     text = f"Training ran {seconds / 3600:.3g} h for {steps} steps: ≈ {kwh:.3g} kWh and ≈ {co2:.3g} kg CO2e under the stated assumptions"
     if level == "warn":
         text += " — assuming CPU training at a per-core wattage, a rough bound; give power_watts for a real figure"

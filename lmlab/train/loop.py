@@ -221,6 +221,8 @@ def train_loop(
     loss_sum = torch.zeros((), device=device)
     loss_count, t_last, step_last = 0, time.perf_counter(), start_step
     t_start = t_last
+    # what trained, for the critique's energy estimate: "cpu", or the GPU's name and how many ran
+    train_device = "cpu" if device.type != "cuda" else f"{dist.world_size} × {torch.cuda.get_device_name(device)}"
     grad_norm = torch.zeros((), device=device)
     model.train()
 
@@ -303,7 +305,7 @@ def train_loop(
                 if dist.is_main:
                     result.best_checkpoint = save_checkpoint(
                         out_dir / "best", raw_model, tokenizer=tokenizer,
-                        meta={**(meta or {}), "step": done, "val_loss": val_loss, **{f"val_{k}": v for k, v in scores.items()}},
+                        meta={**(meta or {}), "step": done, "val_loss": val_loss, "train_device": train_device, **{f"val_{k}": v for k, v in scores.items()}},
                     )
             elif criterion is not None:
                 since_best += 1
@@ -327,7 +329,7 @@ def train_loop(
             }
             last_good = save_checkpoint(
                 out_dir / step_dir_name(done), raw_model, tokenizer=tokenizer, train_state=state,
-                meta={**(meta or {}), "step": done, "val_loss": val_loss},
+                meta={**(meta or {}), "step": done, "val_loss": val_loss, "train_device": train_device},
             )
             result.last_checkpoint = last_good
             prune_checkpoints(out_dir, cfg.keep_last)
