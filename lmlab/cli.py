@@ -110,18 +110,19 @@ def build_parser() -> ArgumentParser:
     commands.add_subcommand("pretrain", pretrain, help="pretrain a model (causal LM, masked LM, next-sentence prediction)")
 
     finetune = _parser(
-        "Fine-tune a checkpoint on a labelled task: classify (text or text pair → label(s)), tag (a label per word) or "
-        "qa (extractive answer spans). The task metric on --valid picks best/ and drives --patience."
+        "Fine-tune a checkpoint on a labelled task: classify (text or text pair → label(s)), tag (a label per word), "
+        "qa (extractive answer spans), seq2seq or chat (conversations; the loss on assistant turns only). The task metric "
+        "on --valid (chat: the validation loss) picks best/ and drives --patience."
     )
     finetune.add_argument("checkpoint", help="the pretrained checkpoint (or run folder) to start from")
-    finetune.add_argument("--task", required=True, help="classify, tag, qa or seq2seq")
+    finetune.add_argument("--task", required=True, help="classify, tag, qa, seq2seq or chat")
     finetune.add_argument(
         "--train", required=True,
-        help="training file: classify .jsonl/.csv/.tsv, tag CoNLL or .jsonl (tokens, tags), qa SQuAD .json, seq2seq .jsonl (source, target)",
+        help="training file: classify .jsonl/.csv/.tsv, tag CoNLL or .jsonl (tokens, tags), qa SQuAD .json, seq2seq .jsonl (source, target), chat .jsonl (messages, or prompt and response)",
     )
     finetune.add_argument("--valid", type=Optional[str], default=None, help="validation file of the same kind (metrics, best checkpoint)")
     finetune.add_argument("--out", required=True, help="run folder: checkpoints, best/, log.jsonl, loss.png")
-    finetune.add_argument("--max-length", type=int, default=128, help="tokens per example, special tokens included; seq2seq: per source or prompt (default: 128)")
+    finetune.add_argument("--max-length", type=int, default=128, help="tokens per example, special tokens included; seq2seq: per source or prompt; chat: per conversation (default: 128)")
     finetune.add_argument("--max-target-length", type=int, default=128, help="seq2seq: tokens per target, end-of-text included; also the generation length when scoring (default: 128)")
     finetune.add_argument("--source-field", default="source", help="seq2seq: the source field (records with prompt/completion work too) (default: source)")
     finetune.add_argument("--target-field", default="target", help="seq2seq: the target field (default: target)")
@@ -131,6 +132,7 @@ def build_parser() -> ArgumentParser:
     finetune.add_argument("--class-weights", action="store_true", help="classify: weight classes by inverse frequency (imbalanced data)")
     finetune.add_argument("--patience", type=Optional[int], default=None, help="stop after this many evaluations without a better validation metric")
     finetune.add_argument("--resume", action="store_true", help="continue the latest checkpoint in --out exactly where it stopped")
+    finetune.add_argument("--show-masking", action="store_true", help="chat: print the first training conversation with the trained tokens marked, and exit")
     finetune.add_argument(
         "--lora", type=Optional[str], default=None,
         help="train LoRA adapters (peft) instead of all weights: r=8,alpha=16,dropout=0.05,targets=qkv (targets: module "
@@ -139,7 +141,7 @@ def build_parser() -> ArgumentParser:
     from lmlab.train.finetune import FINETUNE_DEFAULTS
 
     _add_dataclass_flags(finetune, TrainConfig, skip=("seq_len",), defaults=FINETUNE_DEFAULTS)
-    commands.add_subcommand("finetune", finetune, help="fine-tune on classify, tag, qa or seq2seq")
+    commands.add_subcommand("finetune", finetune, help="fine-tune on classify, tag, qa, seq2seq or chat")
 
     evaluate = _parser(
         "Evaluate a checkpoint on a labelled file: the task's metrics with bootstrap 95% confidence intervals, "
@@ -222,6 +224,18 @@ def build_parser() -> ArgumentParser:
     generate.add_argument("--stop", nargs="+", default=[], help="stop when the output contains one of these strings; the text is cut before it")
     generate.add_argument("--stop-token-ids", nargs="+", type=int, default=[], help="stop on these token ids (besides the tokenizer's end-of-text)")
     commands.add_subcommand("generate", generate, help="generate text from a checkpoint (all decoding strategies, streaming, REPL)")
+
+    chat = _parser(
+        "Chat with a decoder: each turn renders the conversation with the checkpoint's chat template (lmlab's default when it "
+        "has none) and streams the reply until the end-of-turn marker. /reset clears the history, /system TEXT sets the "
+        "system prompt, /quit or Ctrl-D ends. When the conversation outgrows the context window its oldest turns are dropped."
+    )
+    chat.add_argument("checkpoint", help="checkpoint folder (or run folder: its best checkpoint)")
+    chat.add_argument("--system", type=Optional[str], default=None, help="the system prompt (default: none)")
+    chat.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
+    _add_dataclass_flags(chat, GenerationConfig, skip=("stop", "stop_token_ids", "num_return_sequences", "max_length", "truncate"))
+    chat.add_argument("--stop", nargs="+", default=[], help="also end a reply at these strings (the end-of-turn marker always ends it)")
+    commands.add_subcommand("chat", chat, help="chat with a model: a multi-turn REPL with streaming")
 
     info = _parser("Parameter count and FLOPs per token of a preset or a checkpoint (all presets when none is named).")
     info.add_argument("model", nargs="?", default=None, help="preset name or checkpoint folder")
@@ -400,6 +414,15 @@ def cmd_generate(a) -> int:
     return 0
 
 
+def cmd_chat(a) -> int:
+    from lmlab.api import load
+    from lmlab.chat import ChatSession, repl
+    from lmlab.generate import GenerationConfig
+
+    config = GenerationConfig(**{f.name: getattr(a, f.name) for f in dataclasses.fields(GenerationConfig) if hasattr(a, f.name)})
+    return repl(ChatSession(load(a.checkpoint, device=a.device), system=a.system, config=config))
+
+
 def cmd_finetune(a) -> int:
     from lmlab.train.finetune import finetune
     from lmlab.train.loop import TrainConfig
@@ -409,9 +432,9 @@ def cmd_finetune(a) -> int:
         a.checkpoint, a.task, a.train, a.out, valid=a.valid, max_length=a.max_length, text_field=a.text_field,
         pair_field=a.pair_field, label_field=a.label_field, source_field=a.source_field, target_field=a.target_field,
         max_target_length=a.max_target_length, class_weights=a.class_weights, patience=a.patience, resume=a.resume, lora=a.lora,
-        **train_args,
+        show_masking=a.show_masking, **train_args,
     )
-    if os.environ.get("RANK", "0") != "0":
+    if a.show_masking or os.environ.get("RANK", "0") != "0":
         return 0
     if result.val_scores:
         print("lmlab: validation " + ", ".join(f"{k} {v:.4f}" for k, v in result.val_scores.items()) + (" (stopped early)" if result.stopped_early else ""))
@@ -510,6 +533,7 @@ COMMANDS = {
     "critique": cmd_critique,
     "merge-lora": cmd_merge_lora,
     "generate": cmd_generate,
+    "chat": cmd_chat,
     "info": cmd_info,
     "demo": cmd_demo,
 }

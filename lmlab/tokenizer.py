@@ -109,7 +109,8 @@ class Tokenizer:
     ``special_tokens`` maps roles (``bos``, ``eos``, ``pad``, ``unk``, ``mask``) to token strings;
     ``None`` infers them from the added tokens with :data:`ROLE_TOKENS`. ``model_max_length`` (the
     longest input the paired model takes, if known) and ``chat_template`` are carried through
-    :meth:`save` into ``tokenizer_config.json``.
+    :meth:`save` into ``tokenizer_config.json``; :meth:`apply_chat_template` renders conversations
+    with the template (:mod:`lmlab.chat`).
     """
 
     def __init__(
@@ -204,6 +205,19 @@ class Tokenizer:
 
     def id_to_token(self, token_id: int) -> str | None:
         return self._backend.id_to_token(int(token_id))
+
+    def apply_chat_template(
+        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True, tokenize: bool = False,
+        chat_template: str | None = None, **variables: Any,
+    ) -> str | list[int]:
+        """``messages`` (``[{"role": ..., "content": ...}, ...]``) rendered by ``chat_template``, else this
+        tokenizer's :attr:`chat_template`, else lmlab's default — as transformers' method of this name
+        renders them (:mod:`lmlab.chat`), though with the generation prompt on by default. ``tokenize``
+        returns the token ids (special tokens in the text become their ids; nothing is added)."""
+        from lmlab.chat import render
+
+        text = render(self, messages, add_generation_prompt=add_generation_prompt, template=chat_template, **variables)
+        return self.encode(text) if tokenize else text
 
     def __len__(self) -> int:
         return self.vocab_size

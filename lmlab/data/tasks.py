@@ -1,6 +1,6 @@
 """Labelled data for fine-tuning and evaluation: read task files, turn them into token ids + labels.
 
-Four tasks, each with a reader that parses a file into a plain dataclass and a feature builder that
+Five tasks, each with a reader that parses a file into a plain dataclass and a feature builder that
 encodes it with an lmlab :class:`~lmlab.tokenizer.Tokenizer` (model-independent; padding is left
 to a collator):
 
@@ -14,12 +14,15 @@ tag           :func:`read_tags` (CoNLL, JSONL),    :func:`align_tags`,
 qa            :func:`read_squad` (SQuAD 1.1/2.0)   :func:`qa_features`, :func:`qa_postprocess`
 seq2seq       :func:`read_seq2seq` (JSONL)         :func:`encode_seq2seq`,
                                                    :func:`encode_sources`
+chat          :func:`read_chat` (JSONL messages    :func:`encode_chat`,
+              or prompt/response)                  :func:`encode_conversation`
 ============  ===================================  ========================================
 
 Special tokens come from the tokenizer's post-processor (WordPiece: ``[CLS] a [SEP] b [SEP]`` with
 token type ids 0/1). A tokenizer whose post-processor adds nothing (byte-level BPE for decoders,
 Unigram) gets the eos token after each segment instead — ``a eos`` and ``a eos b eos`` — so a
-decoder can pool its last token and a pair stays separable.
+decoder can pool its last token and a pair stays separable. Chat conversations take no
+post-processor: the chat template (:mod:`lmlab.chat`) writes every token, special ones included.
 
 Files are strict UTF-8; bad input raises :class:`LmlabError` naming ``file:line`` (or the SQuAD
 question id) and what was expected.
@@ -55,6 +58,8 @@ __all__ = [
     "SquadExamples",
     "QAFeature",
     "Seq2SeqData",
+    "ChatData",
+    "CHAT_ROLES",
     "read_classify",
     "check_labels",
     "read_tags",
@@ -62,6 +67,7 @@ __all__ = [
     "read_squad",
     "read_seq2seq",
     "read_records",
+    "read_chat",
     "encode_classify",
     "align_tags",
     "tags_from_predictions",
@@ -69,6 +75,8 @@ __all__ = [
     "qa_postprocess",
     "encode_seq2seq",
     "encode_sources",
+    "encode_conversation",
+    "encode_chat",
 ]
 
 LABEL_KINDS = ("single", "multi", "regression")
@@ -965,3 +973,121 @@ def encode_sources(tokenizer: Tokenizer, sources: Sequence[str], max_length: int
         _check_int("max_source_length", max_length, backend.num_special_tokens_to_add(False) + 1)
         backend.enable_truncation(max_length)
     return [e.ids for e in backend.encode_batch(list(sources), add_special_tokens=True)]
+
+
+# ------------------------------------------------------------------------------------------- chat
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+@dataclass
+class ChatData:
+    """Conversations as message lists (``{"role": ..., "content": ...}``), each with its source line."""
+
+    conversations: list[list[dict[str, str]]]
+    lines: list[int] = field(default_factory=list)
+    path: Path | None = None
+
+
+def _chat_messages(record: Mapping[str, Any], at: str) -> list[dict[str, str]]:
+    """One record's conversation: its ``messages``, or a ``prompt`` with a ``response`` (or ``completion``)."""
+    if "messages" not in record:
+        reply = next((name for name in ("response", "completion") if name in record), None)
+        if "prompt" not in record or reply is None:
+            present = ", ".join(map(repr, record)) or "none"
+            raise LmlabError(
+                f"{at}: no conversation (fields present: {present}); expected 'messages', or 'prompt' with 'response' (or 'completion')"
+            )
+        return [{"role": "user", "content": _field(record, "prompt", at)}, {"role": "assistant", "content": _field(record, reply, at)}]
+    messages = _field(record, "messages", at, list)
+    if not messages:
+        raise LmlabError(f"{at}: empty 'messages'; expected a conversation with at least one assistant message")
+    out = []
+    for index, message in enumerate(messages):
+        where = f"{at}: message {index}"
+        if not isinstance(message, dict):
+            raise LmlabError(f"{where} is {message!r}; expected an object with 'role' and 'content'")
+        role = _field(message, "role", where)
+        if role not in CHAT_ROLES:
+            raise LmlabError(f"{where}: unknown role {role!r}; expected one of {', '.join(CHAT_ROLES)}")
+        out.append({"role": role, "content": _field(message, "content", where)})
+    if not any(m["role"] == "assistant" for m in out):
+        raise LmlabError(f"{at}: no assistant message; expected at least one to train on")
+    if out[0]["role"] == "assistant":
+        raise LmlabError(f"{at}: message 0 is an assistant message; expected a system or user message before the first reply")
+    return out
+
+
+def read_chat(path: str | Path) -> ChatData:
+    """Read a ``.jsonl`` file of conversations, one per line: ``{"messages": [{"role": "system" | "user" |
+    "assistant", "content": "…"}, …]}`` (OpenAI's fine-tuning format) or ``{"prompt": …, "response": …}``
+    (or ``"completion"``), read as one user message and its reply."""
+    path, text = _read_text(path, "a JSONL file of conversations")
+    if path.suffix.lower() != ".jsonl":
+        raise LmlabError(f"{path}: unknown file type {path.suffix!r}; expected .jsonl")
+    conversations, lines = [], []
+    for number, record in _jsonl_records(path, text):
+        conversations.append(_chat_messages(record, f"{path}:{number}"))
+        lines.append(number)
+    return ChatData(conversations=conversations, lines=lines, path=path)
+
+
+def encode_conversation(tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]], template: str | None = None) -> tuple[list[int], list[int]]:
+    """Token ids of a conversation rendered by the chat ``template`` (default: the tokenizer's, see
+    :mod:`lmlab.chat`), and labels that equal them on the assistant messages — each one's text through
+    its end-of-turn marker — and are ``IGNORE_INDEX`` everywhere else.
+
+    The spans are found prefix-wise, as TRL's SFT trainer finds a completion: the conversation up to an
+    assistant message rendered with the generation prompt, and up to the end of that message, must be
+    prefixes of the whole rendering, as text and as token ids. A template that renders earlier turns
+    differently, or a tokenizer that merges text across a turn boundary, fails that check and raises
+    rather than train on misplaced labels."""
+    from lmlab.chat import chat_template, end_of_turn, render
+
+    template = template if template is not None else chat_template(tokenizer)
+    marker = end_of_turn(tokenizer, template)
+    whole = render(tokenizer, messages, template=template)
+    ids = tokenizer.encode(whole)
+    labels = [IGNORE_INDEX] * len(ids)
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = render(tokenizer, messages[:index], add_generation_prompt=True, template=template)
+        through = render(tokenizer, messages[: index + 1], template=template)
+        if not (through.startswith(before) and whole.startswith(through)):
+            raise LmlabError(
+                f"message {index}: the chat template does not render this conversation prefix-wise; expected the "
+                "conversation up to each assistant message to render as the start of the whole one"
+            )
+        found = through.rfind(marker, len(before))
+        end = found + len(marker) if found >= 0 else len(through)
+        start_ids, end_ids = tokenizer.encode(before), tokenizer.encode(through[:end])
+        if ids[: len(start_ids)] != start_ids or ids[: len(end_ids)] != end_ids:
+            raise LmlabError(
+                f"message {index}: the tokenizer merges text across the start or end of this assistant message; expected "
+                "the tokens of the conversation up to it to be a prefix of the whole conversation's tokens"
+            )
+        labels[len(start_ids) : len(end_ids)] = ids[len(start_ids) : len(end_ids)]
+    return ids, labels
+
+
+def encode_chat(tokenizer: Tokenizer, data: ChatData, max_length: int, template: str | None = None) -> dict[str, list[list[int]]]:
+    """:func:`encode_conversation` of every conversation, cut to its first ``max_length`` tokens; a
+    conversation must keep an assistant token past its first token (the loss predicts each token from
+    those before it)."""
+    _check_int("max_length", max_length, 2)
+    input_ids, labels = [], []
+    for index, messages in enumerate(data.conversations):
+        at = _where(data.path, data.lines, index)
+        try:
+            ids, marks = encode_conversation(tokenizer, messages, template)
+        except LmlabError as err:
+            raise LmlabError(f"{at}: {err}") from None
+        ids, marks = ids[:max_length], marks[:max_length]
+        if all(mark == IGNORE_INDEX for mark in marks[1:]):
+            raise LmlabError(
+                f"{at}: no assistant token within the first {max_length} tokens; expected --max-length to reach "
+                "an assistant reply (raise it, or shorten the conversation)"
+            )
+        input_ids.append(ids)
+        labels.append(marks)
+    return {"input_ids": input_ids, "labels": labels}

@@ -1,4 +1,4 @@
-"""``lmlab.finetune``: a pretrained checkpoint + labelled files → a task model (classify, tag, qa, seq2seq).
+"""``lmlab.finetune``: a pretrained checkpoint + labelled files → a task model (classify, tag, qa, seq2seq, chat).
 
 The same one training loop as pretraining: the batches are example indices (a pure function of the
 step, so resuming is exact), a :class:`TaskObjective` collates them and computes the task's loss,
@@ -9,11 +9,20 @@ best checkpoint and drives early stopping.
     tag        CoNLL or JSONL tokens/tags (BIO, IOB1, IOBES)    entity F1 (seqeval)
     qa         SQuAD v1.1 / v2.0 JSON                           exact match, F1 (SQuAD rules)
     seq2seq    JSONL source/target (or prompt/completion)       chrF, BLEU (sacrebleu), ROUGE of greedy outputs
+    chat       JSONL messages (or prompt/response)              loss on assistant tokens (picks best/), their accuracy
 
 ``seq2seq`` trains an encoder–decoder on source → target (teacher forcing, the target shifted right
 behind the start token), or a decoder on prompt → completion with the loss on the completion only;
 either way the model keeps its LM head (no task head) and is scored by generating through
 :class:`lmlab.api.LM`, the one decoding path.
+
+``chat`` trains a decoder on conversations rendered by its chat template (lmlab's default when the
+tokenizer has none, written into every checkpoint's ``tokenizer_config.json`` so ``lmlab chat`` and an
+export render alike), the loss on the assistant messages only (:func:`lmlab.data.tasks.encode_conversation`).
+Each conversation is one padded row: packing several into a row would need a block-diagonal attention
+mask, which :class:`~lmlab.model.decoder.DecoderLM` does not take (it takes per-row position ids, and a
+key-padding mask only). The validation loss on assistant tokens picks ``best/``; their next-token
+accuracy is logged beside it.
 
 ``lora`` (``--lora r=8,alpha=16,targets=qkv``) freezes the model and trains low-rank adapters through
 ``peft`` (:mod:`lmlab.train.lora`) plus the new task head; checkpoints hold base + adapters and resume
@@ -41,7 +50,7 @@ from lmlab.train.data import hash_position
 from lmlab.train.loop import TrainConfig, TrainResult, train_loop
 from lmlab.train.objectives import IGNORE_INDEX
 
-TASKS = ("classify", "tag", "qa", "seq2seq")
+TASKS = ("classify", "tag", "qa", "seq2seq", "chat")
 # fine-tuning starts from BERT's recipe (Devlin et al.: 2e-5–5e-5, no long warm-up, AdamW β2 0.999, decay 0.01)
 FINETUNE_DEFAULTS = dict(lr=5e-5, warmup_steps=0, weight_decay=0.01, beta2=0.999, max_steps=300, eval_interval=100)
 # the metric that picks the best checkpoint, per task (higher is better)
@@ -86,7 +95,8 @@ class TaskObjective:
     or mean squared error (regression); tag: token cross-entropy on the first sub-token of each word;
     qa: the mean of the start and end cross-entropies; seq2seq: next-token cross-entropy on the
     target (``model_arch`` "seq2seq": the decoder fed the target shifted right behind ``start_id``;
-    "decoder": prompt + completion in one sequence, the prompt's labels ignored).
+    "decoder": prompt + completion in one sequence, the prompt's labels ignored); chat: the same
+    next-token cross-entropy as a decoder's seq2seq, on the assistant tokens.
     """
 
     arch = "any"
@@ -131,7 +141,7 @@ class TaskObjective:
                 row = features["labels"][i]
                 labels[k, : len(row)] = torch.tensor(row)
             out["labels"] = labels
-        elif self.task == "seq2seq":
+        elif self.task in ("seq2seq", "chat"):
             targets = [features["labels"][i] for i in rows]
             labels = torch.full((len(rows), max(len(t) for t in targets)), IGNORE_INDEX, dtype=torch.long)
             for k, target in enumerate(targets):
@@ -143,7 +153,7 @@ class TaskObjective:
         return out
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-        if self.task == "seq2seq":
+        if self.task in ("seq2seq", "chat"):
             labels = batch["labels"]
             if self.model_arch == "seq2seq":
                 from lmlab.model.seq2seq import shift_right
@@ -189,9 +199,13 @@ def load_task_data(
     source_field: str = "source", target_field: str = "target", max_target_length: int = 128, decoder_only: bool = False,
 ) -> TaskData:
     """Read a task file and build its features. ``labels`` (the training labels) check a validation file.
-    seq2seq: ``max_length`` bounds the source (a decoder's prompt), ``max_target_length`` the target."""
+    seq2seq: ``max_length`` bounds the source (a decoder's prompt), ``max_target_length`` the target;
+    chat: ``max_length`` bounds a conversation, rendered by the tokenizer's chat template."""
     from lmlab.data import tasks as T
 
+    if task == "chat":
+        data = T.read_chat(path)
+        return TaskData("chat", T.encode_chat(tokenizer, data, max_length), 0, raw=data)
     if task == "seq2seq":
         data = T.read_seq2seq(path, source_field=source_field, target_field=target_field)
         features = T.encode_seq2seq(tokenizer, data, max_length, max_target_length, decoder_only=decoder_only)
@@ -233,6 +247,24 @@ def load_task_data(
         }
         return TaskData("qa", features, 2, raw=examples, qa_features=feats)
     raise LmlabError(f"unknown --task '{task}'; expected one of {', '.join(TASKS)}")
+
+
+@torch.no_grad()
+def assistant_token_accuracy(model: nn.Module, objective: TaskObjective, n: int, batch_size: int, device: torch.device) -> float:
+    """chat: the share of assistant tokens (the labelled ones) of examples 0..n-1 that the model predicts
+    greedily from the tokens before them."""
+    was_training = model.training
+    model.eval()
+    right = total = 0
+    for start in range(0, n, batch_size):
+        batch = objective.batch(torch.arange(start, min(start + batch_size, n)))
+        labels = batch["labels"][:, 1:].to(device)
+        trained = labels != IGNORE_INDEX
+        predicted = model(batch["input_ids"].to(device))[:, :-1].argmax(-1)
+        right += int((predicted == labels)[trained].sum())
+        total += int(trained.sum())
+    model.train(was_training)
+    return right / total
 
 
 @torch.no_grad()
@@ -323,8 +355,9 @@ def finetune(
     patience: int | None = None,
     resume: bool = False,
     lora: str | Any | None = None,
+    show_masking: bool = False,
     **train_args: Any,
-) -> TrainResult:
+) -> TrainResult | str:
     """Fine-tune ``checkpoint`` (an lmlab checkpoint or run folder) on a task; checkpoints go to ``out``.
 
     The model gets a fresh task head for ``task`` (a checkpoint already fine-tuned on the same task
@@ -333,6 +366,8 @@ def finetune(
     improvement stop the run early. seq2seq: ``max_length`` bounds the source (a decoder's prompt)
     and ``max_target_length`` the target; a decoder holds both in its context window. ``lora`` (a
     ``--lora`` string or a :class:`~lmlab.train.lora.LoraSpec`) trains adapters instead of the weights.
+    chat: ``max_length`` bounds a conversation; ``show_masking`` trains nothing and returns (and prints)
+    :func:`show_chat_masking` of the first training conversation.
     """
     from lmlab.tokenizer import Tokenizer
     from lmlab.train import lora as lora_mod
@@ -341,6 +376,10 @@ def finetune(
 
     if task not in TASKS:
         raise LmlabError(f"unknown --task '{task}'; expected one of {', '.join(TASKS)}")
+    if show_masking:
+        if task != "chat":
+            raise LmlabError(f"--show-masking shows which tokens --task chat trains on; expected --task chat, not {task!r}")
+        return show_chat_masking(checkpoint, train, max_length)
     out = Path(out)
     cfg = TrainConfig(**{**FINETUNE_DEFAULTS, **train_args})
     resume_from = latest_checkpoint(out) if resume else None
@@ -354,6 +393,12 @@ def finetune(
     tokenizer = Tokenizer.load(base)
     base_config = ModelConfig.load(base / "config.json")
     arch = base_config.arch
+    if task == "chat" and arch != "decoder":
+        raise LmlabError(f"{base}: a{'n' if arch[0] in 'aeiou' else ''} {arch} model; --task chat fine-tunes decoders")
+    if task == "chat" and tokenizer.chat_template is None:
+        from lmlab.chat import DEFAULT_CHAT_TEMPLATE
+
+        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE  # saved with every checkpoint: chat and export render alike
     if task == "seq2seq" and arch == "encoder":
         raise LmlabError(f"{base}: an encoder (BERT style) does not generate; --task seq2seq fine-tunes encoder–decoders and decoders")
     if task != "seq2seq" and arch not in ("encoder", "decoder"):
@@ -377,7 +422,7 @@ def finetune(
         valid_data = load_task_data(task, valid, tokenizer, labels=train_data.labels if task in ("classify", "tag") else None,
                                     problem_type=train_data.problem_type if task == "classify" else None, **options)
 
-    if task == "seq2seq":  # the LM head generates: no task head (one the base had is dropped)
+    if task in ("seq2seq", "chat"):  # the LM head generates: no task head (one the base had is dropped)
         config = dataclasses.replace(base_config, task="", num_labels=0, problem_type="single", labels=[], lora={})
     else:
         config = dataclasses.replace(
@@ -417,16 +462,19 @@ def finetune(
         valid_batches = [torch.arange(i, min(i + cfg.micro_batch_size, len(valid_data))) for i in range(0, len(valid_data), cfg.micro_batch_size)]
 
         def score_fn(m: nn.Module) -> dict[str, float]:
+            if task == "chat":
+                return {"token_accuracy": assistant_token_accuracy(m, scorer, len(valid_data), cfg.micro_batch_size, device)}
             if task == "seq2seq":
                 outputs = generate_outputs(m, tokenizer, valid_data, max_new_tokens=max_target_length, batch_size=cfg.micro_batch_size)
                 return task_metrics(valid_data, outputs)
             return task_metrics(valid_data, predict_logits(m, scorer, len(valid_data), cfg.micro_batch_size, device))
 
-        select = SELECT[train_data.problem_type if task == "classify" and train_data.problem_type != "single" else task]
+        if task != "chat":  # chat: the lowest validation loss (on assistant tokens) picks best/
+            select = SELECT[train_data.problem_type if task == "classify" and train_data.problem_type != "single" else task]
     if info.is_main:
+        what = {"seq2seq": "source → target" if arch == "seq2seq" else "prompt → completion", "chat": "loss on assistant turns"}
         print(
-            f"lmlab: fine-tuning {base} for {task} "
-            + (f"({'source → target' if arch == 'seq2seq' else 'prompt → completion'})" if task == "seq2seq" else f"({config.num_labels} labels)")
+            f"lmlab: fine-tuning {base} for {task} ({what.get(task, f'{config.num_labels} labels')})"
             + f", {len(train_data):,} training examples"
             + (f", {len(valid_data):,} validation" if valid_data is not None else "")
             + f"; {batches.steps_per_epoch():,} steps per epoch, {cfg.max_steps:,} steps",
@@ -440,6 +488,23 @@ def finetune(
         )
     finally:
         dist_mod.teardown(info)
+
+
+def show_chat_masking(checkpoint: str | Path, train: str | Path, max_length: int = 128) -> str:
+    """The first conversation of ``train`` as ``--task chat`` trains ``checkpoint`` on it: printed with the
+    trained (assistant) tokens in colour on a terminal, and returned with them in ``[[…]]``."""
+    from lmlab.chat import mark_trained
+    from lmlab.tokenizer import Tokenizer
+
+    base = resolve_checkpoint(checkpoint)
+    tokenizer = Tokenizer.load(base)
+    data = load_task_data("chat", train, tokenizer, max_length=max_length)
+    ids, labels = data.features["input_ids"][0], data.features["labels"][0]
+    trained = sum(label != IGNORE_INDEX for label in labels)
+    print(f"lmlab: {data.raw.path}:{data.raw.lines[0]} as --task chat trains on it: {len(ids)} tokens, {trained} trained "
+          f"({'in colour' if sys.stdout.isatty() else 'in [[…]]'})", file=sys.stderr)
+    print(mark_trained(tokenizer, ids, labels, color=sys.stdout.isatty()))
+    return mark_trained(tokenizer, ids, labels)
 
 
 def _with_task_head(base: Path, base_config: ModelConfig, config: ModelConfig, device: torch.device) -> nn.Module:

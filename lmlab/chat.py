@@ -1,0 +1,322 @@
+"""Chat: render conversations with a chat template, and talk to a model turn by turn.
+
+**Templates.** A chat template is the Jinja program in ``tokenizer_config.json`` (``chat_template``)
+that turns ``messages`` — ``[{"role": "system" | "user" | "assistant", "content": "…"}, …]`` — into
+the one string the model reads. :func:`render` runs it as ``transformers``' ``apply_chat_template``
+does (``transformers/utils/chat_template_utils.py``), so an exported checkpoint renders the same
+text: an ``ImmutableSandboxedEnvironment`` (templates are untrusted code) with ``trim_blocks`` and
+``lstrip_blocks``, the ``loopcontrols`` extension and the ``{% generation %}`` block tag, a
+``tojson`` filter that does not HTML-escape, the globals ``raise_exception``, ``strftime_now``,
+``dict`` and ``namespace`` (which refuses ``_``-names), the tokenizer's special tokens as variables
+(``bos_token``, ``eos_token`` …), and messages copied into plain JSON data with ``None`` fields
+dropped. A tokenizer without a template gets :data:`DEFAULT_CHAT_TEMPLATE`.
+
+**End of turn.** :func:`end_of_turn` finds the marker a template closes an assistant message with by
+rendering a probe conversation and reading what follows the assistant's text (``<|im_end|>`` for
+ChatML, ``<|eot_id|>`` for Llama 3, eos for the default); generation stops there, and fine-tuning
+(:func:`lmlab.data.tasks.encode_conversation`) trains the model to emit it.
+
+**Sessions.** :class:`ChatSession` keeps a conversation with a decoder: each :meth:`ChatSession.send`
+renders the whole conversation (system prompt, history, the new message) with the generation prompt
+and streams the reply through :meth:`lmlab.api.LM.stream`. When it no longer fits the context window
+with room for ``max_new_tokens``, the oldest turns are dropped — never the system prompt — with a
+warning. :func:`repl` is the ``lmlab chat`` loop over a session.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from datetime import datetime
+from functools import lru_cache
+from typing import Any, Callable, TextIO
+
+from lmlab.errors import LmlabError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["DEFAULT_CHAT_TEMPLATE", "chat_template", "render", "end_of_turn", "mark_trained", "ChatSession", "repl"]
+
+#: The template of lmlab models that come without one: ChatML's layout (``<|im_start|>role\\n…``),
+#: with the tokenizer's own eos token as the end-of-turn marker instead of ``<|im_end|>``, so no token
+#: has to be added to the vocabulary. ``lmlab finetune --task chat`` writes it into the checkpoint's
+#: ``tokenizer_config.json``, so ``lmlab chat`` and transformers use it too.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + eos_token + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+# -- the Jinja environment, as transformers builds it ------------------------------------------------
+
+
+@lru_cache
+def _compile(source: str):
+    import jinja2
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    if tuple(int(part) for part in re.findall(r"\d+", jinja2.__version__)[:3]) < (3, 1, 6):
+        # as transformers: older versions have known sandbox escapes, and templates from the Hub are untrusted code
+        raise LmlabError(f"chat templates need jinja2 >= 3.1.6 (installed: {jinja2.__version__}); pip install -U jinja2")
+    class Generation(jinja2.ext.Extension):
+        """``{% generation %}…{% endgeneration %}`` marks assistant text (transformers uses it for
+        ``return_assistant_tokens_mask``); rendering keeps the body, in its own scope as there."""
+
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(["name:endgeneration"], drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    class Namespace(jinja2.utils.Namespace):
+        """``namespace(...)`` that refuses underscore attributes (no way into CPython internals)."""
+
+        def __init__(*args, **kwargs):
+            self, args = args[0], args[1:]
+            attrs = dict(*args, **kwargs)
+            for name in attrs:
+                Namespace._check(name)
+            jinja2.utils.Namespace.__init__(self, attrs)
+
+        def __setitem__(self, name, value):
+            Namespace._check(name)
+            jinja2.utils.Namespace.__setitem__(self, name, value)
+
+        @staticmethod
+        def _check(name):
+            if isinstance(name, str) and name.startswith("_"):
+                raise jinja2.exceptions.SecurityError(f"chat templates cannot store underscore-prefixed attributes on a namespace: {name!r}")
+
+    class Dict:
+        """``dict(...)`` and ``dict.fromkeys(...)``, and nothing else of the type."""
+
+        def __call__(self, *args, **kwargs):
+            return dict(*args, **kwargs)
+
+        def fromkeys(self, *args, **kwargs):
+            return dict.fromkeys(*args, **kwargs)
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals.update(
+        raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt), dict=Dict(), namespace=Namespace
+    )
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateError as err:
+        raise LmlabError(f"chat template: {err.__class__.__name__} at line {getattr(err, 'lineno', '?')}: {err}") from None
+
+
+def _plain(value: Any) -> Any:
+    """A copy of ``value`` in plain JSON types: the template sees no object with methods of its own."""
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    for kind in (str, int, float):  # subclasses (enums, numpy scalars) back to the base type
+        if isinstance(value, kind):
+            return kind(value)
+    if isinstance(value, Mapping):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        items = [_plain(v) for v in value]
+        return tuple(items) if isinstance(value, tuple) else items
+    return f"<{type(value).__name__}>"
+
+
+def chat_template(tokenizer) -> str:
+    """The template ``tokenizer`` renders with: its own (the ``"default"`` one of several named
+    templates, as transformers picks), else :data:`DEFAULT_CHAT_TEMPLATE`."""
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, list):  # tokenizer_config.json's form of named templates
+        template = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+    if isinstance(template, dict):
+        if "default" not in template:
+            raise LmlabError(f"the tokenizer has several chat templates ({', '.join(map(str, template))}) and none named 'default'")
+        template = template["default"]
+    if template is None:
+        return DEFAULT_CHAT_TEMPLATE
+    if not isinstance(template, str):
+        raise LmlabError(f"chat_template is {type(template).__name__}; expected a Jinja template string")
+    return template
+
+
+def render(tokenizer, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = False, template: str | None = None, **variables) -> str:
+    """``messages`` rendered by ``template`` (default: :func:`chat_template` of ``tokenizer``) with the
+    tokenizer's special tokens and ``variables`` as template variables — the text transformers'
+    ``apply_chat_template(messages, tokenize=False)`` makes."""
+    import jinja2
+
+    if not isinstance(messages, Sequence) or isinstance(messages, str) or not messages:
+        raise LmlabError("a chat needs a non-empty list of messages ({'role': ..., 'content': ...})")
+    if not all(isinstance(m, Mapping) for m in messages):
+        raise LmlabError("chat messages must be objects such as {'role': 'user', 'content': 'Hi'}")
+    compiled = _compile(template if template is not None else chat_template(tokenizer))
+    special = {f"{role}_token": token for role, token in tokenizer.special_tokens.items()}
+    chat = _plain([{k: v for k, v in m.items() if v is not None} for m in messages])
+    try:
+        return compiled.render(messages=chat, tools=None, documents=None, add_generation_prompt=add_generation_prompt, **_plain({**special, **variables}))
+    except jinja2.TemplateError as err:
+        raise LmlabError(f"chat template: {err}") from None
+
+
+def end_of_turn(tokenizer, template: str | None = None) -> str:
+    """The marker ``template`` ends an assistant message with: the text it renders after the
+    assistant's content (whitespace stripped), or the tokenizer's eos token when it renders none."""
+    probe = "\x00reply\x00"
+    before = render(tokenizer, [{"role": "user", "content": "Hi"}], add_generation_prompt=True, template=template)
+    through = render(tokenizer, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": probe}], template=template)
+    at = through.find(probe, len(before) if through.startswith(before) else 0)
+    marker = through[at + len(probe) :].strip() if at >= 0 else ""
+    if not marker:
+        marker = tokenizer.special_tokens.get("eos", "")
+    if not marker:
+        raise LmlabError("the chat template ends an assistant message with nothing and the tokenizer has no eos token: nothing marks the end of a turn")
+    return marker
+
+
+def mark_trained(tokenizer, ids: Sequence[int], labels: Sequence[int], color: bool = False) -> str:
+    """The text of ``ids`` with each run of trained tokens (label ≠ ``IGNORE_INDEX``) in ``[[…]]``,
+    or in green with ``color`` (for a terminal)."""
+    from lmlab.train.objectives import IGNORE_INDEX
+
+    open_, close = ("\x1b[32m", "\x1b[0m") if color else ("[[", "]]")
+    out, start = [], 0
+    for k in range(1, len(ids) + 1):
+        if k == len(ids) or (labels[k] == IGNORE_INDEX) != (labels[start] == IGNORE_INDEX):
+            text = tokenizer.decode(ids[start:k])
+            out.append(text if labels[start] == IGNORE_INDEX else open_ + text + close)
+            start = k
+    return "".join(out)
+
+
+# -- a conversation with a model ---------------------------------------------------------------------
+
+
+class ChatSession:
+    """A conversation with a decoder (:class:`lmlab.api.LM`): :meth:`send` streams each reply and the
+    history is kept.
+
+    ``system`` is the system prompt (settable; None for none); ``config`` and ``options`` are the
+    :class:`~lmlab.generate.GenerationConfig` of every reply, with the template's end-of-turn marker
+    added to its stop tokens (a single token) or stop strings. ``messages`` holds the turns so far,
+    without the system prompt; ``dropped`` counts the turns the last :meth:`send` dropped to fit.
+    """
+
+    def __init__(self, lm, *, system: str | None = None, config=None, template: str | None = None, **options) -> None:
+        from lmlab.generate import GenerationConfig
+
+        if lm.model.config.arch != "decoder":
+            raise LmlabError(f"{lm.path or 'this model'} is a{'n encoder–decoder' if lm.is_seq2seq else 'n encoder'}; chat needs a decoder")
+        self.lm, self.system, self.messages, self.dropped = lm, system, [], 0
+        self.template = template if template is not None else chat_template(lm.tokenizer)
+        config = (config or GenerationConfig()).replace(**options)
+        marker = end_of_turn(lm.tokenizer, self.template)
+        marker_ids = lm.tokenizer.encode(marker)
+        if len(marker_ids) == 1:
+            config = config.replace(stop_token_ids=sorted({*config.stop_token_ids, marker_ids[0]}))
+        else:
+            config = config.replace(stop=[*config.stop, marker])
+        self.config = config
+        if lm.block_size - config.max_new_tokens < 1:
+            raise LmlabError(f"--max-new-tokens {config.max_new_tokens} leaves no room for the conversation in the {lm.block_size}-token context window")
+
+    def reset(self) -> None:
+        """Forget the history (the system prompt stays)."""
+        self.messages = []
+
+    def conversation(self, history: Sequence[Mapping[str, str]] | None = None) -> list[dict[str, str]]:
+        """The messages the model sees: the system prompt, then ``history`` (default: :attr:`messages`)."""
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        return system + [dict(m) for m in (self.messages if history is None else history)]
+
+    def _prompt(self, user: dict[str, str]) -> str:
+        """The rendered prompt for the next reply, dropping the oldest turns until it fits."""
+        room = self.lm.block_size - self.config.max_new_tokens
+        history = [*self.messages, user]
+        while True:
+            prompt = render(self.lm.tokenizer, self.conversation(history), add_generation_prompt=True, template=self.template)
+            n = len(self.lm.tokenizer.encode(prompt))
+            if n <= room:
+                break
+            if len(history) == 1:
+                raise LmlabError(
+                    f"the message does not fit: the prompt is {n} tokens and the {self.lm.block_size}-token context window "
+                    f"holds {room} with --max-new-tokens {self.config.max_new_tokens}; send a shorter one"
+                )
+            del history[0]  # the oldest turn: a user message and the replies up to the next one
+            while history[0]["role"] != "user":
+                del history[0]
+        turns = sum(m["role"] == "user" for m in self.messages) - sum(m["role"] == "user" for m in history[:-1])
+        self.dropped = turns
+        if turns:
+            logger.warning("the conversation no longer fits the %d-token context window: dropped the oldest %d turn(s)", self.lm.block_size, turns)
+        self.messages = history[:-1]
+        return prompt
+
+    def send(self, text: str) -> Iterator[str]:
+        """Add the user message ``text`` and yield the reply piece by piece; the reply joins the history
+        when the stream ends (an interrupted reply is kept as far as it got)."""
+        if not isinstance(text, str) or not text.strip():
+            raise LmlabError("an empty message: type some text")
+        user = {"role": "user", "content": text}
+        prompt = self._prompt(user)
+        reply, done = "", False
+        try:
+            for piece in self.lm.stream(prompt, self.config):
+                reply += piece
+                yield piece
+            done = True
+        finally:
+            if done or reply:
+                self.messages += [user, {"role": "assistant", "content": reply}]
+
+
+def repl(session: ChatSession, read: Callable[[str], str] = input, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    """``lmlab chat``: read a message, stream the reply, until ``/quit`` or end of input (Ctrl-D).
+    ``/reset`` clears the history, ``/system TEXT`` sets the system prompt (``/system`` alone removes it)."""
+    out, err = out or sys.stdout, err or sys.stderr
+    print(
+        f"lmlab: chatting with {session.lm!r}; {session.config.strategy} decoding, up to {session.config.max_new_tokens} tokens a reply. "
+        "/reset clears the history, /system TEXT sets the system prompt, /quit or Ctrl-D ends.",
+        file=err,
+    )
+    while True:
+        try:
+            line = read("» ")
+        except EOFError:
+            print(file=err)
+            return 0
+        command, _, rest = line.strip().partition(" ")
+        if command in ("/quit", "/exit"):
+            return 0
+        if command == "/reset":
+            session.reset()
+            print("lmlab: history cleared", file=err)
+        elif command == "/system":
+            session.system = rest.strip() or None
+            print(f"lmlab: system prompt {'set' if session.system else 'removed'}", file=err)
+        elif command.startswith("/"):
+            print(f"lmlab: unknown command {command}; expected /reset, /system TEXT or /quit", file=err)
+        elif line.strip():
+            try:
+                for piece in session.send(line):
+                    out.write(piece)
+                    out.flush()
+                out.write("\n")
+            except LmlabError as e:  # a bad turn ends that turn, not the session
+                print(f"\nlmlab: error: {e}", file=err)
