@@ -1,7 +1,7 @@
 """Generation throughput: lmlab's decoding loop vs HF Transformers ``generate()``, the same weights, side by side in one process.
 
     python bench/generate_throughput.py --model gpt2-mini --batch-sizes 1 8 --prompt-len 16 --new-tokens 128 \
-        --strategies greedy top-p --top-p 0.9 --repeats 3 --device cpu --dtype fp32 [--json out.json]
+        --strategies greedy top-p --top-p 0.9 --repeats 3 --device cpu --dtype fp32 [--threads 1] [--json out.json]
 
 One generation, the same work on both sides: a batch of B prompts of ``--prompt-len`` random token ids
 (the same ids for both), one prefill, then exactly ``--new-tokens`` decode steps with a KV cache.
@@ -63,11 +63,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="untimed generations per side and row first")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="weights and KV cache of both models (no autocast)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for both sides (default: PyTorch's); 1 is steadier on a shared machine")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
-    if args.repeats < 1 or args.warmup < 0 or args.new_tokens < 1 or args.prompt_len < 1 or min(args.batch_sizes) < 1:
-        p.error("--repeats, --new-tokens, --prompt-len and --batch-sizes must be positive, --warmup non-negative")
+    if args.repeats < 1 or args.warmup < 0 or args.new_tokens < 1 or args.prompt_len < 1 or min(args.batch_sizes) < 1 or (args.threads is not None and args.threads < 1):
+        p.error("--repeats, --new-tokens, --prompt-len, --batch-sizes and --threads must be positive, --warmup non-negative")
     if not 0.0 < args.top_p <= 1.0:
         p.error(f"--top-p is {args.top_p}: expected a number in (0, 1]")
     return args
@@ -202,6 +203,9 @@ def bench_row(ours, theirs, config, args, B: int, strategy: str, device: torch.d
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     import transformers
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]

@@ -115,6 +115,28 @@ def test_top_p_keeps_the_smallest_nucleus_reaching_p():
     assert TopP(0.8)(None, scores).isfinite().tolist() == [[True, True, False, False]]
     assert TopP(0.81)(None, scores).isfinite().tolist() == [[True, True, True, False]]
     assert TopP(0.1)(None, scores).isfinite().tolist() == [[True, False, False, False]]
+    tied = torch.log(torch.tensor([[0.4, 0.2, 0.2, 0.2]]))
+    assert TopP(0.5)(None, tied).isfinite().all()  # the boundary falls among equal tokens: all of them stay
+
+
+def test_top_p_keeps_what_a_full_sort_keeps():
+    """TopP bins the scores instead of sorting them; on 50k-token vocabularies, flat to peaked, with
+    removed tokens, it keeps exactly the sort-based rule's set (in float64, where rounding cannot move
+    the boundary; in float32 the two differ only there, by a token or so)."""
+
+    def by_sort(p, scores):
+        sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
+        probs = sorted_scores.softmax(dim=-1)
+        drop = (probs.cumsum(dim=-1) - probs) >= p
+        return drop.scatter(-1, order, drop)
+
+    g = torch.Generator().manual_seed(0)
+    for scale in (0.05, 1.0, 8.0):
+        scores = torch.randn(4, 50_000, generator=g, dtype=torch.float64) * scale
+        scores[1, ::3] = float("-inf")
+        for p in (0.05, 0.5, 0.9, 0.99):
+            assert torch.equal(TopP(p)(None, scores).isinf(), by_sort(p, scores)), (scale, p)
+    assert TopP(1.0)(None, scores) is scores
 
 
 def test_min_p_and_typical_p_keep_what_they_say():
@@ -160,13 +182,26 @@ def test_same_seed_same_sample_and_another_seed_another(model):
 
 
 def test_sampling_follows_the_distribution():
-    """The exponential race draws each token with its probability."""
+    """Inverse-CDF sampling draws each token with its probability (a χ² test over 200k draws), never a
+    zero-probability token, every row from its own distribution, and a seed repeats the draws."""
     from lmlab.generate.loop import _sample
 
-    probs = torch.tensor([[0.6, 0.3, 0.1, 0.0]]).expand(20000, 4).contiguous()
-    draws = _sample(probs, torch.Generator().manual_seed(0))
-    freq = torch.bincount(draws, minlength=4).float() / len(draws)
-    torch.testing.assert_close(freq, torch.tensor([0.6, 0.3, 0.1, 0.0]), atol=0.015, rtol=0)
+    g = torch.Generator().manual_seed(0)
+    probs = torch.rand(50, generator=g) ** 2 + 0.01
+    probs[::7] = 0.0
+    probs /= probs.sum()
+    n = 200_000
+    rows = probs.expand(n, 50).contiguous()  # one draw per row: all rows share one flattened cumulative sum
+    draws = _sample(rows, torch.Generator().manual_seed(1))
+    counts = torch.bincount(draws, minlength=50).double()
+    assert counts[probs == 0].sum() == 0
+    expected = probs[probs > 0].double() * n
+    chi2 = ((counts[probs > 0] - expected) ** 2 / expected).sum()
+    assert chi2 < 74.7  # 41 degrees of freedom: a correct sampler exceeds this once in 1000 seeds
+    assert torch.equal(draws, _sample(rows, torch.Generator().manual_seed(1)))
+
+    one_hot = torch.zeros(1000, 7).scatter_(1, torch.randint(0, 7, (1000, 1), generator=g), 1.0)
+    assert torch.equal(_sample(one_hot, g), one_hot.argmax(-1))
 
 
 # -- penalties ------------------------------------------------------------------------------------

@@ -97,3 +97,15 @@ def test_logits_to_keep_returns_the_last_positions_only():
     x = torch.randint(0, 97, (2, 9))
     with torch.no_grad():
         torch.testing.assert_close(model(x, logits_to_keep=1), model(x)[:, -1:])
+
+
+def test_dropout_acts_in_training_only():
+    model = tiny("gpt2-tiny", dropout=0.3)
+    x = torch.randint(0, 97, (2, 12))
+    with torch.no_grad():
+        model.train()
+        assert not torch.equal(model(x), model(x))
+        model.eval()
+        plain = tiny("gpt2-tiny")
+        plain.load_state_dict(model.state_dict())
+        assert torch.equal(model(x), model(x)) and torch.equal(model(x), plain(x))

@@ -70,7 +70,8 @@ class DecoderLM(nn.Module):
             if cos.dim() == 3:
                 cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, head_dim): one per batch row
             rope = (cos.to(x.dtype), sin.to(x.dtype))
-        x = self.drop(x)
+        if self.training and self.drop.p > 0:  # a no-op otherwise: skip the module call
+            x = self.drop(x)
         for block in self.blocks:
             x = block(x, rope, mask, is_causal, kv_cache, input_pos, cache_len)
         x = self.norm_f(x)
