@@ -133,6 +133,7 @@ def build_parser() -> ArgumentParser:
     finetune.add_argument("--patience", type=Optional[int], default=None, help="stop after this many evaluations without a better validation metric")
     finetune.add_argument("--resume", action="store_true", help="continue the latest checkpoint in --out exactly where it stopped")
     finetune.add_argument("--show-masking", action="store_true", help="chat: print the first training conversation with the trained tokens marked, and exit")
+    finetune.add_argument("--pack", action="store_true", help="chat: pack several conversations into each --max-length row; each attends only to itself (less padding, same loss)")
     finetune.add_argument(
         "--lora", type=Optional[str], default=None,
         help="train LoRA adapters (peft) instead of all weights: r=8,alpha=16,dropout=0.05,targets=qkv (targets: module "
@@ -432,7 +433,7 @@ def cmd_finetune(a) -> int:
         a.checkpoint, a.task, a.train, a.out, valid=a.valid, max_length=a.max_length, text_field=a.text_field,
         pair_field=a.pair_field, label_field=a.label_field, source_field=a.source_field, target_field=a.target_field,
         max_target_length=a.max_target_length, class_weights=a.class_weights, patience=a.patience, resume=a.resume, lora=a.lora,
-        show_masking=a.show_masking, **train_args,
+        show_masking=a.show_masking, pack=a.pack, **train_args,
     )
     if a.show_masking or os.environ.get("RANK", "0") != "0":
         return 0

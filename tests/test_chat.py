@@ -17,7 +17,7 @@ from lmlab.chat import DEFAULT_CHAT_TEMPLATE, ChatSession, end_of_turn, repl
 from lmlab.config import preset
 from lmlab.data.tasks import encode_conversation, read_chat
 from lmlab.errors import LmlabError
-from lmlab.io.checkpoint import read_meta, save_checkpoint
+from lmlab.io.checkpoint import load_model, read_meta, save_checkpoint
 from lmlab.model import build_model
 from lmlab.tokenizer import Tokenizer, train_tokenizer
 from lmlab.train.finetune import finetune
@@ -277,6 +277,45 @@ def test_lora_chat_fine_tuning_runs(chat_run, tmp_path):
                       **dict(TINY_TRAIN, max_steps=2, eval_interval=2))
     assert read_meta(result.last_checkpoint)["objective"] == "chat"
     assert Tokenizer.load(result.last_checkpoint).chat_template == DEFAULT_CHAT_TEMPLATE
+
+
+# -- packing ---------------------------------------------------------------------------------------------
+def test_packed_rows_train_each_conversation_as_if_alone(chat_run, tok):
+    """A packed row's logits equal each conversation's run alone (block-diagonal causal mask, positions
+    restarting), labels keep only assistant tokens, and no label crosses from one conversation to the next."""
+    from lmlab.train.finetune import TaskObjective, load_task_data, pack_examples
+
+    data = load_task_data("chat", chat_run["valid"], tok, max_length=96)
+    packed = pack_examples(data.features, 96)
+    assert len(packed["input_ids"]) < len(data) and all(len(row) <= 96 for row in packed["input_ids"])
+    assert sum(len(r) for r in packed["input_ids"]) == sum(len(r) for r in data.features["input_ids"])  # nothing lost
+    model = load_model(chat_run["result"].best_checkpoint)
+    batch = TaskObjective("chat", packed, tok.eos_id, model_arch="decoder").batch(torch.arange(len(packed["input_ids"])))
+    with torch.no_grad():
+        logits = model(batch["input_ids"], segment_ids=batch["segment_ids"], position_ids=batch["position_ids"])
+        for row, examples in enumerate(packed["examples"]):
+            start = 0
+            for k in examples:
+                ids = data.features["input_ids"][k]
+                alone = model(torch.tensor([ids]))[0]
+                assert torch.allclose(logits[row, start : start + len(ids)], alone, atol=1e-5)
+                assert packed["labels"][row][start + 1 : start + len(ids)] == data.features["labels"][k][1:]
+                assert packed["labels"][row][start] == -100  # the boundary: nothing learnt across it
+                start += len(ids)
+    assert sorted(k for examples in packed["examples"] for k in examples) == list(range(len(data)))
+    objective = TaskObjective("chat", packed, tok.eos_id, model_arch="decoder")
+    unpacked = TaskObjective("chat", data.features, tok.eos_id, model_arch="decoder")
+    with torch.no_grad():  # the same assistant tokens, so the same mean loss
+        assert objective.loss(model, batch).item() == pytest.approx(unpacked.loss(model, unpacked.batch(torch.arange(len(data)))).item(), rel=1e-5)
+
+
+def test_packed_chat_fine_tuning_runs(chat_run, tmp_path, capsys):
+    result = finetune(chat_run["base"], "chat", chat_run["train"], tmp_path / "packed", max_length=96, pack=True,
+                      **dict(TINY_TRAIN, max_steps=2, eval_interval=2))
+    assert read_meta(result.last_checkpoint)["objective"] == "chat"
+    assert "conversations packed into" in capsys.readouterr().err
+    with pytest.raises(LmlabError, match="--pack packs conversations for --task chat"):
+        finetune(chat_run["base"], "seq2seq", chat_run["train"], tmp_path / "x", max_length=32, max_target_length=32, pack=True)
 
 
 # -- bad input -------------------------------------------------------------------------------------------

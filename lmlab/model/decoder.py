@@ -42,6 +42,7 @@ class DecoderLM(nn.Module):
         input_pos: Tensor | None = None,
         position_ids: Tensor | None = None,
         key_padding_mask: Tensor | None = None,
+        segment_ids: Tensor | None = None,
         cache_len: int | None = None,
         logits_to_keep: int = 0,
         hidden_only: bool = False,
@@ -52,6 +53,8 @@ class DecoderLM(nn.Module):
         cache slots of these tokens; ``cache_len`` (a Python int) lets attention read only the first
         slots, ``key_padding_mask`` (B, S) marks real tokens (True) against left padding, and
         ``position_ids`` (T,) or (B, T) give positions when they differ from the slots.
+        ``segment_ids`` (B, T) packs several sequences in a row for training: a token attends only to
+        earlier tokens of its own segment (pass ``position_ids`` restarting at each segment too).
         ``logits_to_keep=n`` computes logits for the last n positions only (1 while decoding).
         """
         B, T = idx.shape
@@ -60,6 +63,11 @@ class DecoderLM(nn.Module):
         if position_ids is None:
             position_ids = input_pos
         mask, is_causal = self._mask(T, input_pos, kv_cache, cache_len, key_padding_mask)
+        if segment_ids is not None:
+            if kv_cache is not None:
+                raise ValueError("segment_ids (packed training rows) cannot be combined with a KV cache")
+            causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
+            mask, is_causal = causal & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :]), False  # (B, 1, T, T)
 
         x = self.tok_emb(idx)  # (B, T, n_embd)
         if self.pos_emb is not None:

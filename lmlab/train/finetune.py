@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from lmlab.config import ModelConfig
 from lmlab.errors import LmlabError
-from lmlab.io.checkpoint import latest_checkpoint, load_model, read_meta, resolve_checkpoint
+from lmlab.io.checkpoint import latest_checkpoint, load_config, load_model, read_meta, resolve_checkpoint
 from lmlab.model import build_model
 from lmlab.train import dist as dist_mod
 from lmlab.train.data import hash_position
@@ -147,6 +147,11 @@ class TaskObjective:
             for k, target in enumerate(targets):
                 labels[k, : len(target)] = torch.tensor(target)
             out["labels"] = labels
+            if "segment_ids" in features:  # packed rows: padding is a segment of its own (0), positions restart per segment
+                for key in ("segment_ids", "position_ids"):
+                    out[key] = torch.zeros((len(rows), T), dtype=torch.long)
+                    for k, i in enumerate(rows):
+                        out[key][k, : len(ids[k])] = torch.tensor(features[key][i])
         else:
             out["start_positions"] = torch.tensor([features["start_positions"][i] for i in rows])
             out["end_positions"] = torch.tensor([features["end_positions"][i] for i in rows])
@@ -159,6 +164,9 @@ class TaskObjective:
                 from lmlab.model.seq2seq import shift_right
 
                 logits = model(batch["input_ids"], shift_right(labels, self.start_id), batch["attention_mask"])
+            elif "segment_ids" in batch:  # packed: each conversation sees only itself, from position 0
+                logits = model(batch["input_ids"], segment_ids=batch["segment_ids"], position_ids=batch["position_ids"])[:, :-1]
+                labels = labels[:, 1:]
             else:  # right padding needs no mask under causal attention: real tokens never see it
                 logits, labels = model(batch["input_ids"])[:, :-1], labels[:, 1:]
             return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
@@ -174,6 +182,27 @@ class TaskObjective:
             return F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)
         start, end = logits.unbind(-1)  # (B, T) each
         return (F.cross_entropy(start, batch["start_positions"]) + F.cross_entropy(end, batch["end_positions"])) / 2
+
+
+def pack_examples(features: dict[str, list], max_length: int) -> dict[str, list]:
+    """Pack examples (``input_ids`` with aligned ``labels``) into rows of at most ``max_length`` tokens,
+    first-fit in order, with ``segment_ids`` (1, 2, … per example in its row), ``position_ids``
+    restarting at 0 for each and ``examples`` (which examples a row holds, in order): the decoder's block-diagonal causal mask keeps every example to itself,
+    so a packed row trains exactly as its examples would alone, with less padding. An example's first
+    label is never trained on (chat rows start with a system or user turn), so the token that ends one
+    example and is followed by the next learns nothing across the boundary."""
+    rows: list[dict[str, list]] = []
+    for index, (ids, labels) in enumerate(zip(features["input_ids"], features["labels"])):
+        row = next((r for r in rows if len(r["input_ids"]) + len(ids) <= max_length), None)
+        if row is None:
+            row = {"input_ids": [], "labels": [], "segment_ids": [], "position_ids": [], "examples": []}
+            rows.append(row)
+        row["input_ids"] += ids
+        row["labels"] += [IGNORE_INDEX] + list(labels[1:])
+        row["segment_ids"] += [len(row["examples"]) + 1] * len(ids)
+        row["position_ids"] += list(range(len(ids)))
+        row["examples"].append(index)
+    return {key: [r[key] for r in rows] for key in ("input_ids", "labels", "segment_ids", "position_ids", "examples")}
 
 
 @dataclasses.dataclass
@@ -356,6 +385,7 @@ def finetune(
     resume: bool = False,
     lora: str | Any | None = None,
     show_masking: bool = False,
+    pack: bool = False,
     **train_args: Any,
 ) -> TrainResult | str:
     """Fine-tune ``checkpoint`` (an lmlab checkpoint or run folder) on a task; checkpoints go to ``out``.
@@ -367,12 +397,15 @@ def finetune(
     and ``max_target_length`` the target; a decoder holds both in its context window. ``lora`` (a
     ``--lora`` string or a :class:`~lmlab.train.lora.LoraSpec`) trains adapters instead of the weights.
     chat: ``max_length`` bounds a conversation; ``show_masking`` trains nothing and returns (and prints)
-    :func:`show_chat_masking` of the first training conversation.
+    :func:`show_chat_masking` of the first training conversation; ``pack`` packs several conversations
+    into each training row (:func:`pack_examples`), none attending to another.
     """
     from lmlab.tokenizer import Tokenizer
     from lmlab.train import lora as lora_mod
 
     spec = lora_mod.parse_lora(lora) if isinstance(lora, str) else lora
+    if pack and task != "chat":
+        raise LmlabError(f"--pack packs conversations for --task chat; expected --task chat, not {task!r}")
 
     if task not in TASKS:
         raise LmlabError(f"unknown --task '{task}'; expected one of {', '.join(TASKS)}")
@@ -391,7 +424,7 @@ def finetune(
     if resume_from is not None and read_meta(resume_from).get("objective") != task:
         raise LmlabError(f"--resume: {resume_from} was fine-tuned for {read_meta(resume_from).get('objective')!r}, not {task!r}")
     tokenizer = Tokenizer.load(base)
-    base_config = ModelConfig.load(base / "config.json")
+    base_config = load_config(base)  # an lmlab checkpoint's, or an HF folder's converted
     arch = base_config.arch
     if task == "chat" and arch != "decoder":
         raise LmlabError(f"{base}: a{'n' if arch[0] in 'aeiou' else ''} {arch} model; --task chat fine-tunes decoders")
@@ -447,10 +480,13 @@ def finetune(
     if class_weights and task == "classify" and train_data.problem_type == "single":
         counts = torch.bincount(torch.tensor(train_data.features["labels"]), minlength=train_data.num_labels).float()
         weights = counts.sum() / (len(counts) * counts.clamp(min=1))  # "balanced", as scikit-learn
+    features = pack_examples(train_data.features, max_length) if pack else train_data.features
     objective = TaskObjective(
-        task, train_data.features, pad_id, train_data.problem_type, weights, model_arch=arch, start_id=base_config.decoder_start_token_id
+        task, features, pad_id, train_data.problem_type, weights, model_arch=arch, start_id=base_config.decoder_start_token_id
     )
-    batches = ExampleBatches(len(train_data), cfg.micro_batch_size, cfg.grad_accum_steps, cfg.seed, info.rank, info.world_size)
+    batches = ExampleBatches(len(features["input_ids"]), cfg.micro_batch_size, cfg.grad_accum_steps, cfg.seed, info.rank, info.world_size)
+    if pack and info.is_main:
+        print(f"lmlab: {len(train_data):,} conversations packed into {len(features['input_ids']):,} rows of at most {max_length} tokens", file=sys.stderr)
     cfg.seq_len = max_length + (max_target_length if task == "seq2seq" else 0)
 
     valid_batches: list[Tensor] = []
@@ -509,16 +545,19 @@ def show_chat_masking(checkpoint: str | Path, train: str | Path, max_length: int
 
 def _with_task_head(base: Path, base_config: ModelConfig, config: ModelConfig, device: torch.device) -> nn.Module:
     """The base checkpoint's weights in a model with ``config``'s task head (fresh unless the base has the same one).
-    A LoRA base is merged first: its adapters become part of the weights the new run starts from."""
+    A LoRA base is merged first: its adapters become part of the weights the new run starts from; an HF
+    folder's weights are converted (and checked against transformers once, see :func:`load_model`)."""
     from safetensors.torch import load_file
 
-    from lmlab.io.checkpoint import weights_for_saving
+    from lmlab.io.checkpoint import WEIGHTS_FILE, rebuild_buffers, weights_for_saving
+    from lmlab.io.hf import is_hf_folder
 
     model = build_model(config)
-    if base_config.lora:
+    rebuild_buffers(model)  # RoPE tables with the config's scaling
+    if base_config.lora or is_hf_folder(base):
         state = weights_for_saving(load_model(base, merge_lora=True))
     else:
-        state = load_file(str(base / "model.safetensors"))
+        state = load_file(str(base / WEIGHTS_FILE))
     same_head = base_config.task == config.task and base_config.num_labels == config.num_labels
     state = {k: v for k, v in state.items() if same_head or not k.startswith("task_head.")}
     result = model.load_state_dict(state, strict=False)
