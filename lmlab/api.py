@@ -437,14 +437,16 @@ class LM:
         return Score(sum(token_logprobs), len(cont), cont, token_logprobs)
 
 
-def load(path: str | Path, device: str = "auto", dtype: torch.dtype | None = None) -> LM:
-    """Load an lmlab checkpoint folder (or a run folder: its best checkpoint) with its tokenizer."""
+def load(path: str | Path, device: str = "auto", dtype: torch.dtype | None = None, verify: bool = True) -> LM:
+    """Load an lmlab checkpoint folder (or a run folder: its best checkpoint), or a Hugging Face model
+    folder (GPT-2, LLaMA, BERT, BART; checked once against transformers unless ``verify=False``), with
+    its tokenizer."""
     from lmlab.tokenizer import Tokenizer
 
     path = resolve_checkpoint(path)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_model(path, device=device, dtype=dtype, merge_lora=True)  # adapters folded in: plain, faster inference
+    model = load_model(path, device=device, dtype=dtype, merge_lora=True, verify=verify)  # adapters folded in: plain, faster inference
     if not (path / "tokenizer.json").is_file():
         raise LmlabError(f"{path}: no tokenizer.json; expected the tokenizer beside the weights")
     return LM(model, Tokenizer.load(path), path)

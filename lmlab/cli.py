@@ -201,6 +201,18 @@ def build_parser() -> ArgumentParser:
     crit.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress messages")
     commands.add_subcommand("critique", crit, help="a report on a model: performance, interpretability, bias, safety, privacy, robustness, efficiency")
 
+    export = _parser(
+        "Export a checkpoint for the Hugging Face ecosystem (transformers, vLLM, TGI): config.json, model.safetensors, the tokenizer "
+        "and generation_config.json, which transformers' Auto classes load without missing or unexpected weights. The folder is "
+        "loaded back with transformers and its logits compared with lmlab's before the export counts as done."
+    )
+    export.add_argument("checkpoint", help="checkpoint folder (or run folder: its best checkpoint)")
+    export.add_argument("--format", default="hf", help="hf: a Hugging Face model folder (default: hf)")
+    export.add_argument("--out", required=True, help="the folder to write (new or empty; written atomically)")
+    export.add_argument("--lora", default="merge", help="a LoRA checkpoint: merge (adapters folded into the weights) or adapter (a PEFT adapter folder, the base in OUT/base) (default: merge)")
+    export.add_argument("--no-verify", dest="verify", action="store_false", help="skip the logits check of the written folder")
+    commands.add_subcommand("export", export, help="export a checkpoint as a Hugging Face folder (checked by logits parity)")
+
     merge = _parser("Fold a LoRA checkpoint's adapters into its base weights: a plain checkpoint, for export and fast inference.")
     merge.add_argument("checkpoint", help="a LoRA checkpoint (or run folder: its best checkpoint)")
     merge.add_argument("--out", required=True, help="folder for the merged checkpoint (written atomically)")
@@ -221,6 +233,7 @@ def build_parser() -> ArgumentParser:
     generate.add_argument("--logprobs", type=Optional[int], default=None, help="jsonl: add each token's log-probability and its N most likely alternatives")
     generate.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (default: 8)")
     generate.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
+    generate.add_argument("--no-verify", dest="verify", action="store_false", help="a Hugging Face folder: skip the one-time logits check against transformers")
     _add_dataclass_flags(generate, GenerationConfig, skip=("stop", "stop_token_ids"))
     generate.add_argument("--stop", nargs="+", default=[], help="stop when the output contains one of these strings; the text is cut before it")
     generate.add_argument("--stop-token-ids", nargs="+", type=int, default=[], help="stop on these token ids (besides the tokenizer's end-of-text)")
@@ -234,6 +247,7 @@ def build_parser() -> ArgumentParser:
     chat.add_argument("checkpoint", help="checkpoint folder (or run folder: its best checkpoint)")
     chat.add_argument("--system", type=Optional[str], default=None, help="the system prompt (default: none)")
     chat.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
+    chat.add_argument("--no-verify", dest="verify", action="store_false", help="a Hugging Face folder: skip the one-time logits check against transformers")
     _add_dataclass_flags(chat, GenerationConfig, skip=("stop", "stop_token_ids", "num_return_sequences", "max_length", "truncate"))
     chat.add_argument("--stop", nargs="+", default=[], help="also end a reply at these strings (the end-of-turn marker always ends it)")
     commands.add_subcommand("chat", chat, help="chat with a model: a multi-turn REPL with streaming")
@@ -378,7 +392,7 @@ def cmd_generate(a) -> int:
         raise LmlabError(f"--batch-size is {a.batch_size}: expected a positive integer")
     if a.stream and (len(prompts) != 1 or a.format != "text" or a.output):
         raise LmlabError("--stream prints one prompt's text as it is made: give one --prompt, --format text and no --output")
-    lm = load(a.checkpoint, device=a.device)
+    lm = load(a.checkpoint, device=a.device, verify=a.verify)
     if a.interactive:
         return _interactive(lm, config)
     echo = "" if lm.is_seq2seq else None  # an encoder–decoder's output is no continuation: print the target alone
@@ -421,7 +435,7 @@ def cmd_chat(a) -> int:
     from lmlab.generate import GenerationConfig
 
     config = GenerationConfig(**{f.name: getattr(a, f.name) for f in dataclasses.fields(GenerationConfig) if hasattr(a, f.name)})
-    return repl(ChatSession(load(a.checkpoint, device=a.device), system=a.system, config=config))
+    return repl(ChatSession(load(a.checkpoint, device=a.device, verify=a.verify), system=a.system, config=config))
 
 
 def cmd_finetune(a) -> int:
@@ -464,6 +478,15 @@ def cmd_critique(a) -> int:
     return 0
 
 
+def cmd_export(a) -> int:
+    from lmlab.io.export import export_hf
+
+    if a.format != "hf":
+        raise LmlabError(f"--format {a.format!r}: expected hf (GGUF and ONNX are not written yet)")
+    print(f"lmlab: exported {export_hf(a.checkpoint, a.out, verify=a.verify, lora=a.lora)}" + ("" if a.verify else " (not verified)"))
+    return 0
+
+
 def cmd_merge_lora(a) -> int:
     from lmlab.train.lora import merge_checkpoint
 
@@ -503,7 +526,9 @@ def cmd_info(a) -> int:
     elif a.model in PRESETS:
         configs = [preset(a.model)]
     else:
-        configs = [ModelConfig.load(resolve_checkpoint(a.model) / "config.json")]
+        from lmlab.io.checkpoint import load_config
+
+        configs = [load_config(resolve_checkpoint(a.model))]
     print(f"{'model':<12} {'layers':>6} {'d_model':>7} {'heads':>8} {'params':>14} {'non-emb':>14} {'GFLOPs/tok':>10}")
     for c in configs:
         heads = f"{c.n_head}/{c.n_kv_heads}" if c.n_kv_heads != c.n_head else str(c.n_head)
@@ -532,6 +557,7 @@ COMMANDS = {
     "finetune": cmd_finetune,
     "evaluate": cmd_evaluate,
     "critique": cmd_critique,
+    "export": cmd_export,
     "merge-lora": cmd_merge_lora,
     "generate": cmd_generate,
     "chat": cmd_chat,

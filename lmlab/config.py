@@ -36,6 +36,12 @@ PROBLEM_TYPES = ("single", "multi", "regression")
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu")
 POSITIONS = ("learned", "rope")
+# RoPE scaling variants (HF's rope_type names) and the parameters each takes; see lmlab.model.blocks.rope_inv_freq
+ROPE_SCALINGS = {
+    "linear": ("factor",),
+    "dynamic": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
 
 
 @dataclass
@@ -56,6 +62,7 @@ class ModelConfig:
     gelu_approximate: str = "tanh"  # GPT-2's "gelu_new" is the tanh approximation
     position: str = "learned"
     rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] = field(default_factory=dict)  # {} = plain RoPE; else {"rope_type": one of ROPE_SCALINGS, its parameters}
     bias: bool = True  # biases in every Linear and norm (GPT-2) or none (LLaMA)
     tie_embeddings: bool = True
     dropout: float = 0.0
@@ -74,6 +81,7 @@ class ModelConfig:
     # encoder–decoder (seq2seq: the 2017 Transformer, T5) parts; n_layer counts the encoder blocks
     n_decoder_layer: int | None = None  # seq2seq decoder blocks; None: = n_layer
     decoder_start_token_id: int = 0  # the token the decoder starts from (T5: pad, BART: eos)
+    scale_embedding: bool = False  # multiply token embeddings by √n_embd (BART's scale_embedding); seq2seq only
     # adapters: LoRA settings (lmlab.train.lora.LoraSpec.to_dict: r, alpha, dropout, targets); {} = none
     lora: dict[str, Any] = field(default_factory=dict)  # set by apply_lora; load_model injects the same adapters
     name: str = ""  # the preset this came from, for humans only; nothing switches on it
@@ -112,6 +120,14 @@ class ModelConfig:
             raise bad("n_kv_heads", f"a divisor of n_head={self.n_head}")
         if self.position == "rope" and self.head_dim % 2:
             raise bad("n_embd", "n_embd / n_head even, as RoPE rotates pairs of dimensions")
+        if self.rope_scaling != {}:
+            kind = self.rope_scaling.get("rope_type") if isinstance(self.rope_scaling, dict) else None
+            if self.position != "rope" or kind not in ROPE_SCALINGS:
+                raise bad("rope_scaling", "{} (plain RoPE) or, with position 'rope', a dict whose rope_type is one of " + ", ".join(ROPE_SCALINGS))
+            params = {k: v for k, v in self.rope_scaling.items() if k != "rope_type"}
+            number = all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in params.values())
+            if set(params) != set(ROPE_SCALINGS[kind]) or not number:
+                raise bad("rope_scaling", f"for rope_type {kind!r} exactly the positive numbers " + ", ".join(ROPE_SCALINGS[kind]))
         if not 0.0 <= self.dropout < 1.0:
             raise bad("dropout", "a number in [0, 1)")
         if not isinstance(self.type_vocab_size, int) or self.type_vocab_size < 0:
@@ -134,6 +150,8 @@ class ModelConfig:
             for field_name, off in (("type_vocab_size", 0), ("pooler", False), ("nsp_head", False), ("task", "")):
                 if getattr(self, field_name) != off:
                     raise bad(field_name, f"{off!r} for arch 'seq2seq' (the encoder–decoder has no segments, pooler or task heads)")
+        if not isinstance(self.scale_embedding, bool) or (self.scale_embedding and self.arch != "seq2seq"):
+            raise bad("scale_embedding", "True or False, and True only for arch 'seq2seq' (the encoder–decoder scales its embeddings)")
         if self.nsp_head and not self.pooler:
             raise bad("nsp_head", "False unless pooler is True (NSP reads the pooled vector)")
         if not isinstance(self.lora, dict):

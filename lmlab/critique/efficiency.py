@@ -170,10 +170,15 @@ def efficiency(
 def _size_part(section: Section, subject: Subject) -> str:
     model, config = subject.model, subject.config
     params, non_embedding = model.num_params(), model.num_params(include_embeddings=False)
-    weights = subject.path / "model.safetensors"
-    size = weights.stat().st_size
-    dtypes = stored_dtypes(weights)
-    dominant = max(dtypes, key=dtypes.get)
+    # an lmlab checkpoint's model.safetensors, or a Hugging Face folder's (possibly sharded) weight files
+    files = sorted(subject.path.glob("*.safetensors")) or sorted(subject.path.glob("pytorch_model*.bin"))
+    size = sum(f.stat().st_size for f in files)
+    dtypes: dict[str, int] = {}
+    for f in files:
+        if f.suffix == ".safetensors":
+            for dtype, count in stored_dtypes(f).items():
+                dtypes[dtype] = dtypes.get(dtype, 0) + count
+    dominant = max(dtypes, key=dtypes.get) if dtypes else "unknown (pickled weights)"
     train_flops, infer_flops = config.flops_per_token(config.block_size), config.flops_per_token(config.block_size, training=False)
     section.metrics.update(
         params=params, params_non_embedding=non_embedding, flops_per_token_train=train_flops, flops_per_token_inference=infer_flops,
@@ -185,7 +190,7 @@ def _size_part(section: Section, subject: Subject) -> str:
         params_non_embedding="Parameters without the token, position and segment embedding tables: what scaling laws count as N.",
         flops_per_token_train=f"Training FLOPs per token at the full {T}-token context: 6·N + 12·L·d·T (N without position embeddings, L={L}, d={d}).",
         flops_per_token_inference=f"Forward-pass FLOPs per token at a {T}-token context: 2·N + 4·L·d·T, a third of the training figure.",
-        checkpoint_bytes="Size of model.safetensors on disk.",
+        checkpoint_bytes="Size of the weight files on disk (model.safetensors, or a Hugging Face folder's shards).",
         bytes_per_param="Checkpoint bytes per parameter: ≈ 4 for fp32 weights, ≈ 2 for bf16/fp16 (plus a small header).",
         stored_dtype="The data type most of the checkpoint's parameters are stored in.",
     )

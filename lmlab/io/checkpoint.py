@@ -13,6 +13,12 @@ the base weights and the adapters, under peft's names (``blocks.0.attn.qkv.base_
 ``blocks.0.attn.qkv.lora_A.default.weight``, …). :func:`load_model` injects the same adapters before
 loading it strictly; ``load_model(..., merge_lora=True)`` folds them in, giving a plain model.
 
+An HF model folder is a checkpoint too (:mod:`lmlab.io.hf`): ``config.json`` with a ``model_type``,
+weights as (sharded) ``model.safetensors`` or ``pytorch_model.bin``, ``tokenizer.json``; so is a
+sentence-transformers folder, through its Transformer module. :func:`load_model` maps its weights
+onto the lmlab model and, unless ``verify=False``, checks the result against transformers' model of
+the same folder once (the pass is cached beside the weights). :func:`load_config` reads either kind.
+
 A run folder holds ``step-XXXXXXXX/`` checkpoints (the last K are kept), ``best/`` (lowest
 validation loss), ``log.jsonl`` and ``loss.png``. Every checkpoint is written into a hidden temp
 folder and renamed into place, so a run killed mid-write never leaves a half checkpoint.
@@ -34,6 +40,7 @@ from torch import nn
 
 from lmlab.config import ModelConfig, write_json_atomic
 from lmlab.errors import LmlabError
+from lmlab.io import hf
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -46,8 +53,9 @@ def step_dir_name(step: int) -> str:
 
 
 def is_checkpoint(path: str | Path) -> bool:
+    """An lmlab checkpoint or an HF model folder: config.json and weights."""
     path = Path(path)
-    return (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file()
+    return (path / CONFIG_FILE).is_file() and any((path / name).is_file() for name in hf.WEIGHT_FILES)
 
 
 def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
@@ -69,18 +77,34 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder, or a run folder (meaning its ``best/``, else its latest step)."""
+    """A checkpoint folder (lmlab or HF), a sentence-transformers folder (meaning its Transformer module's
+    folder), or a run folder (meaning its ``best/``, else its latest step)."""
     path = Path(path)
     if is_checkpoint(path):
         return path
     if not path.exists():
         raise LmlabError(f"{path}: no such checkpoint folder")
+    module = hf.sentence_transformers_module(path)
+    if module is not None:
+        if not is_checkpoint(module):
+            raise LmlabError(f"{path / 'modules.json'}: its Transformer module {module} is not an HF model folder (config.json and weights)")
+        return module
     if is_checkpoint(path / "best"):
         return path / "best"
     checkpoints = list_checkpoints(path)
     if checkpoints:
         return checkpoints[-1][1]
-    raise LmlabError(f"{path} is not a checkpoint: expected a folder with {CONFIG_FILE} and {WEIGHTS_FILE} (or a run folder holding step-* checkpoints)")
+    raise LmlabError(
+        f"{path} is not a checkpoint: expected a folder with {CONFIG_FILE} and {WEIGHTS_FILE} (an lmlab checkpoint or HF model folder), "
+        "a sentence-transformers folder, or a run folder holding step-* checkpoints"
+    )
+
+
+def load_config(path: str | Path) -> ModelConfig:
+    """The :class:`ModelConfig` of a checkpoint (:func:`resolve_checkpoint` resolves ``path``): an lmlab
+    checkpoint's, or the lmlab config an HF folder converts to."""
+    path = resolve_checkpoint(path)
+    return hf.hf_folder_config(path) if hf.is_hf_folder(path) else ModelConfig.load(path / CONFIG_FILE)
 
 
 def weights_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -138,7 +162,8 @@ def read_meta(path: str | Path) -> dict[str, Any]:
 
 
 def load_model(
-    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, merge_lora: bool = False
+    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, merge_lora: bool = False,
+    verify: bool = True,
 ) -> nn.Module:
     """Build the model a checkpoint folder describes and load its weights (strictly).
 
@@ -146,11 +171,19 @@ def load_model(
     trainable, parameters in the same order, so a resumed optimizer state fits. ``merge_lora`` folds
     the adapters into the base weights after loading (a plain model, for inference and export); it
     changes nothing for a checkpoint without adapters.
+
+    An HF folder's weights are mapped onto the lmlab model, and ``verify`` checks its outputs against
+    transformers' model of the folder (:func:`lmlab.io.hf.verify_hf_folder`: once per folder, cached;
+    an LmlabError on a mismatch; skipped with a warning without transformers).
     """
     from lmlab.model import build_model
 
     path = resolve_checkpoint(path)
-    config = ModelConfig.load(path / CONFIG_FILE)
+    from_hf = hf.is_hf_folder(path)
+    if from_hf:
+        config, state = hf.read_hf_checkpoint(path)
+    else:
+        config = ModelConfig.load(path / CONFIG_FILE)
     with torch.device("meta"):
         model = build_model(config)
         if config.lora:
@@ -159,9 +192,12 @@ def load_model(
             lora.apply_lora(model, lora.LoraSpec.from_dict(config.lora))
     model.to_empty(device=device)
     model.tie_weights()  # to_empty gives every parameter its own storage; a tied head must share again
-    state = load_file(str(path / WEIGHTS_FILE), device=str(device))
-    load_weights(model, state, source=str(path / WEIGHTS_FILE))
-    _rebuild_buffers(model)  # buffers that are not stored (RoPE tables) are recomputed on the device
+    if not from_hf:
+        state = load_file(str(path / WEIGHTS_FILE), device=str(device))
+    load_weights(model, state, source=str(path if from_hf else path / WEIGHTS_FILE))
+    rebuild_buffers(model)  # buffers that are not stored (RoPE tables) are recomputed on the device
+    if from_hf and verify:
+        hf.verify_hf_folder(path, model.eval())
     if merge_lora and config.lora:
         lora.merge_lora(model)
     if dtype is not None:
@@ -195,11 +231,12 @@ def weights_for_saving_keys(model: nn.Module) -> list[str]:
     return keys
 
 
-def _rebuild_buffers(model: nn.Module) -> None:
-    """Recompute non-persistent buffers (e.g. RoPE tables) that ``to_empty`` left uninitialised."""
+def rebuild_buffers(model: nn.Module) -> None:
+    """Recompute non-persistent buffers (RoPE tables, scaled as ``config.rope_scaling`` says) that
+    ``to_empty`` left uninitialised."""
     from lmlab.model.blocks import rope_cache
 
-    if hasattr(model, "rope_cos"):
+    if getattr(model, "rope_cos", None) is not None:
         cos, sin = rope_cache(model.config, device=model.rope_cos.device)
         model.rope_cos.copy_(cos)
         model.rope_sin.copy_(sin)

@@ -49,12 +49,32 @@ class RMSNorm(nn.Module):
 # -- rotary position embedding (Su et al., 2021) ------------------------------------------------
 
 
-def rope_cache(config: ModelConfig, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
-    """cos and sin tables, (block_size, head_dim), in fp32: θ_i = rope_theta^(-2i/head_dim)."""
+def rope_inv_freq(config: ModelConfig, device: torch.device | str | None = None) -> Tensor:
+    """RoPE's inverse frequencies θ_i = rope_theta^(-2i/head_dim), scaled as ``config.rope_scaling`` says —
+    transformers' formulas (``_compute_linear_scaling_rope_parameters``, ``_compute_llama3_parameters``)
+    op for op, so the tables are bit-identical. ``dynamic`` changes nothing within ``block_size``."""
     hd = config.head_dim
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64, device=device).float() / hd))
+    s = config.rope_scaling
+    kind = s.get("rope_type")
+    if kind == "linear":  # positions / factor, folded into the frequencies
+        return inv_freq / s["factor"]
+    if kind == "llama3":  # LLaMA 3.1: long wavelengths slowed by `factor`, short ones kept, a smooth ramp between
+        factor, low, high, old_len = s["factor"], s["low_freq_factor"], s["high_freq_factor"], s["original_max_position_embeddings"]
+        low_freq_wavelen, high_freq_wavelen = old_len / low, old_len / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+        return torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+def rope_cache(config: ModelConfig, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
+    """cos and sin tables, (block_size, head_dim), in fp32, from :func:`rope_inv_freq` (scaling included)."""
     positions = torch.arange(config.block_size, device=device, dtype=torch.float32)
-    freqs = torch.outer(positions, inv_freq)  # (block_size, head_dim/2)
+    freqs = torch.outer(positions, rope_inv_freq(config, device))  # (block_size, head_dim/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # the "rotate half" layout HF LLaMA checkpoints use
     return emb.cos(), emb.sin()
 

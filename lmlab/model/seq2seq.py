@@ -21,6 +21,7 @@ projection, as both papers share them. The encoder masks source padding as
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Iterator, Sequence
 
 import torch
@@ -60,6 +61,8 @@ class Seq2SeqLM(nn.Module):
 
     def _embed(self, ids: Tensor, positions: Tensor, pos_emb: nn.Embedding | None, emb_norm: nn.Module) -> Tensor:
         x = self.tok_emb(ids)  # (B, T, n_embd)
+        if self.config.scale_embedding:  # BART's scale_embedding: token embeddings × √d, positions as they are
+            x = x * math.sqrt(self.config.n_embd)
         if pos_emb is not None:
             x = x + pos_emb(positions)
         return self.drop(emb_norm(x))

@@ -42,9 +42,8 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
-from lmlab.config import ModelConfig
 from lmlab.errors import LmlabError
-from lmlab.io.checkpoint import CONFIG_FILE, load_model, read_meta, resolve_checkpoint, save_checkpoint
+from lmlab.io.checkpoint import load_config, load_model, read_meta, resolve_checkpoint, save_checkpoint
 from lmlab.tokenizer import Tokenizer
 
 KEYS = ("r", "alpha", "dropout", "targets")
@@ -223,7 +222,7 @@ def merge_checkpoint(src: str | Path, out: str | Path, tokenizer: bool = True) -
     checkpoint with ``src``'s config.json fields (plus ``merged_from``), its tokenizer when
     ``tokenizer``, and no ``train_state.pt``. Returns ``out``."""
     src = resolve_checkpoint(src)
-    if not ModelConfig.load(src / CONFIG_FILE).lora:
+    if not load_config(src).lora:
         raise LmlabError(f"{src}: not a LoRA checkpoint (its config has no lora settings); nothing to merge")
     model = load_model(src, merge_lora=True)
     meta = {k: v for k, v in read_meta(src).items() if k != "lmlab_model_config"}

@@ -11,7 +11,7 @@ import torch
 
 from lmlab.config import ModelConfig, preset
 from lmlab.errors import LmlabError
-from lmlab.io.checkpoint import latest_checkpoint, list_checkpoints, load_model, read_meta, resolve_checkpoint
+from lmlab.io.checkpoint import latest_checkpoint, list_checkpoints, load_config, load_model, read_meta, resolve_checkpoint
 from lmlab.model import build_model
 from lmlab.train import dist as dist_mod
 from lmlab.train.data import RandomWindows, fixed_windows
@@ -60,7 +60,7 @@ def pretrain(
         _check_same_tokenizer(resume_from, tokenizer, "--resume")
     elif init_from is not None:
         init_from = resolve_checkpoint(init_from)
-        config = ModelConfig.load(init_from / "config.json")
+        config = load_config(init_from)  # an lmlab checkpoint or a Hugging Face folder
         _check_same_tokenizer(init_from, tokenizer, "--init-from")
     else:
         config = _model_config(model, tokenizer.vocab_size, model_overrides or {})
@@ -121,6 +121,10 @@ def _model_config(model: str | ModelConfig, vocab_size: int, overrides: dict[str
 
 def _check_same_tokenizer(checkpoint: Path, tokenizer, flag: str) -> None:
     expected = read_meta(checkpoint).get("tokenizer_sha256")
+    if expected is None and (checkpoint / "tokenizer.json").is_file():  # a Hugging Face folder: its own tokenizer
+        from lmlab.tokenizer import Tokenizer
+
+        expected = Tokenizer.load(checkpoint).sha256
     if expected and expected != tokenizer.sha256:
         raise LmlabError(f"{flag} {checkpoint} was trained with a different tokenizer than the data's (tokenizer hash differs)")
 
