@@ -54,11 +54,8 @@ def make_config(case: str) -> ModelConfig:
 
 
 def checkpoint(tmp_path: Path, case: str, tokenizer_dir: Path, lora: dict | None = None) -> tuple[Path, torch.nn.Module]:
-    """A random lmlab checkpoint of ``case`` with the test tokenizer (a decoder classifier's head bias zero:
-    HF's score layer has none); ``lora``: LoRA adapters with non-zero B."""
+    """A random lmlab checkpoint of ``case`` with the test tokenizer; ``lora``: LoRA adapters with non-zero B."""
     model = lmlab_model(make_config(case))
-    if model.config.arch == "decoder" and model.config.task == "classify":
-        torch.nn.init.zeros_(model.task_head.out.bias)
     if lora:
         from lmlab.train.lora import LoraSpec, apply_lora
 
@@ -188,12 +185,6 @@ def test_a_mismatch_is_refused_with_the_number_and_leaves_nothing(tmp_path, toke
 
 def test_what_no_hf_class_holds_is_refused_before_writing(tmp_path, tokenizer_dir):
     path, _ = checkpoint(tmp_path, "gpt2-classify", tokenizer_dir)
-    model = load_model(path)
-    with torch.no_grad():
-        model.task_head.out.bias.fill_(0.5)  # HF's score layer has no bias
-    biased = save_checkpoint(tmp_path / "biased", model, tokenizer=Tokenizer.load(tokenizer_dir))
-    with pytest.raises(LmlabError, match="'task_head.out.bias' is not zero: HF GPT2ForSequenceClassification has no place for it"):
-        export_hf(biased, tmp_path / "out")
     t5 = save_checkpoint(tmp_path / "t5", lmlab_model(preset("t5-tiny", vocab_size=VOCAB)))
     with pytest.raises(LmlabError, match="'norm' is 'rmsnorm': HF bart .*lmlab exports encoder–decoders as BART"):
         export_hf(t5, tmp_path / "out")

@@ -43,8 +43,8 @@ BART (``BartForConditionalGeneration``) for encoder–decoders, onto :class:`~lm
 Task heads (:mod:`lmlab.model.heads`, ``task_head.out``) are one Linear on the HF side too::
 
     classify   BertForSequenceClassification.classifier (on the pooler, as lmlab's encoder pools),
-               GPT2/LlamaForSequenceClassification.score (no bias: lmlab's bias is 0 on import and must be
-               0 to export; HF reads the rightmost non-pad token, lmlab the last real one — the same for
+               GPT2/LlamaForSequenceClassification.score (no bias, as lmlab's decoder classifier head; HF
+               reads the rightmost non-pad token, lmlab the last real one — the same for
                right padding whose pad id does not occur in the text)
     tag        Bert/GPT2ForTokenClassification.classifier, LlamaForTokenClassification.score
     qa         *ForQuestionAnswering.qa_outputs ([start | end]; LLaMA's backbone sits under ``transformer.``)
@@ -547,11 +547,11 @@ class _Rule:
     """One lmlab tensor and where HF keeps it."""
 
     lmlab: str  # "": an HF tensor lmlab does not have (it must be zero)
-    hf: tuple[str, ...]  # one name, or the pieces a fused lmlab weight splits into along dim 0; (): lmlab's alone (zero)
+    hf: tuple[str, ...]  # one name, or the pieces a fused lmlab weight splits into along dim 0
     sizes: tuple[int, ...] = ()  # rows of each piece, for a fused weight
     transpose: bool = False  # HF GPT-2's Conv1D stores (in, out)
     offset: int = 0  # rows HF keeps in front that lmlab has not (BART's positions)
-    zeros: tuple[int, ...] = ()  # the shape of a tensor one side has and the other has not, always zero there
+    zeros: tuple[int, ...] = ()  # the shape of an HF tensor lmlab has not, always zero there
 
 
 def _rules(config: ModelConfig, architecture: str) -> list[_Rule]:
@@ -569,8 +569,8 @@ def _rules(config: ModelConfig, architecture: str) -> list[_Rule]:
             rules.append(_Rule("lm_head.weight", ("lm_head.weight",)))
     if spec.task:
         rules.append(_Rule("task_head.out.weight", (f"{spec.head}.weight",)))
-        bias = (f"{spec.head}.bias",) if spec.head_bias else ()
-        rules.append(_Rule("task_head.out.bias", bias, zeros=() if spec.head_bias else (config.num_labels,)))
+        if spec.head_bias:  # a decoder's sequence classifier has no bias on either side
+            rules.append(_Rule("task_head.out.bias", (f"{spec.head}.bias",)))
     return rules
 
 
@@ -703,10 +703,6 @@ def state_dict_to_hf(state_dict: dict[str, Tensor], config: ModelConfig) -> dict
     out: dict[str, Tensor] = {}
     ref = state_dict["tok_emb.weight"]
     for rule in rules:
-        if not rule.hf:
-            if state_dict[rule.lmlab].any():
-                raise LmlabError(f"lmlab tensor '{rule.lmlab}' is not zero: HF {architecture} has no place for it (its layer has no bias)")
-            continue
         if not rule.lmlab:
             out[rule.hf[0]] = ref.new_zeros(rule.zeros)
             continue
@@ -748,9 +744,6 @@ def state_dict_from_hf(hf_state_dict: dict[str, Tensor], config: ModelConfig) ->
         if not rule.lmlab:
             if rule.hf[0] in sd and sd[rule.hf[0]].any():
                 raise LmlabError(f"HF weight '{rule.hf[0]}' is not zero: lmlab's model has no such bias")
-            continue
-        if not rule.hf:
-            out[rule.lmlab] = torch.zeros(rule.zeros, dtype=sd[rules[0].hf[0]].dtype)
             continue
         pieces = [sd[name] for name in rule.hf]
         t = torch.cat(pieces, dim=0) if len(pieces) > 1 else pieces[0]

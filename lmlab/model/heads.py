@@ -21,7 +21,8 @@ class TaskHead(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.drop = nn.Dropout(config.dropout)
-        self.out = nn.Linear(config.n_embd, config.num_labels)
+        # a decoder's sequence classifier has no bias, as HF's GPT-2/LLaMA ``score`` layer (so it exports exactly)
+        self.out = nn.Linear(config.n_embd, config.num_labels, bias=not (config.arch == "decoder" and config.task == "classify"))
 
     def forward(self, features: Tensor) -> Tensor:
         return self.out(self.drop(features))
