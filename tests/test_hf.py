@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 transformers = pytest.importorskip("transformers")
 
@@ -493,3 +493,17 @@ def test_a_model_built_from_a_scaled_config_has_the_scaled_tables():
     config = make_config("llama-llama3-rope")
     model = build_model(config)
     assert torch.equal(model.rope_cos, rope_cache(config)[0]) and not torch.equal(model.rope_cos, rope_cache(make_config("llama-tiny"))[0])
+
+
+def test_missing_weights_and_a_wrong_shape_are_one_line_errors_naming_what(tmp_path):
+    folder, _ = hf_folder(tmp_path, "gpt2")
+    weights = folder / "model.safetensors"
+    state = load_file(str(weights))
+    name = next(k for k in state if k.endswith("attn.c_attn.weight"))
+    state[name] = state[name][:, :10].contiguous()  # a shape the config does not describe
+    save_file(state, str(weights))
+    with pytest.raises(LmlabError, match=r"weight blocks\.0\.attn\.qkv\.weight has shape \(10, 32\); the config expects \(96, 32\)"):
+        load_model(folder)
+    weights.unlink()
+    with pytest.raises(LmlabError, match="is not a checkpoint: expected a folder with config.json and model.safetensors"):
+        load_model(folder)
