@@ -103,7 +103,8 @@ def build_parser() -> ArgumentParser:
     pretrain.add_argument("--out", required=True, help="run folder: checkpoints, log.jsonl, loss.png")
     pretrain.add_argument("--objective", default="clm", help="training objective: clm (causal LM, decoders), mlm, mlm+nsp or wwm (whole-word mlm) for encoders (default: clm)")
     pretrain.add_argument("--resume", action="store_true", help="continue the latest checkpoint in --out exactly where it stopped")
-    pretrain.add_argument("--init-from", type=Optional[str], default=None, help="start from this checkpoint's weights (fresh optimizer)")
+    pretrain.add_argument("--init-from", type=Optional[str], default=None, help="start from this checkpoint's (or Hugging Face folder's) weights (fresh optimizer)")
+    pretrain.add_argument("--no-verify", dest="verify", action="store_false", help="a Hugging Face folder: skip the one-time logits check against transformers")
     pretrain.add_argument("--dropout", type=Optional[float], default=None, help="override the preset's dropout")
     pretrain.add_argument("--block-size", type=Optional[int], default=None, help="override the preset's context length")
     _add_dataclass_flags(pretrain, TrainConfig)
@@ -133,6 +134,7 @@ def build_parser() -> ArgumentParser:
     finetune.add_argument("--patience", type=Optional[int], default=None, help="stop after this many evaluations without a better validation metric")
     finetune.add_argument("--resume", action="store_true", help="continue the latest checkpoint in --out exactly where it stopped")
     finetune.add_argument("--show-masking", action="store_true", help="chat: print the first training conversation with the trained tokens marked, and exit")
+    finetune.add_argument("--no-verify", dest="verify", action="store_false", help="a Hugging Face folder: skip the one-time logits check against transformers")
     finetune.add_argument("--pack", action="store_true", help="chat: pack several conversations into each --max-length row; each attends only to itself (less padding, same loss)")
     finetune.add_argument(
         "--lora", type=Optional[str], default=None,
@@ -166,6 +168,7 @@ def build_parser() -> ArgumentParser:
     evaluate.add_argument("--pair-field", type=Optional[str], default=None, help="classify: the second text of a pair")
     evaluate.add_argument("--label-field", default="label", help="classify: the label field/column (default: label)")
     evaluate.add_argument("--device", default="cpu", help="cpu, cuda (default: cpu)")
+    evaluate.add_argument("--no-verify", dest="verify", action="store_false", help="a Hugging Face folder: skip the one-time logits check against transformers")
     commands.add_subcommand("evaluate", evaluate, help="task metrics with confidence intervals, or perplexity")
 
     crit = _parser(
@@ -198,6 +201,7 @@ def build_parser() -> ArgumentParser:
     crit.add_argument("--max-examples", type=int, default=500, help="examples each lens reads at most (a seeded sample) (default: 500)")
     crit.add_argument("--seed", type=int, default=0, help="seed of every sample and perturbation (default: 0)")
     crit.add_argument("--device", default="cpu", help="cpu, cuda (default: cpu)")
+    crit.add_argument("--no-verify", dest="verify", action="store_false", help="a Hugging Face folder: skip the one-time logits check against transformers")
     crit.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress messages")
     commands.add_subcommand("critique", crit, help="a report on a model: performance, interpretability, bias, safety, privacy, robustness, efficiency")
 
@@ -316,7 +320,8 @@ def cmd_pretrain(a) -> int:
     train_args = {f.name: getattr(a, f.name) for f in dataclasses.fields(TrainConfig)}
     overrides = {k: v for k, v in (("dropout", a.dropout), ("block_size", a.block_size)) if v is not None}
     result = pretrain(
-        a.model, a.data, a.out, objective=a.objective, resume=a.resume, init_from=a.init_from, model_overrides=overrides, **train_args
+        a.model, a.data, a.out, objective=a.objective, resume=a.resume, init_from=a.init_from, model_overrides=overrides, verify=a.verify,
+        **train_args,
     )
     if os.environ.get("RANK", "0") != "0":
         return 0  # under torchrun, rank 0 reports
@@ -447,7 +452,7 @@ def cmd_finetune(a) -> int:
         a.checkpoint, a.task, a.train, a.out, valid=a.valid, max_length=a.max_length, text_field=a.text_field,
         pair_field=a.pair_field, label_field=a.label_field, source_field=a.source_field, target_field=a.target_field,
         max_target_length=a.max_target_length, class_weights=a.class_weights, patience=a.patience, resume=a.resume, lora=a.lora,
-        show_masking=a.show_masking, pack=a.pack, **train_args,
+        show_masking=a.show_masking, pack=a.pack, verify=a.verify, **train_args,
     )
     if a.show_masking or os.environ.get("RANK", "0") != "0":
         return 0
@@ -467,6 +472,7 @@ def cmd_critique(a) -> int:
     report = critique(
         a.checkpoint, a.out, lenses=a.lenses, data=a.data, text=a.text, train_data=a.train_data, task=a.task, device=a.device,
         seed=a.seed, max_examples=a.max_examples, fields=fields, options={k: v for k, v in options.items() if v is not None}, progress=a.progress,
+        verify=a.verify,
     )
     for name, lens in report["lenses"].items():
         if "skipped" in lens:
@@ -503,6 +509,7 @@ def cmd_evaluate(a) -> int:
         a.checkpoint, a.data, task=a.task, out=a.out, max_length=a.max_length, batch_size=a.batch_size,
         n_resamples=a.n_resamples, device=a.device, text_field=a.text_field, pair_field=a.pair_field, label_field=a.label_field,
         source_field=a.source_field, target_field=a.target_field, max_target_length=a.max_target_length, num_beams=a.num_beams,
+        verify=a.verify,
     )
     skip = {"task", "checkpoint", "data", "ci", "per_class", "confusion_matrix", "calibration", "labels", "per_type", "num_examples"}
     for name, value in result.items():

@@ -207,8 +207,8 @@ def test_an_lmlab_checkpoint_survives_export_and_import(tmp_path, tokenizer_dir)
     assert max_logit_diff(back, transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out"), ids) < TOL
 
 
-def test_export_and_an_hf_folder_through_the_cli(tmp_path, tokenizer_dir, capsys):
-    """`lmlab export` writes a checked folder; `lmlab generate` takes that folder as a checkpoint."""
+def test_export_and_an_hf_folder_through_the_cli(tmp_path, tokenizer_dir, data_dir, capsys):
+    """`lmlab export` writes a checked folder; `lmlab generate` and `pretrain --init-from` take that folder as a checkpoint."""
     from lmlab.cli import main
 
     path, _ = checkpoint(tmp_path, "gpt2", tokenizer_dir)
@@ -219,6 +219,9 @@ def test_export_and_an_hf_folder_through_the_cli(tmp_path, tokenizer_dir, capsys
     hf_out = json.loads(capsys.readouterr().out)
     assert main(["generate", str(path), "--prompt", "The", "--max-new-tokens", "5", "--format", "jsonl"]) == 0
     assert json.loads(capsys.readouterr().out)["completion"] == hf_out["completion"]  # the same model either way
+    assert main(["pretrain", "--init-from", str(tmp_path / "hf"), "--data", str(data_dir), "--out", str(tmp_path / "run"), "--max-steps", "2",
+                 "--eval-interval", "2", "--seq-len", "32", "--micro-batch-size", "2", "--no-progress", "--no-tensorboard"]) == 0
+    assert "last checkpoint" in capsys.readouterr().out
     assert main(["export", str(path), "--format", "gguf", "--out", str(tmp_path / "x")]) == 1
     assert "--format 'gguf': expected hf" in capsys.readouterr().err
     assert main(["export", str(path), "--out", str(tmp_path / "hf")]) == 1  # not empty: refused, nothing overwritten

@@ -80,6 +80,7 @@ def critique(
     fields: dict[str, str] | None = None,
     options: dict[str, Any] | None = None,
     progress: bool = True,
+    verify: bool = True,
 ) -> dict[str, Any]:
     """Critique ``checkpoint`` through ``lenses`` (all by default); write ``out``/report.json and
     report.html and return the report's dict. ``fields`` name the data's columns (``text_field``,
@@ -91,7 +92,7 @@ def critique(
     names = parse_lenses(lenses)
     subject = load_subject(
         checkpoint, data=data, text=text, train_data=train_data, task=task, device=device, seed=seed,
-        max_examples=max_examples, **(fields or {}),
+        max_examples=max_examples, verify=verify, **(fields or {}),
     )
     sections = []
     for name in names:

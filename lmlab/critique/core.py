@@ -147,6 +147,7 @@ def load_subject(
     device: str = "cpu",
     seed: int = 0,
     max_examples: int = 500,
+    verify: bool = True,
     **fields: str,
 ) -> Subject:
     """Load a checkpoint (or run folder) for critique. ``fields`` name the columns of ``data``
@@ -159,7 +160,7 @@ def load_subject(
     for name, value in (("--data", data), ("--text", text), ("--train-data", train_data)):
         if value is not None and not Path(value).exists():
             raise LmlabError(f"{name} {value}: no such file or folder")
-    model = load_model(path, device=device, merge_lora=True).eval()
+    model = load_model(path, device=device, merge_lora=True, verify=verify).eval()
     tokenizer = Tokenizer.load(path)
     meta = read_meta(path)
     config = model.config

@@ -42,13 +42,14 @@ def evaluate(
     target_field: str = "target",
     max_target_length: int = 128,
     num_beams: int = 1,
+    verify: bool = True,
 ) -> dict[str, Any]:
     """Metrics of ``checkpoint`` on ``data`` (the checkpoint's own task unless ``task`` says otherwise:
     a task head's task, seq2seq for an encoder–decoder or a decoder fine-tuned on it, else lm)."""
     from lmlab.tokenizer import Tokenizer
 
     path = resolve_checkpoint(checkpoint)
-    model = load_model(path, device=device, merge_lora=True).eval()
+    model = load_model(path, device=device, merge_lora=True, verify=verify).eval()
     result, rows = evaluate_model(
         model, Tokenizer.load(path), data, task=task, meta=read_meta(path), max_length=max_length, batch_size=batch_size,
         n_resamples=n_resamples, text_field=text_field, pair_field=pair_field, label_field=label_field,

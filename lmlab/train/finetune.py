@@ -386,6 +386,7 @@ def finetune(
     lora: str | Any | None = None,
     show_masking: bool = False,
     pack: bool = False,
+    verify: bool = True,
     **train_args: Any,
 ) -> TrainResult | str:
     """Fine-tune ``checkpoint`` (an lmlab checkpoint or run folder) on a task; checkpoints go to ``out``.
@@ -470,7 +471,7 @@ def finetune(
         if spec is not None and spec != saved:
             raise LmlabError(f"--resume: {resume_from} was trained {'with --lora ' + str(saved.to_dict()) if saved else 'without --lora'}; resume it as it was")
     else:
-        model = _with_task_head(base, base_config, config, device)
+        model = _with_task_head(base, base_config, config, device, verify)
         if spec is not None:
             lora_mod.apply_lora(model, spec)
     if model.config.lora and info.is_main:
@@ -543,7 +544,7 @@ def show_chat_masking(checkpoint: str | Path, train: str | Path, max_length: int
     return mark_trained(tokenizer, ids, labels)
 
 
-def _with_task_head(base: Path, base_config: ModelConfig, config: ModelConfig, device: torch.device) -> nn.Module:
+def _with_task_head(base: Path, base_config: ModelConfig, config: ModelConfig, device: torch.device, verify: bool = True) -> nn.Module:
     """The base checkpoint's weights in a model with ``config``'s task head (fresh unless the base has the same one).
     A LoRA base is merged first: its adapters become part of the weights the new run starts from; an HF
     folder's weights are converted (and checked against transformers once, see :func:`load_model`)."""
@@ -555,7 +556,7 @@ def _with_task_head(base: Path, base_config: ModelConfig, config: ModelConfig, d
     model = build_model(config)
     rebuild_buffers(model)  # RoPE tables with the config's scaling
     if base_config.lora or is_hf_folder(base):
-        state = weights_for_saving(load_model(base, merge_lora=True))
+        state = weights_for_saving(load_model(base, merge_lora=True, verify=verify))
     else:
         state = load_file(str(base / WEIGHTS_FILE))
     same_head = base_config.task == config.task and base_config.num_labels == config.num_labels

@@ -28,12 +28,14 @@ def pretrain(
     resume: bool = False,
     init_from: str | Path | None = None,
     model_overrides: dict[str, Any] | None = None,
+    verify: bool = True,
     **train_args: Any,
 ) -> TrainResult:
     """Pretrain a model on a folder made by :func:`lmlab.prepare`.
 
     ``model`` is a preset name (``lmlab.config.PRESETS``) or a :class:`ModelConfig`; its vocab size
-    becomes the tokenizer's. ``init_from`` starts from a checkpoint's weights instead of random ones;
+    becomes the tokenizer's. ``init_from`` starts from a checkpoint's weights instead of random ones
+    (an lmlab checkpoint or a Hugging Face folder, checked against transformers unless ``verify=False``);
     ``resume`` continues the latest checkpoint in ``out`` exactly where it stopped. Every other
     keyword is a :class:`TrainConfig` field (``max_steps``, ``lr``, …).
     """
@@ -77,7 +79,7 @@ def pretrain(
     if resume_from is not None:
         net = load_model(resume_from, device=device).train()
     elif init_from is not None:
-        net = load_model(init_from, device=device, merge_lora=True).train()  # a LoRA checkpoint starts as its merged weights
+        net = load_model(init_from, device=device, merge_lora=True, verify=verify).train()  # a LoRA checkpoint starts as its merged weights
     else:
         net = build_model(config).to(device)
 
