@@ -103,6 +103,7 @@ def test_critique_writes_json_and_a_self_contained_html(classifier, tmp_path):
     assert "What to look at first" in page and "worrying" in page
     assert "<script" not in page and "http://" not in page and "https://" not in page  # nothing fetched, nothing run
     assert "Expected calibration error" in page  # numbers come with their sentences
+    assert "<td>ci.accuracy</td>" in page and "ci.accuracy.low" not in page  # an interval is one row: low – high
 
 
 def test_lens_choice_and_bad_input(classifier, tmp_path):

@@ -58,11 +58,14 @@ def format_value(value: Any) -> str:
 
 
 def _flatten(metrics: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
-    """Scalar metrics as (dotted name, value); nested dicts are walked, lists are left to tables."""
+    """Scalar metrics as (dotted name, value); nested dicts are walked (a confidence interval — a dict with
+    ``low`` and ``high`` — is one row, "low – high"), lists are left to tables."""
     rows = []
     for key, value in metrics.items():
         name = f"{prefix}{key}"
-        if isinstance(value, dict):
+        if isinstance(value, dict) and {"low", "high"} <= value.keys():
+            rows.append((name, f"{format_value(value['low'])} – {format_value(value['high'])}"))
+        elif isinstance(value, dict):
             rows += _flatten(value, name + ".")
         elif isinstance(value, (int, float, str, bool)) or value is None:
             rows.append((name, value))
