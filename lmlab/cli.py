@@ -197,6 +197,9 @@ def build_parser() -> ArgumentParser:
     crit.add_argument("--canaries", type=Optional[str], default=None, help="privacy: the canaries.json `lmlab prepare --canaries` wrote (default: found in --train-data or the run's data folder)")
     crit.add_argument("--extraction-prefix", type=Optional[int], default=None, help="privacy: tokens of training text given as the prompt (default: 32)")
     crit.add_argument("--extraction-suffix", type=Optional[int], default=None, help="privacy: tokens that must come back verbatim to count as extracted (default: 32)")
+    crit.add_argument("--perturbations", default=None, help="robustness: comma-separated edits: typos,case,punctuation,contractions,whitespace,names (default: all)")
+    crit.add_argument("--power-watts", type=Optional[float], default=None, help="efficiency: the training hardware's power draw, for the energy estimate (default: a stated assumption)")
+    crit.add_argument("--grid-intensity", type=Optional[float], default=None, help="efficiency: kg CO2e per kWh of the training electricity (default: 0.4, about the world average)")
     crit.add_argument("--input", type=Optional[str], default=None, help="interpret: the text to explain (default: the first test example, or a built-in sentence)")
     crit.add_argument("--max-examples", type=int, default=500, help="examples each lens reads at most (a seeded sample) (default: 500)")
     crit.add_argument("--seed", type=int, default=0, help="seed of every sample and perturbation (default: 0)")
@@ -468,7 +471,8 @@ def cmd_critique(a) -> int:
     fields = {k: getattr(a, k) for k in ("text_field", "pair_field", "label_field", "group_field") if getattr(a, k) is not None}
     options = {"pairs": a.pairs, "swaps": a.swaps, "prompts": a.prompts, "harmful": a.harmful, "classifier": a.toxicity_classifier,
                "samples": a.samples, "max_new_tokens": a.max_new_tokens, "canaries": a.canaries, "extraction_prefix": a.extraction_prefix,
-               "extraction_suffix": a.extraction_suffix, "text": a.input}
+               "extraction_suffix": a.extraction_suffix, "text": a.input, "power_watts": a.power_watts, "grid_intensity": a.grid_intensity,
+               "perturbations": [n.strip() for n in a.perturbations.split(",") if n.strip()] if a.perturbations else None}
     report = critique(
         a.checkpoint, a.out, lenses=a.lenses, data=a.data, text=a.text, train_data=a.train_data, task=a.task, device=a.device,
         seed=a.seed, max_examples=a.max_examples, fields=fields, options={k: v for k, v in options.items() if v is not None}, progress=a.progress,

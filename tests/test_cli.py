@@ -186,11 +186,15 @@ def test_prepare_plants_canaries_and_critique_measures_them(corpus_file, tokeniz
     assert code == 0
     record = json.loads((tmp_path / "data" / "canaries.json").read_text())
     assert record["space_size"] == 1000 and len(record["planted"]) == 2
-    code, out, err = run(capsys, "critique", str(trained_run), "--lenses", "privacy,efficiency", "--train-data", str(tmp_path / "data"),
+    code, out, err = run(capsys, "critique", str(trained_run), "--lenses", "privacy,efficiency,robustness", "--train-data", str(tmp_path / "data"),
+                         "--text", str(corpus_file), "--perturbations", "case,typos", "--power-watts", "100", "--grid-intensity", "0.5",
                          "--max-examples", "8", "--extraction-prefix", "8", "--extraction-suffix", "8", "--out", str(tmp_path / "c"), "--no-progress")
     assert code == 0, err
     assert "privacy:" in out and "efficiency:" in out and "report.html" in out
     report = json.loads((tmp_path / "c" / "report.json").read_text())
     assert report["lenses"]["privacy"]["metrics"]["canary_space_size"] == 1000
+    efficiency = report["lenses"]["efficiency"]["metrics"]
+    assert efficiency["power_watts"] == 100 and efficiency["co2_kg"] == pytest.approx(efficiency["energy_kwh"] * 0.5)
+    assert "case" in json.dumps(report["lenses"]["robustness"]["metrics"]) and "whitespace" not in json.dumps(report["lenses"]["robustness"]["metrics"])
     code, _, err = run(capsys, "critique", str(trained_run), "--lenses", "privacy,speed", "--out", str(tmp_path / "d"))
     assert_one_line_error(code, err, "unknown lens 'speed'")
