@@ -260,6 +260,21 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     return path
 
 
+def read_json_object(path: str | Path) -> dict[str, Any]:
+    """A JSON file holding an object; {} when the file is missing; unreadable JSON or another kind of
+    value is a one-line error naming the file."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise LmlabError(f"{path}: cannot read JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise LmlabError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
 def write_json_atomic(path: str | Path, data: Any) -> Path:
     """Write JSON to ``path`` atomically (see :func:`write_text_atomic`)."""
     return write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")

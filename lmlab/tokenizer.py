@@ -29,7 +29,7 @@ from typing import Any
 import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from lmlab.config import write_text_atomic
+from lmlab.config import read_json_object, write_text_atomic
 from lmlab.errors import LmlabError
 
 __all__ = [
@@ -89,18 +89,6 @@ def _token_content(value: Any, source: Path, key: str) -> str | None:
     if isinstance(value, dict) and isinstance(value.get("content"), str):
         return value["content"]
     raise LmlabError(f"{source}: field {key!r} is {value!r}; expected a string, {{\"content\": ...}} or null")
-
-
-def _read_json_object(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return {}
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise LmlabError(f"{path}: cannot read JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise LmlabError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
 
 
 class Tokenizer:
@@ -287,10 +275,10 @@ class Tokenizer:
         config: dict[str, Any] = {}
         if folder is not None:
             config_path = folder / "tokenizer_config.json"
-            config = _read_json_object(config_path)
+            config = read_json_object(config_path)
             # transformers lets tokenizer_config.json override special_tokens_map.json.
             for source in (folder / "special_tokens_map.json", config_path):
-                data = config if source == config_path else _read_json_object(source)
+                data = config if source == config_path else read_json_object(source)
                 for role in SPECIAL_ROLES:
                     key = f"{role}_token"
                     if key in data:

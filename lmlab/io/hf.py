@@ -103,7 +103,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import torch
 from torch import Tensor, nn
 
-from lmlab.config import ModelConfig, write_json_atomic
+from lmlab.config import ModelConfig, read_json_object, write_json_atomic
 from lmlab.errors import LmlabError
 
 logger = logging.getLogger(__name__)
@@ -959,24 +959,12 @@ def quiet_transformers() -> Iterator[Any]:
 # -- HF folders ---------------------------------------------------------------------------------
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return {}
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise LmlabError(f"{path}: cannot read JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise LmlabError(f"{path}: expected a JSON object")
-    return data
-
-
 def is_hf_folder(path: str | Path) -> bool:
     """Whether ``path`` is an HF model folder: a ``config.json`` with ``model_type`` and no ``lmlab_model_config``, and weights."""
     path = Path(path)
     if not any((path / name).is_file() for name in WEIGHT_FILES) or not (path / "config.json").is_file():
         return False
-    config = _read_json(path / "config.json")
+    config = read_json_object(path / "config.json")
     return "model_type" in config and "lmlab_model_config" not in config
 
 
@@ -1005,7 +993,7 @@ def _weight_files(folder: Path) -> list[Path]:
             continue
         if not name.endswith(".index.json"):
             return [file]
-        weight_map = _read_json(file).get("weight_map")
+        weight_map = read_json_object(file).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise LmlabError(f"{file}: expected a non-empty 'weight_map' of weight name → shard file")
         shards = [folder / s for s in dict.fromkeys(weight_map.values())]
@@ -1045,7 +1033,7 @@ def _weight_names(folder: Path) -> set[str]:
 
     files = _weight_files(folder)
     if files[0].name.endswith(".index.json"):
-        return set(_read_json(files[0])["weight_map"])
+        return set(read_json_object(files[0])["weight_map"])
     if files[0].suffix == ".safetensors":
         with safe_open(str(files[0]), framework="pt") as f:
             return set(f.keys())
@@ -1053,7 +1041,7 @@ def _weight_names(folder: Path) -> set[str]:
 
 
 def _hf_config_dict(folder: Path) -> dict[str, Any]:
-    return _read_json(folder / "config.json")
+    return read_json_object(folder / "config.json")
 
 
 def hf_folder_config(folder: str | Path) -> ModelConfig:
@@ -1112,7 +1100,7 @@ def verify_hf_folder(folder: str | Path, model: nn.Module) -> float | None:
     record_file = folder / VERIFIED_FILE
     stamp = _stamp(folder)
     try:
-        record = _read_json(record_file)
+        record = read_json_object(record_file)
     except LmlabError:
         record = {}
     if record.get("files") == stamp and record.get("lmlab") == __version__:
