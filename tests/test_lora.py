@@ -148,7 +148,9 @@ def test_only_the_adapters_train_and_merging_keeps_the_function():
 
 def test_a_task_head_trains_with_the_adapters():
     model = apply_lora(tiny("gpt2", task="classify", num_labels=3), LoraSpec(targets=("fc",)))
-    assert [n for n in trainable(model) if ".lora_" not in n] == ["task_head.out.weight", "task_head.out.bias"]
+    assert [n for n in trainable(model) if ".lora_" not in n] == ["task_head.out.weight"]  # a decoder classifier has no head bias
+    tagger = apply_lora(tiny("gpt2", task="tag", num_labels=3), LoraSpec(targets=("fc",)))
+    assert [n for n in trainable(tagger) if ".lora_" not in n] == ["task_head.out.weight", "task_head.out.bias"]
     assert trainable_summary(model).startswith("LoRA r=8 alpha=16 on fc + task head: ")
     head = model.task_head.out.weight.clone()
     train_steps(model, steps=2)
