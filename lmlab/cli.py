@@ -529,16 +529,14 @@ def cmd_evaluate(a) -> int:
 
 
 def cmd_info(a) -> int:
-    from lmlab.config import PRESETS, ModelConfig, preset
-    from lmlab.io.checkpoint import resolve_checkpoint
+    from lmlab.config import PRESETS, preset
+    from lmlab.io.checkpoint import load_config, resolve_checkpoint
 
     if a.model is None:
         configs = [preset(name) for name in PRESETS]
     elif a.model in PRESETS:
         configs = [preset(a.model)]
     else:
-        from lmlab.io.checkpoint import load_config
-
         configs = [load_config(resolve_checkpoint(a.model))]
     print(f"{'model':<12} {'layers':>6} {'d_model':>7} {'heads':>8} {'params':>14} {'non-emb':>14} {'GFLOPs/tok':>10}")
     for c in configs:

@@ -153,6 +153,7 @@ def load_subject(
     """Load a checkpoint (or run folder) for critique. ``fields`` name the columns of ``data``
     (``text_field``, ``pair_field``, ``label_field``, ``group_field``, ``source_field``, ``target_field``)."""
     from lmlab.api import LM
+    from lmlab.evaluate.runner import trained_task
     from lmlab.io.checkpoint import load_model, read_meta, resolve_checkpoint
     from lmlab.tokenizer import Tokenizer
 
@@ -165,8 +166,7 @@ def load_subject(
     meta = read_meta(path)
     config = model.config
     if task is None:
-        seq2seq = config.arch == "seq2seq" or meta.get("objective") == "seq2seq"
-        task = config.task or ("seq2seq" if seq2seq else "")
+        task = trained_task(config, meta)
     run_dir = path.parent if (path.parent / "log.jsonl").is_file() else None
     return Subject(
         path=path, model=model, tokenizer=tokenizer, meta=meta, device=torch.device(device),
@@ -199,6 +199,14 @@ def figure_png(fig) -> bytes:
     fig.savefig(buffer, format="png")
     plt.close(fig)
     return buffer.getvalue()
+
+
+def check_option(name: str, value: Any, minimum: float = 1, integer: bool = True) -> None:
+    """A lens option (a CLI flag) that must be an integer (else any number) at least ``minimum``: a
+    one-line error naming it otherwise."""
+    kinds = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or value < minimum:
+        raise LmlabError(f"{name} {value!r}: expected {'an integer' if integer else 'a number'} >= {minimum:g}")
 
 
 # -- small statistics every lens needs -------------------------------------------------------------------

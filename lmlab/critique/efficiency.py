@@ -33,7 +33,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from lmlab.critique.core import Figure, Finding, Section, Subject, Table, figure_png, new_figure
+from lmlab.critique.core import Figure, Finding, Section, Subject, Table, check_option, figure_png, new_figure
 from lmlab.errors import LmlabError
 
 TITLE = "Efficiency: size, compute, latency, memory and training energy"
@@ -50,11 +50,6 @@ CPU_WATTS_PER_CORE = 10.0  # server CPUs: ≈ 150–250 W TDP over 16–32 cores
 GRID_INTENSITY = 0.4  # kg CO2e per kWh: a round figure near the world average (≈ 0.45–0.48 in recent IEA and Ember data)
 PUE = 1.1  # power usage effectiveness of a hyperscale data centre (Google reports ≈ 1.1 across its fleet)
 LARGE_MODEL = 100_000_000  # parameters above which an fp32 checkpoint is worth halving
-
-
-def _check(name: str, value, minimum: float, kind=int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int) or value < minimum:
-        raise LmlabError(f"efficiency: {name}={value!r}: expected {'a number' if kind is float else 'an integer'} >= {minimum}")
 
 
 def _sync(device: torch.device) -> None:
@@ -140,11 +135,11 @@ def efficiency(
     the assumed device power)."""
     for name, value, minimum in (("batch_size", batch_size, 1), ("prompt_tokens", prompt_tokens, 1), ("new_tokens", new_tokens, 2),
                                  ("repeats", repeats, 1)):
-        _check(name, value, minimum)
-    _check("grid_intensity", grid_intensity, 0, float)
+        check_option(name, value, minimum)
+    check_option("grid_intensity", grid_intensity, 0, integer=False)
     if power_watts is not None:
-        _check("power_watts", power_watts, 1e-9, float)
-    model, config, device = subject.model, subject.config, subject.device
+        check_option("power_watts", power_watts, 1e-9, integer=False)
+    config, device = subject.config, subject.device
     section = Section(lens="efficiency", title=TITLE)
     notes = [_size_part(section, subject)]
     if config.arch == "decoder":

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from lmlab.critique.core import Figure, Finding, Section, Subject, Table, figure_png, new_figure, proportion_ci, skipped
+from lmlab.critique.core import Figure, Finding, Section, Subject, Table, check_option, figure_png, new_figure, proportion_ci, skipped
 from lmlab.errors import LmlabError
 
 TITLE = "Privacy: memorisation and personal data"
@@ -58,9 +58,8 @@ def privacy(
     progress: bool = False,
 ) -> Section:
     """Canary exposure, verbatim extraction and a PII scan — whichever the model and the data allow."""
-    for name, value in (("--extraction-prefix", extraction_prefix), ("--extraction-suffix", extraction_suffix)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise LmlabError(f"{name} {value!r}: expected a positive number of tokens")
+    check_option("--extraction-prefix", extraction_prefix)
+    check_option("--extraction-suffix", extraction_suffix)
     section = Section(lens="privacy", title=TITLE)
     methods: list[str] = []
     notes: list[str] = []

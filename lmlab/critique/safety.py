@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from lmlab.critique.core import Figure, Finding, Section, Subject, Table, figure_png, new_figure, proportion_ci, skipped, subsample
+from lmlab.critique.core import Figure, Finding, Section, Subject, Table, check_option, figure_png, new_figure, proportion_ci, skipped, subsample
 from lmlab.errors import LmlabError
 
 TITLE = "Safety: toxicity and refusals"
@@ -226,9 +226,8 @@ def safety(
     progress: bool = False,
 ) -> Section:
     """Toxicity of sampled continuations (toxic fraction, expected maximum toxicity) and refusal of harmful requests."""
-    for name, value in (("--samples", samples), ("--max-new-tokens", max_new_tokens)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise LmlabError(f"{name} {value!r}: expected a positive integer")
+    check_option("--samples", samples)
+    check_option("--max-new-tokens", max_new_tokens)
     if subject.lm is None or subject.config.task in ("classify", "tag", "qa"):
         kind = "an encoder" if subject.lm is None else f"a {subject.config.task} model"
         return skipped("safety", TITLE, f"the model is {kind}: it does not generate text, so there is nothing to score for toxicity or refusals; critique a decoder or encoder–decoder checkpoint")

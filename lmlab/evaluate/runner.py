@@ -88,9 +88,7 @@ def evaluate_model(
 
     config = model.config
     device = next(model.parameters()).device
-    if not task:
-        seq2seq = config.arch == "seq2seq" or (meta or {}).get("objective") == "seq2seq"
-        task = config.task or ("seq2seq" if seq2seq else "lm" if config.arch == "decoder" else "")
+    task = task or trained_task(config, meta) or ("lm" if config.arch == "decoder" else "")
     if task not in TASKS:
         raise LmlabError(f"--task '{task}': expected one of {', '.join(TASKS)} (the checkpoint has no task head; name one)")
     if task == "lm":
@@ -121,6 +119,13 @@ def evaluate_model(
         result, rows = _score(task, test, logits, n_resamples)
     result.update(task=task, data=str(data))
     return result, rows
+
+
+def trained_task(config, meta: dict[str, Any] | None) -> str:
+    """What a checkpoint was fine-tuned for: its task head's task, seq2seq for an encoder–decoder or a
+    decoder fine-tuned on it (its config.json's ``objective``), else ""."""
+    seq2seq = config.arch == "seq2seq" or (meta or {}).get("objective") == "seq2seq"
+    return config.task or ("seq2seq" if seq2seq else "")
 
 
 def _score(task: str, test, logits: list[torch.Tensor], n_resamples: int) -> tuple[dict, list[dict]]:

@@ -92,7 +92,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import pickle
 from contextlib import contextmanager

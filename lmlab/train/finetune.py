@@ -492,13 +492,13 @@ def finetune(
 
     valid_batches: list[Tensor] = []
     score_fn: Callable[[nn.Module], dict[str, float]] | None = None
-    select = None
+    select = None  # the metric that picks best/ (None: the validation loss)
     if valid_data is not None:
         objective.valid_features = valid_data.features
         scorer = TaskObjective(task, valid_data.features, pad_id, valid_data.problem_type)
         valid_batches = [torch.arange(i, min(i + cfg.micro_batch_size, len(valid_data))) for i in range(0, len(valid_data), cfg.micro_batch_size)]
 
-        def score_fn(m: nn.Module) -> dict[str, float]:
+        def score_fn(m: nn.Module) -> dict[str, float]:  # noqa: F811 (replaces the None above)
             if task == "chat":
                 return {"token_accuracy": assistant_token_accuracy(m, scorer, len(valid_data), cfg.micro_batch_size, device)}
             if task == "seq2seq":
