@@ -243,7 +243,7 @@ class LM:
         return decode(
             model, ids, max_new_tokens=new, processors=config.processors(stop_ids), sample=config.samples,
             generator=self._generator(config), stop_ids=stop_ids, stop_rules=config.stop_rules(self.tokenizer),
-            pad_id=self._pad_id(), logprobs=logprobs,
+            pad_id=self._pad_id(), logprobs=logprobs, compile=config.compile,
         )
 
     def _completion(self, tokens: list[int], reason: str, config: GenerationConfig) -> Completion:
@@ -257,6 +257,7 @@ class LM:
             model, ids, num_beams=config.num_beams, max_new_tokens=new, processors=config.processors(stop_ids),
             stop_ids=stop_ids, stop_rules=config.stop_rules(self.tokenizer), length_penalty=config.length_penalty,
             early_stopping=config.early_stopping, num_return_sequences=config.num_return_sequences, pad_id=self._pad_id(),
+            compile=config.compile,
         )
 
     def _add_logprobs(self, c: Completion, prompt_ids: list[int], n: int) -> None:

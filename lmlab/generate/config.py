@@ -57,6 +57,11 @@ class GenerationConfig:
     ignore_eos: bool = option(False, "do not stop at the tokenizer's end-of-text token")
     seed: int | None = option(None, "seed for reproducible sampling; None: a fresh random seed")
     truncate: str = option("left", "a prompt too long for the context window: left (drop its oldest tokens, with a warning) or error")
+    compile: bool = option(
+        False,
+        "torch.compile the one-token decode step over a static KV cache (a CUDA graph on GPU; decoder-only models): "
+        "the first generation of each batch size compiles for seconds to a minute, later ones decode faster",
+    )
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:

@@ -39,9 +39,15 @@ class Step:
 
 
 class _Batch:
-    """Left-padded prompts in a token buffer, their attention mask, positions and KV cache."""
+    """Left-padded prompts in a token buffer, their attention mask, positions and KV cache.
 
-    def __init__(self, model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int, use_cache: bool) -> None:
+    ``compile=True`` runs every one-token step through :func:`compiled_step`: the cache is then
+    allocated with a bucketed length (a power of two, at most ``block_size``) so that generations of
+    similar lengths share one compiled graph, and each step attends over all of it under a mask."""
+
+    def __init__(
+        self, model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int, use_cache: bool, compile: bool = False
+    ) -> None:
         if not prompts or any(len(p) == 0 for p in prompts):
             raise LmlabError("generation needs at least one token of prompt per sequence (an empty prompt encodes to nothing)")
         if max_new_tokens < 1:
@@ -55,6 +61,12 @@ class _Batch:
             raise LmlabError(
                 f"prompt ({P} tokens) + max_new_tokens ({max_new_tokens}) = {total} exceeds the model's block_size {block_size}"
             )
+        self.step_fn = None
+        if compile:
+            if not use_cache or not hasattr(model, "head_weight_t"):
+                raise LmlabError("--compile needs a decoder-only model decoding with its KV cache (encoder–decoders decode eagerly)")
+            self.step_fn = compiled_step(device)
+            total = min(block_size, 1 << (total - 1).bit_length())  # the cache length: one graph per bucket
         self.tokens = torch.full((B, total), -1, dtype=torch.long, device=device)
         self.real = torch.ones((B, total), dtype=torch.bool, device=device)  # False in left padding
         for row, prompt in enumerate(prompts):
@@ -63,7 +75,7 @@ class _Batch:
         self.padded = any(len(p) < P for p in prompts)
         self.positions = (self.real.long().cumsum(-1) - 1).clamp(min=0)  # (B, total): each row counts from 0
         self.slots = torch.arange(total, device=device)  # cache slots, sliced each step (no new tensor per step)
-        self.cache = model.new_kv_cache(B, total) if use_cache else None
+        self.cache = (model.new_kv_cache(B, total, static=compile) if compile else model.new_kv_cache(B, total)) if use_cache else None
         self.length = P  # tokens in the buffer so far
 
     def select(self, rows: Tensor) -> None:
@@ -91,6 +103,11 @@ class _Batch:
         self.length += 1
         if self.cache is None:
             return self._full_forward()
+        if self.step_fn is not None:
+            return self.step_fn(
+                self.model, next_tokens.view(self.B, 1), self.slots[pos : pos + 1],
+                self.positions[:, pos : pos + 1] if self.padded else None, self.real if self.padded else None, self.cache,
+            )
         return self.model(
             next_tokens[:, None], kv_cache=self.cache, input_pos=self.slots[pos : pos + 1],
             position_ids=self.positions[:, pos : pos + 1] if self.padded else None,
@@ -107,6 +124,52 @@ class _Batch:
 
     def generated(self, row: int) -> list[int]:
         return self.tokens[row, self.P : self.length].tolist()
+
+
+# -- the compiled decode step ----------------------------------------------------------------------
+
+
+def _step_forward(model: nn.Module, idx: Tensor, input_pos: Tensor, position_ids, key_padding_mask, kv_cache, head_t: Tensor) -> Tensor:
+    """Next-token logits (B, V) after one token per row, attending over the whole static cache under a
+    mask (no ``cache_len``): every shape is fixed, so this traces into one graph per batch and cache size."""
+    h = model(idx, kv_cache=kv_cache, input_pos=input_pos, position_ids=position_ids, key_padding_mask=key_padding_mask, hidden_only=True)
+    return h[:, -1] @ head_t
+
+
+_COMPILED: dict[str, Callable] = {}
+
+
+def compiled_step(device: torch.device) -> Callable:
+    """The decode step compiled by ``torch.compile`` (one per device type, made on first use), as gpt-fast
+    runs it: on CUDA with ``mode="reduce-overhead"``, which captures the step as a CUDA graph (the
+    KV cache's buffers are marked static, so the graph writes into them in place); on CPU with
+    Inductor's default mode, which fuses the step's many small ops into a few C++ kernels. The first
+    call of each (batch, cache length) compiles: seconds to a minute, cached on disk by Inductor.
+
+    The returned callable takes ``(model, idx, input_pos, position_ids, key_padding_mask, kv_cache)``
+    and returns logits (B, V); a compile failure becomes a one-line :class:`LmlabError`."""
+    kind = device.type
+    if kind not in _COMPILED:
+        compiled = torch.compile(_step_forward, fullgraph=True, dynamic=False, mode="reduce-overhead" if kind == "cuda" else None)
+        first = [True]
+
+        def step(model, idx, input_pos, position_ids, key_padding_mask, kv_cache):
+            if kind == "cuda":
+                torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
+            args = (model, idx, input_pos, position_ids, key_padding_mask, kv_cache, model.head_weight_t())
+            if not first[0]:
+                logits = compiled(*args)
+            else:
+                try:
+                    logits = compiled(*args)
+                except Exception as e:  # noqa: BLE001 - a missing C++ compiler, an unsupported op, …
+                    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                    raise LmlabError(f"--compile: torch.compile could not compile the decode step ({reason[:300]}); decode without --compile") from e
+                first[0] = False
+            return logits.clone() if kind == "cuda" else logits  # a CUDA graph's output is overwritten by its next replay
+
+        _COMPILED[kind] = step
+    return _COMPILED[kind]
 
 
 def _sample(probs: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -152,6 +215,7 @@ def decode(
     pad_id: int = 0,
     logprobs: int | None = None,
     use_cache: bool = True,
+    compile: bool = False,
 ) -> Iterator[Step]:
     """Greedy or sampled decoding; yield one :class:`Step` per new token position.
 
@@ -160,8 +224,9 @@ def decode(
     when a stop rule says so; after that it yields ``pad_id`` with ``active`` False. The loop ends
     after ``max_new_tokens`` steps or when every row has finished. ``logprobs=n`` adds each chosen
     token's log-probability under the model (before any processor) and the n most likely tokens.
+    ``compile=True`` runs the one-token steps through :func:`compiled_step` (decoder-only models).
     """
-    batch = _Batch(model, prompts, max_new_tokens, use_cache)
+    batch = _Batch(model, prompts, max_new_tokens, use_cache, compile)
     processors = LogitsProcessorList(processors)
     processors.begin(batch.P)
     device, B = batch.device, batch.B
@@ -245,6 +310,7 @@ class BeamSearch:
         num_return_sequences: int = 1,
         pad_id: int = 0,
         use_cache: bool = True,
+        compile: bool = False,
     ) -> None:
         if num_beams < 1:
             raise LmlabError(f"--num-beams is {num_beams}: expected a positive integer")
@@ -254,7 +320,7 @@ class BeamSearch:
         self.processors = LogitsProcessorList(processors)
         self.stop_ids, self.stop_rules = set(stop_ids), list(stop_rules)
         self.length_penalty, self.early_stopping = length_penalty, early_stopping
-        self.num_return_sequences, self.pad_id, self.use_cache = num_return_sequences, pad_id, use_cache
+        self.num_return_sequences, self.pad_id, self.use_cache, self.compile = num_return_sequences, pad_id, use_cache, compile
         self.results: list[list[Hypothesis]] = []
 
     def _score(self, sum_logprob: float, length: int) -> float:
@@ -278,7 +344,7 @@ class BeamSearch:
     @torch.inference_mode()
     def run(self) -> Iterator[list[list[int]]]:
         K = self.K
-        batch = _Batch(self.model, self.prompts, self.max_new_tokens, self.use_cache)
+        batch = _Batch(self.model, self.prompts, self.max_new_tokens, self.use_cache, self.compile)
         self.processors.begin(batch.P)
         B, device = batch.B, batch.device
         logits = batch.prefill()  # (B, V): the prompts run once, then each is copied to K beams

@@ -93,7 +93,9 @@ class KVCache:
     """Static, pre-allocated key/value buffers for every layer, as gpt-fast keeps them.
 
     Shapes never change while decoding, so a decode step can be compiled or captured as a CUDA
-    graph; ``input_pos`` says which slots the new keys and values fill.
+    graph; ``input_pos`` says which slots the new keys and values fill. ``static=True`` marks the
+    buffers as living at fixed addresses (``torch._dynamo.mark_static_address``), which a CUDA graph
+    needs in order to write into them in place; :meth:`select` keeps that mark.
     """
 
     def __init__(
@@ -103,11 +105,20 @@ class KVCache:
         max_len: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        static: bool = False,
     ) -> None:
         shape = (batch_size, config.n_kv_heads, max_len, config.head_dim)
-        self.max_len = max_len
+        self.max_len, self.static = max_len, static
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
+        self._mark_static()
+
+    def _mark_static(self) -> None:
+        if self.static:
+            import torch._dynamo  # imported on first use: it is heavy
+
+            for buffer in (*self.k, *self.v):
+                torch._dynamo.mark_static_address(buffer)
 
     def update(self, layer: int, input_pos: Tensor, k: Tensor, v: Tensor, length: int | None) -> tuple[Tensor, Tensor]:
         """Write k, v (B, n_kv_heads, T, head_dim) at slots ``input_pos``; return the first ``length`` slots."""
@@ -125,6 +136,7 @@ class KVCache:
         else:
             self.k = [k.index_select(0, rows) for k in self.k]
             self.v = [v.index_select(0, rows) for v in self.v]
+            self._mark_static()
 
 
 # -- attention and MLP --------------------------------------------------------------------------

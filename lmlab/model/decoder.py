@@ -92,13 +92,20 @@ class DecoderLM(nn.Module):
         (n_embd, vocab) copy of the weight: PyTorch's CPU matrix-vector product is ~2× faster that way
         round, and this matmul is half of a small model's decode step. The copy follows the weight
         (its storage and version), so training or loading new weights never reads a stale one."""
-        w = self.lm_head.weight
-        if not (torch.is_inference_mode_enabled() and x.device.type == "cpu" and x.shape[:-1].numel() <= 16):
+        if torch.compiler.is_compiling() or not (torch.is_inference_mode_enabled() and x.device.type == "cpu" and x.shape[:-1].numel() <= 16):
             return self.lm_head(x)
+        return x @ self.head_weight_t()
+
+    def head_weight_t(self) -> Tensor:
+        """The LM head's weight as (n_embd, vocab): on CPU a cached contiguous copy (see :meth:`_head`),
+        elsewhere a transposed view (cuBLAS reads either layout equally fast)."""
+        w = self.lm_head.weight
+        if w.device.type != "cpu":
+            return w.t()
         key = (w.data_ptr(), w._version, w.dtype)
         if getattr(self, "_head_t_key", None) != key:
-            self._head_t, self._head_t_key = w.t().contiguous(), key
-        return x @ self._head_t
+            self._head_t, self._head_t_key = w.detach().t().contiguous(), key
+        return self._head_t
 
     def encode(self, input_ids: Tensor, token_type_ids: Tensor | None = None, attention_mask: Tensor | None = None) -> Tensor:
         """Final hidden states (B, T, n_embd) of right-padded inputs (causal attention never looks at
@@ -152,6 +159,6 @@ class DecoderLM(nn.Module):
             n -= self.pos_emb.weight.numel() if self.pos_emb is not None else 0
         return n
 
-    def new_kv_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
+    def new_kv_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None, static: bool = False) -> KVCache:
         ref = self.tok_emb.weight
-        return KVCache(self.config, batch_size, max_len, dtype=dtype or ref.dtype, device=ref.device)
+        return KVCache(self.config, batch_size, max_len, dtype=dtype or ref.dtype, device=ref.device, static=static)
