@@ -129,11 +129,14 @@ class _Batch:
 # -- the compiled decode step ----------------------------------------------------------------------
 
 
-def _step_forward(model: nn.Module, idx: Tensor, input_pos: Tensor, position_ids, key_padding_mask, kv_cache, head_t: Tensor) -> Tensor:
+def _step_forward(model: nn.Module, idx: Tensor, input_pos: Tensor, position_ids, key_padding_mask, kv_cache, head_t: Tensor | None) -> Tensor:
     """Next-token logits (B, V) after one token per row, attending over the whole static cache under a
-    mask (no ``cache_len``): every shape is fixed, so this traces into one graph per batch and cache size."""
+    mask (no ``cache_len``): every shape is fixed, so this traces into one graph per batch and cache size.
+    ``head_t``: on CPU the LM head's cached (n_embd, V) copy (see ``DecoderLM.head_weight_t``); None on
+    GPU, where the head reads its parameter, which a CUDA graph treats as static (a derived tensor
+    would be copied into the graph's inputs at every replay)."""
     h = model(idx, kv_cache=kv_cache, input_pos=input_pos, position_ids=position_ids, key_padding_mask=key_padding_mask, hidden_only=True)
-    return h[:, -1] @ head_t
+    return h[:, -1] @ head_t if head_t is not None else model.lm_head(h[:, -1])
 
 
 _COMPILED: dict[str, Callable] = {}
@@ -156,7 +159,7 @@ def compiled_step(device: torch.device) -> Callable:
         def step(model, idx, input_pos, position_ids, key_padding_mask, kv_cache):
             if kind == "cuda":
                 torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
-            args = (model, idx, input_pos, position_ids, key_padding_mask, kv_cache, model.head_weight_t())
+            args = (model, idx, input_pos, position_ids, key_padding_mask, kv_cache, model.head_weight_t() if kind == "cpu" else None)
             if not first[0]:
                 logits = compiled(*args)
             else:
