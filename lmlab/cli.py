@@ -66,6 +66,19 @@ def _input_flags(parser: ArgumentParser) -> None:
     parser.add_argument("--no-dedup", dest="dedup", action="store_false", help="keep exact duplicate documents (default: drop them)")
 
 
+def _memory_flags(parser: ArgumentParser) -> None:
+    parser.add_argument(
+        "--dry-run", action="store_true",
+        help="build and check everything the run would, train nothing, write nothing: print the predicted peak memory "
+        "of a training step (parameters, gradients, optimizer state, activations, logits) and, when it does not fit "
+        "the budget, what to change",
+    )
+    parser.add_argument(
+        "--memory-budget", type=Optional[float], default=None,
+        help="GiB a training step may use, for --dry-run (default: the GPU's memory; none on a CPU)",
+    )
+
+
 def build_parser() -> ArgumentParser:
     from lmlab.config import PRESETS
     from lmlab.generate import GenerationConfig
@@ -108,6 +121,7 @@ def build_parser() -> ArgumentParser:
     pretrain.add_argument("--dropout", type=Optional[float], default=None, help="override the preset's dropout")
     pretrain.add_argument("--block-size", type=Optional[int], default=None, help="override the preset's context length")
     _add_dataclass_flags(pretrain, TrainConfig)
+    _memory_flags(pretrain)
     commands.add_subcommand("pretrain", pretrain, help="pretrain a model (causal LM, masked LM, next-sentence prediction)")
 
     finetune = _parser(
@@ -144,6 +158,7 @@ def build_parser() -> ArgumentParser:
     from lmlab.train.finetune import FINETUNE_DEFAULTS
 
     _add_dataclass_flags(finetune, TrainConfig, skip=("seq_len",), defaults=FINETUNE_DEFAULTS)
+    _memory_flags(finetune)
     commands.add_subcommand("finetune", finetune, help="fine-tune on classify, tag, qa, seq2seq or chat")
 
     evaluate = _parser(
@@ -324,8 +339,11 @@ def cmd_pretrain(a) -> int:
     overrides = {k: v for k, v in (("dropout", a.dropout), ("block_size", a.block_size)) if v is not None}
     result = pretrain(
         a.model, a.data, a.out, objective=a.objective, resume=a.resume, init_from=a.init_from, model_overrides=overrides, verify=a.verify,
-        **train_args,
+        dry_run=a.dry_run, memory_budget=a.memory_budget, **train_args,
     )
+    if a.dry_run:
+        print(result.report())
+        return 0
     if os.environ.get("RANK", "0") != "0":
         return 0  # under torchrun, rank 0 reports
     if result.val_loss is not None:
@@ -455,8 +473,11 @@ def cmd_finetune(a) -> int:
         a.checkpoint, a.task, a.train, a.out, valid=a.valid, max_length=a.max_length, text_field=a.text_field,
         pair_field=a.pair_field, label_field=a.label_field, source_field=a.source_field, target_field=a.target_field,
         max_target_length=a.max_target_length, class_weights=a.class_weights, patience=a.patience, resume=a.resume, lora=a.lora,
-        show_masking=a.show_masking, pack=a.pack, verify=a.verify, **train_args,
+        show_masking=a.show_masking, pack=a.pack, verify=a.verify, dry_run=a.dry_run, memory_budget=a.memory_budget, **train_args,
     )
+    if a.dry_run and not a.show_masking:
+        print(result.report())
+        return 0
     if a.show_masking or os.environ.get("RANK", "0") != "0":
         return 0
     if result.val_scores:

@@ -109,3 +109,48 @@ def test_dropout_acts_in_training_only():
         plain = tiny("gpt2-tiny")
         plain.load_state_dict(model.state_dict())
         assert torch.equal(model(x), model(x)) and torch.equal(model(x), plain(x))
+
+
+def _loss_grads_and_next_draw(model, x, checkpointing: bool):
+    """One training forward + backward with or without activation checkpointing (same seed), its
+    gradients, and the next random number (checkpointing must not change the RNG stream either)."""
+    model.gradient_checkpointing = checkpointing
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(5)
+    if model.config.arch == "seq2seq":
+        out = model(x, x[:, :7])
+    elif model.config.arch == "encoder":
+        out = model(x, attention_mask=torch.ones_like(x))
+    else:
+        out = model(x)
+    loss = out.float().pow(2).mean()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, torch.rand(1)
+
+
+@pytest.mark.parametrize("name", ["gpt2-tiny", "llama-tiny", "bert-tiny", "t5-tiny"])
+def test_activation_checkpointing_gives_the_same_gradients_with_dropout(name):
+    """Checkpointed blocks are recomputed in backward with the RNG state of the forward: the same dropout
+    masks, so the same loss and gradients, bit for bit, and the same random stream afterwards."""
+    model = tiny(name, dropout=0.2).train()
+    x = torch.randint(0, 97, (2, 13))
+    loss, grads, draw = _loss_grads_and_next_draw(model, x, False)
+    loss_ckpt, grads_ckpt, draw_ckpt = _loss_grads_and_next_draw(model, x, True)
+    assert torch.equal(loss, loss_ckpt) and torch.equal(draw, draw_ckpt)
+    assert grads.keys() == grads_ckpt.keys() and any(n.startswith(("blocks.", "enc_blocks.")) for n in grads)
+    for n in grads:
+        assert torch.equal(grads[n], grads_ckpt[n]), n
+
+
+def test_activation_checkpointing_stays_out_of_evaluation_and_decoding(monkeypatch):
+    import torch.utils.checkpoint
+
+    model = tiny("gpt2-tiny")
+    model.gradient_checkpointing = True
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: pytest.fail("checkpointed outside training"))
+    x = torch.randint(0, 97, (2, 9))
+    model.eval()
+    model(x).sum().backward()  # eval mode: no recomputation
+    model.train()
+    with torch.no_grad():
+        model(x)  # no gradients: nothing to save

@@ -141,3 +141,32 @@ def test_torchrun_ddp_on_cpu_trains_and_only_rank_0_writes(data_dir, tmp_path):
     assert [s for s, _ in list_checkpoints(out)] == [2, 4]
     steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
     assert steps == sorted(steps) and steps.count(4) == 2  # one train and one validation record, written once
+
+
+def test_activation_checkpointing_trains_exactly_as_without_and_resumes(data_dir, tmp_path, monkeypatch):
+    """With dropout, a checkpointed run's losses equal the plain run's bit for bit (the recomputation replays
+    the dropout masks), and a checkpointed run killed mid-way resumes to the same losses."""
+    args = dict(TINY_TRAIN, max_steps=8, eval_interval=4, log_interval=1, seed=3)
+    overrides = {"dropout": 0.1}
+    pretrain("llama-tiny", data_dir, tmp_path / "plain", model_overrides=overrides, **args)
+    real_call = RandomWindows.__call__
+
+    def crash_at_step_6(self, step, micro_step):
+        if step == 5:
+            raise KeyboardInterrupt
+        return real_call(self, step, micro_step)
+
+    monkeypatch.setattr(RandomWindows, "__call__", crash_at_step_6)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain("llama-tiny", data_dir, tmp_path / "ckpt", model_overrides=overrides, activation_checkpointing=True, **args)
+    monkeypatch.setattr(RandomWindows, "__call__", real_call)
+    pretrain("llama-tiny", data_dir, tmp_path / "ckpt", resume=True, model_overrides=overrides, activation_checkpointing=True, **args)
+    assert losses(tmp_path / "ckpt") == losses(tmp_path / "plain")
+
+
+def test_chunked_cross_entropy_trains_as_the_plain_one(data_dir, tmp_path):
+    args = dict(TINY_TRAIN, max_steps=6, eval_interval=3, log_interval=1, seed=1)
+    pretrain("gpt2-tiny", data_dir, tmp_path / "plain", ce_chunk_size=0, **args)
+    pretrain("gpt2-tiny", data_dir, tmp_path / "chunked", ce_chunk_size=24, **args)  # 128 tokens per micro-batch: 6 chunks
+    for (step, a), (step_b, b) in zip(losses(tmp_path / "plain"), losses(tmp_path / "chunked")):
+        assert step == step_b and b == pytest.approx(a, rel=1e-4)

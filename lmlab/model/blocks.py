@@ -79,6 +79,14 @@ def rope_cache(config: ModelConfig, device: torch.device | None = None) -> tuple
     return emb.cos(), emb.sin()
 
 
+def rope_dtype(x: Tensor) -> torch.dtype:
+    """The dtype to give RoPE's tables for residual stream ``x``: that of the queries and keys they rotate —
+    the autocast dtype under autocast (bf16 q, k rotated by fp32 tables would come out fp32, for attention
+    to cast back: twice the bytes saved for backward), else ``x``'s own."""
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+
+
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate pairs (x_i, x_{i+d/2}) by position-dependent angles. x: (B, n_head, T, head_dim)."""
     half = x.shape[-1] // 2

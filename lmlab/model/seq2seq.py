@@ -30,8 +30,9 @@ from torch import Tensor, nn
 from lmlab.config import ModelConfig
 from lmlab.errors import LmlabError
 from lmlab.generate.loop import BeamSearch, Step, StopRule, decode
-from lmlab.model.blocks import Block, KVCache, init_weights, make_norm, rope_cache
+from lmlab.model.blocks import Block, KVCache, init_weights, make_norm, rope_cache, rope_dtype
 from lmlab.model.decoder import DecoderLM
+from lmlab.model.encoder import run_block
 
 MemoryKV = list[tuple[Tensor, Tensor]]  # per decoder block: cross-attention keys and values, (B, n_kv_heads, S, head_dim) each
 
@@ -52,6 +53,7 @@ class Seq2SeqLM(nn.Module):
         self.dec_blocks = nn.ModuleList(Block(config, i, cross=True) for i in range(config.n_decoder_layer))
         self.dec_norm_f = make_norm(config) if config.norm_placement == "pre" else nn.Identity()
         self.lm_head = nn.Linear(d, config.vocab_size, bias=False)
+        self.gradient_checkpointing = False  # set by the training loop: see lmlab.model.encoder.run_block
         self.tie_weights()
         if config.position == "rope":
             cos, sin = rope_cache(config)
@@ -82,10 +84,10 @@ class Seq2SeqLM(nn.Module):
         S = input_ids.shape[1]
         positions = torch.arange(S, device=input_ids.device)
         x = self._embed(input_ids, positions, self.enc_pos_emb, self.enc_emb_norm)
-        rope = self._rope(positions, x.dtype)
+        rope = self._rope(positions, rope_dtype(x))
         mask = _key_mask(attention_mask)  # every source position sees every real source position
         for block in self.enc_blocks:
-            x = block(x, rope, mask, False)
+            x = run_block(self, block, x, rope, mask, False)
         return self.enc_norm_f(x)
 
     def memory_kv(self, memory: Tensor) -> MemoryKV:
@@ -107,6 +109,7 @@ class Seq2SeqLM(nn.Module):
         key_padding_mask: Tensor | None = None,
         cache_len: int | None = None,
         logits_to_keep: int = 0,
+        hidden_only: bool = False,
     ) -> Tensor:
         """Logits (B, T, vocab_size) for target ids (B, T) given the encoder's ``memory`` (B, S, n_embd).
 
@@ -114,7 +117,8 @@ class Seq2SeqLM(nn.Module):
         (from :meth:`memory_kv`) instead of ``memory``, and the self-attention cache arguments as
         :meth:`DecoderLM.forward <lmlab.model.decoder.DecoderLM.forward>` takes them: ``kv_cache``
         (:meth:`new_kv_cache`), ``input_pos`` (T,) its slots, ``cache_len``, ``position_ids``,
-        ``key_padding_mask`` and ``logits_to_keep``.
+        ``key_padding_mask`` and ``logits_to_keep``. ``hidden_only`` returns the decoder's final hidden
+        states (B, T, n_embd) instead of logits (the chunked cross-entropy applies the LM head itself).
         """
         T = decoder_input_ids.shape[1]
         if memory_kv is None:
@@ -128,17 +132,18 @@ class Seq2SeqLM(nn.Module):
         mask, is_causal = DecoderLM._mask(T, input_pos, kv_cache, cache_len, key_padding_mask)  # the decoder-only rule
         cross_mask = _key_mask(memory_mask)
         x = self._embed(decoder_input_ids, position_ids, self.dec_pos_emb, self.dec_emb_norm)
-        rope = self._rope(position_ids, x.dtype)
+        rope = self._rope(position_ids, rope_dtype(x))
         for block, kv in zip(self.dec_blocks, memory_kv):
-            x = block(x, rope, mask, is_causal, kv_cache, input_pos, cache_len, kv, cross_mask)
+            x = run_block(self, block, x, rope, mask, is_causal, kv_cache, input_pos, cache_len, kv, cross_mask)
         x = self.dec_norm_f(x)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
-        return self.lm_head(x)  # (B, T, vocab_size)
+        return x if hidden_only else self.lm_head(x)  # (B, T, vocab_size)
 
-    def forward(self, input_ids: Tensor, decoder_input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """Logits (B, T_dec, vocab_size): source ids (B, S) with their ``attention_mask``, target ids (B, T_dec)."""
-        return self.decode(decoder_input_ids, self.encode(input_ids, attention_mask), attention_mask)
+    def forward(self, input_ids: Tensor, decoder_input_ids: Tensor, attention_mask: Tensor | None = None, *, hidden_only: bool = False) -> Tensor:
+        """Logits (B, T_dec, vocab_size): source ids (B, S) with their ``attention_mask``, target ids (B, T_dec);
+        ``hidden_only``: the decoder's final hidden states (B, T_dec, n_embd) instead."""
+        return self.decode(decoder_input_ids, self.encode(input_ids, attention_mask), attention_mask, hidden_only=hidden_only)
 
     def new_kv_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
         """The decoder self-attention's cache: one static buffer per decoder block."""

@@ -48,6 +48,8 @@ from lmlab.model import build_model
 from lmlab.train import dist as dist_mod
 from lmlab.train.data import hash_position
 from lmlab.train.loop import TrainConfig, TrainResult, train_loop
+from lmlab.train.losses import lm_loss
+from lmlab.train.memory import DryRun, check_budget
 from lmlab.train.objectives import IGNORE_INDEX
 
 TASKS = ("classify", "tag", "qa", "seq2seq", "chat")
@@ -100,6 +102,7 @@ class TaskObjective:
     """
 
     arch = "any"
+    ce_chunk_size: int | None = None  # seq2seq, chat: the LM loss's chunking (TrainConfig.ce_chunk_size; lmlab.train.losses)
 
     def __init__(
         self, task: str, features: dict[str, list], pad_id: int, problem_type: str = "single",
@@ -159,17 +162,18 @@ class TaskObjective:
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
         if self.task in ("seq2seq", "chat"):
-            labels = batch["labels"]
+            # the LM head's logits, or (a large vocabulary) hidden states and the chunked cross-entropy: lm_loss
+            labels, ids = batch["labels"], batch["input_ids"]
             if self.model_arch == "seq2seq":
                 from lmlab.model.seq2seq import shift_right
 
-                logits = model(batch["input_ids"], shift_right(labels, self.start_id), batch["attention_mask"])
-            elif "segment_ids" in batch:  # packed: each conversation sees only itself, from position 0
-                logits = model(batch["input_ids"], segment_ids=batch["segment_ids"], position_ids=batch["position_ids"])[:, :-1]
-                labels = labels[:, 1:]
+                decoder_input = shift_right(labels, self.start_id)
+                return lm_loss(model, labels, lambda hidden_only: model(ids, decoder_input, batch["attention_mask"], hidden_only=hidden_only), self.ce_chunk_size)
+            if "segment_ids" in batch:  # packed: each conversation sees only itself, from position 0
+                packing = {"segment_ids": batch["segment_ids"], "position_ids": batch["position_ids"]}
             else:  # right padding needs no mask under causal attention: real tokens never see it
-                logits, labels = model(batch["input_ids"])[:, :-1], labels[:, 1:]
-            return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+                packing = {}
+            return lm_loss(model, labels[:, 1:], lambda hidden_only: model(ids, hidden_only=hidden_only, **packing)[:, :-1], self.ce_chunk_size)
         logits = model.task_logits(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"]).float()
         if self.task == "classify":
             if self.problem_type == "single":
@@ -387,8 +391,10 @@ def finetune(
     show_masking: bool = False,
     pack: bool = False,
     verify: bool = True,
+    dry_run: bool = False,
+    memory_budget: float | None = None,
     **train_args: Any,
-) -> TrainResult | str:
+) -> TrainResult | str | DryRun:
     """Fine-tune ``checkpoint`` (an lmlab checkpoint or run folder) on a task; checkpoints go to ``out``.
 
     The model gets a fresh task head for ``task`` (a checkpoint already fine-tuned on the same task
@@ -399,7 +405,9 @@ def finetune(
     ``--lora`` string or a :class:`~lmlab.train.lora.LoraSpec`) trains adapters instead of the weights.
     chat: ``max_length`` bounds a conversation; ``show_masking`` trains nothing and returns (and prints)
     :func:`show_chat_masking` of the first training conversation; ``pack`` packs several conversations
-    into each training row (:func:`pack_examples`), none attending to another.
+    into each training row (:func:`pack_examples`), none attending to another. ``dry_run`` reads the data
+    and checks everything but trains and writes nothing: it returns the predicted peak memory of a training
+    step (:class:`~lmlab.train.memory.DryRun`), checked against ``memory_budget`` GiB or the GPU's memory.
     """
     from lmlab.tokenizer import Tokenizer
     from lmlab.train import lora as lora_mod
@@ -416,6 +424,7 @@ def finetune(
         return show_chat_masking(checkpoint, train, max_length)
     out = Path(out)
     cfg = TrainConfig(**{**FINETUNE_DEFAULTS, **train_args})
+    check_budget(memory_budget, dry_run)
     resume_from = latest_checkpoint(out) if resume else None
     if resume and resume_from is None:
         raise LmlabError(f"--resume: {out} holds no checkpoint to resume from")
@@ -463,20 +472,6 @@ def finetune(
             base_config, task=task, num_labels=train_data.num_labels, problem_type=train_data.problem_type,
             labels=train_data.labels if task != "qa" else ["start", "end"], lora={},
         )
-    info, device = dist_mod.setup(cfg.device)
-    torch.manual_seed(cfg.seed)
-    if resume_from is not None:
-        model = load_model(resume_from, device=device).train()  # adapters and all, as saved
-        saved = lora_mod.LoraSpec.from_dict(model.config.lora) if model.config.lora else None
-        if spec is not None and spec != saved:
-            raise LmlabError(f"--resume: {resume_from} was trained {'with --lora ' + str(saved.to_dict()) if saved else 'without --lora'}; resume it as it was")
-    else:
-        model = _with_task_head(base, base_config, config, device, verify)
-        if spec is not None:
-            lora_mod.apply_lora(model, spec)
-    if model.config.lora and info.is_main:
-        print(f"lmlab: {lora_mod.trainable_summary(model)}", file=sys.stderr)
-
     weights = None
     if class_weights and task == "classify" and train_data.problem_type == "single":
         counts = torch.bincount(torch.tensor(train_data.features["labels"]), minlength=train_data.num_labels).float()
@@ -485,6 +480,24 @@ def finetune(
     objective = TaskObjective(
         task, features, pad_id, train_data.problem_type, weights, model_arch=arch, start_id=base_config.decoder_start_token_id
     )
+    saved = lora_mod.LoraSpec.from_dict(base_config.lora) if resume_from is not None and base_config.lora else None
+    if resume_from is not None and spec is not None and spec != saved:
+        raise LmlabError(f"--resume: {resume_from} was trained {'with --lora ' + str(saved.to_dict()) if saved else 'without --lora'}; resume it as it was")
+    if dry_run:
+        cfg.seq_len = max_length + (max_target_length if task == "seq2seq" else 0)
+        return _dry_run(config, objective, features, cfg, spec if resume_from is None else saved, task, arch, max_length, memory_budget)
+
+    info, device = dist_mod.setup(cfg.device)
+    torch.manual_seed(cfg.seed)
+    if resume_from is not None:
+        model = load_model(resume_from, device=device).train()  # adapters and all, as saved
+    else:
+        model = _with_task_head(base, base_config, config, device, verify)
+        if spec is not None:
+            lora_mod.apply_lora(model, spec)
+    if model.config.lora and info.is_main:
+        print(f"lmlab: {lora_mod.trainable_summary(model)}", file=sys.stderr)
+
     batches = ExampleBatches(len(features["input_ids"]), cfg.micro_batch_size, cfg.grad_accum_steps, cfg.seed, info.rank, info.world_size)
     if pack and info.is_main:
         print(f"lmlab: {len(train_data):,} conversations packed into {len(features['input_ids']):,} rows of at most {max_length} tokens", file=sys.stderr)
@@ -525,6 +538,37 @@ def finetune(
         )
     finally:
         dist_mod.teardown(info)
+
+
+def _dry_run(config: ModelConfig, objective: TaskObjective, features: dict[str, list], cfg: TrainConfig, lora: Any, task: str, arch: str,
+             max_length: int, memory_budget: float | None) -> DryRun:
+    """``finetune(dry_run=True)``: the predicted memory of a training step on the longest training examples
+    (a batch is padded to its longest row), without loading a weight (:mod:`lmlab.train.memory`)."""
+    import os
+
+    from lmlab.train import memory
+
+    device = dist_mod.pick_device(cfg.device, dist_mod.DistInfo())
+    lengths = [len(ids) + (len(labels) if arch == "seq2seq" else 0) for ids, labels in zip(features["input_ids"], features.get("labels", features["input_ids"]))]
+    longest = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+
+    def make_batch(settings: memory.Settings) -> dict[str, Tensor]:
+        batch = objective.batch(torch.tensor(longest[: settings.micro_batch_size]))
+        T, keep = batch["input_ids"].shape[1], settings.seq_len
+        if keep < T:  # a shorter --max-length: the input side (and a decoder's aligned labels) cut to it
+            aligned = ("input_ids", "token_type_ids", "attention_mask", "segment_ids", "position_ids") + (("labels",) if arch != "seq2seq" else ())
+            batch = {k: v[:, :keep] if k in aligned and v.dim() == 2 and v.shape[1] == T else v for k, v in batch.items()}
+        return batch
+
+    precision, note = memory.resolve_precision(cfg.precision, device)
+    settings = memory.Settings(cfg.micro_batch_size, cfg.grad_accum_steps, max_length, precision, cfg.activation_checkpointing, cfg.ce_chunk_size, lora)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return memory.dry_run(
+        lambda s: memory.measure_step(lambda: build_model(config), objective, make_batch(s), cfg, device, s, world_size=world), settings,
+        title=f"{config.name or 'custom'} ({config.arch}) fine-tuned for {task}, on its longest training examples",
+        device=device, memory_budget=memory_budget, precision_note=note, seq_flag="--max-length", lora_flag=True,
+        vocab_size=config.vocab_size if task in ("seq2seq", "chat") else 0, up_to=True,
+    )
 
 
 def show_chat_masking(checkpoint: str | Path, train: str | Path, max_length: int = 128) -> str:

@@ -57,6 +57,13 @@ class TrainConfig:
     seed: int = option(0, "weights, data order and dropout all follow it")
     precision: str = option("auto", "auto (bf16 on GPUs that have it, fp16 on older, fp32 on CPU), fp32, bf16, fp16")
     compile: bool = option(False, "torch.compile the model for training")
+    activation_checkpointing: bool = option(
+        False, "recompute each Transformer block's activations in backward instead of keeping them: less memory, about a third more compute"
+    )
+    ce_chunk_size: int | None = option(
+        None, "tokens per chunk of the LM cross-entropy, so the whole batch's logits never exist at once; "
+        "None: chunks of ~64 MiB of logits when the vocabulary has 32,768+ entries, else none; 0: never chunk",
+    )
     device: str = option("auto", "auto, cpu, cuda, cuda:1, …")
     progress: bool = option(True, "show a progress bar")
     tensorboard: bool = option(True, "also log to TensorBoard when it is installed")
@@ -78,6 +85,8 @@ class TrainConfig:
             raise LmlabError(f"--lr is {self.lr}: expected a positive number")
         if self.warmup_steps < 0:
             raise LmlabError(f"--warmup-steps is {self.warmup_steps}: expected 0 or more")
+        if self.ce_chunk_size is not None and self.ce_chunk_size < 0:
+            raise LmlabError(f"--ce-chunk-size is {self.ce_chunk_size}: expected 0 (no chunking), a positive number of tokens, or None (auto)")
 
 
 @dataclass
@@ -138,6 +147,17 @@ def _tensorboard(out_dir: Path, enabled: bool):
     return SummaryWriter(log_dir=str(out_dir / "tensorboard"))
 
 
+def apply_memory_options(model: nn.Module, objective: Objective, cfg: TrainConfig) -> None:
+    """What ``cfg`` says about memory, onto the model and the objective: activation checkpointing (the
+    models' ``gradient_checkpointing``) and the cross-entropy's chunking (the LM objectives' ``ce_chunk_size``)."""
+    if hasattr(model, "gradient_checkpointing"):
+        model.gradient_checkpointing = cfg.activation_checkpointing
+    elif cfg.activation_checkpointing:
+        raise LmlabError(f"--activation-checkpointing: a {type(model).__name__} has no checkpointable blocks")
+    if hasattr(objective, "ce_chunk_size"):
+        objective.ce_chunk_size = cfg.ce_chunk_size
+
+
 def _batch_generator(*position: int) -> torch.Generator:
     """The random stream an objective draws a batch's masks from: a pure function of its position."""
     return torch.Generator().manual_seed(hash_position(0x6D61736B, *(p & 0x7FFFFFFF for p in position)))
@@ -181,6 +201,7 @@ def train_loop(
     if dist.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
     raw_model = model
+    apply_memory_options(raw_model, objective, cfg)
     optimizer = make_optimizer(raw_model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.adam_eps, device)
     autocast, precision = autocast_for(cfg.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")

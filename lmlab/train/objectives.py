@@ -14,8 +14,7 @@ from torch import Tensor, nn
 
 from lmlab.errors import LmlabError
 from lmlab.model.seq2seq import shift_right
-
-IGNORE_INDEX = -100  # label value that contributes no loss (padding, prompt tokens), as in HF
+from lmlab.train.losses import IGNORE_INDEX, lm_loss, unwrap_model  # IGNORE_INDEX (-100): labels that add no loss, as in HF
 
 
 class Objective(Protocol):
@@ -31,9 +30,13 @@ class Objective(Protocol):
 
 
 class CausalLM:
-    """Autoregressive language modelling: maximise log P(x_t | x_<t), i.e. next-token cross-entropy."""
+    """Autoregressive language modelling: maximise log P(x_t | x_<t), i.e. next-token cross-entropy.
+
+    ``ce_chunk_size`` (the loop sets it from ``TrainConfig.ce_chunk_size``) chooses the cross-entropy's
+    chunking: None chunks large vocabularies, 0 never, n: n tokens per chunk (:mod:`lmlab.train.losses`)."""
 
     name, arch = "clm", "decoder"
+    ce_chunk_size: int | None = None
 
     def __init__(self, tokenizer=None) -> None:
         pass
@@ -42,9 +45,8 @@ class CausalLM:
         return {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}  # targets: the input shifted by one
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-        logits = model(batch["input_ids"])  # (B, T, vocab_size)
-        labels = batch["labels"]
-        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
+        # logits (B, T, vocab_size), or — chunked for a large vocabulary — hidden states and lmlab.train.losses
+        return lm_loss(model, batch["labels"], lambda hidden_only: model(batch["input_ids"], hidden_only=hidden_only), self.ce_chunk_size)
 
 
 class MaskedLM:
@@ -125,14 +127,19 @@ class MaskedLM:
         random_tokens = torch.where(self.special[random_tokens], ids, random_tokens)  # never a special token
         inputs = torch.where(chosen & (how < 0.8), torch.full_like(ids, self.mask_id), ids)
         inputs = torch.where(chosen & (how >= 0.8) & (how < 0.9), random_tokens, inputs)
-        out.update(input_ids=inputs, labels=labels)
+        # the chosen positions, flat: the loss gathers them with a shape known from the batch alone (a boolean
+        # mask's would depend on its values, which the memory estimate's fake tensors do not have)
+        out.update(input_ids=inputs, labels=labels, mlm_positions=chosen.flatten().nonzero().squeeze(1))
         return out
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
         hidden = model.encode(batch["input_ids"], batch.get("token_type_ids"))
-        chosen = batch["labels"] != IGNORE_INDEX
-        logits = model.mlm_logits(hidden[chosen])  # only the chosen positions: the vocabulary matmul is the big one
-        loss = F.cross_entropy(logits.float(), batch["labels"][chosen]) if logits.shape[0] else hidden.sum() * 0.0
+        positions = batch.get("mlm_positions")
+        if positions is None:
+            positions = (batch["labels"] != IGNORE_INDEX).flatten().nonzero().squeeze(1)
+        # only the chosen positions: the vocabulary matmul is the big one
+        logits = model.mlm_logits(hidden.flatten(0, 1)[positions])
+        loss = F.cross_entropy(logits.float(), batch["labels"].flatten()[positions]) if logits.shape[0] else hidden.sum() * 0.0
         if self.nsp:
             loss = loss + F.cross_entropy(model.nsp_logits(hidden).float(), batch["nsp_labels"])
         return loss
@@ -161,6 +168,7 @@ class SpanCorruption:
     """
 
     name, arch = "span", "seq2seq"
+    ce_chunk_size: int | None = None  # as CausalLM's
 
     def __init__(self, tokenizer, *, noise_density: float = 0.15, mean_span_length: float = 3.0) -> None:
         if tokenizer is None:
@@ -225,9 +233,10 @@ class SpanCorruption:
         return F.pad(out, (0, 1), value=self.eos_id)
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-        start_id = getattr(model, "module", model).config.decoder_start_token_id  # DDP keeps the model in .module
-        logits = model(batch["input_ids"], shift_right(batch["labels"], start_id))  # (B, T_target, vocab_size)
-        return F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)
+        start_id = unwrap_model(model).config.decoder_start_token_id  # DDP keeps the model in .module
+        decoder_input = shift_right(batch["labels"], start_id)
+        # logits (B, T_target, vocab_size), or chunked: see CausalLM.loss
+        return lm_loss(model, batch["labels"], lambda hidden_only: model(batch["input_ids"], decoder_input, hidden_only=hidden_only), self.ce_chunk_size)
 
 
 def _random_segmentation(B: int, n_items: int, n_segments: int, generator: torch.Generator | None) -> Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,10 @@ from lmlab.io.checkpoint import latest_checkpoint, list_checkpoints, load_config
 from lmlab.model import build_model
 from lmlab.train import dist as dist_mod
 from lmlab.train.data import RandomWindows, fixed_windows
+from lmlab.train.lora import LoraSpec
 from lmlab.train.loop import TrainConfig, TrainResult, autocast_for, train_loop
+from lmlab.train.memory import DryRun, Settings, check_budget, measure_step, resolve_precision
+from lmlab.train.memory import dry_run as memory_dry_run
 from lmlab.train.objectives import get_objective
 
 
@@ -29,8 +33,10 @@ def pretrain(
     init_from: str | Path | None = None,
     model_overrides: dict[str, Any] | None = None,
     verify: bool = True,
+    dry_run: bool = False,
+    memory_budget: float | None = None,
     **train_args: Any,
-) -> TrainResult:
+) -> TrainResult | DryRun:
     """Pretrain a model on a folder made by :func:`lmlab.prepare`.
 
     ``model`` is a preset name (``lmlab.config.PRESETS``) or a :class:`ModelConfig`; its vocab size
@@ -38,13 +44,22 @@ def pretrain(
     (an lmlab checkpoint or a Hugging Face folder, checked against transformers unless ``verify=False``);
     ``resume`` continues the latest checkpoint in ``out`` exactly where it stopped. Every other
     keyword is a :class:`TrainConfig` field (``max_steps``, ``lr``, …).
+
+    ``dry_run`` builds and checks everything the run would (config, data, model, optimizer, a batch) but
+    trains and writes nothing: it returns the :class:`~lmlab.train.memory.DryRun` prediction of a training
+    step's peak memory, checked against ``memory_budget`` GiB (or the GPU's memory) with what to change
+    when it does not fit (:mod:`lmlab.train.memory`).
     """
     from lmlab.data.pack import PackedTokens, load_manifest
     from lmlab.tokenizer import Tokenizer
 
     cfg = _train_config(train_args)
+    check_budget(memory_budget, dry_run)
     out = Path(out)
-    info, device = dist_mod.setup(cfg.device)
+    if dry_run:  # no process group: the prediction is per process (DDP's buckets are added when under torchrun)
+        info, device = dist_mod.DistInfo(), dist_mod.pick_device(cfg.device, dist_mod.DistInfo())
+    else:
+        info, device = dist_mod.setup(cfg.device)
     load_manifest(data)  # a clear error when `data` is not a prepared folder
     tokenizer = Tokenizer.load(data)
     train_tokens = PackedTokens(data, "train")
@@ -74,6 +89,24 @@ def pretrain(
     if seq_len > config.block_size:
         raise LmlabError(f"--seq-len {seq_len} exceeds the model's block_size {config.block_size}")
     cfg.seq_len = seq_len
+
+    if dry_run:
+        train_batches = RandomWindows(train_tokens, seq_len, cfg.micro_batch_size, cfg.seed, source=f"{data} (train split)")
+        windows = train_batches(0, 0)  # (micro_batch_size, seq_len + 1): the run's first batch
+
+        def make_batch(settings: Settings) -> dict[str, torch.Tensor]:
+            return task.batch(windows[: settings.micro_batch_size, : settings.seq_len + 1], torch.Generator().manual_seed(cfg.seed))
+
+        saved_lora = LoraSpec.from_dict(config.lora) if resume_from is not None and config.lora else None  # a resumed LoRA run keeps its adapters
+        plain = dataclasses.replace(config, lora={})
+        precision, note = resolve_precision(cfg.precision, device)
+        settings = Settings(cfg.micro_batch_size, cfg.grad_accum_steps, seq_len, precision, cfg.activation_checkpointing, cfg.ce_chunk_size, saved_lora)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        return memory_dry_run(
+            lambda s: measure_step(lambda: build_model(plain), task, make_batch(s), cfg, device, s, world_size=world), settings,
+            title=f"{config.name or 'custom'} ({config.arch}), vocabulary {config.vocab_size:,}; objective {objective}",
+            device=device, memory_budget=memory_budget, precision_note=note, vocab_size=config.vocab_size,
+        )
 
     torch.manual_seed(cfg.seed)
     if resume_from is not None:
