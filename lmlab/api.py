@@ -25,6 +25,7 @@ from torch import nn
 
 from lmlab.errors import LmlabError
 from lmlab.generate import BeamSearch, GenerationConfig, decode
+from lmlab.generate.processors import SuppressIdsFrom
 from lmlab.generate.stopping import cut_at_stop, held_back
 from lmlab.io.checkpoint import load_model, resolve_checkpoint
 
@@ -90,6 +91,14 @@ class LM:
     def _stop_ids(self, config: GenerationConfig) -> list[int]:
         eos = self.tokenizer.eos_id
         return sorted(set(config.stop_token_ids) | ({eos} if eos is not None and not config.ignore_eos else set()))
+
+    def _processors(self, config: GenerationConfig, stop_ids: list[int]):
+        """``config``'s processors, plus — when the model's vocabulary is padded past the tokenizer's — one that
+        never lets a padding row (an id no text maps to) be chosen."""
+        processors = config.processors(stop_ids)
+        if self.model.config.vocab_size > self.tokenizer.vocab_size:
+            processors.insert(0, SuppressIdsFrom(self.tokenizer.vocab_size))  # first: a warper never keeps only padding rows
+        return processors
 
     def _pad_id(self) -> int:
         for candidate in (self.tokenizer.pad_id, self.tokenizer.eos_id):
@@ -241,7 +250,7 @@ class LM:
         stop_ids = self._stop_ids(config)
         model, ids = self._decoder(ids)
         return decode(
-            model, ids, max_new_tokens=new, processors=config.processors(stop_ids), sample=config.samples,
+            model, ids, max_new_tokens=new, processors=self._processors(config, stop_ids), sample=config.samples,
             generator=self._generator(config), stop_ids=stop_ids, stop_rules=config.stop_rules(self.tokenizer),
             pad_id=self._pad_id(), logprobs=logprobs, compile=config.compile,
         )
@@ -254,7 +263,7 @@ class LM:
         stop_ids = self._stop_ids(config)
         model, ids = self._decoder(ids)
         return BeamSearch(
-            model, ids, num_beams=config.num_beams, max_new_tokens=new, processors=config.processors(stop_ids),
+            model, ids, num_beams=config.num_beams, max_new_tokens=new, processors=self._processors(config, stop_ids),
             stop_ids=stop_ids, stop_rules=config.stop_rules(self.tokenizer), length_penalty=config.length_penalty,
             early_stopping=config.early_stopping, num_return_sequences=config.num_return_sequences, pad_id=self._pad_id(),
             compile=config.compile,

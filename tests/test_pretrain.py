@@ -170,3 +170,45 @@ def test_chunked_cross_entropy_trains_as_the_plain_one(data_dir, tmp_path):
     pretrain("gpt2-tiny", data_dir, tmp_path / "chunked", ce_chunk_size=24, **args)  # 128 tokens per micro-batch: 6 chunks
     for (step, a), (step_b, b) in zip(losses(tmp_path / "plain"), losses(tmp_path / "chunked")):
         assert step == step_b and b == pytest.approx(a, rel=1e-4)
+
+
+def test_pad_vocab_multiple_rounds_the_vocabulary_and_generation_never_emits_a_padding_row(data_dir, tmp_path):
+    import lmlab
+
+    run = tmp_path / "padded"
+    pretrain("gpt2-tiny", data_dir, run, max_steps=2, pad_vocab_multiple=100, **TINY_TRAIN)  # 100: no power of two divides it
+    lm = lmlab.load(run)
+    n_tok, n_model = lm.tokenizer.vocab_size, lm.model.config.vocab_size
+    assert n_model % 100 == 0 and n_tok <= n_model < n_tok + 100
+    if n_model == n_tok:
+        pytest.skip("the test tokenizer's vocabulary is already a multiple of 100")
+    with torch.no_grad():  # make the padding rows the likeliest tokens: without suppression every step would pick one
+        lm.model.lm_head.weight[n_tok:] = lm.model.lm_head.weight[:n_tok].abs().max() * 50
+    lm.model.tok_emb.weight.data = lm.model.tok_emb.weight.data.clone()  # untie: inputs keep their embeddings
+    for options in ({}, {"strategy": "sample", "seed": 0}, {"strategy": "beam", "num_beams": 2}):
+        ids = lm.generate("The ", max_new_tokens=8, ignore_eos=True, return_ids=True, **options)
+        assert ids and max(ids) < n_tok, options
+    with pytest.raises(LmlabError, match="--pad-vocab-multiple is 0: expected a positive integer"):
+        pretrain("gpt2-tiny", data_dir, tmp_path / "bad", max_steps=2, pad_vocab_multiple=0, **TINY_TRAIN)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_cuda_run_in_bf16_with_pinned_batches_resumes_exactly(data_dir, tmp_path, monkeypatch):
+    """The GPU path of the loop (bf16 autocast, fused AdamW, pinned non-blocking batch copies, padded vocabulary):
+    a run killed after its first checkpoint and resumed ends with the same losses as one run straight through."""
+    args = dict(TINY_TRAIN, max_steps=8, eval_interval=4, log_interval=1, seed=1, device="cuda", precision="bf16", pad_vocab_multiple=64)
+    pretrain("llama-tiny", data_dir, tmp_path / "whole", **args)
+    real_call = RandomWindows.__call__
+
+    def crash_at_step_6(self, step, micro_step):
+        if step == 5:
+            raise KeyboardInterrupt
+        return real_call(self, step, micro_step)
+
+    monkeypatch.setattr(RandomWindows, "__call__", crash_at_step_6)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain("llama-tiny", data_dir, tmp_path / "killed", **args)
+    monkeypatch.setattr(RandomWindows, "__call__", real_call)
+    pretrain("llama-tiny", data_dir, tmp_path / "killed", resume=True, **args)
+    whole = losses(tmp_path / "whole")
+    assert losses(tmp_path / "killed") == whole and all(math.isfinite(v) for _, v in whole)

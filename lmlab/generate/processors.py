@@ -130,6 +130,21 @@ class MinNewTokens:
         return scores
 
 
+class SuppressIdsFrom:
+    """Never emit an id ≥ ``first``: the rows of a vocabulary padded past the tokenizer's
+    (``lmlab pretrain --pad-vocab-multiple``) map to no text."""
+
+    def __init__(self, first: int) -> None:
+        self.first = first
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        if scores.shape[-1] <= self.first:
+            return scores
+        scores = scores.clone()
+        scores[:, self.first :] = float("-inf")
+        return scores
+
+
 # -- warpers: the distribution to sample from -----------------------------------------------------
 
 
