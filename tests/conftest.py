@@ -43,6 +43,36 @@ def data_dir(corpus_file, tokenizer_dir, tmp_path_factory) -> Path:
     return folder
 
 
+def cpu_peak_bytes(fn) -> int:
+    """The highest point, above where it started, of the CPU memory PyTorch allocates while ``fn()`` runs
+    (the profiler's allocation events, in order): an oracle for memory tests that needs no GPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns())
+    run = top = 0
+    for e in events:
+        run += e.nbytes()
+        top = max(top, run)
+    return top
+
+
+def crash_windows_at(monkeypatch, step: int) -> None:
+    """Make the training data raise KeyboardInterrupt when step ``step`` (0-based) asks for its batch: the process
+    dies mid-run. ``monkeypatch.undo()`` restores it."""
+    from lmlab.train.data import RandomWindows
+
+    real_call = RandomWindows.__call__
+
+    def crash(self, at, micro_step):
+        if at == step:
+            raise KeyboardInterrupt
+        return real_call(self, at, micro_step)
+
+    monkeypatch.setattr(RandomWindows, "__call__", crash)
+
+
 TINY_TRAIN = dict(micro_batch_size=4, seq_len=32, lr=3e-3, warmup_steps=2, eval_batches=2, progress=False, tensorboard=False)
 
 

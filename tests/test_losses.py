@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import cpu_peak_bytes
 from lmlab.config import preset
 from lmlab.model import build_model
 from lmlab.train.losses import AUTO_VOCAB, IGNORE_INDEX, ce_chunk_rows, linear_cross_entropy, lm_loss
@@ -163,18 +164,7 @@ def test_chat_and_packed_chat_losses_chunk_as_well():
 
 def test_chunks_hold_far_less_memory_than_the_whole_batch_of_logits():
     """Measured on real CPU tensors (the profiler's allocation events): forward + backward of the head and the loss."""
-    from torch.profiler import ProfilerActivity, profile
-
-    def peak(fn) -> int:
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            fn()
-        events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns())
-        run = top = 0
-        for e in events:
-            run += e.nbytes()
-            top = max(top, run)
-        return top
-
+    peak = cpu_peak_bytes
     h, w, _, y = case(N=512, d=32, V=40_000)
     logits = 512 * 40_000 * 4
     plain_peak = peak(lambda: plain(h, w, y).backward())

@@ -9,6 +9,7 @@ import dataclasses
 import pytest
 import torch
 
+from conftest import cpu_peak_bytes
 from lmlab.cli import main
 from lmlab.config import preset
 from lmlab.errors import LmlabError
@@ -25,8 +26,6 @@ def real_step_peak(model, objective, batch, cfg) -> tuple[int, torch.optim.Optim
     """The peak bytes of one real steady-state training step on the CPU, as train_loop runs it: what lives
     before the step (weights, buffers, optimizer state, the batch) plus the highest point of the
     allocations the profiler records during it (an oracle independent of MemTracker and fake tensors)."""
-    from torch.profiler import ProfilerActivity, profile
-
     apply_memory_options(model, objective, cfg)
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.adam_eps, torch.device("cpu"))
     autocast, _ = autocast_for(cfg.precision, torch.device("cpu"))
@@ -42,13 +41,7 @@ def real_step_peak(model, objective, batch, cfg) -> tuple[int, torch.optim.Optim
         optimizer.zero_grad(set_to_none=True)
 
     step()  # the optimizer state now exists
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns())
-    run = top = 0
-    for e in events:
-        run += e.nbytes()
-        top = max(top, run)
+    top = cpu_peak_bytes(step)
     before = sum(t.nbytes for t in [*model.parameters(), *model.buffers(), *batch.values()])
     before += sum(t.nbytes for state in optimizer.state.values() for t in state.values())
     return before + top, optimizer

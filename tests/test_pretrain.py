@@ -8,11 +8,10 @@ import math
 import pytest
 import torch
 
-from conftest import TINY_TRAIN
+from conftest import TINY_TRAIN, crash_windows_at
 from lmlab.errors import LmlabError
 from lmlab.io.checkpoint import list_checkpoints, load_model
 from lmlab.train import objectives
-from lmlab.train.data import RandomWindows
 from lmlab.train.pretrain import pretrain
 
 
@@ -27,18 +26,11 @@ def test_killed_and_resumed_run_reproduces_the_uninterrupted_losses_exactly(fami
     overrides = {"dropout": 0.1}  # dropout makes the RNG state part of what must be restored
     pretrain(family, data_dir, tmp_path / "whole", model_overrides=overrides, **args)
 
-    real_call = RandomWindows.__call__
-
-    def crash_at_step_7(self, step, micro_step):
-        if step == 6:
-            raise KeyboardInterrupt  # the process dies mid-run, after the step-4 checkpoint
-        return real_call(self, step, micro_step)
-
-    monkeypatch.setattr(RandomWindows, "__call__", crash_at_step_7)
+    crash_windows_at(monkeypatch, 6)  # the process dies mid-run, after the step-4 checkpoint
     with pytest.raises(KeyboardInterrupt):
         pretrain(family, data_dir, tmp_path / "killed", model_overrides=overrides, **args)
     assert [s for s, _ in list_checkpoints(tmp_path / "killed")] == [4]
-    monkeypatch.setattr(RandomWindows, "__call__", real_call)
+    monkeypatch.undo()
 
     pretrain(family, data_dir, tmp_path / "killed", resume=True, model_overrides=overrides, **args)
     assert losses(tmp_path / "killed") == losses(tmp_path / "whole")  # exact float equality
@@ -149,17 +141,10 @@ def test_activation_checkpointing_trains_exactly_as_without_and_resumes(data_dir
     args = dict(TINY_TRAIN, max_steps=8, eval_interval=4, log_interval=1, seed=3)
     overrides = {"dropout": 0.1}
     pretrain("llama-tiny", data_dir, tmp_path / "plain", model_overrides=overrides, **args)
-    real_call = RandomWindows.__call__
-
-    def crash_at_step_6(self, step, micro_step):
-        if step == 5:
-            raise KeyboardInterrupt
-        return real_call(self, step, micro_step)
-
-    monkeypatch.setattr(RandomWindows, "__call__", crash_at_step_6)
+    crash_windows_at(monkeypatch, 5)
     with pytest.raises(KeyboardInterrupt):
         pretrain("llama-tiny", data_dir, tmp_path / "ckpt", model_overrides=overrides, activation_checkpointing=True, **args)
-    monkeypatch.setattr(RandomWindows, "__call__", real_call)
+    monkeypatch.undo()
     pretrain("llama-tiny", data_dir, tmp_path / "ckpt", resume=True, model_overrides=overrides, activation_checkpointing=True, **args)
     assert losses(tmp_path / "ckpt") == losses(tmp_path / "plain")
 
@@ -198,17 +183,10 @@ def test_a_cuda_run_in_bf16_with_pinned_batches_resumes_exactly(data_dir, tmp_pa
     a run killed after its first checkpoint and resumed ends with the same losses as one run straight through."""
     args = dict(TINY_TRAIN, max_steps=8, eval_interval=4, log_interval=1, seed=1, device="cuda", precision="bf16", pad_vocab_multiple=64)
     pretrain("llama-tiny", data_dir, tmp_path / "whole", **args)
-    real_call = RandomWindows.__call__
-
-    def crash_at_step_6(self, step, micro_step):
-        if step == 5:
-            raise KeyboardInterrupt
-        return real_call(self, step, micro_step)
-
-    monkeypatch.setattr(RandomWindows, "__call__", crash_at_step_6)
+    crash_windows_at(monkeypatch, 5)
     with pytest.raises(KeyboardInterrupt):
         pretrain("llama-tiny", data_dir, tmp_path / "killed", **args)
-    monkeypatch.setattr(RandomWindows, "__call__", real_call)
+    monkeypatch.undo()
     pretrain("llama-tiny", data_dir, tmp_path / "killed", resume=True, **args)
     whole = losses(tmp_path / "whole")
     assert losses(tmp_path / "killed") == whole and all(math.isfinite(v) for _, v in whole)
