@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from lmlab.config import PRESETS, preset  # noqa: E402
 from lmlab.io.hf import to_hf_model  # noqa: E402
 from lmlab.model import build_model  # noqa: E402
+from lmlab.train.objectives import CausalLM  # noqa: E402
 
 # dense bf16 peak FLOP/s (no sparsity), by a substring of torch.cuda.get_device_name()
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -57,6 +58,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peak-flops", type=float, default=None, help="peak FLOP/s for MFU (default: known GPUs in bf16)")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--lmlab-loss", default="same", choices=["same", "objective"],
+        help="same: both sides run F.cross_entropy on the whole batch's logits; objective: lmlab's side runs its CausalLM "
+        "objective as `lmlab pretrain` does (chunked linear cross-entropy when the vocabulary has 32,768+ entries)",
+    )
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
     args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
@@ -68,21 +74,35 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def make_step(model, optimizer, forward, device: torch.device, dtype: str):
-    """One full training step: forward, the same cross-entropy, backward, AdamW, zero_grad. Returns the loss tensor."""
+def make_step(model, optimizer, forward, device: torch.device, dtype: str, loss_fn=None):
+    """One full training step: forward, the same cross-entropy, backward, AdamW, zero_grad. Returns the loss tensor.
+    ``loss_fn(inputs, targets)``, when given, replaces forward + cross-entropy (``--lmlab-loss objective``)."""
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext()
 
     def step(x):
         inputs, targets = x[:, :-1], x[:, 1:]
         with autocast:
-            logits = forward(inputs)  # (B, T, V)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+            if loss_fn is not None:
+                loss = loss_fn(inputs, targets)
+            else:
+                logits = forward(inputs)  # (B, T, V)
+                loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss
 
     return step
+
+
+def objective_loss(model):
+    """lmlab's side as `lmlab pretrain` trains: the CausalLM objective (chunked linear cross-entropy for a large vocabulary)."""
+    objective = CausalLM()
+
+    def loss_fn(inputs, targets):
+        return objective.loss(model, {"input_ids": inputs, "labels": targets})
+
+    return loss_fn
 
 
 def peak_flops(args: argparse.Namespace, device: torch.device) -> float | None:
@@ -128,7 +148,8 @@ def main(argv: list[str] | None = None) -> dict:
     ):
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1, fused=fused or None)
         run = torch.compile(model) if args.compile else model
-        impls[impl] = make_step(model, optimizer, forward(run), device, args.dtype)
+        use_objective = impl == "lmlab" and args.lmlab_loss == "objective"
+        impls[impl] = make_step(model, optimizer, forward(run), device, args.dtype, objective_loss(run) if use_objective else None)
 
     load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
     gen = torch.Generator().manual_seed(args.seed)
@@ -137,7 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     print(
         f"{args.model}: {config.num_params() / 1e6:.2f}M params, vocab {config.vocab_size}, B={B} T={T}, "
-        f"device={device_name(device)}, dtype={args.dtype}, compile={args.compile}, torch threads={torch.get_num_threads()}, "
+        f"device={device_name(device)}, dtype={args.dtype}, compile={args.compile}, lmlab loss={args.lmlab_loss}, torch threads={torch.get_num_threads()}, "
         f"torch {torch.__version__}, transformers {transformers.__version__}"
     )
 
@@ -223,6 +244,7 @@ def main(argv: list[str] | None = None) -> dict:
         "warmup": args.warmup,
         "round_steps": args.round_steps,
         "compile": args.compile,
+        "lmlab_loss": args.lmlab_loss,
         "device": device_name(device),
         "device_type": device.type,
         "dtype": args.dtype,
