@@ -180,7 +180,7 @@ def test_pad_vocab_multiple_rounds_the_vocabulary_and_generation_never_emits_a_p
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_a_cuda_run_in_bf16_with_pinned_batches_resumes_exactly(data_dir, tmp_path, monkeypatch):
     """The GPU path of the loop (bf16 autocast, fused AdamW, pinned non-blocking batch copies, padded vocabulary):
-    a run killed after its first checkpoint and resumed ends with the same losses as one run straight through."""
+    a run killed after its first checkpoint and resumed gives the losses of one run straight through."""
     args = dict(TINY_TRAIN, max_steps=8, eval_interval=4, log_interval=1, seed=1, device="cuda", precision="bf16", pad_vocab_multiple=64)
     pretrain("llama-tiny", data_dir, tmp_path / "whole", **args)
     crash_windows_at(monkeypatch, 5)
@@ -188,5 +188,7 @@ def test_a_cuda_run_in_bf16_with_pinned_batches_resumes_exactly(data_dir, tmp_pa
         pretrain("llama-tiny", data_dir, tmp_path / "killed", **args)
     monkeypatch.undo()
     pretrain("llama-tiny", data_dir, tmp_path / "killed", resume=True, **args)
-    whole = losses(tmp_path / "whole")
-    assert losses(tmp_path / "killed") == whole and all(math.isfinite(v) for _, v in whole)
+    whole, resumed = losses(tmp_path / "whole"), losses(tmp_path / "killed")
+    # CUDA's embedding backward adds with atomics (not bit-reproducible), so equal up to float noise, not bit for bit
+    assert [s for s, _ in resumed] == [s for s, _ in whole] and all(math.isfinite(v) for _, v in whole)
+    assert [v for _, v in resumed] == pytest.approx([v for _, v in whole], rel=1e-3)
