@@ -183,7 +183,7 @@ def make_runners(ours, theirs, input_ids: torch.Tensor, args: argparse.Namespace
     def lmlab_side(compile: bool):
         def run() -> torch.Tensor:
             gen = torch.Generator(device=device).manual_seed(args.seed + calls["n"])
-            options = {"compile": True} if compile else {}
+            options = {"compile": True} if compile else {}  # no keyword when off: the script also times older lmlab trees
             steps = decode(ours, prompts, max_new_tokens=N, processors=processors, sample=sample, generator=gen, **options)
             return torch.stack([step_tokens(step) for step in steps], dim=1)  # (B, N)
 

@@ -75,7 +75,9 @@ class _Batch:
         self.padded = any(len(p) < P for p in prompts)
         self.positions = (self.real.long().cumsum(-1) - 1).clamp(min=0)  # (B, total): each row counts from 0
         self.slots = torch.arange(total, device=device)  # cache slots, sliced each step (no new tensor per step)
-        self.cache = (model.new_kv_cache(B, total, static=compile) if compile else model.new_kv_cache(B, total)) if use_cache else None
+        self.cache = None
+        if use_cache:  # only a decoder-only model (checked above) takes static=: an encoder–decoder's cache never compiles
+            self.cache = model.new_kv_cache(B, total, static=True) if compile else model.new_kv_cache(B, total)
         self.length = P  # tokens in the buffer so far
 
     def select(self, rows: Tensor) -> None:
@@ -154,21 +156,15 @@ def compiled_step(device: torch.device) -> Callable:
     kind = device.type
     if kind not in _COMPILED:
         compiled = torch.compile(_step_forward, fullgraph=True, dynamic=False, mode="reduce-overhead" if kind == "cuda" else None)
-        first = [True]
 
         def step(model, idx, input_pos, position_ids, key_padding_mask, kv_cache):
             if kind == "cuda":
                 torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
-            args = (model, idx, input_pos, position_ids, key_padding_mask, kv_cache, model.head_weight_t() if kind == "cpu" else None)
-            if not first[0]:
-                logits = compiled(*args)
-            else:
-                try:
-                    logits = compiled(*args)
-                except Exception as e:  # noqa: BLE001 - a missing C++ compiler, an unsupported op, …
-                    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                    raise LmlabError(f"--compile: torch.compile could not compile the decode step ({reason[:300]}); decode without --compile") from e
-                first[0] = False
+            try:  # costs nothing unless it raises (Python 3.11's zero-cost exceptions)
+                logits = compiled(model, idx, input_pos, position_ids, key_padding_mask, kv_cache, model.head_weight_t() if kind == "cpu" else None)
+            except Exception as e:  # noqa: BLE001 - a missing C++ compiler, an unsupported op, …
+                reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise LmlabError(f"--compile: torch.compile could not compile the decode step ({reason[:300]}); decode without --compile") from e
             return logits.clone() if kind == "cuda" else logits  # a CUDA graph's output is overwritten by its next replay
 
         _COMPILED[kind] = step

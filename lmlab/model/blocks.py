@@ -15,6 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from lmlab.config import ModelConfig
 
@@ -288,6 +289,17 @@ class Block(nn.Module):
         if self.cross_attn is not None:
             x = x + drop(self.cross_attn(self.norm_cross(x), memory_kv, memory_mask))
         return x + drop(self.mlp(self.norm_2(x)))
+
+
+def run_block(model: nn.Module, block: nn.Module, *args) -> Tensor:
+    """``block(*args)``, or — when ``model.gradient_checkpointing`` is set and the model trains with
+    gradients on — the same under activation checkpointing (:func:`torch.utils.checkpoint.checkpoint`,
+    non-reentrant): the block keeps only its input for backward and recomputes the rest there. The RNG
+    state is saved and restored around the recomputation, so dropout draws the same masks and the
+    gradients are those of the plain forward."""
+    if model.gradient_checkpointing and model.training and torch.is_grad_enabled():
+        return checkpoint(block, *args, use_reentrant=False)
+    return block(*args)
 
 
 def _identity(x: Tensor) -> Tensor:

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from lmlab.config import ModelConfig
-from lmlab.model.blocks import Block, KVCache, init_weights, make_norm, rope_cache, rope_dtype
+from lmlab.model.blocks import Block, KVCache, init_weights, make_norm, rope_cache, rope_dtype, run_block
 from lmlab.model.heads import TaskHead, task_logits
 
 
@@ -27,9 +27,7 @@ class DecoderLM(nn.Module):
         self.norm_f = make_norm(config) if config.norm_placement == "pre" else nn.Identity()  # post-norm ends normed
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.task_head = TaskHead(config) if config.task else None
-        # activation checkpointing (the training loop sets it from --activation-checkpointing): each block's
-        # activations are recomputed in backward instead of kept; dropout masks replay (the RNG state is kept)
-        self.gradient_checkpointing = False
+        self.gradient_checkpointing = False  # set by the training loop: see lmlab.model.blocks.run_block
         self.tie_weights()
         if config.position == "rope":
             cos, sin = rope_cache(config)
@@ -85,10 +83,7 @@ class DecoderLM(nn.Module):
         if self.training and self.drop.p > 0:  # a no-op otherwise: skip the module call
             x = self.drop(x)
         for block in self.blocks:
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():  # recomputed in backward
-                x = torch.utils.checkpoint.checkpoint(block, x, rope, mask, is_causal, kv_cache, input_pos, cache_len, use_reentrant=False)
-            else:
-                x = block(x, rope, mask, is_causal, kv_cache, input_pos, cache_len)
+            x = run_block(self, block, x, rope, mask, is_causal, kv_cache, input_pos, cache_len)
         x = self.norm_f(x)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]

@@ -14,22 +14,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from lmlab.config import ModelConfig
-from lmlab.model.blocks import Block, init_weights, make_norm, rope_cache, rope_dtype
+from lmlab.model.blocks import Block, init_weights, make_norm, rope_cache, rope_dtype, run_block
 from lmlab.model.heads import TaskHead, task_logits
-
-
-def run_block(model: nn.Module, block: nn.Module, *args) -> Tensor:
-    """``block(*args)``, or — when ``model.gradient_checkpointing`` is set and the model trains with
-    gradients on — the same under activation checkpointing (:func:`torch.utils.checkpoint.checkpoint`,
-    non-reentrant): the block keeps only its input for backward and recomputes the rest there. The RNG
-    state is saved and restored around the recomputation, so dropout draws the same masks and the
-    gradients are those of the plain forward."""
-    if model.gradient_checkpointing and model.training and torch.is_grad_enabled():
-        return checkpoint(block, *args, use_reentrant=False)
-    return block(*args)
 
 
 class EncoderLM(nn.Module):
@@ -51,7 +39,7 @@ class EncoderLM(nn.Module):
         self.lm_head = nn.Linear(d, config.vocab_size, bias=config.bias)
         self.nsp_head = nn.Linear(d, 2) if config.nsp_head else None
         self.task_head = TaskHead(config) if config.task else None
-        self.gradient_checkpointing = False  # set by the training loop: see run_block
+        self.gradient_checkpointing = False  # set by the training loop: see lmlab.model.blocks.run_block
         self.tie_weights()
         if config.position == "rope":
             cos, sin = rope_cache(config)
@@ -75,7 +63,8 @@ class EncoderLM(nn.Module):
         x = self.drop(self.emb_norm(x))
         rope = None
         if self.config.position == "rope":
-            rope = (self.rope_cos[:T].to(rope_dtype(x)), self.rope_sin[:T].to(rope_dtype(x)))
+            dtype = rope_dtype(x)
+            rope = (self.rope_cos[:T].to(dtype), self.rope_sin[:T].to(dtype))
         # (B, 1, 1, T): every query sees every real key; None when nothing is padding (SDPA's fast path)
         mask = None if attention_mask is None else attention_mask[:, None, None, :].bool()
         for block in self.blocks:

@@ -30,9 +30,8 @@ from torch import Tensor, nn
 from lmlab.config import ModelConfig
 from lmlab.errors import LmlabError
 from lmlab.generate.loop import BeamSearch, Step, StopRule, decode
-from lmlab.model.blocks import Block, KVCache, init_weights, make_norm, rope_cache, rope_dtype
+from lmlab.model.blocks import Block, KVCache, init_weights, make_norm, rope_cache, rope_dtype, run_block
 from lmlab.model.decoder import DecoderLM
-from lmlab.model.encoder import run_block
 
 MemoryKV = list[tuple[Tensor, Tensor]]  # per decoder block: cross-attention keys and values, (B, n_kv_heads, S, head_dim) each
 
@@ -53,7 +52,7 @@ class Seq2SeqLM(nn.Module):
         self.dec_blocks = nn.ModuleList(Block(config, i, cross=True) for i in range(config.n_decoder_layer))
         self.dec_norm_f = make_norm(config) if config.norm_placement == "pre" else nn.Identity()
         self.lm_head = nn.Linear(d, config.vocab_size, bias=False)
-        self.gradient_checkpointing = False  # set by the training loop: see lmlab.model.encoder.run_block
+        self.gradient_checkpointing = False  # set by the training loop: see lmlab.model.blocks.run_block
         self.tie_weights()
         if config.position == "rope":
             cos, sin = rope_cache(config)

@@ -544,8 +544,6 @@ def _dry_run(config: ModelConfig, objective: TaskObjective, features: dict[str, 
              max_length: int, memory_budget: float | None) -> DryRun:
     """``finetune(dry_run=True)``: the predicted memory of a training step on the longest training examples
     (a batch is padded to its longest row), without loading a weight (:mod:`lmlab.train.memory`)."""
-    import os
-
     from lmlab.train import memory
 
     device = dist_mod.pick_device(cfg.device, dist_mod.DistInfo())
@@ -560,14 +558,10 @@ def _dry_run(config: ModelConfig, objective: TaskObjective, features: dict[str, 
             batch = {k: v[:, :keep] if k in aligned and v.dim() == 2 and v.shape[1] == T else v for k, v in batch.items()}
         return batch
 
-    precision, note = memory.resolve_precision(cfg.precision, device)
-    settings = memory.Settings(cfg.micro_batch_size, cfg.grad_accum_steps, max_length, precision, cfg.activation_checkpointing, cfg.ce_chunk_size, lora)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return memory.dry_run(
-        lambda s: memory.measure_step(lambda: build_model(config), objective, make_batch(s), cfg, device, s, world_size=world), settings,
+    return memory.plan(
+        lambda: build_model(config), objective, make_batch, cfg, device, seq_len=max_length, lora=lora, memory_budget=memory_budget,
         title=f"{config.name or 'custom'} ({config.arch}) fine-tuned for {task}, on its longest training examples",
-        device=device, memory_budget=memory_budget, precision_note=note, seq_flag="--max-length", lora_flag=True,
-        vocab_size=config.vocab_size if task in ("seq2seq", "chat") else 0, up_to=True,
+        seq_flag="--max-length", lora_flag=True, vocab_size=config.vocab_size if task in ("seq2seq", "chat") else 0, up_to=True,
     )
 
 

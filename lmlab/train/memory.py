@@ -59,6 +59,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -244,13 +245,6 @@ def _final_hidden(model: nn.Module) -> nn.Module:
     raise LmlabError(f"the memory estimate does not know where a {type(model).__name__}'s blocks end")
 
 
-def _autocast(precision: str) -> Callable[[], contextlib.AbstractContextManager]:
-    if precision == "fp32":
-        return contextlib.nullcontext
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return lambda: torch.autocast("cpu", dtype=dtype)
-
-
 def measure_step(
     build: Callable[[], nn.Module], objective: Any, batch: dict[str, Tensor], cfg: Any, device: torch.device | str,
     settings: Settings, *, world_size: int = 1,
@@ -264,7 +258,7 @@ def measure_step(
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from lmlab.train.loop import apply_memory_options
+    from lmlab.train.loop import apply_memory_options, autocast_for
     from lmlab.train.optim import make_optimizer
 
     device = torch.device(device)
@@ -272,7 +266,7 @@ def measure_step(
         cfg, micro_batch_size=settings.micro_batch_size, grad_accum_steps=settings.grad_accum_steps, seq_len=settings.seq_len,
         activation_checkpointing=settings.activation_checkpointing, ce_chunk_size=settings.ce_chunk_size, precision=settings.precision,
     )
-    autocast = _autocast(settings.precision)
+    autocast = autocast_for(settings.precision, torch.device("cpu"))[0]  # the fake step runs on the CPU: its autocast
     cuda = device.type == "cuda"
     micro_steps = min(cfg.grad_accum_steps, 2)
     tracker = _tracker_class()()
@@ -542,4 +536,20 @@ def dry_run(
     return result
 
 
-__all__ = ["HEADROOM", "Change", "DryRun", "Settings", "StepMemory", "check_budget", "dry_run", "fmt_bytes", "measure_step", "resolve_precision"]
+def plan(
+    build: Callable[[], nn.Module], objective: Any, make_batch: Callable[[Settings], dict[str, Tensor]], cfg: Any,
+    device: torch.device, *, seq_len: int, lora: Any, title: str, memory_budget: float | None, **advice: Any,
+) -> DryRun:
+    """``--dry-run`` for a run: its :class:`Settings` from ``cfg`` (the precision resolved for ``device``), each
+    prediction a :func:`measure_step` of ``build()`` on ``make_batch(settings)`` (the world size read from
+    torchrun's ``WORLD_SIZE``), and :func:`dry_run`'s advice (``advice``: its keyword options)."""
+    precision, note = resolve_precision(cfg.precision, device)
+    settings = Settings(cfg.micro_batch_size, cfg.grad_accum_steps, seq_len, precision, cfg.activation_checkpointing, cfg.ce_chunk_size, lora)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return dry_run(
+        lambda s: measure_step(build, objective, make_batch(s), cfg, device, s, world_size=world), settings,
+        title=title, device=device, memory_budget=memory_budget, precision_note=note, **advice,
+    )
+
+
+__all__ = ["HEADROOM", "Change", "DryRun", "Settings", "StepMemory", "check_budget", "dry_run", "fmt_bytes", "measure_step", "plan", "resolve_precision"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,8 +17,8 @@ from lmlab.train import dist as dist_mod
 from lmlab.train.data import RandomWindows, fixed_windows
 from lmlab.train.lora import LoraSpec
 from lmlab.train.loop import TrainConfig, TrainResult, autocast_for, train_loop
-from lmlab.train.memory import DryRun, Settings, check_budget, measure_step, resolve_precision
-from lmlab.train.memory import dry_run as memory_dry_run
+from lmlab.train import memory
+from lmlab.train.memory import DryRun, Settings, check_budget
 from lmlab.train.objectives import get_objective
 
 
@@ -105,13 +104,9 @@ def pretrain(
 
         saved_lora = LoraSpec.from_dict(config.lora) if resume_from is not None and config.lora else None  # a resumed LoRA run keeps its adapters
         plain = dataclasses.replace(config, lora={})
-        precision, note = resolve_precision(cfg.precision, device)
-        settings = Settings(cfg.micro_batch_size, cfg.grad_accum_steps, seq_len, precision, cfg.activation_checkpointing, cfg.ce_chunk_size, saved_lora)
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        return memory_dry_run(
-            lambda s: measure_step(lambda: build_model(plain), task, make_batch(s), cfg, device, s, world_size=world), settings,
-            title=f"{config.name or 'custom'} ({config.arch}), vocabulary {config.vocab_size:,}; objective {objective}",
-            device=device, memory_budget=memory_budget, precision_note=note, vocab_size=config.vocab_size,
+        return memory.plan(
+            lambda: build_model(plain), task, make_batch, cfg, device, seq_len=seq_len, lora=saved_lora, memory_budget=memory_budget,
+            title=f"{config.name or 'custom'} ({config.arch}), vocabulary {config.vocab_size:,}; objective {objective}", vocab_size=config.vocab_size,
         )
 
     torch.manual_seed(cfg.seed)
