@@ -1,8 +1,11 @@
+import copy
+import platform
+
 import pytest
 import torch
 
 from lmlab.config import preset
-from lmlab.model import build_model
+from lmlab.model import build_model, decoder
 
 FAMILIES = ["gpt2-tiny", "llama-tiny"]
 
@@ -154,3 +157,60 @@ def test_activation_checkpointing_stays_out_of_evaluation_and_decoding(monkeypat
     model.train()
     with torch.no_grad():
         model(x)  # no gradients: nothing to save
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 1), (8, 1), (2, 4)])
+def test_decode_head_equals_the_plain_lm_head(shape):
+    """Decoding on CPU (inference mode, ≤ 64 rows) takes the cached-copy kernels of cpu_decode_head;
+    they must give the LM head's logits, for one row and for a batch (oneDNN on x86-64)."""
+    torch.manual_seed(0)
+    model = build_model(preset("llama-tiny", vocab_size=300)).eval()
+    x = torch.randn(*shape, model.config.n_embd)
+    want = torch.nn.functional.linear(x, model.lm_head.weight).detach()
+    with torch.inference_mode():
+        torch.testing.assert_close(model.lm_logits(x), want, atol=1e-5, rtol=1e-5)
+    if x.shape[:-1].numel() > 1 and platform.machine().lower() in ("x86_64", "amd64"):
+        assert decoder._ONEDNN is True  # the fast path ran, not the fallback
+
+
+def test_decode_head_follows_new_weights():
+    """The cached copies follow the weight: an in-place update, new weights loaded, a dtype change."""
+    model = tiny("gpt2-tiny")
+    torch.manual_seed(1)
+    other = build_model(preset("gpt2-tiny", vocab_size=97)).eval()
+    x = torch.randn(4, model.config.n_embd)
+    for rows in (x[:1], x):
+        with torch.inference_mode():
+            model.lm_logits(rows)  # fills the caches
+        with torch.no_grad():
+            model.lm_head.weight.mul_(2)
+        with torch.inference_mode():
+            torch.testing.assert_close(model.lm_logits(rows), rows @ model.lm_head.weight.detach().T, atol=1e-5, rtol=1e-5)
+        model.load_state_dict(other.state_dict())
+        with torch.inference_mode():
+            torch.testing.assert_close(model.lm_logits(rows), rows @ other.lm_head.weight.detach().T, atol=1e-5, rtol=1e-5)
+
+
+def test_a_model_that_has_decoded_still_copies_and_pickles(tmp_path):
+    model = tiny("gpt2-tiny")
+    with torch.inference_mode():
+        model.lm_logits(torch.randn(8, model.config.n_embd))
+    clone = copy.deepcopy(model)
+    torch.save(model, tmp_path / "m.pt")
+    assert torch.equal(clone.lm_head.weight, model.lm_head.weight)
+
+
+def test_decode_head_falls_back_without_onednn(monkeypatch):
+    """A PyTorch build whose oneDNN linear fails (or is missing) decodes through the plain product."""
+
+    def broken(*args):
+        raise RuntimeError("no oneDNN here")
+
+    monkeypatch.setattr(decoder, "_ONEDNN", None)
+    monkeypatch.setattr(decoder, "_onednn_pack", broken)
+    model = tiny("gpt2-tiny")
+    x = torch.randn(8, model.config.n_embd)
+    with torch.inference_mode():
+        out = model.lm_logits(x)
+    assert decoder._ONEDNN is False
+    torch.testing.assert_close(out, x @ model.lm_head.weight.detach().T, atol=1e-5, rtol=1e-5)

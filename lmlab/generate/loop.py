@@ -63,7 +63,7 @@ class _Batch:
             )
         self.step_fn = None
         if compile:
-            if not use_cache or not hasattr(model, "head_weight_t"):
+            if not use_cache or not hasattr(model, "lm_logits"):
                 raise LmlabError("--compile needs a decoder-only model decoding with its KV cache (encoder–decoders decode eagerly)")
             self.step_fn = compiled_step(device)
             total = min(block_size, 1 << (total - 1).bit_length())  # the cache length: one graph per bucket
@@ -131,14 +131,15 @@ class _Batch:
 # -- the compiled decode step ----------------------------------------------------------------------
 
 
-def _step_forward(model: nn.Module, idx: Tensor, input_pos: Tensor, position_ids, key_padding_mask, kv_cache, head_t: Tensor | None) -> Tensor:
+def _step_forward(model: nn.Module, idx: Tensor, input_pos: Tensor, position_ids, key_padding_mask, kv_cache, head: bool) -> Tensor:
     """Next-token logits (B, V) after one token per row, attending over the whole static cache under a
     mask (no ``cache_len``): every shape is fixed, so this traces into one graph per batch and cache size.
-    ``head_t``: on CPU the LM head's cached (n_embd, V) copy (see ``DecoderLM.head_weight_t``); None on
-    GPU, where the head reads its parameter, which a CUDA graph treats as static (a derived tensor
-    would be copied into the graph's inputs at every replay)."""
+    ``head=False`` (CPU) returns the last hidden states (B, n_embd) instead: the caller applies the LM
+    head eagerly, where it can take oneDNN's pre-packed kernel (see ``lmlab.model.decoder.cpu_decode_head``),
+    which Inductor cannot trace. On GPU the head stays in the graph and reads its parameter, which a
+    CUDA graph treats as static."""
     h = model(idx, kv_cache=kv_cache, input_pos=input_pos, position_ids=position_ids, key_padding_mask=key_padding_mask, hidden_only=True)
-    return h[:, -1] @ head_t if head_t is not None else model.lm_head(h[:, -1])
+    return model.lm_head(h[:, -1]) if head else h[:, -1]
 
 
 _COMPILED: dict[str, Callable] = {}
@@ -161,11 +162,13 @@ def compiled_step(device: torch.device) -> Callable:
             if kind == "cuda":
                 torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
             try:  # costs nothing unless it raises (Python 3.11's zero-cost exceptions)
-                logits = compiled(model, idx, input_pos, position_ids, key_padding_mask, kv_cache, model.head_weight_t() if kind == "cpu" else None)
+                out = compiled(model, idx, input_pos, position_ids, key_padding_mask, kv_cache, kind != "cpu")
             except Exception as e:  # noqa: BLE001 - a missing C++ compiler, an unsupported op, …
                 reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise LmlabError(f"--compile: torch.compile could not compile the decode step ({reason[:300]}); decode without --compile") from e
-            return logits.clone() if kind == "cuda" else logits  # a CUDA graph's output is overwritten by its next replay
+            if kind == "cpu":
+                return model.lm_logits(out)
+            return out.clone() if kind == "cuda" else out  # a CUDA graph's output is overwritten by its next replay
 
         _COMPILED[kind] = step
     return _COMPILED[kind]

@@ -8,12 +8,60 @@ position t see only positions ≤ t, so one forward pass scores every next token
 
 from __future__ import annotations
 
+import platform
+
 import torch
 from torch import Tensor, nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from lmlab.config import ModelConfig
 from lmlab.model.blocks import Block, KVCache, init_weights, make_norm, rope_cache, rope_dtype, run_block
 from lmlab.model.heads import TaskHead, task_logits
+
+# the LM head's weight → {layout: ((storage, version, dtype), derived copy)}; see cpu_decode_head
+_HEAD_COPIES: WeakIdKeyDictionary = WeakIdKeyDictionary()
+# whether oneDNN's packed linear is used: measured faster on x86-64 only; None until first tried
+_ONEDNN: bool | None = None if platform.machine().lower() in ("x86_64", "amd64") else False
+
+
+def _head_copy(weight: Tensor, layout: str, make) -> Tensor:
+    """A copy of ``weight`` in another layout, cached until the weight's storage, version or dtype
+    change (training a step or loading new weights never leaves a stale copy behind). The cache is
+    keyed weakly on the parameter, outside the module, so copying or pickling a model carries none."""
+    key = (weight.data_ptr(), weight._version, weight.dtype)
+    copies = _HEAD_COPIES.setdefault(weight, {})
+    if layout not in copies or copies[layout][0] != key:
+        copies[layout] = (key, make(weight.detach()))
+    return copies[layout][1]
+
+
+def _onednn_pack(weight: Tensor) -> Tensor:
+    """The weight in oneDNN's blocked layout for its linear, packed for a batch of ~8 rows (packing for
+    1, 8 or 64 rows measured the same from 2 rows up)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight, 8)
+
+
+def cpu_decode_head(weight: Tensor, x: Tensor) -> Tensor:
+    """``x @ weight.T`` for a few rows on CPU (decoding), through whichever kernel is fastest for them.
+
+    One row: a matrix-vector product against a cached contiguous (n_embd, vocab) copy, ~2× faster
+    than PyTorch's ``F.linear`` with the (vocab, n_embd) weight. Two rows or more (batched decoding,
+    beams), fp32 on x86-64: oneDNN's linear on a copy of the weight pre-packed into its blocked
+    layout, 1.7–2× faster than MKL's GEMM at 8 rows on one core and ~3× on two (MKL repacks the
+    whole weight at every call and does not thread these shapes; figures in docs/benchmarks.md).
+    Both give the same products up to float rounding."""
+    global _ONEDNN
+    if x.shape[:-1].numel() > 1 and weight.dtype == torch.float32 and _ONEDNN is not False:
+        try:
+            packed = _head_copy(weight, "onednn", _onednn_pack)
+            out = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+            _ONEDNN = True
+            return out
+        except (RuntimeError, AttributeError, NotImplementedError):  # a build without oneDNN's linear
+            if _ONEDNN:
+                raise
+            _ONEDNN = False
+    return x @ _head_copy(weight, "t", lambda w: w.t().contiguous())
 
 
 class DecoderLM(nn.Module):
@@ -87,27 +135,16 @@ class DecoderLM(nn.Module):
         x = self.norm_f(x)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
-        return x if hidden_only else self._head(x)  # (B, T, vocab_size)
+        return x if hidden_only else self.lm_logits(x)  # (B, T, vocab_size)
 
-    def _head(self, x: Tensor) -> Tensor:
-        """The LM head. Decoding on CPU (inference mode, a few rows) multiplies by a cached contiguous
-        (n_embd, vocab) copy of the weight: PyTorch's CPU matrix-vector product is ~2× faster that way
-        round, and this matmul is half of a small model's decode step. The copy follows the weight
-        (its storage and version), so training or loading new weights never reads a stale one."""
-        if torch.compiler.is_compiling() or not (torch.is_inference_mode_enabled() and x.device.type == "cpu" and x.shape[:-1].numel() <= 16):
+    def lm_logits(self, x: Tensor) -> Tensor:
+        """The LM head: logits (…, vocab_size) from final hidden states (…, n_embd). Decoding on CPU (inference mode, at most 64 rows) takes the faster kernel for
+        the row count (see :func:`cpu_decode_head`): this matmul is half of a small model's decode step."""
+        if torch.compiler.is_compiling() or not (
+            torch.is_inference_mode_enabled() and x.device.type == "cpu" and x.shape[:-1].numel() <= 64 and type(self.lm_head) is nn.Linear
+        ):
             return self.lm_head(x)
-        return x @ self.head_weight_t()
-
-    def head_weight_t(self) -> Tensor:
-        """The LM head's weight as (n_embd, vocab): on CPU a cached contiguous copy (see :meth:`_head`),
-        elsewhere a transposed view (cuBLAS reads either layout equally fast)."""
-        w = self.lm_head.weight
-        if w.device.type != "cpu":
-            return w.t()
-        key = (w.data_ptr(), w._version, w.dtype)
-        if getattr(self, "_head_t_key", None) != key:
-            self._head_t, self._head_t_key = w.detach().t().contiguous(), key
-        return self._head_t
+        return cpu_decode_head(self.lm_head.weight, x)
 
     def encode(self, input_ids: Tensor, token_type_ids: Tensor | None = None, attention_mask: Tensor | None = None) -> Tensor:
         """Final hidden states (B, T, n_embd) of right-padded inputs (causal attention never looks at
