@@ -14,6 +14,7 @@ and generates the target — same calls, same decoding loop (:mod:`lmlab.model.s
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import dataclass
@@ -59,11 +60,34 @@ class Score:
         return math.exp(-self.logprob / self.num_tokens)
 
 
+def folder_eos_ids(path: Path | None, vocab_size: int) -> list[int]:
+    """The end-of-sequence ids a model folder's ``generation_config.json`` names (``eos_token_id``: one id,
+    or a list such as Llama 3 Instruct's [128001, 128009], as transformers reads it); [] without the
+    file or the field. Anything else there is a one-line error naming the file and the field."""
+    file = Path(path) / "generation_config.json" if path is not None else None
+    if file is None or not file.is_file():
+        return []
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LmlabError(f"{file}: not readable JSON ({e})") from e
+    eos = data.get("eos_token_id") if isinstance(data, dict) else None
+    ids = [eos] if isinstance(eos, int) else eos if isinstance(eos, list) else [] if eos is None else None
+    if ids is None or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab_size for i in ids):
+        raise LmlabError(f"{file}: eos_token_id is {eos!r}: expected a token id or a list of token ids below the vocabulary size {vocab_size}")
+    return ids
+
+
 class LM:
-    """A model and its tokenizer. ``generate`` returns text; ``stream`` yields it; ``score`` rates it."""
+    """A model and its tokenizer. ``generate`` returns text; ``stream`` yields it; ``score`` rates it.
+
+    Generation stops at the tokenizer's end-of-text token and at every ``eos_token_id`` the folder's
+    ``generation_config.json`` names (as ``transformers``' ``generate()`` does), unless ``ignore_eos``."""
 
     def __init__(self, model: nn.Module, tokenizer, path: Path | None = None) -> None:
         self.model, self.tokenizer, self.path = model.eval(), tokenizer, path
+        eos = {tokenizer.eos_id} if tokenizer.eos_id is not None else set()
+        self.eos_ids = sorted(eos | set(folder_eos_ids(path, model.config.vocab_size)))  # what ends a generation
 
     @property
     def device(self) -> torch.device:
@@ -89,8 +113,7 @@ class LM:
         return config.replace(**options) if options else config
 
     def _stop_ids(self, config: GenerationConfig) -> list[int]:
-        eos = self.tokenizer.eos_id
-        return sorted(set(config.stop_token_ids) | ({eos} if eos is not None and not config.ignore_eos else set()))
+        return sorted(set(config.stop_token_ids) | (set() if config.ignore_eos else set(self.eos_ids)))
 
     def _processors(self, config: GenerationConfig, stop_ids: list[int]):
         """``config``'s processors, plus — when the model's vocabulary is padded past the tokenizer's — one that

@@ -264,7 +264,7 @@ def build_parser() -> ArgumentParser:
     generate.add_argument("--no-verify", dest="verify", action="store_false", help="a Hugging Face folder: skip the one-time logits check against transformers")
     _add_dataclass_flags(generate, GenerationConfig, skip=("stop", "stop_token_ids"))
     generate.add_argument("--stop", nargs="+", default=[], help="stop when the output contains one of these strings; the text is cut before it")
-    generate.add_argument("--stop-token-ids", nargs="+", type=int, default=[], help="stop on these token ids (besides the tokenizer's end-of-text)")
+    generate.add_argument("--stop-token-ids", nargs="+", type=int, default=[], help="stop on these token ids (besides the end-of-text ids: the tokenizer's, and the eos_token_id of the folder's generation_config.json)")
     commands.add_subcommand("generate", generate, help="generate text from a checkpoint (all decoding strategies, streaming, REPL)")
 
     chat = _parser(

@@ -389,6 +389,32 @@ def test_max_length_and_min_new_tokens(lm):
     assert len(lm.generate("The ", max_new_tokens=5, min_new_tokens=5, return_ids=True)) == 5
 
 
+def test_the_folders_generation_config_eos_ids_end_generation(lm, trained_run, tmp_path):
+    """Like transformers' generate(), generation stops at every eos_token_id of the folder's
+    generation_config.json (Llama 3 Instruct lists two), besides the tokenizer's end-of-text."""
+    import json
+    import shutil
+
+    from lmlab.io.checkpoint import resolve_checkpoint
+
+    free = lm.generate("The ", max_new_tokens=8, return_ids=True, ignore_eos=True)
+    assert lm.generate("The ", max_new_tokens=8, return_ids=True) == free  # the tokenizer's end-of-text alone: no stop
+    k = next((i for i in range(1, len(free)) if free[i] not in free[:i]), 0)
+    stop = free[k]  # a token greedy decoding makes first at step k (after others, if it can)
+    folder = tmp_path / "ckpt"
+    shutil.copytree(resolve_checkpoint(trained_run), folder)
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [lm.tokenizer.eos_id, stop]}))
+    with_file = lmlab.load(folder)
+    assert with_file.eos_ids == sorted({lm.tokenizer.eos_id, stop})
+    cut = with_file.generate("The ", max_new_tokens=8, return_ids=True)
+    assert cut == free[:k]  # the stop token ends the output and is not part of it
+    assert with_file.generate("The ", max_new_tokens=8, return_ids=True, ignore_eos=True) == free
+    for bad in ('{"eos_token_id": "</s>"}', '{"eos_token_id": [1, 99999999]}', "{not json"):
+        (folder / "generation_config.json").write_text(bad)
+        with pytest.raises(LmlabError, match="generation_config.json"):
+            lmlab.load(folder)
+
+
 def test_a_too_long_prompt_is_cut_from_the_left_with_a_warning(lm, caplog):
     long = "The list is sorted. " * 200
     with caplog.at_level(logging.WARNING, logger="lmlab"):

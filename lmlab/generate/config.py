@@ -37,7 +37,7 @@ class GenerationConfig:
 
     max_new_tokens: int = option(50, "tokens to generate per sequence")
     max_length: int | None = option(None, "stop when prompt + generated tokens reach this many (whichever of the two limits comes first)")
-    min_new_tokens: int = option(0, "forbid the end-of-text token before this many new tokens")
+    min_new_tokens: int = option(0, "forbid the end-of-text ids before this many new tokens")
     strategy: str = option("greedy", "greedy, sample or beam")
     temperature: float = option(1.0, "sampling temperature; 0 means greedy (sample only)")
     top_k: int = option(0, "sample among the k most likely tokens; 0 = off (sample only)")
@@ -53,8 +53,8 @@ class GenerationConfig:
     early_stopping: bool = option(False, "beam: stop a prompt as soon as num_beams hypotheses have finished")
     num_return_sequences: int = option(1, "sequences returned per prompt: independent samples, or the best beams")
     stop: list[str] = field(default_factory=list, metadata={"help": "stop when the output contains one of these strings; the text is cut before it"})
-    stop_token_ids: list[int] = field(default_factory=list, metadata={"help": "stop on these token ids (besides the tokenizer's end-of-text)"})
-    ignore_eos: bool = option(False, "do not stop at the tokenizer's end-of-text token")
+    stop_token_ids: list[int] = field(default_factory=list, metadata={"help": "stop on these token ids (besides the end-of-text ids: the tokenizer's, and the eos_token_id of the folder's generation_config.json)"})
+    ignore_eos: bool = option(False, "do not stop at the end-of-text ids (the tokenizer's, and the eos_token_id of the folder's generation_config.json)")
     seed: int | None = option(None, "seed for reproducible sampling; None: a fresh random seed")
     truncate: str = option("left", "a prompt too long for the context window: left (drop its oldest tokens, with a warning) or error")
     compile: bool = option(
