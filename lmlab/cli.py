@@ -9,15 +9,15 @@ for bugs.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import logging
 import os
 import sys
+from argparse import ArgumentError
 from pathlib import Path
 from typing import Optional, Sequence, get_type_hints
-
-from argparse import ArgumentError
 
 from jsonargparse import ActionConfigFile, ArgumentParser, DefaultHelpFormatter
 
@@ -25,10 +25,12 @@ from lmlab.errors import LmlabError
 
 
 class _Help(DefaultHelpFormatter):
-    """jsonargparse's help, minus its "(type: …, default: …)" suffix where our text already names the default."""
+    """jsonargparse's help, minus its "(type: …, default: …)" suffix where our text already names the
+    default, and on ``--no-…`` switches, whose stored default (True: the thing is on) would read as if
+    the switch itself were on by default."""
 
     def _get_help_string(self, action) -> str:
-        if action.help and "(default" in action.help:
+        if action.help and ("(default" in action.help or isinstance(action, argparse._StoreFalseAction)):
             return action.help
         return super()._get_help_string(action)
 

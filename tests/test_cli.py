@@ -35,7 +35,9 @@ def test_every_verb_has_help(verb, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([*verb, "--help"])
     assert exit_info.value.code == 0
-    assert "--config" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "--config" in out
+    assert "(default: True)" not in out  # a --no-… switch is off unless given
 
 
 def test_pretrain_help_documents_every_training_option(capsys):
