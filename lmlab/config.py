@@ -192,17 +192,26 @@ class ModelConfig:
             return total + embeddings + head
         return total + head
 
+    def attention_layers(self) -> int:
+        """Attention layers one token's computation meets, as the FLOPs formula counts them: n_layer,
+        or for an encoder–decoder the encoder's self-attention plus the decoder's self- and
+        cross-attention (n_layer + 2·n_decoder_layer)."""
+        return self.n_layer + 2 * self.n_decoder_layer if self.arch == "seq2seq" else self.n_layer
+
     def flops_per_token(self, seq_len: int | None = None, training: bool = True) -> float:
         """FLOPs per token, nanoGPT's formula (PaLM appendix B): 6·N + 12·L·d·T for a training step.
 
         N counts every parameter but the position embeddings; the second term is attention's
-        QKᵀ and AV. A forward pass alone is a third of it (2·N + 4·L·d·T).
+        QKᵀ and AV over T positions in each of L attention layers (:meth:`attention_layers`). For an
+        encoder–decoder a "token" is a target token with one source token beside it (source and
+        target of length T): the pair passes through every parameter once. A forward pass alone is
+        a third of it (2·N + 4·L·d·T).
         """
         T = seq_len or self.block_size
         n = self.num_params(include_embeddings=True)
         if self.position == "learned":
             n -= self.block_size * self.n_embd
-        flops = 6 * n + 12 * self.n_layer * self.n_embd * T
+        flops = 6 * n + 12 * self.attention_layers() * self.n_embd * T
         return flops if training else flops / 3
 
     # -- (de)serialisation ---------------------------------------------------------------------

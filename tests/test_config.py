@@ -28,6 +28,23 @@ def test_flops_per_token_follows_nanogpt_formula():
     assert c.flops_per_token(1024, training=False) == pytest.approx(c.flops_per_token(1024) / 3)
 
 
+@pytest.mark.parametrize("name", ["gpt2-tiny", "t5-tiny"])
+def test_flops_per_token_matches_a_counted_forward_pass(name):
+    """The formula against PyTorch's FLOP counter on a real forward pass (SDPA's math kernel, which it
+    counts as matmuls): a decoder, and an encoder–decoder whose decoder adds self- and cross-attention
+    (a T-token source beside a T-token target). Both models tie their embeddings, so every counted
+    parameter is in a matmul; norms and biases make up the rest of the 2 %."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    config, T = preset(name, vocab_size=97, block_size=64), 64
+    model = build_model(config).eval()
+    x = torch.randint(0, 97, (1, T))
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        model(x, x) if config.arch == "seq2seq" else model(x)
+    assert counter.get_total_flops() / T == pytest.approx(config.flops_per_token(T, training=False), rel=0.02)
+
+
 def test_unknown_preset_lists_known_ones():
     with pytest.raises(LmlabError, match="unknown model preset 'gpt5'.*gpt2-tiny"):
         preset("gpt5")

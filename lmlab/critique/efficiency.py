@@ -179,11 +179,15 @@ def _size_part(section: Section, subject: Subject) -> str:
         params=params, params_non_embedding=non_embedding, flops_per_token_train=train_flops, flops_per_token_inference=infer_flops,
         checkpoint_bytes=size, bytes_per_param=round(size / params, 4), stored_dtype=dominant,
     )
-    L, d, T = config.n_layer, config.n_embd, config.block_size
+    L, d, T = config.attention_layers(), config.n_embd, config.block_size
+    layers = f"L={L} attention layers" + (
+        ": the encoder's self-attention and the decoder's self- and cross-attention; a token is a target token with one source token beside it"
+        if config.arch == "seq2seq" else ""
+    )
     section.explain.update(
         params="Parameters of the model (tied embedding and output head counted once).",
         params_non_embedding="Parameters without the token, position and segment embedding tables: what scaling laws count as N.",
-        flops_per_token_train=f"Training FLOPs per token at the full {T}-token context: 6·N + 12·L·d·T (N without position embeddings, L={L}, d={d}).",
+        flops_per_token_train=f"Training FLOPs per token at the full {T}-token context: 6·N + 12·L·d·T (N without position embeddings, d={d}, {layers}).",
         flops_per_token_inference=f"Forward-pass FLOPs per token at a {T}-token context: 2·N + 4·L·d·T, a third of the training figure.",
         checkpoint_bytes="Size of the weight files on disk (model.safetensors, or a Hugging Face folder's shards).",
         bytes_per_param="Checkpoint bytes per parameter: ≈ 4 for fp32 weights, ≈ 2 for bf16/fp16 (plus a small header).",
