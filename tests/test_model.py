@@ -214,3 +214,11 @@ def test_decode_head_falls_back_without_onednn(monkeypatch):
         out = model.lm_logits(x)
     assert decoder._ONEDNN is False
     torch.testing.assert_close(out, x @ model.lm_head.weight.detach().T, atol=1e-5, rtol=1e-5)
+
+
+def test_a_model_built_in_inference_mode_decodes():
+    """Inference tensors keep no version counter: the head takes the plain product, no cached copy."""
+    with torch.inference_mode():
+        model = tiny("gpt2-tiny")
+        x = torch.randn(4, model.config.n_embd)
+        torch.testing.assert_close(model.lm_logits(x), x @ model.lm_head.weight.T)

@@ -49,8 +49,11 @@ def cpu_decode_head(weight: Tensor, x: Tensor) -> Tensor:
     beams), fp32 on x86-64: oneDNN's linear on a copy of the weight pre-packed into its blocked
     layout, 1.7–2× faster than MKL's GEMM at 8 rows on one core and ~3× on two (MKL repacks the
     whole weight at every call and does not thread these shapes; figures in docs/benchmarks.md).
-    Both give the same products up to float rounding."""
+    Both give the same products up to float rounding. A weight made under ``torch.inference_mode``
+    has no version counter to tell a stale copy by, so it takes the plain product."""
     global _ONEDNN
+    if weight.is_inference():
+        return torch.nn.functional.linear(x, weight)
     if x.shape[:-1].numel() > 1 and weight.dtype == torch.float32 and _ONEDNN is not False:
         try:
             packed = _head_copy(weight, "onednn", _onednn_pack)
