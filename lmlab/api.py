@@ -14,7 +14,6 @@ and generates the target — same calls, same decoding loop (:mod:`lmlab.model.s
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
+from lmlab.config import read_json_object
 from lmlab.errors import LmlabError
 from lmlab.generate import BeamSearch, GenerationConfig, decode
 from lmlab.generate.processors import SuppressIdsFrom
@@ -64,16 +64,12 @@ def folder_eos_ids(path: Path | None, vocab_size: int) -> list[int]:
     """The end-of-sequence ids a model folder's ``generation_config.json`` names (``eos_token_id``: one id,
     or a list such as Llama 3 Instruct's [128001, 128009], as transformers reads it); [] without the
     file or the field. Anything else there is a one-line error naming the file and the field."""
-    file = Path(path) / "generation_config.json" if path is not None else None
-    if file is None or not file.is_file():
+    if path is None:
         return []
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LmlabError(f"{file}: not readable JSON ({e})") from e
-    eos = data.get("eos_token_id") if isinstance(data, dict) else None
-    ids = [eos] if isinstance(eos, int) else eos if isinstance(eos, list) else [] if eos is None else None
-    if ids is None or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab_size for i in ids):
+    file = Path(path) / "generation_config.json"
+    eos = read_json_object(file).get("eos_token_id")
+    ids = [] if eos is None else eos if isinstance(eos, list) else [eos]
+    if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab_size for i in ids):
         raise LmlabError(f"{file}: eos_token_id is {eos!r}: expected a token id or a list of token ids below the vocabulary size {vocab_size}")
     return ids
 

@@ -141,8 +141,9 @@ class DecoderLM(nn.Module):
         return x if hidden_only else self.lm_logits(x)  # (B, T, vocab_size)
 
     def lm_logits(self, x: Tensor) -> Tensor:
-        """The LM head: logits (…, vocab_size) from final hidden states (…, n_embd). Decoding on CPU (inference mode, at most 64 rows) takes the faster kernel for
-        the row count (see :func:`cpu_decode_head`): this matmul is half of a small model's decode step."""
+        """The LM head: logits (…, vocab_size) from final hidden states (…, n_embd). Decoding on CPU
+        (inference mode, at most 64 rows) takes the fastest kernel for the row count (see
+        :func:`cpu_decode_head`): this matmul is half of a small model's decode step."""
         if torch.compiler.is_compiling() or not (
             torch.is_inference_mode_enabled() and x.device.type == "cpu" and x.shape[:-1].numel() <= 64 and type(self.lm_head) is nn.Linear
         ):
