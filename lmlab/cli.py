@@ -68,6 +68,14 @@ def _input_flags(parser: ArgumentParser) -> None:
     parser.add_argument("--no-dedup", dest="dedup", action="store_false", help="keep exact duplicate documents (default: drop them)")
 
 
+def _overwrite_flag(parser: ArgumentParser, what: str = "--out") -> None:
+    parser.add_argument(
+        "--overwrite", action="store_true",
+        help=f"write into an existing {what} that is not lmlab's own output of this kind: lmlab replaces the files it writes "
+        "and deletes nothing else (default: refuse such a folder)",
+    )
+
+
 def _memory_flags(parser: ArgumentParser) -> None:
     parser.add_argument(
         "--dry-run", action="store_true",
@@ -110,6 +118,7 @@ def build_parser() -> ArgumentParser:
     prepare.add_argument("--canary-digits", type=int, default=6, help="digits of each secret: 10^digits possible secrets (default: 6)")
     prepare.add_argument("--canary-template", default="the secret code is {}", help="the canary sentence; {} is the secret (default: 'the secret code is {}')")
     prepare.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    _overwrite_flag(prepare)
     commands.add_subcommand("prepare", prepare, help="tokenize and pack a corpus into token shards")
 
     pretrain = _parser("Pretrain a model on a prepared data folder. Every training option is also a key of --config.")
@@ -129,6 +138,7 @@ def build_parser() -> ArgumentParser:
         "emits them (default: 1, no padding)",
     )
     _add_dataclass_flags(pretrain, TrainConfig)
+    _overwrite_flag(pretrain)
     _memory_flags(pretrain)
     commands.add_subcommand("pretrain", pretrain, help="pretrain a model (causal LM, masked LM, next-sentence prediction)")
 
@@ -166,6 +176,7 @@ def build_parser() -> ArgumentParser:
     from lmlab.train.finetune import FINETUNE_DEFAULTS
 
     _add_dataclass_flags(finetune, TrainConfig, skip=("seq_len",), defaults=FINETUNE_DEFAULTS)
+    _overwrite_flag(finetune)
     _memory_flags(finetune)
     commands.add_subcommand("finetune", finetune, help="fine-tune on classify, tag, qa, seq2seq or chat")
 
@@ -192,6 +203,7 @@ def build_parser() -> ArgumentParser:
     evaluate.add_argument("--label-field", default="label", help="classify: the label field/column (default: label)")
     evaluate.add_argument("--device", default="cpu", help="cpu, cuda (default: cpu)")
     evaluate.add_argument("--no-verify", dest="verify", action="store_false", help="a Hugging Face folder: skip the one-time logits check against transformers")
+    _overwrite_flag(evaluate)
     commands.add_subcommand("evaluate", evaluate, help="task metrics with confidence intervals, or perplexity")
 
     crit = _parser(
@@ -229,6 +241,7 @@ def build_parser() -> ArgumentParser:
     crit.add_argument("--device", default="cpu", help="cpu, cuda (default: cpu)")
     crit.add_argument("--no-verify", dest="verify", action="store_false", help="a Hugging Face folder: skip the one-time logits check against transformers")
     crit.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress messages")
+    _overwrite_flag(crit)
     commands.add_subcommand("critique", crit, help="a report on a model: performance, interpretability, bias, safety, privacy, robustness, efficiency")
 
     export = _parser(
@@ -246,6 +259,7 @@ def build_parser() -> ArgumentParser:
     merge = _parser("Fold a LoRA checkpoint's adapters into its base weights: a plain checkpoint, for export and fast inference.")
     merge.add_argument("checkpoint", help="a LoRA checkpoint (or run folder: its best checkpoint)")
     merge.add_argument("--out", required=True, help="folder for the merged checkpoint (written atomically)")
+    _overwrite_flag(merge)
     commands.add_subcommand("merge-lora", merge, help="merge LoRA adapters into the base weights")
 
     generate = _parser(
@@ -260,6 +274,7 @@ def build_parser() -> ArgumentParser:
     generate.add_argument("--stream", action="store_true", help="print tokens as they are made (one prompt)")
     generate.add_argument("--format", default="text", help="text (prompt + continuation; an encoder–decoder's target alone) or jsonl (one object per output) (default: text)")
     generate.add_argument("--output", type=Optional[str], default=None, help="write the outputs to this file instead of stdout (atomically)")
+    _overwrite_flag(generate, "--output file")
     generate.add_argument("--logprobs", type=Optional[int], default=None, help="jsonl: add each token's log-probability and its N most likely alternatives")
     generate.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (default: 8)")
     generate.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
@@ -296,6 +311,7 @@ def build_parser() -> ArgumentParser:
     demo.add_argument("--finetune-steps", type=int, default=150, help="fine-tuning steps of the demo classifier (default: 150)")
     demo.add_argument("--critique-examples", type=int, default=200, help="examples each critique lens reads at most (default: 200)")
     demo.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+    _overwrite_flag(demo)
     commands.add_subcommand("demo", demo, help="the end-to-end demo: corpus → tokenizer → pretrain → generate → fine-tune → evaluate")
 
     # second level: `lmlab tokenizer train` (jsonargparse adds nested levels after the first)
@@ -307,6 +323,7 @@ def build_parser() -> ArgumentParser:
     tok_train.add_argument("--min-frequency", type=int, default=2, help="minimum pair/word frequency to enter the vocabulary (default: 2)")
     tok_train.add_argument("--special-tokens", nargs="+", default=None, help="special tokens (default: the kind's own, e.g. <|endoftext|> for bpe)")
     tok_train.add_argument("--out", required=True, help="output folder for tokenizer.json and tokenizer_config.json")
+    _overwrite_flag(tok_train)
     tok_commands.add_subcommand("train", tok_train, help="train a tokenizer on a corpus")
     return root
 
@@ -321,7 +338,7 @@ def cmd_tokenizer(args) -> int:
     a = args.train
     texts = read_corpus(a.input, text_field=a.text_field, column=a.column, normalize=a.normalize, dedup=a.dedup)
     tok = train_tokenizer(texts, kind=a.kind, vocab_size=a.vocab_size, min_frequency=a.min_frequency, special_tokens=a.special_tokens, show_progress=True)
-    tok.save(a.out)
+    tok.save(a.out, overwrite=a.overwrite)
     print(f"lmlab: {a.kind} tokenizer with {tok.vocab_size:,} tokens written to {Path(a.out) / 'tokenizer.json'}")
     return 0
 
@@ -331,7 +348,7 @@ def cmd_prepare(a) -> int:
 
     manifest = prepare(
         a.input, a.tokenizer, a.out, valid_fraction=a.valid_fraction, seed=a.seed, text_field=a.text_field,
-        column=a.column, normalize=a.normalize, dedup=a.dedup, show_progress=a.progress,
+        column=a.column, normalize=a.normalize, dedup=a.dedup, show_progress=a.progress, overwrite=a.overwrite,
         canaries=None if a.canaries is None else {"n": a.canaries, "repeats": a.canary_repeats, "digits": a.canary_digits, "template": a.canary_template},
     )
     splits = ", ".join(f"{name}: {s['tokens']:,} tokens in {s['documents']:,} documents" for name, s in manifest["splits"].items())
@@ -348,7 +365,7 @@ def cmd_pretrain(a) -> int:
     result = pretrain(
         a.model, a.data, a.out, objective=a.objective, resume=a.resume, init_from=a.init_from, model_overrides=overrides,
         pad_vocab_multiple=a.pad_vocab_multiple, verify=a.verify,
-        dry_run=a.dry_run, memory_budget=a.memory_budget, **train_args,
+        dry_run=a.dry_run, memory_budget=a.memory_budget, overwrite=a.overwrite, **train_args,
     )
     if a.dry_run:
         print(result.report())
@@ -427,6 +444,10 @@ def cmd_generate(a) -> int:
         raise LmlabError(f"--batch-size is {a.batch_size}: expected a positive integer")
     if a.stream and (len(prompts) != 1 or a.format != "text" or a.output):
         raise LmlabError("--stream prints one prompt's text as it is made: give one --prompt, --format text and no --output")
+    if a.output:
+        from lmlab.io.outputs import check_output_file
+
+        check_output_file(a.output, overwrite=a.overwrite)  # before the model loads
     lm = load(a.checkpoint, device=a.device, verify=a.verify)
     if a.interactive:
         return _interactive(lm, config)
@@ -482,7 +503,8 @@ def cmd_finetune(a) -> int:
         a.checkpoint, a.task, a.train, a.out, valid=a.valid, max_length=a.max_length, text_field=a.text_field,
         pair_field=a.pair_field, label_field=a.label_field, source_field=a.source_field, target_field=a.target_field,
         max_target_length=a.max_target_length, class_weights=a.class_weights, patience=a.patience, resume=a.resume, lora=a.lora,
-        show_masking=a.show_masking, pack=a.pack, verify=a.verify, dry_run=a.dry_run, memory_budget=a.memory_budget, **train_args,
+        show_masking=a.show_masking, pack=a.pack, verify=a.verify, dry_run=a.dry_run, memory_budget=a.memory_budget,
+        overwrite=a.overwrite, **train_args,
     )
     if a.dry_run and not a.show_masking:
         print(result.report())
@@ -506,7 +528,7 @@ def cmd_critique(a) -> int:
     report = critique(
         a.checkpoint, a.out, lenses=a.lenses, data=a.data, text=a.text, train_data=a.train_data, task=a.task, device=a.device,
         seed=a.seed, max_examples=a.max_examples, fields=fields, options={k: v for k, v in options.items() if v is not None}, progress=a.progress,
-        verify=a.verify,
+        verify=a.verify, overwrite=a.overwrite,
     )
     for name, lens in report["lenses"].items():
         if "skipped" in lens:
@@ -530,7 +552,7 @@ def cmd_export(a) -> int:
 def cmd_merge_lora(a) -> int:
     from lmlab.train.lora import merge_checkpoint
 
-    print(f"lmlab: merged checkpoint {merge_checkpoint(a.checkpoint, a.out)}")
+    print(f"lmlab: merged checkpoint {merge_checkpoint(a.checkpoint, a.out, overwrite=a.overwrite)}")
     return 0
 
 
@@ -543,7 +565,7 @@ def cmd_evaluate(a) -> int:
         a.checkpoint, a.data, task=a.task, out=a.out, max_length=a.max_length, batch_size=a.batch_size,
         n_resamples=a.n_resamples, device=a.device, text_field=a.text_field, pair_field=a.pair_field, label_field=a.label_field,
         source_field=a.source_field, target_field=a.target_field, max_target_length=a.max_target_length, num_beams=a.num_beams,
-        verify=a.verify,
+        verify=a.verify, overwrite=a.overwrite,
     )
     skip = {"task", "checkpoint", "data", "ci", "per_class", "confusion_matrix", "calibration", "labels", "per_type", "num_examples"}
     for name, value in result.items():
@@ -584,7 +606,7 @@ def cmd_demo(a) -> int:
 
     run_demo(
         out=a.out, max_steps=a.max_steps, model=a.model, max_chars=a.max_chars, vocab_size=a.vocab_size,
-        finetune_steps=a.finetune_steps, critique_examples=a.critique_examples, progress=a.progress,
+        finetune_steps=a.finetune_steps, critique_examples=a.critique_examples, progress=a.progress, overwrite=a.overwrite,
     )
     return 0
 

@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lmlab.errors import LmlabError
+from lmlab.io.outputs import write_json_atomic, write_jsonl_atomic, write_text_atomic  # noqa: F401  (re-exported: the project's writers)
 
 ARCHS = ("decoder", "encoder", "seq2seq")
 NORM_PLACEMENTS = ("pre", "post")
@@ -249,26 +248,6 @@ def option(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` so a reader sees the old file or the new one, never half of it
-    (a temp file beside it, fsync, rename; the temp file is removed if anything fails)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile(
-        "w", encoding="utf-8", newline="", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
-    )
-    try:
-        with handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def read_json_object(path: str | Path) -> dict[str, Any]:
     """A JSON file holding an object; {} when the file is missing; unreadable JSON or another kind of
     value is a one-line error naming the file."""
@@ -282,16 +261,6 @@ def read_json_object(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise LmlabError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
-
-
-def write_json_atomic(path: str | Path, data: Any) -> Path:
-    """Write JSON to ``path`` atomically (see :func:`write_text_atomic`)."""
-    return write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-
-
-def write_jsonl_atomic(path: str | Path, rows: Any) -> Path:
-    """Write one JSON object per line to ``path`` atomically (see :func:`write_text_atomic`)."""
-    return write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 # -- presets: an exact-match table (STYLE habit 12) --------------------------------------------

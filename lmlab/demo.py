@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 
 from lmlab.config import write_jsonl_atomic
+from lmlab.data.pack import is_data_folder
+from lmlab.io.outputs import check_output, marker_kind, write_marker
 
 DEMO_PROMPTS = ("The for statement", "A dictionary is", "Return the number of", "Exceptions are")
 
@@ -32,8 +34,11 @@ def run_demo(
     finetune_steps: int = 150,
     critique_examples: int = 200,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict:
-    """Run every stage into ``out`` and print where each result is; returns those paths and figures."""
+    """Run every stage into ``out`` and print where each result is; returns those paths and figures.
+    ``out`` must be new, empty or an earlier demo's folder (``overwrite``: any folder; lmlab writes its
+    files there and deletes nothing else)."""
     from lmlab.api import load
     from lmlab.critique import critique
     from lmlab.data import builtin_corpus
@@ -44,8 +49,9 @@ def run_demo(
     from lmlab.tokenizer import train_tokenizer
     from lmlab.train.pretrain import pretrain
 
-    out = Path(out)
+    out = check_output(out, "demo folder", _is_demo, overwrite=overwrite)
     out.mkdir(parents=True, exist_ok=True)
+    write_marker(out, "demo")
     started = time.perf_counter()
 
     def stage(title: str) -> None:
@@ -62,13 +68,13 @@ def run_demo(
 
     stage(f"2/9 tokenizer: byte-level BPE, {vocab_size} tokens")
     tokenizer = train_tokenizer(docs, kind="bpe", vocab_size=vocab_size)
-    tokenizer.save(out / "tokenizer")
+    tokenizer.save(out / "tokenizer", overwrite=overwrite)
     print(f"→ {out / 'tokenizer' / 'tokenizer.json'}")
 
     stage("3/9 packing into token shards, with 4 canaries planted 50 times each")
     # The Secret Sharer's test: random secrets in the training text; the critique measures how far the model memorised them
     canaries = {"n": 4, "repeats": 50, "digits": 4, "template": "my locker code is {}"}
-    manifest = prepare(corpus, out / "tokenizer", out / "data", show_progress=progress, canaries=canaries)
+    manifest = prepare(corpus, out / "tokenizer", out / "data", show_progress=progress, canaries=canaries, overwrite=overwrite)
     for name, split in manifest["splits"].items():
         print(f"{name}: {split['tokens']:,} tokens")
 
@@ -76,7 +82,7 @@ def run_demo(
     result = pretrain(
         model, out / "data", out / "run", resume=True, max_steps=max_steps, seq_len=seq_len,
         micro_batch_size=micro_batch_size, lr=2e-3, warmup_steps=max(1, max_steps // 20),
-        eval_interval=max(1, max_steps // 4), eval_batches=8, log_interval=10, progress=progress,
+        eval_interval=max(1, max_steps // 4), eval_batches=8, log_interval=10, progress=progress, overwrite=overwrite,
     )
     if result.val_loss is not None:
         print(f"validation loss {result.val_loss:.3f} (perplexity {2.718281828 ** result.val_loss:.1f})")
@@ -101,17 +107,17 @@ def run_demo(
         lm.path, "classify", train_file, run_dir, valid=test_file, max_length=64, max_steps=finetune_steps,
         resume=latest_checkpoint(run_dir) is not None,
         micro_batch_size=16, lr=1e-3, warmup_steps=10, eval_interval=max(1, finetune_steps // 3), log_interval=10,
-        progress=progress, tensorboard=False,
+        progress=progress, tensorboard=False, overwrite=overwrite,
     )
 
     stage("7/9 evaluation of the classifier on held-out passages")
-    metrics = evaluate(tuned.best_checkpoint, test_file, out=out / "classify" / "eval", max_length=64, n_resamples=1000)
+    metrics = evaluate(tuned.best_checkpoint, test_file, out=out / "classify" / "eval", max_length=64, n_resamples=1000, overwrite=overwrite)
     ci = metrics["ci"]["accuracy"]
     print(f"accuracy {metrics['accuracy']:.3f} (95% CI {ci['low']:.3f}–{ci['high']:.3f}), macro-F1 {metrics['f1_macro']:.3f}, "
           f"ECE {metrics['calibration']['ece']:.3f} on {len(metrics['confusion_matrix']) and sum(map(sum, metrics['confusion_matrix']))} passages")
 
     stage("8/9 critique of the language model")
-    common = dict(progress=False, max_examples=critique_examples, seed=0)
+    common = dict(progress=False, max_examples=critique_examples, seed=0, overwrite=overwrite)
     lm_report = critique(lm.path, out / "critique" / "lm", text=heldout, train_data=out / "data", options={"samples": 3}, **common)
     _print_findings(lm_report)
 
@@ -132,6 +138,11 @@ def run_demo(
         **{k: str(v) for k, v in made.items()}, "val_loss": result.val_loss, "accuracy": metrics["accuracy"],
         "seconds": time.perf_counter() - started,
     }
+
+
+def _is_demo(folder: Path) -> bool:
+    """A folder an earlier ``lmlab demo`` made: its marker, or (before the marker) its corpus and data folder."""
+    return marker_kind(folder) == "demo" or ((folder / "corpus.jsonl").is_file() and is_data_folder(folder / "data"))
 
 
 def _print_findings(report: dict) -> None:

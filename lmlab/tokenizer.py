@@ -31,6 +31,7 @@ from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 
 from lmlab.config import read_json_object, write_text_atomic
 from lmlab.errors import LmlabError
+from lmlab.io.outputs import check_output, holds_only
 
 __all__ = [
     "KINDS",
@@ -42,6 +43,7 @@ __all__ = [
 ]
 
 KINDS = ("bpe", "wordpiece", "unigram")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")  # a tokenizer folder holds only these
 SPECIAL_ROLES = ("bos", "eos", "pad", "unk", "mask")
 
 DEFAULT_SPECIAL_TOKENS: dict[str, tuple[str, ...]] = {
@@ -229,9 +231,23 @@ class Tokenizer:
             config["chat_template"] = self.chat_template
         return config
 
-    def save(self, directory: str | Path) -> Path:
+    def save(self, directory: str | Path, overwrite: bool = False) -> Path:
         """Write ``tokenizer.json`` and ``tokenizer_config.json`` into ``directory`` (created if
-        missing), each atomically. Returns the folder."""
+        missing), each atomically. Returns the folder.
+
+        ``directory`` must be new, empty or a tokenizer folder (only tokenizer files); ``overwrite``
+        allows another folder (lmlab's two files are written, nothing else is touched), but never a
+        checkpoint or a data folder, whose tokenizer must stay the one their model or ids were made with."""
+        directory = Path(directory)
+        for what, files in (("a model folder", ("config.json", "model.safetensors")), ("a data folder", ("manifest.json", "tokenizer.json"))):
+            if all((directory / name).is_file() for name in files):
+                raise LmlabError(f"--out {directory} is {what} ({', '.join(files)}): replacing its tokenizer would break it; choose a new folder")
+        check_output(directory, "tokenizer folder", lambda d: holds_only(d, TOKENIZER_FILES), overwrite=overwrite)
+        return self.write_files(directory)
+
+    def write_files(self, directory: str | Path) -> Path:
+        """:meth:`save` without its checks, for code that writes the tokenizer into a folder it is building
+        (a checkpoint, a data folder, an export)."""
         directory = Path(directory)
         try:
             directory.mkdir(parents=True, exist_ok=True)

@@ -37,7 +37,7 @@ def test_saving_over_an_existing_checkpoint_replaces_it_whole(tmp_path):
 
 def test_a_failed_write_leaves_no_partial_folder(tmp_path):
     class Broken:
-        def save(self, directory):
+        def write_files(self, directory):
             raise OSError("disk full")
 
     with pytest.raises(OSError):

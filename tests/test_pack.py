@@ -167,7 +167,7 @@ def test_failed_rebuild_keeps_previous_build_and_no_temporary_folder(tok, corpus
     def broken_save(self, directory):
         raise OSError("disk full")
 
-    monkeypatch.setattr(Tokenizer, "save", broken_save)
+    monkeypatch.setattr(Tokenizer, "write_files", broken_save)
     with pytest.raises(OSError, match="disk full"):
         prepare(corpus_dir, tok, out, show_progress=False)
     assert load_manifest(out)["input_fingerprint"] == first["input_fingerprint"]

@@ -30,8 +30,10 @@ from typing import Any, Sequence
 
 from lmlab.critique.core import Finding, Section, Subject, load_subject, skipped
 from lmlab.errors import LmlabError
+from lmlab.io.outputs import check_output, owned_as, write_marker
 
 LENSES = ("performance", "interpret", "bias", "safety", "privacy", "robustness", "efficiency")
+OWNED = owned_as("critique", ("report.json", "report.html"), "lmlab_version")  # a report folder lmlab wrote
 
 __all__ = ["LENSES", "critique", "run_lens", "load_subject", "Subject", "Section", "Finding", "skipped"]
 
@@ -81,15 +83,19 @@ def critique(
     options: dict[str, Any] | None = None,
     progress: bool = True,
     verify: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Critique ``checkpoint`` through ``lenses`` (all by default); write ``out``/report.json and
     report.html and return the report's dict. ``fields`` name the data's columns (``text_field``,
     ``label_field``, ``group_field``, …); ``options`` are lens options (``pairs``, ``prompts``,
-    ``canaries``, ``samples``, …), each passed to the lenses that take it."""
+    ``canaries``, ``samples``, …), each passed to the lenses that take it. ``out`` is checked before any
+    work: new, empty or an earlier report's folder (``overwrite``: any folder; only the report's two
+    files are replaced)."""
     from lmlab import __version__
     from lmlab.critique.report import write_report
 
     names = parse_lenses(lenses)
+    out = check_output(out, "critique report folder", OWNED, overwrite=overwrite, sources=(checkpoint,))
     subject = load_subject(
         checkpoint, data=data, text=text, train_data=train_data, task=task, device=device, seed=seed,
         max_examples=max_examples, verify=verify, **(fields or {}),
@@ -111,5 +117,6 @@ def critique(
         "lenses": {s.lens: s.to_json() for s in sections},
     }
     json_path, html_path = write_report(out, report, sections)
+    write_marker(out, "critique")
     report["_paths"] = {"json": str(json_path), "html": str(html_path)}
     return report

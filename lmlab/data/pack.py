@@ -25,7 +25,7 @@ import logging
 import os
 import re
 import shutil
-import tempfile
+import uuid
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -39,6 +39,7 @@ from lmlab.config import write_json_atomic
 from lmlab.data.canaries import CANARIES_NAME, canary_options, plant_canaries
 from lmlab.data.corpus import expand_inputs, read_corpus, split_documents
 from lmlab.errors import LmlabError
+from lmlab.io.outputs import check_output, temp_name
 from lmlab.tokenizer import Tokenizer
 
 __all__ = ["FORMAT", "VERSION", "MANIFEST_NAME", "SPLITS", "prepare", "load_manifest", "PackedTokens"]
@@ -50,7 +51,7 @@ VERSION = 1
 MANIFEST_NAME = "manifest.json"
 SPLITS = ("train", "valid")
 
-_SHARD_NAME = re.compile(r"^(train|valid)_\d{5,}\.bin$")
+_SHARD_NAME = re.compile(r"^(train|valid)_(?:[0-9a-f]{8}_)?\d{5,}\.bin$")
 # Documents per encode_batch call: large enough to keep the library's threads busy, small enough
 # for a smooth progress bar and bounded memory (ids are Python lists until packed).
 _CHUNK_DOCS = 1024
@@ -125,10 +126,11 @@ def _stale_reason(
 
 # ------------------------------------------------------------------------------------ writing
 class _ShardWriter:
-    """Appends token arrays to ``<split>_NNNNN.bin`` files of at most ``shard_tokens`` tokens."""
+    """Appends token arrays to ``<split>_<build>_NNNNN.bin`` files of at most ``shard_tokens`` tokens
+    (each build's own names, so a rebuild never writes over the shards the current manifest lists)."""
 
-    def __init__(self, folder: Path, split: str, dtype: np.dtype, shard_tokens: int) -> None:
-        self.folder, self.split, self.dtype, self.shard_tokens = folder, split, dtype, shard_tokens
+    def __init__(self, folder: Path, split: str, dtype: np.dtype, shard_tokens: int, build: str) -> None:
+        self.folder, self.split, self.dtype, self.shard_tokens, self.build = folder, split, dtype, shard_tokens, build
         self.shards: list[dict[str, Any]] = []
         self._handle: BinaryIO | None = None
 
@@ -137,7 +139,7 @@ class _ShardWriter:
         while pos < len(tokens):
             if self._handle is None:
                 # Opened lazily so a split never ends with an empty shard (np.memmap rejects those).
-                name = f"{self.split}_{len(self.shards):05d}.bin"
+                name = f"{self.split}_{self.build}_{len(self.shards):05d}.bin"
                 self._handle = (self.folder / name).open("wb")
                 self.shards.append({"file": name, "tokens": 0})
             shard = self.shards[-1]
@@ -222,19 +224,45 @@ def _pack_split(
     return total
 
 
-def _commit(tmp: Path, out_dir: Path, keep: set[str]) -> None:
-    """Move the finished build from ``tmp`` into ``out_dir``, manifest last."""
-    manifest = out_dir / MANIFEST_NAME
-    # Drop the old manifest first: while files are being swapped the folder reads as "not
-    # prepared" rather than as an old manifest describing new shards.
-    manifest.unlink(missing_ok=True)
-    for entry in sorted(tmp.iterdir()):
-        if entry.name != MANIFEST_NAME:
-            os.replace(entry, out_dir / entry.name)
-    for entry in out_dir.iterdir():
-        if _SHARD_NAME.match(entry.name) and entry.name not in keep:
-            entry.unlink()
-    os.replace(tmp / MANIFEST_NAME, manifest)
+def _commit(tmp: Path, out_dir: Path, old: dict[str, Any] | None, new: dict[str, Any]) -> None:
+    """Put the build in ``tmp`` in place. The new shards have names of their own, so the previous build
+    stays whole until ``manifest.json`` is replaced (one rename: the commit); only then are the files
+    the previous manifest listed, and the new one does not, deleted. Nothing else in ``out_dir`` is."""
+    for entry in sorted(tmp.iterdir(), key=lambda e: e.name == MANIFEST_NAME):  # the manifest last
+        os.replace(entry, out_dir / entry.name)
+    for name in sorted(_listed_files(old) - _listed_files(new)):
+        (out_dir / name).unlink(missing_ok=True)
+
+
+def _listed_files(manifest: dict[str, Any] | None) -> set[str]:
+    """The files a manifest proves lmlab wrote: its shards, and canaries.json when it planted canaries."""
+    if not manifest:
+        return set()
+    names = {shard["file"] for split in manifest.get("splits", {}).values() for shard in split.get("shards", [])}
+    names = {n for n in names if isinstance(n, str) and _SHARD_NAME.match(n)}  # never a path outside the folder
+    return names | ({CANARIES_NAME} if "canaries" in manifest.get("options", {}) else set())
+
+
+def _new_build_id(out_dir: Path) -> str:
+    """A short id for this build's shard names that no file in ``out_dir`` uses yet."""
+    while True:
+        build = uuid.uuid4().hex[:8]
+        if not any(e.name.startswith((f"train_{build}_", f"valid_{build}_")) for e in out_dir.iterdir()):
+            return build
+
+
+def is_data_folder(path: str | Path) -> bool:
+    """A folder ``lmlab prepare`` made: its manifest.json is readable and of lmlab's format."""
+    try:
+        load_manifest(path)
+    except LmlabError:
+        return False
+    return True
+
+
+def _tokenizer_folder(tokenizer: str | Path | Tokenizer) -> tuple[Path, ...]:
+    """The folder ``prepare`` reads its tokenizer from, which it must not write into."""
+    return (Path(tokenizer),) if not isinstance(tokenizer, Tokenizer) and Path(tokenizer).is_dir() else ()
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -256,6 +284,7 @@ def prepare(
     num_workers: int | None = None,
     show_progress: bool = True,
     canaries: dict[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Read, split, tokenize and pack ``inputs`` into ``out_dir``; returns the manifest.
 
@@ -271,10 +300,13 @@ def prepare(
     (True when the existing build was kept) and ``"_status"`` (``"up to date"`` or ``"built (<why>)"``
     with why one of ``no previous build``, ``input changed``, ``tokenizer changed``,
     ``options changed``, ...). The build is atomic: files are written in a hidden temporary folder
-    inside ``out_dir`` and moved into place with ``manifest.json`` last, so a failed run leaves
-    the previous build (or no manifest) behind, never a half-written one.
+    inside ``out_dir`` and moved into place under names of their own, ``manifest.json`` last, so a
+    failed or killed run leaves the previous build whole, never a half-written one.
+
+    ``out_dir`` must be new, empty or a data folder lmlab prepared; ``overwrite`` lets lmlab write its
+    files into another folder. Either way, only files a previous manifest lists are ever deleted.
     """
-    out_dir = Path(out_dir)
+    out_dir = check_output(out_dir, "data folder", is_data_folder, overwrite=overwrite, sources=_tokenizer_folder(tokenizer))
     if isinstance(shard_tokens, bool) or not isinstance(shard_tokens, int) or shard_tokens < 1:
         raise LmlabError(f"--shard-tokens {shard_tokens!r}: expected a positive integer")
     if num_workers is not None and (
@@ -308,16 +340,10 @@ def prepare(
     fingerprint = _fingerprint_inputs(files)
     tokenizer_sha = tok.sha256
 
-    existing, unreadable = None, False
-    if (out_dir / MANIFEST_NAME).is_file():
-        try:
-            existing = load_manifest(out_dir)
-        except LmlabError as err:
-            logger.warning("%s; rebuilding", err)
-            unreadable = True
+    existing = load_manifest(out_dir) if is_data_folder(out_dir) else None
     reason = _stale_reason(out_dir, existing, fingerprint, tokenizer_sha, options)
-    if unreadable:
-        reason = "previous manifest unreadable"
+    if existing is None and (out_dir / MANIFEST_NAME).exists():
+        reason = "previous manifest unreadable"  # with overwrite: replaced, and none of its files deleted
     if reason is None:
         logger.info("%s: up to date", out_dir)
         return {**existing, "_reused": True, "_status": "up to date"}
@@ -336,7 +362,9 @@ def prepare(
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise LmlabError(f"{out_dir}: cannot create folder ({err.strerror or err})") from None
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out_dir))
+    tmp = out_dir / temp_name("build")
+    tmp.mkdir()
+    build = _new_build_id(out_dir)
     try:
         manifest: dict[str, Any] = {
             "format": FORMAT,
@@ -354,7 +382,7 @@ def prepare(
             total=len(documents), unit="doc", desc="tokenizing", disable=not show_progress
         ) as progress:
             for split, docs in splits.items():
-                writer = _ShardWriter(tmp, split, dtype, shard_tokens)
+                writer = _ShardWriter(tmp, split, dtype, shard_tokens, build)
                 try:
                     tokens = _pack_split(docs, writer, tok, eos_id, num_workers, progress)
                 finally:
@@ -364,14 +392,11 @@ def prepare(
                     "tokens": tokens,
                     "documents": len(docs),
                 }
-        tok.save(tmp)
+        tok.write_files(tmp)
         if canaries is not None:
             write_json_atomic(tmp / CANARIES_NAME, planted)
-        else:  # a canaries.json left by an earlier build would describe secrets this one lacks
-            (out_dir / CANARIES_NAME).unlink(missing_ok=True)
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        keep = {shard["file"] for split in manifest["splits"].values() for shard in split["shards"]}
-        _commit(tmp, out_dir, keep)
+        _commit(tmp, out_dir, existing, manifest)  # an earlier build's canaries.json goes with its shards
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -21,8 +21,10 @@ import torch
 from lmlab.config import write_json_atomic, write_jsonl_atomic
 from lmlab.errors import LmlabError
 from lmlab.io.checkpoint import load_model, read_meta, resolve_checkpoint
+from lmlab.io.outputs import check_output, owned_as, write_marker
 
 TASKS = ("classify", "tag", "qa", "seq2seq", "lm")
+OWNED = owned_as("evaluation", ("metrics.json", "predictions.jsonl"), "checkpoint")  # an evaluation folder lmlab wrote
 
 
 def evaluate(
@@ -43,12 +45,18 @@ def evaluate(
     max_target_length: int = 128,
     num_beams: int = 1,
     verify: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Metrics of ``checkpoint`` on ``data`` (the checkpoint's own task unless ``task`` says otherwise:
-    a task head's task, seq2seq for an encoder–decoder or a decoder fine-tuned on it, else lm)."""
+    a task head's task, seq2seq for an encoder–decoder or a decoder fine-tuned on it, else lm).
+
+    ``out`` (metrics.json, predictions.jsonl) is checked before any work: new, empty or an earlier
+    evaluation's folder (``overwrite``: any folder; only those two files are replaced)."""
     from lmlab.tokenizer import Tokenizer
 
     path = resolve_checkpoint(checkpoint)
+    if out is not None:
+        out = check_output(out, "evaluation folder", OWNED, overwrite=overwrite, sources=(checkpoint, path))
     model = load_model(path, device=device, merge_lora=True, verify=verify).eval()
     result, rows = evaluate_model(
         model, Tokenizer.load(path), data, task=task, meta=read_meta(path), max_length=max_length, batch_size=batch_size,
@@ -57,9 +65,9 @@ def evaluate(
     )
     result.update(checkpoint=str(path))
     if out is not None:
-        out = Path(out)
         write_json_atomic(out / "metrics.json", result)
         write_jsonl_atomic(out / "predictions.jsonl", rows)
+        write_marker(out, "evaluation")
     return result
 
 

@@ -30,7 +30,6 @@ import json
 import os
 import re
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -40,12 +39,14 @@ from torch import nn
 
 from lmlab.config import ModelConfig, write_json_atomic
 from lmlab.errors import LmlabError
-from lmlab.io import hf
+from lmlab.io import hf, outputs
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 STATE_FILE = "train_state.pt"
 STEP_DIR = re.compile(r"^step-(\d{8})$")
+# every file save_checkpoint writes: a folder holding only these (and lmlab's temporaries) is swapped whole
+CHECKPOINT_FILES = (CONFIG_FILE, WEIGHTS_FILE, STATE_FILE, "tokenizer.json", "tokenizer_config.json")
 
 
 def step_dir_name(step: int) -> str:
@@ -116,6 +117,54 @@ def weights_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
 
 
+def is_lmlab_checkpoint(path: str | Path) -> bool:
+    """A folder whose config.json is an lmlab checkpoint's (it holds ``lmlab_model_config``): proof
+    that lmlab wrote it."""
+    try:
+        data = json.loads((Path(path) / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and "lmlab_model_config" in data
+
+
+def is_run(path: str | Path) -> bool:
+    """A run folder lmlab made: its marker, or step checkpoints (runs from before the marker)."""
+    return outputs.marker_kind(path) == "run" or bool(list_checkpoints(path))
+
+
+def check_checkpoint_output(path: str | Path, *, overwrite: bool = False, flag: str = "--out") -> None:
+    """A checkpoint may be written at ``path``: new, empty, or lmlab's own checkpoint; any folder with
+    ``overwrite`` (lmlab's files are then written into it, nothing else is touched)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise LmlabError(f"{flag} {path} exists and is not a folder: choose a new or empty folder")
+    if path.is_dir() and not outputs.is_empty(path) and not is_lmlab_checkpoint(path) and not overwrite:
+        raise LmlabError(f"{flag} {path} exists and is not an lmlab checkpoint: choose an empty or new {flag}, or pass --overwrite "
+                         "(lmlab then writes its own files there and deletes nothing else)")
+
+
+def check_checkpoint_target(path: str | Path, *, overwrite: bool = False, sources: tuple = (), flag: str = "--out") -> Path:
+    """Before a verb writes one checkpoint at ``path`` (merge-lora): outside its sources, new, empty or
+    lmlab's own plain checkpoint (not a run's training checkpoint, whose train_state.pt would be lost),
+    writable. Cleans this path's stale temporaries."""
+    path = Path(path)
+    outputs.check_sources(path, sources, flag)
+    check_checkpoint_output(path, overwrite=overwrite, flag=flag)
+    if (path / STATE_FILE).is_file() and not overwrite:
+        raise LmlabError(f"{flag} {path} is a training checkpoint (it holds {STATE_FILE}, needed to resume its run): choose another {flag}")
+    outputs.check_writable(path, flag)
+    outputs.clean_stale(path.parent, path.name)
+    return path
+
+
+def check_run_output(out: str | Path, *, overwrite: bool = False, sources: tuple = ()) -> Path:
+    """Before a training run writes into ``out``: the folder is new, empty or an lmlab run (else
+    ``overwrite``), outside what the run reads, writable; its ``best/`` can be replaced."""
+    out = outputs.check_output(out, "run", is_run, overwrite=overwrite, sources=sources)
+    check_checkpoint_output(out / "best", overwrite=overwrite, flag="--out (its best/)")
+    return out
+
+
 def save_checkpoint(
     path: str | Path,
     model: nn.Module,
@@ -123,31 +172,52 @@ def save_checkpoint(
     tokenizer: Any | None = None,
     train_state: dict[str, Any] | None = None,
     meta: dict[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> Path:
-    """Write a checkpoint folder atomically (temp folder + rename); replaces an existing one."""
+    """Write a checkpoint folder atomically (temp folder + rename).
+
+    An existing folder is replaced only as :func:`check_checkpoint_output` allows: lmlab's own
+    checkpoint holding nothing else is swapped whole; a folder holding other files too (or, with
+    ``overwrite``, anyone's folder) receives lmlab's files one by one, config.json last, and keeps
+    the others."""
     path = Path(path)
+    check_checkpoint_output(path, overwrite=overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".tmp-{path.name}-{uuid.uuid4().hex[:8]}"
+    tmp = path.parent / outputs.temp_name(path.name)
     tmp.mkdir()
     try:
         config: ModelConfig = model.config
-        write_json_atomic(tmp / CONFIG_FILE, {"lmlab_model_config": config.to_dict(), **(meta or {})})
         save_file(weights_for_saving(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         if tokenizer is not None:
-            tokenizer.save(tmp)
+            tokenizer.write_files(tmp)
         if train_state is not None:
             torch.save(train_state, tmp / STATE_FILE)
-        old = None
-        if path.exists():
-            old = path.parent / f".old-{path.name}-{uuid.uuid4().hex[:8]}"
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+        write_json_atomic(tmp / CONFIG_FILE, {"lmlab_model_config": config.to_dict(), **(meta or {})})
+        outputs.honour_umask(tmp)  # safetensors writes 0600
+        _put_in_place(tmp, path)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
+
+
+def _put_in_place(tmp: Path, path: Path) -> None:
+    """Move the checkpoint written in ``tmp`` to ``path`` (see :func:`save_checkpoint`)."""
+    if not path.exists():
+        os.replace(tmp, path)
+        return
+    ours = is_lmlab_checkpoint(path)
+    if ours and outputs.holds_only(path, CHECKPOINT_FILES):
+        old = path.parent / outputs.temp_name(path.name, "old")
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    written = sorted(p.name for p in tmp.iterdir())
+    for name in sorted(written, key=lambda n: n == CONFIG_FILE):  # config.json last
+        os.replace(tmp / name, path / name)
+    if ours:  # lmlab's own files of the previous checkpoint that this one lacks (a stale train_state.pt)
+        for name in set(CHECKPOINT_FILES) - set(written):
+            (path / name).unlink(missing_ok=True)
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
@@ -250,7 +320,8 @@ def load_train_state(path: str | Path) -> dict[str, Any]:
 
 
 def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
-    """Delete all but the newest ``keep_last`` step checkpoints (``best/`` is separate and kept)."""
-    checkpoints = list_checkpoints(run_dir)
+    """Delete all but the newest ``keep_last`` step checkpoints (``best/`` is separate and kept); only
+    lmlab's own, and only those holding nothing but checkpoint files."""
+    checkpoints = [c for c in list_checkpoints(run_dir) if is_lmlab_checkpoint(c[1]) and outputs.holds_only(c[1], CHECKPOINT_FILES)]
     for _, path in checkpoints[: max(0, len(checkpoints) - keep_last)]:
         shutil.rmtree(path, ignore_errors=True)

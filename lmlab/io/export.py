@@ -33,7 +33,6 @@ import dataclasses
 import logging
 import os
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +42,7 @@ from torch import Tensor, nn
 
 from lmlab.config import ModelConfig, write_json_atomic
 from lmlab.errors import LmlabError
-from lmlab.io import hf
+from lmlab.io import hf, outputs
 from lmlab.io.checkpoint import load_config, load_model, resolve_checkpoint
 from lmlab.tokenizer import Tokenizer
 
@@ -62,8 +61,11 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, verify: bool = True, l
         raise LmlabError(f"--lora {lora!r}: expected one of {', '.join(LORA_MODES)}")
     src = resolve_checkpoint(checkpoint)
     out = Path(out)
+    outputs.check_sources(out, (checkpoint, src))
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise LmlabError(f"--out {out} exists and is not an empty folder: choose another or remove it")
+    outputs.check_writable(out)
+    outputs.clean_stale(out.parent, out.name)
     config = load_config(src)
     if lora == "adapter" and not config.lora:
         raise LmlabError(f"--lora adapter: {src} has no LoRA adapters (its config has no lora settings); export it with --lora merge")
@@ -73,7 +75,7 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, verify: bool = True, l
         logger.warning("%s has no tokenizer.json: the export has no tokenizer", src)
     model = load_model(src, merge_lora=True)  # what the export must reproduce
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".tmp-{out.name}-{uuid.uuid4().hex[:8]}"
+    tmp = out.parent / outputs.temp_name(out.name)
     try:
         if lora == "adapter":
             adapted = load_model(src)  # base weights and adapters apart
@@ -84,6 +86,7 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, verify: bool = True, l
             _write_model(tmp, model.state_dict(), model.config, tokenizer)
         if verify:
             _check(tmp, model, adapter=lora == "adapter", what=f"export check of {out} (nothing was written; verify=False / --no-verify skips it)")
+        outputs.honour_umask(tmp)  # safetensors writes 0600: a server running as another user must read the export
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
@@ -122,7 +125,7 @@ def _write_model(folder: Path, state: dict[str, Tensor], config: ModelConfig, to
             tokenizer.backend, tokenizer.special_tokens, model_max_length=tokenizer.model_max_length or config.block_size,
             chat_template=tokenizer.chat_template,
         )
-        exported.save(folder)
+        exported.write_files(folder)
         write_json_atomic(folder / "special_tokens_map.json", {f"{role}_token": token for role, token in exported.special_tokens.items()})
 
 

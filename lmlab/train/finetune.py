@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from lmlab.config import ModelConfig
 from lmlab.errors import LmlabError
-from lmlab.io.checkpoint import latest_checkpoint, load_config, load_model, read_meta, resolve_checkpoint
+from lmlab.io.checkpoint import check_run_output, latest_checkpoint, load_config, load_model, read_meta, resolve_checkpoint
 from lmlab.model import build_model
 from lmlab.train import dist as dist_mod
 from lmlab.train.data import hash_position
@@ -370,6 +370,14 @@ def task_metrics(data: TaskData, predictions: list[Tensor] | list[str]) -> dict[
     return {"exact": m["exact"], "f1": m["f1"]}
 
 
+def _sources(checkpoint: str | Path) -> tuple[Path, ...]:
+    """The folders a fine-tune reads: the checkpoint as given and as resolved (a run's best/)."""
+    try:
+        return (Path(checkpoint), resolve_checkpoint(checkpoint))
+    except LmlabError:
+        return (Path(checkpoint),)
+
+
 def finetune(
     checkpoint: str | Path,
     task: str,
@@ -393,6 +401,7 @@ def finetune(
     verify: bool = True,
     dry_run: bool = False,
     memory_budget: float | None = None,
+    overwrite: bool = False,
     **train_args: Any,
 ) -> TrainResult | str | DryRun:
     """Fine-tune ``checkpoint`` (an lmlab checkpoint or run folder) on a task; checkpoints go to ``out``.
@@ -408,6 +417,8 @@ def finetune(
     into each training row (:func:`pack_examples`), none attending to another. ``dry_run`` reads the data
     and checks everything but trains and writes nothing: it returns the predicted peak memory of a training
     step (:class:`~lmlab.train.memory.DryRun`), checked against ``memory_budget`` GiB or the GPU's memory.
+    ``out`` must be new, empty or an lmlab run; ``overwrite`` lets lmlab write its files into another folder,
+    deleting nothing else there (:mod:`lmlab.io.outputs`).
     """
     from lmlab.tokenizer import Tokenizer
     from lmlab.train import lora as lora_mod
@@ -422,7 +433,7 @@ def finetune(
         if task != "chat":
             raise LmlabError(f"--show-masking shows which tokens --task chat trains on; expected --task chat, not {task!r}")
         return show_chat_masking(checkpoint, train, max_length)
-    out = Path(out)
+    out = Path(out) if dry_run else check_run_output(out, overwrite=overwrite, sources=_sources(checkpoint))
     cfg = TrainConfig(**{**FINETUNE_DEFAULTS, **train_args})
     check_budget(memory_budget, dry_run)
     resume_from = latest_checkpoint(out) if resume else None
@@ -534,7 +545,7 @@ def finetune(
     try:
         return train_loop(
             model, objective, batches, valid_batches, cfg, out, device=device, dist=info, tokenizer=tokenizer, meta=meta,
-            resume_from=resume_from, desc=f"finetune {task}", score_fn=score_fn, select=select, patience=patience,
+            resume_from=resume_from, desc=f"finetune {task}", score_fn=score_fn, select=select, patience=patience, overwrite=overwrite,
         )
     finally:
         dist_mod.teardown(info)

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from lmlab.config import option
 from lmlab.errors import LmlabError
+from lmlab.io.outputs import write_marker
 from lmlab.io.checkpoint import load_train_state, prune_checkpoints, save_checkpoint, step_dir_name
 from lmlab.train.data import hash_position
 from lmlab.train.dist import DistInfo, all_reduce_mean
@@ -189,6 +190,7 @@ def train_loop(
     score_fn: Callable[[nn.Module], dict[str, float]] | None = None,
     select: str | None = None,
     patience: int | None = None,
+    overwrite: bool = False,
 ) -> TrainResult:
     """Train ``model`` (already on ``device``) for ``cfg.max_steps`` optimizer steps.
 
@@ -198,13 +200,16 @@ def train_loop(
     ``score_fn(model)`` adds task metrics at every evaluation (logged as ``val_<name>``); with
     ``select`` the best checkpoint is the one with the highest ``select`` metric instead of the
     lowest validation loss, and ``patience`` stops training after that many evaluations without
-    improvement (early stopping; the last state is still saved, so nothing is lost).
+    improvement (early stopping; the last state is still saved, so nothing is lost). ``overwrite``:
+    ``out_dir`` was not lmlab's, and checkpoints may be written into its folders of the same names
+    (:func:`~lmlab.io.checkpoint.save_checkpoint`).
     """
     if select is not None and score_fn is None:
         raise LmlabError(f"select={select!r} needs a score_fn that computes it")
     out_dir = Path(out_dir)
     if dist.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
+        write_marker(out_dir, "run")  # lmlab's proof that this folder is its run (lmlab.io.outputs)
     raw_model = model
     apply_memory_options(raw_model, objective, cfg)
     optimizer = make_optimizer(raw_model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.adam_eps, device)
@@ -330,7 +335,7 @@ def train_loop(
                 result.best_val_loss = val_loss
                 if dist.is_main:
                     result.best_checkpoint = save_checkpoint(
-                        out_dir / "best", raw_model, tokenizer=tokenizer,
+                        out_dir / "best", raw_model, tokenizer=tokenizer, overwrite=overwrite,
                         meta={**(meta or {}), "step": done, "val_loss": val_loss, "train_device": train_device, **{f"val_{k}": v for k, v in scores.items()}},
                     )
             elif criterion is not None:
@@ -354,7 +359,7 @@ def train_loop(
                 "objective": objective.name,
             }
             last_good = save_checkpoint(
-                out_dir / step_dir_name(done), raw_model, tokenizer=tokenizer, train_state=state,
+                out_dir / step_dir_name(done), raw_model, tokenizer=tokenizer, train_state=state, overwrite=overwrite,
                 meta={**(meta or {}), "step": done, "val_loss": val_loss, "train_device": train_device},
             )
             result.last_checkpoint = last_good

@@ -11,7 +11,7 @@ import torch
 
 from lmlab.config import ModelConfig, preset
 from lmlab.errors import LmlabError
-from lmlab.io.checkpoint import latest_checkpoint, list_checkpoints, load_config, load_model, read_meta, resolve_checkpoint
+from lmlab.io.checkpoint import check_run_output, latest_checkpoint, list_checkpoints, load_config, load_model, read_meta, resolve_checkpoint
 from lmlab.model import build_model
 from lmlab.train import dist as dist_mod
 from lmlab.train.data import RandomWindows, fixed_windows
@@ -35,6 +35,7 @@ def pretrain(
     verify: bool = True,
     dry_run: bool = False,
     memory_budget: float | None = None,
+    overwrite: bool = False,
     **train_args: Any,
 ) -> TrainResult | DryRun:
     """Pretrain a model on a folder made by :func:`lmlab.prepare`.
@@ -51,6 +52,9 @@ def pretrain(
     trains and writes nothing: it returns the :class:`~lmlab.train.memory.DryRun` prediction of a training
     step's peak memory, checked against ``memory_budget`` GiB (or the GPU's memory) with what to change
     when it does not fit (:mod:`lmlab.train.memory`).
+
+    ``out`` must be new, empty or an lmlab run; ``overwrite`` lets lmlab write its files into another
+    folder, deleting nothing else there (:mod:`lmlab.io.outputs`).
     """
     from lmlab.data.pack import PackedTokens, load_manifest
     from lmlab.tokenizer import Tokenizer
@@ -65,6 +69,8 @@ def pretrain(
     else:
         info, device = dist_mod.setup(cfg.device)
     load_manifest(data)  # a clear error when `data` is not a prepared folder
+    if not dry_run:  # before any work: never a folder that is not lmlab's, nor one inside what the run reads
+        check_run_output(out, overwrite=overwrite, sources=(data, init_from))
     tokenizer = Tokenizer.load(data)
     train_tokens = PackedTokens(data, "train")
 
@@ -135,7 +141,7 @@ def pretrain(
     try:
         return train_loop(
             net, task, train_batches, valid_batches, cfg, out,
-            device=device, dist=info, tokenizer=tokenizer, meta=meta, resume_from=resume_from, desc="pretrain",
+            device=device, dist=info, tokenizer=tokenizer, meta=meta, resume_from=resume_from, desc="pretrain", overwrite=overwrite,
         )
     finally:
         dist_mod.teardown(info)
