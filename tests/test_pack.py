@@ -204,3 +204,70 @@ def test_packed_tokens_pickle_by_reference(tok, corpus_dir, tmp_path):
     blob = pickle.dumps(packed)
     assert len(blob) < 1_000
     assert pickle.loads(blob).window(3, 20).tolist() == packed.window(3, 20).tolist()
+
+
+def all_tokens(out):
+    packed = PackedTokens(out)
+    return np.array(packed.window(0, len(packed)))
+
+
+@pytest.mark.parametrize("killed_at", ["manifest.json", "after the manifest"])
+def test_a_kill_at_the_commit_leaves_the_old_build_or_the_new_one_whole(tok, corpus_dir, tmp_path, monkeypatch, killed_at):
+    out = tmp_path / "out"
+    first = prepare(corpus_dir, tok, out, show_progress=False)
+    old_tokens = all_tokens(out)
+    (corpus_dir / "b.txt").write_text("new content for a second build", encoding="utf-8")
+    real_replace, real_unlink = os.replace, Path.unlink
+
+    def kill_at_manifest(src, dst):
+        if Path(dst).name == "manifest.json":
+            raise KeyboardInterrupt  # the kill, at the one rename that commits
+        return real_replace(src, dst)
+
+    def kill_at_cleanup(self, *args, **kwargs):
+        if self.suffix == ".bin":
+            raise KeyboardInterrupt  # the kill, after the commit, while the old shards go
+        return real_unlink(self, *args, **kwargs)
+
+    if killed_at == "manifest.json":
+        monkeypatch.setattr("lmlab.data.pack.os.replace", kill_at_manifest)
+    else:
+        monkeypatch.setattr(Path, "unlink", kill_at_cleanup)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(corpus_dir, tok, out, show_progress=False)
+    monkeypatch.undo()
+    manifest = load_manifest(out)
+    tokens = all_tokens(out)
+    if killed_at == "manifest.json":  # the old build, whole
+        assert manifest["input_fingerprint"] == first["input_fingerprint"] and np.array_equal(tokens, old_tokens)
+    else:  # the new build, whole
+        assert manifest["input_fingerprint"] != first["input_fingerprint"] and len(tokens) == manifest["splits"]["train"]["tokens"]
+    assert prepare(corpus_dir, tok, out, show_progress=False)["splits"]["train"]["tokens"] == len(PackedTokens(out))
+
+
+def test_a_rebuild_deletes_only_the_files_the_old_manifest_listed(tok, corpus_dir, tmp_path):
+    out = tmp_path / "out"
+    first = prepare(corpus_dir, tok, out, show_progress=False, canaries={"n": 1, "repeats": 2, "digits": 3})
+    (out / "train_00007.bin").write_bytes(b"a user's shard")
+    (out / "notes.txt").write_text("mine")
+    (out / ".tmp-k2j4h5g6").mkdir()  # a build temporary left by a killed run (the name lmlab used before)
+    (corpus_dir / "b.txt").write_text("new content", encoding="utf-8")
+    second = prepare(corpus_dir, tok, out, show_progress=False)  # without canaries now
+    old_files = {s["file"] for split in first["splits"].values() for s in split["shards"]}
+    new_files = {s["file"] for split in second["splits"].values() for s in split["shards"]}
+    names = {p.name for p in out.iterdir()}
+    assert not old_files & names and new_files <= names
+    assert "canaries.json" not in names  # the old manifest planted canaries: its canaries.json was lmlab's
+    assert (out / "train_00007.bin").read_bytes() == b"a user's shard" and (out / "notes.txt").read_text() == "mine"
+    assert not (out / ".tmp-k2j4h5g6").exists()
+
+
+def test_a_folder_that_is_not_a_data_folder_is_refused(tok, corpus_dir, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "canaries.json").write_text("[]")
+    (tmp_path / "out" / "manifest.json").write_text("{not json")
+    with pytest.raises(LmlabError, match="exists and is not an lmlab data folder: .* --overwrite"):
+        prepare(corpus_dir, tok, tmp_path / "out", show_progress=False)
+    manifest = prepare(corpus_dir, tok, tmp_path / "out", show_progress=False, overwrite=True)
+    assert manifest["_status"] == "built (previous manifest unreadable)"
+    assert (tmp_path / "out" / "canaries.json").read_text() == "[]"  # not listed by any lmlab manifest: kept
