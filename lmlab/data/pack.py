@@ -2,9 +2,11 @@
 
 A prepared data folder holds::
 
-    manifest.json        what is here and how it was made (written last: its presence means done)
-    train_00000.bin ...  raw token ids (uint16 when the vocabulary fits, else uint32), one document
-    valid_00000.bin ...  after another, each followed by the tokenizer's EOS id (as GPT-2 packs)
+    manifest.json                 what is here and how it was made (written last: replacing it commits a build)
+    train_<build>_00000.bin ...   raw token ids (uint16 when the vocabulary fits, else uint32), one document
+    valid_<build>_00000.bin ...   after another, each followed by the tokenizer's EOS id (as GPT-2 packs);
+                                  <build> is 8 hex digits of each build's own, so a rebuild never writes
+                                  over the shards the current manifest lists
     tokenizer.json       the tokenizer that made the ids (+ tokenizer_config.json), so the folder
                          describes itself and ``Tokenizer.load(data_dir)`` works on it
     canaries.json        only with ``canaries=``: the secrets planted in the train split
