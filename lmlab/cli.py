@@ -333,9 +333,10 @@ def build_parser() -> ArgumentParser:
 
 def cmd_tokenizer(args) -> int:
     from lmlab.data import read_corpus
-    from lmlab.tokenizer import train_tokenizer
+    from lmlab.tokenizer import check_tokenizer_folder, train_tokenizer
 
     a = args.train
+    check_tokenizer_folder(a.out, a.overwrite)  # before the corpus is read and the tokenizer trained
     texts = read_corpus(a.input, text_field=a.text_field, column=a.column, normalize=a.normalize, dedup=a.dedup)
     tok = train_tokenizer(texts, kind=a.kind, vocab_size=a.vocab_size, min_frequency=a.min_frequency, special_tokens=a.special_tokens, show_progress=True)
     tok.save(a.out, overwrite=a.overwrite)

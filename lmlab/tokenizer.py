@@ -238,11 +238,7 @@ class Tokenizer:
         ``directory`` must be new, empty or a tokenizer folder (only tokenizer files); ``overwrite``
         allows another folder (lmlab's two files are written, nothing else is touched), but never a
         checkpoint or a data folder, whose tokenizer must stay the one their model or ids were made with."""
-        directory = Path(directory)
-        for what, files in (("a model folder", ("config.json", "model.safetensors")), ("a data folder", ("manifest.json", "tokenizer.json"))):
-            if all((directory / name).is_file() for name in files):
-                raise LmlabError(f"--out {directory} is {what} ({', '.join(files)}): replacing its tokenizer would break it; choose a new folder")
-        check_output(directory, "tokenizer folder", lambda d: holds_only(d, TOKENIZER_FILES), overwrite=overwrite)
+        check_tokenizer_folder(directory, overwrite)
         return self.write_files(directory)
 
     def write_files(self, directory: str | Path) -> Path:
@@ -357,6 +353,15 @@ def _add_byte_fallback(backend: tokenizers.Tokenizer, unk: str) -> None:
     unk_id = next(i for i, (piece, _) in enumerate(vocab) if piece == unk)
     # Ids of existing pieces (and so of the added special tokens) do not move: bytes go at the end.
     backend.model = models.Unigram(vocab, unk_id=unk_id, byte_fallback=True)
+
+
+def check_tokenizer_folder(directory: str | Path, overwrite: bool = False) -> Path:
+    """``directory`` may receive a tokenizer (:meth:`Tokenizer.save`'s rules); call it before training one."""
+    directory = Path(directory)
+    for what, files in (("a model folder", ("config.json", "model.safetensors")), ("a data folder", ("manifest.json", "tokenizer.json"))):
+        if all((directory / name).is_file() for name in files):
+            raise LmlabError(f"--out {directory} is {what} ({', '.join(files)}): replacing its tokenizer would break it; choose a new folder")
+    return check_output(directory, "tokenizer folder", lambda d: holds_only(d, TOKENIZER_FILES), overwrite=overwrite)
 
 
 def train_tokenizer(
