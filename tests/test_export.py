@@ -226,3 +226,19 @@ def test_export_and_an_hf_folder_through_the_cli(tmp_path, tokenizer_dir, data_d
     assert "--format 'gguf': expected hf" in capsys.readouterr().err
     assert main(["export", str(path), "--out", str(tmp_path / "hf")]) == 1  # not empty: refused, nothing overwritten
     assert "is not an empty folder" in capsys.readouterr().err
+
+
+def test_an_export_is_readable_by_other_users_as_the_umask_says(tmp_path, tokenizer_dir):
+    import os
+    import stat
+
+    path = save_checkpoint(tmp_path / "ckpt", lmlab_model(make_config("gpt2")), tokenizer=Tokenizer.load(tokenizer_dir))
+    old = os.umask(0o022)
+    try:
+        out = export_hf(path, tmp_path / "out", verify=False)
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [out, *out.iterdir()]}
+    assert modes == {name: 0o755 if name == "out" else 0o644 for name in modes}, modes  # not safetensors' 0600
+    with pytest.raises(LmlabError, match="which this command reads"):
+        export_hf(path, path / "hf")
