@@ -20,7 +20,7 @@ import torch
 
 from lmlab.config import write_json_atomic, write_jsonl_atomic
 from lmlab.errors import LmlabError
-from lmlab.io.checkpoint import load_model, read_meta, resolve_checkpoint
+from lmlab.io.checkpoint import load_model, load_tokenizer, read_meta, resolve_checkpoint
 
 TASKS = ("classify", "tag", "qa", "seq2seq", "lm")
 
@@ -46,12 +46,11 @@ def evaluate(
 ) -> dict[str, Any]:
     """Metrics of ``checkpoint`` on ``data`` (the checkpoint's own task unless ``task`` says otherwise:
     a task head's task, seq2seq for an encoder–decoder or a decoder fine-tuned on it, else lm)."""
-    from lmlab.tokenizer import Tokenizer
-
     path = resolve_checkpoint(checkpoint)
+    tokenizer = load_tokenizer(path, verify=verify)
     model = load_model(path, device=device, merge_lora=True, verify=verify).eval()
     result, rows = evaluate_model(
-        model, Tokenizer.load(path), data, task=task, meta=read_meta(path), max_length=max_length, batch_size=batch_size,
+        model, tokenizer, data, task=task, meta=read_meta(path), max_length=max_length, batch_size=batch_size,
         n_resamples=n_resamples, text_field=text_field, pair_field=pair_field, label_field=label_field,
         source_field=source_field, target_field=target_field, max_target_length=max_target_length, num_beams=num_beams,
     )
