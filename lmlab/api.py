@@ -28,7 +28,7 @@ from lmlab.errors import LmlabError
 from lmlab.generate import BeamSearch, GenerationConfig, decode
 from lmlab.generate.processors import SuppressIdsFrom
 from lmlab.generate.stopping import cut_at_stop, held_back
-from lmlab.io.checkpoint import load_model, resolve_checkpoint
+from lmlab.io.checkpoint import load_model, load_tokenizer, resolve_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -469,13 +469,13 @@ class LM:
 def load(path: str | Path, device: str = "auto", dtype: torch.dtype | None = None, verify: bool = True) -> LM:
     """Load an lmlab checkpoint folder (or a run folder: its best checkpoint), or a Hugging Face model
     folder (GPT-2, LLaMA, BERT, BART; checked once against transformers unless ``verify=False``), with
-    its tokenizer."""
-    from lmlab.tokenizer import Tokenizer
-
+    its tokenizer (an lmlab checkpoint's must be the one it was trained with: ``verify=False`` turns the
+    error into a warning)."""
     path = resolve_checkpoint(path)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_model(path, device=device, dtype=dtype, merge_lora=True, verify=verify)  # adapters folded in: plain, faster inference
     if not (path / "tokenizer.json").is_file():
         raise LmlabError(f"{path}: no tokenizer.json; expected the tokenizer beside the weights")
-    return LM(model, Tokenizer.load(path), path)
+    tokenizer = load_tokenizer(path, verify=verify)  # the one the model was trained with, or an error
+    model = load_model(path, device=device, dtype=dtype, merge_lora=True, verify=verify)  # adapters folded in: plain, faster inference
+    return LM(model, tokenizer, path)

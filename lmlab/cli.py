@@ -260,6 +260,7 @@ def build_parser() -> ArgumentParser:
     merge.add_argument("checkpoint", help="a LoRA checkpoint (or run folder: its best checkpoint)")
     merge.add_argument("--out", required=True, help="folder for the merged checkpoint (written atomically)")
     _overwrite_flag(merge)
+    merge.add_argument("--no-verify", dest="verify", action="store_false", help="merge even when the checkpoint's tokenizer.json does not match the tokenizer_sha256 in its config.json (a warning instead of an error)")
     commands.add_subcommand("merge-lora", merge, help="merge LoRA adapters into the base weights")
 
     generate = _parser(
@@ -553,7 +554,7 @@ def cmd_export(a) -> int:
 def cmd_merge_lora(a) -> int:
     from lmlab.train.lora import merge_checkpoint
 
-    print(f"lmlab: merged checkpoint {merge_checkpoint(a.checkpoint, a.out, overwrite=a.overwrite)}")
+    print(f"lmlab: merged checkpoint {merge_checkpoint(a.checkpoint, a.out, verify=a.verify, overwrite=a.overwrite)}")
     return 0
 
 
@@ -633,11 +634,24 @@ class _OneLine(logging.Formatter):
         return f"lmlab: {record.levelname.lower()}: {record.getMessage()}"
 
 
+class _Stderr(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time (a redirected or captured one included), not to
+    the stream that was current when the handler was made."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def _log_warnings_as_one_line() -> None:
     """Library warnings (``logging``) reach the terminal as ``lmlab: warning: …``."""
     root = logging.getLogger("lmlab")
     if not any(getattr(h, "_lmlab", False) for h in root.handlers):
-        handler = logging.StreamHandler()
+        handler = _Stderr()
         handler.setFormatter(_OneLine())
         handler._lmlab = True
         root.addHandler(handler)

@@ -35,6 +35,17 @@ def tokenizer_dir(corpus_file, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def other_tokenizer_dir(corpus_file, tmp_path_factory) -> Path:
+    """A second tokenizer (fewer ids than ``tokenizer_dir``'s): what a swapped tokenizer.json holds."""
+    from lmlab.data import read_corpus
+    from lmlab.tokenizer import train_tokenizer
+
+    folder = tmp_path_factory.mktemp("other-tok")
+    train_tokenizer(read_corpus(corpus_file), kind="bpe", vocab_size=300).save(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def data_dir(corpus_file, tokenizer_dir, tmp_path_factory) -> Path:
     from lmlab.data.pack import prepare
 

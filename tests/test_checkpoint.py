@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -63,3 +65,58 @@ def test_mismatched_weights_name_the_tensor(tmp_path):
 def test_a_run_folder_resolves_to_its_best_checkpoint(trained_run):
     assert resolve_checkpoint(trained_run) == trained_run / "best"
     assert is_checkpoint(trained_run / "step-00000030")
+
+
+# -- a checkpoint's tokenizer must be the one its model was trained with ----------------------------------------------
+def swap_tokenizer(folder, other_tokenizer_dir, dest):
+    """A copy of ``folder`` whose tokenizer.json is another tokenizer's (its config.json still records the old hash)."""
+    shutil.copytree(folder, dest)
+    shutil.copy(other_tokenizer_dir / "tokenizer.json", dest / "tokenizer.json")
+    return dest
+
+
+def entry_points(tmp_path, corpus_file):
+    import lmlab
+    from lmlab.critique import load_subject
+    from lmlab.evaluate.runner import evaluate
+    from lmlab.io.export import export_hf
+    from lmlab.train.finetune import finetune
+
+    return {
+        "load": lambda ck: lmlab.load(ck, device="cpu"),
+        "evaluate": lambda ck: evaluate(ck, corpus_file),
+        "critique": lambda ck: load_subject(ck),
+        "export": lambda ck: export_hf(ck, tmp_path / "hf"),
+        "finetune": lambda ck: finetune(ck, "classify", corpus_file, tmp_path / "ft", max_steps=1, progress=False),
+    }
+
+
+@pytest.mark.parametrize("entry", ["load", "evaluate", "critique", "export", "finetune"])
+def test_a_checkpoint_with_a_swapped_tokenizer_is_refused_wherever_it_is_loaded(entry, trained_run, other_tokenizer_dir, corpus_file, tmp_path):
+    ck = swap_tokenizer(trained_run / "best", other_tokenizer_dir, tmp_path / "ck")
+    with pytest.raises(LmlabError, match=r"ck/tokenizer\.json does not match the tokenizer the model was trained with .*--no-verify"):
+        entry_points(tmp_path, corpus_file)[entry](ck)
+    assert not (tmp_path / "hf").exists() and not (tmp_path / "ft").exists()  # refused before anything was written
+
+
+def test_no_verify_loads_a_swapped_tokenizer_with_a_warning_and_the_cli_refuses_it_in_one_line(
+    trained_run, other_tokenizer_dir, tmp_path, caplog, capsys
+):
+    import lmlab
+    from lmlab.cli import main
+    from lmlab.io.checkpoint import load_tokenizer
+    from lmlab.tokenizer import Tokenizer
+
+    assert load_tokenizer(trained_run).sha256 == Tokenizer.load(trained_run / "best").sha256  # its own: no complaint
+    ck = swap_tokenizer(trained_run / "best", other_tokenizer_dir, tmp_path / "ck")
+    with caplog.at_level("WARNING", logger="lmlab"):
+        lm = lmlab.load(ck, device="cpu", verify=False)
+    assert lm.tokenizer.sha256 == Tokenizer.load(other_tokenizer_dir).sha256
+    assert "does not match the tokenizer the model was trained with" in caplog.text and "loading it anyway" in caplog.text
+
+    capsys.readouterr()  # the warning above reaches stderr too once the CLI's handler is installed (an earlier test's main())
+    assert main(["generate", str(ck), "--prompt", "The", "--max-new-tokens", "2", "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("lmlab: error: ") and "tokenizer.json does not match" in err
+    assert main(["generate", str(ck), "--prompt", "The", "--max-new-tokens", "2", "--device", "cpu", "--no-verify"]) == 0
+    assert "lmlab: warning: " in capsys.readouterr().err

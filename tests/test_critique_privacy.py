@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 from types import SimpleNamespace
 
 import numpy as np
@@ -206,3 +207,10 @@ def test_malformed_canaries_file_is_a_one_line_error(memorised, tmp_path):
     assert "\n" not in str(err.value)
     with pytest.raises(LmlabError, match="--extraction-prefix 0"):
         P.privacy(load_subject(memorised.untrained), extraction_prefix=0)
+
+
+def test_a_training_data_folder_with_a_swapped_tokenizer_is_refused_not_decoded_as_garbage(trained_run, data_dir, other_tokenizer_dir, tmp_path):
+    data = shutil.copytree(data_dir, tmp_path / "data")
+    shutil.copy(other_tokenizer_dir / "tokenizer.json", data / "tokenizer.json")
+    with pytest.raises(LmlabError, match=r"data/tokenizer\.json does not match the tokenizer that made the folder's token ids"):
+        P.privacy(load_subject(trained_run, train_data=data, max_examples=8), extraction_prefix=8, extraction_suffix=8)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 
 import pytest
 import torch
@@ -152,6 +153,23 @@ def test_early_stopping_and_exact_resume(files, tmp_path, monkeypatch):
                        patience=2, **dict(args, lr=1e-12))
     assert stopped.stopped_early and stopped.step == 15
     assert [s for s, _ in list_checkpoints(tmp_path / "stop")][-1] == 15
+
+
+def test_resume_refuses_another_task_base_file_or_shape_and_keeps_the_base_it_started_from(files, tmp_path, capsys):
+    args, run = dict(FAST, max_steps=2, eval_interval=2), tmp_path / "run"
+    finetune(files["bert-tiny"], "classify", files["cls_train"], run, max_length=32, **args)
+    with pytest.raises(LmlabError) as err:
+        finetune(files["gpt2-tiny"], "tag", files["tag_train"], run, max_length=16, resume=True, **dict(args, micro_batch_size=8))
+    message = str(err.value)
+    assert message.startswith(f"--resume: {run} was started with different settings: ") and "\n" not in message
+    for part in ("--task classify (now tag)", f"the base checkpoint {files['bert-tiny']} (now {files['gpt2-tiny']})",
+                 f"--train {files['cls_train']} (now {files['tag_train']})", "--max-length 32 (now 16)", "--micro-batch-size 16 (now 8)"):
+        assert part in message, message
+    capsys.readouterr()
+    same = shutil.copy(files["cls_train"], tmp_path / "copy.jsonl")  # the same bytes by another name: the same training file
+    finetune(files["bert-tiny"], "classify", same, run, max_length=32, resume=True, **dict(args, max_steps=4))
+    assert "lmlab: --resume accepted changed settings: --max-steps 2 (now 4)" in capsys.readouterr().err
+    assert read_meta(run / "step-00000004")["base"] == str(files["bert-tiny"])  # the base it started from, not its own step-2
 
 
 def test_bad_task_input_is_a_one_line_error(files, tmp_path):
@@ -303,7 +321,7 @@ def test_seq2seq_bad_input_is_a_one_line_error(translated, files, tmp_path):
         finetune(t5["base"], "seq2seq", bad, tmp_path / "d")
     with pytest.raises(LmlabError, match="--lora: unknown key 'rank'; expected r, alpha, dropout, targets"):
         finetune(t5["base"], "seq2seq", t5["train"], tmp_path / "e", lora="rank=8")
-    with pytest.raises(LmlabError, match="was fine-tuned for 'seq2seq', not 'classify'"):
+    with pytest.raises(LmlabError, match=r"--task seq2seq \(now classify\)"):
         finetune(t5["base"], "classify", files["cls_train"], t5["result"].last_checkpoint.parent, resume=True)
 
 

@@ -222,3 +222,15 @@ def test_kv_cache_decoding_with_adapters_equals_the_merged_model(arch):
 
     assert torch.equal(greedy(model), greedy(merged))
     assert not torch.equal(greedy(model), greedy(tiny(arch)))  # the adapters do steer the tokens
+
+
+def test_merging_a_checkpoint_whose_tokenizer_is_not_the_one_it_trained_with_is_refused(tmp_path, tokenizer_dir, other_tokenizer_dir, caplog):
+    model = apply_lora(tiny("gpt2"), LoraSpec(r=2, targets=("qkv",)))
+    trained_with = Tokenizer.load(other_tokenizer_dir).sha256  # config.json records another tokenizer than the one beside it
+    save_checkpoint(tmp_path / "ck", model, tokenizer=Tokenizer.load(tokenizer_dir), meta={"tokenizer_sha256": trained_with})
+    with pytest.raises(LmlabError, match=r"ck/tokenizer\.json does not match the tokenizer the model was trained with"):
+        merge_checkpoint(tmp_path / "ck", tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+    with caplog.at_level("WARNING", logger="lmlab"):
+        merge_checkpoint(tmp_path / "ck", tmp_path / "merged", verify=False)
+    assert "does not match" in caplog.text and (tmp_path / "merged" / "model.safetensors").is_file()

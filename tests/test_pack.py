@@ -13,6 +13,7 @@ import tokenizers
 from tokenizers import models, pre_tokenizers
 
 from lmlab.data import PackedTokens, builtin_corpus, load_manifest, prepare, read_corpus, split_documents
+from lmlab.data.pack import data_tokenizer
 from lmlab.errors import LmlabError
 from lmlab.tokenizer import Tokenizer, train_tokenizer
 
@@ -63,6 +64,15 @@ def test_manifest_counts_encoded_lengths_plus_one_eos_per_document(tok, corpus_d
 def test_data_folder_carries_its_tokenizer(tok, corpus_dir, tmp_path):
     prepare(corpus_dir, tok, tmp_path / "out", show_progress=False)
     assert Tokenizer.load(tmp_path / "out").sha256 == tok.sha256
+    assert data_tokenizer(tmp_path / "out").sha256 == tok.sha256
+
+
+def test_a_swapped_tokenizer_json_in_a_data_folder_is_refused(tok, corpus_dir, tmp_path):
+    prepare(corpus_dir, tok, tmp_path / "out", show_progress=False)
+    train_tokenizer(builtin_corpus(max_chars=30_000), kind="bpe", vocab_size=280).save(tmp_path / "other")
+    (tmp_path / "out" / "tokenizer.json").write_bytes((tmp_path / "other" / "tokenizer.json").read_bytes())
+    with pytest.raises(LmlabError, match=r"out/tokenizer\.json does not match the tokenizer that made the folder's token ids \(manifest\.json"):
+        data_tokenizer(tmp_path / "out")
 
 
 def test_window_across_shard_boundaries_equals_concatenation(tok, corpus_dir, tmp_path):

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -12,6 +14,7 @@ from conftest import TINY_TRAIN, crash_windows_at
 from lmlab.errors import LmlabError
 from lmlab.io.checkpoint import list_checkpoints, load_model
 from lmlab.train import objectives
+from lmlab.train.optim import lr_at
 from lmlab.train.pretrain import pretrain
 
 
@@ -192,3 +195,86 @@ def test_a_cuda_run_in_bf16_with_pinned_batches_resumes_exactly(data_dir, tmp_pa
     # CUDA's embedding backward adds with atomics (not bit-reproducible), so equal up to float noise, not bit for bit
     assert [s for s, _ in resumed] == [s for s, _ in whole] and all(math.isfinite(v) for _, v in whole)
     assert [v for _, v in resumed] == pytest.approx([v for _, v in whole], rel=1e-3)
+
+
+# -- a data folder must hold ids of its own tokenizer, within the model's vocabulary --------------------------------
+def test_a_data_folder_with_a_swapped_tokenizer_is_an_error_not_an_index_error(data_dir, other_tokenizer_dir, tmp_path):
+    data = shutil.copytree(data_dir, tmp_path / "data")
+    shutil.copy(other_tokenizer_dir / "tokenizer.json", data / "tokenizer.json")  # fewer ids than the shards hold
+    with pytest.raises(LmlabError, match=r"data/tokenizer\.json does not match the tokenizer that made the folder's token ids"):
+        pretrain("gpt2-tiny", data, tmp_path / "r", max_steps=2, **TINY_TRAIN)
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("split", ["train", "valid"])
+def test_token_ids_past_the_model_vocabulary_are_an_error_naming_the_data_folder(split, data_dir, tmp_path):
+    data = shutil.copytree(data_dir, tmp_path / "data")
+    manifest = json.loads((data / "manifest.json").read_text())
+    vocab = manifest["vocab_size"]
+    ids = np.memmap(data / manifest["splits"][split]["shards"][0]["file"], dtype=manifest["dtype"], mode="r+")
+    ids[::50] = vocab  # an id the tokenizer does not have, as in shards another tokenizer made
+    ids.flush()
+    del ids
+    with pytest.raises(LmlabError, match=rf"data \({split} split\) holds token id {vocab}, past the model's vocabulary \({vocab} ids\)"):
+        pretrain("gpt2-tiny", data, tmp_path / "r", max_steps=2, **TINY_TRAIN)
+
+
+def test_a_manifest_vocabulary_larger_than_the_model_is_an_error(data_dir, tmp_path):
+    data = shutil.copytree(data_dir, tmp_path / "data")
+    manifest = json.loads((data / "manifest.json").read_text())
+    (data / "manifest.json").write_text(json.dumps({**manifest, "vocab_size": 100_000}))
+    with pytest.raises(LmlabError, match=r"model vocab_size \d+ is smaller than the data's 100000"):
+        pretrain("gpt2-tiny", data, tmp_path / "r", max_steps=2, **TINY_TRAIN)
+
+
+# -- --resume continues the run as it was started, or refuses ------------------------------------------------------
+TRAINED_RUN = dict(TINY_TRAIN, max_steps=30, eval_interval=10, log_interval=5)  # conftest's trained_run
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        ({"model": "llama-tiny"}, "--model gpt2-tiny (now llama-tiny)"),
+        ({"micro_batch_size": 2}, "--micro-batch-size 4 (now 2)"),
+        ({"seq_len": 16}, "--seq-len 32 (now 16)"),
+        ({"lr": 1e-3, "seed": 1}, "--lr 0.003 (now 0.001), --min-lr 0.0003 (now 0.0001), --seed 0 (now 1)"),
+        ({"schedule": "linear"}, "--schedule cosine (now linear)"),
+        ({"model_overrides": {"dropout": 0.1}}, "--dropout 0 (now 0.1)"),
+        ({"pad_vocab_multiple": 1000}, "vocab_size (--pad-vocab-multiple)"),
+        ({"objective": "mlm", "model": "bert-tiny"}, "--model gpt2-tiny (now bert-tiny), --objective clm (now mlm)"),
+    ],
+)
+def test_resume_with_settings_that_change_the_run_is_refused_naming_them(change, expected, trained_run, data_dir):
+    args = {"model": "gpt2-tiny", **TRAINED_RUN, **change}
+    before = sorted(p.name for p in trained_run.iterdir())
+    with pytest.raises(LmlabError) as err:
+        pretrain(args.pop("model"), data_dir, trained_run, resume=True, **args)
+    message = str(err.value)
+    assert message.startswith(f"--resume: {trained_run} was started with different settings: ") and expected in message, message
+    assert message.endswith("rerun with the original settings or start a new --out") and "\n" not in message
+    assert sorted(p.name for p in trained_run.iterdir()) == before  # refused before anything was written
+
+
+def test_resume_with_another_data_folder_is_refused_and_the_same_one_by_another_path_is_not(trained_run, data_dir, corpus_file, tokenizer_dir, tmp_path):
+    from lmlab.data.pack import prepare
+
+    prepare(corpus_file, tokenizer_dir, tmp_path / "other", valid_fraction=0.2, show_progress=False)
+    with pytest.raises(LmlabError, match=rf"--data {data_dir} \(now {tmp_path / 'other'}\)"):
+        pretrain("gpt2-tiny", tmp_path / "other", trained_run, resume=True, **TRAINED_RUN)
+    (tmp_path / "link").symlink_to(data_dir)  # the same folder: resuming the finished run does nothing
+    assert pretrain("gpt2-tiny", tmp_path / "link", trained_run, resume=True, **TRAINED_RUN).step == 30
+
+
+def test_resume_accepts_a_longer_run_and_new_intervals_and_says_the_schedule_changed(data_dir, tmp_path, capsys):
+    args = dict(TINY_TRAIN, max_steps=4, eval_interval=2, log_interval=1)
+    pretrain("gpt2-tiny", data_dir, tmp_path / "r", **args)
+    capsys.readouterr()
+    result = pretrain("gpt2-tiny", data_dir, tmp_path / "r", resume=True, **dict(args, max_steps=6, eval_interval=3))
+    err = capsys.readouterr().err
+    assert result.step == 6 and [s for s, _ in list_checkpoints(tmp_path / "r")][-1] == 6
+    assert ("lmlab: --resume accepted changed settings: --max-steps 4 (now 6), --eval-interval 2 (now 3), --save-interval 2 (now 3); "
+            "the cosine learning-rate schedule now ends at step 6, so the learning rate after step 4 differs from the run's as started") in err
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "r" / "log.jsonl").read_text().splitlines() if "lr" in line]
+    assert lrs[4] == lr_at(4, lr=3e-3, min_lr=3e-3 / 10, warmup_steps=2, max_steps=6, schedule="cosine")  # the new schedule, from step 5
+    pretrain("gpt2-tiny", data_dir, tmp_path / "r", resume=True, **dict(args, max_steps=6, eval_interval=3))
+    assert "--resume accepted" not in capsys.readouterr().err  # nothing changed: nothing to say

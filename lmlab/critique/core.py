@@ -154,15 +154,14 @@ def load_subject(
     (``text_field``, ``pair_field``, ``label_field``, ``group_field``, ``source_field``, ``target_field``)."""
     from lmlab.api import LM
     from lmlab.evaluate.runner import trained_task
-    from lmlab.io.checkpoint import load_model, read_meta, resolve_checkpoint
-    from lmlab.tokenizer import Tokenizer
+    from lmlab.io.checkpoint import load_model, load_tokenizer, read_meta, resolve_checkpoint
 
     path = resolve_checkpoint(checkpoint)
     for name, value in (("--data", data), ("--text", text), ("--train-data", train_data)):
         if value is not None and not Path(value).exists():
             raise LmlabError(f"{name} {value}: no such file or folder")
+    tokenizer = load_tokenizer(path, verify=verify)
     model = load_model(path, device=device, merge_lora=True, verify=verify).eval()
-    tokenizer = Tokenizer.load(path)
     meta = read_meta(path)
     config = model.config
     if task is None:

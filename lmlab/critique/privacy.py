@@ -285,15 +285,14 @@ def _training_documents(path: Path, text_field: str, progress: bool) -> list[str
 
     if not (Path(path) / "manifest.json").is_file():
         return read_corpus(path, text_field=text_field)
-    from lmlab.data.pack import PackedTokens
-    from lmlab.tokenizer import Tokenizer
+    from lmlab.data.pack import PackedTokens, data_tokenizer
 
+    tokenizer = data_tokenizer(path)  # the one that made the ids, or an error
     tokens = PackedTokens(path, "train")
     ids = tokens.window(0, len(tokens))
     ends = np.flatnonzero(ids == tokens.eos_id).tolist()
     if not ends or ends[-1] != len(ids) - 1:
         ends.append(len(ids))
-    tokenizer = Tokenizer.load(path)
     starts = [0] + [e + 1 for e in ends[:-1]]
     return [tokenizer.decode(ids[s:e].tolist()) for s, e in tqdm(zip(starts, ends), total=len(ends), desc="decoding", disable=not progress)]
 

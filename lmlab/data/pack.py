@@ -44,7 +44,7 @@ from lmlab.errors import LmlabError
 from lmlab.io.outputs import check_output, temp_name
 from lmlab.tokenizer import Tokenizer
 
-__all__ = ["FORMAT", "VERSION", "MANIFEST_NAME", "SPLITS", "prepare", "load_manifest", "PackedTokens"]
+__all__ = ["FORMAT", "VERSION", "MANIFEST_NAME", "SPLITS", "prepare", "load_manifest", "data_tokenizer", "PackedTokens"]
 
 logger = logging.getLogger(__name__)
 
@@ -411,6 +411,21 @@ def prepare(
 
 
 # ------------------------------------------------------------------------------------ reading
+def data_tokenizer(data_dir: str | Path) -> Tokenizer:
+    """The tokenizer of a prepared data folder, checked against its manifest's ``tokenizer_sha256``: the
+    shards hold the ids of the tokenizer that made them, and any other one (a swapped tokenizer.json) reads
+    them as garbage or as ids past its vocabulary."""
+    data_dir = Path(data_dir)
+    manifest = load_manifest(data_dir)
+    tokenizer = Tokenizer.load(data_dir)
+    if tokenizer.sha256 != manifest.get("tokenizer_sha256"):
+        raise LmlabError(
+            f"{data_dir / 'tokenizer.json'} does not match the tokenizer that made the folder's token ids "
+            f"({MANIFEST_NAME} records another tokenizer_sha256); put back that tokenizer or re-run `lmlab prepare`"
+        )
+    return tokenizer
+
+
 class PackedTokens:
     """The tokens of one split of a prepared data folder, as one long read-only array.
 

@@ -20,7 +20,7 @@ import torch
 
 from lmlab.config import write_json_atomic, write_jsonl_atomic
 from lmlab.errors import LmlabError
-from lmlab.io.checkpoint import load_model, read_meta, resolve_checkpoint
+from lmlab.io.checkpoint import load_model, load_tokenizer, read_meta, resolve_checkpoint
 from lmlab.io.outputs import check_output, owned_as, write_marker
 
 TASKS = ("classify", "tag", "qa", "seq2seq", "lm")
@@ -52,14 +52,13 @@ def evaluate(
 
     ``out`` (metrics.json, predictions.jsonl) is checked before any work: new, empty or an earlier
     evaluation's folder (``overwrite``: any folder; only those two files are replaced)."""
-    from lmlab.tokenizer import Tokenizer
-
     path = resolve_checkpoint(checkpoint)
     if out is not None:
         out = check_output(out, "evaluation folder", OWNED, overwrite=overwrite, sources=(checkpoint, path))
+    tokenizer = load_tokenizer(path, verify=verify)
     model = load_model(path, device=device, merge_lora=True, verify=verify).eval()
     result, rows = evaluate_model(
-        model, Tokenizer.load(path), data, task=task, meta=read_meta(path), max_length=max_length, batch_size=batch_size,
+        model, tokenizer, data, task=task, meta=read_meta(path), max_length=max_length, batch_size=batch_size,
         n_resamples=n_resamples, text_field=text_field, pair_field=pair_field, label_field=label_field,
         source_field=source_field, target_field=target_field, max_target_length=max_target_length, num_beams=num_beams,
     )

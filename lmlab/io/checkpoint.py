@@ -27,6 +27,7 @@ folder and renamed into place, so a run killed mid-write never leaves a half che
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -40,6 +41,7 @@ from torch import nn
 from lmlab.config import ModelConfig, write_json_atomic
 from lmlab.errors import LmlabError
 from lmlab.io import hf, outputs
+from lmlab.tokenizer import Tokenizer
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -47,6 +49,8 @@ STATE_FILE = "train_state.pt"
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 # every file save_checkpoint writes: a folder holding only these (and lmlab's temporaries) is swapped whole
 CHECKPOINT_FILES = (CONFIG_FILE, WEIGHTS_FILE, STATE_FILE, "tokenizer.json", "tokenizer_config.json")
+
+logger = logging.getLogger(__name__)
 
 
 def step_dir_name(step: int) -> str:
@@ -229,6 +233,23 @@ def read_meta(path: str | Path) -> dict[str, Any]:
         raise LmlabError(f"{Path(path)} is not a checkpoint: expected {CONFIG_FILE}") from None
     except json.JSONDecodeError as e:
         raise LmlabError(f"{file}: invalid JSON at line {e.lineno}: {e.msg}") from None
+
+
+def load_tokenizer(path: str | Path, verify: bool = True) -> Tokenizer:
+    """The tokenizer beside a checkpoint's weights, checked against the ``tokenizer_sha256`` its config.json
+    records (:attr:`Tokenizer.sha256 <lmlab.tokenizer.Tokenizer.sha256>` of the tokenizer it was trained with):
+    another tokenizer's ids mean nothing to the model, so a mismatch is an error — with ``verify=False``
+    (``--no-verify``) a logged warning. An HF folder records no hash: its tokenizer is taken as it is."""
+    path = resolve_checkpoint(path)
+    tokenizer = Tokenizer.load(path)
+    expected = read_meta(path).get("tokenizer_sha256")
+    if expected is not None and expected != tokenizer.sha256:
+        message = (f"{path / 'tokenizer.json'} does not match the tokenizer the model was trained with "
+                   f"({CONFIG_FILE} records another tokenizer_sha256); put back the checkpoint's own tokenizer")
+        if verify:
+            raise LmlabError(message + " (verify=False / --no-verify loads it anyway)")
+        logger.warning("%s; loading it anyway (--no-verify): expect garbage", message)
+    return tokenizer
 
 
 def load_model(

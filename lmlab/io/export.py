@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from lmlab.config import ModelConfig, write_json_atomic
 from lmlab.errors import LmlabError
 from lmlab.io import hf, outputs
-from lmlab.io.checkpoint import load_config, load_model, resolve_checkpoint
+from lmlab.io.checkpoint import load_config, load_model, load_tokenizer, resolve_checkpoint
 from lmlab.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -55,7 +55,8 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, verify: bool = True, l
     """Write ``checkpoint`` (an lmlab checkpoint, run folder or HF folder) as an HF folder ``out``; returns ``out``.
 
     ``lora``: "merge" exports a LoRA checkpoint's adapters folded in; "adapter" writes a PEFT adapter
-    folder with the base model in ``out/base``. ``verify=False`` skips the parity check of the result.
+    folder with the base model in ``out/base``. ``verify=False`` skips the parity check of the result, and
+    exports a tokenizer that does not match the one the model was trained with (with a warning) instead of refusing.
     """
     if lora not in LORA_MODES:
         raise LmlabError(f"--lora {lora!r}: expected one of {', '.join(LORA_MODES)}")
@@ -70,7 +71,7 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, verify: bool = True, l
     if lora == "adapter" and not config.lora:
         raise LmlabError(f"--lora adapter: {src} has no LoRA adapters (its config has no lora settings); export it with --lora merge")
     hf.hf_architecture(config)  # a config no HF class expresses fails here, before any work
-    tokenizer = Tokenizer.load(src) if (src / "tokenizer.json").is_file() else None
+    tokenizer = load_tokenizer(src, verify=verify) if (src / "tokenizer.json").is_file() else None
     if tokenizer is None:
         logger.warning("%s has no tokenizer.json: the export has no tokenizer", src)
     model = load_model(src, merge_lora=True)  # what the export must reproduce

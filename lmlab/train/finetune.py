@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -43,11 +44,11 @@ from torch import Tensor, nn
 
 from lmlab.config import ModelConfig
 from lmlab.errors import LmlabError
-from lmlab.io.checkpoint import check_run_output, latest_checkpoint, load_config, load_model, read_meta, resolve_checkpoint
+from lmlab.io.checkpoint import check_run_output, latest_checkpoint, load_config, load_model, load_tokenizer, read_meta, resolve_checkpoint
 from lmlab.model import build_model
 from lmlab.train import dist as dist_mod
 from lmlab.train.data import hash_position
-from lmlab.train.loop import TrainConfig, TrainResult, train_loop
+from lmlab.train.loop import TrainConfig, TrainResult, check_resume, same_source, train_loop
 from lmlab.train.losses import lm_loss
 from lmlab.train.memory import DryRun, check_budget
 from lmlab.train.objectives import IGNORE_INDEX
@@ -420,7 +421,6 @@ def finetune(
     ``out`` must be new, empty or an lmlab run; ``overwrite`` lets lmlab write its files into another folder,
     deleting nothing else there (:mod:`lmlab.io.outputs`).
     """
-    from lmlab.tokenizer import Tokenizer
     from lmlab.train import lora as lora_mod
 
     spec = lora_mod.parse_lora(lora) if isinstance(lora, str) else lora
@@ -441,10 +441,11 @@ def finetune(
         raise LmlabError(f"--resume: {out} holds no checkpoint to resume from")
     if not resume and latest_checkpoint(out) is not None:
         raise LmlabError(f"{out} already holds checkpoints: pass --resume to continue that run, or choose another --out")
+    cfg.seq_len = max_length + (max_target_length if task == "seq2seq" else 0)
+    if resume_from is not None:
+        _check_resume(resume_from, cfg, checkpoint, task, train)
     base = resume_from or resolve_checkpoint(checkpoint)
-    if resume_from is not None and read_meta(resume_from).get("objective") != task:
-        raise LmlabError(f"--resume: {resume_from} was fine-tuned for {read_meta(resume_from).get('objective')!r}, not {task!r}")
-    tokenizer = Tokenizer.load(base)
+    tokenizer = load_tokenizer(base, verify=verify)  # the one the model was trained with, or an error
     base_config = load_config(base)  # an lmlab checkpoint's, or an HF folder's converted
     arch = base_config.arch
     if task == "chat" and arch != "decoder":
@@ -495,7 +496,6 @@ def finetune(
     if resume_from is not None and spec is not None and spec != saved:
         raise LmlabError(f"--resume: {resume_from} was trained {'with --lora ' + str(saved.to_dict()) if saved else 'without --lora'}; resume it as it was")
     if dry_run:
-        cfg.seq_len = max_length + (max_target_length if task == "seq2seq" else 0)
         return _dry_run(config, objective, features, cfg, spec if resume_from is None else saved, task, arch, max_length, memory_budget)
 
     info, device = dist_mod.setup(cfg.device)
@@ -512,7 +512,6 @@ def finetune(
     batches = ExampleBatches(len(features["input_ids"]), cfg.micro_batch_size, cfg.grad_accum_steps, cfg.seed, info.rank, info.world_size)
     if pack and info.is_main:
         print(f"lmlab: {len(train_data):,} conversations packed into {len(features['input_ids']):,} rows of at most {max_length} tokens", file=sys.stderr)
-    cfg.seq_len = max_length + (max_target_length if task == "seq2seq" else 0)
 
     valid_batches: list[Tensor] = []
     score_fn: Callable[[nn.Module], dict[str, float]] | None = None
@@ -541,7 +540,8 @@ def finetune(
             + f"; {batches.steps_per_epoch():,} steps per epoch, {cfg.max_steps:,} steps",
             file=sys.stderr,
         )
-    meta = {"objective": task, "tokenizer_sha256": tokenizer.sha256, "base": str(base), "train": str(train)}
+    started_from = read_meta(resume_from).get("base", base) if resume_from is not None else base  # a resumed run keeps its base
+    meta = {"objective": task, "tokenizer_sha256": tokenizer.sha256, "base": str(started_from), "train": str(train)}
     try:
         return train_loop(
             model, objective, batches, valid_batches, cfg, out, device=device, dist=info, tokenizer=tokenizer, meta=meta,
@@ -549,6 +549,23 @@ def finetune(
         )
     finally:
         dist_mod.teardown(info)
+
+
+def _check_resume(resume_from: Path, cfg: TrainConfig, checkpoint: str | Path, task: str, train: str | Path) -> None:
+    """Refuse to resume with another task, base checkpoint or training file than the run started with, or with
+    training settings that change its course (:func:`~lmlab.train.loop.check_resume`)."""
+    meta = read_meta(resume_from)
+    try:
+        base = resolve_checkpoint(checkpoint)
+    except LmlabError:  # gone since: the run's checkpoint holds the weights, only the name can be compared
+        base = Path(checkpoint)
+    started = {"--task": (meta.get("objective", task), task)}
+    if not same_source(meta.get("base"), base):
+        started["the base checkpoint"] = (meta["base"], checkpoint)
+    if not same_source(meta.get("train"), train):
+        started["--train"] = (meta["train"], train)
+    seq_len = "--max-length + --max-target-length" if task == "seq2seq" else "--max-length"
+    check_resume(resume_from, cfg, started, flags={"seq_len": seq_len}, announce=os.environ.get("RANK", "0") == "0")  # rank 0 speaks
 
 
 def _dry_run(config: ModelConfig, objective: TaskObjective, features: dict[str, list], cfg: TrainConfig, lora: Any, task: str, arch: str,
@@ -580,10 +597,9 @@ def show_chat_masking(checkpoint: str | Path, train: str | Path, max_length: int
     """The first conversation of ``train`` as ``--task chat`` trains ``checkpoint`` on it: printed with the
     trained (assistant) tokens in colour on a terminal, and returned with them in ``[[…]]``."""
     from lmlab.chat import mark_trained
-    from lmlab.tokenizer import Tokenizer
 
     base = resolve_checkpoint(checkpoint)
-    tokenizer = Tokenizer.load(base)
+    tokenizer = load_tokenizer(base)
     data = load_task_data("chat", train, tokenizer, max_length=max_length)
     ids, labels = data.features["input_ids"][0], data.features["labels"][0]
     trained = sum(label != IGNORE_INDEX for label in labels)

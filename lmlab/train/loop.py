@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import filecmp
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,6 +90,54 @@ class TrainConfig:
             raise LmlabError(f"--warmup-steps is {self.warmup_steps}: expected 0 or more")
         if self.ce_chunk_size is not None and self.ce_chunk_size < 0:
             raise LmlabError(f"--ce-chunk-size is {self.ce_chunk_size}: expected 0 (no chunking), a positive number of tokens, or None (auto)")
+
+
+# TrainConfig fields a resumed run may change: they say how the run is watched, saved and computed, not what it
+# computes (max_steps moves the end of a decaying schedule, and precision and chunking round differently: the note says so)
+RESUMABLE = ("max_steps", "eval_interval", "eval_batches", "save_interval", "keep_last", "log_interval", "precision", "compile",
+             "activation_checkpointing", "ce_chunk_size", "device", "progress", "tensorboard")
+
+
+def check_resume(
+    resume_from: Path, cfg: TrainConfig, started: dict[str, tuple[Any, Any]], flags: dict[str, str] | None = None, announce: bool = True
+) -> None:
+    """Refuse, in one error listing them all, to resume ``resume_from`` with settings that change what the run
+    computes: ``cfg``'s fields against the ``train_config`` its train_state.pt saved, and the caller's own
+    ``started`` settings, ``{flag: (as the run started, now)}`` (model, data, objective). The changes in
+    :data:`RESUMABLE` are accepted, and ``announce`` prints one note naming them. ``flags`` names the flag
+    that sets a field when it is not ``--field-name`` (fine-tuning's seq_len is --max-length)."""
+    def change(flag: str, was: Any, now: Any) -> str:
+        show = lambda v: f"{v:.6g}" if isinstance(v, float) else str(v)  # noqa: E731 (lr / 10 is 0.00030000000000000003)
+        return f"{flag} {show(was)} (now {show(now)})"
+
+    state = load_train_state(resume_from)
+    saved = state.get("train_config", {})
+    changed = {f.name: change((flags or {}).get(f.name, "--" + f.name.replace("_", "-")), saved[f.name], getattr(cfg, f.name))
+               for f in dataclasses.fields(cfg) if f.name in saved and saved[f.name] != getattr(cfg, f.name)}
+    refused = [change(flag, was, now) for flag, (was, now) in started.items() if was != now]
+    refused += [text for name, text in changed.items() if name not in RESUMABLE]
+    if refused:
+        raise LmlabError(f"--resume: {resume_from.parent} was started with different settings: {', '.join(refused)}; "
+                         "rerun with the original settings or start a new --out")
+    if changed and announce:
+        notes = [", ".join(changed.values())]
+        if "max_steps" in changed and cfg.schedule != "constant":
+            notes.append(f"the {cfg.schedule} learning-rate schedule now ends at step {cfg.max_steps}, so the learning rate "
+                         f"after step {max(state['step'], cfg.warmup_steps)} differs from the run's as started")
+        if "precision" in changed or "ce_chunk_size" in changed:
+            notes.append("another precision or cross-entropy chunking rounds differently: losses match the run's as started only approximately")
+        print(f"lmlab: --resume accepted changed settings: {'; '.join(notes)}", file=sys.stderr)
+
+
+def same_source(saved: str | None, now: str | Path) -> bool:
+    """Whether a run's recorded input (data folder, task file, base checkpoint) is ``now``: the same path, the
+    same file or folder by another path, or a file with the same bytes. None (not recorded): taken as the same."""
+    if saved is None or str(saved) == str(now):
+        return True
+    a, b = Path(saved), Path(now)
+    if not (a.exists() and b.exists()):
+        return False
+    return os.path.samefile(a, b) or (a.is_file() and b.is_file() and filecmp.cmp(a, b, shallow=False))
 
 
 @dataclass

@@ -43,8 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from lmlab.errors import LmlabError
-from lmlab.io.checkpoint import check_checkpoint_target, load_config, load_model, read_meta, resolve_checkpoint, save_checkpoint
-from lmlab.tokenizer import Tokenizer
+from lmlab.io.checkpoint import check_checkpoint_target, load_config, load_model, load_tokenizer, read_meta, resolve_checkpoint, save_checkpoint
 
 KEYS = ("r", "alpha", "dropout", "targets")
 NEVER_ADAPTED = ("lm_head", "task_head")  # top-level modules no target reaches (see the module docstring)
@@ -217,19 +216,20 @@ def merge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
-def merge_checkpoint(src: str | Path, out: str | Path, tokenizer: bool = True, overwrite: bool = False) -> Path:
+def merge_checkpoint(src: str | Path, out: str | Path, tokenizer: bool = True, verify: bool = True, overwrite: bool = False) -> Path:
     """Write the LoRA checkpoint ``src`` with its adapters merged into ``out`` (atomically): a plain
     checkpoint with ``src``'s config.json fields (plus ``merged_from``), its tokenizer when
-    ``tokenizer``, and no ``train_state.pt``. Returns ``out``. ``out`` must be new, empty or an lmlab
-    checkpoint outside ``src`` (``overwrite``: any folder; lmlab's files are written into it, nothing
-    else is touched)."""
+    ``tokenizer`` (which must be the one it was trained with; ``verify=False``: a warning), and no
+    ``train_state.pt``. Returns ``out``. ``out`` must be new, empty or an lmlab checkpoint outside
+    ``src`` (``overwrite``: any folder; lmlab's files are written into it, nothing else is touched)."""
     given, src = src, resolve_checkpoint(src)
     check_checkpoint_target(out, overwrite=overwrite, sources=(given, src))
     if not load_config(src).lora:
         raise LmlabError(f"{src}: not a LoRA checkpoint (its config has no lora settings); nothing to merge")
+    saved_tokenizer = load_tokenizer(src, verify=verify) if tokenizer else None
     model = load_model(src, merge_lora=True)
     meta = {k: v for k, v in read_meta(src).items() if k != "lmlab_model_config"}
-    return save_checkpoint(out, model, tokenizer=Tokenizer.load(src) if tokenizer else None, meta={**meta, "merged_from": str(src)}, overwrite=overwrite)
+    return save_checkpoint(out, model, tokenizer=saved_tokenizer, meta={**meta, "merged_from": str(src)}, overwrite=overwrite)
 
 
 def adapter_state(model: nn.Module) -> dict[str, Tensor]:

@@ -16,7 +16,7 @@ from lmlab.model import build_model
 from lmlab.train import dist as dist_mod
 from lmlab.train.data import RandomWindows, fixed_windows
 from lmlab.train.lora import LoraSpec
-from lmlab.train.loop import TrainConfig, TrainResult, autocast_for, train_loop
+from lmlab.train.loop import TrainConfig, TrainResult, autocast_for, check_resume, same_source, train_loop
 from lmlab.train import memory
 from lmlab.train.memory import DryRun, Settings, check_budget
 from lmlab.train.objectives import get_objective
@@ -56,8 +56,7 @@ def pretrain(
     ``out`` must be new, empty or an lmlab run; ``overwrite`` lets lmlab write its files into another
     folder, deleting nothing else there (:mod:`lmlab.io.outputs`).
     """
-    from lmlab.data.pack import PackedTokens, load_manifest
-    from lmlab.tokenizer import Tokenizer
+    from lmlab.data.pack import PackedTokens, data_tokenizer
 
     cfg = _train_config(train_args)
     check_budget(memory_budget, dry_run)
@@ -68,10 +67,9 @@ def pretrain(
         info, device = dist_mod.DistInfo(), dist_mod.pick_device(cfg.device, dist_mod.DistInfo())
     else:
         info, device = dist_mod.setup(cfg.device)
-    load_manifest(data)  # a clear error when `data` is not a prepared folder
+    tokenizer = data_tokenizer(data)  # the tokenizer that made the shards (a clear error for anything else)
     if not dry_run:  # before any work: never a folder that is not lmlab's, nor one inside what the run reads
         check_run_output(out, overwrite=overwrite, sources=(data, init_from))
-    tokenizer = Tokenizer.load(data)
     train_tokens = PackedTokens(data, "train")
 
     resume_from = None
@@ -82,27 +80,31 @@ def pretrain(
     elif list_checkpoints(out):
         raise LmlabError(f"{out} already holds checkpoints: pass --resume to continue that run, or choose another --out")
 
-    if resume_from is not None:
-        config = ModelConfig.load(resume_from / "config.json")
-        _check_same_tokenizer(resume_from, tokenizer, "--resume")
-    elif init_from is not None:
+    if init_from is not None:
         init_from = resolve_checkpoint(init_from)
-        config = load_config(init_from)  # an lmlab checkpoint or a Hugging Face folder
+        wanted = load_config(init_from)  # an lmlab checkpoint or a Hugging Face folder
         _check_same_tokenizer(init_from, tokenizer, "--init-from")
     else:
         vocab_size = -(-tokenizer.vocab_size // pad_vocab_multiple) * pad_vocab_multiple
-        config = _model_config(model, vocab_size, model_overrides or {})
-    if config.vocab_size < tokenizer.vocab_size:
-        raise LmlabError(f"model vocab_size {config.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size} (data {data})")
+        wanted = _model_config(model, vocab_size, model_overrides or {})
+    config = wanted  # the model this command describes; a resumed run has its own (checked against it below)
+    if resume_from is not None:
+        config = ModelConfig.load(resume_from / "config.json")
+        _check_same_tokenizer(resume_from, tokenizer, "--resume")
+    if config.vocab_size < max(tokenizer.vocab_size, train_tokens.vocab_size):  # the tokenizer's and the manifest's: equal unless edited
+        raise LmlabError(f"model vocab_size {config.vocab_size} is smaller than the data's {max(tokenizer.vocab_size, train_tokens.vocab_size)} (data {data})")
 
-    task = get_objective(objective, tokenizer, config)  # before any work: a wrong pairing is a one-line error
     seq_len = cfg.seq_len or config.block_size
     if seq_len > config.block_size:
         raise LmlabError(f"--seq-len {seq_len} exceeds the model's block_size {config.block_size}")
     cfg.seq_len = seq_len
+    if resume_from is not None:
+        _check_resume(resume_from, cfg, config, wanted, objective, data, info.is_main)
+    task = get_objective(objective, tokenizer, config)  # before any work: a wrong pairing is a one-line error
 
+    source = f"{data} (train split)"
     if dry_run:
-        train_batches = RandomWindows(train_tokens, seq_len, cfg.micro_batch_size, cfg.seed, source=f"{data} (train split)")
+        train_batches = RandomWindows(train_tokens, seq_len, cfg.micro_batch_size, cfg.seed, source=source, vocab_size=config.vocab_size)
         windows = train_batches(0, 0)  # (micro_batch_size, seq_len + 1): the run's first batch
 
         def make_batch(settings: Settings) -> dict[str, torch.Tensor]:
@@ -123,8 +125,8 @@ def pretrain(
     else:
         net = build_model(config).to(device)
 
-    train_batches = RandomWindows(train_tokens, seq_len, cfg.micro_batch_size, cfg.seed, info.rank, source=f"{data} (train split)")
-    valid_batches = _valid_windows(data, seq_len, cfg, info)
+    train_batches = RandomWindows(train_tokens, seq_len, cfg.micro_batch_size, cfg.seed, info.rank, source=source, vocab_size=config.vocab_size)
+    valid_batches = _valid_windows(data, seq_len, cfg, info, config.vocab_size)
 
     if info.is_main:
         _, precision = autocast_for(cfg.precision, device)
@@ -161,6 +163,29 @@ def _model_config(model: str | ModelConfig, vocab_size: int, overrides: dict[str
     return preset(model, vocab_size=vocab_size, **overrides)
 
 
+def _check_resume(resume_from: Path, cfg: TrainConfig, config: ModelConfig, wanted: ModelConfig, objective: str, data, announce: bool) -> None:
+    """Refuse to resume with another model, data folder or objective than the run started with, or with
+    training settings that change its course (:func:`~lmlab.train.loop.check_resume`)."""
+    meta = read_meta(resume_from)
+    started = {**_model_changes(config, wanted), "--objective": (meta.get("objective", objective), objective)}
+    if not same_source(meta.get("data"), data):
+        started["--data"] = (meta["data"], data)
+    check_resume(resume_from, cfg, started, announce=announce)
+
+
+MODEL_FLAGS = {"dropout": "--dropout", "block_size": "--block-size", "vocab_size": "vocab_size (--pad-vocab-multiple)"}
+
+
+def _model_changes(saved: ModelConfig, now: ModelConfig) -> dict[str, tuple[Any, Any]]:
+    """How the model a run has differs from the one the command describes, as ``{flag: (saved, now)}``: the preset
+    when it differs, else each field (``name`` is for humans; a run's LoRA adapters come from its checkpoint)."""
+    fields = [f.name for f in dataclasses.fields(ModelConfig) if f.name not in ("name", "lora")]
+    differ = [name for name in fields if getattr(saved, name) != getattr(now, name)]
+    if differ and saved.name != now.name:
+        return {"--model": (saved.name or "a custom model", now.name or "a custom model")}
+    return {MODEL_FLAGS.get(name, f"model {name}"): (getattr(saved, name), getattr(now, name)) for name in differ}
+
+
 def _check_same_tokenizer(checkpoint: Path, tokenizer, flag: str) -> None:
     expected = read_meta(checkpoint).get("tokenizer_sha256")
     if expected is None and (checkpoint / "tokenizer.json").is_file():  # a Hugging Face folder: its own tokenizer
@@ -171,13 +196,13 @@ def _check_same_tokenizer(checkpoint: Path, tokenizer, flag: str) -> None:
         raise LmlabError(f"{flag} {checkpoint} was trained with a different tokenizer than the data's (tokenizer hash differs)")
 
 
-def _valid_windows(data: str | Path, seq_len: int, cfg: TrainConfig, info) -> list[torch.Tensor]:
+def _valid_windows(data: str | Path, seq_len: int, cfg: TrainConfig, info, vocab_size: int) -> list[torch.Tensor]:
     from lmlab.data.pack import PackedTokens, load_manifest
 
     if "valid" not in load_manifest(data)["splits"]:
         return []
     valid = PackedTokens(data, "valid")
-    windows = fixed_windows(valid, seq_len, cfg.micro_batch_size, cfg.eval_batches)
+    windows = fixed_windows(valid, seq_len, cfg.micro_batch_size, cfg.eval_batches, vocab_size, source=f"{data} (valid split)")
     if not windows and info.is_main:
         print(f"lmlab: the validation split of {data} holds {len(valid)} tokens, fewer than one window of {seq_len + 1}: "
               "validation is skipped (raise --valid-fraction in `lmlab prepare`)", file=sys.stderr)
