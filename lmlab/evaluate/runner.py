@@ -46,8 +46,10 @@ def evaluate(
 ) -> dict[str, Any]:
     """Metrics of ``checkpoint`` on ``data`` (the checkpoint's own task unless ``task`` says otherwise:
     a task head's task, seq2seq for an encoder–decoder or a decoder fine-tuned on it, else lm)."""
+    from lmlab.evaluate.metrics import check_n_resamples
     from lmlab.tokenizer import Tokenizer
 
+    check_n_resamples(n_resamples, "--n-resamples")  # before the model loads
     path = resolve_checkpoint(checkpoint)
     model = load_model(path, device=device, merge_lora=True, verify=verify).eval()
     result, rows = evaluate_model(
@@ -86,6 +88,7 @@ def evaluate_model(
     from lmlab.evaluate import metrics as M
     from lmlab.train.finetune import TaskObjective, generate_outputs, load_task_data, predict_logits
 
+    M.check_n_resamples(n_resamples, "--n-resamples")  # before the predictions are made
     config = model.config
     device = next(model.parameters()).device
     task = task or trained_task(config, meta) or ("lm" if config.arch == "decoder" else "")
