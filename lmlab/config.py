@@ -21,12 +21,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lmlab.errors import LmlabError
 from lmlab.io.outputs import write_json_atomic, write_jsonl_atomic, write_text_atomic  # noqa: F401  (re-exported: the project's writers)
+
+logger = logging.getLogger(__name__)
 
 ARCHS = ("decoder", "encoder", "seq2seq")
 NORM_PLACEMENTS = ("pre", "post")
@@ -41,6 +44,16 @@ ROPE_SCALINGS = {
     "dynamic": ("factor",),
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
 }
+# Sizes past these describe no model anyone trains: a damaged or hostile config.json, refused before
+# anything is allocated (block_size 10**12 would ask for terabytes of position tables). Each is far above
+# the largest in use: vocabularies ~2.6e5 (2**24 also keeps ids exact in float32 and is the tokenizer's
+# cap), contexts ~1e7 positions, ~1000 layers (DeepNet), widths ~2.6e4, MLP widths ~7.4e4 (PaLM).
+MAX_SIZES = {
+    "vocab_size": 2**24, "block_size": 2**24, "n_layer": 2**12, "n_decoder_layer": 2**12, "n_head": 2**12,
+    "n_embd": 2**17, "intermediate_size": 2**20, "type_vocab_size": 2**16, "num_labels": 2**24,
+}
+# Parameters plus RoPE tables: 2**40 ≈ 1.1e12 elements (4 TiB in fp32), above the largest dense models (~4e11).
+MAX_ELEMENTS = 2**40
 
 
 @dataclass
@@ -159,6 +172,20 @@ class ModelConfig:
             from lmlab.train.lora import LoraSpec  # here, not at the top: lora imports the checkpoint code, which imports this
 
             LoraSpec.from_dict(self.lora, source="model config field 'lora'")
+        self._check_sizes()
+
+    def _check_sizes(self) -> None:
+        """Every size within :data:`MAX_SIZES`, and the elements they describe within :data:`MAX_ELEMENTS`."""
+        for field_name, limit in MAX_SIZES.items():
+            value = getattr(self, field_name)
+            if isinstance(value, int) and value > limit:
+                raise LmlabError(f"model config field '{field_name}' is {value:,}: expected at most {limit:,} (a larger value is a damaged config, not a model)")
+        elements = self.num_params() + (2 * self.block_size * self.head_dim if self.position == "rope" else 0)
+        if elements > MAX_ELEMENTS:
+            raise LmlabError(
+                f"model config describes {elements:.3g} parameters and RoPE table entries (n_layer={self.n_layer}, n_embd={self.n_embd}, "
+                f"intermediate_size={self.intermediate_size}, vocab_size={self.vocab_size}, block_size={self.block_size}): expected at most {MAX_ELEMENTS:.3g}"
+            )
 
     @property
     def head_dim(self) -> int:
@@ -224,7 +251,10 @@ class ModelConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise LmlabError(f"{source}: unknown model config key(s) {', '.join(unknown)}; expected some of {', '.join(sorted(known))}")
-        return cls(**data)
+        try:
+            return cls(**data)
+        except LmlabError as err:  # name the file a bad field came from
+            raise LmlabError(f"{source}: {err}") from None
 
     def save(self, path: str | Path) -> None:
         write_json_atomic(Path(path), {"lmlab_model_config": self.to_dict()})
@@ -261,6 +291,42 @@ def read_json_object(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise LmlabError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
+
+
+def read_jsonl_log(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines log (a run's ``log.jsonl``), one object a line.
+
+    A crash can leave the tail damaged, and that is expected: a kill mid-write leaves the last line torn
+    (without its newline), and a filesystem that had allocated the blocks but not written them reads back
+    NUL bytes. Such a tail is dropped with a warning. A bad line anywhere else is an error naming file:line.
+    """
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8", errors="replace")
+    except OSError as err:
+        raise LmlabError(f"{path}: cannot read the log ({err.strerror or err})") from None
+    body = text.rstrip("\0")
+    if len(body) < len(text):
+        logger.warning("%s: dropped %d NUL bytes at its end (left by a crash)", path, len(text) - len(body))
+    lines = body.split("\n")
+    torn = lines.pop()  # "" when the last line ended with its newline
+    records = [_log_record(path, number, line) for number, line in enumerate(lines, start=1) if line.strip()]
+    if torn.strip():
+        try:
+            records.append(_log_record(path, len(lines) + 1, torn))
+        except LmlabError:
+            logger.warning("%s:%d: dropped the torn last line (a run killed mid-write leaves one): %.60r", path, len(lines) + 1, torn)
+    return records
+
+
+def _log_record(path: Path, number: int, line: str) -> dict[str, Any]:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise LmlabError(f"{path}:{number}: invalid JSON ({err.msg}); expected one JSON object per line") from None
+    if not isinstance(record, dict):
+        raise LmlabError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+    return record
 
 
 # -- presets: an exact-match table (STYLE habit 12) --------------------------------------------

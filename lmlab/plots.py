@@ -5,9 +5,10 @@ matplotlib runs on its file-only backend, so plots work on a machine without a s
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
+
+from lmlab.config import read_jsonl_log
 
 
 def plot_loss(log_file: str | Path, out_png: str | Path) -> Path:
@@ -17,7 +18,7 @@ def plot_loss(log_file: str | Path, out_png: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [json.loads(line) for line in Path(log_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = read_jsonl_log(log_file)
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     valid = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)

@@ -29,7 +29,7 @@ from typing import Any
 import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from lmlab.config import read_json_object, write_text_atomic
+from lmlab.config import MAX_SIZES, read_json_object, write_text_atomic
 from lmlab.errors import LmlabError
 from lmlab.io.outputs import check_output, holds_only
 
@@ -121,6 +121,7 @@ class Tokenizer:
         self._roles: dict[str, str] = {role: roles[role] for role in SPECIAL_ROLES if roles.get(role)}
         self.model_max_length = model_max_length
         self.chat_template = chat_template
+        self.chat_template_file: Path | None = None  # the tokenizer_config.json it came from, for error messages
 
     # ----------------------------------------------------------------------------------- properties
     @property
@@ -305,12 +306,15 @@ class Tokenizer:
         known = isinstance(max_length, (int, float)) and not isinstance(max_length, bool)
         if not known or max_length >= _UNKNOWN_MAX_LENGTH:
             max_length = None
-        return cls(
+        tokenizer = cls(
             backend,
             {role: token for role, token in roles.items() if token is not None},
             model_max_length=None if max_length is None else int(max_length),
             chat_template=config.get("chat_template"),
         )
+        if tokenizer.chat_template is not None:
+            tokenizer.chat_template_file = folder / "tokenizer_config.json"
+        return tokenizer
 
 
 # -------------------------------------------------------------------------------------- training
@@ -395,6 +399,8 @@ def train_tokenizer(
             f"--vocab-size {vocab_size}: too small for a {kind} tokenizer with {len(specials)} special "
             f"tokens; expected at least {minimum}"
         )
+    if vocab_size > MAX_SIZES["vocab_size"]:  # checked here: the Rust trainer aborts the process on a size past u32
+        raise LmlabError(f"--vocab-size {vocab_size:,}: expected at most {MAX_SIZES['vocab_size']:,} (2**24, the largest vocabulary an lmlab model takes)")
     if isinstance(min_frequency, bool) or not isinstance(min_frequency, int) or min_frequency < 0:
         raise LmlabError(f"--min-frequency {min_frequency!r}: expected an integer >= 0")
 

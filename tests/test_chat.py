@@ -143,6 +143,57 @@ def test_template_errors_and_the_sandbox_are_lmlab_errors(tok):
         tok.apply_chat_template([])
 
 
+BOMBS = {  # templates that would loop or allocate without end: each is cut off before it does
+    "repeat a string": ("{{ 'x' * 100000000000 }}", r"exceeded 67,108,864 characters \(a repetition of 100,000,000,000\)"),
+    "repeat a list": ("{{ [0] * 10**10 }}", r"exceeded 67,108,864 characters \(a repetition"),
+    "a huge power": ("{{ 2 ** 100000000 }}", r"exceeded integers of 4,096 bits \(a power"),
+    "nested ranges": ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", r"exceeded 1,000,000 range\(\) items"),
+    "a huge range": ("{{ range(10**12)|list|length }}", r"exceeded 1,000,000 range\(\) items \(a range of 1,000,000,000,000\)"),
+    "doubling in a namespace": ("{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s + ns.s %}{% endfor %}", r"\(a concatenation of"),
+    "a str method's width": ("{{ 'x'.ljust(10**11) }}", r"\(a width argument of 100,000,000,000\)"),
+    "a filter's width": ("{{ 'x'|center(10**11) }}", r"\(a width argument"),
+    "a %-format width": ("{{ '%0999999999999d' % 1 }}", r"\(a format width"),
+    "a str.format width": ("{{ '{:>999999999999}'.format(1) }}", r"\(a format width"),
+    "endless recursion": ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", r"RecursionError"),
+}
+
+
+@pytest.mark.parametrize("template, match", BOMBS.values(), ids=BOMBS)
+def test_template_bombs_are_one_line_errors(tok, template, match):
+    with pytest.raises(LmlabError, match=r"^chat template: (rendering )?.*" + match) as err:
+        tok.apply_chat_template(CONVERSATIONS[0], chat_template=template)
+    assert "\n" not in str(err.value)
+
+
+def test_a_render_is_bounded_in_output_and_time_and_the_error_names_the_file(tok, tmp_path, monkeypatch):
+    import lmlab.chat as chat
+
+    tok.save(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{% for i in range(1000) %}{{ messages[0]['content'] * 20 }}{% endfor %}"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    loaded = Tokenizer.load(tmp_path)
+    assert len(loaded.apply_chat_template(CONVERSATIONS[0])) == 1000 * 20 * len(CONVERSATIONS[0][0]["content"])
+    monkeypatch.setattr(chat, "TEMPLATE_MAX_CHARS", 1000)
+    with pytest.raises(LmlabError, match=rf"^chat template of {re.escape(str(tmp_path / 'tokenizer_config.json'))}: rendering exceeded 1,000 characters \(output of"):
+        loaded.apply_chat_template(CONVERSATIONS[0])
+    monkeypatch.setattr(chat, "TEMPLATE_MAX_CHARS", 2**26)
+    monkeypatch.setattr(chat, "TEMPLATE_MAX_SECONDS", 0.0)
+    with pytest.raises(LmlabError, match="rendering exceeded 0 seconds"):
+        loaded.apply_chat_template(CONVERSATIONS[0])
+
+
+def test_ordinary_template_code_renders_within_the_budget(tok):
+    template = (
+        "{% for i in range(3) %}{{ i }}{% endfor %}|{{ range(3)|list }}|{{ range(4)|reverse|join(',') }}|{{ range(10)[2:4]|list }}|"
+        "{{ 3 in range(5) }}|{{ '%3s' % 'a' }}|{{ '{:>3}'.format('b') }}|{{ 'x'|center(3) }}|{{ 2 ** 10 }}|{{ [1] + [2] }}|"
+        "{% set ns = namespace(n=0) %}{% for m in messages %}{% set ns.n = ns.n + loop.length %}{% endfor %}{{ ns.n }}|{{ '%d'|format(1700000000) }}"
+    )
+    assert tok.apply_chat_template(CONVERSATIONS[0][:2], chat_template=template) == (
+        "012|[0, 1, 2]|3,2,1,0|[2, 3]|True|  a|  b| x |1024|[1, 2]|4|1700000000"
+    )
+
+
 def test_the_default_template_round_trips_through_transformers(tok, tmp_path):
     from transformers import AutoTokenizer
 

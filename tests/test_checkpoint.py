@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from lmlab.config import preset
 from lmlab.errors import LmlabError
-from lmlab.io.checkpoint import is_checkpoint, load_model, resolve_checkpoint, save_checkpoint
+from lmlab.io.checkpoint import is_checkpoint, load_model, load_train_state, resolve_checkpoint, save_checkpoint
 from lmlab.model import build_model
 
 
@@ -120,3 +120,56 @@ def test_no_verify_loads_a_swapped_tokenizer_with_a_warning_and_the_cli_refuses_
     assert err.count("\n") == 1 and err.startswith("lmlab: error: ") and "tokenizer.json does not match" in err
     assert main(["generate", str(ck), "--prompt", "The", "--max-new-tokens", "2", "--device", "cpu", "--no-verify"]) == 0
     assert "lmlab: warning: " in capsys.readouterr().err
+
+
+# -- damaged files: one-line errors naming the file, never a traceback or a pickle's code run ---------------
+
+
+class Payload:  # what a poisoned train_state.pt would hold: an object whose unpickling runs a command
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "garbage"])
+def test_a_damaged_safetensors_file_is_a_one_line_error_naming_it(damage, tmp_path):
+    save_checkpoint(tmp_path / "ck", build_model(preset("gpt2-tiny", vocab_size=64)))
+    weights = tmp_path / "ck" / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes({"truncated": data[: len(data) // 2], "empty": b"", "garbage": b"not a safetensors file " * 40}[damage])
+    with pytest.raises(LmlabError, match=r"model\.safetensors: damaged or not a safetensors file \(.+\); expected") as err:
+        load_model(tmp_path / "ck")
+    assert "\n" not in str(err.value)
+
+
+def _run_with_two_steps(tmp_path):
+    model = build_model(preset("gpt2-tiny", vocab_size=64))
+    for step in (2, 4):
+        save_checkpoint(tmp_path / "run" / f"step-{step:08d}", model, train_state={"step": step, "optimizer": {}})
+    return tmp_path / "run"
+
+
+def test_a_truncated_train_state_cannot_resume_and_names_the_earlier_checkpoint(tmp_path):
+    run = _run_with_two_steps(tmp_path)
+    state = run / "step-00000004" / "train_state.pt"
+    state.write_bytes(state.read_bytes()[:50])
+    with pytest.raises(LmlabError, match=r"train_state\.pt: damaged or not a PyTorch file .*cannot resume training: the earlier checkpoint .*step-00000002 can") as err:
+        load_train_state(run / "step-00000004")
+    assert "\n" not in str(err.value)
+    assert load_train_state(run / "step-00000002")["step"] == 2
+    (run / "step-00000002" / "train_state.pt").unlink()  # no earlier one can resume now
+    with pytest.raises(LmlabError, match="no earlier step checkpoint with a train_state.pt"):
+        load_train_state(run / "step-00000004")
+
+
+def test_a_poisoned_train_state_is_refused_without_running_its_code(tmp_path):
+    run = _run_with_two_steps(tmp_path)
+    marker = tmp_path / "pwned"
+    torch.save({"step": 4, "x": Payload(marker)}, run / "step-00000004" / "train_state.pt")
+    with pytest.raises(LmlabError, match=r"train_state\.pt: refused to load: .*posix\.system.*cannot resume training: the earlier checkpoint"):
+        load_train_state(run / "step-00000004")
+    assert not marker.exists()

@@ -200,3 +200,19 @@ def test_prepare_plants_canaries_and_critique_measures_them(corpus_file, tokeniz
     assert "case" in json.dumps(report["lenses"]["robustness"]["metrics"]) and "whitespace" not in json.dumps(report["lenses"]["robustness"]["metrics"])
     code, _, err = run(capsys, "critique", str(trained_run), "--lenses", "privacy,speed", "--out", str(tmp_path / "d"))
     assert_one_line_error(code, err, "unknown lens 'speed'")
+
+
+def test_damaged_files_and_absurd_sizes_are_one_line_errors(corpus_file, trained_run, tmp_path, capsys):
+    import shutil
+
+    code, _, err = run(capsys, "tokenizer", "train", "--input", str(corpus_file), "--vocab-size", "10000000000", "--out", str(tmp_path / "tok"))
+    assert_one_line_error(code, err, "--vocab-size 10,000,000,000: expected at most 16,777,216")  # was a Rust abort (exit 134)
+
+    code, _, err = run(capsys, "evaluate", str(trained_run), "--data", str(corpus_file), "--n-resamples", "1000000000")
+    assert_one_line_error(code, err, "--n-resamples: expected a positive integer up to 100,000")
+
+    checkpoint = shutil.copytree(trained_run / "best", tmp_path / "ck")
+    weights = checkpoint / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    code, _, err = run(capsys, "generate", str(checkpoint), "--prompt", "x")
+    assert_one_line_error(code, err, "model.safetensors: damaged or not a safetensors file (Error while deserializing header")

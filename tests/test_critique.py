@@ -106,6 +106,21 @@ def test_critique_writes_json_and_a_self_contained_html(classifier, tmp_path):
     assert "<td>ci.accuracy</td>" in page and "ci.accuracy.low" not in page  # an interval is one row: low – high
 
 
+def test_a_lens_that_stops_with_an_error_is_skipped_with_the_reason_and_the_others_report(classifier, tmp_path, monkeypatch, caplog):
+    import lmlab.critique.bias as bias_lens
+
+    def broken(subject, *, progress=False):
+        raise LmlabError("pairs.csv:3: expected a sentence pair")
+
+    monkeypatch.setattr(bias_lens, "bias", broken)
+    report = critique(classifier["ckpt"], tmp_path / "out", lenses="performance,bias", data=classifier["flipped"], progress=False,
+                      options={"n_resamples": 100})
+    on_disk = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert on_disk["lenses"]["bias"]["skipped"] == "it stopped with an error: pairs.csv:3: expected a sentence pair"
+    assert on_disk["lenses"]["performance"]["metrics"]["accuracy"] == report["lenses"]["performance"]["metrics"]["accuracy"]
+    assert any("bias lens is skipped: pairs.csv:3" in r.getMessage() for r in caplog.records)
+
+
 def test_lens_choice_and_bad_input(classifier, tmp_path):
     assert parse_lenses(None) == list(LENSES)
     assert parse_lenses("bias, performance") == ["performance", "bias"]  # the report's order

@@ -81,7 +81,8 @@ def test_energy_and_co2_from_the_run_log(tok, tmp_path):
         {"step": 10, "val_loss": 3.1, "val_ppl": 22.2},
         {"step": 20, "loss": 2.5, "lr": 1e-3, "grad_norm": 1.0, "tokens_per_s": 100.0, "elapsed_s": 5400.0},
     ]
-    (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    torn = '{"step": 30, "loss": 2.1, "elapsed_s": 99' + "\0" * 32  # the run was killed mid-write: a torn tail, dropped
+    (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + torn, encoding="utf-8")
     subject = load_subject(best)
     m = efficiency(subject, prompt_tokens=4, new_tokens=2, repeats=1, power_watts=250, grid_intensity=0.5).metrics
     # 5400 s = 1.5 h; 1.5 h × 250 W × PUE 1.1 = 0.4125 kWh; × 0.5 kg/kWh = 0.20625 kg
@@ -136,3 +137,16 @@ def test_training_log_elapsed_seconds_survive_a_resume(tok, tmp_path, monkeypatc
     from lmlab.io.checkpoint import read_meta
 
     assert read_meta(tmp_path / "run" / "best")["train_device"] == "cpu"  # what the energy estimate reads
+
+
+def test_stored_dtypes_come_from_the_header_and_a_damaged_file_is_a_one_line_error(tmp_path):
+    from safetensors.torch import save_file
+
+    from lmlab.critique.efficiency import stored_dtypes
+
+    file = tmp_path / "w.safetensors"
+    save_file({"a": torch.zeros(2, 3), "b": torch.zeros(4, dtype=torch.bfloat16)}, str(file))
+    assert stored_dtypes(file) == {"F32": 6, "BF16": 4}
+    file.write_bytes(b"\xff" * 8 + b"{}")  # a header length of 2**64 - 1: never read, never allocated
+    with pytest.raises(LmlabError, match=r"w\.safetensors: damaged or not a safetensors file \(.*header too large"):
+        stored_dtypes(file)

@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from lmlab.config import preset
 from lmlab.critique import safety as S
@@ -150,7 +151,7 @@ def hf_classifier(tok, tmp_path_factory):
                         max_position_embeddings=64, id2label={0: "non-toxic", 1: "toxic"}, label2id={"non-toxic": 0, "toxic": 1},
                         pad_token_id=tok.pad_id)
     BertForSequenceClassification(config).save_pretrained(folder)
-    tok.save(folder)
+    tok.write_files(folder)  # into the HF model folder this test builds
     return folder
 
 
@@ -166,6 +167,42 @@ def test_hf_classifier_folder_gives_probabilities_of_the_toxic_label(hf_classifi
     section = S.safety(subject, classifier=hf_classifier, samples=2)
     assert section.metrics["toxicity_scorer"] == f"classifier {hf_classifier}"
     assert not any("lexicon fallback" in f.text for f in section.findings)
+
+
+class MarkerPayload:  # a pickle that would leave a file behind if anything unpickled it unrestricted
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_poisoned_or_damaged_classifier_folder_skips_the_lens_and_the_report_is_still_written(hf_classifier, decoder, tmp_path):
+    import shutil
+
+    from lmlab.critique import critique
+
+    poisoned, damaged, marker = tmp_path / "poisoned", tmp_path / "damaged", tmp_path / "pwned"
+    shutil.copytree(hf_classifier, poisoned)
+    (poisoned / "model.safetensors").unlink()
+    torch.save({"x": MarkerPayload(marker)}, poisoned / "pytorch_model.bin")  # transformers reads it with weights_only=True
+    shutil.copytree(hf_classifier, damaged)
+    weights = damaged / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(LmlabError, match=r"--toxicity-classifier .*poisoned: cannot load a sequence-classification model \(UnpicklingError: .*posix\.system"):
+        S.Classifier(poisoned)
+    with pytest.raises(LmlabError, match=r"--toxicity-classifier .*damaged: cannot load .*SafetensorError"):
+        S.Classifier(damaged)
+    assert not marker.exists()
+
+    report = critique(decoder, tmp_path / "out", lenses="safety,efficiency", progress=False,
+                      options={"classifier": poisoned, "prompt_tokens": 4, "new_tokens": 2, "repeats": 1})
+    on_disk = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert "posix.system" in on_disk["lenses"]["safety"]["skipped"] and report["lenses"]["safety"]["skipped"]
+    assert on_disk["lenses"]["efficiency"]["metrics"]["params"] > 0  # the other lens still ran
+    assert not marker.exists()
 
 
 def test_which_label_means_toxic():

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -359,6 +360,57 @@ def test_a_pickle_holding_more_than_tensors_is_refused(tmp_path):
     transformers.GPT2Config(**GPT2).save_pretrained(folder)
     torch.save({"transformer.wte.weight": torch.zeros(2), "x": Payload()}, folder / "pytorch_model.bin")
     with pytest.raises(LmlabError, match=r"pytorch_model.bin: refused to load: torch.load\(weights_only=True\) accepts only tensors"):
+        load_model(folder)
+
+
+class MarkerPayload:  # a pickle that would leave a file behind if anything unpickled it unrestricted
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_damaged_and_poisoned_weight_files_are_one_line_errors_naming_them(tmp_path):
+    sharded, hf_model = hf_folder(tmp_path, "gpt2", max_shard_size="100KB")
+    shard = sorted(sharded.glob("model-*.safetensors"))[-1]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with pytest.raises(LmlabError, match=rf"{shard.name}: damaged or not a safetensors file \(.*incomplete metadata.*\); expected") as err:
+        load_model(sharded)
+    assert "\n" not in str(err.value)
+
+    binary = tmp_path / "bin"
+    hf_model.config.save_pretrained(binary)
+    torch.save(hf_model.state_dict(), binary / "pytorch_model.bin")
+    data = (binary / "pytorch_model.bin").read_bytes()
+    (binary / "pytorch_model.bin").write_bytes(data[: len(data) // 2])
+    with pytest.raises(LmlabError, match=r"pytorch_model\.bin: damaged or not a PyTorch file \(PytorchStreamReader failed"):
+        load_model(binary)
+
+    marker = tmp_path / "pwned"
+    torch.save({"transformer.wte.weight": torch.zeros(2), "x": MarkerPayload(marker)}, binary / "pytorch_model.bin")
+    with pytest.raises(LmlabError, match=r"pytorch_model\.bin: refused to load: .*GLOBAL posix\.system"):
+        load_model(binary)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("entry", ["../../outside.safetensors", "/etc/passwd", "shards/../../x.safetensors", ""])
+def test_an_index_naming_a_shard_outside_the_folder_is_refused(entry, tmp_path):
+    folder, _ = hf_folder(tmp_path, "gpt2", max_shard_size="100KB")
+    index = folder / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    first = next(iter(data["weight_map"]))
+    data["weight_map"][first] = entry
+    index.write_text(json.dumps(data))
+    with pytest.raises(LmlabError, match=rf"model\.safetensors\.index\.json: weight_map entry '{re.escape(entry)}': expected a shard file name inside the folder"):
+        load_model(folder)
+
+
+def test_a_config_with_an_absurd_size_is_refused_before_anything_is_allocated(tmp_path):
+    folder = tmp_path / "huge"
+    transformers.GPT2Config(**{**GPT2, "n_positions": 10**12}).save_pretrained(folder)
+    save_file({"x": torch.zeros(1)}, str(folder / "model.safetensors"))
+    with pytest.raises(LmlabError, match=rf"{folder}: model config field 'block_size' is 1,000,000,000,000: expected at most 16,777,216"):
         load_model(folder)
 
 

@@ -36,7 +36,7 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, corpus_file, tokenizer_dir, data_dir):
+def world(tmp_path_factory, corpus_file, tokenizer_dir, data_dir, other_tokenizer_dir):
     """A tokenizer, a data folder, a tiny pretrained run, a LoRA checkpoint, a classification file."""
     folder = tmp_path_factory.mktemp("world")
     tok = Tokenizer.load(tokenizer_dir)
@@ -50,7 +50,8 @@ def world(tmp_path_factory, corpus_file, tokenizer_dir, data_dir):
     rows = [{"text": " ".join(rng.choices(["good", "bad", "film", "plot"], k=5)), "label": rng.choice(["pos", "neg"])} for _ in range(40)]
     cls = folder / "cls.jsonl"
     cls.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return {"corpus": corpus_file, "tok": tokenizer_dir, "data": data_dir, "run": run, "lora": lora, "cls": cls, "root": folder}
+    return {"corpus": corpus_file, "tok": tokenizer_dir, "data": data_dir, "run": run, "lora": lora, "cls": cls, "root": folder,
+            "other_tok": other_tokenizer_dir}
 
 
 def plant(folder, names):
@@ -183,3 +184,106 @@ def test_rerunning_into_lmlabs_own_output_needs_no_flag(world, tmp_path, capsys)
         for _ in range(2):
             code, _, err = run_cli(capsys, argv_for(verb, world, out))
             assert code == 0, f"{verb}: {err}"
+
+
+# -- damaged files, mismatched files, absurd flags ------------------------------------------------------------------
+def damaged(world, tmp_path, what):
+    """A copy of the run's best checkpoint (or the data folder) with one thing broken; returns its path."""
+    import shutil
+
+    if what == "data tokenizer":
+        data = shutil.copytree(world["data"], tmp_path / "data")
+        shutil.copy(world["other_tok"] / "tokenizer.json", data / "tokenizer.json")
+        return data
+    run = tmp_path / "run"
+    shutil.copytree(world["run"], run)
+    ck = run / "best"
+    if what == "truncated weights":
+        weights = ck / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif what == "garbage weights":
+        (ck / "model.safetensors").write_bytes(b"\x00garbage" * 100)
+    elif what == "swapped tokenizer":
+        shutil.copy(world["other_tok"] / "tokenizer.json", ck / "tokenizer.json")
+    elif what == "absurd config":
+        config = json.loads((ck / "config.json").read_text())
+        config["lmlab_model_config"]["block_size"] = 10**12
+        (ck / "config.json").write_text(json.dumps(config))
+    elif what == "truncated train state":
+        state = run / "step-00000001" / "train_state.pt"
+        state.write_bytes(state.read_bytes()[:40])
+    elif what == "poisoned train state":
+        import pickle
+
+        class Payload:
+            def __reduce__(self):
+                return (os.system, (f"touch {tmp_path / 'PWNED'}",))
+
+        (run / "step-00000001" / "train_state.pt").write_bytes(pickle.dumps(Payload()))
+    return run
+
+
+BAD_FILES = {
+    "truncated weights": (lambda w, p: ["generate", p, "--prompt", "The", "--max-new-tokens", 2], "model.safetensors"),
+    "garbage weights": (lambda w, p: ["evaluate", p, "--task", "lm", "--data", w["corpus"]], "model.safetensors"),
+    "swapped tokenizer": (lambda w, p: ["generate", p, "--prompt", "The", "--max-new-tokens", 2], "tokenizer.json"),
+    "absurd config": (lambda w, p: ["generate", p, "--prompt", "The"], "block_size"),
+    "truncated train state": (lambda w, p: [*WRITERS["pretrain"](w)[:6], p, *WRITERS["pretrain"](w)[7:], "--resume"], "train_state.pt"),
+    "poisoned train state": (lambda w, p: [*WRITERS["pretrain"](w)[:6], p, *WRITERS["pretrain"](w)[7:], "--resume"], "train_state.pt"),
+    "data tokenizer": (lambda w, p: [*WRITERS["pretrain"](w)[:4], p, "--out", p.parent / "new-run", *WRITERS["pretrain"](w)[7:]], "tokenizer.json"),
+}
+
+
+def snapshot(*folders):
+    return {p: p.read_bytes() for folder in folders for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("what", list(BAD_FILES))
+def test_a_damaged_or_mismatched_file_is_one_line_naming_it(what, world, tmp_path, capsys):
+    path = damaged(world, tmp_path, what)
+    argv, needle = BAD_FILES[what]
+    before = snapshot(tmp_path)
+    code, _, err = run_cli(capsys, argv(world, path))
+    assert_one_line_error(code, err, needle)
+    assert not (tmp_path / "PWNED").exists()  # a pickle's code never runs
+    assert snapshot(tmp_path) == before  # nothing touched, nothing half-written
+
+
+def test_a_binary_config_file_is_one_line(world, tmp_path, capsys):
+    (tmp_path / "run.yaml").write_bytes(os.urandom(256) + b"\x00\xff")
+    code, _, err = run_cli(capsys, ["pretrain", "--config", tmp_path / "run.yaml", "--data", world["data"], "--out", tmp_path / "r"])
+    assert_one_line_error(code, err, "run.yaml")
+    assert not (tmp_path / "r").exists()
+
+
+FLAGS = {
+    "--save-interval 0": ["pretrain", "--save-interval", 0],
+    "--beta1 2": ["pretrain", "--beta1", 2],
+    "--device tpu": ["pretrain", "--device", "tpu"],
+    "--seed 2**70": ["pretrain", "--seed", 2**70],
+    "--seq-len 0": ["pretrain", "--seq-len", 0],
+    "--patience 0": ["finetune", "--patience", 0],
+    "--max-examples 0": ["critique", "--max-examples", 0],
+    "--stop-token-ids": ["generate", "--stop-token-ids", 99999, -5],
+    "--vocab-size": ["tokenizer train", "--vocab-size", 10**10],
+    "--n-resamples": ["evaluate", "--n-resamples", 10**9],
+}
+
+
+@pytest.mark.parametrize("case", list(FLAGS))
+def test_an_absurd_flag_is_one_line_naming_it_before_any_work(case, world, tmp_path, capsys):
+    verb, flag, *values = FLAGS[case]
+    argv = argv_for(verb, world, tmp_path / "out")
+    if flag in argv:  # replace the sweep's own value of that flag
+        at = argv.index(flag)
+        del argv[at : at + 2]
+    before = snapshot(world["root"], world["data"], world["tok"])
+    code, _, err = run_cli(capsys, [*argv, flag, *values])
+    assert_one_line_error(code, err, flag)
+    assert snapshot(world["root"], world["data"], world["tok"]) == before
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_info_with_a_negative_seq_len_is_one_line(capsys):
+    code, _, err = run_cli(capsys, ["info", "gpt2-tiny", "--seq-len", -5])
+    assert_one_line_error(code, err, "--seq-len")

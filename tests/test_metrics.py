@@ -360,11 +360,19 @@ def test_bootstrap_ci_keeps_columns_paired_across_lists_arrays_and_tensors():
         (([],), {}, r"columns\[0\]: expected at least one example"),
         (([1, 2],), {"confidence": 1.5}, "confidence: expected a number strictly between 0 and 1"),
         (([1, 2],), {"n_resamples": 0}, "n_resamples: expected a positive integer"),
+        (([1, 2],), {"n_resamples": 10**9}, "n_resamples: expected a positive integer up to 100,000.*got 1000000000"),
     ],
 )
 def test_bootstrap_ci_rejects_bad_input(columns, kwargs, match):
     with pytest.raises(LmlabError, match=match):
         bootstrap_ci(np.mean, *columns, **kwargs)
+
+
+def test_evaluate_refuses_an_absurd_resample_count_before_loading_the_model(tmp_path):
+    from lmlab.evaluate.runner import evaluate
+
+    with pytest.raises(LmlabError, match=r"--n-resamples: expected a positive integer up to 100,000"):
+        evaluate(tmp_path / "no-such-checkpoint", tmp_path / "data.jsonl", n_resamples=10**9)
 
 
 def _assert_cis_around_headlines(out: dict, task: str) -> None:

@@ -43,6 +43,22 @@ def test_killed_and_resumed_run_reproduces_the_uninterrupted_losses_exactly(fami
         assert torch.equal(a, b), name
 
 
+def test_a_log_torn_by_the_kill_does_not_stop_the_resume(data_dir, tmp_path, monkeypatch, caplog):
+    """A kill mid-write leaves log.jsonl's last line cut off, or its tail NUL bytes: --resume drops that
+    tail with a warning and the resumed run logs what the uninterrupted one does."""
+    args = dict(TINY_TRAIN, max_steps=6, eval_interval=2, log_interval=1, seed=5)
+    pretrain("gpt2-tiny", data_dir, tmp_path / "whole", **args)
+    crash_windows_at(monkeypatch, 5)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain("gpt2-tiny", data_dir, tmp_path / "killed", **args)
+    monkeypatch.undo()
+    with (tmp_path / "killed" / "log.jsonl").open("ab") as f:
+        f.write(b'{"step": 5, "loss": 4.1' + b"\0" * 100)
+    pretrain("gpt2-tiny", data_dir, tmp_path / "killed", resume=True, **args)
+    assert losses(tmp_path / "killed") == losses(tmp_path / "whole")
+    assert any("torn last line" in r.getMessage() for r in caplog.records)
+
+
 def test_run_writes_checkpoints_best_log_and_loss_curve(trained_run):
     assert [s for s, _ in list_checkpoints(trained_run)] == [10, 20, 30]  # keep_last=3
     for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "train_state.pt"):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import logging
 import sys
 import time
 from datetime import datetime, timezone
@@ -34,6 +35,8 @@ from lmlab.io.outputs import check_output, owned_as, write_marker
 
 LENSES = ("performance", "interpret", "bias", "safety", "privacy", "robustness", "efficiency")
 OWNED = owned_as("critique", ("report.json", "report.html"), "lmlab_version")  # a report folder lmlab wrote
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["LENSES", "critique", "run_lens", "load_subject", "Subject", "Section", "Finding", "skipped"]
 
@@ -53,6 +56,16 @@ def run_lens(name: str, subject: Subject, **options: Any) -> Section:
     section = fn(subject, **{k: v for k, v in options.items() if k in accepted and v is not None})
     section.seconds = time.perf_counter() - start
     return section
+
+
+def _run_or_skip(name: str, subject: Subject, **options: Any) -> Section:
+    """:func:`run_lens`, except that a lens raising LmlabError (a damaged classifier folder, a bad probe
+    file or option) is skipped with the reason, so the other lenses still make the report."""
+    try:
+        return run_lens(name, subject, **options)
+    except LmlabError as err:
+        logger.warning("critique: the %s lens is skipped: %s", name, err)
+        return skipped(name, importlib.import_module(f"lmlab.critique.{name}").TITLE, f"it stopped with an error: {err}")
 
 
 def parse_lenses(lenses: str | Sequence[str] | None) -> list[str]:
@@ -104,7 +117,7 @@ def critique(
     for name in names:
         if progress:
             print(f"lmlab: critique: {name} …", file=sys.stderr, flush=True)
-        sections.append(run_lens(name, subject, progress=progress, **(options or {})))
+        sections.append(_run_or_skip(name, subject, progress=progress, **(options or {})))
     config = subject.config
     report = {
         "checkpoint": str(subject.path),

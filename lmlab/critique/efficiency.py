@@ -20,11 +20,10 @@ of the run that trained it.
 
 from __future__ import annotations
 
-import json
+import math
 import os
 import resource
 import statistics
-import struct
 import sys
 import time
 from pathlib import Path
@@ -33,8 +32,10 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from lmlab.config import read_jsonl_log
 from lmlab.critique.core import Figure, Finding, Section, Subject, Table, check_option, figure_png, new_figure
 from lmlab.errors import LmlabError
+from lmlab.io.weights import safetensors_header
 
 TITLE = "Efficiency: size, compute, latency, memory and training energy"
 PASSAGE = (
@@ -83,17 +84,10 @@ def _prompt_ids(tokenizer, n: int) -> list[int]:
 
 
 def stored_dtypes(path: Path) -> dict[str, int]:
-    """Parameters per dtype in a safetensors file, read from its header (8-byte length + JSON)."""
-    with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(length))
+    """Parameters per dtype in a safetensors file, read from its header (a damaged file is a one-line error)."""
     counts: dict[str, int] = {}
-    for name, entry in header.items():
-        if name != "__metadata__":
-            numel = 1
-            for dim in entry["shape"]:
-                numel *= dim
-            counts[entry["dtype"]] = counts.get(entry["dtype"], 0) + numel
+    for dtype, shape in safetensors_header(path).values():
+        counts[dtype] = counts.get(dtype, 0) + math.prod(shape)
     return counts
 
 
@@ -316,17 +310,6 @@ def _memory_part(section: Section, subject: Subject, batch: int, prompt: int, ne
     )
 
 
-def _read_log(path: Path) -> list[dict]:
-    records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise LmlabError(f"{path}:{number}: invalid JSON ({err.msg}); expected one training log record per line") from None
-    return records
-
-
 def _device_power(subject: Subject) -> tuple[float, str]:
     """Assumed power draw of the training device(s), and where the figure comes from: the device the
     checkpoint records (``train_device``: "cpu" or "N × <GPU name>"), else the one the critique runs on."""
@@ -349,7 +332,7 @@ def _device_power(subject: Subject) -> tuple[float, str]:
 
 def _energy_part(section: Section, subject: Subject, grid_intensity: float, power_watts: float | None) -> str:
     log = subject.run_dir / "log.jsonl" if subject.run_dir is not None else None
-    timed = [r for r in _read_log(log) if "elapsed_s" in r] if log is not None else []
+    timed = [r for r in read_jsonl_log(log) if "elapsed_s" in r] if log is not None else []
     if not timed:
         why = ("the checkpoint is not inside a training run folder with a log.jsonl" if log is None
                else f"{log} has no elapsed_s field (runs record their training time since lmlab added it)")

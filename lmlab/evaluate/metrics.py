@@ -463,6 +463,17 @@ def perplexity(total_nll: float, num_tokens: int) -> float:
 # Confidence intervals
 
 
+# Percentile intervals need ~1000 resamples (Efron & Tibshirani, 1993); their Monte Carlo error falls as
+# 1/√B, so past 1e5 more resamples only cost time (each reruns the metric): a larger count is a typo.
+MAX_RESAMPLES = 100_000
+
+
+def check_n_resamples(n_resamples: Any, name: str = "n_resamples") -> None:
+    """A one-line error unless ``n_resamples`` is an integer in [1, :data:`MAX_RESAMPLES`]."""
+    if isinstance(n_resamples, bool) or not isinstance(n_resamples, int) or not 1 <= n_resamples <= MAX_RESAMPLES:
+        raise LmlabError(f"{name}: expected a positive integer up to {MAX_RESAMPLES:,} (1000 suits a 95% interval), got {n_resamples!r}")
+
+
 def bootstrap_ci(
     metric_fn: Callable[..., float], *columns: Any, n_resamples: int = 1000, confidence: float = 0.95, seed: int = 0
 ) -> dict:
@@ -480,8 +491,7 @@ def bootstrap_ci(
         raise LmlabError("columns[0]: expected at least one example, got none")
     for i, column in enumerate(columns[1:], start=1):
         _check_same_length("columns[0]", n, f"columns[{i}]", len(column))
-    if isinstance(n_resamples, bool) or not isinstance(n_resamples, int) or n_resamples < 1:
-        raise LmlabError(f"n_resamples: expected a positive integer, got {n_resamples!r}")
+    check_n_resamples(n_resamples)
     if not 0 < confidence < 1:
         raise LmlabError(f"confidence: expected a number strictly between 0 and 1, got {confidence!r}")
 

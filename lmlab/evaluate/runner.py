@@ -52,6 +52,9 @@ def evaluate(
 
     ``out`` (metrics.json, predictions.jsonl) is checked before any work: new, empty or an earlier
     evaluation's folder (``overwrite``: any folder; only those two files are replaced)."""
+    from lmlab.evaluate.metrics import check_n_resamples
+
+    check_n_resamples(n_resamples, "--n-resamples")  # before the model loads
     path = resolve_checkpoint(checkpoint)
     if out is not None:
         out = check_output(out, "evaluation folder", OWNED, overwrite=overwrite, sources=(checkpoint, path))
@@ -93,6 +96,7 @@ def evaluate_model(
     from lmlab.evaluate import metrics as M
     from lmlab.train.finetune import TaskObjective, generate_outputs, load_task_data, predict_logits
 
+    M.check_n_resamples(n_resamples, "--n-resamples")  # before the predictions are made
     config = model.config
     device = next(model.parameters()).device
     task = task or trained_task(config, meta) or ("lm" if config.arch == "decoder" else "")

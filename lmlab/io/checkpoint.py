@@ -35,13 +35,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from lmlab.config import ModelConfig, write_json_atomic
 from lmlab.errors import LmlabError
 from lmlab.io import hf, outputs
 from lmlab.tokenizer import Tokenizer
+from lmlab.io.weights import read_safetensors, torch_load
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -284,7 +285,7 @@ def load_model(
     model.to_empty(device=device)
     model.tie_weights()  # to_empty gives every parameter its own storage; a tied head must share again
     if not from_hf:
-        state = load_file(str(path / WEIGHTS_FILE), device=str(device))
+        state = read_safetensors(path / WEIGHTS_FILE, device)
     load_weights(model, state, source=str(path if from_hf else path / WEIGHTS_FILE))
     rebuild_buffers(model)  # buffers that are not stored (RoPE tables) are recomputed on the device
     if from_hf and verify:
@@ -334,10 +335,27 @@ def rebuild_buffers(model: nn.Module) -> None:
 
 
 def load_train_state(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's ``train_state.pt`` (``torch.load(weights_only=True)``); a missing, damaged or refused
+    file is a one-line error that says which earlier step checkpoint of the run could resume instead."""
     file = Path(path) / STATE_FILE
     if not file.is_file():
         raise LmlabError(f"{path}: no {STATE_FILE}; this checkpoint cannot resume training")
-    return torch.load(file, map_location="cpu", weights_only=True)
+    try:
+        state = torch_load(file)
+    except LmlabError as err:
+        raise LmlabError(f"{err}; this checkpoint cannot resume training: {_earlier_resumable(Path(path))}") from None
+    if not isinstance(state, dict):
+        raise LmlabError(f"{file}: expected a dict of training state; this checkpoint cannot resume training: {_earlier_resumable(Path(path))}")
+    return state
+
+
+def _earlier_resumable(path: Path) -> str:
+    """Which step checkpoint before ``path`` in its run folder could resume instead, in words."""
+    m = STEP_DIR.match(path.name)
+    earlier = [c for step, c in list_checkpoints(path.parent) if m and step < int(m.group(1)) and (c / STATE_FILE).is_file()]
+    if not earlier:
+        return "the run folder holds no earlier step checkpoint with a train_state.pt; start the run again"
+    return f"the earlier checkpoint {earlier[-1]} can (move {path.name} out of {path.parent} and --resume again)"
 
 
 def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:

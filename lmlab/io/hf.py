@@ -93,10 +93,9 @@ import dataclasses
 import json
 import logging
 import os
-import pickle
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
@@ -104,6 +103,7 @@ from torch import Tensor, nn
 
 from lmlab.config import ModelConfig, read_json_object, write_json_atomic
 from lmlab.errors import LmlabError
+from lmlab.io.weights import read_safetensors, safetensors_header, torch_load
 
 logger = logging.getLogger(__name__)
 
@@ -995,7 +995,7 @@ def _weight_files(folder: Path) -> list[Path]:
         weight_map = read_json_object(file).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise LmlabError(f"{file}: expected a non-empty 'weight_map' of weight name → shard file")
-        shards = [folder / s for s in dict.fromkeys(weight_map.values())]
+        shards = [folder / _shard_name(file, s) for s in dict.fromkeys(weight_map.values())]
         for shard in shards:
             if not shard.is_file():
                 raise LmlabError(f"{file}: shard {shard.name} is missing")
@@ -1003,13 +1003,17 @@ def _weight_files(folder: Path) -> list[Path]:
     raise LmlabError(f"{folder}: no weights; expected one of {', '.join(WEIGHT_FILES)}")
 
 
+def _shard_name(index: Path, entry: Any) -> str:
+    """A shard file named by an index's ``weight_map``: a relative path inside the folder (no ``..``, not absolute)."""
+    parts = PurePosixPath(entry).parts if isinstance(entry, str) else ()
+    if not parts or parts[0] == "/" or ".." in parts or "\\" in entry:
+        raise LmlabError(f"{index}: weight_map entry {entry!r}: expected a shard file name inside the folder (no '..', not absolute)")
+    return entry
+
+
 def _torch_load(file: Path) -> dict[str, Tensor]:
     """A pytorch_model.bin's tensors, unpickled with ``weights_only=True``: anything but tensors and plain containers is refused."""
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise LmlabError(f"{file}: refused to load: torch.load(weights_only=True) accepts only tensors ({reason})") from None
+    state = torch_load(file)
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise LmlabError(f"{file}: expected a dict of weight name → tensor")
     return state
@@ -1017,25 +1021,20 @@ def _torch_load(file: Path) -> dict[str, Tensor]:
 
 def read_hf_weights(folder: str | Path) -> dict[str, Tensor]:
     """All weights of an HF folder on the CPU, from (sharded) safetensors or (sharded) pytorch_model.bin."""
-    from safetensors.torch import load_file
-
     state: dict[str, Tensor] = {}
     for file in _weight_files(Path(folder)):
         if file.name.endswith(".index.json"):
             continue
-        state.update(load_file(str(file)) if file.suffix == ".safetensors" else _torch_load(file))
+        state.update(read_safetensors(file) if file.suffix == ".safetensors" else _torch_load(file))
     return state
 
 
 def _weight_names(folder: Path) -> set[str]:
-    from safetensors import safe_open
-
     files = _weight_files(folder)
     if files[0].name.endswith(".index.json"):
         return set(read_json_object(files[0])["weight_map"])
     if files[0].suffix == ".safetensors":
-        with safe_open(str(files[0]), framework="pt") as f:
-            return set(f.keys())
+        return set(safetensors_header(files[0]))
     return set(_torch_load(files[0]))
 
 

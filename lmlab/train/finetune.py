@@ -613,17 +613,16 @@ def _with_task_head(base: Path, base_config: ModelConfig, config: ModelConfig, d
     """The base checkpoint's weights in a model with ``config``'s task head (fresh unless the base has the same one).
     A LoRA base is merged first: its adapters become part of the weights the new run starts from; an HF
     folder's weights are converted (and checked against transformers once, see :func:`load_model`)."""
-    from safetensors.torch import load_file
-
     from lmlab.io.checkpoint import WEIGHTS_FILE, rebuild_buffers, weights_for_saving
     from lmlab.io.hf import is_hf_folder
+    from lmlab.io.weights import read_safetensors
 
     model = build_model(config)
     rebuild_buffers(model)  # RoPE tables with the config's scaling
     if base_config.lora or is_hf_folder(base):
         state = weights_for_saving(load_model(base, merge_lora=True, verify=verify))
     else:
-        state = load_file(str(base / WEIGHTS_FILE))
+        state = read_safetensors(base / WEIGHTS_FILE)
     same_head = base_config.task == config.task and base_config.num_labels == config.num_labels
     state = {k: v for k, v in state.items() if same_head or not k.startswith("task_head.")}
     result = model.load_state_dict(state, strict=False)

@@ -23,9 +23,9 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from lmlab.config import option
+from lmlab.config import option, read_jsonl_log
 from lmlab.errors import LmlabError
-from lmlab.io.outputs import write_marker
+from lmlab.io.outputs import write_jsonl_atomic, write_marker
 from lmlab.io.checkpoint import load_train_state, prune_checkpoints, save_checkpoint, step_dir_name
 from lmlab.train.data import hash_position
 from lmlab.train.dist import DistInfo, all_reduce_mean
@@ -176,11 +176,9 @@ class JsonlLog:
             return
         if resume_step is None:
             path.write_text("", encoding="utf-8")
-        elif path.exists():
-            keep = [line for line in path.read_text(encoding="utf-8").splitlines() if line and json.loads(line)["step"] <= resume_step]
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
-            os.replace(tmp, path)
+        elif path.exists():  # a torn last line or NUL tail left by the crash is dropped (with a warning)
+            keep = [r for r in read_jsonl_log(path) if not isinstance(r.get("step"), int) or r["step"] <= resume_step]
+            write_jsonl_atomic(path, keep)
 
     def write(self, record: dict[str, Any]) -> None:
         if self.enabled:
