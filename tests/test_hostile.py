@@ -287,3 +287,16 @@ def test_an_absurd_flag_is_one_line_naming_it_before_any_work(case, world, tmp_p
 def test_info_with_a_negative_seq_len_is_one_line(capsys):
     code, _, err = run_cli(capsys, ["info", "gpt2-tiny", "--seq-len", -5])
     assert_one_line_error(code, err, "--seq-len")
+
+
+def test_export_and_demo_refuse_a_folder_that_is_not_theirs_before_any_work(world, tmp_path, capsys):
+    out = tmp_path / "mine"
+    planted = plant(out, OTHER_NAMES + LMLAB_NAMES)
+    code, _, err = run_cli(capsys, ["export", world["run"], "--out", out])
+    assert_one_line_error(code, err, str(out), "not an empty folder")
+    code, _, err = run_cli(capsys, ["demo", "--out", out, "--no-progress"])
+    assert_one_line_error(code, err, str(out), "not an lmlab demo folder", "--overwrite")
+    code, _, err = run_cli(capsys, ["export", world["run"], "--out", world["run"] / "hf"])
+    assert_one_line_error(code, err, "which this command reads")
+    assert_intact(planted)
+    assert not (world["run"] / "hf").exists()
