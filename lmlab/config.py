@@ -310,20 +310,21 @@ def read_jsonl_log(path: str | Path) -> list[dict[str, Any]]:
         logger.warning("%s: dropped %d NUL bytes at its end (left by a crash)", path, len(text) - len(body))
     lines = body.split("\n")
     torn = lines.pop()  # "" when the last line ended with its newline
-    records = [_log_record(path, number, line) for number, line in enumerate(lines, start=1) if line.strip()]
+    records = [json_line_object(path, number, line) for number, line in enumerate(lines, start=1) if line.strip()]
     if torn.strip():
         try:
-            records.append(_log_record(path, len(lines) + 1, torn))
+            records.append(json_line_object(path, len(lines) + 1, torn))
         except LmlabError:
             logger.warning("%s:%d: dropped the torn last line (a run killed mid-write leaves one): %.60r", path, len(lines) + 1, torn)
     return records
 
 
-def _log_record(path: Path, number: int, line: str) -> dict[str, Any]:
+def json_line_object(path: Path, number: int, line: str) -> dict[str, Any]:
+    """Line ``number`` of the JSON Lines file ``path``, which must hold an object (else a one-line error)."""
     try:
         record = json.loads(line)
     except json.JSONDecodeError as err:
-        raise LmlabError(f"{path}:{number}: invalid JSON ({err.msg}); expected one JSON object per line") from None
+        raise LmlabError(f"{path}:{number}: invalid JSON ({err.msg}); expected one object per line") from None
     if not isinstance(record, dict):
         raise LmlabError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
     return record

@@ -19,8 +19,7 @@ from lmlab.io.checkpoint import save_checkpoint
 from lmlab.model import build_model
 from lmlab.tokenizer import Tokenizer
 from lmlab.train.lora import LoraSpec, apply_lora
-
-UNWRITABLE = "/sys/lmlab-test-out"  # read-only even for root
+from test_outputs import UNWRITABLE, assert_intact, plant  # noqa: E402  (the planted-file helpers)
 # names lmlab writes somewhere: planted in folders lmlab must refuse, they must survive too
 LMLAB_NAMES = ("log.jsonl", "loss.png", "best/notes.txt", "manifest.json", "tokenizer.json", "config.json", "metrics.json",
                "report.json", "train_00007.bin", "canaries.json")
@@ -52,21 +51,6 @@ def world(tmp_path_factory, corpus_file, tokenizer_dir, data_dir, other_tokenize
     cls.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return {"corpus": corpus_file, "tok": tokenizer_dir, "data": data_dir, "run": run, "lora": lora, "cls": cls, "root": folder,
             "other_tok": other_tokenizer_dir}
-
-
-def plant(folder, names):
-    planted = {}
-    for name in names:
-        path = folder / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(os.urandom(32) + name.encode())
-        planted[path] = path.read_bytes()
-    return planted
-
-
-def assert_intact(planted):
-    for path, data in planted.items():
-        assert path.is_file() and path.read_bytes() == data, f"{path} was changed or deleted"
 
 
 def run_cli(capsys, argv):

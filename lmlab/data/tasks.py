@@ -45,6 +45,7 @@ import numpy as np
 import tokenizers
 from tokenizers import processors
 
+from lmlab.config import json_line_object
 from lmlab.errors import LmlabError
 from lmlab.tokenizer import Tokenizer
 from lmlab.train.objectives import IGNORE_INDEX
@@ -203,15 +204,8 @@ def _lines(text: str) -> Iterator[tuple[int, str]]:
 def _jsonl_records(path: Path, text: str) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, object) for each non-blank line of a JSON Lines file."""
     for number, line in _lines(text):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise LmlabError(f"{path}:{number}: invalid JSON ({err.msg}); expected one object per line") from None
-        if not isinstance(record, dict):
-            raise LmlabError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-        yield number, record
+        if line.strip():
+            yield number, json_line_object(path, number, line)
 
 
 def read_records(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
