@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from lmlab.config import read_json_object
+from lmlab.device import resolve_device
 from lmlab.errors import LmlabError
 from lmlab.generate import BeamSearch, GenerationConfig, decode
 from lmlab.generate.processors import SuppressIdsFrom
@@ -109,6 +110,10 @@ class LM:
         return config.replace(**options) if options else config
 
     def _stop_ids(self, config: GenerationConfig) -> list[int]:
+        vocab = self.model.config.vocab_size
+        wrong = [i for i in config.stop_token_ids if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab]
+        if wrong:
+            raise LmlabError(f"--stop-token-ids {' '.join(map(str, wrong))}: expected token ids from 0 to {vocab - 1} (this model's vocabulary)")
         return sorted(set(config.stop_token_ids) | (set() if config.ignore_eos else set(self.eos_ids)))
 
     def _processors(self, config: GenerationConfig, stop_ids: list[int]):
@@ -472,8 +477,7 @@ def load(path: str | Path, device: str = "auto", dtype: torch.dtype | None = Non
     its tokenizer (an lmlab checkpoint's must be the one it was trained with: ``verify=False`` turns the
     error into a warning)."""
     path = resolve_checkpoint(path)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = str(resolve_device(device))
     if not (path / "tokenizer.json").is_file():
         raise LmlabError(f"{path}: no tokenizer.json; expected the tokenizer beside the weights")
     tokenizer = load_tokenizer(path, verify=verify)  # the one the model was trained with, or an error

@@ -586,6 +586,8 @@ def cmd_info(a) -> int:
     from lmlab.config import PRESETS, preset
     from lmlab.io.checkpoint import load_config, resolve_checkpoint
 
+    if a.seq_len is not None and a.seq_len < 1:
+        raise LmlabError(f"--seq-len is {a.seq_len}: expected a positive number of tokens")
     if a.model is None:
         configs = [preset(name) for name in PRESETS]
     elif a.model in PRESETS:
@@ -659,10 +661,28 @@ def _log_warnings_as_one_line() -> None:
         root.propagate = False
 
 
+def _config_files(argv: Sequence[str]) -> list[str]:
+    """The files given to ``--config`` (``--config FILE`` or ``--config=FILE``)."""
+    files = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    return files + [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
+
+
+def _check_config_files(argv: Sequence[str]) -> None:
+    """A ``--config`` file that is not UTF-8 text: one line naming it, before the parser reads it."""
+    for name in _config_files(argv):
+        path = Path(name)
+        if path.is_file():
+            try:
+                path.read_text(encoding="utf-8")
+            except (UnicodeDecodeError, OSError) as e:
+                raise ArgumentError(None, f"--config {name}: not a readable UTF-8 YAML file ({type(e).__name__})") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(argv) if argv is not None else sys.argv[1:]
     _log_warnings_as_one_line()
     try:
+        _check_config_files(argv)
         args = build_parser().parse_args(argv)
     except ArgumentError as e:
         # one line: what was wrong, and where the options are listed

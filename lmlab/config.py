@@ -273,6 +273,16 @@ class ModelConfig:
         return cls.from_dict(data["lmlab_model_config"], source=str(path))
 
 
+MAX_SEED = 2**63 - 1  # torch.manual_seed takes a signed 64-bit integer
+
+
+def check_seed(seed: Any, flag: str = "--seed") -> int:
+    """``seed`` when it is an integer in [0, 2**63), else a one-line error naming ``flag``."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise LmlabError(f"{flag} is {seed!r}: expected an integer from 0 to 2**63 - 1")
+    return seed
+
+
 def option(default: Any, help: str) -> Any:
     """A dataclass field with its ``--help`` text: the CLI builds its flags from these."""
     return field(default=default, metadata={"help": help})

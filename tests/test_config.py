@@ -126,3 +126,17 @@ def test_a_bad_log_line_before_the_end_names_file_and_line(tmp_path):
     log.write_text('{"step": 1}\n[1, 2]\n', encoding="utf-8")
     with pytest.raises(LmlabError, match=r"log\.jsonl:2: expected a JSON object, got list"):
         read_jsonl_log(log)
+
+
+@pytest.mark.parametrize("seed", [-1, 2**63, 2**70, 1.5, True, "3"])
+def test_a_seed_outside_a_signed_64_bit_integer_is_an_error(seed):
+    from lmlab.config import check_seed
+
+    with pytest.raises(LmlabError, match="--seed is .*expected an integer from 0 to 2\\*\\*63 - 1"):
+        check_seed(seed)
+
+
+def test_the_largest_seed_seeds_torch():
+    from lmlab.config import MAX_SEED, check_seed
+
+    torch.manual_seed(check_seed(MAX_SEED))

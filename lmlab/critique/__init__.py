@@ -29,7 +29,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
-from lmlab.critique.core import Finding, Section, Subject, load_subject, skipped
+from lmlab.config import check_seed
+from lmlab.critique.core import Finding, Section, Subject, check_option, load_subject, skipped
 from lmlab.errors import LmlabError
 from lmlab.io.outputs import check_output, owned_as, write_marker
 
@@ -108,6 +109,8 @@ def critique(
     from lmlab.critique.report import write_report
 
     names = parse_lenses(lenses)
+    check_option("--max-examples", max_examples)
+    check_seed(seed)
     out = check_output(out, "critique report folder", OWNED, overwrite=overwrite, sources=(checkpoint,))
     subject = load_subject(
         checkpoint, data=data, text=text, train_data=train_data, task=task, device=device, seed=seed,

@@ -25,6 +25,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from lmlab.device import resolve_device
 from lmlab.errors import LmlabError
 
 LEVELS = ("good", "info", "warn", "bad")  # how a finding reads: fine, neutral, worth a look, a problem
@@ -156,6 +157,7 @@ def load_subject(
     from lmlab.evaluate.runner import trained_task
     from lmlab.io.checkpoint import load_model, load_tokenizer, read_meta, resolve_checkpoint
 
+    device = resolve_device(device)
     path = resolve_checkpoint(checkpoint)
     for name, value in (("--data", data), ("--text", text), ("--train-data", train_data)):
         if value is not None and not Path(value).exists():
@@ -168,7 +170,7 @@ def load_subject(
         task = trained_task(config, meta)
     run_dir = path.parent if (path.parent / "log.jsonl").is_file() else None
     return Subject(
-        path=path, model=model, tokenizer=tokenizer, meta=meta, device=torch.device(device),
+        path=path, model=model, tokenizer=tokenizer, meta=meta, device=device,
         lm=LM(model, tokenizer, path) if config.arch != "encoder" else None, run_dir=run_dir,
         data=Path(data) if data is not None else None, text=Path(text) if text is not None else None,
         train_data=Path(train_data) if train_data is not None else None, task=task or "",

@@ -37,7 +37,7 @@ from typing import Any, BinaryIO
 import numpy as np
 from tqdm.auto import tqdm
 
-from lmlab.config import write_json_atomic
+from lmlab.config import check_seed, write_json_atomic
 from lmlab.data.canaries import CANARIES_NAME, canary_options, plant_canaries
 from lmlab.data.corpus import expand_inputs, read_corpus, split_documents
 from lmlab.errors import LmlabError
@@ -308,6 +308,7 @@ def prepare(
     ``out_dir`` must be new, empty or a data folder lmlab prepared; ``overwrite`` lets lmlab write its
     files into another folder. Either way, only files a previous manifest lists are ever deleted.
     """
+    check_seed(seed)
     out_dir = check_output(out_dir, "data folder", is_data_folder, overwrite=overwrite, sources=_tokenizer_folder(tokenizer))
     if isinstance(shard_tokens, bool) or not isinstance(shard_tokens, int) or shard_tokens < 1:
         raise LmlabError(f"--shard-tokens {shard_tokens!r}: expected a positive integer")

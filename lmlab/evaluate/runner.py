@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from lmlab.config import write_json_atomic, write_jsonl_atomic
+from lmlab.device import resolve_device
 from lmlab.errors import LmlabError
 from lmlab.io.checkpoint import load_model, load_tokenizer, read_meta, resolve_checkpoint
 from lmlab.io.outputs import check_output, owned_as, write_marker
@@ -55,6 +56,7 @@ def evaluate(
     from lmlab.evaluate.metrics import check_n_resamples
 
     check_n_resamples(n_resamples, "--n-resamples")  # before the model loads
+    device = resolve_device(device)
     path = resolve_checkpoint(checkpoint)
     if out is not None:
         out = check_output(out, "evaluation folder", OWNED, overwrite=overwrite, sources=(checkpoint, path))

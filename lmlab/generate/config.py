@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from lmlab.config import option
+from lmlab.config import check_seed, option
 from lmlab.errors import LmlabError
 from lmlab.generate.processors import (
     LogitsProcessorList,
@@ -66,6 +66,8 @@ class GenerationConfig:
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
             raise LmlabError(f"unknown --strategy '{self.strategy}'; expected one of {', '.join(STRATEGIES)}")
+        if self.seed is not None:
+            check_seed(self.seed)
         if self.truncate not in ("left", "error"):
             raise LmlabError(f"--truncate is '{self.truncate}': expected left or error")
         for name in ("max_new_tokens", "num_beams", "num_return_sequences"):

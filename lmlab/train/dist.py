@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as torch_dist
 
+from lmlab.device import resolve_device
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -57,13 +59,7 @@ def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return value
 
 
-def pick_device(name: str, info: DistInfo) -> torch.device:
-    """``auto``: this rank's GPU when there is one, else the CPU."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", info.local_rank)
-        return torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", info.local_rank)
-    return device
+def pick_device(name: str, info: DistInfo, present: bool = True) -> torch.device:
+    """``auto``: this rank's GPU when there is one, else the CPU; a bare ``cuda`` is this rank's GPU
+    (``present=False``: one this machine may lack, for a memory prediction)."""
+    return resolve_device(name, info.local_rank, present=present)

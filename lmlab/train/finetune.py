@@ -429,6 +429,8 @@ def finetune(
 
     if task not in TASKS:
         raise LmlabError(f"unknown --task '{task}'; expected one of {', '.join(TASKS)}")
+    if patience is not None and (isinstance(patience, bool) or not isinstance(patience, int) or patience < 1):
+        raise LmlabError(f"--patience is {patience!r}: expected a positive number of evaluations (or none: no early stop)")
     if show_masking:
         if task != "chat":
             raise LmlabError(f"--show-masking shows which tokens --task chat trains on; expected --task chat, not {task!r}")
@@ -574,7 +576,7 @@ def _dry_run(config: ModelConfig, objective: TaskObjective, features: dict[str, 
     (a batch is padded to its longest row), without loading a weight (:mod:`lmlab.train.memory`)."""
     from lmlab.train import memory
 
-    device = dist_mod.pick_device(cfg.device, dist_mod.DistInfo())
+    device = dist_mod.pick_device(cfg.device, dist_mod.DistInfo(), present=False)
     lengths = [len(ids) + (len(labels) if arch == "seq2seq" else 0) for ids, labels in zip(features["input_ids"], features.get("labels", features["input_ids"]))]
     longest = sorted(range(len(lengths)), key=lambda i: -lengths[i])
 

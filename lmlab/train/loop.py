@@ -23,7 +23,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from lmlab.config import option, read_jsonl_log
+from lmlab.config import check_seed, option, read_jsonl_log
+from lmlab.device import check_device
 from lmlab.errors import LmlabError
 from lmlab.io.outputs import write_jsonl_atomic, write_marker
 from lmlab.io.checkpoint import load_train_state, prune_checkpoints, save_checkpoint, step_dir_name
@@ -78,6 +79,11 @@ class TrainConfig:
                 raise LmlabError(f"--{name.replace('_', '-')} is {getattr(self, name)}: expected a positive integer")
         if self.save_interval is None:
             self.save_interval = self.eval_interval
+        for name in ("save_interval", "seq_len"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise LmlabError(f"--{name.replace('_', '-')} is {getattr(self, name)}: expected a positive integer")
+        check_seed(self.seed)
+        check_device(self.device)
         if self.min_lr is None:
             self.min_lr = self.lr / 10
         if self.schedule not in SCHEDULES:
@@ -90,6 +96,17 @@ class TrainConfig:
             raise LmlabError(f"--warmup-steps is {self.warmup_steps}: expected 0 or more")
         if self.ce_chunk_size is not None and self.ce_chunk_size < 0:
             raise LmlabError(f"--ce-chunk-size is {self.ce_chunk_size}: expected 0 (no chunking), a positive number of tokens, or None (auto)")
+        self._check_optimizer()
+
+    def _check_optimizer(self) -> None:
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise LmlabError(f"--{name} is {getattr(self, name)}: expected a number in [0, 1)")
+        for name in ("weight_decay", "grad_clip", "min_lr"):
+            if getattr(self, name) < 0:
+                raise LmlabError(f"--{name.replace('_', '-')} is {getattr(self, name)}: expected 0 or more")
+        if self.adam_eps <= 0:
+            raise LmlabError(f"--adam-eps is {self.adam_eps}: expected a positive number")
 
 
 # TrainConfig fields a resumed run may change: they say how the run is watched, saved and computed, not what it

@@ -64,7 +64,7 @@ def pretrain(
         raise LmlabError(f"--pad-vocab-multiple is {pad_vocab_multiple!r}: expected a positive integer (1: no padding; 64 or 128 on GPUs)")
     out = Path(out)
     if dry_run:  # no process group: the prediction is per process (DDP's buckets are added when under torchrun)
-        info, device = dist_mod.DistInfo(), dist_mod.pick_device(cfg.device, dist_mod.DistInfo())
+        info, device = dist_mod.DistInfo(), dist_mod.pick_device(cfg.device, dist_mod.DistInfo(), present=False)
     else:
         info, device = dist_mod.setup(cfg.device)
     tokenizer = data_tokenizer(data)  # the tokenizer that made the shards (a clear error for anything else)

@@ -1,0 +1,52 @@
+"""Device names: ``auto``, ``cpu``, ``cuda``, ``cuda:1``, ``mps`` … checked once, with a one-line error.
+
+Every verb that takes ``--device`` goes through :func:`resolve_device`, so a typo (``--device tpu``) or a
+GPU that is not there fails before a model loads or a file is written."""
+
+from __future__ import annotations
+
+import torch
+
+from lmlab.errors import LmlabError
+
+KINDS = ("cpu", "cuda", "mps", "xpu")
+
+
+def _available(kind: str) -> bool:
+    if kind == "cpu":
+        return True
+    backend = getattr(torch.backends, kind, None) if kind == "mps" else getattr(torch, kind, None)
+    return bool(backend is not None and backend.is_available())
+
+
+def check_device(name: str, flag: str = "--device", present: bool = False) -> str:
+    """``name`` unchanged when it names a kind of device (or ``auto``), else a one-line error; with
+    ``present``, also an error when this machine does not have it."""
+    if name == "auto":
+        return name
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        device = None
+    if device is None or device.type not in KINDS:
+        raise LmlabError(f"{flag} is {name!r}: expected auto, {', '.join(KINDS)} or a numbered one such as cuda:1")
+    if not present:
+        return name
+    if not _available(device.type):
+        raise LmlabError(f"{flag} is {name!r}: this machine has no {device.type} device (use --device cpu or auto)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise LmlabError(f"{flag} is {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0")
+    return name
+
+
+def resolve_device(name: str, local_rank: int = 0, flag: str = "--device", present: bool = True) -> torch.device:
+    """The device to run on: ``auto`` is this rank's GPU when there is one, else the CPU; a bare
+    ``cuda`` is this rank's GPU. ``present=False`` accepts a device this machine lacks (a memory
+    prediction for a GPU made on a laptop)."""
+    check_device(name, flag, present)
+    if name == "auto":
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    return device
