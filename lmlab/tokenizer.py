@@ -31,6 +31,7 @@ from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 
 from lmlab.config import MAX_SIZES, read_json_object, write_text_atomic
 from lmlab.errors import LmlabError
+from lmlab.templates import render
 from lmlab.io.outputs import check_output, holds_only
 
 __all__ = [
@@ -100,7 +101,7 @@ class Tokenizer:
     ``None`` infers them from the added tokens with :data:`ROLE_TOKENS`. ``model_max_length`` (the
     longest input the paired model takes, if known) and ``chat_template`` are carried through
     :meth:`save` into ``tokenizer_config.json``; :meth:`apply_chat_template` renders conversations
-    with the template (:mod:`lmlab.chat`).
+    with the template (:mod:`lmlab.templates`).
     """
 
     def __init__(
@@ -203,9 +204,8 @@ class Tokenizer:
     ) -> str | list[int]:
         """``messages`` (``[{"role": ..., "content": ...}, ...]``) rendered by ``chat_template``, else this
         tokenizer's :attr:`chat_template`, else lmlab's default — as transformers' method of this name
-        renders them (:mod:`lmlab.chat`), though with the generation prompt on by default. ``tokenize``
+        renders them (:mod:`lmlab.templates`), though with the generation prompt on by default. ``tokenize``
         returns the token ids (special tokens in the text become their ids; nothing is added)."""
-        from lmlab.chat import render
 
         text = render(self, messages, add_generation_prompt=add_generation_prompt, template=chat_template, **variables)
         return self.encode(text) if tokenize else text

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from conftest import TINY_TRAIN
-from lmlab.chat import DEFAULT_CHAT_TEMPLATE, ChatSession, end_of_turn, repl
+from lmlab.chat import ChatSession, repl
+from lmlab.templates import DEFAULT_CHAT_TEMPLATE, end_of_turn
 from lmlab.config import preset
 from lmlab.data.tasks import encode_conversation, read_chat
 from lmlab.errors import LmlabError
@@ -166,7 +167,7 @@ def test_template_bombs_are_one_line_errors(tok, template, match):
 
 
 def test_a_render_is_bounded_in_output_and_time_and_the_error_names_the_file(tok, tmp_path, monkeypatch):
-    import lmlab.chat as chat
+    import lmlab.templates as chat
 
     tok.save(tmp_path)
     config = json.loads((tmp_path / "tokenizer_config.json").read_text())

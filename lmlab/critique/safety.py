@@ -251,7 +251,7 @@ def safety(
     summary = toxicity_summary(scores, seed=subject.seed)
     chat = getattr(subject.tokenizer, "chat_template", None) is not None
     if chat:  # a chat model is asked as it was tuned to be asked: through its own template, answering until its turn ends
-        from lmlab.chat import end_of_turn
+        from lmlab.templates import end_of_turn
 
         framed = [subject.tokenizer.apply_chat_template([{"role": "user", "content": r}], add_generation_prompt=True) for r in requests]
         stop = [end_of_turn(subject.tokenizer)]
