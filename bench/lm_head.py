@@ -7,7 +7,7 @@ for a small model it is half the step. For every (vocab, rows) pair this times, 
 same fp32 tensors, under ``torch.inference_mode``:
 
     F.linear       torch.nn.functional.linear(x, weight)            (HF's nn.Linear, MKL's GEMM)
-    lmlab          lmlab.model.decoder.cpu_decode_head(weight, x)   (one row: a contiguous transposed copy;
+    lmlab          lmlab.kernels.cpu_decode_head(weight, x)   (one row: a contiguous transposed copy;
                                                                     2+ rows on x86-64: oneDNN, pre-packed weight)
 
 and prints the median milliseconds over ``--repeats`` calls after a warm-up (which also builds
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from lmlab.model.decoder import cpu_decode_head  # noqa: E402
+from lmlab.kernels import cpu_decode_head  # noqa: E402
 
 
 def median_ms(fn, repeats: int) -> float:

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from lmlab.config import preset
-from lmlab.model import build_model, decoder
+from lmlab import kernels as decoder  # the CPU decode head's kernels and caches
+from lmlab.model import build_model
 
 FAMILIES = ["gpt2-tiny", "llama-tiny"]
 

@@ -135,7 +135,7 @@ def _step_forward(model: nn.Module, idx: Tensor, input_pos: Tensor, position_ids
     """Next-token logits (B, V) after one token per row, attending over the whole static cache under a
     mask (no ``cache_len``): every shape is fixed, so this traces into one graph per batch and cache size.
     ``head=False`` (CPU) returns the last hidden states (B, n_embd) instead: the caller applies the LM
-    head eagerly, where it can take oneDNN's pre-packed kernel (see ``lmlab.model.decoder.cpu_decode_head``),
+    head eagerly, where it can take oneDNN's pre-packed kernel (see ``lmlab.kernels.cpu_decode_head``),
     which Inductor cannot trace. On GPU the head stays in the graph and reads its parameter, which a
     CUDA graph treats as static."""
     h = model(idx, kv_cache=kv_cache, input_pos=input_pos, position_ids=position_ids, key_padding_mask=key_padding_mask, hidden_only=True)
