@@ -67,7 +67,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lmlab.config import LoraSpec
 from lmlab.errors import LmlabError
+from lmlab.model.lora import apply_lora
 from lmlab.train.losses import CHUNK_BYTES, ce_chunk_rows
 
 HEADROOM = 0.10  # a run "fits" when its predicted peak is within 90% of the budget
@@ -275,8 +277,6 @@ def measure_step(
     with torch.device("meta"):  # built without memory, then given fake storage (peft cannot move fake tensors itself)
         model = build().train()
     if settings.lora is not None:
-        from lmlab.train.lora import apply_lora
-
         apply_lora(model, settings.lora)
     chunking = getattr(objective, "ce_chunk_size", None)  # apply_memory_options sets it: put back afterwards
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
@@ -504,8 +504,6 @@ def dry_run(
         candidates.append(("--activation-checkpointing", "recomputes each block in backward: about a third more compute",
                            dataclasses.replace(settings, activation_checkpointing=True)))
     if lora_flag and settings.lora is None:
-        from lmlab.train.lora import LoraSpec
-
         together = dataclasses.replace(together, lora=LoraSpec())
         candidates.append(("--lora default", "trains low-rank adapters (r=8 on qkv) instead of every weight", dataclasses.replace(settings, lora=LoraSpec())))
     if settings.precision == "fp32":

@@ -15,7 +15,7 @@ from lmlab.io.checkpoint import check_run_output, latest_checkpoint, list_checkp
 from lmlab.model import build_model
 from lmlab.train import dist as dist_mod
 from lmlab.train.data import RandomWindows, fixed_windows
-from lmlab.train.lora import LoraSpec
+from lmlab.config import LoraSpec
 from lmlab.train.loop import TrainConfig, TrainResult, autocast_for, check_resume, same_source, train_loop
 from lmlab.train import memory
 from lmlab.train.memory import DryRun, Settings, check_budget
