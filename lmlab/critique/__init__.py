@@ -33,6 +33,7 @@ from lmlab.config import check_seed
 from lmlab.critique.core import Finding, Section, Subject, check_option, load_subject, skipped
 from lmlab.errors import LmlabError
 from lmlab.io.outputs import check_output, owned_as, write_marker
+from lmlab.verb import make_callable
 
 LENSES = ("performance", "interpret", "bias", "safety", "privacy", "robustness", "efficiency")
 OWNED = owned_as("critique", ("report.json", "report.html"), "lmlab_version")  # a report folder lmlab wrote
@@ -136,3 +137,6 @@ def critique(
     write_marker(out, "critique")
     report["_paths"] = {"json": str(json_path), "html": str(html_path)}
     return report
+
+
+make_callable(__name__, __name__, "critique")  # lmlab.critique(checkpoint, out, …) is the verb
