@@ -428,7 +428,7 @@ def json_line_object(path: Path, number: int, line: str) -> dict[str, Any]:
     return record
 
 
-# -- presets: an exact-match table (STYLE habit 12) --------------------------------------------
+# -- presets: an exact-match table (docs/architecture.md, habit 12) --------------------------------------------
 # vocab_size here is the family's own; `pretrain` replaces it with the tokenizer's.
 
 _GPT2 = dict(norm="layernorm", mlp="gelu", position="learned", bias=True, tie_embeddings=True, vocab_size=50257)

@@ -1,6 +1,6 @@
 """The decoding loops: prefill the prompts once, then one token per step through the KV cache.
 
-:func:`decode` (greedy and sampling) is a generator (STYLE habit 13): it yields a :class:`Step` —
+:func:`decode` (greedy and sampling) is a generator (docs/architecture.md, habit 13): it yields a :class:`Step` —
 the next token of every sequence — as soon as it is chosen, so ``generate``, streaming, chat and the
 server are thin wrappers around it. :class:`BeamSearch` keeps ``num_beams`` hypotheses per prompt
 and yields, step by step, the tokens every surviving hypothesis agrees on (what a stream can show).

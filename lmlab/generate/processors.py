@@ -1,4 +1,4 @@
-"""Decoding rules as small composable callables ``(input_ids, scores) -> scores`` (STYLE habit 5).
+"""Decoding rules as small composable callables ``(input_ids, scores) -> scores`` (docs/architecture.md, habit 5).
 
 ``input_ids`` is (B, L): every token so far, the prompt then what was generated, with ``-1`` where
 a row has no token (the left padding of a shorter prompt in a batch). ``scores`` is (B, vocab_size):
