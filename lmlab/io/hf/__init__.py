@@ -2,7 +2,7 @@
 
 The package, by concern (each module's docstring has the details)::
 
-    family.py    what a family module defines: Family, Architecture, and the weight-table vocabulary Rule / linear / fused
+    family.py    what a family module defines: Family, Architecture; the weight-table words Rule, linear, fused
     gpt2.py      HF GPT-2  ↔ lmlab's decoder with learned positions   }  one module per family: the HF classes,
     llama.py     HF LLaMA  ↔ lmlab's RMSNorm/SwiGLU/RoPE decoder      }  the config fields both ways and the
     bert.py      HF BERT   ↔ lmlab's encoder                          }  weight table, with the name mapping
@@ -157,7 +157,8 @@ def verify_hf_folder(folder: str | Path, model: nn.Module) -> float | None:
     diff = check_parity(model, hf_model, f"{folder}: import check (verify=False / --no-verify skips it)")
     if os.access(folder, os.W_OK):
         try:
-            write_json_atomic(record_file, {"files": files, "lmlab": __version__, "transformers": tf.__version__, "max_abs_diff": diff})
+            record = {"files": files, "lmlab": __version__, "transformers": tf.__version__, "max_abs_diff": diff}
+            write_json_atomic(record_file, record)
         except OSError as err:
             logger.info("cannot record the check in %s (%s)", record_file, err)
     return diff

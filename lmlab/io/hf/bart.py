@@ -33,9 +33,11 @@ class Bart(Family):
     defaults = dict(
         vocab_size=50265, max_position_embeddings=1024, encoder_layers=12, decoder_layers=12, encoder_ffn_dim=4096,
         decoder_ffn_dim=4096, encoder_attention_heads=16, decoder_attention_heads=16, activation_function="gelu",
-        d_model=1024, dropout=0.1, init_std=0.02, scale_embedding=False, decoder_start_token_id=2, tie_word_embeddings=True,
+        d_model=1024, dropout=0.1, init_std=0.02, scale_embedding=False, decoder_start_token_id=2,
+        tie_word_embeddings=True,
         # mBART's and old BART configs' variants, absent from today's BartConfig
-        normalize_before=False, add_final_layer_norm=False, add_bias_logits=False, normalize_embedding=True, static_position_embeddings=False,
+        normalize_before=False, add_final_layer_norm=False, add_bias_logits=False, normalize_embedding=True,
+        static_position_embeddings=False,
     )
     architectures = {"BartForConditionalGeneration": Architecture("bart", "", "model.", "AutoModelForSeq2SeqLM")}
     lm_class = "BartForConditionalGeneration"
@@ -51,7 +53,10 @@ class Bart(Family):
     def claims(self, config: ModelConfig) -> str:
         if config.arch != "seq2seq":
             return ""
-        return "arch='seq2seq': lmlab exports encoder–decoders as BART, as T5's relative position buckets are not in lmlab's blocks"
+        return (
+            "arch='seq2seq': lmlab exports encoder–decoders as BART, as T5's relative position buckets are not in "
+            "lmlab's blocks"
+        )
 
     def hf_config(self, tf: Any, config: ModelConfig, common: dict[str, Any]) -> Any:
         common = {k: v for k, v in common.items() if k != "initializer_range"}  # BART's is init_std
@@ -88,16 +93,18 @@ class Bart(Family):
             c, normalize_before=False, add_final_layer_norm=False, add_bias_logits=False, normalize_embedding=True,
             static_position_embeddings=False, tie_word_embeddings=True,
         )
-        for ours, theirs in (("decoder_attention_heads", "encoder_attention_heads"), ("decoder_ffn_dim", "encoder_ffn_dim")):
+        one_shape = ("decoder_attention_heads", "encoder_attention_heads"), ("decoder_ffn_dim", "encoder_ffn_dim")
+        for ours, theirs in one_shape:
             if c[ours] != c[theirs]:
                 raise unsupported(c, ours, f"{theirs} ({c[theirs]}): lmlab's encoder and decoder blocks have one shape")
         if c["decoder_start_token_id"] is None:
             raise unsupported(c, "decoder_start_token_id", "a token id")
         return ModelConfig(
-            arch="seq2seq", vocab_size=c["vocab_size"], block_size=c["max_position_embeddings"], n_layer=c["encoder_layers"],
-            n_decoder_layer=c["decoder_layers"], n_head=c["encoder_attention_heads"], n_embd=c["d_model"],
-            intermediate_size=c["encoder_ffn_dim"], norm="layernorm", norm_eps=1e-5, mlp="gelu", gelu_approximate=GELUS[activation],
-            position="learned", bias=True, tie_embeddings=True, dropout=float(c["dropout"]), init_std=c["init_std"],
+            arch="seq2seq", vocab_size=c["vocab_size"], block_size=c["max_position_embeddings"],
+            n_layer=c["encoder_layers"], n_decoder_layer=c["decoder_layers"], n_head=c["encoder_attention_heads"],
+            n_embd=c["d_model"], intermediate_size=c["encoder_ffn_dim"], norm="layernorm", norm_eps=1e-5, mlp="gelu",
+            gelu_approximate=GELUS[activation], position="learned", bias=True, tie_embeddings=True,
+            dropout=float(c["dropout"]), init_std=c["init_std"],
             norm_placement="post", embedding_norm=True, scale_embedding=bool(c["scale_embedding"]),
             decoder_start_token_id=c["decoder_start_token_id"],
         )
@@ -109,8 +116,10 @@ class Bart(Family):
             Rule("enc_pos_emb.weight", ("model.encoder.embed_positions.weight",), offset=2),
             Rule("dec_pos_emb.weight", ("model.decoder.embed_positions.weight",), offset=2),
         ]
-        rules += linear("enc_emb_norm", "model.encoder.layernorm_embedding") + linear("dec_emb_norm", "model.decoder.layernorm_embedding")
-        for side, blocks, n in (("encoder", "enc_blocks", config.n_layer), ("decoder", "dec_blocks", config.n_decoder_layer)):
+        rules += linear("enc_emb_norm", "model.encoder.layernorm_embedding")
+        rules += linear("dec_emb_norm", "model.decoder.layernorm_embedding")
+        sides = ("encoder", "enc_blocks", config.n_layer), ("decoder", "dec_blocks", config.n_decoder_layer)
+        for side, blocks, n in sides:
             for i in range(n):
                 ours, theirs = f"{blocks}.{i}.", f"model.{side}.layers.{i}."
                 rules += linear(ours + "norm_1", theirs + "self_attn_layer_norm")
@@ -119,7 +128,8 @@ class Bart(Family):
                 if side == "decoder":
                     rules += linear(ours + "norm_cross", theirs + "encoder_attn_layer_norm")
                     rules += linear(ours + "cross_attn.q", theirs + "encoder_attn.q_proj")
-                    rules += fused(ours + "cross_attn.kv", (theirs + "encoder_attn.k_proj", theirs + "encoder_attn.v_proj"), (d, d))
+                    kv = (theirs + "encoder_attn.k_proj", theirs + "encoder_attn.v_proj")
+                    rules += fused(ours + "cross_attn.kv", kv, (d, d))
                     rules += linear(ours + "cross_attn.proj", theirs + "encoder_attn.out_proj")
                 rules += linear(ours + "norm_2", theirs + "final_layer_norm")
                 rules += linear(ours + "mlp.fc", theirs + "fc1")

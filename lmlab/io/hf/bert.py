@@ -39,12 +39,19 @@ class Bert(Family):
         "BertModel": Architecture("bert", "", "bert.", "AutoModel"),
         "BertForPreTraining": Architecture("bert", "", "bert.", "AutoModelForPreTraining"),
         "BertForMaskedLM": Architecture("bert", "", "bert.", "AutoModelForMaskedLM"),
-        "BertForSequenceClassification": Architecture("bert", "classify", "bert.", "AutoModelForSequenceClassification", "classifier"),
-        "BertForTokenClassification": Architecture("bert", "tag", "bert.", "AutoModelForTokenClassification", "classifier"),
+        "BertForSequenceClassification": Architecture(
+            "bert", "classify", "bert.", "AutoModelForSequenceClassification", "classifier"
+        ),
+        "BertForTokenClassification": Architecture(
+            "bert", "tag", "bert.", "AutoModelForTokenClassification", "classifier"
+        ),
         "BertForQuestionAnswering": Architecture("bert", "qa", "bert.", "AutoModelForQuestionAnswering", "qa_outputs"),
     }
     lm_class = "BertForPreTraining"
-    required = dict(norm="layernorm", mlp="gelu", bias=True, position="learned", norm_placement="post", embedding_norm=True, tie_embeddings=True)
+    required = dict(
+        norm="layernorm", mlp="gelu", bias=True, position="learned", norm_placement="post", embedding_norm=True,
+        tie_embeddings=True,
+    )
     # position ids buffer; the MLM decoder is the word embedding and cls.predictions.bias again
     ignored = ("embeddings.position_ids", "cls.predictions.decoder.weight", "cls.predictions.decoder.bias")
     unprefixed = ("cls.",)
@@ -55,11 +62,15 @@ class Bert(Family):
     def architecture(self, config: ModelConfig) -> str:
         if config.task:
             if config.task == "classify" and not config.pooler:
-                raise LmlabError("model config field 'pooler' is False: HF BertForSequenceClassification classifies the pooled [CLS] (bert.pooler)")
+                raise LmlabError(
+                    "model config field 'pooler' is False: HF BertForSequenceClassification classifies the pooled "
+                    "[CLS] (bert.pooler)"
+                )
             return self.task_class(config.task)
         if config.pooler and not config.nsp_head:
             raise LmlabError(
-                "an encoder with a pooler but no NSP head has no HF class that holds both its heads; export needs nsp_head or no pooler"
+                "an encoder with a pooler but no NSP head has no HF class that holds both its heads; "
+                "export needs nsp_head or no pooler"
             )
         return self.lm_class if config.pooler else "BertForMaskedLM"
 
@@ -100,7 +111,9 @@ class Bert(Family):
             raise unsupported(c, "hidden_act", "gelu, gelu_new or gelu_pytorch_tanh")
         require(c, position_embedding_type="absolute", is_decoder=False, add_cross_attention=False)
         if c["hidden_dropout_prob"] != c["attention_probs_dropout_prob"]:
-            raise LmlabError("HF bert config has different hidden and attention dropouts: lmlab has one 'dropout' for both")
+            raise LmlabError(
+                "HF bert config has different hidden and attention dropouts: lmlab has one 'dropout' for both"
+            )
         if keys is None:  # what the class holds
             pooler = architecture in ("BertModel", "BertForPreTraining", "BertForSequenceClassification")
             nsp = architecture == "BertForPreTraining"
@@ -108,11 +121,13 @@ class Bert(Family):
             pooler = any(k.startswith(("bert.pooler.", "pooler.")) for k in keys)
             nsp = not self.architectures[architecture].task and any(k.startswith("cls.seq_relationship.") for k in keys)
         return ModelConfig(
-            arch="encoder", vocab_size=c["vocab_size"], block_size=c["max_position_embeddings"], n_layer=c["num_hidden_layers"],
-            n_head=c["num_attention_heads"], n_embd=c["hidden_size"], intermediate_size=c["intermediate_size"], norm="layernorm",
-            norm_eps=c["layer_norm_eps"], mlp="gelu", gelu_approximate=GELUS[activation], position="learned", bias=True,
-            tie_embeddings=True, dropout=float(c["hidden_dropout_prob"]), init_std=c["initializer_range"],
-            type_vocab_size=c["type_vocab_size"], norm_placement="post", embedding_norm=True, pooler=pooler, nsp_head=nsp,
+            arch="encoder", vocab_size=c["vocab_size"], block_size=c["max_position_embeddings"],
+            n_layer=c["num_hidden_layers"], n_head=c["num_attention_heads"], n_embd=c["hidden_size"],
+            intermediate_size=c["intermediate_size"], norm="layernorm", norm_eps=c["layer_norm_eps"], mlp="gelu",
+            gelu_approximate=GELUS[activation], position="learned", bias=True, tie_embeddings=True,
+            dropout=float(c["hidden_dropout_prob"]), init_std=c["initializer_range"],
+            type_vocab_size=c["type_vocab_size"], norm_placement="post", embedding_norm=True, pooler=pooler,
+            nsp_head=nsp,
         )
 
     def rules(self, config: ModelConfig, architecture: str) -> list[Rule]:
@@ -121,7 +136,10 @@ class Bert(Family):
         MLM and NSP heads (PreTraining; MaskedLM the MLM head alone)."""
         d = config.n_embd
         e = "bert.embeddings."
-        rules = [Rule("tok_emb.weight", (e + "word_embeddings.weight",)), Rule("pos_emb.weight", (e + "position_embeddings.weight",))]
+        rules = [
+            Rule("tok_emb.weight", (e + "word_embeddings.weight",)),
+            Rule("pos_emb.weight", (e + "position_embeddings.weight",)),
+        ]
         if config.type_vocab_size:
             rules.append(Rule("seg_emb.weight", (e + "token_type_embeddings.weight",)))
         else:  # HF always has token types: one row, all zero, adds nothing
@@ -129,7 +147,8 @@ class Bert(Family):
         rules += linear("emb_norm", e + "LayerNorm")
         for i in range(config.n_layer):
             ours, theirs = f"blocks.{i}.", f"bert.encoder.layer.{i}."
-            rules += fused(ours + "attn.qkv", tuple(f"{theirs}attention.self.{x}" for x in ("query", "key", "value")), (d, d, d))
+            qkv = tuple(f"{theirs}attention.self.{x}" for x in ("query", "key", "value"))
+            rules += fused(ours + "attn.qkv", qkv, (d, d, d))
             rules += linear(ours + "attn.proj", theirs + "attention.output.dense")
             rules += linear(ours + "norm_1", theirs + "attention.output.LayerNorm")
             rules += linear(ours + "mlp.fc", theirs + "intermediate.dense")

@@ -17,7 +17,9 @@ from lmlab.io.hf.registry import ARCHITECTURES, BARE, FAMILIES, SUPPORTED_MODEL_
 if TYPE_CHECKING:  # pragma: no cover
     import transformers
 
-_PROBLEM_TYPES = {"single_label_classification": "single", "multi_label_classification": "multi", "regression": "regression"}
+_PROBLEM_TYPES = {
+    "single_label_classification": "single", "multi_label_classification": "multi", "regression": "regression"
+}
 
 
 def require_transformers() -> Any:
@@ -30,21 +32,24 @@ def require_transformers() -> Any:
 
 def family_of(config: ModelConfig) -> Family:
     """The HF family that expresses ``config`` exactly, or an LmlabError naming the field."""
+    supported = ", ".join(SUPPORTED_MODEL_TYPES)
     for family in FAMILIES.values():
         why = family.claims(config)
         if why:
             break
     else:
-        raise LmlabError(f"model config field 'arch' is {config.arch!r}: no supported HF family ({', '.join(SUPPORTED_MODEL_TYPES)}) holds it")
+        raise LmlabError(f"model config field 'arch' is {config.arch!r}: no supported HF family ({supported}) holds it")
     for field_name, value in family.required.items():
         if getattr(config, field_name) != value:
             raise LmlabError(
-                f"model config field '{field_name}' is {getattr(config, field_name)!r}: HF {family.model_type} (the family for {why}) "
-                f"needs {value!r}; no supported HF family ({', '.join(SUPPORTED_MODEL_TYPES)}) expresses this config exactly"
+                f"model config field '{field_name}' is {getattr(config, field_name)!r}: HF {family.model_type} "
+                f"(the family for {why}) needs {value!r}; no supported HF family ({supported}) expresses this config "
+                "exactly"
             )
     if config.n_kv_heads != config.n_head and not family.grouped_kv:
         raise LmlabError(
-            f"model config field 'n_kv_heads' is {config.n_kv_heads}: HF {family.model_type} needs n_kv_heads == n_head ({config.n_head})"
+            f"model config field 'n_kv_heads' is {config.n_kv_heads}: HF {family.model_type} needs "
+            f"n_kv_heads == n_head ({config.n_head})"
         )
     return family
 
@@ -110,7 +115,8 @@ def _fields(hf_config: Any) -> dict[str, Any]:
     data = hf_config if isinstance(hf_config, dict) else hf_config.to_dict()
     model_type = data.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise LmlabError(f"HF model_type {model_type!r} is not supported; expected one of {', '.join(SUPPORTED_MODEL_TYPES)}")
+        supported = ", ".join(SUPPORTED_MODEL_TYPES)
+        raise LmlabError(f"HF model_type {model_type!r} is not supported; expected one of {supported}")
     return {**FAMILIES[model_type].defaults, **data}
 
 
@@ -122,7 +128,8 @@ def _head_fields(c: dict[str, Any], task: str) -> dict[str, Any]:
     n = len(id2label) or c.get("num_labels") or 2
     problem_type = c.get("problem_type")
     if problem_type is not None and problem_type not in _PROBLEM_TYPES:
-        raise LmlabError(f"HF config field 'problem_type' is {problem_type!r}: lmlab supports {', '.join(_PROBLEM_TYPES)}")
+        supported = ", ".join(_PROBLEM_TYPES)
+        raise LmlabError(f"HF config field 'problem_type' is {problem_type!r}: lmlab supports {supported}")
     # HF decides a missing problem type from the labels at training time: one output is regression
     single = "regression" if n == 1 else "single"
     return dict(

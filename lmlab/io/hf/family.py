@@ -52,7 +52,9 @@ def linear(ours: str, theirs: str) -> list[Rule]:
     return [Rule(f"{ours}.{kind}", (f"{theirs}.{kind}",)) for kind in ("weight", "bias")]
 
 
-def fused(ours: str, theirs: tuple[str, ...], sizes: tuple[int, ...], kinds: tuple[str, ...] = ("weight", "bias")) -> list[Rule]:
+def fused(
+    ours: str, theirs: tuple[str, ...], sizes: tuple[int, ...], kinds: tuple[str, ...] = ("weight", "bias")
+) -> list[Rule]:
     """An lmlab Linear whose output rows are HF's separate projections ``theirs``, ``sizes`` rows each."""
     return [Rule(f"{ours}.{kind}", tuple(f"{t}.{kind}" for t in theirs), sizes=sizes) for kind in kinds]
 
@@ -118,7 +120,8 @@ def token_id(config: ModelConfig, default: int) -> int | None:
 
 
 def unsupported(c: dict[str, Any], field_name: str, expected: str) -> LmlabError:
-    return LmlabError(f"HF {c['model_type']} config field '{field_name}' is {c.get(field_name)!r}: lmlab supports only {expected}")
+    value = c.get(field_name)
+    return LmlabError(f"HF {c['model_type']} config field '{field_name}' is {value!r}: lmlab supports only {expected}")
 
 
 def require(c: dict[str, Any], **expected: Any) -> None:

@@ -21,14 +21,15 @@ from lmlab.errors import LmlabError
 from lmlab.io.hf.config import config_from_hf, with_prefix
 from lmlab.io.weights import read_safetensors, safetensors_header, torch_load
 
-VERIFIED_FILE = "lmlab-verified.json"  # a passed import check, beside the weights (:func:`lmlab.io.hf.verify_hf_folder`)
+VERIFIED_FILE = "lmlab-verified.json"  # a passed import check, beside the weights (lmlab.io.hf.verify_hf_folder)
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 PYTORCH_BIN, PYTORCH_BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
 WEIGHT_FILES = (SAFETENSORS, SAFETENSORS_INDEX, PYTORCH_BIN, PYTORCH_BIN_INDEX)  # in the order they are looked for
 
 
 def is_hf_folder(path: str | Path) -> bool:
-    """Whether ``path`` is an HF model folder: a ``config.json`` with ``model_type`` and no ``lmlab_model_config``, and weights."""
+    """Whether ``path`` is an HF model folder: a ``config.json`` with ``model_type`` and no
+    ``lmlab_model_config``, and weights."""
     path = Path(path)
     if not any((path / name).is_file() for name in WEIGHT_FILES) or not (path / "config.json").is_file():
         return False
@@ -49,7 +50,10 @@ def sentence_transformers_module(path: str | Path) -> Path | None:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError, TypeError) as err:
         raise LmlabError(f"{modules}: not a sentence-transformers modules list ({err})") from None
     if not found:
-        raise LmlabError(f"{modules}: no module of type sentence_transformers.models.Transformer; lmlab reads that module's HF folder")
+        raise LmlabError(
+            f"{modules}: no module of type sentence_transformers.models.Transformer; "
+            "lmlab reads that module's HF folder"
+        )
     return path / found[0]
 
 
@@ -76,12 +80,15 @@ def _shard_name(index: Path, entry: Any) -> str:
     """A shard file named by an index's ``weight_map``: a relative path inside the folder (no ``..``, not absolute)."""
     parts = PurePosixPath(entry).parts if isinstance(entry, str) else ()
     if not parts or parts[0] == "/" or ".." in parts or "\\" in entry:
-        raise LmlabError(f"{index}: weight_map entry {entry!r}: expected a shard file name inside the folder (no '..', not absolute)")
+        raise LmlabError(
+            f"{index}: weight_map entry {entry!r}: expected a shard file name inside the folder (no '..', not absolute)"
+        )
     return entry
 
 
 def _torch_load(file: Path) -> dict[str, Tensor]:
-    """A pytorch_model.bin's tensors, unpickled with ``weights_only=True``: anything but tensors and plain containers is refused."""
+    """A pytorch_model.bin's tensors, unpickled with ``weights_only=True``: anything but tensors and plain
+    containers is refused."""
     state = torch_load(file)
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise LmlabError(f"{file}: expected a dict of weight name → tensor")

@@ -35,14 +35,21 @@ class Llama(Family):
     model_type = "llama"
     defaults = dict(
         vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=None, head_dim=None, hidden_act="silu", max_position_embeddings=2048, initializer_range=0.02,
-        rms_norm_eps=1e-6, tie_word_embeddings=False, attention_bias=False, mlp_bias=False, attention_dropout=0.0,
+        num_key_value_heads=None, head_dim=None, hidden_act="silu", max_position_embeddings=2048,
+        initializer_range=0.02, rms_norm_eps=1e-6, tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
+        attention_dropout=0.0,
     )
     architectures = {
         "LlamaForCausalLM": Architecture("llama", "", "model.", "AutoModelForCausalLM"),
-        "LlamaForSequenceClassification": Architecture("llama", "classify", "model.", "AutoModelForSequenceClassification", "score", False),
-        "LlamaForTokenClassification": Architecture("llama", "tag", "model.", "AutoModelForTokenClassification", "score"),
-        "LlamaForQuestionAnswering": Architecture("llama", "qa", "transformer.", "AutoModelForQuestionAnswering", "qa_outputs"),
+        "LlamaForSequenceClassification": Architecture(
+            "llama", "classify", "model.", "AutoModelForSequenceClassification", "score", False
+        ),
+        "LlamaForTokenClassification": Architecture(
+            "llama", "tag", "model.", "AutoModelForTokenClassification", "score"
+        ),
+        "LlamaForQuestionAnswering": Architecture(
+            "llama", "qa", "transformer.", "AutoModelForQuestionAnswering", "qa_outputs"
+        ),
     }
     lm_class = "LlamaForCausalLM"
     required = dict(norm_placement="pre", norm="rmsnorm", mlp="swiglu")
@@ -61,7 +68,8 @@ class Llama(Family):
         if int(tf.__version__.split(".")[0]) >= 5:
             rope = {"rope_parameters": {"rope_type": rope_type, "rope_theta": config.rope_theta, **scaling}}
         else:  # transformers 4.x takes the base as a top-level field
-            rope = {"rope_theta": config.rope_theta, "rope_scaling": {"rope_type": rope_type, **scaling} if scaling else None}
+            rope_scaling = {"rope_type": rope_type, **scaling} if scaling else None
+            rope = {"rope_theta": config.rope_theta, "rope_scaling": rope_scaling}
         return tf.LlamaConfig(
             vocab_size=config.vocab_size,
             hidden_size=config.n_embd,
@@ -92,13 +100,17 @@ class Llama(Family):
         if (c["head_dim"] or d // n_head) * n_head != d:
             raise unsupported(c, "head_dim", f"hidden_size / num_attention_heads = {d // n_head}")
         if bool(c["attention_bias"]) != bool(c["mlp_bias"]):
-            raise LmlabError(f"HF llama config has attention_bias={c['attention_bias']} but mlp_bias={c['mlp_bias']}: lmlab's 'bias' sets both")
+            raise LmlabError(
+                f"HF llama config has attention_bias={c['attention_bias']} but mlp_bias={c['mlp_bias']}: "
+                "lmlab's 'bias' sets both"
+            )
         rope_theta, rope_scaling = _rope(c)
         task = self.architectures[architecture].task
         return ModelConfig(
-            vocab_size=c["vocab_size"], block_size=c["max_position_embeddings"], n_layer=c["num_hidden_layers"], n_head=n_head,
-            n_embd=d, n_kv_heads=c["num_key_value_heads"] or n_head, intermediate_size=c["intermediate_size"], norm="rmsnorm",
-            norm_eps=c["rms_norm_eps"], mlp="swiglu", position="rope", rope_theta=float(rope_theta), rope_scaling=rope_scaling,
+            vocab_size=c["vocab_size"], block_size=c["max_position_embeddings"], n_layer=c["num_hidden_layers"],
+            n_head=n_head, n_embd=d, n_kv_heads=c["num_key_value_heads"] or n_head,
+            intermediate_size=c["intermediate_size"], norm="rmsnorm", norm_eps=c["rms_norm_eps"], mlp="swiglu",
+            position="rope", rope_theta=float(rope_theta), rope_scaling=rope_scaling,
             bias=bool(c["attention_bias"]), tie_embeddings=bool(c["tie_word_embeddings"]) or bool(task),
             dropout=float(c["attention_dropout"] or 0.0), init_std=c["initializer_range"],
         )
@@ -112,7 +124,8 @@ class Llama(Family):
         for i in range(config.n_layer):
             ours, theirs = f"blocks.{i}.", f"{p}layers.{i}."
             rules.append(Rule(f"{ours}norm_1.weight", (f"{theirs}input_layernorm.weight",)))
-            rules += fused(ours + "attn.qkv", tuple(f"{theirs}self_attn.{x}_proj" for x in "qkv"), (config.n_embd, kv_dim, kv_dim), kinds)
+            qkv = tuple(f"{theirs}self_attn.{x}_proj" for x in "qkv")
+            rules += fused(ours + "attn.qkv", qkv, (config.n_embd, kv_dim, kv_dim), kinds)
             rules += [Rule(f"{ours}attn.proj.{kind}", (f"{theirs}self_attn.o_proj.{kind}",)) for kind in kinds]
             rules.append(Rule(f"{ours}norm_2.weight", (f"{theirs}post_attention_layernorm.weight",)))
             gate_up = (f"{theirs}mlp.gate_proj", f"{theirs}mlp.up_proj")
@@ -125,8 +138,10 @@ def _rope(c: dict[str, Any]) -> tuple[float, dict[str, Any]]:
     """RoPE's base and lmlab's ``rope_scaling`` from a LLaMA config: transformers 5's ``rope_parameters``,
     or 4.x's ``rope_theta`` with an optional ``rope_scaling`` dict."""
     field_name = "rope_parameters" if c.get("rope_parameters") else "rope_scaling"
-    params = dict(c.get("rope_parameters") or {**(c.get("rope_scaling") or {}), "rope_theta": c.get("rope_theta") or 10000.0})
-    rope_type = next(filter(None, [params.pop("rope_type", None), params.pop("type", None)]), "default")  # 4.x wrote "type"
+    legacy = {**(c.get("rope_scaling") or {}), "rope_theta": c.get("rope_theta") or 10000.0}
+    params = dict(c.get("rope_parameters") or legacy)
+    # transformers 4.x wrote the type as "type"
+    rope_type = next(filter(None, [params.pop("rope_type", None), params.pop("type", None)]), "default")
     theta = params.pop("rope_theta", None) or c.get("rope_theta") or 10000.0
     if params.pop("partial_rotary_factor", 1.0) != 1.0:
         raise LmlabError(f"HF llama config field '{field_name}' has a partial_rotary_factor: lmlab rotates whole heads")
@@ -134,15 +149,21 @@ def _rope(c: dict[str, Any]) -> tuple[float, dict[str, Any]]:
         return theta, {}
     if rope_type not in ROPE_SCALINGS:
         supported = ", ".join(map(repr, ROPE_SCALINGS))
-        raise LmlabError(f"HF llama config field '{field_name}' has rope_type {rope_type!r}: lmlab supports 'default', {supported}")
-    if rope_type == "llama3":  # as transformers' standardize_rope_params: a top-level field wins, else the context length
+        raise LmlabError(
+            f"HF llama config field '{field_name}' has rope_type {rope_type!r}: lmlab supports 'default', {supported}"
+        )
+    if rope_type == "llama3":
+        # as transformers' standardize_rope_params: a top-level field wins, else the context length
         params["original_max_position_embeddings"] = c.get("original_max_position_embeddings") or params.get(
             "original_max_position_embeddings", c["max_position_embeddings"]
         )
     unknown = sorted(set(params) - set(ROPE_SCALINGS[rope_type]))
     if unknown:
         known = ", ".join(ROPE_SCALINGS[rope_type])
-        raise LmlabError(f"HF llama config field '{field_name}' has {', '.join(unknown)} for rope_type {rope_type!r}: lmlab reads only {known}")
+        raise LmlabError(
+            f"HF llama config field '{field_name}' has {', '.join(unknown)} for rope_type {rope_type!r}: "
+            f"lmlab reads only {known}"
+        )
     return theta, {"rope_type": rope_type, **params}
 
 

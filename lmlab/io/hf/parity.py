@@ -24,7 +24,8 @@ from lmlab.model import build_model
 if TYPE_CHECKING:  # pragma: no cover
     import transformers
 
-PARITY_TOL = 1e-4  # max |Δ| allowed between lmlab's and HF's outputs, relative to the largest HF output (absolute below 1)
+# max |Δ| allowed between lmlab's and HF's outputs, relative to the largest HF output (absolute below 1)
+PARITY_TOL = 1e-4
 
 
 def to_hf_model(model: nn.Module) -> transformers.PreTrainedModel:
@@ -41,10 +42,15 @@ def to_hf_model(model: nn.Module) -> transformers.PreTrainedModel:
     # tied weights share a loaded tensor
     missing = [k for k in result.missing_keys if own[k].data_ptr() not in loaded and not k.endswith(IGNORED_SUFFIXES)]
     if missing or result.unexpected_keys:
-        raise LmlabError(f"loading lmlab weights into HF {hf_config.model_type}: missing keys {missing}, unexpected keys {list(result.unexpected_keys)}")
+        raise LmlabError(
+            f"loading lmlab weights into HF {hf_config.model_type}: missing keys {missing}, "
+            f"unexpected keys {list(result.unexpected_keys)}"
+        )
     if config.tie_embeddings and hf_model.get_output_embeddings() is not None:
         if hf_model.get_output_embeddings().weight is not hf_model.get_input_embeddings().weight:
-            raise LmlabError(f"HF {hf_config.model_type} did not tie lm_head to the token embedding though tie_word_embeddings=True")
+            raise LmlabError(
+                f"HF {hf_config.model_type} did not tie lm_head to the token embedding though tie_word_embeddings=True"
+            )
     return hf_model.to(model.tok_emb.weight.device).eval()
 
 
@@ -137,12 +143,18 @@ def check_parity(model: nn.Module, hf_model: Any, what: str) -> float:
     diff = scale = 0.0
     for ours, theirs in pairs:
         if ours.shape != theirs.shape:
-            raise LmlabError(f"{what}: output shapes differ: lmlab {tuple(ours.shape)}, HF {type(base).__name__} {tuple(theirs.shape)}")
+            raise LmlabError(
+                f"{what}: output shapes differ: lmlab {tuple(ours.shape)}, "
+                f"HF {type(base).__name__} {tuple(theirs.shape)}"
+            )
         diff = max(diff, (ours.float() - theirs.float()).abs().max().item())
         scale = max(scale, theirs.float().abs().max().item())
     tol = PARITY_TOL * max(1.0, scale)
     if not diff <= tol:  # NaN fails too
-        raise LmlabError(f"{what}: lmlab and transformers' {type(base).__name__} disagree: max |Δ| = {diff:.3g} > {tol:.3g} (fp32, a fixed batch)")
+        raise LmlabError(
+            f"{what}: lmlab and transformers' {type(base).__name__} disagree: max |Δ| = {diff:.3g} > {tol:.3g} "
+            "(fp32, a fixed batch)"
+        )
     return diff
 
 

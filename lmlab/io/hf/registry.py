@@ -20,7 +20,9 @@ FAMILIES: dict[str, Family] = {
 }
 
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
-ARCHITECTURES: dict[str, Architecture] = {name: spec for family in FAMILIES.values() for name, spec in family.architectures.items()}
+ARCHITECTURES: dict[str, Architecture] = {
+    name: spec for family in FAMILIES.values() for name, spec in family.architectures.items()
+}
 # bare base models read as the LM class around them (their weights lack the prefix, and a tied LM head has none)
 BARE: dict[str, str] = {name: lm for family in FAMILIES.values() for name, lm in family.bare.items()}
 # Tensors an HF state dict may hold that are not weights, or copies of a tied weight: importing ignores

@@ -48,12 +48,12 @@ def _rules(config: ModelConfig, architecture: str) -> list[Rule]:
 
 def _check_keys(given: set[str], expected: set[str], what: str) -> None:
     missing, unexpected = sorted(expected - given), sorted(given - expected)
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} key(s): {', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} key(s): {', '.join(unexpected[:5])}{' …' if len(unexpected) > 5 else ''}")
+    parts = [
+        f"{kind} {len(keys)} key(s): {', '.join(keys[:5])}{' …' if len(keys) > 5 else ''}"
+        for kind, keys in (("missing", missing), ("unexpected", unexpected))
+        if keys
+    ]
+    if parts:
         raise LmlabError(f"{what}: " + "; ".join(parts))
 
 
@@ -64,7 +64,8 @@ def _dropped(config: ModelConfig, architecture: str, name: str) -> bool:
         return False
     if config.arch == "decoder":
         return name == "lm_head.weight"
-    return name.startswith(("mlm_", "lm_head.", "nsp_head.")) or (config.task in ("tag", "qa") and name.startswith("pooler."))
+    heads = name.startswith(("mlm_", "lm_head.", "nsp_head."))
+    return heads or (config.task in ("tag", "qa") and name.startswith("pooler."))
 
 
 def state_dict_to_hf(state_dict: dict[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
@@ -102,7 +103,10 @@ def state_dict_to_hf(state_dict: dict[str, Tensor], config: ModelConfig) -> dict
 
 def _check_rows(t: Tensor, rule: Rule) -> None:
     if t.shape[0] != sum(rule.sizes):
-        raise LmlabError(f"lmlab tensor '{rule.lmlab}' has {t.shape[0]} rows: expected {sum(rule.sizes)} = {' + '.join(map(str, rule.sizes))} for the config")
+        raise LmlabError(
+            f"lmlab tensor '{rule.lmlab}' has {t.shape[0]} rows: expected {sum(rule.sizes)} = "
+            f"{' + '.join(map(str, rule.sizes))} for the config"
+        )
 
 
 def state_dict_from_hf(hf_state_dict: dict[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
@@ -141,13 +145,15 @@ def state_dict_from_hf(hf_state_dict: dict[str, Tensor], config: ModelConfig) ->
 
 
 def _legacy_name(key: str) -> str:
-    """TensorFlow-era BERT checkpoints name LayerNorm parameters gamma and beta; transformers renames them on load too."""
+    """TensorFlow-era BERT checkpoints name LayerNorm parameters gamma and beta; transformers renames them on
+    load too."""
     return key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
 
 
 def complete_state_dict(state: dict[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
-    """``state`` with what an HF model does not have added, freshly initialised as :func:`lmlab.model.blocks.init_weights`
-    would (seeded): the MLM head of a bare BERT or a BERT task model. A warning names them."""
+    """``state`` with what an HF model does not have added, freshly initialised as
+    :func:`lmlab.model.blocks.init_weights` would (seeded): the MLM head of a bare BERT or a BERT task model.
+    A warning names them."""
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in build_model(config).state_dict().items()}
     fresh = sorted(set(shapes) - set(state))
