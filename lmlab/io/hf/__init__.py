@@ -39,21 +39,26 @@ Adding a model family to HF interop
 
    - ``model_type`` (HF's), ``defaults`` (the HF config class's defaults of every field it reads, so a
      config.json that leaves one out still imports without transformers), ``architectures`` (HF class →
-     :class:`~lmlab.io.hf.family.Architecture`: the task of its head, its backbone prefix, its Auto class,
-     its head Linear), ``lm_class`` (the class without a task head) and ``required`` (the ModelConfig
-     field values the family needs; export refuses a config that differs, naming the field);
+     :class:`~lmlab.io.hf.family.Architecture`: the family's model_type, the task of its head, its backbone
+     prefix, its Auto class, its head Linear; one class per task at most), ``lm_class`` (the class without
+     a task head) and ``required`` (the ModelConfig field values the family needs; export refuses a config
+     that differs, naming the field);
    - where needed: ``bare`` (a bare base class → the class read in its place), ``ignored`` (suffixes of
      non-weight tensors: buffers, copies of tied weights), ``unprefixed`` (head weights outside the
      backbone prefix), ``grouped_kv`` (True when the HF class takes n_kv_heads < n_head);
 
    and defines four methods: ``claims(config)`` (the reason this family is the one for a ModelConfig,
-   '' otherwise — families must not overlap), ``hf_config(tf, config, common)`` (the HF config object;
-   pass ``**common`` on), ``config_from_hf(c, architecture, keys)`` (the ModelConfig of a config.json dict,
-   refusing unsupported fields with :func:`~lmlab.io.hf.family.unsupported` / ``require``) and
+   '' otherwise; no two families claim one config: the claimant is what export writes),
+   ``hf_config(tf, config, common)`` (the HF config object; pass ``**common`` on),
+   ``config_from_hf(c, architecture, keys)`` (the ModelConfig of a config.json dict, refusing
+   unsupported fields with :func:`~lmlab.io.hf.family.unsupported` / ``require``) and
    ``rules(config, architecture)`` (the weight table: one :class:`~lmlab.io.hf.family.Rule` per lmlab
    tensor, in ``model.state_dict()`` order, built with ``linear`` / ``fused``; the task head's Linear is
    added for you). Override ``architecture``, ``import_architecture`` or ``with_prefix`` only when the
    class depends on more than the task (BERT's heads). Draw the name mapping in the module docstring.
+   Nothing else changes for a family whose models are one of lmlab's three arches with the outputs HF
+   gives its like: :func:`~lmlab.io.hf.parity.check_parity` compares by ``arch`` (logits; task logits; a
+   bare encoder's hidden states and pooled vector).
 2. Add one line to ``FAMILIES`` in ``lmlab/io/hf/registry.py`` (and its import there).
 3. Add parity cases, most of them one line each: in ``tests/test_hf.py``, a tiny lmlab config in
    ``CONFIGS`` (``to_hf_model`` / ``from_hf_model`` agree with transformers within ``TOL``, and the

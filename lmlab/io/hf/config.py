@@ -67,7 +67,7 @@ def import_architecture(config: ModelConfig, keys: set[str]) -> str:
 
 def with_prefix(keys: set[str], c: dict[str, Any]) -> set[str]:
     """Weight names as the class with a head names them (a bare BertModel's gain ``bert.``); ``c`` is config.json."""
-    family = FAMILIES.get(c.get("model_type"))  # type: ignore[arg-type]
+    family = FAMILIES.get(str(c.get("model_type")))
     return family.with_prefix(keys) if family else keys
 
 
