@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from lmlab.version import __version__  # noqa: F401  (lmlab.__version__)
 
 # Imports are lazy so that `lmlab --help` and light uses do not pay for torch up front.
 _EXPORTS = {

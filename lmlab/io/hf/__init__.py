@@ -106,6 +106,7 @@ from lmlab.io.hf.folder import (
 from lmlab.io.hf.parity import PARITY_TOL, check_parity, from_hf_model, max_logit_diff, quiet_transformers, to_hf_model
 from lmlab.io.hf.registry import BARE
 from lmlab.io.hf.rules import adapter_state_to_hf, complete_state_dict, state_dict_from_hf, state_dict_to_hf
+from lmlab.version import __version__
 
 logger = logging.getLogger(__name__)
 
@@ -137,8 +138,6 @@ def verify_hf_folder(folder: str | Path, model: nn.Module) -> float | None:
     A pass is recorded in ``folder/lmlab-verified.json`` (skipped when the folder is read-only); while
     config.json and the weights files keep their size and mtime, later calls return it unchecked.
     """
-    from lmlab import __version__
-
     folder = Path(folder)
     record_file = folder / VERIFIED_FILE
     files = stamp(folder)
