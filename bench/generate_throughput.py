@@ -63,29 +63,68 @@ SIDES = ("lmlab", "lmlab-compile", "hf", "hf-compile")
 
 
 def parse_args(argv: list[str] | None = None, defaults: dict | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", nargs="+", default=["gpt2-mini"], choices=list(PRESETS), help="lmlab preset(s), one table row group each")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--model",
+        nargs="+",
+        default=["gpt2-mini"],
+        choices=list(PRESETS),
+        help="lmlab preset(s), one table row group each",
+    )
     p.add_argument("--vocab-size", type=int, default=None, help="override the presets' vocab_size")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], help="batch sizes B to run")
     p.add_argument("--prompt-len", type=int, default=16, help="random prompt tokens per sequence")
     p.add_argument("--new-tokens", type=int, default=128, help="tokens generated per sequence (exactly; no stop ids)")
-    p.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES, help="greedy and/or top-p sampling")
+    p.add_argument(
+        "--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES, help="greedy and/or top-p sampling"
+    )
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus mass for --strategies top-p")
-    p.add_argument("--sides", nargs="+", default=None, choices=SIDES, help="what to run (default: lmlab hf; with --compile all four); hf always runs, as the reference")
+    p.add_argument(
+        "--sides",
+        nargs="+",
+        default=None,
+        choices=SIDES,
+        help="what to run (default: lmlab hf; with --compile all four); hf always runs, as the reference",
+    )
     p.add_argument("--compile", action="store_true", help="also run lmlab-compile and hf-compile")
     p.add_argument("--repeats", type=int, default=3, help="timed generations per side and row (the median is reported)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed generations per side and row first (compiling happens here)")
+    p.add_argument(
+        "--warmup", type=int, default=1, help="untimed generations per side and row first (compiling happens here)"
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="weights and KV cache of both models (no autocast)")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for all sides (default: PyTorch's); 1 is steadier on a shared machine")
-    p.add_argument("--bandwidth", type=float, default=None, help="memory bandwidth in GB/s for the roofline column (default: measured with a large copy)")
+    p.add_argument(
+        "--dtype", default="fp32", choices=list(DTYPES), help="weights and KV cache of both models (no autocast)"
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads for all sides (default: PyTorch's); 1 is steadier on a shared machine",
+    )
+    p.add_argument(
+        "--bandwidth",
+        type=float,
+        default=None,
+        help="memory bandwidth in GB/s for the roofline column (default: measured with a large copy)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the results here")
     if defaults:
         p.set_defaults(**defaults)
     args = p.parse_args(argv)
-    if args.repeats < 1 or args.warmup < 0 or args.new_tokens < 1 or args.prompt_len < 1 or min(args.batch_sizes) < 1 or (args.threads is not None and args.threads < 1):
-        p.error("--repeats, --new-tokens, --prompt-len, --batch-sizes and --threads must be positive, --warmup non-negative")
+    if (
+        args.repeats < 1
+        or args.warmup < 0
+        or args.new_tokens < 1
+        or args.prompt_len < 1
+        or min(args.batch_sizes) < 1
+        or (args.threads is not None and args.threads < 1)
+    ):
+        p.error(
+            "--repeats, --new-tokens, --prompt-len, --batch-sizes and --threads must be positive, --warmup non-negative"
+        )
     if not 0.0 < args.top_p <= 1.0:
         p.error(f"--top-p is {args.top_p}: expected a number in (0, 1]")
     if args.sides is None:
@@ -117,7 +156,9 @@ def lmlab_revision() -> str:
     """The git commit of the lmlab being measured, flagged when lmlab/ has uncommitted changes; "unknown" outside a checkout."""
     root = Path(__file__).resolve().parents[1]
     try:
-        git = lambda *a: subprocess.run(["git", "-C", str(root), *a], capture_output=True, text=True, timeout=10, check=True).stdout.strip()  # noqa: E731
+        git = lambda *a: subprocess.run(
+            ["git", "-C", str(root), *a], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()  # noqa: E731
         commit = git("rev-parse", "--short", "HEAD")
         dirty = git("status", "--porcelain", "--", "lmlab")
     except (OSError, subprocess.SubprocessError):
@@ -183,8 +224,12 @@ def make_runners(ours, theirs, input_ids: torch.Tensor, args: argparse.Namespace
     def lmlab_side(compile: bool):
         def run() -> torch.Tensor:
             gen = torch.Generator(device=device).manual_seed(args.seed + calls["n"])
-            options = {"compile": True} if compile else {}  # no keyword when off: the script also times older lmlab trees
-            steps = decode(ours, prompts, max_new_tokens=N, processors=processors, sample=sample, generator=gen, **options)
+            options = (
+                {"compile": True} if compile else {}
+            )  # no keyword when off: the script also times older lmlab trees
+            steps = decode(
+                ours, prompts, max_new_tokens=N, processors=processors, sample=sample, generator=gen, **options
+            )
             return torch.stack([step_tokens(step) for step in steps], dim=1)  # (B, N)
 
         return run
@@ -205,7 +250,12 @@ def make_runners(ours, theirs, input_ids: torch.Tensor, args: argparse.Namespace
 
         return run
 
-    makers = {"lmlab": lambda: lmlab_side(False), "lmlab-compile": lambda: lmlab_side(True), "hf": lambda: hf_side(False), "hf-compile": lambda: hf_side(True)}
+    makers = {
+        "lmlab": lambda: lmlab_side(False),
+        "lmlab-compile": lambda: lmlab_side(True),
+        "hf": lambda: hf_side(False),
+        "hf-compile": lambda: hf_side(True),
+    }
     return {side: makers[side]() for side in args.sides}, calls
 
 
@@ -240,7 +290,9 @@ def bench_row(ours, theirs, config, args, B: int, strategy: str, device: torch.d
     N = args.new_tokens
     lengths = {side: out.shape[1] for side, out in outputs.items()}
     if any(n != N for n in lengths.values()):
-        warnings.warn(f"expected {N} new tokens per sequence, got {lengths}: the sides did different work", stacklevel=1)
+        warnings.warn(
+            f"expected {N} new tokens per sequence, got {lengths}: the sides did different work", stacklevel=1
+        )
     step_bytes = bytes_per_step(ours, config, B, args.prompt_len + N / 2, DTYPES[args.dtype])
     row = {"model": config.name, "batch_size": B, "strategy": strategy, "bytes_per_step": step_bytes, "sides": {}}
     for side in sides:
@@ -311,7 +363,9 @@ def main(argv: list[str] | None = None, defaults: dict | None = None, bench: str
         overrides = {"vocab_size": args.vocab_size} if args.vocab_size else {}
         config = preset(name, **overrides)
         if args.prompt_len + args.new_tokens > config.block_size:
-            print(f"{name:<11} skipped: --prompt-len + --new-tokens = {args.prompt_len + args.new_tokens} exceeds block_size {config.block_size}")
+            print(
+                f"{name:<11} skipped: --prompt-len + --new-tokens = {args.prompt_len + args.new_tokens} exceeds block_size {config.block_size}"
+            )
             continue
         torch.manual_seed(args.seed)
         ours = build_model(config).eval()

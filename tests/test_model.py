@@ -151,7 +151,9 @@ def test_activation_checkpointing_stays_out_of_evaluation_and_decoding(monkeypat
 
     model = tiny("gpt2-tiny")
     model.gradient_checkpointing = True
-    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: pytest.fail("checkpointed outside training"))
+    monkeypatch.setattr(
+        torch.utils.checkpoint, "checkpoint", lambda *a, **k: pytest.fail("checkpointed outside training")
+    )
     x = torch.randint(0, 97, (2, 9))
     model.eval()
     model(x).sum().backward()  # eval mode: no recomputation
@@ -186,10 +188,14 @@ def test_decode_head_follows_new_weights():
         with torch.no_grad():
             model.lm_head.weight.mul_(2)
         with torch.inference_mode():
-            torch.testing.assert_close(model.lm_logits(rows), rows @ model.lm_head.weight.detach().T, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(
+                model.lm_logits(rows), rows @ model.lm_head.weight.detach().T, atol=1e-5, rtol=1e-5
+            )
         model.load_state_dict(other.state_dict())
         with torch.inference_mode():
-            torch.testing.assert_close(model.lm_logits(rows), rows @ other.lm_head.weight.detach().T, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(
+                model.lm_logits(rows), rows @ other.lm_head.weight.detach().T, atol=1e-5, rtol=1e-5
+            )
 
 
 def test_a_model_that_has_decoded_still_copies_and_pickles(tmp_path):

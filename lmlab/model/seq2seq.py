@@ -31,7 +31,9 @@ from lmlab.errors import LmlabError
 from lmlab.model.blocks import Block, KVCache, init_weights, make_norm, rope_cache, rope_dtype, run_block
 from lmlab.model.decoder import DecoderLM
 
-MemoryKV = list[tuple[Tensor, Tensor]]  # per decoder block: cross-attention keys and values, (B, n_kv_heads, S, head_dim) each
+MemoryKV = list[
+    tuple[Tensor, Tensor]
+]  # per decoder block: cross-attention keys and values, (B, n_kv_heads, S, head_dim) each
 
 
 class Seq2SeqLM(nn.Module):
@@ -46,7 +48,9 @@ class Seq2SeqLM(nn.Module):
         self.dec_emb_norm = make_norm(config) if config.embedding_norm else nn.Identity()
         self.drop = nn.Dropout(config.dropout)
         self.enc_blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
-        self.enc_norm_f = make_norm(config) if config.norm_placement == "pre" else nn.Identity()  # post-norm ends normed
+        self.enc_norm_f = (
+            make_norm(config) if config.norm_placement == "pre" else nn.Identity()
+        )  # post-norm ends normed
         self.dec_blocks = nn.ModuleList(Block(config, i, cross=True) for i in range(config.n_decoder_layer))
         self.dec_norm_f = make_norm(config) if config.norm_placement == "pre" else nn.Identity()
         self.lm_head = nn.Linear(d, config.vocab_size, bias=False)
@@ -137,10 +141,19 @@ class Seq2SeqLM(nn.Module):
             x = x[:, -logits_to_keep:]
         return x if hidden_only else self.lm_head(x)  # (B, T, vocab_size)
 
-    def forward(self, input_ids: Tensor, decoder_input_ids: Tensor, attention_mask: Tensor | None = None, *, hidden_only: bool = False) -> Tensor:
+    def forward(
+        self,
+        input_ids: Tensor,
+        decoder_input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        *,
+        hidden_only: bool = False,
+    ) -> Tensor:
         """Logits (B, T_dec, vocab_size): source ids (B, S) with their ``attention_mask``, target ids (B, T_dec);
         ``hidden_only``: the decoder's final hidden states (B, T_dec, n_embd) instead."""
-        return self.decode(decoder_input_ids, self.encode(input_ids, attention_mask), attention_mask, hidden_only=hidden_only)
+        return self.decode(
+            decoder_input_ids, self.encode(input_ids, attention_mask), attention_mask, hidden_only=hidden_only
+        )
 
     def new_kv_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
         """The decoder self-attention's cache: one static buffer per decoder block."""
