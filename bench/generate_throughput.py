@@ -155,10 +155,13 @@ def device_name(device: torch.device) -> str:
 def lmlab_revision() -> str:
     """The git commit of the lmlab being measured, flagged when lmlab/ has uncommitted changes; "unknown" outside a checkout."""
     root = Path(__file__).resolve().parents[1]
-    try:
-        git = lambda *a: subprocess.run(
+
+    def git(*a: str) -> str:
+        return subprocess.run(
             ["git", "-C", str(root), *a], capture_output=True, text=True, timeout=10, check=True
-        ).stdout.strip()  # noqa: E731
+        ).stdout.strip()
+
+    try:
         commit = git("rev-parse", "--short", "HEAD")
         dirty = git("status", "--porcelain", "--", "lmlab")
     except (OSError, subprocess.SubprocessError):

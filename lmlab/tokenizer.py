@@ -31,8 +31,8 @@ from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 
 from lmlab.config import MAX_SIZES, read_json_object, write_text_atomic
 from lmlab.errors import LmlabError
-from lmlab.templates import render
 from lmlab.io.outputs import check_output, holds_only
+from lmlab.templates import render
 
 __all__ = [
     "KINDS",

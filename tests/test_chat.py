@@ -11,15 +11,15 @@ import sys
 
 import pytest
 import torch
-
 from conftest import TINY_TRAIN
+
 from lmlab.chat import ChatSession, repl
-from lmlab.templates import DEFAULT_CHAT_TEMPLATE, end_of_turn
 from lmlab.config import preset
 from lmlab.data.tasks import encode_conversation, read_chat
 from lmlab.errors import LmlabError
 from lmlab.io.checkpoint import load_model, read_meta, save_checkpoint
 from lmlab.model import build_model
+from lmlab.templates import DEFAULT_CHAT_TEMPLATE, end_of_turn
 from lmlab.tokenizer import Tokenizer, train_tokenizer
 from lmlab.train.finetune import finetune
 
@@ -291,8 +291,9 @@ def test_a_template_that_is_not_prefix_wise_is_a_clear_error(tok):
 
 # -- fine-tuning and talking ----------------------------------------------------------------------------
 def test_chat_fine_tuning_learns_the_dialogue_task(chat_run, tmp_path):
-    import lmlab
     from transformers import AutoTokenizer
+
+    import lmlab
 
     result = chat_run["result"]
     assert result.val_scores["token_accuracy"] >= 0.95, result.val_scores

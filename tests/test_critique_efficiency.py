@@ -11,8 +11,8 @@ import os
 import matplotlib.image
 import pytest
 import torch
-
 from conftest import TINY_TRAIN
+
 from lmlab.config import preset
 from lmlab.critique.core import load_subject
 from lmlab.critique.efficiency import CPU_WATTS_PER_CORE, PUE, efficiency

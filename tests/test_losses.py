@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import cpu_peak_bytes
+
 from lmlab.config import preset
 from lmlab.model import build_model
 from lmlab.train.losses import AUTO_VOCAB, IGNORE_INDEX, ce_chunk_rows, linear_cross_entropy, lm_loss

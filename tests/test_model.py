@@ -4,8 +4,8 @@ import platform
 import pytest
 import torch
 
-from lmlab.config import preset
 from lmlab import kernels as decoder  # the CPU decode head's kernels and caches
+from lmlab.config import preset
 from lmlab.model import build_model
 
 FAMILIES = ["gpt2-tiny", "llama-tiny"]
@@ -70,8 +70,8 @@ def test_left_padding_with_mask_and_positions_matches_unpadded(name):
 def test_tied_embeddings_share_one_tensor_and_untied_do_not():
     g = tiny("gpt2-tiny")
     assert g.lm_head.weight is g.tok_emb.weight
-    l = tiny("llama-tiny")
-    assert l.lm_head.weight is not l.tok_emb.weight
+    llama = tiny("llama-tiny")
+    assert llama.lm_head.weight is not llama.tok_emb.weight
 
 
 def test_grouped_query_attention_has_fewer_key_value_heads():

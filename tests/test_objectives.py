@@ -7,8 +7,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import TINY_TRAIN
+
 from lmlab.config import preset
 from lmlab.errors import LmlabError
 from lmlab.io.checkpoint import list_checkpoints, load_model

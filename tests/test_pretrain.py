@@ -9,8 +9,8 @@ import shutil
 import numpy as np
 import pytest
 import torch
-
 from conftest import TINY_TRAIN, crash_windows_at
+
 from lmlab.errors import LmlabError
 from lmlab.io.checkpoint import list_checkpoints, load_model
 from lmlab.train import objectives

@@ -11,9 +11,9 @@ import torch
 
 from lmlab.config import preset
 from lmlab.errors import LmlabError
+from lmlab.generate.seq2seq import generate_seq2seq, seq2seq_beam_search
 from lmlab.io.checkpoint import load_model, save_checkpoint
 from lmlab.model import Seq2SeqLM, build_model
-from lmlab.generate.seq2seq import generate_seq2seq, seq2seq_beam_search
 from lmlab.model.seq2seq import shift_right
 from lmlab.train.objectives import IGNORE_INDEX, SpanCorruption, get_objective
 

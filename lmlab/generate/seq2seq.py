@@ -18,7 +18,6 @@ from lmlab.generate.loop import BeamSearch, Step, StopRule, decode
 from lmlab.model.blocks import KVCache
 from lmlab.model.seq2seq import MemoryKV, Seq2SeqLM
 
-
 # -- generation: lmlab's decoding loop over the decoder, conditioned on encoded sources -------------
 
 

@@ -26,8 +26,8 @@ from tqdm.auto import tqdm
 from lmlab.config import check_seed, option, read_jsonl_log
 from lmlab.device import check_device
 from lmlab.errors import LmlabError
-from lmlab.io.outputs import write_jsonl_atomic, write_marker
 from lmlab.io.checkpoint import load_train_state, prune_checkpoints, save_checkpoint, step_dir_name
+from lmlab.io.outputs import write_jsonl_atomic, write_marker
 from lmlab.train.data import hash_position
 from lmlab.train.dist import DistInfo, all_reduce_mean
 from lmlab.train.objectives import Objective, evaluate_loss

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from lmlab.config import ModelConfig, preset
+from lmlab.config import LoraSpec, ModelConfig, preset
 from lmlab.errors import LmlabError
 from lmlab.io.checkpoint import (
     check_run_output,
@@ -22,10 +22,9 @@ from lmlab.io.checkpoint import (
 )
 from lmlab.model import build_model
 from lmlab.train import dist as dist_mod
-from lmlab.train.data import RandomWindows, fixed_windows
-from lmlab.config import LoraSpec
-from lmlab.train.loop import TrainConfig, TrainResult, autocast_for, check_resume, same_source, train_loop
 from lmlab.train import memory
+from lmlab.train.data import RandomWindows, fixed_windows
+from lmlab.train.loop import TrainConfig, TrainResult, autocast_for, check_resume, same_source, train_loop
 from lmlab.train.memory import DryRun, Settings, check_budget
 from lmlab.train.objectives import get_objective
 
