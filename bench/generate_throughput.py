@@ -1,7 +1,9 @@
-"""Generation throughput: lmlab's decoding loop vs HF Transformers ``generate()``, the same weights, side by side in one process.
+"""Generation throughput: lmlab's decoding loop vs HF Transformers ``generate()``, the same weights, side by side
+in one process.
 
     python bench/generate_throughput.py --model gpt2-mini --batch-sizes 1 8 --prompt-len 16 --new-tokens 128 \
-        --strategies greedy top-p --top-p 0.9 --repeats 3 --device cpu --dtype fp32 [--compile] [--threads 1] [--json out.json]
+        --strategies greedy top-p --top-p 0.9 --repeats 3 --device cpu --dtype fp32 [--compile] [--threads 1] \
+        [--json out.json]
 
 One generation, the same work on every side: a batch of B prompts of ``--prompt-len`` random token ids
 (the same ids for all), one prefill, then exactly ``--new-tokens`` decode steps with a KV cache.
@@ -153,7 +155,8 @@ def device_name(device: torch.device) -> str:
 
 
 def lmlab_revision() -> str:
-    """The git commit of the lmlab being measured, flagged when lmlab/ has uncommitted changes; "unknown" outside a checkout."""
+    """The git commit of the lmlab being measured, flagged when lmlab/ has uncommitted changes; "unknown" outside
+    a checkout."""
     root = Path(__file__).resolve().parents[1]
 
     def git(*a: str) -> str:
@@ -170,7 +173,8 @@ def lmlab_revision() -> str:
 
 
 def copy_bandwidth(device: torch.device, dtype: torch.dtype) -> float:
-    """Bytes per second a large device-to-device copy moves (read + write), the best of 5: the roofline's denominator."""
+    """Bytes per second a large device-to-device copy moves (read + write), the best of 5: the roofline's
+    denominator."""
     n_bytes = (1 << 30) if device.type == "cuda" else (1 << 28)
     src = torch.empty(n_bytes // 4, dtype=torch.float32, device=device).fill_(1.0)
     dst = torch.empty_like(src)
@@ -199,7 +203,8 @@ def bytes_per_step(model, config, B: int, mean_len: float, dtype: torch.dtype) -
 
 
 def step_tokens(step) -> torch.Tensor:
-    """The (B,) next tokens of one ``decode`` step: older versions yield the tensor itself, newer ones a ``Step`` with ``.tokens``."""
+    """The (B,) next tokens of one ``decode`` step: older versions yield the tensor itself, newer ones a ``Step``
+    with ``.tokens``."""
     return step if isinstance(step, torch.Tensor) else step.tokens
 
 
@@ -312,8 +317,8 @@ def bench_row(ours, theirs, config, args, B: int, strategy: str, device: torch.d
                 first_diff = int(diff[0]) if diff.numel() else n
                 check = f"DIFF@{first_diff}"
                 warnings.warn(
-                    f"{config.name} B={B} greedy: {side} and hf token ids differ from new token {first_diff} on "
-                    f"(same weights; expected to agree in fp32, near-ties can flip in low precision or compiled kernels)",
+                    f"{config.name} B={B} greedy: {side} and hf token ids differ from new token {first_diff} on (same "
+                    "weights; expected to agree in fp32, near-ties can flip in low precision or compiled kernels)",
                     stacklevel=1,
                 )
         row["sides"][side] = {
@@ -367,7 +372,8 @@ def main(argv: list[str] | None = None, defaults: dict | None = None, bench: str
         config = preset(name, **overrides)
         if args.prompt_len + args.new_tokens > config.block_size:
             print(
-                f"{name:<11} skipped: --prompt-len + --new-tokens = {args.prompt_len + args.new_tokens} exceeds block_size {config.block_size}"
+                f"{name:<11} skipped: --prompt-len + --new-tokens = {args.prompt_len + args.new_tokens} exceeds "
+                f"block_size {config.block_size}"
             )
             continue
         torch.manual_seed(args.seed)
@@ -382,18 +388,21 @@ def main(argv: list[str] | None = None, defaults: dict | None = None, bench: str
                 for side, r in row["sides"].items():
                     peak = f"{r['peak_mem_mib']:.0f}" if r["peak_mem_mib"] is not None else "n/a"
                     print(
-                        f"{name:<11} {config.num_params() / 1e6:>7.2f}M {B:>3} {strategy:<8} {side:<13} {r['tokens_per_s']:>9.1f} "
-                        f"{r['ms_per_token_step']:>8.2f} {r['roofline']:>7.1%} {peak:>8} {r['vs_hf']:>6.3f}x "
-                        f"{r['paired_vs_hf']:>6.3f}x {r['best_vs_hf']:>6.3f}x {r['greedy_ids']:>8}",
+                        f"{name:<11} {config.num_params() / 1e6:>7.2f}M {B:>3} {strategy:<8} {side:<13} "
+                        f"{r['tokens_per_s']:>9.1f} {r['ms_per_token_step']:>8.2f} {r['roofline']:>7.1%} {peak:>8} "
+                        f"{r['vs_hf']:>6.3f}x {r['paired_vs_hf']:>6.3f}x {r['best_vs_hf']:>6.3f}x {r['greedy_ids']:>8}",
                         flush=True,
                     )
         del ours, theirs
     load_after = os.getloadavg() if hasattr(os, "getloadavg") else None
     print(
-        "tok/s = B·new tokens ÷ median seconds per whole generation (prefill included); ms/tok = that time ÷ new tokens "
-        "(one decode step of the whole batch); roofline = bytes a step must read ÷ ms/tok ÷ bandwidth; vs hf = ratio of tok/s "
-        "to eager HF generate(), paired = median over repeats of HF time ÷ the side's time, best = HF's fastest time ÷ the "
-        "side's fastest (least disturbed by other load); above 1: faster than HF; ids: greedy token ids against hf"
+        (
+            "tok/s = B·new tokens ÷ median seconds per whole generation (prefill included); ms/tok = that time ÷ new "
+            "tokens (one decode step of the whole batch); roofline = bytes a step must read ÷ ms/tok ÷ bandwidth; vs "
+            "hf = ratio of tok/s to eager HF generate(), paired = median over repeats of HF time ÷ the side's time, "
+            "best = HF's fastest time ÷ the side's fastest (least disturbed by other load); above 1: faster than HF; "
+            "ids: greedy token ids against hf"
+        )
         + (f"; 1-min load average after: {load_after[0]:.2f}" if load_after else "")
     )
 

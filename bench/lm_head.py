@@ -1,4 +1,5 @@
-"""The LM head of a CPU decode step: lmlab's ``cpu_decode_head`` vs ``F.linear`` (what HF's ``lm_head`` calls), side by side.
+"""The LM head of a CPU decode step: lmlab's ``cpu_decode_head`` vs ``F.linear`` (what HF's ``lm_head`` calls),
+side by side.
 
     python bench/lm_head.py [--rows 1 2 4 8 16 64] [--n-embd 128] [--vocab 32000 50257] [--threads 1] [--json out.json]
 
@@ -59,7 +60,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     print(f"LM head, fp32 CPU | torch {torch.__version__}, threads={torch.get_num_threads()}, n_embd={args.n_embd}")
     print(
-        f"{'vocab':>7} {'rows':>5} {'F.linear ms':>12} {'lmlab ms':>9} {'F.linear GF/s':>14} {'lmlab GF/s':>11} {'ratio':>7}"
+        f"{'vocab':>7} {'rows':>5} {'F.linear ms':>12} {'lmlab ms':>9} {'F.linear GF/s':>14} {'lmlab GF/s':>11} "
+        f"{'ratio':>7}"
     )
     out = []
     for vocab in args.vocab:
@@ -72,7 +74,8 @@ def main(argv: list[str] | None = None) -> None:
                 ours = median_ms(lambda: cpu_decode_head(weight, x), args.repeats)
             flop = 2 * rows * args.n_embd * vocab
             print(
-                f"{vocab:>7} {rows:>5} {ref:>12.3f} {ours:>9.3f} {flop / ref / 1e6:>14.1f} {flop / ours / 1e6:>11.1f} {ref / ours:>6.2f}x"
+                f"{vocab:>7} {rows:>5} {ref:>12.3f} {ours:>9.3f} {flop / ref / 1e6:>14.1f} {flop / ours / 1e6:>11.1f} "
+                f"{ref / ours:>6.2f}x"
             )
             if diff > 1e-4:
                 print(f"warning: outputs differ by {diff:.2e}")

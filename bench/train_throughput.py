@@ -66,8 +66,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--lmlab-loss",
         default="same",
         choices=["same", "objective"],
-        help="same: both sides run F.cross_entropy on the whole batch's logits; objective: lmlab's side runs its CausalLM "
-        "objective as `lmlab pretrain` does (chunked linear cross-entropy when the vocabulary has 32,768+ entries)",
+        help=(
+            "same: both sides run F.cross_entropy on the whole batch's logits; objective: lmlab's side runs its "
+            "CausalLM objective as `lmlab pretrain` does (chunked linear cross-entropy when the vocabulary has "
+            "32,768+ entries)"
+        ),
     )
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
@@ -102,7 +105,8 @@ def make_step(model, optimizer, forward, device: torch.device, dtype: str, loss_
 
 
 def objective_loss(model):
-    """lmlab's side as `lmlab pretrain` trains: the CausalLM objective (chunked linear cross-entropy for a large vocabulary)."""
+    """lmlab's side as `lmlab pretrain` trains: the CausalLM objective (chunked linear cross-entropy for a large
+    vocabulary)."""
     objective = CausalLM()
 
     def loss_fn(inputs, targets):
@@ -166,8 +170,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     print(
         f"{args.model}: {config.num_params() / 1e6:.2f}M params, vocab {config.vocab_size}, B={B} T={T}, "
-        f"device={device_name(device)}, dtype={args.dtype}, compile={args.compile}, lmlab loss={args.lmlab_loss}, torch threads={torch.get_num_threads()}, "
-        f"torch {torch.__version__}, transformers {transformers.__version__}"
+        f"device={device_name(device)}, dtype={args.dtype}, compile={args.compile}, lmlab loss={args.lmlab_loss}, "
+        f"torch threads={torch.get_num_threads()}, torch {torch.__version__}, transformers {transformers.__version__}"
     )
 
     # warm-up, alternating; the first step's losses must agree (same weights, same batch)
@@ -238,11 +242,13 @@ def main(argv: list[str] | None = None) -> dict:
             f"{fmt(r['peak_mem_mib'], '.0f'):>9} {fmt(r['step_mem_mib'], '.0f'):>9}"
         )
     print(
-        f"lmlab/HF tokens/s: {ratio:.3f}x (median over rounds of the paired ratio: {paired:.3f}x, {len(round_ratios)} rounds)"
+        f"lmlab/HF tokens/s: {ratio:.3f}x (median over rounds of the paired ratio: {paired:.3f}x, {len(round_ratios)} "
+        "rounds)"
     )
     if device.type == "cuda":
         print(
-            "peak MiB: max_memory_allocated during the impl's steps, both models resident; step MiB: that peak minus what was allocated before"
+            "peak MiB: max_memory_allocated during the impl's steps, both models resident; step MiB: that peak minus "
+            "what was allocated before"
         )
 
     result = {

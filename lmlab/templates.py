@@ -439,6 +439,7 @@ def end_of_turn(tokenizer, template: str | None = None) -> str:
         marker = tokenizer.special_tokens.get("eos", "")
     if not marker:
         raise LmlabError(
-            "the chat template ends an assistant message with nothing and the tokenizer has no eos token: nothing marks the end of a turn"
+            "the chat template ends an assistant message with nothing and the tokenizer has no eos token: nothing "
+            "marks the end of a turn"
         )
     return marker

@@ -374,7 +374,8 @@ def check_tokenizer_folder(directory: str | Path, overwrite: bool = False) -> Pa
     ):
         if all((directory / name).is_file() for name in files):
             raise LmlabError(
-                f"--out {directory} is {what} ({', '.join(files)}): replacing its tokenizer would break it; choose a new folder"
+                f"--out {directory} is {what} ({', '.join(files)}): replacing its tokenizer would break it; choose a "
+                "new folder"
             )
     return check_output(directory, "tokenizer folder", lambda d: holds_only(d, TOKENIZER_FILES), overwrite=overwrite)
 
@@ -412,7 +413,8 @@ def train_tokenizer(
         )
     if vocab_size > MAX_SIZES["vocab_size"]:  # checked here: the Rust trainer aborts the process on a size past u32
         raise LmlabError(
-            f"--vocab-size {vocab_size:,}: expected at most {MAX_SIZES['vocab_size']:,} (2**24, the largest vocabulary an lmlab model takes)"
+            f"--vocab-size {vocab_size:,}: expected at most {MAX_SIZES['vocab_size']:,} (2**24, the largest "
+            "vocabulary an lmlab model takes)"
         )
     if isinstance(min_frequency, bool) or not isinstance(min_frequency, int) or min_frequency < 0:
         raise LmlabError(f"--min-frequency {min_frequency!r}: expected an integer >= 0")

@@ -24,10 +24,12 @@ from lmlab.tokenizer import Tokenizer, train_tokenizer
 from lmlab.train.finetune import finetune
 
 # real-style templates, written out: ChatML (Qwen's default system prompt, a {% generation %} block), Llama 3, Llama 2
-# (system prompt folded into the first turn, namespace, raise_exception), and one using tojson, dict, strftime_now and loop controls
+# (system prompt folded into the first turn, namespace, raise_exception), and one using tojson, dict, strftime_now and
+# loop controls
 CHATML = (
     "{% for message in messages %}"
-    "{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
     "{{ '<|im_start|>' + message['role'] + '\n' }}"
     "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
     "{% else %}{{ message['content'] + '<|im_end|>' }}{% endif %}{{ '\n' }}"
@@ -36,7 +38,8 @@ CHATML = (
 )
 LLAMA3 = (
     "{% set loop_messages = messages %}{% for message in loop_messages %}"
-    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' "
+    "+ message['content'] | trim + '<|eot_id|>' %}"
     "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
 )
@@ -222,7 +225,10 @@ def test_a_render_is_bounded_in_output_and_time_and_the_error_names_the_file(tok
     monkeypatch.setattr(chat, "TEMPLATE_MAX_CHARS", 1000)
     with pytest.raises(
         LmlabError,
-        match=rf"^chat template of {re.escape(str(tmp_path / 'tokenizer_config.json'))}: rendering exceeded 1,000 characters \(output of",
+        match=(
+            rf"^chat template of {re.escape(str(tmp_path / 'tokenizer_config.json'))}: "
+            r"rendering exceeded 1,000 characters \(output of"
+        ),
     ):
         loaded.apply_chat_template(CONVERSATIONS[0])
     monkeypatch.setattr(chat, "TEMPLATE_MAX_CHARS", 2**26)
@@ -233,9 +239,11 @@ def test_a_render_is_bounded_in_output_and_time_and_the_error_names_the_file(tok
 
 def test_ordinary_template_code_renders_within_the_budget(tok):
     template = (
-        "{% for i in range(3) %}{{ i }}{% endfor %}|{{ range(3)|list }}|{{ range(4)|reverse|join(',') }}|{{ range(10)[2:4]|list }}|"
-        "{{ 3 in range(5) }}|{{ '%3s' % 'a' }}|{{ '{:>3}'.format('b') }}|{{ 'x'|center(3) }}|{{ 2 ** 10 }}|{{ [1] + [2] }}|"
-        "{% set ns = namespace(n=0) %}{% for m in messages %}{% set ns.n = ns.n + loop.length %}{% endfor %}{{ ns.n }}|{{ '%d'|format(1700000000) }}"
+        "{% for i in range(3) %}{{ i }}{% endfor %}|{{ range(3)|list }}|{{ range(4)|reverse|join(',') }}|"
+        "{{ range(10)[2:4]|list }}|{{ 3 in range(5) }}|{{ '%3s' % 'a' }}|{{ '{:>3}'.format('b') }}|{{ 'x'|center(3) }}|"
+        "{{ 2 ** 10 }}|{{ [1] + [2] }}|"
+        "{% set ns = namespace(n=0) %}{% for m in messages %}{% set ns.n = ns.n + loop.length %}{% endfor %}{{ ns.n }}|"
+        "{{ '%d'|format(1700000000) }}"
     )
     assert tok.apply_chat_template(CONVERSATIONS[0][:2], chat_template=template) == (
         "012|[0, 1, 2]|3,2,1,0|[2, 3]|True|  a|  b| x |1024|[1, 2]|4|1700000000"

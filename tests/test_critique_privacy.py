@@ -36,7 +36,8 @@ def _sentences(n: int, seed: int) -> list[str]:
         "a red car",
     ]
     return [
-        f"{rng.choice(who)} {rng.choice(does)} {rng.choice(what)} and then {rng.choice(who)} {rng.choice(does)} {rng.choice(what)}."
+        f"{rng.choice(who)} {rng.choice(does)} {rng.choice(what)} and then {rng.choice(who)} {rng.choice(does)} "
+        f"{rng.choice(what)}."
         for _ in range(n)
     ]
 
@@ -267,7 +268,8 @@ def test_pii_scan_runs_for_an_encoder_and_the_report_shows_only_masked_strings(t
 def test_malformed_canaries_file_is_a_one_line_error(memorised, tmp_path):
     bad = tmp_path / "canaries.json"
     bad.write_text(
-        '{"format": "lmlab-canaries", "alphabet": "0123456789", "length": 4, "template": "code {}", "space_size": 10000, "planted": [{"secret": "12"}]}'
+        '{"format": "lmlab-canaries", "alphabet": "0123456789", "length": 4, "template": "code {}", '
+        '"space_size": 10000, "planted": [{"secret": "12"}]}'
     )
     with pytest.raises(LmlabError, match=r"planted\[0\]\.secret is '12'") as err:
         P.privacy(load_subject(memorised.untrained), canaries=bad)

@@ -213,7 +213,10 @@ def test_a_poisoned_or_damaged_classifier_folder_skips_the_lens_and_the_report_i
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(
         LmlabError,
-        match=r"--toxicity-classifier .*poisoned: cannot load a sequence-classification model \(UnpicklingError: .*posix\.system",
+        match=(
+            r"--toxicity-classifier .*poisoned: cannot load a sequence-classification model \(UnpicklingError: "
+            r".*posix\.system"
+        ),
     ):
         S.Classifier(poisoned)
     with pytest.raises(LmlabError, match=r"--toxicity-classifier .*damaged: cannot load .*SafetensorError"):

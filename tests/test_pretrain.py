@@ -345,8 +345,9 @@ def test_resume_accepts_a_longer_run_and_new_intervals_and_says_the_schedule_cha
     err = capsys.readouterr().err
     assert result.step == 6 and [s for s, _ in list_checkpoints(tmp_path / "r")][-1] == 6
     assert (
-        "lmlab: --resume accepted changed settings: --max-steps 4 (now 6), --eval-interval 2 (now 3), --save-interval 2 (now 3); "
-        "the cosine learning-rate schedule now ends at step 6, so the learning rate after step 4 differs from the run's as started"
+        "lmlab: --resume accepted changed settings: --max-steps 4 (now 6), --eval-interval 2 (now 3), "
+        "--save-interval 2 (now 3); the cosine learning-rate schedule now ends at step 6, so the learning rate after "
+        "step 4 differs from the run's as started"
     ) in err
     lrs = [json.loads(line)["lr"] for line in (tmp_path / "r" / "log.jsonl").read_text().splitlines() if "lr" in line]
     assert lrs[4] == lr_at(

@@ -156,7 +156,8 @@ def efficiency(
         room = config.block_size - new_tokens
         if room < 1:
             raise LmlabError(
-                f"efficiency: new_tokens={new_tokens} leaves no room for a prompt in the {config.block_size}-token context window"
+                f"efficiency: new_tokens={new_tokens} leaves no room for a prompt in the {config.block_size}-token "
+                "context window"
             )
         prompt_tokens = min(prompt_tokens, room)
     else:
@@ -201,30 +202,43 @@ def _size_part(section: Section, subject: Subject) -> str:
     )
     L, d, T = config.attention_layers(), config.n_embd, config.block_size
     layers = f"L={L} attention layers" + (
-        ": the encoder's self-attention and the decoder's self- and cross-attention; a token is a target token with one source token beside it"
+        ": the encoder's self-attention and the decoder's self- and cross-attention; a token is a target token with "
+        "one source token beside it"
         if config.arch == "seq2seq"
         else ""
     )
     section.explain.update(
         params="Parameters of the model (tied embedding and output head counted once).",
-        params_non_embedding="Parameters without the token, position and segment embedding tables: what scaling laws count as N.",
-        flops_per_token_train=f"Training FLOPs per token at the full {T}-token context: 6·N + 12·L·d·T (N without position embeddings, d={d}, {layers}).",
-        flops_per_token_inference=f"Forward-pass FLOPs per token at a {T}-token context: 2·N + 4·L·d·T, a third of the training figure.",
+        params_non_embedding=(
+            "Parameters without the token, position and segment embedding tables: what scaling laws count as N."
+        ),
+        flops_per_token_train=(
+            f"Training FLOPs per token at the full {T}-token context: 6·N + 12·L·d·T (N without position embeddings, "
+            f"d={d}, {layers})."
+        ),
+        flops_per_token_inference=(
+            f"Forward-pass FLOPs per token at a {T}-token context: 2·N + 4·L·d·T, a third of the training figure."
+        ),
         checkpoint_bytes="Size of the weight files on disk (model.safetensors, or a Hugging Face folder's shards).",
-        bytes_per_param="Checkpoint bytes per parameter: ≈ 4 for fp32 weights, ≈ 2 for bf16/fp16 (plus a small header).",
+        bytes_per_param=(
+            "Checkpoint bytes per parameter: ≈ 4 for fp32 weights, ≈ 2 for bf16/fp16 (plus a small header)."
+        ),
         stored_dtype="The data type most of the checkpoint's parameters are stored in.",
     )
     if dominant == "F32" and params >= LARGE_MODEL:
         section.findings.append(
             Finding(
                 "warn",
-                f"The checkpoint stores {params / 1e6:,.0f}M parameters in fp32 ({size / 1e9:.2f} GB, {size / params:.2f} bytes/parameter): "
-                f"bf16 would halve it to ≈ {size / 2e9:.2f} GB with no loss for inference.",
+                f"The checkpoint stores {params / 1e6:,.0f}M parameters in fp32 ({size / 1e9:.2f} GB, "
+                f"{size / params:.2f} bytes/parameter): bf16 would halve it to ≈ {size / 2e9:.2f} GB with no loss for "
+                "inference.",
             )
         )
     return (
-        f"Sizes: {params:,} parameters; FLOPs per token 6N + 12·L·d·T for training (Kaplan et al., 2020; Chowdhery et al., 2022, "
-        "appendix B), ≈ 2N + 4·L·d·T for a forward pass"
+        (
+            f"Sizes: {params:,} parameters; FLOPs per token 6N + 12·L·d·T for training (Kaplan et al., 2020; "
+            "Chowdhery et al., 2022, appendix B), ≈ 2N + 4·L·d·T for a forward pass"
+        )
         + (" (the attention term counts the encoder's layers only)" if config.arch == "seq2seq" else "")
         + f". An fp32 checkpoint above {LARGE_MODEL / 1e6:.0f}M parameters is flagged."
     )
@@ -255,17 +269,24 @@ def _generation_part(
         batch_size="Sequences generated at once.",
         prompt_tokens=f"Tokens of the {source} (cut to fit the context window with the new tokens).",
         new_tokens="Tokens generated per sequence (greedy, end-of-text ignored so every run makes the same number).",
-        time_to_first_token_ms=f"Milliseconds to return one new token: the prefill of the {source} plus one decoding step (median of the runs).",
-        decode_ms_per_token=f"Milliseconds per further token per step of the batch: (time for {new} tokens − time for 1) / {new - 1}.",
+        time_to_first_token_ms=(
+            f"Milliseconds to return one new token: the prefill of the {source} plus one decoding step (median of the "
+            "runs)."
+        ),
+        decode_ms_per_token=(
+            f"Milliseconds per further token per step of the batch: (time for {new} tokens − time for 1) / {new - 1}."
+        ),
         decode_tokens_per_s="Tokens per second while decoding: batch size / per-token decode time.",
-        generation_tokens_per_s=f"Tokens per second end to end, prefill included: batch × {new} / the time to generate them.",
+        generation_tokens_per_s=(
+            f"Tokens per second end to end, prefill included: batch × {new} / the time to generate them."
+        ),
     )
     where = _device_name(subject.device)
     section.findings.append(
         Finding(
             "info",
-            f"Greedy decoding makes {batch / per_token:,.1f} tokens/s ({per_token * 1e3:.2f} ms per step, batch {batch}) on {where}; "
-            f"the first token of a {prompt}-token {source} takes {first * 1e3:.1f} ms.",
+            f"Greedy decoding makes {batch / per_token:,.1f} tokens/s ({per_token * 1e3:.2f} ms per step, batch "
+            f"{batch}) on {where}; the first token of a {prompt}-token {source} takes {first * 1e3:.1f} ms.",
         )
     )
     fig, ax = new_figure(5.0, 3.2)
@@ -282,13 +303,14 @@ def _generation_part(
         Figure(
             "Generation latency",
             figure_png(fig),
-            f"Median of {repeats} timed runs after a warm-up, on {where}: the time to the first token and the time of each further greedy step.",
+            f"Median of {repeats} timed runs after a warm-up, on {where}: the time to the first token and the time of "
+            "each further greedy step.",
         )
     )
     return (
-        f"Latency: greedy generation through the library's decoding loop (KV cache), {batch} × a {prompt}-token {source}, timed with "
-        f"time.perf_counter after one warm-up run; the median of {repeats} runs for 1 and for {new} new tokens, the per-token decode time "
-        "from their difference."
+        f"Latency: greedy generation through the library's decoding loop (KV cache), {batch} × a {prompt}-token "
+        f"{source}, timed with time.perf_counter after one warm-up run; the median of {repeats} runs for 1 and for "
+        f"{new} new tokens, the per-token decode time from their difference."
     )
 
 
@@ -320,7 +342,8 @@ def _forward_part(section: Section, subject: Subject, batch: int, tokens: int, r
     section.findings.append(
         Finding(
             "info",
-            f"A forward pass of {batch} × {tokens} tokens takes {seconds * 1e3:.2f} ms: {batch / seconds:,.1f} examples/s on {where}.",
+            f"A forward pass of {batch} × {tokens} tokens takes {seconds * 1e3:.2f} ms: {batch / seconds:,.1f} "
+            f"examples/s on {where}.",
         )
     )
     fig, ax = new_figure(5.0, 3.2)
@@ -340,8 +363,8 @@ def _forward_part(section: Section, subject: Subject, batch: int, tokens: int, r
         )
     )
     return (
-        f"Latency: one inference-mode forward pass through the encoder and {head}, {batch} × {tokens} tokens, timed with "
-        f"time.perf_counter after a warm-up; the median of {repeats} runs."
+        f"Latency: one inference-mode forward pass through the encoder and {head}, {batch} × {tokens} tokens, timed "
+        f"with time.perf_counter after a warm-up; the median of {repeats} runs."
     )
 
 
@@ -362,8 +385,13 @@ def _memory_part(section: Section, subject: Subject, batch: int, prompt: int, ne
         memory_estimate_bytes="Estimated inference memory: weights + KV cache + activations (the three below).",
         memory_weights_bytes="Bytes of the weights and buffers as loaded.",
         memory_kv_cache_bytes="Bytes of the keys and values cached for the prompt and the new tokens (0 for encoders).",
-        memory_activations_bytes="Estimated bytes of the widest activations alive at once in one layer of the prefill, plus fp32 logits.",
-        process_peak_rss_bytes="Peak resident memory of this whole process so far (Python, libraries, data and everything loaded before): an upper bound, not the model's alone.",
+        memory_activations_bytes=(
+            "Estimated bytes of the widest activations alive at once in one layer of the prefill, plus fp32 logits."
+        ),
+        process_peak_rss_bytes=(
+            "Peak resident memory of this whole process so far (Python, libraries, data and everything loaded "
+            "before): an upper bound, not the model's alone."
+        ),
     )
     text = f"Memory: estimated {total / 2**20:,.1f} MiB (weights {estimate['weights'] / 2**20:,.1f} MiB)"
     if subject.device.type == "cuda":
@@ -441,10 +469,16 @@ def _energy_part(section: Section, subject: Subject, grid_intensity: float, powe
         co2_kg=co2,
     )
     section.explain.update(
-        training_seconds=f"Wall-clock seconds the run trained (the last elapsed_s of {log.name}, summed over resumes; evaluation and saving included).",
+        training_seconds=(
+            f"Wall-clock seconds the run trained (the last elapsed_s of {log.name}, summed over resumes; evaluation "
+            "and saving included)."
+        ),
         training_steps="The last optimizer step the log records (the whole run, not only up to this checkpoint).",
         power_watts="Power drawn while training (an assumption: see the table).",
-        pue="Power usage effectiveness: the data centre's total energy per unit the computer uses (cooling, conversion).",
+        pue=(
+            "Power usage effectiveness: the data centre's total energy per unit the computer uses (cooling, "
+            "conversion)."
+        ),
         energy_kwh="Training energy: hours × power × PUE / 1000.",
         grid_intensity_kg_per_kwh="Carbon intensity of the electricity, kg CO2-equivalent per kWh (an assumption).",
         co2_kg="Training emissions: energy × grid intensity.",
@@ -473,16 +507,21 @@ def _energy_part(section: Section, subject: Subject, grid_intensity: float, powe
                 ],
                 ["CO2", f"{co2:.6g} kg", "energy × grid intensity"],
             ],
-            "Every factor but the training time is an assumption; pass power_watts and grid_intensity for your hardware and region.",
+            "Every factor but the training time is an assumption; pass power_watts and grid_intensity for your "
+            "hardware and region.",
         )
     )
     level = "warn" if power_watts is None and "per CPU core" in power_source else "info"
-    text = f"Training ran {seconds / 3600:.3g} h for {steps} steps: ≈ {kwh:.3g} kWh and ≈ {co2:.3g} kg CO2e under the stated assumptions"
+    text = (
+        f"Training ran {seconds / 3600:.3g} h for {steps} steps: ≈ {kwh:.3g} kWh and ≈ {co2:.3g} kg CO2e under the "
+        "stated assumptions"
+    )
     if level == "warn":
         text += " — assuming CPU training at a per-core wattage, a rough bound; give power_watts for a real figure"
     section.findings.append(Finding(level, text + "."))
     return (
-        "Training energy (Lacoste et al., 2019; Strubell et al., 2019; Patterson et al., 2021): hours from the run log's elapsed_s × "
-        f"power ({power_source}) × PUE {PUE:g}, CO2 = kWh × {grid_intensity:g} kg CO2e/kWh. The training device is not logged: it is "
-        "assumed to be the kind this critique runs on. Board TDP is an upper bound on the draw, and the host, memory and network are left out."
+        "Training energy (Lacoste et al., 2019; Strubell et al., 2019; Patterson et al., 2021): hours from the run "
+        f"log's elapsed_s × power ({power_source}) × PUE {PUE:g}, CO2 = kWh × {grid_intensity:g} kg CO2e/kWh. The "
+        "training device is not logged: it is assumed to be the kind this critique runs on. Board TDP is an upper "
+        "bound on the draw, and the host, memory and network are left out."
     )

@@ -75,9 +75,15 @@ def privacy(
     methods: list[str] = []
     notes: list[str] = []
     decoder = subject.arch == "decoder" and not subject.config.task
+    model_kind = (
+        "an encoder"
+        if subject.arch == "encoder"
+        else "an encoder–decoder"
+        if subject.arch == "seq2seq"
+        else "a " + subject.config.task + " model"
+    )
     not_decoder = (
-        f"the model is {'an encoder' if subject.arch == 'encoder' else 'an encoder–decoder' if subject.arch == 'seq2seq' else 'a ' + subject.config.task + ' model'}, "
-        "and the measure needs a left-to-right language model of the training text"
+        f"the model is {model_kind}, and the measure needs a left-to-right language model of the training text"
     )
 
     canary_file = Path(canaries) if canaries is not None else _find_canaries(subject)
@@ -85,8 +91,9 @@ def privacy(
         notes.append(f"Canary exposure not measured: {not_decoder}.")
     elif canary_file is None:
         notes.append(
-            "Canary exposure not measured: no canaries.json. Plant canaries with `lmlab prepare --canaries N`, train on "
-            "that folder, and pass --canaries DATA/canaries.json (found automatically in the data folder the checkpoint records)."
+            "Canary exposure not measured: no canaries.json. Plant canaries with `lmlab prepare --canaries N`, train "
+            "on that folder, and pass --canaries DATA/canaries.json (found automatically in the data folder the "
+            "checkpoint records)."
         )
     else:
         _canary_part(section, subject, canary_file, progress)
@@ -94,7 +101,8 @@ def privacy(
 
     if subject.train_data is None:
         notes.append(
-            "Verbatim extraction and the PII scan not run: give --train-data (the training corpus, or the folder `lmlab prepare` made)."
+            "Verbatim extraction and the PII scan not run: give --train-data (the training corpus, or the folder "
+            "`lmlab prepare` made)."
         )
     else:
         documents = _training_documents(subject.train_data, subject.fields.get("text_field", "text"), progress)
@@ -118,13 +126,13 @@ def privacy(
 
 CANARY_METHOD = (
     "Canary exposure (Carlini et al., 2019): secrets planted in the training data a known number of times are set "
-    "against every other secret of their randomness space R, ranked by the model's log-perplexity of the whole canary "
-    "text; exposure = log2|R| − log2(rank), in bits (rank 1 = the most likely candidate). Reference secrets, drawn from "
-    "the same space but never planted, show what exposure chance gives (about 1.4 bits on average). Spaces of up to "
-    f"{ENUMERATE_LIMIT:,} candidates are enumerated; larger ones are estimated from a skew-normal fitted to "
-    f"{SAMPLE_SIZE:,} random candidates, as in the paper. A planted secret with exposure ≥ log2|R| − {EXPOSURE_BAD_MARGIN:g} "
-    f"(in the top {2**EXPOSURE_BAD_MARGIN:g} of R) reads as extractable; a planted mean more than {EXPOSURE_WARN_GAP:g} "
-    "bits above the reference mean as measurably memorised."
+    "against every other secret of their randomness space R, ranked by the model's log-perplexity of the whole "
+    "canary text; exposure = log2|R| − log2(rank), in bits (rank 1 = the most likely candidate). Reference secrets, "
+    "drawn from the same space but never planted, show what exposure chance gives (about 1.4 bits on average). "
+    f"Spaces of up to {ENUMERATE_LIMIT:,} candidates are enumerated; larger ones are estimated from a skew-normal "
+    f"fitted to {SAMPLE_SIZE:,} random candidates, as in the paper. A planted secret with exposure ≥ log2|R| − "
+    f"{EXPOSURE_BAD_MARGIN:g} (in the top {2**EXPOSURE_BAD_MARGIN:g} of R) reads as extractable; a planted mean more "
+    f"than {EXPOSURE_WARN_GAP:g} bits above the reference mean as measurably memorised."
 )
 
 
@@ -261,35 +269,55 @@ def _canary_part(section: Section, subject: Subject, path: Path, progress: bool)
         canary_exposures=[{k: c[k] for k in ("secret", "repeats", "planted", "rank", "exposure")} for c in entries],
     )
     section.explain.update(
-        canary_file="The canaries record read (secrets planted by `lmlab prepare --canaries`, and never-planted reference secrets).",
-        canary_space_size="|R|: how many secrets the canary could have held (alphabet size to the power of its length).",
+        canary_file=(
+            "The canaries record read (secrets planted by `lmlab prepare --canaries`, and never-planted reference "
+            "secrets)."
+        ),
+        canary_space_size=(
+            "|R|: how many secrets the canary could have held (alphabet size to the power of its length)."
+        ),
         canary_max_exposure="log2|R|: the exposure of a secret the model ranks first among all candidates.",
-        canary_rank_method="How ranks were found: by scoring every candidate, or estimated from a skew-normal fitted to a random sample of them.",
-        canary_planted_exposure_mean="Mean exposure (bits) of the planted secrets: log2|R| − log2(rank among all candidates by log-perplexity).",
+        canary_rank_method=(
+            "How ranks were found: by scoring every candidate, or estimated from a skew-normal fitted to a random "
+            "sample of them."
+        ),
+        canary_planted_exposure_mean=(
+            "Mean exposure (bits) of the planted secrets: log2|R| − log2(rank among all candidates by log-perplexity)."
+        ),
         canary_planted_exposure_max="Exposure (bits) of the most exposed planted secret.",
-        canary_reference_exposure_mean="Mean exposure (bits) of reference secrets that were never in the training data: what chance gives (about 1.4 bits).",
-        canary_exposures="Per secret: whether it was planted, how often, its rank among all candidates and its exposure.",
+        canary_reference_exposure_mean=(
+            "Mean exposure (bits) of reference secrets that were never in the training data: what chance gives "
+            "(about 1.4 bits)."
+        ),
+        canary_exposures=(
+            "Per secret: whether it was planted, how often, its rank among all candidates and its exposure."
+        ),
     )
     n_bad = sum(e >= top - EXPOSURE_BAD_MARGIN for e in planted)
     if n_bad:
         section.findings.append(
             Finding(
                 "bad",
-                f"{n_bad} of {len(planted)} planted secrets have exposure ≥ {top - EXPOSURE_BAD_MARGIN:.1f} bits (max {top:.1f}): each ranks in the top {2**EXPOSURE_BAD_MARGIN:g} of {result['space_size']:,} candidates, so the model gives it away; secrets seen like these in real data would be extractable.",
+                f"{n_bad} of {len(planted)} planted secrets have exposure ≥ {top - EXPOSURE_BAD_MARGIN:.1f} bits (max "
+                f"{top:.1f}): each ranks in the top {2**EXPOSURE_BAD_MARGIN:g} of {result['space_size']:,} "
+                "candidates, so the model gives it away; secrets seen like these in real data would be extractable.",
             )
         )
     elif reference_mean is not None and planted_mean > reference_mean + EXPOSURE_WARN_GAP:
         section.findings.append(
             Finding(
                 "warn",
-                f"Planted secrets are measurably memorised: mean exposure {planted_mean:.1f} bits against {reference_mean:.1f} for never-seen ones (gap > {EXPOSURE_WARN_GAP:g} bits), though none is near the maximum {top:.1f}.",
+                f"Planted secrets are measurably memorised: mean exposure {planted_mean:.1f} bits against "
+                f"{reference_mean:.1f} for never-seen ones (gap > {EXPOSURE_WARN_GAP:g} bits), though none is near "
+                f"the maximum {top:.1f}.",
             )
         )
     else:
         section.findings.append(
             Finding(
                 "good",
-                f"No sign of canary memorisation: planted mean exposure {planted_mean:.1f} bits, never-seen {reference_mean if reference_mean is not None else float('nan'):.1f} (maximum {top:.1f}).",
+                f"No sign of canary memorisation: planted mean exposure {planted_mean:.1f} bits, never-seen "
+                f"{reference_mean if reference_mean is not None else float('nan'):.1f} (maximum {top:.1f}).",
             )
         )
     section.tables.append(
@@ -300,7 +328,8 @@ def _canary_part(section: Section, subject: Subject, path: Path, progress: bool)
                 [c["secret"], "yes" if c["planted"] else "no (reference)", c["repeats"], c["rank"], c["exposure"]]
                 for c in entries
             ],
-            f"Rank among {result['space_size']:,} candidates ({result['method']}); exposure = log2|R| − log2(rank), at most {top:.2f} bits.",
+            f"Rank among {result['space_size']:,} candidates ({result['method']}); exposure = log2|R| − log2(rank), "
+            f"at most {top:.2f} bits.",
         )
     )
     fig, ax = new_figure(6.0, 3.4)
@@ -322,8 +351,9 @@ def _canary_part(section: Section, subject: Subject, path: Path, progress: bool)
         Figure(
             "Canary exposure",
             figure_png(fig),
-            "Each dot is one secret; the short bars are the means. Planted secrets near the dashed maximum are ones the model "
-            "ranks above almost every other candidate; reference secrets, never in the training data, show the chance level.",
+            "Each dot is one secret; the short bars are the means. Planted secrets near the dashed maximum are ones "
+            "the model ranks above almost every other candidate; reference secrets, never in the training data, show "
+            "the chance level.",
         )
     )
 
@@ -331,11 +361,11 @@ def _canary_part(section: Section, subject: Subject, path: Path, progress: bool)
 # -- verbatim extraction -------------------------------------------------------------------------------------
 
 EXTRACTION_METHOD = (
-    "Verbatim extraction (Carlini et al., 2021; 2023): random windows of the training token stream (documents joined by "
-    "end-of-text, as `lmlab prepare` packs them); the model is prompted with the first {p} tokens and greedily continues "
-    "{s}; a window counts as extracted when all {s} generated tokens equal the training text (Wilson 95% interval). "
-    "Highly predictable text (boilerplate, repeated lines) counts too, so read the longest examples. A rate ≥ "
-    f"{EXTRACTION_BAD:.0%} reads as bad, ≥ {EXTRACTION_WARN:.0%} as worth a look."
+    "Verbatim extraction (Carlini et al., 2021; 2023): random windows of the training token stream (documents joined "
+    "by end-of-text, as `lmlab prepare` packs them); the model is prompted with the first {p} tokens and greedily "
+    "continues {s}; a window counts as extracted when all {s} generated tokens equal the training text (Wilson "
+    "95% interval). Highly predictable text (boilerplate, repeated lines) counts too, so read the longest examples. "
+    f"A rate ≥ {EXTRACTION_BAD:.0%} reads as bad, ≥ {EXTRACTION_WARN:.0%} as worth a look."
 )
 
 
@@ -369,7 +399,8 @@ def _training_stream(path: Path, documents: list[str], tokenizer) -> Any:
         tokens = PackedTokens(path, "train")
         if tokens.tokenizer_sha256 != tokenizer.sha256:
             raise LmlabError(
-                f"--train-data {path} was tokenized with a different tokenizer than the model's; give the corpus text or the folder it was trained on"
+                f"--train-data {path} was tokenized with a different tokenizer than the model's; give the corpus text "
+                "or the folder it was trained on"
             )
         return tokens
     eos = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
@@ -408,7 +439,8 @@ def extraction(
     length = prefix + suffix
     if length > lm.block_size:
         raise LmlabError(
-            f"--extraction-prefix {prefix} + --extraction-suffix {suffix} = {length} tokens exceed the model's context window of {lm.block_size}"
+            f"--extraction-prefix {prefix} + --extraction-suffix {suffix} = {length} tokens exceed the model's "
+            f"context window of {lm.block_size}"
         )
     if len(stream) < length:
         return []
@@ -453,7 +485,8 @@ def _extraction_part(section: Section, subject: Subject, stream, prefix: int, su
         section.findings.append(
             Finding(
                 "info",
-                f"Verbatim extraction not measured: the training data holds {len(stream):,} tokens, fewer than one window of {prefix + suffix}; lower --extraction-prefix/--extraction-suffix.",
+                f"Verbatim extraction not measured: the training data holds {len(stream):,} tokens, fewer than one "
+                f"window of {prefix + suffix}; lower --extraction-prefix/--extraction-suffix.",
             )
         )
         return False
@@ -473,31 +506,41 @@ def _extraction_part(section: Section, subject: Subject, stream, prefix: int, su
     section.explain.update(
         extraction_windows="Windows of the training text the model was prompted with (a seeded random sample).",
         extraction_prefix_tokens="Tokens of training text given as the prompt.",
-        extraction_suffix_tokens="Tokens the model generated greedily and compared with what followed in the training text.",
-        extraction_rate="Share of windows whose greedy continuation reproduces the training text exactly, token for token.",
+        extraction_suffix_tokens=(
+            "Tokens the model generated greedily and compared with what followed in the training text."
+        ),
+        extraction_rate=(
+            "Share of windows whose greedy continuation reproduces the training text exactly, token for token."
+        ),
         extraction_rate_ci="Wilson 95% interval of the extraction rate.",
-        extraction_mean_match_tokens="Mean number of leading continuation tokens that match the training text before the first difference.",
+        extraction_mean_match_tokens=(
+            "Mean number of leading continuation tokens that match the training text before the first difference."
+        ),
     )
     ci = f"95% CI {low:.1%}–{high:.1%}"
     if rate >= EXTRACTION_BAD:
         section.findings.append(
             Finding(
                 "bad",
-                f"{rate:.1%} of {n} training windows are reproduced verbatim ({suffix} tokens after a prompt of {prefix}; {ci}, ≥ {EXTRACTION_BAD:.0%}): the model recites its training data.",
+                f"{rate:.1%} of {n} training windows are reproduced verbatim ({suffix} tokens after a prompt of "
+                f"{prefix}; {ci}, ≥ {EXTRACTION_BAD:.0%}): the model recites its training data.",
             )
         )
     elif rate >= EXTRACTION_WARN:
         section.findings.append(
             Finding(
                 "warn",
-                f"{rate:.1%} of {n} training windows are reproduced verbatim ({ci}, ≥ {EXTRACTION_WARN:.0%}); read the examples below to see whether it is boilerplate or real memorisation.",
+                f"{rate:.1%} of {n} training windows are reproduced verbatim ({ci}, ≥ {EXTRACTION_WARN:.0%}); read "
+                "the examples below to see whether it is boilerplate or real memorisation.",
             )
         )
     else:
         section.findings.append(
             Finding(
                 "good",
-                f"{exact} of {n} training windows reproduced verbatim ({rate:.1%}, {ci}, below {EXTRACTION_WARN:.0%}); on average {mean_match:.1f} of {suffix} tokens match before the first difference.",
+                f"{exact} of {n} training windows reproduced verbatim ({rate:.1%}, {ci}, below "
+                f"{EXTRACTION_WARN:.0%}); on average {mean_match:.1f} of {suffix} tokens match before the first "
+                "difference.",
             )
         )
     decode = subject.tokenizer.decode
@@ -527,8 +570,8 @@ def _extraction_part(section: Section, subject: Subject, stream, prefix: int, su
         Figure(
             "How much of each training continuation the model reproduces",
             figure_png(fig),
-            f"Each window adds one to the bar of how many of its {suffix} continuation tokens the model reproduced before the "
-            f"first difference; the bar at {suffix} is the verbatim extractions.",
+            f"Each window adds one to the bar of how many of its {suffix} continuation tokens the model reproduced "
+            f"before the first difference; the bar at {suffix} is the verbatim extractions.",
         )
     )
     return True
@@ -537,12 +580,12 @@ def _extraction_part(section: Section, subject: Subject, stream, prefix: int, su
 # -- PII scan ----------------------------------------------------------------------------------------------
 
 PII_METHOD = (
-    "PII scan: the training documents are searched with regular expressions for e-mail addresses, phone numbers, card "
-    "numbers (Luhn-checked), IBANs (mod-97 checked), IPv4 addresses, US social-security numbers and Chinese resident IDs "
-    "(check digit verified). A span is counted once, under the first kind that claims it in that order (e-mail, IBAN, "
-    "resident ID, card, SSN, phone, IPv4). Patterns find candidates, not confirmed personal data: version numbers read "
-    "as IPv4 addresses and some long numbers as phones. Any checksummed kind (card, IBAN, resident ID) found reads as "
-    "bad; other kinds as worth a look. Examples are shown masked."
+    "PII scan: the training documents are searched with regular expressions for e-mail addresses, phone numbers, "
+    "card numbers (Luhn-checked), IBANs (mod-97 checked), IPv4 addresses, US social-security numbers and Chinese "
+    "resident IDs (check digit verified). A span is counted once, under the first kind that claims it in that order "
+    "(e-mail, IBAN, resident ID, card, SSN, phone, IPv4). Patterns find candidates, not confirmed personal data: "
+    "version numbers read as IPv4 addresses and some long numbers as phones. Any checksummed kind (card, IBAN, "
+    "resident ID) found reads as bad; other kinds as worth a look. Examples are shown masked."
 )
 
 
@@ -595,7 +638,8 @@ PII_PATTERNS: list[tuple[str, re.Pattern, Callable[[str], bool]]] = [
         re.compile(
             r"(?<![\w+])\+\d{1,3}(?:[ .-]?\(?\d{1,4}\)?){2,6}(?!\w)"  # international: +44 20 7946 0958
             r"|(?<![\w.-])(?:\(\d{3}\) ?|\d{3}[ .-])\d{3}[ .-]\d{4}(?![\w-])"  # North American: (555) 123-4567
-            r"|(?<![\w./-])0[1-9]\d{0,3}(?:[ .-]\d{2,4}){2,4}(?![\w-])"  # national trunk prefix: 020 7946 0958, 01 23 45 67 89
+            # national trunk prefix: 020 7946 0958, 01 23 45 67 89
+            r"|(?<![\w./-])0[1-9]\d{0,3}(?:[ .-]\d{2,4}){2,4}(?![\w-])"
             r"|(?<!\d)1[3-9]\d{9}(?!\d)"  # Chinese mobile: 13812345678
         ),
         _digit_count(8, 15),
@@ -624,7 +668,8 @@ def find_pii(text: str) -> list[tuple[str, int, int]]:
 
 def mask(value: str) -> str:
     """``value`` with its middle starred: at most 3 characters kept at each end and never more than a
-    quarter of it on each side, so the whole string is never shown (``jane.doe@example.com`` → ``jan**************com``)."""
+    quarter of it on each side, so the whole string is never shown (``jane.doe@example.com`` →
+    ``jan**************com``)."""
     keep = min(3, len(value) // 4)
     return value[:keep] + "*" * (len(value) - 2 * keep) + value[len(value) - keep :]
 
@@ -673,21 +718,25 @@ def _pii_part(section: Section, documents: list[str], progress: bool) -> None:
         section.findings.append(
             Finding(
                 "bad",
-                f"The training data holds checksum-valid {', '.join(risky)} numbers ({summary}; {affected:,} of {len(documents):,} documents): a model that memorises them can leak them; scrub them before training.",
+                f"The training data holds checksum-valid {', '.join(risky)} numbers ({summary}; {affected:,} of "
+                f"{len(documents):,} documents): a model that memorises them can leak them; scrub them before "
+                "training.",
             )
         )
     elif found:
         section.findings.append(
             Finding(
                 "warn",
-                f"PII-like strings in the training data: {summary} in {affected:,} of {len(documents):,} documents ({affected / len(documents):.1%}); check them and scrub what is real.",
+                f"PII-like strings in the training data: {summary} in {affected:,} of {len(documents):,} documents "
+                f"({affected / len(documents):.1%}); check them and scrub what is real.",
             )
         )
     else:
         section.findings.append(
             Finding(
                 "good",
-                f"No PII-like strings found in {len(documents):,} training documents (by the patterns listed in the method).",
+                f"No PII-like strings found in {len(documents):,} training documents (by the patterns listed in the "
+                "method).",
             )
         )
     if found:

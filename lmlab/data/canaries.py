@@ -38,7 +38,10 @@ FORMAT = "lmlab-canaries"
 VERSION = 1
 ALPHABET = "0123456789"
 DEFAULTS: dict[str, Any] = {"repeats": 50, "seed": 0, "template": "the secret code is {}", "digits": 6}
-PLACEMENT = "each planted canary is a separate document, inserted `repeats` times at seeded random positions among the training documents"
+PLACEMENT = (
+    "each planted canary is a separate document, inserted `repeats` times at seeded random positions among the "
+    "training documents"
+)
 
 
 def _positive_int(value: Any, name: str) -> int:
@@ -152,7 +155,8 @@ def load_canaries(path: str | Path) -> dict[str, Any]:
         raise LmlabError(f"{path}: field 'template' is {template!r}; expected a string with exactly one {{}}")
     if record.get("space_size") != len(alphabet) ** length:
         raise LmlabError(
-            f"{path}: field 'space_size' is {record.get('space_size')!r}; expected {len(alphabet) ** length} (alphabet size ** length)"
+            f"{path}: field 'space_size' is {record.get('space_size')!r}; expected {len(alphabet) ** length} "
+            "(alphabet size ** length)"
         )
     for key in ("planted", "reference"):
         items = record.get(key)

@@ -63,12 +63,16 @@ class GenerationConfig:
     stop_token_ids: list[int] = field(
         default_factory=list,
         metadata={
-            "help": "stop on these token ids (besides the end-of-text ids: the tokenizer's, and the eos_token_id of the folder's generation_config.json)"
+            "help": (
+                "stop on these token ids (besides the end-of-text ids: the tokenizer's, and the eos_token_id of the "
+                "folder's generation_config.json)"
+            )
         },
     )
     ignore_eos: bool = option(
         False,
-        "do not stop at the end-of-text ids (the tokenizer's, and the eos_token_id of the folder's generation_config.json)",
+        "do not stop at the end-of-text ids (the tokenizer's, and the eos_token_id of the folder's "
+        "generation_config.json)",
     )
     seed: int | None = option(None, "seed for reproducible sampling; None: a fresh random seed")
     truncate: str = option(
@@ -114,7 +118,8 @@ class GenerationConfig:
         if self.strategy == "beam":
             if self.num_return_sequences > self.num_beams:
                 raise LmlabError(
-                    f"--num-return-sequences {self.num_return_sequences} > --num-beams {self.num_beams}: beam search returns at most num_beams sequences"
+                    f"--num-return-sequences {self.num_return_sequences} > --num-beams {self.num_beams}: beam search "
+                    "returns at most num_beams sequences"
                 )
         elif self.num_beams != 1:
             raise LmlabError(f"--num-beams {self.num_beams} needs --strategy beam (beam sampling is not supported)")

@@ -66,7 +66,8 @@ class _Batch:
         self.total = total = P + max_new_tokens
         if total > block_size:
             raise LmlabError(
-                f"prompt ({P} tokens) + max_new_tokens ({max_new_tokens}) = {total} exceeds the model's block_size {block_size}"
+                f"prompt ({P} tokens) + max_new_tokens ({max_new_tokens}) = {total} exceeds the model's block_size "
+                f"{block_size}"
             )
         self.step_fn = None
         if compile:
@@ -201,7 +202,8 @@ def compiled_step(device: torch.device) -> Callable:
             except Exception as e:  # noqa: BLE001 - a missing C++ compiler, an unsupported op, …
                 reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise LmlabError(
-                    f"--compile: torch.compile could not compile the decode step ({reason[:300]}); decode without --compile"
+                    f"--compile: torch.compile could not compile the decode step ({reason[:300]}); decode without "
+                    "--compile"
                 ) from e
             if kind == "cpu":
                 return model.lm_logits(out)
@@ -359,7 +361,8 @@ class BeamSearch:
             raise LmlabError(f"--num-beams is {num_beams}: expected a positive integer")
         if not 1 <= num_return_sequences <= num_beams:
             raise LmlabError(
-                f"--num-return-sequences is {num_return_sequences}: beam search returns 1 to --num-beams ({num_beams}) sequences"
+                f"--num-return-sequences is {num_return_sequences}: beam search returns 1 to --num-beams "
+                f"({num_beams}) sequences"
             )
         self.model, self.prompts, self.K, self.max_new_tokens = model, prompts, num_beams, max_new_tokens
         self.processors = LogitsProcessorList(processors)

@@ -40,7 +40,8 @@ def short_reason(err: BaseException) -> str:
 
 def _damaged_safetensors(file: Path, err: BaseException) -> LmlabError:
     return LmlabError(
-        f"{file}: damaged or not a safetensors file ({short_reason(err)}); expected the complete file safetensors wrote — copy or save it again"
+        f"{file}: damaged or not a safetensors file ({short_reason(err)}); expected the complete file safetensors "
+        "wrote — copy or save it again"
     )
 
 
@@ -69,8 +70,8 @@ def torch_load(file: str | Path) -> Any:
             return torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise LmlabError(
-            f"{file}: refused to load: torch.load(weights_only=True) accepts only tensors and plain containers, and this file is "
-            f"damaged or holds more ({short_reason(err)}); lmlab never runs code from a pickle"
+            f"{file}: refused to load: torch.load(weights_only=True) accepts only tensors and plain containers, and "
+            f"this file is damaged or holds more ({short_reason(err)}); lmlab never runs code from a pickle"
         ) from None
     except TORCH_LOAD_ERRORS as err:
         reason = "it ends early" if isinstance(err, EOFError) else short_reason(err)

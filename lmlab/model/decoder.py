@@ -116,7 +116,8 @@ class DecoderLM(nn.Module):
     def task_logits(
         self, input_ids: Tensor, token_type_ids: Tensor | None = None, attention_mask: Tensor | None = None
     ) -> Tensor:
-        """The fine-tuned task head's logits (see :mod:`lmlab.model.heads`); classification reads the last real token."""
+        """The fine-tuned task head's logits (see :mod:`lmlab.model.heads`); classification reads the last real
+        token."""
         return task_logits(self, input_ids, token_type_ids, attention_mask)
 
     @staticmethod

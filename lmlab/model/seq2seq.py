@@ -2,9 +2,12 @@
 
     source ids ──► token emb (+ pos) ──► N × Block (bidirectional) ──► norm ──► memory
                                                                                   │
-                                                                                  └────┐ K, V of every decoder block: once per source
-                                                                                       ▼
-    target ids ──► token emb (+ pos) ──► M × Block(cross=True): causal self-attn ─ cross-attn ─ MLP ──► norm ──► LM head ──► logits
+                                                                                  └────┐ K, V of every decoder block:
+                                                                                       ▼ once per source
+    target ids ──► token emb (+ pos) ──► M × Block(cross=True): causal self-attn ─ cross-attn ─ MLP ──► norm
+                                                                                                         │
+                                                                                                         ▼
+                                                                                              logits ◄── LM head
 
 The model gives P(y_t | y_<t, x): the decoder is a causal language model over the target whose
 every block also attends to the encoded source. Training feeds the target shifted right behind a
@@ -81,7 +84,8 @@ class Seq2SeqLM(nn.Module):
     # -- encoder -------------------------------------------------------------------------------
 
     def encode(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """The memory (B, S, n_embd) of source ids (B, S); ``attention_mask`` (B, S) is 1 on real tokens, 0 on padding."""
+        """The memory (B, S, n_embd) of source ids (B, S); ``attention_mask`` (B, S) is 1 on real tokens, 0 on
+        padding."""
         S = input_ids.shape[1]
         positions = torch.arange(S, device=input_ids.device)
         x = self._embed(input_ids, positions, self.enc_pos_emb, self.enc_emb_norm)

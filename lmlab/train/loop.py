@@ -63,7 +63,8 @@ class TrainConfig:
     compile: bool = option(False, "torch.compile the model for training")
     activation_checkpointing: bool = option(
         False,
-        "recompute each Transformer block's activations in backward instead of keeping them: less memory, about a third more compute",
+        "recompute each Transformer block's activations in backward instead of keeping them: less memory, about a "
+        "third more compute",
     )
     ce_chunk_size: int | None = option(
         None,
@@ -106,7 +107,8 @@ class TrainConfig:
             raise LmlabError(f"--warmup-steps is {self.warmup_steps}: expected 0 or more")
         if self.ce_chunk_size is not None and self.ce_chunk_size < 0:
             raise LmlabError(
-                f"--ce-chunk-size is {self.ce_chunk_size}: expected 0 (no chunking), a positive number of tokens, or None (auto)"
+                f"--ce-chunk-size is {self.ce_chunk_size}: expected 0 (no chunking), a positive number of tokens, or "
+                "None (auto)"
             )
         self._check_optimizer()
 
@@ -122,7 +124,8 @@ class TrainConfig:
 
 
 # TrainConfig fields a resumed run may change: they say how the run is watched, saved and computed, not what it
-# computes (max_steps moves the end of a decaying schedule, and precision and chunking round differently: the note says so)
+# computes (max_steps moves the end of a decaying schedule, and precision and chunking round differently: the note
+# says so)
 RESUMABLE = (
     "max_steps",
     "eval_interval",
@@ -180,7 +183,8 @@ def check_resume(
             )
         if "precision" in changed or "ce_chunk_size" in changed:
             notes.append(
-                "another precision or cross-entropy chunking rounds differently: losses match the run's as started only approximately"
+                "another precision or cross-entropy chunking rounds differently: losses match the run's as started "
+                "only approximately"
             )
         print(f"lmlab: --resume accepted changed settings: {'; '.join(notes)}", file=sys.stderr)
 

@@ -452,7 +452,10 @@ class DryRun:
         lines = [
             "lmlab: dry run (nothing trained, nothing written)",
             f"  model          {self.title}",
-            f"  step           {s.micro_batch_size} × {'up to ' if self.up_to else ''}{s.seq_len} tokens per micro-batch{accum}; {s.precision}"
+            (
+                f"  step           {s.micro_batch_size} × {'up to ' if self.up_to else ''}{s.seq_len} tokens per "
+                f"micro-batch{accum}; {s.precision}"
+            )
             + ("" if s.precision == "fp32" else " autocast")
             + self.precision_note
             + f"; on {m.device}",
@@ -543,7 +546,8 @@ def dry_run(
         return m.peak <= limit
 
     def smaller_batches(base: Settings) -> tuple[Settings, StepMemory] | None:
-        """The largest micro-batch (halving) that fits, with accumulation raised to keep the batch; else the smallest."""
+        """The largest micro-batch (halving) that fits, with accumulation raised to keep the batch; else the
+        smallest."""
         tried = None
         b = base.micro_batch_size
         while b > 1:

@@ -50,8 +50,9 @@ def pretrain(
     ``model`` is a preset name (``lmlab.config.PRESETS``) or a :class:`ModelConfig`; its vocab size
     becomes the tokenizer's, rounded up to a multiple of ``pad_vocab_multiple`` (64 or 128 make the
     LM head's matmuls faster on GPUs, as nanoGPT's 50304 for GPT-2's 50257; the extra rows are never
-    an input or a target, and generation never emits them). ``init_from`` starts from a checkpoint's weights instead of random ones
-    (an lmlab checkpoint or a Hugging Face folder, checked against transformers unless ``verify=False``);
+    an input or a target, and generation never emits them). ``init_from`` starts from a checkpoint's weights
+    instead of random ones (an lmlab checkpoint or a Hugging Face folder, checked against transformers unless
+    ``verify=False``);
     ``resume`` continues the latest checkpoint in ``out`` exactly where it stopped. Every other
     keyword is a :class:`TrainConfig` field (``max_steps``, ``lr``, …).
 
@@ -69,7 +70,8 @@ def pretrain(
     check_budget(memory_budget, dry_run)
     if isinstance(pad_vocab_multiple, bool) or not isinstance(pad_vocab_multiple, int) or pad_vocab_multiple < 1:
         raise LmlabError(
-            f"--pad-vocab-multiple is {pad_vocab_multiple!r}: expected a positive integer (1: no padding; 64 or 128 on GPUs)"
+            f"--pad-vocab-multiple is {pad_vocab_multiple!r}: expected a positive integer (1: no padding; 64 or 128 "
+            "on GPUs)"
         )
     out = Path(out)
     if dry_run:  # no process group: the prediction is per process (DDP's buckets are added when under torchrun)
@@ -106,7 +108,8 @@ def pretrain(
         tokenizer.vocab_size, train_tokens.vocab_size
     ):  # the tokenizer's and the manifest's: equal unless edited
         raise LmlabError(
-            f"model vocab_size {config.vocab_size} is smaller than the data's {max(tokenizer.vocab_size, train_tokens.vocab_size)} (data {data})"
+            f"model vocab_size {config.vocab_size} is smaller than the data's "
+            f"{max(tokenizer.vocab_size, train_tokens.vocab_size)} (data {data})"
         )
 
     seq_len = cfg.seq_len or config.block_size
@@ -167,9 +170,9 @@ def pretrain(
         print(
             f"lmlab: {config.name or 'custom'} model, {net.num_params():,} parameters "
             f"({net.num_params(include_embeddings=False):,} without embeddings), "
-            f"{config.flops_per_token(seq_len) / 1e9:.3f} GFLOPs/token (train)\n"
-            f"lmlab: {len(train_tokens):,} training tokens, {tokens_per_step:,} tokens/step, "
-            f"{cfg.max_steps} steps on {device} ({precision}, {info.world_size} process{'es' if info.world_size > 1 else ''})",
+            f"{config.flops_per_token(seq_len) / 1e9:.3f} GFLOPs/token (train)\nlmlab: {len(train_tokens):,} training "
+            f"tokens, {tokens_per_step:,} tokens/step, {cfg.max_steps} steps on {device} ({precision}, "
+            f"{info.world_size} process{'es' if info.world_size > 1 else ''})",
             file=sys.stderr,
         )
     meta = {"objective": objective, "tokenizer_sha256": tokenizer.sha256, "data": str(data)}
