@@ -87,7 +87,9 @@ class _Budget:
 
     def bits(self, n: int, what: str) -> None:
         if n > TEMPLATE_MAX_INT_BITS:
-            raise _Exceeded(f"rendering exceeded integers of {TEMPLATE_MAX_INT_BITS:,} bits ({what} of about {n:,} bits)")
+            raise _Exceeded(
+                f"rendering exceeded integers of {TEMPLATE_MAX_INT_BITS:,} bits ({what} of about {n:,} bits)"
+            )
 
     def values(self, values: Any, widths: bool = False) -> None:
         """Arguments of a call or filter within the budget: their sizes, and with ``widths`` (the arguments
@@ -128,7 +130,9 @@ class _Budget:
         self.tick()
         items = range(*args)
         if len(items) > self.range_items:
-            raise _Exceeded(f"rendering exceeded {TEMPLATE_MAX_RANGE_ITEMS:,} range() items (a range of {len(items):,})")
+            raise _Exceeded(
+                f"rendering exceeded {TEMPLATE_MAX_RANGE_ITEMS:,} range() items (a range of {len(items):,})"
+            )
         return _Range(items, self)
 
 
@@ -175,7 +179,9 @@ def _environment_class():
 
     if tuple(int(part) for part in re.findall(r"\d+", jinja2.__version__)[:3]) < (3, 1, 6):
         # as transformers: older versions have known sandbox escapes, and templates from the Hub are untrusted code
-        raise LmlabError(f"chat templates need jinja2 >= 3.1.6 (installed: {jinja2.__version__}); pip install -U jinja2")
+        raise LmlabError(
+            f"chat templates need jinja2 >= 3.1.6 (installed: {jinja2.__version__}); pip install -U jinja2"
+        )
 
     class Generation(jinja2.ext.Extension):
         """``{% generation %}…{% endgeneration %}`` marks assistant text (transformers uses it for
@@ -212,7 +218,9 @@ def _environment_class():
         @staticmethod
         def _check(name):
             if isinstance(name, str) and name.startswith("_"):
-                raise jinja2.exceptions.SecurityError(f"chat templates cannot store underscore-prefixed attributes on a namespace: {name!r}")
+                raise jinja2.exceptions.SecurityError(
+                    f"chat templates cannot store underscore-prefixed attributes on a namespace: {name!r}"
+                )
 
     class Dict:
         """``dict(...)`` and ``dict.fromkeys(...)``, and nothing else of the type."""
@@ -242,8 +250,11 @@ def _environment_class():
             self.filters = _Filters(self.filters, budget)
             namespace = type("namespace", (Namespace,), {"_budget": budget})
             self.globals.update(
-                raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt), dict=Dict(),
-                namespace=namespace, range=budget.range,
+                raise_exception=raise_exception,
+                strftime_now=lambda fmt: datetime.now().strftime(fmt),
+                dict=Dict(),
+                namespace=namespace,
+                range=budget.range,
             )
 
         def call_binop(self, context, operator, left, right):
@@ -251,7 +262,9 @@ def _environment_class():
             return super().call_binop(context, operator, left, right)
 
         def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 — Jinja's own signature
-            __self.budget.values((*args, *kwargs.values()), widths=isinstance(getattr(__obj, "__self__", None), (str, list)))
+            __self.budget.values(
+                (*args, *kwargs.values()), widths=isinstance(getattr(__obj, "__self__", None), (str, list))
+            )
             return super().call(__context, __obj, *args, **kwargs)
 
         def wrap_str_format(self, value):
@@ -301,7 +314,9 @@ def _compile(source: str):
     try:
         return _environment_class()(_Budget()).compile(source)
     except jinja2.TemplateError as err:
-        raise LmlabError(f"chat template: {err.__class__.__name__} at line {getattr(err, 'lineno', '?')}: {err}") from None
+        raise LmlabError(
+            f"chat template: {err.__class__.__name__} at line {getattr(err, 'lineno', '?')}: {err}"
+        ) from None
 
 
 def _render(source: str, variables: dict[str, Any]) -> str:
@@ -341,7 +356,9 @@ def chat_template(tokenizer) -> str:
         template = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
     if isinstance(template, dict):
         if "default" not in template:
-            raise LmlabError(f"the tokenizer has several chat templates ({', '.join(map(str, template))}) and none named 'default'")
+            raise LmlabError(
+                f"the tokenizer has several chat templates ({', '.join(map(str, template))}) and none named 'default'"
+            )
         template = template["default"]
     if template is None:
         return DEFAULT_CHAT_TEMPLATE
@@ -350,7 +367,14 @@ def chat_template(tokenizer) -> str:
     return template
 
 
-def render(tokenizer, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = False, template: str | None = None, **variables) -> str:
+def render(
+    tokenizer,
+    messages: Sequence[Mapping[str, Any]],
+    *,
+    add_generation_prompt: bool = False,
+    template: str | None = None,
+    **variables,
+) -> str:
     """``messages`` rendered by ``template`` (default: :func:`chat_template` of ``tokenizer``) with the
     tokenizer's special tokens and ``variables`` as template variables — the text transformers'
     ``apply_chat_template(messages, tokenize=False)`` makes."""
@@ -363,10 +387,24 @@ def render(tokenizer, messages: Sequence[Mapping[str, Any]], *, add_generation_p
     source = template if template is not None else chat_template(tokenizer)
     special = {f"{role}_token": token for role, token in tokenizer.special_tokens.items()}
     chat = _plain([{k: v for k, v in m.items() if v is not None} for m in messages])
-    variables = dict(messages=chat, tools=None, documents=None, add_generation_prompt=add_generation_prompt, **_plain({**special, **variables}))
+    variables = dict(
+        messages=chat,
+        tools=None,
+        documents=None,
+        add_generation_prompt=add_generation_prompt,
+        **_plain({**special, **variables}),
+    )
     try:
         return _render(source, variables)
-    except (jinja2.TemplateError, _Exceeded, RecursionError, MemoryError, ArithmeticError, TypeError, ValueError) as err:
+    except (
+        jinja2.TemplateError,
+        _Exceeded,
+        RecursionError,
+        MemoryError,
+        ArithmeticError,
+        TypeError,
+        ValueError,
+    ) as err:
         raise LmlabError(f"{_template_name(tokenizer, source)}: {_one_line(err)}") from None
 
 
@@ -392,11 +430,16 @@ def end_of_turn(tokenizer, template: str | None = None) -> str:
     assistant's content (whitespace stripped), or the tokenizer's eos token when it renders none."""
     probe = "\x00reply\x00"
     before = render(tokenizer, [{"role": "user", "content": "Hi"}], add_generation_prompt=True, template=template)
-    through = render(tokenizer, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": probe}], template=template)
+    through = render(
+        tokenizer, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": probe}], template=template
+    )
     at = through.find(probe, len(before) if through.startswith(before) else 0)
     marker = through[at + len(probe) :].strip() if at >= 0 else ""
     if not marker:
         marker = tokenizer.special_tokens.get("eos", "")
     if not marker:
-        raise LmlabError("the chat template ends an assistant message with nothing and the tokenizer has no eos token: nothing marks the end of a turn")
+        raise LmlabError(
+            "the chat template ends an assistant message with nothing and the tokenizer has no eos token: nothing "
+            "marks the end of a turn"
+        )
     return marker

@@ -10,7 +10,17 @@ import lmlab
 def test_every_exported_name_resolves_and_every_verb_is_exported():
     for name in lmlab.__all__:
         assert getattr(lmlab, name) is not None, name
-    for verb in ("prepare", "pretrain", "finetune", "evaluate", "critique", "export_hf", "merge_checkpoint", "load", "run_demo"):
+    for verb in (
+        "prepare",
+        "pretrain",
+        "finetune",
+        "evaluate",
+        "critique",
+        "export_hf",
+        "merge_checkpoint",
+        "load",
+        "run_demo",
+    ):
         assert callable(getattr(lmlab, verb)), verb
 
 

@@ -61,7 +61,9 @@ class RepetitionPenalty:
 
     def __init__(self, penalty: float) -> None:
         if not penalty > 0:
-            raise LmlabError(f"--repetition-penalty is {penalty}: expected a positive number (1.0 = off, > 1 discourages repeats)")
+            raise LmlabError(
+                f"--repetition-penalty is {penalty}: expected a positive number (1.0 = off, > 1 discourages repeats)"
+            )
         self.penalty = penalty
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:

@@ -18,7 +18,6 @@ from lmlab.generate.loop import BeamSearch, Step, StopRule, decode
 from lmlab.model.blocks import KVCache
 from lmlab.model.seq2seq import MemoryKV, Seq2SeqLM
 
-
 # -- generation: lmlab's decoding loop over the decoder, conditioned on encoded sources -------------
 
 
@@ -26,7 +25,9 @@ class _SourceCache(KVCache):
     """The decoder's self-attention cache, carrying the sources' cross-attention keys and values:
     when beam search reorders or repeats the cache's rows, the sources follow them."""
 
-    def __init__(self, model: Seq2SeqLM, batch_size: int, max_len: int, memory_kv: MemoryKV, memory_mask: Tensor | None, dtype) -> None:
+    def __init__(
+        self, model: Seq2SeqLM, batch_size: int, max_len: int, memory_kv: MemoryKV, memory_mask: Tensor | None, dtype
+    ) -> None:
         ref = model.tok_emb.weight
         config = dataclasses.replace(model.config, n_layer=model.config.n_decoder_layer)
         super().__init__(config, batch_size, max_len, dtype=dtype or ref.dtype, device=ref.device)
@@ -54,17 +55,25 @@ class _ConditionedDecoder(nn.Module):
         return _SourceCache(self.model, batch_size, max_len, self.memory_kv, self.memory_mask, dtype)
 
     def forward(self, idx: Tensor, *, kv_cache: KVCache | None = None, **decoder_args) -> Tensor:
-        memory_kv, memory_mask = (kv_cache.memory_kv, kv_cache.memory_mask) if kv_cache is not None else (self.memory_kv, self.memory_mask)
+        memory_kv, memory_mask = (
+            (kv_cache.memory_kv, kv_cache.memory_mask) if kv_cache is not None else (self.memory_kv, self.memory_mask)
+        )
         if idx.shape[0] != memory_kv[0][0].shape[0]:
-            raise LmlabError("beam search over a seq2seq model needs the KV cache (use_cache=True): it carries the sources")
+            raise LmlabError(
+                "beam search over a seq2seq model needs the KV cache (use_cache=True): it carries the sources"
+            )
         return self.model.decode(idx, memory_mask=memory_mask, memory_kv=memory_kv, kv_cache=kv_cache, **decoder_args)
 
 
-def condition_on_sources(model: Seq2SeqLM, source_ids: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[nn.Module, list[list[int]]]:
+def condition_on_sources(
+    model: Seq2SeqLM, source_ids: Sequence[Sequence[int]], pad_id: int = 0
+) -> tuple[nn.Module, list[list[int]]]:
     """Encode the sources (right-padded with ``pad_id``, padding masked) once; return the decoder bound to
     them and the decoder prompts (the start token, one per source) that lmlab's decoding loops take."""
     if not source_ids or any(len(s) == 0 for s in source_ids):
-        raise LmlabError("seq2seq generation needs at least one source token per sequence (an empty source encodes to nothing)")
+        raise LmlabError(
+            "seq2seq generation needs at least one source token per sequence (an empty source encodes to nothing)"
+        )
     B, S = len(source_ids), max(len(s) for s in source_ids)
     if S > model.config.block_size:
         raise LmlabError(f"a source has {S} tokens; the model's block_size is {model.config.block_size}")
@@ -101,12 +110,29 @@ def generate_seq2seq(
     """
     decoder, prompts = condition_on_sources(model, source_ids, pad_id)
     yield from decode(
-        decoder, prompts, max_new_tokens=max_new_tokens, processors=processors, sample=sample, generator=generator,
-        stop_ids=stop_ids, stop_rules=stop_rules, pad_id=pad_id, logprobs=logprobs, use_cache=use_cache,
+        decoder,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        processors=processors,
+        sample=sample,
+        generator=generator,
+        stop_ids=stop_ids,
+        stop_rules=stop_rules,
+        pad_id=pad_id,
+        logprobs=logprobs,
+        use_cache=use_cache,
     )
 
 
-def seq2seq_beam_search(model: Seq2SeqLM, source_ids: Sequence[Sequence[int]], *, num_beams: int, max_new_tokens: int, pad_id: int = 0, **options) -> BeamSearch:
+def seq2seq_beam_search(
+    model: Seq2SeqLM,
+    source_ids: Sequence[Sequence[int]],
+    *,
+    num_beams: int,
+    max_new_tokens: int,
+    pad_id: int = 0,
+    **options,
+) -> BeamSearch:
     """A :class:`~lmlab.generate.loop.BeamSearch` over the targets of ``source_ids`` (``options``: its
     other arguments): ``for committed in search.run(): …``, then ``search.results``."""
     if not options.get("use_cache", True):

@@ -16,6 +16,7 @@ from lmlab.kernels import cpu_decode_head
 from lmlab.model.blocks import Block, KVCache, init_weights, make_norm, rope_cache, rope_dtype, run_block
 from lmlab.model.heads import TaskHead, task_logits
 
+
 class DecoderLM(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -68,7 +69,10 @@ class DecoderLM(nn.Module):
             if kv_cache is not None:
                 raise ValueError("segment_ids (packed training rows) cannot be combined with a KV cache")
             causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
-            mask, is_causal = causal & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :]), False  # (B, 1, T, T)
+            mask, is_causal = (
+                causal & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :]),
+                False,
+            )  # (B, 1, T, T)
 
         x = self.tok_emb(idx)  # (B, T, n_embd)
         if self.pos_emb is not None:
@@ -94,18 +98,26 @@ class DecoderLM(nn.Module):
         (inference mode, at most 64 rows) takes the fastest kernel for the row count (see
         :func:`cpu_decode_head`): this matmul is half of a small model's decode step."""
         if torch.compiler.is_compiling() or not (
-            torch.is_inference_mode_enabled() and x.device.type == "cpu" and x.shape[:-1].numel() <= 64 and type(self.lm_head) is nn.Linear
+            torch.is_inference_mode_enabled()
+            and x.device.type == "cpu"
+            and x.shape[:-1].numel() <= 64
+            and type(self.lm_head) is nn.Linear
         ):
             return self.lm_head(x)
         return cpu_decode_head(self.lm_head.weight, x)
 
-    def encode(self, input_ids: Tensor, token_type_ids: Tensor | None = None, attention_mask: Tensor | None = None) -> Tensor:
+    def encode(
+        self, input_ids: Tensor, token_type_ids: Tensor | None = None, attention_mask: Tensor | None = None
+    ) -> Tensor:
         """Final hidden states (B, T, n_embd) of right-padded inputs (causal attention never looks at
         the padding after a token, so ``attention_mask`` only matters to the heads that pool)."""
         return self(input_ids, hidden_only=True)
 
-    def task_logits(self, input_ids: Tensor, token_type_ids: Tensor | None = None, attention_mask: Tensor | None = None) -> Tensor:
-        """The fine-tuned task head's logits (see :mod:`lmlab.model.heads`); classification reads the last real token."""
+    def task_logits(
+        self, input_ids: Tensor, token_type_ids: Tensor | None = None, attention_mask: Tensor | None = None
+    ) -> Tensor:
+        """The fine-tuned task head's logits (see :mod:`lmlab.model.heads`); classification reads the last real
+        token."""
         return task_logits(self, input_ids, token_type_ids, attention_mask)
 
     @staticmethod
@@ -151,6 +163,8 @@ class DecoderLM(nn.Module):
             n -= self.pos_emb.weight.numel() if self.pos_emb is not None else 0
         return n
 
-    def new_kv_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None, static: bool = False) -> KVCache:
+    def new_kv_cache(
+        self, batch_size: int, max_len: int, dtype: torch.dtype | None = None, static: bool = False
+    ) -> KVCache:
         ref = self.tok_emb.weight
         return KVCache(self.config, batch_size, max_len, dtype=dtype or ref.dtype, device=ref.device, static=static)

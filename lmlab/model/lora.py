@@ -64,7 +64,9 @@ def apply_lora(model: nn.Module, spec: LoraSpec) -> nn.Module:
                 f"--lora: target {target!r} matches no Linear layer of this model; expected one of "
                 f"{', '.join(_suffixes(linears))} (the LM head and task head are never adapted)"
             )
-    chosen = [name for name in linears if any(_matches(name, t) for t in spec.targets)]  # full names: peft matches them exactly
+    chosen = [
+        name for name in linears if any(_matches(name, t) for t in spec.targets)
+    ]  # full names: peft matches them exactly
     config = peft.LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=chosen)
     peft.inject_adapter_in_model(config, model)
     for _, layer in _lora_layers(model):  # peft's new dropout modules start in training mode, even in an eval() model

@@ -2,9 +2,12 @@
 
     source ids ──► token emb (+ pos) ──► N × Block (bidirectional) ──► norm ──► memory
                                                                                   │
-                                                                                  └────┐ K, V of every decoder block: once per source
-                                                                                       ▼
-    target ids ──► token emb (+ pos) ──► M × Block(cross=True): causal self-attn ─ cross-attn ─ MLP ──► norm ──► LM head ──► logits
+                                                                                  └────┐ K, V of every decoder block:
+                                                                                       ▼ once per source
+    target ids ──► token emb (+ pos) ──► M × Block(cross=True): causal self-attn ─ cross-attn ─ MLP ──► norm
+                                                                                                         │
+                                                                                                         ▼
+                                                                                              logits ◄── LM head
 
 The model gives P(y_t | y_<t, x): the decoder is a causal language model over the target whose
 every block also attends to the encoded source. Training feeds the target shifted right behind a
@@ -31,7 +34,9 @@ from lmlab.errors import LmlabError
 from lmlab.model.blocks import Block, KVCache, init_weights, make_norm, rope_cache, rope_dtype, run_block
 from lmlab.model.decoder import DecoderLM
 
-MemoryKV = list[tuple[Tensor, Tensor]]  # per decoder block: cross-attention keys and values, (B, n_kv_heads, S, head_dim) each
+MemoryKV = list[
+    tuple[Tensor, Tensor]
+]  # per decoder block: cross-attention keys and values, (B, n_kv_heads, S, head_dim) each
 
 
 class Seq2SeqLM(nn.Module):
@@ -46,7 +51,9 @@ class Seq2SeqLM(nn.Module):
         self.dec_emb_norm = make_norm(config) if config.embedding_norm else nn.Identity()
         self.drop = nn.Dropout(config.dropout)
         self.enc_blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
-        self.enc_norm_f = make_norm(config) if config.norm_placement == "pre" else nn.Identity()  # post-norm ends normed
+        self.enc_norm_f = (
+            make_norm(config) if config.norm_placement == "pre" else nn.Identity()
+        )  # post-norm ends normed
         self.dec_blocks = nn.ModuleList(Block(config, i, cross=True) for i in range(config.n_decoder_layer))
         self.dec_norm_f = make_norm(config) if config.norm_placement == "pre" else nn.Identity()
         self.lm_head = nn.Linear(d, config.vocab_size, bias=False)
@@ -77,7 +84,8 @@ class Seq2SeqLM(nn.Module):
     # -- encoder -------------------------------------------------------------------------------
 
     def encode(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """The memory (B, S, n_embd) of source ids (B, S); ``attention_mask`` (B, S) is 1 on real tokens, 0 on padding."""
+        """The memory (B, S, n_embd) of source ids (B, S); ``attention_mask`` (B, S) is 1 on real tokens, 0 on
+        padding."""
         S = input_ids.shape[1]
         positions = torch.arange(S, device=input_ids.device)
         x = self._embed(input_ids, positions, self.enc_pos_emb, self.enc_emb_norm)
@@ -137,10 +145,19 @@ class Seq2SeqLM(nn.Module):
             x = x[:, -logits_to_keep:]
         return x if hidden_only else self.lm_head(x)  # (B, T, vocab_size)
 
-    def forward(self, input_ids: Tensor, decoder_input_ids: Tensor, attention_mask: Tensor | None = None, *, hidden_only: bool = False) -> Tensor:
+    def forward(
+        self,
+        input_ids: Tensor,
+        decoder_input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        *,
+        hidden_only: bool = False,
+    ) -> Tensor:
         """Logits (B, T_dec, vocab_size): source ids (B, S) with their ``attention_mask``, target ids (B, T_dec);
         ``hidden_only``: the decoder's final hidden states (B, T_dec, n_embd) instead."""
-        return self.decode(decoder_input_ids, self.encode(input_ids, attention_mask), attention_mask, hidden_only=hidden_only)
+        return self.decode(
+            decoder_input_ids, self.encode(input_ids, attention_mask), attention_mask, hidden_only=hidden_only
+        )
 
     def new_kv_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
         """The decoder self-attention's cache: one static buffer per decoder block."""

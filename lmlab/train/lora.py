@@ -9,13 +9,31 @@ from pathlib import Path
 
 from lmlab.config import LoraSpec, parse_lora
 from lmlab.errors import LmlabError
-from lmlab.io.checkpoint import check_checkpoint_target, load_config, load_model, load_tokenizer, read_meta, resolve_checkpoint, save_checkpoint
+from lmlab.io.checkpoint import (
+    check_checkpoint_target,
+    load_config,
+    load_model,
+    load_tokenizer,
+    read_meta,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from lmlab.model.lora import adapter_state, apply_lora, merge_lora, trainable_summary
 
-__all__ = ["LoraSpec", "parse_lora", "apply_lora", "merge_lora", "adapter_state", "trainable_summary", "merge_checkpoint"]
+__all__ = [
+    "LoraSpec",
+    "parse_lora",
+    "apply_lora",
+    "merge_lora",
+    "adapter_state",
+    "trainable_summary",
+    "merge_checkpoint",
+]
 
 
-def merge_checkpoint(src: str | Path, out: str | Path, tokenizer: bool = True, verify: bool = True, overwrite: bool = False) -> Path:
+def merge_checkpoint(
+    src: str | Path, out: str | Path, tokenizer: bool = True, verify: bool = True, overwrite: bool = False
+) -> Path:
     """Write the LoRA checkpoint ``src`` with its adapters merged into ``out`` (atomically): a plain
     checkpoint with ``src``'s config.json fields (plus ``merged_from``), its tokenizer when
     ``tokenizer`` (which must be the one it was trained with; ``verify=False``: a warning), and no
@@ -28,4 +46,6 @@ def merge_checkpoint(src: str | Path, out: str | Path, tokenizer: bool = True, v
     saved_tokenizer = load_tokenizer(src, verify=verify) if tokenizer else None
     model = load_model(src, merge_lora=True)
     meta = {k: v for k, v in read_meta(src).items() if k != "lmlab_model_config"}
-    return save_checkpoint(out, model, tokenizer=saved_tokenizer, meta={**meta, "merged_from": str(src)}, overwrite=overwrite)
+    return save_checkpoint(
+        out, model, tokenizer=saved_tokenizer, meta={**meta, "merged_from": str(src)}, overwrite=overwrite
+    )
