@@ -28,6 +28,7 @@ from lmlab.device import check_device
 from lmlab.errors import LmlabError
 from lmlab.io.checkpoint import load_train_state, prune_checkpoints, save_checkpoint, step_dir_name
 from lmlab.io.outputs import write_jsonl_atomic, write_marker
+from lmlab.plots import plot_loss
 from lmlab.train.data import hash_position
 from lmlab.train.dist import DistInfo, all_reduce_mean
 from lmlab.train.objectives import Objective, evaluate_loss
@@ -314,78 +315,129 @@ def train_loop(
     """
     if select is not None and score_fn is None:
         raise LmlabError(f"select={select!r} needs a score_fn that computes it")
-    out_dir = Path(out_dir)
-    if dist.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_marker(out_dir, "run")  # lmlab's proof that this folder is its run (lmlab.io.outputs)
-    raw_model = model
-    apply_memory_options(raw_model, objective, cfg)
-    optimizer = make_optimizer(raw_model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.adam_eps, device)
-    autocast, precision = autocast_for(cfg.precision, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-
-    start_step, best_val, since_best = 0, math.inf, 0  # best_val: the lowest criterion (val loss, or −metric)
-    elapsed_before = 0.0  # training seconds of earlier processes of this run: the logged clock survives resume
-    if resume_from is not None:
-        state = load_train_state(resume_from)
-        since_best = state.get("since_best", 0)  # a run that stopped early resumes as finished
-        optimizer.load_state_dict(state["optimizer"])
-        if "scaler" in state and state["scaler"]:
-            scaler.load_state_dict(state["scaler"])
-        start_step, best_val = (cfg.max_steps if state.get("stopped_early") else state["step"]), state["best_val_loss"]
-        elapsed_before = state.get("elapsed_s", 0.0)
-        torch.set_rng_state(state["rng"]["torch"])
-        if device.type == "cuda" and state["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
-
-    if dist.enabled:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    fwd_model = torch.compile(model) if cfg.compile else model
-
-    log = JsonlLog(out_dir / "log.jsonl", dist.is_main, start_step if resume_from is not None else None)
-    tb = _tensorboard(out_dir, cfg.tensorboard and dist.is_main)
-    # masks and pairs (mlm, nsp) are drawn from a generator seeded by the batch's position, like the windows
-    make_valid = getattr(objective, "valid_batch", objective.batch)  # a task objective reads its validation set
-    valid = [_to(make_valid(t, _batch_generator(cfg.seed, -1, 0, i)), device) for i, t in enumerate(valid_batches)]
-    tokens_per_step = cfg.micro_batch_size * cfg.grad_accum_steps * (cfg.seq_len or 0) * dist.world_size
-    history: list[dict[str, Any]] = []
-    last_good: Path | None = resume_from
-    best_dir = out_dir / "best"
-    result = TrainResult(
-        start_step,
-        None,
-        None,
-        best_val if best_val < math.inf else None,
-        last_good,
-        best_dir if resume_from is not None and best_dir.is_dir() else None,
-        out_dir / "log.jsonl",
-        history,
-    )
-
+    run = _Run(model, objective, cfg, Path(out_dir), device, dist, tokenizer, meta, overwrite)
+    run.start(resume_from, valid_batches)
     bar = tqdm(
         total=cfg.max_steps,
-        initial=start_step,
+        initial=run.start_step,
         desc=desc,
         unit="step",
         dynamic_ncols=True,
         disable=not (cfg.progress and dist.is_main),
     )
-    loss_sum = torch.zeros((), device=device)
-    loss_count, t_last, step_last = 0, time.perf_counter(), start_step
-    t_start = t_last
-    # what trained, for the critique's energy estimate: "cpu", or the GPU's name and how many ran
-    train_device = "cpu" if device.type != "cuda" else f"{dist.world_size} × {torch.cuda.get_device_name(device)}"
-    grad_norm = torch.zeros((), device=device)
-    model.train()
+    run.bar = bar
+    for step in range(run.start_step, cfg.max_steps):
+        lr = run.train_step(step, train_batches)
+        done = step + 1
+        bar.update(1)
+        at_end = done == cfg.max_steps
+        do_eval = done % cfg.eval_interval == 0 or at_end
+        do_save = done % cfg.save_interval == 0 or at_end
+        if done % cfg.log_interval == 0 or do_eval or do_save:
+            run.log_train(done, lr)
+        val_loss, stopping = run.evaluate(done, at_end, score_fn, select, patience) if do_eval else (None, False)
+        if (do_save or stopping) and dist.is_main:
+            run.save_step(done, val_loss, stopping)
+        run.result.step = done
+        if stopping:
+            run.result.stopped_early = True
+            break
+    bar.close()
+    run.finish()
+    return run.result
 
-    def stop_if_not_finite(value: float, what: str, step: int) -> None:
-        if not math.isfinite(value):
-            where = f"last good checkpoint: {last_good}" if last_good else "no checkpoint was written yet"
-            raise LmlabError(
-                f"{what} is {value} at step {step}: training stopped ({where}); lower --lr or check the data"
+
+class _Run:
+    """What one run of :func:`train_loop` carries from step to step: the model (as written and as trained),
+    optimizer, grad scaler, logs, the best criterion so far and the result. Each method is one stage of a step."""
+
+    def __init__(self, model, objective, cfg, out_dir, device, dist, tokenizer, meta, overwrite) -> None:
+        self.raw_model, self.objective, self.cfg, self.out_dir = model, objective, cfg, out_dir
+        self.device, self.dist, self.tokenizer, self.meta, self.overwrite = (
+            device,
+            dist,
+            tokenizer,
+            meta or {},
+            overwrite,
+        )
+        if dist.is_main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            write_marker(out_dir, "run")  # lmlab's proof that this folder is its run (lmlab.io.outputs)
+        apply_memory_options(model, objective, cfg)
+        self.optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.adam_eps, device)
+        self.autocast, precision = autocast_for(cfg.precision, device)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        self.start_step, self.best_val, self.since_best = (
+            0,
+            math.inf,
+            0,
+        )  # best_val: the lowest criterion (val loss, or −metric)
+        self.elapsed_before = 0.0  # training seconds of earlier processes of this run: the logged clock survives resume
+        self.last_good: Path | None = None
+        self.bar: Any = None
+        # what trained, for the critique's energy estimate: "cpu", or the GPU's name and how many ran
+        self.train_device = (
+            "cpu" if device.type != "cuda" else f"{dist.world_size} × {torch.cuda.get_device_name(device)}"
+        )
+
+    def start(self, resume_from: Path | None, valid_batches: list[Tensor]) -> None:
+        """Restore a resumed run's state, wrap the model (DDP, compile), open the logs, build the validation set."""
+        cfg, device, dist = self.cfg, self.device, self.dist
+        if resume_from is not None:
+            self._resume(resume_from)
+        self.model = self.raw_model
+        if dist.enabled:
+            self.model = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None
             )
+        self.fwd_model = torch.compile(self.model) if cfg.compile else self.model
+        self.log = JsonlLog(
+            self.out_dir / "log.jsonl", dist.is_main, self.start_step if resume_from is not None else None
+        )
+        self.tb = _tensorboard(self.out_dir, cfg.tensorboard and dist.is_main)
+        # masks and pairs (mlm, nsp) are drawn from a generator seeded by the batch's position, like the windows
+        make_valid = getattr(
+            self.objective, "valid_batch", self.objective.batch
+        )  # a task objective reads its validation set
+        self.valid = [
+            _to(make_valid(t, _batch_generator(cfg.seed, -1, 0, i)), device) for i, t in enumerate(valid_batches)
+        ]
+        self.tokens_per_step = cfg.micro_batch_size * cfg.grad_accum_steps * (cfg.seq_len or 0) * dist.world_size
+        self.history: list[dict[str, Any]] = []
+        best_dir = self.out_dir / "best"
+        self.result = TrainResult(
+            self.start_step,
+            None,
+            None,
+            self.best_val if self.best_val < math.inf else None,
+            self.last_good,
+            best_dir if resume_from is not None and best_dir.is_dir() else None,
+            self.out_dir / "log.jsonl",
+            self.history,
+        )
+        self.loss_sum = torch.zeros((), device=device)
+        self.loss_count, self.t_last, self.step_last = 0, time.perf_counter(), self.start_step
+        self.t_start = self.t_last
+        self.grad_norm = torch.zeros((), device=device)
+        self.model.train()
 
-    for step in range(start_step, cfg.max_steps):
+    def _resume(self, resume_from: Path) -> None:
+        state = load_train_state(resume_from)
+        self.last_good = resume_from
+        self.since_best = state.get("since_best", 0)  # a run that stopped early resumes as finished
+        self.optimizer.load_state_dict(state["optimizer"])
+        if "scaler" in state and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        self.start_step = self.cfg.max_steps if state.get("stopped_early") else state["step"]
+        self.best_val = state["best_val_loss"]
+        self.elapsed_before = state.get("elapsed_s", 0.0)
+        torch.set_rng_state(state["rng"]["torch"])
+        if self.device.type == "cuda" and state["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+
+    def train_step(self, step: int, train_batches: Callable[[int, int], Tensor]) -> float:
+        """One optimizer step: the scheduled learning rate, ``grad_accum_steps`` micro-batches, clipping, the update."""
+        cfg, dist = self.cfg, self.dist
         lr = lr_at(
             step,
             lr=cfg.lr,
@@ -394,141 +446,149 @@ def train_loop(
             max_steps=cfg.max_steps,
             schedule=cfg.schedule,
         )
-        for group in optimizer.param_groups:
+        for group in self.optimizer.param_groups:
             group["lr"] = lr
         for micro in range(cfg.grad_accum_steps):
             batch = _to(
-                objective.batch(train_batches(step, micro), _batch_generator(cfg.seed, dist.rank, step, micro)), device
+                self.objective.batch(train_batches(step, micro), _batch_generator(cfg.seed, dist.rank, step, micro)),
+                self.device,
             )
             last_micro = micro == cfg.grad_accum_steps - 1
-            sync = model.no_sync() if dist.enabled and not last_micro else contextlib.nullcontext()
+            sync = self.model.no_sync() if dist.enabled and not last_micro else contextlib.nullcontext()
             with sync:
-                with autocast():
-                    loss = objective.loss(fwd_model, batch) / cfg.grad_accum_steps
-                scaler.scale(loss).backward()
-            loss_sum += loss.detach()
+                with self.autocast():
+                    loss = self.objective.loss(self.fwd_model, batch) / cfg.grad_accum_steps
+                self.scaler.scale(loss).backward()
+            self.loss_sum += loss.detach()
         if cfg.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        loss_count += 1
-        done = step + 1
-        bar.update(1)
+            self.scaler.unscale_(self.optimizer)
+            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.loss_count += 1
+        return lr
 
-        at_end = done == cfg.max_steps
-        do_eval = done % cfg.eval_interval == 0 or at_end
-        stopping = False
-        do_save = done % cfg.save_interval == 0 or at_end
-        if done % cfg.log_interval == 0 or do_eval or do_save:
-            train_loss = all_reduce_mean(loss_sum / loss_count, dist).item()  # the one host sync, at boundaries only
-            stop_if_not_finite(train_loss, "the training loss", done)
-            now = time.perf_counter()
-            tok_s = tokens_per_step * (done - step_last) / max(now - t_last, 1e-9)
-            record = {
-                "step": done,
-                "loss": train_loss,
-                "lr": lr,
-                "grad_norm": float(grad_norm),
-                "tokens_per_s": tok_s,
-                "elapsed_s": elapsed_before + now - t_start,
-            }  # wall-clock training seconds, across resumes
-            log.write(record)
-            history.append(record)
-            if tb is not None:
-                for key in ("loss", "lr", "grad_norm", "tokens_per_s"):
-                    tb.add_scalar(f"train/{key}", record[key], done)
-            bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
-            result.train_loss = train_loss
-            loss_sum.zero_()
-            loss_count, t_last, step_last = 0, now, done
-
-        val_loss = None
-        if do_eval and valid:
-            val_loss = all_reduce_mean(evaluate_loss(raw_model, objective, valid, autocast), dist).item()
-            stop_if_not_finite(val_loss, "the validation loss", done)
-            record = {"step": done, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
-            log.write(record)
-            history.append(record)
-            if tb is not None:
-                tb.add_scalar("valid/loss", val_loss, done)
-            if cfg.progress and dist.is_main:
-                bar.write(f"step {done}: val loss {val_loss:.4f}, perplexity {record['val_ppl']:.2f}")
-            result.val_loss = val_loss
-        if do_eval and (valid or score_fn is not None):
-            scores = dict(score_fn(raw_model)) if score_fn is not None else {}
-            if scores:
-                record = {"step": done, **{f"val_{k}": v for k, v in scores.items()}}
-                log.write(record)
-                history.append(record)
-                if cfg.progress and dist.is_main:
-                    bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
-                result.val_scores = scores
-            if select is not None and select not in scores:
-                raise LmlabError(
-                    f"the metric to select by, {select!r}, is not among the computed ones: {', '.join(scores)}"
-                )
-            criterion = -scores[select] if select is not None else val_loss
-            if criterion is not None and criterion < best_val:
-                best_val, since_best = criterion, 0
-                result.best_val_loss = val_loss
-                if dist.is_main:
-                    result.best_checkpoint = save_checkpoint(
-                        out_dir / "best",
-                        raw_model,
-                        tokenizer=tokenizer,
-                        overwrite=overwrite,
-                        meta={
-                            **(meta or {}),
-                            "step": done,
-                            "val_loss": val_loss,
-                            "train_device": train_device,
-                            **{f"val_{k}": v for k, v in scores.items()},
-                        },
-                    )
-            elif criterion is not None:
-                since_best += 1
-                if patience is not None and since_best >= patience and not at_end:
-                    stopping, do_save = True, True
-                    if cfg.progress and dist.is_main:
-                        bar.write(f"step {done}: no improvement in {patience} evaluations: early stop")
-
-        if do_save and dist.is_main:
-            state = {
-                "step": done,
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict() if scaler.is_enabled() else {},
-                "best_val_loss": best_val,
-                "since_best": since_best,
-                "stopped_early": stopping,
-                "rng": {
-                    "torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                },
-                "train_config": dataclasses.asdict(cfg),
-                "elapsed_s": elapsed_before + time.perf_counter() - t_start,
-                "objective": objective.name,
-            }
-            last_good = save_checkpoint(
-                out_dir / step_dir_name(done),
-                raw_model,
-                tokenizer=tokenizer,
-                train_state=state,
-                overwrite=overwrite,
-                meta={**(meta or {}), "step": done, "val_loss": val_loss, "train_device": train_device},
+    def _stop_if_not_finite(self, value: float, what: str, step: int) -> None:
+        if not math.isfinite(value):
+            where = f"last good checkpoint: {self.last_good}" if self.last_good else "no checkpoint was written yet"
+            raise LmlabError(
+                f"{what} is {value} at step {step}: training stopped ({where}); lower --lr or check the data"
             )
-            result.last_checkpoint = last_good
-            prune_checkpoints(out_dir, cfg.keep_last)
-        result.step = done
-        if stopping:
-            result.stopped_early = True
-            break
-    bar.close()
-    if tb is not None:
-        tb.close()
-    if dist.is_main and history:
-        from lmlab.plots import plot_loss
 
-        plot_loss(out_dir / "log.jsonl", out_dir / "loss.png")
-    return result
+    def _record(self, record: dict[str, Any]) -> None:
+        self.log.write(record)
+        self.history.append(record)
+
+    def _say(self, text: str) -> None:
+        if self.cfg.progress and self.dist.is_main:
+            self.bar.write(text)
+
+    def log_train(self, done: int, lr: float) -> None:
+        """The mean training loss since the last log (the one host sync, at boundaries only), speed and clock."""
+        train_loss = all_reduce_mean(self.loss_sum / self.loss_count, self.dist).item()
+        self._stop_if_not_finite(train_loss, "the training loss", done)
+        now = time.perf_counter()
+        tok_s = self.tokens_per_step * (done - self.step_last) / max(now - self.t_last, 1e-9)
+        record = {
+            "step": done,
+            "loss": train_loss,
+            "lr": lr,
+            "grad_norm": float(self.grad_norm),
+            "tokens_per_s": tok_s,
+            "elapsed_s": self.elapsed_before + now - self.t_start,  # wall-clock training seconds, across resumes
+        }
+        self._record(record)
+        if self.tb is not None:
+            for key in ("loss", "lr", "grad_norm", "tokens_per_s"):
+                self.tb.add_scalar(f"train/{key}", record[key], done)
+        self.bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
+        self.result.train_loss = train_loss
+        self.loss_sum.zero_()
+        self.loss_count, self.t_last, self.step_last = 0, now, done
+
+    def evaluate(
+        self, done: int, at_end: bool, score_fn, select: str | None, patience: int | None
+    ) -> tuple[float | None, bool]:
+        """Validation loss and task scores; a better criterion writes best/. Returns (val_loss, stop early)."""
+        val_loss = self._validation_loss(done) if self.valid else None
+        if not (self.valid or score_fn is not None):
+            return val_loss, False
+        scores = dict(score_fn(self.raw_model)) if score_fn is not None else {}
+        if scores:
+            self._record({"step": done, **{f"val_{k}": v for k, v in scores.items()}})
+            self._say(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+            self.result.val_scores = scores
+        if select is not None and select not in scores:
+            raise LmlabError(
+                f"the metric to select by, {select!r}, is not among the computed ones: {', '.join(scores)}"
+            )
+        criterion = -scores[select] if select is not None else val_loss
+        if criterion is not None and criterion < self.best_val:
+            self.best_val, self.since_best = criterion, 0
+            self.result.best_val_loss = val_loss
+            if self.dist.is_main:
+                meta = {
+                    **self.meta,
+                    "step": done,
+                    "val_loss": val_loss,
+                    "train_device": self.train_device,
+                    **{f"val_{k}": v for k, v in scores.items()},
+                }
+                self.result.best_checkpoint = save_checkpoint(
+                    self.out_dir / "best", self.raw_model, tokenizer=self.tokenizer, overwrite=self.overwrite, meta=meta
+                )
+        elif criterion is not None:
+            self.since_best += 1
+            if patience is not None and self.since_best >= patience and not at_end:
+                self._say(f"step {done}: no improvement in {patience} evaluations: early stop")
+                return val_loss, True
+        return val_loss, False
+
+    def _validation_loss(self, done: int) -> float:
+        val_loss = all_reduce_mean(
+            evaluate_loss(self.raw_model, self.objective, self.valid, self.autocast), self.dist
+        ).item()
+        self._stop_if_not_finite(val_loss, "the validation loss", done)
+        record = {"step": done, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+        self._record(record)
+        if self.tb is not None:
+            self.tb.add_scalar("valid/loss", val_loss, done)
+        self._say(f"step {done}: val loss {val_loss:.4f}, perplexity {record['val_ppl']:.2f}")
+        self.result.val_loss = val_loss
+        return val_loss
+
+    def save_step(self, done: int, val_loss: float | None, stopping: bool) -> None:
+        """A step checkpoint with everything an exact resume needs; older ones pruned to ``keep_last``."""
+        cfg, device = self.cfg, self.device
+        state = {
+            "step": done,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
+            "best_val_loss": self.best_val,
+            "since_best": self.since_best,
+            "stopped_early": stopping,
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            },
+            "train_config": dataclasses.asdict(cfg),
+            "elapsed_s": self.elapsed_before + time.perf_counter() - self.t_start,
+            "objective": self.objective.name,
+        }
+        self.last_good = save_checkpoint(
+            self.out_dir / step_dir_name(done),
+            self.raw_model,
+            tokenizer=self.tokenizer,
+            train_state=state,
+            overwrite=self.overwrite,
+            meta={**self.meta, "step": done, "val_loss": val_loss, "train_device": self.train_device},
+        )
+        self.result.last_checkpoint = self.last_good
+        prune_checkpoints(self.out_dir, cfg.keep_last)
+
+    def finish(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.dist.is_main and self.history:
+            plot_loss(self.out_dir / "log.jsonl", self.out_dir / "loss.png")
