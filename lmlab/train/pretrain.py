@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -64,16 +65,74 @@ def pretrain(
     ``out`` must be new, empty or an lmlab run; ``overwrite`` lets lmlab write its files into another
     folder, deleting nothing else there (:mod:`lmlab.io.outputs`).
     """
-    from lmlab.data.pack import PackedTokens, data_tokenizer
-
     cfg = _train_config(train_args)
     check_budget(memory_budget, dry_run)
+    _check_pad_vocab_multiple(pad_vocab_multiple)
+    run = _start(cfg, data, Path(out), resume=resume, init_from=init_from, dry_run=dry_run, overwrite=overwrite)
+    wanted, config = _model_configs(run, model, pad_vocab_multiple, model_overrides or {})
+    seq_len = cfg.seq_len or config.block_size
+    if seq_len > config.block_size:
+        raise LmlabError(f"--seq-len {seq_len} exceeds the model's block_size {config.block_size}")
+    cfg.seq_len = seq_len
+    if run.resume_from is not None:
+        _check_resume(run.resume_from, cfg, config, wanted, objective, data, run.info.is_main)
+    task = get_objective(objective, run.tokenizer, config)  # before any work: a wrong pairing is a one-line error
+    if dry_run:
+        return _dry_run(run, config, task, objective, memory_budget)
+    net = _build(run, config, verify)
+    train_batches, valid_batches = _windows(run, config)
+    if run.info.is_main:
+        _announce(run, config, net)
+    meta = {"objective": objective, "tokenizer_sha256": run.tokenizer.sha256, "data": str(data)}
+    try:
+        return train_loop(
+            net,
+            task,
+            train_batches,
+            valid_batches,
+            cfg,
+            run.out,
+            device=run.device,
+            dist=run.info,
+            tokenizer=run.tokenizer,
+            meta=meta,
+            resume_from=run.resume_from,
+            desc="pretrain",
+            overwrite=overwrite,
+        )
+    finally:
+        dist_mod.teardown(run.info)
+
+
+def _check_pad_vocab_multiple(pad_vocab_multiple: Any) -> None:
     if isinstance(pad_vocab_multiple, bool) or not isinstance(pad_vocab_multiple, int) or pad_vocab_multiple < 1:
         raise LmlabError(
             f"--pad-vocab-multiple is {pad_vocab_multiple!r}: expected a positive integer (1: no padding; 64 or 128 "
             "on GPUs)"
         )
-    out = Path(out)
+
+
+@dataclass
+class _Started:
+    """What :func:`pretrain` settled before building anything: settings, processes, data, where it resumes from."""
+
+    cfg: TrainConfig
+    data: str | Path
+    out: Path
+    info: dist_mod.DistInfo
+    device: torch.device
+    tokenizer: Any
+    train_tokens: Any
+    resume_from: Path | None
+    init_from: Path | None
+
+
+def _start(
+    cfg: TrainConfig, data: str | Path, out: Path, *, resume: bool, init_from, dry_run: bool, overwrite: bool
+) -> _Started:
+    """The device and process group, the data's tokenizer, the checked output folder and the checkpoint to resume."""
+    from lmlab.data.pack import PackedTokens, data_tokenizer
+
     if dry_run:  # no process group: the prediction is per process (DDP's buckets are added when under torchrun)
         info, device = dist_mod.DistInfo(), dist_mod.pick_device(cfg.device, dist_mod.DistInfo(), present=False)
     else:
@@ -82,7 +141,6 @@ def pretrain(
     if not dry_run:  # before any work: never a folder that is not lmlab's, nor one inside what the run reads
         check_run_output(out, overwrite=overwrite, sources=(data, init_from))
     train_tokens = PackedTokens(data, "train")
-
     resume_from = None
     if resume:
         resume_from = latest_checkpoint(out)
@@ -92,108 +150,105 @@ def pretrain(
         raise LmlabError(
             f"{out} already holds checkpoints: pass --resume to continue that run, or choose another --out"
         )
+    init_from = resolve_checkpoint(init_from) if init_from is not None else None
+    return _Started(cfg, data, out, info, device, tokenizer, train_tokens, resume_from, init_from)
 
-    if init_from is not None:
-        init_from = resolve_checkpoint(init_from)
-        wanted = load_config(init_from)  # an lmlab checkpoint or a Hugging Face folder
-        _check_same_tokenizer(init_from, tokenizer, "--init-from")
+
+def _model_configs(
+    run: _Started, model, pad_vocab_multiple: int, overrides: dict[str, Any]
+) -> tuple[ModelConfig, ModelConfig]:
+    """(the model this command describes, the model that trains): they differ when a resumed run has its own."""
+    tokenizer = run.tokenizer
+    if run.init_from is not None:
+        wanted = load_config(run.init_from)  # an lmlab checkpoint or a Hugging Face folder
+        _check_same_tokenizer(run.init_from, tokenizer, "--init-from")
     else:
         vocab_size = -(-tokenizer.vocab_size // pad_vocab_multiple) * pad_vocab_multiple
-        wanted = _model_config(model, vocab_size, model_overrides or {})
-    config = wanted  # the model this command describes; a resumed run has its own (checked against it below)
-    if resume_from is not None:
-        config = ModelConfig.load(resume_from / "config.json")
-        _check_same_tokenizer(resume_from, tokenizer, "--resume")
-    if config.vocab_size < max(
-        tokenizer.vocab_size, train_tokens.vocab_size
-    ):  # the tokenizer's and the manifest's: equal unless edited
+        wanted = _model_config(model, vocab_size, overrides)
+    config = wanted
+    if run.resume_from is not None:
+        config = ModelConfig.load(run.resume_from / "config.json")
+        _check_same_tokenizer(run.resume_from, tokenizer, "--resume")
+    data_vocab = max(
+        tokenizer.vocab_size, run.train_tokens.vocab_size
+    )  # the tokenizer's and the manifest's: equal unless edited
+    if config.vocab_size < data_vocab:
         raise LmlabError(
-            f"model vocab_size {config.vocab_size} is smaller than the data's "
-            f"{max(tokenizer.vocab_size, train_tokens.vocab_size)} (data {data})"
+            f"model vocab_size {config.vocab_size} is smaller than the data's {data_vocab} (data {run.data})"
         )
+    return wanted, config
 
-    seq_len = cfg.seq_len or config.block_size
-    if seq_len > config.block_size:
-        raise LmlabError(f"--seq-len {seq_len} exceeds the model's block_size {config.block_size}")
-    cfg.seq_len = seq_len
-    if resume_from is not None:
-        _check_resume(resume_from, cfg, config, wanted, objective, data, info.is_main)
-    task = get_objective(objective, tokenizer, config)  # before any work: a wrong pairing is a one-line error
 
-    source = f"{data} (train split)"
-    if dry_run:
-        train_batches = RandomWindows(
-            train_tokens, seq_len, cfg.micro_batch_size, cfg.seed, source=source, vocab_size=config.vocab_size
-        )
-        windows = train_batches(0, 0)  # (micro_batch_size, seq_len + 1): the run's first batch
-
-        def make_batch(settings: Settings) -> dict[str, torch.Tensor]:
-            return task.batch(
-                windows[: settings.micro_batch_size, : settings.seq_len + 1], torch.Generator().manual_seed(cfg.seed)
-            )
-
-        saved_lora = (
-            LoraSpec.from_dict(config.lora) if resume_from is not None and config.lora else None
-        )  # a resumed LoRA run keeps its adapters
-        plain = dataclasses.replace(config, lora={})
-        return memory.plan(
-            lambda: build_model(plain),
-            task,
-            make_batch,
-            cfg,
-            device,
-            seq_len=seq_len,
-            lora=saved_lora,
-            memory_budget=memory_budget,
-            title=f"{config.name or 'custom'} ({config.arch}), vocabulary {config.vocab_size:,}; objective {objective}",
-            vocab_size=config.vocab_size,
-        )
-
-    torch.manual_seed(cfg.seed)
-    if resume_from is not None:
-        net = load_model(resume_from, device=device).train()
-    elif init_from is not None:
-        net = load_model(
-            init_from, device=device, merge_lora=True, verify=verify
-        ).train()  # a LoRA checkpoint starts as its merged weights
-    else:
-        net = build_model(config).to(device)
-
-    train_batches = RandomWindows(
-        train_tokens, seq_len, cfg.micro_batch_size, cfg.seed, info.rank, source=source, vocab_size=config.vocab_size
+def _windows(run: _Started, config: ModelConfig) -> tuple[RandomWindows, list[torch.Tensor]]:
+    """This rank's training windows (a pure function of the step) and the fixed validation windows."""
+    cfg = run.cfg
+    source = f"{run.data} (train split)"
+    train = RandomWindows(
+        run.train_tokens,
+        cfg.seq_len,
+        cfg.micro_batch_size,
+        cfg.seed,
+        run.info.rank,
+        source=source,
+        vocab_size=config.vocab_size,
     )
-    valid_batches = _valid_windows(data, seq_len, cfg, info, config.vocab_size)
+    return train, _valid_windows(run.data, cfg.seq_len, cfg, run.info, config.vocab_size)
 
-    if info.is_main:
-        _, precision = autocast_for(cfg.precision, device)
-        tokens_per_step = cfg.micro_batch_size * cfg.grad_accum_steps * seq_len * info.world_size
-        print(
-            f"lmlab: {config.name or 'custom'} model, {net.num_params():,} parameters "
-            f"({net.num_params(include_embeddings=False):,} without embeddings), "
-            f"{config.flops_per_token(seq_len) / 1e9:.3f} GFLOPs/token (train)\nlmlab: {len(train_tokens):,} training "
-            f"tokens, {tokens_per_step:,} tokens/step, {cfg.max_steps} steps on {device} ({precision}, "
-            f"{info.world_size} process{'es' if info.world_size > 1 else ''})",
-            file=sys.stderr,
+
+def _build(run: _Started, config: ModelConfig, verify: bool):
+    """The model that trains: the resumed checkpoint's, ``init_from``'s weights, or new ones seeded by ``seed``."""
+    torch.manual_seed(run.cfg.seed)
+    if run.resume_from is not None:
+        return load_model(run.resume_from, device=run.device).train()
+    if run.init_from is not None:  # a LoRA checkpoint starts as its merged weights
+        return load_model(run.init_from, device=run.device, merge_lora=True, verify=verify).train()
+    return build_model(config).to(run.device)
+
+
+def _dry_run(run: _Started, config: ModelConfig, task, objective: str, memory_budget: float | None) -> DryRun:
+    """``pretrain(dry_run=True)``: the predicted peak memory of a step on the run's first batch."""
+    cfg = run.cfg
+    source = f"{run.data} (train split)"
+    train_batches = RandomWindows(
+        run.train_tokens, cfg.seq_len, cfg.micro_batch_size, cfg.seed, source=source, vocab_size=config.vocab_size
+    )
+    windows = train_batches(0, 0)  # (micro_batch_size, seq_len + 1): the run's first batch
+
+    def make_batch(settings: Settings) -> dict[str, torch.Tensor]:
+        return task.batch(
+            windows[: settings.micro_batch_size, : settings.seq_len + 1], torch.Generator().manual_seed(cfg.seed)
         )
-    meta = {"objective": objective, "tokenizer_sha256": tokenizer.sha256, "data": str(data)}
-    try:
-        return train_loop(
-            net,
-            task,
-            train_batches,
-            valid_batches,
-            cfg,
-            out,
-            device=device,
-            dist=info,
-            tokenizer=tokenizer,
-            meta=meta,
-            resume_from=resume_from,
-            desc="pretrain",
-            overwrite=overwrite,
-        )
-    finally:
-        dist_mod.teardown(info)
+
+    # a resumed LoRA run keeps its adapters
+    saved_lora = LoraSpec.from_dict(config.lora) if run.resume_from is not None and config.lora else None
+    plain = dataclasses.replace(config, lora={})
+    return memory.plan(
+        lambda: build_model(plain),
+        task,
+        make_batch,
+        cfg,
+        run.device,
+        seq_len=cfg.seq_len,
+        lora=saved_lora,
+        memory_budget=memory_budget,
+        title=f"{config.name or 'custom'} ({config.arch}), vocabulary {config.vocab_size:,}; objective {objective}",
+        vocab_size=config.vocab_size,
+    )
+
+
+def _announce(run: _Started, config: ModelConfig, net) -> None:
+    """The model's size and cost, and the run's shape, on stderr."""
+    cfg, info = run.cfg, run.info
+    _, precision = autocast_for(cfg.precision, run.device)
+    tokens_per_step = cfg.micro_batch_size * cfg.grad_accum_steps * cfg.seq_len * info.world_size
+    print(
+        f"lmlab: {config.name or 'custom'} model, {net.num_params():,} parameters "
+        f"({net.num_params(include_embeddings=False):,} without embeddings), "
+        f"{config.flops_per_token(cfg.seq_len) / 1e9:.3f} GFLOPs/token (train)\n"
+        f"lmlab: {len(run.train_tokens):,} training tokens, {tokens_per_step:,} tokens/step, {cfg.max_steps} steps "
+        f"on {run.device} ({precision}, {info.world_size} process{'es' if info.world_size > 1 else ''})",
+        file=sys.stderr,
+    )
 
 
 def _train_config(args: dict[str, Any]) -> TrainConfig:
