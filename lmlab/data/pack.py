@@ -308,24 +308,8 @@ def prepare(
     out_dir = check_output(
         out_dir, "data folder", is_data_folder, overwrite=overwrite, sources=_tokenizer_folder(tokenizer)
     )
-    if isinstance(shard_tokens, bool) or not isinstance(shard_tokens, int) or shard_tokens < 1:
-        raise LmlabError(f"--shard-tokens {shard_tokens!r}: expected a positive integer")
-    if num_workers is not None and (
-        isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1
-    ):
-        raise LmlabError(f"--num-workers {num_workers!r}: expected a positive integer or None")
-
-    # A data folder inside an input folder must not read its own tokenizer.json/manifest as text.
-    files = [path for path in expand_inputs(inputs) if not _inside(path, out_dir)]
-    if not files:
-        raise LmlabError(f"{inputs}: no input files outside the output folder {out_dir}")
-    tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.load(tokenizer)
-    eos_id = tok.eos_id
-    if eos_id is None:
-        where = "" if isinstance(tokenizer, Tokenizer) else f" {tokenizer}"
-        raise LmlabError(
-            f"tokenizer{where} has no eos token; expected one (e.g. <|endoftext|> or </s>) to end each document"
-        )
+    _check_counts(shard_tokens, num_workers)
+    files, tok = _inputs_and_tokenizer(inputs, tokenizer, out_dir)
     options = {
         "valid_fraction": valid_fraction,
         "seed": seed,
@@ -338,24 +322,77 @@ def prepare(
     if canaries is not None:  # only then: folders built without canaries stay up to date
         options["canaries"] = canary_options(canaries, seed=seed)
     fingerprint = _fingerprint_inputs(files)
-    tokenizer_sha = tok.sha256
-
     existing = load_manifest(out_dir) if is_data_folder(out_dir) else None
-    reason = _stale_reason(out_dir, existing, fingerprint, tokenizer_sha, options)
+    reason = _stale_reason(out_dir, existing, fingerprint, tok.sha256, options)
     if existing is None and (out_dir / MANIFEST_NAME).exists():
         reason = "previous manifest unreadable"  # with overwrite: replaced, and none of its files deleted
     if reason is None:
         logger.info("%s: up to date", out_dir)
         return {**existing, "_reused": True, "_status": "up to date"}
     logger.info("%s: building (%s)", out_dir, reason)
-
     documents = read_corpus(files, text_field=text_field, column=column, normalize=normalize, dedup=dedup)
     splits = dict(zip(SPLITS, split_documents(documents, valid_fraction=valid_fraction, seed=seed)))
+    planted = None
     if canaries is not None:
         splits["train"], planted = plant_canaries(splits["train"], **options["canaries"])
-    # ids < vocab_size, so a vocabulary of up to 2**16 ids fits uint16 (GPT-2's 50257 does).
-    dtype = np.dtype(np.uint16 if tok.vocab_size <= 2**16 else np.uint32)
+    manifest = _new_manifest(tok, fingerprint, files, options)
+    _build(out_dir, splits, tok, manifest, existing, planted, num_workers=num_workers, show_progress=show_progress)
+    status = f"built ({reason})"
+    train_tokens, valid_tokens = manifest["splits"]["train"]["tokens"], manifest["splits"]["valid"]["tokens"]
+    logger.info("%s: %s; train %d tokens, valid %d tokens", out_dir, status, train_tokens, valid_tokens)
+    return {**manifest, "_reused": False, "_status": status}
 
+
+def _check_counts(shard_tokens: Any, num_workers: Any) -> None:
+    if isinstance(shard_tokens, bool) or not isinstance(shard_tokens, int) or shard_tokens < 1:
+        raise LmlabError(f"--shard-tokens {shard_tokens!r}: expected a positive integer")
+    if num_workers is not None and (
+        isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1
+    ):
+        raise LmlabError(f"--num-workers {num_workers!r}: expected a positive integer or None")
+
+
+def _inputs_and_tokenizer(inputs, tokenizer: str | Path | Tokenizer, out_dir: Path) -> tuple[list[Path], Tokenizer]:
+    """The input files (none inside ``out_dir``) and the tokenizer, which must have an eos token."""
+    # A data folder inside an input folder must not read its own tokenizer.json/manifest as text.
+    files = [path for path in expand_inputs(inputs) if not _inside(path, out_dir)]
+    if not files:
+        raise LmlabError(f"{inputs}: no input files outside the output folder {out_dir}")
+    tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.load(tokenizer)
+    if tok.eos_id is None:
+        where = "" if isinstance(tokenizer, Tokenizer) else f" {tokenizer}"
+        raise LmlabError(
+            f"tokenizer{where} has no eos token; expected one (e.g. <|endoftext|> or </s>) to end each document"
+        )
+    return files, tok
+
+
+def _new_manifest(tok: Tokenizer, fingerprint: str, files: list[Path], options: dict[str, Any]) -> dict[str, Any]:
+    """The manifest of a build, its splits still to fill."""
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "dtype": _dtype(tok).name,
+        "vocab_size": tok.vocab_size,
+        "eos_id": tok.eos_id,
+        "tokenizer_sha256": tok.sha256,
+        "input_fingerprint": fingerprint,
+        "inputs": [str(path) for path in files],
+        "options": options,
+        "splits": {},
+    }
+
+
+def _dtype(tok: Tokenizer) -> np.dtype:
+    # ids < vocab_size, so a vocabulary of up to 2**16 ids fits uint16 (GPT-2's 50257 does).
+    return np.dtype(np.uint16 if tok.vocab_size <= 2**16 else np.uint32)
+
+
+def _build(
+    out_dir: Path, splits, tok: Tokenizer, manifest: dict, existing, planted, *, num_workers, show_progress
+) -> None:
+    """Tokenize and pack each split into a hidden temporary folder in ``out_dir``, then commit it: the shards
+    under names of their own, ``manifest.json`` last (fills ``manifest["splits"]``)."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -363,48 +400,24 @@ def prepare(
     tmp = out_dir / temp_name("build")
     tmp.mkdir()
     build = _new_build_id(out_dir)
+    dtype, shard_tokens = _dtype(tok), manifest["options"]["shard_tokens"]
     try:
-        manifest: dict[str, Any] = {
-            "format": FORMAT,
-            "version": VERSION,
-            "dtype": dtype.name,
-            "vocab_size": tok.vocab_size,
-            "eos_id": eos_id,
-            "tokenizer_sha256": tokenizer_sha,
-            "input_fingerprint": fingerprint,
-            "inputs": [str(path) for path in files],
-            "options": options,
-            "splits": {},
-        }
-        with tqdm(total=len(documents), unit="doc", desc="tokenizing", disable=not show_progress) as progress:
+        total = sum(len(docs) for docs in splits.values())
+        with tqdm(total=total, unit="doc", desc="tokenizing", disable=not show_progress) as progress:
             for split, docs in splits.items():
                 writer = _ShardWriter(tmp, split, dtype, shard_tokens, build)
                 try:
-                    tokens = _pack_split(docs, writer, tok, eos_id, num_workers, progress)
+                    tokens = _pack_split(docs, writer, tok, tok.eos_id, num_workers, progress)
                 finally:
                     writer.close()
-                manifest["splits"][split] = {
-                    "shards": writer.shards,
-                    "tokens": tokens,
-                    "documents": len(docs),
-                }
+                manifest["splits"][split] = {"shards": writer.shards, "tokens": tokens, "documents": len(docs)}
         tok.write_files(tmp)
-        if canaries is not None:
+        if planted is not None:
             write_json_atomic(tmp / CANARIES_NAME, planted)
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         _commit(tmp, out_dir, existing, manifest)  # an earlier build's canaries.json goes with its shards
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-    status = f"built ({reason})"
-    logger.info(
-        "%s: %s; train %d tokens, valid %d tokens",
-        out_dir,
-        status,
-        manifest["splits"]["train"]["tokens"],
-        manifest["splits"]["valid"]["tokens"],
-    )
-    return {**manifest, "_reused": False, "_status": status}
 
 
 # ------------------------------------------------------------------------------------ reading
