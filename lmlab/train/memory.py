@@ -70,7 +70,9 @@ from torch import Tensor, nn
 from lmlab.config import LoraSpec
 from lmlab.errors import LmlabError
 from lmlab.model.lora import apply_lora
+from lmlab.train.loop import apply_memory_options, autocast_for
 from lmlab.train.losses import CHUNK_BYTES, ce_chunk_rows
+from lmlab.train.optim import make_optimizer
 
 HEADROOM = 0.10  # a run "fits" when its predicted peak is within 90% of the budget
 PHASES = {
@@ -268,9 +270,6 @@ def measure_step(
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from lmlab.train.loop import apply_memory_options, autocast_for
-    from lmlab.train.optim import make_optimizer
-
     device = torch.device(device)
     cfg = dataclasses.replace(
         cfg,
@@ -281,12 +280,8 @@ def measure_step(
         ce_chunk_size=settings.ce_chunk_size,
         precision=settings.precision,
     )
-    autocast = autocast_for(settings.precision, torch.device("cpu"))[0]  # the fake step runs on the CPU: its autocast
     cuda = device.type == "cuda"
-    micro_steps = min(cfg.grad_accum_steps, 2)
-    tracker = _tracker_class()()
-    attention = _CudaAttention() if cuda else contextlib.nullcontext()
-    marks: dict[str, int] = {}
+    probe = _StepProbe(_tracker_class()(), _CudaAttention() if cuda else contextlib.nullcontext())
     with torch.device("meta"):  # built without memory, then given fake storage (peft cannot move fake tensors itself)
         model = build().train()
     if settings.lora is not None:
@@ -298,86 +293,116 @@ def measure_step(
         apply_memory_options(model, objective, cfg)
         optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.adam_eps, device)
         fake_batch = {k: mode.from_tensor(v) for k, v in batch.items()}
-        trainable = [p for p in model.parameters() if p.requires_grad]
-
-        def on_hidden(module, inputs, output):  # the blocks are done: the head and the loss begin
-            marks["body_end"] = tracker.window = tracker.current()
-            tracker.phase = "loss"
-            if output.requires_grad:
-                output.register_hook(on_hidden_grad)
-
-        def on_hidden_grad(grad):  # backward through the head and the loss is done
-            end_of_loss()
-            tracker.phase = "backward"
-
-        def end_of_loss() -> None:
-            if tracker.phase == "loss":
-                marks["logits"] = max(marks.get("logits", 0), tracker.window - marks["body_end"])
-
-        def step() -> None:
-            for _ in range(micro_steps):
-                tracker.reset_mod_stats()  # MemTracker keeps one forward per module: each micro-batch is a new one
-                tracker.phase = "forward"
-                marks["start"] = marks["body_end"] = tracker.current()
-                with attention:
-                    with autocast():
-                        loss = objective.loss(model, fake_batch) / cfg.grad_accum_steps
-                    loss.backward()
-                del loss
-                end_of_loss()  # (when the hidden states needed no gradient)
-                marks["activations"] = max(marks.get("activations", 0), marks["body_end"] - marks["start"])
-            tracker.phase = "optimizer"
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        handle = _final_hidden(model).register_forward_hook(on_hidden)
         try:
-            for p in (
-                trainable
-            ):  # an optimizer step on zero gradients creates its state: the measured step is a steady-state one
-                p.grad = torch.zeros_like(p)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            tracker.track_external(model, optimizer, *fake_batch.values())
-            with tracker:
-                step()
+            probe.run(model, objective, fake_batch, optimizer, cfg)
         finally:
-            handle.remove()
             if hasattr(objective, "ce_chunk_size"):
                 objective.ce_chunk_size = chunking
-        parameters = sum(p.nbytes for p in model.parameters()) + sum(b.nbytes for b in model.buffers())
-        gradients = sum(p.nbytes for p in trainable)
-        opt_state = sum(t.nbytes for state in optimizer.state.values() for t in state.values() if isinstance(t, Tensor))
-        num_params = sum(p.numel() for p in model.parameters())
-        vocab = model.lm_head.weight.shape[0] if isinstance(getattr(model, "lm_head", None), nn.Linear) else 0
-    if (
-        cuda and not attention.used
-    ):  # the blocks no longer call F.scaled_dot_product_attention: the CUDA model missed them
+        sizes = _sizes(model, optimizer)
+    if cuda and not probe.attention.used:  # the blocks no longer call F.scaled_dot_product_attention
         raise RuntimeError(
             "the memory estimate for CUDA saw no call of torch.nn.functional.scaled_dot_product_attention"
         )
-    peaks = tracker.peaks
+    return _step_memory(probe, sizes, objective, batch, device, settings, world_size)
+
+
+class _StepProbe:
+    """Runs one fake training step under a memory tracker, with hooks that mark where its memory goes: the
+    blocks' activations (forward up to the final hidden states), the head and the loss (logits), backward."""
+
+    def __init__(self, tracker: Any, attention: Any) -> None:
+        self.tracker, self.attention = tracker, attention
+        self.marks: dict[str, int] = {}
+
+    def _on_hidden(self, module, inputs, output) -> None:  # the blocks are done: the head and the loss begin
+        self.marks["body_end"] = self.tracker.window = self.tracker.current()
+        self.tracker.phase = "loss"
+        if output.requires_grad:
+            output.register_hook(self._on_hidden_grad)
+
+    def _on_hidden_grad(self, grad) -> None:  # backward through the head and the loss is done
+        self._end_of_loss()
+        self.tracker.phase = "backward"
+
+    def _end_of_loss(self) -> None:
+        if self.tracker.phase == "loss":
+            self.marks["logits"] = max(self.marks.get("logits", 0), self.tracker.window - self.marks["body_end"])
+
+    def run(self, model: nn.Module, objective: Any, batch: dict[str, Tensor], optimizer, cfg: Any) -> None:
+        """A steady-state step: an optimizer step on zero gradients first creates the optimizer's state."""
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        handle = _final_hidden(model).register_forward_hook(self._on_hidden)
+        try:
+            for p in trainable:
+                p.grad = torch.zeros_like(p)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            self.tracker.track_external(model, optimizer, *batch.values())
+            with self.tracker:
+                self._step(model, objective, batch, optimizer, trainable, cfg)
+        finally:
+            handle.remove()
+
+    def _step(self, model, objective, batch, optimizer, trainable, cfg) -> None:
+        tracker, marks = self.tracker, self.marks
+        autocast = autocast_for(cfg.precision, torch.device("cpu"))[0]  # the fake step runs on the CPU: its autocast
+        for _ in range(min(cfg.grad_accum_steps, 2)):
+            tracker.reset_mod_stats()  # MemTracker keeps one forward per module: each micro-batch is a new one
+            tracker.phase = "forward"
+            marks["start"] = marks["body_end"] = tracker.current()
+            with self.attention:
+                with autocast():
+                    loss = objective.loss(model, batch) / cfg.grad_accum_steps
+                loss.backward()
+            del loss
+            self._end_of_loss()  # (when the hidden states needed no gradient)
+            marks["activations"] = max(marks.get("activations", 0), marks["body_end"] - marks["start"])
+        tracker.phase = "optimizer"
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def _sizes(model: nn.Module, optimizer) -> dict[str, int]:
+    """Bytes of the parameters (and buffers), gradients and optimizer state; parameter counts; the LM head's rows."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return {
+        "parameters": sum(p.nbytes for p in model.parameters()) + sum(b.nbytes for b in model.buffers()),
+        "gradients": sum(p.nbytes for p in trainable),
+        "optimizer": sum(
+            t.nbytes for state in optimizer.state.values() for t in state.values() if isinstance(t, Tensor)
+        ),
+        "num_params": sum(p.numel() for p in model.parameters()),
+        "trainable_params": sum(p.numel() for p in trainable),
+        "vocab": model.lm_head.weight.shape[0] if isinstance(getattr(model, "lm_head", None), nn.Linear) else 0,
+    }
+
+
+def _step_memory(
+    probe: _StepProbe, sizes: dict[str, int], objective, batch, device, settings, world_size
+) -> StepMemory:
+    peaks = probe.tracker.peaks
     phase = max(peaks, key=peaks.get)
-    ddp = gradients if world_size > 1 else 0
+    ddp = sizes["gradients"] if world_size > 1 else 0
     lm = (
         hasattr(objective, "ce_chunk_size")
         and getattr(objective, "task", "lm") in ("lm", "seq2seq", "chat")
         and "labels" in batch
     )
+    vocab = sizes["vocab"]
     return StepMemory(
         device=device.type,
         settings=settings,
-        attention=" and ".join(sorted(attention.used)) if cuda else "PyTorch's CPU kernels",
+        attention=" and ".join(sorted(probe.attention.used)) if device.type == "cuda" else "PyTorch's CPU kernels",
         ce_rows=ce_chunk_rows(settings.ce_chunk_size, vocab, batch["labels"].numel()) if lm and vocab else 0,
-        num_params=num_params,
-        trainable_params=sum(p.numel() for p in trainable),
-        parameters=parameters,
-        gradients=gradients,
-        optimizer=opt_state,
-        activations=marks.get("activations", 0),
-        logits=marks.get("logits", 0),
+        num_params=sizes["num_params"],
+        trainable_params=sizes["trainable_params"],
+        parameters=sizes["parameters"],
+        gradients=sizes["gradients"],
+        optimizer=sizes["optimizer"],
+        activations=probe.marks.get("activations", 0),
+        logits=probe.marks.get("logits", 0),
         ddp_buckets=ddp,
         peak=peaks[phase] + ddp,
         peak_phase=phase,
@@ -540,91 +565,84 @@ def dry_run(
         result.budget_source = f"the memory of cuda:{index}, {torch.cuda.get_device_name(index)}"
     if result.fits is not False:
         return result
-    limit = result.limit
+    candidates = _candidates(
+        settings, result.memory, device, seq_flag=seq_flag, lora_flag=lora_flag, vocab_size=vocab_size
+    )
+    smaller = _smaller_batches(measure, settings, result.limit)
+    if smaller is not None:
+        result.changes.append(Change(_batch_flags(smaller[0]), "the same sequences per optimizer step", smaller[1]))
+    for flags, note, changed in candidates:
+        result.changes.append(Change(flags, note, measure(changed)))
+    together = _together(settings, candidates, seq_flag)  # every memory saver at once, for when none is enough alone
+    if not any(c.memory.peak <= result.limit for c in result.changes) and together != settings:
+        memory = measure(together)
+        if memory.peak > result.limit and together.micro_batch_size > 1:
+            together, memory = _smaller_batches(measure, together, result.limit)
+        flags = [flags for flags, _, changed in candidates if not flags.startswith(seq_flag)]
+        if together.micro_batch_size != settings.micro_batch_size:
+            flags.insert(0, _batch_flags(together))
+        result.changes.append(Change(" ".join(flags), "all together", memory))
+    return result
 
-    def fits(m: StepMemory) -> bool:
-        return m.peak <= limit
 
-    def smaller_batches(base: Settings) -> tuple[Settings, StepMemory] | None:
-        """The largest micro-batch (halving) that fits, with accumulation raised to keep the batch; else the
-        smallest."""
-        tried = None
-        b = base.micro_batch_size
-        while b > 1:
-            b = max(1, b // 2)
-            changed = dataclasses.replace(
-                base, micro_batch_size=b, grad_accum_steps=math.ceil(base.micro_batch_size * base.grad_accum_steps / b)
-            )
-            tried = (changed, measure(changed))
-            if fits(tried[1]):
-                break
-        return tried
+def _smaller_batches(measure, base: Settings, limit: int) -> tuple[Settings, StepMemory] | None:
+    """The largest micro-batch (halving) that fits, with accumulation raised to keep the batch; else the smallest."""
+    tried = None
+    b = base.micro_batch_size
+    while b > 1:
+        b = max(1, b // 2)
+        accum = math.ceil(base.micro_batch_size * base.grad_accum_steps / b)
+        changed = dataclasses.replace(base, micro_batch_size=b, grad_accum_steps=accum)
+        tried = (changed, measure(changed))
+        if tried[1].peak <= limit:
+            break
+    return tried
 
-    def batch_flags(changed: Settings) -> str:
-        return f"--micro-batch-size {changed.micro_batch_size} --grad-accum-steps {changed.grad_accum_steps}"
 
-    together = settings  # every memory saver at once, for when none is enough alone
+def _batch_flags(changed: Settings) -> str:
+    return f"--micro-batch-size {changed.micro_batch_size} --grad-accum-steps {changed.grad_accum_steps}"
+
+
+def _candidates(
+    settings: Settings, memory: StepMemory, device: torch.device, *, seq_flag: str, lora_flag: bool, vocab_size: int
+) -> list[tuple[str, str, Settings]]:
+    """Each memory saver the run does not use yet: (its flags, what it costs, the settings with it)."""
     candidates: list[tuple[str, str, Settings]] = []
     if not settings.activation_checkpointing:
-        together = dataclasses.replace(together, activation_checkpointing=True)
+        note = "recomputes each block in backward: about a third more compute"
         candidates.append(
-            (
-                "--activation-checkpointing",
-                "recomputes each block in backward: about a third more compute",
-                dataclasses.replace(settings, activation_checkpointing=True),
-            )
+            ("--activation-checkpointing", note, dataclasses.replace(settings, activation_checkpointing=True))
         )
     if lora_flag and settings.lora is None:
-        together = dataclasses.replace(together, lora=LoraSpec())
-        candidates.append(
-            (
-                "--lora default",
-                "trains low-rank adapters (r=8 on qkv) instead of every weight",
-                dataclasses.replace(settings, lora=LoraSpec()),
-            )
-        )
+        note = "trains low-rank adapters (r=8 on qkv) instead of every weight"
+        candidates.append(("--lora default", note, dataclasses.replace(settings, lora=LoraSpec())))
     if settings.precision == "fp32":
-        together = dataclasses.replace(together, precision="bf16")
         note = "bf16 autocast" + (" (GPUs from Ampere on; fp16 before)" if device.type == "cuda" else "")
         candidates.append(("--precision bf16", note, dataclasses.replace(settings, precision="bf16")))
     rows = max(64, CHUNK_BYTES // (4 * vocab_size)) if vocab_size else 0
-    if (
-        result.memory.ce_rows == 0
-        and vocab_size
-        and result.memory.logits > 0.1 * result.memory.peak
-        and rows < settings.micro_batch_size * settings.seq_len
-    ):
-        together = dataclasses.replace(together, ce_chunk_size=rows)
-        candidates.append(
-            (
-                f"--ce-chunk-size {rows}",
-                "the cross-entropy in chunks: one chunk's logits at a time",
-                dataclasses.replace(settings, ce_chunk_size=rows),
-            )
-        )
+    many_logits = memory.logits > 0.1 * memory.peak and rows < settings.micro_batch_size * settings.seq_len
+    if memory.ce_rows == 0 and vocab_size and many_logits:
+        note = "the cross-entropy in chunks: one chunk's logits at a time"
+        candidates.append((f"--ce-chunk-size {rows}", note, dataclasses.replace(settings, ce_chunk_size=rows)))
     if settings.seq_len >= 16:
+        note = "shorter sequences: less context per example"
         candidates.append(
-            (
-                f"{seq_flag} {settings.seq_len // 2}",
-                "shorter sequences: less context per example",
-                dataclasses.replace(settings, seq_len=settings.seq_len // 2),
-            )
+            (f"{seq_flag} {settings.seq_len // 2}", note, dataclasses.replace(settings, seq_len=settings.seq_len // 2))
         )
+    return candidates
 
-    smaller = smaller_batches(settings)
-    if smaller is not None:
-        result.changes.append(Change(batch_flags(smaller[0]), "the same sequences per optimizer step", smaller[1]))
-    for flags, note, changed in candidates:
-        result.changes.append(Change(flags, note, measure(changed)))
-    if not any(fits(c.memory) for c in result.changes) and together != settings:
-        memory = measure(together)
-        if not fits(memory) and together.micro_batch_size > 1:
-            together, memory = smaller_batches(together)
-        flags = [flags for flags, _, changed in candidates if not flags.startswith(seq_flag)]
-        if together.micro_batch_size != settings.micro_batch_size:
-            flags.insert(0, batch_flags(together))
-        result.changes.append(Change(" ".join(flags), "all together", memory))
-    return result
+
+def _together(settings: Settings, candidates: list[tuple[str, str, Settings]], seq_flag: str) -> Settings:
+    """The settings with every candidate but the shorter sequences."""
+    together = settings
+    for flags, _, changed in candidates:
+        if flags.startswith(seq_flag):
+            continue
+        name = next(
+            f.name for f in dataclasses.fields(Settings) if getattr(changed, f.name) != getattr(settings, f.name)
+        )
+        together = dataclasses.replace(together, **{name: getattr(changed, name)})
+    return together
 
 
 def plan(
