@@ -399,6 +399,39 @@ def train_tokenizer(
     if kind not in KINDS:
         raise LmlabError(f"tokenizer kind {kind!r}: expected one of {', '.join(KINDS)}")
     specials = list(DEFAULT_SPECIAL_TOKENS[kind] if special_tokens is None else special_tokens)
+    _check_training_options(kind, specials, vocab_size, min_frequency)
+    roles = {}
+    for role, candidates in ROLE_TOKENS.items():
+        token = next((token for token in candidates if token in specials), None)
+        if token is not None:
+            roles[role] = token
+    unk = roles.get("unk")
+    if kind in ("wordpiece", "unigram") and unk is None:
+        raise LmlabError(
+            f"--special-tokens {specials!r}: a {kind} tokenizer needs an unknown token "
+            f"({' or '.join(ROLE_TOKENS['unk'])})"
+        )
+    backend = _build_backend(kind, unk)
+    _train_backend(
+        backend, _trainer(kind, vocab_size, min_frequency, specials, unk, show_progress), texts, kind, vocab_size
+    )
+    if kind == "unigram":
+        _add_byte_fallback(backend, unk)
+    elif kind == "wordpiece" and roles.get("bos") and roles.get("eos"):
+        # BERT's input layout: [CLS] A [SEP] and [CLS] A [SEP] B [SEP], B with type id 1.
+        cls_token, sep_token = roles["bos"], roles["eos"]
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{cls_token} $A {sep_token}",
+            pair=f"{cls_token} $A {sep_token} $B:1 {sep_token}:1",
+            special_tokens=[(cls_token, backend.token_to_id(cls_token)), (sep_token, backend.token_to_id(sep_token))],
+        )
+    # Reload once so the in-memory model holds exactly what a saved copy will load as (scores
+    # pass through the library's float parser); ids then match before and after save/load.
+    backend = tokenizers.Tokenizer.from_str(backend.to_str())
+    return Tokenizer(backend, roles)
+
+
+def _check_training_options(kind: str, specials: list, vocab_size: Any, min_frequency: Any) -> None:
     if any(not isinstance(token, str) or not token for token in specials):
         raise LmlabError(f"--special-tokens {specials!r}: expected non-empty strings")
     if len(set(specials)) != len(specials):
@@ -419,44 +452,33 @@ def train_tokenizer(
     if isinstance(min_frequency, bool) or not isinstance(min_frequency, int) or min_frequency < 0:
         raise LmlabError(f"--min-frequency {min_frequency!r}: expected an integer >= 0")
 
-    roles = {}
-    for role, candidates in ROLE_TOKENS.items():
-        token = next((token for token in candidates if token in specials), None)
-        if token is not None:
-            roles[role] = token
-    unk = roles.get("unk")
-    if kind in ("wordpiece", "unigram") and unk is None:
-        raise LmlabError(
-            f"--special-tokens {specials!r}: a {kind} tokenizer needs an unknown token "
-            f"({' or '.join(ROLE_TOKENS['unk'])})"
-        )
 
-    backend = _build_backend(kind, unk)
+def _trainer(kind: str, vocab_size: int, min_frequency: int, specials: list[str], unk: str | None, show_progress: bool):
+    """The tokenizers library's trainer for ``kind``."""
     if kind == "bpe":
-        trainer = trainers.BpeTrainer(
+        return trainers.BpeTrainer(
             vocab_size=vocab_size,
             min_frequency=min_frequency,
             special_tokens=specials,
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=show_progress,
         )
-    elif kind == "wordpiece":
-        trainer = trainers.WordPieceTrainer(
+    if kind == "wordpiece":
+        return trainers.WordPieceTrainer(
             vocab_size=vocab_size,
             min_frequency=min_frequency,
             special_tokens=specials,
             continuing_subword_prefix="##",
             show_progress=show_progress,
         )
-    else:
-        # 256 ids are kept for the byte-fallback tokens added after training.
-        trainer = trainers.UnigramTrainer(
-            vocab_size=vocab_size - 256,
-            special_tokens=specials,
-            unk_token=unk,
-            show_progress=show_progress,
-        )
+    # 256 ids are kept for the byte-fallback tokens added after training.
+    return trainers.UnigramTrainer(
+        vocab_size=vocab_size - 256, special_tokens=specials, unk_token=unk, show_progress=show_progress
+    )
 
+
+def _train_backend(backend, trainer, texts: Iterable[str], kind: str, vocab_size: int) -> None:
+    """Train ``backend`` on ``texts`` (each a str); no text at all, or a trainer's failure, is a one-line error."""
     chars = 0
 
     def counted(items: Iterable[str]) -> Iterator[str]:
@@ -477,22 +499,3 @@ def train_tokenizer(
         raise LmlabError(f"--vocab-size {vocab_size}: training the {kind} tokenizer failed: {err}") from None
     if chars == 0:
         raise LmlabError("no text to train the tokenizer on: expected at least one non-empty text")
-
-    if kind == "unigram":
-        _add_byte_fallback(backend, unk)
-    elif kind == "wordpiece":
-        cls_token, sep_token = roles.get("bos"), roles.get("eos")
-        if cls_token and sep_token:
-            # BERT's input layout: [CLS] A [SEP] and [CLS] A [SEP] B [SEP], B with type id 1.
-            backend.post_processor = processors.TemplateProcessing(
-                single=f"{cls_token} $A {sep_token}",
-                pair=f"{cls_token} $A {sep_token} $B:1 {sep_token}:1",
-                special_tokens=[
-                    (cls_token, backend.token_to_id(cls_token)),
-                    (sep_token, backend.token_to_id(sep_token)),
-                ],
-            )
-    # Reload once so the in-memory model holds exactly what a saved copy will load as (scores
-    # pass through the library's float parser); ids then match before and after save/load.
-    backend = tokenizers.Tokenizer.from_str(backend.to_str())
-    return Tokenizer(backend, roles)
