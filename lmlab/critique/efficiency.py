@@ -468,49 +468,9 @@ def _energy_part(section: Section, subject: Subject, grid_intensity: float, powe
         grid_intensity_kg_per_kwh=grid_intensity,
         co2_kg=co2,
     )
-    section.explain.update(
-        training_seconds=(
-            f"Wall-clock seconds the run trained (the last elapsed_s of {log.name}, summed over resumes; evaluation "
-            "and saving included)."
-        ),
-        training_steps="The last optimizer step the log records (the whole run, not only up to this checkpoint).",
-        power_watts="Power drawn while training (an assumption: see the table).",
-        pue=(
-            "Power usage effectiveness: the data centre's total energy per unit the computer uses (cooling, "
-            "conversion)."
-        ),
-        energy_kwh="Training energy: hours × power × PUE / 1000.",
-        grid_intensity_kg_per_kwh="Carbon intensity of the electricity, kg CO2-equivalent per kWh (an assumption).",
-        co2_kg="Training emissions: energy × grid intensity.",
-    )
+    section.explain.update(_energy_explain(log))
     device = _device_name(subject.device)
-    section.tables.append(
-        Table(
-            "Training energy: inputs and assumptions",
-            ["quantity", "value", "source"],
-            [
-                ["training time", f"{seconds / 3600:.4f} h", f"elapsed_s in {log} (measured)"],
-                [
-                    "device",
-                    device,
-                    "assumed: the training device is not logged, so the device this critique runs on is taken",
-                ],
-                ["power", f"{watts:g} W", power_source],
-                ["PUE", f"{PUE:g}", "assumed: a hyperscale cloud data centre (Google reports ≈ 1.1)"],
-                ["energy", f"{kwh:.6g} kWh", "hours × power × PUE"],
-                [
-                    "grid intensity",
-                    f"{grid_intensity:g} kg CO2e/kWh",
-                    "given"
-                    if grid_intensity != GRID_INTENSITY
-                    else "assumed: near the world average (≈ 0.45–0.48 in IEA and Ember data)",
-                ],
-                ["CO2", f"{co2:.6g} kg", "energy × grid intensity"],
-            ],
-            "Every factor but the training time is an assumption; pass power_watts and grid_intensity for your "
-            "hardware and region.",
-        )
-    )
+    section.tables.append(_energy_table(device, log, seconds, (watts, power_source), kwh, co2, grid_intensity))
     level = "warn" if power_watts is None and "per CPU core" in power_source else "info"
     text = (
         f"Training ran {seconds / 3600:.3g} h for {steps} steps: ≈ {kwh:.3g} kWh and ≈ {co2:.3g} kg CO2e under the "
@@ -524,4 +484,53 @@ def _energy_part(section: Section, subject: Subject, grid_intensity: float, powe
         f"log's elapsed_s × power ({power_source}) × PUE {PUE:g}, CO2 = kWh × {grid_intensity:g} kg CO2e/kWh. The "
         "training device is not logged: it is assumed to be the kind this critique runs on. Board TDP is an upper "
         "bound on the draw, and the host, memory and network are left out."
+    )
+
+
+def _energy_explain(log: Path) -> dict[str, str]:
+    return {
+        "training_seconds": (
+            f"Wall-clock seconds the run trained (the last elapsed_s of {log.name}, summed over resumes; evaluation "
+            "and saving included)."
+        ),
+        "training_steps": "The last optimizer step the log records (the whole run, not only up to this checkpoint).",
+        "power_watts": "Power drawn while training (an assumption: see the table).",
+        "pue": (
+            "Power usage effectiveness: the data centre's total energy per unit the computer uses (cooling, "
+            "conversion)."
+        ),
+        "energy_kwh": "Training energy: hours × power × PUE / 1000.",
+        "grid_intensity_kg_per_kwh": "Carbon intensity of the electricity, kg CO2-equivalent per kWh (an assumption).",
+        "co2_kg": "Training emissions: energy × grid intensity.",
+    }
+
+
+def _energy_table(
+    device: str, log: Path, seconds: float, power: tuple[float, str], kwh: float, co2: float, grid_intensity: float
+) -> Table:
+    watts, power_source = power
+    return Table(
+        "Training energy: inputs and assumptions",
+        ["quantity", "value", "source"],
+        [
+            ["training time", f"{seconds / 3600:.4f} h", f"elapsed_s in {log} (measured)"],
+            [
+                "device",
+                device,
+                "assumed: the training device is not logged, so the device this critique runs on is taken",
+            ],
+            ["power", f"{watts:g} W", power_source],
+            ["PUE", f"{PUE:g}", "assumed: a hyperscale cloud data centre (Google reports ≈ 1.1)"],
+            ["energy", f"{kwh:.6g} kWh", "hours × power × PUE"],
+            [
+                "grid intensity",
+                f"{grid_intensity:g} kg CO2e/kWh",
+                "given"
+                if grid_intensity != GRID_INTENSITY
+                else "assumed: near the world average (≈ 0.45–0.48 in IEA and Ember data)",
+            ],
+            ["CO2", f"{co2:.6g} kg", "energy × grid intensity"],
+        ],
+        "Every factor but the training time is an assumption; pass power_watts and grid_intensity for your "
+        "hardware and region.",
     )
