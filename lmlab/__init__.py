@@ -59,7 +59,8 @@ __all__ = sorted([*_EXPORTS, *_PACKAGE_VERBS])
 def __getattr__(name: str) -> Any:
     import importlib
 
-    if name in _PACKAGE_VERBS:  # a package that is also its verb (lmlab.verb): the same object whatever is imported first
+    # a package that is also its verb (lmlab.verb): the same object whatever is imported first
+    if name in _PACKAGE_VERBS:
         return importlib.import_module(f"lmlab.{name}")
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
@@ -70,8 +71,8 @@ if TYPE_CHECKING:  # for editors and type checkers
     from lmlab.api import LM, Completion, Score, load
     from lmlab.config import PRESETS, LoraSpec, ModelConfig, parse_lora, preset
     from lmlab.critique import critique
-    from lmlab.demo import run_demo
     from lmlab.data import builtin_corpus, prepare, read_corpus
+    from lmlab.demo import run_demo
     from lmlab.errors import LmlabError
     from lmlab.evaluate.runner import evaluate
     from lmlab.generate import GenerationConfig
@@ -79,7 +80,7 @@ if TYPE_CHECKING:  # for editors and type checkers
     from lmlab.model import build_model
     from lmlab.tokenizer import Tokenizer, train_tokenizer
     from lmlab.train.finetune import finetune
-    from lmlab.train.lora import merge_checkpoint
     from lmlab.train.loop import TrainConfig, TrainResult
+    from lmlab.train.lora import merge_checkpoint
     from lmlab.train.memory import DryRun
     from lmlab.train.pretrain import pretrain

@@ -50,8 +50,15 @@ ROPE_SCALINGS = {
 # the largest in use: vocabularies ~2.6e5 (2**24 also keeps ids exact in float32 and is the tokenizer's
 # cap), contexts ~1e7 positions, ~1000 layers (DeepNet), widths ~2.6e4, MLP widths ~7.4e4 (PaLM).
 MAX_SIZES = {
-    "vocab_size": 2**24, "block_size": 2**24, "n_layer": 2**12, "n_decoder_layer": 2**12, "n_head": 2**12,
-    "n_embd": 2**17, "intermediate_size": 2**20, "type_vocab_size": 2**16, "num_labels": 2**24,
+    "vocab_size": 2**24,
+    "block_size": 2**24,
+    "n_layer": 2**12,
+    "n_decoder_layer": 2**12,
+    "n_head": 2**12,
+    "n_embd": 2**17,
+    "intermediate_size": 2**20,
+    "type_vocab_size": 2**16,
+    "num_labels": 2**24,
 }
 # Parameters plus RoPE tables: 2**40 ≈ 1.1e12 elements (4 TiB in fp32), above the largest dense models (~4e11).
 MAX_ELEMENTS = 2**40
@@ -75,14 +82,18 @@ class ModelConfig:
     gelu_approximate: str = "tanh"  # GPT-2's "gelu_new" is the tanh approximation
     position: str = "learned"
     rope_theta: float = 10000.0
-    rope_scaling: dict[str, Any] = field(default_factory=dict)  # {} = plain RoPE; else {"rope_type": one of ROPE_SCALINGS, its parameters}
+    rope_scaling: dict[str, Any] = field(
+        default_factory=dict
+    )  # {} = plain RoPE; else {"rope_type": one of ROPE_SCALINGS, its parameters}
     bias: bool = True  # biases in every Linear and norm (GPT-2) or none (LLaMA)
     tie_embeddings: bool = True
     dropout: float = 0.0
     init_std: float = 0.02
     # encoder (BERT style) parts; a decoder leaves them off
     type_vocab_size: int = 0  # segment (token type) embeddings: 2 for BERT's sentence A/B, 0 for none
-    norm_placement: str = "pre"  # "pre": x + f(norm(x)) (GPT-2, LLaMA); "post": norm(x + f(x)) (BERT, the 2017 Transformer)
+    norm_placement: str = (
+        "pre"  # "pre": x + f(norm(x)) (GPT-2, LLaMA); "post": norm(x + f(x)) (BERT, the 2017 Transformer)
+    )
     embedding_norm: bool = False  # a norm right after the embeddings (BERT)
     pooler: bool = False  # BERT's pooler: tanh(W·h_[CLS] + b), the sentence vector NSP and classifiers read
     nsp_head: bool = False  # a next-sentence-prediction head on the pooled vector (BERT pretraining)
@@ -119,11 +130,23 @@ class ModelConfig:
             return LmlabError(f"model config field '{field_name}' is {value!r}: expected {expected}")
 
         for field_name, choices in (
-            ("arch", ARCHS), ("norm", NORMS), ("mlp", MLPS), ("position", POSITIONS), ("norm_placement", NORM_PLACEMENTS)
+            ("arch", ARCHS),
+            ("norm", NORMS),
+            ("mlp", MLPS),
+            ("position", POSITIONS),
+            ("norm_placement", NORM_PLACEMENTS),
         ):
             if getattr(self, field_name) not in choices:
                 raise bad(field_name, "one of " + ", ".join(choices))
-        for field_name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "n_kv_heads", "intermediate_size"):
+        for field_name in (
+            "vocab_size",
+            "block_size",
+            "n_layer",
+            "n_head",
+            "n_embd",
+            "n_kv_heads",
+            "intermediate_size",
+        ):
             value = getattr(self, field_name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise bad(field_name, "a positive integer")
@@ -136,11 +159,18 @@ class ModelConfig:
         if self.rope_scaling != {}:
             kind = self.rope_scaling.get("rope_type") if isinstance(self.rope_scaling, dict) else None
             if self.position != "rope" or kind not in ROPE_SCALINGS:
-                raise bad("rope_scaling", "{} (plain RoPE) or, with position 'rope', a dict whose rope_type is one of " + ", ".join(ROPE_SCALINGS))
+                raise bad(
+                    "rope_scaling",
+                    "{} (plain RoPE) or, with position 'rope', a dict whose rope_type is one of "
+                    + ", ".join(ROPE_SCALINGS),
+                )
             params = {k: v for k, v in self.rope_scaling.items() if k != "rope_type"}
             number = all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in params.values())
             if set(params) != set(ROPE_SCALINGS[kind]) or not number:
-                raise bad("rope_scaling", f"for rope_type {kind!r} exactly the positive numbers " + ", ".join(ROPE_SCALINGS[kind]))
+                raise bad(
+                    "rope_scaling",
+                    f"for rope_type {kind!r} exactly the positive numbers " + ", ".join(ROPE_SCALINGS[kind]),
+                )
         if not 0.0 <= self.dropout < 1.0:
             raise bad("dropout", "a number in [0, 1)")
         if not isinstance(self.type_vocab_size, int) or self.type_vocab_size < 0:
@@ -154,7 +184,9 @@ class ModelConfig:
         if self.labels and len(self.labels) != self.num_labels:
             raise bad("labels", f"{self.num_labels} names (num_labels)")
         if self.n_decoder_layer is not None and (
-            not isinstance(self.n_decoder_layer, int) or isinstance(self.n_decoder_layer, bool) or self.n_decoder_layer < 1
+            not isinstance(self.n_decoder_layer, int)
+            or isinstance(self.n_decoder_layer, bool)
+            or self.n_decoder_layer < 1
         ):
             raise bad("n_decoder_layer", "None (= n_layer) or a positive integer")
         if not isinstance(self.decoder_start_token_id, int) or not 0 <= self.decoder_start_token_id < self.vocab_size:
@@ -162,9 +194,15 @@ class ModelConfig:
         if self.arch == "seq2seq":  # what the seq2seq model does not build: fail loudly rather than ignore
             for field_name, off in (("type_vocab_size", 0), ("pooler", False), ("nsp_head", False), ("task", "")):
                 if getattr(self, field_name) != off:
-                    raise bad(field_name, f"{off!r} for arch 'seq2seq' (the encoder–decoder has no segments, pooler or task heads)")
+                    raise bad(
+                        field_name,
+                        f"{off!r} for arch 'seq2seq' (the encoder–decoder has no segments, pooler or task heads)",
+                    )
         if not isinstance(self.scale_embedding, bool) or (self.scale_embedding and self.arch != "seq2seq"):
-            raise bad("scale_embedding", "True or False, and True only for arch 'seq2seq' (the encoder–decoder scales its embeddings)")
+            raise bad(
+                "scale_embedding",
+                "True or False, and True only for arch 'seq2seq' (the encoder–decoder scales its embeddings)",
+            )
         if self.nsp_head and not self.pooler:
             raise bad("nsp_head", "False unless pooler is True (NSP reads the pooled vector)")
         if not isinstance(self.lora, dict):
@@ -178,12 +216,17 @@ class ModelConfig:
         for field_name, limit in MAX_SIZES.items():
             value = getattr(self, field_name)
             if isinstance(value, int) and value > limit:
-                raise LmlabError(f"model config field '{field_name}' is {value:,}: expected at most {limit:,} (a larger value is a damaged config, not a model)")
+                raise LmlabError(
+                    f"model config field '{field_name}' is {value:,}: expected at most {limit:,} (a larger value is a "
+                    "damaged config, not a model)"
+                )
         elements = self.num_params() + (2 * self.block_size * self.head_dim if self.position == "rope" else 0)
         if elements > MAX_ELEMENTS:
             raise LmlabError(
-                f"model config describes {elements:.3g} parameters and RoPE table entries (n_layer={self.n_layer}, n_embd={self.n_embd}, "
-                f"intermediate_size={self.intermediate_size}, vocab_size={self.vocab_size}, block_size={self.block_size}): expected at most {MAX_ELEMENTS:.3g}"
+                f"model config describes {elements:.3g} parameters and RoPE table entries (n_layer={self.n_layer}, "
+                f"n_embd={self.n_embd}, "
+                f"intermediate_size={self.intermediate_size}, vocab_size={self.vocab_size}, "
+                f"block_size={self.block_size}): expected at most {MAX_ELEMENTS:.3g}"
             )
 
     @property
@@ -207,11 +250,15 @@ class ModelConfig:
             total += norm if self.embedding_norm else 0
         total += d * d + b * d if self.pooler else 0
         if self.arch == "encoder":
-            total += d * d + b * d + norm + b * V  # MLM head: dense + norm before the (tied) vocabulary projection, its bias
+            total += (
+                d * d + b * d + norm + b * V
+            )  # MLM head: dense + norm before the (tied) vocabulary projection, its bias
         total += 2 * d + 2 if self.nsp_head else 0
         total += d * self.num_labels + self.num_labels if self.task else 0  # the task head: one Linear
         embeddings = V * d + (self.block_size * d if self.position == "learned" else 0) + self.type_vocab_size * d
-        embeddings += self.block_size * d if self.arch == "seq2seq" and self.position == "learned" else 0  # the decoder's own table
+        embeddings += (
+            self.block_size * d if self.arch == "seq2seq" and self.position == "learned" else 0
+        )  # the decoder's own table
         head = 0 if self.tie_embeddings else V * d
         if include_embeddings:
             return total + embeddings + head
@@ -249,7 +296,10 @@ class ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise LmlabError(f"{source}: unknown model config key(s) {', '.join(unknown)}; expected some of {', '.join(sorted(known))}")
+            raise LmlabError(
+                f"{source}: unknown model config key(s) {', '.join(unknown)}; expected some of "
+                f"{', '.join(sorted(known))}"
+            )
         try:
             return cls(**data)
         except LmlabError as err:  # name the file a bad field came from
@@ -323,9 +373,18 @@ def _checked(values: Mapping[str, Any], source: str) -> dict[str, Any]:
     if not number(v["dropout"]) or not 0 <= v["dropout"] < 1:
         raise bad("dropout", "a number in [0, 1)")
     targets = v["targets"].split("+") if isinstance(v["targets"], str) else v["targets"]
-    if not isinstance(targets, (list, tuple)) or not targets or not all(isinstance(t, str) and t.strip() == t != "" for t in targets):
+    if (
+        not isinstance(targets, (list, tuple))
+        or not targets
+        or not all(isinstance(t, str) and t.strip() == t != "" for t in targets)
+    ):
         raise bad("targets", "one or more module names, e.g. qkv or qkv,proj,fc")
-    return {"r": v["r"], "alpha": float(v["alpha"]), "dropout": float(v["dropout"]), "targets": tuple(dict.fromkeys(targets))}
+    return {
+        "r": v["r"],
+        "alpha": float(v["alpha"]),
+        "dropout": float(v["dropout"]),
+        "targets": tuple(dict.fromkeys(targets)),
+    }
 
 
 def parse_lora(text: str) -> LoraSpec:
@@ -413,7 +472,12 @@ def read_jsonl_log(path: str | Path) -> list[dict[str, Any]]:
         try:
             records.append(json_line_object(path, len(lines) + 1, torn))
         except LmlabError:
-            logger.warning("%s:%d: dropped the torn last line (a run killed mid-write leaves one): %.60r", path, len(lines) + 1, torn)
+            logger.warning(
+                "%s:%d: dropped the torn last line (a run killed mid-write leaves one): %.60r",
+                path,
+                len(lines) + 1,
+                torn,
+            )
     return records
 
 
@@ -432,13 +496,27 @@ def json_line_object(path: Path, number: int, line: str) -> dict[str, Any]:
 # vocab_size here is the family's own; `pretrain` replaces it with the tokenizer's.
 
 _GPT2 = dict(norm="layernorm", mlp="gelu", position="learned", bias=True, tie_embeddings=True, vocab_size=50257)
-_LLAMA = dict(norm="rmsnorm", mlp="swiglu", position="rope", bias=False, tie_embeddings=False, vocab_size=32000, norm_eps=1e-5)
+_LLAMA = dict(
+    norm="rmsnorm", mlp="swiglu", position="rope", bias=False, tie_embeddings=False, vocab_size=32000, norm_eps=1e-5
+)
 
 # BERT (Devlin et al., 2019): post-norm, exact GELU, segments, an embedding LayerNorm, pooler + NSP head
 _BERT = dict(
-    arch="encoder", norm="layernorm", norm_eps=1e-12, mlp="gelu", gelu_approximate="none", position="learned", bias=True,
-    tie_embeddings=True, vocab_size=30522, type_vocab_size=2, norm_placement="post", embedding_norm=True, pooler=True,
-    nsp_head=True, dropout=0.1,
+    arch="encoder",
+    norm="layernorm",
+    norm_eps=1e-12,
+    mlp="gelu",
+    gelu_approximate="none",
+    position="learned",
+    bias=True,
+    tie_embeddings=True,
+    vocab_size=30522,
+    type_vocab_size=2,
+    norm_placement="post",
+    embedding_norm=True,
+    pooler=True,
+    nsp_head=True,
+    dropout=0.1,
 )
 
 # Encoder–decoders. The blocks have two position schemes, learned and RoPE; neither is the original's:
@@ -450,12 +528,32 @@ _BERT = dict(
 #   identical" (Table 3, row E), one table each for encoder and decoder; ReLU by exact GELU; no √d
 #   embedding scale.
 _T5 = dict(
-    arch="seq2seq", norm="rmsnorm", norm_eps=1e-6, mlp="gelu", gelu_approximate="none", position="rope", bias=False,
-    tie_embeddings=True, vocab_size=32128, norm_placement="pre", dropout=0.1, decoder_start_token_id=0,
+    arch="seq2seq",
+    norm="rmsnorm",
+    norm_eps=1e-6,
+    mlp="gelu",
+    gelu_approximate="none",
+    position="rope",
+    bias=False,
+    tie_embeddings=True,
+    vocab_size=32128,
+    norm_placement="pre",
+    dropout=0.1,
+    decoder_start_token_id=0,
 )
 _TRANSFORMER = dict(
-    arch="seq2seq", norm="layernorm", norm_eps=1e-6, mlp="gelu", gelu_approximate="none", position="learned", bias=True,
-    tie_embeddings=True, vocab_size=37000, norm_placement="post", dropout=0.1, decoder_start_token_id=0,
+    arch="seq2seq",
+    norm="layernorm",
+    norm_eps=1e-6,
+    mlp="gelu",
+    gelu_approximate="none",
+    position="learned",
+    bias=True,
+    tie_embeddings=True,
+    vocab_size=37000,
+    norm_placement="post",
+    dropout=0.1,
+    decoder_start_token_id=0,
 )
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -479,8 +577,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     # encoder–decoders: n_layer encoder + n_decoder_layer decoder blocks
     "t5-tiny": dict(_T5, n_layer=2, n_decoder_layer=2, n_head=2, n_embd=64, block_size=128),
     "t5-mini": dict(_T5, n_layer=4, n_decoder_layer=4, n_head=4, n_embd=128, block_size=256),
-    "t5-small": dict(_T5, n_layer=6, n_decoder_layer=6, n_head=8, n_embd=512, intermediate_size=2048, block_size=512),  # ≈ 60M
-    "transformer-base": dict(_TRANSFORMER, n_layer=6, n_decoder_layer=6, n_head=8, n_embd=512, intermediate_size=2048, block_size=512),
+    "t5-small": dict(
+        _T5, n_layer=6, n_decoder_layer=6, n_head=8, n_embd=512, intermediate_size=2048, block_size=512
+    ),  # ≈ 60M
+    "transformer-base": dict(
+        _TRANSFORMER, n_layer=6, n_decoder_layer=6, n_head=8, n_embd=512, intermediate_size=2048, block_size=512
+    ),
 }
 
 

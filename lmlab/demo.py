@@ -55,34 +55,58 @@ def run_demo(
     _tokenizer_and_shards(out, docs, corpus, vocab_size, stage, progress=progress, overwrite=overwrite)
     stage(f"4/9 pretraining {model}, {max_steps} steps")
     result = pretrain(
-        model, out / "data", out / "run", resume=True, max_steps=max_steps, seq_len=seq_len,
-        micro_batch_size=micro_batch_size, lr=2e-3, warmup_steps=max(1, max_steps // 20),
-        eval_interval=max(1, max_steps // 4), eval_batches=8, log_interval=10, progress=progress, overwrite=overwrite,
+        model,
+        out / "data",
+        out / "run",
+        resume=True,
+        max_steps=max_steps,
+        seq_len=seq_len,
+        micro_batch_size=micro_batch_size,
+        lr=2e-3,
+        warmup_steps=max(1, max_steps // 20),
+        eval_interval=max(1, max_steps // 4),
+        eval_batches=8,
+        log_interval=10,
+        progress=progress,
+        overwrite=overwrite,
     )
     if result.val_loss is not None:
-        print(f"validation loss {result.val_loss:.3f} (perplexity {2.718281828 ** result.val_loss:.1f})")
+        print(f"validation loss {result.val_loss:.3f} (perplexity {2.718281828**result.val_loss:.1f})")
     stage("5/9 generation: greedy, beam search and nucleus sampling")
     lm = load(out / "run", device="cpu")
     samples = _samples(lm, out / "samples.txt")
     tuned, metrics, test_file = _classifier(out, lm.path, finetune_steps, stage, progress=progress, overwrite=overwrite)
     stage("8/9 critique of the language model")
     common = dict(progress=False, max_examples=critique_examples, seed=0, overwrite=overwrite)
-    lm_report = critique(lm.path, out / "critique" / "lm", text=heldout, train_data=out / "data", options={"samples": 3}, **common)
+    lm_report = critique(
+        lm.path, out / "critique" / "lm", text=heldout, train_data=out / "data", options={"samples": 3}, **common
+    )
     _print_findings(lm_report)
     stage("9/9 critique of the classifier")
-    cls_report = critique(tuned.best_checkpoint, out / "critique" / "classifier", data=test_file, options={"n_resamples": 1000}, **common)
+    cls_report = critique(
+        tuned.best_checkpoint, out / "critique" / "classifier", data=test_file, options={"n_resamples": 1000}, **common
+    )
     _print_findings(cls_report)
     stage("done")
     made = {
-        "corpus": corpus, "tokenizer": out / "tokenizer", "data": out / "data", "checkpoint": lm.path,
-        "log": result.log_file, "loss_curve": out / "run" / "loss.png", "samples": samples,
-        "classifier": tuned.best_checkpoint, "evaluation": out / "classify" / "eval" / "metrics.json",
-        "critique LM": lm_report["_paths"]["html"], "critique cls": cls_report["_paths"]["html"],
+        "corpus": corpus,
+        "tokenizer": out / "tokenizer",
+        "data": out / "data",
+        "checkpoint": lm.path,
+        "log": result.log_file,
+        "loss_curve": out / "run" / "loss.png",
+        "samples": samples,
+        "classifier": tuned.best_checkpoint,
+        "evaluation": out / "classify" / "eval" / "metrics.json",
+        "critique LM": lm_report["_paths"]["html"],
+        "critique cls": cls_report["_paths"]["html"],
     }
     for what, path in made.items():
         print(f"{what:>11}: {path}")
     return {
-        **{k: str(v) for k, v in made.items()}, "val_loss": result.val_loss, "accuracy": metrics["accuracy"],
+        **{k: str(v) for k, v in made.items()},
+        "val_loss": result.val_loss,
+        "accuracy": metrics["accuracy"],
         "seconds": stage.seconds(),
     }
 
@@ -109,20 +133,28 @@ def _corpus(out: Path, max_chars: int, stage: _Stages) -> tuple[list[str], Path,
     corpus, heldout = out / "corpus.jsonl", out / "heldout.jsonl"
     write_jsonl_atomic(corpus, ({"text": d} for d in docs))
     write_jsonl_atomic(heldout, ({"text": d} for d in heldout_docs))
-    print(f"{len(docs):,} documents, {sum(map(len, docs)):,} characters → {corpus} (+ {len(heldout_docs)} held out → {heldout})")
+    print(
+        f"{len(docs):,} documents, {sum(map(len, docs)):,} characters → {corpus} (+ {len(heldout_docs)} held out → "
+        f"{heldout})"
+    )
     return docs, corpus, heldout
 
 
-def _tokenizer_and_shards(out: Path, docs: list[str], corpus: Path, vocab_size: int, stage: _Stages, *, progress: bool, overwrite: bool) -> None:
+def _tokenizer_and_shards(
+    out: Path, docs: list[str], corpus: Path, vocab_size: int, stage: _Stages, *, progress: bool, overwrite: bool
+) -> None:
     """Stages 2 and 3: a byte-level BPE tokenizer, then token shards with planted canaries."""
     stage(f"2/9 tokenizer: byte-level BPE, {vocab_size} tokens")
     tokenizer = train_tokenizer(docs, kind="bpe", vocab_size=vocab_size)
     tokenizer.save(out / "tokenizer", overwrite=overwrite)
     print(f"→ {out / 'tokenizer' / 'tokenizer.json'}")
     stage("3/9 packing into token shards, with 4 canaries planted 50 times each")
-    # The Secret Sharer's test: random secrets in the training text; the critique measures how far the model memorised them
+    # The Secret Sharer's test: random secrets in the training text; the critique measures how far the model memorised
+    # them
     canaries = {"n": 4, "repeats": 50, "digits": 4, "template": "my locker code is {}"}
-    manifest = prepare(corpus, out / "tokenizer", out / "data", show_progress=progress, canaries=canaries, overwrite=overwrite)
+    manifest = prepare(
+        corpus, out / "tokenizer", out / "data", show_progress=progress, canaries=canaries, overwrite=overwrite
+    )
     for name, split in manifest["splits"].items():
         print(f"{name}: {split['tokens']:,} tokens")
 
@@ -134,7 +166,9 @@ def _samples(lm, path: Path) -> Path:
         # a small model loops on its likeliest tokens (blank lines here): forbid repeated trigrams
         greedy = lm.generate(prompt, max_new_tokens=40, strategy="greedy", no_repeat_ngram_size=3)
         beam = lm.generate(prompt, max_new_tokens=40, strategy="beam", num_beams=4, no_repeat_ngram_size=3)
-        sampled = lm.generate(prompt, max_new_tokens=40, strategy="sample", temperature=0.8, top_p=0.95, repetition_penalty=1.2, seed=0)
+        sampled = lm.generate(
+            prompt, max_new_tokens=40, strategy="sample", temperature=0.8, top_p=0.95, repetition_penalty=1.2, seed=0
+        )
         lines += [f"[greedy] {prompt}{greedy}", f"[beam×4] {prompt}{beam}", f"[sample] {prompt}{sampled}", ""]
     path.write_text("\n".join(lines), encoding="utf-8")
     print("\n".join(lines))
@@ -147,16 +181,39 @@ def _classifier(out: Path, base: Path, finetune_steps: int, stage: _Stages, *, p
     train_file, test_file = _classification_files(builtin_corpus(), out / "classify")  # the whole corpus: both kinds
     run_dir = out / "classify" / "run"
     tuned = finetune(
-        base, "classify", train_file, run_dir, valid=test_file, max_length=64, max_steps=finetune_steps,
+        base,
+        "classify",
+        train_file,
+        run_dir,
+        valid=test_file,
+        max_length=64,
+        max_steps=finetune_steps,
         resume=latest_checkpoint(run_dir) is not None,
-        micro_batch_size=16, lr=1e-3, warmup_steps=10, eval_interval=max(1, finetune_steps // 3), log_interval=10,
-        progress=progress, tensorboard=False, overwrite=overwrite,
+        micro_batch_size=16,
+        lr=1e-3,
+        warmup_steps=10,
+        eval_interval=max(1, finetune_steps // 3),
+        log_interval=10,
+        progress=progress,
+        tensorboard=False,
+        overwrite=overwrite,
     )
     stage("7/9 evaluation of the classifier on held-out passages")
-    metrics = evaluate(tuned.best_checkpoint, test_file, out=out / "classify" / "eval", max_length=64, n_resamples=1000, overwrite=overwrite)
+    metrics = evaluate(
+        tuned.best_checkpoint,
+        test_file,
+        out=out / "classify" / "eval",
+        max_length=64,
+        n_resamples=1000,
+        overwrite=overwrite,
+    )
     ci = metrics["ci"]["accuracy"]
-    print(f"accuracy {metrics['accuracy']:.3f} (95% CI {ci['low']:.3f}–{ci['high']:.3f}), macro-F1 {metrics['f1_macro']:.3f}, "
-          f"ECE {metrics['calibration']['ece']:.3f} on {len(metrics['confusion_matrix']) and sum(map(sum, metrics['confusion_matrix']))} passages")
+    print(
+        f"accuracy {metrics['accuracy']:.3f} (95% CI {ci['low']:.3f}–{ci['high']:.3f}), macro-F1 "
+        f"{metrics['f1_macro']:.3f}, "
+        f"ECE {metrics['calibration']['ece']:.3f} on "
+        f"{len(metrics['confusion_matrix']) and sum(map(sum, metrics['confusion_matrix']))} passages"
+    )
     return tuned, metrics, test_file
 
 
@@ -173,7 +230,11 @@ def _print_findings(report: dict) -> None:
             continue
         worst = [f for f in lens["findings"] if f["level"] in ("bad", "warn")]
         first = worst[0] if worst else next((f for f in lens["findings"]), None)
-        print(f"{name:>12}: " + (f"{first['level']}: {first['text'][:150]}" if first else "ran") + (f" (+{len(worst) - 1} more)" if len(worst) > 1 else ""))
+        print(
+            f"{name:>12}: "
+            + (f"{first['level']}: {first['text'][:150]}" if first else "ran")
+            + (f" (+{len(worst) - 1} more)" if len(worst) > 1 else "")
+        )
     print(f"report: {report['_paths']['html']}")
 
 

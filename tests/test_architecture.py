@@ -34,8 +34,10 @@ def test_the_long_functions_listed_are_still_long_and_documented():
         assert name.split("::")[1] in doc, f"{name}: docs/architecture.md does not say why it is long"
 
 
-@pytest.mark.skipif(shutil.which("lint-imports") is None and not (PACKAGE.parent / ".venv/bin/lint-imports").exists(),
-                    reason="import-linter is not installed")
+@pytest.mark.skipif(
+    shutil.which("lint-imports") is None and not (PACKAGE.parent / ".venv/bin/lint-imports").exists(),
+    reason="import-linter is not installed",
+)
 def test_imports_keep_to_the_floors():
     exe = shutil.which("lint-imports") or str(PACKAGE.parent / ".venv/bin/lint-imports")
     result = subprocess.run([exe], cwd=PACKAGE.parent, capture_output=True, text=True)

@@ -92,9 +92,13 @@ def entry_points(tmp_path, corpus_file):
 
 
 @pytest.mark.parametrize("entry", ["load", "evaluate", "critique", "export", "finetune"])
-def test_a_checkpoint_with_a_swapped_tokenizer_is_refused_wherever_it_is_loaded(entry, trained_run, other_tokenizer_dir, corpus_file, tmp_path):
+def test_a_checkpoint_with_a_swapped_tokenizer_is_refused_wherever_it_is_loaded(
+    entry, trained_run, other_tokenizer_dir, corpus_file, tmp_path
+):
     ck = swap_tokenizer(trained_run / "best", other_tokenizer_dir, tmp_path / "ck")
-    with pytest.raises(LmlabError, match=r"ck/tokenizer\.json does not match the tokenizer the model was trained with .*--no-verify"):
+    with pytest.raises(
+        LmlabError, match=r"ck/tokenizer\.json does not match the tokenizer the model was trained with .*--no-verify"
+    ):
         entry_points(tmp_path, corpus_file)[entry](ck)
     assert not (tmp_path / "hf").exists() and not (tmp_path / "ft").exists()  # refused before anything was written
 
@@ -112,13 +116,18 @@ def test_no_verify_loads_a_swapped_tokenizer_with_a_warning_and_the_cli_refuses_
     with caplog.at_level("WARNING", logger="lmlab"):
         lm = lmlab.load(ck, device="cpu", verify=False)
     assert lm.tokenizer.sha256 == Tokenizer.load(other_tokenizer_dir).sha256
-    assert "does not match the tokenizer the model was trained with" in caplog.text and "loading it anyway" in caplog.text
+    assert (
+        "does not match the tokenizer the model was trained with" in caplog.text and "loading it anyway" in caplog.text
+    )
 
-    capsys.readouterr()  # the warning above reaches stderr too once the CLI's handler is installed (an earlier test's main())
+    # the warning above reaches stderr too once the CLI's handler is installed (an earlier test's main())
+    capsys.readouterr()
     assert main(["generate", str(ck), "--prompt", "The", "--max-new-tokens", "2", "--device", "cpu"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("lmlab: error: ") and "tokenizer.json does not match" in err
-    assert main(["generate", str(ck), "--prompt", "The", "--max-new-tokens", "2", "--device", "cpu", "--no-verify"]) == 0
+    assert (
+        main(["generate", str(ck), "--prompt", "The", "--max-new-tokens", "2", "--device", "cpu", "--no-verify"]) == 0
+    )
     assert "lmlab: warning: " in capsys.readouterr().err
 
 
@@ -140,8 +149,12 @@ def test_a_damaged_safetensors_file_is_a_one_line_error_naming_it(damage, tmp_pa
     save_checkpoint(tmp_path / "ck", build_model(preset("gpt2-tiny", vocab_size=64)))
     weights = tmp_path / "ck" / "model.safetensors"
     data = weights.read_bytes()
-    weights.write_bytes({"truncated": data[: len(data) // 2], "empty": b"", "garbage": b"not a safetensors file " * 40}[damage])
-    with pytest.raises(LmlabError, match=r"model\.safetensors: damaged or not a safetensors file \(.+\); expected") as err:
+    weights.write_bytes(
+        {"truncated": data[: len(data) // 2], "empty": b"", "garbage": b"not a safetensors file " * 40}[damage]
+    )
+    with pytest.raises(
+        LmlabError, match=r"model\.safetensors: damaged or not a safetensors file \(.+\); expected"
+    ) as err:
         load_model(tmp_path / "ck")
     assert "\n" not in str(err.value)
 
@@ -157,7 +170,13 @@ def test_a_truncated_train_state_cannot_resume_and_names_the_earlier_checkpoint(
     run = _run_with_two_steps(tmp_path)
     state = run / "step-00000004" / "train_state.pt"
     state.write_bytes(state.read_bytes()[:50])
-    with pytest.raises(LmlabError, match=r"train_state\.pt: damaged or not a PyTorch file .*cannot resume training: the earlier checkpoint .*step-00000002 can") as err:
+    with pytest.raises(
+        LmlabError,
+        match=(
+            r"train_state\.pt: damaged or not a PyTorch file .*cannot resume training: the earlier checkpoint "
+            r".*step-00000002 can"
+        ),
+    ) as err:
         load_train_state(run / "step-00000004")
     assert "\n" not in str(err.value)
     assert load_train_state(run / "step-00000002")["step"] == 2
@@ -170,6 +189,9 @@ def test_a_poisoned_train_state_is_refused_without_running_its_code(tmp_path):
     run = _run_with_two_steps(tmp_path)
     marker = tmp_path / "pwned"
     torch.save({"step": 4, "x": Payload(marker)}, run / "step-00000004" / "train_state.pt")
-    with pytest.raises(LmlabError, match=r"train_state\.pt: refused to load: .*posix\.system.*cannot resume training: the earlier checkpoint"):
+    with pytest.raises(
+        LmlabError,
+        match=r"train_state\.pt: refused to load: .*posix\.system.*cannot resume training: the earlier checkpoint",
+    ):
         load_train_state(run / "step-00000004")
     assert not marker.exists()

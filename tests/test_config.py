@@ -78,21 +78,32 @@ def test_swiglu_default_hidden_size_follows_llama_rule():
 
 
 @pytest.mark.parametrize(
-    "field, value", [("block_size", 10**12), ("vocab_size", 2**24 + 1), ("n_layer", 10**6), ("n_embd", 2**20), ("intermediate_size", 10**9)]
+    "field, value",
+    [
+        ("block_size", 10**12),
+        ("vocab_size", 2**24 + 1),
+        ("n_layer", 10**6),
+        ("n_embd", 2**20),
+        ("intermediate_size", 10**9),
+    ],
 )
 def test_a_checkpoint_config_with_an_absurd_size_names_the_field_and_file(field, value, tmp_path):
     import json
 
     from lmlab.io.checkpoint import load_model
 
-    (tmp_path / "config.json").write_text(json.dumps({"lmlab_model_config": {**preset("gpt2-tiny").to_dict(), field: value}}))
+    (tmp_path / "config.json").write_text(
+        json.dumps({"lmlab_model_config": {**preset("gpt2-tiny").to_dict(), field: value}})
+    )
     (tmp_path / "model.safetensors").write_bytes(b"")  # never read: the config is refused first
     with pytest.raises(LmlabError, match=rf"config\.json: model config field '{field}' is {value:,}: expected at most"):
         load_model(tmp_path)
 
 
 def test_sizes_each_within_bounds_can_still_describe_too_many_parameters():
-    with pytest.raises(LmlabError, match=r"describes 8\.8e\+14 parameters and RoPE table entries .* expected at most 1\.1e\+12"):
+    with pytest.raises(
+        LmlabError, match=r"describes 8\.8e\+14 parameters and RoPE table entries .* expected at most 1\.1e\+12"
+    ):
         preset("llama-tiny", n_layer=4096, n_embd=65536, n_head=512, intermediate_size=2**20)
     assert preset("llama-1b").num_params() < 2**40  # real sizes pass
 
@@ -108,7 +119,9 @@ def test_a_torn_last_log_line_or_a_nul_tail_is_dropped_with_a_warning(tmp_path, 
         log.write_bytes(b'{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n' + tail.encode())
         caplog.clear()
         assert read_jsonl_log(log) == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
-        assert caplog.records and all(r.levelname == "WARNING" and "log.jsonl" in r.getMessage() for r in caplog.records)
+        assert caplog.records and all(
+            r.levelname == "WARNING" and "log.jsonl" in r.getMessage() for r in caplog.records
+        )
     log.write_text('{"step": 1}\n{"step": 2}', encoding="utf-8")  # a complete record that lost only its newline is kept
     assert read_jsonl_log(log) == [{"step": 1}, {"step": 2}]
 

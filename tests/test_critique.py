@@ -8,8 +8,8 @@ import random
 
 import pytest
 import torch
-
 from conftest import TINY_TRAIN
+
 from lmlab.config import preset
 from lmlab.critique import LENSES, critique, load_subject, parse_lenses, run_lens
 from lmlab.critique.core import proportion_ci
@@ -57,7 +57,8 @@ def classifier(tmp_path_factory):
     args = dict(TINY_TRAIN, micro_batch_size=16, lr=2e-3, warmup_steps=5, eval_interval=80, log_interval=20, seed=0)
     result = finetune(base, "classify", train, folder / "run", max_length=24, max_steps=80, **args)
     return {
-        "run": folder / "run", "ckpt": result.last_checkpoint,
+        "run": folder / "run",
+        "ckpt": result.last_checkpoint,
         "test": write_jsonl(folder / "test.jsonl", sentiment(120, 2)),
         "flipped": write_jsonl(folder / "flipped.jsonl", sentiment(120, 2, flip_group="b")),
         "folder": folder,
@@ -73,7 +74,11 @@ def test_performance_finds_a_planted_bad_slice_and_overconfidence(classifier):
     assert any(f.level == "bad" and "slice" in f.text for f in section.findings)
     assert section.metrics["ece"] > 0.3  # confident everywhere, right half the time
     assert any(f.level == "bad" and "calibrated" in f.text for f in section.findings)
-    assert section.metrics["ci"]["accuracy"]["low"] <= section.metrics["accuracy"] <= section.metrics["ci"]["accuracy"]["high"]
+    assert (
+        section.metrics["ci"]["accuracy"]["low"]
+        <= section.metrics["accuracy"]
+        <= section.metrics["ci"]["accuracy"]["high"]
+    )
     assert {f.title for f in section.figures} >= {"Confusion matrix", "Reliability diagram", "Accuracy per slice"}
     assert all(f.png.startswith(b"\x89PNG") for f in section.figures)
     for name in ("accuracy", "ece", "slices", "slice_gap"):  # every number has its sentence
@@ -93,8 +98,14 @@ def test_performance_without_data_is_skipped_with_a_note(classifier, trained_run
 
 
 def test_critique_writes_json_and_a_self_contained_html(classifier, tmp_path):
-    report = critique(classifier["ckpt"], tmp_path / "out", lenses="performance", data=classifier["flipped"], progress=False,
-                      options={"n_resamples": 100})
+    report = critique(
+        classifier["ckpt"],
+        tmp_path / "out",
+        lenses="performance",
+        data=classifier["flipped"],
+        progress=False,
+        options={"n_resamples": 100},
+    )
     on_disk = json.loads((tmp_path / "out" / "report.json").read_text())
     assert on_disk["lenses"]["performance"]["metrics"]["slices"]["b"]["n"] == 60
     assert on_disk["model"]["parameters"] == report["model"]["parameters"] > 0
@@ -106,18 +117,29 @@ def test_critique_writes_json_and_a_self_contained_html(classifier, tmp_path):
     assert "<td>ci.accuracy</td>" in page and "ci.accuracy.low" not in page  # an interval is one row: low – high
 
 
-def test_a_lens_that_stops_with_an_error_is_skipped_with_the_reason_and_the_others_report(classifier, tmp_path, monkeypatch, caplog):
+def test_a_lens_that_stops_with_an_error_is_skipped_with_the_reason_and_the_others_report(
+    classifier, tmp_path, monkeypatch, caplog
+):
     import lmlab.critique.bias as bias_lens
 
     def broken(subject, *, progress=False):
         raise LmlabError("pairs.csv:3: expected a sentence pair")
 
     monkeypatch.setattr(bias_lens, "bias", broken)
-    report = critique(classifier["ckpt"], tmp_path / "out", lenses="performance,bias", data=classifier["flipped"], progress=False,
-                      options={"n_resamples": 100})
+    report = critique(
+        classifier["ckpt"],
+        tmp_path / "out",
+        lenses="performance,bias",
+        data=classifier["flipped"],
+        progress=False,
+        options={"n_resamples": 100},
+    )
     on_disk = json.loads((tmp_path / "out" / "report.json").read_text())
     assert on_disk["lenses"]["bias"]["skipped"] == "it stopped with an error: pairs.csv:3: expected a sentence pair"
-    assert on_disk["lenses"]["performance"]["metrics"]["accuracy"] == report["lenses"]["performance"]["metrics"]["accuracy"]
+    assert (
+        on_disk["lenses"]["performance"]["metrics"]["accuracy"]
+        == report["lenses"]["performance"]["metrics"]["accuracy"]
+    )
     assert any("bias lens is skipped: pairs.csv:3" in r.getMessage() for r in caplog.records)
 
 
@@ -135,4 +157,8 @@ def test_small_helpers():
     assert low == 0.0 and 0.2 < high < 0.35  # Wilson: not the degenerate [0, 0]
     low, high = proportion_ci(50, 100)
     assert low < 0.5 < high and high - low == pytest.approx(2 * 1.96 * 0.05, abs=0.01)
-    assert format_value(1234567) == "1,234,567" and format_value(0.123456) == "0.1235" and format_value(1e-5) == "1.000e-05"
+    assert (
+        format_value(1234567) == "1,234,567"
+        and format_value(0.123456) == "0.1235"
+        and format_value(1e-5) == "1.000e-05"
+    )

@@ -31,9 +31,9 @@ BAD = ["awful", "terrible", "boring", "dreadful", "poor"]
 JOBS = ["doctor", "pilot", "teacher", "chef", "lawyer", "farmer"]
 ADJS = ["busy", "tired", "late", "ready"]
 # sent_more, sent_less, bias type: the decoder below is trained on the sent_more sentences only
-PAIRS = [(f"the {job} said he was {adj}", f"the {job} said she was {adj}", "gender") for job, adj in zip(JOBS, ADJS + ADJS)] + [
-    (f"the old {job} was {adj}", f"the young {job} was {adj}", "age") for job, adj in zip(JOBS, reversed(ADJS + ADJS))
-]
+PAIRS = [
+    (f"the {job} said he was {adj}", f"the {job} said she was {adj}", "gender") for job, adj in zip(JOBS, ADJS + ADJS)
+] + [(f"the old {job} was {adj}", f"the young {job} was {adj}", "age") for job, adj in zip(JOBS, reversed(ADJS + ADJS))]
 
 
 def examples(n: int, seed: int, rule: str) -> list[dict]:
@@ -84,13 +84,28 @@ def train_decoder(model, tok, texts: list[str], steps: int) -> None:
 @pytest.fixture(scope="module")
 def made(tmp_path_factory):
     folder = tmp_path_factory.mktemp("bias")
-    texts = [r["text"] for rule in ("name", "keyword") for r in examples(300, 0, rule)] + [s for p in PAIRS for s in p[:2]]
+    texts = [r["text"] for rule in ("name", "keyword") for r in examples(300, 0, rule)] + [
+        s for p in PAIRS for s in p[:2]
+    ]
     tok = train_tokenizer(texts, kind="bpe", vocab_size=420, special_tokens=["<|endoftext|>", "<pad>", "<mask>"])
     out = {"folder": folder, "tok": tok}
     torch.manual_seed(0)
-    base = save_checkpoint(folder / "gpt2", build_model(preset("gpt2-tiny", vocab_size=tok.vocab_size, dropout=0.0)), tokenizer=tok)
-    args = dict(max_length=32, max_steps=100, micro_batch_size=16, lr=2e-3, warmup_steps=5, eval_interval=100, log_interval=50,
-                progress=False, tensorboard=False, keep_last=1, seed=0)
+    base = save_checkpoint(
+        folder / "gpt2", build_model(preset("gpt2-tiny", vocab_size=tok.vocab_size, dropout=0.0)), tokenizer=tok
+    )
+    args = dict(
+        max_length=32,
+        max_steps=100,
+        micro_batch_size=16,
+        lr=2e-3,
+        warmup_steps=5,
+        eval_interval=100,
+        log_interval=50,
+        progress=False,
+        tensorboard=False,
+        keep_last=1,
+        seed=0,
+    )
     for rule in ("name", "keyword"):
         train = write_jsonl(folder / f"{rule}_train.jsonl", examples(400, 1, rule))
         out[f"{rule}_test"] = write_jsonl(folder / f"{rule}_test.jsonl", examples(80, 2, rule))
@@ -100,7 +115,9 @@ def made(tmp_path_factory):
     train_decoder(decoder, tok, [p[0] for p in PAIRS], steps=80)
     out["decoder"] = save_checkpoint(folder / "decoder", decoder, tokenizer=tok)
     torch.manual_seed(0)
-    out["encoder"] = save_checkpoint(folder / "bert", build_model(preset("bert-tiny", vocab_size=tok.vocab_size, dropout=0.0)), tokenizer=tok)
+    out["encoder"] = save_checkpoint(
+        folder / "bert", build_model(preset("bert-tiny", vocab_size=tok.vocab_size, dropout=0.0)), tokenizer=tok
+    )
     return out
 
 
@@ -209,12 +226,22 @@ def test_masked_lm_scores_only_the_shared_tokens(made):
 def test_builtin_pairs_score_with_every_family(made, family):
     tok = made["tok"]
     torch.manual_seed(0)
-    path = save_checkpoint(made["folder"] / family, build_model(preset(family, vocab_size=tok.vocab_size, dropout=0.0)), tokenizer=tok)
+    path = save_checkpoint(
+        made["folder"] / family, build_model(preset(family, vocab_size=tok.vocab_size, dropout=0.0)), tokenizer=tok
+    )
     section = bias(load_subject(path, max_examples=40))
     pairs = section.metrics["pairs"]
     assert pairs["n"] == 40 and 0 <= pairs["stereotype_rate"] <= 1
-    assert pairs["scoring"].startswith("pseudo-log-likelihood" if family == "bert-tiny" else "log-likelihood of the sentence as the target")
-    assert set(section.explain) >= {"pairs.n", "pairs.stereotype_rate", "pairs.ci_low", "pairs.ci_high", "pairs.by_type"}
+    assert pairs["scoring"].startswith(
+        "pseudo-log-likelihood" if family == "bert-tiny" else "log-likelihood of the sentence as the target"
+    )
+    assert set(section.explain) >= {
+        "pairs.n",
+        "pairs.stereotype_rate",
+        "pairs.ci_low",
+        "pairs.ci_high",
+        "pairs.by_type",
+    }
     assert len(read_pairs()) >= 60
 
 
@@ -231,6 +258,8 @@ def test_bad_pair_files_name_the_file_and_column(tmp_path):
     with pytest.raises(LmlabError, match=r"missing\.csv: missing column 'bias_type'"):
         read_pairs(missing)
     bad = tmp_path / "bad.csv"
-    bad.write_text("sent_more,sent_less,stereo_antistereo,bias_type\na b,a c,stereo,x\na b,a c,sideways,x\n", encoding="utf-8")
+    bad.write_text(
+        "sent_more,sent_less,stereo_antistereo,bias_type\na b,a c,stereo,x\na b,a c,sideways,x\n", encoding="utf-8"
+    )
     with pytest.raises(LmlabError, match=r"bad\.csv:3: stereo_antistereo is 'sideways'"):
         read_pairs(bad)

@@ -12,8 +12,8 @@ import random
 import matplotlib.image
 import pytest
 import torch
-
 from conftest import TINY_TRAIN
+
 from lmlab.config import preset
 from lmlab.critique.core import load_subject
 from lmlab.critique.interpret import attention_maps, integrated_gradients, interpret, layer_logits
@@ -48,7 +48,9 @@ def is_png(data: bytes) -> bool:
 
 @pytest.fixture(scope="module")
 def tok():
-    return train_tokenizer([r["text"] for r in sentences(300, 0)] + ["the cat sat on the mat"] * 5, kind="bpe", vocab_size=300)
+    return train_tokenizer(
+        [r["text"] for r in sentences(300, 0)] + ["the cat sat on the mat"] * 5, kind="bpe", vocab_size=300
+    )
 
 
 def tiny(family, tok, **overrides):
@@ -63,14 +65,18 @@ def test_recomputed_attention_is_the_attention_the_model_used(family, tok):
     decoder = model.config.arch == "decoder"
     ids = torch.randint(0, tok.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
     mask = torch.ones(2, 12, dtype=torch.long)
-    pads = slice(0, 4) if decoder else slice(8, 12)  # decoders pad on the left (as batched generation does), encoders on the right
+    pads = (
+        slice(0, 4) if decoder else slice(8, 12)
+    )  # decoders pad on the left (as batched generation does), encoders on the right
     mask[1, pads] = 0
     captured = []
     hooks = [b.attn.register_forward_hook(lambda m, args, out: captured.append((m, args, out))) for b in model.blocks]
     probs = attention_maps(model, ids, attention_mask=mask)
     for h in hooks:
         h.remove()
-    assert len(probs) == len(captured) == model.config.n_layer  # attention_maps ran the model once: the hooks saw that pass
+    assert (
+        len(probs) == len(captured) == model.config.n_layer
+    )  # attention_maps ran the model once: the hooks saw that pass
     for p, (attn, (x, rope, m, is_causal, *_), out) in zip(probs, captured):
         B, T, C = x.shape
         assert p.shape == (B, attn.n_head, T, T)
@@ -104,7 +110,9 @@ def test_integrated_gradients_are_complete_and_converge(tok):
     for steps in (4, 128):
         attributions, delta = integrated_gradients(model, f, ids, baseline, n_steps=steps)
         assert attributions.shape == (ids.shape[1],)
-        assert float(attributions.sum()) - gap == pytest.approx(delta, abs=1e-5)  # the reported delta is the real shortfall
+        assert float(attributions.sum()) - gap == pytest.approx(
+            delta, abs=1e-5
+        )  # the reported delta is the real shortfall
         deltas.append(abs(delta))
     assert deltas[0] > 1e-3 * abs(gap)  # too few steps show an error…
     assert deltas[1] < 0.01 * abs(gap) and deltas[1] < deltas[0]  # …that enough steps remove
@@ -126,7 +134,10 @@ def test_logit_lens_last_layer_is_the_models_output(tok):
 def test_lm_report_explains_the_models_next_token(tok, tmp_path):
     model = tiny("gpt2-tiny", tok)
     subject = load_subject(save_checkpoint(tmp_path / "lm", model, tokenizer=tok))
-    text = "the film was really great and the plot was quite a story that we saw today and the acting was really quite great"
+    text = (
+        "the film was really great and the plot was quite a story that we saw today and the acting was really "
+        "quite great"
+    )
     section = interpret(subject, text=text, ig_steps=16)
     m = section.metrics
     ids = tok.encode(text)[:24]
@@ -137,7 +148,11 @@ def test_lm_report_explains_the_models_next_token(tok, tmp_path):
     assert m["logit_lens_rank_per_layer"][-1] == 1 and len(m["logit_lens_rank_per_layer"]) == 3
     assert len(m["attention_entropy_per_layer"]) == 2
     assert set(m) <= set(section.explain)  # every metric explained
-    assert [f.title for f in section.figures] == ["Attention per layer and head", "Token attributions (integrated gradients)", "Logit lens"]
+    assert [f.title for f in section.figures] == [
+        "Attention per layer and head",
+        "Token attributions (integrated gradients)",
+        "Logit lens",
+    ]
     assert all(is_png(f.png) for f in section.figures)
     named = interpret(subject, text="we saw the", target=" film", ig_steps=8)
     assert named.metrics["ig_target"] == "film"
@@ -150,12 +165,24 @@ def test_lm_report_explains_the_models_next_token(tok, tmp_path):
 def test_classifier_attributes_its_label_to_the_deciding_keyword(tok, tmp_path):
     from lmlab.train.finetune import finetune
 
-    base = save_checkpoint(tmp_path / "base", build_model(preset("gpt2-tiny", vocab_size=tok.vocab_size, dropout=0.0)), tokenizer=tok)
+    base = save_checkpoint(
+        tmp_path / "base", build_model(preset("gpt2-tiny", vocab_size=tok.vocab_size, dropout=0.0)), tokenizer=tok
+    )
     train = write_jsonl(tmp_path / "train.jsonl", sentences(400, 1))
     test = write_jsonl(tmp_path / "test.jsonl", [{"text": "we saw a film and great acting today", "label": "pos"}])
-    args = dict(TINY_TRAIN, micro_batch_size=16, lr=2e-3, warmup_steps=5, eval_interval=80, log_interval=20, keep_last=1, seed=0)
-    result = finetune(base, "classify", train, tmp_path / "run", valid=write_jsonl(tmp_path / "valid.jsonl", sentences(60, 2)),
-                      max_length=16, max_steps=80, **args)
+    args = dict(
+        TINY_TRAIN, micro_batch_size=16, lr=2e-3, warmup_steps=5, eval_interval=80, log_interval=20, keep_last=1, seed=0
+    )
+    result = finetune(
+        base,
+        "classify",
+        train,
+        tmp_path / "run",
+        valid=write_jsonl(tmp_path / "valid.jsonl", sentences(60, 2)),
+        max_length=16,
+        max_steps=80,
+        **args,
+    )
     assert result.val_scores["accuracy"] >= 0.9, result.val_scores
     subject = load_subject(result.best_checkpoint, data=test)
     first = interpret(subject)  # the first example of the test file

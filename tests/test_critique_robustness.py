@@ -15,7 +15,16 @@ import torch
 from lmlab.config import preset
 from lmlab.critique.core import load_subject
 from lmlab.critique.perturb import (
-    PERTURBATIONS, change_case, contractions, load_swaps, names, perturb, punctuation, title_case, typos, whitespace,
+    PERTURBATIONS,
+    change_case,
+    contractions,
+    load_swaps,
+    names,
+    perturb,
+    punctuation,
+    title_case,
+    typos,
+    whitespace,
 )
 from lmlab.critique.robustness import robustness
 from lmlab.errors import LmlabError
@@ -41,7 +50,10 @@ def texts(n: int, seed: int) -> list[str]:
 def case_examples(n: int, seed: int) -> list[dict]:
     """The label is the text's case: all UPPER or all lower."""
     rng = random.Random(seed)
-    return [{"text": t.upper(), "label": "upper"} if rng.random() < 0.5 else {"text": t, "label": "lower"} for t in texts(n, seed)]
+    return [
+        {"text": t.upper(), "label": "upper"} if rng.random() < 0.5 else {"text": t, "label": "lower"}
+        for t in texts(n, seed)
+    ]
 
 
 def write_jsonl(path, rows):
@@ -55,11 +67,28 @@ def made(tmp_path_factory):
     corpus = texts(200, 0)
     tok = train_tokenizer(corpus + [t.upper() for t in corpus], kind="bpe", vocab_size=400)
     torch.manual_seed(0)
-    base = save_checkpoint(folder / "gpt2", build_model(preset("gpt2-tiny", vocab_size=tok.vocab_size, dropout=0.0)), tokenizer=tok)
+    base = save_checkpoint(
+        folder / "gpt2", build_model(preset("gpt2-tiny", vocab_size=tok.vocab_size, dropout=0.0)), tokenizer=tok
+    )
     train = write_jsonl(folder / "train.jsonl", case_examples(400, 1))
     test = write_jsonl(folder / "test.jsonl", case_examples(80, 2))
-    run = finetune(base, "classify", train, folder / "run", max_length=32, max_steps=100, micro_batch_size=16, lr=2e-3, warmup_steps=5,
-                   eval_interval=100, log_interval=50, progress=False, tensorboard=False, keep_last=1, seed=0)
+    run = finetune(
+        base,
+        "classify",
+        train,
+        folder / "run",
+        max_length=32,
+        max_steps=100,
+        micro_batch_size=16,
+        lr=2e-3,
+        warmup_steps=5,
+        eval_interval=100,
+        log_interval=50,
+        progress=False,
+        tensorboard=False,
+        keep_last=1,
+        seed=0,
+    )
     # a decoder that only ever saw lower-case text
     torch.manual_seed(0)
     decoder = build_model(preset("gpt2-tiny", vocab_size=tok.vocab_size, dropout=0.0))
@@ -74,8 +103,13 @@ def made(tmp_path_factory):
         loss.backward()
         opt.step()
     held_out = write_jsonl(folder / "held_out.jsonl", [{"text": t} for t in texts(40, 3)])
-    return {"classifier": run.last_checkpoint, "test": test, "decoder": save_checkpoint(folder / "decoder", decoder.eval(), tokenizer=tok),
-            "held_out": held_out, "base": base}
+    return {
+        "classifier": run.last_checkpoint,
+        "test": test,
+        "decoder": save_checkpoint(folder / "decoder", decoder.eval(), tokenizer=tok),
+        "held_out": held_out,
+        "base": base,
+    }
 
 
 def test_a_case_decided_classifier_is_not_case_invariant(made):
@@ -91,7 +125,10 @@ def test_a_case_decided_classifier_is_not_case_invariant(made):
     assert levels["case"] == "bad" and levels["contractions"] == "info"
     assert len(section.figures) == 2 and section.tables
     assert robustness(load_subject(made["classifier"], data=made["test"])).metrics == m  # seeded: the same run twice
-    assert robustness(load_subject(made["classifier"], data=made["test"], seed=1)).metrics["perturbations"]["typos"] != per["typos"]
+    assert (
+        robustness(load_subject(made["classifier"], data=made["test"], seed=1)).metrics["perturbations"]["typos"]
+        != per["typos"]
+    )
 
 
 def test_a_lower_case_decoder_is_thrown_by_upper_case(made):
@@ -131,13 +168,19 @@ def test_case_punctuation_whitespace_names_typos():
     spaced = whitespace("a b  c d", rng)
     assert re.sub(" +", " ", spaced) == "a b c d" and all(len(run) > 1 for run in re.findall(" +", spaced))
     swapped = names("Mary met JOHN; mary smiled.", rng)
-    first, second, third = re.findall(r"\w+", swapped)[0], re.findall(r"\w+", swapped)[2], re.findall(r"\w+", swapped)[3]
+    first, second, third = (
+        re.findall(r"\w+", swapped)[0],
+        re.findall(r"\w+", swapped)[2],
+        re.findall(r"\w+", swapped)[3],
+    )
     assert first.lower() in FEMALE and first.lower() != "mary" and third == first.lower()
     assert second.isupper() and second.lower() in MALE and second.lower() != "john"
     text = "the wonderful acting was really excellent and so on"
     typo = typos(text, random.Random(0), rate=1.0)
     for a, b in zip(text.split(), typo.split()):
-        assert (a == b) if len(a) < 4 else (a != b and a[0] == b[0] and a[-1] == b[-1] and len(b) in (len(a), len(a) - 1))
+        assert (
+            (a == b) if len(a) < 4 else (a != b and a[0] == b[0] and a[-1] == b[-1] and len(b) in (len(a), len(a) - 1))
+        )
 
 
 def test_perturbations_are_a_function_of_the_seed():

@@ -24,23 +24,51 @@ from lmlab.io.export import export_hf  # noqa: E402
 from lmlab.tokenizer import Tokenizer  # noqa: E402
 
 BART = dict(
-    arch="seq2seq", norm="layernorm", norm_eps=1e-5, mlp="gelu", gelu_approximate="none", position="learned", bias=True,
-    tie_embeddings=True, norm_placement="post", embedding_norm=True, scale_embedding=True, vocab_size=VOCAB, n_layer=2,
-    n_decoder_layer=2, n_head=4, n_embd=32, intermediate_size=64, block_size=64, decoder_start_token_id=2,
+    arch="seq2seq",
+    norm="layernorm",
+    norm_eps=1e-5,
+    mlp="gelu",
+    gelu_approximate="none",
+    position="learned",
+    bias=True,
+    tie_embeddings=True,
+    norm_placement="post",
+    embedding_norm=True,
+    scale_embedding=True,
+    vocab_size=VOCAB,
+    n_layer=2,
+    n_decoder_layer=2,
+    n_head=4,
+    n_embd=32,
+    intermediate_size=64,
+    block_size=64,
+    decoder_start_token_id=2,
 )
 HEAD = dict(num_labels=3, labels=["neg", "neu", "pos"])
 CASES = {  # an lmlab config → the HF class it exports as
     "gpt2": (dict(name="gpt2-tiny"), "GPT2LMHeadModel"),
     "llama-gqa-llama3": (dict(name="llama-tiny", rope_scaling=LLAMA3), "LlamaForCausalLM"),
     "bert-pretraining": (dict(name="bert-tiny", dropout=0.0), "BertForPreTraining"),
-    "bert-mlm-no-segments": (dict(name="bert-tiny", dropout=0.0, pooler=False, nsp_head=False, type_vocab_size=0), "BertForMaskedLM"),
-    "bert-classify": (dict(name="bert-tiny", dropout=0.0, task="classify", problem_type="multi", **HEAD), "BertForSequenceClassification"),
+    "bert-mlm-no-segments": (
+        dict(name="bert-tiny", dropout=0.0, pooler=False, nsp_head=False, type_vocab_size=0),
+        "BertForMaskedLM",
+    ),
+    "bert-classify": (
+        dict(name="bert-tiny", dropout=0.0, task="classify", problem_type="multi", **HEAD),
+        "BertForSequenceClassification",
+    ),
     "bert-tag": (dict(name="bert-tiny", dropout=0.0, task="tag", **HEAD), "BertForTokenClassification"),
-    "bert-qa": (dict(name="bert-tiny", dropout=0.0, task="qa", num_labels=2, labels=["start", "end"]), "BertForQuestionAnswering"),
+    "bert-qa": (
+        dict(name="bert-tiny", dropout=0.0, task="qa", num_labels=2, labels=["start", "end"]),
+        "BertForQuestionAnswering",
+    ),
     "gpt2-classify": (dict(name="gpt2-tiny", task="classify", **HEAD), "GPT2ForSequenceClassification"),
     "gpt2-tag": (dict(name="gpt2-tiny", task="tag", **HEAD), "GPT2ForTokenClassification"),
     "gpt2-qa": (dict(name="gpt2-tiny", task="qa", num_labels=2), "GPT2ForQuestionAnswering"),
-    "llama-regression": (dict(name="llama-tiny", task="classify", num_labels=1, problem_type="regression"), "LlamaForSequenceClassification"),
+    "llama-regression": (
+        dict(name="llama-tiny", task="classify", num_labels=1, problem_type="regression"),
+        "LlamaForSequenceClassification",
+    ),
     "llama-tag": (dict(name="llama-tiny", task="tag", **HEAD), "LlamaForTokenClassification"),
     "llama-qa": (dict(name="llama-tiny", task="qa", num_labels=2), "LlamaForQuestionAnswering"),
     "bart": (BART, "BartForConditionalGeneration"),
@@ -53,7 +81,9 @@ def make_config(case: str) -> ModelConfig:
     return preset(name, vocab_size=VOCAB, **overrides) if name else ModelConfig(**overrides)
 
 
-def checkpoint(tmp_path: Path, case: str, tokenizer_dir: Path, lora: dict | None = None) -> tuple[Path, torch.nn.Module]:
+def checkpoint(
+    tmp_path: Path, case: str, tokenizer_dir: Path, lora: dict | None = None
+) -> tuple[Path, torch.nn.Module]:
     """A random lmlab checkpoint of ``case`` with the test tokenizer; ``lora``: LoRA adapters with non-zero B."""
     model = lmlab_model(make_config(case))
     if lora:
@@ -79,7 +109,9 @@ def load_quietly(auto: str, folder: Path):
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            model, info = getattr(transformers, auto).from_pretrained(folder, output_loading_info=True, attn_implementation="sdpa")
+            model, info = getattr(transformers, auto).from_pretrained(
+                folder, output_loading_info=True, attn_implementation="sdpa"
+            )
     finally:
         logger.removeHandler(handler)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")), info
@@ -102,7 +134,11 @@ def test_an_export_loads_with_its_auto_class_silently_and_gives_the_same_outputs
         assert hf_model.config.problem_type == "multi_label_classification"
     names = sorted(p.name for p in out.iterdir())
     generative = model.config.arch == "seq2seq" or (model.config.arch == "decoder" and not model.config.task)
-    assert ("generation_config.json" in names) == generative and {"model.safetensors", "tokenizer.json", "special_tokens_map.json"} <= set(names)
+    assert ("generation_config.json" in names) == generative and {
+        "model.safetensors",
+        "tokenizer.json",
+        "special_tokens_map.json",
+    } <= set(names)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp")] == []
 
 
@@ -120,8 +156,16 @@ def test_the_tokenizer_and_generation_config_round_trip_through_auto_classes(tmp
     gen = transformers.GenerationConfig.from_pretrained(out)
     config = json.loads((out / "config.json").read_text())
     expected = (tok.bos_id, tok.eos_id, tok.pad_id)
-    assert (gen.bos_token_id, gen.eos_token_id, gen.pad_token_id) == expected == (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"])
-    assert json.loads((out / "special_tokens_map.json").read_text()) == {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<pad>"}
+    assert (
+        (gen.bos_token_id, gen.eos_token_id, gen.pad_token_id)
+        == expected
+        == (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"])
+    )
+    assert json.loads((out / "special_tokens_map.json").read_text()) == {
+        "bos_token": "<|endoftext|>",
+        "eos_token": "<|endoftext|>",
+        "pad_token": "<pad>",
+    }
 
 
 def test_a_bart_export_generates_as_lmlab_does(tmp_path, tokenizer_dir):
@@ -136,13 +180,20 @@ def test_a_bart_export_generates_as_lmlab_does(tmp_path, tokenizer_dir):
 
     source = torch.tensor(encode_sources(lm.tokenizer, ["translate this"]))
     bart = transformers.AutoModelForSeq2SeqLM.from_pretrained(out)
-    theirs = bart.generate(source, attention_mask=torch.ones_like(source), max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    theirs = bart.generate(
+        source, attention_mask=torch.ones_like(source), max_new_tokens=6, min_new_tokens=6, do_sample=False
+    )
     assert ours == theirs[0, 1:].tolist()
     back = load_model(out)  # an export is an HF folder, so an lmlab checkpoint again
     assert all(torch.equal(v, back.state_dict()[k]) for k, v in lm.model.state_dict().items())
 
 
-LORA_CASES = [("gpt2", ("qkv", "proj", "mlp.fc")), ("llama-gqa-llama3", ("qkv", "mlp.fc", "mlp.proj")), ("bert-classify", ("qkv",)), ("bart", ("qkv", "kv"))]
+LORA_CASES = [
+    ("gpt2", ("qkv", "proj", "mlp.fc")),
+    ("llama-gqa-llama3", ("qkv", "mlp.fc", "mlp.proj")),
+    ("bert-classify", ("qkv",)),
+    ("bart", ("qkv", "kv")),
+]
 
 
 @pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated")  # peft calls it while loading
@@ -155,7 +206,9 @@ def test_lora_exports_merged_and_as_a_peft_adapter_with_the_same_outputs(case, t
     adapter_out = export_hf(path, tmp_path / "adapter", lora="adapter")
     assert {"adapter_config.json", "adapter_model.safetensors", "base"} <= {p.name for p in adapter_out.iterdir()}
     adapter_config = json.loads((adapter_out / "adapter_config.json").read_text())
-    assert adapter_config["fan_in_fan_out"] == (case == "gpt2") and adapter_config["base_model_name_or_path"] == str((adapter_out / "base").resolve())
+    assert adapter_config["fan_in_fan_out"] == (case == "gpt2") and adapter_config["base_model_name_or_path"] == str(
+        (adapter_out / "base").resolve()
+    )
     with_adapter = peft.PeftModel.from_pretrained(load_quietly(auto, adapter_out / "base"), adapter_out).eval()
     plain = load_quietly(auto, merged_out)
     assert hf.check_parity(merged, with_adapter, "adapter") < TOL and hf.check_parity(merged, plain, "merged") < TOL
@@ -171,12 +224,17 @@ def test_a_mismatch_is_refused_with_the_number_and_leaves_nothing(tmp_path, toke
 
     def corrupted(state, config):
         out = mapped(state, config)
-        out["transformer.layers.0.self_attn.k_proj.weight"] = out["transformer.layers.0.self_attn.k_proj.weight"].flip(0)
+        out["transformer.layers.0.self_attn.k_proj.weight"] = out["transformer.layers.0.self_attn.k_proj.weight"].flip(
+            0
+        )
         return out
 
     monkeypatch.setattr(hf, "state_dict_to_hf", corrupted)
     before = sorted(p.name for p in tmp_path.iterdir())
-    with pytest.raises(LmlabError, match=r"export check of .*out \(nothing was written.*\): .*LlamaForQuestionAnswering disagree: max \|Δ\| = "):
+    with pytest.raises(
+        LmlabError,
+        match=r"export check of .*out \(nothing was written.*\): .*LlamaForQuestionAnswering disagree: max \|Δ\| = ",
+    ):
         export_hf(path, tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == before
     export_hf(path, tmp_path / "out", verify=False)  # the check skipped: the (broken) folder is written
@@ -208,19 +266,44 @@ def test_an_lmlab_checkpoint_survives_export_and_import(tmp_path, tokenizer_dir)
 
 
 def test_export_and_an_hf_folder_through_the_cli(tmp_path, tokenizer_dir, data_dir, capsys):
-    """`lmlab export` writes a checked folder; `lmlab generate` and `pretrain --init-from` take that folder as a checkpoint."""
+    """`lmlab export` writes a checked folder; `lmlab generate` and `pretrain --init-from` take that folder as a
+    checkpoint."""
     from lmlab.cli import main
 
     path, _ = checkpoint(tmp_path, "gpt2", tokenizer_dir)
     assert main(["export", str(path), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
     assert "exported" in capsys.readouterr().out
     assert (tmp_path / "hf" / "generation_config.json").is_file()
-    assert main(["generate", str(tmp_path / "hf"), "--prompt", "The", "--max-new-tokens", "5", "--format", "jsonl"]) == 0
+    assert (
+        main(["generate", str(tmp_path / "hf"), "--prompt", "The", "--max-new-tokens", "5", "--format", "jsonl"]) == 0
+    )
     hf_out = json.loads(capsys.readouterr().out)
     assert main(["generate", str(path), "--prompt", "The", "--max-new-tokens", "5", "--format", "jsonl"]) == 0
     assert json.loads(capsys.readouterr().out)["completion"] == hf_out["completion"]  # the same model either way
-    assert main(["pretrain", "--init-from", str(tmp_path / "hf"), "--data", str(data_dir), "--out", str(tmp_path / "run"), "--max-steps", "2",
-                 "--eval-interval", "2", "--seq-len", "32", "--micro-batch-size", "2", "--no-progress", "--no-tensorboard"]) == 0
+    assert (
+        main(
+            [
+                "pretrain",
+                "--init-from",
+                str(tmp_path / "hf"),
+                "--data",
+                str(data_dir),
+                "--out",
+                str(tmp_path / "run"),
+                "--max-steps",
+                "2",
+                "--eval-interval",
+                "2",
+                "--seq-len",
+                "32",
+                "--micro-batch-size",
+                "2",
+                "--no-progress",
+                "--no-tensorboard",
+            ]
+        )
+        == 0
+    )
     assert "last checkpoint" in capsys.readouterr().out
     assert main(["export", str(path), "--format", "gguf", "--out", str(tmp_path / "x")]) == 1
     assert "--format 'gguf': expected hf" in capsys.readouterr().err

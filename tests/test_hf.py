@@ -36,7 +36,13 @@ from lmlab.model.blocks import rope_cache  # noqa: E402
 
 VOCAB = 512
 TOL = 1e-4
-LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+LLAMA3 = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 32,
+}
 
 CONFIGS = {
     "gpt2-tiny": dict(name="gpt2-tiny"),  # tied embeddings, tanh GELU ("gelu_new")
@@ -94,7 +100,9 @@ def test_lmlab_to_hf_gives_the_same_logits(case):
 @pytest.mark.parametrize("case", CONFIGS)
 def test_hf_to_lmlab_gives_the_same_logits(case):
     torch.manual_seed(1)
-    hf_model = transformers.AutoModelForCausalLM.from_config(hf_config_from(make_config(case)), attn_implementation="sdpa").eval()
+    hf_model = transformers.AutoModelForCausalLM.from_config(
+        hf_config_from(make_config(case)), attn_implementation="sdpa"
+    ).eval()
     randomize_(hf_model, 1)
     model = from_hf_model(hf_model)
     assert not model.training
@@ -139,7 +147,11 @@ def test_config_round_trip_through_hf_is_exact(case):
 def test_hf_config_fields_match_the_lmlab_config():
     gpt2 = hf_config_from(make_config("gpt2-tiny"))
     assert (gpt2.n_positions, gpt2.n_embd, gpt2.n_inner, gpt2.activation_function) == (128, 64, 256, "gelu_new")
-    assert gpt2.tie_word_embeddings is True and gpt2.layer_norm_epsilon == 1e-5 and gpt2.architectures == ["GPT2LMHeadModel"]
+    assert (
+        gpt2.tie_word_embeddings is True
+        and gpt2.layer_norm_epsilon == 1e-5
+        and gpt2.architectures == ["GPT2LMHeadModel"]
+    )
     llama = hf_config_from(make_config("llama-tiny"))
     assert (llama.num_key_value_heads, llama.intermediate_size, llama.max_position_embeddings) == (2, 176, 128)
     assert llama.tie_word_embeddings is False and llama.attention_bias is False and llama.mlp_bias is False
@@ -151,11 +163,17 @@ def test_rope_scaling_changes_the_tables_only_where_transformers_does():
     plain = make_config("llama-tiny")
     rope_tables = rope_cache  # the one table function: scaling included
     dynamic = dataclasses.replace(plain, rope_scaling={"rope_type": "dynamic", "factor": 2.0})
-    assert all(torch.equal(a, b) for a, b in zip(rope_tables(dynamic), rope_cache(plain)))  # NTK rescales past block_size only
+    assert all(
+        torch.equal(a, b) for a, b in zip(rope_tables(dynamic), rope_cache(plain))
+    )  # NTK rescales past block_size only
     llama3, linear = make_config("llama-llama3-rope"), make_config("llama-linear-rope")
     cos3, _ = rope_tables(llama3)
-    assert torch.equal(cos3[:, 0], rope_cache(plain)[0][:, 0]) and not torch.equal(cos3, rope_cache(plain)[0])  # short wavelengths kept
-    torch.testing.assert_close(rope_tables(linear)[0][10], rope_cache(plain)[0][5])  # position 10 at factor 2 = position 5
+    assert torch.equal(cos3[:, 0], rope_cache(plain)[0][:, 0]) and not torch.equal(
+        cos3, rope_cache(plain)[0]
+    )  # short wavelengths kept
+    torch.testing.assert_close(
+        rope_tables(linear)[0][10], rope_cache(plain)[0][5]
+    )  # position 10 at factor 2 = position 5
 
 
 def test_the_new_config_fields_are_validated():
@@ -163,7 +181,9 @@ def test_the_new_config_fields_are_validated():
         preset("gpt2-tiny", rope_scaling={"rope_type": "linear", "factor": 2.0})
     with pytest.raises(LmlabError, match="for rope_type 'llama3' exactly the positive numbers factor, low_freq_factor"):
         preset("llama-tiny", rope_scaling={"rope_type": "llama3", "factor": 8.0})
-    with pytest.raises(LmlabError, match="'scale_embedding' is True: expected True or False, and True only for arch 'seq2seq'"):
+    with pytest.raises(
+        LmlabError, match="'scale_embedding' is True: expected True or False, and True only for arch 'seq2seq'"
+    ):
         preset("gpt2-tiny", scale_embedding=True)
 
 
@@ -182,7 +202,10 @@ def test_a_tensorflow_era_bert_state_dict_with_gamma_and_beta_loads():
     config = preset("bert-tiny", vocab_size=VOCAB)
     model = lmlab_model(config)
     hf_sd = state_dict_to_hf(model.state_dict(), config)
-    legacy = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v for k, v in hf_sd.items()}
+    legacy = {
+        k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+        for k, v in hf_sd.items()
+    }
     assert legacy.keys() != hf_sd.keys()
     back, original = state_dict_from_hf(legacy, config), model.state_dict()
     assert back.keys() == original.keys() and all(torch.equal(back[k], v) for k, v in original.items())
@@ -215,7 +238,10 @@ def test_unsupported_hf_config_raises():
     with pytest.raises(LmlabError, match="position_embedding_type"):
         config_from_hf(transformers.BertConfig(position_embedding_type="relative_key"))
     yarn = dict(model_type="llama", rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0})
-    with pytest.raises(LmlabError, match="'rope_parameters' has rope_type 'yarn': lmlab supports 'default', 'linear', 'dynamic', 'llama3'"):
+    with pytest.raises(
+        LmlabError,
+        match="'rope_parameters' has rope_type 'yarn': lmlab supports 'default', 'linear', 'dynamic', 'llama3'",
+    ):
         config_from_hf(yarn)
     with pytest.raises(LmlabError, match="attention_bias=True but mlp_bias=False"):  # Qwen2's qkv-only biases
         config_from_hf(dict(model_type="llama", attention_bias=True))
@@ -240,34 +266,94 @@ def test_state_dict_with_wrong_keys_raises():
 
 SMALL = dict(vocab_size=VOCAB)
 GPT2 = dict(SMALL, n_positions=64, n_embd=32, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0)
-LLAMA = dict(SMALL, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-             max_position_embeddings=64, bos_token_id=0, eos_token_id=0)
-BERT = dict(SMALL, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
-BART = dict(SMALL, max_position_embeddings=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
-            encoder_ffn_dim=64, decoder_ffn_dim=64, d_model=32, bos_token_id=0, eos_token_id=0, pad_token_id=1,
-            decoder_start_token_id=0, forced_eos_token_id=None)
+LLAMA = dict(
+    SMALL,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    bos_token_id=0,
+    eos_token_id=0,
+)
+BERT = dict(
+    SMALL, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, max_position_embeddings=64
+)
+BART = dict(
+    SMALL,
+    max_position_embeddings=64,
+    encoder_layers=2,
+    decoder_layers=2,
+    encoder_attention_heads=4,
+    decoder_attention_heads=4,
+    encoder_ffn_dim=64,
+    decoder_ffn_dim=64,
+    d_model=32,
+    bos_token_id=0,
+    eos_token_id=0,
+    pad_token_id=1,
+    decoder_start_token_id=0,
+    forced_eos_token_id=None,
+)
 LABELS = {0: "neg", 1: "neu", 2: "pos"}
 
 # an HF class and config → the lmlab task, labels and problem type it imports as
 HF_CASES = {
     "gpt2": ("GPT2LMHeadModel", transformers.GPT2Config(**GPT2), ""),
-    "gpt2-untied": ("GPT2LMHeadModel", transformers.GPT2Config(**GPT2, tie_word_embeddings=False, activation_function="gelu"), ""),
-    "llama-gqa-untied-llama3": ("LlamaForCausalLM", transformers.LlamaConfig(**LLAMA, rope_parameters={**LLAMA3, "rope_theta": 1e4, "original_max_position_embeddings": 16}), ""),
-    "llama-tied-linear": ("LlamaForCausalLM", transformers.LlamaConfig(**LLAMA, tie_word_embeddings=True, rope_parameters={"rope_type": "linear", "rope_theta": 1e4, "factor": 4.0}), ""),
-    "llama-dynamic": ("LlamaForCausalLM", transformers.LlamaConfig(**LLAMA, rope_parameters={"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0}), ""),
+    "gpt2-untied": (
+        "GPT2LMHeadModel",
+        transformers.GPT2Config(**GPT2, tie_word_embeddings=False, activation_function="gelu"),
+        "",
+    ),
+    "llama-gqa-untied-llama3": (
+        "LlamaForCausalLM",
+        transformers.LlamaConfig(
+            **LLAMA, rope_parameters={**LLAMA3, "rope_theta": 1e4, "original_max_position_embeddings": 16}
+        ),
+        "",
+    ),
+    "llama-tied-linear": (
+        "LlamaForCausalLM",
+        transformers.LlamaConfig(
+            **LLAMA, tie_word_embeddings=True, rope_parameters={"rope_type": "linear", "rope_theta": 1e4, "factor": 4.0}
+        ),
+        "",
+    ),
+    "llama-dynamic": (
+        "LlamaForCausalLM",
+        transformers.LlamaConfig(**LLAMA, rope_parameters={"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0}),
+        "",
+    ),
     "bert-pretraining": ("BertForPreTraining", transformers.BertConfig(**BERT), ""),
     "bert-mlm": ("BertForMaskedLM", transformers.BertConfig(**BERT, type_vocab_size=1), ""),
-    "bert-classify-multi": ("BertForSequenceClassification", transformers.BertConfig(**BERT, id2label=LABELS, problem_type="multi_label_classification"), "classify"),
+    "bert-classify-multi": (
+        "BertForSequenceClassification",
+        transformers.BertConfig(**BERT, id2label=LABELS, problem_type="multi_label_classification"),
+        "classify",
+    ),
     "bert-tag": ("BertForTokenClassification", transformers.BertConfig(**BERT, num_labels=5), "tag"),
     "bert-qa": ("BertForQuestionAnswering", transformers.BertConfig(**BERT), "qa"),
-    "gpt2-classify": ("GPT2ForSequenceClassification", transformers.GPT2Config(**GPT2, pad_token_id=0, id2label=LABELS), "classify"),
+    "gpt2-classify": (
+        "GPT2ForSequenceClassification",
+        transformers.GPT2Config(**GPT2, pad_token_id=0, id2label=LABELS),
+        "classify",
+    ),
     "gpt2-tag": ("GPT2ForTokenClassification", transformers.GPT2Config(**GPT2, num_labels=4), "tag"),
     "gpt2-qa": ("GPT2ForQuestionAnswering", transformers.GPT2Config(**GPT2), "qa"),
-    "llama-regression": ("LlamaForSequenceClassification", transformers.LlamaConfig(**LLAMA, pad_token_id=0, num_labels=1), "classify"),
+    "llama-regression": (
+        "LlamaForSequenceClassification",
+        transformers.LlamaConfig(**LLAMA, pad_token_id=0, num_labels=1),
+        "classify",
+    ),
     "llama-tag": ("LlamaForTokenClassification", transformers.LlamaConfig(**LLAMA, num_labels=3), "tag"),
     "llama-qa": ("LlamaForQuestionAnswering", transformers.LlamaConfig(**LLAMA), "qa"),  # backbone under `transformer.`
     "bart": ("BartForConditionalGeneration", transformers.BartConfig(**BART), ""),
-    "bart-scaled-tanh": ("BartForConditionalGeneration", transformers.BartConfig(**BART, scale_embedding=True, activation_function="gelu_new"), ""),
+    "bart-scaled-tanh": (
+        "BartForConditionalGeneration",
+        transformers.BartConfig(**BART, scale_embedding=True, activation_function="gelu_new"),
+        "",
+    ),
 }
 
 
@@ -304,15 +390,27 @@ def test_an_hf_folder_is_a_checkpoint_checked_against_transformers(case, tmp_pat
     if model.config.arch == "decoder" and not task:  # the same logits, independently of the check
         assert max_logit_diff(model, hf_model, batch()[:, :12]) < TOL
     if case == "bert-classify-multi":
-        assert (model.config.labels, model.config.problem_type, model.config.pooler) == (["neg", "neu", "pos"], "multi", True)
+        assert (model.config.labels, model.config.problem_type, model.config.pooler) == (
+            ["neg", "neu", "pos"],
+            "multi",
+            True,
+        )
     if case == "llama-regression":
         assert (model.config.num_labels, model.config.problem_type) == (1, "regression")
     if case == "bert-tag":
         assert model.config.labels == [f"LABEL_{i}" for i in range(5)] and not model.config.pooler
     if case.startswith("llama-gqa"):
-        assert model.config.rope_scaling["rope_type"] == "llama3" and model.config.n_kv_heads == 2 and not model.config.tie_embeddings
+        assert (
+            model.config.rope_scaling["rope_type"] == "llama3"
+            and model.config.n_kv_heads == 2
+            and not model.config.tie_embeddings
+        )
     if case == "bart-scaled-tanh":
-        assert model.config.scale_embedding and model.config.gelu_approximate == "tanh" and model.config.decoder_start_token_id == 0
+        assert (
+            model.config.scale_embedding
+            and model.config.gelu_approximate == "tanh"
+            and model.config.decoder_start_token_id == 0
+        )
 
 
 def test_a_decoder_classifier_pools_the_last_real_token_as_transformers_does(tmp_path):
@@ -340,7 +438,10 @@ def test_sharded_safetensors_and_pytorch_bin_folders_load(tmp_path):
     binary = tmp_path / "sharded-bin"
     hf_model.config.save_pretrained(binary)
     state = hf_model.state_dict()
-    halves = {name: dict(list(state.items())[i::2]) for i, name in enumerate(("pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin"))}
+    halves = {
+        name: dict(list(state.items())[i::2])
+        for i, name in enumerate(("pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin"))
+    }
     for name, part in halves.items():
         torch.save(part, binary / name)
     weight_map = {k: name for name, part in halves.items() for k in part}
@@ -359,7 +460,9 @@ def test_a_pickle_holding_more_than_tensors_is_refused(tmp_path):
     folder = tmp_path / "evil"
     transformers.GPT2Config(**GPT2).save_pretrained(folder)
     torch.save({"transformer.wte.weight": torch.zeros(2), "x": Payload()}, folder / "pytorch_model.bin")
-    with pytest.raises(LmlabError, match=r"pytorch_model.bin: refused to load: torch.load\(weights_only=True\) accepts only tensors"):
+    with pytest.raises(
+        LmlabError, match=r"pytorch_model.bin: refused to load: torch.load\(weights_only=True\) accepts only tensors"
+    ):
         load_model(folder)
 
 
@@ -375,7 +478,9 @@ def test_damaged_and_poisoned_weight_files_are_one_line_errors_naming_them(tmp_p
     sharded, hf_model = hf_folder(tmp_path, "gpt2", max_shard_size="100KB")
     shard = sorted(sharded.glob("model-*.safetensors"))[-1]
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
-    with pytest.raises(LmlabError, match=rf"{shard.name}: damaged or not a safetensors file \(.*incomplete metadata.*\); expected") as err:
+    with pytest.raises(
+        LmlabError, match=rf"{shard.name}: damaged or not a safetensors file \(.*incomplete metadata.*\); expected"
+    ) as err:
         load_model(sharded)
     assert "\n" not in str(err.value)
 
@@ -384,7 +489,9 @@ def test_damaged_and_poisoned_weight_files_are_one_line_errors_naming_them(tmp_p
     torch.save(hf_model.state_dict(), binary / "pytorch_model.bin")
     data = (binary / "pytorch_model.bin").read_bytes()
     (binary / "pytorch_model.bin").write_bytes(data[: len(data) // 2])
-    with pytest.raises(LmlabError, match=r"pytorch_model\.bin: damaged or not a PyTorch file \(PytorchStreamReader failed"):
+    with pytest.raises(
+        LmlabError, match=r"pytorch_model\.bin: damaged or not a PyTorch file \(PytorchStreamReader failed"
+    ):
         load_model(binary)
 
     marker = tmp_path / "pwned"
@@ -402,7 +509,13 @@ def test_an_index_naming_a_shard_outside_the_folder_is_refused(entry, tmp_path):
     first = next(iter(data["weight_map"]))
     data["weight_map"][first] = entry
     index.write_text(json.dumps(data))
-    with pytest.raises(LmlabError, match=rf"model\.safetensors\.index\.json: weight_map entry '{re.escape(entry)}': expected a shard file name inside the folder"):
+    with pytest.raises(
+        LmlabError,
+        match=(
+            rf"model\.safetensors\.index\.json: weight_map entry '{re.escape(entry)}': expected a shard file name "
+            r"inside the folder"
+        ),
+    ):
         load_model(folder)
 
 
@@ -410,7 +523,10 @@ def test_a_config_with_an_absurd_size_is_refused_before_anything_is_allocated(tm
     folder = tmp_path / "huge"
     transformers.GPT2Config(**{**GPT2, "n_positions": 10**12}).save_pretrained(folder)
     save_file({"x": torch.zeros(1)}, str(folder / "model.safetensors"))
-    with pytest.raises(LmlabError, match=rf"{folder}: model config field 'block_size' is 1,000,000,000,000: expected at most 16,777,216"):
+    with pytest.raises(
+        LmlabError,
+        match=rf"{folder}: model config field 'block_size' is 1,000,000,000,000: expected at most 16,777,216",
+    ):
         load_model(folder)
 
 
@@ -424,7 +540,13 @@ def test_a_mapping_error_is_refused_with_the_number_and_verify_false_skips_the_c
         return out
 
     monkeypatch.setattr(hf, "state_dict_from_hf", corrupted)
-    with pytest.raises(LmlabError, match=r"llama-tag: import check .*: lmlab and transformers' LlamaForTokenClassification disagree: max \|Δ\| = [0-9.e-]+ > 0\.0001") as err:
+    with pytest.raises(
+        LmlabError,
+        match=(
+            r"llama-tag: import check .*: lmlab and transformers' LlamaForTokenClassification disagree: max \|Δ\| = "
+            r"[0-9.e-]+ > 0\.0001"
+        ),
+    ) as err:
         load_model(folder)
     assert "\n" not in str(err.value) and not (folder / hf.VERIFIED_FILE).exists()
     load_model(folder, verify=False)
@@ -461,11 +583,17 @@ def test_unsupported_folders_are_one_line_errors(tmp_path):
     save_file({"x": torch.zeros(1)}, str(folder / "model.safetensors"))
     with pytest.raises(LmlabError) as err:
         load_model(folder)
-    assert str(err.value) == f"{folder}: HF model_type 'qwen2' is not supported; expected one of gpt2, llama, bert, bart"
+    assert (
+        str(err.value) == f"{folder}: HF model_type 'qwen2' is not supported; expected one of gpt2, llama, bert, bart"
+    )
     yarn = tmp_path / "yarn"
-    transformers.LlamaConfig(**LLAMA, rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}).save_pretrained(yarn)
+    transformers.LlamaConfig(
+        **LLAMA, rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}
+    ).save_pretrained(yarn)
     save_file({"x": torch.zeros(1)}, str(yarn / "model.safetensors"))
-    with pytest.raises(LmlabError, match=r"^.*yarn: HF llama config field 'rope_parameters' has rope_type 'yarn'") as err:
+    with pytest.raises(
+        LmlabError, match=r"^.*yarn: HF llama config field 'rope_parameters' has rope_type 'yarn'"
+    ) as err:
         load_model(yarn)
     assert "\n" not in str(err.value)
 
@@ -498,8 +626,10 @@ def test_a_sentence_transformers_folder_with_a_0_transformer_module_resolves_to_
     torch.manual_seed(0)
     bert = transformers.BertModel(transformers.BertConfig(**BERT)).eval()
     bert.save_pretrained(root / "0_Transformer")
-    modules = [{"idx": 0, "name": "0", "path": "0_Transformer", "type": "sentence_transformers.models.Transformer"},
-               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    modules = [
+        {"idx": 0, "name": "0", "path": "0_Transformer", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ]
     (root / "modules.json").write_text(json.dumps(modules))
     assert resolve_checkpoint(root) == root / "0_Transformer"
     model = load_model(root)
@@ -516,14 +646,23 @@ def test_generation_from_hf_folders_matches_transformers_greedy_ids(tmp_path, to
     lm = lmlab.load(gpt2_folder, device="cpu")
     ours = lm.generate("Once upon a time", max_new_tokens=8, min_new_tokens=8, return_ids=True)
     prompt = torch.tensor([lm.tokenizer.encode("Once upon a time")])
-    theirs = gpt2.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+    theirs = gpt2.generate(
+        prompt,
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=8,
+        min_new_tokens=8,
+        do_sample=False,
+        pad_token_id=0,
+    )
     assert ours == theirs[0, prompt.shape[1] :].tolist()
 
     bart_folder, bart = hf_folder(tmp_path, "bart", tokenizer_dir)
     lm = lmlab.load(bart_folder, device="cpu")
     ours = lm.generate("a source to transform", max_new_tokens=8, min_new_tokens=8, return_ids=True)
     source = torch.tensor(encode_sources(lm.tokenizer, ["a source to transform"]))
-    theirs = bart.generate(source, attention_mask=torch.ones_like(source), max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    theirs = bart.generate(
+        source, attention_mask=torch.ones_like(source), max_new_tokens=8, min_new_tokens=8, do_sample=False
+    )
     assert theirs[0, 0] == lm.model.config.decoder_start_token_id and ours == theirs[0, 1:].tolist()
 
 
@@ -544,7 +683,9 @@ def test_a_model_built_from_a_scaled_config_has_the_scaled_tables():
     """Pretraining from scratch with rope_scaling trains with it: build_model computes the scaled tables."""
     config = make_config("llama-llama3-rope")
     model = build_model(config)
-    assert torch.equal(model.rope_cos, rope_cache(config)[0]) and not torch.equal(model.rope_cos, rope_cache(make_config("llama-tiny"))[0])
+    assert torch.equal(model.rope_cos, rope_cache(config)[0]) and not torch.equal(
+        model.rope_cos, rope_cache(make_config("llama-tiny"))[0]
+    )
 
 
 def test_missing_weights_and_a_wrong_shape_are_one_line_errors_naming_what(tmp_path):
@@ -554,8 +695,12 @@ def test_missing_weights_and_a_wrong_shape_are_one_line_errors_naming_what(tmp_p
     name = next(k for k in state if k.endswith("attn.c_attn.weight"))
     state[name] = state[name][:, :10].contiguous()  # a shape the config does not describe
     save_file(state, str(weights))
-    with pytest.raises(LmlabError, match=r"weight blocks\.0\.attn\.qkv\.weight has shape \(10, 32\); the config expects \(96, 32\)"):
+    with pytest.raises(
+        LmlabError, match=r"weight blocks\.0\.attn\.qkv\.weight has shape \(10, 32\); the config expects \(96, 32\)"
+    ):
         load_model(folder)
     weights.unlink()
-    with pytest.raises(LmlabError, match="is not a checkpoint: expected a folder with config.json and model.safetensors"):
+    with pytest.raises(
+        LmlabError, match="is not a checkpoint: expected a folder with config.json and model.safetensors"
+    ):
         load_model(folder)

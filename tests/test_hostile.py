@@ -12,6 +12,7 @@ import random
 
 import pytest
 import torch
+from test_outputs import UNWRITABLE, assert_intact, plant  # noqa: E402  (the planted-file helpers)
 
 from lmlab.cli import main
 from lmlab.config import preset
@@ -19,10 +20,20 @@ from lmlab.io.checkpoint import save_checkpoint
 from lmlab.model import build_model
 from lmlab.tokenizer import Tokenizer
 from lmlab.train.lora import LoraSpec, apply_lora
-from test_outputs import UNWRITABLE, assert_intact, plant  # noqa: E402  (the planted-file helpers)
+
 # names lmlab writes somewhere: planted in folders lmlab must refuse, they must survive too
-LMLAB_NAMES = ("log.jsonl", "loss.png", "best/notes.txt", "manifest.json", "tokenizer.json", "config.json", "metrics.json",
-               "report.json", "train_00007.bin", "canaries.json")
+LMLAB_NAMES = (
+    "log.jsonl",
+    "loss.png",
+    "best/notes.txt",
+    "manifest.json",
+    "tokenizer.json",
+    "config.json",
+    "metrics.json",
+    "report.json",
+    "train_00007.bin",
+    "canaries.json",
+)
 OTHER_NAMES = ("notes.txt", "sub/deep.bin", ".hidden")
 
 
@@ -42,15 +53,28 @@ def world(tmp_path_factory, corpus_file, tokenizer_dir, data_dir, other_tokenize
     torch.manual_seed(0)
     model = build_model(preset("gpt2-tiny", vocab_size=tok.vocab_size, n_layer=1, n_embd=32, n_head=2, block_size=64))
     run = folder / "run"
-    save_checkpoint(run / "step-00000001", model, tokenizer=tok, train_state={"step": 1}, meta={"tokenizer_sha256": tok.sha256})
+    save_checkpoint(
+        run / "step-00000001", model, tokenizer=tok, train_state={"step": 1}, meta={"tokenizer_sha256": tok.sha256}
+    )
     save_checkpoint(run / "best", model, tokenizer=tok, meta={"tokenizer_sha256": tok.sha256})
     lora = save_checkpoint(folder / "lora", apply_lora(model, LoraSpec(r=2, targets=("qkv",))), tokenizer=tok)
     rng = random.Random(0)
-    rows = [{"text": " ".join(rng.choices(["good", "bad", "film", "plot"], k=5)), "label": rng.choice(["pos", "neg"])} for _ in range(40)]
+    rows = [
+        {"text": " ".join(rng.choices(["good", "bad", "film", "plot"], k=5)), "label": rng.choice(["pos", "neg"])}
+        for _ in range(40)
+    ]
     cls = folder / "cls.jsonl"
     cls.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return {"corpus": corpus_file, "tok": tokenizer_dir, "data": data_dir, "run": run, "lora": lora, "cls": cls, "root": folder,
-            "other_tok": other_tokenizer_dir}
+    return {
+        "corpus": corpus_file,
+        "tok": tokenizer_dir,
+        "data": data_dir,
+        "run": run,
+        "lora": lora,
+        "cls": cls,
+        "root": folder,
+        "other_tok": other_tokenizer_dir,
+    }
 
 
 def run_cli(capsys, argv):
@@ -72,11 +96,59 @@ def assert_one_line_error(code, err, *needles):
 WRITERS = {
     "tokenizer train": lambda w: ["tokenizer", "train", "--input", w["corpus"], "--vocab-size", 300, "--out", "OUT"],
     "prepare": lambda w: ["prepare", "--input", w["corpus"], "--tokenizer", w["tok"], "--out", "OUT", "--no-progress"],
-    "pretrain": lambda w: ["pretrain", "--model", "gpt2-tiny", "--data", w["data"], "--out", "OUT", "--max-steps", 1, "--seq-len", 16,
-                           "--micro-batch-size", 2, "--eval-batches", 1, "--no-progress", "--no-tensorboard", "--block-size", 32],
-    "finetune": lambda w: ["finetune", w["run"], "--task", "classify", "--train", w["cls"], "--out", "OUT", "--max-steps", 1,
-                           "--micro-batch-size", 4, "--max-length", 16, "--no-progress", "--no-tensorboard"],
-    "evaluate": lambda w: ["evaluate", w["run"], "--task", "lm", "--data", w["corpus"], "--out", "OUT", "--max-length", 16, "--n-resamples", 10],
+    "pretrain": lambda w: [
+        "pretrain",
+        "--model",
+        "gpt2-tiny",
+        "--data",
+        w["data"],
+        "--out",
+        "OUT",
+        "--max-steps",
+        1,
+        "--seq-len",
+        16,
+        "--micro-batch-size",
+        2,
+        "--eval-batches",
+        1,
+        "--no-progress",
+        "--no-tensorboard",
+        "--block-size",
+        32,
+    ],
+    "finetune": lambda w: [
+        "finetune",
+        w["run"],
+        "--task",
+        "classify",
+        "--train",
+        w["cls"],
+        "--out",
+        "OUT",
+        "--max-steps",
+        1,
+        "--micro-batch-size",
+        4,
+        "--max-length",
+        16,
+        "--no-progress",
+        "--no-tensorboard",
+    ],
+    "evaluate": lambda w: [
+        "evaluate",
+        w["run"],
+        "--task",
+        "lm",
+        "--data",
+        w["corpus"],
+        "--out",
+        "OUT",
+        "--max-length",
+        16,
+        "--n-resamples",
+        10,
+    ],
     "critique": lambda w: ["critique", w["run"], "--lenses", "efficiency", "--out", "OUT", "--no-progress"],
     "merge-lora": lambda w: ["merge-lora", w["lora"], "--out", "OUT"],
     "generate": lambda w: ["generate", w["run"], "--prompt", "The", "--max-new-tokens", 2, "--output", "OUT/out.txt"],
@@ -84,7 +156,10 @@ WRITERS = {
 
 
 def argv_for(verb, world, out):
-    return [str(out) if a == "OUT" else str(a).replace("OUT", str(out)) if isinstance(a, str) else a for a in WRITERS[verb](world)]
+    return [
+        str(out) if a == "OUT" else str(a).replace("OUT", str(out)) if isinstance(a, str) else a
+        for a in WRITERS[verb](world)
+    ]
 
 
 @pytest.mark.parametrize("verb", [v for v in WRITERS if v != "generate"])
@@ -93,9 +168,13 @@ def test_a_folder_that_is_not_lmlabs_is_refused_and_left_byte_for_byte(verb, wor
     planted = plant(out, OTHER_NAMES + LMLAB_NAMES)
     code, _, err = run_cli(capsys, argv_for(verb, world, out))
     assert_one_line_error(code, err, str(out))
-    assert "--overwrite" in err or "would break it" in err  # a folder holding a tokenizer.json and a manifest.json looks like data
+    assert (
+        "--overwrite" in err or "would break it" in err
+    )  # a folder holding a tokenizer.json and a manifest.json looks like data
     assert_intact(planted)
-    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == sorted(OTHER_NAMES + LMLAB_NAMES)
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == sorted(
+        OTHER_NAMES + LMLAB_NAMES
+    )
 
 
 @pytest.mark.parametrize("verb", [v for v in WRITERS if v != "generate"])
@@ -126,8 +205,16 @@ def test_an_unwritable_output_is_an_error_before_any_work(verb, world, capsys):
 
 @pytest.mark.parametrize(
     "verb, inside",
-    [("merge-lora", "lora"), ("merge-lora", "lora/sub"), ("finetune", "run"), ("finetune", "run/best"), ("evaluate", "run/best/eval"),
-     ("critique", "run/report"), ("prepare", "tok"), ("pretrain", "data/run")],
+    [
+        ("merge-lora", "lora"),
+        ("merge-lora", "lora/sub"),
+        ("finetune", "run"),
+        ("finetune", "run/best"),
+        ("evaluate", "run/best/eval"),
+        ("critique", "run/report"),
+        ("prepare", "tok"),
+        ("pretrain", "data/run"),
+    ],
 )
 def test_output_inside_a_source_is_refused(verb, inside, world, capsys):
     source, _, rest = inside.partition("/")
@@ -212,9 +299,18 @@ BAD_FILES = {
     "garbage weights": (lambda w, p: ["evaluate", p, "--task", "lm", "--data", w["corpus"]], "model.safetensors"),
     "swapped tokenizer": (lambda w, p: ["generate", p, "--prompt", "The", "--max-new-tokens", 2], "tokenizer.json"),
     "absurd config": (lambda w, p: ["generate", p, "--prompt", "The"], "block_size"),
-    "truncated train state": (lambda w, p: [*WRITERS["pretrain"](w)[:6], p, *WRITERS["pretrain"](w)[7:], "--resume"], "train_state.pt"),
-    "poisoned train state": (lambda w, p: [*WRITERS["pretrain"](w)[:6], p, *WRITERS["pretrain"](w)[7:], "--resume"], "train_state.pt"),
-    "data tokenizer": (lambda w, p: [*WRITERS["pretrain"](w)[:4], p, "--out", p.parent / "new-run", *WRITERS["pretrain"](w)[7:]], "tokenizer.json"),
+    "truncated train state": (
+        lambda w, p: [*WRITERS["pretrain"](w)[:6], p, *WRITERS["pretrain"](w)[7:], "--resume"],
+        "train_state.pt",
+    ),
+    "poisoned train state": (
+        lambda w, p: [*WRITERS["pretrain"](w)[:6], p, *WRITERS["pretrain"](w)[7:], "--resume"],
+        "train_state.pt",
+    ),
+    "data tokenizer": (
+        lambda w, p: [*WRITERS["pretrain"](w)[:4], p, "--out", p.parent / "new-run", *WRITERS["pretrain"](w)[7:]],
+        "tokenizer.json",
+    ),
 }
 
 
@@ -235,7 +331,9 @@ def test_a_damaged_or_mismatched_file_is_one_line_naming_it(what, world, tmp_pat
 
 def test_a_binary_config_file_is_one_line(world, tmp_path, capsys):
     (tmp_path / "run.yaml").write_bytes(os.urandom(256) + b"\x00\xff")
-    code, _, err = run_cli(capsys, ["pretrain", "--config", tmp_path / "run.yaml", "--data", world["data"], "--out", tmp_path / "r"])
+    code, _, err = run_cli(
+        capsys, ["pretrain", "--config", tmp_path / "run.yaml", "--data", world["data"], "--out", tmp_path / "r"]
+    )
     assert_one_line_error(code, err, "run.yaml")
     assert not (tmp_path / "r").exists()
 

@@ -189,7 +189,11 @@ V1_REFERENCES = {
     "q5": ["Peyton Manning"],
 }
 V1_PREDICTIONS = {
-    "q1": "the Denver Broncos!", "q2": "Santa Clara", "q3": "Super Bowl 50", "q4": "silver", "q5": "Manning, Peyton"
+    "q1": "the Denver Broncos!",
+    "q2": "Santa Clara",
+    "q3": "Super Bowl 50",
+    "q4": "silver",
+    "q5": "Manning, Peyton",
 }
 
 

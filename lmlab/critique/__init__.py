@@ -68,7 +68,9 @@ def _run_or_skip(name: str, subject: Subject, **options: Any) -> Section:
         return run_lens(name, subject, **options)
     except LmlabError as err:
         logger.warning("critique: the %s lens is skipped: %s", name, err)
-        return skipped(name, importlib.import_module(f"lmlab.critique.{name}").TITLE, f"it stopped with an error: {err}")
+        return skipped(
+            name, importlib.import_module(f"lmlab.critique.{name}").TITLE, f"it stopped with an error: {err}"
+        )
 
 
 def parse_lenses(lenses: str | Sequence[str] | None) -> list[str]:
@@ -78,8 +80,11 @@ def parse_lenses(lenses: str | Sequence[str] | None) -> list[str]:
     names = [n.strip() for n in (lenses.split(",") if isinstance(lenses, str) else lenses) if n.strip()]
     unknown = [n for n in names if n not in LENSES]
     if unknown or not names:
-        raise LmlabError(f"--lenses {','.join(names) or '(none)'}: unknown lens {unknown[0]!r}; expected some of {', '.join(LENSES)}" if unknown
-                         else f"--lenses: expected some of {', '.join(LENSES)}")
+        raise LmlabError(
+            f"--lenses {','.join(names) or '(none)'}: unknown lens {unknown[0]!r}; expected some of {', '.join(LENSES)}"
+            if unknown
+            else f"--lenses: expected some of {', '.join(LENSES)}"
+        )
     return [n for n in LENSES if n in names]
 
 
@@ -114,8 +119,16 @@ def critique(
     check_seed(seed)
     out = check_output(out, "critique report folder", OWNED, overwrite=overwrite, sources=(checkpoint,))
     subject = load_subject(
-        checkpoint, data=data, text=text, train_data=train_data, task=task, device=device, seed=seed,
-        max_examples=max_examples, verify=verify, **(fields or {}),
+        checkpoint,
+        data=data,
+        text=text,
+        train_data=train_data,
+        task=task,
+        device=device,
+        seed=seed,
+        max_examples=max_examples,
+        verify=verify,
+        **(fields or {}),
     )
     sections = []
     for name in names:
@@ -127,10 +140,20 @@ def critique(
         "checkpoint": str(subject.path),
         "created": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "lmlab_version": __version__,
-        "model": {"name": subject.name, "arch": config.arch, "task": config.task, "parameters": subject.model.num_params(),
-                  "vocab_size": config.vocab_size, "block_size": config.block_size},
-        "data": {"data": str(data) if data else None, "text": str(text) if text else None,
-                 "train_data": str(train_data) if train_data else None, "task": subject.task or None},
+        "model": {
+            "name": subject.name,
+            "arch": config.arch,
+            "task": config.task,
+            "parameters": subject.model.num_params(),
+            "vocab_size": config.vocab_size,
+            "block_size": config.block_size,
+        },
+        "data": {
+            "data": str(data) if data else None,
+            "text": str(text) if text else None,
+            "train_data": str(train_data) if train_data else None,
+            "task": subject.task or None,
+        },
         "lenses": {s.lens: s.to_json() for s in sections},
     }
     json_path, html_path = write_report(out, report, sections)

@@ -41,9 +41,9 @@ from torch import nn
 from lmlab.config import LoraSpec, ModelConfig, write_json_atomic
 from lmlab.errors import LmlabError
 from lmlab.io import hf, outputs
-from lmlab.tokenizer import Tokenizer
 from lmlab.io.weights import read_safetensors, torch_load
 from lmlab.model import lora
+from lmlab.tokenizer import Tokenizer
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -94,7 +94,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
     module = hf.sentence_transformers_module(path)
     if module is not None:
         if not is_checkpoint(module):
-            raise LmlabError(f"{path / 'modules.json'}: its Transformer module {module} is not an HF model folder (config.json and weights)")
+            raise LmlabError(
+                f"{path / 'modules.json'}: its Transformer module {module} is not an HF model folder (config.json and "
+                "weights)"
+            )
         return module
     if is_checkpoint(path / "best"):
         return path / "best"
@@ -102,7 +105,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if checkpoints:
         return checkpoints[-1][1]
     raise LmlabError(
-        f"{path} is not a checkpoint: expected a folder with {CONFIG_FILE} and {WEIGHTS_FILE} (an lmlab checkpoint or HF model folder), "
+        f"{path} is not a checkpoint: expected a folder with {CONFIG_FILE} and {WEIGHTS_FILE} (an lmlab checkpoint or "
+        "HF model folder), "
         "a sentence-transformers folder, or a run folder holding step-* checkpoints"
     )
 
@@ -145,11 +149,15 @@ def check_checkpoint_output(path: str | Path, *, overwrite: bool = False, flag: 
     if path.exists() and not path.is_dir():
         raise LmlabError(f"{flag} {path} exists and is not a folder: choose a new or empty folder")
     if path.is_dir() and not outputs.is_empty(path) and not is_lmlab_checkpoint(path) and not overwrite:
-        raise LmlabError(f"{flag} {path} exists and is not an lmlab checkpoint: choose an empty or new {flag}, or pass --overwrite "
-                         "(lmlab then writes its own files there and deletes nothing else)")
+        raise LmlabError(
+            f"{flag} {path} exists and is not an lmlab checkpoint: choose an empty or new {flag}, or pass --overwrite "
+            "(lmlab then writes its own files there and deletes nothing else)"
+        )
 
 
-def check_checkpoint_target(path: str | Path, *, overwrite: bool = False, sources: tuple = (), flag: str = "--out") -> Path:
+def check_checkpoint_target(
+    path: str | Path, *, overwrite: bool = False, sources: tuple = (), flag: str = "--out"
+) -> Path:
     """Before a verb writes one checkpoint at ``path`` (merge-lora): outside its sources, new, empty or
     lmlab's own plain checkpoint (not a run's training checkpoint, whose train_state.pt would be lost),
     writable. Cleans this path's stale temporaries."""
@@ -157,7 +165,10 @@ def check_checkpoint_target(path: str | Path, *, overwrite: bool = False, source
     outputs.check_sources(path, sources, flag)
     check_checkpoint_output(path, overwrite=overwrite, flag=flag)
     if (path / STATE_FILE).is_file() and not overwrite:
-        raise LmlabError(f"{flag} {path} is a training checkpoint (it holds {STATE_FILE}, needed to resume its run): choose another {flag}")
+        raise LmlabError(
+            f"{flag} {path} is a training checkpoint (it holds {STATE_FILE}, needed to resume its run): choose another "
+            f"{flag}"
+        )
     outputs.check_writable(path, flag)
     outputs.clean_stale(path.parent, path.name)
     return path
@@ -246,8 +257,10 @@ def load_tokenizer(path: str | Path, verify: bool = True) -> Tokenizer:
     tokenizer = Tokenizer.load(path)
     expected = read_meta(path).get("tokenizer_sha256")
     if expected is not None and expected != tokenizer.sha256:
-        message = (f"{path / 'tokenizer.json'} does not match the tokenizer the model was trained with "
-                   f"({CONFIG_FILE} records another tokenizer_sha256); put back the checkpoint's own tokenizer")
+        message = (
+            f"{path / 'tokenizer.json'} does not match the tokenizer the model was trained with "
+            f"({CONFIG_FILE} records another tokenizer_sha256); put back the checkpoint's own tokenizer"
+        )
         if verify:
             raise LmlabError(message + " (verify=False / --no-verify loads it anyway)")
         logger.warning("%s; loading it anyway (--no-verify): expect garbage", message)
@@ -255,7 +268,10 @@ def load_tokenizer(path: str | Path, verify: bool = True) -> Tokenizer:
 
 
 def load_model(
-    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, merge_lora: bool = False,
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    merge_lora: bool = False,
     verify: bool = True,
 ) -> nn.Module:
     """Build the model a checkpoint folder describes and load its weights (strictly).
@@ -311,7 +327,9 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str) 
     own = model.state_dict()
     for name, tensor in state.items():
         if tuple(own[name].shape) != tuple(tensor.shape):
-            raise LmlabError(f"{source}: weight {name} has shape {tuple(tensor.shape)}; the config expects {tuple(own[name].shape)}")
+            raise LmlabError(
+                f"{source}: weight {name} has shape {tuple(tensor.shape)}; the config expects {tuple(own[name].shape)}"
+            )
     model.load_state_dict(state, strict=False, assign=False)
 
 
@@ -344,14 +362,19 @@ def load_train_state(path: str | Path) -> dict[str, Any]:
     except LmlabError as err:
         raise LmlabError(f"{err}; this checkpoint cannot resume training: {_earlier_resumable(Path(path))}") from None
     if not isinstance(state, dict):
-        raise LmlabError(f"{file}: expected a dict of training state; this checkpoint cannot resume training: {_earlier_resumable(Path(path))}")
+        raise LmlabError(
+            f"{file}: expected a dict of training state; this checkpoint cannot resume training: "
+            f"{_earlier_resumable(Path(path))}"
+        )
     return state
 
 
 def _earlier_resumable(path: Path) -> str:
     """Which step checkpoint before ``path`` in its run folder could resume instead, in words."""
     m = STEP_DIR.match(path.name)
-    earlier = [c for step, c in list_checkpoints(path.parent) if m and step < int(m.group(1)) and (c / STATE_FILE).is_file()]
+    earlier = [
+        c for step, c in list_checkpoints(path.parent) if m and step < int(m.group(1)) and (c / STATE_FILE).is_file()
+    ]
     if not earlier:
         return "the run folder holds no earlier step checkpoint with a train_state.pt; start the run again"
     return f"the earlier checkpoint {earlier[-1]} can (move {path.name} out of {path.parent} and --resume again)"
@@ -360,6 +383,8 @@ def _earlier_resumable(path: Path) -> str:
 def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
     """Delete all but the newest ``keep_last`` step checkpoints (``best/`` is separate and kept); only
     lmlab's own, and only those holding nothing but checkpoint files."""
-    checkpoints = [c for c in list_checkpoints(run_dir) if is_lmlab_checkpoint(c[1]) and outputs.holds_only(c[1], CHECKPOINT_FILES)]
+    checkpoints = [
+        c for c in list_checkpoints(run_dir) if is_lmlab_checkpoint(c[1]) and outputs.holds_only(c[1], CHECKPOINT_FILES)
+    ]
     for _, path in checkpoints[: max(0, len(checkpoints) - keep_last)]:
         shutil.rmtree(path, ignore_errors=True)

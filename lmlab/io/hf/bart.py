@@ -31,19 +31,39 @@ from lmlab.io.hf.family import GELUS, Architecture, Family, Rule, fused, linear,
 class Bart(Family):
     model_type = "bart"
     defaults = dict(
-        vocab_size=50265, max_position_embeddings=1024, encoder_layers=12, decoder_layers=12, encoder_ffn_dim=4096,
-        decoder_ffn_dim=4096, encoder_attention_heads=16, decoder_attention_heads=16, activation_function="gelu",
-        d_model=1024, dropout=0.1, init_std=0.02, scale_embedding=False, decoder_start_token_id=2,
+        vocab_size=50265,
+        max_position_embeddings=1024,
+        encoder_layers=12,
+        decoder_layers=12,
+        encoder_ffn_dim=4096,
+        decoder_ffn_dim=4096,
+        encoder_attention_heads=16,
+        decoder_attention_heads=16,
+        activation_function="gelu",
+        d_model=1024,
+        dropout=0.1,
+        init_std=0.02,
+        scale_embedding=False,
+        decoder_start_token_id=2,
         tie_word_embeddings=True,
         # mBART's and old BART configs' variants, absent from today's BartConfig
-        normalize_before=False, add_final_layer_norm=False, add_bias_logits=False, normalize_embedding=True,
+        normalize_before=False,
+        add_final_layer_norm=False,
+        add_bias_logits=False,
+        normalize_embedding=True,
         static_position_embeddings=False,
     )
     architectures = {"BartForConditionalGeneration": Architecture("bart", "", "model.", "AutoModelForSeq2SeqLM")}
     lm_class = "BartForConditionalGeneration"
     required = dict(
-        norm="layernorm", mlp="gelu", bias=True, position="learned", norm_placement="post", embedding_norm=True,
-        tie_embeddings=True, norm_eps=1e-5,  # BART's LayerNorms have the PyTorch default eps
+        norm="layernorm",
+        mlp="gelu",
+        bias=True,
+        position="learned",
+        norm_placement="post",
+        embedding_norm=True,
+        tie_embeddings=True,
+        norm_eps=1e-5,  # BART's LayerNorms have the PyTorch default eps
     )
     bare = {"BartModel": "BartForConditionalGeneration"}
     # the per-side embed_tokens are model.shared again; fairseq's version counters
@@ -90,8 +110,13 @@ class Bart(Family):
         if activation not in GELUS:
             raise unsupported(c, "activation_function", "gelu, gelu_new or gelu_pytorch_tanh")
         require(
-            c, normalize_before=False, add_final_layer_norm=False, add_bias_logits=False, normalize_embedding=True,
-            static_position_embeddings=False, tie_word_embeddings=True,
+            c,
+            normalize_before=False,
+            add_final_layer_norm=False,
+            add_bias_logits=False,
+            normalize_embedding=True,
+            static_position_embeddings=False,
+            tie_word_embeddings=True,
         )
         one_shape = ("decoder_attention_heads", "encoder_attention_heads"), ("decoder_ffn_dim", "encoder_ffn_dim")
         for ours, theirs in one_shape:
@@ -100,12 +125,26 @@ class Bart(Family):
         if c["decoder_start_token_id"] is None:
             raise unsupported(c, "decoder_start_token_id", "a token id")
         return ModelConfig(
-            arch="seq2seq", vocab_size=c["vocab_size"], block_size=c["max_position_embeddings"],
-            n_layer=c["encoder_layers"], n_decoder_layer=c["decoder_layers"], n_head=c["encoder_attention_heads"],
-            n_embd=c["d_model"], intermediate_size=c["encoder_ffn_dim"], norm="layernorm", norm_eps=1e-5, mlp="gelu",
-            gelu_approximate=GELUS[activation], position="learned", bias=True, tie_embeddings=True,
-            dropout=float(c["dropout"]), init_std=c["init_std"],
-            norm_placement="post", embedding_norm=True, scale_embedding=bool(c["scale_embedding"]),
+            arch="seq2seq",
+            vocab_size=c["vocab_size"],
+            block_size=c["max_position_embeddings"],
+            n_layer=c["encoder_layers"],
+            n_decoder_layer=c["decoder_layers"],
+            n_head=c["encoder_attention_heads"],
+            n_embd=c["d_model"],
+            intermediate_size=c["encoder_ffn_dim"],
+            norm="layernorm",
+            norm_eps=1e-5,
+            mlp="gelu",
+            gelu_approximate=GELUS[activation],
+            position="learned",
+            bias=True,
+            tie_embeddings=True,
+            dropout=float(c["dropout"]),
+            init_std=c["init_std"],
+            norm_placement="post",
+            embedding_norm=True,
+            scale_embedding=bool(c["scale_embedding"]),
             decoder_start_token_id=c["decoder_start_token_id"],
         )
 

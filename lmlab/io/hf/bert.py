@@ -30,10 +30,21 @@ from lmlab.io.hf.family import GELUS, Architecture, Family, Rule, fused, linear,
 class Bert(Family):
     model_type = "bert"
     defaults = dict(
-        vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
-        hidden_act="gelu", hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, max_position_embeddings=512,
-        type_vocab_size=2, initializer_range=0.02, layer_norm_eps=1e-12, position_embedding_type="absolute",
-        is_decoder=False, add_cross_attention=False,
+        vocab_size=30522,
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        intermediate_size=3072,
+        hidden_act="gelu",
+        hidden_dropout_prob=0.1,
+        attention_probs_dropout_prob=0.1,
+        max_position_embeddings=512,
+        type_vocab_size=2,
+        initializer_range=0.02,
+        layer_norm_eps=1e-12,
+        position_embedding_type="absolute",
+        is_decoder=False,
+        add_cross_attention=False,
     )
     architectures = {
         "BertModel": Architecture("bert", "", "bert.", "AutoModel"),
@@ -49,7 +60,12 @@ class Bert(Family):
     }
     lm_class = "BertForPreTraining"
     required = dict(
-        norm="layernorm", mlp="gelu", bias=True, position="learned", norm_placement="post", embedding_norm=True,
+        norm="layernorm",
+        mlp="gelu",
+        bias=True,
+        position="learned",
+        norm_placement="post",
+        embedding_norm=True,
         tie_embeddings=True,
     )
     # position ids buffer; the MLM decoder is the word embedding and cls.predictions.bias again
@@ -121,12 +137,26 @@ class Bert(Family):
             pooler = any(k.startswith(("bert.pooler.", "pooler.")) for k in keys)
             nsp = not self.architectures[architecture].task and any(k.startswith("cls.seq_relationship.") for k in keys)
         return ModelConfig(
-            arch="encoder", vocab_size=c["vocab_size"], block_size=c["max_position_embeddings"],
-            n_layer=c["num_hidden_layers"], n_head=c["num_attention_heads"], n_embd=c["hidden_size"],
-            intermediate_size=c["intermediate_size"], norm="layernorm", norm_eps=c["layer_norm_eps"], mlp="gelu",
-            gelu_approximate=GELUS[activation], position="learned", bias=True, tie_embeddings=True,
-            dropout=float(c["hidden_dropout_prob"]), init_std=c["initializer_range"],
-            type_vocab_size=c["type_vocab_size"], norm_placement="post", embedding_norm=True, pooler=pooler,
+            arch="encoder",
+            vocab_size=c["vocab_size"],
+            block_size=c["max_position_embeddings"],
+            n_layer=c["num_hidden_layers"],
+            n_head=c["num_attention_heads"],
+            n_embd=c["hidden_size"],
+            intermediate_size=c["intermediate_size"],
+            norm="layernorm",
+            norm_eps=c["layer_norm_eps"],
+            mlp="gelu",
+            gelu_approximate=GELUS[activation],
+            position="learned",
+            bias=True,
+            tie_embeddings=True,
+            dropout=float(c["hidden_dropout_prob"]),
+            init_std=c["initializer_range"],
+            type_vocab_size=c["type_vocab_size"],
+            norm_placement="post",
+            embedding_norm=True,
+            pooler=pooler,
             nsp_head=nsp,
         )
 

@@ -18,7 +18,9 @@ if TYPE_CHECKING:  # pragma: no cover
     import transformers
 
 _PROBLEM_TYPES = {
-    "single_label_classification": "single", "multi_label_classification": "multi", "regression": "regression"
+    "single_label_classification": "single",
+    "multi_label_classification": "multi",
+    "regression": "regression",
 }
 
 
@@ -133,7 +135,9 @@ def _head_fields(c: dict[str, Any], task: str) -> dict[str, Any]:
     # HF decides a missing problem type from the labels at training time: one output is regression
     single = "regression" if n == 1 else "single"
     return dict(
-        task=task, num_labels=n, labels=[id2label.get(i, f"LABEL_{i}") for i in range(n)],
+        task=task,
+        num_labels=n,
+        labels=[id2label.get(i, f"LABEL_{i}") for i in range(n)],
         problem_type=_PROBLEM_TYPES.get(problem_type, single) if task == "classify" else "single",
     )
 

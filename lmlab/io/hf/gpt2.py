@@ -32,18 +32,34 @@ ACTIVATIONS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
 
 # lmlab's block module → HF GPT-2's, inside blocks.{i}. / h.{i}.
 _BLOCK_NAMES = (
-    ("norm_1", "ln_1"), ("attn.qkv", "attn.c_attn"), ("attn.proj", "attn.c_proj"), ("norm_2", "ln_2"),
-    ("mlp.fc", "mlp.c_fc"), ("mlp.proj", "mlp.c_proj"),
+    ("norm_1", "ln_1"),
+    ("attn.qkv", "attn.c_attn"),
+    ("attn.proj", "attn.c_proj"),
+    ("norm_2", "ln_2"),
+    ("mlp.fc", "mlp.c_fc"),
+    ("mlp.proj", "mlp.c_proj"),
 )
 
 
 class GPT2(Family):
     model_type = "gpt2"
     defaults = dict(
-        vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12, n_inner=None,
-        activation_function="gelu_new", resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1, layer_norm_epsilon=1e-5,
-        initializer_range=0.02, scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False,
-        add_cross_attention=False, tie_word_embeddings=True,
+        vocab_size=50257,
+        n_positions=1024,
+        n_embd=768,
+        n_layer=12,
+        n_head=12,
+        n_inner=None,
+        activation_function="gelu_new",
+        resid_pdrop=0.1,
+        embd_pdrop=0.1,
+        attn_pdrop=0.1,
+        layer_norm_epsilon=1e-5,
+        initializer_range=0.02,
+        scale_attn_weights=True,
+        scale_attn_by_inverse_layer_idx=False,
+        add_cross_attention=False,
+        tie_word_embeddings=True,
     )
     architectures = {
         "GPT2LMHeadModel": Architecture("gpt2", "", "transformer.", "AutoModelForCausalLM"),
@@ -95,11 +111,22 @@ class GPT2(Family):
             raise LmlabError(f"HF gpt2 config has different dropouts {dropouts}: lmlab has one 'dropout' for all three")
         task = self.architectures[architecture].task
         return ModelConfig(
-            vocab_size=c["vocab_size"], block_size=c["n_positions"], n_layer=c["n_layer"], n_head=c["n_head"],
-            n_embd=c["n_embd"], n_kv_heads=c["n_head"], intermediate_size=c["n_inner"] or 4 * c["n_embd"],
-            norm="layernorm", norm_eps=c["layer_norm_epsilon"], mlp="gelu", gelu_approximate=ACTIVATIONS[activation],
-            position="learned", bias=True, tie_embeddings=bool(c["tie_word_embeddings"]) or bool(task),
-            dropout=float(dropouts["resid_pdrop"]), init_std=c["initializer_range"],
+            vocab_size=c["vocab_size"],
+            block_size=c["n_positions"],
+            n_layer=c["n_layer"],
+            n_head=c["n_head"],
+            n_embd=c["n_embd"],
+            n_kv_heads=c["n_head"],
+            intermediate_size=c["n_inner"] or 4 * c["n_embd"],
+            norm="layernorm",
+            norm_eps=c["layer_norm_epsilon"],
+            mlp="gelu",
+            gelu_approximate=ACTIVATIONS[activation],
+            position="learned",
+            bias=True,
+            tie_embeddings=bool(c["tie_word_embeddings"]) or bool(task),
+            dropout=float(dropouts["resid_pdrop"]),
+            init_std=c["initializer_range"],
         )
 
     def rules(self, config: ModelConfig, architecture: str) -> list[Rule]:

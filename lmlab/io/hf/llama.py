@@ -34,9 +34,20 @@ from lmlab.io.hf.family import Architecture, Family, Rule, fused, lm_head_rules,
 class Llama(Family):
     model_type = "llama"
     defaults = dict(
-        vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=None, head_dim=None, hidden_act="silu", max_position_embeddings=2048,
-        initializer_range=0.02, rms_norm_eps=1e-6, tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=None,
+        head_dim=None,
+        hidden_act="silu",
+        max_position_embeddings=2048,
+        initializer_range=0.02,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        attention_bias=False,
+        mlp_bias=False,
         attention_dropout=0.0,
     )
     architectures = {
@@ -107,12 +118,23 @@ class Llama(Family):
         rope_theta, rope_scaling = _rope(c)
         task = self.architectures[architecture].task
         return ModelConfig(
-            vocab_size=c["vocab_size"], block_size=c["max_position_embeddings"], n_layer=c["num_hidden_layers"],
-            n_head=n_head, n_embd=d, n_kv_heads=c["num_key_value_heads"] or n_head,
-            intermediate_size=c["intermediate_size"], norm="rmsnorm", norm_eps=c["rms_norm_eps"], mlp="swiglu",
-            position="rope", rope_theta=float(rope_theta), rope_scaling=rope_scaling,
-            bias=bool(c["attention_bias"]), tie_embeddings=bool(c["tie_word_embeddings"]) or bool(task),
-            dropout=float(c["attention_dropout"] or 0.0), init_std=c["initializer_range"],
+            vocab_size=c["vocab_size"],
+            block_size=c["max_position_embeddings"],
+            n_layer=c["num_hidden_layers"],
+            n_head=n_head,
+            n_embd=d,
+            n_kv_heads=c["num_key_value_heads"] or n_head,
+            intermediate_size=c["intermediate_size"],
+            norm="rmsnorm",
+            norm_eps=c["rms_norm_eps"],
+            mlp="swiglu",
+            position="rope",
+            rope_theta=float(rope_theta),
+            rope_scaling=rope_scaling,
+            bias=bool(c["attention_bias"]),
+            tie_embeddings=bool(c["tie_word_embeddings"]) or bool(task),
+            dropout=float(c["attention_dropout"] or 0.0),
+            init_std=c["initializer_range"],
         )
 
     def rules(self, config: ModelConfig, architecture: str) -> list[Rule]:
