@@ -412,7 +412,7 @@ def end_of_turn(tokenizer, template: str | None = None) -> str:
 def mark_trained(tokenizer, ids: Sequence[int], labels: Sequence[int], color: bool = False) -> str:
     """The text of ``ids`` with each run of trained tokens (label ≠ ``IGNORE_INDEX``) in ``[[…]]``,
     or in green with ``color`` (for a terminal)."""
-    from lmlab.train.objectives import IGNORE_INDEX
+    from lmlab.objectives import IGNORE_INDEX
 
     open_, close = ("\x1b[32m", "\x1b[0m") if color else ("[[", "]]")
     out, start = [], 0

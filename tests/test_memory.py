@@ -18,7 +18,7 @@ from lmlab.train.finetune import TaskObjective
 from lmlab.train.lora import apply_lora, parse_lora
 from lmlab.train.loop import TrainConfig, apply_memory_options, autocast_for
 from lmlab.train.memory import Settings, measure_step
-from lmlab.train.objectives import IGNORE_INDEX, CausalLM, MaskedLM
+from lmlab.objectives import IGNORE_INDEX, CausalLM, MaskedLM
 from lmlab.train.optim import make_optimizer
 
 

@@ -49,9 +49,9 @@ from lmlab.model import build_model
 from lmlab.train import dist as dist_mod
 from lmlab.train.data import hash_position
 from lmlab.train.loop import TrainConfig, TrainResult, check_resume, same_source, train_loop
-from lmlab.train.losses import lm_loss
+from lmlab.objectives.losses import lm_loss
 from lmlab.train.memory import DryRun, check_budget
-from lmlab.train.objectives import IGNORE_INDEX
+from lmlab.objectives import IGNORE_INDEX
 
 TASKS = ("classify", "tag", "qa", "seq2seq", "chat")
 # fine-tuning starts from BERT's recipe (Devlin et al.: 2e-5–5e-5, no long warm-up, AdamW β2 0.999, decay 0.01)
@@ -103,7 +103,7 @@ class TaskObjective:
     """
 
     arch = "any"
-    ce_chunk_size: int | None = None  # seq2seq, chat: the LM loss's chunking (TrainConfig.ce_chunk_size; lmlab.train.losses)
+    ce_chunk_size: int | None = None  # seq2seq, chat: the LM loss's chunking (TrainConfig.ce_chunk_size; lmlab.objectives.losses)
 
     def __init__(
         self, task: str, features: dict[str, list], pad_id: int, problem_type: str = "single",

@@ -30,7 +30,7 @@ from lmlab.io.outputs import write_jsonl_atomic, write_marker
 from lmlab.io.checkpoint import load_train_state, prune_checkpoints, save_checkpoint, step_dir_name
 from lmlab.train.data import hash_position
 from lmlab.train.dist import DistInfo, all_reduce_mean
-from lmlab.train.objectives import Objective, evaluate_loss
+from lmlab.objectives import Objective, evaluate_loss
 from lmlab.train.optim import SCHEDULES, lr_at, make_optimizer
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")

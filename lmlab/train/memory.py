@@ -39,7 +39,7 @@ How well: against real CPU steps, measured independently from the profiler's all
 activation checkpointing, gradient accumulation, dropout, LoRA, plain and chunked cross-entropy),
 the predicted peak is within 0.3%; parameter, gradient and optimizer bytes are exact. What fake
 tensors cannot see is scratch memory a kernel allocates inside itself (the CPU's ``torch.logsumexp``
-copies its input twice, which is why :mod:`lmlab.train.losses` does not call it).
+copies its input twice, which is why :mod:`lmlab.objectives.losses` does not call it).
 
 Not modelled: the CUDA context and cuBLAS workspaces (outside PyTorch's counters, or a few MiB), the
 caching allocator's fragmentation (``memory_reserved`` above ``memory_allocated``), fp16's gradient
@@ -68,7 +68,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmlab.errors import LmlabError
-from lmlab.train.losses import CHUNK_BYTES, ce_chunk_rows
+from lmlab.objectives.losses import CHUNK_BYTES, ce_chunk_rows
 
 HEADROOM = 0.10  # a run "fits" when its predicted peak is within 90% of the budget
 PHASES = {
