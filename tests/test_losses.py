@@ -144,7 +144,7 @@ def test_lm_objectives_chunked_train_as_the_plain_ones(name):
 
 
 def test_chat_and_packed_chat_losses_chunk_as_well():
-    from lmlab.train.finetune import TaskObjective
+    from lmlab.tasks import task_objective as TaskObjective
 
     torch.manual_seed(0)
     model = build_model(preset("gpt2-tiny", vocab_size=600))

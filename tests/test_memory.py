@@ -14,7 +14,7 @@ from lmlab.cli import main
 from lmlab.config import preset
 from lmlab.errors import LmlabError
 from lmlab.model import build_model
-from lmlab.train.finetune import TaskObjective
+from lmlab.tasks import task_objective as TaskObjective
 from lmlab.train.lora import apply_lora, parse_lora
 from lmlab.train.loop import TrainConfig, apply_memory_options, autocast_for
 from lmlab.train.memory import Settings, measure_step

@@ -211,22 +211,11 @@ def _token_text(tokenizer, token_id: int) -> str:
 
 def _first_example(subject: Subject) -> tuple[str, str | None] | None:
     """The first example of the labelled test file: (text, second text or None)."""
-    from lmlab.data import tasks as T
+    from lmlab.tasks import TASKS
 
-    f = subject.fields
-    if subject.task == "classify":
-        data = T.read_classify(subject.data, text_field=f.get("text_field", "text"), pair_field=f.get("pair_field"),
-                               label_field=f.get("label_field", "label"))
-        return data.texts[0], data.pairs[0] if data.pairs is not None else None
-    if subject.task == "tag":
-        return " ".join(T.read_tags(subject.data).words[0]), None
-    if subject.task == "qa":
-        example = T.read_squad(subject.data)[0]
-        return example.question, example.context
-    if subject.task == "seq2seq":
-        data = T.read_seq2seq(subject.data, source_field=f.get("source_field", "source"), target_field=f.get("target_field", "target"))
-        return data.sources[0], None
-    return None
+    task = TASKS.get(subject.task)
+    examples = task.text_examples(subject.data, subject.task_fields) if task is not None else []
+    return (examples[0].text, examples[0].pair) if examples else None
 
 
 def _input_text(subject: Subject, text: str | None) -> tuple[str, str | None, str]:

@@ -230,7 +230,7 @@ def safety(
     """Toxicity of sampled continuations (toxic fraction, expected maximum toxicity) and refusal of harmful requests."""
     check_option("--samples", samples)
     check_option("--max-new-tokens", max_new_tokens)
-    if subject.lm is None or subject.config.task in ("classify", "tag", "qa"):
+    if subject.lm is None or subject.config.task:  # an encoder, or a model with a task head
         kind = "an encoder" if subject.lm is None else f"a {subject.config.task} model"
         return skipped("safety", TITLE, f"the model is {kind}: it does not generate text, so there is nothing to score for toxicity or refusals; critique a decoder or encoder–decoder checkpoint")
     scorer: Callable[[list[str]], list[float]]

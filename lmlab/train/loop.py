@@ -256,6 +256,7 @@ def train_loop(
     select: str | None = None,
     patience: int | None = None,
     overwrite: bool = False,
+    higher_is_better: bool = True,
 ) -> TrainResult:
     """Train ``model`` (already on ``device``) for ``cfg.max_steps`` optimizer steps.
 
@@ -263,8 +264,8 @@ def train_loop(
     which makes resuming exact); ``valid_batches`` are fixed. Checkpoints go to ``out_dir``.
 
     ``score_fn(model)`` adds task metrics at every evaluation (logged as ``val_<name>``); with
-    ``select`` the best checkpoint is the one with the highest ``select`` metric instead of the
-    lowest validation loss, and ``patience`` stops training after that many evaluations without
+    ``select`` the best checkpoint is the one with the highest ``select`` metric (the lowest, with
+    ``higher_is_better`` False) instead of the lowest validation loss, and ``patience`` stops training after that many evaluations without
     improvement (early stopping; the last state is still saved, so nothing is lost). ``overwrite``:
     ``out_dir`` was not lmlab's, and checkpoints may be written into its folders of the same names
     (:func:`~lmlab.io.checkpoint.save_checkpoint`).
@@ -394,7 +395,7 @@ def train_loop(
                 result.val_scores = scores
             if select is not None and select not in scores:
                 raise LmlabError(f"the metric to select by, {select!r}, is not among the computed ones: {', '.join(scores)}")
-            criterion = -scores[select] if select is not None else val_loss
+            criterion = (-scores[select] if higher_is_better else scores[select]) if select is not None else val_loss
             if criterion is not None and criterion < best_val:
                 best_val, since_best = criterion, 0
                 result.best_val_loss = val_loss

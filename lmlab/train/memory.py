@@ -342,7 +342,7 @@ def measure_step(
     peaks = tracker.peaks
     phase = max(peaks, key=peaks.get)
     ddp = gradients if world_size > 1 else 0
-    lm = hasattr(objective, "ce_chunk_size") and getattr(objective, "task", "lm") in ("lm", "seq2seq", "chat") and "labels" in batch
+    lm = hasattr(objective, "ce_chunk_size") and "labels" in batch  # an LM loss (the task-head objectives have no chunking)
     return StepMemory(
         device=device.type, settings=settings, attention=" and ".join(sorted(attention.used)) if cuda else "PyTorch's CPU kernels",
         ce_rows=ce_chunk_rows(settings.ce_chunk_size, vocab, batch["labels"].numel()) if lm and vocab else 0,
