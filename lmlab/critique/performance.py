@@ -49,15 +49,14 @@ def performance(subject: Subject, *, n_resamples: int = 1000, batch_size: int = 
             "seq2seq) and, for a decoder, --text FILE (held-out text) for its perplexity",
         )
     if has_task_data:
-        options = {k: v for k, v in subject.fields.items() if k in ("text_field", "pair_field", "label_field", "source_field", "target_field")}
         result, rows = evaluate_model(
             subject.model, subject.tokenizer, subject.data, task=subject.task, meta=subject.meta,
-            batch_size=batch_size, n_resamples=n_resamples, **options,
+            batch_size=batch_size, n_resamples=n_resamples, fields=subject.task_fields,
         )
         _task_part(section, subject, result, rows)
     if has_text:
         result, _ = evaluate_model(
-            subject.model, subject.tokenizer, text, task="lm", batch_size=batch_size, text_field=subject.fields.get("text_field", "text")
+            subject.model, subject.tokenizer, text, task="lm", batch_size=batch_size, fields=subject.task_fields
         )
         _perplexity_part(section, subject, result)
     return section

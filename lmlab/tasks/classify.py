@@ -15,7 +15,6 @@ from torch import Tensor, nn
 
 from lmlab.data import tasks as T
 from lmlab.errors import LmlabError
-from lmlab import metrics as M
 from lmlab.tasks.base import Selection, Task, TaskData, TaskFields, TaskObjective, TextExample
 
 # the metric that picks best/, per kind of label (higher is better)
@@ -70,6 +69,8 @@ class Classify(Task):
         return Selection(SELECT[data.problem_type])
 
     def metrics(self, data: TaskData, predictions: list[Tensor]) -> dict[str, float]:
+        from lmlab import metrics as M  # torchmetrics takes seconds to import: only when scoring
+
         stacked = torch.stack(predictions)
         gold = data.features["labels"]
         if data.problem_type == "single":
@@ -82,6 +83,8 @@ class Classify(Task):
         return {k: m[k] for k in ("mse", "pearson", "spearman") if k in m}
 
     def evaluate(self, data: TaskData, predictions: list[Tensor], n_resamples: int) -> tuple[dict[str, Any], list[dict]]:
+        from lmlab import metrics as M  # torchmetrics takes seconds to import: only when scoring
+
         raw, stacked, gold = data.raw, torch.stack(predictions), data.features["labels"]
         if data.problem_type == "regression":
             preds = stacked.squeeze(-1).tolist()

@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lmlab import metrics as M
 from lmlab.config import ModelConfig
 from lmlab.data import tasks as T
 from lmlab.tasks.base import Selection, Task, TaskData, TaskFields, TaskObjective, TextExample
@@ -70,10 +69,14 @@ class QA(Task):
         return T.qa_postprocess(data.raw, data.qa_features, starts, ends, version_2=getattr(data.raw, "version_2", False))
 
     def metrics(self, data: TaskData, predictions: list[Tensor]) -> dict[str, float]:
+        from lmlab import metrics as M  # torchmetrics takes seconds to import: only when scoring
+
         m = M.squad_metrics(self.answers(data, predictions), {ex.id: list(ex.answer_texts) for ex in data.raw})
         return {"exact": m["exact"], "f1": m["f1"]}
 
     def evaluate(self, data: TaskData, predictions: list[Tensor], n_resamples: int) -> tuple[dict[str, Any], list[dict]]:
+        from lmlab import metrics as M  # torchmetrics takes seconds to import: only when scoring
+
         answers = self.answers(data, predictions)
         references = {ex.id: list(ex.answer_texts) for ex in data.raw}
         result = M.with_cis("qa", answers, references, n_resamples=n_resamples)

@@ -15,7 +15,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lmlab import metrics as M
 from lmlab.config import ModelConfig
 from lmlab.data import tasks as T
 from lmlab.errors import LmlabError
@@ -173,10 +172,14 @@ class Seq2Seq(Task):
         return generate_outputs(model, tokenizer, data, max_new_tokens=max_new_tokens, batch_size=batch_size, num_beams=num_beams)
 
     def metrics(self, data: TaskData, predictions: list[str]) -> dict[str, float]:
+        from lmlab import metrics as M  # torchmetrics takes seconds to import: only when scoring
+
         m = M.seq2seq_metrics(predictions, [t.strip() for t in data.raw.targets])
         return {k: m[k] for k in ("chrf", "bleu", "rougeL")}
 
     def evaluate(self, data: TaskData, predictions: list[str], n_resamples: int) -> tuple[dict[str, Any], list[dict]]:
+        from lmlab import metrics as M  # torchmetrics takes seconds to import: only when scoring
+
         references = [t.strip() for t in data.raw.targets]
         result = M.with_cis("seq2seq", predictions, references, n_resamples=n_resamples)
         rows = [{"index": i, "source": src, "target": ref, "prediction": out}

@@ -12,7 +12,6 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lmlab import metrics as M
 from lmlab.data import tasks as T
 from lmlab.objectives.losses import IGNORE_INDEX
 from lmlab.tasks.base import Selection, Task, TaskData, TaskFields, TaskObjective, TextExample, padded
@@ -61,10 +60,14 @@ class Tag(Task):
         ]
 
     def metrics(self, data: TaskData, predictions: list[Tensor]) -> dict[str, float]:
+        from lmlab import metrics as M  # torchmetrics takes seconds to import: only when scoring
+
         m = M.tagging_metrics(self.tags(data, predictions), data.raw.tags)
         return {"f1": m["f1"], "precision": m["precision"], "recall": m["recall"]}
 
     def evaluate(self, data: TaskData, predictions: list[Tensor], n_resamples: int) -> tuple[dict[str, Any], list[dict]]:
+        from lmlab import metrics as M  # torchmetrics takes seconds to import: only when scoring
+
         pred_tags, raw = self.tags(data, predictions), data.raw
         result = M.with_cis("tag", pred_tags, raw.tags, n_resamples=n_resamples)
         rows = [{"index": i, "tokens": w, "tags": g, "prediction": p} for i, (w, g, p) in enumerate(zip(raw.words, raw.tags, pred_tags))]
