@@ -20,7 +20,7 @@ from lmlab.device import resolve_device
 from lmlab.errors import LmlabError
 from lmlab.io.checkpoint import load_model, load_tokenizer, read_meta, resolve_checkpoint
 from lmlab.io.outputs import check_output, owned_as, write_marker
-from lmlab.tasks import TaskFields, get_task, task_names, trained_task
+from lmlab.tasks import TaskFields, default_task, get_task, task_names
 
 OWNED = owned_as("evaluation", ("metrics.json", "predictions.jsonl"), "checkpoint")  # an evaluation folder lmlab wrote
 
@@ -98,7 +98,7 @@ def evaluate_model(
     check_n_resamples(n_resamples, "--n-resamples")  # before the predictions are made
     config = model.config
     device = next(model.parameters()).device
-    task = task or trained_task(config, meta) or ("lm" if config.arch == "decoder" else "")
+    task = task or default_task(config, meta)
     if task not in task_names("evaluate"):
         raise LmlabError(f"--task '{task}': expected one of {', '.join(task_names('evaluate'))} (the checkpoint has no task head; name one)")
     kind = get_task(task, "evaluate")

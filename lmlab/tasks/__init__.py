@@ -48,6 +48,12 @@ def trained_task(config, meta: dict[str, Any] | None) -> str:
     return config.task or (Seq2Seq.name if config.arch == "seq2seq" or generated else "")
 
 
+def default_task(config, meta: dict[str, Any] | None) -> str:
+    """What ``evaluate`` scores a checkpoint on unless told: what it was fine-tuned for, else a plain
+    decoder's perplexity (``lm``); "" for a model with neither."""
+    return trained_task(config, meta) or (LM.name if config.arch == "decoder" else "")
+
+
 def head_task(config) -> Task | None:
     """The task a model's task head was trained for (``config.task``), or None for a model without one."""
     return TASKS.get(config.task) if config.task else None
@@ -69,5 +75,5 @@ def task_objective(task: str, features: dict[str, list], pad_id: int, problem_ty
 
 __all__ = [
     "TASKS", "Selection", "Task", "TaskData", "TaskFields", "TaskObjective", "TextExample", "assistant_token_accuracy",
-    "generate_outputs", "get_task", "head_task", "load_task_data", "pack_examples", "predict_logits", "task_names", "task_objective", "trained_task",
+    "default_task", "generate_outputs", "get_task", "head_task", "load_task_data", "pack_examples", "predict_logits", "task_names", "task_objective", "trained_task",
 ]

@@ -173,8 +173,8 @@ def build_task_model(setup: Setup, config: ModelConfig, device: torch.device) ->
     return model
 
 
-def run_training(setup: Setup, data: Prepared, train_file: str | Path, *, pack: bool = False,
-          patience: int | None = None, overwrite: bool = False) -> TrainResult:
+def run_training(setup: Setup, data: Prepared, train_file: str | Path, *, pack: bool = False, patience: int | None = None,
+                 overwrite: bool = False) -> TrainResult:
     """Fine-tune: the one training loop, scored at every evaluation by the task's metrics on the validation set."""
     from lmlab.train import lora as lora_mod
 
