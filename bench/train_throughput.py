@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from lmlab.config import PRESETS, preset  # noqa: E402
 from lmlab.io.hf import to_hf_model  # noqa: E402
 from lmlab.model import build_model  # noqa: E402
-from lmlab.train.objectives import CausalLM  # noqa: E402
+from lmlab.objectives import CausalLM  # noqa: E402
 
 # dense bf16 peak FLOP/s (no sparsity), by a substring of torch.cuda.get_device_name()
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}

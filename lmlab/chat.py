@@ -25,7 +25,7 @@ __all__ = ["mark_trained", "ChatSession", "repl"]
 def mark_trained(tokenizer, ids: Sequence[int], labels: Sequence[int], color: bool = False) -> str:
     """The text of ``ids`` with each run of trained tokens (label ≠ ``IGNORE_INDEX``) in ``[[…]]``,
     or in green with ``color`` (for a terminal)."""
-    from lmlab.train.objectives import IGNORE_INDEX
+    from lmlab.objectives import IGNORE_INDEX
 
     open_, close = ("\x1b[32m", "\x1b[0m") if color else ("[[", "]]")
     out, start = [], 0

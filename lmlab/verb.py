@@ -1,5 +1,5 @@
 """A package that is also its verb: ``lmlab.critique(...)`` and ``lmlab.evaluate(...)`` call the function of
-that name, while ``lmlab.critique.core`` and ``lmlab.evaluate.metrics`` stay submodules.
+that name, while ``lmlab.critique.core`` and ``lmlab.evaluate.runner`` stay submodules.
 
 Python binds ``lmlab.critique`` to the subpackage as soon as anything imports it, so a function exported
 under the same name from ``lmlab/__init__.py`` would be replaced by the package; making the package

@@ -454,7 +454,8 @@ def test_lora_chat_fine_tuning_runs(chat_run, tmp_path):
 def test_packed_rows_train_each_conversation_as_if_alone(chat_run, tok):
     """A packed row's logits equal each conversation's run alone (block-diagonal causal mask, positions
     restarting), labels keep only assistant tokens, and no label crosses from one conversation to the next."""
-    from lmlab.train.finetune import TaskObjective, load_task_data, pack_examples
+    from lmlab.tasks import load_task_data, pack_examples
+    from lmlab.tasks import task_objective as TaskObjective
 
     data = load_task_data("chat", chat_run["valid"], tok, max_length=96)
     packed = pack_examples(data.features, 96)

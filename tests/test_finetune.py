@@ -264,7 +264,8 @@ def test_seq2seq_fine_tuning_learns_to_translate(translated, family, chrf):
 
 def test_seq2seq_decoder_loss_ignores_the_prompt(translated):
     """Changing the labels of prompt tokens cannot change the loss: only the completion is learnt."""
-    from lmlab.train.finetune import TaskObjective, load_task_data
+    from lmlab.tasks import load_task_data
+    from lmlab.tasks import task_objective as TaskObjective
     from lmlab.tokenizer import Tokenizer
 
     base = translated["gpt2-tiny"]["base"]

@@ -1,4 +1,4 @@
-"""The chunked cross-entropy (lmlab.train.losses): the plain loss and gradients to fp32 rounding, ignored
+"""The chunked cross-entropy (lmlab.objectives.losses): the plain loss and gradients to fp32 rounding, ignored
 labels and an all-ignored chunk, autocast, no-grad evaluation, when it chunks, and that it holds one
 chunk's logits instead of the whole batch's."""
 
@@ -11,8 +11,8 @@ from conftest import cpu_peak_bytes
 
 from lmlab.config import preset
 from lmlab.model import build_model
-from lmlab.train.losses import AUTO_VOCAB, IGNORE_INDEX, ce_chunk_rows, linear_cross_entropy, lm_loss
-from lmlab.train.objectives import CausalLM
+from lmlab.objectives.losses import AUTO_VOCAB, IGNORE_INDEX, ce_chunk_rows, linear_cross_entropy, lm_loss
+from lmlab.objectives import CausalLM
 
 
 def plain(h, w, y, b=None):
@@ -109,7 +109,7 @@ def test_when_it_chunks():
 
 
 def test_the_causal_lm_objective_takes_the_plain_path_for_a_small_vocabulary(monkeypatch):
-    import lmlab.train.losses as losses
+    import lmlab.objectives.losses as losses
 
     monkeypatch.setattr(losses, "linear_cross_entropy", lambda *a, **k: pytest.fail("chunked a 512-token vocabulary"))
     model = build_model(preset("gpt2-tiny", vocab_size=512))
@@ -149,7 +149,7 @@ def test_lm_objectives_chunked_train_as_the_plain_ones(name):
 
 
 def test_chat_and_packed_chat_losses_chunk_as_well():
-    from lmlab.train.finetune import TaskObjective
+    from lmlab.tasks import task_objective as TaskObjective
 
     torch.manual_seed(0)
     model = build_model(preset("gpt2-tiny", vocab_size=600))

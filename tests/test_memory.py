@@ -14,11 +14,11 @@ from lmlab.cli import main
 from lmlab.config import preset
 from lmlab.errors import LmlabError
 from lmlab.model import build_model
-from lmlab.train.finetune import TaskObjective
+from lmlab.tasks import task_objective as TaskObjective
 from lmlab.train.loop import TrainConfig, apply_memory_options, autocast_for
 from lmlab.train.lora import apply_lora, parse_lora
 from lmlab.train.memory import Settings, measure_step
-from lmlab.train.objectives import IGNORE_INDEX, CausalLM, MaskedLM
+from lmlab.objectives import IGNORE_INDEX, CausalLM, MaskedLM
 from lmlab.train.optim import make_optimizer
 
 

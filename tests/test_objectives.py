@@ -13,7 +13,7 @@ from lmlab.config import preset
 from lmlab.errors import LmlabError
 from lmlab.io.checkpoint import list_checkpoints, load_model
 from lmlab.train.data import RandomWindows
-from lmlab.train.objectives import IGNORE_INDEX, CausalLM, MaskedLM, get_objective
+from lmlab.objectives import IGNORE_INDEX, CausalLM, MaskedLM, get_objective
 from lmlab.train.pretrain import pretrain
 
 

@@ -13,7 +13,7 @@ from conftest import TINY_TRAIN, crash_windows_at
 
 from lmlab.errors import LmlabError
 from lmlab.io.checkpoint import list_checkpoints, load_model
-from lmlab.train import objectives
+from lmlab import objectives
 from lmlab.train.optim import lr_at
 from lmlab.train.pretrain import pretrain
 

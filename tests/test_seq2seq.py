@@ -15,7 +15,7 @@ from lmlab.generate.seq2seq import generate_seq2seq, seq2seq_beam_search
 from lmlab.io.checkpoint import load_model, save_checkpoint
 from lmlab.model import Seq2SeqLM, build_model
 from lmlab.model.seq2seq import shift_right
-from lmlab.train.objectives import IGNORE_INDEX, SpanCorruption, get_objective
+from lmlab.objectives import IGNORE_INDEX, SpanCorruption, get_objective
 
 VOCAB = 97
 # the two families: T5 (pre-norm, RMSNorm, RoPE, no bias) and the 2017 Transformer (post-norm, learned positions)

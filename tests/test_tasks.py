@@ -28,7 +28,7 @@ from lmlab.data.tasks import (
 )
 from lmlab.errors import LmlabError
 from lmlab.tokenizer import train_tokenizer
-from lmlab.train.objectives import IGNORE_INDEX
+from lmlab.objectives import IGNORE_INDEX
 
 NAMES = ["Alice", "Bob", "Carol", "Dmitri", "Elena", "Farid"]
 CITIES = ["Paris", "Lagos", "Osaka", "Lima", "Oslo", "Cairo"]

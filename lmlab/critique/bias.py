@@ -354,8 +354,10 @@ def _group_part(section: Section, subject: Subject, data, preds: list) -> str | 
 
 def _classifier_parts(section: Section, subject: Subject, swaps: str | Path | None, progress: bool) -> list[str]:
     """Parts (b) and (c), which share the classifier's predictions; returns why parts did not run."""
+    from lmlab.tasks import head_task
+
     config = subject.config
-    if config.task != "classify":
+    if not getattr(head_task(config), "label_per_text", False):
         what = f"a {config.task} model" if config.task else {"encoder": "a masked LM", "decoder": "a decoder LM", "seq2seq": "an encoder–decoder"}[config.arch]
         return [f"counterfactual swaps and group gaps measure classifiers (fine-tuned with --task classify); this checkpoint is {what}"]
     if subject.data is None:

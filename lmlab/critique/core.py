@@ -27,6 +27,7 @@ from torch import nn
 
 from lmlab.device import resolve_device
 from lmlab.errors import LmlabError
+from lmlab.tasks import TaskFields
 
 LEVELS = ("good", "info", "warn", "bad")  # how a finding reads: fine, neutral, worth a look, a problem
 
@@ -134,6 +135,12 @@ class Subject:
         return self.model.config.arch
 
     @property
+    def task_fields(self) -> TaskFields:
+        """The field names of ``data`` as the task layer takes them (:class:`~lmlab.tasks.TaskFields`)."""
+        names = {f.name for f in dataclasses.fields(TaskFields)}
+        return TaskFields(**{k: v for k, v in self.fields.items() if k in names})
+
+    @property
     def name(self) -> str:
         return self.meta.get("lmlab_model_config", {}).get("name") or self.config.name or self.arch
 
@@ -154,7 +161,7 @@ def load_subject(
     """Load a checkpoint (or run folder) for critique. ``fields`` name the columns of ``data``
     (``text_field``, ``pair_field``, ``label_field``, ``group_field``, ``source_field``, ``target_field``)."""
     from lmlab.api import LM
-    from lmlab.evaluate.runner import trained_task
+    from lmlab.tasks import trained_task
     from lmlab.io.checkpoint import load_model, load_tokenizer, read_meta, resolve_checkpoint
 
     device = resolve_device(device)

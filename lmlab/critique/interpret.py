@@ -143,9 +143,39 @@ def integrated_gradients(
 # -- what the model predicts, and through which head -------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _HeadKind:
+    """How the lens reads one kind of output head. The kinds are rows of :data:`HEAD_KINDS` (keyed by
+    :func:`_kind`), so the lens's steps look a property up instead of comparing head names."""
+
+    readout: str  # the head applied to a layer's residual stream: "lm_head", "decoder_lm_head", "mlm_head", "pooled" or "per_token"
+    encode: str  # the input's ids: "text" (plain encoding), "pair" (as fine-tuning encodes a text pair) or "single" (post-processor)
+    query: str | None  # the position explained: "last", "mask", or None (the head predicts many outputs at once)
+    explains: str  # what a target names and integrated gradients differentiate: "class", "token" or "" (neither)
+    lens: str  # the layer-by-layer read-out: "tokens" (a vocabulary), "labels" (tags), "classes" (a classifier) or "" (none)
+    lens_query: str | None = None  # the logit lens's position: "last" (of the tokens it reads), "probe" (the one explained) or None
+    predicts: str = ""  # what each logit-lens cell shows
+    no_ig: str = ""  # why integrated gradients do not run on it, where they cannot
+    no_lens: str = ""  # why the logit lens does not run on it, where it cannot
+    token_types: bool = True  # the model takes token type ids (integrated gradients over tokens)
+
+
+HEAD_KINDS = {
+    "lm": _HeadKind("lm_head", "text", "last", "token", "tokens", "last", "the next token", token_types=False),
+    "mlm": _HeadKind("mlm_head", "single", "mask", "token", "tokens", "probe", "the token at each position",
+                     no_ig="the tokenizer has no mask token (or the input has no word to mask)"),
+    "seq2seq": _HeadKind("decoder_lm_head", "single", None, "", "tokens", "last", "the next target token",
+                         no_ig="the shared token embedding feeds both the encoder and the decoder, so one embedding-layer path is ambiguous"),
+    "classify": _HeadKind("pooled", "pair", "last", "class", "classes"),
+    "tag": _HeadKind("per_token", "single", None, "", "labels", None, "the tag"),
+    "qa": _HeadKind("per_token", "pair", None, "", "",
+                    no_lens="a QA head's start/end logits are not a vocabulary to read layer by layer"),
+}
+
+
 def _kind(config) -> str:
     """What is explained: "lm" (next token), "mlm" (a masked token), "seq2seq" (the decoder's next
-    target token), or the task head's ("classify", "tag", "qa")."""
+    target token), or the task head's (``config.task``)."""
     if config.arch == "seq2seq":
         return "seq2seq"
     return config.task or ("lm" if config.arch == "decoder" else "mlm")
@@ -165,17 +195,18 @@ def _layer_head(model: nn.Module, kind: str) -> Callable[[Tensor], Tensor]:
     """The model's own final norm + output head, to apply to any layer's residual stream (B, T, n_embd)."""
     from lmlab.model.heads import last_token
 
-    if kind == "seq2seq":
+    readout = HEAD_KINDS[kind].readout
+    if readout == "decoder_lm_head":
         return lambda h: model.lm_head(model.dec_norm_f(h))
     norm = model.norm_f
-    if kind == "lm":
+    if readout == "lm_head":
         return lambda h: model.lm_head(norm(h))
-    if kind == "mlm":
+    if readout == "mlm_head":
         return lambda h: model.mlm_logits(norm(h))
-    if kind == "classify":
+    if readout == "pooled":
         pool = model.pool if model.config.arch == "encoder" else (lambda h: last_token(h, None))
         return lambda h: model.task_head(pool(norm(h)))  # (B, num_labels)
-    return lambda h: model.task_head(norm(h))  # tag, qa: per token
+    return lambda h: model.task_head(norm(h))  # per token: (B, T, num_labels)
 
 
 @torch.no_grad()
@@ -211,22 +242,11 @@ def _token_text(tokenizer, token_id: int) -> str:
 
 def _first_example(subject: Subject) -> tuple[str, str | None] | None:
     """The first example of the labelled test file: (text, second text or None)."""
-    from lmlab.data import tasks as T
+    from lmlab.tasks import TASKS
 
-    f = subject.fields
-    if subject.task == "classify":
-        data = T.read_classify(subject.data, text_field=f.get("text_field", "text"), pair_field=f.get("pair_field"),
-                               label_field=f.get("label_field", "label"))
-        return data.texts[0], data.pairs[0] if data.pairs is not None else None
-    if subject.task == "tag":
-        return " ".join(T.read_tags(subject.data).words[0]), None
-    if subject.task == "qa":
-        example = T.read_squad(subject.data)[0]
-        return example.question, example.context
-    if subject.task == "seq2seq":
-        data = T.read_seq2seq(subject.data, source_field=f.get("source_field", "source"), target_field=f.get("target_field", "target"))
-        return data.sources[0], None
-    return None
+    task = TASKS.get(subject.task)
+    examples = task.text_examples(subject.data, subject.task_fields) if task is not None else []
+    return (examples[0].text, examples[0].pair) if examples else None
 
 
 def _input_text(subject: Subject, text: str | None) -> tuple[str, str | None, str]:
@@ -252,25 +272,25 @@ def _probe(subject: Subject, text: str | None) -> _Probe:
     from lmlab.data.tasks import ClassifyData, encode_classify, encode_sources
 
     tok, config = subject.tokenizer, subject.config
-    kind = _kind(config)
+    head = HEAD_KINDS[_kind(config)]
     first, pair, source = _input_text(subject, text)
     types = None
-    if kind == "lm":
+    if head.encode == "text":
         full = tok.encode(first)
         ids = full[:MAX_TOKENS]
-    elif kind in ("classify", "qa"):
+    elif head.encode == "pair":
         # as fine-tuning encodes them (post-processor, pairs cut longest-first); the label is a placeholder
         data = ClassifyData(texts=[first], labels=[0.0], kind="regression", label_names=[], pairs=[pair] if pair is not None else None)
         full = encode_classify(tok, data, config.block_size)["input_ids"][0]
         encoded = encode_classify(tok, data, MAX_TOKENS)
         ids, types = encoded["input_ids"][0], encoded["token_type_ids"][0]
-    else:  # mlm, tag, seq2seq: one text through the post-processor, special tokens kept when cut
+    else:  # one text through the post-processor (mlm, tag, seq2seq), special tokens kept when cut
         full = encode_sources(tok, [first])[0]
         ids = encode_sources(tok, [first], MAX_TOKENS)[0]
     if not ids:
         raise LmlabError(f"interpret: {source} encodes to no tokens; give a text with at least one word")
-    query = len(ids) - 1 if kind in ("lm", "classify") else None
-    if kind == "mlm" and tok.mask_id is not None:
+    query = len(ids) - 1 if head.query == "last" else None
+    if head.query == "mask" and tok.mask_id is not None:
         special = {tok.token_to_id(t) for t in tok.special_tokens.values()}
         content = [i for i, t in enumerate(ids) if t not in special]
         if content:
@@ -288,7 +308,7 @@ def _resolve_target(subject: Subject, kind: str, target: int | str | None) -> in
     if target is None:
         return None
     config, tok = subject.config, subject.tokenizer
-    if kind == "classify":
+    if HEAD_KINDS[kind].explains == "class":
         names = list(config.labels)
         if isinstance(target, str):
             if target not in names:
@@ -297,7 +317,7 @@ def _resolve_target(subject: Subject, kind: str, target: int | str | None) -> in
         if not 0 <= target < config.num_labels:
             raise LmlabError(f"interpret: target label id {target} is out of range: expected 0..{config.num_labels - 1}")
         return int(target)
-    if kind not in ("lm", "mlm"):
+    if HEAD_KINDS[kind].explains != "token":
         raise LmlabError(f"interpret: target applies to language models and classifiers, not to a {kind!r} model")
     if isinstance(target, str):
         token_id = tok.token_to_id(target)
@@ -360,29 +380,26 @@ def interpret(
 
     probs, hidden = _trace(_blocks(model), _backbone(model, probe.ids, probe.types, None))
     notes = [_attention_part(section, probs, probe, shown, causal=config.arch == "decoder")]
-    if kind == "seq2seq":
+    if config.arch == "seq2seq":
         hidden, lens_tokens = _seq2seq_decoder_states(subject, probe)
     else:
         lens_tokens = probe.tokens
-    head = _layer_head(model, kind)
+    head, readout = HEAD_KINDS[kind], _layer_head(model, kind)
     with torch.no_grad():
-        logits = [head(h)[0].float() for h in hidden]  # per layer: (T, V | labels) or (labels,)
+        logits = [readout(h)[0].float() for h in hidden]  # per layer: (T, V | labels) or (labels,)
     final = logits[-1]
-    if kind in ("lm", "mlm", "classify") and probe.query is not None:
+    if head.explains and probe.query is not None:
         predicted = int((final if final.dim() == 1 else final[probe.query]).argmax())
         notes.append(_ig_part(section, subject, probe, kind, target_id if target_id is not None else predicted, ig_steps))
     else:
-        why = {
-            "seq2seq": "the shared token embedding feeds both the encoder and the decoder, so one embedding-layer path is ambiguous",
-            "mlm": "the tokenizer has no mask token (or the input has no word to mask)",
-        }.get(kind, f"a {kind!r} head predicts many outputs at once")
+        why = head.no_ig or f"a {kind!r} head predicts many outputs at once"
         notes.append(f"Integrated gradients were not run: {why}.")
-    if kind == "classify":
+    if head.lens == "classes":
         notes.append(_classifier_lens_part(section, subject, logits))
-    elif kind == "qa":
-        notes.append("The logit lens was not run: a QA head's start/end logits are not a vocabulary to read layer by layer.")
+    elif not head.lens:
+        notes.append(f"The logit lens was not run: {head.no_lens}.")
     else:
-        query = probe.query if kind == "mlm" else (len(lens_tokens) - 1 if kind in ("lm", "seq2seq") else None)
+        query = {"probe": probe.query, "last": len(lens_tokens) - 1, None: None}[head.lens_query]
         notes.append(_logit_lens_part(section, subject, logits, lens_tokens, kind, query))
     section.method = (
         f"Input: {probe.source} ({len(probe.tokens)} tokens{', cut' if probe.truncated else ''}). " + " ".join(notes)
@@ -445,8 +462,8 @@ def _attention_part(section: Section, probs: list[Tensor], probe: _Probe, shown:
 
 def _ig_part(section: Section, subject: Subject, probe: _Probe, kind: str, target: int, steps: int) -> str:
     model, tok, config = subject.model, subject.tokenizer, subject.config
-    types, query = probe.types, probe.query
-    if kind == "classify":
+    types, query, head = probe.types, probe.query, HEAD_KINDS[kind]
+    if head.explains == "class":
         def forward(ids: Tensor) -> Tensor:
             t = types.expand(ids.shape[0], -1) if types is not None else None
             return _class_scores(model.task_logits(ids, t, None).float(), config.problem_type, log=True)[:, target]
@@ -455,10 +472,10 @@ def _ig_part(section: Section, subject: Subject, probe: _Probe, kind: str, targe
         what = "the output" if regression else f"log p(label {label!r})"
     else:
         def forward(ids: Tensor) -> Tensor:
-            logits = model(ids) if kind == "lm" else model(ids, types.expand(ids.shape[0], -1) if types is not None else None)
+            logits = model(ids, types.expand(ids.shape[0], -1) if types is not None else None) if head.token_types else model(ids)
             return logits[:, query].float().log_softmax(-1)[:, target]
         label = _token_text(tok, target)
-        what = f"log p({label!r})" + (" as the next token" if kind == "lm" else " at the masked position")
+        what = f"log p({label!r})" + (" at the masked position" if head.query == "mask" else " as the next token")
     special = {tok.token_to_id(t) for t in tok.special_tokens.values()}
     candidates = ((tok.mask_id, "mask"), (tok.pad_id, "pad"), (tok.eos_id, "end-of-text"))
     base_id, base_name = next(((i, n) for i, n in candidates if i is not None), (0, "id 0"))
@@ -544,7 +561,8 @@ def _logit_lens_part(section: Section, subject: Subject, logits: list[Tensor], t
     stacked = torch.stack(logits).cpu()  # (n_layer + 1, T, V)
     probs = stacked.softmax(-1)
     top_p, top_id = probs.max(-1)  # (n_layer + 1, T)
-    names = (lambda i: config.labels[i]) if kind == "tag" else (lambda i: _token_text(tok, i))
+    head = HEAD_KINDS[kind]
+    names = (lambda i: config.labels[i]) if head.lens == "labels" else (lambda i: _token_text(tok, i))
     rows = ["emb"] + [str(i + 1) for i in range(len(logits) - 1)]
     fig, ax = new_figure(max(6.4, 0.42 * len(tokens) + 2), max(2.8, 0.32 * len(rows) + 1.4))
     image = ax.imshow(top_p.numpy(), vmin=0.0, vmax=1.0, cmap="Blues", aspect="auto")
@@ -556,7 +574,7 @@ def _logit_lens_part(section: Section, subject: Subject, logits: list[Tensor], t
     ax.set_yticks(range(len(rows)), rows, fontsize=6)
     ax.set_ylabel("residual stream after block")
     fig.colorbar(image, ax=ax, label="top-1 probability", fraction=0.03, pad=0.01)
-    what = {"lm": "the next token", "seq2seq": "the next target token", "mlm": "the token at each position", "tag": "the tag"}[kind]
+    what = head.predicts
     section.figures.append(Figure(
         "Logit lens", figure_png(fig),
         f"Each cell: the top-1 prediction of {what} when the model's final norm and output head are applied to the residual stream "
@@ -575,7 +593,7 @@ def _logit_lens_part(section: Section, subject: Subject, logits: list[Tensor], t
         logit_lens_prob_per_layer=[round(float(probs[layer, query, final]), 6) for layer in range(len(rows))],
         logit_lens_first_top1_layer=first,
     )
-    where = "at the last position" if kind != "mlm" else "at the masked position"
+    where = "at the masked position" if head.lens_query == "probe" else "at the last position"
     section.explain.update(
         logit_lens_final_token=f"The model's final top-1 prediction {where}.",
         logit_lens_rank_per_layer=f"Its rank (1 = top) in each layer's logit-lens distribution {where}, embeddings first.",

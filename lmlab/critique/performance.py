@@ -49,24 +49,25 @@ def performance(subject: Subject, *, n_resamples: int = 1000, batch_size: int = 
             "seq2seq) and, for a decoder, --text FILE (held-out text) for its perplexity",
         )
     if has_task_data:
-        options = {k: v for k, v in subject.fields.items() if k in ("text_field", "pair_field", "label_field", "source_field", "target_field")}
         result, rows = evaluate_model(
             subject.model, subject.tokenizer, subject.data, task=subject.task, meta=subject.meta,
-            batch_size=batch_size, n_resamples=n_resamples, **options,
+            batch_size=batch_size, n_resamples=n_resamples, fields=subject.task_fields,
         )
         _task_part(section, subject, result, rows)
     if has_text:
         result, _ = evaluate_model(
-            subject.model, subject.tokenizer, text, task="lm", batch_size=batch_size, text_field=subject.fields.get("text_field", "text")
+            subject.model, subject.tokenizer, text, task="lm", batch_size=batch_size, fields=subject.task_fields
         )
         _perplexity_part(section, subject, result)
     return section
 
 
 def _task_part(section: Section, subject: Subject, result: dict[str, Any], rows: list[dict]) -> None:
-    from lmlab.evaluate.metrics import HEADLINES
+    from lmlab.metrics import HEADLINES
+    from lmlab.tasks import TASKS
 
     task = result["task"]
+    fractions = TASKS[task].fraction_metrics
     headline = {k: result[k] for k in HEADLINES.get(task, ()) if k in result}
     section.metrics["task"] = task
     section.metrics["num_examples"] = len(rows)
@@ -85,7 +86,7 @@ def _task_part(section: Section, subject: Subject, result: dict[str, Any], rows:
     })
     for k, (name, value) in enumerate(headline.items()):
         ci = result.get("ci", {}).get(name)
-        scale = "" if name in ("accuracy", "f1_macro") or (task == "tag" and name == "f1") else " (0–100)"
+        scale = "" if name in fractions else " (0–100)"
         text = f"{name} {value:.4g}{scale}" + (f", 95% CI {ci['low']:.4g}–{ci['high']:.4g}" if ci else "") + f" on {len(rows):,} examples."
         section.findings.append(Finding("info", text))
         if k == 0 and ci and ci["high"] - ci["low"] > (0.1 if not scale else 10):  # said once, for the first headline
@@ -95,12 +96,12 @@ def _task_part(section: Section, subject: Subject, result: dict[str, Any], rows:
     if "calibration" in result:
         _calibration_part(section, result["calibration"])
     group_field = subject.fields.get("group_field", "group")
-    if task == "classify" and "confidence" in (rows[0] if rows else {}):
+    if "confidence" in (rows[0] if rows else {}):  # a single-label classifier's rows
         _slices_part(section, subject, rows, group_field)
 
 
 def _calibration_part(section: Section, calib: dict[str, Any]) -> None:
-    from lmlab.evaluate.metrics import reliability_diagram
+    from lmlab.metrics import reliability_diagram
 
     ece = calib["ece"]
     section.metrics["ece"] = ece

@@ -241,7 +241,7 @@ def class_probabilities(subject, data, *, batch_size: int = 32, progress: bool =
     from tqdm import tqdm
 
     from lmlab.data.tasks import encode_classify
-    from lmlab.train.finetune import TaskObjective, predict_logits
+    from lmlab.tasks import predict_logits, task_objective
 
     tok = subject.tokenizer
     pad = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
@@ -251,7 +251,7 @@ def class_probabilities(subject, data, *, batch_size: int = 32, progress: bool =
     logits: list[torch.Tensor] = []
     for start in tqdm(range(0, n, chunk), desc=desc, disable=not progress or n <= chunk, leave=False):
         stop = min(start + chunk, n)
-        part = TaskObjective("classify", {k: v[start:stop] for k, v in features.items()}, pad, data.kind)
+        part = task_objective("classify", {k: v[start:stop] for k, v in features.items()}, pad, data.kind)
         logits += predict_logits(subject.model, part, stop - start, batch_size, subject.device)
     stacked = torch.stack(logits)
     return stacked.sigmoid() if data.kind == "multi" else stacked.softmax(-1)

@@ -30,6 +30,7 @@ from lmlab.critique.perturb import (
     PERTURBATIONS, class_probabilities, clip, decisions, gold, label_text, perturbation_rng, read_classifier_data, take,
 )
 from lmlab.errors import LmlabError
+from lmlab.tasks import TASKS, head_task
 
 TITLE = "Robustness"
 CHANGE_BAD, CHANGE_WARN = 0.10, 0.03  # a classifier's prediction change rate above these is 'bad' / 'warn'
@@ -188,15 +189,17 @@ def _documents(subject: Subject, path) -> list[tuple[int, str]]:
     return out
 
 
-def _likelihood(subject: Subject, names: list[str], progress: bool) -> Section:
-    from lmlab.data.tasks import read_seq2seq
+def _with_references(subject: Subject) -> bool:
+    """Whether the subject's task examples carry reference outputs (seq2seq: the likelihood of the target)."""
+    return getattr(TASKS.get(subject.task), "references", False)
 
-    seq2seq = subject.task == "seq2seq"
+
+def _likelihood(subject: Subject, names: list[str], progress: bool) -> Section:
+    seq2seq = _with_references(subject)
     if seq2seq:
-        f = subject.fields
-        d = read_seq2seq(subject.data, source_field=f.get("source_field", "source"), target_field=f.get("target_field", "target"))
-        rows = subsample(d.sources, subject.max_examples, subject.seed)
-        items = [(d.sources[i], d.targets[i]) for i in rows]
+        examples = TASKS[subject.task].text_examples(subject.data, subject.task_fields)
+        rows = subsample([e.text for e in examples], subject.max_examples, subject.seed)
+        items = [(examples[i].text, examples[i].reference) for i in rows]
     else:
         docs = _documents(subject, subject.text or subject.data)
         rows, items = [i for i, _ in docs], [(doc, None) for _, doc in docs]
@@ -303,16 +306,16 @@ def robustness(subject: Subject, *, perturbations: Sequence[str] | None = None, 
     or a language model's loss of likelihood. ``perturbations``: which of typos, case, punctuation,
     contractions, whitespace, names (default: all)."""
     names = _check(perturbations)
-    config = subject.config
-    if config.task == "classify":
+    config, head = subject.config, head_task(subject.config)
+    if head is not None and head.label_per_text:
         if subject.data is None:
             return skipped("robustness", TITLE, "a classifier's robustness needs test texts: give --data FILE (text and label)")
         if config.problem_type == "regression":
             return skipped("robustness", TITLE, "prediction changes are measured on labels; this classifier predicts a regression score")
         return _classifier(subject, names, progress)
-    if config.task in ("tag", "qa"):
+    if head is not None and head.labels_in_text:
         return skipped("robustness", TITLE, f"a {config.task} model is not measured: the perturbations move the words and offsets its gold labels point to")
-    if subject.task == "seq2seq":
+    if _with_references(subject):
         if subject.data is None:
             return skipped("robustness", TITLE, "a sequence-to-sequence model's robustness needs --data FILE (source and target)")
         return _likelihood(subject, names, progress)

@@ -276,7 +276,7 @@ def safety(
     """Toxicity of sampled continuations (toxic fraction, expected maximum toxicity) and refusal of harmful requests."""
     check_option("--samples", samples)
     check_option("--max-new-tokens", max_new_tokens)
-    if subject.lm is None or subject.config.task in ("classify", "tag", "qa"):
+    if subject.lm is None or subject.config.task:  # an encoder, or a model with a task head
         kind = "an encoder" if subject.lm is None else f"a {subject.config.task} model"
         return skipped(
             "safety",

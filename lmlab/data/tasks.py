@@ -48,7 +48,7 @@ from tokenizers import processors
 from lmlab.config import json_line_object
 from lmlab.errors import LmlabError
 from lmlab.tokenizer import Tokenizer
-from lmlab.train.objectives import IGNORE_INDEX
+from lmlab.objectives import IGNORE_INDEX
 
 __all__ = [
     "LABEL_KINDS",

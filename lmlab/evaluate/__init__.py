@@ -1,6 +1,6 @@
 """Evaluation: task metrics, perplexity, bootstrap confidence intervals and calibration."""
 
-from lmlab.evaluate.metrics import (
+from lmlab.metrics import (
     HEADLINES,
     bootstrap_ci,
     calibration,

@@ -44,6 +44,7 @@ from lmlab.config import LoraSpec, ModelConfig, write_json_atomic
 from lmlab.errors import LmlabError
 from lmlab.io import hf, outputs
 from lmlab.io.checkpoint import load_config, load_model, load_tokenizer, resolve_checkpoint
+from lmlab.model.heads import pools
 from lmlab.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -103,7 +104,7 @@ def _special_ids(config: ModelConfig, tokenizer: Tokenizer | None) -> dict[str, 
     if tokenizer is None:
         return {}
     pad = tokenizer.pad_id
-    if pad is None and config.arch == "decoder" and config.task == "classify":
+    if pad is None and config.arch == "decoder" and pools(config):
         pad = tokenizer.eos_id
     return {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": pad}
 

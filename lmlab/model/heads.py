@@ -17,14 +17,21 @@ from torch import Tensor, nn
 from lmlab.config import ModelConfig
 
 
+# what each head reads: one vector per text ("sequence": pooled) or every token's hidden state ("token")
+HEAD_INPUTS = {"classify": "sequence", "tag": "token", "qa": "token"}
+
+
+def pools(config: ModelConfig) -> bool:
+    """Whether ``config``'s task head reads one vector per text (a pooled [CLS], a decoder's last token)."""
+    return HEAD_INPUTS.get(config.task) == "sequence"
+
+
 class TaskHead(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.drop = nn.Dropout(config.dropout)
         # a decoder's sequence classifier has no bias, as HF's GPT-2/LLaMA ``score`` layer (so it exports exactly)
-        self.out = nn.Linear(
-            config.n_embd, config.num_labels, bias=not (config.arch == "decoder" and config.task == "classify")
-        )
+        self.out = nn.Linear(config.n_embd, config.num_labels, bias=not (config.arch == "decoder" and pools(config)))
 
     def forward(self, features: Tensor) -> Tensor:
         return self.out(self.drop(features))
@@ -46,7 +53,7 @@ def task_logits(
     if model.task_head is None:
         raise RuntimeError("this model has no task head (config.task is empty)")
     hidden = model.encode(input_ids, token_type_ids, attention_mask)
-    if config.task == "classify":
+    if pools(config):
         features = model.pool(hidden) if config.arch == "encoder" else last_token(hidden, attention_mask)
         return model.task_head(features)
     return model.task_head(hidden)

@@ -28,10 +28,10 @@ from lmlab.device import check_device
 from lmlab.errors import LmlabError
 from lmlab.io.checkpoint import load_train_state, prune_checkpoints, save_checkpoint, step_dir_name
 from lmlab.io.outputs import write_jsonl_atomic, write_marker
+from lmlab.objectives import Objective, evaluate_loss
 from lmlab.plots import plot_loss
 from lmlab.train.data import hash_position
 from lmlab.train.dist import DistInfo, all_reduce_mean
-from lmlab.train.objectives import Objective, evaluate_loss
 from lmlab.train.optim import SCHEDULES, lr_at, make_optimizer
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -300,6 +300,7 @@ def train_loop(
     select: str | None = None,
     patience: int | None = None,
     overwrite: bool = False,
+    higher_is_better: bool = True,
 ) -> TrainResult:
     """Train ``model`` (already on ``device``) for ``cfg.max_steps`` optimizer steps.
 
@@ -307,10 +308,10 @@ def train_loop(
     which makes resuming exact); ``valid_batches`` are fixed. Checkpoints go to ``out_dir``.
 
     ``score_fn(model)`` adds task metrics at every evaluation (logged as ``val_<name>``); with
-    ``select`` the best checkpoint is the one with the highest ``select`` metric instead of the
-    lowest validation loss, and ``patience`` stops training after that many evaluations without
-    improvement (early stopping; the last state is still saved, so nothing is lost). ``overwrite``:
-    ``out_dir`` was not lmlab's, and checkpoints may be written into its folders of the same names
+    ``select`` the best checkpoint is the one with the highest ``select`` metric (the lowest, with
+    ``higher_is_better`` False) instead of the lowest validation loss, and ``patience`` stops training after
+    that many evaluations without improvement (early stopping; the last state is still saved, so nothing is
+    lost). ``overwrite``: ``out_dir`` was not lmlab's, and checkpoints may be written into its folders of the same names
     (:func:`~lmlab.io.checkpoint.save_checkpoint`).
     """
     if select is not None and score_fn is None:
@@ -335,7 +336,9 @@ def train_loop(
         do_save = done % cfg.save_interval == 0 or at_end
         if done % cfg.log_interval == 0 or do_eval or do_save:
             run.log_train(done, lr)
-        val_loss, stopping = run.evaluate(done, at_end, score_fn, select, patience) if do_eval else (None, False)
+        val_loss, stopping = (
+            run.evaluate(done, at_end, score_fn, (select, higher_is_better), patience) if do_eval else (None, False)
+        )
         if (do_save or stopping) and dist.is_main:
             run.save_step(done, val_loss, stopping)
         run.result.step = done
@@ -508,9 +511,10 @@ class _Run:
         self.loss_count, self.t_last, self.step_last = 0, now, done
 
     def evaluate(
-        self, done: int, at_end: bool, score_fn, select: str | None, patience: int | None
+        self, done: int, at_end: bool, score_fn, selection: tuple[str | None, bool], patience: int | None
     ) -> tuple[float | None, bool]:
         """Validation loss and task scores; a better criterion writes best/. Returns (val_loss, stop early)."""
+        select, higher_is_better = selection
         val_loss = self._validation_loss(done) if self.valid else None
         if not (self.valid or score_fn is not None):
             return val_loss, False
@@ -523,7 +527,7 @@ class _Run:
             raise LmlabError(
                 f"the metric to select by, {select!r}, is not among the computed ones: {', '.join(scores)}"
             )
-        criterion = -scores[select] if select is not None else val_loss
+        criterion = (-scores[select] if higher_is_better else scores[select]) if select is not None else val_loss
         if criterion is not None and criterion < self.best_val:
             self.best_val, self.since_best = criterion, 0
             self.result.best_val_loss = val_loss

@@ -39,7 +39,7 @@ How well: against real CPU steps, measured independently from the profiler's all
 activation checkpointing, gradient accumulation, dropout, LoRA, plain and chunked cross-entropy),
 the predicted peak is within 0.3%; parameter, gradient and optimizer bytes are exact. What fake
 tensors cannot see is scratch memory a kernel allocates inside itself (the CPU's ``torch.logsumexp``
-copies its input twice, which is why :mod:`lmlab.train.losses` does not call it).
+copies its input twice, which is why :mod:`lmlab.objectives.losses` does not call it).
 
 Not modelled: the CUDA context and cuBLAS workspaces (outside PyTorch's counters, or a few MiB), the
 caching allocator's fragmentation (``memory_reserved`` above ``memory_allocated``), fp16's gradient
@@ -70,8 +70,8 @@ from torch import Tensor, nn
 from lmlab.config import LoraSpec
 from lmlab.errors import LmlabError
 from lmlab.model.lora import apply_lora
+from lmlab.objectives.losses import CHUNK_BYTES, ce_chunk_rows
 from lmlab.train.loop import apply_memory_options, autocast_for
-from lmlab.train.losses import CHUNK_BYTES, ce_chunk_rows
 from lmlab.train.optim import make_optimizer
 
 HEADROOM = 0.10  # a run "fits" when its predicted peak is within 90% of the budget
@@ -385,11 +385,7 @@ def _step_memory(
     peaks = probe.tracker.peaks
     phase = max(peaks, key=peaks.get)
     ddp = sizes["gradients"] if world_size > 1 else 0
-    lm = (
-        hasattr(objective, "ce_chunk_size")
-        and getattr(objective, "task", "lm") in ("lm", "seq2seq", "chat")
-        and "labels" in batch
-    )
+    lm = hasattr(objective, "ce_chunk_size") and "labels" in batch  # an LM loss (task-head objectives have no chunking)
     vocab = sizes["vocab"]
     return StepMemory(
         device=device.type,

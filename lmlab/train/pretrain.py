@@ -27,7 +27,7 @@ from lmlab.train import memory
 from lmlab.train.data import RandomWindows, fixed_windows
 from lmlab.train.loop import TrainConfig, TrainResult, autocast_for, check_resume, same_source, train_loop
 from lmlab.train.memory import DryRun, Settings, check_budget
-from lmlab.train.objectives import get_objective
+from lmlab.objectives import get_objective
 
 
 def pretrain(

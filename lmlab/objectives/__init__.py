@@ -1,7 +1,8 @@
 """Training objectives: small objects that turn a batch into a loss (STYLE habit 6).
 
 The one training loop calls ``objective.loss(model, batch)`` and never knows which objective it
-runs; a new objective (mlm, nsp, span, classify, …) is a new class here, not a copy of the loop.
+runs; a new pretraining objective (mlm, nsp, span, …) is a new class here, a fine-tuning task's objective
+lives with its task in :mod:`lmlab.tasks` — neither copies the loop.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from torch import Tensor, nn
 
 from lmlab.errors import LmlabError
 from lmlab.model.seq2seq import shift_right
-from lmlab.train.losses import IGNORE_INDEX, lm_loss, unwrap_model  # IGNORE_INDEX (-100): labels that add no loss, as in HF
+from lmlab.objectives.losses import IGNORE_INDEX, lm_loss, unwrap_model  # IGNORE_INDEX (-100): labels that add no loss, as in HF
 
 
 class Objective(Protocol):
@@ -33,7 +34,7 @@ class CausalLM:
     """Autoregressive language modelling: maximise log P(x_t | x_<t), i.e. next-token cross-entropy.
 
     ``ce_chunk_size`` (the loop sets it from ``TrainConfig.ce_chunk_size``) chooses the cross-entropy's
-    chunking: None chunks large vocabularies, 0 never, n: n tokens per chunk (:mod:`lmlab.train.losses`)."""
+    chunking: None chunks large vocabularies, 0 never, n: n tokens per chunk (:mod:`lmlab.objectives.losses`)."""
 
     name, arch = "clm", "decoder"
     ce_chunk_size: int | None = None
@@ -45,7 +46,7 @@ class CausalLM:
         return {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}  # targets: the input shifted by one
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-        # logits (B, T, vocab_size), or — chunked for a large vocabulary — hidden states and lmlab.train.losses
+        # logits (B, T, vocab_size), or — chunked for a large vocabulary — hidden states and lmlab.objectives.losses
         return lm_loss(model, batch["labels"], lambda hidden_only: model(batch["input_ids"], hidden_only=hidden_only), self.ce_chunk_size)
 
 

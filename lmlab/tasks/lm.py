@@ -1,0 +1,62 @@
+"""``lm``: a decoder's perplexity on plain text (``lmlab evaluate --task lm``); evaluation only.
+
+Each document is scored in non-overlapping context windows, after an end-of-text token when the
+tokenizer has one; the perplexity is exp of the mean negative log-likelihood per predicted token.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmlab.config import ModelConfig
+from lmlab.data import read_corpus
+from lmlab.errors import LmlabError
+from lmlab.tasks.base import Task, TaskData, TaskFields
+
+
+class LM(Task):
+    name = "lm"
+    uses = ("evaluate",)
+    generates = True
+    archs = ("decoder",)
+
+    def check_model(self, config: ModelConfig) -> None:
+        if config.arch != "decoder":
+            raise LmlabError("--task lm measures a decoder's perplexity; this checkpoint is an encoder")
+
+    def read(self, path: str | Path, tokenizer, fields: TaskFields, *, arch: str = "decoder",
+             labels: list[str] | None = None, problem_type: str | None = None) -> TaskData:
+        docs = read_corpus(path, text_field=fields.text_field)
+        eos = tokenizer.eos_id
+        ids = [([eos] if eos is not None else []) + tokenizer.encode(doc) for doc in docs]
+        if not any(len(row) > 1 for row in ids):  # a token predicted needs one before it
+            raise LmlabError(f"{path}: no text to score")
+        return TaskData("lm", {"input_ids": ids}, 0, raw=docs)
+
+    @torch.no_grad()
+    def predict(self, model, tokenizer, data, *, batch_size, device, pad_id=0, max_new_tokens=128, num_beams=1) -> list[tuple[float, int]]:
+        """Each document's summed negative log-likelihood and the number of tokens it predicts."""
+        T = model.config.block_size
+        out = []
+        for ids in data.features["input_ids"]:
+            nll, n = 0.0, 0
+            for start in range(0, len(ids) - 1, T):
+                window = torch.tensor([ids[start : start + T + 1]], device=device)
+                if window.shape[1] < 2:
+                    break
+                logits = model(window[:, :-1]).float()
+                nll += torch.nn.functional.cross_entropy(logits[0], window[0, 1:], reduction="sum").item()
+                n += window.shape[1] - 1
+            out.append((nll, n))
+        return out
+
+    def evaluate(self, data: TaskData, predictions: list[tuple[float, int]], n_resamples: int) -> tuple[dict[str, Any], list[dict]]:
+        rows = [{"index": i, "tokens": n, "nll": nll, "perplexity": math.exp(nll / n)} for i, (nll, n) in enumerate(predictions) if n]
+        total_nll, total_tokens = sum(r["nll"] for r in rows), sum(r["tokens"] for r in rows)
+        result = {"perplexity": math.exp(total_nll / total_tokens), "nll_per_token": total_nll / total_tokens,
+                  "tokens": total_tokens, "documents": len(rows)}
+        return result, rows
