@@ -57,7 +57,7 @@ SHARED = {
     "label_field": "classify: the label field/column (a name, a list of names, or a number)",
     "source_field": "seq2seq: the source field (records with prompt/completion work too)",
     "target_field": "seq2seq: the target field",
-    "group_field": "the group/slice column for per-group metrics (default: group)",
+    "group_field": "the group/slice column for per-group metrics",
 }
 FIELDS = "text_field pair_field label_field source_field target_field"
 CORPUS = "input text_field column normalize dedup"  # read_corpus's options
@@ -225,6 +225,7 @@ def _flags_finetune(p: ArgumentParser) -> None:
     from lmlab.train.loop import TrainConfig
 
     _flags(p, finetune, {
+        "checkpoint": "the pretrained checkpoint (or run folder) to start from",
         "task": "classify, tag, qa, seq2seq or chat",
         "train": "training file: classify .jsonl/.csv/.tsv, tag CoNLL or .jsonl (tokens, tags), qa SQuAD .json, seq2seq .jsonl "
         "(source, target), chat .jsonl (messages, or prompt and response)",
@@ -238,7 +239,7 @@ def _flags_finetune(p: ArgumentParser) -> None:
         "pack": "chat: pack several conversations into each --max-length row; each attends only to itself (less padding, same loss)",
         "lora": "train LoRA adapters (peft) instead of all weights: r=8,alpha=16,dropout=0.05,targets=qkv (targets: module names "
         "such as qkv, proj, attn.proj, mlp.fc, mlp.proj; several as targets=qkv,proj); 'default' for those defaults",
-    }, f"checkpoint * {FIELDS} resume verify overwrite dry_run memory_budget")
+    }, f"{FIELDS} resume verify overwrite dry_run memory_budget")
     _dataclass_flags(p, TrainConfig, skip=("seq_len",), defaults=FINETUNE_DEFAULTS)
 
 
@@ -270,8 +271,8 @@ def _flags_critique(p: ArgumentParser) -> None:
         "max_examples": "examples each lens reads at most (a seeded sample)",
         "seed": "seed of every sample and perturbation",
     }, "checkpoint * device verify progress overwrite")
-    for name in ("text_field", "pair_field", "label_field", "group_field"):  # critique's fields default to the task's own
-        _add(p, name, f"--data: {SHARED[name]}", "str | None", None)
+    for name, usual in (("text_field", "text"), ("pair_field", "none"), ("label_field", "label"), ("group_field", "group")):
+        _add(p, name, f"--data: {SHARED[name]} (default: {usual})", "str | None", None)
     _optional(p, {
         "pairs": "bias: a CrowS-Pairs-format CSV (sent_more, sent_less, stereo_antistereo, bias_type) (default: the built-in set)",
         "swaps": "bias: a JSON of group terms to swap for counterfactuals (default: the built-in lists)",
@@ -286,7 +287,7 @@ def _flags_critique(p: ArgumentParser) -> None:
         "extraction_suffix": "privacy: tokens that must come back verbatim to count as extracted",
         "perturbations": "robustness: comma-separated edits: typos,case,punctuation,contractions,whitespace,names (default: all)",
         "power_watts": "efficiency: the training hardware's power draw, for the energy estimate (default: a stated assumption)",
-        "grid_intensity": "efficiency: kg CO2e per kWh of the training electricity (0.4 is about the world average)",
+        "grid_intensity": "efficiency: kg CO2e per kWh of the training electricity; the world average is about 0.4",
         "input": ("text", "interpret: the text to explain (default: the first test example, or a built-in sentence)"),
     }, [lens_function(name) for name in LENSES])
 
@@ -484,24 +485,20 @@ def cmd_merge_lora(a) -> int:
 
 
 def _read_prompts(path: Path) -> list[str]:
+    """The prompts of ``--prompts-file``: one per non-blank line, or the ``prompt`` field of each JSON Lines object."""
+    from lmlab.config import json_line_object
+
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise LmlabError(f"--prompts-file {path}: cannot read it ({e.__class__.__name__}); expected a UTF-8 text file") from None
     if path.suffix != ".jsonl":
         return [line for line in lines if line.strip()]
-    prompts = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise LmlabError(f"--prompts-file {path}:{number}: not valid JSON ({e.msg})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+    records = [(n, json_line_object(path, n, line)) for n, line in enumerate(lines, 1) if line.strip()]
+    for number, record in records:
+        if not isinstance(record.get("prompt"), str):
             raise LmlabError(f"--prompts-file {path}:{number}: expected an object with a string field 'prompt'")
-        prompts.append(record["prompt"])
-    return prompts
+    return [record["prompt"] for _, record in records]
 
 
 def _stream(lm, prompt: str, config, out) -> None:

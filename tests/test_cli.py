@@ -216,3 +216,36 @@ def test_damaged_files_and_absurd_sizes_are_one_line_errors(corpus_file, trained
     weights.write_bytes(weights.read_bytes()[:1000])
     code, _, err = run(capsys, "generate", str(checkpoint), "--prompt", "x")
     assert_one_line_error(code, err, "model.safetensors: damaged or not a safetensors file (Error while deserializing header")
+
+
+def test_a_verbs_flags_take_their_defaults_from_the_function_it_calls():
+    import inspect
+
+    from lmlab.api import LM, load
+    from lmlab.cli import build_parser
+    from lmlab.critique import critique
+    from lmlab.demo import run_demo
+    from lmlab.evaluate.runner import evaluate
+    from lmlab.generate import GenerationConfig
+    from lmlab.train.finetune import FINETUNE_DEFAULTS, finetune
+
+    def flags(verb):
+        sub = next(a for a in build_parser(only=verb)._actions if a.dest == "command").choices[verb]
+        return {a.dest: a for a in sub._actions}
+
+    train_defaults = {f.name: FINETUNE_DEFAULTS.get(f.name, f.default) for f in dataclasses.fields(TrainConfig) if f.name != "seq_len"}
+    cases = {"evaluate": [evaluate], "critique": [critique], "demo": [run_demo], "finetune": [finetune, train_defaults],
+             "generate": [load, LM.generate_records, GenerationConfig]}
+    for verb, sources in cases.items():
+        actions, checked = flags(verb), 0
+        for source in sources:
+            if dataclasses.is_dataclass(source):
+                source = {f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory() for f in dataclasses.fields(source)}
+            defaults = source if isinstance(source, dict) else {
+                k: p.default for k, p in inspect.signature(source).parameters.items() if p.default is not inspect.Parameter.empty}
+            for name, default in defaults.items():
+                if name in actions:
+                    assert actions[name].default == default, (verb, name)
+                    checked += 1
+        assert checked >= 8, verb
+    assert flags("evaluate")["device"].default == "cpu" and flags("generate")["device"].default == "auto"  # each verb's own
