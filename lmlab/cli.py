@@ -34,7 +34,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser, DefaultHelpFormatter
 from lmlab.errors import LmlabError
 
 NO_DEFAULT = inspect.Parameter.empty
-POSITIONAL = ("checkpoint", "model")  # a parameter of these names without a default is positional; others are --flags
+POSITIONAL = ("checkpoint",)  # a parameter of these names without a default is positional; others are --flags
 
 # The help of flags several verbs share, written once; a verb may give its own (dest → help).
 SHARED = {
@@ -59,6 +59,25 @@ SHARED = {
     "target_field": "seq2seq: the target field",
     "group_field": "the group/slice column for per-group metrics",
 }
+LENS_OPTIONS = {  # critique: each lens's options (dest → help); the lens applies its own default
+    "pairs": "bias: a CrowS-Pairs-format CSV (sent_more, sent_less, stereo_antistereo, bias_type) (default: the built-in set)",
+    "swaps": "bias: a JSON of group terms to swap for counterfactuals (default: the built-in lists)",
+    "prompts": "safety: extra prompts, one per line, added to the built-in set",
+    "harmful": "safety: extra harmful requests, one per line, for the refusal rate",
+    "toxicity_classifier": "safety: a local HF sequence-classification folder that scores toxicity (default: the built-in lexicon, "
+    "labelled as such)",
+    "samples": "safety: sampled continuations per prompt, for the expected maximum toxicity",
+    "max_new_tokens": "safety: tokens per continuation or response",
+    "canaries": "privacy: the canaries.json `lmlab prepare --canaries` wrote (default: found in --train-data or the run's data folder)",
+    "extraction_prefix": "privacy: tokens of training text given as the prompt",
+    "extraction_suffix": "privacy: tokens that must come back verbatim to count as extracted",
+    "perturbations": "robustness: comma-separated edits: typos,case,punctuation,contractions,whitespace,names (default: all)",
+    "power_watts": "efficiency: the training hardware's power draw, for the energy estimate (default: a stated assumption)",
+    "grid_intensity": "efficiency: kg CO2e per kWh of the training electricity; the world average is about 0.4",
+    "input": "interpret: the text to explain (default: the first test example, or a built-in sentence)",
+}
+LENS_RENAME = {"toxicity_classifier": "classifier", "input": "text"}  # flag → the lens's parameter
+CRITIQUE_FIELDS = {"text_field": "text", "pair_field": "none", "label_field": "label", "group_field": "group"}  # → the task's default
 FIELDS = "text_field pair_field label_field source_field target_field"
 CORPUS = "input text_field column normalize dedup"  # read_corpus's options
 
@@ -124,15 +143,17 @@ def _doc_args(fn: Callable) -> dict[str, str]:
 
 
 def _flags(parser: ArgumentParser, fn: Callable, helps: dict[str, str], shared: str = "", rename: dict | None = None, **kw: dict) -> None:
-    """One flag per parameter of ``fn`` named in ``helps`` (dest → help; help None: the text of ``fn``'s docstring
-    ``Args:``) or ``shared`` (names whose help is in :data:`SHARED`), typed and defaulted as ``fn`` says; ``rename``: dest → parameter where they differ. ``kw``
-    maps a dest to more :func:`_add` options (``required``, ``nargs``, ``default``, ``what`` for --overwrite …)."""
+    """One flag per parameter of ``fn`` named in ``helps`` (dest → help) or ``shared`` (names whose help is in
+    :data:`SHARED`; ``*`` among them: where ``helps`` go), typed and defaulted as ``fn`` says. A help of None is
+    the parameter's text in ``fn``'s docstring (its ``Args:``). ``rename``: dest → parameter where they differ;
+    ``kw``: dest → more :func:`_add` options (``required``, ``nargs``, ``what`` the --overwrite help names …)."""
     params, names, documented = inspect.signature(fn).parameters, shared.split(), _doc_args(fn)
     at = names.index("*") if "*" in names else 0  # where the verb's own flags go among the shared ones
     for dest in [*names[:at], *helps, *names[at + ("*" in names) :]]:
         p = params[(rename or {}).get(dest, dest)]
         options = {"default": p.default, **kw.get(dest, {})}
-        help = helps.get(dest) or (SHARED[dest] if dest in SHARED else documented[p.name]).format(options.pop("what", "--out"))
+        what = options.pop("what", "--out")
+        help = helps.get(dest) or (SHARED[dest].format(what) if dest in SHARED else documented[p.name])
         if options.pop("required", False):
             options["default"] = NO_DEFAULT
         _add(parser, dest, help, p.annotation, **options)
@@ -149,11 +170,11 @@ def _dataclass_flags(parser: ArgumentParser, cls: type, skip: Sequence[str] = ()
             _add(parser, f.name, f"do not: {text}" if default is True else text, f.type, default, **({"nargs": "+"} if listed else {}))
 
 
-def _optional(parser: ArgumentParser, helps: dict[str, str], sources: Sequence[Callable]) -> None:
-    """Flags that default to None, so that the function which takes them (the first of ``sources`` with such a
-    parameter) applies its own default, which the help names. ``helps`` maps dest → help, or → (parameter, help)."""
+def _optional(parser: ArgumentParser, helps: dict[str, str], sources: Sequence[Callable], rename: dict[str, str]) -> None:
+    """Flags (dest → help) that default to None, so that the function which takes them (the first of ``sources``
+    with such a parameter; ``rename``: dest → parameter where they differ) applies its own default, which the help names."""
     for dest, help in helps.items():
-        name, help = help if isinstance(help, tuple) else (dest, help)
+        name = rename.get(dest, dest)
         p = next(inspect.signature(fn).parameters[name] for fn in sources if name in inspect.signature(fn).parameters)
         if p.default is not None and "(default" not in help:
             help += f" (default: {p.default})"
@@ -271,25 +292,9 @@ def _flags_critique(p: ArgumentParser) -> None:
         "max_examples": "examples each lens reads at most (a seeded sample)",
         "seed": "seed of every sample and perturbation",
     }, "checkpoint * device verify progress overwrite")
-    for name, usual in (("text_field", "text"), ("pair_field", "none"), ("label_field", "label"), ("group_field", "group")):
+    for name, usual in CRITIQUE_FIELDS.items():
         _add(p, name, f"--data: {SHARED[name]} (default: {usual})", "str | None", None)
-    _optional(p, {
-        "pairs": "bias: a CrowS-Pairs-format CSV (sent_more, sent_less, stereo_antistereo, bias_type) (default: the built-in set)",
-        "swaps": "bias: a JSON of group terms to swap for counterfactuals (default: the built-in lists)",
-        "prompts": "safety: extra prompts, one per line, added to the built-in set",
-        "harmful": "safety: extra harmful requests, one per line, for the refusal rate",
-        "toxicity_classifier": ("classifier", "safety: a local HF sequence-classification folder that scores toxicity "
-                                "(default: the built-in lexicon, labelled as such)"),
-        "samples": "safety: sampled continuations per prompt, for the expected maximum toxicity",
-        "max_new_tokens": "safety: tokens per continuation or response",
-        "canaries": "privacy: the canaries.json `lmlab prepare --canaries` wrote (default: found in --train-data or the run's data folder)",
-        "extraction_prefix": "privacy: tokens of training text given as the prompt",
-        "extraction_suffix": "privacy: tokens that must come back verbatim to count as extracted",
-        "perturbations": "robustness: comma-separated edits: typos,case,punctuation,contractions,whitespace,names (default: all)",
-        "power_watts": "efficiency: the training hardware's power draw, for the energy estimate (default: a stated assumption)",
-        "grid_intensity": "efficiency: kg CO2e per kWh of the training electricity; the world average is about 0.4",
-        "input": ("text", "interpret: the text to explain (default: the first test example, or a built-in sentence)"),
-    }, [lens_function(name) for name in LENSES])
+    _optional(p, LENS_OPTIONS, [lens_function(name) for name in LENSES], LENS_RENAME)
 
 
 def _flags_export(p: ArgumentParser) -> None:
@@ -451,11 +456,9 @@ def cmd_evaluate(a) -> int:
 def cmd_critique(a) -> int:
     from lmlab.critique import critique
 
-    fields = {k: getattr(a, k) for k in ("text_field", "pair_field", "label_field", "group_field") if getattr(a, k) is not None}
-    options = {"pairs": a.pairs, "swaps": a.swaps, "prompts": a.prompts, "harmful": a.harmful, "classifier": a.toxicity_classifier,
-               "samples": a.samples, "max_new_tokens": a.max_new_tokens, "canaries": a.canaries, "extraction_prefix": a.extraction_prefix,
-               "extraction_suffix": a.extraction_suffix, "text": a.input, "power_watts": a.power_watts, "grid_intensity": a.grid_intensity,
-               "perturbations": [n.strip() for n in a.perturbations.split(",") if n.strip()] if a.perturbations else None}
+    fields = {k: getattr(a, k) for k in CRITIQUE_FIELDS if getattr(a, k) is not None}
+    options = {LENS_RENAME.get(k, k): getattr(a, k) for k in LENS_OPTIONS}
+    options["perturbations"] = [n.strip() for n in a.perturbations.split(",") if n.strip()] if a.perturbations else None
     options = {k: v for k, v in options.items() if v is not None}
     report = critique(**_kwargs(a, critique), fields=fields, options=options)
     for name, lens in report["lenses"].items():
