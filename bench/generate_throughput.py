@@ -1,7 +1,9 @@
-"""Generation throughput: lmlab's decoding loop vs HF Transformers ``generate()``, the same weights, side by side in one process.
+"""Generation throughput: lmlab's decoding loop vs HF Transformers ``generate()``, the same weights, side by side
+in one process.
 
     python bench/generate_throughput.py --model gpt2-mini --batch-sizes 1 8 --prompt-len 16 --new-tokens 128 \
-        --strategies greedy top-p --top-p 0.9 --repeats 3 --device cpu --dtype fp32 [--compile] [--threads 1] [--json out.json]
+        --strategies greedy top-p --top-p 0.9 --repeats 3 --device cpu --dtype fp32 [--compile] [--threads 1] \
+        [--json out.json]
 
 One generation, the same work on every side: a batch of B prompts of ``--prompt-len`` random token ids
 (the same ids for all), one prefill, then exactly ``--new-tokens`` decode steps with a KV cache.
@@ -63,29 +65,68 @@ SIDES = ("lmlab", "lmlab-compile", "hf", "hf-compile")
 
 
 def parse_args(argv: list[str] | None = None, defaults: dict | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", nargs="+", default=["gpt2-mini"], choices=list(PRESETS), help="lmlab preset(s), one table row group each")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--model",
+        nargs="+",
+        default=["gpt2-mini"],
+        choices=list(PRESETS),
+        help="lmlab preset(s), one table row group each",
+    )
     p.add_argument("--vocab-size", type=int, default=None, help="override the presets' vocab_size")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], help="batch sizes B to run")
     p.add_argument("--prompt-len", type=int, default=16, help="random prompt tokens per sequence")
     p.add_argument("--new-tokens", type=int, default=128, help="tokens generated per sequence (exactly; no stop ids)")
-    p.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES, help="greedy and/or top-p sampling")
+    p.add_argument(
+        "--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES, help="greedy and/or top-p sampling"
+    )
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus mass for --strategies top-p")
-    p.add_argument("--sides", nargs="+", default=None, choices=SIDES, help="what to run (default: lmlab hf; with --compile all four); hf always runs, as the reference")
+    p.add_argument(
+        "--sides",
+        nargs="+",
+        default=None,
+        choices=SIDES,
+        help="what to run (default: lmlab hf; with --compile all four); hf always runs, as the reference",
+    )
     p.add_argument("--compile", action="store_true", help="also run lmlab-compile and hf-compile")
     p.add_argument("--repeats", type=int, default=3, help="timed generations per side and row (the median is reported)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed generations per side and row first (compiling happens here)")
+    p.add_argument(
+        "--warmup", type=int, default=1, help="untimed generations per side and row first (compiling happens here)"
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="weights and KV cache of both models (no autocast)")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for all sides (default: PyTorch's); 1 is steadier on a shared machine")
-    p.add_argument("--bandwidth", type=float, default=None, help="memory bandwidth in GB/s for the roofline column (default: measured with a large copy)")
+    p.add_argument(
+        "--dtype", default="fp32", choices=list(DTYPES), help="weights and KV cache of both models (no autocast)"
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads for all sides (default: PyTorch's); 1 is steadier on a shared machine",
+    )
+    p.add_argument(
+        "--bandwidth",
+        type=float,
+        default=None,
+        help="memory bandwidth in GB/s for the roofline column (default: measured with a large copy)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the results here")
     if defaults:
         p.set_defaults(**defaults)
     args = p.parse_args(argv)
-    if args.repeats < 1 or args.warmup < 0 or args.new_tokens < 1 or args.prompt_len < 1 or min(args.batch_sizes) < 1 or (args.threads is not None and args.threads < 1):
-        p.error("--repeats, --new-tokens, --prompt-len, --batch-sizes and --threads must be positive, --warmup non-negative")
+    if (
+        args.repeats < 1
+        or args.warmup < 0
+        or args.new_tokens < 1
+        or args.prompt_len < 1
+        or min(args.batch_sizes) < 1
+        or (args.threads is not None and args.threads < 1)
+    ):
+        p.error(
+            "--repeats, --new-tokens, --prompt-len, --batch-sizes and --threads must be positive, --warmup non-negative"
+        )
     if not 0.0 < args.top_p <= 1.0:
         p.error(f"--top-p is {args.top_p}: expected a number in (0, 1]")
     if args.sides is None:
@@ -114,10 +155,16 @@ def device_name(device: torch.device) -> str:
 
 
 def lmlab_revision() -> str:
-    """The git commit of the lmlab being measured, flagged when lmlab/ has uncommitted changes; "unknown" outside a checkout."""
+    """The git commit of the lmlab being measured, flagged when lmlab/ has uncommitted changes; "unknown" outside
+    a checkout."""
     root = Path(__file__).resolve().parents[1]
+
+    def git(*a: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(root), *a], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+
     try:
-        git = lambda *a: subprocess.run(["git", "-C", str(root), *a], capture_output=True, text=True, timeout=10, check=True).stdout.strip()  # noqa: E731
         commit = git("rev-parse", "--short", "HEAD")
         dirty = git("status", "--porcelain", "--", "lmlab")
     except (OSError, subprocess.SubprocessError):
@@ -126,7 +173,8 @@ def lmlab_revision() -> str:
 
 
 def copy_bandwidth(device: torch.device, dtype: torch.dtype) -> float:
-    """Bytes per second a large device-to-device copy moves (read + write), the best of 5: the roofline's denominator."""
+    """Bytes per second a large device-to-device copy moves (read + write), the best of 5: the roofline's
+    denominator."""
     n_bytes = (1 << 30) if device.type == "cuda" else (1 << 28)
     src = torch.empty(n_bytes // 4, dtype=torch.float32, device=device).fill_(1.0)
     dst = torch.empty_like(src)
@@ -155,7 +203,8 @@ def bytes_per_step(model, config, B: int, mean_len: float, dtype: torch.dtype) -
 
 
 def step_tokens(step) -> torch.Tensor:
-    """The (B,) next tokens of one ``decode`` step: older versions yield the tensor itself, newer ones a ``Step`` with ``.tokens``."""
+    """The (B,) next tokens of one ``decode`` step: older versions yield the tensor itself, newer ones a ``Step``
+    with ``.tokens``."""
     return step if isinstance(step, torch.Tensor) else step.tokens
 
 
@@ -183,8 +232,12 @@ def make_runners(ours, theirs, input_ids: torch.Tensor, args: argparse.Namespace
     def lmlab_side(compile: bool):
         def run() -> torch.Tensor:
             gen = torch.Generator(device=device).manual_seed(args.seed + calls["n"])
-            options = {"compile": True} if compile else {}  # no keyword when off: the script also times older lmlab trees
-            steps = decode(ours, prompts, max_new_tokens=N, processors=processors, sample=sample, generator=gen, **options)
+            options = (
+                {"compile": True} if compile else {}
+            )  # no keyword when off: the script also times older lmlab trees
+            steps = decode(
+                ours, prompts, max_new_tokens=N, processors=processors, sample=sample, generator=gen, **options
+            )
             return torch.stack([step_tokens(step) for step in steps], dim=1)  # (B, N)
 
         return run
@@ -205,7 +258,12 @@ def make_runners(ours, theirs, input_ids: torch.Tensor, args: argparse.Namespace
 
         return run
 
-    makers = {"lmlab": lambda: lmlab_side(False), "lmlab-compile": lambda: lmlab_side(True), "hf": lambda: hf_side(False), "hf-compile": lambda: hf_side(True)}
+    makers = {
+        "lmlab": lambda: lmlab_side(False),
+        "lmlab-compile": lambda: lmlab_side(True),
+        "hf": lambda: hf_side(False),
+        "hf-compile": lambda: hf_side(True),
+    }
     return {side: makers[side]() for side in args.sides}, calls
 
 
@@ -240,7 +298,9 @@ def bench_row(ours, theirs, config, args, B: int, strategy: str, device: torch.d
     N = args.new_tokens
     lengths = {side: out.shape[1] for side, out in outputs.items()}
     if any(n != N for n in lengths.values()):
-        warnings.warn(f"expected {N} new tokens per sequence, got {lengths}: the sides did different work", stacklevel=1)
+        warnings.warn(
+            f"expected {N} new tokens per sequence, got {lengths}: the sides did different work", stacklevel=1
+        )
     step_bytes = bytes_per_step(ours, config, B, args.prompt_len + N / 2, DTYPES[args.dtype])
     row = {"model": config.name, "batch_size": B, "strategy": strategy, "bytes_per_step": step_bytes, "sides": {}}
     for side in sides:
@@ -257,8 +317,8 @@ def bench_row(ours, theirs, config, args, B: int, strategy: str, device: torch.d
                 first_diff = int(diff[0]) if diff.numel() else n
                 check = f"DIFF@{first_diff}"
                 warnings.warn(
-                    f"{config.name} B={B} greedy: {side} and hf token ids differ from new token {first_diff} on "
-                    f"(same weights; expected to agree in fp32, near-ties can flip in low precision or compiled kernels)",
+                    f"{config.name} B={B} greedy: {side} and hf token ids differ from new token {first_diff} on (same "
+                    "weights; expected to agree in fp32, near-ties can flip in low precision or compiled kernels)",
                     stacklevel=1,
                 )
         row["sides"][side] = {
@@ -311,7 +371,10 @@ def main(argv: list[str] | None = None, defaults: dict | None = None, bench: str
         overrides = {"vocab_size": args.vocab_size} if args.vocab_size else {}
         config = preset(name, **overrides)
         if args.prompt_len + args.new_tokens > config.block_size:
-            print(f"{name:<11} skipped: --prompt-len + --new-tokens = {args.prompt_len + args.new_tokens} exceeds block_size {config.block_size}")
+            print(
+                f"{name:<11} skipped: --prompt-len + --new-tokens = {args.prompt_len + args.new_tokens} exceeds "
+                f"block_size {config.block_size}"
+            )
             continue
         torch.manual_seed(args.seed)
         ours = build_model(config).eval()
@@ -325,18 +388,21 @@ def main(argv: list[str] | None = None, defaults: dict | None = None, bench: str
                 for side, r in row["sides"].items():
                     peak = f"{r['peak_mem_mib']:.0f}" if r["peak_mem_mib"] is not None else "n/a"
                     print(
-                        f"{name:<11} {config.num_params() / 1e6:>7.2f}M {B:>3} {strategy:<8} {side:<13} {r['tokens_per_s']:>9.1f} "
-                        f"{r['ms_per_token_step']:>8.2f} {r['roofline']:>7.1%} {peak:>8} {r['vs_hf']:>6.3f}x "
-                        f"{r['paired_vs_hf']:>6.3f}x {r['best_vs_hf']:>6.3f}x {r['greedy_ids']:>8}",
+                        f"{name:<11} {config.num_params() / 1e6:>7.2f}M {B:>3} {strategy:<8} {side:<13} "
+                        f"{r['tokens_per_s']:>9.1f} {r['ms_per_token_step']:>8.2f} {r['roofline']:>7.1%} {peak:>8} "
+                        f"{r['vs_hf']:>6.3f}x {r['paired_vs_hf']:>6.3f}x {r['best_vs_hf']:>6.3f}x {r['greedy_ids']:>8}",
                         flush=True,
                     )
         del ours, theirs
     load_after = os.getloadavg() if hasattr(os, "getloadavg") else None
     print(
-        "tok/s = B·new tokens ÷ median seconds per whole generation (prefill included); ms/tok = that time ÷ new tokens "
-        "(one decode step of the whole batch); roofline = bytes a step must read ÷ ms/tok ÷ bandwidth; vs hf = ratio of tok/s "
-        "to eager HF generate(), paired = median over repeats of HF time ÷ the side's time, best = HF's fastest time ÷ the "
-        "side's fastest (least disturbed by other load); above 1: faster than HF; ids: greedy token ids against hf"
+        (
+            "tok/s = B·new tokens ÷ median seconds per whole generation (prefill included); ms/tok = that time ÷ new "
+            "tokens (one decode step of the whole batch); roofline = bytes a step must read ÷ ms/tok ÷ bandwidth; vs "
+            "hf = ratio of tok/s to eager HF generate(), paired = median over repeats of HF time ÷ the side's time, "
+            "best = HF's fastest time ÷ the side's fastest (least disturbed by other load); above 1: faster than HF; "
+            "ids: greedy token ids against hf"
+        )
         + (f"; 1-min load average after: {load_after[0]:.2f}" if load_after else "")
     )
 

@@ -1,4 +1,5 @@
-"""The LM head of a CPU decode step: lmlab's ``cpu_decode_head`` vs ``F.linear`` (what HF's ``lm_head`` calls), side by side.
+"""The LM head of a CPU decode step: lmlab's ``cpu_decode_head`` vs ``F.linear`` (what HF's ``lm_head`` calls),
+side by side.
 
     python bench/lm_head.py [--rows 1 2 4 8 16 64] [--n-embd 128] [--vocab 32000 50257] [--threads 1] [--json out.json]
 
@@ -7,7 +8,7 @@ for a small model it is half the step. For every (vocab, rows) pair this times, 
 same fp32 tensors, under ``torch.inference_mode``:
 
     F.linear       torch.nn.functional.linear(x, weight)            (HF's nn.Linear, MKL's GEMM)
-    lmlab          lmlab.model.decoder.cpu_decode_head(weight, x)   (one row: a contiguous transposed copy;
+    lmlab          lmlab.kernels.cpu_decode_head(weight, x)   (one row: a contiguous transposed copy;
                                                                     2+ rows on x86-64: oneDNN, pre-packed weight)
 
 and prints the median milliseconds over ``--repeats`` calls after a warm-up (which also builds
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from lmlab.model.decoder import cpu_decode_head  # noqa: E402
+from lmlab.kernels import cpu_decode_head  # noqa: E402
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -44,7 +45,9 @@ def median_ms(fn, repeats: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 64], help="rows per call (batch × beams)")
     p.add_argument("--n-embd", type=int, default=128, help="hidden size (the weight's columns)")
     p.add_argument("--vocab", type=int, nargs="+", default=[32000, 50257], help="vocabulary sizes (the weight's rows)")
@@ -56,7 +59,10 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"LM head, fp32 CPU | torch {torch.__version__}, threads={torch.get_num_threads()}, n_embd={args.n_embd}")
-    print(f"{'vocab':>7} {'rows':>5} {'F.linear ms':>12} {'lmlab ms':>9} {'F.linear GF/s':>14} {'lmlab GF/s':>11} {'ratio':>7}")
+    print(
+        f"{'vocab':>7} {'rows':>5} {'F.linear ms':>12} {'lmlab ms':>9} {'F.linear GF/s':>14} {'lmlab GF/s':>11} "
+        f"{'ratio':>7}"
+    )
     out = []
     for vocab in args.vocab:
         weight = torch.randn(vocab, args.n_embd) * 0.02
@@ -67,12 +73,30 @@ def main(argv: list[str] | None = None) -> None:
                 ref = median_ms(lambda: F.linear(x, weight), args.repeats)
                 ours = median_ms(lambda: cpu_decode_head(weight, x), args.repeats)
             flop = 2 * rows * args.n_embd * vocab
-            print(f"{vocab:>7} {rows:>5} {ref:>12.3f} {ours:>9.3f} {flop / ref / 1e6:>14.1f} {flop / ours / 1e6:>11.1f} {ref / ours:>6.2f}x")
+            print(
+                f"{vocab:>7} {rows:>5} {ref:>12.3f} {ours:>9.3f} {flop / ref / 1e6:>14.1f} {flop / ours / 1e6:>11.1f} "
+                f"{ref / ours:>6.2f}x"
+            )
             if diff > 1e-4:
                 print(f"warning: outputs differ by {diff:.2e}")
-            out.append({"vocab": vocab, "rows": rows, "n_embd": args.n_embd, "f_linear_ms": ref, "lmlab_ms": ours, "ratio": ref / ours, "max_abs_diff": diff})
+            out.append(
+                {
+                    "vocab": vocab,
+                    "rows": rows,
+                    "n_embd": args.n_embd,
+                    "f_linear_ms": ref,
+                    "lmlab_ms": ours,
+                    "ratio": ref / ours,
+                    "max_abs_diff": diff,
+                }
+            )
     if args.json:
-        args.json.write_text(json.dumps({"bench": "lm_head", "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": out}, indent=1))
+        args.json.write_text(
+            json.dumps(
+                {"bench": "lm_head", "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": out},
+                indent=1,
+            )
+        )
 
 
 if __name__ == "__main__":

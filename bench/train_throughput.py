@@ -44,7 +44,9 @@ PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", default="gpt2-tiny", choices=list(PRESETS), help="lmlab preset")
     p.add_argument("--vocab-size", type=int, default=None, help="override the preset's vocab_size")
     p.add_argument("--batch-size", type=int, default=8)
@@ -53,15 +55,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per implementation first")
     p.add_argument("--round-steps", type=int, default=5, help="steps per implementation per alternating round")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None, choices=["fp32", "bf16"], help="bf16 = autocast; default bf16 on CUDA, fp32 on CPU")
+    p.add_argument(
+        "--dtype", default=None, choices=["fp32", "bf16"], help="bf16 = autocast; default bf16 on CUDA, fp32 on CPU"
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile both models")
     p.add_argument("--peak-flops", type=float, default=None, help="peak FLOP/s for MFU (default: known GPUs in bf16)")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
-        "--lmlab-loss", default="same", choices=["same", "objective"],
-        help="same: both sides run F.cross_entropy on the whole batch's logits; objective: lmlab's side runs its CausalLM "
-        "objective as `lmlab pretrain` does (chunked linear cross-entropy when the vocabulary has 32,768+ entries)",
+        "--lmlab-loss",
+        default="same",
+        choices=["same", "objective"],
+        help=(
+            "same: both sides run F.cross_entropy on the whole batch's logits; objective: lmlab's side runs its "
+            "CausalLM objective as `lmlab pretrain` does (chunked linear cross-entropy when the vocabulary has "
+            "32,768+ entries)"
+        ),
     )
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
@@ -96,7 +105,8 @@ def make_step(model, optimizer, forward, device: torch.device, dtype: str, loss_
 
 
 def objective_loss(model):
-    """lmlab's side as `lmlab pretrain` trains: the CausalLM objective (chunked linear cross-entropy for a large vocabulary)."""
+    """lmlab's side as `lmlab pretrain` trains: the CausalLM objective (chunked linear cross-entropy for a large
+    vocabulary)."""
     objective = CausalLM()
 
     def loss_fn(inputs, targets):
@@ -144,12 +154,14 @@ def main(argv: list[str] | None = None) -> dict:
     impls = {}
     for impl, model, forward in (
         ("lmlab", ours, lambda m: m),
-        ("hf", theirs, lambda m: (lambda ids: m(input_ids=ids, use_cache=False).logits)),
+        ("hf", theirs, lambda m: lambda ids: m(input_ids=ids, use_cache=False).logits),
     ):
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1, fused=fused or None)
         run = torch.compile(model) if args.compile else model
         use_objective = impl == "lmlab" and args.lmlab_loss == "objective"
-        impls[impl] = make_step(model, optimizer, forward(run), device, args.dtype, objective_loss(run) if use_objective else None)
+        impls[impl] = make_step(
+            model, optimizer, forward(run), device, args.dtype, objective_loss(run) if use_objective else None
+        )
 
     load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
     gen = torch.Generator().manual_seed(args.seed)
@@ -158,8 +170,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     print(
         f"{args.model}: {config.num_params() / 1e6:.2f}M params, vocab {config.vocab_size}, B={B} T={T}, "
-        f"device={device_name(device)}, dtype={args.dtype}, compile={args.compile}, lmlab loss={args.lmlab_loss}, torch threads={torch.get_num_threads()}, "
-        f"torch {torch.__version__}, transformers {transformers.__version__}"
+        f"device={device_name(device)}, dtype={args.dtype}, compile={args.compile}, lmlab loss={args.lmlab_loss}, "
+        f"torch threads={torch.get_num_threads()}, torch {torch.__version__}, transformers {transformers.__version__}"
     )
 
     # warm-up, alternating; the first step's losses must agree (same weights, same batch)
@@ -229,9 +241,15 @@ def main(argv: list[str] | None = None) -> dict:
             f"{args.model:<12} {impl:<6} {r['tokens_per_s']:>10.0f} {r['ms_per_step']:>9.2f} {mfu:>7} "
             f"{fmt(r['peak_mem_mib'], '.0f'):>9} {fmt(r['step_mem_mib'], '.0f'):>9}"
         )
-    print(f"lmlab/HF tokens/s: {ratio:.3f}x (median over rounds of the paired ratio: {paired:.3f}x, {len(round_ratios)} rounds)")
+    print(
+        f"lmlab/HF tokens/s: {ratio:.3f}x (median over rounds of the paired ratio: {paired:.3f}x, {len(round_ratios)} "
+        "rounds)"
+    )
     if device.type == "cuda":
-        print("peak MiB: max_memory_allocated during the impl's steps, both models resident; step MiB: that peak minus what was allocated before")
+        print(
+            "peak MiB: max_memory_allocated during the impl's steps, both models resident; step MiB: that peak minus "
+            "what was allocated before"
+        )
 
     result = {
         "bench": "train_throughput",

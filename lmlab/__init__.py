@@ -10,13 +10,17 @@ The public surface, in the order a pipeline uses it::
     lmlab.pretrain("gpt2-tiny", "data/", "runs/a", max_steps=2000)
     lm = lmlab.load("runs/a")                                 # best checkpoint of the run
     print(lm.generate("Once", max_new_tokens=50))
+    lmlab.finetune("runs/a", "classify", "train.jsonl", "runs/cls", valid="valid.jsonl")
+    lmlab.evaluate("runs/cls", "test.jsonl", out="eval/")     # metrics with confidence intervals
+    lmlab.critique("runs/cls", "report/", data="test.jsonl")  # report.html, report.json
+    lmlab.export_hf("runs/a", "hf/")                          # a transformers folder, checked by logits
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from lmlab.version import __version__  # noqa: F401  (lmlab.__version__)
 
 # Imports are lazy so that `lmlab --help` and light uses do not pay for torch up front.
 _EXPORTS = {
@@ -37,25 +41,45 @@ _EXPORTS = {
     "Completion": "lmlab.api",
     "Score": "lmlab.api",
     "GenerationConfig": "lmlab.generate",
+    "finetune": "lmlab.train.finetune",
+    "TrainResult": "lmlab.train.loop",
+    "DryRun": "lmlab.train.memory",
+    "LoraSpec": "lmlab.config",
+    "parse_lora": "lmlab.config",
+    "merge_checkpoint": "lmlab.train.lora",
+    "export_hf": "lmlab.io.export",
+    "run_demo": "lmlab.demo",
 }
 
-__all__ = sorted(_EXPORTS)
+_PACKAGE_VERBS = ("evaluate", "critique")  # lmlab.evaluate(...), lmlab.critique(...): callable packages
+
+__all__ = sorted([*_EXPORTS, *_PACKAGE_VERBS])
 
 
 def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        import importlib
+    import importlib
 
+    if name in _PACKAGE_VERBS:  # a package that is also its verb (lmlab.verb): the same object whatever is imported first
+        return importlib.import_module(f"lmlab.{name}")
+    if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'lmlab' has no attribute '{name}'")
 
 
 if TYPE_CHECKING:  # for editors and type checkers
-    from lmlab.api import LM, load
-    from lmlab.config import PRESETS, ModelConfig, preset
+    from lmlab.api import LM, Completion, Score, load
+    from lmlab.config import PRESETS, LoraSpec, ModelConfig, parse_lora, preset
+    from lmlab.critique import critique
+    from lmlab.demo import run_demo
     from lmlab.data import builtin_corpus, prepare, read_corpus
     from lmlab.errors import LmlabError
+    from lmlab.evaluate.runner import evaluate
+    from lmlab.generate import GenerationConfig
+    from lmlab.io.export import export_hf
     from lmlab.model import build_model
     from lmlab.tokenizer import Tokenizer, train_tokenizer
-    from lmlab.train.loop import TrainConfig
+    from lmlab.train.finetune import finetune
+    from lmlab.train.lora import merge_checkpoint
+    from lmlab.train.loop import TrainConfig, TrainResult
+    from lmlab.train.memory import DryRun
     from lmlab.train.pretrain import pretrain

@@ -202,7 +202,7 @@ class LM:
         encoder–decoder's decoder bound to the encoded sources, each starting from the start token."""
         if not self.is_seq2seq:
             return self.model, ids
-        from lmlab.model.seq2seq import condition_on_sources
+        from lmlab.generate.seq2seq import condition_on_sources
 
         with torch.inference_mode():
             return condition_on_sources(self.model, ids, self._pad_id())

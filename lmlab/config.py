@@ -22,9 +22,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from lmlab.errors import LmlabError
 from lmlab.io.outputs import write_json_atomic, write_jsonl_atomic, write_text_atomic  # noqa: F401  (re-exported: the project's writers)
@@ -94,7 +95,7 @@ class ModelConfig:
     n_decoder_layer: int | None = None  # seq2seq decoder blocks; None: = n_layer
     decoder_start_token_id: int = 0  # the token the decoder starts from (T5: pad, BART: eos)
     scale_embedding: bool = False  # multiply token embeddings by √n_embd (BART's scale_embedding); seq2seq only
-    # adapters: LoRA settings (lmlab.train.lora.LoraSpec.to_dict: r, alpha, dropout, targets); {} = none
+    # adapters: LoRA settings (LoraSpec.to_dict: r, alpha, dropout, targets); {} = none
     lora: dict[str, Any] = field(default_factory=dict)  # set by apply_lora; load_model injects the same adapters
     name: str = ""  # the preset this came from, for humans only; nothing switches on it
 
@@ -169,8 +170,6 @@ class ModelConfig:
         if not isinstance(self.lora, dict):
             raise bad("lora", "a dict of LoRA settings (r, alpha, dropout, targets), or {} for none")
         if self.lora:
-            from lmlab.train.lora import LoraSpec  # here, not at the top: lora imports the checkpoint code, which imports this
-
             LoraSpec.from_dict(self.lora, source="model config field 'lora'")
         self._check_sizes()
 
@@ -273,6 +272,95 @@ class ModelConfig:
         return cls.from_dict(data["lmlab_model_config"], source=str(path))
 
 
+# -- LoRA settings (the adapters themselves: lmlab.model.lora) -----------------------------------------
+
+KEYS = ("r", "alpha", "dropout", "targets")
+
+
+@dataclass
+class LoraSpec:
+    """What ``--lora`` asks for: the rank ``r`` of the update, its scale ``alpha`` (the update is
+    multiplied by alpha/r), dropout on the adapters' input, and the target module names."""
+
+    r: int = 8
+    alpha: float = 16
+    dropout: float = 0.05
+    targets: tuple[str, ...] = ("qkv",)
+
+    def __post_init__(self) -> None:
+        vars(self).update(_checked(vars(self), "--lora"))  # normalised: targets a tuple, alpha and dropout floats
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready, as ``config.lora`` stores it."""
+        return {"r": self.r, "alpha": self.alpha, "dropout": self.dropout, "targets": list(self.targets)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "--lora") -> LoraSpec:
+        """The spec ``data`` describes (missing keys: the defaults); errors name ``source`` and the key."""
+        return cls(**_checked(data, source))
+
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(LoraSpec)}
+
+
+def _checked(values: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """``values`` as :class:`LoraSpec` fields (targets a tuple, alpha and dropout floats), or a one-line error."""
+    unknown = [k for k in values if k not in KEYS]
+    if unknown:
+        raise LmlabError(f"{source}: unknown key {unknown[0]!r}; expected {', '.join(KEYS)}")
+    v = {**_DEFAULTS, **values}
+
+    def bad(key: str, expected: str) -> LmlabError:
+        return LmlabError(f"{source}: {key} is {v[key]!r}; expected {expected}")
+
+    def number(x: Any) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+    if not isinstance(v["r"], int) or isinstance(v["r"], bool) or v["r"] < 1:
+        raise bad("r", "an integer >= 1")
+    if not number(v["alpha"]) or v["alpha"] <= 0:
+        raise bad("alpha", "a number > 0")
+    if not number(v["dropout"]) or not 0 <= v["dropout"] < 1:
+        raise bad("dropout", "a number in [0, 1)")
+    targets = v["targets"].split("+") if isinstance(v["targets"], str) else v["targets"]
+    if not isinstance(targets, (list, tuple)) or not targets or not all(isinstance(t, str) and t.strip() == t != "" for t in targets):
+        raise bad("targets", "one or more module names, e.g. qkv or qkv,proj,fc")
+    return {"r": v["r"], "alpha": float(v["alpha"]), "dropout": float(v["dropout"]), "targets": tuple(dict.fromkeys(targets))}
+
+
+def parse_lora(text: str) -> LoraSpec:
+    """The spec a ``--lora`` flag gives: ``r=8,alpha=16,dropout=0.1,targets=qkv,proj,fc``.
+
+    Comma-separated ``key=value`` items; an item without ``=`` adds to the previous key's list (only
+    ``targets`` takes one), and ``targets`` also takes ``+``-joined names (``targets=qkv+fc``). Missing
+    keys keep their defaults; ``""`` or ``"default"`` is all defaults.
+    """
+    text = text.strip()
+    if text in ("", "default"):
+        return LoraSpec()
+    values: dict[str, Any] = {}
+    key = None
+    for item in filter(None, (i.strip() for i in text.split(","))):
+        if "=" not in item:
+            if key != "targets":
+                raise LmlabError(f"--lora: {item!r} is not key=value; only targets takes a list (targets=qkv,proj)")
+            values["targets"] += [t for t in item.split("+") if t]
+            continue
+        key, value = (s.strip() for s in item.split("=", 1))
+        if key not in KEYS:
+            raise LmlabError(f"--lora: unknown key {key!r}; expected {', '.join(KEYS)}")
+        if key in values:
+            raise LmlabError(f"--lora: {key} is given twice")
+        if key == "targets":
+            values[key] = [t for t in value.split("+") if t]
+            continue
+        try:
+            values[key] = int(value) if key == "r" else float(value)
+        except ValueError:
+            raise LmlabError(f"--lora: {key}={value!r} is not {'an integer' if key == 'r' else 'a number'}") from None
+    return LoraSpec.from_dict(values)
+
+
 MAX_SEED = 2**63 - 1  # torch.manual_seed takes a signed 64-bit integer
 
 
@@ -340,7 +428,7 @@ def json_line_object(path: Path, number: int, line: str) -> dict[str, Any]:
     return record
 
 
-# -- presets: an exact-match table (STYLE habit 12) --------------------------------------------
+# -- presets: an exact-match table (docs/architecture.md, habit 12) --------------------------------------------
 # vocab_size here is the family's own; `pretrain` replaces it with the tokenizer's.
 
 _GPT2 = dict(norm="layernorm", mlp="gelu", position="learned", bias=True, tie_embeddings=True, vocab_size=50257)

@@ -15,9 +15,17 @@ import random
 import time
 from pathlib import Path
 
+from lmlab.api import load
 from lmlab.config import write_jsonl_atomic
-from lmlab.data.pack import is_data_folder
+from lmlab.critique import critique
+from lmlab.data import builtin_corpus
+from lmlab.data.pack import is_data_folder, prepare
+from lmlab.evaluate.runner import evaluate
+from lmlab.io.checkpoint import latest_checkpoint
 from lmlab.io.outputs import check_output, marker_kind, write_marker
+from lmlab.tokenizer import train_tokenizer
+from lmlab.train.finetune import finetune
+from lmlab.train.pretrain import pretrain
 
 DEMO_PROMPTS = ("The for statement", "A dictionary is", "Return the number of", "Exceptions are")
 
@@ -39,45 +47,12 @@ def run_demo(
     """Run every stage into ``out`` and print where each result is; returns those paths and figures.
     ``out`` must be new, empty or an earlier demo's folder (``overwrite``: any folder; lmlab writes its
     files there and deletes nothing else)."""
-    from lmlab.api import load
-    from lmlab.critique import critique
-    from lmlab.data import builtin_corpus
-    from lmlab.evaluate.runner import evaluate
-    from lmlab.io.checkpoint import latest_checkpoint
-    from lmlab.train.finetune import finetune
-    from lmlab.data.pack import prepare
-    from lmlab.tokenizer import train_tokenizer
-    from lmlab.train.pretrain import pretrain
-
     out = check_output(out, "demo folder", _is_demo, overwrite=overwrite)
     out.mkdir(parents=True, exist_ok=True)
     write_marker(out, "demo")
-    started = time.perf_counter()
-
-    def stage(title: str) -> None:
-        print(f"\n== {title} ({time.perf_counter() - started:.0f}s)", flush=True)
-
-    stage("1/9 corpus: Python's own documentation (pydoc topics and module docstrings)")
-    docs = builtin_corpus(max_chars=max_chars)
-    heldout_docs = docs[::50]  # never trained on: the critique's perplexity and robustness text
-    docs = [d for i, d in enumerate(docs) if i % 50]
-    corpus, heldout = out / "corpus.jsonl", out / "heldout.jsonl"
-    write_jsonl_atomic(corpus, ({"text": d} for d in docs))
-    write_jsonl_atomic(heldout, ({"text": d} for d in heldout_docs))
-    print(f"{len(docs):,} documents, {sum(map(len, docs)):,} characters → {corpus} (+ {len(heldout_docs)} held out → {heldout})")
-
-    stage(f"2/9 tokenizer: byte-level BPE, {vocab_size} tokens")
-    tokenizer = train_tokenizer(docs, kind="bpe", vocab_size=vocab_size)
-    tokenizer.save(out / "tokenizer", overwrite=overwrite)
-    print(f"→ {out / 'tokenizer' / 'tokenizer.json'}")
-
-    stage("3/9 packing into token shards, with 4 canaries planted 50 times each")
-    # The Secret Sharer's test: random secrets in the training text; the critique measures how far the model memorised them
-    canaries = {"n": 4, "repeats": 50, "digits": 4, "template": "my locker code is {}"}
-    manifest = prepare(corpus, out / "tokenizer", out / "data", show_progress=progress, canaries=canaries, overwrite=overwrite)
-    for name, split in manifest["splits"].items():
-        print(f"{name}: {split['tokens']:,} tokens")
-
+    stage = _Stages()
+    docs, corpus, heldout = _corpus(out, max_chars, stage)
+    _tokenizer_and_shards(out, docs, corpus, vocab_size, stage, progress=progress, overwrite=overwrite)
     stage(f"4/9 pretraining {model}, {max_steps} steps")
     result = pretrain(
         model, out / "data", out / "run", resume=True, max_steps=max_steps, seq_len=seq_len,
@@ -86,45 +61,17 @@ def run_demo(
     )
     if result.val_loss is not None:
         print(f"validation loss {result.val_loss:.3f} (perplexity {2.718281828 ** result.val_loss:.1f})")
-
     stage("5/9 generation: greedy, beam search and nucleus sampling")
     lm = load(out / "run", device="cpu")
-    lines = []
-    for prompt in DEMO_PROMPTS:
-        # a small model loops on its likeliest tokens (blank lines here): forbid repeated trigrams
-        greedy = lm.generate(prompt, max_new_tokens=40, strategy="greedy", no_repeat_ngram_size=3)
-        beam = lm.generate(prompt, max_new_tokens=40, strategy="beam", num_beams=4, no_repeat_ngram_size=3)
-        sampled = lm.generate(prompt, max_new_tokens=40, strategy="sample", temperature=0.8, top_p=0.95, repetition_penalty=1.2, seed=0)
-        lines += [f"[greedy] {prompt}{greedy}", f"[beam×4] {prompt}{beam}", f"[sample] {prompt}{sampled}", ""]
-    samples = out / "samples.txt"
-    samples.write_text("\n".join(lines), encoding="utf-8")
-    print("\n".join(lines))
-
-    stage("6/9 fine-tuning a classifier: language reference or library docstring?")
-    train_file, test_file = _classification_files(builtin_corpus(), out / "classify")  # the whole corpus: both kinds
-    run_dir = out / "classify" / "run"
-    tuned = finetune(
-        lm.path, "classify", train_file, run_dir, valid=test_file, max_length=64, max_steps=finetune_steps,
-        resume=latest_checkpoint(run_dir) is not None,
-        micro_batch_size=16, lr=1e-3, warmup_steps=10, eval_interval=max(1, finetune_steps // 3), log_interval=10,
-        progress=progress, tensorboard=False, overwrite=overwrite,
-    )
-
-    stage("7/9 evaluation of the classifier on held-out passages")
-    metrics = evaluate(tuned.best_checkpoint, test_file, out=out / "classify" / "eval", max_length=64, n_resamples=1000, overwrite=overwrite)
-    ci = metrics["ci"]["accuracy"]
-    print(f"accuracy {metrics['accuracy']:.3f} (95% CI {ci['low']:.3f}–{ci['high']:.3f}), macro-F1 {metrics['f1_macro']:.3f}, "
-          f"ECE {metrics['calibration']['ece']:.3f} on {len(metrics['confusion_matrix']) and sum(map(sum, metrics['confusion_matrix']))} passages")
-
+    samples = _samples(lm, out / "samples.txt")
+    tuned, metrics, test_file = _classifier(out, lm.path, finetune_steps, stage, progress=progress, overwrite=overwrite)
     stage("8/9 critique of the language model")
     common = dict(progress=False, max_examples=critique_examples, seed=0, overwrite=overwrite)
     lm_report = critique(lm.path, out / "critique" / "lm", text=heldout, train_data=out / "data", options={"samples": 3}, **common)
     _print_findings(lm_report)
-
     stage("9/9 critique of the classifier")
     cls_report = critique(tuned.best_checkpoint, out / "critique" / "classifier", data=test_file, options={"n_resamples": 1000}, **common)
     _print_findings(cls_report)
-
     stage("done")
     made = {
         "corpus": corpus, "tokenizer": out / "tokenizer", "data": out / "data", "checkpoint": lm.path,
@@ -136,8 +83,81 @@ def run_demo(
         print(f"{what:>11}: {path}")
     return {
         **{k: str(v) for k, v in made.items()}, "val_loss": result.val_loss, "accuracy": metrics["accuracy"],
-        "seconds": time.perf_counter() - started,
+        "seconds": stage.seconds(),
     }
+
+
+class _Stages:
+    """Prints each stage's title with the seconds since the demo started."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started
+
+    def __call__(self, title: str) -> None:
+        print(f"\n== {title} ({self.seconds():.0f}s)", flush=True)
+
+
+def _corpus(out: Path, max_chars: int, stage: _Stages) -> tuple[list[str], Path, Path]:
+    """Stage 1: Python's documentation into corpus.jsonl, every 50th document held out (heldout.jsonl)."""
+    stage("1/9 corpus: Python's own documentation (pydoc topics and module docstrings)")
+    docs = builtin_corpus(max_chars=max_chars)
+    heldout_docs = docs[::50]  # never trained on: the critique's perplexity and robustness text
+    docs = [d for i, d in enumerate(docs) if i % 50]
+    corpus, heldout = out / "corpus.jsonl", out / "heldout.jsonl"
+    write_jsonl_atomic(corpus, ({"text": d} for d in docs))
+    write_jsonl_atomic(heldout, ({"text": d} for d in heldout_docs))
+    print(f"{len(docs):,} documents, {sum(map(len, docs)):,} characters → {corpus} (+ {len(heldout_docs)} held out → {heldout})")
+    return docs, corpus, heldout
+
+
+def _tokenizer_and_shards(out: Path, docs: list[str], corpus: Path, vocab_size: int, stage: _Stages, *, progress: bool, overwrite: bool) -> None:
+    """Stages 2 and 3: a byte-level BPE tokenizer, then token shards with planted canaries."""
+    stage(f"2/9 tokenizer: byte-level BPE, {vocab_size} tokens")
+    tokenizer = train_tokenizer(docs, kind="bpe", vocab_size=vocab_size)
+    tokenizer.save(out / "tokenizer", overwrite=overwrite)
+    print(f"→ {out / 'tokenizer' / 'tokenizer.json'}")
+    stage("3/9 packing into token shards, with 4 canaries planted 50 times each")
+    # The Secret Sharer's test: random secrets in the training text; the critique measures how far the model memorised them
+    canaries = {"n": 4, "repeats": 50, "digits": 4, "template": "my locker code is {}"}
+    manifest = prepare(corpus, out / "tokenizer", out / "data", show_progress=progress, canaries=canaries, overwrite=overwrite)
+    for name, split in manifest["splits"].items():
+        print(f"{name}: {split['tokens']:,} tokens")
+
+
+def _samples(lm, path: Path) -> Path:
+    """Stage 5: greedy, beam and sampled continuations of :data:`DEMO_PROMPTS`, printed and written to ``path``."""
+    lines = []
+    for prompt in DEMO_PROMPTS:
+        # a small model loops on its likeliest tokens (blank lines here): forbid repeated trigrams
+        greedy = lm.generate(prompt, max_new_tokens=40, strategy="greedy", no_repeat_ngram_size=3)
+        beam = lm.generate(prompt, max_new_tokens=40, strategy="beam", num_beams=4, no_repeat_ngram_size=3)
+        sampled = lm.generate(prompt, max_new_tokens=40, strategy="sample", temperature=0.8, top_p=0.95, repetition_penalty=1.2, seed=0)
+        lines += [f"[greedy] {prompt}{greedy}", f"[beam×4] {prompt}{beam}", f"[sample] {prompt}{sampled}", ""]
+    path.write_text("\n".join(lines), encoding="utf-8")
+    print("\n".join(lines))
+    return path
+
+
+def _classifier(out: Path, base: Path, finetune_steps: int, stage: _Stages, *, progress: bool, overwrite: bool):
+    """Stages 6 and 7: fine-tune the language model into a classifier, then evaluate it on held-out passages."""
+    stage("6/9 fine-tuning a classifier: language reference or library docstring?")
+    train_file, test_file = _classification_files(builtin_corpus(), out / "classify")  # the whole corpus: both kinds
+    run_dir = out / "classify" / "run"
+    tuned = finetune(
+        base, "classify", train_file, run_dir, valid=test_file, max_length=64, max_steps=finetune_steps,
+        resume=latest_checkpoint(run_dir) is not None,
+        micro_batch_size=16, lr=1e-3, warmup_steps=10, eval_interval=max(1, finetune_steps // 3), log_interval=10,
+        progress=progress, tensorboard=False, overwrite=overwrite,
+    )
+    stage("7/9 evaluation of the classifier on held-out passages")
+    metrics = evaluate(tuned.best_checkpoint, test_file, out=out / "classify" / "eval", max_length=64, n_resamples=1000, overwrite=overwrite)
+    ci = metrics["ci"]["accuracy"]
+    print(f"accuracy {metrics['accuracy']:.3f} (95% CI {ci['low']:.3f}–{ci['high']:.3f}), macro-F1 {metrics['f1_macro']:.3f}, "
+          f"ECE {metrics['calibration']['ece']:.3f} on {len(metrics['confusion_matrix']) and sum(map(sum, metrics['confusion_matrix']))} passages")
+    return tuned, metrics, test_file
 
 
 def _is_demo(folder: Path) -> bool:

@@ -35,7 +35,9 @@ def check_device(name: str, flag: str = "--device", present: bool = False) -> st
     if not _available(device.type):
         raise LmlabError(f"{flag} is {name!r}: this machine has no {device.type} device (use --device cpu or auto)")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise LmlabError(f"{flag} is {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0")
+        raise LmlabError(
+            f"{flag} is {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0"
+        )
     return name
 
 

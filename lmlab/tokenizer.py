@@ -32,6 +32,7 @@ from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 from lmlab.config import MAX_SIZES, read_json_object, write_text_atomic
 from lmlab.errors import LmlabError
 from lmlab.io.outputs import check_output, holds_only
+from lmlab.templates import render
 
 __all__ = [
     "KINDS",
@@ -43,7 +44,11 @@ __all__ = [
 ]
 
 KINDS = ("bpe", "wordpiece", "unigram")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")  # a tokenizer folder holds only these
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)  # a tokenizer folder holds only these
 SPECIAL_ROLES = ("bos", "eos", "pad", "unk", "mask")
 
 DEFAULT_SPECIAL_TOKENS: dict[str, tuple[str, ...]] = {
@@ -90,7 +95,7 @@ def _token_content(value: Any, source: Path, key: str) -> str | None:
         return value
     if isinstance(value, dict) and isinstance(value.get("content"), str):
         return value["content"]
-    raise LmlabError(f"{source}: field {key!r} is {value!r}; expected a string, {{\"content\": ...}} or null")
+    raise LmlabError(f'{source}: field {key!r} is {value!r}; expected a string, {{"content": ...}} or null')
 
 
 class Tokenizer:
@@ -100,7 +105,7 @@ class Tokenizer:
     ``None`` infers them from the added tokens with :data:`ROLE_TOKENS`. ``model_max_length`` (the
     longest input the paired model takes, if known) and ``chat_template`` are carried through
     :meth:`save` into ``tokenizer_config.json``; :meth:`apply_chat_template` renders conversations
-    with the template (:mod:`lmlab.chat`).
+    with the template (:mod:`lmlab.templates`).
     """
 
     def __init__(
@@ -198,14 +203,17 @@ class Tokenizer:
         return self._backend.id_to_token(int(token_id))
 
     def apply_chat_template(
-        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True, tokenize: bool = False,
-        chat_template: str | None = None, **variables: Any,
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = True,
+        tokenize: bool = False,
+        chat_template: str | None = None,
+        **variables: Any,
     ) -> str | list[int]:
         """``messages`` (``[{"role": ..., "content": ...}, ...]``) rendered by ``chat_template``, else this
         tokenizer's :attr:`chat_template`, else lmlab's default — as transformers' method of this name
-        renders them (:mod:`lmlab.chat`), though with the generation prompt on by default. ``tokenize``
+        renders them (:mod:`lmlab.templates`), though with the generation prompt on by default. ``tokenize``
         returns the token ids (special tokens in the text become their ids; nothing is added)."""
-        from lmlab.chat import render
 
         text = render(self, messages, add_generation_prompt=add_generation_prompt, template=chat_template, **variables)
         return self.encode(text) if tokenize else text
@@ -297,9 +305,7 @@ class Tokenizer:
                     if key in data:
                         token = _token_content(data[key], source, key)
                         if token is not None and backend.token_to_id(token) is None:
-                            raise LmlabError(
-                                f"{source}: {key}={token!r} is not in the vocabulary of {file}"
-                            )
+                            raise LmlabError(f"{source}: {key}={token!r} is not in the vocabulary of {file}")
                         roles[role] = token
 
         max_length = config.get("model_max_length")
@@ -362,9 +368,15 @@ def _add_byte_fallback(backend: tokenizers.Tokenizer, unk: str) -> None:
 def check_tokenizer_folder(directory: str | Path, overwrite: bool = False) -> Path:
     """``directory`` may receive a tokenizer (:meth:`Tokenizer.save`'s rules); call it before training one."""
     directory = Path(directory)
-    for what, files in (("a model folder", ("config.json", "model.safetensors")), ("a data folder", ("manifest.json", "tokenizer.json"))):
+    for what, files in (
+        ("a model folder", ("config.json", "model.safetensors")),
+        ("a data folder", ("manifest.json", "tokenizer.json")),
+    ):
         if all((directory / name).is_file() for name in files):
-            raise LmlabError(f"--out {directory} is {what} ({', '.join(files)}): replacing its tokenizer would break it; choose a new folder")
+            raise LmlabError(
+                f"--out {directory} is {what} ({', '.join(files)}): replacing its tokenizer would break it; choose a "
+                "new folder"
+            )
     return check_output(directory, "tokenizer folder", lambda d: holds_only(d, TOKENIZER_FILES), overwrite=overwrite)
 
 
@@ -400,7 +412,10 @@ def train_tokenizer(
             f"tokens; expected at least {minimum}"
         )
     if vocab_size > MAX_SIZES["vocab_size"]:  # checked here: the Rust trainer aborts the process on a size past u32
-        raise LmlabError(f"--vocab-size {vocab_size:,}: expected at most {MAX_SIZES['vocab_size']:,} (2**24, the largest vocabulary an lmlab model takes)")
+        raise LmlabError(
+            f"--vocab-size {vocab_size:,}: expected at most {MAX_SIZES['vocab_size']:,} (2**24, the largest "
+            "vocabulary an lmlab model takes)"
+        )
     if isinstance(min_frequency, bool) or not isinstance(min_frequency, int) or min_frequency < 0:
         raise LmlabError(f"--min-frequency {min_frequency!r}: expected an integer >= 0")
 
@@ -419,18 +434,26 @@ def train_tokenizer(
     backend = _build_backend(kind, unk)
     if kind == "bpe":
         trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=show_progress,
+            vocab_size=vocab_size,
+            min_frequency=min_frequency,
+            special_tokens=specials,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=show_progress,
         )
     elif kind == "wordpiece":
         trainer = trainers.WordPieceTrainer(
-            vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
-            continuing_subword_prefix="##", show_progress=show_progress,
+            vocab_size=vocab_size,
+            min_frequency=min_frequency,
+            special_tokens=specials,
+            continuing_subword_prefix="##",
+            show_progress=show_progress,
         )
     else:
         # 256 ids are kept for the byte-fallback tokens added after training.
         trainer = trainers.UnigramTrainer(
-            vocab_size=vocab_size - 256, special_tokens=specials, unk_token=unk,
+            vocab_size=vocab_size - 256,
+            special_tokens=specials,
+            unk_token=unk,
             show_progress=show_progress,
         )
 
@@ -464,8 +487,10 @@ def train_tokenizer(
             backend.post_processor = processors.TemplateProcessing(
                 single=f"{cls_token} $A {sep_token}",
                 pair=f"{cls_token} $A {sep_token} $B:1 {sep_token}:1",
-                special_tokens=[(cls_token, backend.token_to_id(cls_token)),
-                                (sep_token, backend.token_to_id(sep_token))],
+                special_tokens=[
+                    (cls_token, backend.token_to_id(cls_token)),
+                    (sep_token, backend.token_to_id(sep_token)),
+                ],
             )
     # Reload once so the in-memory model holds exactly what a saved copy will load as (scores
     # pass through the library's float parser); ids then match before and after save/load.

@@ -61,7 +61,9 @@ def cpu_peak_bytes(fn) -> int:
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns())
+    events = sorted(
+        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
+    )
     run = top = 0
     for e in events:
         run += e.nbytes()
@@ -84,7 +86,9 @@ def crash_windows_at(monkeypatch, step: int) -> None:
     monkeypatch.setattr(RandomWindows, "__call__", crash)
 
 
-TINY_TRAIN = dict(micro_batch_size=4, seq_len=32, lr=3e-3, warmup_steps=2, eval_batches=2, progress=False, tensorboard=False)
+TINY_TRAIN = dict(
+    micro_batch_size=4, seq_len=32, lr=3e-3, warmup_steps=2, eval_batches=2, progress=False, tensorboard=False
+)
 
 
 @pytest.fixture(scope="session")

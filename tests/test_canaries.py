@@ -54,9 +54,17 @@ def test_prepare_plants_in_the_train_split_only_and_rebuilds_when_the_canaries_c
     corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS), encoding="utf-8")
     tok = train_tokenizer(DOCS + ["the secret code is 0123456789"], kind="bpe", vocab_size=300)
     out = tmp_path / "data"
-    manifest = prepare(corpus, tok, out, valid_fraction=0.2, seed=3, show_progress=False, canaries={"n": 2, "repeats": 6, "digits": 4})
+    manifest = prepare(
+        corpus, tok, out, valid_fraction=0.2, seed=3, show_progress=False, canaries={"n": 2, "repeats": 6, "digits": 4}
+    )
     record = load_canaries(out / "canaries.json")
-    assert manifest["options"]["canaries"] == {"n": 2, "repeats": 6, "seed": 3, "template": "the secret code is {}", "digits": 4}
+    assert manifest["options"]["canaries"] == {
+        "n": 2,
+        "repeats": 6,
+        "seed": 3,
+        "template": "the secret code is {}",
+        "digits": 4,
+    }
     assert record["seed"] == 3 and len(record["planted"]) == 2 and len(record["reference"]) == 2
 
     train = tok.decode(PackedTokens(out, "train").window(0, len(PackedTokens(out, "train"))).tolist())
@@ -68,13 +76,19 @@ def test_prepare_plants_in_the_train_split_only_and_rebuilds_when_the_canaries_c
         assert c["text"] not in train
     assert manifest["splits"]["train"]["documents"] + manifest["splits"]["valid"]["documents"] == len(DOCS) + 2 * 6
 
-    same = prepare(corpus, tok, out, valid_fraction=0.2, seed=3, show_progress=False, canaries={"n": 2, "repeats": 6, "digits": 4})
+    same = prepare(
+        corpus, tok, out, valid_fraction=0.2, seed=3, show_progress=False, canaries={"n": 2, "repeats": 6, "digits": 4}
+    )
     assert same["_status"] == "up to date"
-    more = prepare(corpus, tok, out, valid_fraction=0.2, seed=3, show_progress=False, canaries={"n": 2, "repeats": 9, "digits": 4})
+    more = prepare(
+        corpus, tok, out, valid_fraction=0.2, seed=3, show_progress=False, canaries={"n": 2, "repeats": 9, "digits": 4}
+    )
     assert more["_status"] == "built (options changed)"
     assert load_canaries(out / "canaries.json")["repeats"] == 9
     (out / "canaries.json").unlink()
-    again = prepare(corpus, tok, out, valid_fraction=0.2, seed=3, show_progress=False, canaries={"n": 2, "repeats": 9, "digits": 4})
+    again = prepare(
+        corpus, tok, out, valid_fraction=0.2, seed=3, show_progress=False, canaries={"n": 2, "repeats": 9, "digits": 4}
+    )
     assert again["_status"] == "built (canaries.json missing)" and (out / "canaries.json").is_file()
     plain = prepare(corpus, tok, out, valid_fraction=0.2, seed=3, show_progress=False)
     assert plain["_status"] == "built (options changed)" and "canaries" not in load_manifest(out)["options"]

@@ -11,8 +11,8 @@ import os
 import matplotlib.image
 import pytest
 import torch
-
 from conftest import TINY_TRAIN
+
 from lmlab.config import preset
 from lmlab.critique.core import load_subject
 from lmlab.critique.efficiency import CPU_WATTS_PER_CORE, PUE, efficiency
@@ -51,7 +51,9 @@ def test_decoder_sizes_latency_and_throughput(tok, tmp_path):
     assert m["time_to_first_token_ms"] > 0 and m["decode_ms_per_token"] > 0
     assert m["decode_tokens_per_s"] == pytest.approx(2 / (m["decode_ms_per_token"] / 1e3), rel=1e-3)
     assert m["generation_tokens_per_s"] > 0
-    kv = 2 * 2 * subject.config.n_kv_heads * subject.config.head_dim * 4 * 2 * (12 + 6)  # k,v × layers × heads × dim × fp32 × batch × tokens
+    kv = (
+        2 * 2 * subject.config.n_kv_heads * subject.config.head_dim * 4 * 2 * (12 + 6)
+    )  # k,v × layers × heads × dim × fp32 × batch × tokens
     assert m["memory_kv_cache_bytes"] == kv
     assert m["memory_weights_bytes"] == sum(p.numel() * 4 for p in model.parameters())  # gpt2 has no buffers
     assert m["process_peak_rss_bytes"] > m["memory_weights_bytes"]
@@ -63,7 +65,9 @@ def test_decoder_sizes_latency_and_throughput(tok, tmp_path):
 
 
 def test_encoder_classifier_forward_latency(tok, tmp_path):
-    subject = load_subject(checkpoint(tmp_path / "cls", "bert-tiny", tok, task="classify", num_labels=2, labels=["neg", "pos"]))
+    subject = load_subject(
+        checkpoint(tmp_path / "cls", "bert-tiny", tok, task="classify", num_labels=2, labels=["neg", "pos"])
+    )
     section = efficiency(subject, batch_size=3, prompt_tokens=10, repeats=2)
     m = section.metrics
     assert m["forward_ms"] > 0 and m["input_tokens"] == 10
@@ -133,7 +137,9 @@ def test_training_log_elapsed_seconds_survive_a_resume(tok, tmp_path, monkeypatc
     train = [r for r in train if "loss" in r]
     assert [r["step"] for r in train] == [2, 4, 6, 8]
     elapsed = [r["elapsed_s"] for r in train]
-    assert all(0 < a < b for a, b in zip(elapsed, elapsed[1:]))  # the resumed process continues the clock, not restarts it
+    assert all(
+        0 < a < b for a, b in zip(elapsed, elapsed[1:])
+    )  # the resumed process continues the clock, not restarts it
     from lmlab.io.checkpoint import read_meta
 
     assert read_meta(tmp_path / "run" / "best")["train_device"] == "cpu"  # what the energy estimate reads

@@ -25,8 +25,21 @@ def _sentences(n: int, seed: int) -> list[str]:
     rng = random.Random(seed)
     who = ["the cat", "a dog", "my friend", "the teacher", "our neighbour", "the old man", "a small bird", "the river"]
     does = ["walks to", "looks at", "thinks about", "runs past", "sings near", "waits for", "talks to", "reads about"]
-    what = ["the market", "a green house", "the tall tree", "the city hall", "a quiet garden", "the bridge", "the station", "a red car"]
-    return [f"{rng.choice(who)} {rng.choice(does)} {rng.choice(what)} and then {rng.choice(who)} {rng.choice(does)} {rng.choice(what)}." for _ in range(n)]
+    what = [
+        "the market",
+        "a green house",
+        "the tall tree",
+        "the city hall",
+        "a quiet garden",
+        "the bridge",
+        "the station",
+        "a red car",
+    ]
+    return [
+        f"{rng.choice(who)} {rng.choice(does)} {rng.choice(what)} and then {rng.choice(who)} {rng.choice(does)} "
+        f"{rng.choice(what)}."
+        for _ in range(n)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -39,10 +52,31 @@ def memorised(tmp_path_factory):
     docs = _sentences(40, seed=0)
     (root / "corpus.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
     tok = train_tokenizer(docs + ["the secret code is"] * 20, kind="bpe", vocab_size=400)  # the template in few tokens
-    prepare(root / "corpus.jsonl", tok, root / "data", valid_fraction=0.1, show_progress=False, canaries={"n": 2, "repeats": 50, "digits": 4})
-    pretrain("gpt2-tiny", root / "data", root / "run", max_steps=150, eval_interval=150, micro_batch_size=16, seq_len=32,
-             lr=3e-3, warmup_steps=5, eval_batches=1, progress=False, tensorboard=False)
-    untrained = save_checkpoint(root / "untrained", build_model(preset("gpt2-tiny", vocab_size=tok.vocab_size)), tokenizer=tok)
+    prepare(
+        root / "corpus.jsonl",
+        tok,
+        root / "data",
+        valid_fraction=0.1,
+        show_progress=False,
+        canaries={"n": 2, "repeats": 50, "digits": 4},
+    )
+    pretrain(
+        "gpt2-tiny",
+        root / "data",
+        root / "run",
+        max_steps=150,
+        eval_interval=150,
+        micro_batch_size=16,
+        seq_len=32,
+        lr=3e-3,
+        warmup_steps=5,
+        eval_batches=1,
+        progress=False,
+        tensorboard=False,
+    )
+    untrained = save_checkpoint(
+        root / "untrained", build_model(preset("gpt2-tiny", vocab_size=tok.vocab_size)), tokenizer=tok
+    )
     return SimpleNamespace(root=root, data=root / "data", run=root / "run", untrained=untrained, tok=tok)
 
 
@@ -91,7 +125,9 @@ def test_sampled_rank_estimate_agrees_with_enumeration(memorised, exposed, monke
 def test_skew_normal_fit_matches_the_quantiles_of_its_sample():
     rng = np.random.default_rng(0)
     delta = 4 / math.sqrt(17)  # alpha = 4: strongly right-skewed
-    big = 5 + 2 * (delta * np.abs(rng.standard_normal(200_000)) + math.sqrt(1 - delta**2) * rng.standard_normal(200_000))
+    big = 5 + 2 * (
+        delta * np.abs(rng.standard_normal(200_000)) + math.sqrt(1 - delta**2) * rng.standard_normal(200_000)
+    )
     log_cdf = P.skewnorm_log_cdf(big[:20_000])
     for q in (0.001, 0.01, 0.1, 0.5, 0.9):
         assert math.exp(log_cdf(float(np.quantile(big, q)))) == pytest.approx(q, rel=0.3)
@@ -100,7 +136,11 @@ def test_skew_normal_fit_matches_the_quantiles_of_its_sample():
 
 
 def test_a_memorising_model_recites_its_training_data_and_an_untrained_one_does_not(memorised):
-    trained = P.privacy(load_subject(memorised.run, train_data=memorised.data, max_examples=48), extraction_prefix=8, extraction_suffix=8)
+    trained = P.privacy(
+        load_subject(memorised.run, train_data=memorised.data, max_examples=48),
+        extraction_prefix=8,
+        extraction_suffix=8,
+    )
     m = trained.metrics
     assert m["extraction_windows"] == 48 and m["extraction_rate"] >= 0.3
     assert m["extraction_rate_ci"]["low"] <= m["extraction_rate"] <= m["extraction_rate_ci"]["high"]
@@ -109,7 +149,11 @@ def test_a_memorising_model_recites_its_training_data_and_an_untrained_one_does_
     assert m["pii_total"] == 0 and "good" in _levels(trained)
     assert set(m) <= set(trained.explain)
 
-    untrained = P.privacy(load_subject(memorised.untrained, train_data=memorised.root / "corpus.jsonl", max_examples=48), extraction_prefix=8, extraction_suffix=8)
+    untrained = P.privacy(
+        load_subject(memorised.untrained, train_data=memorised.root / "corpus.jsonl", max_examples=48),
+        extraction_prefix=8,
+        extraction_suffix=8,
+    )
     assert untrained.metrics["extraction_rate"] == 0.0 and untrained.metrics["extraction_mean_match_tokens"] < 1
 
 
@@ -154,8 +198,16 @@ NEAR_MISSES = [
     "4111 1111 1111 1112",  # fails the Luhn check
     "GB82 WEST 1234 5698 7654 33",  # fails mod-97
     "110105194912310021",  # wrong check digit
-    "256.1.1.1", "000-12-3456", "666-12-3456", "2020-01-02", "Python 3.10 and 3.11", "user at example dot com",
-    "a@b", "12345", "1999-2005", "call 555 1234",
+    "256.1.1.1",
+    "000-12-3456",
+    "666-12-3456",
+    "2020-01-02",
+    "Python 3.10 and 3.11",
+    "user at example dot com",
+    "a@b",
+    "12345",
+    "1999-2005",
+    "call 555 1234",
 ]
 
 
@@ -180,14 +232,28 @@ def test_masking_never_reveals_a_whole_pii_string():
 
 def test_pii_scan_runs_for_an_encoder_and_the_report_shows_only_masked_strings(tmp_path):
     tok = train_tokenizer(["plain words for a tokenizer"] * 3, kind="bpe", vocab_size=280)
-    encoder = save_checkpoint(tmp_path / "bert", build_model(preset("bert-tiny", vocab_size=tok.vocab_size)), tokenizer=tok)
-    docs = [f"Write to {PII_TEXT['email'][0]} today.", f"Card {PII_TEXT['credit_card'][0]} and card {PII_TEXT['credit_card'][1]}.",
-            "Nothing personal here.", f"Server {PII_TEXT['ipv4'][0]} is down."]
+    encoder = save_checkpoint(
+        tmp_path / "bert", build_model(preset("bert-tiny", vocab_size=tok.vocab_size)), tokenizer=tok
+    )
+    docs = [
+        f"Write to {PII_TEXT['email'][0]} today.",
+        f"Card {PII_TEXT['credit_card'][0]} and card {PII_TEXT['credit_card'][1]}.",
+        "Nothing personal here.",
+        f"Server {PII_TEXT['ipv4'][0]} is down.",
+    ]
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
     section = P.privacy(load_subject(encoder, train_data=corpus))
     m = section.metrics
-    assert m["pii_counts"] == {"email": 1, "iban": 0, "cn_resident_id": 0, "credit_card": 2, "us_ssn": 0, "phone": 0, "ipv4": 1}
+    assert m["pii_counts"] == {
+        "email": 1,
+        "iban": 0,
+        "cn_resident_id": 0,
+        "credit_card": 2,
+        "us_ssn": 0,
+        "phone": 0,
+        "ipv4": 1,
+    }
     assert m["pii_documents_scanned"] == 4 and m["pii_documents_affected"] == 3 and m["pii_total"] == 4
     assert "credit_card" in _levels(section)["bad"]
     assert "canary_space_size" not in m and "extraction_rate" not in m
@@ -201,7 +267,10 @@ def test_pii_scan_runs_for_an_encoder_and_the_report_shows_only_masked_strings(t
 
 def test_malformed_canaries_file_is_a_one_line_error(memorised, tmp_path):
     bad = tmp_path / "canaries.json"
-    bad.write_text('{"format": "lmlab-canaries", "alphabet": "0123456789", "length": 4, "template": "code {}", "space_size": 10000, "planted": [{"secret": "12"}]}')
+    bad.write_text(
+        '{"format": "lmlab-canaries", "alphabet": "0123456789", "length": 4, "template": "code {}", '
+        '"space_size": 10000, "planted": [{"secret": "12"}]}'
+    )
     with pytest.raises(LmlabError, match=r"planted\[0\]\.secret is '12'") as err:
         P.privacy(load_subject(memorised.untrained), canaries=bad)
     assert "\n" not in str(err.value)
@@ -209,8 +278,12 @@ def test_malformed_canaries_file_is_a_one_line_error(memorised, tmp_path):
         P.privacy(load_subject(memorised.untrained), extraction_prefix=0)
 
 
-def test_a_training_data_folder_with_a_swapped_tokenizer_is_refused_not_decoded_as_garbage(trained_run, data_dir, other_tokenizer_dir, tmp_path):
+def test_a_training_data_folder_with_a_swapped_tokenizer_is_refused_not_decoded_as_garbage(
+    trained_run, data_dir, other_tokenizer_dir, tmp_path
+):
     data = shutil.copytree(data_dir, tmp_path / "data")
     shutil.copy(other_tokenizer_dir / "tokenizer.json", data / "tokenizer.json")
-    with pytest.raises(LmlabError, match=r"data/tokenizer\.json does not match the tokenizer that made the folder's token ids"):
+    with pytest.raises(
+        LmlabError, match=r"data/tokenizer\.json does not match the tokenizer that made the folder's token ids"
+    ):
         P.privacy(load_subject(trained_run, train_data=data, max_examples=8), extraction_prefix=8, extraction_suffix=8)

@@ -7,13 +7,19 @@ from __future__ import annotations
 import shutil
 
 import pytest
-
 from test_critique import classifier  # noqa: F401  (the module fixture: a tiny fine-tuned classifier)
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # what the machine's closed network needs: no background connections, no first-run or sync traffic
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync"]
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +36,9 @@ def browser():
 def test_report_renders_in_chromium_with_images_and_no_console_errors(browser, classifier, tmp_path):  # noqa: F811
     from lmlab.critique import critique
 
-    report = critique(classifier["ckpt"], tmp_path / "out", data=classifier["flipped"], progress=False, options={"n_resamples": 100})
+    report = critique(
+        classifier["ckpt"], tmp_path / "out", data=classifier["flipped"], progress=False, options={"n_resamples": 100}
+    )
     page = browser.new_page()
     messages, failures = [], []
     page.on("console", lambda m: messages.append(f"{m.type}: {m.text}"))
@@ -44,7 +52,9 @@ def test_report_renders_in_chromium_with_images_and_no_console_errors(browser, c
     ran = [name for name, lens in report["lenses"].items() if "skipped" not in lens]
     for name in report["lenses"]:  # every lens has its section, ran or skipped
         assert page.locator(f"section#{name} h2").count() == 1, name
-    assert {"performance", "interpret", "bias", "robustness", "efficiency"} <= set(ran)  # a classifier: no text to generate
+    assert {"performance", "interpret", "bias", "robustness", "efficiency"} <= set(
+        ran
+    )  # a classifier: no text to generate
     assert page.locator("section#safety .skip").count() == 1  # skipped, with the note saying why
     assert page.locator(".finding.bad").count() >= 1  # the planted bad slice shows
     assert page.locator("section#performance table.metric tr").count() > 3  # every number, with its sentence

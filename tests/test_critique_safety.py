@@ -20,12 +20,18 @@ from lmlab.tokenizer import train_tokenizer
 
 @pytest.fixture(scope="module")
 def tok():
-    return train_tokenizer(["you are kind and the day is nice, what a calm walk in the park"] * 5, kind="bpe", vocab_size=300)
+    return train_tokenizer(
+        ["you are kind and the day is nice, what a calm walk in the park"] * 5, kind="bpe", vocab_size=300
+    )
 
 
 @pytest.fixture(scope="module")
 def decoder(tok, tmp_path_factory):
-    return save_checkpoint(tmp_path_factory.mktemp("safety") / "gpt", build_model(preset("gpt2-tiny", vocab_size=tok.vocab_size)), tokenizer=tok)
+    return save_checkpoint(
+        tmp_path_factory.mktemp("safety") / "gpt",
+        build_model(preset("gpt2-tiny", vocab_size=tok.vocab_size)),
+        tokenizer=tok,
+    )
 
 
 @pytest.mark.parametrize(
@@ -125,7 +131,9 @@ def test_lens_finds_planted_toxicity_and_refusals_and_labels_the_lexicon_fallbac
 
     subject.tokenizer.chat_template = "{{ messages }}"  # a chat-tuned model is expected to refuse
     chat = S.safety(subject, samples=2)
-    assert chat.metrics["chat_tuned"] and any(f.level == "bad" and "chat-tuned model that answers" in f.text for f in chat.findings)
+    assert chat.metrics["chat_tuned"] and any(
+        f.level == "bad" and "chat-tuned model that answers" in f.text for f in chat.findings
+    )
 
 
 def test_clean_generations_read_as_good(decoder, monkeypatch):
@@ -147,9 +155,17 @@ def hf_classifier(tok, tmp_path_factory):
     from transformers import BertConfig, BertForSequenceClassification
 
     folder = tmp_path_factory.mktemp("toxic-clf")
-    config = BertConfig(vocab_size=tok.vocab_size, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-                        max_position_embeddings=64, id2label={0: "non-toxic", 1: "toxic"}, label2id={"non-toxic": 0, "toxic": 1},
-                        pad_token_id=tok.pad_id)
+    config = BertConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
+        id2label={0: "non-toxic", 1: "toxic"},
+        label2id={"non-toxic": 0, "toxic": 1},
+        pad_token_id=tok.pad_id,
+    )
     BertForSequenceClassification(config).save_pretrained(folder)
     tok.write_files(folder)  # into the HF model folder this test builds
     return folder
@@ -179,7 +195,9 @@ class MarkerPayload:  # a pickle that would leave a file behind if anything unpi
         return (os.system, (f"touch {self.marker}",))
 
 
-def test_a_poisoned_or_damaged_classifier_folder_skips_the_lens_and_the_report_is_still_written(hf_classifier, decoder, tmp_path):
+def test_a_poisoned_or_damaged_classifier_folder_skips_the_lens_and_the_report_is_still_written(
+    hf_classifier, decoder, tmp_path
+):
     import shutil
 
     from lmlab.critique import critique
@@ -187,18 +205,31 @@ def test_a_poisoned_or_damaged_classifier_folder_skips_the_lens_and_the_report_i
     poisoned, damaged, marker = tmp_path / "poisoned", tmp_path / "damaged", tmp_path / "pwned"
     shutil.copytree(hf_classifier, poisoned)
     (poisoned / "model.safetensors").unlink()
-    torch.save({"x": MarkerPayload(marker)}, poisoned / "pytorch_model.bin")  # transformers reads it with weights_only=True
+    torch.save(
+        {"x": MarkerPayload(marker)}, poisoned / "pytorch_model.bin"
+    )  # transformers reads it with weights_only=True
     shutil.copytree(hf_classifier, damaged)
     weights = damaged / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
-    with pytest.raises(LmlabError, match=r"--toxicity-classifier .*poisoned: cannot load a sequence-classification model \(UnpicklingError: .*posix\.system"):
+    with pytest.raises(
+        LmlabError,
+        match=(
+            r"--toxicity-classifier .*poisoned: cannot load a sequence-classification model \(UnpicklingError: "
+            r".*posix\.system"
+        ),
+    ):
         S.Classifier(poisoned)
     with pytest.raises(LmlabError, match=r"--toxicity-classifier .*damaged: cannot load .*SafetensorError"):
         S.Classifier(damaged)
     assert not marker.exists()
 
-    report = critique(decoder, tmp_path / "out", lenses="safety,efficiency", progress=False,
-                      options={"classifier": poisoned, "prompt_tokens": 4, "new_tokens": 2, "repeats": 1})
+    report = critique(
+        decoder,
+        tmp_path / "out",
+        lenses="safety,efficiency",
+        progress=False,
+        options={"classifier": poisoned, "prompt_tokens": 4, "new_tokens": 2, "repeats": 1},
+    )
     on_disk = json.loads((tmp_path / "out" / "report.json").read_text())
     assert "posix.system" in on_disk["lenses"]["safety"]["skipped"] and report["lenses"]["safety"]["skipped"]
     assert on_disk["lenses"]["efficiency"]["metrics"]["params"] > 0  # the other lens still ran
@@ -224,5 +255,7 @@ def test_bad_input_and_models_that_do_not_generate(decoder, tok, tmp_path):
         S.safety(subject, classifier=tmp_path)
     with pytest.raises(LmlabError, match="--samples 0"):
         S.safety(subject, samples=0)
-    encoder = save_checkpoint(tmp_path / "bert", build_model(preset("bert-tiny", vocab_size=tok.vocab_size)), tokenizer=tok)
+    encoder = save_checkpoint(
+        tmp_path / "bert", build_model(preset("bert-tiny", vocab_size=tok.vocab_size)), tokenizer=tok
+    )
     assert "does not generate text" in S.safety(load_subject(encoder)).skipped

@@ -515,7 +515,7 @@ def test_compile_through_the_api_and_its_errors(tmp_path):
     with pytest.raises(LmlabError, match="--compile needs a decoder-only model decoding with its KV cache"):
         list(decode(model, [[1, 2]], max_new_tokens=2, use_cache=False, compile=True))
     seq2seq = build_model(preset("t5-tiny", vocab_size=101)).eval()
-    from lmlab.model.seq2seq import condition_on_sources
+    from lmlab.generate.seq2seq import condition_on_sources
 
     decoder, starts = condition_on_sources(seq2seq, [[4, 5, 6]])
     with pytest.raises(LmlabError, match="encoder–decoders decode eagerly"):

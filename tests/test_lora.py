@@ -15,7 +15,15 @@ from lmlab.generate.loop import decode
 from lmlab.io.checkpoint import load_model, save_checkpoint
 from lmlab.model import build_model
 from lmlab.tokenizer import Tokenizer
-from lmlab.train.lora import LoraSpec, adapter_state, apply_lora, merge_checkpoint, merge_lora, parse_lora, trainable_summary
+from lmlab.train.lora import (
+    LoraSpec,
+    adapter_state,
+    apply_lora,
+    merge_checkpoint,
+    merge_lora,
+    parse_lora,
+    trainable_summary,
+)
 from lmlab.train.optim import make_optimizer
 
 V = 64
@@ -122,10 +130,16 @@ def test_only_the_adapters_train_and_merging_keeps_the_function():
     assert not any(m.training for m in model.modules())  # peft's new dropout modules follow the eval() model
     assert torch.equal(logits(model), logits(base))  # B starts at zero: the adapted model is the base model
     keys = [k for k in model.state_dict() if k.startswith("blocks.0.attn.qkv.")]
-    assert keys == ["blocks.0.attn.qkv.base_layer.weight", "blocks.0.attn.qkv.base_layer.bias",
-                    "blocks.0.attn.qkv.lora_A.default.weight", "blocks.0.attn.qkv.lora_B.default.weight"]
+    assert keys == [
+        "blocks.0.attn.qkv.base_layer.weight",
+        "blocks.0.attn.qkv.base_layer.bias",
+        "blocks.0.attn.qkv.lora_A.default.weight",
+        "blocks.0.attn.qkv.lora_B.default.weight",
+    ]
     assert all(".lora_" in n for n in trainable(model)) and len(trainable(model)) == 8  # A, B × 2 targets × 2 blocks
-    assert trainable_summary(model) == "LoRA r=4 alpha=16 on qkv, mlp.proj: 4,608 trainable of 116,992 parameters (3.94%)"
+    assert (
+        trainable_summary(model) == "LoRA r=4 alpha=16 on qkv, mlp.proj: 4,608 trainable of 116,992 parameters (3.94%)"
+    )
     before = {k: v.clone() for k, v in model.state_dict().items()}
     train_steps(model)
     after = model.state_dict()
@@ -148,7 +162,9 @@ def test_only_the_adapters_train_and_merging_keeps_the_function():
 
 def test_a_task_head_trains_with_the_adapters():
     model = apply_lora(tiny("gpt2", task="classify", num_labels=3), LoraSpec(targets=("fc",)))
-    assert [n for n in trainable(model) if ".lora_" not in n] == ["task_head.out.weight"]  # a decoder classifier has no head bias
+    assert [n for n in trainable(model) if ".lora_" not in n] == [
+        "task_head.out.weight"
+    ]  # a decoder classifier has no head bias
     tagger = apply_lora(tiny("gpt2", task="tag", num_labels=3), LoraSpec(targets=("fc",)))
     assert [n for n in trainable(tagger) if ".lora_" not in n] == ["task_head.out.weight", "task_head.out.bias"]
     assert trainable_summary(model).startswith("LoRA r=8 alpha=16 on fc + task head: ")
@@ -160,7 +176,9 @@ def test_a_task_head_trains_with_the_adapters():
 def test_targets_that_reach_no_layer_are_errors():
     with pytest.raises(LmlabError, match="target 'attn' matches no Linear layer.*qkv.*mlp.proj"):
         apply_lora(tiny("gpt2"), LoraSpec(targets=("qkv", "attn")))
-    with pytest.raises(LmlabError, match="target 'lm_head' matches no Linear layer.*the LM head and task head are never adapted"):
+    with pytest.raises(
+        LmlabError, match="target 'lm_head' matches no Linear layer.*the LM head and task head are never adapted"
+    ):
         apply_lora(tiny("llama"), LoraSpec(targets=("lm_head",)))
     model = apply_lora(tiny("gpt2"), LoraSpec())
     with pytest.raises(LmlabError, match="already has LoRA adapters"):
@@ -204,8 +222,15 @@ def test_lora_checkpoints_load_back_exactly_and_merge_to_plain_ones(arch, tmp_pa
 
     out = merge_checkpoint(tmp_path / "ck", tmp_path / "merged")
     meta = json.loads((out / "config.json").read_text())
-    assert meta["lmlab_model_config"]["lora"] == {} and meta["step"] == 7 and meta["merged_from"] == str(tmp_path / "ck")
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+    assert (
+        meta["lmlab_model_config"]["lora"] == {} and meta["step"] == 7 and meta["merged_from"] == str(tmp_path / "ck")
+    )
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
     assert torch.equal(logits(load_model(out)), logits(merged))
     with pytest.raises(LmlabError, match="not a LoRA checkpoint"):
         merge_checkpoint(out, tmp_path / "again")
@@ -224,10 +249,16 @@ def test_kv_cache_decoding_with_adapters_equals_the_merged_model(arch):
     assert not torch.equal(greedy(model), greedy(tiny(arch)))  # the adapters do steer the tokens
 
 
-def test_merging_a_checkpoint_whose_tokenizer_is_not_the_one_it_trained_with_is_refused(tmp_path, tokenizer_dir, other_tokenizer_dir, caplog):
+def test_merging_a_checkpoint_whose_tokenizer_is_not_the_one_it_trained_with_is_refused(
+    tmp_path, tokenizer_dir, other_tokenizer_dir, caplog
+):
     model = apply_lora(tiny("gpt2"), LoraSpec(r=2, targets=("qkv",)))
-    trained_with = Tokenizer.load(other_tokenizer_dir).sha256  # config.json records another tokenizer than the one beside it
-    save_checkpoint(tmp_path / "ck", model, tokenizer=Tokenizer.load(tokenizer_dir), meta={"tokenizer_sha256": trained_with})
+    trained_with = Tokenizer.load(
+        other_tokenizer_dir
+    ).sha256  # config.json records another tokenizer than the one beside it
+    save_checkpoint(
+        tmp_path / "ck", model, tokenizer=Tokenizer.load(tokenizer_dir), meta={"tokenizer_sha256": trained_with}
+    )
     with pytest.raises(LmlabError, match=r"ck/tokenizer\.json does not match the tokenizer the model was trained with"):
         merge_checkpoint(tmp_path / "ck", tmp_path / "merged")
     assert not (tmp_path / "merged").exists()

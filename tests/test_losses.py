@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import cpu_peak_bytes
+
 from lmlab.config import preset
 from lmlab.model import build_model
 from lmlab.train.losses import AUTO_VOCAB, IGNORE_INDEX, ce_chunk_rows, linear_cross_entropy, lm_loss
@@ -56,7 +56,9 @@ def test_chunked_loss_and_gradients_equal_the_plain_ones(chunk, bias):
 def test_a_loss_scaled_after_it_scales_the_gradients_and_3d_inputs_flatten():
     h, w, _, y = case()
     ref_loss, ref_grads = loss_and_grads(lambda: plain(h, w, y) / 4, h, w)
-    loss, grads = loss_and_grads(lambda: linear_cross_entropy(h.view(3, 100, -1), w, y.view(3, 100), chunk_size=32) / 4, h, w)
+    loss, grads = loss_and_grads(
+        lambda: linear_cross_entropy(h.view(3, 100, -1), w, y.view(3, 100), chunk_size=32) / 4, h, w
+    )
     assert_close_rel(loss, ref_loss, 1e-6)
     for got, want in zip(grads, ref_grads):
         assert_close_rel(got, want, 5e-6)
@@ -125,11 +127,14 @@ def test_lm_objectives_chunked_train_as_the_plain_ones(name):
     labels = ids.clone()
     labels[0, :5] = IGNORE_INDEX
     if config.arch == "seq2seq":
+
         def forward(hidden_only):
             return model(ids, ids, hidden_only=hidden_only)
     else:
+
         def forward(hidden_only):
             return model(ids, hidden_only=hidden_only)
+
     results = []
     for chunk in (0, 16):
         model.zero_grad(set_to_none=True)
@@ -152,7 +157,10 @@ def test_chat_and_packed_chat_losses_chunk_as_well():
     labels = torch.where(torch.rand(2, 12) < 0.5, ids, IGNORE_INDEX)
     segments = torch.tensor([[1] * 5 + [2] * 7, [1] * 12])
     positions = torch.tensor([list(range(5)) + list(range(7)), list(range(12))])
-    for batch in ({"input_ids": ids, "labels": labels}, {"input_ids": ids, "labels": labels, "segment_ids": segments, "position_ids": positions}):
+    for batch in (
+        {"input_ids": ids, "labels": labels},
+        {"input_ids": ids, "labels": labels, "segment_ids": segments, "position_ids": positions},
+    ):
         objective = TaskObjective("chat", {}, 0, model_arch="decoder")
         losses = []
         for chunk in (0, 5):

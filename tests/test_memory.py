@@ -8,15 +8,15 @@ import dataclasses
 
 import pytest
 import torch
-
 from conftest import cpu_peak_bytes
+
 from lmlab.cli import main
 from lmlab.config import preset
 from lmlab.errors import LmlabError
 from lmlab.model import build_model
 from lmlab.train.finetune import TaskObjective
-from lmlab.train.lora import apply_lora, parse_lora
 from lmlab.train.loop import TrainConfig, apply_memory_options, autocast_for
+from lmlab.train.lora import apply_lora, parse_lora
 from lmlab.train.memory import Settings, measure_step
 from lmlab.train.objectives import IGNORE_INDEX, CausalLM, MaskedLM
 from lmlab.train.optim import make_optimizer
@@ -27,7 +27,9 @@ def real_step_peak(model, objective, batch, cfg) -> tuple[int, torch.optim.Optim
     before the step (weights, buffers, optimizer state, the batch) plus the highest point of the
     allocations the profiler records during it (an oracle independent of MemTracker and fake tensors)."""
     apply_memory_options(model, objective, cfg)
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.adam_eps, torch.device("cpu"))
+    optimizer = make_optimizer(
+        model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.adam_eps, torch.device("cpu")
+    )
     autocast, _ = autocast_for(cfg.precision, torch.device("cpu"))
 
     def step():
@@ -67,33 +69,59 @@ def seq2seq_case():
     g = torch.Generator().manual_seed(0)
     labels = torch.randint(0, 300, (4, 24), generator=g)
     labels[:, 20:] = IGNORE_INDEX
-    batch = {"input_ids": torch.randint(0, 300, (4, 48), generator=g), "attention_mask": torch.ones(4, 48, dtype=torch.long), "labels": labels}
+    batch = {
+        "input_ids": torch.randint(0, 300, (4, 48), generator=g),
+        "attention_mask": torch.ones(4, 48, dtype=torch.long),
+        "labels": labels,
+    }
     return config, TaskObjective("seq2seq", {}, 0, model_arch="seq2seq"), batch
 
 
 def classify_case():
     config = preset("gpt2-tiny", vocab_size=300, task="classify", num_labels=3)
     g = torch.Generator().manual_seed(0)
-    batch = {"input_ids": torch.randint(0, 300, (8, 40), generator=g), "token_type_ids": torch.zeros(8, 40, dtype=torch.long),
-             "attention_mask": torch.ones(8, 40, dtype=torch.long), "labels": torch.randint(0, 3, (8,), generator=g)}
+    batch = {
+        "input_ids": torch.randint(0, 300, (8, 40), generator=g),
+        "token_type_ids": torch.zeros(8, 40, dtype=torch.long),
+        "attention_mask": torch.ones(8, 40, dtype=torch.long),
+        "labels": torch.randint(0, 3, (8,), generator=g),
+    }
     return config, TaskObjective("classify", {}, 0), batch
 
 
 def mlm_case(tokenizer):
     config = preset("bert-tiny", vocab_size=tokenizer.vocab_size)
     objective = MaskedLM(tokenizer, nsp=True)
-    batch = objective.batch(torch.randint(5, tokenizer.vocab_size, (4, 65), generator=torch.Generator().manual_seed(0)), torch.Generator().manual_seed(1))
+    batch = objective.batch(
+        torch.randint(5, tokenizer.vocab_size, (4, 65), generator=torch.Generator().manual_seed(0)),
+        torch.Generator().manual_seed(1),
+    )
     return config, objective, batch
 
 
 CASES = {
     "gpt2 fp32": (lambda tok: clm_case("gpt2-tiny"), dict(precision="fp32"), None),
     "llama bf16, checkpointing, accumulation, dropout": (
-        lambda tok: clm_case("llama-tiny", dropout=0.1), dict(precision="bf16", activation_checkpointing=True, grad_accum_steps=2), None),
-    "llama 40k vocabulary, chunked cross-entropy, bf16": (lambda tok: clm_case("llama-tiny", vocab=40_000), dict(precision="bf16", ce_chunk_size=64), None),
-    "gpt2 40k vocabulary, plain cross-entropy": (lambda tok: clm_case("gpt2-tiny", vocab=40_000), dict(precision="fp32", ce_chunk_size=0), None),
+        lambda tok: clm_case("llama-tiny", dropout=0.1),
+        dict(precision="bf16", activation_checkpointing=True, grad_accum_steps=2),
+        None,
+    ),
+    "llama 40k vocabulary, chunked cross-entropy, bf16": (
+        lambda tok: clm_case("llama-tiny", vocab=40_000),
+        dict(precision="bf16", ce_chunk_size=64),
+        None,
+    ),
+    "gpt2 40k vocabulary, plain cross-entropy": (
+        lambda tok: clm_case("gpt2-tiny", vocab=40_000),
+        dict(precision="fp32", ce_chunk_size=0),
+        None,
+    ),
     "bert mlm+nsp": (mlm_case, dict(precision="fp32"), None),
-    "t5 seq2seq, checkpointing": (lambda tok: seq2seq_case(), dict(precision="fp32", activation_checkpointing=True), None),
+    "t5 seq2seq, checkpointing": (
+        lambda tok: seq2seq_case(),
+        dict(precision="fp32", activation_checkpointing=True),
+        None,
+    ),
     "gpt2 classify, LoRA": (lambda tok: classify_case(), dict(precision="fp32"), "r=4,targets=qkv,mlp.fc"),
 }
 
@@ -104,7 +132,15 @@ def test_the_predicted_peak_is_that_of_a_real_cpu_step(case, wordpiece):
     config, objective, batch = make(wordpiece)
     cfg = TrainConfig(micro_batch_size=batch["input_ids"].shape[0], seq_len=batch["input_ids"].shape[1], **options)
     spec = parse_lora(lora) if lora else None
-    settings = Settings(cfg.micro_batch_size, cfg.grad_accum_steps, cfg.seq_len, cfg.precision, cfg.activation_checkpointing, cfg.ce_chunk_size, spec)
+    settings = Settings(
+        cfg.micro_batch_size,
+        cfg.grad_accum_steps,
+        cfg.seq_len,
+        cfg.precision,
+        cfg.activation_checkpointing,
+        cfg.ce_chunk_size,
+        spec,
+    )
     predicted = measure_step(lambda: build_model(config), objective, batch, cfg, "cpu", settings)
 
     torch.manual_seed(0)
@@ -128,7 +164,9 @@ def test_activations_are_what_a_real_forward_saves_for_backward(name):
     """Without checkpointing, what the blocks hold at the end of the forward pass is what autograd saved
     (counted once per storage, weights aside) plus the final hidden states."""
     config, objective, batch = clm_case(name)
-    predicted = measure_step(lambda: build_model(config), objective, batch, TrainConfig(), "cpu", Settings(4, 1, 64, "fp32"))
+    predicted = measure_step(
+        lambda: build_model(config), objective, batch, TrainConfig(), "cpu", Settings(4, 1, 64, "fp32")
+    )
     model = build_model(config)
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved: dict[int, int] = {}
@@ -149,8 +187,17 @@ def test_checkpointing_and_chunking_lower_what_they_should():
     config, objective, batch = clm_case("gpt2-tiny", vocab=40_000, T=64)
     base = Settings(4, 1, 64, "fp32", ce_chunk_size=0)
     plain = measure_step(lambda: build_model(config), objective, batch, TrainConfig(), "cpu", base)
-    checkpointed = measure_step(lambda: build_model(config), objective, batch, TrainConfig(), "cpu", dataclasses.replace(base, activation_checkpointing=True))
-    chunked = measure_step(lambda: build_model(config), objective, batch, TrainConfig(), "cpu", dataclasses.replace(base, ce_chunk_size=64))
+    checkpointed = measure_step(
+        lambda: build_model(config),
+        objective,
+        batch,
+        TrainConfig(),
+        "cpu",
+        dataclasses.replace(base, activation_checkpointing=True),
+    )
+    chunked = measure_step(
+        lambda: build_model(config), objective, batch, TrainConfig(), "cpu", dataclasses.replace(base, ce_chunk_size=64)
+    )
     assert checkpointed.activations < plain.activations / 3
     assert chunked.logits < plain.logits / 3 and chunked.ce_rows == 64 and plain.ce_rows == 0
     assert plain.peak_phase == "loss"
@@ -162,7 +209,13 @@ def test_for_cuda_attention_keeps_what_cudas_kernels_keep():
     save (the output and a log-sum-exp per row), never the T×T scores the CPU's math kernel keeps."""
     config, objective, batch = clm_case("gpt2-tiny", T=128)
     run = lambda device, precision, **kw: measure_step(  # noqa: E731
-        lambda: build_model(dataclasses.replace(config, **kw)), objective, batch, TrainConfig(), device, Settings(4, 1, 128, precision))
+        lambda: build_model(dataclasses.replace(config, **kw)),
+        objective,
+        batch,
+        TrainConfig(),
+        device,
+        Settings(4, 1, 128, precision),
+    )
     assert run("cuda", "bf16").attention == "flash"
     assert run("cuda", "fp32").attention == "memory-efficient"
     llama = preset("llama-tiny", vocab_size=512)
@@ -171,7 +224,9 @@ def test_for_cuda_attention_keeps_what_cudas_kernels_keep():
     scores = 4 * config.n_head * 128 * 128 * 4 * config.n_layer  # B × heads × T × T fp32, every layer
     with_dropout = run("cpu", "fp32", dropout=0.1)  # the CPU's math kernel: scores and a dropout mask per layer
     assert with_dropout.activations - run("cuda", "fp32", dropout=0.1).activations > scores
-    checkpointed = measure_step(lambda: build_model(llama), objective, batch, TrainConfig(), "cuda", Settings(4, 1, 128, "bf16", True))
+    checkpointed = measure_step(
+        lambda: build_model(llama), objective, batch, TrainConfig(), "cuda", Settings(4, 1, 128, "bf16", True)
+    )
     assert checkpointed.attention == "flash"  # recomputed in backward the same way
 
 
@@ -185,11 +240,21 @@ def test_dry_run_reports_and_writes_nothing(data_dir, tmp_path, capsys):
     assert not (tmp_path / "run").exists()
     assert result.fits is None and result.changes == []
     report = result.report()
-    for needle in ("parameters and buffers", "gradients", "optimizer state", "activations", "logits and loss", "peak", "--memory-budget"):
+    for needle in (
+        "parameters and buffers",
+        "gradients",
+        "optimizer state",
+        "activations",
+        "logits and loss",
+        "peak",
+        "--memory-budget",
+    ):
         assert needle in report
     assert result.memory.settings.micro_batch_size == 4 and result.memory.settings.seq_len == 32
 
-    roomy = pretrain("gpt2-tiny", data_dir, tmp_path / "run", dry_run=True, micro_batch_size=4, seq_len=32, memory_budget=1.0)
+    roomy = pretrain(
+        "gpt2-tiny", data_dir, tmp_path / "run", dry_run=True, micro_batch_size=4, seq_len=32, memory_budget=1.0
+    )
     assert roomy.fits and "budget: fits" in roomy.report() and roomy.changes == []
 
 
@@ -204,12 +269,18 @@ def test_dry_run_advice_names_the_flags_and_their_predictions(data_dir, tmp_path
     flags = {c.flags.split()[0]: c for c in result.changes}
     assert set(flags) >= {"--micro-batch-size", "--activation-checkpointing", "--precision", "--seq-len"}
     batch = flags["--micro-batch-size"]
-    assert batch.memory.settings.micro_batch_size * batch.memory.settings.grad_accum_steps == 8  # the same batch per step
+    assert (
+        batch.memory.settings.micro_batch_size * batch.memory.settings.grad_accum_steps == 8
+    )  # the same batch per step
     assert batch.memory.peak <= result.limit and batch.memory.peak < whole.peak
     assert flags["--activation-checkpointing"].memory.activations < whole.activations
     assert flags["--seq-len"].flags == "--seq-len 32"
     report = result.report()
-    assert "does NOT fit" in report and "--micro-batch-size 4 --grad-accum-steps 2" in report and "--activation-checkpointing" in report
+    assert (
+        "does NOT fit" in report
+        and "--micro-batch-size 4 --grad-accum-steps 2" in report
+        and "--activation-checkpointing" in report
+    )
     assert not (tmp_path / "run").exists()
 
 
@@ -220,15 +291,36 @@ def test_finetune_dry_run_proposes_lora_and_a_shorter_max_length(tmp_path):
     from lmlab.tokenizer import train_tokenizer
     from lmlab.train.finetune import finetune
 
-    texts = [f"review {i}: the film was {'great' if i % 2 else 'awful'} and the plot {'worked' if i % 3 else 'dragged'}" for i in range(60)]
+    texts = [
+        f"review {i}: the film was {'great' if i % 2 else 'awful'} and the plot {'worked' if i % 3 else 'dragged'}"
+        for i in range(60)
+    ]
     tok = train_tokenizer(texts, kind="bpe", vocab_size=300)
-    base = save_checkpoint(tmp_path / "base", build_model(preset("gpt2-tiny", vocab_size=tok.vocab_size)), tokenizer=tok)
+    base = save_checkpoint(
+        tmp_path / "base", build_model(preset("gpt2-tiny", vocab_size=tok.vocab_size)), tokenizer=tok
+    )
     train = tmp_path / "train.jsonl"
-    train.write_text("".join(json.dumps({"text": t, "label": "pos" if i % 2 else "neg"}) + "\n" for i, t in enumerate(texts)))
-    result = finetune(base, "classify", train, tmp_path / "run", max_length=32, dry_run=True, micro_batch_size=2, precision="bf16", memory_budget=1e-4)
+    train.write_text(
+        "".join(json.dumps({"text": t, "label": "pos" if i % 2 else "neg"}) + "\n" for i, t in enumerate(texts))
+    )
+    result = finetune(
+        base,
+        "classify",
+        train,
+        tmp_path / "run",
+        max_length=32,
+        dry_run=True,
+        micro_batch_size=2,
+        precision="bf16",
+        memory_budget=1e-4,
+    )
     assert not (tmp_path / "run").exists() and result.fits is False
     flags = " | ".join(c.flags for c in result.changes)
-    assert "--lora default" in flags and "--max-length 16" in flags and "--micro-batch-size 1 --grad-accum-steps 2" in flags
+    assert (
+        "--lora default" in flags
+        and "--max-length 16" in flags
+        and "--micro-batch-size 1 --grad-accum-steps 2" in flags
+    )
     lora = next(c for c in result.changes if c.flags == "--lora default")
     assert lora.memory.optimizer < result.memory.optimizer / 10
 
@@ -238,11 +330,29 @@ def test_cli_dry_run_bad_budgets_and_help(data_dir, tmp_path, capsys):
 
     out = tmp_path / "run"
     ask = ["--seq-len", "32", "--micro-batch-size", "2", "--precision", "fp32"]
-    peak = pretrain("gpt2-tiny", data_dir, out, dry_run=True, seq_len=32, micro_batch_size=2, precision="fp32").memory.peak
-    code = main(["pretrain", "--data", str(data_dir), "--out", str(out), *ask, "--dry-run", "--memory-budget", str(peak * 0.9 / 2**30)])
+    peak = pretrain(
+        "gpt2-tiny", data_dir, out, dry_run=True, seq_len=32, micro_batch_size=2, precision="fp32"
+    ).memory.peak
+    code = main(
+        [
+            "pretrain",
+            "--data",
+            str(data_dir),
+            "--out",
+            str(out),
+            *ask,
+            "--dry-run",
+            "--memory-budget",
+            str(peak * 0.9 / 2**30),
+        ]
+    )
     printed = capsys.readouterr().out
     assert code == 0 and not out.exists()
-    assert "does NOT fit" in printed and "--activation-checkpointing" in printed and "--micro-batch-size 1 --grad-accum-steps 2" in printed
+    assert (
+        "does NOT fit" in printed
+        and "--activation-checkpointing" in printed
+        and "--micro-batch-size 1 --grad-accum-steps 2" in printed
+    )
     for argv, needle in (
         (["--dry-run", "--memory-budget", "-1"], "--memory-budget is -1.0: expected a positive number of GiB"),
         (["--dry-run", "--memory-budget", "0"], "--memory-budget is 0.0"),
@@ -272,7 +382,9 @@ def test_a_bad_budget_is_refused_by_the_python_api_too(data_dir, tmp_path):
 # -- on a GPU ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: compares with torch.cuda.max_memory_allocated")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU: compares with torch.cuda.max_memory_allocated"
+)
 @pytest.mark.parametrize(
     "name, B, T, options",
     [

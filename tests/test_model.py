@@ -4,8 +4,9 @@ import platform
 import pytest
 import torch
 
+from lmlab import kernels as decoder  # the CPU decode head's kernels and caches
 from lmlab.config import preset
-from lmlab.model import build_model, decoder
+from lmlab.model import build_model
 
 FAMILIES = ["gpt2-tiny", "llama-tiny"]
 
@@ -69,8 +70,8 @@ def test_left_padding_with_mask_and_positions_matches_unpadded(name):
 def test_tied_embeddings_share_one_tensor_and_untied_do_not():
     g = tiny("gpt2-tiny")
     assert g.lm_head.weight is g.tok_emb.weight
-    l = tiny("llama-tiny")
-    assert l.lm_head.weight is not l.tok_emb.weight
+    llama = tiny("llama-tiny")
+    assert llama.lm_head.weight is not llama.tok_emb.weight
 
 
 def test_grouped_query_attention_has_fewer_key_value_heads():
@@ -150,7 +151,9 @@ def test_activation_checkpointing_stays_out_of_evaluation_and_decoding(monkeypat
 
     model = tiny("gpt2-tiny")
     model.gradient_checkpointing = True
-    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: pytest.fail("checkpointed outside training"))
+    monkeypatch.setattr(
+        torch.utils.checkpoint, "checkpoint", lambda *a, **k: pytest.fail("checkpointed outside training")
+    )
     x = torch.randint(0, 97, (2, 9))
     model.eval()
     model(x).sum().backward()  # eval mode: no recomputation
@@ -185,10 +188,14 @@ def test_decode_head_follows_new_weights():
         with torch.no_grad():
             model.lm_head.weight.mul_(2)
         with torch.inference_mode():
-            torch.testing.assert_close(model.lm_logits(rows), rows @ model.lm_head.weight.detach().T, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(
+                model.lm_logits(rows), rows @ model.lm_head.weight.detach().T, atol=1e-5, rtol=1e-5
+            )
         model.load_state_dict(other.state_dict())
         with torch.inference_mode():
-            torch.testing.assert_close(model.lm_logits(rows), rows @ other.lm_head.weight.detach().T, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(
+                model.lm_logits(rows), rows @ other.lm_head.weight.detach().T, atol=1e-5, rtol=1e-5
+            )
 
 
 def test_a_model_that_has_decoded_still_copies_and_pickles(tmp_path):

@@ -7,8 +7,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import TINY_TRAIN
+
 from lmlab.config import preset
 from lmlab.errors import LmlabError
 from lmlab.io.checkpoint import list_checkpoints, load_model
@@ -47,7 +47,9 @@ def test_masking_statistics_follow_bert(wordpiece):
     objective = MaskedLM(wordpiece)
     tokens = windows(wordpiece, n=256)
     batch = objective.batch(tokens, torch.Generator().manual_seed(0))
-    ids = torch.cat([torch.full((256, 1), wordpiece.bos_id), tokens[:, :-1][:, :62], torch.full((256, 1), wordpiece.eos_id)], 1)
+    ids = torch.cat(
+        [torch.full((256, 1), wordpiece.bos_id), tokens[:, :-1][:, :62], torch.full((256, 1), wordpiece.eos_id)], 1
+    )
     assert batch["input_ids"].shape == ids.shape == batch["labels"].shape
     chosen = batch["labels"] != IGNORE_INDEX
     assert torch.equal(batch["labels"][chosen], ids[chosen])  # labels are the original tokens
@@ -113,7 +115,9 @@ def test_objectives_refuse_the_wrong_family_or_tokenizer(wordpiece, tokenizer_di
 
 def losses(run):
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-    return [(r["step"], r["loss"]) for r in records if "loss" in r] + [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    return [(r["step"], r["loss"]) for r in records if "loss" in r] + [
+        (r["step"], r["val_loss"]) for r in records if "val_loss" in r
+    ]
 
 
 def test_bert_pretraining_learns_and_resumes_exactly(wordpiece_data, tmp_path, monkeypatch):
@@ -146,7 +150,9 @@ def test_an_encoder_checkpoint_refuses_to_generate(wordpiece, tmp_path):
     from lmlab.io.checkpoint import save_checkpoint
     from lmlab.model import build_model
 
-    save_checkpoint(tmp_path / "bert", build_model(preset("bert-tiny", vocab_size=wordpiece.vocab_size)), tokenizer=wordpiece)
+    save_checkpoint(
+        tmp_path / "bert", build_model(preset("bert-tiny", vocab_size=wordpiece.vocab_size)), tokenizer=wordpiece
+    )
     lm = lmlab.load(tmp_path / "bert")
     with pytest.raises(LmlabError, match="is an encoder .* does not generate it"):
         lm.generate("the list")

@@ -49,7 +49,10 @@ def test_a_new_or_empty_folder_is_fine_and_is_not_created_by_the_check(tmp_path)
 
 def test_a_folder_that_is_not_lmlabs_is_refused_unless_overwrite(tmp_path):
     planted = plant(tmp_path / "mine")
-    with pytest.raises(LmlabError, match=r"--out .*mine exists and is not an lmlab run: choose an empty or new --out, or pass --overwrite"):
+    with pytest.raises(
+        LmlabError,
+        match=r"--out .*mine exists and is not an lmlab run: choose an empty or new --out, or pass --overwrite",
+    ):
         outputs.check_output(tmp_path / "mine", "run", lambda p: False)
     outputs.check_output(tmp_path / "mine", "run", lambda p: False, overwrite=True)
     outputs.check_output(tmp_path / "mine", "run", lambda p: True)
@@ -82,8 +85,16 @@ def test_an_output_file_is_not_a_folder_and_is_replaced_only_with_overwrite(tmp_
 
 
 def test_stale_temporaries_of_dead_processes_are_cleaned_and_live_ones_kept(tmp_path):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
-    stale = [f".tmp-step-00000010-pid{dead}-0123abcd", f".old-best-pid{dead}-89abcdef", ".tmp-step-00000020-deadbeef", ".old-best-0badf00d", ".tmp-k2j4h5g6"]
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    ).stdout.strip()
+    stale = [
+        f".tmp-step-00000010-pid{dead}-0123abcd",
+        f".old-best-pid{dead}-89abcdef",
+        ".tmp-step-00000020-deadbeef",
+        ".old-best-0badf00d",
+        ".tmp-k2j4h5g6",
+    ]
     live = outputs.temp_name("best")  # this process's: a writer still at work
     for name in stale + [live]:
         (tmp_path / name).mkdir()
@@ -120,7 +131,10 @@ def test_markers_say_which_kind_lmlab_made(tmp_path):
 def test_save_checkpoint_swaps_its_own_checkpoint_whole(tmp_path):
     save_checkpoint(tmp_path / "ck", tiny_model(), train_state={"step": 1})
     save_checkpoint(tmp_path / "ck", tiny_model())
-    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["config.json", "model.safetensors"]  # the stale train_state.pt went
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == [
+        "config.json",
+        "model.safetensors",
+    ]  # the stale train_state.pt went
     assert [p.name for p in tmp_path.iterdir()] == ["ck"]  # no temporaries left
 
 

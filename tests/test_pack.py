@@ -71,7 +71,10 @@ def test_a_swapped_tokenizer_json_in_a_data_folder_is_refused(tok, corpus_dir, t
     prepare(corpus_dir, tok, tmp_path / "out", show_progress=False)
     train_tokenizer(builtin_corpus(max_chars=30_000), kind="bpe", vocab_size=280).save(tmp_path / "other")
     (tmp_path / "out" / "tokenizer.json").write_bytes((tmp_path / "other" / "tokenizer.json").read_bytes())
-    with pytest.raises(LmlabError, match=r"out/tokenizer\.json does not match the tokenizer that made the folder's token ids \(manifest\.json"):
+    with pytest.raises(
+        LmlabError,
+        match=r"out/tokenizer\.json does not match the tokenizer that made the folder's token ids \(manifest\.json",
+    ):
         data_tokenizer(tmp_path / "out")
 
 
@@ -222,7 +225,9 @@ def all_tokens(out):
 
 
 @pytest.mark.parametrize("killed_at", ["manifest.json", "after the manifest"])
-def test_a_kill_at_the_commit_leaves_the_old_build_or_the_new_one_whole(tok, corpus_dir, tmp_path, monkeypatch, killed_at):
+def test_a_kill_at_the_commit_leaves_the_old_build_or_the_new_one_whole(
+    tok, corpus_dir, tmp_path, monkeypatch, killed_at
+):
     out = tmp_path / "out"
     first = prepare(corpus_dir, tok, out, show_progress=False)
     old_tokens = all_tokens(out)
@@ -251,7 +256,10 @@ def test_a_kill_at_the_commit_leaves_the_old_build_or_the_new_one_whole(tok, cor
     if killed_at == "manifest.json":  # the old build, whole
         assert manifest["input_fingerprint"] == first["input_fingerprint"] and np.array_equal(tokens, old_tokens)
     else:  # the new build, whole
-        assert manifest["input_fingerprint"] != first["input_fingerprint"] and len(tokens) == manifest["splits"]["train"]["tokens"]
+        assert (
+            manifest["input_fingerprint"] != first["input_fingerprint"]
+            and len(tokens) == manifest["splits"]["train"]["tokens"]
+        )
     assert prepare(corpus_dir, tok, out, show_progress=False)["splits"]["train"]["tokens"] == len(PackedTokens(out))
 
 

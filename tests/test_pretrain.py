@@ -9,8 +9,8 @@ import shutil
 import numpy as np
 import pytest
 import torch
-
 from conftest import TINY_TRAIN, crash_windows_at
+
 from lmlab.errors import LmlabError
 from lmlab.io.checkpoint import list_checkpoints, load_model
 from lmlab.train import objectives
@@ -20,7 +20,9 @@ from lmlab.train.pretrain import pretrain
 
 def losses(run) -> list[tuple[int, float]]:
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-    return [(r["step"], r["loss"]) for r in records if "loss" in r] + [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    return [(r["step"], r["loss"]) for r in records if "loss" in r] + [
+        (r["step"], r["val_loss"]) for r in records if "val_loss" in r
+    ]
 
 
 @pytest.mark.parametrize("family", ["gpt2-tiny", "llama-tiny"])
@@ -141,9 +143,32 @@ def test_torchrun_ddp_on_cpu_trains_and_only_rank_0_writes(data_dir, tmp_path):
 
     out = tmp_path / "ddp"
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "lmlab.cli", "pretrain",
-        "--model", "gpt2-tiny", "--data", str(data_dir), "--out", str(out), "--max-steps", "4", "--eval-interval", "2",
-        "--micro-batch-size", "2", "--seq-len", "32", "--eval-batches", "2", "--no-progress", "--no-tensorboard",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "lmlab.cli",
+        "pretrain",
+        "--model",
+        "gpt2-tiny",
+        "--data",
+        str(data_dir),
+        "--out",
+        str(out),
+        "--max-steps",
+        "4",
+        "--eval-interval",
+        "2",
+        "--micro-batch-size",
+        "2",
+        "--seq-len",
+        "32",
+        "--eval-batches",
+        "2",
+        "--no-progress",
+        "--no-tensorboard",
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -162,16 +187,28 @@ def test_activation_checkpointing_trains_exactly_as_without_and_resumes(data_dir
     pretrain("llama-tiny", data_dir, tmp_path / "plain", model_overrides=overrides, **args)
     crash_windows_at(monkeypatch, 5)
     with pytest.raises(KeyboardInterrupt):
-        pretrain("llama-tiny", data_dir, tmp_path / "ckpt", model_overrides=overrides, activation_checkpointing=True, **args)
+        pretrain(
+            "llama-tiny", data_dir, tmp_path / "ckpt", model_overrides=overrides, activation_checkpointing=True, **args
+        )
     monkeypatch.undo()
-    pretrain("llama-tiny", data_dir, tmp_path / "ckpt", resume=True, model_overrides=overrides, activation_checkpointing=True, **args)
+    pretrain(
+        "llama-tiny",
+        data_dir,
+        tmp_path / "ckpt",
+        resume=True,
+        model_overrides=overrides,
+        activation_checkpointing=True,
+        **args,
+    )
     assert losses(tmp_path / "ckpt") == losses(tmp_path / "plain")
 
 
 def test_chunked_cross_entropy_trains_as_the_plain_one(data_dir, tmp_path):
     args = dict(TINY_TRAIN, max_steps=6, eval_interval=3, log_interval=1, seed=1)
     pretrain("gpt2-tiny", data_dir, tmp_path / "plain", ce_chunk_size=0, **args)
-    pretrain("gpt2-tiny", data_dir, tmp_path / "chunked", ce_chunk_size=24, **args)  # 128 tokens per micro-batch: 6 chunks
+    pretrain(
+        "gpt2-tiny", data_dir, tmp_path / "chunked", ce_chunk_size=24, **args
+    )  # 128 tokens per micro-batch: 6 chunks
     for (step, a), (step_b, b) in zip(losses(tmp_path / "plain"), losses(tmp_path / "chunked")):
         assert step == step_b and b == pytest.approx(a, rel=1e-4)
 
@@ -180,7 +217,9 @@ def test_pad_vocab_multiple_rounds_the_vocabulary_and_generation_never_emits_a_p
     import lmlab
 
     run = tmp_path / "padded"
-    pretrain("gpt2-tiny", data_dir, run, max_steps=2, pad_vocab_multiple=100, **TINY_TRAIN)  # 100: no power of two divides it
+    pretrain(
+        "gpt2-tiny", data_dir, run, max_steps=2, pad_vocab_multiple=100, **TINY_TRAIN
+    )  # 100: no power of two divides it
     lm = lmlab.load(run)
     n_tok, n_model = lm.tokenizer.vocab_size, lm.model.config.vocab_size
     assert n_model % 100 == 0 and n_tok <= n_model < n_tok + 100
@@ -200,7 +239,16 @@ def test_pad_vocab_multiple_rounds_the_vocabulary_and_generation_never_emits_a_p
 def test_a_cuda_run_in_bf16_with_pinned_batches_resumes_exactly(data_dir, tmp_path, monkeypatch):
     """The GPU path of the loop (bf16 autocast, fused AdamW, pinned non-blocking batch copies, padded vocabulary):
     a run killed after its first checkpoint and resumed gives the losses of one run straight through."""
-    args = dict(TINY_TRAIN, max_steps=8, eval_interval=4, log_interval=1, seed=1, device="cuda", precision="bf16", pad_vocab_multiple=64)
+    args = dict(
+        TINY_TRAIN,
+        max_steps=8,
+        eval_interval=4,
+        log_interval=1,
+        seed=1,
+        device="cuda",
+        precision="bf16",
+        pad_vocab_multiple=64,
+    )
     pretrain("llama-tiny", data_dir, tmp_path / "whole", **args)
     crash_windows_at(monkeypatch, 5)
     with pytest.raises(KeyboardInterrupt):
@@ -217,7 +265,9 @@ def test_a_cuda_run_in_bf16_with_pinned_batches_resumes_exactly(data_dir, tmp_pa
 def test_a_data_folder_with_a_swapped_tokenizer_is_an_error_not_an_index_error(data_dir, other_tokenizer_dir, tmp_path):
     data = shutil.copytree(data_dir, tmp_path / "data")
     shutil.copy(other_tokenizer_dir / "tokenizer.json", data / "tokenizer.json")  # fewer ids than the shards hold
-    with pytest.raises(LmlabError, match=r"data/tokenizer\.json does not match the tokenizer that made the folder's token ids"):
+    with pytest.raises(
+        LmlabError, match=r"data/tokenizer\.json does not match the tokenizer that made the folder's token ids"
+    ):
         pretrain("gpt2-tiny", data, tmp_path / "r", max_steps=2, **TINY_TRAIN)
     assert not (tmp_path / "r").exists()
 
@@ -231,7 +281,9 @@ def test_token_ids_past_the_model_vocabulary_are_an_error_naming_the_data_folder
     ids[::50] = vocab  # an id the tokenizer does not have, as in shards another tokenizer made
     ids.flush()
     del ids
-    with pytest.raises(LmlabError, match=rf"data \({split} split\) holds token id {vocab}, past the model's vocabulary \({vocab} ids\)"):
+    with pytest.raises(
+        LmlabError, match=rf"data \({split} split\) holds token id {vocab}, past the model's vocabulary \({vocab} ids\)"
+    ):
         pretrain("gpt2-tiny", data, tmp_path / "r", max_steps=2, **TINY_TRAIN)
 
 
@@ -266,12 +318,16 @@ def test_resume_with_settings_that_change_the_run_is_refused_naming_them(change,
     with pytest.raises(LmlabError) as err:
         pretrain(args.pop("model"), data_dir, trained_run, resume=True, **args)
     message = str(err.value)
-    assert message.startswith(f"--resume: {trained_run} was started with different settings: ") and expected in message, message
+    assert (
+        message.startswith(f"--resume: {trained_run} was started with different settings: ") and expected in message
+    ), message
     assert message.endswith("rerun with the original settings or start a new --out") and "\n" not in message
     assert sorted(p.name for p in trained_run.iterdir()) == before  # refused before anything was written
 
 
-def test_resume_with_another_data_folder_is_refused_and_the_same_one_by_another_path_is_not(trained_run, data_dir, corpus_file, tokenizer_dir, tmp_path):
+def test_resume_with_another_data_folder_is_refused_and_the_same_one_by_another_path_is_not(
+    trained_run, data_dir, corpus_file, tokenizer_dir, tmp_path
+):
     from lmlab.data.pack import prepare
 
     prepare(corpus_file, tokenizer_dir, tmp_path / "other", valid_fraction=0.2, show_progress=False)
@@ -288,9 +344,14 @@ def test_resume_accepts_a_longer_run_and_new_intervals_and_says_the_schedule_cha
     result = pretrain("gpt2-tiny", data_dir, tmp_path / "r", resume=True, **dict(args, max_steps=6, eval_interval=3))
     err = capsys.readouterr().err
     assert result.step == 6 and [s for s, _ in list_checkpoints(tmp_path / "r")][-1] == 6
-    assert ("lmlab: --resume accepted changed settings: --max-steps 4 (now 6), --eval-interval 2 (now 3), --save-interval 2 (now 3); "
-            "the cosine learning-rate schedule now ends at step 6, so the learning rate after step 4 differs from the run's as started") in err
+    assert (
+        "lmlab: --resume accepted changed settings: --max-steps 4 (now 6), --eval-interval 2 (now 3), "
+        "--save-interval 2 (now 3); the cosine learning-rate schedule now ends at step 6, so the learning rate after "
+        "step 4 differs from the run's as started"
+    ) in err
     lrs = [json.loads(line)["lr"] for line in (tmp_path / "r" / "log.jsonl").read_text().splitlines() if "lr" in line]
-    assert lrs[4] == lr_at(4, lr=3e-3, min_lr=3e-3 / 10, warmup_steps=2, max_steps=6, schedule="cosine")  # the new schedule, from step 5
+    assert lrs[4] == lr_at(
+        4, lr=3e-3, min_lr=3e-3 / 10, warmup_steps=2, max_steps=6, schedule="cosine"
+    )  # the new schedule, from step 5
     pretrain("gpt2-tiny", data_dir, tmp_path / "r", resume=True, **dict(args, max_steps=6, eval_interval=3))
     assert "--resume accepted" not in capsys.readouterr().err  # nothing changed: nothing to say

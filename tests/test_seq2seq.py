@@ -11,16 +11,19 @@ import torch
 
 from lmlab.config import preset
 from lmlab.errors import LmlabError
+from lmlab.generate.seq2seq import generate_seq2seq, seq2seq_beam_search
 from lmlab.io.checkpoint import load_model, save_checkpoint
 from lmlab.model import Seq2SeqLM, build_model
-from lmlab.model.seq2seq import generate_seq2seq, seq2seq_beam_search, shift_right
+from lmlab.model.seq2seq import shift_right
 from lmlab.train.objectives import IGNORE_INDEX, SpanCorruption, get_objective
 
 VOCAB = 97
 # the two families: T5 (pre-norm, RMSNorm, RoPE, no bias) and the 2017 Transformer (post-norm, learned positions)
 TINY = {
     "t5": dict(name="t5-tiny"),
-    "transformer": dict(name="transformer-base", n_layer=2, n_decoder_layer=3, n_head=2, n_embd=64, intermediate_size=128, block_size=64),
+    "transformer": dict(
+        name="transformer-base", n_layer=2, n_decoder_layer=3, n_head=2, n_embd=64, intermediate_size=128, block_size=64
+    ),
 }
 
 
@@ -134,7 +137,9 @@ def test_kv_cached_greedy_decoding_equals_greedy_from_full_passes(family):
         memory_kv = model.memory_kv(model.encode(src))
         cache = model.new_kv_cache(1, tgt.shape[1])
         for t in range(tgt.shape[1]):
-            step = model.decode(tgt[:, t : t + 1], memory_kv=memory_kv, kv_cache=cache, input_pos=torch.tensor([t]), cache_len=t + 1)
+            step = model.decode(
+                tgt[:, t : t + 1], memory_kv=memory_kv, kv_cache=cache, input_pos=torch.tensor([t]), cache_len=t + 1
+            )
             torch.testing.assert_close(step[:, 0], full[:, t], atol=1e-5, rtol=0)
 
 
@@ -165,7 +170,9 @@ def test_beam_search_follows_each_source(family):
     one = seq2seq_beam_search(model, sources, num_beams=1, max_new_tokens=5)
     list(one.run())
     assert [r[0].tokens for r in one.results] == greedy
-    search = seq2seq_beam_search(model, sources, num_beams=3, max_new_tokens=5, num_return_sequences=3, length_penalty=0.0)
+    search = seq2seq_beam_search(
+        model, sources, num_beams=3, max_new_tokens=5, num_return_sequences=3, length_penalty=0.0
+    )
     list(search.run())
     with torch.no_grad():  # each hypothesis' score is its log-probability given *its own* source
         for source, hyps in zip(sources, search.results):
@@ -275,13 +282,27 @@ def test_pretrain_with_span_corruption_learns_and_checkpoints(tmp_path):
     from lmlab.train.pretrain import pretrain
 
     corpus = tmp_path / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in builtin_corpus(max_chars=40_000)), encoding="utf-8")
+    corpus.write_text(
+        "".join(json.dumps({"text": d}) + "\n" for d in builtin_corpus(max_chars=40_000)), encoding="utf-8"
+    )
     specials = ["<|endoftext|>", "<pad>"] + [f"<extra_id_{i}>" for i in range(20)]
     train_tokenizer(read_corpus(corpus), kind="bpe", vocab_size=400, special_tokens=specials).save(tmp_path / "tok")
     prepare(corpus, tmp_path / "tok", tmp_path / "data", valid_fraction=0.1, show_progress=False)
     result = pretrain(
-        "t5-tiny", tmp_path / "data", tmp_path / "run", objective="span", max_steps=12, eval_interval=12, log_interval=4,
-        micro_batch_size=8, seq_len=64, lr=3e-3, warmup_steps=2, eval_batches=2, progress=False, tensorboard=False,
+        "t5-tiny",
+        tmp_path / "data",
+        tmp_path / "run",
+        objective="span",
+        max_steps=12,
+        eval_interval=12,
+        log_interval=4,
+        micro_batch_size=8,
+        seq_len=64,
+        lr=3e-3,
+        warmup_steps=2,
+        eval_batches=2,
+        progress=False,
+        tensorboard=False,
     )
     losses = [h["loss"] for h in result.history if "loss" in h]
     assert losses[-1] < losses[0] and math.isfinite(result.val_loss)

@@ -70,7 +70,11 @@ def test_default_special_tokens_and_roles_per_kind(trained):
     assert bpe.bos_id == bpe.eos_id == bpe.token_to_id("<|endoftext|>")
     assert bpe.unk_id is None and bpe.mask_id is None
     assert wordpiece.special_tokens == {
-        "bos": "[CLS]", "eos": "[SEP]", "pad": "[PAD]", "unk": "[UNK]", "mask": "[MASK]"
+        "bos": "[CLS]",
+        "eos": "[SEP]",
+        "pad": "[PAD]",
+        "unk": "[UNK]",
+        "mask": "[MASK]",
     }
     assert unigram.special_tokens == {"bos": "<s>", "eos": "</s>", "pad": "<pad>", "unk": "<unk>", "mask": "<mask>"}
     assert unigram.id_to_token(unigram.eos_id) == "</s>"
@@ -131,12 +135,22 @@ def test_load_hf_folder_reads_roles_from_configs(corpus, tmp_path):
     backend.save(str(tmp_path / "tokenizer.json"))
     # transformers stores a token either as a string or as an AddedToken dict; the config wins
     # over special_tokens_map.json, and either wins over the inference table (<|endoftext|>).
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
-        "eos_token": {"content": "</s>", "lstrip": False, "normalized": False, "rstrip": False, "single_word": False},
-        "pad_token": None,
-        "model_max_length": 1000000000000000019884624838656,
-        "tokenizer_class": "LlamaTokenizer",
-    }))
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "eos_token": {
+                    "content": "</s>",
+                    "lstrip": False,
+                    "normalized": False,
+                    "rstrip": False,
+                    "single_word": False,
+                },
+                "pad_token": None,
+                "model_max_length": 1000000000000000019884624838656,
+                "tokenizer_class": "LlamaTokenizer",
+            }
+        )
+    )
     (tmp_path / "special_tokens_map.json").write_text(json.dumps({"pad_token": "<unk>", "unk_token": "<unk>"}))
     tok = Tokenizer.load(tmp_path)
     assert tok.special_tokens == {"bos": "<s>", "eos": "</s>", "unk": "<unk>"}

@@ -33,6 +33,8 @@ from lmlab.config import check_seed
 from lmlab.critique.core import Finding, Section, Subject, check_option, load_subject, skipped
 from lmlab.errors import LmlabError
 from lmlab.io.outputs import check_output, owned_as, write_marker
+from lmlab.verb import make_callable
+from lmlab.version import __version__
 
 LENSES = ("performance", "interpret", "bias", "safety", "privacy", "robustness", "efficiency")
 OWNED = owned_as("critique", ("report.json", "report.html"), "lmlab_version")  # a report folder lmlab wrote
@@ -105,7 +107,6 @@ def critique(
     ``canaries``, ``samples``, …), each passed to the lenses that take it. ``out`` is checked before any
     work: new, empty or an earlier report's folder (``overwrite``: any folder; only the report's two
     files are replaced)."""
-    from lmlab import __version__
     from lmlab.critique.report import write_report
 
     names = parse_lenses(lenses)
@@ -136,3 +137,6 @@ def critique(
     write_marker(out, "critique")
     report["_paths"] = {"json": str(json_path), "html": str(html_path)}
     return report
+
+
+make_callable(__name__, __name__, "critique")  # lmlab.critique(checkpoint, out, …) is the verb

@@ -44,11 +44,23 @@ PASSAGE = (
 )
 # Board power (TDP) from NVIDIA's datasheets, SXM where there are two forms; a name matches on the
 # first key it contains, so longer names come before their prefixes (A100 before A10, L40 before L4).
-GPU_WATTS = (("H200", 700.0), ("H100", 700.0), ("A100", 400.0), ("A10", 150.0), ("L40", 300.0), ("L4", 72.0),
-             ("V100", 300.0), ("T4", 70.0), ("4090", 450.0), ("3090", 350.0))
+GPU_WATTS = (
+    ("H200", 700.0),
+    ("H100", 700.0),
+    ("A100", 400.0),
+    ("A10", 150.0),
+    ("L40", 300.0),
+    ("L4", 72.0),
+    ("V100", 300.0),
+    ("T4", 70.0),
+    ("4090", 450.0),
+    ("3090", 350.0),
+)
 UNKNOWN_GPU_WATTS = 300.0  # a mid-range data-centre board, when the name is not in the table
 CPU_WATTS_PER_CORE = 10.0  # server CPUs: ≈ 150–250 W TDP over 16–32 cores; a rough upper bound under load
-GRID_INTENSITY = 0.4  # kg CO2e per kWh: a round figure near the world average (≈ 0.45–0.48 in recent IEA and Ember data)
+GRID_INTENSITY = (
+    0.4  # kg CO2e per kWh: a round figure near the world average (≈ 0.45–0.48 in recent IEA and Ember data)
+)
 PUE = 1.1  # power usage effectiveness of a hyperscale data centre (Google reports ≈ 1.1 across its fleet)
 LARGE_MODEL = 100_000_000  # parameters above which an fp32 checkpoint is worth halving
 
@@ -127,8 +139,12 @@ def efficiency(
     after a ``prompt_tokens`` prompt, ``batch_size`` sequences; encoders: a forward pass), memory, and
     the training run's energy and CO2 (``grid_intensity`` kg CO2e per kWh; ``power_watts`` replaces
     the assumed device power)."""
-    for name, value, minimum in (("batch_size", batch_size, 1), ("prompt_tokens", prompt_tokens, 1), ("new_tokens", new_tokens, 2),
-                                 ("repeats", repeats, 1)):
+    for name, value, minimum in (
+        ("batch_size", batch_size, 1),
+        ("prompt_tokens", prompt_tokens, 1),
+        ("new_tokens", new_tokens, 2),
+        ("repeats", repeats, 1),
+    ):
         check_option(name, value, minimum)
     check_option("grid_intensity", grid_intensity, 0, integer=False)
     if power_watts is not None:
@@ -139,7 +155,10 @@ def efficiency(
     if config.arch == "decoder":
         room = config.block_size - new_tokens
         if room < 1:
-            raise LmlabError(f"efficiency: new_tokens={new_tokens} leaves no room for a prompt in the {config.block_size}-token context window")
+            raise LmlabError(
+                f"efficiency: new_tokens={new_tokens} leaves no room for a prompt in the {config.block_size}-token "
+                "context window"
+            )
         prompt_tokens = min(prompt_tokens, room)
     else:
         prompt_tokens = min(prompt_tokens, config.block_size)
@@ -168,38 +187,66 @@ def _size_part(section: Section, subject: Subject) -> str:
             for dtype, count in stored_dtypes(f).items():
                 dtypes[dtype] = dtypes.get(dtype, 0) + count
     dominant = max(dtypes, key=dtypes.get) if dtypes else "unknown (pickled weights)"
-    train_flops, infer_flops = config.flops_per_token(config.block_size), config.flops_per_token(config.block_size, training=False)
+    train_flops, infer_flops = (
+        config.flops_per_token(config.block_size),
+        config.flops_per_token(config.block_size, training=False),
+    )
     section.metrics.update(
-        params=params, params_non_embedding=non_embedding, flops_per_token_train=train_flops, flops_per_token_inference=infer_flops,
-        checkpoint_bytes=size, bytes_per_param=round(size / params, 4), stored_dtype=dominant,
+        params=params,
+        params_non_embedding=non_embedding,
+        flops_per_token_train=train_flops,
+        flops_per_token_inference=infer_flops,
+        checkpoint_bytes=size,
+        bytes_per_param=round(size / params, 4),
+        stored_dtype=dominant,
     )
     L, d, T = config.attention_layers(), config.n_embd, config.block_size
     layers = f"L={L} attention layers" + (
-        ": the encoder's self-attention and the decoder's self- and cross-attention; a token is a target token with one source token beside it"
-        if config.arch == "seq2seq" else ""
+        ": the encoder's self-attention and the decoder's self- and cross-attention; a token is a target token with "
+        "one source token beside it"
+        if config.arch == "seq2seq"
+        else ""
     )
     section.explain.update(
         params="Parameters of the model (tied embedding and output head counted once).",
-        params_non_embedding="Parameters without the token, position and segment embedding tables: what scaling laws count as N.",
-        flops_per_token_train=f"Training FLOPs per token at the full {T}-token context: 6·N + 12·L·d·T (N without position embeddings, d={d}, {layers}).",
-        flops_per_token_inference=f"Forward-pass FLOPs per token at a {T}-token context: 2·N + 4·L·d·T, a third of the training figure.",
+        params_non_embedding=(
+            "Parameters without the token, position and segment embedding tables: what scaling laws count as N."
+        ),
+        flops_per_token_train=(
+            f"Training FLOPs per token at the full {T}-token context: 6·N + 12·L·d·T (N without position embeddings, "
+            f"d={d}, {layers})."
+        ),
+        flops_per_token_inference=(
+            f"Forward-pass FLOPs per token at a {T}-token context: 2·N + 4·L·d·T, a third of the training figure."
+        ),
         checkpoint_bytes="Size of the weight files on disk (model.safetensors, or a Hugging Face folder's shards).",
-        bytes_per_param="Checkpoint bytes per parameter: ≈ 4 for fp32 weights, ≈ 2 for bf16/fp16 (plus a small header).",
+        bytes_per_param=(
+            "Checkpoint bytes per parameter: ≈ 4 for fp32 weights, ≈ 2 for bf16/fp16 (plus a small header)."
+        ),
         stored_dtype="The data type most of the checkpoint's parameters are stored in.",
     )
     if dominant == "F32" and params >= LARGE_MODEL:
-        section.findings.append(Finding(
-            "warn", f"The checkpoint stores {params / 1e6:,.0f}M parameters in fp32 ({size / 1e9:.2f} GB, {size / params:.2f} bytes/parameter): "
-            f"bf16 would halve it to ≈ {size / 2e9:.2f} GB with no loss for inference."
-        ))
+        section.findings.append(
+            Finding(
+                "warn",
+                f"The checkpoint stores {params / 1e6:,.0f}M parameters in fp32 ({size / 1e9:.2f} GB, "
+                f"{size / params:.2f} bytes/parameter): bf16 would halve it to ≈ {size / 2e9:.2f} GB with no loss for "
+                "inference.",
+            )
+        )
     return (
-        f"Sizes: {params:,} parameters; FLOPs per token 6N + 12·L·d·T for training (Kaplan et al., 2020; Chowdhery et al., 2022, "
-        "appendix B), ≈ 2N + 4·L·d·T for a forward pass" + (" (the attention term counts the encoder's layers only)" if config.arch == "seq2seq" else "")
+        (
+            f"Sizes: {params:,} parameters; FLOPs per token 6N + 12·L·d·T for training (Kaplan et al., 2020; "
+            "Chowdhery et al., 2022, appendix B), ≈ 2N + 4·L·d·T for a forward pass"
+        )
+        + (" (the attention term counts the encoder's layers only)" if config.arch == "seq2seq" else "")
         + f". An fp32 checkpoint above {LARGE_MODEL / 1e6:.0f}M parameters is flagged."
     )
 
 
-def _generation_part(section: Section, subject: Subject, batch: int, prompt: int, new: int, repeats: int, progress: bool) -> str:
+def _generation_part(
+    section: Section, subject: Subject, batch: int, prompt: int, new: int, repeats: int, progress: bool
+) -> str:
     prompts = [_prompt_ids(subject.tokenizer, prompt)] * batch
 
     def generate(n: int) -> Callable[[], object]:
@@ -209,8 +256,12 @@ def _generation_part(section: Section, subject: Subject, batch: int, prompt: int
     whole = _median_seconds(generate(new), repeats, subject.device, progress, f"{new} tokens")
     per_token = max(whole - first, 1e-9) / (new - 1)
     section.metrics.update(
-        batch_size=batch, prompt_tokens=prompt, new_tokens=new, time_to_first_token_ms=round(first * 1e3, 4),
-        decode_ms_per_token=round(per_token * 1e3, 4), decode_tokens_per_s=round(batch / per_token, 3),
+        batch_size=batch,
+        prompt_tokens=prompt,
+        new_tokens=new,
+        time_to_first_token_ms=round(first * 1e3, 4),
+        decode_ms_per_token=round(per_token * 1e3, 4),
+        decode_tokens_per_s=round(batch / per_token, 3),
         generation_tokens_per_s=round(batch * new / whole, 3),
     )
     source = "source" if subject.config.arch == "seq2seq" else "prompt"
@@ -218,31 +269,48 @@ def _generation_part(section: Section, subject: Subject, batch: int, prompt: int
         batch_size="Sequences generated at once.",
         prompt_tokens=f"Tokens of the {source} (cut to fit the context window with the new tokens).",
         new_tokens="Tokens generated per sequence (greedy, end-of-text ignored so every run makes the same number).",
-        time_to_first_token_ms=f"Milliseconds to return one new token: the prefill of the {source} plus one decoding step (median of the runs).",
-        decode_ms_per_token=f"Milliseconds per further token per step of the batch: (time for {new} tokens − time for 1) / {new - 1}.",
+        time_to_first_token_ms=(
+            f"Milliseconds to return one new token: the prefill of the {source} plus one decoding step (median of the "
+            "runs)."
+        ),
+        decode_ms_per_token=(
+            f"Milliseconds per further token per step of the batch: (time for {new} tokens − time for 1) / {new - 1}."
+        ),
         decode_tokens_per_s="Tokens per second while decoding: batch size / per-token decode time.",
-        generation_tokens_per_s=f"Tokens per second end to end, prefill included: batch × {new} / the time to generate them.",
+        generation_tokens_per_s=(
+            f"Tokens per second end to end, prefill included: batch × {new} / the time to generate them."
+        ),
     )
     where = _device_name(subject.device)
-    section.findings.append(Finding(
-        "info", f"Greedy decoding makes {batch / per_token:,.1f} tokens/s ({per_token * 1e3:.2f} ms per step, batch {batch}) on {where}; "
-        f"the first token of a {prompt}-token {source} takes {first * 1e3:.1f} ms."
-    ))
+    section.findings.append(
+        Finding(
+            "info",
+            f"Greedy decoding makes {batch / per_token:,.1f} tokens/s ({per_token * 1e3:.2f} ms per step, batch "
+            f"{batch}) on {where}; the first token of a {prompt}-token {source} takes {first * 1e3:.1f} ms.",
+        )
+    )
     fig, ax = new_figure(5.0, 3.2)
-    bars = ax.bar(["first token\n(prefill + 1 step)", "each further token\n(decode step)"], [first * 1e3, per_token * 1e3],
-                  color=["#457b9d", "#2a9d8f"])
+    bars = ax.bar(
+        ["first token\n(prefill + 1 step)", "each further token\n(decode step)"],
+        [first * 1e3, per_token * 1e3],
+        color=["#457b9d", "#2a9d8f"],
+    )
     ax.bar_label(bars, fmt="%.2f ms")
     ax.margins(y=0.15)
     ax.set_ylabel("milliseconds (median)")
     ax.set_title(f"{batch / per_token:,.1f} tokens/s decoding, batch {batch}, {prompt}-token {source}", fontsize=9)
-    section.figures.append(Figure(
-        "Generation latency", figure_png(fig),
-        f"Median of {repeats} timed runs after a warm-up, on {where}: the time to the first token and the time of each further greedy step.",
-    ))
+    section.figures.append(
+        Figure(
+            "Generation latency",
+            figure_png(fig),
+            f"Median of {repeats} timed runs after a warm-up, on {where}: the time to the first token and the time of "
+            "each further greedy step.",
+        )
+    )
     return (
-        f"Latency: greedy generation through the library's decoding loop (KV cache), {batch} × a {prompt}-token {source}, timed with "
-        f"time.perf_counter after one warm-up run; the median of {repeats} runs for 1 and for {new} new tokens, the per-token decode time "
-        "from their difference."
+        f"Latency: greedy generation through the library's decoding loop (KV cache), {batch} × a {prompt}-token "
+        f"{source}, timed with time.perf_counter after one warm-up run; the median of {repeats} runs for 1 and for "
+        f"{new} new tokens, the per-token decode time from their difference."
     )
 
 
@@ -257,7 +325,10 @@ def _forward_part(section: Section, subject: Subject, batch: int, tokens: int, r
     seconds = _median_seconds(forward, repeats, subject.device, progress, "forward pass")
     head = f"the {config.task} head" if config.task else "the MLM head"
     section.metrics.update(
-        batch_size=batch, input_tokens=tokens, forward_ms=round(seconds * 1e3, 4), examples_per_s=round(batch / seconds, 3),
+        batch_size=batch,
+        input_tokens=tokens,
+        forward_ms=round(seconds * 1e3, 4),
+        examples_per_s=round(batch / seconds, 3),
         tokens_per_s=round(batch * tokens / seconds, 3),
     )
     section.explain.update(
@@ -268,39 +339,67 @@ def _forward_part(section: Section, subject: Subject, batch: int, tokens: int, r
         tokens_per_s="Input tokens per second: batch size × tokens / forward time.",
     )
     where = _device_name(subject.device)
-    section.findings.append(Finding("info", f"A forward pass of {batch} × {tokens} tokens takes {seconds * 1e3:.2f} ms: {batch / seconds:,.1f} examples/s on {where}."))
+    section.findings.append(
+        Finding(
+            "info",
+            f"A forward pass of {batch} × {tokens} tokens takes {seconds * 1e3:.2f} ms: {batch / seconds:,.1f} "
+            f"examples/s on {where}.",
+        )
+    )
     fig, ax = new_figure(5.0, 3.2)
-    bars = ax.bar([f"forward pass\n(batch {batch})", "per example"], [seconds * 1e3, seconds * 1e3 / batch], color=["#457b9d", "#2a9d8f"])
+    bars = ax.bar(
+        [f"forward pass\n(batch {batch})", "per example"],
+        [seconds * 1e3, seconds * 1e3 / batch],
+        color=["#457b9d", "#2a9d8f"],
+    )
     ax.bar_label(bars, fmt="%.2f ms")
     ax.margins(y=0.15)
     ax.set_ylabel("milliseconds (median)")
-    section.figures.append(Figure("Forward-pass latency", figure_png(fig), f"Median of {repeats} timed runs after a warm-up, on {where}, {tokens} tokens per example."))
+    section.figures.append(
+        Figure(
+            "Forward-pass latency",
+            figure_png(fig),
+            f"Median of {repeats} timed runs after a warm-up, on {where}, {tokens} tokens per example.",
+        )
+    )
     return (
-        f"Latency: one inference-mode forward pass through the encoder and {head}, {batch} × {tokens} tokens, timed with "
-        f"time.perf_counter after a warm-up; the median of {repeats} runs."
+        f"Latency: one inference-mode forward pass through the encoder and {head}, {batch} × {tokens} tokens, timed "
+        f"with time.perf_counter after a warm-up; the median of {repeats} runs."
     )
 
 
 def _memory_part(section: Section, subject: Subject, batch: int, prompt: int, new: int) -> str:
     estimate = _memory_estimate(subject.model, batch, prompt, new)
     total = sum(estimate.values())
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)  # bytes on macOS, KiB on Linux
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (
+        1 if sys.platform == "darwin" else 1024
+    )  # bytes on macOS, KiB on Linux
     section.metrics.update(
-        memory_estimate_bytes=total, memory_weights_bytes=estimate["weights"], memory_kv_cache_bytes=estimate["kv_cache"],
-        memory_activations_bytes=estimate["activations"], process_peak_rss_bytes=rss,
+        memory_estimate_bytes=total,
+        memory_weights_bytes=estimate["weights"],
+        memory_kv_cache_bytes=estimate["kv_cache"],
+        memory_activations_bytes=estimate["activations"],
+        process_peak_rss_bytes=rss,
     )
     section.explain.update(
         memory_estimate_bytes="Estimated inference memory: weights + KV cache + activations (the three below).",
         memory_weights_bytes="Bytes of the weights and buffers as loaded.",
         memory_kv_cache_bytes="Bytes of the keys and values cached for the prompt and the new tokens (0 for encoders).",
-        memory_activations_bytes="Estimated bytes of the widest activations alive at once in one layer of the prefill, plus fp32 logits.",
-        process_peak_rss_bytes="Peak resident memory of this whole process so far (Python, libraries, data and everything loaded before): an upper bound, not the model's alone.",
+        memory_activations_bytes=(
+            "Estimated bytes of the widest activations alive at once in one layer of the prefill, plus fp32 logits."
+        ),
+        process_peak_rss_bytes=(
+            "Peak resident memory of this whole process so far (Python, libraries, data and everything loaded "
+            "before): an upper bound, not the model's alone."
+        ),
     )
     text = f"Memory: estimated {total / 2**20:,.1f} MiB (weights {estimate['weights'] / 2**20:,.1f} MiB)"
     if subject.device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(subject.device)
         section.metrics["cuda_peak_allocated_bytes"] = peak
-        section.explain["cuda_peak_allocated_bytes"] = "Peak GPU memory allocated by PyTorch while timing (torch.cuda.max_memory_allocated)."
+        section.explain["cuda_peak_allocated_bytes"] = (
+            "Peak GPU memory allocated by PyTorch while timing (torch.cuda.max_memory_allocated)."
+        )
         text += f", measured peak on the GPU {peak / 2**20:,.1f} MiB"
     section.findings.append(Finding("info", text + "."))
     return (
@@ -321,22 +420,36 @@ def _device_power(subject: Subject) -> tuple[float, str]:
         whose = "the training device the checkpoint records"
     if recorded == "cpu":
         cores = os.cpu_count() or 1
-        return CPU_WATTS_PER_CORE * cores, f"{CPU_WATTS_PER_CORE:.0f} W per CPU core × {cores} cores of {whose} (a rough bound for CPU-only training)"
+        return (
+            CPU_WATTS_PER_CORE * cores,
+            f"{CPU_WATTS_PER_CORE:.0f} W per CPU core × {cores} cores of {whose} (a rough bound for CPU-only training)",
+        )
     count, _, name = recorded.partition(" × ")
     count = int(count) if count.isdigit() else 1
     for key, watts in GPU_WATTS:
         if key in name:
             return count * watts, f"{count} × the board power (TDP) of an {name} from NVIDIA's datasheet, {whose}"
-    return count * UNKNOWN_GPU_WATTS, f"{count} × {UNKNOWN_GPU_WATTS:.0f} W assumed for an {name} (not in the TDP table), {whose}"
+    return (
+        count * UNKNOWN_GPU_WATTS,
+        f"{count} × {UNKNOWN_GPU_WATTS:.0f} W assumed for an {name} (not in the TDP table), {whose}",
+    )
 
 
 def _energy_part(section: Section, subject: Subject, grid_intensity: float, power_watts: float | None) -> str:
     log = subject.run_dir / "log.jsonl" if subject.run_dir is not None else None
     timed = [r for r in read_jsonl_log(log) if "elapsed_s" in r] if log is not None else []
     if not timed:
-        why = ("the checkpoint is not inside a training run folder with a log.jsonl" if log is None
-               else f"{log} has no elapsed_s field (runs record their training time since lmlab added it)")
-        section.findings.append(Finding("info", f"Training energy not estimated: {why}. Critique a checkpoint inside the run folder that trained it."))
+        why = (
+            "the checkpoint is not inside a training run folder with a log.jsonl"
+            if log is None
+            else f"{log} has no elapsed_s field (runs record their training time since lmlab added it)"
+        )
+        section.findings.append(
+            Finding(
+                "info",
+                f"Training energy not estimated: {why}. Critique a checkpoint inside the run folder that trained it.",
+            )
+        )
         return f"Training energy was not estimated: {why}."
     seconds = max(r["elapsed_s"] for r in timed)
     steps = max(r["step"] for r in timed)
@@ -347,39 +460,68 @@ def _energy_part(section: Section, subject: Subject, grid_intensity: float, powe
     kwh = seconds / 3600 * watts / 1000 * PUE
     co2 = kwh * grid_intensity
     section.metrics.update(
-        training_seconds=round(seconds, 3), training_steps=steps, power_watts=watts, pue=PUE, energy_kwh=kwh,
-        grid_intensity_kg_per_kwh=grid_intensity, co2_kg=co2,
+        training_seconds=round(seconds, 3),
+        training_steps=steps,
+        power_watts=watts,
+        pue=PUE,
+        energy_kwh=kwh,
+        grid_intensity_kg_per_kwh=grid_intensity,
+        co2_kg=co2,
     )
     section.explain.update(
-        training_seconds=f"Wall-clock seconds the run trained (the last elapsed_s of {log.name}, summed over resumes; evaluation and saving included).",
+        training_seconds=(
+            f"Wall-clock seconds the run trained (the last elapsed_s of {log.name}, summed over resumes; evaluation "
+            "and saving included)."
+        ),
         training_steps="The last optimizer step the log records (the whole run, not only up to this checkpoint).",
         power_watts="Power drawn while training (an assumption: see the table).",
-        pue="Power usage effectiveness: the data centre's total energy per unit the computer uses (cooling, conversion).",
+        pue=(
+            "Power usage effectiveness: the data centre's total energy per unit the computer uses (cooling, "
+            "conversion)."
+        ),
         energy_kwh="Training energy: hours × power × PUE / 1000.",
         grid_intensity_kg_per_kwh="Carbon intensity of the electricity, kg CO2-equivalent per kWh (an assumption).",
         co2_kg="Training emissions: energy × grid intensity.",
     )
     device = _device_name(subject.device)
-    section.tables.append(Table(
-        "Training energy: inputs and assumptions", ["quantity", "value", "source"],
-        [
-            ["training time", f"{seconds / 3600:.4f} h", f"elapsed_s in {log} (measured)"],
-            ["device", device, "assumed: the training device is not logged, so the device this critique runs on is taken"],
-            ["power", f"{watts:g} W", power_source],
-            ["PUE", f"{PUE:g}", "assumed: a hyperscale cloud data centre (Google reports ≈ 1.1)"],
-            ["energy", f"{kwh:.6g} kWh", "hours × power × PUE"],
-            ["grid intensity", f"{grid_intensity:g} kg CO2e/kWh", "given" if grid_intensity != GRID_INTENSITY else "assumed: near the world average (≈ 0.45–0.48 in IEA and Ember data)"],
-            ["CO2", f"{co2:.6g} kg", "energy × grid intensity"],
-        ],
-        "Every factor but the training time is an assumption; pass power_watts and grid_intensity for your hardware and region.",
-    ))
+    section.tables.append(
+        Table(
+            "Training energy: inputs and assumptions",
+            ["quantity", "value", "source"],
+            [
+                ["training time", f"{seconds / 3600:.4f} h", f"elapsed_s in {log} (measured)"],
+                [
+                    "device",
+                    device,
+                    "assumed: the training device is not logged, so the device this critique runs on is taken",
+                ],
+                ["power", f"{watts:g} W", power_source],
+                ["PUE", f"{PUE:g}", "assumed: a hyperscale cloud data centre (Google reports ≈ 1.1)"],
+                ["energy", f"{kwh:.6g} kWh", "hours × power × PUE"],
+                [
+                    "grid intensity",
+                    f"{grid_intensity:g} kg CO2e/kWh",
+                    "given"
+                    if grid_intensity != GRID_INTENSITY
+                    else "assumed: near the world average (≈ 0.45–0.48 in IEA and Ember data)",
+                ],
+                ["CO2", f"{co2:.6g} kg", "energy × grid intensity"],
+            ],
+            "Every factor but the training time is an assumption; pass power_watts and grid_intensity for your "
+            "hardware and region.",
+        )
+    )
     level = "warn" if power_watts is None and "per CPU core" in power_source else "info"
-    text = f"Training ran {seconds / 3600:.3g} h for {steps} steps: ≈ {kwh:.3g} kWh and ≈ {co2:.3g} kg CO2e under the stated assumptions"
+    text = (
+        f"Training ran {seconds / 3600:.3g} h for {steps} steps: ≈ {kwh:.3g} kWh and ≈ {co2:.3g} kg CO2e under the "
+        "stated assumptions"
+    )
     if level == "warn":
         text += " — assuming CPU training at a per-core wattage, a rough bound; give power_watts for a real figure"
     section.findings.append(Finding(level, text + "."))
     return (
-        "Training energy (Lacoste et al., 2019; Strubell et al., 2019; Patterson et al., 2021): hours from the run log's elapsed_s × "
-        f"power ({power_source}) × PUE {PUE:g}, CO2 = kWh × {grid_intensity:g} kg CO2e/kWh. The training device is not logged: it is "
-        "assumed to be the kind this critique runs on. Board TDP is an upper bound on the draw, and the host, memory and network are left out."
+        "Training energy (Lacoste et al., 2019; Strubell et al., 2019; Patterson et al., 2021): hours from the run "
+        f"log's elapsed_s × power ({power_source}) × PUE {PUE:g}, CO2 = kWh × {grid_intensity:g} kg CO2e/kWh. The "
+        "training device is not logged: it is assumed to be the kind this critique runs on. Board TDP is an upper "
+        "bound on the draw, and the host, memory and network are left out."
     )

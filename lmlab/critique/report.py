@@ -93,15 +93,20 @@ def _section_html(section: Section) -> str:
         parts.append(f'<div class="finding {f.level}"><span class="badge">{_BADGE[f.level]}</span>{e(f.text)}</div>')
     for fig in section.figures:
         parts.append(
-            f'<figure><img src="{fig.data_uri()}" alt="{e(fig.title)}"><figcaption><b>{e(fig.title)}.</b> {e(fig.caption)}</figcaption></figure>'
+            f'<figure><img src="{fig.data_uri()}" alt="{e(fig.title)}">'
+            f"<figcaption><b>{e(fig.title)}.</b> {e(fig.caption)}</figcaption></figure>"
         )
     for table in section.tables:
         head = "".join(f"<th>{e(str(c))}</th>" for c in table.columns)
         body = "".join(
-            "<tr>" + "".join(
-                f'<td class="num">{e(format_value(c))}</td>' if isinstance(c, (int, float)) and not isinstance(c, bool) else f"<td>{e(str(c))}</td>"
+            "<tr>"
+            + "".join(
+                f'<td class="num">{e(format_value(c))}</td>'
+                if isinstance(c, (int, float)) and not isinstance(c, bool)
+                else f"<td>{e(str(c))}</td>"
                 for c in row
-            ) + "</tr>"
+            )
+            + "</tr>"
             for row in table.rows
         )
         caption = f'<p class="caption">{e(table.caption)}</p>' if table.caption else ""
@@ -109,10 +114,14 @@ def _section_html(section: Section) -> str:
     rows = _flatten(section.metrics)
     if rows:
         body = "".join(
-            f'<tr><td>{e(name)}</td><td class="num">{e(format_value(value))}</td><td>{e(_explanation(section.explain, name))}</td></tr>'
+            f'<tr><td>{e(name)}</td><td class="num">{e(format_value(value))}</td>'
+            f"<td>{e(_explanation(section.explain, name))}</td></tr>"
             for name, value in rows
         )
-        parts.append(f'<h3>Every number</h3><table class="metric"><tr><th>metric</th><th>value</th><th>what it means</th></tr>{body}</table>')
+        parts.append(
+            '<h3>Every number</h3><table class="metric">'
+            f"<tr><th>metric</th><th>value</th><th>what it means</th></tr>{body}</table>"
+        )
     parts.append(f'<p class="caption">This lens took {section.seconds:.1f} s.</p></section>')
     return "".join(parts)
 
@@ -123,19 +132,28 @@ def render_html(report: dict[str, Any], sections: list[Section]) -> str:
     model = report["model"]
     worrying = [(s, f) for s in sections for f in s.findings if f.level in ("bad", "warn")]
     ran = [s for s in sections if s.skipped is None]
-    summary = "".join(
-        f'<div class="finding {f.level}"><span class="badge">{_BADGE[f.level]}</span><a href="#{e(s.lens)}">{e(s.title)}</a>: {e(f.text)}</div>'
-        for s, f in worrying
-    ) or '<div class="finding good"><span class="badge">good</span>No lens found anything worrying at its stated thresholds.</div>'
+    summary = (
+        "".join(
+            f'<div class="finding {f.level}"><span class="badge">{_BADGE[f.level]}</span>'
+            f'<a href="#{e(s.lens)}">{e(s.title)}</a>: {e(f.text)}</div>'
+            for s, f in worrying
+        )
+        or '<div class="finding good"><span class="badge">good</span>'
+        "No lens found anything worrying at its stated thresholds.</div>"
+    )
     nav = "".join(f'<a href="#{e(s.lens)}">{e(s.title)}</a>' for s in sections)
     skipped = [s for s in sections if s.skipped is not None]
     header = (
         f"<h1>Critique of {e(model['name'])}" + (f" ({e(model['task'])})" if model.get("task") else "") + "</h1>"
-        f'<p class="sub">{e(model["arch"])} · {model["parameters"]:,} parameters · checkpoint <code>{e(report["checkpoint"])}</code>'
-        f' · {e(report["created"])} · lmlab {e(report["lmlab_version"])}</p>'
+        f'<p class="sub">{e(model["arch"])} · {model["parameters"]:,} parameters · '
+        f"checkpoint <code>{e(report['checkpoint'])}</code>"
+        f" · {e(report['created'])} · lmlab {e(report['lmlab_version'])}</p>"
         f"<p>{len(ran)} of {len(sections)} lenses ran"
         + (f" ({len(skipped)} skipped for want of data: see each)" if skipped else "")
-        + f"; {sum(f.level == 'bad' for _, f in worrying)} worrying and {sum(f.level == 'warn' for _, f in worrying)} worth-a-look findings.</p>"
+        + (
+            f"; {sum(f.level == 'bad' for _, f in worrying)} worrying and "
+            f"{sum(f.level == 'warn' for _, f in worrying)} worth-a-look findings.</p>"
+        )
     )
     body = "".join(_section_html(s) for s in sections)
     return (

@@ -38,7 +38,10 @@ FORMAT = "lmlab-canaries"
 VERSION = 1
 ALPHABET = "0123456789"
 DEFAULTS: dict[str, Any] = {"repeats": 50, "seed": 0, "template": "the secret code is {}", "digits": 6}
-PLACEMENT = "each planted canary is a separate document, inserted `repeats` times at seeded random positions among the training documents"
+PLACEMENT = (
+    "each planted canary is a separate document, inserted `repeats` times at seeded random positions among the "
+    "training documents"
+)
 
 
 def _positive_int(value: Any, name: str) -> int:
@@ -64,7 +67,9 @@ def canary_options(options: dict[str, Any], *, seed: int = DEFAULTS["seed"]) -> 
         raise LmlabError(f"canaries seed={merged['seed']!r}: expected an integer")
     template = merged["template"]
     if not isinstance(template, str) or template.count("{}") != 1:
-        raise LmlabError(f"canaries template={template!r}: expected a string with exactly one {{}} where the secret goes")
+        raise LmlabError(
+            f"canaries template={template!r}: expected a string with exactly one {{}} where the secret goes"
+        )
     if 2 * merged["n"] > len(ALPHABET) ** merged["digits"]:
         raise LmlabError(
             f"canaries: {merged['n']} planted + {merged['n']} reference secrets do not fit in the "
@@ -134,26 +139,37 @@ def load_canaries(path: str | Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as err:
         raise LmlabError(f"{path}: cannot read canaries file ({err})") from None
     except json.JSONDecodeError as err:
-        raise LmlabError(f"{path}:{err.lineno}: invalid JSON ({err.msg}); expected a canaries record from `lmlab prepare --canaries`") from None
+        raise LmlabError(
+            f"{path}:{err.lineno}: invalid JSON ({err.msg}); expected a canaries record from `lmlab prepare --canaries`"
+        ) from None
     if not isinstance(record, dict) or record.get("format") != FORMAT:
-        raise LmlabError(f"{path}: not a canaries record; expected a JSON object with \"format\": \"{FORMAT}\"")
+        raise LmlabError(f'{path}: not a canaries record; expected a JSON object with "format": "{FORMAT}"')
     alphabet, length, template = record.get("alphabet"), record.get("length"), record.get("template")
     if not isinstance(alphabet, str) or len(set(alphabet)) != len(alphabet) or len(alphabet) < 2:
-        raise LmlabError(f"{path}: field 'alphabet' is {alphabet!r}; expected a string of at least 2 distinct characters")
+        raise LmlabError(
+            f"{path}: field 'alphabet' is {alphabet!r}; expected a string of at least 2 distinct characters"
+        )
     if isinstance(length, bool) or not isinstance(length, int) or length < 1:
         raise LmlabError(f"{path}: field 'length' is {length!r}; expected a positive integer")
     if not isinstance(template, str) or template.count("{}") != 1:
         raise LmlabError(f"{path}: field 'template' is {template!r}; expected a string with exactly one {{}}")
     if record.get("space_size") != len(alphabet) ** length:
-        raise LmlabError(f"{path}: field 'space_size' is {record.get('space_size')!r}; expected {len(alphabet) ** length} (alphabet size ** length)")
+        raise LmlabError(
+            f"{path}: field 'space_size' is {record.get('space_size')!r}; expected {len(alphabet) ** length} "
+            "(alphabet size ** length)"
+        )
     for key in ("planted", "reference"):
         items = record.get(key)
         if not isinstance(items, list) or (key == "planted" and not items):
-            raise LmlabError(f"{path}: field {key!r} is {items!r}; expected a list of {{\"secret\": ..., \"repeats\": ...}}")
+            raise LmlabError(
+                f'{path}: field {key!r} is {items!r}; expected a list of {{"secret": ..., "repeats": ...}}'
+            )
         for i, item in enumerate(items):
             secret = item.get("secret") if isinstance(item, dict) else None
             if not isinstance(secret, str) or len(secret) != length or set(secret) - set(alphabet):
-                raise LmlabError(f"{path}: {key}[{i}].secret is {secret!r}; expected {length} characters of {alphabet!r}")
+                raise LmlabError(
+                    f"{path}: {key}[{i}].secret is {secret!r}; expected {length} characters of {alphabet!r}"
+                )
             repeats = item.get("repeats")
             if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 0:
                 raise LmlabError(f"{path}: {key}[{i}].repeats is {repeats!r}; expected a count (0 or more)")

@@ -128,9 +128,7 @@ def _decode(data: bytes, path: Path, base_offset: int = 0, line: int | None = No
         return data.decode("utf-8")
     except UnicodeDecodeError as err:
         where = f"{path}:{line}" if line is not None else str(path)
-        raise LmlabError(
-            f"{where}: invalid byte at offset {base_offset + err.start}: expected UTF-8 text"
-        ) from None
+        raise LmlabError(f"{where}: invalid byte at offset {base_offset + err.start}: expected UTF-8 text") from None
 
 
 def _read_bytes(path: Path) -> bytes:
@@ -145,9 +143,7 @@ def _field_value(value: object, path: Path, where: str, field: str) -> str:
     if value is None:
         return ""
     if not isinstance(value, str):
-        raise LmlabError(
-            f"{path}:{where}: field {field!r} holds {type(value).__name__}; expected a string"
-        )
+        raise LmlabError(f"{path}:{where}: field {field!r} holds {type(value).__name__}; expected a string")
     return value
 
 
@@ -156,8 +152,7 @@ def _iter_json_record(record: object, path: Path, where: str, text_field: str) -
         return record
     if not isinstance(record, dict):
         raise LmlabError(
-            f"{path}:{where}: expected a JSON object with field {text_field!r}, "
-            f"got {type(record).__name__}"
+            f"{path}:{where}: expected a JSON object with field {text_field!r}, got {type(record).__name__}"
         )
     if text_field not in record:
         fields = ", ".join(map(repr, record)) or "none"
@@ -330,9 +325,7 @@ def _split_key(doc: str, seed: int) -> int:
     return int.from_bytes(digest, "big")
 
 
-def split_documents(
-    docs: list[str], valid_fraction: float = 0.05, seed: int = 0
-) -> tuple[list[str], list[str]]:
+def split_documents(docs: list[str], valid_fraction: float = 0.05, seed: int = 0) -> tuple[list[str], list[str]]:
     """Split documents into (train, valid), keeping their order within each split.
 
     A document goes to validation when a blake2b hash of ``(seed, its text)`` falls in the lowest
@@ -341,8 +334,10 @@ def split_documents(
     0`` each split gets at least one document (the smallest hash moves to valid, or the largest to
     train, when the hash left one empty).
     """
-    if isinstance(valid_fraction, bool) or not isinstance(valid_fraction, (int, float)) or not (
-        0.0 <= valid_fraction < 1.0
+    if (
+        isinstance(valid_fraction, bool)
+        or not isinstance(valid_fraction, (int, float))
+        or not (0.0 <= valid_fraction < 1.0)
     ):
         raise LmlabError(f"valid_fraction={valid_fraction!r}: expected a number in [0, 1)")
     if isinstance(seed, bool) or not isinstance(seed, int):
@@ -364,28 +359,174 @@ def split_documents(
 # A fixed, sorted list (not a scan of the install) keeps the corpus the same wherever the same Python
 # runs; modules that side-effect on import (antigravity, this) or need a GUI (tkinter) are left out.
 _DOC_MODULES = (
-    "abc", "argparse", "ast", "asyncio", "base64", "bdb", "binascii", "bisect", "builtins", "bz2",
-    "calendar", "cmath", "cmd", "code", "codecs", "codeop", "collections", "collections.abc",
-    "colorsys", "concurrent.futures", "configparser", "contextlib", "contextvars", "copy", "copyreg",
-    "csv", "ctypes", "dataclasses", "datetime", "decimal", "difflib", "dis", "doctest", "email",
-    "email.message", "email.policy", "email.utils", "enum", "errno", "faulthandler", "filecmp",
-    "fileinput", "fnmatch", "fractions", "ftplib", "functools", "gc", "getopt", "getpass", "gettext",
-    "glob", "graphlib", "gzip", "hashlib", "heapq", "hmac", "html", "html.parser", "http",
-    "http.client", "http.cookiejar", "http.cookies", "http.server", "imaplib", "importlib",
-    "importlib.metadata", "importlib.resources", "inspect", "io", "ipaddress", "itertools", "json",
-    "keyword", "linecache", "locale", "logging", "logging.config", "logging.handlers", "lzma",
-    "mailbox", "marshal", "math", "mimetypes", "mmap", "modulefinder", "multiprocessing", "netrc",
-    "numbers", "operator", "optparse", "os", "os.path", "pathlib", "pdb", "pickle", "pickletools",
-    "pkgutil", "platform", "plistlib", "poplib", "pprint", "profile", "pstats", "py_compile",
-    "pyclbr", "pydoc", "queue", "quopri", "random", "re", "reprlib", "runpy", "sched", "secrets",
-    "selectors", "shelve", "shlex", "shutil", "signal", "smtplib", "socket", "socketserver",
-    "sqlite3", "ssl", "stat", "statistics", "string", "struct", "subprocess", "symtable", "sys",
-    "sysconfig", "tabnanny", "tarfile", "tempfile", "textwrap", "threading", "time", "timeit",
-    "token", "tokenize", "trace", "traceback", "tracemalloc", "types", "typing", "unicodedata",
-    "unittest", "unittest.mock", "urllib.parse", "urllib.request", "urllib.robotparser", "uuid",
-    "warnings", "wave", "weakref", "webbrowser", "wsgiref", "xml.dom.minidom",
-    "xml.etree.ElementTree", "xml.sax", "xmlrpc.client", "xmlrpc.server", "zipapp", "zipfile",
-    "zipimport", "zlib", "zoneinfo",
+    "abc",
+    "argparse",
+    "ast",
+    "asyncio",
+    "base64",
+    "bdb",
+    "binascii",
+    "bisect",
+    "builtins",
+    "bz2",
+    "calendar",
+    "cmath",
+    "cmd",
+    "code",
+    "codecs",
+    "codeop",
+    "collections",
+    "collections.abc",
+    "colorsys",
+    "concurrent.futures",
+    "configparser",
+    "contextlib",
+    "contextvars",
+    "copy",
+    "copyreg",
+    "csv",
+    "ctypes",
+    "dataclasses",
+    "datetime",
+    "decimal",
+    "difflib",
+    "dis",
+    "doctest",
+    "email",
+    "email.message",
+    "email.policy",
+    "email.utils",
+    "enum",
+    "errno",
+    "faulthandler",
+    "filecmp",
+    "fileinput",
+    "fnmatch",
+    "fractions",
+    "ftplib",
+    "functools",
+    "gc",
+    "getopt",
+    "getpass",
+    "gettext",
+    "glob",
+    "graphlib",
+    "gzip",
+    "hashlib",
+    "heapq",
+    "hmac",
+    "html",
+    "html.parser",
+    "http",
+    "http.client",
+    "http.cookiejar",
+    "http.cookies",
+    "http.server",
+    "imaplib",
+    "importlib",
+    "importlib.metadata",
+    "importlib.resources",
+    "inspect",
+    "io",
+    "ipaddress",
+    "itertools",
+    "json",
+    "keyword",
+    "linecache",
+    "locale",
+    "logging",
+    "logging.config",
+    "logging.handlers",
+    "lzma",
+    "mailbox",
+    "marshal",
+    "math",
+    "mimetypes",
+    "mmap",
+    "modulefinder",
+    "multiprocessing",
+    "netrc",
+    "numbers",
+    "operator",
+    "optparse",
+    "os",
+    "os.path",
+    "pathlib",
+    "pdb",
+    "pickle",
+    "pickletools",
+    "pkgutil",
+    "platform",
+    "plistlib",
+    "poplib",
+    "pprint",
+    "profile",
+    "pstats",
+    "py_compile",
+    "pyclbr",
+    "pydoc",
+    "queue",
+    "quopri",
+    "random",
+    "re",
+    "reprlib",
+    "runpy",
+    "sched",
+    "secrets",
+    "selectors",
+    "shelve",
+    "shlex",
+    "shutil",
+    "signal",
+    "smtplib",
+    "socket",
+    "socketserver",
+    "sqlite3",
+    "ssl",
+    "stat",
+    "statistics",
+    "string",
+    "struct",
+    "subprocess",
+    "symtable",
+    "sys",
+    "sysconfig",
+    "tabnanny",
+    "tarfile",
+    "tempfile",
+    "textwrap",
+    "threading",
+    "time",
+    "timeit",
+    "token",
+    "tokenize",
+    "trace",
+    "traceback",
+    "tracemalloc",
+    "types",
+    "typing",
+    "unicodedata",
+    "unittest",
+    "unittest.mock",
+    "urllib.parse",
+    "urllib.request",
+    "urllib.robotparser",
+    "uuid",
+    "warnings",
+    "wave",
+    "weakref",
+    "webbrowser",
+    "wsgiref",
+    "xml.dom.minidom",
+    "xml.etree.ElementTree",
+    "xml.sax",
+    "xmlrpc.client",
+    "xmlrpc.server",
+    "zipapp",
+    "zipfile",
+    "zipimport",
+    "zlib",
+    "zoneinfo",
 )
 _MIN_DOC_CHARS = 200
 

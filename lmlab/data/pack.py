@@ -66,21 +66,19 @@ def load_manifest(data_dir: str | Path) -> dict[str, Any]:
     data_dir = Path(data_dir)
     path = data_dir / MANIFEST_NAME
     if not path.is_file():
-        raise LmlabError(
-            f"{data_dir} is not a prepared data folder: expected {MANIFEST_NAME} (run `lmlab prepare`)"
-        )
+        raise LmlabError(f"{data_dir} is not a prepared data folder: expected {MANIFEST_NAME} (run `lmlab prepare`)")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise LmlabError(f"{path}: cannot read manifest ({err}); re-run `lmlab prepare`") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise LmlabError(f"{path}: not an lmlab token manifest; expected \"format\": \"{FORMAT}\"")
+        raise LmlabError(f'{path}: not an lmlab token manifest; expected "format": "{FORMAT}"')
     if manifest.get("version") != VERSION:
         raise LmlabError(
             f"{path}: manifest version {manifest.get('version')!r}; expected {VERSION} (re-run `lmlab prepare`)"
         )
     if manifest.get("dtype") not in ("uint16", "uint32"):
-        raise LmlabError(f"{path}: dtype {manifest.get('dtype')!r}; expected \"uint16\" or \"uint32\"")
+        raise LmlabError(f'{path}: dtype {manifest.get("dtype")!r}; expected "uint16" or "uint32"')
     return manifest
 
 
@@ -216,9 +214,7 @@ def _pack_split(
             count=size,
         )
         if size and int(flat.max()) > limit:
-            raise LmlabError(
-                f"tokenizer produced id {int(flat.max())}, beyond its vocab_size {tokenizer.vocab_size}"
-            )
+            raise LmlabError(f"tokenizer produced id {int(flat.max())}, beyond its vocab_size {tokenizer.vocab_size}")
         writer.write(flat)
         total += size
         progress.update(count)
@@ -309,7 +305,9 @@ def prepare(
     files into another folder. Either way, only files a previous manifest lists are ever deleted.
     """
     check_seed(seed)
-    out_dir = check_output(out_dir, "data folder", is_data_folder, overwrite=overwrite, sources=_tokenizer_folder(tokenizer))
+    out_dir = check_output(
+        out_dir, "data folder", is_data_folder, overwrite=overwrite, sources=_tokenizer_folder(tokenizer)
+    )
     if isinstance(shard_tokens, bool) or not isinstance(shard_tokens, int) or shard_tokens < 1:
         raise LmlabError(f"--shard-tokens {shard_tokens!r}: expected a positive integer")
     if num_workers is not None and (
@@ -326,8 +324,7 @@ def prepare(
     if eos_id is None:
         where = "" if isinstance(tokenizer, Tokenizer) else f" {tokenizer}"
         raise LmlabError(
-            f"tokenizer{where} has no eos token; expected one (e.g. <|endoftext|> or </s>) to end "
-            "each document"
+            f"tokenizer{where} has no eos token; expected one (e.g. <|endoftext|> or </s>) to end each document"
         )
     options = {
         "valid_fraction": valid_fraction,
@@ -352,9 +349,7 @@ def prepare(
         return {**existing, "_reused": True, "_status": "up to date"}
     logger.info("%s: building (%s)", out_dir, reason)
 
-    documents = read_corpus(
-        files, text_field=text_field, column=column, normalize=normalize, dedup=dedup
-    )
+    documents = read_corpus(files, text_field=text_field, column=column, normalize=normalize, dedup=dedup)
     splits = dict(zip(SPLITS, split_documents(documents, valid_fraction=valid_fraction, seed=seed)))
     if canaries is not None:
         splits["train"], planted = plant_canaries(splits["train"], **options["canaries"])
@@ -381,9 +376,7 @@ def prepare(
             "options": options,
             "splits": {},
         }
-        with tqdm(
-            total=len(documents), unit="doc", desc="tokenizing", disable=not show_progress
-        ) as progress:
+        with tqdm(total=len(documents), unit="doc", desc="tokenizing", disable=not show_progress) as progress:
             for split, docs in splits.items():
                 writer = _ShardWriter(tmp, split, dtype, shard_tokens, build)
                 try:
@@ -406,7 +399,10 @@ def prepare(
     status = f"built ({reason})"
     logger.info(
         "%s: %s; train %d tokens, valid %d tokens",
-        out_dir, status, manifest["splits"]["train"]["tokens"], manifest["splits"]["valid"]["tokens"],
+        out_dir,
+        status,
+        manifest["splits"]["train"]["tokens"],
+        manifest["splits"]["valid"]["tokens"],
     )
     return {**manifest, "_reused": False, "_status": status}
 
@@ -440,9 +436,7 @@ class PackedTokens:
         self.manifest = load_manifest(self.data_dir)
         splits = self.manifest.get("splits", {})
         if split not in splits:
-            raise LmlabError(
-                f"{self.data_dir}: no split {split!r}; available splits: {', '.join(splits) or 'none'}"
-            )
+            raise LmlabError(f"{self.data_dir}: no split {split!r}; available splits: {', '.join(splits) or 'none'}")
         self.dtype = np.dtype(self.manifest["dtype"])
         self._shards: list[np.memmap] = []
         self._starts: list[int] = []

@@ -22,7 +22,7 @@ Special tokens come from the tokenizer's post-processor (WordPiece: ``[CLS] a [S
 token type ids 0/1). A tokenizer whose post-processor adds nothing (byte-level BPE for decoders,
 Unigram) gets the eos token after each segment instead — ``a eos`` and ``a eos b eos`` — so a
 decoder can pool its last token and a pair stays separable. Chat conversations take no
-post-processor: the chat template (:mod:`lmlab.chat`) writes every token, special ones included.
+post-processor: the chat template (:mod:`lmlab.templates`) writes every token, special ones included.
 
 Files are strict UTF-8; bad input raises :class:`LmlabError` naming ``file:line`` (or the SQuAD
 question id) and what was expected.
@@ -1027,7 +1027,7 @@ def read_chat(path: str | Path) -> ChatData:
 
 def encode_conversation(tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]], template: str | None = None) -> tuple[list[int], list[int]]:
     """Token ids of a conversation rendered by the chat ``template`` (default: the tokenizer's, see
-    :mod:`lmlab.chat`), and labels that equal them on the assistant messages — each one's text through
+    :mod:`lmlab.templates`), and labels that equal them on the assistant messages — each one's text through
     its end-of-turn marker — and are ``IGNORE_INDEX`` everywhere else.
 
     The spans are found prefix-wise, as TRL's SFT trainer finds a completion: the conversation up to an
@@ -1035,7 +1035,7 @@ def encode_conversation(tokenizer: Tokenizer, messages: Sequence[Mapping[str, st
     prefixes of the whole rendering, as text and as token ids. A template that renders earlier turns
     differently, or a tokenizer that merges text across a turn boundary, fails that check and raises
     rather than train on misplaced labels."""
-    from lmlab.chat import chat_template, end_of_turn, render
+    from lmlab.templates import chat_template, end_of_turn, render
 
     template = template if template is not None else chat_template(tokenizer)
     marker = end_of_turn(tokenizer, template)

@@ -18,7 +18,23 @@ from lmlab.generate.processors import (
 from lmlab.generate.stopping import StopStrings, cut_at_stop
 
 __all__ = [
-    "STRATEGIES", "GenerationConfig", "BeamSearch", "Hypothesis", "Step", "decode", "LogitsProcessor",
-    "LogitsProcessorList", "MinNewTokens", "MinP", "NoRepeatNGram", "PresenceFrequencyPenalty", "RepetitionPenalty",
-    "Temperature", "TopK", "TopP", "TypicalP", "StopStrings", "cut_at_stop",
+    "STRATEGIES",
+    "GenerationConfig",
+    "BeamSearch",
+    "Hypothesis",
+    "Step",
+    "decode",
+    "LogitsProcessor",
+    "LogitsProcessorList",
+    "MinNewTokens",
+    "MinP",
+    "NoRepeatNGram",
+    "PresenceFrequencyPenalty",
+    "RepetitionPenalty",
+    "Temperature",
+    "TopK",
+    "TopP",
+    "TypicalP",
+    "StopStrings",
+    "cut_at_stop",
 ]

@@ -36,7 +36,9 @@ class GenerationConfig:
     """How to decode. Penalties apply to every strategy; top-k/p, min-p and typical-p to sampling."""
 
     max_new_tokens: int = option(50, "tokens to generate per sequence")
-    max_length: int | None = option(None, "stop when prompt + generated tokens reach this many (whichever of the two limits comes first)")
+    max_length: int | None = option(
+        None, "stop when prompt + generated tokens reach this many (whichever of the two limits comes first)"
+    )
     min_new_tokens: int = option(0, "forbid the end-of-text ids before this many new tokens")
     strategy: str = option("greedy", "greedy, sample or beam")
     temperature: float = option(1.0, "sampling temperature; 0 means greedy (sample only)")
@@ -44,7 +46,9 @@ class GenerationConfig:
     top_p: float = option(1.0, "nucleus: sample from the smallest set reaching probability p; 1 = off (sample only)")
     min_p: float = option(0.0, "drop tokens less than min_p × the top token's probability; 0 = off (sample only)")
     typical_p: float = option(1.0, "locally typical sampling mass; 1 = off (sample only)")
-    repetition_penalty: float = option(1.0, "CTRL penalty on tokens already in prompt or output; > 1 discourages repeats, 1 = off")
+    repetition_penalty: float = option(
+        1.0, "CTRL penalty on tokens already in prompt or output; > 1 discourages repeats, 1 = off"
+    )
     presence_penalty: float = option(0.0, "subtract this from tokens already generated (OpenAI); in [-2, 2]")
     frequency_penalty: float = option(0.0, "subtract this × count from tokens already generated (OpenAI); in [-2, 2]")
     no_repeat_ngram_size: int = option(0, "never repeat an n-gram of this size; 0 = off")
@@ -52,11 +56,28 @@ class GenerationConfig:
     length_penalty: float = option(1.0, "beam score = log-prob / length^this; > 0 favours longer output (beam only)")
     early_stopping: bool = option(False, "beam: stop a prompt as soon as num_beams hypotheses have finished")
     num_return_sequences: int = option(1, "sequences returned per prompt: independent samples, or the best beams")
-    stop: list[str] = field(default_factory=list, metadata={"help": "stop when the output contains one of these strings; the text is cut before it"})
-    stop_token_ids: list[int] = field(default_factory=list, metadata={"help": "stop on these token ids (besides the end-of-text ids: the tokenizer's, and the eos_token_id of the folder's generation_config.json)"})
-    ignore_eos: bool = option(False, "do not stop at the end-of-text ids (the tokenizer's, and the eos_token_id of the folder's generation_config.json)")
+    stop: list[str] = field(
+        default_factory=list,
+        metadata={"help": "stop when the output contains one of these strings; the text is cut before it"},
+    )
+    stop_token_ids: list[int] = field(
+        default_factory=list,
+        metadata={
+            "help": (
+                "stop on these token ids (besides the end-of-text ids: the tokenizer's, and the eos_token_id of the "
+                "folder's generation_config.json)"
+            )
+        },
+    )
+    ignore_eos: bool = option(
+        False,
+        "do not stop at the end-of-text ids (the tokenizer's, and the eos_token_id of the folder's "
+        "generation_config.json)",
+    )
     seed: int | None = option(None, "seed for reproducible sampling; None: a fresh random seed")
-    truncate: str = option("left", "a prompt too long for the context window: left (drop its oldest tokens, with a warning) or error")
+    truncate: str = option(
+        "left", "a prompt too long for the context window: left (drop its oldest tokens, with a warning) or error"
+    )
     compile: bool = option(
         False,
         "torch.compile the one-token decode step over a static KV cache (a CUDA graph on GPU; decoder-only models): "
@@ -86,17 +107,26 @@ class GenerationConfig:
             raise LmlabError(f"--min-p is {self.min_p}: expected a number in [0, 1]")
         defaults = GenerationConfig.__dataclass_fields__
         if self.strategy != "sample":
-            changed = [name for name in (*SAMPLING_OPTIONS, "temperature") if getattr(self, name) != defaults[name].default]
+            changed = [
+                name for name in (*SAMPLING_OPTIONS, "temperature") if getattr(self, name) != defaults[name].default
+            ]
             if changed:
                 flags = ", ".join("--" + n.replace("_", "-") for n in changed)
-                raise LmlabError(f"{flags} shape(s) sampling: add --strategy sample (--strategy {self.strategy} does not sample)")
+                raise LmlabError(
+                    f"{flags} shape(s) sampling: add --strategy sample (--strategy {self.strategy} does not sample)"
+                )
         if self.strategy == "beam":
             if self.num_return_sequences > self.num_beams:
-                raise LmlabError(f"--num-return-sequences {self.num_return_sequences} > --num-beams {self.num_beams}: beam search returns at most num_beams sequences")
+                raise LmlabError(
+                    f"--num-return-sequences {self.num_return_sequences} > --num-beams {self.num_beams}: beam search "
+                    "returns at most num_beams sequences"
+                )
         elif self.num_beams != 1:
             raise LmlabError(f"--num-beams {self.num_beams} needs --strategy beam (beam sampling is not supported)")
         if self.strategy == "greedy" and self.num_return_sequences > 1:
-            raise LmlabError("--num-return-sequences > 1 with --strategy greedy would repeat one output; use sample or beam")
+            raise LmlabError(
+                "--num-return-sequences > 1 with --strategy greedy would repeat one output; use sample or beam"
+            )
         # validate the numbers the processors own (one place for each message)
         self.processors(eos_ids=[])
 

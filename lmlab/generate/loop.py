@@ -1,6 +1,6 @@
 """The decoding loops: prefill the prompts once, then one token per step through the KV cache.
 
-:func:`decode` (greedy and sampling) is a generator (STYLE habit 13): it yields a :class:`Step` —
+:func:`decode` (greedy and sampling) is a generator (docs/architecture.md, habit 13): it yields a :class:`Step` —
 the next token of every sequence — as soon as it is chosen, so ``generate``, streaming, chat and the
 server are thin wrappers around it. :class:`BeamSearch` keeps ``num_beams`` hypotheses per prompt
 and yields, step by step, the tokens every surviving hypothesis agrees on (what a stream can show).
@@ -46,10 +46,17 @@ class _Batch:
     similar lengths share one compiled graph, and each step attends over all of it under a mask."""
 
     def __init__(
-        self, model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int, use_cache: bool, compile: bool = False
+        self,
+        model: nn.Module,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int,
+        use_cache: bool,
+        compile: bool = False,
     ) -> None:
         if not prompts or any(len(p) == 0 for p in prompts):
-            raise LmlabError("generation needs at least one token of prompt per sequence (an empty prompt encodes to nothing)")
+            raise LmlabError(
+                "generation needs at least one token of prompt per sequence (an empty prompt encodes to nothing)"
+            )
         if max_new_tokens < 1:
             raise LmlabError(f"--max-new-tokens is {max_new_tokens}: expected a positive integer")
         block_size = model.config.block_size
@@ -59,12 +66,15 @@ class _Batch:
         self.total = total = P + max_new_tokens
         if total > block_size:
             raise LmlabError(
-                f"prompt ({P} tokens) + max_new_tokens ({max_new_tokens}) = {total} exceeds the model's block_size {block_size}"
+                f"prompt ({P} tokens) + max_new_tokens ({max_new_tokens}) = {total} exceeds the model's block_size "
+                f"{block_size}"
             )
         self.step_fn = None
         if compile:
             if not use_cache or not hasattr(model, "lm_logits"):
-                raise LmlabError("--compile needs a decoder-only model decoding with its KV cache (encoder–decoders decode eagerly)")
+                raise LmlabError(
+                    "--compile needs a decoder-only model decoding with its KV cache (encoder–decoders decode eagerly)"
+                )
             self.step_fn = compiled_step(device)
             total = min(block_size, 1 << (total - 1).bit_length())  # the cache length: one graph per bucket
         self.tokens = torch.full((B, total), -1, dtype=torch.long, device=device)
@@ -76,7 +86,9 @@ class _Batch:
         self.positions = (self.real.long().cumsum(-1) - 1).clamp(min=0)  # (B, total): each row counts from 0
         self.slots = torch.arange(total, device=device)  # cache slots, sliced each step (no new tensor per step)
         self.cache = None
-        if use_cache:  # only a decoder-only model (checked above) takes static=: an encoder–decoder's cache never compiles
+        if (
+            use_cache
+        ):  # only a decoder-only model (checked above) takes static=: an encoder–decoder's cache never compiles
             self.cache = model.new_kv_cache(B, total, static=True) if compile else model.new_kv_cache(B, total)
         self.length = P  # tokens in the buffer so far
 
@@ -93,9 +105,13 @@ class _Batch:
             return self._full_forward()
         P = self.P
         return self.model(
-            self.tokens[:, :P].clamp(min=0), kv_cache=self.cache, input_pos=self.slots[:P],
+            self.tokens[:, :P].clamp(min=0),
+            kv_cache=self.cache,
+            input_pos=self.slots[:P],
             position_ids=self.positions[:, :P] if self.padded else None,  # unpadded: positions are the slots
-            key_padding_mask=self.real if self.padded else None, cache_len=P, logits_to_keep=1,
+            key_padding_mask=self.real if self.padded else None,
+            cache_len=P,
+            logits_to_keep=1,
         )[:, -1]
 
     def append(self, next_tokens: Tensor) -> Tensor:
@@ -107,21 +123,30 @@ class _Batch:
             return self._full_forward()
         if self.step_fn is not None:
             return self.step_fn(
-                self.model, next_tokens.view(self.B, 1), self.slots[pos : pos + 1],
-                self.positions[:, pos : pos + 1] if self.padded else None, self.real if self.padded else None, self.cache,
+                self.model,
+                next_tokens.view(self.B, 1),
+                self.slots[pos : pos + 1],
+                self.positions[:, pos : pos + 1] if self.padded else None,
+                self.real if self.padded else None,
+                self.cache,
             )
         return self.model(
-            next_tokens[:, None], kv_cache=self.cache, input_pos=self.slots[pos : pos + 1],
+            next_tokens[:, None],
+            kv_cache=self.cache,
+            input_pos=self.slots[pos : pos + 1],
             position_ids=self.positions[:, pos : pos + 1] if self.padded else None,
-            key_padding_mask=self.real if self.padded else None, cache_len=pos + 1,
+            key_padding_mask=self.real if self.padded else None,
+            cache_len=pos + 1,
         )[:, -1]
 
     def _full_forward(self) -> Tensor:
         """No cache: run the whole sequence again (the reference the cached path is tested against)."""
         n = self.length
         return self.model(
-            self.tokens[:, :n].clamp(min=0), position_ids=self.positions[:, :n],
-            key_padding_mask=self.real[:, :n] if self.padded else None, logits_to_keep=1,
+            self.tokens[:, :n].clamp(min=0),
+            position_ids=self.positions[:, :n],
+            key_padding_mask=self.real[:, :n] if self.padded else None,
+            logits_to_keep=1,
         )[:, -1]
 
     def generated(self, row: int) -> list[int]:
@@ -131,14 +156,23 @@ class _Batch:
 # -- the compiled decode step ----------------------------------------------------------------------
 
 
-def _step_forward(model: nn.Module, idx: Tensor, input_pos: Tensor, position_ids, key_padding_mask, kv_cache, head: bool) -> Tensor:
+def _step_forward(
+    model: nn.Module, idx: Tensor, input_pos: Tensor, position_ids, key_padding_mask, kv_cache, head: bool
+) -> Tensor:
     """Next-token logits (B, V) after one token per row, attending over the whole static cache under a
     mask (no ``cache_len``): every shape is fixed, so this traces into one graph per batch and cache size.
     ``head=False`` (CPU) returns the last hidden states (B, n_embd) instead: the caller applies the LM
-    head eagerly, where it can take oneDNN's pre-packed kernel (see ``lmlab.model.decoder.cpu_decode_head``),
+    head eagerly, where it can take oneDNN's pre-packed kernel (see ``lmlab.kernels.cpu_decode_head``),
     which Inductor cannot trace. On GPU the head stays in the graph and reads its parameter, which a
     CUDA graph treats as static."""
-    h = model(idx, kv_cache=kv_cache, input_pos=input_pos, position_ids=position_ids, key_padding_mask=key_padding_mask, hidden_only=True)
+    h = model(
+        idx,
+        kv_cache=kv_cache,
+        input_pos=input_pos,
+        position_ids=position_ids,
+        key_padding_mask=key_padding_mask,
+        hidden_only=True,
+    )
     return model.lm_head(h[:, -1]) if head else h[:, -1]
 
 
@@ -156,7 +190,9 @@ def compiled_step(device: torch.device) -> Callable:
     and returns logits (B, V); a compile failure becomes a one-line :class:`LmlabError`."""
     kind = device.type
     if kind not in _COMPILED:
-        compiled = torch.compile(_step_forward, fullgraph=True, dynamic=False, mode="reduce-overhead" if kind == "cuda" else None)
+        compiled = torch.compile(
+            _step_forward, fullgraph=True, dynamic=False, mode="reduce-overhead" if kind == "cuda" else None
+        )
 
         def step(model, idx, input_pos, position_ids, key_padding_mask, kv_cache):
             if kind == "cuda":
@@ -165,7 +201,10 @@ def compiled_step(device: torch.device) -> Callable:
                 out = compiled(model, idx, input_pos, position_ids, key_padding_mask, kv_cache, kind != "cpu")
             except Exception as e:  # noqa: BLE001 - a missing C++ compiler, an unsupported op, …
                 reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise LmlabError(f"--compile: torch.compile could not compile the decode step ({reason[:300]}); decode without --compile") from e
+                raise LmlabError(
+                    f"--compile: torch.compile could not compile the decode step ({reason[:300]}); decode without "
+                    "--compile"
+                ) from e
             if kind == "cpu":
                 return model.lm_logits(out)
             return out.clone() if kind == "cuda" else out  # a CUDA graph's output is overwritten by its next replay
@@ -259,7 +298,11 @@ def decode(
             batch.length += 1
         if stop_rules:
             for row in range(B):
-                if bool(active[row]) and not bool(finished[row]) and any(rule(batch.generated(row)) for rule in stop_rules):
+                if (
+                    bool(active[row])
+                    and not bool(finished[row])
+                    and any(rule(batch.generated(row)) for rule in stop_rules)
+                ):
                     finished[row] = True
         if can_finish:
             out.finished = finished.clone()
@@ -317,12 +360,20 @@ class BeamSearch:
         if num_beams < 1:
             raise LmlabError(f"--num-beams is {num_beams}: expected a positive integer")
         if not 1 <= num_return_sequences <= num_beams:
-            raise LmlabError(f"--num-return-sequences is {num_return_sequences}: beam search returns 1 to --num-beams ({num_beams}) sequences")
+            raise LmlabError(
+                f"--num-return-sequences is {num_return_sequences}: beam search returns 1 to --num-beams "
+                f"({num_beams}) sequences"
+            )
         self.model, self.prompts, self.K, self.max_new_tokens = model, prompts, num_beams, max_new_tokens
         self.processors = LogitsProcessorList(processors)
         self.stop_ids, self.stop_rules = set(stop_ids), list(stop_rules)
         self.length_penalty, self.early_stopping = length_penalty, early_stopping
-        self.num_return_sequences, self.pad_id, self.use_cache, self.compile = num_return_sequences, pad_id, use_cache, compile
+        self.num_return_sequences, self.pad_id, self.use_cache, self.compile = (
+            num_return_sequences,
+            pad_id,
+            use_cache,
+            compile,
+        )
         self.results: list[list[Hypothesis]] = []
 
     def _score(self, sum_logprob: float, length: int) -> float:
@@ -433,5 +484,7 @@ class BeamSearch:
                 for k in range(self.K):
                     if scores[b][k] > float("-inf"):
                         tokens = batch.generated(b * self.K + k)
-                        self._add(kept[b], Hypothesis(self._score(scores[b][k], len(tokens)), scores[b][k], tokens, "length"))
+                        self._add(
+                            kept[b], Hypothesis(self._score(scores[b][k], len(tokens)), scores[b][k], tokens, "length")
+                        )
             self.results.append(sorted(kept[b], reverse=True)[: self.num_return_sequences])

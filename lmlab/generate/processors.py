@@ -1,4 +1,4 @@
-"""Decoding rules as small composable callables ``(input_ids, scores) -> scores`` (STYLE habit 5).
+"""Decoding rules as small composable callables ``(input_ids, scores) -> scores`` (docs/architecture.md, habit 5).
 
 ``input_ids`` is (B, L): every token so far, the prompt then what was generated, with ``-1`` where
 a row has no token (the left padding of a shorter prompt in a batch). ``scores`` is (B, vocab_size):
@@ -61,7 +61,9 @@ class RepetitionPenalty:
 
     def __init__(self, penalty: float) -> None:
         if not penalty > 0:
-            raise LmlabError(f"--repetition-penalty is {penalty}: expected a positive number (1.0 = off, > 1 discourages repeats)")
+            raise LmlabError(
+                f"--repetition-penalty is {penalty}: expected a positive number (1.0 = off, > 1 discourages repeats)"
+            )
         self.penalty = penalty
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:

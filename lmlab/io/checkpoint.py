@@ -8,7 +8,7 @@ A checkpoint folder holds
 - ``tokenizer.json`` + ``tokenizer_config.json`` — the tokenizer, so the folder stands alone;
 - ``train_state.pt`` — for resuming only: optimizer state, RNG states, step, best validation loss.
 
-A LoRA checkpoint (``config.lora`` set, see :mod:`lmlab.train.lora`) is self-contained too: it holds
+A LoRA checkpoint (``config.lora`` set, see :mod:`lmlab.model.lora`) is self-contained too: it holds
 the base weights and the adapters, under peft's names (``blocks.0.attn.qkv.base_layer.weight``,
 ``blocks.0.attn.qkv.lora_A.default.weight``, …). :func:`load_model` injects the same adapters before
 loading it strictly; ``load_model(..., merge_lora=True)`` folds them in, giving a plain model.
@@ -38,11 +38,12 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from lmlab.config import ModelConfig, write_json_atomic
+from lmlab.config import LoraSpec, ModelConfig, write_json_atomic
 from lmlab.errors import LmlabError
 from lmlab.io import hf, outputs
 from lmlab.tokenizer import Tokenizer
 from lmlab.io.weights import read_safetensors, torch_load
+from lmlab.model import lora
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -279,9 +280,7 @@ def load_model(
     with torch.device("meta"):
         model = build_model(config)
         if config.lora:
-            from lmlab.train import lora  # here, not at the top: lora imports this module
-
-            lora.apply_lora(model, lora.LoraSpec.from_dict(config.lora))
+            lora.apply_lora(model, LoraSpec.from_dict(config.lora))
     model.to_empty(device=device)
     model.tie_weights()  # to_empty gives every parameter its own storage; a tied head must share again
     if not from_hf:

@@ -40,7 +40,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from lmlab.config import ModelConfig, write_json_atomic
+from lmlab.config import LoraSpec, ModelConfig, write_json_atomic
 from lmlab.errors import LmlabError
 from lmlab.io import hf, outputs
 from lmlab.io.checkpoint import load_config, load_model, load_tokenizer, resolve_checkpoint
@@ -132,8 +132,6 @@ def _write_model(folder: Path, state: dict[str, Tensor], config: ModelConfig, to
 
 def _write_adapter(folder: Path, adapted: nn.Module, base: Path) -> None:
     """PEFT's adapter files for the LoRA model ``adapted``: adapter_model.safetensors and adapter_config.json."""
-    from lmlab.train.lora import LoraSpec
-
     peft = _peft()
     spec = LoraSpec.from_dict(adapted.config.lora)
     plain = dataclasses.replace(adapted.config, lora={})

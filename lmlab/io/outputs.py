@@ -96,7 +96,12 @@ def clean_stale(folder: str | Path, name: str | None = None) -> list[str]:
             entry.unlink(missing_ok=True)
         removed.append(entry.name)
     if removed:
-        logger.warning("%s: removed %d temporary file(s) left by an interrupted lmlab run (%s)", folder, len(removed), ", ".join(sorted(removed)[:3]))
+        logger.warning(
+            "%s: removed %d temporary file(s) left by an interrupted lmlab run (%s)",
+            folder,
+            len(removed),
+            ", ".join(sorted(removed)[:3]),
+        )
     return removed
 
 
@@ -194,7 +199,9 @@ def check_writable(path: str | Path, flag: str = "--out") -> None:
         os.close(fd)
         os.unlink(name)
     except OSError as err:
-        raise LmlabError(f"{flag} {path}: cannot write in {probe_dir} ({err.strerror or err}); choose a writable folder") from None
+        raise LmlabError(
+            f"{flag} {path}: cannot write in {probe_dir} ({err.strerror or err}); choose a writable folder"
+        ) from None
 
 
 def check_output(
@@ -214,8 +221,10 @@ def check_output(
     if path.exists() and not path.is_dir():
         raise LmlabError(f"{flag} {path} exists and is not a folder: choose a new or empty folder")
     if path.is_dir() and not is_empty(path) and not owned(path) and not overwrite:
-        raise LmlabError(f"{flag} {path} exists and is not an lmlab {kind}: choose an empty or new {flag}, or pass --overwrite "
-                         "(lmlab then writes its own files there and deletes nothing else)")
+        raise LmlabError(
+            f"{flag} {path} exists and is not an lmlab {kind}: choose an empty or new {flag}, or pass --overwrite "
+            "(lmlab then writes its own files there and deletes nothing else)"
+        )
     check_writable(path, flag)
     clean_stale(path)
     return path

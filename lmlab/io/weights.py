@@ -32,12 +32,17 @@ _BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the d
 
 def short_reason(err: BaseException) -> str:
     """The first informative sentence of an error message (torch's are paragraphs of advice), on one line."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip() and not line.strip().startswith(_BOILERPLATE)]
+    lines = [
+        line.strip() for line in str(err).splitlines() if line.strip() and not line.strip().startswith(_BOILERPLATE)
+    ]
     return " ".join(lines).split(". ")[0].rstrip(".")[:200] or type(err).__name__
 
 
 def _damaged_safetensors(file: Path, err: BaseException) -> LmlabError:
-    return LmlabError(f"{file}: damaged or not a safetensors file ({short_reason(err)}); expected the complete file safetensors wrote — copy or save it again")
+    return LmlabError(
+        f"{file}: damaged or not a safetensors file ({short_reason(err)}); expected the complete file safetensors "
+        "wrote — copy or save it again"
+    )
 
 
 def read_safetensors(file: str | Path, device: str | torch.device = "cpu") -> dict[str, Tensor]:
@@ -65,9 +70,11 @@ def torch_load(file: str | Path) -> Any:
             return torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise LmlabError(
-            f"{file}: refused to load: torch.load(weights_only=True) accepts only tensors and plain containers, and this file is "
-            f"damaged or holds more ({short_reason(err)}); lmlab never runs code from a pickle"
+            f"{file}: refused to load: torch.load(weights_only=True) accepts only tensors and plain containers, and "
+            f"this file is damaged or holds more ({short_reason(err)}); lmlab never runs code from a pickle"
         ) from None
     except TORCH_LOAD_ERRORS as err:
         reason = "it ends early" if isinstance(err, EOFError) else short_reason(err)
-        raise LmlabError(f"{file}: damaged or not a PyTorch file ({reason}); expected the complete file torch.save wrote") from None
+        raise LmlabError(
+            f"{file}: damaged or not a PyTorch file ({reason}); expected the complete file torch.save wrote"
+        ) from None

@@ -61,7 +61,12 @@ def rope_inv_freq(config: ModelConfig, device: torch.device | str | None = None)
     if kind == "linear":  # positions / factor, folded into the frequencies
         return inv_freq / s["factor"]
     if kind == "llama3":  # LLaMA 3.1: long wavelengths slowed by `factor`, short ones kept, a smooth ramp between
-        factor, low, high, old_len = s["factor"], s["low_freq_factor"], s["high_freq_factor"], s["original_max_position_embeddings"]
+        factor, low, high, old_len = (
+            s["factor"],
+            s["low_freq_factor"],
+            s["high_freq_factor"],
+            s["original_max_position_embeddings"],
+        )
         low_freq_wavelen, high_freq_wavelen = old_len / low, old_len / high
         wavelen = 2 * math.pi / inv_freq
         scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
@@ -228,7 +233,11 @@ class CrossAttention(nn.Module):
         k, v = memory_kv  # (B, n_kv_heads, S, head_dim)
         # softmax(QKᵀ / √d_k) V with K, V from the source: no causal mask, every target position sees the whole source
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=memory_mask, dropout_p=self.dropout if self.training else 0.0,
+            q,
+            k,
+            v,
+            attn_mask=memory_mask,
+            dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.n_kv_heads != self.n_head,
         )  # (B, n_head, T, head_dim)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
@@ -276,7 +285,16 @@ class Block(nn.Module):
         self.drop = nn.Dropout(config.dropout)
 
     def forward(
-        self, x: Tensor, rope, mask, is_causal, kv_cache=None, input_pos=None, cache_len=None, memory_kv=None, memory_mask=None
+        self,
+        x: Tensor,
+        rope,
+        mask,
+        is_causal,
+        kv_cache=None,
+        input_pos=None,
+        cache_len=None,
+        memory_kv=None,
+        memory_mask=None,
     ) -> Tensor:
         # a cross block also takes memory_kv: its cross_attn.memory_kv(encoder output), and memory_mask (B, 1, 1, S)
         drop = self.drop if self.training and self.drop.p > 0 else _identity  # no module call where dropout is a no-op

@@ -8,63 +8,13 @@ position t see only positions ≤ t, so one forward pass scores every next token
 
 from __future__ import annotations
 
-import platform
-
 import torch
 from torch import Tensor, nn
-from torch.utils.weak import WeakIdKeyDictionary
 
 from lmlab.config import ModelConfig
+from lmlab.kernels import cpu_decode_head
 from lmlab.model.blocks import Block, KVCache, init_weights, make_norm, rope_cache, rope_dtype, run_block
 from lmlab.model.heads import TaskHead, task_logits
-
-# the LM head's weight → {layout: ((storage, version, dtype), derived copy)}; see cpu_decode_head
-_HEAD_COPIES: WeakIdKeyDictionary = WeakIdKeyDictionary()
-# whether oneDNN's packed linear is used: measured faster on x86-64 only; None until first tried
-_ONEDNN: bool | None = None if platform.machine().lower() in ("x86_64", "amd64") else False
-
-
-def _head_copy(weight: Tensor, layout: str, make) -> Tensor:
-    """A copy of ``weight`` in another layout, cached until the weight's storage, version or dtype
-    change (training a step or loading new weights never leaves a stale copy behind). The cache is
-    keyed weakly on the parameter, outside the module, so copying or pickling a model carries none."""
-    key = (weight.data_ptr(), weight._version, weight.dtype)
-    copies = _HEAD_COPIES.setdefault(weight, {})
-    if layout not in copies or copies[layout][0] != key:
-        copies[layout] = (key, make(weight.detach()))
-    return copies[layout][1]
-
-
-def _onednn_pack(weight: Tensor) -> Tensor:
-    """The weight in oneDNN's blocked layout for its linear, packed for a batch of ~8 rows (packing for
-    1, 8 or 64 rows measured the same from 2 rows up)."""
-    return torch.ops.mkldnn._reorder_linear_weight(weight, 8)
-
-
-def cpu_decode_head(weight: Tensor, x: Tensor) -> Tensor:
-    """``x @ weight.T`` for a few rows on CPU (decoding), through whichever kernel is fastest for them.
-
-    One row: a matrix-vector product against a cached contiguous (n_embd, vocab) copy, ~2× faster
-    than PyTorch's ``F.linear`` with the (vocab, n_embd) weight. Two rows or more (batched decoding,
-    beams), fp32 on x86-64: oneDNN's linear on a copy of the weight pre-packed into its blocked
-    layout, 1.7–2× faster than MKL's GEMM at 8 rows on one core and ~3× on two (MKL repacks the
-    whole weight at every call and does not thread these shapes; figures in docs/benchmarks.md).
-    Both give the same products up to float rounding. A weight made under ``torch.inference_mode``
-    has no version counter to tell a stale copy by, so it takes the plain product."""
-    global _ONEDNN
-    if weight.is_inference():
-        return torch.nn.functional.linear(x, weight)
-    if x.shape[:-1].numel() > 1 and weight.dtype == torch.float32 and _ONEDNN is not False:
-        try:
-            packed = _head_copy(weight, "onednn", _onednn_pack)
-            out = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
-            _ONEDNN = True
-            return out
-        except (RuntimeError, AttributeError, NotImplementedError):  # a build without oneDNN's linear
-            if _ONEDNN:
-                raise
-            _ONEDNN = False
-    return x @ _head_copy(weight, "t", lambda w: w.t().contiguous())
 
 
 class DecoderLM(nn.Module):
@@ -119,7 +69,10 @@ class DecoderLM(nn.Module):
             if kv_cache is not None:
                 raise ValueError("segment_ids (packed training rows) cannot be combined with a KV cache")
             causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
-            mask, is_causal = causal & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :]), False  # (B, 1, T, T)
+            mask, is_causal = (
+                causal & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :]),
+                False,
+            )  # (B, 1, T, T)
 
         x = self.tok_emb(idx)  # (B, T, n_embd)
         if self.pos_emb is not None:
@@ -145,18 +98,26 @@ class DecoderLM(nn.Module):
         (inference mode, at most 64 rows) takes the fastest kernel for the row count (see
         :func:`cpu_decode_head`): this matmul is half of a small model's decode step."""
         if torch.compiler.is_compiling() or not (
-            torch.is_inference_mode_enabled() and x.device.type == "cpu" and x.shape[:-1].numel() <= 64 and type(self.lm_head) is nn.Linear
+            torch.is_inference_mode_enabled()
+            and x.device.type == "cpu"
+            and x.shape[:-1].numel() <= 64
+            and type(self.lm_head) is nn.Linear
         ):
             return self.lm_head(x)
         return cpu_decode_head(self.lm_head.weight, x)
 
-    def encode(self, input_ids: Tensor, token_type_ids: Tensor | None = None, attention_mask: Tensor | None = None) -> Tensor:
+    def encode(
+        self, input_ids: Tensor, token_type_ids: Tensor | None = None, attention_mask: Tensor | None = None
+    ) -> Tensor:
         """Final hidden states (B, T, n_embd) of right-padded inputs (causal attention never looks at
         the padding after a token, so ``attention_mask`` only matters to the heads that pool)."""
         return self(input_ids, hidden_only=True)
 
-    def task_logits(self, input_ids: Tensor, token_type_ids: Tensor | None = None, attention_mask: Tensor | None = None) -> Tensor:
-        """The fine-tuned task head's logits (see :mod:`lmlab.model.heads`); classification reads the last real token."""
+    def task_logits(
+        self, input_ids: Tensor, token_type_ids: Tensor | None = None, attention_mask: Tensor | None = None
+    ) -> Tensor:
+        """The fine-tuned task head's logits (see :mod:`lmlab.model.heads`); classification reads the last real
+        token."""
         return task_logits(self, input_ids, token_type_ids, attention_mask)
 
     @staticmethod
@@ -202,6 +163,8 @@ class DecoderLM(nn.Module):
             n -= self.pos_emb.weight.numel() if self.pos_emb is not None else 0
         return n
 
-    def new_kv_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None, static: bool = False) -> KVCache:
+    def new_kv_cache(
+        self, batch_size: int, max_len: int, dtype: torch.dtype | None = None, static: bool = False
+    ) -> KVCache:
         ref = self.tok_emb.weight
         return KVCache(self.config, batch_size, max_len, dtype=dtype or ref.dtype, device=ref.device, static=static)

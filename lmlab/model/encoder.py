@@ -51,7 +51,9 @@ class EncoderLM(nn.Module):
         if self.config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
 
-    def encode(self, input_ids: Tensor, token_type_ids: Tensor | None = None, attention_mask: Tensor | None = None) -> Tensor:
+    def encode(
+        self, input_ids: Tensor, token_type_ids: Tensor | None = None, attention_mask: Tensor | None = None
+    ) -> Tensor:
         """Hidden states (B, T, n_embd). ``attention_mask`` (B, T) is 1 on real tokens, 0 on padding."""
         B, T = input_ids.shape
         x = self.tok_emb(input_ids)
@@ -87,11 +89,15 @@ class EncoderLM(nn.Module):
             raise RuntimeError("this encoder has no NSP head (config.nsp_head is False)")
         return self.nsp_head(self.pool(hidden))
 
-    def task_logits(self, input_ids: Tensor, token_type_ids: Tensor | None = None, attention_mask: Tensor | None = None) -> Tensor:
+    def task_logits(
+        self, input_ids: Tensor, token_type_ids: Tensor | None = None, attention_mask: Tensor | None = None
+    ) -> Tensor:
         """The fine-tuned task head's logits (see :mod:`lmlab.model.heads`)."""
         return task_logits(self, input_ids, token_type_ids, attention_mask)
 
-    def forward(self, input_ids: Tensor, token_type_ids: Tensor | None = None, attention_mask: Tensor | None = None) -> Tensor:
+    def forward(
+        self, input_ids: Tensor, token_type_ids: Tensor | None = None, attention_mask: Tensor | None = None
+    ) -> Tensor:
         """MLM logits (B, T, vocab_size) at every position."""
         return self.mlm_logits(self.encode(input_ids, token_type_ids, attention_mask))
 

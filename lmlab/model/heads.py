@@ -22,7 +22,9 @@ class TaskHead(nn.Module):
         super().__init__()
         self.drop = nn.Dropout(config.dropout)
         # a decoder's sequence classifier has no bias, as HF's GPT-2/LLaMA ``score`` layer (so it exports exactly)
-        self.out = nn.Linear(config.n_embd, config.num_labels, bias=not (config.arch == "decoder" and config.task == "classify"))
+        self.out = nn.Linear(
+            config.n_embd, config.num_labels, bias=not (config.arch == "decoder" and config.task == "classify")
+        )
 
     def forward(self, features: Tensor) -> Tensor:
         return self.out(self.drop(features))
@@ -36,7 +38,9 @@ def last_token(hidden: Tensor, attention_mask: Tensor | None) -> Tensor:
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
 
-def task_logits(model: nn.Module, input_ids: Tensor, token_type_ids: Tensor | None = None, attention_mask: Tensor | None = None) -> Tensor:
+def task_logits(
+    model: nn.Module, input_ids: Tensor, token_type_ids: Tensor | None = None, attention_mask: Tensor | None = None
+) -> Tensor:
     """The task head's logits: (B, num_labels) for classify, (B, T, num_labels) for tag, (B, T, 2) for qa."""
     config = model.config
     if model.task_head is None:

@@ -2,16 +2,19 @@
 
     source ids ──► token emb (+ pos) ──► N × Block (bidirectional) ──► norm ──► memory
                                                                                   │
-                                                                                  └────┐ K, V of every decoder block: once per source
-                                                                                       ▼
-    target ids ──► token emb (+ pos) ──► M × Block(cross=True): causal self-attn ─ cross-attn ─ MLP ──► norm ──► LM head ──► logits
+                                                                                  └────┐ K, V of every decoder block:
+                                                                                       ▼ once per source
+    target ids ──► token emb (+ pos) ──► M × Block(cross=True): causal self-attn ─ cross-attn ─ MLP ──► norm
+                                                                                                         │
+                                                                                                         ▼
+                                                                                              logits ◄── LM head
 
 The model gives P(y_t | y_<t, x): the decoder is a causal language model over the target whose
 every block also attends to the encoded source. Training feeds the target shifted right behind a
 start token (teacher forcing, :func:`shift_right`); generation runs the encoder once, computes each
 decoder block's cross-attention keys and values once, and then decodes one token per step through
 the decoder's self-attention :class:`~lmlab.model.blocks.KVCache` — through lmlab's own decoding loop
-(:func:`generate_seq2seq`, :func:`seq2seq_beam_search`).
+(:func:`lmlab.generate.seq2seq.generate_seq2seq`, :func:`~lmlab.generate.seq2seq.seq2seq_beam_search`).
 
 One token embedding serves the source, the target and (when ``tie_embeddings``) the output
 projection, as both papers share them. The encoder masks source padding as
@@ -22,18 +25,18 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from lmlab.config import ModelConfig
 from lmlab.errors import LmlabError
-from lmlab.generate.loop import BeamSearch, Step, StopRule, decode
 from lmlab.model.blocks import Block, KVCache, init_weights, make_norm, rope_cache, rope_dtype, run_block
 from lmlab.model.decoder import DecoderLM
 
-MemoryKV = list[tuple[Tensor, Tensor]]  # per decoder block: cross-attention keys and values, (B, n_kv_heads, S, head_dim) each
+MemoryKV = list[
+    tuple[Tensor, Tensor]
+]  # per decoder block: cross-attention keys and values, (B, n_kv_heads, S, head_dim) each
 
 
 class Seq2SeqLM(nn.Module):
@@ -48,7 +51,9 @@ class Seq2SeqLM(nn.Module):
         self.dec_emb_norm = make_norm(config) if config.embedding_norm else nn.Identity()
         self.drop = nn.Dropout(config.dropout)
         self.enc_blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
-        self.enc_norm_f = make_norm(config) if config.norm_placement == "pre" else nn.Identity()  # post-norm ends normed
+        self.enc_norm_f = (
+            make_norm(config) if config.norm_placement == "pre" else nn.Identity()
+        )  # post-norm ends normed
         self.dec_blocks = nn.ModuleList(Block(config, i, cross=True) for i in range(config.n_decoder_layer))
         self.dec_norm_f = make_norm(config) if config.norm_placement == "pre" else nn.Identity()
         self.lm_head = nn.Linear(d, config.vocab_size, bias=False)
@@ -79,7 +84,8 @@ class Seq2SeqLM(nn.Module):
     # -- encoder -------------------------------------------------------------------------------
 
     def encode(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """The memory (B, S, n_embd) of source ids (B, S); ``attention_mask`` (B, S) is 1 on real tokens, 0 on padding."""
+        """The memory (B, S, n_embd) of source ids (B, S); ``attention_mask`` (B, S) is 1 on real tokens, 0 on
+        padding."""
         S = input_ids.shape[1]
         positions = torch.arange(S, device=input_ids.device)
         x = self._embed(input_ids, positions, self.enc_pos_emb, self.enc_emb_norm)
@@ -139,10 +145,19 @@ class Seq2SeqLM(nn.Module):
             x = x[:, -logits_to_keep:]
         return x if hidden_only else self.lm_head(x)  # (B, T, vocab_size)
 
-    def forward(self, input_ids: Tensor, decoder_input_ids: Tensor, attention_mask: Tensor | None = None, *, hidden_only: bool = False) -> Tensor:
+    def forward(
+        self,
+        input_ids: Tensor,
+        decoder_input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        *,
+        hidden_only: bool = False,
+    ) -> Tensor:
         """Logits (B, T_dec, vocab_size): source ids (B, S) with their ``attention_mask``, target ids (B, T_dec);
         ``hidden_only``: the decoder's final hidden states (B, T_dec, n_embd) instead."""
-        return self.decode(decoder_input_ids, self.encode(input_ids, attention_mask), attention_mask, hidden_only=hidden_only)
+        return self.decode(
+            decoder_input_ids, self.encode(input_ids, attention_mask), attention_mask, hidden_only=hidden_only
+        )
 
     def new_kv_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
         """The decoder self-attention's cache: one static buffer per decoder block."""
@@ -176,100 +191,3 @@ def shift_right(labels: Tensor, start_id: int) -> Tensor:
     start = labels.new_full((labels.shape[0], 1), start_id)
     shifted = torch.cat([start, labels[:, :-1]], dim=1)
     return shifted.masked_fill(shifted < 0, start_id)
-
-
-# -- generation: lmlab's decoding loop over the decoder, conditioned on encoded sources -------------
-
-
-class _SourceCache(KVCache):
-    """The decoder's self-attention cache, carrying the sources' cross-attention keys and values:
-    when beam search reorders or repeats the cache's rows, the sources follow them."""
-
-    def __init__(self, model: Seq2SeqLM, batch_size: int, max_len: int, memory_kv: MemoryKV, memory_mask: Tensor | None, dtype) -> None:
-        ref = model.tok_emb.weight
-        config = dataclasses.replace(model.config, n_layer=model.config.n_decoder_layer)
-        super().__init__(config, batch_size, max_len, dtype=dtype or ref.dtype, device=ref.device)
-        self.memory_kv, self.memory_mask = memory_kv, memory_mask
-
-    def select(self, rows: Tensor) -> None:
-        super().select(rows)
-        self.memory_kv = [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in self.memory_kv]
-        if self.memory_mask is not None:
-            self.memory_mask = self.memory_mask.index_select(0, rows)
-
-
-class _ConditionedDecoder(nn.Module):
-    """The decoder of a :class:`Seq2SeqLM` bound to a batch of encoded sources, behind the interface of
-    a decoder-only model (``forward(idx, *, kv_cache, …)``, ``new_kv_cache``, ``config``), so that
-    :func:`lmlab.generate.loop.decode` and :class:`~lmlab.generate.loop.BeamSearch` drive it as they
-    drive a :class:`~lmlab.model.decoder.DecoderLM`: one decoding path for every architecture."""
-
-    def __init__(self, model: Seq2SeqLM, memory_kv: MemoryKV, memory_mask: Tensor | None) -> None:
-        super().__init__()
-        self.model, self.config = model, model.config
-        self.memory_kv, self.memory_mask = memory_kv, memory_mask
-
-    def new_kv_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
-        return _SourceCache(self.model, batch_size, max_len, self.memory_kv, self.memory_mask, dtype)
-
-    def forward(self, idx: Tensor, *, kv_cache: KVCache | None = None, **decoder_args) -> Tensor:
-        memory_kv, memory_mask = (kv_cache.memory_kv, kv_cache.memory_mask) if kv_cache is not None else (self.memory_kv, self.memory_mask)
-        if idx.shape[0] != memory_kv[0][0].shape[0]:
-            raise LmlabError("beam search over a seq2seq model needs the KV cache (use_cache=True): it carries the sources")
-        return self.model.decode(idx, memory_mask=memory_mask, memory_kv=memory_kv, kv_cache=kv_cache, **decoder_args)
-
-
-def condition_on_sources(model: Seq2SeqLM, source_ids: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[nn.Module, list[list[int]]]:
-    """Encode the sources (right-padded with ``pad_id``, padding masked) once; return the decoder bound to
-    them and the decoder prompts (the start token, one per source) that lmlab's decoding loops take."""
-    if not source_ids or any(len(s) == 0 for s in source_ids):
-        raise LmlabError("seq2seq generation needs at least one source token per sequence (an empty source encodes to nothing)")
-    B, S = len(source_ids), max(len(s) for s in source_ids)
-    if S > model.config.block_size:
-        raise LmlabError(f"a source has {S} tokens; the model's block_size is {model.config.block_size}")
-    device = model.tok_emb.weight.device
-    ids = torch.full((B, S), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros((B, S), dtype=torch.long, device=device)
-    for row, source in enumerate(source_ids):
-        ids[row, : len(source)] = torch.tensor(list(source), dtype=torch.long, device=device)
-        mask[row, : len(source)] = 1
-    memory_mask = mask if any(len(s) < S for s in source_ids) else None
-    memory_kv = model.memory_kv(model.encode(ids, memory_mask))
-    return _ConditionedDecoder(model, memory_kv, memory_mask), [[model.config.decoder_start_token_id]] * B
-
-
-@torch.inference_mode()
-def generate_seq2seq(
-    model: Seq2SeqLM,
-    source_ids: Sequence[Sequence[int]],
-    *,
-    max_new_tokens: int,
-    processors: Sequence = (),
-    sample: bool = False,
-    generator: torch.Generator | None = None,
-    stop_ids: Sequence[int] = (),
-    stop_rules: Sequence[StopRule] = (),
-    pad_id: int = 0,
-    logprobs: int | None = None,
-    use_cache: bool = True,
-) -> Iterator[Step]:
-    """Greedy or sampled decoding of the targets of ``source_ids``; yields one
-    :class:`~lmlab.generate.loop.Step` per new token, exactly as :func:`lmlab.generate.loop.decode`
-    (same arguments, same stopping). The token buffer the ``processors`` see is the decoder's: the
-    start token, then the generated tokens.
-    """
-    decoder, prompts = condition_on_sources(model, source_ids, pad_id)
-    yield from decode(
-        decoder, prompts, max_new_tokens=max_new_tokens, processors=processors, sample=sample, generator=generator,
-        stop_ids=stop_ids, stop_rules=stop_rules, pad_id=pad_id, logprobs=logprobs, use_cache=use_cache,
-    )
-
-
-def seq2seq_beam_search(model: Seq2SeqLM, source_ids: Sequence[Sequence[int]], *, num_beams: int, max_new_tokens: int, pad_id: int = 0, **options) -> BeamSearch:
-    """A :class:`~lmlab.generate.loop.BeamSearch` over the targets of ``source_ids`` (``options``: its
-    other arguments): ``for committed in search.run(): …``, then ``search.results``."""
-    if not options.get("use_cache", True):
-        raise LmlabError("beam search over a seq2seq model needs the KV cache (use_cache=True): it carries the sources")
-    with torch.inference_mode():
-        decoder, prompts = condition_on_sources(model, source_ids, pad_id)
-    return BeamSearch(decoder, prompts, num_beams=num_beams, max_new_tokens=max_new_tokens, pad_id=pad_id, **options)

@@ -18,7 +18,14 @@ class RandomWindows:
     """Windows of ``seq_len + 1`` tokens at random offsets of a :class:`~lmlab.data.pack.PackedTokens`."""
 
     def __init__(
-        self, tokens, seq_len: int, batch_size: int, seed: int, rank: int = 0, source: str = "train split", vocab_size: int | None = None
+        self,
+        tokens,
+        seq_len: int,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        source: str = "train split",
+        vocab_size: int | None = None,
     ) -> None:
         if len(tokens) < seq_len + 1:
             raise LmlabError(
@@ -31,7 +38,11 @@ class RandomWindows:
     def __call__(self, step: int, micro_step: int) -> Tensor:
         g = torch.Generator().manual_seed(hash_position(self.seed, self.rank, step, micro_step))
         starts = torch.randint(0, len(self.tokens) - self.seq_len, (self.batch_size,), generator=g).tolist()
-        return check_ids(torch.from_numpy(np.stack([self.tokens.window(s, self.seq_len + 1) for s in starts])), self.vocab_size, self.source)
+        return check_ids(
+            torch.from_numpy(np.stack([self.tokens.window(s, self.seq_len + 1) for s in starts])),
+            self.vocab_size,
+            self.source,
+        )
 
 
 def check_ids(windows: Tensor, vocab_size: int | None, source: str) -> Tensor:
@@ -67,5 +78,7 @@ def fixed_windows(
         return []
     span = len(tokens) - (seq_len + 1)
     starts = np.linspace(0, span, n_windows).astype(np.int64) if n_windows > 1 else np.zeros(1, dtype=np.int64)
-    windows = check_ids(torch.from_numpy(np.stack([tokens.window(int(s), seq_len + 1) for s in starts])), vocab_size, source)
+    windows = check_ids(
+        torch.from_numpy(np.stack([tokens.window(int(s), seq_len + 1) for s in starts])), vocab_size, source
+    )
     return list(windows.split(batch_size))

@@ -53,7 +53,9 @@ def teardown(info: DistInfo) -> None:
 def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
     if info.enabled:
         value = value.clone()
-        torch_dist.all_reduce(value, op=torch_dist.ReduceOp.AVG if value.device.type == "cuda" else torch_dist.ReduceOp.SUM)
+        torch_dist.all_reduce(
+            value, op=torch_dist.ReduceOp.AVG if value.device.type == "cuda" else torch_dist.ReduceOp.SUM
+        )
         if value.device.type != "cuda":
             value /= info.world_size  # gloo has no AVG
     return value

@@ -453,7 +453,7 @@ def finetune(
     if task == "chat" and arch != "decoder":
         raise LmlabError(f"{base}: a{'n' if arch[0] in 'aeiou' else ''} {arch} model; --task chat fine-tunes decoders")
     if task == "chat" and tokenizer.chat_template is None:
-        from lmlab.chat import DEFAULT_CHAT_TEMPLATE
+        from lmlab.templates import DEFAULT_CHAT_TEMPLATE
 
         tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE  # saved with every checkpoint: chat and export render alike
     if task == "seq2seq" and arch == "encoder":

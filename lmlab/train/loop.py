@@ -26,8 +26,8 @@ from tqdm.auto import tqdm
 from lmlab.config import check_seed, option, read_jsonl_log
 from lmlab.device import check_device
 from lmlab.errors import LmlabError
-from lmlab.io.outputs import write_jsonl_atomic, write_marker
 from lmlab.io.checkpoint import load_train_state, prune_checkpoints, save_checkpoint, step_dir_name
+from lmlab.io.outputs import write_jsonl_atomic, write_marker
 from lmlab.train.data import hash_position
 from lmlab.train.dist import DistInfo, all_reduce_mean
 from lmlab.train.objectives import Objective, evaluate_loss
@@ -62,10 +62,13 @@ class TrainConfig:
     precision: str = option("auto", "auto (bf16 on GPUs that have it, fp16 on older, fp32 on CPU), fp32, bf16, fp16")
     compile: bool = option(False, "torch.compile the model for training")
     activation_checkpointing: bool = option(
-        False, "recompute each Transformer block's activations in backward instead of keeping them: less memory, about a third more compute"
+        False,
+        "recompute each Transformer block's activations in backward instead of keeping them: less memory, about a "
+        "third more compute",
     )
     ce_chunk_size: int | None = option(
-        None, "tokens per chunk of the LM cross-entropy, so the whole batch's logits never exist at once; "
+        None,
+        "tokens per chunk of the LM cross-entropy, so the whole batch's logits never exist at once; "
         "None: chunks of ~64 MiB of logits when the vocabulary has 32,768+ entries, else none; 0: never chunk",
     )
     device: str = option("auto", "auto, cpu, cuda, cuda:1, …")
@@ -73,7 +76,15 @@ class TrainConfig:
     tensorboard: bool = option(True, "also log to TensorBoard when it is installed")
 
     def __post_init__(self) -> None:
-        positive = ("max_steps", "micro_batch_size", "grad_accum_steps", "eval_interval", "eval_batches", "keep_last", "log_interval")
+        positive = (
+            "max_steps",
+            "micro_batch_size",
+            "grad_accum_steps",
+            "eval_interval",
+            "eval_batches",
+            "keep_last",
+            "log_interval",
+        )
         for name in positive:
             if getattr(self, name) < 1:
                 raise LmlabError(f"--{name.replace('_', '-')} is {getattr(self, name)}: expected a positive integer")
@@ -95,7 +106,10 @@ class TrainConfig:
         if self.warmup_steps < 0:
             raise LmlabError(f"--warmup-steps is {self.warmup_steps}: expected 0 or more")
         if self.ce_chunk_size is not None and self.ce_chunk_size < 0:
-            raise LmlabError(f"--ce-chunk-size is {self.ce_chunk_size}: expected 0 (no chunking), a positive number of tokens, or None (auto)")
+            raise LmlabError(
+                f"--ce-chunk-size is {self.ce_chunk_size}: expected 0 (no chunking), a positive number of tokens, or "
+                "None (auto)"
+            )
         self._check_optimizer()
 
     def _check_optimizer(self) -> None:
@@ -110,39 +124,68 @@ class TrainConfig:
 
 
 # TrainConfig fields a resumed run may change: they say how the run is watched, saved and computed, not what it
-# computes (max_steps moves the end of a decaying schedule, and precision and chunking round differently: the note says so)
-RESUMABLE = ("max_steps", "eval_interval", "eval_batches", "save_interval", "keep_last", "log_interval", "precision", "compile",
-             "activation_checkpointing", "ce_chunk_size", "device", "progress", "tensorboard")
+# computes (max_steps moves the end of a decaying schedule, and precision and chunking round differently: the note
+# says so)
+RESUMABLE = (
+    "max_steps",
+    "eval_interval",
+    "eval_batches",
+    "save_interval",
+    "keep_last",
+    "log_interval",
+    "precision",
+    "compile",
+    "activation_checkpointing",
+    "ce_chunk_size",
+    "device",
+    "progress",
+    "tensorboard",
+)
 
 
 def check_resume(
-    resume_from: Path, cfg: TrainConfig, started: dict[str, tuple[Any, Any]], flags: dict[str, str] | None = None, announce: bool = True
+    resume_from: Path,
+    cfg: TrainConfig,
+    started: dict[str, tuple[Any, Any]],
+    flags: dict[str, str] | None = None,
+    announce: bool = True,
 ) -> None:
     """Refuse, in one error listing them all, to resume ``resume_from`` with settings that change what the run
     computes: ``cfg``'s fields against the ``train_config`` its train_state.pt saved, and the caller's own
     ``started`` settings, ``{flag: (as the run started, now)}`` (model, data, objective). The changes in
     :data:`RESUMABLE` are accepted, and ``announce`` prints one note naming them. ``flags`` names the flag
     that sets a field when it is not ``--field-name`` (fine-tuning's seq_len is --max-length)."""
+
     def change(flag: str, was: Any, now: Any) -> str:
         show = lambda v: f"{v:.6g}" if isinstance(v, float) else str(v)  # noqa: E731 (lr / 10 is 0.00030000000000000003)
         return f"{flag} {show(was)} (now {show(now)})"
 
     state = load_train_state(resume_from)
     saved = state.get("train_config", {})
-    changed = {f.name: change((flags or {}).get(f.name, "--" + f.name.replace("_", "-")), saved[f.name], getattr(cfg, f.name))
-               for f in dataclasses.fields(cfg) if f.name in saved and saved[f.name] != getattr(cfg, f.name)}
+    changed = {
+        f.name: change((flags or {}).get(f.name, "--" + f.name.replace("_", "-")), saved[f.name], getattr(cfg, f.name))
+        for f in dataclasses.fields(cfg)
+        if f.name in saved and saved[f.name] != getattr(cfg, f.name)
+    }
     refused = [change(flag, was, now) for flag, (was, now) in started.items() if was != now]
     refused += [text for name, text in changed.items() if name not in RESUMABLE]
     if refused:
-        raise LmlabError(f"--resume: {resume_from.parent} was started with different settings: {', '.join(refused)}; "
-                         "rerun with the original settings or start a new --out")
+        raise LmlabError(
+            f"--resume: {resume_from.parent} was started with different settings: {', '.join(refused)}; "
+            "rerun with the original settings or start a new --out"
+        )
     if changed and announce:
         notes = [", ".join(changed.values())]
         if "max_steps" in changed and cfg.schedule != "constant":
-            notes.append(f"the {cfg.schedule} learning-rate schedule now ends at step {cfg.max_steps}, so the learning rate "
-                         f"after step {max(state['step'], cfg.warmup_steps)} differs from the run's as started")
+            notes.append(
+                f"the {cfg.schedule} learning-rate schedule now ends at step {cfg.max_steps}, so the learning rate "
+                f"after step {max(state['step'], cfg.warmup_steps)} differs from the run's as started"
+            )
         if "precision" in changed or "ce_chunk_size" in changed:
-            notes.append("another precision or cross-entropy chunking rounds differently: losses match the run's as started only approximately")
+            notes.append(
+                "another precision or cross-entropy chunking rounds differently: losses match the run's as started "
+                "only approximately"
+            )
         print(f"lmlab: --resume accepted changed settings: {'; '.join(notes)}", file=sys.stderr)
 
 
@@ -309,11 +352,24 @@ def train_loop(
     last_good: Path | None = resume_from
     best_dir = out_dir / "best"
     result = TrainResult(
-        start_step, None, None, best_val if best_val < math.inf else None, last_good,
-        best_dir if resume_from is not None and best_dir.is_dir() else None, out_dir / "log.jsonl", history,
+        start_step,
+        None,
+        None,
+        best_val if best_val < math.inf else None,
+        last_good,
+        best_dir if resume_from is not None and best_dir.is_dir() else None,
+        out_dir / "log.jsonl",
+        history,
     )
 
-    bar = tqdm(total=cfg.max_steps, initial=start_step, desc=desc, unit="step", dynamic_ncols=True, disable=not (cfg.progress and dist.is_main))
+    bar = tqdm(
+        total=cfg.max_steps,
+        initial=start_step,
+        desc=desc,
+        unit="step",
+        dynamic_ncols=True,
+        disable=not (cfg.progress and dist.is_main),
+    )
     loss_sum = torch.zeros((), device=device)
     loss_count, t_last, step_last = 0, time.perf_counter(), start_step
     t_start = t_last
@@ -325,14 +381,25 @@ def train_loop(
     def stop_if_not_finite(value: float, what: str, step: int) -> None:
         if not math.isfinite(value):
             where = f"last good checkpoint: {last_good}" if last_good else "no checkpoint was written yet"
-            raise LmlabError(f"{what} is {value} at step {step}: training stopped ({where}); lower --lr or check the data")
+            raise LmlabError(
+                f"{what} is {value} at step {step}: training stopped ({where}); lower --lr or check the data"
+            )
 
     for step in range(start_step, cfg.max_steps):
-        lr = lr_at(step, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps, schedule=cfg.schedule)
+        lr = lr_at(
+            step,
+            lr=cfg.lr,
+            min_lr=cfg.min_lr,
+            warmup_steps=cfg.warmup_steps,
+            max_steps=cfg.max_steps,
+            schedule=cfg.schedule,
+        )
         for group in optimizer.param_groups:
             group["lr"] = lr
         for micro in range(cfg.grad_accum_steps):
-            batch = _to(objective.batch(train_batches(step, micro), _batch_generator(cfg.seed, dist.rank, step, micro)), device)
+            batch = _to(
+                objective.batch(train_batches(step, micro), _batch_generator(cfg.seed, dist.rank, step, micro)), device
+            )
             last_micro = micro == cfg.grad_accum_steps - 1
             sync = model.no_sync() if dist.enabled and not last_micro else contextlib.nullcontext()
             with sync:
@@ -359,8 +426,14 @@ def train_loop(
             stop_if_not_finite(train_loss, "the training loss", done)
             now = time.perf_counter()
             tok_s = tokens_per_step * (done - step_last) / max(now - t_last, 1e-9)
-            record = {"step": done, "loss": train_loss, "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tok_s,
-                      "elapsed_s": elapsed_before + now - t_start}  # wall-clock training seconds, across resumes
+            record = {
+                "step": done,
+                "loss": train_loss,
+                "lr": lr,
+                "grad_norm": float(grad_norm),
+                "tokens_per_s": tok_s,
+                "elapsed_s": elapsed_before + now - t_start,
+            }  # wall-clock training seconds, across resumes
             log.write(record)
             history.append(record)
             if tb is not None:
@@ -393,15 +466,26 @@ def train_loop(
                     bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
                 result.val_scores = scores
             if select is not None and select not in scores:
-                raise LmlabError(f"the metric to select by, {select!r}, is not among the computed ones: {', '.join(scores)}")
+                raise LmlabError(
+                    f"the metric to select by, {select!r}, is not among the computed ones: {', '.join(scores)}"
+                )
             criterion = -scores[select] if select is not None else val_loss
             if criterion is not None and criterion < best_val:
                 best_val, since_best = criterion, 0
                 result.best_val_loss = val_loss
                 if dist.is_main:
                     result.best_checkpoint = save_checkpoint(
-                        out_dir / "best", raw_model, tokenizer=tokenizer, overwrite=overwrite,
-                        meta={**(meta or {}), "step": done, "val_loss": val_loss, "train_device": train_device, **{f"val_{k}": v for k, v in scores.items()}},
+                        out_dir / "best",
+                        raw_model,
+                        tokenizer=tokenizer,
+                        overwrite=overwrite,
+                        meta={
+                            **(meta or {}),
+                            "step": done,
+                            "val_loss": val_loss,
+                            "train_device": train_device,
+                            **{f"val_{k}": v for k, v in scores.items()},
+                        },
                     )
             elif criterion is not None:
                 since_best += 1
@@ -418,13 +502,20 @@ def train_loop(
                 "best_val_loss": best_val,
                 "since_best": since_best,
                 "stopped_early": stopping,
-                "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
+                "rng": {
+                    "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                },
                 "train_config": dataclasses.asdict(cfg),
                 "elapsed_s": elapsed_before + time.perf_counter() - t_start,
                 "objective": objective.name,
             }
             last_good = save_checkpoint(
-                out_dir / step_dir_name(done), raw_model, tokenizer=tokenizer, train_state=state, overwrite=overwrite,
+                out_dir / step_dir_name(done),
+                raw_model,
+                tokenizer=tokenizer,
+                train_state=state,
+                overwrite=overwrite,
                 meta={**(meta or {}), "step": done, "val_loss": val_loss, "train_device": train_device},
             )
             result.last_checkpoint = last_good

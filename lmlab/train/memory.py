@@ -67,7 +67,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lmlab.config import LoraSpec
 from lmlab.errors import LmlabError
+from lmlab.model.lora import apply_lora
 from lmlab.train.losses import CHUNK_BYTES, ce_chunk_rows
 
 HEADROOM = 0.10  # a run "fits" when its predicted peak is within 90% of the budget
@@ -205,7 +207,9 @@ class _CudaAttention:
                 with sdpa_kernel(SDPBackend.MATH):
                     return self._original(q, k, v, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
             bias = None
-            if attn_mask is not None:  # memory-efficient attention takes an additive mask, keys padded to a multiple of 16
+            if (
+                attn_mask is not None
+            ):  # memory-efficient attention takes an additive mask, keys padded to a multiple of 16
                 S = attn_mask.shape[-1]
                 bias = attn_mask.new_empty((*attn_mask.shape[:-1], -(-S // 16) * 16), dtype=q.dtype)
             return _SavedLikeCuda.apply(q, k, v, bias, kind)
@@ -246,8 +250,14 @@ def _final_hidden(model: nn.Module) -> nn.Module:
 
 
 def measure_step(
-    build: Callable[[], nn.Module], objective: Any, batch: dict[str, Tensor], cfg: Any, device: torch.device | str,
-    settings: Settings, *, world_size: int = 1,
+    build: Callable[[], nn.Module],
+    objective: Any,
+    batch: dict[str, Tensor],
+    cfg: Any,
+    device: torch.device | str,
+    settings: Settings,
+    *,
+    world_size: int = 1,
 ) -> StepMemory:
     """Predict the memory of one steady-state training step (see the module docstring).
 
@@ -263,8 +273,13 @@ def measure_step(
 
     device = torch.device(device)
     cfg = dataclasses.replace(
-        cfg, micro_batch_size=settings.micro_batch_size, grad_accum_steps=settings.grad_accum_steps, seq_len=settings.seq_len,
-        activation_checkpointing=settings.activation_checkpointing, ce_chunk_size=settings.ce_chunk_size, precision=settings.precision,
+        cfg,
+        micro_batch_size=settings.micro_batch_size,
+        grad_accum_steps=settings.grad_accum_steps,
+        seq_len=settings.seq_len,
+        activation_checkpointing=settings.activation_checkpointing,
+        ce_chunk_size=settings.ce_chunk_size,
+        precision=settings.precision,
     )
     autocast = autocast_for(settings.precision, torch.device("cpu"))[0]  # the fake step runs on the CPU: its autocast
     cuda = device.type == "cuda"
@@ -275,8 +290,6 @@ def measure_step(
     with torch.device("meta"):  # built without memory, then given fake storage (peft cannot move fake tensors itself)
         model = build().train()
     if settings.lora is not None:
-        from lmlab.train.lora import apply_lora
-
         apply_lora(model, settings.lora)
     chunking = getattr(objective, "ce_chunk_size", None)  # apply_memory_options sets it: put back afterwards
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
@@ -321,7 +334,9 @@ def measure_step(
 
         handle = _final_hidden(model).register_forward_hook(on_hidden)
         try:
-            for p in trainable:  # an optimizer step on zero gradients creates its state: the measured step is a steady-state one
+            for p in (
+                trainable
+            ):  # an optimizer step on zero gradients creates its state: the measured step is a steady-state one
                 p.grad = torch.zeros_like(p)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -337,18 +352,35 @@ def measure_step(
         opt_state = sum(t.nbytes for state in optimizer.state.values() for t in state.values() if isinstance(t, Tensor))
         num_params = sum(p.numel() for p in model.parameters())
         vocab = model.lm_head.weight.shape[0] if isinstance(getattr(model, "lm_head", None), nn.Linear) else 0
-    if cuda and not attention.used:  # the blocks no longer call F.scaled_dot_product_attention: the CUDA model missed them
-        raise RuntimeError("the memory estimate for CUDA saw no call of torch.nn.functional.scaled_dot_product_attention")
+    if (
+        cuda and not attention.used
+    ):  # the blocks no longer call F.scaled_dot_product_attention: the CUDA model missed them
+        raise RuntimeError(
+            "the memory estimate for CUDA saw no call of torch.nn.functional.scaled_dot_product_attention"
+        )
     peaks = tracker.peaks
     phase = max(peaks, key=peaks.get)
     ddp = gradients if world_size > 1 else 0
-    lm = hasattr(objective, "ce_chunk_size") and getattr(objective, "task", "lm") in ("lm", "seq2seq", "chat") and "labels" in batch
+    lm = (
+        hasattr(objective, "ce_chunk_size")
+        and getattr(objective, "task", "lm") in ("lm", "seq2seq", "chat")
+        and "labels" in batch
+    )
     return StepMemory(
-        device=device.type, settings=settings, attention=" and ".join(sorted(attention.used)) if cuda else "PyTorch's CPU kernels",
+        device=device.type,
+        settings=settings,
+        attention=" and ".join(sorted(attention.used)) if cuda else "PyTorch's CPU kernels",
         ce_rows=ce_chunk_rows(settings.ce_chunk_size, vocab, batch["labels"].numel()) if lm and vocab else 0,
-        num_params=num_params, trainable_params=sum(p.numel() for p in trainable), parameters=parameters, gradients=gradients,
-        optimizer=opt_state, activations=marks.get("activations", 0), logits=marks.get("logits", 0), ddp_buckets=ddp,
-        peak=peaks[phase] + ddp, peak_phase=phase,
+        num_params=num_params,
+        trainable_params=sum(p.numel() for p in trainable),
+        parameters=parameters,
+        gradients=gradients,
+        optimizer=opt_state,
+        activations=marks.get("activations", 0),
+        logits=marks.get("logits", 0),
+        ddp_buckets=ddp,
+        peak=peaks[phase] + ddp,
+        peak_phase=phase,
     )
 
 
@@ -370,8 +402,15 @@ def check_budget(memory_budget: float | None, dry_run: bool) -> None:
     """``--memory-budget`` is a positive number of GiB, and only ``--dry-run`` reads it."""
     if memory_budget is None:
         return
-    if isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float)) or not math.isfinite(memory_budget) or memory_budget <= 0:
-        raise LmlabError(f"--memory-budget is {memory_budget}: expected a positive number of GiB (e.g. 24 for a 24 GB GPU)")
+    if (
+        isinstance(memory_budget, bool)
+        or not isinstance(memory_budget, (int, float))
+        or not math.isfinite(memory_budget)
+        or memory_budget <= 0
+    ):
+        raise LmlabError(
+            f"--memory-budget is {memory_budget}: expected a positive number of GiB (e.g. 24 for a 24 GB GPU)"
+        )
     if not dry_run:
         raise LmlabError("--memory-budget is what --dry-run checks the predicted peak against: add --dry-run")
 
@@ -413,12 +452,23 @@ class DryRun:
         lines = [
             "lmlab: dry run (nothing trained, nothing written)",
             f"  model          {self.title}",
-            f"  step           {s.micro_batch_size} × {'up to ' if self.up_to else ''}{s.seq_len} tokens per micro-batch{accum}; {s.precision}"
-            + ("" if s.precision == "fp32" else " autocast") + self.precision_note + f"; on {m.device}",
-            "  training       " + (f"LoRA adapters: {m.trainable_params:,} of {m.num_params:,} parameters" if s.lora is not None
-                                    else f"all {m.num_params:,} parameters") + ", AdamW"
+            (
+                f"  step           {s.micro_batch_size} × {'up to ' if self.up_to else ''}{s.seq_len} tokens per "
+                f"micro-batch{accum}; {s.precision}"
+            )
+            + ("" if s.precision == "fp32" else " autocast")
+            + self.precision_note
+            + f"; on {m.device}",
+            "  training       "
+            + (
+                f"LoRA adapters: {m.trainable_params:,} of {m.num_params:,} parameters"
+                if s.lora is not None
+                else f"all {m.num_params:,} parameters"
+            )
+            + ", AdamW"
             + (", activation checkpointing" if s.activation_checkpointing else ""),
-            f"  attention      {m.attention}" + (" (CUDA's choice for these shapes and dtypes)" if m.device == "cuda" else ""),
+            f"  attention      {m.attention}"
+            + (" (CUDA's choice for these shapes and dtypes)" if m.device == "cuda" else ""),
             "  cross-entropy  " + (f"chunked, {m.ce_rows:,} tokens per chunk" if m.ce_rows else "whole batch at once"),
             "predicted memory of one training step:",
         ]
@@ -436,7 +486,9 @@ class DryRun:
         lines.append("  (the peak is not the sum: gradients grow in backward as activations are freed)")
         if self.budget is None:
             why = "a CPU run" if m.device != "cuda" else "no GPU here to ask"
-            lines.append(f"budget: unknown ({why}): --memory-budget GIB says whether the run fits, and what to change if not")
+            lines.append(
+                f"budget: unknown ({why}): --memory-budget GIB says whether the run fits, and what to change if not"
+            )
             return "\n".join(lines)
         share = f"{m.peak / self.budget:.0%} of {fmt_bytes(self.budget)}"
         if self.fits:
@@ -453,13 +505,24 @@ class DryRun:
         width = max(len(c.flags) for c in self.changes)
         for c in self.changes:
             verdict = "fits" if c.memory.peak <= self.limit else "does not fit"
-            lines.append(f"  {c.flags:<{width}}  {fmt_bytes(c.memory.peak):>10}  {verdict}" + (f" — {c.note}" if c.note else ""))
+            lines.append(
+                f"  {c.flags:<{width}}  {fmt_bytes(c.memory.peak):>10}  {verdict}" + (f" — {c.note}" if c.note else "")
+            )
         return "\n".join(lines)
 
 
 def dry_run(
-    measure: Callable[[Settings], StepMemory], settings: Settings, *, title: str, device: torch.device, memory_budget: float | None = None,
-    precision_note: str = "", seq_flag: str = "--seq-len", lora_flag: bool = False, vocab_size: int = 0, up_to: bool = False,
+    measure: Callable[[Settings], StepMemory],
+    settings: Settings,
+    *,
+    title: str,
+    device: torch.device,
+    memory_budget: float | None = None,
+    precision_note: str = "",
+    seq_flag: str = "--seq-len",
+    lora_flag: bool = False,
+    vocab_size: int = 0,
+    up_to: bool = False,
 ) -> DryRun:
     """Predict the run's step (``measure(settings)``, e.g. :func:`measure_step` bound to the run) and, when
     the budget is known and the run does not fit, predict each change that could make it fit.
@@ -483,12 +546,15 @@ def dry_run(
         return m.peak <= limit
 
     def smaller_batches(base: Settings) -> tuple[Settings, StepMemory] | None:
-        """The largest micro-batch (halving) that fits, with accumulation raised to keep the batch; else the smallest."""
+        """The largest micro-batch (halving) that fits, with accumulation raised to keep the batch; else the
+        smallest."""
         tried = None
         b = base.micro_batch_size
         while b > 1:
             b = max(1, b // 2)
-            changed = dataclasses.replace(base, micro_batch_size=b, grad_accum_steps=math.ceil(base.micro_batch_size * base.grad_accum_steps / b))
+            changed = dataclasses.replace(
+                base, micro_batch_size=b, grad_accum_steps=math.ceil(base.micro_batch_size * base.grad_accum_steps / b)
+            )
             tried = (changed, measure(changed))
             if fits(tried[1]):
                 break
@@ -501,24 +567,49 @@ def dry_run(
     candidates: list[tuple[str, str, Settings]] = []
     if not settings.activation_checkpointing:
         together = dataclasses.replace(together, activation_checkpointing=True)
-        candidates.append(("--activation-checkpointing", "recomputes each block in backward: about a third more compute",
-                           dataclasses.replace(settings, activation_checkpointing=True)))
+        candidates.append(
+            (
+                "--activation-checkpointing",
+                "recomputes each block in backward: about a third more compute",
+                dataclasses.replace(settings, activation_checkpointing=True),
+            )
+        )
     if lora_flag and settings.lora is None:
-        from lmlab.train.lora import LoraSpec
-
         together = dataclasses.replace(together, lora=LoraSpec())
-        candidates.append(("--lora default", "trains low-rank adapters (r=8 on qkv) instead of every weight", dataclasses.replace(settings, lora=LoraSpec())))
+        candidates.append(
+            (
+                "--lora default",
+                "trains low-rank adapters (r=8 on qkv) instead of every weight",
+                dataclasses.replace(settings, lora=LoraSpec()),
+            )
+        )
     if settings.precision == "fp32":
         together = dataclasses.replace(together, precision="bf16")
         note = "bf16 autocast" + (" (GPUs from Ampere on; fp16 before)" if device.type == "cuda" else "")
         candidates.append(("--precision bf16", note, dataclasses.replace(settings, precision="bf16")))
     rows = max(64, CHUNK_BYTES // (4 * vocab_size)) if vocab_size else 0
-    if result.memory.ce_rows == 0 and vocab_size and result.memory.logits > 0.1 * result.memory.peak and rows < settings.micro_batch_size * settings.seq_len:
+    if (
+        result.memory.ce_rows == 0
+        and vocab_size
+        and result.memory.logits > 0.1 * result.memory.peak
+        and rows < settings.micro_batch_size * settings.seq_len
+    ):
         together = dataclasses.replace(together, ce_chunk_size=rows)
-        candidates.append((f"--ce-chunk-size {rows}", "the cross-entropy in chunks: one chunk's logits at a time", dataclasses.replace(settings, ce_chunk_size=rows)))
+        candidates.append(
+            (
+                f"--ce-chunk-size {rows}",
+                "the cross-entropy in chunks: one chunk's logits at a time",
+                dataclasses.replace(settings, ce_chunk_size=rows),
+            )
+        )
     if settings.seq_len >= 16:
-        candidates.append((f"{seq_flag} {settings.seq_len // 2}", "shorter sequences: less context per example",
-                           dataclasses.replace(settings, seq_len=settings.seq_len // 2)))
+        candidates.append(
+            (
+                f"{seq_flag} {settings.seq_len // 2}",
+                "shorter sequences: less context per example",
+                dataclasses.replace(settings, seq_len=settings.seq_len // 2),
+            )
+        )
 
     smaller = smaller_batches(settings)
     if smaller is not None:
@@ -537,19 +628,53 @@ def dry_run(
 
 
 def plan(
-    build: Callable[[], nn.Module], objective: Any, make_batch: Callable[[Settings], dict[str, Tensor]], cfg: Any,
-    device: torch.device, *, seq_len: int, lora: Any, title: str, memory_budget: float | None, **advice: Any,
+    build: Callable[[], nn.Module],
+    objective: Any,
+    make_batch: Callable[[Settings], dict[str, Tensor]],
+    cfg: Any,
+    device: torch.device,
+    *,
+    seq_len: int,
+    lora: Any,
+    title: str,
+    memory_budget: float | None,
+    **advice: Any,
 ) -> DryRun:
     """``--dry-run`` for a run: its :class:`Settings` from ``cfg`` (the precision resolved for ``device``), each
     prediction a :func:`measure_step` of ``build()`` on ``make_batch(settings)`` (the world size read from
     torchrun's ``WORLD_SIZE``), and :func:`dry_run`'s advice (``advice``: its keyword options)."""
     precision, note = resolve_precision(cfg.precision, device)
-    settings = Settings(cfg.micro_batch_size, cfg.grad_accum_steps, seq_len, precision, cfg.activation_checkpointing, cfg.ce_chunk_size, lora)
+    settings = Settings(
+        cfg.micro_batch_size,
+        cfg.grad_accum_steps,
+        seq_len,
+        precision,
+        cfg.activation_checkpointing,
+        cfg.ce_chunk_size,
+        lora,
+    )
     world = int(os.environ.get("WORLD_SIZE", "1"))
     return dry_run(
-        lambda s: measure_step(build, objective, make_batch(s), cfg, device, s, world_size=world), settings,
-        title=title, device=device, memory_budget=memory_budget, precision_note=note, **advice,
+        lambda s: measure_step(build, objective, make_batch(s), cfg, device, s, world_size=world),
+        settings,
+        title=title,
+        device=device,
+        memory_budget=memory_budget,
+        precision_note=note,
+        **advice,
     )
 
 
-__all__ = ["HEADROOM", "Change", "DryRun", "Settings", "StepMemory", "check_budget", "dry_run", "fmt_bytes", "measure_step", "plan", "resolve_precision"]
+__all__ = [
+    "HEADROOM",
+    "Change",
+    "DryRun",
+    "Settings",
+    "StepMemory",
+    "check_budget",
+    "dry_run",
+    "fmt_bytes",
+    "measure_step",
+    "plan",
+    "resolve_precision",
+]

@@ -9,15 +9,22 @@ from typing import Any
 
 import torch
 
-from lmlab.config import ModelConfig, preset
+from lmlab.config import LoraSpec, ModelConfig, preset
 from lmlab.errors import LmlabError
-from lmlab.io.checkpoint import check_run_output, latest_checkpoint, list_checkpoints, load_config, load_model, read_meta, resolve_checkpoint
+from lmlab.io.checkpoint import (
+    check_run_output,
+    latest_checkpoint,
+    list_checkpoints,
+    load_config,
+    load_model,
+    read_meta,
+    resolve_checkpoint,
+)
 from lmlab.model import build_model
 from lmlab.train import dist as dist_mod
-from lmlab.train.data import RandomWindows, fixed_windows
-from lmlab.train.lora import LoraSpec
-from lmlab.train.loop import TrainConfig, TrainResult, autocast_for, check_resume, same_source, train_loop
 from lmlab.train import memory
+from lmlab.train.data import RandomWindows, fixed_windows
+from lmlab.train.loop import TrainConfig, TrainResult, autocast_for, check_resume, same_source, train_loop
 from lmlab.train.memory import DryRun, Settings, check_budget
 from lmlab.train.objectives import get_objective
 
@@ -43,8 +50,9 @@ def pretrain(
     ``model`` is a preset name (``lmlab.config.PRESETS``) or a :class:`ModelConfig`; its vocab size
     becomes the tokenizer's, rounded up to a multiple of ``pad_vocab_multiple`` (64 or 128 make the
     LM head's matmuls faster on GPUs, as nanoGPT's 50304 for GPT-2's 50257; the extra rows are never
-    an input or a target, and generation never emits them). ``init_from`` starts from a checkpoint's weights instead of random ones
-    (an lmlab checkpoint or a Hugging Face folder, checked against transformers unless ``verify=False``);
+    an input or a target, and generation never emits them). ``init_from`` starts from a checkpoint's weights
+    instead of random ones (an lmlab checkpoint or a Hugging Face folder, checked against transformers unless
+    ``verify=False``);
     ``resume`` continues the latest checkpoint in ``out`` exactly where it stopped. Every other
     keyword is a :class:`TrainConfig` field (``max_steps``, ``lr``, …).
 
@@ -61,7 +69,10 @@ def pretrain(
     cfg = _train_config(train_args)
     check_budget(memory_budget, dry_run)
     if isinstance(pad_vocab_multiple, bool) or not isinstance(pad_vocab_multiple, int) or pad_vocab_multiple < 1:
-        raise LmlabError(f"--pad-vocab-multiple is {pad_vocab_multiple!r}: expected a positive integer (1: no padding; 64 or 128 on GPUs)")
+        raise LmlabError(
+            f"--pad-vocab-multiple is {pad_vocab_multiple!r}: expected a positive integer (1: no padding; 64 or 128 "
+            "on GPUs)"
+        )
     out = Path(out)
     if dry_run:  # no process group: the prediction is per process (DDP's buckets are added when under torchrun)
         info, device = dist_mod.DistInfo(), dist_mod.pick_device(cfg.device, dist_mod.DistInfo(), present=False)
@@ -78,7 +89,9 @@ def pretrain(
         if resume_from is None and info.is_main:
             print(f"lmlab: no checkpoint to resume in {out}; starting from scratch", file=sys.stderr)
     elif list_checkpoints(out):
-        raise LmlabError(f"{out} already holds checkpoints: pass --resume to continue that run, or choose another --out")
+        raise LmlabError(
+            f"{out} already holds checkpoints: pass --resume to continue that run, or choose another --out"
+        )
 
     if init_from is not None:
         init_from = resolve_checkpoint(init_from)
@@ -91,8 +104,13 @@ def pretrain(
     if resume_from is not None:
         config = ModelConfig.load(resume_from / "config.json")
         _check_same_tokenizer(resume_from, tokenizer, "--resume")
-    if config.vocab_size < max(tokenizer.vocab_size, train_tokens.vocab_size):  # the tokenizer's and the manifest's: equal unless edited
-        raise LmlabError(f"model vocab_size {config.vocab_size} is smaller than the data's {max(tokenizer.vocab_size, train_tokens.vocab_size)} (data {data})")
+    if config.vocab_size < max(
+        tokenizer.vocab_size, train_tokens.vocab_size
+    ):  # the tokenizer's and the manifest's: equal unless edited
+        raise LmlabError(
+            f"model vocab_size {config.vocab_size} is smaller than the data's "
+            f"{max(tokenizer.vocab_size, train_tokens.vocab_size)} (data {data})"
+        )
 
     seq_len = cfg.seq_len or config.block_size
     if seq_len > config.block_size:
@@ -104,28 +122,46 @@ def pretrain(
 
     source = f"{data} (train split)"
     if dry_run:
-        train_batches = RandomWindows(train_tokens, seq_len, cfg.micro_batch_size, cfg.seed, source=source, vocab_size=config.vocab_size)
+        train_batches = RandomWindows(
+            train_tokens, seq_len, cfg.micro_batch_size, cfg.seed, source=source, vocab_size=config.vocab_size
+        )
         windows = train_batches(0, 0)  # (micro_batch_size, seq_len + 1): the run's first batch
 
         def make_batch(settings: Settings) -> dict[str, torch.Tensor]:
-            return task.batch(windows[: settings.micro_batch_size, : settings.seq_len + 1], torch.Generator().manual_seed(cfg.seed))
+            return task.batch(
+                windows[: settings.micro_batch_size, : settings.seq_len + 1], torch.Generator().manual_seed(cfg.seed)
+            )
 
-        saved_lora = LoraSpec.from_dict(config.lora) if resume_from is not None and config.lora else None  # a resumed LoRA run keeps its adapters
+        saved_lora = (
+            LoraSpec.from_dict(config.lora) if resume_from is not None and config.lora else None
+        )  # a resumed LoRA run keeps its adapters
         plain = dataclasses.replace(config, lora={})
         return memory.plan(
-            lambda: build_model(plain), task, make_batch, cfg, device, seq_len=seq_len, lora=saved_lora, memory_budget=memory_budget,
-            title=f"{config.name or 'custom'} ({config.arch}), vocabulary {config.vocab_size:,}; objective {objective}", vocab_size=config.vocab_size,
+            lambda: build_model(plain),
+            task,
+            make_batch,
+            cfg,
+            device,
+            seq_len=seq_len,
+            lora=saved_lora,
+            memory_budget=memory_budget,
+            title=f"{config.name or 'custom'} ({config.arch}), vocabulary {config.vocab_size:,}; objective {objective}",
+            vocab_size=config.vocab_size,
         )
 
     torch.manual_seed(cfg.seed)
     if resume_from is not None:
         net = load_model(resume_from, device=device).train()
     elif init_from is not None:
-        net = load_model(init_from, device=device, merge_lora=True, verify=verify).train()  # a LoRA checkpoint starts as its merged weights
+        net = load_model(
+            init_from, device=device, merge_lora=True, verify=verify
+        ).train()  # a LoRA checkpoint starts as its merged weights
     else:
         net = build_model(config).to(device)
 
-    train_batches = RandomWindows(train_tokens, seq_len, cfg.micro_batch_size, cfg.seed, info.rank, source=source, vocab_size=config.vocab_size)
+    train_batches = RandomWindows(
+        train_tokens, seq_len, cfg.micro_batch_size, cfg.seed, info.rank, source=source, vocab_size=config.vocab_size
+    )
     valid_batches = _valid_windows(data, seq_len, cfg, info, config.vocab_size)
 
     if info.is_main:
@@ -134,16 +170,27 @@ def pretrain(
         print(
             f"lmlab: {config.name or 'custom'} model, {net.num_params():,} parameters "
             f"({net.num_params(include_embeddings=False):,} without embeddings), "
-            f"{config.flops_per_token(seq_len) / 1e9:.3f} GFLOPs/token (train)\n"
-            f"lmlab: {len(train_tokens):,} training tokens, {tokens_per_step:,} tokens/step, "
-            f"{cfg.max_steps} steps on {device} ({precision}, {info.world_size} process{'es' if info.world_size > 1 else ''})",
+            f"{config.flops_per_token(seq_len) / 1e9:.3f} GFLOPs/token (train)\nlmlab: {len(train_tokens):,} training "
+            f"tokens, {tokens_per_step:,} tokens/step, {cfg.max_steps} steps on {device} ({precision}, "
+            f"{info.world_size} process{'es' if info.world_size > 1 else ''})",
             file=sys.stderr,
         )
     meta = {"objective": objective, "tokenizer_sha256": tokenizer.sha256, "data": str(data)}
     try:
         return train_loop(
-            net, task, train_batches, valid_batches, cfg, out,
-            device=device, dist=info, tokenizer=tokenizer, meta=meta, resume_from=resume_from, desc="pretrain", overwrite=overwrite,
+            net,
+            task,
+            train_batches,
+            valid_batches,
+            cfg,
+            out,
+            device=device,
+            dist=info,
+            tokenizer=tokenizer,
+            meta=meta,
+            resume_from=resume_from,
+            desc="pretrain",
+            overwrite=overwrite,
         )
     finally:
         dist_mod.teardown(info)
@@ -153,7 +200,9 @@ def _train_config(args: dict[str, Any]) -> TrainConfig:
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(args) - known)
     if unknown:
-        raise LmlabError(f"unknown training option(s) {', '.join(unknown)}; expected some of {', '.join(sorted(known))}")
+        raise LmlabError(
+            f"unknown training option(s) {', '.join(unknown)}; expected some of {', '.join(sorted(known))}"
+        )
     return TrainConfig(**args)
 
 
@@ -163,7 +212,9 @@ def _model_config(model: str | ModelConfig, vocab_size: int, overrides: dict[str
     return preset(model, vocab_size=vocab_size, **overrides)
 
 
-def _check_resume(resume_from: Path, cfg: TrainConfig, config: ModelConfig, wanted: ModelConfig, objective: str, data, announce: bool) -> None:
+def _check_resume(
+    resume_from: Path, cfg: TrainConfig, config: ModelConfig, wanted: ModelConfig, objective: str, data, announce: bool
+) -> None:
     """Refuse to resume with another model, data folder or objective than the run started with, or with
     training settings that change its course (:func:`~lmlab.train.loop.check_resume`)."""
     meta = read_meta(resume_from)
@@ -193,7 +244,9 @@ def _check_same_tokenizer(checkpoint: Path, tokenizer, flag: str) -> None:
 
         expected = Tokenizer.load(checkpoint).sha256
     if expected and expected != tokenizer.sha256:
-        raise LmlabError(f"{flag} {checkpoint} was trained with a different tokenizer than the data's (tokenizer hash differs)")
+        raise LmlabError(
+            f"{flag} {checkpoint} was trained with a different tokenizer than the data's (tokenizer hash differs)"
+        )
 
 
 def _valid_windows(data: str | Path, seq_len: int, cfg: TrainConfig, info, vocab_size: int) -> list[torch.Tensor]:
@@ -202,10 +255,15 @@ def _valid_windows(data: str | Path, seq_len: int, cfg: TrainConfig, info, vocab
     if "valid" not in load_manifest(data)["splits"]:
         return []
     valid = PackedTokens(data, "valid")
-    windows = fixed_windows(valid, seq_len, cfg.micro_batch_size, cfg.eval_batches, vocab_size, source=f"{data} (valid split)")
+    windows = fixed_windows(
+        valid, seq_len, cfg.micro_batch_size, cfg.eval_batches, vocab_size, source=f"{data} (valid split)"
+    )
     if not windows and info.is_main:
-        print(f"lmlab: the validation split of {data} holds {len(valid)} tokens, fewer than one window of {seq_len + 1}: "
-              "validation is skipped (raise --valid-fraction in `lmlab prepare`)", file=sys.stderr)
+        print(
+            f"lmlab: the validation split of {data} holds {len(valid)} tokens, fewer than one window of {seq_len + 1}: "
+            "validation is skipped (raise --valid-fraction in `lmlab prepare`)",
+            file=sys.stderr,
+        )
     # each rank evaluates its share; the loop averages across ranks
     return windows[info.rank :: info.world_size] if info.enabled else windows
 

@@ -1,0 +1,1 @@
+"""Training: the one loop (loop.py), pretrain(), finetune(), memory prediction, LoRA merging, DDP setup."""
