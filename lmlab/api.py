@@ -360,7 +360,13 @@ class LM:
         return shaped[0] if single else shaped
 
     def generate_records(
-        self, prompts: Sequence[str], config: GenerationConfig | None = None, *, batch_size: int = 8, logprobs: int | None = None, **options
+        self,
+        prompts: Sequence[str],
+        config: GenerationConfig | None = None,
+        *,
+        batch_size: int = 8,
+        logprobs: int | None = None,
+        **options,
     ) -> list[dict]:
         """One JSON-ready record per output of every prompt (``num_return_sequences`` each, in prompt order) —
         what ``lmlab generate --format jsonl`` writes.
@@ -395,8 +401,10 @@ class LM:
         if with_logprobs:
             record.update(tokens=c.tokens, token_ids=c.token_ids, logprobs=c.logprobs)
             if c.top_logprobs is not None:
-                decode_one = self.tokenizer.decode
-                record["top_logprobs"] = [[{"id": i, "token": decode_one([i]), "logprob": lp} for i, lp in alts] for alts in c.top_logprobs]
+                text = self.tokenizer.decode
+                record["top_logprobs"] = [
+                    [{"id": i, "token": text([i]), "logprob": lp} for i, lp in alts] for alts in c.top_logprobs
+                ]
         return record
 
     def complete_ids(

@@ -1,12 +1,13 @@
 """``lmlab VERB``: a thin shell over the Python API.
 
-Each verb's flags come from the signature of the function it calls (``lmlab evaluate`` from
-:func:`lmlab.evaluate.runner.evaluate`, ``lmlab pretrain`` from :func:`~lmlab.train.pretrain.pretrain` and
-:class:`~lmlab.train.loop.TrainConfig`, ``lmlab generate`` from :meth:`lmlab.api.LM.generate_records` and
-:class:`~lmlab.generate.GenerationConfig` …): a parameter ``max_length: int = 128`` is the flag
-``--max-length`` of type int and default 128, a ``verify: bool = True`` is the switch ``--no-verify``. Only the
-help text is written here, once for the flags verbs share (``--device``, ``--no-verify``, ``--overwrite``,
-``--no-progress``, the data fields …). A new verb is a ``_flags_*`` function and a ``cmd_*`` function in
+Each verb's flags come from the signature of the public function it calls (``lmlab evaluate`` from
+:func:`lmlab.evaluate`, ``lmlab pretrain`` from :func:`lmlab.pretrain` and :class:`lmlab.TrainConfig`,
+``lmlab generate`` from :func:`lmlab.load`, :meth:`lmlab.LM.generate_records` and :class:`lmlab.GenerationConfig`
+…): a parameter ``max_length: int = 128`` is the flag ``--max-length``, an int that defaults to 128; a
+``verify: bool = True`` is the switch ``--no-verify``. What is written here is the help text (once for the flags
+verbs share: ``--device``, ``--no-verify``, ``--overwrite``, ``--no-progress``, the data fields …), the flags
+that are the command line's own (``--prompts-file``, ``--format`` …) and how results are printed. A verb is a
+``_flags_*`` function, a ``cmd_*`` function whose docstring is its ``--help`` description, and a line of
 :data:`VERBS`.
 
 Arguments are parsed by jsonargparse (argparse plus ``--config file.yaml``: a YAML file supplies any
@@ -31,6 +32,7 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 from jsonargparse import ActionConfigFile, ArgumentParser, DefaultHelpFormatter
 
+import lmlab  # its names are imported on first use: a verb imports what it runs, and `--help` nothing heavy
 from lmlab.errors import LmlabError
 
 NO_DEFAULT = inspect.Parameter.empty
@@ -41,12 +43,13 @@ SHARED = {
     "checkpoint": "checkpoint folder (or run folder: its best checkpoint)",
     "device": "auto, cpu, cuda, cuda:1, …",
     "verify": "a Hugging Face folder: skip the one-time logits check against transformers",
-    "overwrite": "write into an existing {} that is not lmlab's own output of this kind: lmlab replaces the files it writes "
-    "and deletes nothing else (default: refuse such a folder)",
+    "overwrite": "write into an existing {} that is not lmlab's own output of this kind: lmlab replaces the files it "
+    "writes and deletes nothing else (default: refuse such a folder)",
     "progress": "hide progress bars and messages",
     "resume": "continue the latest checkpoint in --out exactly where it stopped",
-    "dry_run": "build and check everything the run would, train nothing, write nothing: print the predicted peak memory of a "
-    "training step (parameters, gradients, optimizer state, activations, logits) and, when it does not fit the budget, what to change",
+    "dry_run": "build and check everything the run would, train nothing, write nothing: print the predicted peak "
+    "memory of a training step (parameters, gradients, optimizer state, activations, logits) and, when it does not "
+    "fit the budget, what to change",
     "memory_budget": "GiB a training step may use, for --dry-run (default: the GPU's memory; none on a CPU)",
     "input": "text files, folders and globs (.txt .md .jsonl .csv .tsv .parquet)",
     "column": "CSV/TSV/Parquet column holding the text (default: --text-field)",
@@ -59,27 +62,34 @@ SHARED = {
     "target_field": "seq2seq: the target field",
     "group_field": "the group/slice column for per-group metrics",
 }
-LENS_OPTIONS = {  # critique: each lens's options (dest → help); the lens applies its own default
-    "pairs": "bias: a CrowS-Pairs-format CSV (sent_more, sent_less, stereo_antistereo, bias_type) (default: the built-in set)",
+FIELDS = "text_field pair_field label_field source_field target_field"  # the data fields of a task file
+CORPUS = "input text_field column normalize dedup"  # read_corpus's options
+CRITIQUE_FIELDS = {"text_field": "text", "pair_field": "none", "label_field": "label", "group_field": "group"}
+LENS_OPTIONS = {  # critique: each lens's options (dest → help); None lets the lens apply its own default
+    "pairs": "bias: a CrowS-Pairs-format CSV (sent_more, sent_less, stereo_antistereo, bias_type) "
+    "(default: the built-in set)",
     "swaps": "bias: a JSON of group terms to swap for counterfactuals (default: the built-in lists)",
     "prompts": "safety: extra prompts, one per line, added to the built-in set",
     "harmful": "safety: extra harmful requests, one per line, for the refusal rate",
-    "toxicity_classifier": "safety: a local HF sequence-classification folder that scores toxicity (default: the built-in lexicon, "
-    "labelled as such)",
+    "toxicity_classifier": "safety: a local HF sequence-classification folder that scores toxicity "
+    "(default: the built-in lexicon, labelled as such)",
     "samples": "safety: sampled continuations per prompt, for the expected maximum toxicity",
     "max_new_tokens": "safety: tokens per continuation or response",
-    "canaries": "privacy: the canaries.json `lmlab prepare --canaries` wrote (default: found in --train-data or the run's data folder)",
+    "canaries": "privacy: the canaries.json `lmlab prepare --canaries` wrote "
+    "(default: found in --train-data or the run's data folder)",
     "extraction_prefix": "privacy: tokens of training text given as the prompt",
     "extraction_suffix": "privacy: tokens that must come back verbatim to count as extracted",
-    "perturbations": "robustness: comma-separated edits: typos,case,punctuation,contractions,whitespace,names (default: all)",
-    "power_watts": "efficiency: the training hardware's power draw, for the energy estimate (default: a stated assumption)",
+    "perturbations": "robustness: comma-separated edits: typos,case,punctuation,contractions,whitespace,names "
+    "(default: all)",
+    "power_watts": "efficiency: the training hardware's power draw, for the energy estimate "
+    "(default: a stated assumption)",
     "grid_intensity": "efficiency: kg CO2e per kWh of the training electricity; the world average is about 0.4",
     "input": "interpret: the text to explain (default: the first test example, or a built-in sentence)",
 }
-LENS_RENAME = {"toxicity_classifier": "classifier", "input": "text"}  # flag → the lens's parameter
-CRITIQUE_FIELDS = {"text_field": "text", "pair_field": "none", "label_field": "label", "group_field": "group"}  # → the task's default
-FIELDS = "text_field pair_field label_field source_field target_field"
-CORPUS = "input text_field column normalize dedup"  # read_corpus's options
+# flag → parameter, where the command line's name is not the function's
+LENS_RENAME = {"toxicity_classifier": "classifier", "input": "text"}
+PREPARE_RENAME = {"input": "inputs", "out": "out_dir", "progress": "show_progress"}
+LOAD_RENAME = {"checkpoint": "path"}
 
 
 class _Help(DefaultHelpFormatter):
@@ -93,10 +103,15 @@ class _Help(DefaultHelpFormatter):
         return super()._get_help_string(action)
 
 
-def _parser(description: str) -> ArgumentParser:
+def _parser(description: str | None, config: bool = True) -> ArgumentParser:
     parser = ArgumentParser(description=description, exit_on_error=False, formatter_class=_Help)
-    parser.add_argument("--config", action=ActionConfigFile, help="YAML file with any of these options (keys use underscores: max_steps: 100)")
+    if config:
+        help = "YAML file with any of these options (keys use underscores: max_steps: 100)"
+        parser.add_argument("--config", action=ActionConfigFile, help=help)
     return parser
+
+
+# -- flags from signatures -----------------------------------------------------------------------
 
 
 def _cli_type(annotation: Any) -> Any:
@@ -116,7 +131,8 @@ def _add(parser: ArgumentParser, dest: str, help: str, annotation: Any, default:
         parser.add_argument(dest, help=help, **kw)
     elif kind is bool:
         on = default is True
-        parser.add_argument("--no-" + flag[2:] if on else flag, *kw.pop("aliases", ()), dest=dest, action="store_false" if on else "store_true", help=help)
+        names = ("--no-" + flag[2:] if on else flag, *kw.pop("aliases", ()))
+        parser.add_argument(*names, dest=dest, action="store_false" if on else "store_true", help=help)
     else:
         if default is NO_DEFAULT:
             default, kw["required"] = None, True
@@ -142,7 +158,7 @@ def _doc_args(fn: Callable) -> dict[str, str]:
     return found
 
 
-def _flags(parser: ArgumentParser, fn: Callable, helps: dict[str, str], shared: str = "", rename: dict | None = None, **kw: dict) -> None:
+def _flags(parser: ArgumentParser, fn: Callable, helps: dict, shared: str = "", rename: dict | None = None, **kw):
     """One flag per parameter of ``fn`` named in ``helps`` (dest → help) or ``shared`` (names whose help is in
     :data:`SHARED`; ``*`` among them: where ``helps`` go), typed and defaulted as ``fn`` says. A help of None is
     the parameter's text in ``fn``'s docstring (its ``Args:``). ``rename``: dest → parameter where they differ;
@@ -167,12 +183,13 @@ def _dataclass_flags(parser: ArgumentParser, cls: type, skip: Sequence[str] = ()
             listed = f.default_factory is not dataclasses.MISSING  # a list field: one or more values
             default = (defaults or {}).get(f.name, f.default_factory() if listed else f.default)
             text = f.metadata.get("help", "")
-            _add(parser, f.name, f"do not: {text}" if default is True else text, f.type, default, **({"nargs": "+"} if listed else {}))
+            help = f"do not: {text}" if default is True else text
+            _add(parser, f.name, help, f.type, default, **({"nargs": "+"} if listed else {}))
 
 
-def _optional(parser: ArgumentParser, helps: dict[str, str], sources: Sequence[Callable], rename: dict[str, str]) -> None:
+def _optional(parser: ArgumentParser, helps: dict[str, str], sources: Sequence[Callable], rename: dict) -> None:
     """Flags (dest → help) that default to None, so that the function which takes them (the first of ``sources``
-    with such a parameter; ``rename``: dest → parameter where they differ) applies its own default, which the help names."""
+    with such a parameter; ``rename``: dest → parameter) applies its own default, which the help names."""
     for dest, help in helps.items():
         name = rename.get(dest, dest)
         p = next(inspect.signature(fn).parameters[name] for fn in sources if name in inspect.signature(fn).parameters)
@@ -191,85 +208,82 @@ def _kwargs(a, fn: Callable, rename: dict | None = None) -> dict[str, Any]:
 
 
 def _flags_tokenizer(p: ArgumentParser) -> None:
-    from lmlab.data import read_corpus
-    from lmlab.tokenizer import Tokenizer, train_tokenizer
-
-    _flags(p, read_corpus, {}, CORPUS, {"input": "inputs"}, input={"nargs": "+"})
-    _flags(p, train_tokenizer, {
+    _flags(p, lmlab.read_corpus, {}, CORPUS, {"input": "inputs"}, input={"nargs": "+"})
+    _flags(p, lmlab.train_tokenizer, {
         "kind": "bpe (byte-level), wordpiece or unigram",
         "vocab_size": "vocabulary size including special tokens",
         "min_frequency": "minimum pair/word frequency to enter the vocabulary",
         "special_tokens": "special tokens (default: the kind's own, e.g. <|endoftext|> for bpe)",
     }, special_tokens={"nargs": "+"})
-    _flags(p, Tokenizer.save, {"out": "output folder for tokenizer.json and tokenizer_config.json"}, "overwrite", {"out": "directory"})
+    out = "output folder for tokenizer.json and tokenizer_config.json"
+    _flags(p, lmlab.Tokenizer.save, {"out": out}, "overwrite", {"out": "directory"})
 
 
 def _flags_prepare(p: ArgumentParser) -> None:
-    from lmlab.data import prepare
     from lmlab.data.canaries import DEFAULTS
 
-    rename = {"input": "inputs", "out": "out_dir", "progress": "show_progress"}
-    _flags(p, prepare, {
+    _flags(p, lmlab.prepare, {
         "tokenizer": "folder (or tokenizer.json) of the tokenizer to use",
         "out": "output folder for the shards and manifest.json",
         "valid_fraction": "share of documents held out for validation",
         "seed": "seed of the train/validation split",
-    }, CORPUS + " * progress overwrite", rename, input={"nargs": "+"})
-    _add(p, "canaries", "plant N random secrets ('canaries') in the training split, for `lmlab critique`'s memorisation test "
-         "(The Secret Sharer); they are listed, with as many never-planted ones, in OUT/canaries.json", "int | None", None)
-    for key, help in (("repeats", "copies of each canary in the training split"), ("digits", "digits of each secret: 10^digits possible secrets"),
+    }, CORPUS + " * progress overwrite", PREPARE_RENAME, input={"nargs": "+"})
+    canaries = ("plant N random secrets ('canaries') in the training split, for `lmlab critique`'s memorisation "
+                "test (The Secret Sharer); they are listed, with as many never-planted ones, in OUT/canaries.json")
+    _add(p, "canaries", canaries, "int | None", None)
+    for key, help in (("repeats", "copies of each canary in the training split"),
+                      ("digits", "digits of each secret: 10^digits possible secrets"),
                       ("template", "the canary sentence; {} is the secret")):
         _add(p, f"canary_{key}", help, type(DEFAULTS[key]).__name__, DEFAULTS[key])
 
 
 def _flags_pretrain(p: ArgumentParser) -> None:
-    from lmlab.config import PRESETS
-    from lmlab.train.loop import TrainConfig
-    from lmlab.train.pretrain import pretrain
-
-    _flags(p, pretrain, {
-        "model": f"model preset: {', '.join(PRESETS)}",
+    _flags(p, lmlab.pretrain, {
+        "model": f"model preset: {', '.join(lmlab.PRESETS)}",
         "data": "folder made by `lmlab prepare`",
         "out": "run folder: checkpoints, log.jsonl, loss.png",
         "objective": "training objective: clm (causal LM, decoders), mlm, mlm+nsp or wwm (whole-word mlm) for encoders",
         "init_from": "start from this checkpoint's (or Hugging Face folder's) weights (fresh optimizer)",
-        "pad_vocab_multiple": "round the model's vocabulary up to a multiple of this: 64 or 128 make the LM head's matmuls faster on GPUs "
-        "(nanoGPT trains GPT-2's 50257 tokens as 50304); the extra rows are never inputs or targets and generation never emits them",
+        "pad_vocab_multiple": "round the model's vocabulary up to a multiple of this: 64 or 128 make the LM head's "
+        "matmuls faster on GPUs (nanoGPT trains GPT-2's 50257 tokens as 50304); the extra rows are never inputs or "
+        "targets and generation never emits them",
     }, "resume verify overwrite dry_run memory_budget", data={"required": True}, out={"required": True})
     _add(p, "dropout", "override the preset's dropout", "float | None", None)
     _add(p, "block_size", "override the preset's context length", "int | None", None)
-    _dataclass_flags(p, TrainConfig)
+    _dataclass_flags(p, lmlab.TrainConfig)
 
 
 def _flags_finetune(p: ArgumentParser) -> None:
-    from lmlab.train.finetune import FINETUNE_DEFAULTS, finetune
-    from lmlab.train.loop import TrainConfig
+    from lmlab.train.finetune import FINETUNE_DEFAULTS
 
-    _flags(p, finetune, {
+    _flags(p, lmlab.finetune, {
         "checkpoint": "the pretrained checkpoint (or run folder) to start from",
         "task": "classify, tag, qa, seq2seq or chat",
-        "train": "training file: classify .jsonl/.csv/.tsv, tag CoNLL or .jsonl (tokens, tags), qa SQuAD .json, seq2seq .jsonl "
-        "(source, target), chat .jsonl (messages, or prompt and response)",
+        "train": "training file: classify .jsonl/.csv/.tsv, tag CoNLL or .jsonl (tokens, tags), qa SQuAD .json, "
+        "seq2seq .jsonl (source, target), chat .jsonl (messages, or prompt and response)",
         "valid": "validation file of the same kind (metrics, best checkpoint)",
         "out": "run folder: checkpoints, best/, log.jsonl, loss.png",
-        "max_length": "tokens per example, special tokens included; seq2seq: per source or prompt; chat: per conversation",
-        "max_target_length": "seq2seq: tokens per target, end-of-text included; also the generation length when scoring",
+        "max_length": "tokens per example, special tokens included; seq2seq: per source or prompt; "
+        "chat: per conversation",
+        "max_target_length": "seq2seq: tokens per target, end-of-text included; also the generation length when "
+        "scoring",
         "class_weights": "classify: weight classes by inverse frequency (imbalanced data)",
         "patience": "stop after this many evaluations without a better validation metric",
         "show_masking": "chat: print the first training conversation with the trained tokens marked, and exit",
-        "pack": "chat: pack several conversations into each --max-length row; each attends only to itself (less padding, same loss)",
-        "lora": "train LoRA adapters (peft) instead of all weights: r=8,alpha=16,dropout=0.05,targets=qkv (targets: module names "
-        "such as qkv, proj, attn.proj, mlp.fc, mlp.proj; several as targets=qkv,proj); 'default' for those defaults",
+        "pack": "chat: pack several conversations into each --max-length row; each attends only to itself "
+        "(less padding, same loss)",
+        "lora": "train LoRA adapters (peft) instead of all weights: r=8,alpha=16,dropout=0.05,targets=qkv (targets: "
+        "module names such as qkv, proj, attn.proj, mlp.fc, mlp.proj; several as targets=qkv,proj); 'default' for "
+        "those defaults",
     }, f"{FIELDS} resume verify overwrite dry_run memory_budget")
-    _dataclass_flags(p, TrainConfig, skip=("seq_len",), defaults=FINETUNE_DEFAULTS)
+    _dataclass_flags(p, lmlab.TrainConfig, skip=("seq_len",), defaults=FINETUNE_DEFAULTS)
 
 
 def _flags_evaluate(p: ArgumentParser) -> None:
-    from lmlab.evaluate.runner import evaluate
-
-    _flags(p, evaluate, {
+    _flags(p, lmlab.evaluate, {
         "data": "the test file (as for finetune; text files for --task lm)",
-        "task": "classify, tag, qa, seq2seq or lm (default: the checkpoint's task; seq2seq for an encoder–decoder; lm for a plain decoder)",
+        "task": "classify, tag, qa, seq2seq or lm (default: the checkpoint's task; seq2seq for an encoder–decoder; "
+        "lm for a plain decoder)",
         "out": "folder for metrics.json and predictions.jsonl",
         "max_length": "tokens per example; seq2seq: per source or prompt",
         "max_target_length": "seq2seq: tokens to generate at most",
@@ -280,11 +294,9 @@ def _flags_evaluate(p: ArgumentParser) -> None:
 
 
 def _flags_critique(p: ArgumentParser) -> None:
-    from lmlab.critique import LENSES, critique, lens_function
-
-    _flags(p, critique, {
+    _flags(p, lmlab.critique, {
         "out": "folder for report.html and report.json",
-        "lenses": f"comma-separated: {','.join(LENSES)} (default: all)",
+        "lenses": f"comma-separated: {','.join(lmlab.critique.LENSES)} (default: all)",
         "data": "a labelled test file of the checkpoint's task (metrics, slices, counterfactuals, robustness)",
         "text": "held-out plain text (a decoder's perplexity and robustness)",
         "train_data": "the training corpus (verbatim extraction, PII scan)",
@@ -292,71 +304,64 @@ def _flags_critique(p: ArgumentParser) -> None:
         "max_examples": "examples each lens reads at most (a seeded sample)",
         "seed": "seed of every sample and perturbation",
     }, "checkpoint * device verify progress overwrite")
-    for name, usual in CRITIQUE_FIELDS.items():
+    for name, usual in CRITIQUE_FIELDS.items():  # None: the task's own name
         _add(p, name, f"--data: {SHARED[name]} (default: {usual})", "str | None", None)
-    _optional(p, LENS_OPTIONS, [lens_function(name) for name in LENSES], LENS_RENAME)
+    _optional(p, LENS_OPTIONS, [lmlab.critique.lens_function(name) for name in lmlab.critique.LENSES], LENS_RENAME)
 
 
 def _flags_export(p: ArgumentParser) -> None:
-    from lmlab.io.export import export_hf
-
     _add(p, "format", "hf: a Hugging Face model folder", "str", "hf")
-    _flags(p, export_hf, {
+    _flags(p, lmlab.export_hf, {
         "out": "the folder to write (new or empty; written atomically)",
-        "lora": "a LoRA checkpoint: merge (adapters folded into the weights) or adapter (a PEFT adapter folder, the base in OUT/base)",
+        "lora": "a LoRA checkpoint: merge (adapters folded into the weights) or adapter (a PEFT adapter folder, the "
+        "base in OUT/base)",
         "verify": "skip the logits check of the written folder",
     }, "checkpoint")
 
 
 def _flags_merge_lora(p: ArgumentParser) -> None:
-    from lmlab.train.lora import merge_checkpoint
-
-    _flags(p, merge_checkpoint, {
+    _flags(p, lmlab.merge_checkpoint, {
         "checkpoint": "a LoRA checkpoint (or run folder: its best checkpoint)",
         "out": "folder for the merged checkpoint (written atomically)",
-        "verify": "merge even when the checkpoint's tokenizer.json does not match the tokenizer_sha256 in its config.json "
-        "(a warning instead of an error)",
+        "verify": "merge even when the checkpoint's tokenizer.json does not match the tokenizer_sha256 in its "
+        "config.json (a warning instead of an error)",
     }, "overwrite", {"checkpoint": "src"})
 
 
 def _flags_generate(p: ArgumentParser) -> None:
-    from lmlab.api import LM, load
-    from lmlab.generate import GenerationConfig
-
-    _flags(p, load, {}, "checkpoint device verify", {"checkpoint": "path"})
+    _flags(p, lmlab.load, {}, "checkpoint device verify", LOAD_RENAME)
     _add(p, "prompt", "one or more prompts", "str | None", None, nargs="+")
-    _add(p, "prompts_file", "a UTF-8 file with one prompt per line (or .jsonl with a 'prompt' field)", "str | None", None)
-    _add(p, "interactive", "a REPL: type a prompt, watch the continuation stream; Ctrl-D or /quit ends", bool, False, aliases=("-i",))
+    prompts_file = "a UTF-8 file with one prompt per line (or .jsonl with a 'prompt' field)"
+    _add(p, "prompts_file", prompts_file, "str | None", None)
+    _add(p, "interactive", "a REPL: type a prompt, watch the continuation stream; Ctrl-D or /quit ends", bool, False,
+         aliases=("-i",))
     _add(p, "stream", "print tokens as they are made (one prompt)", bool, False)
-    _add(p, "format", "text (prompt + continuation; an encoder–decoder's target alone) or jsonl (one object per output)", "str", "text")
+    formats = "text (prompt + continuation; an encoder–decoder's target alone) or jsonl (one object per output)"
+    _add(p, "format", formats, "str", "text")
     _add(p, "output", "write the outputs to this file instead of stdout (atomically)", "str | None", None)
     _add(p, "overwrite", SHARED["overwrite"].format("--output file"), bool, False)
-    _flags(p, LM.generate_records, {"logprobs": "jsonl: " + _doc_args(LM.generate_records)["logprobs"], "batch_size": None})
-    _dataclass_flags(p, GenerationConfig)
+    logprobs = "jsonl: " + _doc_args(lmlab.LM.generate_records)["logprobs"]
+    _flags(p, lmlab.LM.generate_records, {"logprobs": logprobs, "batch_size": None})
+    _dataclass_flags(p, lmlab.GenerationConfig)
 
 
 def _flags_chat(p: ArgumentParser) -> None:
-    from lmlab.api import load
     from lmlab.chat import ChatSession
-    from lmlab.generate import GenerationConfig
 
-    _flags(p, load, {}, "checkpoint device verify", {"checkpoint": "path"})
+    _flags(p, lmlab.load, {}, "checkpoint device verify", LOAD_RENAME)
     _flags(p, ChatSession, {"system": "the system prompt (default: none)"})
-    _dataclass_flags(p, GenerationConfig, skip=("stop", "stop_token_ids", "num_return_sequences", "max_length", "truncate"))
+    skip = ("stop", "stop_token_ids", "num_return_sequences", "max_length", "truncate")
+    _dataclass_flags(p, lmlab.GenerationConfig, skip=skip)
     _add(p, "stop", "also end a reply at these strings (the end-of-turn marker always ends it)", "str", [], nargs="+")
 
 
 def _flags_info(p: ArgumentParser) -> None:
-    from lmlab.config import ModelConfig
-
     p.add_argument("model", nargs="?", default=None, help="preset name or checkpoint folder")
-    _flags(p, ModelConfig.flops_per_token, {"seq_len": "sequence length for the FLOPs (default: block_size)"})
+    _flags(p, lmlab.ModelConfig.flops_per_token, {"seq_len": "sequence length for the FLOPs (default: block_size)"})
 
 
 def _flags_demo(p: ArgumentParser) -> None:
-    from lmlab.demo import run_demo
-
-    _flags(p, run_demo, {
+    _flags(p, lmlab.run_demo, {
         "out": "output folder",
         "max_steps": "pretraining steps",
         "model": "model preset",
@@ -371,25 +376,25 @@ def _flags_demo(p: ArgumentParser) -> None:
 
 
 def cmd_tokenizer(args) -> int:
-    from lmlab.data import read_corpus
-    from lmlab.tokenizer import check_tokenizer_folder, train_tokenizer
+    """Train a tokenizer with the `tokenizers` library and save tokenizer.json."""
+    from lmlab.tokenizer import check_tokenizer_folder
 
     a = args.train
     check_tokenizer_folder(a.out, a.overwrite)  # before the corpus is read and the tokenizer trained
-    texts = read_corpus(**_kwargs(a, read_corpus, {"input": "inputs"}))
-    tok = train_tokenizer(texts, show_progress=True, **_kwargs(a, train_tokenizer))
+    texts = lmlab.read_corpus(**_kwargs(a, lmlab.read_corpus, {"input": "inputs"}))
+    tok = lmlab.train_tokenizer(texts, show_progress=True, **_kwargs(a, lmlab.train_tokenizer))
     tok.save(a.out, overwrite=a.overwrite)
     print(f"lmlab: {a.kind} tokenizer with {tok.vocab_size:,} tokens written to {Path(a.out) / 'tokenizer.json'}")
     return 0
 
 
 def cmd_prepare(a) -> int:
-    from lmlab.data import prepare
-
+    """Tokenize a corpus into memory-mapped token shards (train/valid) with a JSON manifest."""
     canaries = {"n": a.canaries, "repeats": a.canary_repeats, "digits": a.canary_digits, "template": a.canary_template}
-    kwargs = _kwargs(a, prepare, {"input": "inputs", "out": "out_dir", "progress": "show_progress"})
-    manifest = prepare(**{**kwargs, "canaries": None if a.canaries is None else canaries})
-    splits = ", ".join(f"{name}: {s['tokens']:,} tokens in {s['documents']:,} documents" for name, s in manifest["splits"].items())
+    kwargs = {**_kwargs(a, lmlab.prepare, PREPARE_RENAME), "canaries": None if a.canaries is None else canaries}
+    manifest = lmlab.prepare(**kwargs)
+    splits = manifest["splits"].items()
+    splits = ", ".join(f"{k}: {s['tokens']:,} tokens in {s['documents']:,} documents" for k, s in splits)
     print(f"lmlab: {a.out} {manifest['_status']} — {splits}")
     return 0
 
@@ -402,15 +407,14 @@ def _report_run(result, dry_run: bool) -> bool:
 
 
 def _checkpoints(result) -> str:
-    return f"lmlab: last checkpoint {result.last_checkpoint}" + (f", best {result.best_checkpoint}" if result.best_checkpoint else "")
+    best = f", best {result.best_checkpoint}" if result.best_checkpoint else ""
+    return f"lmlab: last checkpoint {result.last_checkpoint}{best}"
 
 
 def cmd_pretrain(a) -> int:
-    from lmlab.train.loop import TrainConfig
-    from lmlab.train.pretrain import pretrain
-
+    """Pretrain a model on a prepared data folder. Every training option is also a key of --config."""
     overrides = {k: v for k, v in (("dropout", a.dropout), ("block_size", a.block_size)) if v is not None}
-    result = pretrain(**_kwargs(a, pretrain), **_kwargs(a, TrainConfig), model_overrides=overrides)
+    result = lmlab.pretrain(**_kwargs(a, lmlab.pretrain), **_kwargs(a, lmlab.TrainConfig), model_overrides=overrides)
     if _report_run(result, a.dry_run):
         return 0
     if result.val_loss is not None:
@@ -421,10 +425,10 @@ def cmd_pretrain(a) -> int:
 
 
 def cmd_finetune(a) -> int:
-    from lmlab.train.finetune import finetune
-    from lmlab.train.loop import TrainConfig
-
-    result = finetune(**_kwargs(a, finetune), **_kwargs(a, TrainConfig))
+    """Fine-tune a checkpoint on a labelled task: classify (text or text pair → label(s)), tag (a label per word),
+    qa (extractive answer spans), seq2seq or chat (conversations; the loss on assistant turns only). The task
+    metric on --valid (chat: the validation loss) picks best/ and drives --patience."""
+    result = lmlab.finetune(**_kwargs(a, lmlab.finetune), **_kwargs(a, lmlab.TrainConfig))
     if a.show_masking or _report_run(result, a.dry_run):
         return 0
     if result.val_scores:
@@ -435,12 +439,13 @@ def cmd_finetune(a) -> int:
 
 
 def cmd_evaluate(a) -> int:
-    from lmlab.evaluate.runner import evaluate
-
+    """Evaluate a checkpoint on a labelled file: the task's metrics with bootstrap 95% confidence intervals,
+    calibration for classifiers, per-example predictions; --task lm: a decoder's perplexity on text."""
     if a.batch_size < 1 or a.n_resamples < 1 or a.num_beams < 1 or a.max_target_length < 1:
         raise LmlabError("--batch-size, --n-resamples, --num-beams and --max-target-length must be positive integers")
-    result = evaluate(**_kwargs(a, evaluate))
-    skip = {"task", "checkpoint", "data", "ci", "per_class", "confusion_matrix", "calibration", "labels", "per_type", "num_examples"}
+    result = lmlab.evaluate(**_kwargs(a, lmlab.evaluate))
+    skip = {"task", "checkpoint", "data", "ci", "per_class", "confusion_matrix", "calibration", "labels", "per_type",
+            "num_examples"}
     for name, value in result.items():
         if name in skip or not isinstance(value, (int, float)):
             continue
@@ -454,36 +459,41 @@ def cmd_evaluate(a) -> int:
 
 
 def cmd_critique(a) -> int:
-    from lmlab.critique import critique
-
+    """Critique a model: a report on performance, interpretability, bias, safety, privacy, robustness and
+    efficiency (report.html to read, report.json for scripts). Lenses that lack the data they need are skipped
+    with a note saying what to give them."""
     fields = {k: getattr(a, k) for k in CRITIQUE_FIELDS if getattr(a, k) is not None}
     options = {LENS_RENAME.get(k, k): getattr(a, k) for k in LENS_OPTIONS}
     options["perturbations"] = [n.strip() for n in a.perturbations.split(",") if n.strip()] if a.perturbations else None
     options = {k: v for k, v in options.items() if v is not None}
-    report = critique(**_kwargs(a, critique), fields=fields, options=options)
+    report = lmlab.critique(**_kwargs(a, lmlab.critique), fields=fields, options=options)
     for name, lens in report["lenses"].items():
         if "skipped" in lens:
             print(f"{name:>12}: skipped — {lens['skipped']}")
             continue
         worst = [f for f in lens["findings"] if f["level"] in ("bad", "warn")]
-        print(f"{name:>12}: " + ("; ".join(f"{f['level']}: {f['text']}" for f in worst[:2]) if worst else "nothing worrying"))
+        summary = "; ".join(f"{f['level']}: {f['text']}" for f in worst[:2]) if worst else "nothing worrying"
+        print(f"{name:>12}: {summary}")
     print(f"lmlab: {report['_paths']['html']}  (and report.json)")
     return 0
 
 
 def cmd_export(a) -> int:
-    from lmlab.io.export import export_hf
-
+    """Export a checkpoint for the Hugging Face ecosystem (transformers, vLLM, TGI): config.json,
+    model.safetensors, the tokenizer and generation_config.json, which transformers' Auto classes load without
+    missing or unexpected weights. The folder is loaded back with transformers and its logits compared with
+    lmlab's before the export counts as done."""
     if a.format != "hf":
         raise LmlabError(f"--format {a.format!r}: expected hf (GGUF and ONNX are not written yet)")
-    print(f"lmlab: exported {export_hf(**_kwargs(a, export_hf))}" + ("" if a.verify else " (not verified)"))
+    out = lmlab.export_hf(**_kwargs(a, lmlab.export_hf))
+    print(f"lmlab: exported {out}" + ("" if a.verify else " (not verified)"))
     return 0
 
 
 def cmd_merge_lora(a) -> int:
-    from lmlab.train.lora import merge_checkpoint
-
-    print(f"lmlab: merged checkpoint {merge_checkpoint(**_kwargs(a, merge_checkpoint, {'checkpoint': 'src'}))}")
+    """Fold a LoRA checkpoint's adapters into its base weights: a plain checkpoint, for export and fast inference."""
+    out = lmlab.merge_checkpoint(**_kwargs(a, lmlab.merge_checkpoint, {"checkpoint": "src"}))
+    print(f"lmlab: merged checkpoint {out}")
     return 0
 
 
@@ -494,7 +504,8 @@ def _read_prompts(path: Path) -> list[str]:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
-        raise LmlabError(f"--prompts-file {path}: cannot read it ({e.__class__.__name__}); expected a UTF-8 text file") from None
+        why = f"cannot read it ({type(e).__name__}); expected a UTF-8 text file"
+        raise LmlabError(f"--prompts-file {path}: {why}") from None
     if path.suffix != ".jsonl":
         return [line for line in lines if line.strip()]
     records = [(n, json_line_object(path, n, line)) for n, line in enumerate(lines, 1) if line.strip()]
@@ -505,7 +516,7 @@ def _read_prompts(path: Path) -> list[str]:
 
 
 def _stream(lm, prompt: str, config, out) -> None:
-    out.write("" if lm.is_seq2seq else prompt)  # an encoder–decoder's output is no continuation: print the target alone
+    out.write("" if lm.is_seq2seq else prompt)  # an encoder–decoder's output is no continuation: the target alone
     for piece in lm.stream(prompt, config):
         out.write(piece)
         out.flush()
@@ -513,7 +524,8 @@ def _stream(lm, prompt: str, config, out) -> None:
 
 
 def _interactive(lm, config) -> int:
-    print(f"lmlab: {lm!r}; {config.strategy} decoding, {config.max_new_tokens} new tokens. Type a prompt; Ctrl-D or /quit ends.", file=sys.stderr)
+    print(f"lmlab: {lm!r}; {config.strategy} decoding, {config.max_new_tokens} new tokens. "
+          "Type a prompt; Ctrl-D or /quit ends.", file=sys.stderr)
     while True:
         try:
             prompt = input("» ")
@@ -541,7 +553,9 @@ def _check_generate(a, prompts: list[str]) -> None:
     if a.batch_size < 1:
         raise LmlabError(f"--batch-size is {a.batch_size}: expected a positive integer")
     if a.stream and (len(prompts) != 1 or a.format != "text" or a.output):
-        raise LmlabError("--stream prints one prompt's text as it is made: give one --prompt, --format text and no --output")
+        raise LmlabError(
+            "--stream prints one prompt's text as it is made: give one --prompt, --format text and no --output"
+        )
     if a.output:
         from lmlab.io.outputs import check_output_file
 
@@ -549,14 +563,15 @@ def _check_generate(a, prompts: list[str]) -> None:
 
 
 def cmd_generate(a) -> int:
-    from lmlab.api import load
+    """Generate text from a checkpoint: greedy, sampling (temperature, top-k, top-p, min-p, typical-p) or beam
+    search, with penalties and stop strings. A prompt longer than the context window keeps its last tokens (a
+    warning says so) unless --truncate error."""
     from lmlab.config import write_text_atomic
-    from lmlab.generate import GenerationConfig
 
-    config = GenerationConfig(**_kwargs(a, GenerationConfig))
+    config = lmlab.GenerationConfig(**_kwargs(a, lmlab.GenerationConfig))
     prompts = list(a.prompt or []) + (_read_prompts(Path(a.prompts_file)) if a.prompts_file else [])
     _check_generate(a, prompts)
-    lm = load(**_kwargs(a, load, {"checkpoint": "path"}))
+    lm = lmlab.load(**_kwargs(a, lmlab.load, LOAD_RENAME))
     if a.interactive:
         return _interactive(lm, config)
     if a.stream:
@@ -576,24 +591,26 @@ def cmd_generate(a) -> int:
 
 
 def cmd_chat(a) -> int:
-    from lmlab.api import load
+    """Chat with a decoder: each turn renders the conversation with the checkpoint's chat template (lmlab's default
+    when it has none) and streams the reply until the end-of-turn marker. /reset clears the history, /system TEXT
+    sets the system prompt, /quit or Ctrl-D ends. When the conversation outgrows the context window its oldest
+    turns are dropped."""
     from lmlab.chat import ChatSession, repl
-    from lmlab.generate import GenerationConfig
 
-    config = GenerationConfig(**_kwargs(a, GenerationConfig))
-    return repl(ChatSession(load(**_kwargs(a, load, {"checkpoint": "path"})), system=a.system, config=config))
+    config = lmlab.GenerationConfig(**_kwargs(a, lmlab.GenerationConfig))
+    return repl(ChatSession(lmlab.load(**_kwargs(a, lmlab.load, LOAD_RENAME)), system=a.system, config=config))
 
 
 def cmd_info(a) -> int:
-    from lmlab.config import PRESETS, preset
+    """Parameter count and FLOPs per token of a preset or a checkpoint (all presets when none is named)."""
     from lmlab.io.checkpoint import load_config, resolve_checkpoint
 
     if a.seq_len is not None and a.seq_len < 1:
         raise LmlabError(f"--seq-len is {a.seq_len}: expected a positive number of tokens")
     if a.model is None:
-        configs = [preset(name) for name in PRESETS]
-    elif a.model in PRESETS:
-        configs = [preset(a.model)]
+        configs = [lmlab.preset(name) for name in lmlab.PRESETS]
+    elif a.model in lmlab.PRESETS:
+        configs = [lmlab.preset(a.model)]
     else:
         configs = [load_config(resolve_checkpoint(a.model))]
     print(f"{'model':<12} {'layers':>6} {'d_model':>7} {'heads':>8} {'params':>14} {'non-emb':>14} {'GFLOPs/tok':>10}")
@@ -608,83 +625,55 @@ def cmd_info(a) -> int:
 
 
 def cmd_demo(a) -> int:
-    from lmlab.demo import run_demo
-
-    run_demo(**_kwargs(a, run_demo))
+    """Run the whole pipeline on the embedded corpus (Python's own documentation), offline."""
+    lmlab.run_demo(**_kwargs(a, lmlab.run_demo))
     return 0
 
 
 class Verb(NamedTuple):
-    summary: str  # its line in `lmlab --help`
-    description: str  # the top of `lmlab VERB --help`
+    summary: str  # its line in `lmlab --help`; the description of `lmlab VERB --help` is run's docstring
     flags: Callable[[ArgumentParser], None]
     run: Callable[[Any], int]
 
 
 VERBS = {
-    "tokenizer": Verb("train a tokenizer (BPE, WordPiece, Unigram)", "Train a tokenizer with the `tokenizers` library and save tokenizer.json.",
-                      _flags_tokenizer, cmd_tokenizer),
-    "prepare": Verb("tokenize and pack a corpus into token shards",
-                    "Tokenize a corpus into memory-mapped token shards (train/valid) with a JSON manifest.", _flags_prepare, cmd_prepare),
-    "pretrain": Verb("pretrain a model (causal LM, masked LM, next-sentence prediction)",
-                     "Pretrain a model on a prepared data folder. Every training option is also a key of --config.", _flags_pretrain, cmd_pretrain),
-    "finetune": Verb(
-        "fine-tune on classify, tag, qa, seq2seq or chat",
-        "Fine-tune a checkpoint on a labelled task: classify (text or text pair → label(s)), tag (a label per word), qa (extractive answer "
-        "spans), seq2seq or chat (conversations; the loss on assistant turns only). The task metric on --valid (chat: the validation "
-        "loss) picks best/ and drives --patience.", _flags_finetune, cmd_finetune),
-    "evaluate": Verb(
-        "task metrics with confidence intervals, or perplexity",
-        "Evaluate a checkpoint on a labelled file: the task's metrics with bootstrap 95% confidence intervals, calibration for "
-        "classifiers, per-example predictions; --task lm: a decoder's perplexity on text.", _flags_evaluate, cmd_evaluate),
-    "critique": Verb(
-        "a report on a model: performance, interpretability, bias, safety, privacy, robustness, efficiency",
-        "Critique a model: a report on performance, interpretability, bias, safety, privacy, robustness and efficiency (report.html "
-        "to read, report.json for scripts). Lenses that lack the data they need are skipped with a note saying what to give them.",
-        _flags_critique, cmd_critique),
-    "export": Verb(
-        "export a checkpoint as a Hugging Face folder (checked by logits parity)",
-        "Export a checkpoint for the Hugging Face ecosystem (transformers, vLLM, TGI): config.json, model.safetensors, the tokenizer "
-        "and generation_config.json, which transformers' Auto classes load without missing or unexpected weights. The folder is "
-        "loaded back with transformers and its logits compared with lmlab's before the export counts as done.", _flags_export, cmd_export),
-    "merge-lora": Verb("merge LoRA adapters into the base weights",
-                       "Fold a LoRA checkpoint's adapters into its base weights: a plain checkpoint, for export and fast inference.",
-                       _flags_merge_lora, cmd_merge_lora),
-    "generate": Verb(
-        "generate text from a checkpoint (all decoding strategies, streaming, REPL)",
-        "Generate text from a checkpoint: greedy, sampling (temperature, top-k, top-p, min-p, typical-p) or beam search, with "
-        "penalties and stop strings. A prompt longer than the context window keeps its last tokens (a warning says so) unless "
-        "--truncate error.", _flags_generate, cmd_generate),
-    "chat": Verb(
-        "chat with a model: a multi-turn REPL with streaming",
-        "Chat with a decoder: each turn renders the conversation with the checkpoint's chat template (lmlab's default when it has "
-        "none) and streams the reply until the end-of-turn marker. /reset clears the history, /system TEXT sets the system prompt, "
-        "/quit or Ctrl-D ends. When the conversation outgrows the context window its oldest turns are dropped.", _flags_chat, cmd_chat),
-    "info": Verb("model sizes: parameters and FLOPs per token",
-                 "Parameter count and FLOPs per token of a preset or a checkpoint (all presets when none is named).", _flags_info, cmd_info),
-    "demo": Verb("the end-to-end demo: corpus → tokenizer → pretrain → generate → fine-tune → evaluate",
-                 "Run the whole pipeline on the embedded corpus (Python's own documentation), offline.", _flags_demo, cmd_demo),
+    "tokenizer": Verb("train a tokenizer (BPE, WordPiece, Unigram)", _flags_tokenizer, cmd_tokenizer),
+    "prepare": Verb("tokenize and pack a corpus into token shards", _flags_prepare, cmd_prepare),
+    "pretrain": Verb("pretrain a model (causal LM, masked LM, next-sentence prediction)", _flags_pretrain,
+                     cmd_pretrain),
+    "finetune": Verb("fine-tune on classify, tag, qa, seq2seq or chat", _flags_finetune, cmd_finetune),
+    "evaluate": Verb("task metrics with confidence intervals, or perplexity", _flags_evaluate, cmd_evaluate),
+    "critique": Verb("a report on a model: performance, interpretability, bias, safety, privacy, robustness, "
+                     "efficiency", _flags_critique, cmd_critique),
+    "export": Verb("export a checkpoint as a Hugging Face folder (checked by logits parity)", _flags_export,
+                   cmd_export),
+    "merge-lora": Verb("merge LoRA adapters into the base weights", _flags_merge_lora, cmd_merge_lora),
+    "generate": Verb("generate text from a checkpoint (all decoding strategies, streaming, REPL)", _flags_generate,
+                     cmd_generate),
+    "chat": Verb("chat with a model: a multi-turn REPL with streaming", _flags_chat, cmd_chat),
+    "info": Verb("model sizes: parameters and FLOPs per token", _flags_info, cmd_info),
+    "demo": Verb("the end-to-end demo: corpus → tokenizer → pretrain → generate → fine-tune → evaluate", _flags_demo,
+                 cmd_demo),
 }
 
 
 def build_parser(only: str | None = None) -> ArgumentParser:
-    """The parser of every verb; ``only``: the flags of that verb alone (the others list their names and summaries),
-    so that a command imports no more of lmlab than it runs."""
-    root = ArgumentParser(
-        prog="lmlab", description="Train, generate, evaluate and critique Transformer language models.", exit_on_error=False, formatter_class=_Help
-    )
+    """The parser of every verb; ``only``: the flags of that verb alone (the others list their names and
+    summaries), so that a command imports no more of lmlab than it runs."""
+    description = "Train, generate, evaluate and critique Transformer language models."
+    root = ArgumentParser(prog="lmlab", description=description, exit_on_error=False, formatter_class=_Help)
     commands = root.add_subcommands(dest="command", required=True)
     for name, verb in VERBS.items():
-        parser = _parser(verb.description)
-        if name == "tokenizer":  # a second level, `lmlab tokenizer train` (jsonargparse adds nested levels after the first)
-            parser, tokenizer = ArgumentParser(description="Tokenizer commands.", exit_on_error=False, formatter_class=_Help), parser
+        parser = _parser(inspect.getdoc(verb.run))
+        if name == "tokenizer":  # a second level, `lmlab tokenizer train` (jsonargparse adds levels after the first)
+            parser, train = _parser("Tokenizer commands.", config=False), parser
             commands.add_subcommand(name, parser, help=verb.summary)
-            parser.add_subcommands(dest="action", required=True).add_subcommand("train", tokenizer, help="train a tokenizer on a corpus")
-            parser = tokenizer
+            actions = parser.add_subcommands(dest="action", required=True)
+            actions.add_subcommand("train", train, help="train a tokenizer on a corpus")
         else:
             commands.add_subcommand(name, parser, help=verb.summary)
         if only in (None, name):
-            verb.flags(parser)
+            verb.flags(train if name == "tokenizer" else parser)
     return root
 
 
@@ -732,7 +721,8 @@ def _check_config_files(argv: Sequence[str]) -> None:
             try:
                 path.read_text(encoding="utf-8")
             except (UnicodeDecodeError, OSError) as e:
-                raise ArgumentError(None, f"--config {name}: not a readable UTF-8 YAML file ({type(e).__name__})") from None
+                why = f"not a readable UTF-8 YAML file ({type(e).__name__})"
+                raise ArgumentError(None, f"--config {name}: {why}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
