@@ -199,9 +199,10 @@ def _optional(parser: ArgumentParser, helps: dict[str, str], sources: Sequence[C
 
 
 def _kwargs(a, fn: Callable, rename: dict | None = None) -> dict[str, Any]:
-    """The parsed flags that are parameters of ``fn`` (``rename``: dest → parameter where they differ)."""
+    """The parsed flags that are parameters of ``fn`` (``rename``: dest → parameter where they differ); never
+    ``--config``, the YAML file the flags were read from."""
     params, rename = inspect.signature(fn).parameters, rename or {}
-    return {rename.get(k, k): v for k, v in vars(a).items() if rename.get(k, k) in params}
+    return {rename.get(k, k): v for k, v in vars(a).items() if rename.get(k, k) in params and k != "config"}
 
 
 # -- the verbs' flags ----------------------------------------------------------------------------
