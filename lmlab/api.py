@@ -359,6 +359,54 @@ class LM:
             shaped.append(items[0] if config.num_return_sequences == 1 else items)
         return shaped[0] if single else shaped
 
+    def generate_records(
+        self,
+        prompts: Sequence[str],
+        config: GenerationConfig | None = None,
+        *,
+        batch_size: int = 8,
+        logprobs: int | None = None,
+        **options,
+    ) -> list[dict]:
+        """One JSON-ready record per output of every prompt (``num_return_sequences`` each, in prompt order) —
+        what ``lmlab generate --format jsonl`` writes.
+
+        A record holds ``prompt``, ``index`` (of the output among its prompt's), ``completion`` (the new text)
+        and ``finish_reason``; ``score`` with beam search; with ``logprobs=n`` also ``tokens``, ``token_ids``,
+        ``logprobs`` and, for n > 0, ``top_logprobs``: per token its n most likely ``{"id", "token", "logprob"}``.
+
+        Args:
+            prompts: the prompts, each a string.
+            config: the decoding options (or give them as keywords, as to :meth:`generate`).
+            batch_size: prompts decoded together
+            logprobs: add each token's log-probability and its N most likely alternatives
+        """
+        config = self._config(config, options)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise LmlabError(f"batch_size is {batch_size!r}: expected a positive integer")
+        if isinstance(prompts, str):
+            raise LmlabError("generate_records takes a list of prompts (strings)")
+        prompts, records = list(prompts), []
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start : start + batch_size]
+            for prompt, outputs in zip(chunk, self.generate(chunk, config, details=True, logprobs=logprobs)):
+                for index, c in enumerate(outputs if isinstance(outputs, list) else [outputs]):
+                    records.append(self._record(prompt, index, c, logprobs is not None))
+        return records
+
+    def _record(self, prompt: str, index: int, c: Completion, with_logprobs: bool) -> dict:
+        record = {"prompt": prompt, "index": index, "completion": c.text, "finish_reason": c.finish_reason}
+        if c.score is not None:
+            record["score"] = c.score
+        if with_logprobs:
+            record.update(tokens=c.tokens, token_ids=c.token_ids, logprobs=c.logprobs)
+            if c.top_logprobs is not None:
+                text = self.tokenizer.decode
+                record["top_logprobs"] = [
+                    [{"id": i, "token": text([i]), "logprob": lp} for i, lp in alts] for alts in c.top_logprobs
+                ]
+        return record
+
     def complete_ids(
         self, prompt_ids: Sequence[Sequence[int]], config: GenerationConfig | None = None, *, logprobs: int | None = None, **options
     ) -> list[list[Completion]]:

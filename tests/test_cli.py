@@ -216,3 +216,41 @@ def test_damaged_files_and_absurd_sizes_are_one_line_errors(corpus_file, trained
     weights.write_bytes(weights.read_bytes()[:1000])
     code, _, err = run(capsys, "generate", str(checkpoint), "--prompt", "x")
     assert_one_line_error(code, err, "model.safetensors: damaged or not a safetensors file (Error while deserializing header")
+
+
+def test_a_verbs_flags_take_their_defaults_from_the_function_it_calls():
+    import inspect
+
+    from lmlab.api import LM, load
+    from lmlab.cli import build_parser
+    from lmlab.critique import critique
+    from lmlab.demo import run_demo
+    from lmlab.evaluate.runner import evaluate
+    from lmlab.generate import GenerationConfig
+    from lmlab.train.finetune import FINETUNE_DEFAULTS, finetune
+
+    def flags(verb):
+        sub = next(a for a in build_parser(only=verb)._actions if a.dest == "command").choices[verb]
+        return {a.dest: a for a in sub._actions}
+
+    fields = [f for f in dataclasses.fields(TrainConfig) if f.name != "seq_len"]
+    train_defaults = {f.name: FINETUNE_DEFAULTS.get(f.name, f.default) for f in fields}
+    cases = {"evaluate": [evaluate], "critique": [critique], "demo": [run_demo], "finetune": [finetune, train_defaults],
+             "generate": [load, LM.generate_records, GenerationConfig]}
+    for verb, sources in cases.items():
+        actions, checked = flags(verb), 0
+        for source in sources:
+            if dataclasses.is_dataclass(source):
+                fields = dataclasses.fields(source)
+                source = {f.name: f.default_factory() if callable(f.default_factory) else f.default for f in fields}
+            if not isinstance(source, dict):
+                params = inspect.signature(source).parameters.items()
+                source = {k: p.default for k, p in params if p.default is not inspect.Parameter.empty}
+            defaults = source
+            for name, default in defaults.items():
+                if name in actions:
+                    assert actions[name].default == default, (verb, name)
+                    checked += 1
+        assert checked >= 8, verb
+    assert flags("evaluate")["device"].default == "cpu"  # each verb's own, as its function says
+    assert flags("generate")["device"].default == "auto"

@@ -331,6 +331,24 @@ def test_n_samples_per_prompt_and_the_shapes_returned(lm):
     assert isinstance(c, lmlab.Completion) and c.score is not None and c.finish_reason in ("stop", "length")
 
 
+def test_generate_records_batches_prompts_into_one_record_per_output(lm):
+    prompts = ["The ", "A list", "大语言"]
+    options = dict(max_new_tokens=4, strategy="sample", seed=1, num_return_sequences=2)
+    records = lm.generate_records(prompts, batch_size=2, logprobs=2, **options)
+    assert [(r["prompt"], r["index"]) for r in records] == [(p, i) for p in prompts for i in (0, 1)]
+    assert all(len(r["logprobs"]) == len(r["token_ids"]) == len(r["tokens"]) == len(r["top_logprobs"]) for r in records)
+    assert all(len(alts) == 2 and {"id", "token", "logprob"} == set(alts[0])
+               for r in records for alts in r["top_logprobs"])
+    one_by_one, together = (lm.generate_records(prompts, batch_size=n, max_new_tokens=4) for n in (1, 8))
+    assert one_by_one == together  # the batch size changes nothing
+    assert len(together) == 3 and "logprobs" not in together[0]
+    beams = lm.generate_records(["The "], max_new_tokens=4, strategy="beam", num_beams=2, logprobs=0)
+    assert beams[0]["score"] is not None and "top_logprobs" not in beams[0]
+    assert len(beams[0]["logprobs"]) == len(beams[0]["token_ids"])
+    with pytest.raises(LmlabError, match="batch_size is 0"):
+        lm.generate_records(prompts, batch_size=0)
+
+
 @pytest.mark.parametrize("strategy", ["greedy", "beam"])
 def test_stop_strings_cut_exactly(lm, strategy):
     options = dict(max_new_tokens=24, ignore_eos=True, strategy=strategy, no_repeat_ngram_size=2)
