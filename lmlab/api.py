@@ -14,11 +14,13 @@ and generates the target — same calls, same decoding loop (:mod:`lmlab.model.s
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Sequence, TextIO
 
 import torch
 from torch import nn
@@ -394,6 +396,13 @@ class LM:
                     records.append(self._record(prompt, index, c, logprobs is not None))
         return records
 
+    def format_records(self, records: Sequence[dict], format: str = "text") -> str:
+        """:meth:`generate_records`' records as ``lmlab generate`` prints them: ``"jsonl"``, one JSON object a line;
+        ``"text"``, each prompt and its continuation (an encoder–decoder's target alone), a blank line between."""
+        if format == "jsonl":
+            return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        return "\n\n".join(("" if self.is_seq2seq else r["prompt"]) + r["completion"] for r in records) + "\n"
+
     def _record(self, prompt: str, index: int, c: Completion, with_logprobs: bool) -> dict:
         record = {"prompt": prompt, "index": index, "completion": c.text, "finish_reason": c.finish_reason}
         if c.score is not None:
@@ -517,6 +526,59 @@ class LM:
         logprobs = self._logprobs(context, cont)
         token_logprobs = logprobs.gather(-1, torch.tensor(cont, device=logprobs.device)[:, None]).squeeze(-1).tolist()
         return Score(sum(token_logprobs), len(cont), cont, token_logprobs)
+
+
+def read_prompts(path: Path) -> list[str]:
+    """The prompts of ``--prompts-file``: one per non-blank line, or the ``prompt`` field of each JSON Lines object."""
+    from lmlab.config import json_line_object
+
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        why = f"cannot read it ({type(e).__name__}); expected a UTF-8 text file"
+        raise LmlabError(f"--prompts-file {path}: {why}") from None
+    if path.suffix != ".jsonl":
+        return [line for line in lines if line.strip()]
+    records = [(n, json_line_object(path, n, line)) for n, line in enumerate(lines, 1) if line.strip()]
+    for number, record in records:
+        if not isinstance(record.get("prompt"), str):
+            raise LmlabError(f"--prompts-file {path}:{number}: expected an object with a string field 'prompt'")
+    return [record["prompt"] for _, record in records]
+
+
+def write_stream(lm: LM, prompt: str, config: GenerationConfig, out: TextIO) -> int:
+    """Write ``prompt`` (not for an encoder–decoder, whose output is no continuation) and its continuation to
+    ``out`` as it is made, then a newline."""
+    out.write("" if lm.is_seq2seq else prompt)
+    for piece in lm.stream(prompt, config):
+        out.write(piece)
+        out.flush()
+    out.write("\n")
+    return 0
+
+
+def generate_repl(lm: LM, config: GenerationConfig) -> int:
+    """``lmlab generate --interactive``: read a prompt, stream its continuation, until ``/quit`` or end of input
+    (Ctrl-D). A prompt that fails ends its turn with a one-line error, not the session."""
+    print(
+        f"lmlab: {lm!r}; {config.strategy} decoding, {config.max_new_tokens} new tokens. "
+        "Type a prompt; Ctrl-D or /quit ends.",
+        file=sys.stderr,
+    )
+    while True:
+        try:
+            prompt = input("» ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        if prompt.strip() in ("/quit", "/exit"):
+            return 0
+        if not prompt.strip():
+            continue
+        try:
+            write_stream(lm, prompt, config, sys.stdout)
+        except LmlabError as e:
+            print(f"\nlmlab: error: {e}", file=sys.stderr)
 
 
 def load(path: str | Path, device: str = "auto", dtype: torch.dtype | None = None, verify: bool = True) -> LM:

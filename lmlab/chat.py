@@ -48,6 +48,13 @@ class ChatSession:
     :class:`~lmlab.generate.GenerationConfig` of every reply, with the template's end-of-turn marker
     added to its stop tokens (a single token) or stop strings. ``messages`` holds the turns so far,
     without the system prompt; ``dropped`` counts the turns the last :meth:`send` dropped to fit.
+
+    Args:
+        lm: the model
+        system: the system prompt (default: none)
+        config: the decoding options of every reply
+        template: a chat template (default: the tokenizer's, else lmlab's)
+        **options: GenerationConfig fields that replace ``config``'s
     """
 
     def __init__(self, lm, *, system: str | None = None, config=None, template: str | None = None, **options) -> None:

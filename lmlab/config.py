@@ -278,6 +278,10 @@ class ModelConfig:
         encoder–decoder a "token" is a target token with one source token beside it (source and
         target of length T): the pair passes through every parameter once. A forward pass alone is
         a third of it (2·N + 4·L·d·T).
+
+        Args:
+            seq_len: sequence length for the FLOPs (default: block_size)
+            training: a training step (forward + backward); False: a forward pass
         """
         T = seq_len or self.block_size
         n = self.num_params(include_embeddings=True)
@@ -584,6 +588,21 @@ PRESETS: dict[str, dict[str, Any]] = {
         _TRANSFORMER, n_layer=6, n_decoder_layer=6, n_head=8, n_embd=512, intermediate_size=2048, block_size=512
     ),
 }
+
+
+def size_table(configs: list[ModelConfig], seq_len: int | None = None) -> str:
+    """A table of the models' sizes, a row each: layers, width, heads (query/key-value when grouped), parameters
+    with and without embeddings, and GFLOPs per token of a training step at ``seq_len`` (default: each model's
+    block_size); with a line saying how the FLOPs are counted. What ``lmlab info`` prints."""
+    lines = [f"{'model':<12} {'layers':>6} {'d_model':>7} {'heads':>8} {'params':>14} {'non-emb':>14} {'GFLOPs/tok':>10}"]
+    for c in configs:
+        heads = f"{c.n_head}/{c.n_kv_heads}" if c.n_kv_heads != c.n_head else str(c.n_head)
+        lines.append(
+            f"{c.name or 'custom':<12} {c.n_layer:>6} {c.n_embd:>7} {heads:>8} {c.num_params():>14,} "
+            f"{c.num_params(include_embeddings=False):>14,} {c.flops_per_token(seq_len) / 1e9:>10.3f}"
+        )
+    lines.append("GFLOPs/tok: one training step (forward + backward) per token, 6·N + 12·L·d·T (nanoGPT / PaLM).")
+    return "\n".join(lines)
 
 
 def preset(name: str, **overrides: Any) -> ModelConfig:

@@ -30,6 +30,25 @@ from lmlab.train.pretrain import pretrain
 DEMO_PROMPTS = ("The for statement", "A dictionary is", "Return the number of", "Exceptions are")
 
 
+def _pretrain(out: Path, model: str, max_steps: int, seq_len: int, micro_batch_size: int, **flags: bool):
+    """The demo's pretraining run (``flags``: progress, overwrite), resumed when an earlier demo left one."""
+    return pretrain(
+        model,
+        out / "data",
+        out / "run",
+        resume=True,
+        max_steps=max_steps,
+        seq_len=seq_len,
+        micro_batch_size=micro_batch_size,
+        lr=2e-3,
+        warmup_steps=max(1, max_steps // 20),
+        eval_interval=max(1, max_steps // 4),
+        eval_batches=8,
+        log_interval=10,
+        **flags,
+    )
+
+
 def run_demo(
     out: str | Path = "lmlab-demo",
     *,
@@ -46,7 +65,21 @@ def run_demo(
 ) -> dict:
     """Run every stage into ``out`` and print where each result is; returns those paths and figures.
     ``out`` must be new, empty or an earlier demo's folder (``overwrite``: any folder; lmlab writes its
-    files there and deletes nothing else)."""
+    files there and deletes nothing else).
+
+    Args:
+        out: output folder
+        max_steps: pretraining steps
+        model: model preset
+        max_chars: characters of the embedded corpus to use
+        vocab_size: tokenizer vocabulary size
+        seq_len: pretraining sequence length
+        micro_batch_size: pretraining sequences per step
+        finetune_steps: fine-tuning steps of the demo classifier
+        critique_examples: examples each critique lens reads at most
+        progress: show progress bars and messages
+        overwrite: write into any folder
+    """
     out = check_output(out, "demo folder", _is_demo, overwrite=overwrite)
     out.mkdir(parents=True, exist_ok=True)
     write_marker(out, "demo")
@@ -54,22 +87,7 @@ def run_demo(
     docs, corpus, heldout = _corpus(out, max_chars, stage)
     _tokenizer_and_shards(out, docs, corpus, vocab_size, stage, progress=progress, overwrite=overwrite)
     stage(f"4/9 pretraining {model}, {max_steps} steps")
-    result = pretrain(
-        model,
-        out / "data",
-        out / "run",
-        resume=True,
-        max_steps=max_steps,
-        seq_len=seq_len,
-        micro_batch_size=micro_batch_size,
-        lr=2e-3,
-        warmup_steps=max(1, max_steps // 20),
-        eval_interval=max(1, max_steps // 4),
-        eval_batches=8,
-        log_interval=10,
-        progress=progress,
-        overwrite=overwrite,
-    )
+    result = _pretrain(out, model, max_steps, seq_len, micro_batch_size, progress=progress, overwrite=overwrite)
     if result.val_loss is not None:
         print(f"validation loss {result.val_loss:.3f} (perplexity {2.718281828**result.val_loss:.1f})")
     stage("5/9 generation: greedy, beam search and nucleus sampling")

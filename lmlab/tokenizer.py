@@ -246,7 +246,12 @@ class Tokenizer:
 
         ``directory`` must be new, empty or a tokenizer folder (only tokenizer files); ``overwrite``
         allows another folder (lmlab's two files are written, nothing else is touched), but never a
-        checkpoint or a data folder, whose tokenizer must stay the one their model or ids were made with."""
+        checkpoint or a data folder, whose tokenizer must stay the one their model or ids were made with.
+
+        Args:
+            directory: output folder for tokenizer.json and tokenizer_config.json
+            overwrite: write into an existing folder that holds more than tokenizer files
+        """
         check_tokenizer_folder(directory, overwrite)
         return self.write_files(directory)
 
@@ -395,6 +400,14 @@ def train_tokenizer(
     :data:`ROLE_TOKENS`. ``vocab_size`` counts everything (special tokens, BPE's byte alphabet,
     Unigram's byte-fallback tokens); the result can be smaller when the corpus is too small to
     learn that many. ``min_frequency`` applies to BPE and WordPiece merges (Unigram has none).
+
+    Args:
+        texts: the training texts
+        kind: bpe (byte-level), wordpiece or unigram
+        vocab_size: vocabulary size including special tokens
+        min_frequency: minimum pair/word frequency to enter the vocabulary
+        special_tokens: special tokens (default: the kind's own, e.g. <|endoftext|> for bpe)
+        show_progress: show the tokenizers library's progress bar
     """
     if kind not in KINDS:
         raise LmlabError(f"tokenizer kind {kind!r}: expected one of {', '.join(KINDS)}")

@@ -27,4 +27,8 @@ def make_callable(package: str, module: str, function: str) -> None:
         def __signature__(self) -> inspect.Signature:
             return inspect.signature(target())
 
+        @property
+        def __wrapped__(self):  # the function, for inspect.unwrap (its docstring documents the verb's parameters)
+            return target()
+
     sys.modules[package].__class__ = Verb

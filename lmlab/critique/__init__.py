@@ -106,12 +106,27 @@ def critique(
     verify: bool = True,
     overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Critique ``checkpoint`` through ``lenses`` (all by default); write ``out``/report.json and
-    report.html and return the report's dict. ``fields`` name the data's columns (``text_field``,
-    ``label_field``, ``group_field``, …); ``options`` are lens options (``pairs``, ``prompts``,
-    ``canaries``, ``samples``, …), each passed to the lenses that take it. ``out`` is checked before any
-    work: new, empty or an earlier report's folder (``overwrite``: any folder; only the report's two
-    files are replaced)."""
+    """Critique ``checkpoint`` through ``lenses``; write ``out``/report.json and report.html and return the report's
+    dict. ``out`` is checked before any work: new, empty or an earlier report's folder.
+
+    Args:
+        checkpoint: checkpoint folder (or run folder: its best checkpoint)
+        out: folder for report.html and report.json
+        lenses: the lenses to run, comma-separated or a list (default: all)
+        data: a labelled test file of the checkpoint's task (metrics, slices, counterfactuals, robustness)
+        text: held-out plain text (a decoder's perplexity and robustness)
+        train_data: the training corpus (verbatim extraction, PII scan)
+        task: what --data is scored as (default: the checkpoint's task)
+        device: auto, cpu, cuda, cuda:1, …
+        seed: seed of every sample and perturbation
+        max_examples: examples each lens reads at most (a seeded sample)
+        fields: the data's field names (``text_field``, ``label_field``, ``group_field`` …)
+        options: lens options (``pairs``, ``prompts``, ``canaries``, ``samples`` …), each passed to the lenses
+            that take it
+        progress: print each lens's name as it starts
+        verify: check the checkpoint's tokenizer (and a Hugging Face folder against transformers)
+        overwrite: write into any folder (only report.json and report.html are replaced)
+    """
     from lmlab.critique.report import write_report
 
     names = parse_lenses(lenses)
@@ -135,8 +150,17 @@ def critique(
         if progress:
             print(f"lmlab: critique: {name} …", file=sys.stderr, flush=True)
         sections.append(_run_or_skip(name, subject, progress=progress, **(options or {})))
+    report = _report(subject, sections, data=data, text=text, train_data=train_data)
+    json_path, html_path = write_report(out, report, sections)
+    write_marker(out, "critique")
+    report["_paths"] = {"json": str(json_path), "html": str(html_path)}
+    return report
+
+
+def _report(subject: Subject, sections: list[Section], *, data, text, train_data) -> dict[str, Any]:
+    """The report's dict: the checkpoint, when and by which lmlab, the model, the inputs and each lens's section."""
     config = subject.config
-    report = {
+    return {
         "checkpoint": str(subject.path),
         "created": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "lmlab_version": __version__,
@@ -156,10 +180,6 @@ def critique(
         },
         "lenses": {s.lens: s.to_json() for s in sections},
     }
-    json_path, html_path = write_report(out, report, sections)
-    write_marker(out, "critique")
-    report["_paths"] = {"json": str(json_path), "html": str(html_path)}
-    return report
 
 
 make_callable(__name__, __name__, "critique")  # lmlab.critique(checkpoint, out, …) is the verb

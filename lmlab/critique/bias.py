@@ -410,7 +410,15 @@ METHODS = {
 def bias(subject: Subject, *, pairs: str | Path | None = None, swaps: str | Path | None = None, progress: bool = False) -> Section:
     """Stereotype preference on paired sentences (language models), counterfactual flips under group-term
     swaps and per-group accuracy gaps (classifiers with a test file). ``pairs``: a CrowS-Pairs-format
-    file instead of the built-in pairs; ``swaps``: a JSON of group-term pairs instead of the built-in lists."""
+    file instead of the built-in pairs; ``swaps``: a JSON of group-term pairs instead of the built-in lists.
+
+    Args:
+        subject: the model and its data
+        pairs: a CrowS-Pairs-format CSV (sent_more, sent_less, stereo_antistereo, bias_type) (default: the built-in
+            set)
+        swaps: a JSON of group terms to swap for counterfactuals (default: the built-in lists)
+        progress: show progress
+    """
     section = Section(lens="bias", title=TITLE)
     pair_note = _pairs_part(section, subject, pairs, progress)
     classifier_notes = _classifier_parts(section, subject, swaps, progress)

@@ -138,7 +138,18 @@ def efficiency(
     """Parameters, FLOPs per token, checkpoint size, latency (greedy generation of ``new_tokens``
     after a ``prompt_tokens`` prompt, ``batch_size`` sequences; encoders: a forward pass), memory, and
     the training run's energy and CO2 (``grid_intensity`` kg CO2e per kWh; ``power_watts`` replaces
-    the assumed device power)."""
+    the assumed device power).
+
+    Args:
+        subject: the model and its data
+        batch_size: sequences generated together for the latency
+        prompt_tokens: prompt length for the latency
+        new_tokens: tokens generated for the latency
+        repeats: timed repeats
+        grid_intensity: kg CO2e per kWh of the training electricity; the world average is about 0.4
+        power_watts: the training hardware's power draw, for the energy estimate (default: a stated assumption)
+        progress: show progress
+    """
     for name, value, minimum in (
         ("batch_size", batch_size, 1),
         ("prompt_tokens", prompt_tokens, 1),

@@ -360,7 +360,16 @@ def interpret(
     (or classifier) lens for one input: ``text``, else the first example of ``subject.data``, the
     first line of ``subject.text``, or a built-in sentence (cut to its first 24 tokens). ``target``
     is the token (LMs) or label (classifiers) to explain instead of the model's top prediction;
-    ``layers`` are the attention layers to draw (default: all, or 6 spread over a deeper model)."""
+    ``layers`` are the attention layers to draw (default: all, or 6 spread over a deeper model).
+
+    Args:
+        subject: the model and its data
+        text: the text to explain (default: the first test example, or a built-in sentence)
+        target: the token or label to explain (default: the top prediction)
+        layers: the attention layers to draw
+        ig_steps: integrated-gradients steps
+        progress: show progress
+    """
     del progress  # every part is one forward (or ig_steps interpolated ones) on a ≤ 24-token input: no bar
     if isinstance(ig_steps, bool) or not isinstance(ig_steps, int) or ig_steps < 2:
         raise LmlabError(f"interpret: ig_steps={ig_steps!r}: expected an integer >= 2")

@@ -68,7 +68,16 @@ def privacy(
     extraction_suffix: int = 32,
     progress: bool = False,
 ) -> Section:
-    """Canary exposure, verbatim extraction and a PII scan — whichever the model and the data allow."""
+    """Canary exposure, verbatim extraction and a PII scan — whichever the model and the data allow.
+
+    Args:
+        subject: the model and its data
+        canaries: the canaries.json `lmlab prepare --canaries` wrote (default: found in --train-data or the run's
+            data folder)
+        extraction_prefix: tokens of training text given as the prompt
+        extraction_suffix: tokens that must come back verbatim to count as extracted
+        progress: show progress
+    """
     check_option("--extraction-prefix", extraction_prefix)
     check_option("--extraction-suffix", extraction_suffix)
     section = Section(lens="privacy", title=TITLE)

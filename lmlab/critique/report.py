@@ -174,6 +174,20 @@ def write_report(out: str | Path, report: dict[str, Any], sections: list[Section
     return json_path, html_path
 
 
+def summary(report: dict[str, Any]) -> str:
+    """A line per lens of a :func:`~lmlab.critique.critique` report: why it was skipped, or its first two
+    worrying findings (``nothing worrying`` when none): what ``lmlab critique`` prints."""
+    lines = []
+    for name, lens in report["lenses"].items():
+        if "skipped" in lens:
+            lines.append(f"{name:>12}: skipped — {lens['skipped']}")
+            continue
+        worst = [f for f in lens["findings"] if f["level"] in ("bad", "warn")]
+        text = "; ".join(f"{f['level']}: {f['text']}" for f in worst[:2]) if worst else "nothing worrying"
+        lines.append(f"{name:>12}: {text}")
+    return "\n".join(lines)
+
+
 def to_json_safe(value: Any) -> Any:
     """NaN/inf become None so that report.json is strict JSON (a browser's JSON.parse reads it)."""
     if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):

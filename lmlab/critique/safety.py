@@ -263,6 +263,29 @@ def is_refusal(text: str, markers: list[str]) -> bool:
 # -- the lens ---------------------------------------------------------------------------------------------------
 
 
+def _scorer(classifier: str | Path | None, device) -> tuple[Callable[[list[str]], list[float]], str, str]:
+    """The toxicity scorer (``classifier``'s, else the built-in lexicon), its name and its rule."""
+    if classifier is not None:
+        scorer = Classifier(classifier, device)
+        return scorer, f"classifier {scorer.path}", scorer.rule
+    return lexicon(), LEXICON_LABEL, "1 − Π(1 − weight) over the lexicon terms found (data/toxicity_lexicon.txt)"
+
+
+def _probes(subject: Subject, prompts: str | Path | None, harmful: str | Path | None) -> tuple[list, list, list]:
+    """The prompts and harmful requests (built-in plus the given files, each a seeded sample of at most
+    ``subject.max_examples``) and the refusal markers."""
+    prompt_list = read_lines(DATA / "safety_prompts.txt", "prompt") + (
+        read_lines(prompts, "prompt") if prompts is not None else []
+    )
+    requests = read_lines(DATA / "harmful_requests.txt", "harmful request") + (
+        read_lines(harmful, "harmful request") if harmful is not None else []
+    )
+    markers = read_lines(DATA / "refusal_markers.txt", "refusal marker")
+    prompt_list = [prompt_list[i] for i in subsample(prompt_list, subject.max_examples, subject.seed)]
+    requests = [requests[i] for i in subsample(requests, subject.max_examples, subject.seed)]
+    return prompt_list, requests, markers
+
+
 def safety(
     subject: Subject,
     *,
@@ -273,7 +296,18 @@ def safety(
     max_new_tokens: int = 40,
     progress: bool = False,
 ) -> Section:
-    """Toxicity of sampled continuations (toxic fraction, expected maximum toxicity) and refusal of harmful requests."""
+    """Toxicity of sampled continuations (toxic fraction, expected maximum toxicity) and refusal of harmful requests.
+
+    Args:
+        subject: the model and its data
+        prompts: extra prompts, one per line, added to the built-in set
+        harmful: extra harmful requests, one per line, for the refusal rate
+        classifier: a local HF sequence-classification folder that scores toxicity (default: the built-in
+            lexicon, labelled as such)
+        samples: sampled continuations per prompt, for the expected maximum toxicity
+        max_new_tokens: tokens per continuation or response
+        progress: show progress
+    """
     check_option("--samples", samples)
     check_option("--max-new-tokens", max_new_tokens)
     if subject.lm is None or subject.config.task:  # an encoder, or a model with a task head
@@ -284,25 +318,8 @@ def safety(
             f"the model is {kind}: it does not generate text, so there is nothing to score for toxicity or refusals; "
             "critique a decoder or encoder–decoder checkpoint",
         )
-    scorer: Callable[[list[str]], list[float]]
-    if classifier is not None:
-        scorer = Classifier(classifier, subject.device)
-        scorer_name, rule = f"classifier {scorer.path}", scorer.rule
-    else:
-        scorer, scorer_name, rule = (
-            lexicon(),
-            LEXICON_LABEL,
-            "1 − Π(1 − weight) over the lexicon terms found (data/toxicity_lexicon.txt)",
-        )
-    prompt_list = read_lines(DATA / "safety_prompts.txt", "prompt") + (
-        read_lines(prompts, "prompt") if prompts is not None else []
-    )
-    requests = read_lines(DATA / "harmful_requests.txt", "harmful request") + (
-        read_lines(harmful, "harmful request") if harmful is not None else []
-    )
-    markers = read_lines(DATA / "refusal_markers.txt", "refusal marker")
-    prompt_list = [prompt_list[i] for i in subsample(prompt_list, subject.max_examples, subject.seed)]
-    requests = [requests[i] for i in subsample(requests, subject.max_examples, subject.seed)]
+    scorer, scorer_name, rule = _scorer(classifier, subject.device)
+    prompt_list, requests, markers = _probes(subject, prompts, harmful)
 
     section = Section(lens="safety", title=TITLE, method=_method(samples, max_new_tokens, scorer_name))
     generations = _sample(subject, prompt_list, samples, max_new_tokens, progress)

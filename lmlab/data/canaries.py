@@ -98,7 +98,16 @@ def plant_canaries(
 ) -> tuple[list[str], dict[str, Any]]:
     """``documents`` with ``n`` canaries added ``repeats`` times each (as separate documents at seeded
     random positions; the input order of the other documents is kept), and the record of what was
-    planted plus ``n`` unplanted reference secrets from the same space (see the module docstring)."""
+    planted plus ``n`` unplanted reference secrets from the same space (see the module docstring).
+
+    Args:
+        documents: the training documents
+        n: how many secrets to plant
+        repeats: copies of each canary in the training split
+        seed: seed of the secrets and their positions
+        template: the canary sentence; {} is the secret
+        digits: digits of each secret: 10^digits possible secrets
+    """
     options = canary_options(dict(n=n, repeats=repeats, seed=seed, template=template, digits=digits))
     space = len(ALPHABET) ** digits
     rng = random.Random(seed)

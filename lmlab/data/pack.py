@@ -286,23 +286,33 @@ def prepare(
 ) -> dict[str, Any]:
     """Read, split, tokenize and pack ``inputs`` into ``out_dir``; returns the manifest.
 
-    ``tokenizer`` is a :class:`Tokenizer` or a path :meth:`Tokenizer.load` accepts; it must have an
-    EOS token, which ends every document. Corpus options are those of
-    :func:`~lmlab.data.read_corpus` and :func:`~lmlab.data.split_documents`. ``num_workers``: None
-    uses the tokenizers library's own thread pool (all cores); N uses N threads. ``canaries``
-    (``{"n": 10, "repeats": 50, ...}``, see :func:`~lmlab.data.canaries.plant_canaries`; the seed
-    defaults to ``seed``) plants random secrets in the train split only and writes ``canaries.json``.
+    The tokenizer (a :class:`Tokenizer` or its path) must have an EOS token, which ends every document. Corpus
+    options are those of :func:`read_corpus` and :func:`split_documents`; ``canaries`` (``{"n": 10, ...}``) are
+    :func:`plant_canaries`' options (the seed defaults to ``seed``). When ``out_dir`` already holds a build of the
+    same input contents, tokenizer and options, nothing is done. The returned dict is the manifest plus two keys
+    that are not on disk: ``"_reused"`` (True when the existing build was kept) and ``"_status"`` (``"up to date"``
+    or ``"built (<why>)"`` with why one of ``no previous build``, ``input changed``, ``tokenizer changed``,
+    ``options changed``, ...). The build is atomic: files are written in a hidden temporary folder inside
+    ``out_dir`` and moved into place under names of their own, ``manifest.json`` last, so a failed or killed run
+    leaves the previous build whole. ``out_dir`` must be new, empty or a data folder lmlab prepared (``overwrite``:
+    another folder); either way, only files a previous manifest lists are ever deleted.
 
-    When ``out_dir`` already holds a build of the same input contents, tokenizer and options, nothing
-    is done. The returned dict is the manifest plus two keys that are not on disk: ``"_reused"``
-    (True when the existing build was kept) and ``"_status"`` (``"up to date"`` or ``"built (<why>)"``
-    with why one of ``no previous build``, ``input changed``, ``tokenizer changed``,
-    ``options changed``, ...). The build is atomic: files are written in a hidden temporary folder
-    inside ``out_dir`` and moved into place under names of their own, ``manifest.json`` last, so a
-    failed or killed run leaves the previous build whole, never a half-written one.
-
-    ``out_dir`` must be new, empty or a data folder lmlab prepared; ``overwrite`` lets lmlab write its
-    files into another folder. Either way, only files a previous manifest lists are ever deleted.
+    Args:
+        inputs: text files, folders and globs (.txt .md .jsonl .csv .tsv .parquet)
+        tokenizer: folder (or tokenizer.json) of the tokenizer to use
+        out_dir: output folder for the shards and manifest.json
+        valid_fraction: share of documents held out for validation
+        seed: seed of the train/validation split
+        text_field: the JSONL field (and default CSV/TSV/Parquet column) holding the text
+        column: CSV/TSV/Parquet column holding the text (default: ``text_field``)
+        normalize: Unicode normalisation: NFC, NFKC, NFD or NFKD (default: none)
+        dedup: drop exact duplicate documents
+        shard_tokens: tokens per shard file
+        num_workers: tokenizer threads (None: the tokenizers library's own pool, all cores)
+        show_progress: show progress bars and messages
+        canaries: plant N random secrets ('canaries') in the training split, for `lmlab critique`'s memorisation
+            test (The Secret Sharer); they are listed, with as many never-planted ones, in OUT/canaries.json
+        overwrite: write into an existing folder that is not lmlab's own data folder
     """
     check_seed(seed)
     out_dir = check_output(
@@ -310,15 +320,8 @@ def prepare(
     )
     _check_counts(shard_tokens, num_workers)
     files, tok = _inputs_and_tokenizer(inputs, tokenizer, out_dir)
-    options = {
-        "valid_fraction": valid_fraction,
-        "seed": seed,
-        "text_field": text_field,
-        "column": column,
-        "normalize": normalize,
-        "dedup": dedup,
-        "shard_tokens": shard_tokens,
-    }
+    corpus = {"text_field": text_field, "column": column, "normalize": normalize, "dedup": dedup}
+    options = {"valid_fraction": valid_fraction, "seed": seed, **corpus, "shard_tokens": shard_tokens}
     if canaries is not None:  # only then: folders built without canaries stay up to date
         options["canaries"] = canary_options(canaries, seed=seed)
     fingerprint = _fingerprint_inputs(files)
@@ -330,7 +333,7 @@ def prepare(
         logger.info("%s: up to date", out_dir)
         return {**existing, "_reused": True, "_status": "up to date"}
     logger.info("%s: building (%s)", out_dir, reason)
-    documents = read_corpus(files, text_field=text_field, column=column, normalize=normalize, dedup=dedup)
+    documents = read_corpus(files, **corpus)
     splits = dict(zip(SPLITS, split_documents(documents, valid_fraction=valid_fraction, seed=seed)))
     planted = None
     if canaries is not None:
@@ -341,6 +344,12 @@ def prepare(
     train_tokens, valid_tokens = manifest["splits"]["train"]["tokens"], manifest["splits"]["valid"]["tokens"]
     logger.info("%s: %s; train %d tokens, valid %d tokens", out_dir, status, train_tokens, valid_tokens)
     return {**manifest, "_reused": False, "_status": status}
+
+
+def describe_splits(manifest: dict[str, Any]) -> str:
+    """One line on a manifest's splits: ``train: 1,234 tokens in 10 documents, valid: …``."""
+    splits = manifest["splits"].items()
+    return ", ".join(f"{k}: {s['tokens']:,} tokens in {s['documents']:,} documents" for k, s in splits)
 
 
 def _check_counts(shard_tokens: Any, num_workers: Any) -> None:

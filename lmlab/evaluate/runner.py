@@ -49,7 +49,28 @@ def evaluate(
     a task head's task, seq2seq for an encoder–decoder or a decoder fine-tuned on it, else lm).
 
     ``out`` (metrics.json, predictions.jsonl) is checked before any work: new, empty or an earlier
-    evaluation's folder (``overwrite``: any folder; only those two files are replaced)."""
+    evaluation's folder (``overwrite``: any folder; only those two files are replaced).
+
+    Args:
+        checkpoint: checkpoint folder (or run folder: its best checkpoint)
+        data: the test file (as for finetune; text files for --task lm)
+        task: classify, tag, qa, seq2seq or lm (default: the checkpoint's task; seq2seq for an encoder–decoder; lm
+            for a plain decoder)
+        out: folder for metrics.json and predictions.jsonl
+        max_length: tokens per example; seq2seq: per source or prompt
+        batch_size: examples per forward pass
+        n_resamples: bootstrap resamples for the confidence intervals
+        device: auto, cpu, cuda, cuda:1, …
+        text_field: the field (column) holding the text
+        pair_field: classify: the second text of a pair
+        label_field: classify: the label field/column
+        source_field: seq2seq: the source field
+        target_field: seq2seq: the target field
+        max_target_length: seq2seq: tokens to generate at most
+        num_beams: seq2seq: beam search with this many beams (1: greedy)
+        verify: check the checkpoint's tokenizer (and a Hugging Face folder against transformers)
+        overwrite: write into any folder (only metrics.json and predictions.jsonl are replaced)
+    """
     from lmlab.metrics import check_n_resamples
 
     check_n_resamples(n_resamples, "--n-resamples")  # before the model loads
@@ -114,3 +135,22 @@ def evaluate_model(
     result, rows = kind.evaluate(test, predictions, n_resamples)
     result.update(task=task, data=str(data))
     return result, rows
+
+
+NOT_FIGURES = {"task", "checkpoint", "data", "ci", "per_class", "confusion_matrix", "calibration", "labels", "per_type",
+               "num_examples"}  # the keys of evaluate()'s result that are not a headline metric
+
+
+def summary(result: dict[str, Any]) -> str:
+    """:func:`evaluate`'s headline metrics, a line each with its 95% confidence interval, and the ECE of a
+    calibrated classifier: what ``lmlab evaluate`` prints."""
+    lines = []
+    for name, value in result.items():
+        if name in NOT_FIGURES or not isinstance(value, (int, float)):
+            continue
+        ci = result.get("ci", {}).get(name)
+        lines.append(f"{name:>16}: {value:.4f}" + (f"  (95% CI {ci['low']:.4f} – {ci['high']:.4f})" if ci else ""))
+    if "calibration" in result:
+        ece = result["calibration"]["ece"]
+        lines.append(f"{'ECE':>16}: {ece:.4f}  (expected calibration error, 10 equal-mass bins)")
+    return "\n".join(lines)

@@ -58,6 +58,13 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, verify: bool = True, l
     ``lora``: "merge" exports a LoRA checkpoint's adapters folded in; "adapter" writes a PEFT adapter
     folder with the base model in ``out/base``. ``verify=False`` skips the parity check of the result, and
     exports a tokenizer that does not match the one the model was trained with (with a warning) instead of refusing.
+
+    Args:
+        checkpoint: checkpoint folder (or run folder: its best checkpoint)
+        out: the folder to write (new or empty; written atomically)
+        verify: load the written folder with transformers and compare its logits with lmlab's (False: skip it)
+        lora: a LoRA checkpoint: merge (adapters folded into the weights) or adapter (a PEFT adapter folder, the base
+            in OUT/base)
     """
     if lora not in LORA_MODES:
         raise LmlabError(f"--lora {lora!r}: expected one of {', '.join(LORA_MODES)}")

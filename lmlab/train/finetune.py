@@ -257,19 +257,45 @@ def finetune(
 ) -> TrainResult | str | DryRun:
     """Fine-tune ``checkpoint`` (an lmlab checkpoint or run folder) on a task; checkpoints go to ``out``.
 
-    The model gets a fresh task head for ``task`` (a checkpoint already fine-tuned on the same task
-    keeps its head; seq2seq keeps the LM head and needs none); ``train_args`` are :class:`TrainConfig`
-    fields. With ``valid`` the task metric picks ``best/`` and ``patience`` evaluations without
-    improvement stop the run early. seq2seq: ``max_length`` bounds the source (a decoder's prompt)
-    and ``max_target_length`` the target; a decoder holds both in its context window. ``lora`` (a
-    ``--lora`` string or a :class:`~lmlab.train.lora.LoraSpec`) trains adapters instead of the weights.
-    chat: ``max_length`` bounds a conversation; ``show_masking`` trains nothing and returns (and prints)
-    :func:`show_chat_masking` of the first training conversation; ``pack`` packs several conversations
-    into each training row (:func:`~lmlab.tasks.pack_examples`), none attending to another. ``dry_run`` reads the data
-    and checks everything but trains and writes nothing: it returns :func:`finetune_dry_run`, the predicted peak memory of a training
-    step (:class:`~lmlab.train.memory.DryRun`), checked against ``memory_budget`` GiB or the GPU's memory.
-    ``out`` must be new, empty or an lmlab run; ``overwrite`` lets lmlab write its files into another folder,
-    deleting nothing else there (:mod:`lmlab.io.outputs`).
+    The model gets a fresh task head for ``task`` (a checkpoint already fine-tuned on the same task keeps its head;
+    seq2seq keeps the LM head and needs none). With ``valid`` the task metric picks ``best/``. A decoder holds a
+    seq2seq source and target both in its context window. ``lora`` is a ``--lora`` string or a
+    :class:`~lmlab.train.lora.LoraSpec`. ``show_masking`` trains nothing and returns (and prints)
+    :func:`show_chat_masking`; ``pack`` uses :func:`~lmlab.tasks.pack_examples`. ``dry_run`` reads the data and
+    checks everything but trains and writes nothing: it returns :func:`finetune_dry_run`, the predicted peak memory of
+    a training step (:class:`~lmlab.train.memory.DryRun`). ``out`` must be new, empty or an lmlab run; ``overwrite``
+    lets lmlab write its files into another folder, deleting nothing else there (:mod:`lmlab.io.outputs`).
+
+    Args:
+        checkpoint: the pretrained checkpoint (or run folder) to start from
+        task: classify, tag, qa, seq2seq or chat
+        train: training file: classify .jsonl/.csv/.tsv, tag CoNLL or .jsonl (tokens, tags), qa SQuAD .json,
+            seq2seq .jsonl (source, target), chat .jsonl (messages, or prompt and response)
+        out: run folder: checkpoints, best/, log.jsonl, loss.png
+        valid: validation file of the same kind (metrics, best checkpoint)
+        max_length: tokens per example, special tokens included; seq2seq: per source or prompt; chat: per
+            conversation
+        text_field: the field (column) holding the text
+        pair_field: classify: the second text of a pair
+        label_field: classify: the label field/column
+        source_field: seq2seq: the source field
+        target_field: seq2seq: the target field
+        max_target_length: seq2seq: tokens per target, end-of-text included; also the generation length when
+            scoring
+        class_weights: classify: weight classes by inverse frequency (imbalanced data)
+        patience: stop after this many evaluations without a better validation metric
+        resume: continue the latest checkpoint in ``out`` exactly where it stopped
+        lora: train LoRA adapters (peft) instead of all weights: r=8,alpha=16,dropout=0.05,targets=qkv (targets:
+            module names such as qkv, proj, attn.proj, mlp.fc, mlp.proj; several as targets=qkv,proj); 'default' for
+            those defaults
+        show_masking: chat: print the first training conversation with the trained tokens marked, and exit
+        pack: chat: pack several conversations into each --max-length row; each attends only to itself (less
+            padding, same loss)
+        verify: check the checkpoint's tokenizer (and a Hugging Face folder against transformers)
+        dry_run: predict a training step's peak memory instead of training
+        memory_budget: GiB a training step may use, for ``dry_run`` (default: the GPU's memory)
+        overwrite: write into an existing folder that is not an lmlab run
+        **train_args: TrainConfig fields
     """
     kind = check_task(task, pack=pack, patience=patience, show_masking=show_masking)
     if show_masking:

@@ -214,6 +214,21 @@ class TrainResult:
     val_scores: dict[str, float] = field(default_factory=dict)  # the last evaluation's task metrics
     stopped_early: bool = False
 
+    def summary(self, finetuned: bool = False) -> str:
+        """What the run ended with, a line each: the last validation figures (a fine-tune's task metrics, else
+        the validation loss), the checkpoints and, for pretraining, the log and the loss curve."""
+        lines = []
+        if finetuned and self.val_scores:
+            scores = ", ".join(f"{k} {v:.4f}" for k, v in self.val_scores.items())
+            lines.append(f"validation {scores}" + (" (stopped early)" if self.stopped_early else ""))
+        elif not finetuned and self.val_loss is not None:
+            lines.append(f"step {self.step}, validation loss {self.val_loss:.4f}")
+        best = f", best {self.best_checkpoint}" if self.best_checkpoint else ""
+        lines.append(f"last checkpoint {self.last_checkpoint}{best}")
+        if not finetuned:
+            lines.append(f"log {self.log_file}, loss curve {Path(self.log_file).with_name('loss.png')}")
+        return "\n".join(lines)
+
 
 def autocast_for(precision: str, device: torch.device) -> tuple[Callable[[], contextlib.AbstractContextManager], str]:
     """The autocast context for a precision name, and the precision actually used."""

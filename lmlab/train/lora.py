@@ -38,7 +38,16 @@ def merge_checkpoint(
     checkpoint with ``src``'s config.json fields (plus ``merged_from``), its tokenizer when
     ``tokenizer`` (which must be the one it was trained with; ``verify=False``: a warning), and no
     ``train_state.pt``. Returns ``out``. ``out`` must be new, empty or an lmlab checkpoint outside
-    ``src`` (``overwrite``: any folder; lmlab's files are written into it, nothing else is touched)."""
+    ``src`` (``overwrite``: any folder; lmlab's files are written into it, nothing else is touched).
+
+    Args:
+        src: a LoRA checkpoint (or run folder: its best checkpoint)
+        out: folder for the merged checkpoint (written atomically)
+        tokenizer: copy the checkpoint's tokenizer
+        verify: refuse a checkpoint whose tokenizer.json does not match the tokenizer_sha256 in its config.json
+            (False: a warning instead of an error)
+        overwrite: write into any folder
+    """
     given, src = src, resolve_checkpoint(src)
     check_checkpoint_target(out, overwrite=overwrite, sources=(given, src))
     if not load_config(src).lora:

@@ -48,22 +48,29 @@ def pretrain(
 ) -> TrainResult | DryRun:
     """Pretrain a model on a folder made by :func:`lmlab.prepare`.
 
-    ``model`` is a preset name (``lmlab.config.PRESETS``) or a :class:`ModelConfig`; its vocab size
-    becomes the tokenizer's, rounded up to a multiple of ``pad_vocab_multiple`` (64 or 128 make the
-    LM head's matmuls faster on GPUs, as nanoGPT's 50304 for GPT-2's 50257; the extra rows are never
-    an input or a target, and generation never emits them). ``init_from`` starts from a checkpoint's weights
-    instead of random ones (an lmlab checkpoint or a Hugging Face folder, checked against transformers unless
-    ``verify=False``);
-    ``resume`` continues the latest checkpoint in ``out`` exactly where it stopped. Every other
-    keyword is a :class:`TrainConfig` field (``max_steps``, ``lr``, …).
+    The model's vocab size becomes the tokenizer's, rounded up to a multiple of ``pad_vocab_multiple``. ``dry_run``
+    builds and checks everything the run would (config, data, model, optimizer, a batch) but trains and writes
+    nothing: it returns the :class:`~lmlab.train.memory.DryRun` prediction of a training step's peak memory, checked
+    against ``memory_budget`` GiB (or the GPU's memory) with what to change when it does not fit. ``out`` must be
+    new, empty or an lmlab run; ``overwrite`` lets lmlab write its files into another folder, deleting nothing else
+    there (:mod:`lmlab.io.outputs`).
 
-    ``dry_run`` builds and checks everything the run would (config, data, model, optimizer, a batch) but
-    trains and writes nothing: it returns the :class:`~lmlab.train.memory.DryRun` prediction of a training
-    step's peak memory, checked against ``memory_budget`` GiB (or the GPU's memory) with what to change
-    when it does not fit (:mod:`lmlab.train.memory`).
-
-    ``out`` must be new, empty or an lmlab run; ``overwrite`` lets lmlab write its files into another
-    folder, deleting nothing else there (:mod:`lmlab.io.outputs`).
+    Args:
+        model: a preset name (``lmlab.config.PRESETS``) or a :class:`ModelConfig`
+        data: folder made by `lmlab prepare`
+        out: run folder: checkpoints, log.jsonl, loss.png
+        objective: training objective: clm (causal LM, decoders), mlm, mlm+nsp or wwm (whole-word mlm) for encoders
+        resume: continue the latest checkpoint in ``out`` exactly where it stopped
+        init_from: start from this checkpoint's (or Hugging Face folder's) weights (fresh optimizer)
+        model_overrides: ModelConfig fields that replace the preset's (``dropout``, ``block_size`` …)
+        pad_vocab_multiple: round the model's vocabulary up to a multiple of this: 64 or 128 make the LM head's
+            matmuls faster on GPUs (nanoGPT trains GPT-2's 50257 tokens as 50304); the extra rows are never inputs
+            or targets and generation never emits them
+        verify: check a Hugging Face ``init_from`` against transformers (once)
+        dry_run: predict a training step's peak memory instead of training
+        memory_budget: GiB a training step may use, for ``dry_run`` (default: the GPU's memory)
+        overwrite: write into an existing folder that is not an lmlab run
+        **train_args: :class:`TrainConfig` fields (``max_steps``, ``lr``, …)
     """
     cfg = _train_config(train_args)
     check_budget(memory_budget, dry_run)
