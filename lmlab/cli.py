@@ -1,16 +1,14 @@
 """``lmlab VERB``: a thin shell over the Python API.
 
-A verb is a ``_flags_<verb>`` function (its flags, which :mod:`lmlab.clikit` builds from the signature and the
-docstring's ``Args:`` of the function the verb calls), a ``cmd_<verb>`` function (its docstring is the verb's
-``--help`` description; it calls the function and prints what came back) and a line of :data:`VERBS`. Written here:
-the help of the flags several verbs share (:data:`SHARED`) and the flags that are the command line's own
-(``--prompts-file``, ``--format`` …). ``--config file.yaml`` supplies any flag by its name with underscores
-(``max_steps: 2000``; flags after it override it). Usage errors print as one line and exit with code 2, library
-errors (:class:`LmlabError`) with code 1; tracebacks are kept for bugs.
+A verb is a ``_flags_<verb>`` function (the flags :mod:`lmlab.clikit` builds from the signature and docstring of the
+function the verb calls, and the command line's own), a ``cmd_<verb>`` function (its docstring is the verb's
+``--help`` description; it calls the function and prints what came back) and a line of :data:`VERBS`. Usage errors
+print as one line and exit with code 2, library errors (:class:`LmlabError`) with code 1; bugs keep their traceback.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 from pathlib import Path
@@ -26,24 +24,16 @@ from lmlab.errors import LmlabError
 FIELDS = "text_field pair_field label_field source_field target_field"  # the data fields of a task file
 CORPUS = "input text_field column normalize dedup"  # read_corpus's options
 CRITIQUE_FIELDS = {"text_field": "text", "pair_field": "none", "label_field": "label", "group_field": "group"}
-# critique: each lens's options, their help from the lens function's docstring (prefixed with the lens's name)
-LENS_OPTIONS = {
-    "bias": "pairs swaps",
-    "safety": "prompts harmful toxicity_classifier samples max_new_tokens",
-    "privacy": "canaries extraction_prefix extraction_suffix",
-    "robustness": "perturbations",
-    "efficiency": "power_watts grid_intensity",
-    "interpret": "input",
-}
+LENS_OPTIONS = (  # critique: the lenses' options, help from the function of the lens that takes them
+    "pairs swaps prompts harmful toxicity_classifier samples max_new_tokens canaries extraction_prefix "
+    "extraction_suffix perturbations power_watts grid_intensity input"
+)
 PERTURBATIONS = "comma-separated edits: typos,case,punctuation,contractions,whitespace,names (default: all)"
 # flag → parameter, where the command line's name is not the function's
 LENS_RENAME = {"toxicity_classifier": "classifier", "input": "text"}
 CANARY_RENAME = {"canary_repeats": "repeats", "canary_digits": "digits", "canary_template": "template"}
 PREPARE_RENAME = {"input": "inputs", "out": "out_dir", "progress": "show_progress"}
 LOAD_RENAME = {"checkpoint": "path"}
-
-
-# -- the verbs' flags ----------------------------------------------------------------------------
 
 
 def _flags_tokenizer(p: ArgumentParser) -> None:
@@ -92,9 +82,10 @@ def _flags_critique(p: ArgumentParser) -> None:
     flags(p, lmlab.critique, own, "checkpoint * device verify progress overwrite", lenses=lenses)
     for name, usual in CRITIQUE_FIELDS.items():  # None: the task's own name
         add(p, name, f"--data: {SHARED[name]} (default: {usual})", "str | None", None)
-    for lens, names in LENS_OPTIONS.items():  # None: the lens applies its own default, which the help names
-        fn = lmlab.critique.lens_function(lens)
-        clikit.optional_flags(p, fn, names, f"{lens}: ", LENS_RENAME, perturbations={"help": PERTURBATIONS})
+    lenses = {lens: lmlab.critique.lens_function(lens) for lens in lmlab.critique.LENSES}
+    for dest in LENS_OPTIONS.split():  # None: the lens applies its own default, which the help names
+        lens = next(n for n, fn in lenses.items() if LENS_RENAME.get(dest, dest) in inspect.signature(fn).parameters)
+        clikit.optional_flags(p, lenses[lens], dest, f"{lens}: ", LENS_RENAME, perturbations={"help": PERTURBATIONS})
 
 
 def _flags_export(p: ArgumentParser) -> None:
@@ -146,9 +137,6 @@ def _flags_demo(p: ArgumentParser) -> None:
     flags(p, lmlab.run_demo, own, "progress overwrite")
 
 
-# -- the verbs -----------------------------------------------------------------------------------
-
-
 def cmd_tokenizer(args) -> int:
     """Train a tokenizer with the `tokenizers` library and save tokenizer.json."""
     from lmlab.tokenizer import check_tokenizer_folder
@@ -185,10 +173,8 @@ def _report_run(result, a, finetuned: bool = False) -> int:
 def cmd_pretrain(a) -> int:
     """Pretrain a model on a prepared data folder. Every training option is also a key of --config."""
     overrides = {k: v for k, v in (("dropout", a.dropout), ("block_size", a.block_size)) if v is not None}
-    result = lmlab.pretrain(
-        **kwargs_of(a, lmlab.pretrain), **kwargs_of(a, lmlab.TrainConfig), model_overrides=overrides
-    )
-    return _report_run(result, a)
+    train = {**kwargs_of(a, lmlab.pretrain), **kwargs_of(a, lmlab.TrainConfig)}
+    return _report_run(lmlab.pretrain(**train, model_overrides=overrides), a)
 
 
 def cmd_finetune(a) -> int:
@@ -219,7 +205,7 @@ def cmd_critique(a) -> int:
     from lmlab.critique.report import summary
 
     fields = {k: getattr(a, k) for k in CRITIQUE_FIELDS if getattr(a, k) is not None}
-    options = {LENS_RENAME.get(k, k): getattr(a, k) for k in " ".join(LENS_OPTIONS.values()).split()}
+    options = {LENS_RENAME.get(k, k): getattr(a, k) for k in LENS_OPTIONS.split()}
     options["perturbations"] = [n.strip() for n in a.perturbations.split(",") if n.strip()] if a.perturbations else None
     options = {k: v for k, v in options.items() if v is not None}
     report = lmlab.critique(**kwargs_of(a, lmlab.critique), fields=fields, options=options)
@@ -258,9 +244,8 @@ def _check_generate(a, prompts: list[str]) -> None:
     if a.batch_size < 1:
         raise LmlabError(f"--batch-size is {a.batch_size}: expected a positive integer")
     if a.stream and (len(prompts) != 1 or a.format != "text" or a.output):
-        raise LmlabError(
-            "--stream prints one prompt's text as it is made: give one --prompt, --format text and no --output"
-        )
+        why = "--stream prints one prompt's text as it is made"
+        raise LmlabError(f"{why}: give one --prompt, --format text and no --output")
     if a.output:
         from lmlab.io.outputs import check_output_file
 
@@ -351,8 +336,7 @@ VERBS = {  # name → Verb(its line in `lmlab --help`, flags, run), in the order
 
 
 def build_parser(only: str | None = None) -> ArgumentParser:
-    """The parser of every verb; ``only``: the flags of that verb alone (the others list their names and
-    summaries), so that a command imports no more of lmlab than it runs."""
+    """The parser of every verb; ``only``: that verb's flags alone (a command imports no more than it runs)."""
     return clikit.verbs_parser(VERBS, "lmlab", DESCRIPTION, only)
 
 
