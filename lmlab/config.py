@@ -594,7 +594,9 @@ def size_table(configs: list[ModelConfig], seq_len: int | None = None) -> str:
     """A table of the models' sizes, a row each: layers, width, heads (query/key-value when grouped), parameters
     with and without embeddings, and GFLOPs per token of a training step at ``seq_len`` (default: each model's
     block_size); with a line saying how the FLOPs are counted. What ``lmlab info`` prints."""
-    lines = [f"{'model':<12} {'layers':>6} {'d_model':>7} {'heads':>8} {'params':>14} {'non-emb':>14} {'GFLOPs/tok':>10}"]
+    lines = [
+        f"{'model':<12} {'layers':>6} {'d_model':>7} {'heads':>8} {'params':>14} {'non-emb':>14} {'GFLOPs/tok':>10}"
+    ]
     for c in configs:
         heads = f"{c.n_head}/{c.n_kv_heads}" if c.n_kv_heads != c.n_head else str(c.n_head)
         lines.append(
