@@ -249,6 +249,7 @@ def test_an_output_path_that_is_a_file_is_an_error(world, tmp_path, capsys):
     assert (tmp_path / "file").read_text() == "mine"
 
 
+@pytest.mark.slow
 def test_rerunning_into_lmlabs_own_output_needs_no_flag(world, tmp_path, capsys):
     for verb in ("tokenizer train", "prepare", "evaluate", "critique", "merge-lora"):
         out = tmp_path / verb.replace(" ", "-")

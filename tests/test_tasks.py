@@ -27,8 +27,8 @@ from lmlab.data.tasks import (
     tags_from_predictions,
 )
 from lmlab.errors import LmlabError
-from lmlab.tokenizer import train_tokenizer
 from lmlab.objectives import IGNORE_INDEX
+from lmlab.tokenizer import train_tokenizer
 
 NAMES = ["Alice", "Bob", "Carol", "Dmitri", "Elena", "Farid"]
 CITIES = ["Paris", "Lagos", "Osaka", "Lima", "Oslo", "Cairo"]
