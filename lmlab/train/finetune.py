@@ -149,6 +149,7 @@ def build_data(setup: Setup, train: str | Path, valid: str | Path | None = None,
     """Read the training (and validation) file as the task reads it; the fine-tuned config and the objective."""
     task, fields, arch = setup.task, setup.fields, setup.base_config.arch
     train_data = task.read(train, setup.tokenizer, fields, arch=arch)
+    task.check_training(train_data, train)
     valid_data = None
     if valid is not None:
         valid_data = task.read(valid, setup.tokenizer, fields, arch=arch, labels=train_data.labels, problem_type=train_data.problem_type)
