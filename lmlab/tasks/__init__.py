@@ -59,21 +59,58 @@ def head_task(config) -> Task | None:
     return TASKS.get(config.task) if config.task else None
 
 
-def load_task_data(task: str, path: str | Path, tokenizer, *, labels: list[str] | None = None, problem_type: str | None = None,
-                   decoder_only: bool = False, **fields: Any) -> TaskData:
+def load_task_data(
+    task: str,
+    path: str | Path,
+    tokenizer,
+    *,
+    labels: list[str] | None = None,
+    problem_type: str | None = None,
+    decoder_only: bool = False,
+    **fields: Any,
+) -> TaskData:
     """Read a task file and build its features (``fields``: :class:`TaskFields`' fields). ``labels`` (the
     training labels) check a validation file; ``decoder_only``: seq2seq for a decoder (prompt + completion)."""
-    return get_task(task).read(path, tokenizer, TaskFields(**fields), arch="decoder" if decoder_only else "encoder",
-                               labels=labels, problem_type=problem_type)
+    return get_task(task).read(
+        path,
+        tokenizer,
+        TaskFields(**fields),
+        arch="decoder" if decoder_only else "encoder",
+        labels=labels,
+        problem_type=problem_type,
+    )
 
 
-def task_objective(task: str, features: dict[str, list], pad_id: int, problem_type: str = "single", *,
-                   model_arch: str = "encoder", start_id: int = 0) -> TaskObjective:
+def task_objective(
+    task: str,
+    features: dict[str, list],
+    pad_id: int,
+    problem_type: str = "single",
+    *,
+    model_arch: str = "encoder",
+    start_id: int = 0,
+) -> TaskObjective:
     """``task``'s training objective over ``features`` (:meth:`Task.objective`)."""
     return get_task(task).objective(features, pad_id, problem_type=problem_type, arch=model_arch, start_id=start_id)
 
 
 __all__ = [
-    "TASKS", "Selection", "Task", "TaskData", "TaskFields", "TaskObjective", "TextExample", "assistant_token_accuracy",
-    "default_task", "generate_outputs", "get_task", "head_task", "load_task_data", "pack_examples", "predict_logits", "task_names", "task_objective", "trained_task",
+    "TASKS",
+    "Selection",
+    "Task",
+    "TaskData",
+    "TaskFields",
+    "TaskObjective",
+    "TextExample",
+    "assistant_token_accuracy",
+    "default_task",
+    "generate_outputs",
+    "get_task",
+    "head_task",
+    "load_task_data",
+    "pack_examples",
+    "predict_logits",
+    "task_names",
+    "task_objective",
+    "trained_task",
 ]

@@ -97,7 +97,8 @@ class Task:
         """Refuse a base checkpoint the task cannot fine-tune, or lengths that do not fit it."""
         if config.arch not in self.archs:
             raise LmlabError(
-                f"{base}: a {config.arch} model; --task {self.name} fine-tunes encoders and decoders (an encoder–decoder takes --task seq2seq)"
+                f"{base}: a {config.arch} model; --task {self.name} fine-tunes encoders and decoders (an "
+                "encoder–decoder takes --task seq2seq)"
             )
         if fields.max_length > config.block_size:
             raise LmlabError(f"--max-length {fields.max_length} exceeds the model's block_size {config.block_size}")
@@ -168,7 +169,8 @@ class Task:
         """Refuse a model this task cannot evaluate."""
         if config.task != self.name:
             raise LmlabError(
-                f"the checkpoint was fine-tuned for {config.task or 'no task'!r}; it cannot be evaluated on --task {self.name}"
+                f"the checkpoint was fine-tuned for {config.task or 'no task'!r}; it cannot be evaluated on --task "
+                f"{self.name}"
             )
 
     def predict(
