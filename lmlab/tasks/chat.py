@@ -24,12 +24,12 @@ from lmlab.templates import DEFAULT_CHAT_TEMPLATE
 
 
 def pack_examples(features: dict[str, list], max_length: int) -> dict[str, list]:
-    """Pack examples (``input_ids`` with aligned ``labels``) into rows of at most ``max_length`` tokens,
-    first-fit in order, with ``segment_ids`` (1, 2, … per example in its row), ``position_ids``
-    restarting at 0 for each and ``examples`` (which examples a row holds, in order): the decoder's
-    block-diagonal causal mask keeps every example to itself, so a packed row trains exactly as its examples
-    would alone, with less padding. An example's first label is never trained on (chat rows start with a system or user turn), so the token that ends one
-    example and is followed by the next learns nothing across the boundary."""
+    """Pack examples (``input_ids`` with aligned ``labels``) into rows of at most ``max_length`` tokens, first-fit in
+    order, with ``segment_ids`` (1, 2, … per example in its row), ``position_ids`` restarting at 0 for each and
+    ``examples`` (which examples a row holds, in order): the decoder's block-diagonal causal mask keeps every
+    example to itself, so a packed row trains exactly as its examples would alone, with less padding. An
+    example's first label is never trained on (chat rows start with a system or user turn), so the token that
+    ends one example and is followed by the next learns nothing across the boundary."""
     rows: list[dict[str, list]] = []
     for index, (ids, labels) in enumerate(zip(features["input_ids"], features["labels"])):
         row = next((r for r in rows if len(r["input_ids"]) + len(ids) <= max_length), None)
