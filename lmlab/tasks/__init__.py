@@ -17,7 +17,16 @@ from pathlib import Path
 from typing import Any
 
 from lmlab.errors import LmlabError
-from lmlab.tasks.base import Selection, Task, TaskData, TaskFields, TaskObjective, TextExample, predict_logits
+from lmlab.tasks.base import (
+    ObjectiveArgs,
+    Selection,
+    Task,
+    TaskData,
+    TaskFields,
+    TaskObjective,
+    TextExample,
+    predict_logits,
+)
 from lmlab.tasks.chat import Chat, assistant_token_accuracy, pack_examples
 from lmlab.tasks.classify import Classify
 from lmlab.tasks.lm import LM
@@ -91,11 +100,13 @@ def task_objective(
     start_id: int = 0,
 ) -> TaskObjective:
     """``task``'s training objective over ``features`` (:meth:`Task.objective`)."""
-    return get_task(task).objective(features, pad_id, problem_type=problem_type, arch=model_arch, start_id=start_id)
+    args = ObjectiveArgs(pad_id, problem_type=problem_type, arch=model_arch, start_id=start_id)
+    return get_task(task).objective(features, args)
 
 
 __all__ = [
     "TASKS",
+    "ObjectiveArgs",
     "Selection",
     "Task",
     "TaskData",

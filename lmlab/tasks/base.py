@@ -46,6 +46,19 @@ class TaskFields:
 
 
 @dataclasses.dataclass
+class ObjectiveArgs:
+    """What a task's training objective may need besides its features; each task reads the fields it uses."""
+
+    pad_id: int
+    problem_type: str = "single"
+    num_labels: int = 0
+    arch: str = "encoder"
+    start_id: int = 0  # an encoder–decoder's decoder start token
+    class_weights: bool = False  # weight classes by inverse frequency, where the task can
+    valid_features: dict[str, list] | None = None
+
+
+@dataclasses.dataclass
 class TaskData:
     """A task's examples, their features, and what scoring needs to turn predictions into metrics."""
 
@@ -138,21 +151,9 @@ class Task:
             lora={},
         )
 
-    def objective(
-        self,
-        features: dict[str, list],
-        pad_id: int,
-        *,
-        problem_type: str = "single",
-        num_labels: int = 0,
-        arch: str = "encoder",
-        start_id: int = 0,
-        class_weights: bool = False,
-        valid_features: dict[str, list] | None = None,
-    ) -> TaskObjective:
-        """The training objective (collate + loss) over ``features``, padding with ``pad_id``; ``arch`` the
-        model's, ``start_id`` an encoder–decoder's decoder start token; ``class_weights``: weight classes
-        by inverse frequency where the task can."""
+    def objective(self, features: dict[str, list], args: ObjectiveArgs) -> TaskObjective:
+        """The training objective (collate + loss) over ``features``; ``args`` say how to pad, the model's
+        architecture, an encoder–decoder's start token, whether to weight classes (:class:`ObjectiveArgs`)."""
         raise NotImplementedError
 
     def select(self, data: TaskData) -> Selection:
@@ -186,7 +187,7 @@ class Task:
         num_beams: int = 1,
     ) -> list:
         """The model's predictions for ``data``'s examples (task-head logits; texts for a generating task)."""
-        objective = self.objective(data.features, pad_id, problem_type=data.problem_type)
+        objective = self.objective(data.features, ObjectiveArgs(pad_id, problem_type=data.problem_type))
         return predict_logits(model, objective, len(data), batch_size, device)
 
     def metrics(self, data: TaskData, predictions: list) -> dict[str, float]:

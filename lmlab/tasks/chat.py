@@ -18,7 +18,7 @@ from lmlab.config import ModelConfig
 from lmlab.data import tasks as T
 from lmlab.errors import LmlabError
 from lmlab.objectives.losses import IGNORE_INDEX
-from lmlab.tasks.base import Selection, Task, TaskData, TaskFields
+from lmlab.tasks.base import ObjectiveArgs, Selection, Task, TaskData, TaskFields
 from lmlab.tasks.seq2seq import NextTokenObjective, without_head
 from lmlab.templates import DEFAULT_CHAT_TEMPLATE
 
@@ -106,19 +106,8 @@ class Chat(Task):
     def head(self, config: ModelConfig, data: TaskData) -> ModelConfig:
         return without_head(config)
 
-    def objective(
-        self,
-        features,
-        pad_id,
-        *,
-        problem_type="single",
-        num_labels=0,
-        arch="decoder",
-        start_id=0,
-        class_weights=False,
-        valid_features=None,
-    ) -> NextTokenObjective:
-        return NextTokenObjective("chat", features, pad_id, arch, start_id, valid_features)
+    def objective(self, features, args: ObjectiveArgs) -> NextTokenObjective:
+        return NextTokenObjective("chat", features, args.pad_id, args.arch, args.start_id, args.valid_features)
 
     def select(self, data: TaskData) -> Selection:
         return Selection(None, higher_is_better=False)  # the lowest validation loss (on assistant tokens)
@@ -130,7 +119,15 @@ class Chat(Task):
         self, model, tokenizer, data, *, batch_size, device, pad_id=0, max_new_tokens=128, num_beams=1
     ) -> list[tuple[int, int]]:
         """One (right, total) count of greedily predicted assistant tokens for the whole of ``data``."""
-        return [_right_and_total(model, self.objective(data.features, pad_id), len(data), batch_size, device)]
+        return [
+            _right_and_total(
+                model,
+                self.objective(data.features, ObjectiveArgs(pad_id, arch="decoder")),
+                len(data),
+                batch_size,
+                device,
+            )
+        ]
 
     def metrics(self, data: TaskData, predictions: list[tuple[int, int]]) -> dict[str, float]:
         right, total = map(sum, zip(*predictions))

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from lmlab.data import tasks as T
 from lmlab.errors import LmlabError
-from lmlab.tasks.base import Selection, Task, TaskData, TaskFields, TaskObjective, TextExample
+from lmlab.tasks.base import ObjectiveArgs, Selection, Task, TaskData, TaskFields, TaskObjective, TextExample
 
 # the metric that picks best/, per kind of label (higher is better)
 SELECT = {"single": "accuracy", "multi": "f1_micro", "regression": "pearson"}
@@ -78,23 +78,12 @@ class Classify(Task):
                 "labels apart (expected two or more in the training file)"
             )
 
-    def objective(
-        self,
-        features,
-        pad_id,
-        *,
-        problem_type="single",
-        num_labels=0,
-        arch="encoder",
-        start_id=0,
-        class_weights=False,
-        valid_features=None,
-    ) -> ClassifyObjective:
+    def objective(self, features, args: ObjectiveArgs) -> ClassifyObjective:
         weights = None
-        if class_weights and problem_type == "single":
-            counts = torch.bincount(torch.tensor(features["labels"]), minlength=num_labels).float()
+        if args.class_weights and args.problem_type == "single":
+            counts = torch.bincount(torch.tensor(features["labels"]), minlength=args.num_labels).float()
             weights = counts.sum() / (len(counts) * counts.clamp(min=1))  # "balanced", as scikit-learn
-        return ClassifyObjective(features, pad_id, problem_type, weights, valid_features)
+        return ClassifyObjective(features, args.pad_id, args.problem_type, weights, args.valid_features)
 
     def select(self, data: TaskData) -> Selection:
         return Selection(SELECT[data.problem_type])

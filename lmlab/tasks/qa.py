@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from lmlab.config import ModelConfig
 from lmlab.data import tasks as T
-from lmlab.tasks.base import Selection, Task, TaskData, TaskFields, TaskObjective, TextExample
+from lmlab.tasks.base import ObjectiveArgs, Selection, Task, TaskData, TaskFields, TaskObjective, TextExample
 
 
 class QAObjective(TaskObjective):
@@ -72,19 +72,8 @@ class QA(Task):
     def head(self, config: ModelConfig, data: TaskData) -> ModelConfig:
         return dataclasses.replace(super().head(config, data), labels=["start", "end"])
 
-    def objective(
-        self,
-        features,
-        pad_id,
-        *,
-        problem_type="single",
-        num_labels=0,
-        arch="encoder",
-        start_id=0,
-        class_weights=False,
-        valid_features=None,
-    ) -> QAObjective:
-        return QAObjective(features, pad_id, valid_features)
+    def objective(self, features, args: ObjectiveArgs) -> QAObjective:
+        return QAObjective(features, args.pad_id, args.valid_features)
 
     def select(self, data: TaskData) -> Selection:
         return Selection("f1")

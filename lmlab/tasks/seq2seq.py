@@ -23,7 +23,7 @@ from lmlab.generate.processors import SuppressIdsFrom
 from lmlab.generate.seq2seq import condition_on_sources
 from lmlab.model.seq2seq import shift_right
 from lmlab.objectives.losses import IGNORE_INDEX, lm_loss
-from lmlab.tasks.base import Selection, Task, TaskData, TaskFields, TaskObjective, TextExample, padded
+from lmlab.tasks.base import ObjectiveArgs, Selection, Task, TaskData, TaskFields, TaskObjective, TextExample, padded
 
 
 def without_head(config: ModelConfig) -> ModelConfig:
@@ -218,19 +218,8 @@ class Seq2Seq(Task):
     def head(self, config: ModelConfig, data: TaskData) -> ModelConfig:
         return without_head(config)
 
-    def objective(
-        self,
-        features,
-        pad_id,
-        *,
-        problem_type="single",
-        num_labels=0,
-        arch="encoder",
-        start_id=0,
-        class_weights=False,
-        valid_features=None,
-    ) -> NextTokenObjective:
-        return NextTokenObjective("seq2seq", features, pad_id, arch, start_id, valid_features)
+    def objective(self, features, args: ObjectiveArgs) -> NextTokenObjective:
+        return NextTokenObjective("seq2seq", features, args.pad_id, args.arch, args.start_id, args.valid_features)
 
     def select(self, data: TaskData) -> Selection:
         # chrF: BLEU of a small validation set sits at 0 until whole 4-grams match; both are logged

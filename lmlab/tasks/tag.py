@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from lmlab.data import tasks as T
 from lmlab.objectives.losses import IGNORE_INDEX
-from lmlab.tasks.base import Selection, Task, TaskData, TaskFields, TaskObjective, TextExample, padded
+from lmlab.tasks.base import ObjectiveArgs, Selection, Task, TaskData, TaskFields, TaskObjective, TextExample, padded
 
 
 class TagObjective(TaskObjective):
@@ -53,19 +53,8 @@ class Tag(Task):
         features = T.align_tags(tokenizer, data, {t: i for i, t in enumerate(names)}, fields.max_length)
         return TaskData("tag", features, len(names), labels=names, raw=data)
 
-    def objective(
-        self,
-        features,
-        pad_id,
-        *,
-        problem_type="single",
-        num_labels=0,
-        arch="encoder",
-        start_id=0,
-        class_weights=False,
-        valid_features=None,
-    ) -> TagObjective:
-        return TagObjective(features, pad_id, valid_features)
+    def objective(self, features, args: ObjectiveArgs) -> TagObjective:
+        return TagObjective(features, args.pad_id, args.valid_features)
 
     def select(self, data: TaskData) -> Selection:
         return Selection("f1")
