@@ -61,7 +61,10 @@ class ChatSession:
         from lmlab.generate import GenerationConfig
 
         if lm.model.config.arch != "decoder":
-            raise LmlabError(f"{lm.path or 'this model'} is a{'n encoder–decoder' if lm.is_seq2seq else 'n encoder'}; chat needs a decoder")
+            raise LmlabError(
+                f"{lm.path or 'this model'} is a{'n encoder–decoder' if lm.is_seq2seq else 'n encoder'}; chat needs a "
+                "decoder"
+            )
         self.lm, self.system, self.messages, self.dropped = lm, system, [], 0
         self.template = template if template is not None else chat_template(lm.tokenizer)
         config = (config or GenerationConfig()).replace(**options)
@@ -73,7 +76,10 @@ class ChatSession:
             config = config.replace(stop=[*config.stop, marker])
         self.config = config
         if lm.block_size - config.max_new_tokens < 1:
-            raise LmlabError(f"--max-new-tokens {config.max_new_tokens} leaves no room for the conversation in the {lm.block_size}-token context window")
+            raise LmlabError(
+                f"--max-new-tokens {config.max_new_tokens} leaves no room for the conversation in the "
+                f"{lm.block_size}-token context window"
+            )
 
     def reset(self) -> None:
         """Forget the history (the system prompt stays)."""
@@ -89,13 +95,16 @@ class ChatSession:
         room = self.lm.block_size - self.config.max_new_tokens
         history = [*self.messages, user]
         while True:
-            prompt = render(self.lm.tokenizer, self.conversation(history), add_generation_prompt=True, template=self.template)
+            prompt = render(
+                self.lm.tokenizer, self.conversation(history), add_generation_prompt=True, template=self.template
+            )
             n = len(self.lm.tokenizer.encode(prompt))
             if n <= room:
                 break
             if len(history) == 1:
                 raise LmlabError(
-                    f"the message does not fit: the prompt is {n} tokens and the {self.lm.block_size}-token context window "
+                    f"the message does not fit: the prompt is {n} tokens and the {self.lm.block_size}-token context "
+                    "window "
                     f"holds {room} with --max-new-tokens {self.config.max_new_tokens}; send a shorter one"
                 )
             del history[0]  # the oldest turn: a user message and the replies up to the next one
@@ -104,7 +113,11 @@ class ChatSession:
         turns = sum(m["role"] == "user" for m in self.messages) - sum(m["role"] == "user" for m in history[:-1])
         self.dropped = turns
         if turns:
-            logger.warning("the conversation no longer fits the %d-token context window: dropped the oldest %d turn(s)", self.lm.block_size, turns)
+            logger.warning(
+                "the conversation no longer fits the %d-token context window: dropped the oldest %d turn(s)",
+                self.lm.block_size,
+                turns,
+            )
         self.messages = history[:-1]
         return prompt
 
@@ -126,12 +139,15 @@ class ChatSession:
                 self.messages += [user, {"role": "assistant", "content": reply}]
 
 
-def repl(session: ChatSession, read: Callable[[str], str] = input, out: TextIO | None = None, err: TextIO | None = None) -> int:
+def repl(
+    session: ChatSession, read: Callable[[str], str] = input, out: TextIO | None = None, err: TextIO | None = None
+) -> int:
     """``lmlab chat``: read a message, stream the reply, until ``/quit`` or end of input (Ctrl-D).
     ``/reset`` clears the history, ``/system TEXT`` sets the system prompt (``/system`` alone removes it)."""
     out, err = out or sys.stdout, err or sys.stderr
     print(
-        f"lmlab: chatting with {session.lm!r}; {session.config.strategy} decoding, up to {session.config.max_new_tokens} tokens a reply. "
+        f"lmlab: chatting with {session.lm!r}; {session.config.strategy} decoding, up to "
+        f"{session.config.max_new_tokens} tokens a reply. "
         "/reset clears the history, /system TEXT sets the system prompt, /quit or Ctrl-D ends.",
         file=err,
     )

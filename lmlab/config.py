@@ -124,11 +124,23 @@ class ModelConfig:
             self.n_decoder_layer = self.n_layer
         self.validate()
 
-    def validate(self) -> None:
-        def bad(field_name: str, expected: str) -> LmlabError:
-            value = getattr(self, field_name)
-            return LmlabError(f"model config field '{field_name}' is {value!r}: expected {expected}")
+    def _bad(self, field_name: str, expected: str) -> LmlabError:
+        value = getattr(self, field_name)
+        return LmlabError(f"model config field '{field_name}' is {value!r}: expected {expected}")
 
+    def validate(self) -> None:
+        """A one-line error naming the first field that is out of range or inconsistent with another."""
+        self._check_shape()
+        self._check_rope_scaling()
+        self._check_heads()
+        self._check_seq2seq()
+        if not isinstance(self.lora, dict):
+            raise self._bad("lora", "a dict of LoRA settings (r, alpha, dropout, targets), or {} for none")
+        if self.lora:
+            LoraSpec.from_dict(self.lora, source="model config field 'lora'")
+        self._check_sizes()
+
+    def _check_shape(self) -> None:
         for field_name, choices in (
             ("arch", ARCHS),
             ("norm", NORMS),
@@ -137,7 +149,7 @@ class ModelConfig:
             ("norm_placement", NORM_PLACEMENTS),
         ):
             if getattr(self, field_name) not in choices:
-                raise bad(field_name, "one of " + ", ".join(choices))
+                raise self._bad(field_name, "one of " + ", ".join(choices))
         for field_name in (
             "vocab_size",
             "block_size",
@@ -149,17 +161,23 @@ class ModelConfig:
         ):
             value = getattr(self, field_name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise bad(field_name, "a positive integer")
+                raise self._bad(field_name, "a positive integer")
         if self.n_embd % self.n_head:
-            raise bad("n_embd", f"a multiple of n_head={self.n_head}")
+            raise self._bad("n_embd", f"a multiple of n_head={self.n_head}")
         if self.n_head % self.n_kv_heads:
-            raise bad("n_kv_heads", f"a divisor of n_head={self.n_head}")
+            raise self._bad("n_kv_heads", f"a divisor of n_head={self.n_head}")
         if self.position == "rope" and self.head_dim % 2:
-            raise bad("n_embd", "n_embd / n_head even, as RoPE rotates pairs of dimensions")
+            raise self._bad("n_embd", "n_embd / n_head even, as RoPE rotates pairs of dimensions")
+        if not 0.0 <= self.dropout < 1.0:
+            raise self._bad("dropout", "a number in [0, 1)")
+        if not isinstance(self.type_vocab_size, int) or self.type_vocab_size < 0:
+            raise self._bad("type_vocab_size", "0 (no segments) or a positive integer")
+
+    def _check_rope_scaling(self) -> None:
         if self.rope_scaling != {}:
             kind = self.rope_scaling.get("rope_type") if isinstance(self.rope_scaling, dict) else None
             if self.position != "rope" or kind not in ROPE_SCALINGS:
-                raise bad(
+                raise self._bad(
                     "rope_scaling",
                     "{} (plain RoPE) or, with position 'rope', a dict whose rope_type is one of "
                     + ", ".join(ROPE_SCALINGS),
@@ -167,49 +185,44 @@ class ModelConfig:
             params = {k: v for k, v in self.rope_scaling.items() if k != "rope_type"}
             number = all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in params.values())
             if set(params) != set(ROPE_SCALINGS[kind]) or not number:
-                raise bad(
+                raise self._bad(
                     "rope_scaling",
                     f"for rope_type {kind!r} exactly the positive numbers " + ", ".join(ROPE_SCALINGS[kind]),
                 )
-        if not 0.0 <= self.dropout < 1.0:
-            raise bad("dropout", "a number in [0, 1)")
-        if not isinstance(self.type_vocab_size, int) or self.type_vocab_size < 0:
-            raise bad("type_vocab_size", "0 (no segments) or a positive integer")
+
+    def _check_heads(self) -> None:
         if self.task not in TASKS:
-            raise bad("task", "one of " + ", ".join(repr(t) for t in TASKS))
+            raise self._bad("task", "one of " + ", ".join(repr(t) for t in TASKS))
         if self.problem_type not in PROBLEM_TYPES:
-            raise bad("problem_type", "one of " + ", ".join(PROBLEM_TYPES))
+            raise self._bad("problem_type", "one of " + ", ".join(PROBLEM_TYPES))
         if self.task and (not isinstance(self.num_labels, int) or self.num_labels < 1):
-            raise bad("num_labels", f"a positive integer for task {self.task!r}")
+            raise self._bad("num_labels", f"a positive integer for task {self.task!r}")
         if self.labels and len(self.labels) != self.num_labels:
-            raise bad("labels", f"{self.num_labels} names (num_labels)")
+            raise self._bad("labels", f"{self.num_labels} names (num_labels)")
+        if self.nsp_head and not self.pooler:
+            raise self._bad("nsp_head", "False unless pooler is True (NSP reads the pooled vector)")
+
+    def _check_seq2seq(self) -> None:
         if self.n_decoder_layer is not None and (
             not isinstance(self.n_decoder_layer, int)
             or isinstance(self.n_decoder_layer, bool)
             or self.n_decoder_layer < 1
         ):
-            raise bad("n_decoder_layer", "None (= n_layer) or a positive integer")
+            raise self._bad("n_decoder_layer", "None (= n_layer) or a positive integer")
         if not isinstance(self.decoder_start_token_id, int) or not 0 <= self.decoder_start_token_id < self.vocab_size:
-            raise bad("decoder_start_token_id", f"a token id in [0, vocab_size={self.vocab_size})")
+            raise self._bad("decoder_start_token_id", f"a token id in [0, vocab_size={self.vocab_size})")
         if self.arch == "seq2seq":  # what the seq2seq model does not build: fail loudly rather than ignore
             for field_name, off in (("type_vocab_size", 0), ("pooler", False), ("nsp_head", False), ("task", "")):
                 if getattr(self, field_name) != off:
-                    raise bad(
+                    raise self._bad(
                         field_name,
                         f"{off!r} for arch 'seq2seq' (the encoder–decoder has no segments, pooler or task heads)",
                     )
         if not isinstance(self.scale_embedding, bool) or (self.scale_embedding and self.arch != "seq2seq"):
-            raise bad(
+            raise self._bad(
                 "scale_embedding",
                 "True or False, and True only for arch 'seq2seq' (the encoder–decoder scales its embeddings)",
             )
-        if self.nsp_head and not self.pooler:
-            raise bad("nsp_head", "False unless pooler is True (NSP reads the pooled vector)")
-        if not isinstance(self.lora, dict):
-            raise bad("lora", "a dict of LoRA settings (r, alpha, dropout, targets), or {} for none")
-        if self.lora:
-            LoraSpec.from_dict(self.lora, source="model config field 'lora'")
-        self._check_sizes()
 
     def _check_sizes(self) -> None:
         """Every size within :data:`MAX_SIZES`, and the elements they describe within :data:`MAX_ELEMENTS`."""

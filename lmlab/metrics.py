@@ -46,8 +46,17 @@ from torchmetrics.functional.classification import (
 from lmlab.errors import LmlabError
 
 __all__ = [
-    "classification_metrics", "multilabel_metrics", "regression_metrics", "tagging_metrics", "squad_metrics",
-    "seq2seq_metrics", "perplexity", "bootstrap_ci", "with_cis", "HEADLINES", "calibration",
+    "classification_metrics",
+    "multilabel_metrics",
+    "regression_metrics",
+    "tagging_metrics",
+    "squad_metrics",
+    "seq2seq_metrics",
+    "perplexity",
+    "bootstrap_ci",
+    "with_cis",
+    "HEADLINES",
+    "calibration",
     "reliability_diagram",
 ]
 
@@ -356,7 +365,7 @@ def _squad_scores(predictions: dict, references: dict) -> tuple[list, np.ndarray
         prediction, answers = predictions[qid], references[qid]
         if not isinstance(prediction, str):
             kind = type(prediction).__name__
-            raise LmlabError(f"predictions[{qid!r}]: expected a string (\"\" for no answer), got {kind}")
+            raise LmlabError(f'predictions[{qid!r}]: expected a string ("" for no answer), got {kind}')
         is_list = isinstance(answers, Sequence) and not isinstance(answers, str)
         if not is_list or not all(isinstance(a, str) for a in answers):
             raise LmlabError(f"references[{qid!r}]: expected a list of answer strings ([] if unanswerable)")
@@ -471,7 +480,10 @@ MAX_RESAMPLES = 100_000
 def check_n_resamples(n_resamples: Any, name: str = "n_resamples") -> None:
     """A one-line error unless ``n_resamples`` is an integer in [1, :data:`MAX_RESAMPLES`]."""
     if isinstance(n_resamples, bool) or not isinstance(n_resamples, int) or not 1 <= n_resamples <= MAX_RESAMPLES:
-        raise LmlabError(f"{name}: expected a positive integer up to {MAX_RESAMPLES:,} (1000 suits a 95% interval), got {n_resamples!r}")
+        raise LmlabError(
+            f"{name}: expected a positive integer up to {MAX_RESAMPLES:,} (1000 suits a 95% interval), got "
+            f"{n_resamples!r}"
+        )
 
 
 def bootstrap_ci(
@@ -683,7 +695,11 @@ def reliability_diagram(calib: dict, path: str | Path) -> Path:
         label="accuracy per bin",
     )
     ax.plot(
-        [b["confidence"] for b in bins], [b["accuracy"] for b in bins], "o", color="#d62728", markersize=4,
+        [b["confidence"] for b in bins],
+        [b["accuracy"] for b in bins],
+        "o",
+        color="#d62728",
+        markersize=4,
         label="(mean confidence, accuracy)",
     )
     ax.set_xlim(0, 1)

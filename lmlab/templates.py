@@ -183,6 +183,58 @@ def _environment_class():
             f"chat templates need jinja2 >= 3.1.6 (installed: {jinja2.__version__}); pip install -U jinja2"
         )
 
+    Generation = _generation_extension(jinja2)
+
+    Namespace = _namespace_class(jinja2)
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    class Sandbox(ImmutableSandboxedEnvironment):
+        """transformers' sandbox, with every operator, call, filter and range that could grow without
+        end checked against one render's :class:`_Budget`."""
+
+        intercepted_binops = frozenset({"*", "**", "+", "%"})
+
+        def __init__(self, budget: _Budget) -> None:
+            super().__init__(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, jinja2.ext.loopcontrols])
+            self.budget = budget
+            self.filters["tojson"] = tojson
+            self.filters = _Filters(self.filters, budget)
+            namespace = type("namespace", (Namespace,), {"_budget": budget})
+            self.globals.update(
+                raise_exception=raise_exception,
+                strftime_now=lambda fmt: datetime.now().strftime(fmt),
+                dict=_Dict(),
+                namespace=namespace,
+                range=budget.range,
+            )
+
+        def call_binop(self, context, operator, left, right):
+            self.budget.binop(operator, left, right)
+            return super().call_binop(context, operator, left, right)
+
+        def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 — Jinja's own signature
+            __self.budget.values(
+                (*args, *kwargs.values()), widths=isinstance(getattr(__obj, "__self__", None), (str, list))
+            )
+            return super().call(__context, __obj, *args, **kwargs)
+
+        def wrap_str_format(self, value):
+            wrapped = super().wrap_str_format(value)
+            if wrapped is not None:
+                self.budget.format(value.__self__)
+            return wrapped
+
+    return Sandbox
+
+
+def _generation_extension(jinja2):
+    """The ``{% generation %}`` block tag, as a jinja2 extension class."""
+
     class Generation(jinja2.ext.Extension):
         """``{% generation %}…{% endgeneration %}`` marks assistant text (transformers uses it for
         ``return_assistant_tokens_mask``); rendering keeps the body, in its own scope as there."""
@@ -196,6 +248,12 @@ def _environment_class():
 
         def _body(self, caller):
             return caller()
+
+    return Generation
+
+
+def _namespace_class(jinja2):
+    """jinja2's ``namespace`` with the sandbox's limits."""
 
     class Namespace(jinja2.utils.Namespace):
         """``namespace(...)`` that refuses underscore attributes (no way into CPython internals) and values
@@ -222,58 +280,17 @@ def _environment_class():
                     f"chat templates cannot store underscore-prefixed attributes on a namespace: {name!r}"
                 )
 
-    class Dict:
-        """``dict(...)`` and ``dict.fromkeys(...)``, and nothing else of the type."""
+    return Namespace
 
-        def __call__(self, *args, **kwargs):
-            return dict(*args, **kwargs)
 
-        def fromkeys(self, *args, **kwargs):
-            return dict.fromkeys(*args, **kwargs)
+class _Dict:
+    """``dict(...)`` and ``dict.fromkeys(...)``, and nothing else of the type."""
 
-    def raise_exception(message):
-        raise jinja2.exceptions.TemplateError(message)
+    def __call__(self, *args, **kwargs):
+        return dict(*args, **kwargs)
 
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-    class Sandbox(ImmutableSandboxedEnvironment):
-        """transformers' sandbox, with every operator, call, filter and range that could grow without
-        end checked against one render's :class:`_Budget`."""
-
-        intercepted_binops = frozenset({"*", "**", "+", "%"})
-
-        def __init__(self, budget: _Budget) -> None:
-            super().__init__(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, jinja2.ext.loopcontrols])
-            self.budget = budget
-            self.filters["tojson"] = tojson
-            self.filters = _Filters(self.filters, budget)
-            namespace = type("namespace", (Namespace,), {"_budget": budget})
-            self.globals.update(
-                raise_exception=raise_exception,
-                strftime_now=lambda fmt: datetime.now().strftime(fmt),
-                dict=Dict(),
-                namespace=namespace,
-                range=budget.range,
-            )
-
-        def call_binop(self, context, operator, left, right):
-            self.budget.binop(operator, left, right)
-            return super().call_binop(context, operator, left, right)
-
-        def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 — Jinja's own signature
-            __self.budget.values(
-                (*args, *kwargs.values()), widths=isinstance(getattr(__obj, "__self__", None), (str, list))
-            )
-            return super().call(__context, __obj, *args, **kwargs)
-
-        def wrap_str_format(self, value):
-            wrapped = super().wrap_str_format(value)
-            if wrapped is not None:
-                self.budget.format(value.__self__)
-            return wrapped
-
-    return Sandbox
+    def fromkeys(self, *args, **kwargs):
+        return dict.fromkeys(*args, **kwargs)
 
 
 class _Filters(dict):

@@ -298,6 +298,7 @@ def test_a_template_that_is_not_prefix_wise_is_a_clear_error(tok):
 
 
 # -- fine-tuning and talking ----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_chat_fine_tuning_learns_the_dialogue_task(chat_run, tmp_path):
     from transformers import AutoTokenizer
 
@@ -436,6 +437,7 @@ def test_help_documents_chat_and_show_masking(capsys):
         assert exit_info.value.code == 0 and all(needle in out for needle in needles)
 
 
+@pytest.mark.slow
 def test_lora_chat_fine_tuning_runs(chat_run, tmp_path):
     result = finetune(
         chat_run["base"],

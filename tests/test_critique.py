@@ -65,6 +65,7 @@ def classifier(tmp_path_factory):
     }
 
 
+@pytest.mark.slow
 def test_performance_finds_a_planted_bad_slice_and_overconfidence(classifier):
     subject = load_subject(classifier["ckpt"], data=classifier["flipped"])
     section = run_lens("performance", subject, n_resamples=200)
@@ -89,6 +90,7 @@ def test_performance_finds_a_planted_bad_slice_and_overconfidence(classifier):
     assert any(f.level == "good" and "even across" in f.text for f in clean.findings)
 
 
+@pytest.mark.slow
 def test_performance_without_data_is_skipped_with_a_note(classifier, trained_run, corpus_file):
     section = run_lens("performance", load_subject(classifier["ckpt"]))
     assert section.skipped and "--data" in section.skipped

@@ -124,6 +124,7 @@ def made(tmp_path_factory):
 # -- (b) counterfactual swaps ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_name_decided_classifier_flips_under_name_swaps(made):
     section = bias(load_subject(made["name"], data=made["name_test"]))
     names = section.metrics["counterfactual"]["by_category"]["names"]
@@ -222,6 +223,7 @@ def test_masked_lm_scores_only_the_shared_tokens(made):
     assert (score_more, score_less) == (pytest.approx(hand_more, abs=1e-4), pytest.approx(hand_less, abs=1e-4))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["bert-tiny", "t5-tiny"])
 def test_builtin_pairs_score_with_every_family(made, family):
     tok = made["tok"]

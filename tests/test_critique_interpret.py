@@ -131,6 +131,7 @@ def test_logit_lens_last_layer_is_the_models_output(tok):
         assert not torch.allclose(lens[0], own, atol=1e-3)  # the embedding row is read from a different state
 
 
+@pytest.mark.slow
 def test_lm_report_explains_the_models_next_token(tok, tmp_path):
     model = tiny("gpt2-tiny", tok)
     subject = load_subject(save_checkpoint(tmp_path / "lm", model, tokenizer=tok))
@@ -162,6 +163,7 @@ def test_lm_report_explains_the_models_next_token(tok, tmp_path):
         interpret(subject, text="the cat", target="the cat sat")
 
 
+@pytest.mark.slow
 def test_classifier_attributes_its_label_to_the_deciding_keyword(tok, tmp_path):
     from lmlab.train.finetune import finetune
 

@@ -90,6 +90,7 @@ def _levels(section) -> dict[str, str]:
     return {f.level: f.text for f in section.findings}
 
 
+@pytest.mark.slow
 def test_planted_canaries_show_high_exposure_and_unseen_ones_low(memorised, exposed):
     section = exposed
     m = section.metrics
@@ -135,6 +136,7 @@ def test_skew_normal_fit_matches_the_quantiles_of_its_sample():
     assert math.isfinite(far) and far < -100  # a far tail is a small number, not log(0)
 
 
+@pytest.mark.slow
 def test_a_memorising_model_recites_its_training_data_and_an_untrained_one_does_not(memorised):
     trained = P.privacy(
         load_subject(memorised.run, train_data=memorised.data, max_examples=48),

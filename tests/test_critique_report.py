@@ -33,6 +33,7 @@ def browser():
         browser.close()
 
 
+@pytest.mark.slow
 def test_report_renders_in_chromium_with_images_and_no_console_errors(browser, classifier, tmp_path):  # noqa: F811
     from lmlab.critique import critique
 

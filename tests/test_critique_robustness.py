@@ -112,6 +112,7 @@ def made(tmp_path_factory):
     }
 
 
+@pytest.mark.slow
 def test_a_case_decided_classifier_is_not_case_invariant(made):
     section = robustness(load_subject(made["classifier"], data=made["test"]))
     m = section.metrics

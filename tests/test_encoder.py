@@ -32,6 +32,7 @@ def batch(B=2, T=9, seed=0):
     return ids, types
 
 
+@pytest.mark.slow
 def test_shapes_and_parameter_count(encoder):
     ids, types = batch()
     hidden = encoder.encode(ids, types)
@@ -109,6 +110,7 @@ def _minilm_folder() -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_the_real_minilm_checkpoint_matches_hf_hidden_states(caplog):
     from lmlab.io.hf import from_hf_model
     from lmlab.tokenizer import Tokenizer

@@ -168,6 +168,7 @@ def test_the_tokenizer_and_generation_config_round_trip_through_auto_classes(tmp
     }
 
 
+@pytest.mark.slow
 def test_a_bart_export_generates_as_lmlab_does(tmp_path, tokenizer_dir):
     import lmlab
 
@@ -196,6 +197,7 @@ LORA_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated")  # peft calls it while loading
 @pytest.mark.parametrize("case, targets", LORA_CASES)
 def test_lora_exports_merged_and_as_a_peft_adapter_with_the_same_outputs(case, targets, tmp_path, tokenizer_dir):
@@ -265,6 +267,7 @@ def test_an_lmlab_checkpoint_survives_export_and_import(tmp_path, tokenizer_dir)
     assert max_logit_diff(back, transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out"), ids) < TOL
 
 
+@pytest.mark.slow
 def test_export_and_an_hf_folder_through_the_cli(tmp_path, tokenizer_dir, data_dir, capsys):
     """`lmlab export` writes a checked folder; `lmlab generate` and `pretrain --init-from` take that folder as a
     checkpoint."""

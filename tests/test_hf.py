@@ -159,6 +159,13 @@ def test_hf_config_fields_match_the_lmlab_config():
     assert hf_config_from(make_config("llama-llama3-rope")).rope_parameters == {**LLAMA3, "rope_theta": 10000.0}
 
 
+def test_every_kind_of_task_head_a_model_config_takes_is_in_the_head_kinds_table():
+    from lmlab.config import TASKS as HEAD_TASKS
+    from lmlab.io.hf.config import HEAD_KINDS
+
+    assert set(HEAD_KINDS) == set(HEAD_TASKS) - {""}
+
+
 def test_rope_scaling_changes_the_tables_only_where_transformers_does():
     plain = make_config("llama-tiny")
     rope_tables = rope_cache  # the one table function: scaling included

@@ -249,6 +249,7 @@ def test_an_output_path_that_is_a_file_is_an_error(world, tmp_path, capsys):
     assert (tmp_path / "file").read_text() == "mine"
 
 
+@pytest.mark.slow
 def test_rerunning_into_lmlabs_own_output_needs_no_flag(world, tmp_path, capsys):
     for verb in ("tokenizer train", "prepare", "evaluate", "critique", "merge-lora"):
         out = tmp_path / verb.replace(" ", "-")
@@ -382,3 +383,16 @@ def test_export_and_demo_refuse_a_folder_that_is_not_theirs_before_any_work(worl
     assert_one_line_error(code, err, "which this command reads")
     assert_intact(planted)
     assert not (world["run"] / "hf").exists()
+
+
+def test_a_one_label_classifier_is_refused_before_training(world, tmp_path, capsys):
+    """A training file whose every example has one label cannot teach a classifier anything."""
+    one = tmp_path / "one.jsonl"
+    one.write_text(
+        "".join(json.dumps({"text": f"film {i}", "label": "pos"}) + "\n" for i in range(20)), encoding="utf-8"
+    )
+    argv = argv_for("finetune", world, tmp_path / "out")
+    argv[argv.index("--train") + 1] = one
+    code, _, err = run_cli(capsys, argv)
+    assert_one_line_error(code, err, str(one), "'pos'", "at least two")
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").rglob("step-*"))

@@ -11,8 +11,8 @@ from conftest import cpu_peak_bytes
 
 from lmlab.config import preset
 from lmlab.model import build_model
-from lmlab.objectives.losses import AUTO_VOCAB, IGNORE_INDEX, ce_chunk_rows, linear_cross_entropy, lm_loss
 from lmlab.objectives import CausalLM
+from lmlab.objectives.losses import AUTO_VOCAB, IGNORE_INDEX, ce_chunk_rows, linear_cross_entropy, lm_loss
 
 
 def plain(h, w, y, b=None):

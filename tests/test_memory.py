@@ -14,11 +14,11 @@ from lmlab.cli import main
 from lmlab.config import preset
 from lmlab.errors import LmlabError
 from lmlab.model import build_model
+from lmlab.objectives import IGNORE_INDEX, CausalLM, MaskedLM
 from lmlab.tasks import task_objective as TaskObjective
 from lmlab.train.loop import TrainConfig, apply_memory_options, autocast_for
 from lmlab.train.lora import apply_lora, parse_lora
 from lmlab.train.memory import Settings, measure_step
-from lmlab.objectives import IGNORE_INDEX, CausalLM, MaskedLM
 from lmlab.train.optim import make_optimizer
 
 
@@ -126,6 +126,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_the_predicted_peak_is_that_of_a_real_cpu_step(case, wordpiece):
     make, options, lora = CASES[case]
@@ -204,6 +205,7 @@ def test_checkpointing_and_chunking_lower_what_they_should():
     assert objective.ce_chunk_size is None  # the estimate leaves the objective as it found it
 
 
+@pytest.mark.slow
 def test_for_cuda_attention_keeps_what_cudas_kernels_keep():
     """The fake step runs on the CPU; for a CUDA run, attention saves what flash / memory-efficient attention
     save (the output and a log-sum-exp per row), never the T×T scores the CPU's math kernel keeps."""
@@ -258,6 +260,7 @@ def test_dry_run_reports_and_writes_nothing(data_dir, tmp_path, capsys):
     assert roomy.fits and "budget: fits" in roomy.report() and roomy.changes == []
 
 
+@pytest.mark.slow
 def test_dry_run_advice_names_the_flags_and_their_predictions(data_dir, tmp_path):
     from lmlab.train.pretrain import pretrain
 
@@ -284,6 +287,7 @@ def test_dry_run_advice_names_the_flags_and_their_predictions(data_dir, tmp_path
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_finetune_dry_run_proposes_lora_and_a_shorter_max_length(tmp_path):
     import json
 
@@ -325,6 +329,7 @@ def test_finetune_dry_run_proposes_lora_and_a_shorter_max_length(tmp_path):
     assert lora.memory.optimizer < result.memory.optimizer / 10
 
 
+@pytest.mark.slow
 def test_cli_dry_run_bad_budgets_and_help(data_dir, tmp_path, capsys):
     from lmlab.train.pretrain import pretrain
 

@@ -81,6 +81,7 @@ def test_grouped_query_attention_has_fewer_key_value_heads():
     assert model.blocks[0].attn.qkv.out_features == c.n_embd + 2 * c.n_kv_heads * c.head_dim
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", FAMILIES)
 def test_tiny_model_overfits_one_batch(name):
     torch.manual_seed(0)

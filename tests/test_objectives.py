@@ -12,8 +12,8 @@ from conftest import TINY_TRAIN
 from lmlab.config import preset
 from lmlab.errors import LmlabError
 from lmlab.io.checkpoint import list_checkpoints, load_model
-from lmlab.train.data import RandomWindows
 from lmlab.objectives import IGNORE_INDEX, CausalLM, MaskedLM, get_objective
+from lmlab.train.data import RandomWindows
 from lmlab.train.pretrain import pretrain
 
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 from conftest import TINY_TRAIN, crash_windows_at
 
+from lmlab import objectives
 from lmlab.errors import LmlabError
 from lmlab.io.checkpoint import list_checkpoints, load_model
-from lmlab import objectives
 from lmlab.train.optim import lr_at
 from lmlab.train.pretrain import pretrain
 
@@ -137,6 +137,7 @@ def test_lr_schedule_warms_up_then_decays_to_min_lr():
     assert lr_at(100, schedule="constant", **kw) == 1.0
 
 
+@pytest.mark.slow
 def test_torchrun_ddp_on_cpu_trains_and_only_rank_0_writes(data_dir, tmp_path):
     import subprocess
     import sys

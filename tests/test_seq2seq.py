@@ -273,6 +273,7 @@ def test_span_corruption_refuses_missing_sentinels_and_the_wrong_family():
         get_objective("span", sentinel_tokenizer(), preset("gpt2-tiny"))
 
 
+@pytest.mark.slow
 def test_pretrain_with_span_corruption_learns_and_checkpoints(tmp_path):
     import json
 
@@ -318,6 +319,7 @@ def test_shift_right_starts_with_the_start_token():
 # -- it learns ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_tiny_seq2seq_learns_to_reverse_random_sequences():
     # the 2017 family: reversal needs absolute positions, which learned embeddings give the encoder at once;
     # a bidirectional RoPE encoder (the T5 presets) sees relative offsets only and learns it far more slowly

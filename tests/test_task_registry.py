@@ -22,9 +22,7 @@ BRANCH = re.compile(
     rf"|\bin\s*[(\[{{]\s*[\"']({NAMES})[\"']"
 )
 # files being rewritten in another change, each with what is left in it
-PENDING = {
-    "io/hf.py": "HF head conversion per task (being split into lmlab/io/hf/ by concern and family)",
-}
+PENDING: dict[str, str] = {}
 
 
 def test_every_task_implements_the_protocol_and_is_registered_by_its_name():
@@ -40,7 +38,9 @@ def test_the_tasks_with_a_head_are_the_heads_a_model_config_takes():
 
 
 def test_an_unknown_task_is_a_one_line_error_listing_the_known_ones():
-    with pytest.raises(LmlabError, match=r"^unknown --task 'regress'; expected one of classify, tag, qa, seq2seq, chat$"):
+    with pytest.raises(
+        LmlabError, match=r"^unknown --task 'regress'; expected one of classify, tag, qa, seq2seq, chat$"
+    ):
         get_task("regress")
     with pytest.raises(LmlabError, match="expected one of classify, tag, qa, seq2seq, lm"):
         get_task("chat", "evaluate")
@@ -49,15 +49,33 @@ def test_an_unknown_task_is_a_one_line_error_listing_the_known_ones():
 def test_task_fields_carry_the_defaults_the_verbs_document():
     fields = TaskFields()
     assert (fields.text_field, fields.pair_field, fields.label_field) == ("text", None, "label")
-    assert (fields.source_field, fields.target_field, fields.max_length, fields.max_target_length) == ("source", "target", 128, 128)
+    assert (fields.source_field, fields.target_field, fields.max_length, fields.max_target_length) == (
+        "source",
+        "target",
+        128,
+        128,
+    )
     assert fields.replace(max_length=16).max_length == 16
 
 
 def test_the_task_layer_imports_nothing_above_it():
-    above = ("lmlab.io", "lmlab.api", "lmlab.train", "lmlab.evaluate", "lmlab.critique", "lmlab.cli", "lmlab.serve", "lmlab.demo")
+    above = (
+        "lmlab.io",
+        "lmlab.api",
+        "lmlab.train",
+        "lmlab.evaluate",
+        "lmlab.critique",
+        "lmlab.cli",
+        "lmlab.serve",
+        "lmlab.demo",
+    )
     for path in (LMLAB / "tasks").glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
-            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in getattr(node, "names", [])]
+            names = (
+                [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else [a.name for a in getattr(node, "names", [])]
+            )
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 bad = [n for n in names if n.startswith(above)]
                 assert not bad, f"{path.name} imports {bad}"
@@ -91,7 +109,9 @@ def documented_task() -> type:
     return namespace["Choice"]
 
 
-def test_the_documented_example_task_fine_tunes_and_evaluates_with_no_edit_outside_the_task_layer(tmp_path, monkeypatch):
+def test_the_documented_example_task_fine_tunes_and_evaluates_with_no_edit_outside_the_task_layer(
+    tmp_path, monkeypatch
+):
     import json
     import random
 
@@ -119,10 +139,24 @@ def test_the_documented_example_task_fine_tunes_and_evaluates_with_no_edit_outsi
 
     tok = train_tokenizer([f"say {w} : {w}" for w in words] * 20, kind="bpe", vocab_size=300)
     torch.manual_seed(0)
-    base = save_checkpoint(tmp_path / "base", build_model(preset("gpt2-tiny", vocab_size=tok.vocab_size, dropout=0.0)), tokenizer=tok)
+    base = save_checkpoint(
+        tmp_path / "base", build_model(preset("gpt2-tiny", vocab_size=tok.vocab_size, dropout=0.0)), tokenizer=tok
+    )
     train, valid = write(tmp_path / "train.jsonl", 64), write(tmp_path / "valid.jsonl", 12)
-    result = finetune(base, "choice", train, tmp_path / "run", valid=valid, max_length=16, max_steps=20, eval_interval=10,
-                      micro_batch_size=8, lr=3e-3, progress=False, tensorboard=False)
+    result = finetune(
+        base,
+        "choice",
+        train,
+        tmp_path / "run",
+        valid=valid,
+        max_length=16,
+        max_steps=20,
+        eval_interval=10,
+        micro_batch_size=8,
+        lr=3e-3,
+        progress=False,
+        tensorboard=False,
+    )
     assert set(result.val_scores) == {"accuracy"} and read_meta(result.best_checkpoint)["objective"] == "choice"
     scored = evaluate(result.best_checkpoint, valid, task="choice")
     assert scored["task"] == "choice" and 0.0 <= scored["accuracy"] <= 1.0

@@ -27,8 +27,8 @@ from lmlab.data.tasks import (
     tags_from_predictions,
 )
 from lmlab.errors import LmlabError
-from lmlab.tokenizer import train_tokenizer
 from lmlab.objectives import IGNORE_INDEX
+from lmlab.tokenizer import train_tokenizer
 
 NAMES = ["Alice", "Bob", "Carol", "Dmitri", "Elena", "Farid"]
 CITIES = ["Paris", "Lagos", "Osaka", "Lima", "Oslo", "Cairo"]
@@ -232,8 +232,12 @@ def test_jsonl_tags_and_plain_scheme_for_pos_tags(tmp_path):
         ("one.conll", "EU B-ORG\nrejects\n", None, "one.conll:2: found 1 column ('rejects')"),
         ("tag.conll", "EU B-ORG\n\nPeter PER\n", None, "tag.conll:3: tag 'PER' is not O or PREFIX-TYPE"),
         ("s.conll", "Bob S-PER\n", "bio", "s.conll:1: tag 'S-PER' is IOBES"),
-        ("len.jsonl", '{"tokens": ["a"], "tags": ["O"]}\n{"tokens": ["a", "b"], "tags": ["O"]}\n', None,
-         "len.jsonl:2: 2 tokens but 1 tags"),
+        (
+            "len.jsonl",
+            '{"tokens": ["a"], "tags": ["O"]}\n{"tokens": ["a", "b"], "tags": ["O"]}\n',
+            None,
+            "len.jsonl:2: 2 tokens but 1 tags",
+        ),
         ("empty.conll", "-DOCSTART- O\n\n", None, "empty.conll: no sentences"),
         ("blank.conll", " \n", None, "blank.conll: empty file"),
     ],
@@ -263,10 +267,21 @@ def squad(qas: list[dict], context: str = CONTEXT, version: str = "v2.0") -> dic
 
 
 def test_squad_v1_reads_every_answer(tmp_path):
-    path = write(tmp_path / "v1.json", json.dumps(squad([
-        {"id": "q1", "question": "Where?",
-         "answers": [{"text": "Paris", "answer_start": 19}, {"text": "to Paris", "answer_start": 16}]},
-    ], version="1.1")))
+    path = write(
+        tmp_path / "v1.json",
+        json.dumps(
+            squad(
+                [
+                    {
+                        "id": "q1",
+                        "question": "Where?",
+                        "answers": [{"text": "Paris", "answer_start": 19}, {"text": "to Paris", "answer_start": 16}],
+                    },
+                ],
+                version="1.1",
+            )
+        ),
+    )
     examples = read_squad(path)
     assert len(examples) == 1 and not examples.version_2
     ex = examples[0]
@@ -275,11 +290,28 @@ def test_squad_v1_reads_every_answer(tmp_path):
 
 
 def test_squad_v2_flags_unanswerable_questions(tmp_path):
-    path = write(tmp_path / "v2.json", json.dumps(squad([
-        {"id": "a", "question": "Who?", "answers": [{"text": "Alice", "answer_start": 0}], "is_impossible": False},
-        {"id": "b", "question": "When?", "answers": [], "is_impossible": True,
-         "plausible_answers": [{"text": "Paris", "answer_start": 19}]},
-    ])))
+    path = write(
+        tmp_path / "v2.json",
+        json.dumps(
+            squad(
+                [
+                    {
+                        "id": "a",
+                        "question": "Who?",
+                        "answers": [{"text": "Alice", "answer_start": 0}],
+                        "is_impossible": False,
+                    },
+                    {
+                        "id": "b",
+                        "question": "When?",
+                        "answers": [],
+                        "is_impossible": True,
+                        "plausible_answers": [{"text": "Paris", "answer_start": 19}],
+                    },
+                ]
+            )
+        ),
+    )
     examples = read_squad(path)
     assert examples.version_2
     assert [ex.is_impossible for ex in examples] == [False, True]
@@ -287,9 +319,16 @@ def test_squad_v2_flags_unanswerable_questions(tmp_path):
 
 
 def test_squad_answer_not_at_answer_start_names_the_question_and_what_is_there(tmp_path):
-    path = write(tmp_path / "bad.json", json.dumps(squad([
-        {"id": "q7", "question": "Where?", "answers": [{"text": "Paris", "answer_start": 18}]},
-    ])))
+    path = write(
+        tmp_path / "bad.json",
+        json.dumps(
+            squad(
+                [
+                    {"id": "q7", "question": "Where?", "answers": [{"text": "Paris", "answer_start": 18}]},
+                ]
+            )
+        ),
+    )
     with pytest.raises(LmlabError) as err:
         read_squad(path)
     assert str(err.value).startswith(
@@ -316,10 +355,13 @@ def test_squad_errors(tmp_path, content, expected):
 
 # ------------------------------------------------------------------------------ read_seq2seq
 def test_seq2seq_reads_source_target_and_prompt_completion(tmp_path):
-    path = jsonl(tmp_path / "s.jsonl", [
-        {"source": "hello", "target": "bonjour"},
-        {"prompt": "Q: hi\nA:", "completion": " hello"},
-    ])
+    path = jsonl(
+        tmp_path / "s.jsonl",
+        [
+            {"source": "hello", "target": "bonjour"},
+            {"prompt": "Q: hi\nA:", "completion": " hello"},
+        ],
+    )
     data = read_seq2seq(path)
     assert data.sources == ["hello", "Q: hi\nA:"] and data.targets == ["bonjour", " hello"] and data.lines == [1, 2]
     custom = read_seq2seq(jsonl(tmp_path / "c.jsonl", [{"en": "a", "fr": "b"}]), source_field="en", target_field="fr")
@@ -436,8 +478,13 @@ def long_qa_examples(corpus) -> list[QAExample]:
     answer = "seven green apples"
     start = context.rindex(answer)
     return [
-        QAExample(id="late", question="Where was the prize hidden?", context=context,
-                  answer_texts=[answer], answer_starts=[start]),
+        QAExample(
+            id="late",
+            question="Where was the prize hidden?",
+            context=context,
+            answer_texts=[answer],
+            answer_starts=[start],
+        ),
         QAExample(id="early", question="Who travelled?", context=CONTEXT, answer_texts=["Alice"], answer_starts=[0]),
         QAExample(id="none", question="Why?", context=CONTEXT, answer_texts=[], answer_starts=[], is_impossible=True),
     ]
@@ -461,11 +508,11 @@ def test_late_answer_lands_in_a_later_window_at_the_right_tokens(tokenizers_by_k
         if i not in hits:
             assert (f.start_position, f.end_position) == (0, 0)
         else:
-            answer_ids = f.input_ids[f.start_position:f.end_position + 1]
+            answer_ids = f.input_ids[f.start_position : f.end_position + 1]
             assert squash(tok.decode(answer_ids)) == squash("seven green apples")
             assert all(f.offsets[t] is not None for t in range(f.start_position, f.end_position + 1))
             # Offsets are trimmed of the leading space byte-level and Metaspace tokens carry.
-            span = examples[0].context[f.offsets[f.start_position][0]:f.offsets[f.end_position][1]]
+            span = examples[0].context[f.offsets[f.start_position][0] : f.offsets[f.end_position][1]]
             assert span == "seven green apples"
             assert f.token_type_ids[f.start_position] == 1
 
@@ -473,10 +520,12 @@ def test_late_answer_lands_in_a_later_window_at_the_right_tokens(tokenizers_by_k
 def test_answer_positions_cover_every_byte_token_of_non_ascii_characters(bpe):
     context = "Alice found a café in Zürich-Ost near 大阪 today."
     answers = ["Zürich-Ost", "café", "大阪"]
-    examples = [QAExample(id=a, question="Where?", context=context, answer_texts=[a], answer_starts=[context.index(a)])
-                for a in answers]
+    examples = [
+        QAExample(id=a, question="Where?", context=context, answer_texts=[a], answer_starts=[context.index(a)])
+        for a in answers
+    ]
     for example, feature in zip(examples, qa_features(bpe, examples, max_length=64, doc_stride=8, max_query_length=8)):
-        answer_ids = feature.input_ids[feature.start_position:feature.end_position + 1]
+        answer_ids = feature.input_ids[feature.start_position : feature.end_position + 1]
         assert bpe.decode(answer_ids).strip() == example.answer_texts[0]
 
 
@@ -497,14 +546,15 @@ def test_qa_windows_overlap_by_doc_stride_and_repeat_the_question(wordpiece, cor
 
 def test_qa_features_truncate_long_questions_and_mark_unanswerable_at_zero(wordpiece, corpus):
     examples = long_qa_examples(corpus)
-    long_question = QAExample(id="lq", question=" ".join(corpus[:3]), context=CONTEXT,
-                              answer_texts=["Paris"], answer_starts=[19])
+    long_question = QAExample(
+        id="lq", question=" ".join(corpus[:3]), context=CONTEXT, answer_texts=["Paris"], answer_starts=[19]
+    )
     features = qa_features(wordpiece, examples[2:] + [long_question], max_length=64, doc_stride=8, max_query_length=10)
     none, lq = features
     assert (none.start_position, none.end_position) == (0, 0) and none.example_index == 0
     assert lq.input_ids[1:11] == wordpiece.encode(long_question.question)[:10]
     assert lq.input_ids[11] == wordpiece.eos_id
-    assert wordpiece.decode(lq.input_ids[lq.start_position:lq.end_position + 1]) == "Paris"
+    assert wordpiece.decode(lq.input_ids[lq.start_position : lq.end_position + 1]) == "Paris"
 
 
 def test_qa_features_rejects_a_window_smaller_than_the_stride(wordpiece, corpus):
@@ -575,4 +625,6 @@ def test_encoder_decoder_targets_end_with_eos_and_respect_lengths(bpe, corpus):
     assert out["labels"][1] == bpe.encode(data.targets[1])[:9] + [bpe.eos_id]
     truncated = encode_seq2seq(bpe, data, max_source_length=4, max_target_length=3, decoder_only=True)
     assert truncated["labels"][1] == [IGNORE_INDEX] * 4 + bpe.encode(data.targets[1])[:2] + [bpe.eos_id]
-    assert truncated["input_ids"][1][:4] == bpe.encode(data.sources[1])[-4:]  # a prompt keeps its end, where generation goes on
+    assert (
+        truncated["input_ids"][1][:4] == bpe.encode(data.sources[1])[-4:]
+    )  # a prompt keeps its end, where generation goes on

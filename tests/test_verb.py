@@ -4,6 +4,8 @@ import inspect
 import subprocess
 import sys
 
+import pytest
+
 import lmlab
 
 
@@ -24,6 +26,7 @@ def test_every_exported_name_resolves_and_every_verb_is_exported():
         assert callable(getattr(lmlab, verb)), verb
 
 
+@pytest.mark.slow
 def test_evaluate_and_critique_are_the_verbs_whatever_was_imported_first():
     """Importing a submodule binds the package to the name: the package itself must then be the verb."""
     code = (
@@ -37,8 +40,6 @@ def test_evaluate_and_critique_are_the_verbs_whatever_was_imported_first():
 
 
 def test_calling_the_package_calls_the_function(tmp_path):
-    import pytest
-
     from lmlab.errors import LmlabError
 
     with pytest.raises(LmlabError, match="n-resamples"):

@@ -161,8 +161,8 @@ def load_subject(
     """Load a checkpoint (or run folder) for critique. ``fields`` name the columns of ``data``
     (``text_field``, ``pair_field``, ``label_field``, ``group_field``, ``source_field``, ``target_field``)."""
     from lmlab.api import LM
-    from lmlab.tasks import trained_task
     from lmlab.io.checkpoint import load_model, load_tokenizer, read_meta, resolve_checkpoint
+    from lmlab.tasks import trained_task
 
     device = resolve_device(device)
     path = resolve_checkpoint(checkpoint)
@@ -177,11 +177,20 @@ def load_subject(
         task = trained_task(config, meta)
     run_dir = path.parent if (path.parent / "log.jsonl").is_file() else None
     return Subject(
-        path=path, model=model, tokenizer=tokenizer, meta=meta, device=device,
-        lm=LM(model, tokenizer, path) if config.arch != "encoder" else None, run_dir=run_dir,
-        data=Path(data) if data is not None else None, text=Path(text) if text is not None else None,
-        train_data=Path(train_data) if train_data is not None else None, task=task or "",
-        fields={k: v for k, v in fields.items() if v is not None}, seed=seed, max_examples=max_examples,
+        path=path,
+        model=model,
+        tokenizer=tokenizer,
+        meta=meta,
+        device=device,
+        lm=LM(model, tokenizer, path) if config.arch != "encoder" else None,
+        run_dir=run_dir,
+        data=Path(data) if data is not None else None,
+        text=Path(text) if text is not None else None,
+        train_data=Path(train_data) if train_data is not None else None,
+        task=task or "",
+        fields={k: v for k, v in fields.items() if v is not None},
+        seed=seed,
+        max_examples=max_examples,
     )
 
 
@@ -264,15 +273,26 @@ def group_stats(groups: Sequence[Any], correct: Sequence[bool]) -> dict[str, Any
     best = max(by_group, key=lambda g: by_group[g]["accuracy"])
     worst = min(by_group, key=lambda g: by_group[g]["accuracy"])
     return {
-        "by_group": by_group, "best": best, "worst": worst,
+        "by_group": by_group,
+        "best": best,
+        "worst": worst,
         "gap": by_group[best]["accuracy"] - by_group[worst]["accuracy"],
         "separated": by_group[worst]["ci_high"] < by_group[best]["ci_low"],
     }
 
 
 def ci_bars(
-    title: str, names: list[str], values: list[float], lows: list[float], highs: list[float], xlabel: str, *,
-    lines: list[tuple[float, str]], caption: str, percent: bool = True, high_bad: float | None = None,
+    title: str,
+    names: list[str],
+    values: list[float],
+    lows: list[float],
+    highs: list[float],
+    xlabel: str,
+    *,
+    lines: list[tuple[float, str]],
+    caption: str,
+    percent: bool = True,
+    high_bad: float | None = None,
     limits: tuple[float, float] | None = (0.0, 1.0),
 ) -> Figure:
     """Horizontal bars with 95% interval whiskers and labelled reference lines (``percent``: shares shown
@@ -282,7 +302,10 @@ def ci_bars(
     fig, ax = new_figure(6.4, 1.3 + 0.42 * len(names))
     colors = ["#c62828" if high_bad is not None and lo > high_bad else "#5c7cfa" for lo in lows]
     v = [x * scale for x in values]
-    errors = [[max(0.0, (x - lo) * scale) for x, lo in zip(values, lows)], [max(0.0, (hi - x) * scale) for x, hi in zip(values, highs)]]
+    errors = [
+        [max(0.0, (x - lo) * scale) for x, lo in zip(values, lows)],
+        [max(0.0, (hi - x) * scale) for x, hi in zip(values, highs)],
+    ]
     ax.barh(names, v, xerr=errors, color=colors, ecolor="#333", capsize=3)
     for x, label in lines:
         ax.axvline(x * scale, color="#555", linestyle="--", linewidth=1)

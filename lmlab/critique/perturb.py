@@ -98,7 +98,9 @@ def load_swaps(path: str | Path | None = None) -> dict[str, list[tuple[str, str]
     if isinstance(raw, dict) and isinstance(raw.get("swaps"), dict):
         raw = raw["swaps"]
     if not isinstance(raw, dict) or not raw:
-        raise LmlabError(f'{source}: expected a JSON object mapping a category to word pairs, e.g. {{"gender": [["he", "she"]]}}')
+        raise LmlabError(
+            f'{source}: expected a JSON object mapping a category to word pairs, e.g. {{"gender": [["he", "she"]]}}'
+        )
     out = {}
     for category, pairs in raw.items():
         if not isinstance(pairs, list) or not pairs:
@@ -106,7 +108,9 @@ def load_swaps(path: str | Path | None = None) -> dict[str, list[tuple[str, str]
         for i, pair in enumerate(pairs):
             ok = isinstance(pair, list) and len(pair) == 2 and all(isinstance(w, str) and w.strip() for w in pair)
             if not ok or _key(pair[0]) == _key(pair[1]):
-                raise LmlabError(f'{source}: {category}[{i}] is {pair!r}; expected two different words, e.g. ["he", "she"]')
+                raise LmlabError(
+                    f'{source}: {category}[{i}] is {pair!r}; expected two different words, e.g. ["he", "she"]'
+                )
         out[str(category)] = [(a.strip(), b.strip()) for a, b in pairs]
     return out
 
@@ -115,13 +119,40 @@ def load_swaps(path: str | Path | None = None) -> dict[str, list[tuple[str, str]
 
 # contraction → expansion; each direction is unambiguous within this table ("it's" is read as "it is")
 CONTRACTIONS = {
-    "don't": "do not", "doesn't": "does not", "didn't": "did not", "isn't": "is not", "aren't": "are not",
-    "wasn't": "was not", "weren't": "were not", "haven't": "have not", "hasn't": "has not", "hadn't": "had not",
-    "won't": "will not", "wouldn't": "would not", "can't": "cannot", "couldn't": "could not",
-    "shouldn't": "should not", "mustn't": "must not", "i'm": "i am", "you're": "you are", "we're": "we are",
-    "they're": "they are", "it's": "it is", "that's": "that is", "there's": "there is", "what's": "what is",
-    "he's": "he is", "she's": "she is", "i've": "i have", "you've": "you have", "we've": "we have",
-    "they've": "they have", "i'll": "i will", "you'll": "you will", "we'll": "we will", "they'll": "they will",
+    "don't": "do not",
+    "doesn't": "does not",
+    "didn't": "did not",
+    "isn't": "is not",
+    "aren't": "are not",
+    "wasn't": "was not",
+    "weren't": "were not",
+    "haven't": "have not",
+    "hasn't": "has not",
+    "hadn't": "had not",
+    "won't": "will not",
+    "wouldn't": "would not",
+    "can't": "cannot",
+    "couldn't": "could not",
+    "shouldn't": "should not",
+    "mustn't": "must not",
+    "i'm": "i am",
+    "you're": "you are",
+    "we're": "we are",
+    "they're": "they are",
+    "it's": "it is",
+    "that's": "that is",
+    "there's": "there is",
+    "what's": "what is",
+    "he's": "he is",
+    "she's": "she is",
+    "i've": "i have",
+    "you've": "you have",
+    "we've": "we have",
+    "they've": "they have",
+    "i'll": "i will",
+    "you'll": "you will",
+    "we'll": "we will",
+    "they'll": "they will",
 }
 EXPAND = Replace(CONTRACTIONS)
 CONTRACT = Replace({expanded: short for short, expanded in CONTRACTIONS.items()})
@@ -194,8 +225,12 @@ def names(text: str, rng: random.Random) -> str:
 
 
 PERTURBATIONS: dict[str, Callable[[str, random.Random], str]] = {
-    "typos": typos, "case": change_case, "punctuation": punctuation,
-    "contractions": contractions, "whitespace": whitespace, "names": names,
+    "typos": typos,
+    "case": change_case,
+    "punctuation": punctuation,
+    "contractions": contractions,
+    "whitespace": whitespace,
+    "names": names,
 }
 
 
@@ -220,8 +255,11 @@ def read_classifier_data(subject):
 
     f, config = subject.fields, subject.config
     data = read_classify(
-        subject.data, text_field=f.get("text_field", "text"), pair_field=f.get("pair_field"),
-        label_field=f.get("label_field", "label"), kind=config.problem_type,
+        subject.data,
+        text_field=f.get("text_field", "text"),
+        pair_field=f.get("pair_field"),
+        label_field=f.get("label_field", "label"),
+        kind=config.problem_type,
     )
     return check_labels(data, config.labels, subject.data)
 
@@ -232,11 +270,14 @@ def take(data, rows: list[int], texts: list[str] | None = None, pairs: list[str]
         data,
         texts=texts if texts is not None else [data.texts[i] for i in rows],
         pairs=pairs if pairs is not None else (None if data.pairs is None else [data.pairs[i] for i in rows]),
-        labels=[data.labels[i] for i in rows], lines=[data.lines[i] for i in rows],
+        labels=[data.labels[i] for i in rows],
+        lines=[data.lines[i] for i in rows],
     )
 
 
-def class_probabilities(subject, data, *, batch_size: int = 32, progress: bool = False, desc: str = "predict") -> torch.Tensor:
+def class_probabilities(
+    subject, data, *, batch_size: int = 32, progress: bool = False, desc: str = "predict"
+) -> torch.Tensor:
     """(N, C) class probabilities of ``data``'s examples: softmax (single-label) or sigmoid per label (multi-label)."""
     from tqdm import tqdm
 

@@ -47,8 +47,8 @@ from tokenizers import processors
 
 from lmlab.config import json_line_object
 from lmlab.errors import LmlabError
-from lmlab.tokenizer import Tokenizer
 from lmlab.objectives import IGNORE_INDEX
+from lmlab.tokenizer import Tokenizer
 
 __all__ = [
     "LABEL_KINDS",
@@ -301,7 +301,7 @@ def _parse_label(value: Any, where: str) -> tuple[str, Any]:
             try:
                 value = json.loads(text)
             except json.JSONDecodeError:
-                raise LmlabError(f"{where}: label {text!r} is not a JSON list; expected e.g. [\"a\", \"b\"]") from None
+                raise LmlabError(f'{where}: label {text!r} is not a JSON list; expected e.g. ["a", "b"]') from None
         elif _INT.fullmatch(text):
             return "int", int(text)
         elif _FLOAT.fullmatch(text):
@@ -399,8 +399,13 @@ def read_classify(
         labels = [str(value) for _, value in parsed]
         names = sorted(set(labels), key=_label_sort_key)
     return ClassifyData(
-        texts=texts, labels=labels, kind=kind, label_names=names,
-        pairs=pairs if pair_field is not None else None, lines=lines, path=path,
+        texts=texts,
+        labels=labels,
+        kind=kind,
+        label_names=names,
+        pairs=pairs if pair_field is not None else None,
+        lines=lines,
+        path=path,
     )
 
 
@@ -615,13 +620,13 @@ def _squad_example(qa: dict[str, Any], qid: str, context: str, title: str, at: s
         raise LmlabError(f"{at}: field 'is_impossible' is {impossible!r}; expected true or false")
     answers = [] if impossible and "answers" not in qa else _field(qa, "answers", at, list)
     if not impossible and not answers:
-        raise LmlabError(f"{at}: no answers; expected at least one, or \"is_impossible\": true")
+        raise LmlabError(f'{at}: no answers; expected at least one, or "is_impossible": true')
     texts, starts = [], []
     for answer in [] if impossible else answers:
         if not isinstance(answer, dict):
             raise LmlabError(f"{at}: answer {answer!r}; expected an object with 'text' and 'answer_start'")
         answer_text, start = _field(answer, "text", at), _field(answer, "answer_start", at, int)
-        found = context[start:start + len(answer_text)] if start >= 0 else ""
+        found = context[start : start + len(answer_text)] if start >= 0 else ""
         if found != answer_text:
             raise LmlabError(
                 f"{at}: answer {answer_text!r} at answer_start {start}, but the context there reads "
@@ -630,8 +635,13 @@ def _squad_example(qa: dict[str, Any], qid: str, context: str, title: str, at: s
         texts.append(answer_text)
         starts.append(start)
     return QAExample(
-        id=qid, question=question, context=context, answer_texts=texts, answer_starts=starts,
-        is_impossible=impossible, title=title if isinstance(title, str) else "",
+        id=qid,
+        question=question,
+        context=context,
+        answer_texts=texts,
+        answer_starts=starts,
+        is_impossible=impossible,
+        title=title if isinstance(title, str) else "",
     )
 
 
@@ -733,9 +743,7 @@ def encode_classify(tokenizer: Tokenizer, data: ClassifyData, max_length: int) -
     }
 
 
-def align_tags(
-    tokenizer: Tokenizer, data: TagData, tag_to_id: Mapping[str, int], max_length: int
-) -> dict[str, list]:
+def align_tags(tokenizer: Tokenizer, data: TagData, tag_to_id: Mapping[str, int], max_length: int) -> dict[str, list]:
     """Token ids and token labels of each sentence, at most ``max_length`` tokens.
 
     The first sub-token of each word is labelled with its tag id; later sub-tokens and special
@@ -782,9 +790,7 @@ def tags_from_predictions(
     sub-token. Words with no token (cut by truncation) are ``"O"``; ``n_words`` (default: one past
     the last word seen) is the sentence's length. Predictions may be longer (padding) than ``word_ids``."""
     if len(pred_ids_per_token) < len(word_ids):
-        raise LmlabError(
-            f"{len(pred_ids_per_token)} predictions for {len(word_ids)} tokens; expected one per token"
-        )
+        raise LmlabError(f"{len(pred_ids_per_token)} predictions for {len(word_ids)} tokens; expected one per token")
     seen = [word for word in word_ids if word is not None]
     count = n_words if n_words is not None else (max(seen) + 1 if seen else 0)
     tags = [None] * count
@@ -864,10 +870,16 @@ def qa_features(
                 for span, sequence in zip(encoding.offsets, encoding.sequence_ids)
             ]
             start, end = _answer_positions(example, offsets)
-            features.append(QAFeature(
-                input_ids=encoding.ids, token_type_ids=encoding.type_ids, offsets=offsets,
-                example_index=index, start_position=start, end_position=end,
-            ))
+            features.append(
+                QAFeature(
+                    input_ids=encoding.ids,
+                    token_type_ids=encoding.type_ids,
+                    offsets=offsets,
+                    example_index=index,
+                    start_position=start,
+                    end_position=end,
+                )
+            )
     return features
 
 
@@ -919,7 +931,7 @@ def qa_postprocess(
         if best_span is None or (version_2 and null_score - best_score > null_threshold):
             predictions[example.id] = ""
         else:
-            predictions[example.id] = example.context[best_span[0]:best_span[1]].strip()
+            predictions[example.id] = example.context[best_span[0] : best_span[1]].strip()
     return predictions
 
 
@@ -989,9 +1001,13 @@ def _chat_messages(record: Mapping[str, Any], at: str) -> list[dict[str, str]]:
         if "prompt" not in record or reply is None:
             present = ", ".join(map(repr, record)) or "none"
             raise LmlabError(
-                f"{at}: no conversation (fields present: {present}); expected 'messages', or 'prompt' with 'response' (or 'completion')"
+                f"{at}: no conversation (fields present: {present}); expected 'messages', or 'prompt' with 'response' "
+                "(or 'completion')"
             )
-        return [{"role": "user", "content": _field(record, "prompt", at)}, {"role": "assistant", "content": _field(record, reply, at)}]
+        return [
+            {"role": "user", "content": _field(record, "prompt", at)},
+            {"role": "assistant", "content": _field(record, reply, at)},
+        ]
     messages = _field(record, "messages", at, list)
     if not messages:
         raise LmlabError(f"{at}: empty 'messages'; expected a conversation with at least one assistant message")
@@ -1007,7 +1023,9 @@ def _chat_messages(record: Mapping[str, Any], at: str) -> list[dict[str, str]]:
     if not any(m["role"] == "assistant" for m in out):
         raise LmlabError(f"{at}: no assistant message; expected at least one to train on")
     if out[0]["role"] == "assistant":
-        raise LmlabError(f"{at}: message 0 is an assistant message; expected a system or user message before the first reply")
+        raise LmlabError(
+            f"{at}: message 0 is an assistant message; expected a system or user message before the first reply"
+        )
     return out
 
 
@@ -1025,7 +1043,9 @@ def read_chat(path: str | Path) -> ChatData:
     return ChatData(conversations=conversations, lines=lines, path=path)
 
 
-def encode_conversation(tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]], template: str | None = None) -> tuple[list[int], list[int]]:
+def encode_conversation(
+    tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]], template: str | None = None
+) -> tuple[list[int], list[int]]:
     """Token ids of a conversation rendered by the chat ``template`` (default: the tokenizer's, see
     :mod:`lmlab.templates`), and labels that equal them on the assistant messages — each one's text through
     its end-of-turn marker — and are ``IGNORE_INDEX`` everywhere else.
@@ -1057,14 +1077,17 @@ def encode_conversation(tokenizer: Tokenizer, messages: Sequence[Mapping[str, st
         start_ids, end_ids = tokenizer.encode(before), tokenizer.encode(through[:end])
         if ids[: len(start_ids)] != start_ids or ids[: len(end_ids)] != end_ids:
             raise LmlabError(
-                f"message {index}: the tokenizer merges text across the start or end of this assistant message; expected "
+                f"message {index}: the tokenizer merges text across the start or end of this assistant message; "
+                "expected "
                 "the tokens of the conversation up to it to be a prefix of the whole conversation's tokens"
             )
         labels[len(start_ids) : len(end_ids)] = ids[len(start_ids) : len(end_ids)]
     return ids, labels
 
 
-def encode_chat(tokenizer: Tokenizer, data: ChatData, max_length: int, template: str | None = None) -> dict[str, list[list[int]]]:
+def encode_chat(
+    tokenizer: Tokenizer, data: ChatData, max_length: int, template: str | None = None
+) -> dict[str, list[list[int]]]:
     """:func:`encode_conversation` of every conversation, cut to its first ``max_length`` tokens; a
     conversation must keep an assistant token past its first token (the loss predicts each token from
     those before it)."""

@@ -16,7 +16,6 @@ from torch import Tensor, nn
 
 from lmlab.config import ModelConfig
 
-
 # what each head reads: one vector per text ("sequence": pooled) or every token's hidden state ("token")
 HEAD_INPUTS = {"classify": "sequence", "tag": "token", "qa": "token"}
 

@@ -15,7 +15,11 @@ from torch import Tensor, nn
 
 from lmlab.errors import LmlabError
 from lmlab.model.seq2seq import shift_right
-from lmlab.objectives.losses import IGNORE_INDEX, lm_loss, unwrap_model  # IGNORE_INDEX (-100): labels that add no loss, as in HF
+from lmlab.objectives.losses import (
+    IGNORE_INDEX,
+    lm_loss,
+    unwrap_model,
+)  # IGNORE_INDEX (-100): labels that add no loss, as in HF
 
 
 class Objective(Protocol):
@@ -47,7 +51,12 @@ class CausalLM:
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
         # logits (B, T, vocab_size), or — chunked for a large vocabulary — hidden states and lmlab.objectives.losses
-        return lm_loss(model, batch["labels"], lambda hidden_only: model(batch["input_ids"], hidden_only=hidden_only), self.ce_chunk_size)
+        return lm_loss(
+            model,
+            batch["labels"],
+            lambda hidden_only: model(batch["input_ids"], hidden_only=hidden_only),
+            self.ce_chunk_size,
+        )
 
 
 class MaskedLM:
@@ -100,7 +109,9 @@ class MaskedLM:
         for row in range(B):
             a = cut[row]
             first, second = x[row, :a], (others[row] if random_next[row] and B > 1 else x[row])[a:budget]
-            ids[row] = torch.cat([x.new_tensor([self.cls_id]), first, x.new_tensor([self.sep_id]), second, x.new_tensor([self.sep_id])])
+            ids[row] = torch.cat(
+                [x.new_tensor([self.cls_id]), first, x.new_tensor([self.sep_id]), second, x.new_tensor([self.sep_id])]
+            )
             types[row, a + 2 :] = 1
         return ids, types, (random_next & (B > 1)).long()
 
@@ -140,7 +151,11 @@ class MaskedLM:
             positions = (batch["labels"] != IGNORE_INDEX).flatten().nonzero().squeeze(1)
         # only the chosen positions: the vocabulary matmul is the big one
         logits = model.mlm_logits(hidden.flatten(0, 1)[positions])
-        loss = F.cross_entropy(logits.float(), batch["labels"].flatten()[positions]) if logits.shape[0] else hidden.sum() * 0.0
+        loss = (
+            F.cross_entropy(logits.float(), batch["labels"].flatten()[positions])
+            if logits.shape[0]
+            else hidden.sum() * 0.0
+        )
         if self.nsp:
             loss = loss + F.cross_entropy(model.nsp_logits(hidden).float(), batch["nsp_labels"])
         return loss
@@ -182,7 +197,8 @@ class SpanCorruption:
             sentinels.append(added[f"<extra_id_{len(sentinels)}>"])
         if not sentinels:
             raise LmlabError(
-                "--objective span needs sentinel tokens <extra_id_0>, <extra_id_1>, … (T5's) among the tokenizer's added tokens; "
+                "--objective span needs sentinel tokens <extra_id_0>, <extra_id_1>, … (T5's) among the tokenizer's "
+                "added tokens; "
                 "train one with `lmlab tokenizer train --special-tokens <pad> </s> <unk> <extra_id_0> <extra_id_1> …` "
                 "(about seq_len·density/mean_span_length of them, T5 has 100) or use a T5 tokenizer.json"
             )
@@ -203,20 +219,25 @@ class SpanCorruption:
                 return n, noise, spans
         raise LmlabError(f"--seq-len {seq_len} is too short for span corruption: expected at least 3")
 
-    def noise_mask(self, B: int, n: int, noise: int, spans: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    def noise_mask(
+        self, B: int, n: int, noise: int, spans: int, generator: torch.Generator | None
+    ) -> tuple[Tensor, Tensor]:
         """(is_noise, span_index), both (B, n): which tokens are dropped, and the span each token is in."""
         noise_lengths = _random_segmentation(B, noise, spans, generator)
         kept_lengths = _random_segmentation(B, n - noise, spans, generator)
         lengths = torch.stack([kept_lengths, noise_lengths], dim=2).view(B, 2 * spans)  # kept, noise, kept, noise, …
         starts = lengths.cumsum(dim=1)[:, :-1]  # where every span but the first begins
-        span_num = torch.zeros(B, n, dtype=torch.long).scatter_(1, starts, 1).cumsum(dim=1)  # 0 kept, 1 noise, 2 kept, …
+        span_num = (
+            torch.zeros(B, n, dtype=torch.long).scatter_(1, starts, 1).cumsum(dim=1)
+        )  # 0 kept, 1 noise, 2 kept, …
         return span_num % 2 == 1, span_num // 2
 
     def batch(self, tokens: Tensor, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         n, noise, spans = self.plan(tokens.shape[1] - 1)
         if spans > len(self.sentinels):
             raise LmlabError(
-                f"span corruption of {n}-token windows makes {spans} spans, but the tokenizer has {len(self.sentinels)} "
+                f"span corruption of {n}-token windows makes {spans} spans, but the tokenizer has "
+                f"{len(self.sentinels)} "
                 f"sentinels (<extra_id_0> … <extra_id_{len(self.sentinels) - 1}>): add more or use a smaller --seq-len"
             )
         x = tokens[:, :n].long()
@@ -237,7 +258,12 @@ class SpanCorruption:
         start_id = unwrap_model(model).config.decoder_start_token_id  # DDP keeps the model in .module
         decoder_input = shift_right(batch["labels"], start_id)
         # logits (B, T_target, vocab_size), or chunked: see CausalLM.loss
-        return lm_loss(model, batch["labels"], lambda hidden_only: model(batch["input_ids"], decoder_input, hidden_only=hidden_only), self.ce_chunk_size)
+        return lm_loss(
+            model,
+            batch["labels"],
+            lambda hidden_only: model(batch["input_ids"], decoder_input, hidden_only=hidden_only),
+            self.ce_chunk_size,
+        )
 
 
 def _random_segmentation(B: int, n_items: int, n_segments: int, generator: torch.Generator | None) -> Tensor:
@@ -266,9 +292,14 @@ def get_objective(name: str, tokenizer=None, config=None) -> Objective:
     objective = OBJECTIVES[name](tokenizer)
     if config is not None:
         if config.arch != objective.arch:
-            raise LmlabError(f"--objective {name} trains {objective.arch} models; the model is a {config.arch} ({config.name or 'custom'})")
+            raise LmlabError(
+                f"--objective {name} trains {objective.arch} models; the model is a {config.arch} "
+                f"({config.name or 'custom'})"
+            )
         if name == "mlm+nsp" and not config.nsp_head:
-            raise LmlabError(f"--objective mlm+nsp needs a model with an NSP head; {config.name or 'this model'} has none (use mlm)")
+            raise LmlabError(
+                f"--objective mlm+nsp needs a model with an NSP head; {config.name or 'this model'} has none (use mlm)"
+            )
     return objective
 
 

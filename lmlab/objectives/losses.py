@@ -43,7 +43,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 IGNORE_INDEX = -100
-AUTO_VOCAB = 32_768  # chunk by default from this vocabulary size up (LLaMA-2's 32,000 stays plain; GPT-2's 50,257 chunks)
+AUTO_VOCAB = (
+    32_768  # chunk by default from this vocabulary size up (LLaMA-2's 32,000 stays plain; GPT-2's 50,257 chunks)
+)
 CHUNK_BYTES = 64 * 2**20  # auto chunks hold about this many bytes of fp32 logits
 
 
@@ -62,13 +64,17 @@ def ce_chunk_rows(chunk_size: int | None, vocab_size: int, rows: int) -> int:
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The model itself under its training wrappers (``torch.compile``'s ``_orig_mod``, DDP's ``module``)."""
     while True:
-        inner = getattr(model, "_orig_mod", None) or (model.module if isinstance(model, nn.parallel.DistributedDataParallel) else None)
+        inner = getattr(model, "_orig_mod", None) or (
+            model.module if isinstance(model, nn.parallel.DistributedDataParallel) else None
+        )
         if inner is None:
             return model
         model = inner
 
 
-def lm_loss(model: nn.Module, labels: Tensor, forward: Callable[[bool], Tensor], chunk_size: int | None = None) -> Tensor:
+def lm_loss(
+    model: nn.Module, labels: Tensor, forward: Callable[[bool], Tensor], chunk_size: int | None = None
+) -> Tensor:
     """Next-token cross-entropy of a model with an LM head (``model.lm_head``), mean over the labels that are
     not ignored. ``forward(hidden_only)`` runs the model: the logits (…, V) when False, the final hidden states
     (…, d) when True. Chunked (``forward(True)`` + :func:`linear_cross_entropy`) when :func:`ce_chunk_rows`
@@ -81,7 +87,12 @@ def lm_loss(model: nn.Module, labels: Tensor, forward: Callable[[bool], Tensor],
 
 
 def linear_cross_entropy(
-    hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Tensor | None = None, chunk_size: int | None = None,
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    bias: Tensor | None = None,
+    chunk_size: int | None = None,
     ignore_index: int = IGNORE_INDEX,
 ) -> Tensor:
     """Mean cross-entropy of the logits ``hidden @ weight.T (+ bias)`` against ``labels``, over the labels
@@ -103,7 +114,13 @@ def linear_cross_entropy(
 
 
 def _chunks(
-    h: Tensor, weight: Tensor, bias: Tensor | None, y: Tensor, rows: int, ignore_index: int, dtype: torch.dtype,
+    h: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    y: Tensor,
+    rows: int,
+    ignore_index: int,
+    dtype: torch.dtype,
     needs: tuple[bool, bool, bool],
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """(sum of the row losses, labelled rows, and — where ``needs`` says — the gradients of the *sum* with

@@ -17,7 +17,16 @@ from pathlib import Path
 from typing import Any
 
 from lmlab.errors import LmlabError
-from lmlab.tasks.base import Selection, Task, TaskData, TaskFields, TaskObjective, TextExample, predict_logits
+from lmlab.tasks.base import (
+    ObjectiveArgs,
+    Selection,
+    Task,
+    TaskData,
+    TaskFields,
+    TaskObjective,
+    TextExample,
+    predict_logits,
+)
 from lmlab.tasks.chat import Chat, assistant_token_accuracy, pack_examples
 from lmlab.tasks.classify import Classify
 from lmlab.tasks.lm import LM
@@ -59,21 +68,60 @@ def head_task(config) -> Task | None:
     return TASKS.get(config.task) if config.task else None
 
 
-def load_task_data(task: str, path: str | Path, tokenizer, *, labels: list[str] | None = None, problem_type: str | None = None,
-                   decoder_only: bool = False, **fields: Any) -> TaskData:
+def load_task_data(
+    task: str,
+    path: str | Path,
+    tokenizer,
+    *,
+    labels: list[str] | None = None,
+    problem_type: str | None = None,
+    decoder_only: bool = False,
+    **fields: Any,
+) -> TaskData:
     """Read a task file and build its features (``fields``: :class:`TaskFields`' fields). ``labels`` (the
     training labels) check a validation file; ``decoder_only``: seq2seq for a decoder (prompt + completion)."""
-    return get_task(task).read(path, tokenizer, TaskFields(**fields), arch="decoder" if decoder_only else "encoder",
-                               labels=labels, problem_type=problem_type)
+    return get_task(task).read(
+        path,
+        tokenizer,
+        TaskFields(**fields),
+        arch="decoder" if decoder_only else "encoder",
+        labels=labels,
+        problem_type=problem_type,
+    )
 
 
-def task_objective(task: str, features: dict[str, list], pad_id: int, problem_type: str = "single", *,
-                   model_arch: str = "encoder", start_id: int = 0) -> TaskObjective:
+def task_objective(
+    task: str,
+    features: dict[str, list],
+    pad_id: int,
+    problem_type: str = "single",
+    *,
+    model_arch: str = "encoder",
+    start_id: int = 0,
+) -> TaskObjective:
     """``task``'s training objective over ``features`` (:meth:`Task.objective`)."""
-    return get_task(task).objective(features, pad_id, problem_type=problem_type, arch=model_arch, start_id=start_id)
+    args = ObjectiveArgs(pad_id, problem_type=problem_type, arch=model_arch, start_id=start_id)
+    return get_task(task).objective(features, args)
 
 
 __all__ = [
-    "TASKS", "Selection", "Task", "TaskData", "TaskFields", "TaskObjective", "TextExample", "assistant_token_accuracy",
-    "default_task", "generate_outputs", "get_task", "head_task", "load_task_data", "pack_examples", "predict_logits", "task_names", "task_objective", "trained_task",
+    "TASKS",
+    "ObjectiveArgs",
+    "Selection",
+    "Task",
+    "TaskData",
+    "TaskFields",
+    "TaskObjective",
+    "TextExample",
+    "assistant_token_accuracy",
+    "default_task",
+    "generate_outputs",
+    "get_task",
+    "head_task",
+    "load_task_data",
+    "pack_examples",
+    "predict_logits",
+    "task_names",
+    "task_objective",
+    "trained_task",
 ]

@@ -46,6 +46,19 @@ class TaskFields:
 
 
 @dataclasses.dataclass
+class ObjectiveArgs:
+    """What a task's training objective may need besides its features; each task reads the fields it uses."""
+
+    pad_id: int
+    problem_type: str = "single"
+    num_labels: int = 0
+    arch: str = "encoder"
+    start_id: int = 0  # an encoder–decoder's decoder start token
+    class_weights: bool = False  # weight classes by inverse frequency, where the task can
+    valid_features: dict[str, list] | None = None
+
+
+@dataclasses.dataclass
 class TaskData:
     """A task's examples, their features, and what scoring needs to turn predictions into metrics."""
 
@@ -96,7 +109,10 @@ class Task:
     def check_base(self, config: ModelConfig, fields: TaskFields, base: Path | str) -> None:
         """Refuse a base checkpoint the task cannot fine-tune, or lengths that do not fit it."""
         if config.arch not in self.archs:
-            raise LmlabError(f"{base}: a {config.arch} model; --task {self.name} fine-tunes encoders and decoders (an encoder–decoder takes --task seq2seq)")
+            raise LmlabError(
+                f"{base}: a {config.arch} model; --task {self.name} fine-tunes encoders and decoders (an "
+                "encoder–decoder takes --task seq2seq)"
+            )
         if fields.max_length > config.block_size:
             raise LmlabError(f"--max-length {fields.max_length} exceeds the model's block_size {config.block_size}")
 
@@ -107,23 +123,37 @@ class Task:
         """Tokens a training row holds at most (``TrainConfig.seq_len``)."""
         return fields.max_length
 
-    def read(self, path: str | Path, tokenizer, fields: TaskFields, *, arch: str = "encoder",
-             labels: list[str] | None = None, problem_type: str | None = None) -> TaskData:
+    def read(
+        self,
+        path: str | Path,
+        tokenizer,
+        fields: TaskFields,
+        *,
+        arch: str = "encoder",
+        labels: list[str] | None = None,
+        problem_type: str | None = None,
+    ) -> TaskData:
         """Read, check and encode a task file. ``labels``/``problem_type`` (the training file's, or a
         checkpoint's) check a validation or test file against them; tasks without labels ignore them."""
         raise NotImplementedError
 
+    def check_training(self, data: TaskData, path: str | Path) -> None:
+        """A one-line error when ``data`` (the training file, read) cannot train this task; by default any file can."""
+
     def head(self, config: ModelConfig, data: TaskData) -> ModelConfig:
         """The fine-tuned model's config: the base's with this task's head for ``data``'s labels."""
-        return dataclasses.replace(config, task=self.name, num_labels=data.num_labels, problem_type=data.problem_type,
-                                   labels=list(data.labels), lora={})
+        return dataclasses.replace(
+            config,
+            task=self.name,
+            num_labels=data.num_labels,
+            problem_type=data.problem_type,
+            labels=list(data.labels),
+            lora={},
+        )
 
-    def objective(self, features: dict[str, list], pad_id: int, *, problem_type: str = "single", num_labels: int = 0,
-                  arch: str = "encoder", start_id: int = 0, class_weights: bool = False,
-                  valid_features: dict[str, list] | None = None) -> TaskObjective:
-        """The training objective (collate + loss) over ``features``, padding with ``pad_id``; ``arch`` the
-        model's, ``start_id`` an encoder–decoder's decoder start token; ``class_weights``: weight classes
-        by inverse frequency where the task can."""
+    def objective(self, features: dict[str, list], args: ObjectiveArgs) -> TaskObjective:
+        """The training objective (collate + loss) over ``features``; ``args`` say how to pad, the model's
+        architecture, an encoder–decoder's start token, whether to weight classes (:class:`ObjectiveArgs`)."""
         raise NotImplementedError
 
     def select(self, data: TaskData) -> Selection:
@@ -139,12 +169,25 @@ class Task:
     def check_model(self, config: ModelConfig) -> None:
         """Refuse a model this task cannot evaluate."""
         if config.task != self.name:
-            raise LmlabError(f"the checkpoint was fine-tuned for {config.task or 'no task'!r}; it cannot be evaluated on --task {self.name}")
+            raise LmlabError(
+                f"the checkpoint was fine-tuned for {config.task or 'no task'!r}; it cannot be evaluated on --task "
+                f"{self.name}"
+            )
 
-    def predict(self, model: nn.Module, tokenizer, data: TaskData, *, batch_size: int, device: torch.device,
-                pad_id: int = 0, max_new_tokens: int = 128, num_beams: int = 1) -> list:
+    def predict(
+        self,
+        model: nn.Module,
+        tokenizer,
+        data: TaskData,
+        *,
+        batch_size: int,
+        device: torch.device,
+        pad_id: int = 0,
+        max_new_tokens: int = 128,
+        num_beams: int = 1,
+    ) -> list:
         """The model's predictions for ``data``'s examples (task-head logits; texts for a generating task)."""
-        objective = self.objective(data.features, pad_id, problem_type=data.problem_type)
+        objective = self.objective(data.features, ObjectiveArgs(pad_id, problem_type=data.problem_type))
         return predict_logits(model, objective, len(data), batch_size, device)
 
     def metrics(self, data: TaskData, predictions: list) -> dict[str, float]:
@@ -178,7 +221,9 @@ class TaskObjective:
 
     arch = "any"
 
-    def __init__(self, name: str, features: dict[str, list], pad_id: int, valid_features: dict[str, list] | None = None) -> None:
+    def __init__(
+        self, name: str, features: dict[str, list], pad_id: int, valid_features: dict[str, list] | None = None
+    ) -> None:
         self.name = self.task = name
         self.features, self.pad_id, self.valid_features = features, pad_id, valid_features
 
@@ -223,14 +268,20 @@ def padded(rows: list[list[int]], fill: int, width: int | None = None) -> Tensor
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, objective: TaskObjective, n: int, batch_size: int, device: torch.device) -> list[Tensor]:
+def predict_logits(
+    model: nn.Module, objective: TaskObjective, n: int, batch_size: int, device: torch.device
+) -> list[Tensor]:
     """Task-head logits for examples 0..n-1, one CPU tensor per example (unpadded for token tasks)."""
     was_training = model.training
     model.eval()
     out: list[Tensor] = []
     for start in range(0, n, batch_size):
         batch = objective.batch(torch.arange(start, min(start + batch_size, n)))
-        logits = model.task_logits(*(batch[k].to(device) for k in ("input_ids", "token_type_ids", "attention_mask"))).float().cpu()
+        logits = (
+            model.task_logits(*(batch[k].to(device) for k in ("input_ids", "token_type_ids", "attention_mask")))
+            .float()
+            .cpu()
+        )
         lengths = batch["attention_mask"].sum(1).tolist()
         out += [logits[k] if logits.dim() == 2 else logits[k, : lengths[k]] for k in range(logits.shape[0])]
     model.train(was_training)

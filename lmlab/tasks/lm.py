@@ -28,8 +28,16 @@ class LM(Task):
         if config.arch != "decoder":
             raise LmlabError("--task lm measures a decoder's perplexity; this checkpoint is an encoder")
 
-    def read(self, path: str | Path, tokenizer, fields: TaskFields, *, arch: str = "decoder",
-             labels: list[str] | None = None, problem_type: str | None = None) -> TaskData:
+    def read(
+        self,
+        path: str | Path,
+        tokenizer,
+        fields: TaskFields,
+        *,
+        arch: str = "decoder",
+        labels: list[str] | None = None,
+        problem_type: str | None = None,
+    ) -> TaskData:
         docs = read_corpus(path, text_field=fields.text_field)
         eos = tokenizer.eos_id
         ids = [([eos] if eos is not None else []) + tokenizer.encode(doc) for doc in docs]
@@ -38,7 +46,9 @@ class LM(Task):
         return TaskData("lm", {"input_ids": ids}, 0, raw=docs)
 
     @torch.no_grad()
-    def predict(self, model, tokenizer, data, *, batch_size, device, pad_id=0, max_new_tokens=128, num_beams=1) -> list[tuple[float, int]]:
+    def predict(
+        self, model, tokenizer, data, *, batch_size, device, pad_id=0, max_new_tokens=128, num_beams=1
+    ) -> list[tuple[float, int]]:
         """Each document's summed negative log-likelihood and the number of tokens it predicts."""
         T = model.config.block_size
         out = []
@@ -54,9 +64,19 @@ class LM(Task):
             out.append((nll, n))
         return out
 
-    def evaluate(self, data: TaskData, predictions: list[tuple[float, int]], n_resamples: int) -> tuple[dict[str, Any], list[dict]]:
-        rows = [{"index": i, "tokens": n, "nll": nll, "perplexity": math.exp(nll / n)} for i, (nll, n) in enumerate(predictions) if n]
+    def evaluate(
+        self, data: TaskData, predictions: list[tuple[float, int]], n_resamples: int
+    ) -> tuple[dict[str, Any], list[dict]]:
+        rows = [
+            {"index": i, "tokens": n, "nll": nll, "perplexity": math.exp(nll / n)}
+            for i, (nll, n) in enumerate(predictions)
+            if n
+        ]
         total_nll, total_tokens = sum(r["nll"] for r in rows), sum(r["tokens"] for r in rows)
-        result = {"perplexity": math.exp(total_nll / total_tokens), "nll_per_token": total_nll / total_tokens,
-                  "tokens": total_tokens, "documents": len(rows)}
+        result = {
+            "perplexity": math.exp(total_nll / total_tokens),
+            "nll_per_token": total_nll / total_tokens,
+            "tokens": total_tokens,
+            "documents": len(rows),
+        }
         return result, rows

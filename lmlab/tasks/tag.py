@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from lmlab.data import tasks as T
 from lmlab.objectives.losses import IGNORE_INDEX
-from lmlab.tasks.base import Selection, Task, TaskData, TaskFields, TaskObjective, TextExample, padded
+from lmlab.tasks.base import ObjectiveArgs, Selection, Task, TaskData, TaskFields, TaskObjective, TextExample, padded
 
 
 class TagObjective(TaskObjective):
@@ -36,8 +36,16 @@ class Tag(Task):
     labels_in_text = True
     fraction_metrics = ("accuracy", "f1_macro", "f1")  # seqeval's entity F1 is a fraction
 
-    def read(self, path: str | Path, tokenizer, fields: TaskFields, *, arch: str = "encoder",
-             labels: list[str] | None = None, problem_type: str | None = None) -> TaskData:
+    def read(
+        self,
+        path: str | Path,
+        tokenizer,
+        fields: TaskFields,
+        *,
+        arch: str = "encoder",
+        labels: list[str] | None = None,
+        problem_type: str | None = None,
+    ) -> TaskData:
         data = T.read_tags(path)
         if labels is not None:
             data = T.check_tags(data, labels, path)
@@ -45,9 +53,8 @@ class Tag(Task):
         features = T.align_tags(tokenizer, data, {t: i for i, t in enumerate(names)}, fields.max_length)
         return TaskData("tag", features, len(names), labels=names, raw=data)
 
-    def objective(self, features, pad_id, *, problem_type="single", num_labels=0, arch="encoder", start_id=0,
-                  class_weights=False, valid_features=None) -> TagObjective:
-        return TagObjective(features, pad_id, valid_features)
+    def objective(self, features, args: ObjectiveArgs) -> TagObjective:
+        return TagObjective(features, args.pad_id, args.valid_features)
 
     def select(self, data: TaskData) -> Selection:
         return Selection("f1")
@@ -65,12 +72,17 @@ class Tag(Task):
         m = M.tagging_metrics(self.tags(data, predictions), data.raw.tags)
         return {"f1": m["f1"], "precision": m["precision"], "recall": m["recall"]}
 
-    def evaluate(self, data: TaskData, predictions: list[Tensor], n_resamples: int) -> tuple[dict[str, Any], list[dict]]:
+    def evaluate(
+        self, data: TaskData, predictions: list[Tensor], n_resamples: int
+    ) -> tuple[dict[str, Any], list[dict]]:
         from lmlab import metrics as M  # torchmetrics takes seconds to import: only when scoring
 
         pred_tags, raw = self.tags(data, predictions), data.raw
         result = M.with_cis("tag", pred_tags, raw.tags, n_resamples=n_resamples)
-        rows = [{"index": i, "tokens": w, "tags": g, "prediction": p} for i, (w, g, p) in enumerate(zip(raw.words, raw.tags, pred_tags))]
+        rows = [
+            {"index": i, "tokens": w, "tags": g, "prediction": p}
+            for i, (w, g, p) in enumerate(zip(raw.words, raw.tags, pred_tags))
+        ]
         return result, rows
 
     def text_examples(self, path: str | Path, fields: TaskFields) -> list[TextExample]:

@@ -30,10 +30,18 @@ from torch import Tensor, nn
 
 from lmlab.config import ModelConfig
 from lmlab.errors import LmlabError
-from lmlab.io.checkpoint import check_run_output, latest_checkpoint, load_config, load_model, load_tokenizer, read_meta, resolve_checkpoint
+from lmlab.io.checkpoint import (
+    check_run_output,
+    latest_checkpoint,
+    load_config,
+    load_model,
+    load_tokenizer,
+    read_meta,
+    resolve_checkpoint,
+)
 from lmlab.model import build_model
 from lmlab.objectives.losses import IGNORE_INDEX
-from lmlab.tasks import TASKS, Task, TaskData, TaskFields, TaskObjective, get_task, pack_examples
+from lmlab.tasks import TASKS, ObjectiveArgs, Task, TaskData, TaskFields, TaskObjective, get_task, pack_examples
 from lmlab.train import dist as dist_mod
 from lmlab.train.data import hash_position
 from lmlab.train.loop import TrainConfig, TrainResult, check_resume, same_source, train_loop
@@ -50,7 +58,9 @@ class ExampleBatches:
     ``perm_e[q mod n]`` with ``perm_e`` the permutation of epoch ``e = q // n``, seeded by (seed, e).
     """
 
-    def __init__(self, n: int, batch_size: int, grad_accum_steps: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self, n: int, batch_size: int, grad_accum_steps: int, seed: int, rank: int = 0, world_size: int = 1
+    ) -> None:
         if n < 1:
             raise LmlabError("the training file holds no examples")
         self.n, self.batch_size, self.accum, self.seed = n, batch_size, grad_accum_steps, seed
@@ -107,15 +117,29 @@ def check_task(task: str, *, pack: bool = False, patience: int | None = None, sh
         raise LmlabError(f"--pack packs conversations for --task chat; expected --task chat, not {task!r}")
     found = get_task(task)
     if patience is not None and (isinstance(patience, bool) or not isinstance(patience, int) or patience < 1):
-        raise LmlabError(f"--patience is {patience!r}: expected a positive number of evaluations (or none: no early stop)")
+        raise LmlabError(
+            f"--patience is {patience!r}: expected a positive number of evaluations (or none: no early stop)"
+        )
     if show_masking and not found.conversational:
         raise LmlabError(f"--show-masking shows which tokens --task chat trains on; expected --task chat, not {task!r}")
     return found
 
 
-def validate(checkpoint: str | Path, task: Task, train: str | Path, out: str | Path, fields: TaskFields, *, lora: Any = None,
-             resume: bool = False, verify: bool = True, dry_run: bool = False, memory_budget: float | None = None,
-             overwrite: bool = False, **train_args: Any) -> Setup:
+def validate(
+    checkpoint: str | Path,
+    task: Task,
+    train: str | Path,
+    out: str | Path,
+    fields: TaskFields,
+    *,
+    lora: Any = None,
+    resume: bool = False,
+    verify: bool = True,
+    dry_run: bool = False,
+    memory_budget: float | None = None,
+    overwrite: bool = False,
+    **train_args: Any,
+) -> Setup:
     """Check the output folder, the training settings, the resume state and the base checkpoint against ``task``."""
     from lmlab.train import lora as lora_mod
 
@@ -127,7 +151,9 @@ def validate(checkpoint: str | Path, task: Task, train: str | Path, out: str | P
     if resume and resume_from is None:
         raise LmlabError(f"--resume: {out} holds no checkpoint to resume from")
     if not resume and latest_checkpoint(out) is not None:
-        raise LmlabError(f"{out} already holds checkpoints: pass --resume to continue that run, or choose another --out")
+        raise LmlabError(
+            f"{out} already holds checkpoints: pass --resume to continue that run, or choose another --out"
+        )
     cfg.seq_len = task.seq_len(fields)
     if resume_from is not None:
         _check_resume(resume_from, cfg, checkpoint, task, train)
@@ -141,23 +167,47 @@ def validate(checkpoint: str | Path, task: Task, train: str | Path, out: str | P
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
     saved = lora_mod.LoraSpec.from_dict(base_config.lora) if resume_from is not None and base_config.lora else None
     if resume_from is not None and spec is not None and spec != saved:
-        raise LmlabError(f"--resume: {resume_from} was trained {'with --lora ' + str(saved.to_dict()) if saved else 'without --lora'}; resume it as it was")
-    return Setup(task, fields, cfg, out, base, resume_from, tokenizer, base_config, pad_id, spec if resume_from is None else saved, verify)
+        raise LmlabError(
+            f"--resume: {resume_from} was trained {'with --lora ' + str(saved.to_dict()) if saved else 'without --lora'}; resume it as it was"
+        )
+    return Setup(
+        task,
+        fields,
+        cfg,
+        out,
+        base,
+        resume_from,
+        tokenizer,
+        base_config,
+        pad_id,
+        spec if resume_from is None else saved,
+        verify,
+    )
 
 
-def build_data(setup: Setup, train: str | Path, valid: str | Path | None = None, *, class_weights: bool = False, pack: bool = False) -> Prepared:
+def build_data(
+    setup: Setup, train: str | Path, valid: str | Path | None = None, *, class_weights: bool = False, pack: bool = False
+) -> Prepared:
     """Read the training (and validation) file as the task reads it; the fine-tuned config and the objective."""
     task, fields, arch = setup.task, setup.fields, setup.base_config.arch
     train_data = task.read(train, setup.tokenizer, fields, arch=arch)
+    task.check_training(train_data, train)
     valid_data = None
     if valid is not None:
-        valid_data = task.read(valid, setup.tokenizer, fields, arch=arch, labels=train_data.labels, problem_type=train_data.problem_type)
+        valid_data = task.read(
+            valid, setup.tokenizer, fields, arch=arch, labels=train_data.labels, problem_type=train_data.problem_type
+        )
     features = pack_examples(train_data.features, fields.max_length) if pack else train_data.features
-    objective = task.objective(
-        features, setup.pad_id, problem_type=train_data.problem_type, num_labels=train_data.num_labels, arch=arch,
-        start_id=setup.base_config.decoder_start_token_id, class_weights=class_weights,
+    args = ObjectiveArgs(
+        setup.pad_id,
+        problem_type=train_data.problem_type,
+        num_labels=train_data.num_labels,
+        arch=arch,
+        start_id=setup.base_config.decoder_start_token_id,
+        class_weights=class_weights,
         valid_features=valid_data.features if valid_data is not None else None,
     )
+    objective = task.objective(features, args)
     return Prepared(train_data, valid_data, task.head(setup.base_config, train_data), objective, features)
 
 
@@ -173,8 +223,15 @@ def build_task_model(setup: Setup, config: ModelConfig, device: torch.device) ->
     return model
 
 
-def run_training(setup: Setup, data: Prepared, train_file: str | Path, *, pack: bool = False, patience: int | None = None,
-                 overwrite: bool = False) -> TrainResult:
+def run_training(
+    setup: Setup,
+    data: Prepared,
+    train_file: str | Path,
+    *,
+    pack: bool = False,
+    patience: int | None = None,
+    overwrite: bool = False,
+) -> TrainResult:
     """Fine-tune: the one training loop, scored at every evaluation by the task's metrics on the validation set."""
     from lmlab.train import lora as lora_mod
 
@@ -187,7 +244,10 @@ def run_training(setup: Setup, data: Prepared, train_file: str | Path, *, pack: 
     n_rows = len(data.features["input_ids"])
     batches = ExampleBatches(n_rows, cfg.micro_batch_size, cfg.grad_accum_steps, cfg.seed, info.rank, info.world_size)
     if pack and info.is_main:
-        print(f"lmlab: {len(data.train):,} conversations packed into {n_rows:,} rows of at most {setup.fields.max_length} tokens", file=sys.stderr)
+        print(
+            f"lmlab: {len(data.train):,} conversations packed into {n_rows:,} rows of at most {setup.fields.max_length} tokens",
+            file=sys.stderr,
+        )
     valid_batches: list[Tensor] = []
     score_fn: Callable[[nn.Module], dict[str, float]] | None = None
     selection = task.select(data.train)
@@ -196,8 +256,15 @@ def run_training(setup: Setup, data: Prepared, train_file: str | Path, *, pack: 
         valid_batches = [torch.arange(i, min(i + size, len(valid))) for i in range(0, len(valid), size)]
 
         def score_fn(m: nn.Module) -> dict[str, float]:  # noqa: F811 (replaces the None above)
-            predictions = task.predict(m, setup.tokenizer, valid, batch_size=size, device=device, pad_id=setup.pad_id,
-                                       max_new_tokens=setup.fields.max_target_length)
+            predictions = task.predict(
+                m,
+                setup.tokenizer,
+                valid,
+                batch_size=size,
+                device=device,
+                pad_id=setup.pad_id,
+                max_new_tokens=setup.fields.max_target_length,
+            )
             return task.metrics(valid, predictions)
 
     if info.is_main:
@@ -208,14 +275,34 @@ def run_training(setup: Setup, data: Prepared, train_file: str | Path, *, pack: 
             + f"; {batches.steps_per_epoch():,} steps per epoch, {cfg.max_steps:,} steps",
             file=sys.stderr,
         )
-    base = read_meta(setup.resume_from).get("base", setup.base) if setup.resume_from is not None else setup.base  # a resumed run keeps its base
-    meta = {"objective": task.name, "tokenizer_sha256": setup.tokenizer.sha256, "base": str(base), "train": str(train_file)}
+    base = (
+        read_meta(setup.resume_from).get("base", setup.base) if setup.resume_from is not None else setup.base
+    )  # a resumed run keeps its base
+    meta = {
+        "objective": task.name,
+        "tokenizer_sha256": setup.tokenizer.sha256,
+        "base": str(base),
+        "train": str(train_file),
+    }
     try:
         return train_loop(
-            model, data.objective, batches, valid_batches, cfg, setup.out, device=device, dist=info, tokenizer=setup.tokenizer,
-            meta=meta, resume_from=setup.resume_from, desc=f"finetune {task.name}", score_fn=score_fn,
-            select=selection.metric if score_fn is not None else None, higher_is_better=selection.higher_is_better,
-            patience=patience, overwrite=overwrite,
+            model,
+            data.objective,
+            batches,
+            valid_batches,
+            cfg,
+            setup.out,
+            device=device,
+            dist=info,
+            tokenizer=setup.tokenizer,
+            meta=meta,
+            resume_from=setup.resume_from,
+            desc=f"finetune {task.name}",
+            score_fn=score_fn,
+            select=selection.metric if score_fn is not None else None,
+            higher_is_better=selection.higher_is_better,
+            patience=patience,
+            overwrite=overwrite,
         )
     finally:
         dist_mod.teardown(info)
@@ -300,47 +387,119 @@ def finetune(
     kind = check_task(task, pack=pack, patience=patience, show_masking=show_masking)
     if show_masking:
         return show_chat_masking(checkpoint, train, max_length)
-    fields = TaskFields(text_field=text_field, pair_field=pair_field, label_field=label_field, source_field=source_field,
-                        target_field=target_field, max_length=max_length, max_target_length=max_target_length)
+    fields = TaskFields(
+        text_field=text_field,
+        pair_field=pair_field,
+        label_field=label_field,
+        source_field=source_field,
+        target_field=target_field,
+        max_length=max_length,
+        max_target_length=max_target_length,
+    )
     if dry_run:
-        return finetune_dry_run(checkpoint, task, train, out, valid=valid, fields=fields, class_weights=class_weights, resume=resume,
-                                lora=lora, pack=pack, verify=verify, memory_budget=memory_budget, **train_args)
-    setup = validate(checkpoint, kind, train, out, fields, lora=lora, resume=resume, verify=verify, memory_budget=memory_budget,
-                     overwrite=overwrite, **train_args)
+        return finetune_dry_run(
+            checkpoint,
+            task,
+            train,
+            out,
+            valid=valid,
+            fields=fields,
+            class_weights=class_weights,
+            resume=resume,
+            lora=lora,
+            pack=pack,
+            verify=verify,
+            memory_budget=memory_budget,
+            **train_args,
+        )
+    setup = validate(
+        checkpoint,
+        kind,
+        train,
+        out,
+        fields,
+        lora=lora,
+        resume=resume,
+        verify=verify,
+        memory_budget=memory_budget,
+        overwrite=overwrite,
+        **train_args,
+    )
     data = build_data(setup, train, valid, class_weights=class_weights, pack=pack)
     return run_training(setup, data, train, pack=pack, patience=patience, overwrite=overwrite)
 
 
-def finetune_dry_run(checkpoint: str | Path, task: str, train: str | Path, out: str | Path, *, valid: str | Path | None = None,
-                     fields: TaskFields = TaskFields(), class_weights: bool = False, resume: bool = False, lora: str | Any | None = None,
-                     pack: bool = False, verify: bool = True, memory_budget: float | None = None, **train_args: Any) -> DryRun:
+def finetune_dry_run(
+    checkpoint: str | Path,
+    task: str,
+    train: str | Path,
+    out: str | Path,
+    *,
+    valid: str | Path | None = None,
+    fields: TaskFields = TaskFields(),
+    class_weights: bool = False,
+    resume: bool = False,
+    lora: str | Any | None = None,
+    pack: bool = False,
+    verify: bool = True,
+    memory_budget: float | None = None,
+    **train_args: Any,
+) -> DryRun:
     """What :func:`finetune` would do, checked and planned but not done: the data is read and every check
     runs, nothing is written, no weight is loaded. The predicted peak memory of a training step on the
     longest training examples (a batch is padded to its longest row) (:mod:`lmlab.train.memory`)."""
     from lmlab.train import memory
 
     kind = check_task(task, pack=pack)
-    setup = validate(checkpoint, kind, train, out, fields, lora=lora, resume=resume, verify=verify, dry_run=True,
-                     memory_budget=memory_budget, **train_args)
+    setup = validate(
+        checkpoint,
+        kind,
+        train,
+        out,
+        fields,
+        lora=lora,
+        resume=resume,
+        verify=verify,
+        dry_run=True,
+        memory_budget=memory_budget,
+        **train_args,
+    )
     data = build_data(setup, train, valid, class_weights=class_weights, pack=pack)
     cfg, config, arch = setup.cfg, data.config, setup.base_config.arch
     device = dist_mod.pick_device(cfg.device, dist_mod.DistInfo(), present=False)
     features = data.features
-    lengths = [len(ids) + (len(labels) if arch == "seq2seq" else 0) for ids, labels in zip(features["input_ids"], features.get("labels", features["input_ids"]))]
+    lengths = [
+        len(ids) + (len(labels) if arch == "seq2seq" else 0)
+        for ids, labels in zip(features["input_ids"], features.get("labels", features["input_ids"]))
+    ]
     longest = sorted(range(len(lengths)), key=lambda i: -lengths[i])
 
     def make_batch(settings: memory.Settings) -> dict[str, Tensor]:
         batch = data.objective.batch(torch.tensor(longest[: settings.micro_batch_size]))
         T, keep = batch["input_ids"].shape[1], settings.seq_len
         if keep < T:  # a shorter --max-length: the input side (and a decoder's aligned labels) cut to it
-            aligned = ("input_ids", "token_type_ids", "attention_mask", "segment_ids", "position_ids") + (("labels",) if arch != "seq2seq" else ())
-            batch = {k: v[:, :keep] if k in aligned and v.dim() == 2 and v.shape[1] == T else v for k, v in batch.items()}
+            aligned = ("input_ids", "token_type_ids", "attention_mask", "segment_ids", "position_ids") + (
+                ("labels",) if arch != "seq2seq" else ()
+            )
+            batch = {
+                k: v[:, :keep] if k in aligned and v.dim() == 2 and v.shape[1] == T else v for k, v in batch.items()
+            }
         return batch
 
     return memory.plan(
-        lambda: build_model(config), data.objective, make_batch, cfg, device, seq_len=setup.fields.max_length, lora=setup.lora,
-        memory_budget=memory_budget, title=f"{config.name or 'custom'} ({config.arch}) fine-tuned for {kind.name}, on its longest training examples",
-        seq_flag="--max-length", lora_flag=True, vocab_size=config.vocab_size if kind.generates else 0, up_to=True,
+        lambda: build_model(config),
+        data.objective,
+        make_batch,
+        cfg,
+        device,
+        seq_len=setup.fields.max_length,
+        lora=setup.lora,
+        memory_budget=memory_budget,
+        title=f"{config.name or 'custom'} ({config.arch}) fine-tuned for {kind.name}, on its longest training examples",
+        seq_flag="--max-length",
+        lora_flag=True,
+        vocab_size=config.vocab_size if kind.generates else 0,
+        up_to=True,
     )
 
 
@@ -357,7 +516,9 @@ def _check_resume(resume_from: Path, cfg: TrainConfig, checkpoint: str | Path, t
         started["the base checkpoint"] = (meta["base"], checkpoint)
     if not same_source(meta.get("train"), train):
         started["--train"] = (meta["train"], train)
-    check_resume(resume_from, cfg, started, flags={"seq_len": task.seq_len_flag}, announce=os.environ.get("RANK", "0") == "0")  # rank 0 speaks
+    check_resume(
+        resume_from, cfg, started, flags={"seq_len": task.seq_len_flag}, announce=os.environ.get("RANK", "0") == "0"
+    )  # rank 0 speaks
 
 
 def show_chat_masking(checkpoint: str | Path, train: str | Path, max_length: int = 128) -> str:
@@ -369,13 +530,18 @@ def show_chat_masking(checkpoint: str | Path, train: str | Path, max_length: int
     data = get_task("chat").read(train, tokenizer, TaskFields(max_length=max_length))
     ids, labels = data.features["input_ids"][0], data.features["labels"][0]
     trained = sum(label != IGNORE_INDEX for label in labels)
-    print(f"lmlab: {data.raw.path}:{data.raw.lines[0]} as --task chat trains on it: {len(ids)} tokens, {trained} trained "
-          f"({'in colour' if sys.stdout.isatty() else 'in [[…]]'})", file=sys.stderr)
+    print(
+        f"lmlab: {data.raw.path}:{data.raw.lines[0]} as --task chat trains on it: {len(ids)} tokens, {trained} trained "
+        f"({'in colour' if sys.stdout.isatty() else 'in [[…]]'})",
+        file=sys.stderr,
+    )
     print(mark_trained(tokenizer, ids, labels, color=sys.stdout.isatty()))
     return mark_trained(tokenizer, ids, labels)
 
 
-def _with_task_head(base: Path, base_config: ModelConfig, config: ModelConfig, device: torch.device, verify: bool = True) -> nn.Module:
+def _with_task_head(
+    base: Path, base_config: ModelConfig, config: ModelConfig, device: torch.device, verify: bool = True
+) -> nn.Module:
     """The base checkpoint's weights in a model with ``config``'s task head (fresh unless the base has the same one).
     A LoRA base is merged first: its adapters become part of the weights the new run starts from; an HF
     folder's weights are converted (and checked against transformers once, see :func:`load_model`)."""
@@ -392,8 +558,14 @@ def _with_task_head(base: Path, base_config: ModelConfig, config: ModelConfig, d
     same_head = base_config.task == config.task and base_config.num_labels == config.num_labels
     state = {k: v for k, v in state.items() if same_head or not k.startswith("task_head.")}
     result = model.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if not k.startswith("task_head.") and not (config.tie_embeddings and k == "lm_head.weight")]
+    missing = [
+        k
+        for k in result.missing_keys
+        if not k.startswith("task_head.") and not (config.tie_embeddings and k == "lm_head.weight")
+    ]
     if missing or result.unexpected_keys:
-        raise LmlabError(f"{base}: weights do not fit the model (missing {missing[:5]}, unexpected {list(result.unexpected_keys)[:5]})")
+        raise LmlabError(
+            f"{base}: weights do not fit the model (missing {missing[:5]}, unexpected {list(result.unexpected_keys)[:5]})"
+        )
     model.tie_weights()
     return model.to(device).train()

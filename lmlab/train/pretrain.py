@@ -22,12 +22,12 @@ from lmlab.io.checkpoint import (
     resolve_checkpoint,
 )
 from lmlab.model import build_model
+from lmlab.objectives import get_objective
 from lmlab.train import dist as dist_mod
 from lmlab.train import memory
 from lmlab.train.data import RandomWindows, fixed_windows
 from lmlab.train.loop import TrainConfig, TrainResult, autocast_for, check_resume, same_source, train_loop
 from lmlab.train.memory import DryRun, Settings, check_budget
-from lmlab.objectives import get_objective
 
 
 def pretrain(

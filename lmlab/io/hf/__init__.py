@@ -8,7 +8,8 @@ The package, by concern (each module's docstring has the details)::
     bert.py      HF BERT   ↔ lmlab's encoder                          }  weight table, with the name mapping
     bart.py      HF BART   ↔ lmlab's encoder–decoder                  }  drawn in its docstring
     registry.py  FAMILIES, one line per family, and the tables derived from them (ARCHITECTURES, …)
-    config.py    ModelConfig ↔ HF config: which family and class express a config; task-head labels
+    config.py    ModelConfig ↔ HF config: which family and class express a config; task-head labels by the
+                 kind of head (HEAD_KINDS: what HF makes of each)
     rules.py     state dicts both ways by walking a family's weight table; task heads; LoRA adapters (PEFT)
     folder.py    HF folders on disk: weight files, shards and their index, config.json, sentence-transformers
     parity.py    models in memory both ways (to_hf_model, from_hf_model) and the output check (check_parity)

@@ -25,6 +25,7 @@ from typing import Any
 from lmlab.config import ModelConfig
 from lmlab.errors import LmlabError
 from lmlab.io.hf.family import GELUS, Architecture, Family, Rule, fused, linear, require, unsupported
+from lmlab.model.heads import pools
 
 
 class Bert(Family):
@@ -77,9 +78,9 @@ class Bert(Family):
 
     def architecture(self, config: ModelConfig) -> str:
         if config.task:
-            if config.task == "classify" and not config.pooler:
+            if pools(config) and not config.pooler:
                 raise LmlabError(
-                    "model config field 'pooler' is False: HF BertForSequenceClassification classifies the pooled "
+                    f"model config field 'pooler' is False: HF {self.task_class(config.task)} classifies the pooled "
                     "[CLS] (bert.pooler)"
                 )
             return self.task_class(config.task)
@@ -184,7 +185,7 @@ class Bert(Family):
             rules += linear(ours + "mlp.fc", theirs + "intermediate.dense")
             rules += linear(ours + "mlp.proj", theirs + "output.dense")
             rules += linear(ours + "norm_2", theirs + "output.LayerNorm")
-        if config.pooler and config.task not in ("tag", "qa"):
+        if config.pooler and (not config.task or pools(config)):  # a head on every token leaves the pooler out
             rules += linear("pooler", "bert.pooler.dense")
         if architecture in ("BertForPreTraining", "BertForMaskedLM"):
             rules += linear("mlm_dense", "cls.predictions.transform.dense")

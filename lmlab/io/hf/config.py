@@ -1,12 +1,13 @@
 """lmlab's ``ModelConfig`` ↔ HF configs, both ways, for every registered family: which family and HF class
 express a config (:func:`family_of`, :func:`hf_architecture`), and the task-head fields all families share
-(labels, problem type). Each family maps its own fields (:meth:`~lmlab.io.hf.family.Family.hf_config`,
-:meth:`~lmlab.io.hf.family.Family.config_from_hf`).
+(labels, problem type), by the kind of head (:data:`HEAD_KINDS`). Each family maps its own fields
+(:meth:`~lmlab.io.hf.family.Family.hf_config`, :meth:`~lmlab.io.hf.family.Family.config_from_hf`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from lmlab.config import ModelConfig
@@ -22,6 +23,28 @@ _PROBLEM_TYPES = {
     "multi_label_classification": "multi",
     "regression": "regression",
 }
+
+
+@dataclass(frozen=True)
+class HeadKind:
+    """What HF makes of one kind of lmlab task head (a ``ModelConfig.task``), in every family alike. Whether
+    the head pools a text into one vector is the model's to say (:func:`lmlab.model.heads.pools`)."""
+
+    # its logits are HF's ``start_logits`` and ``end_logits`` (lmlab's one Linear: [start | end]), whose two
+    # outputs have fixed names; otherwise HF's ``logits``, one per label, the labels in ``id2label``
+    span: bool = False
+    # HF's ``problem_type`` says how its logits are read (single-label, multi-label, regression)
+    problem_types: bool = False
+
+
+# the kinds of task head (ModelConfig.task) and what HF makes of each; the code shared by the families reads
+# this table (and ``pools``) and never a head's name
+HEAD_KINDS: dict[str, HeadKind] = {
+    "classify": HeadKind(problem_types=True),  # *ForSequenceClassification: logits (B, num_labels)
+    "tag": HeadKind(),  # *ForTokenClassification: logits (B, T, num_labels)
+    "qa": HeadKind(span=True),  # *ForQuestionAnswering: start_logits, end_logits (B, T)
+}
+SPAN_LABELS = ("start", "end")  # the names of a span head's two outputs
 
 
 def require_transformers() -> Any:
@@ -84,10 +107,11 @@ def hf_config_from(config: ModelConfig) -> transformers.PretrainedConfig:
     tf = require_transformers()
     family = family_of(config)
     common: dict[str, Any] = dict(architectures=[family.architecture(config)], initializer_range=config.init_std)
-    if config.task in ("classify", "tag"):
+    kind = HEAD_KINDS.get(config.task)
+    if kind is not None and not kind.span:  # a span head's outputs keep HF's names
         names = config.labels or [f"LABEL_{i}" for i in range(config.num_labels)]
         common.update(id2label=dict(enumerate(names)), label2id={name: i for i, name in enumerate(names)})
-        if config.task == "classify":
+        if kind.problem_types:
             problem = {v: k for k, v in _PROBLEM_TYPES.items()}[config.problem_type]
             common["problem_type"] = problem
     return family.hf_config(tf, config, common)
@@ -123,9 +147,10 @@ def _fields(hf_config: Any) -> dict[str, Any]:
 
 
 def _head_fields(c: dict[str, Any], task: str) -> dict[str, Any]:
-    """The ModelConfig task fields of an HF task model: qa's two outputs, or the labels and problem type."""
-    if task == "qa":
-        return dict(task="qa", num_labels=2, labels=["start", "end"])
+    """The ModelConfig task fields of an HF task model: a span head's two outputs, or the labels and problem type."""
+    kind = HEAD_KINDS[task]
+    if kind.span:
+        return dict(task=task, num_labels=2, labels=list(SPAN_LABELS))
     id2label = {int(k): str(v) for k, v in (c.get("id2label") or {}).items()}
     n = len(id2label) or c.get("num_labels") or 2
     problem_type = c.get("problem_type")
@@ -138,13 +163,15 @@ def _head_fields(c: dict[str, Any], task: str) -> dict[str, Any]:
         task=task,
         num_labels=n,
         labels=[id2label.get(i, f"LABEL_{i}") for i in range(n)],
-        problem_type=_PROBLEM_TYPES.get(problem_type, single) if task == "classify" else "single",
+        problem_type=_PROBLEM_TYPES.get(problem_type, single) if kind.problem_types else "single",
     )
 
 
 __all__ = [
     "ARCHITECTURES",
     "Architecture",
+    "HEAD_KINDS",
+    "HeadKind",
     "SUPPORTED_MODEL_TYPES",
     "config_from_hf",
     "family_of",

@@ -16,10 +16,18 @@ from torch import Tensor, nn
 
 from lmlab.config import ModelConfig
 from lmlab.errors import LmlabError
-from lmlab.io.hf.config import config_from_hf, hf_architecture, hf_config_from, require_transformers, with_prefix
+from lmlab.io.hf.config import (
+    HEAD_KINDS,
+    config_from_hf,
+    hf_architecture,
+    hf_config_from,
+    require_transformers,
+    with_prefix,
+)
 from lmlab.io.hf.registry import IGNORED_SUFFIXES
 from lmlab.io.hf.rules import complete_state_dict, state_dict_from_hf, state_dict_to_hf
 from lmlab.model import build_model
+from lmlab.model.heads import pools
 
 if TYPE_CHECKING:  # pragma: no cover
     import transformers
@@ -105,9 +113,9 @@ def _output_pairs(model: nn.Module, hf_model: Any, class_name: str) -> list[tupl
         return [(model(ids, target, mask), theirs)]
     if config.arch == "decoder":
         pad = getattr(hf_model.config, "pad_token_id", None)
-        if config.task == "classify" and pad is None:
+        if pools(config) and pad is None:
             ids = ids[:1]  # HF pools a batch by the pad id; without one it takes a single row
-        elif config.task == "classify":
+        elif pools(config):
             ids = ids.masked_fill(ids == pad, (pad + 1) % config.vocab_size)
         mask, types = torch.ones_like(ids), None
         out = hf_model(input_ids=ids, attention_mask=mask)
@@ -117,7 +125,7 @@ def _output_pairs(model: nn.Module, hf_model: Any, class_name: str) -> list[tupl
             types[:, T // 2 :] = 1
         out = hf_model(input_ids=ids, attention_mask=mask, token_type_ids=types)
     if config.task:
-        theirs = torch.stack([out.start_logits, out.end_logits], dim=-1) if config.task == "qa" else out.logits
+        theirs = torch.stack([out.start_logits, out.end_logits], dim=-1) if HEAD_KINDS[config.task].span else out.logits
         return [(model.task_logits(ids, types, mask), theirs)]
     if config.arch == "decoder":
         return [(model(ids), out.logits)]

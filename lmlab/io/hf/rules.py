@@ -30,6 +30,7 @@ from lmlab.io.hf.config import family_of, hf_architecture, import_architecture
 from lmlab.io.hf.family import Rule
 from lmlab.io.hf.registry import ARCHITECTURES, FAMILIES, IGNORED_SUFFIXES, UNPREFIXED
 from lmlab.model import build_model
+from lmlab.model.heads import pools
 
 logger = logging.getLogger(__package__)  # "lmlab.io.hf": one logger for the package, as users saw it
 
@@ -59,13 +60,14 @@ def _check_keys(given: set[str], expected: set[str], what: str) -> None:
 
 def _dropped(config: ModelConfig, architecture: str, name: str) -> bool:
     """Whether exporting as ``architecture`` leaves out lmlab tensor ``name``: the LM or MLM head (and NSP
-    head, and for tagging and QA the pooler) of a task model, which the HF task class does not have."""
+    head, and for a head that reads every token — tagging, QA — the pooler) of a task model, which the HF
+    task class does not have."""
     if not ARCHITECTURES[architecture].task:
         return False
     if config.arch == "decoder":
         return name == "lm_head.weight"
     heads = name.startswith(("mlm_", "lm_head.", "nsp_head."))
-    return heads or (config.task in ("tag", "qa") and name.startswith("pooler."))
+    return heads or (not pools(config) and name.startswith("pooler."))
 
 
 def state_dict_to_hf(state_dict: dict[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
