@@ -387,44 +387,12 @@ def finetune(
     kind = check_task(task, pack=pack, patience=patience, show_masking=show_masking)
     if show_masking:
         return show_chat_masking(checkpoint, train, max_length)
-    fields = TaskFields(
-        text_field=text_field,
-        pair_field=pair_field,
-        label_field=label_field,
-        source_field=source_field,
-        target_field=target_field,
-        max_length=max_length,
-        max_target_length=max_target_length,
-    )
+    fields = TaskFields(text_field, pair_field, label_field, source_field, target_field, max_length, max_target_length)
+    common = {"lora": lora, "resume": resume, "verify": verify, "memory_budget": memory_budget, **train_args}
     if dry_run:
-        return finetune_dry_run(
-            checkpoint,
-            task,
-            train,
-            out,
-            valid=valid,
-            fields=fields,
-            class_weights=class_weights,
-            resume=resume,
-            lora=lora,
-            pack=pack,
-            verify=verify,
-            memory_budget=memory_budget,
-            **train_args,
-        )
-    setup = validate(
-        checkpoint,
-        kind,
-        train,
-        out,
-        fields,
-        lora=lora,
-        resume=resume,
-        verify=verify,
-        memory_budget=memory_budget,
-        overwrite=overwrite,
-        **train_args,
-    )
+        more = {"valid": valid, "class_weights": class_weights, "pack": pack}
+        return finetune_dry_run(checkpoint, task, train, out, fields=fields, **more, **common)
+    setup = validate(checkpoint, kind, train, out, fields, overwrite=overwrite, **common)
     data = build_data(setup, train, valid, class_weights=class_weights, pack=pack)
     return run_training(setup, data, train, pack=pack, patience=patience, overwrite=overwrite)
 
