@@ -52,10 +52,8 @@ def _flags_prepare(p: ArgumentParser) -> None:
 
 
 def _flags_pretrain(p: ArgumentParser) -> None:
-    own, shared = (
-        "model data out objective init_from pad_vocab_multiple",
-        "resume verify overwrite dry_run memory_budget",
-    )
+    own = "model data out objective init_from pad_vocab_multiple"
+    shared = "resume verify overwrite dry_run memory_budget"
     model, required = {"help": f"model preset: {', '.join(lmlab.PRESETS)}"}, {"required": True}
     flags(p, lmlab.pretrain, own, shared, model=model, data=required, out=required)
     add(p, "dropout", "override the preset's dropout", "float | None", None)
@@ -77,9 +75,9 @@ def _flags_evaluate(p: ArgumentParser) -> None:
 
 
 def _flags_critique(p: ArgumentParser) -> None:
-    lenses = {"help": f"comma-separated: {','.join(lmlab.critique.LENSES)} (default: all)"}
+    names = {"help": f"comma-separated: {','.join(lmlab.critique.LENSES)} (default: all)"}
     own = "out lenses data text train_data task max_examples seed"
-    flags(p, lmlab.critique, own, "checkpoint * device verify progress overwrite", lenses=lenses)
+    flags(p, lmlab.critique, own, "checkpoint * device verify progress overwrite", lenses=names)
     for name, usual in CRITIQUE_FIELDS.items():  # None: the task's own name
         add(p, name, f"--data: {SHARED[name]} (default: {usual})", "str | None", None)
     lenses = {lens: lmlab.critique.lens_function(lens) for lens in lmlab.critique.LENSES}

@@ -1,7 +1,12 @@
-"""Command-line flags from a function's signature and docstring, with jsonargparse: ``max_length: int = 128`` is
-``--max-length``, an int that defaults to 128; ``verify: bool = True`` is the switch ``--no-verify``; a parameter
-without a default is a required flag (positional when named in :data:`POSITIONAL`); the help is the parameter's
-entry in the docstring's ``Args:`` section (Google style). :mod:`lmlab.cli` builds every verb's flags with it.
+"""lmlab's command line, built from the API: flags from a function's signature and docstring, verbs as subcommands.
+
+With jsonargparse: ``max_length: int = 128`` is ``--max-length``, an int that defaults to 128; ``verify: bool = True``
+is the switch ``--no-verify``; a parameter without a default is a required flag (positional when named in
+:data:`POSITIONAL`); the help is the parameter's entry in the docstring's ``Args:`` section (Google style), or
+:data:`SHARED`'s for the flags several verbs share. ``--config file.yaml`` supplies any flag by its name with
+underscores (``max_steps: 2000``; flags given after it override it; an unknown key is an error). :func:`run_verbs`
+parses and runs a :class:`Verb`: usage errors print as one line and return 2, library errors (:class:`LmlabError`) 1;
+tracebacks are kept for bugs. :mod:`lmlab.cli` holds lmlab's verbs.
 """
 
 from __future__ import annotations
@@ -148,8 +153,8 @@ def dataclass_flags(parser: ArgumentParser, cls: type, skip: Sequence[str] = (),
 
 
 def optional_flags(
-    parser: ArgumentParser, fn: Callable, names: str, prefix: str = "", rename: dict | None = None, **kw
-):
+    parser: ArgumentParser, fn: Callable, names: str, prefix: str = "", rename: dict | None = None, **kw: Any
+) -> None:
     """Flags for parameters of ``fn`` (``names``; ``rename``: dest → parameter) that default to None, so that ``fn``
     applies its own default, which the help names; the help is ``prefix`` and the parameter's docstring text (or
     ``kw``: dest → {"help": …})."""
