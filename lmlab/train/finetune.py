@@ -23,7 +23,7 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -168,7 +168,8 @@ def validate(
     saved = lora_mod.LoraSpec.from_dict(base_config.lora) if resume_from is not None and base_config.lora else None
     if resume_from is not None and spec is not None and spec != saved:
         raise LmlabError(
-            f"--resume: {resume_from} was trained {'with --lora ' + str(saved.to_dict()) if saved else 'without --lora'}; resume it as it was"
+            f"--resume: {resume_from} was trained "
+            f"{'with --lora ' + str(saved.to_dict()) if saved else 'without --lora'}; resume it as it was"
         )
     return Setup(
         task,
@@ -223,6 +224,28 @@ def build_task_model(setup: Setup, config: ModelConfig, device: torch.device) ->
     return model
 
 
+def _validation(setup: Setup, data: Prepared, device: torch.device):
+    """The validation batches (rows of the validation set) and the task's score function over it (None without one)."""
+    if data.valid is None:
+        return [], None
+    task, valid, size = setup.task, data.valid, setup.cfg.micro_batch_size
+    batches = [torch.arange(i, min(i + size, len(valid))) for i in range(0, len(valid), size)]
+
+    def score_fn(m: nn.Module) -> dict[str, float]:
+        predictions = task.predict(
+            m,
+            setup.tokenizer,
+            valid,
+            batch_size=size,
+            device=device,
+            pad_id=setup.pad_id,
+            max_new_tokens=setup.fields.max_target_length,
+        )
+        return task.metrics(valid, predictions)
+
+    return batches, score_fn
+
+
 def run_training(
     setup: Setup,
     data: Prepared,
@@ -245,28 +268,12 @@ def run_training(
     batches = ExampleBatches(n_rows, cfg.micro_batch_size, cfg.grad_accum_steps, cfg.seed, info.rank, info.world_size)
     if pack and info.is_main:
         print(
-            f"lmlab: {len(data.train):,} conversations packed into {n_rows:,} rows of at most {setup.fields.max_length} tokens",
+            f"lmlab: {len(data.train):,} conversations packed into {n_rows:,} rows of at most "
+            f"{setup.fields.max_length} tokens",
             file=sys.stderr,
         )
-    valid_batches: list[Tensor] = []
-    score_fn: Callable[[nn.Module], dict[str, float]] | None = None
+    valid_batches, score_fn = _validation(setup, data, device)
     selection = task.select(data.train)
-    if data.valid is not None:
-        valid, size = data.valid, cfg.micro_batch_size
-        valid_batches = [torch.arange(i, min(i + size, len(valid))) for i in range(0, len(valid), size)]
-
-        def score_fn(m: nn.Module) -> dict[str, float]:  # noqa: F811 (replaces the None above)
-            predictions = task.predict(
-                m,
-                setup.tokenizer,
-                valid,
-                batch_size=size,
-                device=device,
-                pad_id=setup.pad_id,
-                max_new_tokens=setup.fields.max_target_length,
-            )
-            return task.metrics(valid, predictions)
-
     if info.is_main:
         print(
             f"lmlab: fine-tuning {setup.base} for {task.name} ({task.describe(data.train, arch)})"
@@ -275,9 +282,8 @@ def run_training(
             + f"; {batches.steps_per_epoch():,} steps per epoch, {cfg.max_steps:,} steps",
             file=sys.stderr,
         )
-    base = (
-        read_meta(setup.resume_from).get("base", setup.base) if setup.resume_from is not None else setup.base
-    )  # a resumed run keeps its base
+    # a resumed run keeps its base
+    base = read_meta(setup.resume_from).get("base", setup.base) if setup.resume_from is not None else setup.base
     meta = {
         "objective": task.name,
         "tokenizer_sha256": setup.tokenizer.sha256,
@@ -533,7 +539,8 @@ def _with_task_head(
     ]
     if missing or result.unexpected_keys:
         raise LmlabError(
-            f"{base}: weights do not fit the model (missing {missing[:5]}, unexpected {list(result.unexpected_keys)[:5]})"
+            f"{base}: weights do not fit the model (missing {missing[:5]}, unexpected "
+            f"{list(result.unexpected_keys)[:5]})"
         )
     model.tie_weights()
     return model.to(device).train()
