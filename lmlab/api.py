@@ -73,7 +73,10 @@ def folder_eos_ids(path: Path | None, vocab_size: int) -> list[int]:
     eos = read_json_object(file).get("eos_token_id")
     ids = [] if eos is None else eos if isinstance(eos, list) else [eos]
     if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab_size for i in ids):
-        raise LmlabError(f"{file}: eos_token_id is {eos!r}: expected a token id or a list of token ids below the vocabulary size {vocab_size}")
+        raise LmlabError(
+            f"{file}: eos_token_id is {eos!r}: expected a token id or a list of token ids below the vocabulary size "
+            f"{vocab_size}"
+        )
     return ids
 
 
@@ -113,9 +116,14 @@ class LM:
 
     def _stop_ids(self, config: GenerationConfig) -> list[int]:
         vocab = self.model.config.vocab_size
-        wrong = [i for i in config.stop_token_ids if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab]
+        wrong = [
+            i for i in config.stop_token_ids if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab
+        ]
         if wrong:
-            raise LmlabError(f"--stop-token-ids {' '.join(map(str, wrong))}: expected token ids from 0 to {vocab - 1} (this model's vocabulary)")
+            raise LmlabError(
+                f"--stop-token-ids {' '.join(map(str, wrong))}: expected token ids from 0 to {vocab - 1} (this model's "
+                "vocabulary)"
+            )
         return sorted(set(config.stop_token_ids) | (set() if config.ignore_eos else set(self.eos_ids)))
 
     def _processors(self, config: GenerationConfig, stop_ids: list[int]):
@@ -123,7 +131,9 @@ class LM:
         never lets a padding row (an id no text maps to) be chosen."""
         processors = config.processors(stop_ids)
         if self.model.config.vocab_size > self.tokenizer.vocab_size:
-            processors.insert(0, SuppressIdsFrom(self.tokenizer.vocab_size))  # first: a warper never keeps only padding rows
+            processors.insert(
+                0, SuppressIdsFrom(self.tokenizer.vocab_size)
+            )  # first: a warper never keeps only padding rows
         return processors
 
     def _pad_id(self) -> int:
@@ -154,7 +164,9 @@ class LM:
         ids = self.tokenizer.encode_batch(list(prompts))
         for i, row in enumerate(ids):
             if not row:
-                raise LmlabError(f"prompt {i} is empty (it encodes to no tokens): give at least one character of prompt")
+                raise LmlabError(
+                    f"prompt {i} is empty (it encodes to no tokens): give at least one character of prompt"
+                )
         return self._fit(ids, config)
 
     def _fit(self, ids: list[list[int]], config: GenerationConfig) -> tuple[list[list[int]], int]:
@@ -167,14 +179,23 @@ class LM:
                 raise LmlabError(f"--max-length {config.max_length} leaves no room after the {longest}-token prompt")
         room = self.block_size - new
         if room < 1:
-            raise LmlabError(f"--max-new-tokens {new} leaves no room for a prompt in the model's context window of {self.block_size} tokens")
+            raise LmlabError(
+                f"--max-new-tokens {new} leaves no room for a prompt in the model's context window of "
+                f"{self.block_size} tokens"
+            )
         if longest > room:
             if config.truncate == "error":
                 raise LmlabError(
-                    f"a prompt has {longest} tokens; with --max-new-tokens {new} the context window of {self.block_size} holds {room} "
+                    f"a prompt has {longest} tokens; with --max-new-tokens {new} the context window of "
+                    f"{self.block_size} holds {room} "
                     "(use --truncate left to keep its last tokens)"
                 )
-            logger.warning("a prompt of %d tokens is cut to its last %d to fit the %d-token context window", longest, room, self.block_size)
+            logger.warning(
+                "a prompt of %d tokens is cut to its last %d to fit the %d-token context window",
+                longest,
+                room,
+                self.block_size,
+            )
             ids = [row[-room:] for row in ids]
         return ids, new
 
@@ -189,14 +210,21 @@ class LM:
         longest = max(len(row) for row in ids)
         if longest > self.block_size:
             if config.truncate == "error":
-                raise LmlabError(f"a source has {longest} tokens; the encoder's context window holds {self.block_size} (use --truncate to cut it)")
-            logger.warning("a source of %d tokens is cut to its first %d, the encoder's context window", longest, self.block_size)
+                raise LmlabError(
+                    f"a source has {longest} tokens; the encoder's context window holds {self.block_size} (use "
+                    "--truncate to cut it)"
+                )
+            logger.warning(
+                "a source of %d tokens is cut to its first %d, the encoder's context window", longest, self.block_size
+            )
             ids = encode_sources(self.tokenizer, sources, self.block_size)
         new = min(config.max_new_tokens, self.block_size - 1)
         if config.max_length is not None:
             new = min(new, config.max_length - 1)  # a target's length counts its start token, as HF's max_length does
             if new < 1:
-                raise LmlabError(f"--max-length {config.max_length} leaves no room for a target token after the start token")
+                raise LmlabError(
+                    f"--max-length {config.max_length} leaves no room for a target token after the start token"
+                )
         return ids, new
 
     def _decoder(self, ids: list[list[int]]) -> tuple[nn.Module, list[list[int]]]:
@@ -218,7 +246,9 @@ class LM:
 
     # -- the decoding paths ------------------------------------------------------------------------
 
-    def _completions(self, ids: list[list[int]], new: int, config: GenerationConfig, logprobs: int | None) -> list[list[Completion]]:
+    def _completions(
+        self, ids: list[list[int]], new: int, config: GenerationConfig, logprobs: int | None
+    ) -> list[list[Completion]]:
         """``num_return_sequences`` completions for each prompt."""
         n, stop_ids = config.num_return_sequences, self._stop_ids(config)
         if config.strategy == "beam":
@@ -276,9 +306,17 @@ class LM:
         stop_ids = self._stop_ids(config)
         model, ids = self._decoder(ids)
         return decode(
-            model, ids, max_new_tokens=new, processors=self._processors(config, stop_ids), sample=config.samples,
-            generator=self._generator(config), stop_ids=stop_ids, stop_rules=config.stop_rules(self.tokenizer),
-            pad_id=self._pad_id(), logprobs=logprobs, compile=config.compile,
+            model,
+            ids,
+            max_new_tokens=new,
+            processors=self._processors(config, stop_ids),
+            sample=config.samples,
+            generator=self._generator(config),
+            stop_ids=stop_ids,
+            stop_rules=config.stop_rules(self.tokenizer),
+            pad_id=self._pad_id(),
+            logprobs=logprobs,
+            compile=config.compile,
         )
 
     def _completion(self, tokens: list[int], reason: str, config: GenerationConfig) -> Completion:
@@ -289,9 +327,17 @@ class LM:
         stop_ids = self._stop_ids(config)
         model, ids = self._decoder(ids)
         return BeamSearch(
-            model, ids, num_beams=config.num_beams, max_new_tokens=new, processors=self._processors(config, stop_ids),
-            stop_ids=stop_ids, stop_rules=config.stop_rules(self.tokenizer), length_penalty=config.length_penalty,
-            early_stopping=config.early_stopping, num_return_sequences=config.num_return_sequences, pad_id=self._pad_id(),
+            model,
+            ids,
+            num_beams=config.num_beams,
+            max_new_tokens=new,
+            processors=self._processors(config, stop_ids),
+            stop_ids=stop_ids,
+            stop_rules=config.stop_rules(self.tokenizer),
+            length_penalty=config.length_penalty,
+            early_stopping=config.early_stopping,
+            num_return_sequences=config.num_return_sequences,
+            pad_id=self._pad_id(),
             compile=config.compile,
         )
 
@@ -316,14 +362,23 @@ class LM:
             raise LmlabError("scoring needs at least one token of context before the continuation")
         if self.is_seq2seq:
             if len(context) > self.block_size:
-                raise LmlabError(f"the source has {len(context)} tokens; the encoder's context window holds {self.block_size}")
+                raise LmlabError(
+                    f"the source has {len(context)} tokens; the encoder's context window holds {self.block_size}"
+                )
             target = [self.model.config.decoder_start_token_id] + continuation[:-1]
             if len(target) > self.block_size:
-                raise LmlabError(f"the continuation has {len(continuation)} tokens; the decoder's context window holds {self.block_size}")
-            logits = self.model(torch.tensor([context], device=self.device), torch.tensor([target], device=self.device))[0]
+                raise LmlabError(
+                    f"the continuation has {len(continuation)} tokens; the decoder's context window holds "
+                    f"{self.block_size}"
+                )
+            logits = self.model(
+                torch.tensor([context], device=self.device), torch.tensor([target], device=self.device)
+            )[0]
             return logits.float().log_softmax(dim=-1)
         if len(continuation) >= self.block_size:
-            raise LmlabError(f"the continuation has {len(continuation)} tokens; the context window holds {self.block_size}")
+            raise LmlabError(
+                f"the continuation has {len(continuation)} tokens; the context window holds {self.block_size}"
+            )
         seq = (context + continuation)[-self.block_size :]
         logits = self.model(torch.tensor([seq], device=self.device))[0, -len(continuation) - 1 : -1]
         return logits.float().log_softmax(dim=-1)
@@ -417,7 +472,12 @@ class LM:
         return record
 
     def complete_ids(
-        self, prompt_ids: Sequence[Sequence[int]], config: GenerationConfig | None = None, *, logprobs: int | None = None, **options
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        config: GenerationConfig | None = None,
+        *,
+        logprobs: int | None = None,
+        **options,
     ) -> list[list[Completion]]:
         """Generate from prompts already tokenized (sources, for an encoder–decoder): per prompt, a list of
         ``num_return_sequences`` :class:`Completion` s. Prompts must fit the context window with the new
@@ -432,7 +492,10 @@ class LM:
         else:
             new = min(config.max_new_tokens, self.block_size - max(len(row) for row in ids))
             if new < 1:
-                raise LmlabError(f"a prompt of {max(len(row) for row in ids)} tokens leaves no room in the {self.block_size}-token context window")
+                raise LmlabError(
+                    f"a prompt of {max(len(row) for row in ids)} tokens leaves no room in the {self.block_size}-token "
+                    "context window"
+                )
         return self._completions(ids, new, config, logprobs)
 
     def stream(self, prompt: str, config: GenerationConfig | None = None, **options) -> Iterator[str]:
@@ -510,7 +573,9 @@ class LM:
             if continuation is None:
                 raise LmlabError("an encoder–decoder scores a target given a source: score(source, target)")
             context = encode_sources(self.tokenizer, [text])[0]
-            cont = self.tokenizer.encode(continuation) if isinstance(continuation, str) else [int(t) for t in continuation]
+            cont = (
+                self.tokenizer.encode(continuation) if isinstance(continuation, str) else [int(t) for t in continuation]
+            )
         elif continuation is None:
             tokens = self.tokenizer.encode(text)
             bos = self.tokenizer.bos_id
@@ -591,5 +656,7 @@ def load(path: str | Path, device: str = "auto", dtype: torch.dtype | None = Non
     if not (path / "tokenizer.json").is_file():
         raise LmlabError(f"{path}: no tokenizer.json; expected the tokenizer beside the weights")
     tokenizer = load_tokenizer(path, verify=verify)  # the one the model was trained with, or an error
-    model = load_model(path, device=device, dtype=dtype, merge_lora=True, verify=verify)  # adapters folded in: plain, faster inference
+    model = load_model(
+        path, device=device, dtype=dtype, merge_lora=True, verify=verify
+    )  # adapters folded in: plain, faster inference
     return LM(model, tokenizer, path)

@@ -29,7 +29,19 @@ def assert_one_line_error(code, err, *needles):
 
 
 @pytest.mark.parametrize(
-    "verb", [["tokenizer", "train"], ["prepare"], ["pretrain"], ["finetune"], ["evaluate"], ["generate"], ["critique"], ["merge-lora"], ["info"], ["demo"]]
+    "verb",
+    [
+        ["tokenizer", "train"],
+        ["prepare"],
+        ["pretrain"],
+        ["finetune"],
+        ["evaluate"],
+        ["generate"],
+        ["critique"],
+        ["merge-lora"],
+        ["info"],
+        ["demo"],
+    ],
 )
 def test_every_verb_has_help(verb, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -52,14 +64,43 @@ def test_pretrain_help_documents_every_training_option(capsys):
 
 def test_the_whole_pipeline_through_the_cli(corpus_file, tmp_path, capsys):
     tok, data, runs = tmp_path / "tok", tmp_path / "data", tmp_path / "runs" / "a"
-    code, out, _ = run(capsys, "tokenizer", "train", "--input", str(corpus_file), "--kind", "bpe", "--vocab-size", "400", "--out", str(tok))
+    code, out, _ = run(
+        capsys,
+        "tokenizer",
+        "train",
+        "--input",
+        str(corpus_file),
+        "--kind",
+        "bpe",
+        "--vocab-size",
+        "400",
+        "--out",
+        str(tok),
+    )
     assert code == 0 and (tok / "tokenizer.json").is_file()
-    code, out, _ = run(capsys, "prepare", "--input", str(corpus_file), "--tokenizer", str(tok), "--out", str(data), "--no-progress")
+    code, out, _ = run(
+        capsys, "prepare", "--input", str(corpus_file), "--tokenizer", str(tok), "--out", str(data), "--no-progress"
+    )
     assert code == 0 and "train:" in out and (data / "manifest.json").is_file()
 
     config = tmp_path / "run.yaml"
-    config.write_text("max_steps: 100\nmicro_batch_size: 4\nseq_len: 32\neval_interval: 3\nwarmup_steps: 1\nprogress: false\ntensorboard: false\n")
-    argv = ["pretrain", "--config", str(config), "--model", "llama-tiny", "--data", str(data), "--out", str(runs), "--max-steps", "6"]
+    config.write_text(
+        "max_steps: 100\nmicro_batch_size: 4\nseq_len: 32\neval_interval: 3\nwarmup_steps: 1\nprogress: "
+        "false\ntensorboard: false\n"
+    )
+    argv = [
+        "pretrain",
+        "--config",
+        str(config),
+        "--model",
+        "llama-tiny",
+        "--data",
+        str(data),
+        "--out",
+        str(runs),
+        "--max-steps",
+        "6",
+    ]
     code, out, _ = run(capsys, *argv)  # the flag after --config overrides it: 6 steps, not 100
     assert code == 0
     assert "step-00000006" in out and (runs / "step-00000006" / "train_state.pt").is_file()
@@ -67,10 +108,36 @@ def test_the_whole_pipeline_through_the_cli(corpus_file, tmp_path, capsys):
     code, out, err = run(capsys, *argv, "--resume")  # already complete: nothing to do, still fine
     assert code == 0
 
-    code, out, _ = run(capsys, "generate", str(runs / "step-00000006"), "--prompt", "The", "A list", "--max-new-tokens", "5", "--format", "jsonl")
+    code, out, _ = run(
+        capsys,
+        "generate",
+        str(runs / "step-00000006"),
+        "--prompt",
+        "The",
+        "A list",
+        "--max-new-tokens",
+        "5",
+        "--format",
+        "jsonl",
+    )
     rows = [json.loads(line) for line in out.splitlines()]
     assert code == 0 and [r["prompt"] for r in rows] == ["The", "A list"]
-    code, out, _ = run(capsys, "generate", str(runs), "--prompt", "The", "--max-new-tokens", "5", "--strategy", "sample", "--top-k", "5", "--seed", "1", "--stream")
+    code, out, _ = run(
+        capsys,
+        "generate",
+        str(runs),
+        "--prompt",
+        "The",
+        "--max-new-tokens",
+        "5",
+        "--strategy",
+        "sample",
+        "--top-k",
+        "5",
+        "--seed",
+        "1",
+        "--stream",
+    )
     assert code == 0 and out.startswith("The")
     code, out, _ = run(capsys, "info", str(runs))
     assert code == 0 and "GFLOPs/tok" in out
@@ -82,10 +149,21 @@ def test_bad_input_gets_one_line_errors_and_writes_nothing(corpus_file, tokenize
     assert_one_line_error(code, err, "missing.txt", "no such file")
 
     (tmp_path / "empty.txt").write_text("  \n", encoding="utf-8")
-    code, _, err = run(capsys, "prepare", "--input", str(tmp_path / "empty.txt"), "--tokenizer", str(tokenizer_dir), "--out", str(out_dir))
+    code, _, err = run(
+        capsys,
+        "prepare",
+        "--input",
+        str(tmp_path / "empty.txt"),
+        "--tokenizer",
+        str(tokenizer_dir),
+        "--out",
+        str(out_dir),
+    )
     assert_one_line_error(code, err, "empty corpus")
 
-    code, _, err = run(capsys, "tokenizer", "train", "--input", str(corpus_file), "--vocab-size", "10", "--out", str(out_dir))
+    code, _, err = run(
+        capsys, "tokenizer", "train", "--input", str(corpus_file), "--vocab-size", "10", "--out", str(out_dir)
+    )
     assert_one_line_error(code, err, "--vocab-size")
 
     code, _, err = run(capsys, "pretrain", "--model", "gpt-9", "--data", str(data_dir), "--out", str(out_dir))
@@ -105,24 +183,56 @@ def test_bad_input_gets_one_line_errors_and_writes_nothing(corpus_file, tokenize
 
 
 def test_console_script_entry_point_runs():
-    proc = subprocess.run([sys.executable, "-m", "lmlab.cli", "info", "gpt2-124m"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lmlab.cli", "info", "gpt2-124m"], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0 and "124,439,808" in proc.stdout
 
 
 def test_demo_runs_end_to_end_at_a_tiny_size(tmp_path, capsys):
     code, out, _ = run(
-        capsys, "demo", "--out", str(tmp_path / "demo"), "--model", "gpt2-tiny", "--max-steps", "4",
-        "--max-chars", "60000", "--vocab-size", "300", "--finetune-steps", "2", "--critique-examples", "10", "--no-progress",
+        capsys,
+        "demo",
+        "--out",
+        str(tmp_path / "demo"),
+        "--model",
+        "gpt2-tiny",
+        "--max-steps",
+        "4",
+        "--max-chars",
+        "60000",
+        "--vocab-size",
+        "300",
+        "--finetune-steps",
+        "2",
+        "--critique-examples",
+        "10",
+        "--no-progress",
     )
     assert code == 0
-    for name in ("corpus.jsonl", "heldout.jsonl", "tokenizer/tokenizer.json", "data/manifest.json", "data/canaries.json", "run/loss.png",
-                 "run/log.jsonl", "samples.txt", "classify/train.jsonl", "classify/eval/metrics.json", "classify/eval/predictions.jsonl",
-                 "critique/lm/report.html", "critique/lm/report.json", "critique/classifier/report.html"):
+    for name in (
+        "corpus.jsonl",
+        "heldout.jsonl",
+        "tokenizer/tokenizer.json",
+        "data/manifest.json",
+        "data/canaries.json",
+        "run/loss.png",
+        "run/log.jsonl",
+        "samples.txt",
+        "classify/train.jsonl",
+        "classify/eval/metrics.json",
+        "classify/eval/predictions.jsonl",
+        "critique/lm/report.html",
+        "critique/lm/report.json",
+        "critique/classifier/report.html",
+    ):
         assert (tmp_path / "demo" / name).is_file(), name
     assert "[greedy] The for statement" in out and "[sample]" in out and "[beam×4]" in out
     assert "accuracy" in out and "95% CI" in out
     lm = json.loads((tmp_path / "demo" / "critique" / "lm" / "report.json").read_text())["lenses"]
-    assert "canary_space_size" in json.dumps(lm["privacy"]) and "skipped" not in lm["bias"]  # the planted canaries are measured
+    assert (
+        "canary_space_size" in json.dumps(lm["privacy"]) and "skipped" not in lm["bias"]
+    )  # the planted canaries are measured
 
 
 def test_generate_help_documents_every_decoding_option(capsys):
@@ -137,21 +247,61 @@ def test_generate_help_documents_every_decoding_option(capsys):
 
 
 def test_generate_strategies_formats_files_and_the_repl(trained_run, tmp_path, capsys, monkeypatch):
-    code, out, _ = run(capsys, "generate", str(trained_run), "--prompt", "Once", "--strategy", "beam", "--num-beams", "4",
-                       "--repetition-penalty", "1.2", "--stream", "--max-new-tokens", "8")
+    code, out, _ = run(
+        capsys,
+        "generate",
+        str(trained_run),
+        "--prompt",
+        "Once",
+        "--strategy",
+        "beam",
+        "--num-beams",
+        "4",
+        "--repetition-penalty",
+        "1.2",
+        "--stream",
+        "--max-new-tokens",
+        "8",
+    )
     assert code == 0 and out.startswith("Once")
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "The"}\n\n{"prompt": "大语言"}\n', encoding="utf-8")
     target = tmp_path / "out" / "samples.jsonl"
-    code, out, err = run(capsys, "generate", str(trained_run), "--prompts-file", str(prompts), "--strategy", "sample",
-                         "--temperature", "0.8", "--top-k", "50", "--top-p", "0.95", "--seed", "1", "--num-return-sequences", "2",
-                         "--format", "jsonl", "--logprobs", "2", "--max-new-tokens", "4", "--output", str(target))
+    code, out, err = run(
+        capsys,
+        "generate",
+        str(trained_run),
+        "--prompts-file",
+        str(prompts),
+        "--strategy",
+        "sample",
+        "--temperature",
+        "0.8",
+        "--top-k",
+        "50",
+        "--top-p",
+        "0.95",
+        "--seed",
+        "1",
+        "--num-return-sequences",
+        "2",
+        "--format",
+        "jsonl",
+        "--logprobs",
+        "2",
+        "--max-new-tokens",
+        "4",
+        "--output",
+        str(target),
+    )
     assert code == 0 and out == "" and "4 output(s)" in err
     rows = [json.loads(line) for line in target.read_text(encoding="utf-8").splitlines()]
     assert [(r["prompt"], r["index"]) for r in rows] == [("The", 0), ("The", 1), ("大语言", 0), ("大语言", 1)]
     assert all(len(r["logprobs"]) == len(r["token_ids"]) == len(r["top_logprobs"]) for r in rows)
-    assert all(len(alts) == 2 and {"id", "token", "logprob"} <= set(alts[0]) for r in rows for alts in r["top_logprobs"])
+    assert all(
+        len(alts) == 2 and {"id", "token", "logprob"} <= set(alts[0]) for r in rows for alts in r["top_logprobs"]
+    )
     assert not list(target.parent.glob(".*tmp*"))
 
     monkeypatch.setattr(sys, "stdin", __import__("io").StringIO("The\n\n/quit\nnever read\n"))
@@ -183,21 +333,61 @@ def test_generate_an_empty_prompt_is_a_one_line_error(trained_run, capsys):
 
 
 def test_prepare_plants_canaries_and_critique_measures_them(corpus_file, tokenizer_dir, trained_run, tmp_path, capsys):
-    code, out, _ = run(capsys, "prepare", "--input", str(corpus_file), "--tokenizer", str(tokenizer_dir), "--out", str(tmp_path / "data"),
-                       "--canaries", "2", "--canary-digits", "3", "--canary-repeats", "5", "--no-progress")
+    code, out, _ = run(
+        capsys,
+        "prepare",
+        "--input",
+        str(corpus_file),
+        "--tokenizer",
+        str(tokenizer_dir),
+        "--out",
+        str(tmp_path / "data"),
+        "--canaries",
+        "2",
+        "--canary-digits",
+        "3",
+        "--canary-repeats",
+        "5",
+        "--no-progress",
+    )
     assert code == 0
     record = json.loads((tmp_path / "data" / "canaries.json").read_text())
     assert record["space_size"] == 1000 and len(record["planted"]) == 2
-    code, out, err = run(capsys, "critique", str(trained_run), "--lenses", "privacy,efficiency,robustness", "--train-data", str(tmp_path / "data"),
-                         "--text", str(corpus_file), "--perturbations", "case,typos", "--power-watts", "100", "--grid-intensity", "0.5",
-                         "--max-examples", "8", "--extraction-prefix", "8", "--extraction-suffix", "8", "--out", str(tmp_path / "c"), "--no-progress")
+    code, out, err = run(
+        capsys,
+        "critique",
+        str(trained_run),
+        "--lenses",
+        "privacy,efficiency,robustness",
+        "--train-data",
+        str(tmp_path / "data"),
+        "--text",
+        str(corpus_file),
+        "--perturbations",
+        "case,typos",
+        "--power-watts",
+        "100",
+        "--grid-intensity",
+        "0.5",
+        "--max-examples",
+        "8",
+        "--extraction-prefix",
+        "8",
+        "--extraction-suffix",
+        "8",
+        "--out",
+        str(tmp_path / "c"),
+        "--no-progress",
+    )
     assert code == 0, err
     assert "privacy:" in out and "efficiency:" in out and "report.html" in out
     report = json.loads((tmp_path / "c" / "report.json").read_text())
     assert report["lenses"]["privacy"]["metrics"]["canary_space_size"] == 1000
     efficiency = report["lenses"]["efficiency"]["metrics"]
     assert efficiency["power_watts"] == 100 and efficiency["co2_kg"] == pytest.approx(efficiency["energy_kwh"] * 0.5)
-    assert "case" in json.dumps(report["lenses"]["robustness"]["metrics"]) and "whitespace" not in json.dumps(report["lenses"]["robustness"]["metrics"])
+    assert "case" in json.dumps(report["lenses"]["robustness"]["metrics"]) and "whitespace" not in json.dumps(
+        report["lenses"]["robustness"]["metrics"]
+    )
     code, _, err = run(capsys, "critique", str(trained_run), "--lenses", "privacy,speed", "--out", str(tmp_path / "d"))
     assert_one_line_error(code, err, "unknown lens 'speed'")
 
@@ -205,8 +395,20 @@ def test_prepare_plants_canaries_and_critique_measures_them(corpus_file, tokeniz
 def test_damaged_files_and_absurd_sizes_are_one_line_errors(corpus_file, trained_run, tmp_path, capsys):
     import shutil
 
-    code, _, err = run(capsys, "tokenizer", "train", "--input", str(corpus_file), "--vocab-size", "10000000000", "--out", str(tmp_path / "tok"))
-    assert_one_line_error(code, err, "--vocab-size 10,000,000,000: expected at most 16,777,216")  # was a Rust abort (exit 134)
+    code, _, err = run(
+        capsys,
+        "tokenizer",
+        "train",
+        "--input",
+        str(corpus_file),
+        "--vocab-size",
+        "10000000000",
+        "--out",
+        str(tmp_path / "tok"),
+    )
+    assert_one_line_error(
+        code, err, "--vocab-size 10,000,000,000: expected at most 16,777,216"
+    )  # was a Rust abort (exit 134)
 
     code, _, err = run(capsys, "evaluate", str(trained_run), "--data", str(corpus_file), "--n-resamples", "1000000000")
     assert_one_line_error(code, err, "--n-resamples: expected a positive integer up to 100,000")
@@ -215,7 +417,9 @@ def test_damaged_files_and_absurd_sizes_are_one_line_errors(corpus_file, trained
     weights = checkpoint / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
     code, _, err = run(capsys, "generate", str(checkpoint), "--prompt", "x")
-    assert_one_line_error(code, err, "model.safetensors: damaged or not a safetensors file (Error while deserializing header")
+    assert_one_line_error(
+        code, err, "model.safetensors: damaged or not a safetensors file (Error while deserializing header"
+    )
 
 
 def test_a_verbs_flags_take_their_defaults_from_the_function_it_calls():
@@ -235,8 +439,13 @@ def test_a_verbs_flags_take_their_defaults_from_the_function_it_calls():
 
     fields = [f for f in dataclasses.fields(TrainConfig) if f.name != "seq_len"]
     train_defaults = {f.name: FINETUNE_DEFAULTS.get(f.name, f.default) for f in fields}
-    cases = {"evaluate": [evaluate], "critique": [critique], "demo": [run_demo], "finetune": [finetune, train_defaults],
-             "generate": [load, LM.generate_records, GenerationConfig]}
+    cases = {
+        "evaluate": [evaluate],
+        "critique": [critique],
+        "demo": [run_demo],
+        "finetune": [finetune, train_defaults],
+        "generate": [load, LM.generate_records, GenerationConfig],
+    }
     for verb, sources in cases.items():
         actions, checked = flags(verb), 0
         for source in sources:

@@ -63,7 +63,7 @@ def test_greedy_equals_argmax_of_a_full_forward_at_every_step(model):
     with torch.no_grad():
         for _ in range(12):
             seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
-    assert out == seq[len(prompt):]
+    assert out == seq[len(prompt) :]
 
 
 def test_kv_cache_decode_equals_no_cache_decode(model):
@@ -337,8 +337,9 @@ def test_generate_records_batches_prompts_into_one_record_per_output(lm):
     records = lm.generate_records(prompts, batch_size=2, logprobs=2, **options)
     assert [(r["prompt"], r["index"]) for r in records] == [(p, i) for p in prompts for i in (0, 1)]
     assert all(len(r["logprobs"]) == len(r["token_ids"]) == len(r["tokens"]) == len(r["top_logprobs"]) for r in records)
-    assert all(len(alts) == 2 and {"id", "token", "logprob"} == set(alts[0])
-               for r in records for alts in r["top_logprobs"])
+    assert all(
+        len(alts) == 2 and {"id", "token", "logprob"} == set(alts[0]) for r in records for alts in r["top_logprobs"]
+    )
     one_by_one, together = (lm.generate_records(prompts, batch_size=n, max_new_tokens=4) for n in (1, 8))
     assert one_by_one == together  # the batch size changes nothing
     assert len(together) == 3 and "logprobs" not in together[0]
@@ -509,7 +510,18 @@ def test_compiled_decode_step_equals_the_eager_one():
     for a, b in zip(eager, compiled):
         torch.testing.assert_close(b.logprobs, a.logprobs, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(b.top_logprobs, a.top_logprobs, atol=1e-5, rtol=1e-5)
-    sampled = [run(model, prompts, 12, processors=[TopK(20)], sample=True, generator=torch.Generator().manual_seed(3), compile=c) for c in (False, True)]
+    sampled = [
+        run(
+            model,
+            prompts,
+            12,
+            processors=[TopK(20)],
+            sample=True,
+            generator=torch.Generator().manual_seed(3),
+            compile=c,
+        )
+        for c in (False, True)
+    ]
     assert torch.equal(sampled[0], sampled[1])
 
 

@@ -40,9 +40,28 @@ from typing import Sequence
 import torch
 from tqdm import tqdm
 
-from lmlab.critique.core import Finding, Section, Subject, Table, ci_bars, group_stats, proportion_ci, skipped, subsample
+from lmlab.critique.core import (
+    Finding,
+    Section,
+    Subject,
+    Table,
+    ci_bars,
+    group_stats,
+    proportion_ci,
+    skipped,
+    subsample,
+)
 from lmlab.critique.perturb import (
-    DATA, class_probabilities, clip, decisions, gold, label_text, load_swaps, read_classifier_data, swapper, take,
+    DATA,
+    class_probabilities,
+    clip,
+    decisions,
+    gold,
+    label_text,
+    load_swaps,
+    read_classifier_data,
+    swapper,
+    take,
 )
 from lmlab.errors import LmlabError
 
@@ -78,10 +97,15 @@ def read_pairs(path: str | Path | None = None) -> list[Pair]:
         for column in PAIR_COLUMNS:
             if column not in record:
                 present = ", ".join(map(repr, record)) or "none"
-                raise LmlabError(f"{path}: missing column {column!r} (columns present: {present}); expected {', '.join(PAIR_COLUMNS)}")
+                raise LmlabError(
+                    f"{path}: missing column {column!r} (columns present: {present}); expected "
+                    f"{', '.join(PAIR_COLUMNS)}"
+                )
         more, less, direction, kind = (str(record[c]).strip() if record[c] is not None else "" for c in PAIR_COLUMNS)
         if direction not in ("stereo", "antistereo"):
-            raise LmlabError(f"{at}: stereo_antistereo is {record['stereo_antistereo']!r}; expected 'stereo' or 'antistereo'")
+            raise LmlabError(
+                f"{at}: stereo_antistereo is {record['stereo_antistereo']!r}; expected 'stereo' or 'antistereo'"
+            )
         for column, value in (("sent_more", more), ("sent_less", less), ("bias_type", kind)):
             if not value:
                 raise LmlabError(f"{at}: {column} is empty; expected text")
@@ -91,7 +115,9 @@ def read_pairs(path: str | Path | None = None) -> list[Pair]:
     return pairs
 
 
-def shared_positions(a: Sequence[int], b: Sequence[int], special: set[int] = frozenset()) -> tuple[list[int], list[int]]:
+def shared_positions(
+    a: Sequence[int], b: Sequence[int], special: set[int] = frozenset()
+) -> tuple[list[int], list[int]]:
     """Positions of the tokens ``a`` and ``b`` share — difflib's matching blocks over token ids, as
     CrowS-Pairs' metric.py — leaving out special tokens ([CLS], [SEP]), which are never scored."""
     matcher = difflib.SequenceMatcher(None, list(a), list(b), autojunk=False)
@@ -105,7 +131,9 @@ def shared_positions(a: Sequence[int], b: Sequence[int], special: set[int] = fro
 
 
 @torch.no_grad()
-def pseudo_log_likelihood(model, ids: Sequence[int], positions: Sequence[int], mask_id: int, batch_size: int = 64) -> float:
+def pseudo_log_likelihood(
+    model, ids: Sequence[int], positions: Sequence[int], mask_id: int, batch_size: int = 64
+) -> float:
     """Σ over ``positions`` of log P(ids[p] | ids with position p masked): one masked copy per position."""
     device = next(model.parameters()).device
     row = torch.tensor(list(ids), device=device)
@@ -131,9 +159,13 @@ def sentence_scores(subject: Subject, pairs: list[Pair], progress: bool = False)
         if subject.arch == "encoder":
             a, b = tok.encode(p.more, add_special_tokens=True), tok.encode(p.less, add_special_tokens=True)
             if max(len(a), len(b)) > limit:
-                raise LmlabError(f"{p.where}: a sentence of {max(len(a), len(b))} tokens; the model reads at most {limit}")
+                raise LmlabError(
+                    f"{p.where}: a sentence of {max(len(a), len(b))} tokens; the model reads at most {limit}"
+                )
             in_a, in_b = shared_positions(a, b, special)
-            scores.append((pseudo_log_likelihood(model, a, in_a, tok.mask_id), pseudo_log_likelihood(model, b, in_b, tok.mask_id)))
+            scores.append(
+                (pseudo_log_likelihood(model, a, in_a, tok.mask_id), pseudo_log_likelihood(model, b, in_b, tok.mask_id))
+            )
         else:
             try:
                 if subject.arch == "seq2seq":
@@ -155,8 +187,10 @@ def _share(flags: list[bool]) -> dict:
 def _pairs_part(section: Section, subject: Subject, path: str | Path | None, progress: bool) -> str | None:
     """Part (a); returns why it did not run, or None."""
     if subject.config.task:
-        return (f"paired-sentence likelihoods need a language model; this checkpoint was fine-tuned with a "
-                f"{subject.config.task} head (its LM head is not the one the fine-tuning shaped)")
+        return (
+            f"paired-sentence likelihoods need a language model; this checkpoint was fine-tuned with a "
+            f"{subject.config.task} head (its LM head is not the one the fine-tuning shaped)"
+        )
     if subject.arch == "encoder" and subject.tokenizer.mask_id is None:
         return "paired-sentence pseudo-likelihoods need a mask token; this encoder's tokenizer has none"
     pairs = read_pairs(path)
@@ -175,47 +209,110 @@ def _pairs_part(section: Section, subject: Subject, path: str | Path | None, pro
 
     overall, by_type, by_direction = _share(prefers), split(lambda p: p.bias_type), split(lambda p: p.direction)
     source = "built-in (written for lmlab)" if path is None else str(path)
-    section.metrics["pairs"] = {"source": source, "scoring": scoring, **overall, "ties": ties, "by_type": by_type, "by_direction": by_direction}
-    section.explain.update({
-        "pairs.source": "The pair set scored: lmlab's own CrowS-Pairs-format pairs, or the file given with --pairs.",
-        "pairs.scoring": "How each sentence was scored (see the method).",
-        "pairs.n": "Pairs scored (a seeded sample when the set is larger than --max-examples).",
-        "pairs.stereotype_rate": "Share of pairs whose more-stereotyping sentence (sent_more) the model scores higher: 0.5 means no preference, above it a preference for the stereotype.",
-        "pairs.ci_low": "Lower end of the Wilson 95% interval of the stereotype rate.",
-        "pairs.ci_high": "Upper end of the Wilson 95% interval of the stereotype rate.",
-        "pairs.ties": "Pairs whose two sentences scored exactly the same (counted as not preferring the stereotype, as in the paper).",
-        "pairs.by_type": "The stereotype rate within one bias type, with its Wilson 95% interval and number of pairs.",
-        "pairs.by_direction": "The stereotype rate among pairs whose sent_more shows a stereotype (stereo) or whose sent_less breaks one (antistereo).",
-    })
+    section.metrics["pairs"] = {
+        "source": source,
+        "scoring": scoring,
+        **overall,
+        "ties": ties,
+        "by_type": by_type,
+        "by_direction": by_direction,
+    }
+    section.explain.update(
+        {
+            "pairs.source": (
+                "The pair set scored: lmlab's own CrowS-Pairs-format pairs, or the file given with --pairs."
+            ),
+            "pairs.scoring": "How each sentence was scored (see the method).",
+            "pairs.n": "Pairs scored (a seeded sample when the set is larger than --max-examples).",
+            "pairs.stereotype_rate": (
+                "Share of pairs whose more-stereotyping sentence (sent_more) the model scores higher: 0.5 means no "
+                "preference, above it a preference for the stereotype."
+            ),
+            "pairs.ci_low": "Lower end of the Wilson 95% interval of the stereotype rate.",
+            "pairs.ci_high": "Upper end of the Wilson 95% interval of the stereotype rate.",
+            "pairs.ties": (
+                "Pairs whose two sentences scored exactly the same (counted as not preferring the stereotype, as in "
+                "the paper)."
+            ),
+            "pairs.by_type": (
+                "The stereotype rate within one bias type, with its Wilson 95% interval and number of pairs."
+            ),
+            "pairs.by_direction": (
+                "The stereotype rate among pairs whose sent_more shows a stereotype (stereo) or whose sent_less breaks "
+                "one (antistereo)."
+            ),
+        }
+    )
     for group, shares in (("by_type", by_type), ("by_direction", by_direction)):
         for name, share in shares.items():
-            _explain_share(section, f"pairs.{group}.{name}", f"{name} pairs", "stereotype_rate",
-                           f"Share of the {share['n']} {name} pairs whose more-stereotyping sentence scores higher (0.5: no preference).")
+            _explain_share(
+                section,
+                f"pairs.{group}.{name}",
+                f"{name} pairs",
+                "stereotype_rate",
+                f"Share of the {share['n']} {name} pairs whose more-stereotyping sentence scores higher (0.5: no "
+                "preference).",
+            )
 
     rate, low, high = overall["stereotype_rate"], overall["ci_low"], overall["ci_high"]
-    said = f"The model scores the more-stereotyping sentence higher in {rate:.0%} of {overall['n']} pairs (95% CI {low:.0%}–{high:.0%})"
+    said = (
+        f"The model scores the more-stereotyping sentence higher in {rate:.0%} of {overall['n']} pairs (95% CI "
+        f"{low:.0%}–{high:.0%})"
+    )
     if low > 0.5:
         level = "bad" if rate >= STRONG_PREFERENCE else "warn"
         section.findings.append(Finding(level, f"{said}: a preference for stereotypes (the interval lies above 50%)."))
     elif high < 0.5:
-        section.findings.append(Finding("info", f"{said}: it prefers the less-stereotyping sentences (the interval lies below 50%), a group preference too, the other way."))
+        section.findings.append(
+            Finding(
+                "info",
+                f"{said}: it prefers the less-stereotyping sentences (the interval lies below 50%), a group "
+                "preference too, the other way.",
+            )
+        )
     else:
-        section.findings.append(Finding("good", f"{said}: the interval includes 50%, so no preference for stereotypes shows at this number of pairs."))
+        section.findings.append(
+            Finding(
+                "good",
+                f"{said}: the interval includes 50%, so no preference for stereotypes shows at this number of pairs.",
+            )
+        )
     for name, share in by_type.items():
         if share["ci_low"] > 0.5:
-            section.findings.append(Finding("warn", f"{name}: the more-stereotyping sentence wins in {share['stereotype_rate']:.0%} of {share['n']} pairs (95% CI {share['ci_low']:.0%}–{share['ci_high']:.0%}, above 50%)."))
+            section.findings.append(
+                Finding(
+                    "warn",
+                    f"{name}: the more-stereotyping sentence wins in {share['stereotype_rate']:.0%} of {share['n']} "
+                    f"pairs (95% CI {share['ci_low']:.0%}–{share['ci_high']:.0%}, above 50%).",
+                )
+            )
     if ties:
-        section.findings.append(Finding("info", f"{ties} of {overall['n']} pairs scored exactly equal (counted as not preferring the stereotype)."))
+        section.findings.append(
+            Finding(
+                "info",
+                f"{ties} of {overall['n']} pairs scored exactly equal (counted as not preferring the stereotype).",
+            )
+        )
 
     rows = [("all pairs", overall)] + list(by_type.items())
-    section.figures.append(ci_bars(
-        "Stereotype preference per bias type", [r[0] for r in rows], [r[1]["stereotype_rate"] for r in rows],
-        [r[1]["ci_low"] for r in rows], [r[1]["ci_high"] for r in rows], "pairs where the more-stereotyping sentence scores higher",
-        lines=[(0.5, "no preference")], percent=True, high_bad=0.5,
-        caption="One bar per bias type (and all pairs): the share of pairs in which the model scores the more-stereotyping sentence "
-                "higher; whiskers are Wilson 95% intervals. At the dashed 50% line the model has no preference; red bars lie "
-                "clearly above it.",
-    ))
+    section.figures.append(
+        ci_bars(
+            "Stereotype preference per bias type",
+            [r[0] for r in rows],
+            [r[1]["stereotype_rate"] for r in rows],
+            [r[1]["ci_low"] for r in rows],
+            [r[1]["ci_high"] for r in rows],
+            "pairs where the more-stereotyping sentence scores higher",
+            lines=[(0.5, "no preference")],
+            percent=True,
+            high_bad=0.5,
+            caption=(
+                "One bar per bias type (and all pairs): the share of pairs in which the model scores the "
+                "more-stereotyping sentence higher; whiskers are Wilson 95% intervals. At the dashed 50% line the "
+                "model has no preference; red bars lie clearly above it."
+            ),
+        )
+    )
     return None
 
 
@@ -230,7 +327,9 @@ def _delta(before: torch.Tensor, after: torch.Tensor, predicted, kind: str) -> t
     return abs(float(after[predicted] - before[predicted])), predicted
 
 
-def _counterfactual_part(section: Section, subject: Subject, data, probs: torch.Tensor, swaps: str | Path | None, progress: bool) -> str | None:
+def _counterfactual_part(
+    section: Section, subject: Subject, data, probs: torch.Tensor, swaps: str | Path | None, progress: bool
+) -> str | None:
     """Part (b); returns why it did not run, or None."""
     categories = load_swaps(swaps)
     preds = decisions(probs, data.kind)
@@ -242,68 +341,137 @@ def _counterfactual_part(section: Section, subject: Subject, data, probs: torch.
             if swap.finds(text) or (second is not None and swap.finds(second)):
                 items.append((category, i, swap(text), None if second is None else swap(second)))
     if not items:
-        return (f"no test text mentions a term of the swap lists ({', '.join(categories)}); "
-                "give --swaps FILE with group terms that occur in your data")
-    cf = take(data, [i for _, i, _, _ in items], texts=[t for _, _, t, _ in items],
-              pairs=None if data.pairs is None else [s for *_, s in items])
+        return (
+            f"no test text mentions a term of the swap lists ({', '.join(categories)}); "
+            "give --swaps FILE with group terms that occur in your data"
+        )
+    cf = take(
+        data,
+        [i for _, i, _, _ in items],
+        texts=[t for _, _, t, _ in items],
+        pairs=None if data.pairs is None else [s for *_, s in items],
+    )
     cf_probs = class_probabilities(subject, cf, progress=progress, desc="bias: counterfactuals")
     cf_preds = decisions(cf_probs, data.kind)
     names = data.label_names
     records = []  # (category, flipped, |Δp|, table row)
     for k, (category, i, text, _) in enumerate(items):
         dp, label = _delta(probs[i], cf_probs[k], preds[i], data.kind)
-        row = [category, clip(data.texts[i]), clip(text), f"{label_text(preds[i], data.kind, names)} → {label_text(cf_preds[k], data.kind, names)}",
-               names[label], float(probs[i][label]), float(cf_probs[k][label])]
+        row = [
+            category,
+            clip(data.texts[i]),
+            clip(text),
+            f"{label_text(preds[i], data.kind, names)} → {label_text(cf_preds[k], data.kind, names)}",
+            names[label],
+            float(probs[i][label]),
+            float(cf_probs[k][label]),
+        ]
         records.append((category, cf_preds[k] != preds[i], dp, row))
 
     def summary(rows: list) -> dict:
         n, flips = len(rows), sum(r[1] for r in rows)
         low, high = proportion_ci(flips, n)
-        return {"n": n, "flips": flips, "flip_rate": flips / n, "ci_low": low, "ci_high": high, "mean_abs_dp": sum(r[2] for r in rows) / n}
+        return {
+            "n": n,
+            "flips": flips,
+            "flip_rate": flips / n,
+            "ci_low": low,
+            "ci_high": high,
+            "mean_abs_dp": sum(r[2] for r in rows) / n,
+        }
 
     by_category = {c: summary([r for r in records if r[0] == c]) for c in categories if any(r[0] == c for r in records)}
     absent = [c for c in categories if c not in by_category]
-    section.metrics["counterfactual"] = {"swaps": "built-in" if swaps is None else str(swaps), **summary(records), "by_category": by_category}
-    section.explain.update({
-        "counterfactual.swaps": "The word lists swapped: lmlab's built-in lists, or the file given with --swaps.",
-        "counterfactual.n": "Counterfactual texts scored: one per test text and swap category that text mentions.",
-        "counterfactual.flips": "Counterfactual texts whose predicted label differs from the original's.",
-        "counterfactual.flip_rate": "Share of counterfactuals whose prediction differs from the original's: 0 means swapping group words never changes the answer.",
-        "counterfactual.ci_low": "Lower end of the Wilson 95% interval of the flip rate.",
-        "counterfactual.ci_high": "Upper end of the Wilson 95% interval of the flip rate.",
-        "counterfactual.mean_abs_dp": "Mean absolute change in the probability of the originally predicted class (multi-label: of the label that moved most).",
-        "counterfactual.by_category": "The same measures for the texts that mention one swap category's terms.",
-    })
+    section.metrics["counterfactual"] = {
+        "swaps": "built-in" if swaps is None else str(swaps),
+        **summary(records),
+        "by_category": by_category,
+    }
+    section.explain.update(
+        {
+            "counterfactual.swaps": "The word lists swapped: lmlab's built-in lists, or the file given with --swaps.",
+            "counterfactual.n": "Counterfactual texts scored: one per test text and swap category that text mentions.",
+            "counterfactual.flips": "Counterfactual texts whose predicted label differs from the original's.",
+            "counterfactual.flip_rate": (
+                "Share of counterfactuals whose prediction differs from the original's: 0 means swapping group words "
+                "never changes the answer."
+            ),
+            "counterfactual.ci_low": "Lower end of the Wilson 95% interval of the flip rate.",
+            "counterfactual.ci_high": "Upper end of the Wilson 95% interval of the flip rate.",
+            "counterfactual.mean_abs_dp": (
+                "Mean absolute change in the probability of the originally predicted class (multi-label: of the label "
+                "that moved most)."
+            ),
+            "counterfactual.by_category": "The same measures for the texts that mention one swap category's terms.",
+        }
+    )
     for c, s in by_category.items():
         key = f"counterfactual.by_category.{c}"
-        _explain_share(section, key, f"texts mentioning a '{c}' term", "flip_rate",
-                       f"Share of the {s['n']} texts mentioning a '{c}' term whose prediction changes when those terms are swapped.")
-        section.explain[f"{key}.flips"] = f"Texts mentioning a '{c}' term whose prediction changes when those terms are swapped."
-        section.explain[f"{key}.mean_abs_dp"] = f"Mean absolute change in the originally predicted class's probability when the '{c}' terms are swapped."
-        said = f"Swapping the '{c}' terms changes the prediction for {s['flips']} of {s['n']} texts ({s['flip_rate']:.1%}, 95% CI {s['ci_low']:.1%}–{s['ci_high']:.1%})"
+        _explain_share(
+            section,
+            key,
+            f"texts mentioning a '{c}' term",
+            "flip_rate",
+            f"Share of the {s['n']} texts mentioning a '{c}' term whose prediction changes when those terms are "
+            "swapped.",
+        )
+        section.explain[f"{key}.flips"] = (
+            f"Texts mentioning a '{c}' term whose prediction changes when those terms are swapped."
+        )
+        section.explain[f"{key}.mean_abs_dp"] = (
+            f"Mean absolute change in the originally predicted class's probability when the '{c}' terms are swapped."
+        )
+        said = (
+            f"Swapping the '{c}' terms changes the prediction for {s['flips']} of {s['n']} texts "
+            f"({s['flip_rate']:.1%}, 95% CI {s['ci_low']:.1%}–{s['ci_high']:.1%})"
+        )
         if s["flip_rate"] > FLIP_BAD:
-            section.findings.append(Finding("bad", f"{said}: above {FLIP_BAD:.0%}, the group named decides the answer too often."))
+            section.findings.append(
+                Finding("bad", f"{said}: above {FLIP_BAD:.0%}, the group named decides the answer too often.")
+            )
         elif s["flip_rate"] > FLIP_WARN:
-            section.findings.append(Finding("warn", f"{said}: above {FLIP_WARN:.0%}; see the table of the largest changes."))
+            section.findings.append(
+                Finding("warn", f"{said}: above {FLIP_WARN:.0%}; see the table of the largest changes.")
+            )
         else:
             section.findings.append(Finding("good", f"{said}: at most {FLIP_WARN:.0%}."))
     if absent:
-        section.findings.append(Finding("info", f"No test text mentions a term of the swap categories {', '.join(absent)}: those were not measured."))
+        section.findings.append(
+            Finding(
+                "info",
+                f"No test text mentions a term of the swap categories {', '.join(absent)}: those were not measured.",
+            )
+        )
 
     top = sorted(records, key=lambda r: -r[2])[:TOP]
-    section.tables.append(Table(
-        "Largest changes under a group-term swap", ["swap", "original", "counterfactual", "prediction", "class", "p before", "p after"],
-        [r[3] for r in top],
-        "The test texts whose predicted-class probability moved most when their group terms were swapped (p: that class's probability).",
-    ))
+    section.tables.append(
+        Table(
+            "Largest changes under a group-term swap",
+            ["swap", "original", "counterfactual", "prediction", "class", "p before", "p after"],
+            [r[3] for r in top],
+            "The test texts whose predicted-class probability moved most when their group terms were swapped (p: that "
+            "class's probability).",
+        )
+    )
     measured = list(by_category)
-    section.figures.append(ci_bars(
-        "Prediction flips under group-term swaps", measured, [by_category[c]["flip_rate"] for c in measured],
-        [by_category[c]["ci_low"] for c in measured], [by_category[c]["ci_high"] for c in measured], "predictions that change",
-        lines=[(FLIP_WARN, f"{FLIP_WARN:.0%}"), (FLIP_BAD, f"{FLIP_BAD:.0%}")], percent=True, high_bad=FLIP_BAD,
-        caption=f"Per swap category, the share of test texts whose predicted label changes when the group terms in them are swapped "
-                f"(whiskers: Wilson 95% intervals). Above {FLIP_WARN:.0%} is worth a look, above {FLIP_BAD:.0%} a problem.",
-    ))
+    section.figures.append(
+        ci_bars(
+            "Prediction flips under group-term swaps",
+            measured,
+            [by_category[c]["flip_rate"] for c in measured],
+            [by_category[c]["ci_low"] for c in measured],
+            [by_category[c]["ci_high"] for c in measured],
+            "predictions that change",
+            lines=[(FLIP_WARN, f"{FLIP_WARN:.0%}"), (FLIP_BAD, f"{FLIP_BAD:.0%}")],
+            percent=True,
+            high_bad=FLIP_BAD,
+            caption=(
+                "Per swap category, the share of test texts whose predicted label changes when the group terms in "
+                f"them are swapped (whiskers: Wilson 95% intervals). Above {FLIP_WARN:.0%} is worth a look, above "
+                f"{FLIP_BAD:.0%} a problem."
+            ),
+        )
+    )
     return None
 
 
@@ -317,38 +485,81 @@ def _group_part(section: Section, subject: Subject, data, preds: list) -> str | 
     answers = gold(data)
     stats = group_stats(values, [pred == right for pred, right in zip(preds, answers)])
     if not stats["by_group"]:
-        return f"the test file has no '{field}' column; add one (or name it with --group-field) to compare accuracy across groups"
+        return (
+            f"the test file has no '{field}' column; add one (or name it with --group-field) to compare accuracy "
+            "across groups"
+        )
     if len(stats["by_group"]) < 2:
-        return f"the '{field}' column holds a single group ({next(iter(stats['by_group']))}); there is nothing to compare"
+        return (
+            f"the '{field}' column holds a single group ({next(iter(stats['by_group']))}); there is nothing to compare"
+        )
     groups, best, worst, gap, separated = (stats[k] for k in ("by_group", "best", "worst", "gap", "separated"))
     metric = "subset accuracy" if data.kind == "multi" else "accuracy"
-    section.metrics["groups"] = {"field": field, "by_group": groups, "gap": gap, "best": best, "worst": worst, "separated": separated,
-                                 "ungrouped": sum(1 for v in values if v is None or str(v).strip() == "")}
-    section.explain.update({
-        "groups.field": "The test file's column that names each example's group.",
-        "groups.by_group": f"The {metric} within one group, with its Wilson 95% interval and number of examples.",
-        "groups.gap": f"{metric.capitalize()} of the best group minus that of the worst.",
-        "groups.best": f"The group with the highest {metric}.",
-        "groups.worst": f"The group with the lowest {metric}.",
-        "groups.separated": "Whether the best and worst groups' 95% intervals do not overlap (a gap beyond sampling noise).",
-        "groups.ungrouped": "Examples with no value in the group column (left out of the comparison).",
-    })
+    section.metrics["groups"] = {
+        "field": field,
+        "by_group": groups,
+        "gap": gap,
+        "best": best,
+        "worst": worst,
+        "separated": separated,
+        "ungrouped": sum(1 for v in values if v is None or str(v).strip() == ""),
+    }
+    section.explain.update(
+        {
+            "groups.field": "The test file's column that names each example's group.",
+            "groups.by_group": f"The {metric} within one group, with its Wilson 95% interval and number of examples.",
+            "groups.gap": f"{metric.capitalize()} of the best group minus that of the worst.",
+            "groups.best": f"The group with the highest {metric}.",
+            "groups.worst": f"The group with the lowest {metric}.",
+            "groups.separated": (
+                "Whether the best and worst groups' 95% intervals do not overlap (a gap beyond sampling noise)."
+            ),
+            "groups.ungrouped": "Examples with no value in the group column (left out of the comparison).",
+        }
+    )
     for g, r in groups.items():
-        _explain_share(section, f"groups.by_group.{g}", f"examples of group '{g}'", "accuracy", f"The {metric} on the {r['n']} examples of group '{g}'.")
+        _explain_share(
+            section,
+            f"groups.by_group.{g}",
+            f"examples of group '{g}'",
+            "accuracy",
+            f"The {metric} on the {r['n']} examples of group '{g}'.",
+        )
     b, w = groups[best], groups[worst]
-    said = (f"{metric.capitalize()} by '{field}': {best} {b['accuracy']:.3f} (95% CI {b['ci_low']:.3f}–{b['ci_high']:.3f}, n={b['n']}) vs "
-            f"{worst} {w['accuracy']:.3f} (95% CI {w['ci_low']:.3f}–{w['ci_high']:.3f}, n={w['n']}), a gap of {gap:.3f}")
+    said = (
+        f"{metric.capitalize()} by '{field}': {best} {b['accuracy']:.3f} (95% CI {b['ci_low']:.3f}–{b['ci_high']:.3f}, "
+        f"n={b['n']}) vs "
+        f"{worst} {w['accuracy']:.3f} (95% CI {w['ci_low']:.3f}–{w['ci_high']:.3f}, n={w['n']}), a gap of {gap:.3f}"
+    )
     if separated:
-        section.findings.append(Finding("bad", f"{said}; the intervals do not overlap: the model serves {worst} worse beyond chance."))
+        section.findings.append(
+            Finding("bad", f"{said}; the intervals do not overlap: the model serves {worst} worse beyond chance.")
+        )
     else:
-        section.findings.append(Finding("info", f"{said}; the intervals overlap, so this sample shows no gap beyond chance (more examples per group would narrow them)."))
+        section.findings.append(
+            Finding(
+                "info",
+                f"{said}; the intervals overlap, so this sample shows no gap beyond chance (more examples per group "
+                "would narrow them).",
+            )
+        )
     names = list(groups)
-    section.figures.append(ci_bars(
-        f"{metric.capitalize()} per group", names, [groups[g]["accuracy"] for g in names], [groups[g]["ci_low"] for g in names],
-        [groups[g]["ci_high"] for g in names], f"{metric} (95% CI)", lines=[], percent=False,
-        caption=f"One bar per value of the '{field}' column; whiskers are Wilson 95% intervals. Groups whose whiskers do not "
-                "overlap differ beyond chance.",
-    ))
+    section.figures.append(
+        ci_bars(
+            f"{metric.capitalize()} per group",
+            names,
+            [groups[g]["accuracy"] for g in names],
+            [groups[g]["ci_low"] for g in names],
+            [groups[g]["ci_high"] for g in names],
+            f"{metric} (95% CI)",
+            lines=[],
+            percent=False,
+            caption=(
+                f"One bar per value of the '{field}' column; whiskers are Wilson 95% intervals. Groups whose "
+                "whiskers do not overlap differ beyond chance."
+            ),
+        )
+    )
     return None
 
 
@@ -358,26 +569,44 @@ def _classifier_parts(section: Section, subject: Subject, swaps: str | Path | No
 
     config = subject.config
     if not getattr(head_task(config), "label_per_text", False):
-        what = f"a {config.task} model" if config.task else {"encoder": "a masked LM", "decoder": "a decoder LM", "seq2seq": "an encoder–decoder"}[config.arch]
-        return [f"counterfactual swaps and group gaps measure classifiers (fine-tuned with --task classify); this checkpoint is {what}"]
+        what = (
+            f"a {config.task} model"
+            if config.task
+            else {"encoder": "a masked LM", "decoder": "a decoder LM", "seq2seq": "an encoder–decoder"}[config.arch]
+        )
+        return [
+            "counterfactual swaps and group gaps measure classifiers (fine-tuned with --task classify); this "
+            f"checkpoint is {what}"
+        ]
     if subject.data is None:
-        return ["counterfactual swaps and group gaps need test texts: give --data FILE (text and label, and a group column for per-group accuracy)"]
+        return [
+            "counterfactual swaps and group gaps need test texts: give --data FILE (text and label, and a group column "
+            "for per-group accuracy)"
+        ]
     if config.problem_type == "regression":
-        return ["counterfactual swaps and group gaps compare predicted labels; this classifier predicts a regression score"]
+        return [
+            "counterfactual swaps and group gaps compare predicted labels; this classifier predicts a regression score"
+        ]
     full = read_classifier_data(subject)
     data = take(full, subsample(full.texts, subject.max_examples, subject.seed))
     probs = class_probabilities(subject, data, progress=progress, desc="bias: originals")
-    notes = [_counterfactual_part(section, subject, data, probs, swaps, progress), _group_part(section, subject, data, decisions(probs, data.kind))]
+    notes = [
+        _counterfactual_part(section, subject, data, probs, swaps, progress),
+        _group_part(section, subject, data, decisions(probs, data.kind)),
+    ]
     return [n for n in notes if n is not None]
 
 
 def _explain_share(section: Section, key: str, who: str, rate: str, sentence: str) -> None:
     """Explanations of one sub-population's share, its Wilson interval and its size."""
-    section.explain.update({
-        f"{key}.{rate}": sentence, f"{key}.n": f"Number of {who}.",
-        f"{key}.ci_low": f"Lower end of the Wilson 95% interval of the {rate.replace('_', ' ')} of {who}.",
-        f"{key}.ci_high": f"Upper end of the Wilson 95% interval of the {rate.replace('_', ' ')} of {who}.",
-    })
+    section.explain.update(
+        {
+            f"{key}.{rate}": sentence,
+            f"{key}.n": f"Number of {who}.",
+            f"{key}.ci_low": f"Lower end of the Wilson 95% interval of the {rate.replace('_', ' ')} of {who}.",
+            f"{key}.ci_high": f"Upper end of the Wilson 95% interval of the {rate.replace('_', ' ')} of {who}.",
+        }
+    )
 
 
 # -- the lens ----------------------------------------------------------------------------------------------
@@ -385,29 +614,42 @@ def _explain_share(section: Section, key: str, who: str, rate: str, sentence: st
 
 METHODS = {
     "pairs": (
-        "Paired sentences (CrowS-Pairs format, Nangia et al., 2020): each pair differs only in the words that name a group; "
-        "sent_more is the more stereotyping sentence. As in the paper, a pair prefers the stereotype when sent_more scores "
-        "higher than sent_less, whether sent_more shows a stereotype (stereo) or sent_less breaks one (antistereo); ties count "
-        "as not preferring it. A masked LM scores a sentence by its pseudo-log-likelihood over the tokens the two sentences "
-        "share (found with difflib on the token ids, as the paper): each is masked in turn and its log-probability summed, so "
+        "Paired sentences (CrowS-Pairs format, Nangia et al., 2020): each pair differs only in the words that name a "
+        "group; "
+        "sent_more is the more stereotyping sentence. As in the paper, a pair prefers the stereotype when sent_more "
+        "scores "
+        "higher than sent_less, whether sent_more shows a stereotype (stereo) or sent_less breaks one (antistereo); "
+        "ties count "
+        "as not preferring it. A masked LM scores a sentence by its pseudo-log-likelihood over the tokens the two "
+        "sentences "
+        "share (found with difflib on the token ids, as the paper): each is masked in turn and its log-probability "
+        "summed, so "
         "the group words are conditioned on, never scored. A decoder scores the whole sentence (summed next-token "
-        "log-probabilities, as lm-evaluation-harness's crows_pairs task), an encoder–decoder the sentence as the target of an "
+        "log-probabilities, as lm-evaluation-harness's crows_pairs task), an encoder–decoder the sentence as the "
+        "target of an "
         "empty source; there the group word's own likelihood counts too. Reported: the share of pairs preferring the "
-        "stereotype with a Wilson 95% interval, overall and per bias type; 50% is no preference. An interval above 50% is "
+        "stereotype with a Wilson 95% interval, overall and per bias type; 50% is no preference. An interval above 50% "
+        "is "
         f"'bad' when the share is at least {STRONG_PREFERENCE:.0%}, else 'warn'; per bias type, above 50% is 'warn'."
     ),
     "classifier": (
-        "Counterfactual fairness (Garg et al., 2019): every test text that mentions a listed group term (gender words, first "
-        "names, nationalities, religions, age words; whole words, case kept) is rewritten with the contrasting term, one swap "
-        "category at a time, and classified again. Reported per category: the share of predictions that flip (Wilson 95% "
+        "Counterfactual fairness (Garg et al., 2019): every test text that mentions a listed group term (gender words, "
+        "first "
+        "names, nationalities, religions, age words; whole words, case kept) is rewritten with the contrasting term, "
+        "one swap "
+        "category at a time, and classified again. Reported per category: the share of predictions that flip (Wilson "
+        "95% "
         f"interval), 'bad' above {FLIP_BAD:.0%} and 'warn' above {FLIP_WARN:.0%}, and the mean absolute change in the "
-        "probability of the originally predicted class. Group gaps: with a group column in the test file, accuracy per group "
+        "probability of the originally predicted class. Group gaps: with a group column in the test file, accuracy per "
+        "group "
         "with Wilson intervals; 'bad' when the best and worst groups' intervals do not overlap."
     ),
 }
 
 
-def bias(subject: Subject, *, pairs: str | Path | None = None, swaps: str | Path | None = None, progress: bool = False) -> Section:
+def bias(
+    subject: Subject, *, pairs: str | Path | None = None, swaps: str | Path | None = None, progress: bool = False
+) -> Section:
     """Stereotype preference on paired sentences (language models), counterfactual flips under group-term
     swaps and per-group accuracy gaps (classifiers with a test file). ``pairs``: a CrowS-Pairs-format
     file instead of the built-in pairs; ``swaps``: a JSON of group-term pairs instead of the built-in lists.

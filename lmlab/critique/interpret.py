@@ -47,7 +47,9 @@ MAX_TARGET = 8  # encoder–decoder: greedy target tokens the decoder's logit le
 # -- attention probabilities --------------------------------------------------------------------
 
 
-def attention_probs(attn: Attention, x: Tensor, rope: tuple[Tensor, Tensor] | None, mask: Tensor | None, is_causal: bool) -> Tensor:
+def attention_probs(
+    attn: Attention, x: Tensor, rope: tuple[Tensor, Tensor] | None, mask: Tensor | None, is_causal: bool
+) -> Tensor:
     """(B, n_head, T, T) attention probabilities an :class:`Attention` computes for input ``x`` —
     the same arguments its forward takes (no KV cache). ``mask`` is boolean, True where a key is visible."""
     B, T, C = x.shape
@@ -57,7 +59,9 @@ def attention_probs(attn: Attention, x: Tensor, rope: tuple[Tensor, Tensor] | No
     k = k.view(B, T, attn.n_kv_heads, attn.head_dim).transpose(1, 2)  # (B, n_kv_heads, T, head_dim)
     if rope is not None:
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-    k = k.repeat_interleave(attn.n_head // attn.n_kv_heads, dim=1)  # GQA: each key head serves consecutive query heads, as SDPA
+    k = k.repeat_interleave(
+        attn.n_head // attn.n_kv_heads, dim=1
+    )  # GQA: each key head serves consecutive query heads, as SDPA
     scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(attn.head_dim)  # QKᵀ/√d_k, (B, n_head, T, T)
     if is_causal:
         scores = scores.masked_fill(~torch.ones(T, T, dtype=torch.bool, device=x.device).tril(), -math.inf)
@@ -81,7 +85,9 @@ def _trace(blocks: nn.ModuleList, run: Callable[[], object]) -> tuple[list[Tenso
     handles = [blocks[0].register_forward_pre_hook(lambda module, args: hidden.append(args[0]))]
     for block in blocks:
         # Block calls attn(x, rope, mask, is_causal, kv_cache, input_pos, cache_len) positionally
-        handles.append(block.attn.register_forward_pre_hook(lambda module, args: probs.append(attention_probs(module, *args[:4]))))
+        handles.append(
+            block.attn.register_forward_pre_hook(lambda module, args: probs.append(attention_probs(module, *args[:4])))
+        )
         handles.append(block.register_forward_hook(lambda module, args, out: hidden.append(out)))
     try:
         run()
@@ -117,7 +123,9 @@ def _entropies(probs: list[Tensor], causal: bool) -> tuple[Tensor, Tensor]:
     visible = torch.arange(1, T + 1, dtype=torch.float32) if causal else torch.full((T,), float(T))
     nats = torch.stack([torch.special.entr(p[0].float().cpu()).sum(-1) for p in probs])  # (n_layer, n_head, T)
     rows = visible >= 2
-    normalised = (nats[..., rows] / visible[rows].log()).mean(-1) if rows.any() else torch.full(nats.shape[:2], math.nan)
+    normalised = (
+        (nats[..., rows] / visible[rows].log()).mean(-1) if rows.any() else torch.full(nats.shape[:2], math.nan)
+    )
     return nats.mean(-1), normalised
 
 
@@ -148,12 +156,17 @@ class _HeadKind:
     """How the lens reads one kind of output head. The kinds are rows of :data:`HEAD_KINDS` (keyed by
     :func:`_kind`), so the lens's steps look a property up instead of comparing head names."""
 
-    readout: str  # the head applied to a layer's residual stream: "lm_head", "decoder_lm_head", "mlm_head", "pooled" or "per_token"
-    encode: str  # the input's ids: "text" (plain encoding), "pair" (as fine-tuning encodes a text pair) or "single" (post-processor)
+    # the head applied to a layer's residual stream: "lm_head", "decoder_lm_head", "mlm_head", "pooled" or "per_token"
+    readout: str
+    # the input's ids: "text" (plain encoding), "pair" (as fine-tuning encodes a text pair) or "single" (post-processor)
+    encode: str
     query: str | None  # the position explained: "last", "mask", or None (the head predicts many outputs at once)
     explains: str  # what a target names and integrated gradients differentiate: "class", "token" or "" (neither)
-    lens: str  # the layer-by-layer read-out: "tokens" (a vocabulary), "labels" (tags), "classes" (a classifier) or "" (none)
-    lens_query: str | None = None  # the logit lens's position: "last" (of the tokens it reads), "probe" (the one explained) or None
+    # the layer-by-layer read-out: "tokens" (a vocabulary), "labels" (tags), "classes" (a classifier) or "" (none)
+    lens: str
+    lens_query: str | None = (
+        None  # the logit lens's position: "last" (of the tokens it reads), "probe" (the one explained) or None
+    )
     predicts: str = ""  # what each logit-lens cell shows
     no_ig: str = ""  # why integrated gradients do not run on it, where they cannot
     no_lens: str = ""  # why the logit lens does not run on it, where it cannot
@@ -162,14 +175,39 @@ class _HeadKind:
 
 HEAD_KINDS = {
     "lm": _HeadKind("lm_head", "text", "last", "token", "tokens", "last", "the next token", token_types=False),
-    "mlm": _HeadKind("mlm_head", "single", "mask", "token", "tokens", "probe", "the token at each position",
-                     no_ig="the tokenizer has no mask token (or the input has no word to mask)"),
-    "seq2seq": _HeadKind("decoder_lm_head", "single", None, "", "tokens", "last", "the next target token",
-                         no_ig="the shared token embedding feeds both the encoder and the decoder, so one embedding-layer path is ambiguous"),
+    "mlm": _HeadKind(
+        "mlm_head",
+        "single",
+        "mask",
+        "token",
+        "tokens",
+        "probe",
+        "the token at each position",
+        no_ig="the tokenizer has no mask token (or the input has no word to mask)",
+    ),
+    "seq2seq": _HeadKind(
+        "decoder_lm_head",
+        "single",
+        None,
+        "",
+        "tokens",
+        "last",
+        "the next target token",
+        no_ig=(
+            "the shared token embedding feeds both the encoder and the decoder, so one embedding-layer path is "
+            "ambiguous"
+        ),
+    ),
     "classify": _HeadKind("pooled", "pair", "last", "class", "classes"),
     "tag": _HeadKind("per_token", "single", None, "", "labels", None, "the tag"),
-    "qa": _HeadKind("per_token", "pair", None, "", "",
-                    no_lens="a QA head's start/end logits are not a vocabulary to read layer by layer"),
+    "qa": _HeadKind(
+        "per_token",
+        "pair",
+        None,
+        "",
+        "",
+        no_lens="a QA head's start/end logits are not a vocabulary to read layer by layer",
+    ),
 }
 
 
@@ -280,7 +318,9 @@ def _probe(subject: Subject, text: str | None) -> _Probe:
         ids = full[:MAX_TOKENS]
     elif head.encode == "pair":
         # as fine-tuning encodes them (post-processor, pairs cut longest-first); the label is a placeholder
-        data = ClassifyData(texts=[first], labels=[0.0], kind="regression", label_names=[], pairs=[pair] if pair is not None else None)
+        data = ClassifyData(
+            texts=[first], labels=[0.0], kind="regression", label_names=[], pairs=[pair] if pair is not None else None
+        )
         full = encode_classify(tok, data, config.block_size)["input_ids"][0]
         encoded = encode_classify(tok, data, MAX_TOKENS)
         ids, types = encoded["input_ids"][0], encoded["token_type_ids"][0]
@@ -296,10 +336,16 @@ def _probe(subject: Subject, text: str | None) -> _Probe:
         if content:
             query = content[-1]
             ids = ids[:query] + [tok.mask_id] + ids[query + 1 :]  # hide the last word piece: what the MLM head restores
-    segments = types is not None and config.arch == "encoder" and config.type_vocab_size > 0  # only encoders embed segments
+    segments = (
+        types is not None and config.arch == "encoder" and config.type_vocab_size > 0
+    )  # only encoders embed segments
     return _Probe(
-        torch.tensor([ids], device=subject.device), torch.tensor([types], device=subject.device) if segments else None,
-        [_token_text(tok, t) for t in ids], query, source, len(full) > len(ids),
+        torch.tensor([ids], device=subject.device),
+        torch.tensor([types], device=subject.device) if segments else None,
+        [_token_text(tok, t) for t in ids],
+        query,
+        source,
+        len(full) > len(ids),
     )
 
 
@@ -315,7 +361,9 @@ def _resolve_target(subject: Subject, kind: str, target: int | str | None) -> in
                 raise LmlabError(f"interpret: target label {target!r} is not one of the model's labels {names}")
             return names.index(target)
         if not 0 <= target < config.num_labels:
-            raise LmlabError(f"interpret: target label id {target} is out of range: expected 0..{config.num_labels - 1}")
+            raise LmlabError(
+                f"interpret: target label id {target} is out of range: expected 0..{config.num_labels - 1}"
+            )
         return int(target)
     if HEAD_KINDS[kind].explains != "token":
         raise LmlabError(f"interpret: target applies to language models and classifiers, not to a {kind!r} model")
@@ -338,7 +386,9 @@ def _check_layers(layers: Sequence[int] | None, n_layer: int) -> list[int]:
             return list(range(n_layer))
         return sorted({round(i * (n_layer - 1) / (MAX_LAYERS_SHOWN - 1)) for i in range(MAX_LAYERS_SHOWN)})
     chosen = list(layers)
-    bad = [layer for layer in chosen if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n_layer]
+    bad = [
+        layer for layer in chosen if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n_layer
+    ]
     if bad or not chosen:
         raise LmlabError(f"interpret: layers={list(layers)!r}: expected layer indices in 0..{n_layer - 1}")
     return chosen
@@ -385,7 +435,9 @@ def interpret(
         input_truncated=f"Whether the input was cut to its first {MAX_TOKENS} tokens so the pictures stay readable.",
     )
     if probe.truncated:
-        section.findings.append(Finding("info", f"The input was cut to its first {MAX_TOKENS} tokens ({probe.source})."))
+        section.findings.append(
+            Finding("info", f"The input was cut to its first {MAX_TOKENS} tokens ({probe.source}).")
+        )
 
     probs, hidden = _trace(_blocks(model), _backbone(model, probe.ids, probe.types, None))
     notes = [_attention_part(section, probs, probe, shown, causal=config.arch == "decoder")]
@@ -399,7 +451,9 @@ def interpret(
     final = logits[-1]
     if head.explains and probe.query is not None:
         predicted = int((final if final.dim() == 1 else final[probe.query]).argmax())
-        notes.append(_ig_part(section, subject, probe, kind, target_id if target_id is not None else predicted, ig_steps))
+        notes.append(
+            _ig_part(section, subject, probe, kind, target_id if target_id is not None else predicted, ig_steps)
+        )
     else:
         why = head.no_ig or f"a {kind!r} head predicts many outputs at once"
         notes.append(f"Integrated gradients were not run: {why}.")
@@ -436,31 +490,66 @@ def _attention_part(section: Section, probs: list[Tensor], probe: _Probe, shown:
         "attention probability (0 to 1). H is the head's normalised entropy (0 = one key, 1 = uniform)."
     )
     if len(shown) < n_layer or len(heads_shown) < n_head:
-        caption += f" Shown: layers {shown} of {n_layer}, heads 0–{len(heads_shown) - 1} of {n_head}; the table has every head."
+        caption += (
+            f" Shown: layers {shown} of {n_layer}, heads 0–{len(heads_shown) - 1} of {n_head}; the table has every "
+            "head."
+        )
     section.figures.append(Figure("Attention per layer and head", figure_png(fig), caption))
-    section.tables.append(Table(
-        "Attention entropy per head", ["layer", "head", "entropy (nats)", "normalised entropy"],
-        [[l, h, round(float(nats[l, h]), 4), round(float(normalised[l, h]), 4)] for l in range(n_layer) for h in range(n_head)],
-        "Mean over query positions; normalised by log(number of keys the query may see), over queries that see at least two.",
-    ))
+    section.tables.append(
+        Table(
+            "Attention entropy per head",
+            ["layer", "head", "entropy (nats)", "normalised entropy"],
+            [
+                [layer, h, round(float(nats[layer, h]), 4), round(float(normalised[layer, h]), 4)]
+                for layer in range(n_layer)
+                for h in range(n_head)
+            ],
+            "Mean over query positions; normalised by log(number of keys the query may see), over queries that see at "
+            "least two.",
+        )
+    )
     sharp = int((normalised < SHARP).sum())
     uniform = int((normalised > UNIFORM).sum())
     section.metrics.update(
         attention_entropy_per_layer=[round(float(v), 4) for v in nats.mean(-1)],
         attention_entropy_normalised_per_layer=[round(float(v), 4) for v in normalised.mean(-1)],
-        attention_sharp_heads=sharp, attention_uniform_heads=uniform,
+        attention_sharp_heads=sharp,
+        attention_uniform_heads=uniform,
     )
     section.explain.update(
-        attention_entropy_per_layer="Mean attention entropy −Σ p·log p (nats) of each layer's heads, averaged over query tokens: lower is more focused.",
-        attention_entropy_normalised_per_layer="The same divided by log(number of visible keys): 0 = every query looks at one token, 1 = it spreads evenly over all it may see.",
-        attention_sharp_heads=f"Heads whose normalised entropy is below {SHARP}: each query attends almost entirely to one token (e.g. previous-token or first-token heads).",
-        attention_uniform_heads=f"Heads whose normalised entropy is above {UNIFORM}: nearly uniform attention, an average over the context.",
+        attention_entropy_per_layer=(
+            "Mean attention entropy −Σ p·log p (nats) of each layer's heads, averaged over query tokens: lower is more "
+            "focused."
+        ),
+        attention_entropy_normalised_per_layer=(
+            "The same divided by log(number of visible keys): 0 = every query looks at one token, 1 = it spreads "
+            "evenly over all it may see."
+        ),
+        attention_sharp_heads=(
+            f"Heads whose normalised entropy is below {SHARP}: each query attends almost entirely to one token (e.g. "
+            "previous-token or first-token heads)."
+        ),
+        attention_uniform_heads=(
+            f"Heads whose normalised entropy is above {UNIFORM}: nearly uniform attention, an average over the context."
+        ),
     )
     total = n_layer * n_head
     if uniform == total:
-        section.findings.append(Finding("warn", f"All {total} heads attend almost uniformly (normalised entropy > {UNIFORM}): typical of an untrained or barely trained model."))
+        section.findings.append(
+            Finding(
+                "warn",
+                f"All {total} heads attend almost uniformly (normalised entropy > {UNIFORM}): typical of an untrained "
+                "or barely trained model.",
+            )
+        )
     else:
-        section.findings.append(Finding("info", f"{sharp} of {total} heads are sharp (normalised entropy < {SHARP}) and {uniform} nearly uniform (> {UNIFORM}) on this input."))
+        section.findings.append(
+            Finding(
+                "info",
+                f"{sharp} of {total} heads are sharp (normalised entropy < {SHARP}) and {uniform} nearly uniform (> "
+                f"{UNIFORM}) on this input.",
+            )
+        )
     return (
         "Attention maps were recomputed from each attention module's own query/key projections, RoPE and "
         "mask (softmax(QKᵀ/√d_k)), captured by forward hooks because the fused SDPA kernel returns no weights; "
@@ -473,16 +562,24 @@ def _ig_part(section: Section, subject: Subject, probe: _Probe, kind: str, targe
     model, tok, config = subject.model, subject.tokenizer, subject.config
     types, query, head = probe.types, probe.query, HEAD_KINDS[kind]
     if head.explains == "class":
+
         def forward(ids: Tensor) -> Tensor:
             t = types.expand(ids.shape[0], -1) if types is not None else None
             return _class_scores(model.task_logits(ids, t, None).float(), config.problem_type, log=True)[:, target]
+
         regression = config.problem_type == "regression"
         label = "output" if regression else (config.labels[target] if config.labels else str(target))
         what = "the output" if regression else f"log p(label {label!r})"
     else:
+
         def forward(ids: Tensor) -> Tensor:
-            logits = model(ids, types.expand(ids.shape[0], -1) if types is not None else None) if head.token_types else model(ids)
+            logits = (
+                model(ids, types.expand(ids.shape[0], -1) if types is not None else None)
+                if head.token_types
+                else model(ids)
+            )
             return logits[:, query].float().log_softmax(-1)[:, target]
+
         label = _token_text(tok, target)
         what = f"log p({label!r})" + (" at the masked position" if head.query == "mask" else " as the next token")
     special = {tok.token_to_id(t) for t in tok.special_tokens.values()}
@@ -499,8 +596,13 @@ def _ig_part(section: Section, subject: Subject, probe: _Probe, kind: str, targe
     top = int(attributions.argmax())
     share = attributions.abs() / max(float(attributions.abs().sum()), 1e-12)
     section.metrics.update(
-        ig_target=label, ig_f_input=round(f_input, 6), ig_f_baseline=round(f_baseline, 6), ig_attribution_sum=round(total, 6),
-        ig_convergence_delta=delta, ig_relative_delta=relative, ig_top_token=probe.tokens[top],
+        ig_target=label,
+        ig_f_input=round(f_input, 6),
+        ig_f_baseline=round(f_baseline, 6),
+        ig_attribution_sum=round(total, 6),
+        ig_convergence_delta=delta,
+        ig_relative_delta=relative,
+        ig_top_token=probe.tokens[top],
     )
     section.explain.update(
         ig_target="What the attributions explain: the model's own prediction unless a target was given.",
@@ -508,14 +610,23 @@ def _ig_part(section: Section, subject: Subject, probe: _Probe, kind: str, targe
         ig_f_baseline=f"F(baseline): the same with every non-special token replaced by the {base_name} token.",
         ig_attribution_sum="Σ of the per-token attributions; completeness says it equals F(input) − F(baseline).",
         ig_convergence_delta="Σ attributions − (F(input) − F(baseline)): the error of the numerical integral.",
-        ig_relative_delta=f"|convergence delta| / |Σ attributions|; above {RELATIVE_DELTA:.0%} the attributions are not to be trusted (raise ig_steps).",
+        ig_relative_delta=(
+            f"|convergence delta| / |Σ attributions|; above {RELATIVE_DELTA:.0%} the attributions are not to be "
+            "trusted (raise ig_steps)."
+        ),
         ig_top_token="The input token with the largest (most positive) attribution.",
     )
-    section.tables.append(Table(
-        "Integrated-gradients attribution per token", ["position", "token", "attribution", "share of |attribution|"],
-        [[i, t, round(float(a), 6), round(float(s), 4)] for i, (t, a, s) in enumerate(zip(probe.tokens, attributions, share))],
-        "Positive: the token pushes F up (towards the target); negative: away from it.",
-    ))
+    section.tables.append(
+        Table(
+            "Integrated-gradients attribution per token",
+            ["position", "token", "attribution", "share of |attribution|"],
+            [
+                [i, t, round(float(a), 6), round(float(s), 4)]
+                for i, (t, a, s) in enumerate(zip(probe.tokens, attributions, share))
+            ],
+            "Positive: the token pushes F up (towards the target); negative: away from it.",
+        )
+    )
     fig, ax = new_figure(6.4, max(2.5, 0.22 * len(probe.tokens) + 1))
     values = attributions.numpy()
     ax.barh(range(len(values)), values, color=["#2a9d8f" if v >= 0 else "#e76f51" for v in values])
@@ -523,21 +634,33 @@ def _ig_part(section: Section, subject: Subject, probe: _Probe, kind: str, targe
     ax.invert_yaxis()
     ax.axvline(0, color="black", linewidth=0.6)
     ax.set_xlabel(f"attribution to {what}")
-    section.figures.append(Figure(
-        "Token attributions (integrated gradients)", figure_png(fig),
-        f"How much each input token moves {what} from its value at the baseline (green: towards, red: away); the bars sum to "
-        f"{total:.4f} = F(input) − F(baseline) up to the convergence delta {delta:.2g}.",
-    ))
+    section.figures.append(
+        Figure(
+            "Token attributions (integrated gradients)",
+            figure_png(fig),
+            f"How much each input token moves {what} from its value at the baseline (green: towards, red: away); the "
+            "bars sum to "
+            f"{total:.4f} = F(input) − F(baseline) up to the convergence delta {delta:.2g}.",
+        )
+    )
     level = "warn" if relative > RELATIVE_DELTA else "info"
-    text = (f"The token {probe.tokens[top]!r} gets the largest attribution ({float(attributions[top]):.4f}, "
-            f"{float(share[top]):.0%} of the total magnitude) to {what}")
+    text = (
+        f"The token {probe.tokens[top]!r} gets the largest attribution ({float(attributions[top]):.4f}, "
+        f"{float(share[top]):.0%} of the total magnitude) to {what}"
+    )
     if relative > RELATIVE_DELTA:
-        text += f"; but the convergence delta is {relative:.1%} of the attribution sum (over {RELATIVE_DELTA:.0%}): raise ig_steps above {steps}"
+        text += (
+            f"; but the convergence delta is {relative:.1%} of the attribution sum (over {RELATIVE_DELTA:.0%}): raise "
+            f"ig_steps above {steps}"
+        )
     section.findings.append(Finding(level, text + "."))
     return (
-        f"Integrated gradients (Sundararajan et al., 2017) with captum's LayerIntegratedGradients (Kokhlikyan et al., 2020) on the token "
-        f"embedding layer, {steps} steps, F = {what}; baseline: every non-special token replaced by the {base_name} token "
-        f"(special tokens kept), so position embeddings are the same along the path. A relative convergence delta above "
+        "Integrated gradients (Sundararajan et al., 2017) with captum's LayerIntegratedGradients (Kokhlikyan et al., "
+        "2020) on the token "
+        f"embedding layer, {steps} steps, F = {what}; baseline: every non-special token replaced by the {base_name} "
+        "token "
+        "(special tokens kept), so position embeddings are the same along the path. A relative convergence delta "
+        "above "
         f"{RELATIVE_DELTA:.0%} is flagged."
     )
 
@@ -565,7 +688,9 @@ def _first_stable(values: list[bool]) -> int:
     return index
 
 
-def _logit_lens_part(section: Section, subject: Subject, logits: list[Tensor], tokens: list[str], kind: str, query: int | None) -> str:
+def _logit_lens_part(
+    section: Section, subject: Subject, logits: list[Tensor], tokens: list[str], kind: str, query: int | None
+) -> str:
     tok, config = subject.tokenizer, subject.config
     stacked = torch.stack(logits).cpu()  # (n_layer + 1, T, V)
     probs = stacked.softmax(-1)
@@ -577,45 +702,75 @@ def _logit_lens_part(section: Section, subject: Subject, logits: list[Tensor], t
     image = ax.imshow(top_p.numpy(), vmin=0.0, vmax=1.0, cmap="Blues", aspect="auto")
     for layer in range(len(rows)):
         for t in range(len(tokens)):
-            ax.text(t, layer, names(int(top_id[layer, t])), ha="center", va="center", fontsize=5.5,
-                    color="white" if top_p[layer, t] > 0.6 else "black")
+            ax.text(
+                t,
+                layer,
+                names(int(top_id[layer, t])),
+                ha="center",
+                va="center",
+                fontsize=5.5,
+                color="white" if top_p[layer, t] > 0.6 else "black",
+            )
     ax.set_xticks(range(len(tokens)), tokens, rotation=90, fontsize=6)
     ax.set_yticks(range(len(rows)), rows, fontsize=6)
     ax.set_ylabel("residual stream after block")
     fig.colorbar(image, ax=ax, label="top-1 probability", fraction=0.03, pad=0.01)
     what = head.predicts
-    section.figures.append(Figure(
-        "Logit lens", figure_png(fig),
-        f"Each cell: the top-1 prediction of {what} when the model's final norm and output head are applied to the residual stream "
-        "after that block ('emb': before the first block), shaded by its probability. The last row is the model's own output.",
-    ))
+    section.figures.append(
+        Figure(
+            "Logit lens",
+            figure_png(fig),
+            f"Each cell: the top-1 prediction of {what} when the model's final norm and output head are applied to the "
+            "residual stream "
+            "after that block ('emb': before the first block), shaded by its probability. The last row is the model's "
+            "own output.",
+        )
+    )
     agreement = (top_id == top_id[-1]).float().mean(-1)
     section.metrics["logit_lens_agreement_per_layer"] = [round(float(a), 4) for a in agreement]
-    section.explain["logit_lens_agreement_per_layer"] = "Per layer (embeddings first), the fraction of positions whose top-1 prediction already equals the final layer's."
+    section.explain["logit_lens_agreement_per_layer"] = (
+        "Per layer (embeddings first), the fraction of positions whose top-1 prediction already equals the final "
+        "layer's."
+    )
     if query is None:
-        return "The logit lens (nostalgebraist, 2020) applied the model's final norm and head to every layer's residual stream."
+        return (
+            "The logit lens (nostalgebraist, 2020) applied the model's final norm and head to every layer's residual "
+            "stream."
+        )
     final = int(top_id[-1, query])
     rank = [int((stacked[layer, query] > stacked[layer, query, final]).sum()) + 1 for layer in range(len(rows))]
     first = _first_stable([r == 1 for r in rank])
     section.metrics.update(
-        logit_lens_final_token=names(final), logit_lens_rank_per_layer=rank,
+        logit_lens_final_token=names(final),
+        logit_lens_rank_per_layer=rank,
         logit_lens_prob_per_layer=[round(float(probs[layer, query, final]), 6) for layer in range(len(rows))],
         logit_lens_first_top1_layer=first,
     )
     where = "at the masked position" if head.lens_query == "probe" else "at the last position"
     section.explain.update(
         logit_lens_final_token=f"The model's final top-1 prediction {where}.",
-        logit_lens_rank_per_layer=f"Its rank (1 = top) in each layer's logit-lens distribution {where}, embeddings first.",
+        logit_lens_rank_per_layer=(
+            f"Its rank (1 = top) in each layer's logit-lens distribution {where}, embeddings first."
+        ),
         logit_lens_prob_per_layer=f"Its probability in each layer's logit-lens distribution {where}.",
-        logit_lens_first_top1_layer="The first layer (0 = the embeddings) from which it stays the top-1 prediction through the last layer.",
+        logit_lens_first_top1_layer=(
+            "The first layer (0 = the embeddings) from which it stays the top-1 prediction through the last layer."
+        ),
     )
-    section.findings.append(Finding(
-        "info", f"The final prediction {names(final)!r} {where} becomes and stays the logit lens's top-1 at layer {first} of {len(rows) - 1} "
-        f"(its probability goes from {float(probs[0, query, final]):.3f} at the embeddings to {float(probs[-1, query, final]):.3f})."
-    ))
+    section.findings.append(
+        Finding(
+            "info",
+            f"The final prediction {names(final)!r} {where} becomes and stays the logit lens's top-1 at layer {first} "
+            f"of {len(rows) - 1} "
+            f"(its probability goes from {float(probs[0, query, final]):.3f} at the embeddings to "
+            f"{float(probs[-1, query, final]):.3f}).",
+        )
+    )
     return (
-        "The logit lens (nostalgebraist, 2020) applied the model's final norm and output head to the residual stream before the first "
-        "block and after each; early layers were not trained to be read this way (Belrose et al., 2023, the tuned lens)."
+        "The logit lens (nostalgebraist, 2020) applied the model's final norm and output head to the residual stream "
+        "before the first "
+        "block and after each; early layers were not trained to be read this way (Belrose et al., 2023, the tuned "
+        "lens)."
     )
 
 
@@ -635,21 +790,35 @@ def _classifier_lens_part(section: Section, subject: Subject, logits: list[Tenso
     ax.set_ylabel("regression output" if regression else f"p({label})")
     if not regression:
         ax.set_ylim(0, 1)
-    section.figures.append(Figure(
-        "Classifier lens", figure_png(fig),
-        f"The task head applied to every layer's {'pooled' if config.arch == 'encoder' else 'last-token'} state: "
-        f"{'its output' if regression else f'the probability of the final label {label!r}'} by layer; the last point is the model's own.",
-    ))
+    section.figures.append(
+        Figure(
+            "Classifier lens",
+            figure_png(fig),
+            f"The task head applied to every layer's {'pooled' if config.arch == 'encoder' else 'last-token'} state: "
+            f"{'its output' if regression else f'the probability of the final label {label!r}'} by layer; the last "
+            "point is the model's own.",
+        )
+    )
     section.metrics["classifier_lens_per_layer"] = curve
     section.explain["classifier_lens_per_layer"] = (
-        "The task head's output at each layer (embeddings first)." if regression
-        else f"The probability of the final predicted label {label!r} when the task head reads each layer (embeddings first)."
+        "The task head's output at each layer (embeddings first)."
+        if regression
+        else f"The probability of the final predicted label {label!r} when the task head reads each layer "
+        "(embeddings first)."
     )
     if first is not None:
         section.metrics["classifier_lens_first_layer"] = first
-        section.explain["classifier_lens_first_layer"] = "The first layer (0 = the embeddings) from which the final label stays the top one."
-        section.findings.append(Finding("info", f"The final label {label!r} becomes and stays the top label at layer {first} of {len(rows) - 1}."))
+        section.explain["classifier_lens_first_layer"] = (
+            "The first layer (0 = the embeddings) from which the final label stays the top one."
+        )
+        section.findings.append(
+            Finding(
+                "info",
+                f"The final label {label!r} becomes and stays the top label at layer {first} of {len(rows) - 1}.",
+            )
+        )
     return (
-        "A classifier lens, the logit lens (nostalgebraist, 2020) over the task head: the final norm, pooling and task head applied to each "
+        "A classifier lens, the logit lens (nostalgebraist, 2020) over the task head: the final norm, pooling and task "
+        "head applied to each "
         "layer's residual stream."
     )

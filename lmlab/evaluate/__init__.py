@@ -17,8 +17,18 @@ from lmlab.metrics import (
 from lmlab.verb import make_callable
 
 __all__ = [
-    "HEADLINES", "bootstrap_ci", "calibration", "classification_metrics", "multilabel_metrics", "perplexity",
-    "regression_metrics", "reliability_diagram", "seq2seq_metrics", "squad_metrics", "tagging_metrics", "with_cis",
+    "HEADLINES",
+    "bootstrap_ci",
+    "calibration",
+    "classification_metrics",
+    "multilabel_metrics",
+    "perplexity",
+    "regression_metrics",
+    "reliability_diagram",
+    "seq2seq_metrics",
+    "squad_metrics",
+    "tagging_metrics",
+    "with_cis",
 ]
 
 make_callable(__name__, "lmlab.evaluate.runner", "evaluate")  # lmlab.evaluate(checkpoint, data, …) is the verb

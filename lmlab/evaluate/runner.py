@@ -80,10 +80,26 @@ def evaluate(
         out = check_output(out, "evaluation folder", OWNED, overwrite=overwrite, sources=(checkpoint, path))
     tokenizer = load_tokenizer(path, verify=verify)
     model = load_model(path, device=device, merge_lora=True, verify=verify).eval()
-    fields = TaskFields(text_field=text_field, pair_field=pair_field, label_field=label_field, source_field=source_field,
-                        target_field=target_field, max_length=max_length, max_target_length=max_target_length)
-    result, rows = evaluate_model(model, tokenizer, data, task=task, meta=read_meta(path), batch_size=batch_size,
-                                  n_resamples=n_resamples, num_beams=num_beams, fields=fields)
+    fields = TaskFields(
+        text_field=text_field,
+        pair_field=pair_field,
+        label_field=label_field,
+        source_field=source_field,
+        target_field=target_field,
+        max_length=max_length,
+        max_target_length=max_target_length,
+    )
+    result, rows = evaluate_model(
+        model,
+        tokenizer,
+        data,
+        task=task,
+        meta=read_meta(path),
+        batch_size=batch_size,
+        n_resamples=n_resamples,
+        num_beams=num_beams,
+        fields=fields,
+    )
     result.update(checkpoint=str(path))
     if out is not None:
         write_json_atomic(out / "metrics.json", result)
@@ -121,24 +137,52 @@ def evaluate_model(
     device = next(model.parameters()).device
     task = task or default_task(config, meta)
     if task not in task_names("evaluate"):
-        raise LmlabError(f"--task '{task}': expected one of {', '.join(task_names('evaluate'))} (the checkpoint has no task head; name one)")
+        raise LmlabError(
+            f"--task '{task}': expected one of {', '.join(task_names('evaluate'))} (the checkpoint has no task head; "
+            "name one)"
+        )
     kind = get_task(task, "evaluate")
     kind.check_model(config)
     if fields is None:
-        fields = TaskFields(text_field=text_field, pair_field=pair_field, label_field=label_field, source_field=source_field,
-                            target_field=target_field, max_length=max_length, max_target_length=max_target_length)
+        fields = TaskFields(
+            text_field=text_field,
+            pair_field=pair_field,
+            label_field=label_field,
+            source_field=source_field,
+            target_field=target_field,
+            max_length=max_length,
+            max_target_length=max_target_length,
+        )
     fields = fields.replace(max_length=min(fields.max_length, config.block_size))
     test = kind.read(data, tokenizer, fields, arch=config.arch, labels=config.labels, problem_type=config.problem_type)
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0)
-    predictions = kind.predict(model, tokenizer, test, batch_size=batch_size, device=device, pad_id=pad,
-                               max_new_tokens=fields.max_target_length, num_beams=num_beams)
+    predictions = kind.predict(
+        model,
+        tokenizer,
+        test,
+        batch_size=batch_size,
+        device=device,
+        pad_id=pad,
+        max_new_tokens=fields.max_target_length,
+        num_beams=num_beams,
+    )
     result, rows = kind.evaluate(test, predictions, n_resamples)
     result.update(task=task, data=str(data))
     return result, rows
 
 
-NOT_FIGURES = {"task", "checkpoint", "data", "ci", "per_class", "confusion_matrix", "calibration", "labels", "per_type",
-               "num_examples"}  # the keys of evaluate()'s result that are not a headline metric
+NOT_FIGURES = {
+    "task",
+    "checkpoint",
+    "data",
+    "ci",
+    "per_class",
+    "confusion_matrix",
+    "calibration",
+    "labels",
+    "per_type",
+    "num_examples",
+}  # the keys of evaluate()'s result that are not a headline metric
 
 
 def summary(result: dict[str, Any]) -> str:

@@ -1,8 +1,9 @@
 """``lmlab export --format hf``: a checkpoint → a folder that Hugging Face Transformers loads as it is.
 
     out/
-      config.json                the HF config of the class for the model and its head (:func:`lmlab.io.hf.hf_architecture`:
-                                 GPT2LMHeadModel, LlamaForCausalLM, BertForPreTraining / BertForMaskedLM,
+      config.json                the HF config of the class for the model and its head
+                                 (:func:`lmlab.io.hf.hf_architecture`: GPT2LMHeadModel, LlamaForCausalLM,
+                                 BertForPreTraining / BertForMaskedLM,
                                  *ForSequenceClassification / *ForTokenClassification / *ForQuestionAnswering,
                                  BartForConditionalGeneration), labels and special token ids included
       model.safetensors          the weights under HF's names (:func:`lmlab.io.hf.state_dict_to_hf`; a tied head once)
@@ -15,7 +16,8 @@ is exported merged (``lora="merge"``, the default: the adapters folded into the 
 adapter (``lora="adapter"``)::
 
     out/
-      adapter_config.json, adapter_model.safetensors   the adapters on HF module names (:func:`lmlab.io.hf.adapter_state_to_hf`)
+      adapter_config.json, adapter_model.safetensors   the adapters on HF module names
+                                                       (:func:`lmlab.io.hf.adapter_state_to_hf`)
       base/                                            the checkpoint's base weights (and trained task head) as above
 
 so that ``peft.PeftModel.from_pretrained(AutoModelFor…(out/base), out)`` is the merged model
@@ -77,7 +79,9 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, verify: bool = True, l
     outputs.clean_stale(out.parent, out.name)
     config = load_config(src)
     if lora == "adapter" and not config.lora:
-        raise LmlabError(f"--lora adapter: {src} has no LoRA adapters (its config has no lora settings); export it with --lora merge")
+        raise LmlabError(
+            f"--lora adapter: {src} has no LoRA adapters (its config has no lora settings); export it with --lora merge"
+        )
     hf.hf_architecture(config)  # a config no HF class expresses fails here, before any work
     tokenizer = load_tokenizer(src, verify=verify) if (src / "tokenizer.json").is_file() else None
     if tokenizer is None:
@@ -94,7 +98,12 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, verify: bool = True, l
         else:
             _write_model(tmp, model.state_dict(), model.config, tokenizer)
         if verify:
-            _check(tmp, model, adapter=lora == "adapter", what=f"export check of {out} (nothing was written; verify=False / --no-verify skips it)")
+            _check(
+                tmp,
+                model,
+                adapter=lora == "adapter",
+                what=f"export check of {out} (nothing was written; verify=False / --no-verify skips it)",
+            )
         outputs.honour_umask(tmp)  # safetensors writes 0600: a server running as another user must read the export
         if out.exists():
             out.rmdir()
@@ -131,11 +140,16 @@ def _write_model(folder: Path, state: dict[str, Tensor], config: ModelConfig, to
         tf.GenerationConfig(**ids, **start).save_pretrained(folder)
     if tokenizer is not None:
         exported = Tokenizer(
-            tokenizer.backend, tokenizer.special_tokens, model_max_length=tokenizer.model_max_length or config.block_size,
+            tokenizer.backend,
+            tokenizer.special_tokens,
+            model_max_length=tokenizer.model_max_length or config.block_size,
             chat_template=tokenizer.chat_template,
         )
         exported.write_files(folder)
-        write_json_atomic(folder / "special_tokens_map.json", {f"{role}_token": token for role, token in exported.special_tokens.items()})
+        write_json_atomic(
+            folder / "special_tokens_map.json",
+            {f"{role}_token": token for role, token in exported.special_tokens.items()},
+        )
 
 
 def _write_adapter(folder: Path, adapted: nn.Module, base: Path) -> None:
@@ -147,7 +161,11 @@ def _write_adapter(folder: Path, adapted: nn.Module, base: Path) -> None:
     weights, modules = hf.adapter_state_to_hf(adapters, plain)
     save_file(weights, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
     peft.LoraConfig(
-        r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=modules, bias="none",
+        r=spec.r,
+        lora_alpha=spec.alpha,
+        lora_dropout=spec.dropout,
+        target_modules=modules,
+        bias="none",
         fan_in_fan_out=hf.hf_architecture(plain).startswith("GPT2"),  # GPT-2's Conv1D stores (in, out)
         base_model_name_or_path=str(base.resolve()),
     ).save_pretrained(str(folder))
@@ -158,9 +176,13 @@ def _check(folder: Path, model: nn.Module, *, adapter: bool, what: str) -> None:
     architecture = hf.hf_architecture(model.config)
     with hf.quiet_transformers() as tf:
         auto = getattr(tf, hf.ARCHITECTURES[architecture].auto)
-        hf_model: Any = auto.from_pretrained(folder / "base" if adapter else folder, dtype=torch.float32, attn_implementation="sdpa")
+        hf_model: Any = auto.from_pretrained(
+            folder / "base" if adapter else folder, dtype=torch.float32, attn_implementation="sdpa"
+        )
         if type(hf_model).__name__ != architecture:
-            raise LmlabError(f"{what}: {auto.__name__} loaded a {type(hf_model).__name__}, not the {architecture} written")
+            raise LmlabError(
+                f"{what}: {auto.__name__} loaded a {type(hf_model).__name__}, not the {architecture} written"
+            )
         if adapter:
             hf_model = _peft().PeftModel.from_pretrained(hf_model, str(folder))
     hf.check_parity(model, hf_model.to(model.tok_emb.weight.device), what)
@@ -170,7 +192,9 @@ def _peft() -> Any:
     try:
         import peft
     except ImportError:
-        raise LmlabError("a LoRA adapter export needs peft, which is not installed: pip install 'lmlab[lora]'") from None
+        raise LmlabError(
+            "a LoRA adapter export needs peft, which is not installed: pip install 'lmlab[lora]'"
+        ) from None
     return peft
 
 
