@@ -80,26 +80,9 @@ def evaluate(
         out = check_output(out, "evaluation folder", OWNED, overwrite=overwrite, sources=(checkpoint, path))
     tokenizer = load_tokenizer(path, verify=verify)
     model = load_model(path, device=device, merge_lora=True, verify=verify).eval()
-    fields = TaskFields(
-        text_field=text_field,
-        pair_field=pair_field,
-        label_field=label_field,
-        source_field=source_field,
-        target_field=target_field,
-        max_length=max_length,
-        max_target_length=max_target_length,
-    )
-    result, rows = evaluate_model(
-        model,
-        tokenizer,
-        data,
-        task=task,
-        meta=read_meta(path),
-        batch_size=batch_size,
-        n_resamples=n_resamples,
-        num_beams=num_beams,
-        fields=fields,
-    )
+    fields = TaskFields(text_field, pair_field, label_field, source_field, target_field, max_length, max_target_length)
+    meta, options = read_meta(path), dict(batch_size=batch_size, n_resamples=n_resamples, num_beams=num_beams)
+    result, rows = evaluate_model(model, tokenizer, data, task=task, meta=meta, fields=fields, **options)
     result.update(checkpoint=str(path))
     if out is not None:
         write_json_atomic(out / "metrics.json", result)
