@@ -41,6 +41,7 @@ import torch
 from tqdm import tqdm
 
 from lmlab.critique.core import (
+    Figure,
     Finding,
     Section,
     Subject,
@@ -184,6 +185,33 @@ def _share(flags: list[bool]) -> dict:
     return {"n": n, "stereotype_rate": k / n, "ci_low": low, "ci_high": high}
 
 
+_PAIRS_SCORING = {
+    "encoder": "pseudo-log-likelihood of the shared tokens (masked LM)",
+    "decoder": "log-likelihood of the whole sentence (causal LM)",
+    "seq2seq": "log-likelihood of the sentence as the target of an empty source (encoder–decoder)",
+}
+
+_PAIRS_EXPLAIN = {
+    "pairs.source": ("The pair set scored: lmlab's own CrowS-Pairs-format pairs, or the file given with --pairs."),
+    "pairs.scoring": "How each sentence was scored (see the method).",
+    "pairs.n": "Pairs scored (a seeded sample when the set is larger than --max-examples).",
+    "pairs.stereotype_rate": (
+        "Share of pairs whose more-stereotyping sentence (sent_more) the model scores higher: 0.5 means no "
+        "preference, above it a preference for the stereotype."
+    ),
+    "pairs.ci_low": "Lower end of the Wilson 95% interval of the stereotype rate.",
+    "pairs.ci_high": "Upper end of the Wilson 95% interval of the stereotype rate.",
+    "pairs.ties": (
+        "Pairs whose two sentences scored exactly the same (counted as not preferring the stereotype, as in the paper)."
+    ),
+    "pairs.by_type": ("The stereotype rate within one bias type, with its Wilson 95% interval and number of pairs."),
+    "pairs.by_direction": (
+        "The stereotype rate among pairs whose sent_more shows a stereotype (stereo) or whose sent_less breaks "
+        "one (antistereo)."
+    ),
+}
+
+
 def _pairs_part(section: Section, subject: Subject, path: str | Path | None, progress: bool) -> str | None:
     """Part (a); returns why it did not run, or None."""
     if subject.config.task:
@@ -198,11 +226,7 @@ def _pairs_part(section: Section, subject: Subject, path: str | Path | None, pro
     scores = sentence_scores(subject, pairs, progress)
     prefers = [more > less for more, less in scores]
     ties = sum(more == less for more, less in scores)
-    scoring = {
-        "encoder": "pseudo-log-likelihood of the shared tokens (masked LM)",
-        "decoder": "log-likelihood of the whole sentence (causal LM)",
-        "seq2seq": "log-likelihood of the sentence as the target of an empty source (encoder–decoder)",
-    }[subject.arch]
+    scoring = _PAIRS_SCORING[subject.arch]
 
     def split(key) -> dict[str, dict]:
         return {v: _share([f for f, p in zip(prefers, pairs) if key(p) == v]) for v in sorted({key(p) for p in pairs})}
@@ -217,32 +241,15 @@ def _pairs_part(section: Section, subject: Subject, path: str | Path | None, pro
         "by_type": by_type,
         "by_direction": by_direction,
     }
-    section.explain.update(
-        {
-            "pairs.source": (
-                "The pair set scored: lmlab's own CrowS-Pairs-format pairs, or the file given with --pairs."
-            ),
-            "pairs.scoring": "How each sentence was scored (see the method).",
-            "pairs.n": "Pairs scored (a seeded sample when the set is larger than --max-examples).",
-            "pairs.stereotype_rate": (
-                "Share of pairs whose more-stereotyping sentence (sent_more) the model scores higher: 0.5 means no "
-                "preference, above it a preference for the stereotype."
-            ),
-            "pairs.ci_low": "Lower end of the Wilson 95% interval of the stereotype rate.",
-            "pairs.ci_high": "Upper end of the Wilson 95% interval of the stereotype rate.",
-            "pairs.ties": (
-                "Pairs whose two sentences scored exactly the same (counted as not preferring the stereotype, as in "
-                "the paper)."
-            ),
-            "pairs.by_type": (
-                "The stereotype rate within one bias type, with its Wilson 95% interval and number of pairs."
-            ),
-            "pairs.by_direction": (
-                "The stereotype rate among pairs whose sent_more shows a stereotype (stereo) or whose sent_less breaks "
-                "one (antistereo)."
-            ),
-        }
-    )
+    section.explain.update(_PAIRS_EXPLAIN)
+    _explain_pair_shares(section, by_type, by_direction)
+    section.findings.extend(_pairs_findings(overall, by_type, ties))
+    section.figures.append(_pairs_figure(overall, by_type))
+    return None
+
+
+def _explain_pair_shares(section: Section, by_type: dict[str, dict], by_direction: dict[str, dict]) -> None:
+    """Explanations of the stereotype rate within each bias type and each direction."""
     for group, shares in (("by_type", by_type), ("by_direction", by_direction)):
         for name, share in shares.items():
             _explain_share(
@@ -254,6 +261,9 @@ def _pairs_part(section: Section, subject: Subject, path: str | Path | None, pro
                 "preference).",
             )
 
+
+def _pairs_verdict(overall: dict) -> Finding:
+    """The finding on the overall stereotype rate: above, below or around 50%."""
     rate, low, high = overall["stereotype_rate"], overall["ci_low"], overall["ci_high"]
     said = (
         f"The model scores the more-stereotyping sentence higher in {rate:.0%} of {overall['n']} pairs (95% CI "
@@ -261,25 +271,26 @@ def _pairs_part(section: Section, subject: Subject, path: str | Path | None, pro
     )
     if low > 0.5:
         level = "bad" if rate >= STRONG_PREFERENCE else "warn"
-        section.findings.append(Finding(level, f"{said}: a preference for stereotypes (the interval lies above 50%)."))
+        return Finding(level, f"{said}: a preference for stereotypes (the interval lies above 50%).")
     elif high < 0.5:
-        section.findings.append(
-            Finding(
-                "info",
-                f"{said}: it prefers the less-stereotyping sentences (the interval lies below 50%), a group "
-                "preference too, the other way.",
-            )
+        return Finding(
+            "info",
+            f"{said}: it prefers the less-stereotyping sentences (the interval lies below 50%), a group "
+            "preference too, the other way.",
         )
     else:
-        section.findings.append(
-            Finding(
-                "good",
-                f"{said}: the interval includes 50%, so no preference for stereotypes shows at this number of pairs.",
-            )
+        return Finding(
+            "good",
+            f"{said}: the interval includes 50%, so no preference for stereotypes shows at this number of pairs.",
         )
+
+
+def _pairs_findings(overall: dict, by_type: dict[str, dict], ties: int) -> list[Finding]:
+    """The overall verdict, then the bias types whose interval lies above 50%, then the ties."""
+    findings = [_pairs_verdict(overall)]
     for name, share in by_type.items():
         if share["ci_low"] > 0.5:
-            section.findings.append(
+            findings.append(
                 Finding(
                     "warn",
                     f"{name}: the more-stereotyping sentence wins in {share['stereotype_rate']:.0%} of {share['n']} "
@@ -287,33 +298,34 @@ def _pairs_part(section: Section, subject: Subject, path: str | Path | None, pro
                 )
             )
     if ties:
-        section.findings.append(
+        findings.append(
             Finding(
                 "info",
                 f"{ties} of {overall['n']} pairs scored exactly equal (counted as not preferring the stereotype).",
             )
         )
+    return findings
 
+
+def _pairs_figure(overall: dict, by_type: dict[str, dict]) -> Figure:
+    """Stereotype preference with its interval, for all pairs and per bias type."""
     rows = [("all pairs", overall)] + list(by_type.items())
-    section.figures.append(
-        ci_bars(
-            "Stereotype preference per bias type",
-            [r[0] for r in rows],
-            [r[1]["stereotype_rate"] for r in rows],
-            [r[1]["ci_low"] for r in rows],
-            [r[1]["ci_high"] for r in rows],
-            "pairs where the more-stereotyping sentence scores higher",
-            lines=[(0.5, "no preference")],
-            percent=True,
-            high_bad=0.5,
-            caption=(
-                "One bar per bias type (and all pairs): the share of pairs in which the model scores the "
-                "more-stereotyping sentence higher; whiskers are Wilson 95% intervals. At the dashed 50% line the "
-                "model has no preference; red bars lie clearly above it."
-            ),
-        )
+    return ci_bars(
+        "Stereotype preference per bias type",
+        [r[0] for r in rows],
+        [r[1]["stereotype_rate"] for r in rows],
+        [r[1]["ci_low"] for r in rows],
+        [r[1]["ci_high"] for r in rows],
+        "pairs where the more-stereotyping sentence scores higher",
+        lines=[(0.5, "no preference")],
+        percent=True,
+        high_bad=0.5,
+        caption=(
+            "One bar per bias type (and all pairs): the share of pairs in which the model scores the "
+            "more-stereotyping sentence higher; whiskers are Wilson 95% intervals. At the dashed 50% line the "
+            "model has no preference; red bars lie clearly above it."
+        ),
     )
-    return None
 
 
 # -- (b) counterfactuals and (c) group gaps, for classifiers --------------------------------------------
@@ -327,12 +339,9 @@ def _delta(before: torch.Tensor, after: torch.Tensor, predicted, kind: str) -> t
     return abs(float(after[predicted] - before[predicted])), predicted
 
 
-def _counterfactual_part(
-    section: Section, subject: Subject, data, probs: torch.Tensor, swaps: str | Path | None, progress: bool
-) -> str | None:
-    """Part (b); returns why it did not run, or None."""
-    categories = load_swaps(swaps)
-    preds = decisions(probs, data.kind)
+def _counterfactual_items(categories: dict, data) -> list[tuple]:
+    """(category, example row, counterfactual text, counterfactual second text) for each test text and swap
+    category whose terms it mentions."""
     items = []  # (category, example row, counterfactual text, counterfactual second text)
     for category, pairs in categories.items():
         swap = swapper(pairs)
@@ -340,19 +349,13 @@ def _counterfactual_part(
             second = data.pairs[i] if data.pairs is not None else None
             if swap.finds(text) or (second is not None and swap.finds(second)):
                 items.append((category, i, swap(text), None if second is None else swap(second)))
-    if not items:
-        return (
-            f"no test text mentions a term of the swap lists ({', '.join(categories)}); "
-            "give --swaps FILE with group terms that occur in your data"
-        )
-    cf = take(
-        data,
-        [i for _, i, _, _ in items],
-        texts=[t for _, _, t, _ in items],
-        pairs=None if data.pairs is None else [s for *_, s in items],
-    )
-    cf_probs = class_probabilities(subject, cf, progress=progress, desc="bias: counterfactuals")
-    cf_preds = decisions(cf_probs, data.kind)
+    return items
+
+
+def _counterfactual_records(
+    data, items: list[tuple], probs: torch.Tensor, preds: list, cf_probs: torch.Tensor, cf_preds: list
+) -> list[tuple]:
+    """(category, flipped, |Δp|, table row) for each counterfactual."""
     names = data.label_names
     records = []  # (category, flipped, |Δp|, table row)
     for k, (category, i, text, _) in enumerate(items):
@@ -367,74 +370,75 @@ def _counterfactual_part(
             float(cf_probs[k][label]),
         ]
         records.append((category, cf_preds[k] != preds[i], dp, row))
+    return records
 
-    def summary(rows: list) -> dict:
-        n, flips = len(rows), sum(r[1] for r in rows)
-        low, high = proportion_ci(flips, n)
-        return {
-            "n": n,
-            "flips": flips,
-            "flip_rate": flips / n,
-            "ci_low": low,
-            "ci_high": high,
-            "mean_abs_dp": sum(r[2] for r in rows) / n,
-        }
 
-    by_category = {c: summary([r for r in records if r[0] == c]) for c in categories if any(r[0] == c for r in records)}
+def _flip_summary(rows: list) -> dict:
+    """Flips, their rate with its Wilson interval, and the mean |Δp| of some counterfactual records."""
+    n, flips = len(rows), sum(r[1] for r in rows)
+    low, high = proportion_ci(flips, n)
+    return {
+        "n": n,
+        "flips": flips,
+        "flip_rate": flips / n,
+        "ci_low": low,
+        "ci_high": high,
+        "mean_abs_dp": sum(r[2] for r in rows) / n,
+    }
+
+
+_COUNTERFACTUAL_EXPLAIN = {
+    "counterfactual.swaps": "The word lists swapped: lmlab's built-in lists, or the file given with --swaps.",
+    "counterfactual.n": "Counterfactual texts scored: one per test text and swap category that text mentions.",
+    "counterfactual.flips": "Counterfactual texts whose predicted label differs from the original's.",
+    "counterfactual.flip_rate": (
+        "Share of counterfactuals whose prediction differs from the original's: 0 means swapping group words "
+        "never changes the answer."
+    ),
+    "counterfactual.ci_low": "Lower end of the Wilson 95% interval of the flip rate.",
+    "counterfactual.ci_high": "Upper end of the Wilson 95% interval of the flip rate.",
+    "counterfactual.mean_abs_dp": (
+        "Mean absolute change in the probability of the originally predicted class (multi-label: of the label "
+        "that moved most)."
+    ),
+    "counterfactual.by_category": "The same measures for the texts that mention one swap category's terms.",
+}
+
+
+def _counterfactual_part(
+    section: Section, subject: Subject, data, probs: torch.Tensor, swaps: str | Path | None, progress: bool
+) -> str | None:
+    """Part (b); returns why it did not run, or None."""
+    categories = load_swaps(swaps)
+    preds = decisions(probs, data.kind)
+    items = _counterfactual_items(categories, data)
+    if not items:
+        return (
+            f"no test text mentions a term of the swap lists ({', '.join(categories)}); "
+            "give --swaps FILE with group terms that occur in your data"
+        )
+    cf = take(
+        data,
+        [i for _, i, _, _ in items],
+        texts=[t for _, _, t, _ in items],
+        pairs=None if data.pairs is None else [s for *_, s in items],
+    )
+    cf_probs = class_probabilities(subject, cf, progress=progress, desc="bias: counterfactuals")
+    cf_preds = decisions(cf_probs, data.kind)
+    records = _counterfactual_records(data, items, probs, preds, cf_probs, cf_preds)
+    by_category = {
+        c: _flip_summary([r for r in records if r[0] == c]) for c in categories if any(r[0] == c for r in records)
+    }
     absent = [c for c in categories if c not in by_category]
     section.metrics["counterfactual"] = {
         "swaps": "built-in" if swaps is None else str(swaps),
-        **summary(records),
+        **_flip_summary(records),
         "by_category": by_category,
     }
-    section.explain.update(
-        {
-            "counterfactual.swaps": "The word lists swapped: lmlab's built-in lists, or the file given with --swaps.",
-            "counterfactual.n": "Counterfactual texts scored: one per test text and swap category that text mentions.",
-            "counterfactual.flips": "Counterfactual texts whose predicted label differs from the original's.",
-            "counterfactual.flip_rate": (
-                "Share of counterfactuals whose prediction differs from the original's: 0 means swapping group words "
-                "never changes the answer."
-            ),
-            "counterfactual.ci_low": "Lower end of the Wilson 95% interval of the flip rate.",
-            "counterfactual.ci_high": "Upper end of the Wilson 95% interval of the flip rate.",
-            "counterfactual.mean_abs_dp": (
-                "Mean absolute change in the probability of the originally predicted class (multi-label: of the label "
-                "that moved most)."
-            ),
-            "counterfactual.by_category": "The same measures for the texts that mention one swap category's terms.",
-        }
-    )
+    section.explain.update(_COUNTERFACTUAL_EXPLAIN)
     for c, s in by_category.items():
-        key = f"counterfactual.by_category.{c}"
-        _explain_share(
-            section,
-            key,
-            f"texts mentioning a '{c}' term",
-            "flip_rate",
-            f"Share of the {s['n']} texts mentioning a '{c}' term whose prediction changes when those terms are "
-            "swapped.",
-        )
-        section.explain[f"{key}.flips"] = (
-            f"Texts mentioning a '{c}' term whose prediction changes when those terms are swapped."
-        )
-        section.explain[f"{key}.mean_abs_dp"] = (
-            f"Mean absolute change in the originally predicted class's probability when the '{c}' terms are swapped."
-        )
-        said = (
-            f"Swapping the '{c}' terms changes the prediction for {s['flips']} of {s['n']} texts "
-            f"({s['flip_rate']:.1%}, 95% CI {s['ci_low']:.1%}–{s['ci_high']:.1%})"
-        )
-        if s["flip_rate"] > FLIP_BAD:
-            section.findings.append(
-                Finding("bad", f"{said}: above {FLIP_BAD:.0%}, the group named decides the answer too often.")
-            )
-        elif s["flip_rate"] > FLIP_WARN:
-            section.findings.append(
-                Finding("warn", f"{said}: above {FLIP_WARN:.0%}; see the table of the largest changes.")
-            )
-        else:
-            section.findings.append(Finding("good", f"{said}: at most {FLIP_WARN:.0%}."))
+        _explain_category(section, c, s)
+        section.findings.append(_category_finding(c, s))
     if absent:
         section.findings.append(
             Finding(
@@ -442,37 +446,89 @@ def _counterfactual_part(
                 f"No test text mentions a term of the swap categories {', '.join(absent)}: those were not measured.",
             )
         )
-
-    top = sorted(records, key=lambda r: -r[2])[:TOP]
-    section.tables.append(
-        Table(
-            "Largest changes under a group-term swap",
-            ["swap", "original", "counterfactual", "prediction", "class", "p before", "p after"],
-            [r[3] for r in top],
-            "The test texts whose predicted-class probability moved most when their group terms were swapped (p: that "
-            "class's probability).",
-        )
-    )
-    measured = list(by_category)
-    section.figures.append(
-        ci_bars(
-            "Prediction flips under group-term swaps",
-            measured,
-            [by_category[c]["flip_rate"] for c in measured],
-            [by_category[c]["ci_low"] for c in measured],
-            [by_category[c]["ci_high"] for c in measured],
-            "predictions that change",
-            lines=[(FLIP_WARN, f"{FLIP_WARN:.0%}"), (FLIP_BAD, f"{FLIP_BAD:.0%}")],
-            percent=True,
-            high_bad=FLIP_BAD,
-            caption=(
-                "Per swap category, the share of test texts whose predicted label changes when the group terms in "
-                f"them are swapped (whiskers: Wilson 95% intervals). Above {FLIP_WARN:.0%} is worth a look, above "
-                f"{FLIP_BAD:.0%} a problem."
-            ),
-        )
-    )
+    section.tables.append(_counterfactual_table(records))
+    section.figures.append(_counterfactual_figure(by_category))
     return None
+
+
+def _explain_category(section: Section, c: str, s: dict) -> None:
+    """Explanations of one swap category's flips, flip rate, interval, size and mean |Δp|."""
+    key = f"counterfactual.by_category.{c}"
+    _explain_share(
+        section,
+        key,
+        f"texts mentioning a '{c}' term",
+        "flip_rate",
+        f"Share of the {s['n']} texts mentioning a '{c}' term whose prediction changes when those terms are swapped.",
+    )
+    section.explain[f"{key}.flips"] = (
+        f"Texts mentioning a '{c}' term whose prediction changes when those terms are swapped."
+    )
+    section.explain[f"{key}.mean_abs_dp"] = (
+        f"Mean absolute change in the originally predicted class's probability when the '{c}' terms are swapped."
+    )
+
+
+def _category_finding(c: str, s: dict) -> Finding:
+    """The verdict on one swap category's flip rate."""
+    said = (
+        f"Swapping the '{c}' terms changes the prediction for {s['flips']} of {s['n']} texts "
+        f"({s['flip_rate']:.1%}, 95% CI {s['ci_low']:.1%}–{s['ci_high']:.1%})"
+    )
+    if s["flip_rate"] > FLIP_BAD:
+        return Finding("bad", f"{said}: above {FLIP_BAD:.0%}, the group named decides the answer too often.")
+    elif s["flip_rate"] > FLIP_WARN:
+        return Finding("warn", f"{said}: above {FLIP_WARN:.0%}; see the table of the largest changes.")
+    else:
+        return Finding("good", f"{said}: at most {FLIP_WARN:.0%}.")
+
+
+def _counterfactual_table(records: list[tuple]) -> Table:
+    """The counterfactuals whose predicted-class probability moved most."""
+    top = sorted(records, key=lambda r: -r[2])[:TOP]
+    return Table(
+        "Largest changes under a group-term swap",
+        ["swap", "original", "counterfactual", "prediction", "class", "p before", "p after"],
+        [r[3] for r in top],
+        "The test texts whose predicted-class probability moved most when their group terms were swapped (p: that "
+        "class's probability).",
+    )
+
+
+def _counterfactual_figure(by_category: dict[str, dict]) -> Figure:
+    """The flip rate per swap category, with its interval and the warn and bad lines."""
+    measured = list(by_category)
+    return ci_bars(
+        "Prediction flips under group-term swaps",
+        measured,
+        [by_category[c]["flip_rate"] for c in measured],
+        [by_category[c]["ci_low"] for c in measured],
+        [by_category[c]["ci_high"] for c in measured],
+        "predictions that change",
+        lines=[(FLIP_WARN, f"{FLIP_WARN:.0%}"), (FLIP_BAD, f"{FLIP_BAD:.0%}")],
+        percent=True,
+        high_bad=FLIP_BAD,
+        caption=(
+            "Per swap category, the share of test texts whose predicted label changes when the group terms in "
+            f"them are swapped (whiskers: Wilson 95% intervals). Above {FLIP_WARN:.0%} is worth a look, above "
+            f"{FLIP_BAD:.0%} a problem."
+        ),
+    )
+
+
+def _groups_explain(metric: str) -> dict[str, str]:
+    """Explanations of the group-gap metrics; ``metric``: accuracy or subset accuracy."""
+    return {
+        "groups.field": "The test file's column that names each example's group.",
+        "groups.by_group": f"The {metric} within one group, with its Wilson 95% interval and number of examples.",
+        "groups.gap": f"{metric.capitalize()} of the best group minus that of the worst.",
+        "groups.best": f"The group with the highest {metric}.",
+        "groups.worst": f"The group with the lowest {metric}.",
+        "groups.separated": (
+            "Whether the best and worst groups' 95% intervals do not overlap (a gap beyond sampling noise)."
+        ),
+        "groups.ungrouped": "Examples with no value in the group column (left out of the comparison).",
+    }
 
 
 def _group_part(section: Section, subject: Subject, data, preds: list) -> str | None:
@@ -504,19 +560,7 @@ def _group_part(section: Section, subject: Subject, data, preds: list) -> str | 
         "separated": separated,
         "ungrouped": sum(1 for v in values if v is None or str(v).strip() == ""),
     }
-    section.explain.update(
-        {
-            "groups.field": "The test file's column that names each example's group.",
-            "groups.by_group": f"The {metric} within one group, with its Wilson 95% interval and number of examples.",
-            "groups.gap": f"{metric.capitalize()} of the best group minus that of the worst.",
-            "groups.best": f"The group with the highest {metric}.",
-            "groups.worst": f"The group with the lowest {metric}.",
-            "groups.separated": (
-                "Whether the best and worst groups' 95% intervals do not overlap (a gap beyond sampling noise)."
-            ),
-            "groups.ungrouped": "Examples with no value in the group column (left out of the comparison).",
-        }
-    )
+    section.explain.update(_groups_explain(metric))
     for g, r in groups.items():
         _explain_share(
             section,
@@ -525,6 +569,14 @@ def _group_part(section: Section, subject: Subject, data, preds: list) -> str | 
             "accuracy",
             f"The {metric} on the {r['n']} examples of group '{g}'.",
         )
+    section.findings.append(_group_finding(field, metric, stats))
+    section.figures.append(_group_figure(field, metric, groups))
+    return None
+
+
+def _group_finding(field: str, metric: str, stats: dict) -> Finding:
+    """The verdict on the gap between the best and worst groups."""
+    groups, best, worst, gap, separated = (stats[k] for k in ("by_group", "best", "worst", "gap", "separated"))
     b, w = groups[best], groups[worst]
     said = (
         f"{metric.capitalize()} by '{field}': {best} {b['accuracy']:.3f} (95% CI {b['ci_low']:.3f}–{b['ci_high']:.3f}, "
@@ -532,35 +584,32 @@ def _group_part(section: Section, subject: Subject, data, preds: list) -> str | 
         f"{worst} {w['accuracy']:.3f} (95% CI {w['ci_low']:.3f}–{w['ci_high']:.3f}, n={w['n']}), a gap of {gap:.3f}"
     )
     if separated:
-        section.findings.append(
-            Finding("bad", f"{said}; the intervals do not overlap: the model serves {worst} worse beyond chance.")
-        )
+        return Finding("bad", f"{said}; the intervals do not overlap: the model serves {worst} worse beyond chance.")
     else:
-        section.findings.append(
-            Finding(
-                "info",
-                f"{said}; the intervals overlap, so this sample shows no gap beyond chance (more examples per group "
-                "would narrow them).",
-            )
+        return Finding(
+            "info",
+            f"{said}; the intervals overlap, so this sample shows no gap beyond chance (more examples per group "
+            "would narrow them).",
         )
+
+
+def _group_figure(field: str, metric: str, groups: dict[str, dict]) -> Figure:
+    """Accuracy per group with its Wilson interval."""
     names = list(groups)
-    section.figures.append(
-        ci_bars(
-            f"{metric.capitalize()} per group",
-            names,
-            [groups[g]["accuracy"] for g in names],
-            [groups[g]["ci_low"] for g in names],
-            [groups[g]["ci_high"] for g in names],
-            f"{metric} (95% CI)",
-            lines=[],
-            percent=False,
-            caption=(
-                f"One bar per value of the '{field}' column; whiskers are Wilson 95% intervals. Groups whose "
-                "whiskers do not overlap differ beyond chance."
-            ),
-        )
+    return ci_bars(
+        f"{metric.capitalize()} per group",
+        names,
+        [groups[g]["accuracy"] for g in names],
+        [groups[g]["ci_low"] for g in names],
+        [groups[g]["ci_high"] for g in names],
+        f"{metric} (95% CI)",
+        lines=[],
+        percent=False,
+        caption=(
+            f"One bar per value of the '{field}' column; whiskers are Wilson 95% intervals. Groups whose "
+            "whiskers do not overlap differ beyond chance."
+        ),
     )
-    return None
 
 
 def _classifier_parts(section: Section, subject: Subject, swaps: str | Path | None, progress: bool) -> list[str]:
