@@ -470,9 +470,8 @@ def interpret(
     return section
 
 
-def _attention_part(section: Section, probs: list[Tensor], probe: _Probe, shown: list[int], causal: bool) -> str:
+def _attention_figure(probs: list[Tensor], probe: _Probe, shown: list[int], normalised: Tensor) -> Figure:
     n_layer, n_head = len(probs), probs[0].shape[1]
-    nats, normalised = _entropies(probs, causal)
     heads_shown = list(range(min(n_head, MAX_HEADS_SHOWN)))
     fig, _ = new_figure(1.7 * len(heads_shown) + 0.8, 1.7 * len(shown) + 0.6)
     fig.clf()
@@ -494,7 +493,47 @@ def _attention_part(section: Section, probs: list[Tensor], probe: _Probe, shown:
             f" Shown: layers {shown} of {n_layer}, heads 0–{len(heads_shown) - 1} of {n_head}; the table has every "
             "head."
         )
-    section.figures.append(Figure("Attention per layer and head", figure_png(fig), caption))
+    return Figure("Attention per layer and head", figure_png(fig), caption)
+
+
+def _attention_explain() -> dict[str, str]:
+    return dict(
+        attention_entropy_per_layer=(
+            "Mean attention entropy −Σ p·log p (nats) of each layer's heads, averaged over query tokens: lower is more "
+            "focused."
+        ),
+        attention_entropy_normalised_per_layer=(
+            "The same divided by log(number of visible keys): 0 = every query looks at one token, 1 = it spreads "
+            "evenly over all it may see."
+        ),
+        attention_sharp_heads=(
+            f"Heads whose normalised entropy is below {SHARP}: each query attends almost entirely to one token (e.g. "
+            "previous-token or first-token heads)."
+        ),
+        attention_uniform_heads=(
+            f"Heads whose normalised entropy is above {UNIFORM}: nearly uniform attention, an average over the context."
+        ),
+    )
+
+
+def _attention_finding(sharp: int, uniform: int, total: int) -> Finding:
+    if uniform == total:
+        return Finding(
+            "warn",
+            f"All {total} heads attend almost uniformly (normalised entropy > {UNIFORM}): typical of an untrained "
+            "or barely trained model.",
+        )
+    return Finding(
+        "info",
+        f"{sharp} of {total} heads are sharp (normalised entropy < {SHARP}) and {uniform} nearly uniform (> "
+        f"{UNIFORM}) on this input.",
+    )
+
+
+def _attention_part(section: Section, probs: list[Tensor], probe: _Probe, shown: list[int], causal: bool) -> str:
+    n_layer, n_head = len(probs), probs[0].shape[1]
+    nats, normalised = _entropies(probs, causal)
+    section.figures.append(_attention_figure(probs, probe, shown, normalised))
     section.tables.append(
         Table(
             "Attention entropy per head",
@@ -516,40 +555,8 @@ def _attention_part(section: Section, probs: list[Tensor], probe: _Probe, shown:
         attention_sharp_heads=sharp,
         attention_uniform_heads=uniform,
     )
-    section.explain.update(
-        attention_entropy_per_layer=(
-            "Mean attention entropy −Σ p·log p (nats) of each layer's heads, averaged over query tokens: lower is more "
-            "focused."
-        ),
-        attention_entropy_normalised_per_layer=(
-            "The same divided by log(number of visible keys): 0 = every query looks at one token, 1 = it spreads "
-            "evenly over all it may see."
-        ),
-        attention_sharp_heads=(
-            f"Heads whose normalised entropy is below {SHARP}: each query attends almost entirely to one token (e.g. "
-            "previous-token or first-token heads)."
-        ),
-        attention_uniform_heads=(
-            f"Heads whose normalised entropy is above {UNIFORM}: nearly uniform attention, an average over the context."
-        ),
-    )
-    total = n_layer * n_head
-    if uniform == total:
-        section.findings.append(
-            Finding(
-                "warn",
-                f"All {total} heads attend almost uniformly (normalised entropy > {UNIFORM}): typical of an untrained "
-                "or barely trained model.",
-            )
-        )
-    else:
-        section.findings.append(
-            Finding(
-                "info",
-                f"{sharp} of {total} heads are sharp (normalised entropy < {SHARP}) and {uniform} nearly uniform (> "
-                f"{UNIFORM}) on this input.",
-            )
-        )
+    section.explain.update(_attention_explain())
+    section.findings.append(_attention_finding(sharp, uniform, n_layer * n_head))
     return (
         "Attention maps were recomputed from each attention module's own query/key projections, RoPE and "
         "mask (softmax(QKᵀ/√d_k)), captured by forward hooks because the fused SDPA kernel returns no weights; "
@@ -558,7 +565,8 @@ def _attention_part(section: Section, probs: list[Tensor], probe: _Probe, shown:
     )
 
 
-def _ig_part(section: Section, subject: Subject, probe: _Probe, kind: str, target: int, steps: int) -> str:
+def _ig_forward(subject: Subject, probe: _Probe, kind: str, target: int) -> tuple[Callable[[Tensor], Tensor], str, str]:
+    """F, the scalar the attributions explain, with the target's label and a description of F."""
     model, tok, config = subject.model, subject.tokenizer, subject.config
     types, query, head = probe.types, probe.query, HEAD_KINDS[kind]
     if head.explains == "class":
@@ -582,6 +590,72 @@ def _ig_part(section: Section, subject: Subject, probe: _Probe, kind: str, targe
 
         label = _token_text(tok, target)
         what = f"log p({label!r})" + (" at the masked position" if head.query == "mask" else " as the next token")
+    return forward, label, what
+
+
+def _ig_explain(what: str, base_name: str) -> dict[str, str]:
+    return dict(
+        ig_target="What the attributions explain: the model's own prediction unless a target was given.",
+        ig_f_input=f"F(input): {what} for the input.",
+        ig_f_baseline=f"F(baseline): the same with every non-special token replaced by the {base_name} token.",
+        ig_attribution_sum="Σ of the per-token attributions; completeness says it equals F(input) − F(baseline).",
+        ig_convergence_delta="Σ attributions − (F(input) − F(baseline)): the error of the numerical integral.",
+        ig_relative_delta=(
+            f"|convergence delta| / |Σ attributions|; above {RELATIVE_DELTA:.0%} the attributions are not to be "
+            "trusted (raise ig_steps)."
+        ),
+        ig_top_token="The input token with the largest (most positive) attribution.",
+    )
+
+
+def _ig_table(probe: _Probe, attributions: Tensor, share: Tensor) -> Table:
+    return Table(
+        "Integrated-gradients attribution per token",
+        ["position", "token", "attribution", "share of |attribution|"],
+        [
+            [i, t, round(float(a), 6), round(float(s), 4)]
+            for i, (t, a, s) in enumerate(zip(probe.tokens, attributions, share))
+        ],
+        "Positive: the token pushes F up (towards the target); negative: away from it.",
+    )
+
+
+def _ig_figure(probe: _Probe, attributions: Tensor, what: str, total: float, delta: float) -> Figure:
+    fig, ax = new_figure(6.4, max(2.5, 0.22 * len(probe.tokens) + 1))
+    values = attributions.numpy()
+    ax.barh(range(len(values)), values, color=["#2a9d8f" if v >= 0 else "#e76f51" for v in values])
+    ax.set_yticks(range(len(values)), probe.tokens, fontsize=7)
+    ax.invert_yaxis()
+    ax.axvline(0, color="black", linewidth=0.6)
+    ax.set_xlabel(f"attribution to {what}")
+    return Figure(
+        "Token attributions (integrated gradients)",
+        figure_png(fig),
+        f"How much each input token moves {what} from its value at the baseline (green: towards, red: away); the "
+        "bars sum to "
+        f"{total:.4f} = F(input) − F(baseline) up to the convergence delta {delta:.2g}.",
+    )
+
+
+def _ig_finding(
+    probe: _Probe, attributions: Tensor, share: Tensor, top: int, what: str, relative: float, steps: int
+) -> Finding:
+    level = "warn" if relative > RELATIVE_DELTA else "info"
+    text = (
+        f"The token {probe.tokens[top]!r} gets the largest attribution ({float(attributions[top]):.4f}, "
+        f"{float(share[top]):.0%} of the total magnitude) to {what}"
+    )
+    if relative > RELATIVE_DELTA:
+        text += (
+            f"; but the convergence delta is {relative:.1%} of the attribution sum (over {RELATIVE_DELTA:.0%}): raise "
+            f"ig_steps above {steps}"
+        )
+    return Finding(level, text + ".")
+
+
+def _ig_part(section: Section, subject: Subject, probe: _Probe, kind: str, target: int, steps: int) -> str:
+    model, tok = subject.model, subject.tokenizer
+    forward, label, what = _ig_forward(subject, probe, kind, target)
     special = {tok.token_to_id(t) for t in tok.special_tokens.values()}
     candidates = ((tok.mask_id, "mask"), (tok.pad_id, "pad"), (tok.eos_id, "end-of-text"))
     base_id, base_name = next(((i, n) for i, n in candidates if i is not None), (0, "id 0"))
@@ -604,56 +678,10 @@ def _ig_part(section: Section, subject: Subject, probe: _Probe, kind: str, targe
         ig_relative_delta=relative,
         ig_top_token=probe.tokens[top],
     )
-    section.explain.update(
-        ig_target="What the attributions explain: the model's own prediction unless a target was given.",
-        ig_f_input=f"F(input): {what} for the input.",
-        ig_f_baseline=f"F(baseline): the same with every non-special token replaced by the {base_name} token.",
-        ig_attribution_sum="Σ of the per-token attributions; completeness says it equals F(input) − F(baseline).",
-        ig_convergence_delta="Σ attributions − (F(input) − F(baseline)): the error of the numerical integral.",
-        ig_relative_delta=(
-            f"|convergence delta| / |Σ attributions|; above {RELATIVE_DELTA:.0%} the attributions are not to be "
-            "trusted (raise ig_steps)."
-        ),
-        ig_top_token="The input token with the largest (most positive) attribution.",
-    )
-    section.tables.append(
-        Table(
-            "Integrated-gradients attribution per token",
-            ["position", "token", "attribution", "share of |attribution|"],
-            [
-                [i, t, round(float(a), 6), round(float(s), 4)]
-                for i, (t, a, s) in enumerate(zip(probe.tokens, attributions, share))
-            ],
-            "Positive: the token pushes F up (towards the target); negative: away from it.",
-        )
-    )
-    fig, ax = new_figure(6.4, max(2.5, 0.22 * len(probe.tokens) + 1))
-    values = attributions.numpy()
-    ax.barh(range(len(values)), values, color=["#2a9d8f" if v >= 0 else "#e76f51" for v in values])
-    ax.set_yticks(range(len(values)), probe.tokens, fontsize=7)
-    ax.invert_yaxis()
-    ax.axvline(0, color="black", linewidth=0.6)
-    ax.set_xlabel(f"attribution to {what}")
-    section.figures.append(
-        Figure(
-            "Token attributions (integrated gradients)",
-            figure_png(fig),
-            f"How much each input token moves {what} from its value at the baseline (green: towards, red: away); the "
-            "bars sum to "
-            f"{total:.4f} = F(input) − F(baseline) up to the convergence delta {delta:.2g}.",
-        )
-    )
-    level = "warn" if relative > RELATIVE_DELTA else "info"
-    text = (
-        f"The token {probe.tokens[top]!r} gets the largest attribution ({float(attributions[top]):.4f}, "
-        f"{float(share[top]):.0%} of the total magnitude) to {what}"
-    )
-    if relative > RELATIVE_DELTA:
-        text += (
-            f"; but the convergence delta is {relative:.1%} of the attribution sum (over {RELATIVE_DELTA:.0%}): raise "
-            f"ig_steps above {steps}"
-        )
-    section.findings.append(Finding(level, text + "."))
+    section.explain.update(_ig_explain(what, base_name))
+    section.tables.append(_ig_table(probe, attributions, share))
+    section.figures.append(_ig_figure(probe, attributions, what, total, delta))
+    section.findings.append(_ig_finding(probe, attributions, share, top, what, relative, steps))
     return (
         "Integrated gradients (Sundararajan et al., 2017) with captum's LayerIntegratedGradients (Kokhlikyan et al., "
         "2020) on the token "
@@ -688,16 +716,9 @@ def _first_stable(values: list[bool]) -> int:
     return index
 
 
-def _logit_lens_part(
-    section: Section, subject: Subject, logits: list[Tensor], tokens: list[str], kind: str, query: int | None
-) -> str:
-    tok, config = subject.tokenizer, subject.config
-    stacked = torch.stack(logits).cpu()  # (n_layer + 1, T, V)
-    probs = stacked.softmax(-1)
-    top_p, top_id = probs.max(-1)  # (n_layer + 1, T)
-    head = HEAD_KINDS[kind]
-    names = (lambda i: config.labels[i]) if head.lens == "labels" else (lambda i: _token_text(tok, i))
-    rows = ["emb"] + [str(i + 1) for i in range(len(logits) - 1)]
+def _logit_lens_figure(
+    top_p: Tensor, top_id: Tensor, tokens: list[str], rows: list[str], names: Callable[[int], str], what: str
+) -> Figure:
     fig, ax = new_figure(max(6.4, 0.42 * len(tokens) + 2), max(2.8, 0.32 * len(rows) + 1.4))
     image = ax.imshow(top_p.numpy(), vmin=0.0, vmax=1.0, cmap="Blues", aspect="auto")
     for layer in range(len(rows)):
@@ -715,17 +736,40 @@ def _logit_lens_part(
     ax.set_yticks(range(len(rows)), rows, fontsize=6)
     ax.set_ylabel("residual stream after block")
     fig.colorbar(image, ax=ax, label="top-1 probability", fraction=0.03, pad=0.01)
-    what = head.predicts
-    section.figures.append(
-        Figure(
-            "Logit lens",
-            figure_png(fig),
-            f"Each cell: the top-1 prediction of {what} when the model's final norm and output head are applied to the "
-            "residual stream "
-            "after that block ('emb': before the first block), shaded by its probability. The last row is the model's "
-            "own output.",
-        )
+    return Figure(
+        "Logit lens",
+        figure_png(fig),
+        f"Each cell: the top-1 prediction of {what} when the model's final norm and output head are applied to the "
+        "residual stream "
+        "after that block ('emb': before the first block), shaded by its probability. The last row is the model's "
+        "own output.",
     )
+
+
+def _logit_lens_explain(where: str) -> dict[str, str]:
+    return dict(
+        logit_lens_final_token=f"The model's final top-1 prediction {where}.",
+        logit_lens_rank_per_layer=(
+            f"Its rank (1 = top) in each layer's logit-lens distribution {where}, embeddings first."
+        ),
+        logit_lens_prob_per_layer=f"Its probability in each layer's logit-lens distribution {where}.",
+        logit_lens_first_top1_layer=(
+            "The first layer (0 = the embeddings) from which it stays the top-1 prediction through the last layer."
+        ),
+    )
+
+
+def _logit_lens_part(
+    section: Section, subject: Subject, logits: list[Tensor], tokens: list[str], kind: str, query: int | None
+) -> str:
+    tok, config = subject.tokenizer, subject.config
+    stacked = torch.stack(logits).cpu()  # (n_layer + 1, T, V)
+    probs = stacked.softmax(-1)
+    top_p, top_id = probs.max(-1)  # (n_layer + 1, T)
+    head = HEAD_KINDS[kind]
+    names = (lambda i: config.labels[i]) if head.lens == "labels" else (lambda i: _token_text(tok, i))
+    rows = ["emb"] + [str(i + 1) for i in range(len(logits) - 1)]
+    section.figures.append(_logit_lens_figure(top_p, top_id, tokens, rows, names, head.predicts))
     agreement = (top_id == top_id[-1]).float().mean(-1)
     section.metrics["logit_lens_agreement_per_layer"] = [round(float(a), 4) for a in agreement]
     section.explain["logit_lens_agreement_per_layer"] = (
@@ -747,16 +791,7 @@ def _logit_lens_part(
         logit_lens_first_top1_layer=first,
     )
     where = "at the masked position" if head.lens_query == "probe" else "at the last position"
-    section.explain.update(
-        logit_lens_final_token=f"The model's final top-1 prediction {where}.",
-        logit_lens_rank_per_layer=(
-            f"Its rank (1 = top) in each layer's logit-lens distribution {where}, embeddings first."
-        ),
-        logit_lens_prob_per_layer=f"Its probability in each layer's logit-lens distribution {where}.",
-        logit_lens_first_top1_layer=(
-            "The first layer (0 = the embeddings) from which it stays the top-1 prediction through the last layer."
-        ),
-    )
+    section.explain.update(_logit_lens_explain(where))
     section.findings.append(
         Finding(
             "info",
