@@ -265,3 +265,22 @@ def test_bad_pair_files_name_the_file_and_column(tmp_path):
     )
     with pytest.raises(LmlabError, match=r"bad\.csv:3: stereo_antistereo is 'sideways'"):
         read_pairs(bad)
+
+
+@pytest.mark.slow
+def test_a_checkpoint_without_an_mlm_head_is_not_scored_with_a_random_one(tmp_path):
+    """The real all-MiniLM-L6-v2 (a sentence-transformers folder) has no MLM head: lmlab initialises one at random
+    to load it, so the bias lens (and interpret, which reads the same head) must skip, saying why, in the report."""
+    from test_encoder import _minilm_folder
+
+    from lmlab.critique import critique
+
+    folder = _minilm_folder()
+    report = critique(folder, tmp_path / "report", lenses="bias,interpret", progress=False, max_examples=20)
+    for lens in ("bias", "interpret"):
+        why = report["lenses"][lens]["skipped"]
+        assert why and "language-modelling head" in why and "at random" in why and "mlm_dense.weight" in why, lens
+        assert "metrics" not in report["lenses"][lens] or not report["lenses"][lens]["metrics"]
+    saved = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert "at random" in saved["lenses"]["bias"]["skipped"]
+    assert "at random" in (tmp_path / "report" / "report.html").read_text(encoding="utf-8")

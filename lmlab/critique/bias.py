@@ -221,6 +221,12 @@ def _pairs_part(section: Section, subject: Subject, path: str | Path | None, pro
         )
     if subject.arch == "encoder" and subject.tokenizer.mask_id is None:
         return "paired-sentence pseudo-likelihoods need a mask token; this encoder's tokenizer has none"
+    head = [name for name in getattr(subject.model, "fresh_weights", ()) if name.startswith(("mlm_", "lm_head"))]
+    if head:
+        return (
+            f"paired-sentence likelihoods need the model's language-modelling head, and {subject.path} has none "
+            f"(lmlab initialised {', '.join(head)} at random, so any score would be noise)"
+        )
     pairs = read_pairs(path)
     pairs = [pairs[i] for i in subsample(pairs, subject.max_examples, subject.seed)]
     scores = sentence_scores(subject, pairs, progress)

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lmlab.critique.core import Figure, Finding, Section, Subject, Table, figure_png, new_figure
+from lmlab.critique.core import Figure, Finding, Section, Subject, Table, figure_png, new_figure, skipped
 from lmlab.errors import LmlabError
 from lmlab.model.blocks import Attention, apply_rope
 
@@ -425,6 +425,14 @@ def interpret(
         raise LmlabError(f"interpret: ig_steps={ig_steps!r}: expected an integer >= 2")
     model, config = subject.model, subject.config
     kind = _kind(config)
+    fresh = [name for name in getattr(model, "fresh_weights", ()) if name.startswith(("mlm_", "lm_head"))]
+    if fresh and HEAD_KINDS[kind].readout in ("mlm_head", "lm_head"):
+        return skipped(
+            "interpret",
+            TITLE,
+            f"its attributions and logit lens read the model's language-modelling head, and "
+            f"{subject.path} has none (lmlab initialised {', '.join(fresh)} at random)",
+        )
     target_id = _resolve_target(subject, kind, target)
     probe = _probe(subject, text)
     shown = _check_layers(layers, config.n_layer)

@@ -283,14 +283,16 @@ def load_model(
 
     An HF folder's weights are mapped onto the lmlab model, and ``verify`` checks its outputs against
     transformers' model of the folder (:func:`lmlab.io.hf.verify_hf_folder`: once per folder, cached;
-    an LmlabError on a mismatch; skipped with a warning without transformers).
+    an LmlabError on a mismatch; skipped with a warning without transformers). The model's ``fresh_weights``
+    names the weights an HF folder lacked and lmlab initialised at random (a sentence-transformers folder's
+    MLM head): what reads them (the bias lens' pseudo-likelihoods) would read noise.
     """
     from lmlab.model import build_model
 
     path = resolve_checkpoint(path)
-    from_hf = hf.is_hf_folder(path)
+    from_hf, fresh = hf.is_hf_folder(path), []
     if from_hf:
-        config, state = hf.read_hf_checkpoint(path)
+        config, state, fresh = hf.read_hf_parts(path)
     else:
         config = ModelConfig.load(path / CONFIG_FILE)
     with torch.device("meta"):
@@ -309,6 +311,7 @@ def load_model(
         lora.merge_lora(model)
     if dtype is not None:
         model.to(dtype=dtype)
+    model.fresh_weights = tuple(fresh)  # what the folder lacked and lmlab initialised at random: no lens may read it
     return model.eval()
 
 

@@ -118,17 +118,25 @@ logger = logging.getLogger(__name__)
 def read_hf_checkpoint(folder: str | Path) -> tuple[ModelConfig, dict[str, Tensor]]:
     """The lmlab config and weights (as a checkpoint stores them: a tied head once) of an HF folder:
     the tensors are read from the files and mapped, without building transformers' model."""
+    config, state, _ = read_hf_parts(folder)
+    return config, state
+
+
+def read_hf_parts(folder: str | Path) -> tuple[ModelConfig, dict[str, Tensor], list[str]]:
+    """:func:`read_hf_checkpoint`, and the names of the weights the folder lacks that lmlab initialised freshly
+    (:func:`complete_state_dict`: the MLM head of a bare BERT or a sentence-transformers folder)."""
     folder = Path(folder)
     c = hf_config_dict(folder)
     hf_state = read_hf_weights(folder)
     try:
         config = config_from_hf(c, keys=with_prefix(set(hf_state), c))
-        state = complete_state_dict(state_dict_from_hf(hf_state, config), config)
+        mapped = state_dict_from_hf(hf_state, config)
+        state = complete_state_dict(mapped, config)
     except LmlabError as err:
         raise LmlabError(f"{folder}: {err}") from None
     if config.tie_embeddings:
         state.pop("lm_head.weight", None)
-    return config, state
+    return config, state, sorted(set(state) - set(mapped))
 
 
 def verify_hf_folder(folder: str | Path, model: nn.Module) -> float | None:
@@ -189,6 +197,7 @@ __all__ = [
     "max_logit_diff",
     "quiet_transformers",
     "read_hf_checkpoint",
+    "read_hf_parts",
     "read_hf_weights",
     "require_transformers",
     "sentence_transformers_module",
