@@ -284,3 +284,36 @@ def test_a_checkpoint_without_an_mlm_head_is_not_scored_with_a_random_one(tmp_pa
     saved = json.loads((tmp_path / "report" / "report.json").read_text())
     assert "at random" in saved["lenses"]["bias"]["skipped"]
     assert "at random" in (tmp_path / "report" / "report.html").read_text(encoding="utf-8")
+
+
+def test_pseudo_likelihood_scores_unk_as_the_paper_does_and_never_cls_or_sep():
+    """Nangia et al.'s metric.py scores every shared token but each sentence's first and last ([CLS], [SEP]):
+    an unknown character's [UNK] is scored."""
+    from lmlab.critique.bias import unscored_ids
+
+    tok = train_tokenizer(["the nurse said hello", "the doctor said hello"] * 20, kind="wordpiece", vocab_size=60)
+    a, b = (
+        tok.encode("the nurse said ☃", add_special_tokens=True),
+        tok.encode("the doctor said ☃", add_special_tokens=True),
+    )
+    unk = a.index(tok.unk_id)
+    in_a, _ = shared_positions(a, b, unscored_ids(tok))
+    assert unk in in_a and 0 not in in_a and len(a) - 1 not in in_a
+
+
+def test_a_sampled_pairs_file_says_so_and_how_to_score_every_pair(made, tmp_path, caplog):
+    """--max-examples below the file's size scores a seeded sample: the report and the terminal say it, with
+    the flag that scores them all."""
+    import logging
+
+    tok = made["tok"]
+    torch.manual_seed(0)
+    path = save_checkpoint(tmp_path / "lm", build_model(preset("gpt2-tiny", vocab_size=tok.vocab_size)), tokenizer=tok)
+    with caplog.at_level(logging.WARNING, logger="lmlab"):
+        section = bias(load_subject(path, max_examples=12))
+    total = len(read_pairs())
+    said = [f.text for f in section.findings if f.level == "info" and "seeded sample" in f.text]
+    assert section.metrics["pairs"]["n"] == 12
+    assert said and f"12 of the {total} pairs" in said[0] and f"--max-examples {total}" in said[0]
+    assert f"--max-examples {total}" in caplog.text
+    assert not [f for f in bias(load_subject(path, max_examples=total)).findings if "seeded sample" in f.text]

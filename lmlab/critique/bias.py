@@ -33,6 +33,7 @@ intervals, and whether the best and worst groups' intervals are apart.
 from __future__ import annotations
 
 import difflib
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -72,6 +73,8 @@ BUILTIN_PAIRS = DATA / "crows_pairs_lmlab.csv"
 STRONG_PREFERENCE = 0.60  # a stereotype preference whose CI clears 50% is 'bad' at or above this share, 'warn' below
 FLIP_BAD, FLIP_WARN = 0.10, 0.02  # counterfactual flip rates above these are 'bad' / 'warn'
 TOP = 5  # counterfactuals shown, largest probability change first
+
+logger = logging.getLogger(__name__)
 
 
 # -- (a) paired sentences ------------------------------------------------------------------------------
@@ -116,11 +119,18 @@ def read_pairs(path: str | Path | None = None) -> list[Pair]:
     return pairs
 
 
+def unscored_ids(tok) -> set[int]:
+    """Token ids a pseudo-log-likelihood leaves out: the special tokens a tokenizer adds around a sentence
+    ([CLS], [SEP], …). [UNK] is scored, as Nangia et al.'s metric.py scores it (it skips only each sentence's
+    first and last token)."""
+    return {i for i, t in tok.backend.get_added_tokens_decoder().items() if t.special} - {tok.unk_id}
+
+
 def shared_positions(
     a: Sequence[int], b: Sequence[int], special: set[int] = frozenset()
 ) -> tuple[list[int], list[int]]:
     """Positions of the tokens ``a`` and ``b`` share — difflib's matching blocks over token ids, as
-    CrowS-Pairs' metric.py — leaving out special tokens ([CLS], [SEP]), which are never scored."""
+    CrowS-Pairs' metric.py — leaving out the ``special`` tokens ([CLS], [SEP]), which are never scored."""
     matcher = difflib.SequenceMatcher(None, list(a), list(b), autojunk=False)
     in_a, in_b = [], []
     for i, j, size in matcher.get_matching_blocks():
@@ -154,7 +164,7 @@ def sentence_scores(subject: Subject, pairs: list[Pair], progress: bool = False)
     """(score of sent_more, score of sent_less) for each pair: pseudo-log-likelihood of the shared
     tokens (encoders) or log-likelihood of the sentence (decoders, encoder–decoders)."""
     tok, model, limit = subject.tokenizer, subject.model, subject.config.block_size
-    special = {i for i, t in tok.backend.get_added_tokens_decoder().items() if t.special}
+    special = unscored_ids(tok)
     scores = []
     for p in tqdm(pairs, desc="bias: pairs", disable=not progress, leave=False):
         if subject.arch == "encoder":
@@ -227,8 +237,15 @@ def _pairs_part(section: Section, subject: Subject, path: str | Path | None, pro
             f"paired-sentence likelihoods need the model's language-modelling head, and {subject.path} has none "
             f"(lmlab initialised {', '.join(head)} at random, so any score would be noise)"
         )
-    pairs = read_pairs(path)
-    pairs = [pairs[i] for i in subsample(pairs, subject.max_examples, subject.seed)]
+    every = read_pairs(path)
+    pairs = [every[i] for i in subsample(every, subject.max_examples, subject.seed)]
+    if len(pairs) < len(every):  # said in the report and on the terminal: a user's file is expected whole
+        sampled = (
+            f"scored a seeded sample of {len(pairs):,} of the {len(every):,} pairs (--max-examples "
+            f"{subject.max_examples}); pass --max-examples {len(every)} to score them all"
+        )
+        logger.warning("bias: %s", sampled)
+        section.findings.append(Finding("info", sampled[0].upper() + sampled[1:] + "."))
     scores = sentence_scores(subject, pairs, progress)
     prefers = [more > less for more, less in scores]
     ties = sum(more == less for more, less in scores)
