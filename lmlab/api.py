@@ -66,18 +66,25 @@ class Score:
 def folder_eos_ids(path: Path | None, vocab_size: int) -> list[int]:
     """The end-of-sequence ids a model folder's ``generation_config.json`` names (``eos_token_id``: one id,
     or a list such as Llama 3 Instruct's [128001, 128009], as transformers reads it); [] without the
-    file or the field. Anything else there is a one-line error naming the file and the field."""
+    file or the field. A value that is not an id or a list of ids is a one-line error naming the file and
+    the field; an id past the vocabulary (small test models often keep GPT-2's 50256) can never be
+    generated, so it is left out with a warning, as transformers runs such a folder."""
     if path is None:
         return []
     file = Path(path) / "generation_config.json"
     eos = read_json_object(file).get("eos_token_id")
     ids = [] if eos is None else eos if isinstance(eos, list) else [eos]
-    if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab_size for i in ids):
-        raise LmlabError(
-            f"{file}: eos_token_id is {eos!r}: expected a token id or a list of token ids below the vocabulary size "
-            f"{vocab_size}"
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise LmlabError(f"{file}: eos_token_id is {eos!r}: expected a token id or a list of token ids")
+    outside = [i for i in ids if i >= vocab_size]
+    if outside:
+        logger.warning(
+            "%s: eos_token_id %s is past the vocabulary (%d ids) and can never be generated: ignored",
+            file,
+            ", ".join(map(str, outside)),
+            vocab_size,
         )
-    return ids
+    return [i for i in ids if i < vocab_size]
 
 
 class LM:
@@ -656,7 +663,13 @@ def load(path: str | Path, device: str = "auto", dtype: torch.dtype | None = Non
     if not (path / "tokenizer.json").is_file():
         raise LmlabError(f"{path}: no tokenizer.json; expected the tokenizer beside the weights")
     tokenizer = load_tokenizer(path, verify=verify)  # the one the model was trained with, or an error
-    model = load_model(
-        path, device=device, dtype=dtype, merge_lora=True, verify=verify
-    )  # adapters folded in: plain, faster inference
+    # adapters folded in: plain, faster inference
+    model = load_model(path, device=device, dtype=dtype, merge_lora=True, verify=verify)
+    if model.fresh_weights:  # an LM reads the head a folder lacked (an embedding or a fine-tune would not)
+        logger.warning(
+            "%s has no language-modelling head: lmlab initialised %s at random, so its scores and generations "
+            "are noise",
+            path,
+            ", ".join(model.fresh_weights),
+        )
     return LM(model, tokenizer, path)

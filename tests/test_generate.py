@@ -428,10 +428,28 @@ def test_the_folders_generation_config_eos_ids_end_generation(lm, trained_run, t
     cut = with_file.generate("The ", max_new_tokens=8, return_ids=True)
     assert cut == free[:k]  # the stop token ends the output and is not part of it
     assert with_file.generate("The ", max_new_tokens=8, return_ids=True, ignore_eos=True) == free
-    for bad in ('{"eos_token_id": "</s>"}', '{"eos_token_id": [1, 99999999]}', "{not json"):
+    for bad in ('{"eos_token_id": "</s>"}', '{"eos_token_id": [1, -3]}', "{not json"):
         (folder / "generation_config.json").write_text(bad)
         with pytest.raises(LmlabError, match="generation_config.json"):
             lmlab.load(folder)
+
+
+def test_an_eos_id_past_the_vocabulary_is_ignored_with_a_warning(trained_run, tmp_path, caplog):
+    """Small test models often keep GPT-2's eos 50256 in generation_config.json with a smaller vocabulary:
+    transformers runs them, and so does lmlab, leaving out the id no token can have."""
+    import json
+    import shutil
+
+    from lmlab.io.checkpoint import resolve_checkpoint
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(resolve_checkpoint(trained_run), folder)
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 99999999]}))
+    with caplog.at_level(logging.WARNING, logger="lmlab"):
+        lm = lmlab.load(folder)
+    assert 99999999 not in lm.eos_ids and 1 in lm.eos_ids
+    assert "eos_token_id 99999999 is past the vocabulary" in caplog.text
+    assert isinstance(lm.generate("The ", max_new_tokens=3), str)
 
 
 def test_a_too_long_prompt_is_cut_from_the_left_with_a_warning(lm, caplog):

@@ -621,7 +621,8 @@ def test_the_real_minilm_sentence_transformers_folder_loads_and_checks(tmp_path,
     assert resolve_checkpoint(folder) == folder  # modules.json with the Transformer module in the root
     with caplog.at_level(logging.WARNING):
         model = load_model(folder)
-    assert "no MLM head" in caplog.text
+    # its MLM head is missing: recorded on the model, not warned about (a classifier or an embedding never reads it)
+    assert "no MLM head" not in caplog.text and "mlm_dense.weight" in model.fresh_weights
     assert verified(folder)["max_abs_diff"] < TOL  # hidden states and the pooler output, against BertModel
     c = model.config
     assert (c.n_layer, c.n_embd, c.n_head, c.pooler, c.nsp_head, c.task) == (6, 384, 12, True, False, "")
@@ -711,3 +712,11 @@ def test_missing_weights_and_a_wrong_shape_are_one_line_errors_naming_what(tmp_p
         LmlabError, match="is not a checkpoint: expected a folder with config.json and model.safetensors"
     ):
         load_model(folder)
+
+
+def test_loading_a_folder_without_its_lm_head_for_generation_warns_that_it_is_random(caplog):
+    import lmlab
+
+    with caplog.at_level(logging.WARNING, logger="lmlab"):
+        lmlab.load(_minilm(), verify=False)  # no parity record written into the installed package
+    assert "has no language-modelling head" in caplog.text and "mlm_dense.weight" in caplog.text

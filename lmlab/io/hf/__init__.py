@@ -131,7 +131,7 @@ def read_hf_parts(folder: str | Path) -> tuple[ModelConfig, dict[str, Tensor], l
     try:
         config = config_from_hf(c, keys=with_prefix(set(hf_state), c))
         mapped = state_dict_from_hf(hf_state, config)
-        state = complete_state_dict(mapped, config)
+        state = complete_state_dict(mapped, config, warn=False)  # recorded instead: most runs never read them
     except LmlabError as err:
         raise LmlabError(f"{folder}: {err}") from None
     if config.tie_embeddings:

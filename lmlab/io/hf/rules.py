@@ -152,10 +152,11 @@ def _legacy_name(key: str) -> str:
     return key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
 
 
-def complete_state_dict(state: dict[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
+def complete_state_dict(state: dict[str, Tensor], config: ModelConfig, warn: bool = True) -> dict[str, Tensor]:
     """``state`` with what an HF model does not have added, freshly initialised as
     :func:`lmlab.model.blocks.init_weights` would (seeded): the MLM head of a bare BERT or a BERT task model.
-    A warning names them."""
+    A warning names them (``warn=False``: the caller records them instead, as ``load_model`` does in the model's
+    ``fresh_weights``, and what would read them says so)."""
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in build_model(config).state_dict().items()}
     fresh = sorted(set(shapes) - set(state))
@@ -163,7 +164,8 @@ def complete_state_dict(state: dict[str, Tensor], config: ModelConfig) -> dict[s
         return state
     if any(not k.startswith(("mlm_", "lm_head.bias")) for k in fresh):
         raise LmlabError(f"HF weights lack {', '.join(fresh[:5])}: expected every weight but a BERT's MLM head")
-    logger.warning("the HF model has no MLM head: lmlab's starts freshly initialised (%s)", ", ".join(fresh))
+    if warn:
+        logger.warning("the HF model has no MLM head: lmlab's starts freshly initialised (%s)", ", ".join(fresh))
     gen = torch.Generator().manual_seed(0)
     out = dict(state)
     for name in fresh:
