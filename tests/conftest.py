@@ -13,6 +13,20 @@ import torch
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def lmlab_cache(tmp_path_factory):
+    """lmlab's cache (parity-check records) in a folder of this session, not the user's ~/.cache."""
+    import os
+
+    before = os.environ.get("LMLAB_CACHE")
+    os.environ["LMLAB_CACHE"] = str(tmp_path_factory.mktemp("lmlab-cache"))
+    yield
+    if before is None:
+        os.environ.pop("LMLAB_CACHE", None)
+    else:
+        os.environ["LMLAB_CACHE"] = before
+
+
 @pytest.fixture(scope="session")
 def corpus_file(tmp_path_factory) -> Path:
     from lmlab.data import builtin_corpus

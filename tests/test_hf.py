@@ -382,8 +382,14 @@ def hf_folder(tmp_path: Path, case: str, tokenizer_dir: Path | None = None, **sa
     return folder, model
 
 
+def record_of(folder: Path) -> Path:
+    """Where the folder's passed check is recorded: lmlab's cache (this session's, from conftest), not the folder."""
+    return hf.verified_record(folder, hf.stamp(folder))
+
+
 def verified(folder: Path) -> dict:
-    return json.loads((folder / hf.VERIFIED_FILE).read_text())
+    assert not (folder / hf.VERIFIED_FILE).exists()  # never written into the user's folder
+    return json.loads(record_of(folder).read_text())
 
 
 @pytest.mark.parametrize("case", HF_CASES)
@@ -555,9 +561,9 @@ def test_a_mapping_error_is_refused_with_the_number_and_verify_false_skips_the_c
         ),
     ) as err:
         load_model(folder)
-    assert "\n" not in str(err.value) and not (folder / hf.VERIFIED_FILE).exists()
+    assert "\n" not in str(err.value) and not record_of(folder).exists()
     load_model(folder, verify=False)
-    assert not (folder / hf.VERIFIED_FILE).exists()
+    assert not record_of(folder).exists()
 
 
 def test_a_folder_is_checked_once_until_its_files_change(tmp_path, monkeypatch):
@@ -578,7 +584,7 @@ def test_without_transformers_an_hf_folder_loads_and_the_check_is_skipped(tmp_pa
     monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` raises ImportError
     with caplog.at_level(logging.WARNING, logger="lmlab.io.hf"):
         model = load_model(folder)
-    assert "transformers is not installed: the parity check" in caplog.text and not (folder / hf.VERIFIED_FILE).exists()
+    assert "transformers is not installed: the parity check" in caplog.text and not record_of(folder).exists()
     monkeypatch.delitem(sys.modules, "transformers")
     assert max_logit_diff(model, hf_model, batch()[:, :12]) < TOL
 

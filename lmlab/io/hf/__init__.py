@@ -24,9 +24,9 @@ with an HF ``config.json`` (``model_type``, no ``lmlab_model_config``), weights 
 holding anything but tensors is refused), and ``tokenizer.json``. :func:`read_hf_checkpoint` reads the
 weights and maps them — transformers is not imported to load. Then :func:`verify_hf_folder` builds
 transformers' model from the same folder once and compares outputs on a fixed batch (fp32; a
-mismatch is an LmlabError with the number). The result is cached in ``lmlab-verified.json`` beside the
-weights, keyed by the size and mtime of ``config.json`` and every weights file (and lmlab's version);
-a folder lmlab cannot write to is verified on every load instead. Without transformers the check is
+mismatch is an LmlabError with the number). The result is cached in lmlab's cache folder
+(:func:`~lmlab.io.hf.folder.cache_dir`, never in the model's folder), keyed by the folder's path and the size
+and mtime of ``config.json`` and every weights file (and lmlab's version). Without transformers the check is
 skipped with a warning. A sentence-transformers folder (``modules.json``) is read through its
 Transformer module (the folder itself or ``0_Transformer/``); its pooling modules are not applied.
 
@@ -73,7 +73,6 @@ Adding a model family to HF interop
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -102,6 +101,7 @@ from lmlab.io.hf.folder import (
     read_hf_weights,
     sentence_transformers_module,
     stamp,
+    verified_record,
     weight_names,
 )
 from lmlab.io.hf.parity import PARITY_TOL, check_parity, from_hf_model, max_logit_diff, quiet_transformers, to_hf_model
@@ -144,12 +144,13 @@ def verify_hf_folder(folder: str | Path, model: nn.Module) -> float | None:
     (its ``architectures`` class, fp32): an LmlabError with the number on a mismatch. Returns max |Δ|,
     or None when transformers is not installed (a warning says the check was skipped).
 
-    A pass is recorded in ``folder/lmlab-verified.json`` (skipped when the folder is read-only); while
-    config.json and the weights files keep their size and mtime, later calls return it unchecked.
+    A pass is recorded in lmlab's cache (:func:`~lmlab.io.hf.folder.verified_record`: ``$LMLAB_CACHE`` or
+    ``~/.cache/lmlab``), never in ``folder``; while config.json and the weights files keep their size and mtime,
+    later calls return it unchecked.
     """
     folder = Path(folder)
-    record_file = folder / VERIFIED_FILE
     files = stamp(folder)
+    record_file = verified_record(folder, files)
     try:
         record = read_json_object(record_file)
     except LmlabError:
@@ -168,12 +169,12 @@ def verify_hf_folder(folder: str | Path, model: nn.Module) -> float | None:
         hf_model = getattr(tf, class_name).from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa")
     hf_model = hf_model.to(model.tok_emb.weight.device).eval()
     diff = check_parity(model, hf_model, f"{folder}: import check (verify=False / --no-verify skips it)")
-    if os.access(folder, os.W_OK):
-        try:
-            record = {"files": files, "lmlab": __version__, "transformers": tf.__version__, "max_abs_diff": diff}
-            write_json_atomic(record_file, record)
-        except OSError as err:
-            logger.info("cannot record the check in %s (%s)", record_file, err)
+    try:
+        record_file.parent.mkdir(parents=True, exist_ok=True)
+        record = {"files": files, "lmlab": __version__, "transformers": tf.__version__, "max_abs_diff": diff}
+        write_json_atomic(record_file, record)
+    except OSError as err:
+        logger.info("cannot record the check in %s (%s)", record_file, err)
     return diff
 
 
@@ -184,6 +185,7 @@ __all__ = [
     "SAFETENSORS",
     "SUPPORTED_MODEL_TYPES",
     "VERIFIED_FILE",
+    "verified_record",
     "WEIGHT_FILES",
     "adapter_state_to_hf",
     "check_parity",

@@ -10,7 +10,9 @@ itself or ``0_Transformer/``); its pooling modules are not applied. Nothing here
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -21,7 +23,7 @@ from lmlab.errors import LmlabError
 from lmlab.io.hf.config import config_from_hf, with_prefix
 from lmlab.io.weights import read_safetensors, safetensors_header, torch_load
 
-VERIFIED_FILE = "lmlab-verified.json"  # a passed import check, beside the weights (lmlab.io.hf.verify_hf_folder)
+VERIFIED_FILE = "lmlab-verified.json"  # where earlier versions recorded a passed check, beside the weights
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 PYTORCH_BIN, PYTORCH_BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
 WEIGHT_FILES = (SAFETENSORS, SAFETENSORS_INDEX, PYTORCH_BIN, PYTORCH_BIN_INDEX)  # in the order they are looked for
@@ -129,6 +131,20 @@ def hf_folder_config(folder: str | Path) -> ModelConfig:
         raise LmlabError(f"{folder}: {err}") from None
 
 
+def cache_dir() -> Path:
+    """lmlab's cache: ``$LMLAB_CACHE``, else ``$XDG_CACHE_HOME/lmlab``, else ``~/.cache/lmlab``."""
+    if os.environ.get("LMLAB_CACHE"):
+        return Path(os.environ["LMLAB_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lmlab"
+
+
+def verified_record(folder: Path, files: dict[str, list[int]]) -> Path:
+    """Where a passed import check of ``folder`` is recorded: in lmlab's cache (never in the user's folder, which
+    may be read-only or an installed package), named by a hash of the folder's path and its files' stamp."""
+    key = json.dumps({"folder": str(folder.resolve()), "files": files}, sort_keys=True)
+    return cache_dir() / "verified" / (hashlib.sha256(key.encode()).hexdigest()[:32] + ".json")
+
+
 def stamp(folder: Path) -> dict[str, list[int]]:
     """Size and mtime (ns) of config.json and every weights file: what a cached verification is valid for."""
     files = {}
@@ -147,6 +163,8 @@ __all__ = [
     "read_hf_weights",
     "sentence_transformers_module",
     "stamp",
+    "verified_record",
+    "cache_dir",
     "weight_files",
     "weight_names",
 ]
