@@ -50,6 +50,7 @@ from lmlab.critique.core import (
     ci_bars,
     group_stats,
     proportion_ci,
+    random_lm_head,
     skipped,
     subsample,
 )
@@ -231,7 +232,7 @@ def _pairs_part(section: Section, subject: Subject, path: str | Path | None, pro
         )
     if subject.arch == "encoder" and subject.tokenizer.mask_id is None:
         return "paired-sentence pseudo-likelihoods need a mask token; this encoder's tokenizer has none"
-    head = [name for name in getattr(subject.model, "fresh_weights", ()) if name.startswith(("mlm_", "lm_head"))]
+    head = random_lm_head(subject)
     if head:
         return (
             f"paired-sentence likelihoods need the model's language-modelling head, and {subject.path} has none "

@@ -97,6 +97,12 @@ class Section:
         return out
 
 
+def random_lm_head(subject: Subject) -> list[str]:
+    """The language-modelling head's weights the checkpoint lacked and ``load_model`` initialised at random
+    (``model.fresh_weights``; a sentence-transformers folder's MLM head): a lens that reads them reads noise."""
+    return [name for name in getattr(subject.model, "fresh_weights", ()) if name.startswith(("mlm_", "lm_head"))]
+
+
 def skipped(lens: str, title: str, why: str) -> Section:
     """A lens that could not run, and the note saying what to provide."""
     return Section(lens=lens, title=title, skipped=why)

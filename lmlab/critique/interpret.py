@@ -31,7 +31,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lmlab.critique.core import Figure, Finding, Section, Subject, Table, figure_png, new_figure, skipped
+from lmlab.critique.core import (
+    Figure,
+    Finding,
+    Section,
+    Subject,
+    Table,
+    figure_png,
+    new_figure,
+    random_lm_head,
+    skipped,
+)
 from lmlab.errors import LmlabError
 from lmlab.model.blocks import Attention, apply_rope
 
@@ -425,7 +435,7 @@ def interpret(
         raise LmlabError(f"interpret: ig_steps={ig_steps!r}: expected an integer >= 2")
     model, config = subject.model, subject.config
     kind = _kind(config)
-    fresh = [name for name in getattr(model, "fresh_weights", ()) if name.startswith(("mlm_", "lm_head"))]
+    fresh = random_lm_head(subject)
     if fresh and HEAD_KINDS[kind].readout in ("mlm_head", "lm_head"):
         return skipped(
             "interpret",
