@@ -128,8 +128,9 @@ class LM:
         ]
         if wrong:
             raise LmlabError(
-                f"--stop-token-ids {' '.join(map(str, wrong))}: expected token ids from 0 to {vocab - 1} (this model's "
-                "vocabulary)"
+                f"stop_token_ids {' '.join(map(str, wrong))}: expected token ids from 0 to {vocab - 1} (this model's "
+                "vocabulary)",
+                params="stop_token_ids",
             )
         return sorted(set(config.stop_token_ids) | (set() if config.ignore_eos else set(self.eos_ids)))
 
@@ -183,19 +184,24 @@ class LM:
         if config.max_length is not None:
             new = min(new, config.max_length - longest)
             if new < 1:
-                raise LmlabError(f"--max-length {config.max_length} leaves no room after the {longest}-token prompt")
+                raise LmlabError(
+                    f"max_length {config.max_length} leaves no room after the {longest}-token prompt",
+                    params="max_length",
+                )
         room = self.block_size - new
         if room < 1:
             raise LmlabError(
-                f"--max-new-tokens {new} leaves no room for a prompt in the model's context window of "
-                f"{self.block_size} tokens"
+                f"max_new_tokens {new} leaves no room for a prompt in the model's context window of "
+                f"{self.block_size} tokens",
+                params="max_new_tokens",
             )
         if longest > room:
             if config.truncate == "error":
                 raise LmlabError(
-                    f"a prompt has {longest} tokens; with --max-new-tokens {new} the context window of "
+                    f"a prompt has {longest} tokens; with max_new_tokens {new} the context window of "
                     f"{self.block_size} holds {room} "
-                    "(use --truncate left to keep its last tokens)"
+                    "(use truncate left to keep its last tokens)",
+                    params="max_new_tokens truncate",
                 )
             logger.warning(
                 "a prompt of %d tokens is cut to its last %d to fit the %d-token context window",
@@ -219,7 +225,8 @@ class LM:
             if config.truncate == "error":
                 raise LmlabError(
                     f"a source has {longest} tokens; the encoder's context window holds {self.block_size} (use "
-                    "--truncate to cut it)"
+                    "truncate to cut it)",
+                    params="truncate",
                 )
             logger.warning(
                 "a source of %d tokens is cut to its first %d, the encoder's context window", longest, self.block_size
@@ -230,7 +237,8 @@ class LM:
             new = min(new, config.max_length - 1)  # a target's length counts its start token, as HF's max_length does
             if new < 1:
                 raise LmlabError(
-                    f"--max-length {config.max_length} leaves no room for a target token after the start token"
+                    f"max_length {config.max_length} leaves no room for a target token after the start token",
+                    params="max_length",
                 )
         return ids, new
 
@@ -516,7 +524,7 @@ class LM:
         if not isinstance(prompt, str):
             raise LmlabError("stream takes one prompt (a string)")
         if config.num_return_sequences != 1:
-            raise LmlabError("stream makes one sequence: --num-return-sequences must be 1")
+            raise LmlabError("stream makes one sequence: num_return_sequences must be 1", params="num_return_sequences")
         ids, new = self._encode_prompts([prompt], config)
         shown = 0
         text = ""
@@ -608,13 +616,15 @@ def read_prompts(path: Path) -> list[str]:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
         why = f"cannot read it ({type(e).__name__}); expected a UTF-8 text file"
-        raise LmlabError(f"--prompts-file {path}: {why}") from None
+        raise LmlabError(f"prompts_file {path}: {why}", params="prompts_file") from None
     if path.suffix != ".jsonl":
         return [line for line in lines if line.strip()]
     records = [(n, json_line_object(path, n, line)) for n, line in enumerate(lines, 1) if line.strip()]
     for number, record in records:
         if not isinstance(record.get("prompt"), str):
-            raise LmlabError(f"--prompts-file {path}:{number}: expected an object with a string field 'prompt'")
+            raise LmlabError(
+                f"prompts_file {path}:{number}: expected an object with a string field 'prompt'", params="prompts_file"
+            )
     return [record["prompt"] for _, record in records]
 
 

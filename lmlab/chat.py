@@ -77,8 +77,9 @@ class ChatSession:
         self.config = config
         if lm.block_size - config.max_new_tokens < 1:
             raise LmlabError(
-                f"--max-new-tokens {config.max_new_tokens} leaves no room for the conversation in the "
-                f"{lm.block_size}-token context window"
+                f"max_new_tokens {config.max_new_tokens} leaves no room for the conversation in the "
+                f"{lm.block_size}-token context window",
+                params="max_new_tokens",
             )
 
     def reset(self) -> None:
@@ -105,7 +106,8 @@ class ChatSession:
                 raise LmlabError(
                     f"the message does not fit: the prompt is {n} tokens and the {self.lm.block_size}-token context "
                     "window "
-                    f"holds {room} with --max-new-tokens {self.config.max_new_tokens}; send a shorter one"
+                    f"holds {room} with max_new_tokens {self.config.max_new_tokens}; send a shorter one",
+                    params="max_new_tokens",
                 )
             del history[0]  # the oldest turn: a user message and the replies up to the next one
             while history[0]["role"] != "user":

@@ -205,6 +205,20 @@ def verbs_parser(verbs: dict[str, Verb], prog: str, description: str, only: str 
     return root
 
 
+def _flags_by_dest(parser: ArgumentParser) -> dict[str, str]:
+    """Each parameter's flag (``max_length`` → ``--max-length``) in ``parser`` and its verbs' parsers, so that a
+    library error naming a parameter (:class:`LmlabError`'s ``params``) shows the flag the user typed."""
+    found: dict[str, str] = {}
+    for action in parser._actions:
+        for sub in getattr(action, "_name_parser_map", {}).values():
+            found.update(_flags_by_dest(sub))
+        longs = [o for o in action.option_strings if o.startswith("--") and not o.startswith("--no-")]
+        flag = longs[0] if longs else next(iter(action.option_strings), None)
+        if flag and action.dest not in ("help", "config", "print_config"):
+            found.setdefault(action.dest, flag)
+    return found
+
+
 def _config_files(argv: Sequence[str]) -> list[str]:
     """The files given to ``--config`` (``--config FILE`` or ``--config=FILE``)."""
     files = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
@@ -230,9 +244,8 @@ def run_verbs(verbs: dict[str, Verb], prog: str, description: str, argv: Sequenc
     log_warnings_as_one_line()
     try:
         _check_config_files(argv)
-        args = verbs_parser(verbs, prog, description, only=argv[0] if argv and argv[0] in verbs else None).parse_args(
-            argv
-        )
+        parser = verbs_parser(verbs, prog, description, only=argv[0] if argv and argv[0] in verbs else None)
+        args = parser.parse_args(argv)
     except ArgumentError as e:
         # one line: what was wrong, and where the options are listed
         names = {*verbs, *(v.action[0] for v in verbs.values() if v.action)}
@@ -243,7 +256,7 @@ def run_verbs(verbs: dict[str, Verb], prog: str, description: str, argv: Sequenc
     try:
         return verbs[args.command].run(args[args.command])
     except LmlabError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e.naming(_flags_by_dest(parser).get)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)

@@ -355,14 +355,14 @@ class LoraSpec:
     targets: tuple[str, ...] = ("qkv",)
 
     def __post_init__(self) -> None:
-        vars(self).update(_checked(vars(self), "--lora"))  # normalised: targets a tuple, alpha and dropout floats
+        vars(self).update(_checked(vars(self), "lora"))  # normalised: targets a tuple, alpha and dropout floats
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready, as ``config.lora`` stores it."""
         return {"r": self.r, "alpha": self.alpha, "dropout": self.dropout, "targets": list(self.targets)}
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], source: str = "--lora") -> LoraSpec:
+    def from_dict(cls, data: Mapping[str, Any], source: str = "lora") -> LoraSpec:
         """The spec ``data`` describes (missing keys: the defaults); errors name ``source`` and the key."""
         return cls(**_checked(data, source))
 
@@ -371,14 +371,16 @@ _DEFAULTS = {f.name: f.default for f in dataclasses.fields(LoraSpec)}
 
 
 def _checked(values: Mapping[str, Any], source: str) -> dict[str, Any]:
-    """``values`` as :class:`LoraSpec` fields (targets a tuple, alpha and dropout floats), or a one-line error."""
+    """``values`` as :class:`LoraSpec` fields (targets a tuple, alpha and dropout floats), or a one-line error
+    naming ``source`` (a parameter, or where the values were read)."""
+    param = source if source.isidentifier() else ""
     unknown = [k for k in values if k not in KEYS]
     if unknown:
-        raise LmlabError(f"{source}: unknown key {unknown[0]!r}; expected {', '.join(KEYS)}")
+        raise LmlabError(f"{source}: unknown key {unknown[0]!r}; expected {', '.join(KEYS)}", params=param)
     v = {**_DEFAULTS, **values}
 
     def bad(key: str, expected: str) -> LmlabError:
-        return LmlabError(f"{source}: {key} is {v[key]!r}; expected {expected}")
+        return LmlabError(f"{source}: {key} is {v[key]!r}; expected {expected}", params=param)
 
     def number(x: Any) -> bool:
         return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
@@ -419,31 +421,35 @@ def parse_lora(text: str) -> LoraSpec:
     for item in filter(None, (i.strip() for i in text.split(","))):
         if "=" not in item:
             if key != "targets":
-                raise LmlabError(f"--lora: {item!r} is not key=value; only targets takes a list (targets=qkv,proj)")
+                raise LmlabError(
+                    f"lora: {item!r} is not key=value; only targets takes a list (targets=qkv,proj)", params="lora"
+                )
             values["targets"] += [t for t in item.split("+") if t]
             continue
         key, value = (s.strip() for s in item.split("=", 1))
         if key not in KEYS:
-            raise LmlabError(f"--lora: unknown key {key!r}; expected {', '.join(KEYS)}")
+            raise LmlabError(f"lora: unknown key {key!r}; expected {', '.join(KEYS)}", params="lora")
         if key in values:
-            raise LmlabError(f"--lora: {key} is given twice")
+            raise LmlabError(f"lora: {key} is given twice", params="lora")
         if key == "targets":
             values[key] = [t for t in value.split("+") if t]
             continue
         try:
             values[key] = int(value) if key == "r" else float(value)
         except ValueError:
-            raise LmlabError(f"--lora: {key}={value!r} is not {'an integer' if key == 'r' else 'a number'}") from None
+            raise LmlabError(
+                f"lora: {key}={value!r} is not {'an integer' if key == 'r' else 'a number'}", params="lora"
+            ) from None
     return LoraSpec.from_dict(values)
 
 
 MAX_SEED = 2**63 - 1  # torch.manual_seed takes a signed 64-bit integer
 
 
-def check_seed(seed: Any, flag: str = "--seed") -> int:
-    """``seed`` when it is an integer in [0, 2**63), else a one-line error naming ``flag``."""
+def check_seed(seed: Any, param: str = "seed") -> int:
+    """``seed`` when it is an integer in [0, 2**63), else a one-line error naming ``param``."""
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
-        raise LmlabError(f"{flag} is {seed!r}: expected an integer from 0 to 2**63 - 1")
+        raise LmlabError(f"{param} is {seed!r}: expected an integer from 0 to 2**63 - 1", params=param)
     return seed
 
 

@@ -19,7 +19,7 @@ def _available(kind: str) -> bool:
     return bool(backend is not None and backend.is_available())
 
 
-def check_device(name: str, flag: str = "--device", present: bool = False) -> str:
+def check_device(name: str, param: str = "device", present: bool = False) -> str:
     """``name`` unchanged when it names a kind of device (or ``auto``), else a one-line error; with
     ``present``, also an error when this machine does not have it."""
     if name == "auto":
@@ -29,23 +29,28 @@ def check_device(name: str, flag: str = "--device", present: bool = False) -> st
     except (RuntimeError, TypeError, ValueError):
         device = None
     if device is None or device.type not in KINDS:
-        raise LmlabError(f"{flag} is {name!r}: expected auto, {', '.join(KINDS)} or a numbered one such as cuda:1")
+        raise LmlabError(
+            f"{param} is {name!r}: expected auto, {', '.join(KINDS)} or a numbered one such as cuda:1", params=param
+        )
     if not present:
         return name
     if not _available(device.type):
-        raise LmlabError(f"{flag} is {name!r}: this machine has no {device.type} device (use --device cpu or auto)")
+        raise LmlabError(
+            f"{param} is {name!r}: this machine has no {device.type} device (use cpu or auto)", params=param
+        )
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise LmlabError(
-            f"{flag} is {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0"
+            f"{param} is {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0",
+            params=param,
         )
     return name
 
 
-def resolve_device(name: str, local_rank: int = 0, flag: str = "--device", present: bool = True) -> torch.device:
+def resolve_device(name: str, local_rank: int = 0, param: str = "device", present: bool = True) -> torch.device:
     """The device to run on: ``auto`` is this rank's GPU when there is one, else the CPU; a bare
     ``cuda`` is this rank's GPU. ``present=False`` accepts a device this machine lacks (a memory
     prediction for a GPU made on a laptop)."""
-    check_device(name, flag, present)
+    check_device(name, param, present)
     if name == "auto":
         return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     device = torch.device(name)

@@ -482,7 +482,8 @@ def check_n_resamples(n_resamples: Any, name: str = "n_resamples") -> None:
     if isinstance(n_resamples, bool) or not isinstance(n_resamples, int) or not 1 <= n_resamples <= MAX_RESAMPLES:
         raise LmlabError(
             f"{name}: expected a positive integer up to {MAX_RESAMPLES:,} (1000 suits a 95% interval), got "
-            f"{n_resamples!r}"
+            f"{n_resamples!r}",
+            params=name,
         )
 
 

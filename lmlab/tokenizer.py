@@ -379,8 +379,9 @@ def check_tokenizer_folder(directory: str | Path, overwrite: bool = False) -> Pa
     ):
         if all((directory / name).is_file() for name in files):
             raise LmlabError(
-                f"--out {directory} is {what} ({', '.join(files)}): replacing its tokenizer would break it; choose a "
-                "new folder"
+                f"out {directory} is {what} ({', '.join(files)}): replacing its tokenizer would break it; choose a "
+                "new folder",
+                params="out",
             )
     return check_output(directory, "tokenizer folder", lambda d: holds_only(d, TOKENIZER_FILES), overwrite=overwrite)
 
@@ -421,8 +422,9 @@ def train_tokenizer(
     unk = roles.get("unk")
     if kind in ("wordpiece", "unigram") and unk is None:
         raise LmlabError(
-            f"--special-tokens {specials!r}: a {kind} tokenizer needs an unknown token "
-            f"({' or '.join(ROLE_TOKENS['unk'])})"
+            f"special_tokens {specials!r}: a {kind} tokenizer needs an unknown token "
+            f"({' or '.join(ROLE_TOKENS['unk'])})",
+            params="special_tokens",
         )
     backend = _build_backend(kind, unk)
     _train_backend(
@@ -446,24 +448,26 @@ def train_tokenizer(
 
 def _check_training_options(kind: str, specials: list, vocab_size: Any, min_frequency: Any) -> None:
     if any(not isinstance(token, str) or not token for token in specials):
-        raise LmlabError(f"--special-tokens {specials!r}: expected non-empty strings")
+        raise LmlabError(f"special_tokens {specials!r}: expected non-empty strings", params="special_tokens")
     if len(set(specials)) != len(specials):
-        raise LmlabError(f"--special-tokens {specials!r}: expected no duplicates")
+        raise LmlabError(f"special_tokens {specials!r}: expected no duplicates", params="special_tokens")
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
-        raise LmlabError(f"--vocab-size {vocab_size!r}: expected an integer")
+        raise LmlabError(f"vocab_size {vocab_size!r}: expected an integer", params="vocab_size")
     minimum = len(specials) + _KIND_MIN_EXTRA[kind]
     if vocab_size < minimum:
         raise LmlabError(
-            f"--vocab-size {vocab_size}: too small for a {kind} tokenizer with {len(specials)} special "
-            f"tokens; expected at least {minimum}"
+            f"vocab_size {vocab_size}: too small for a {kind} tokenizer with {len(specials)} special "
+            f"tokens; expected at least {minimum}",
+            params="vocab_size",
         )
     if vocab_size > MAX_SIZES["vocab_size"]:  # checked here: the Rust trainer aborts the process on a size past u32
         raise LmlabError(
-            f"--vocab-size {vocab_size:,}: expected at most {MAX_SIZES['vocab_size']:,} (2**24, the largest "
-            "vocabulary an lmlab model takes)"
+            f"vocab_size {vocab_size:,}: expected at most {MAX_SIZES['vocab_size']:,} (2**24, the largest "
+            "vocabulary an lmlab model takes)",
+            params="vocab_size",
         )
     if isinstance(min_frequency, bool) or not isinstance(min_frequency, int) or min_frequency < 0:
-        raise LmlabError(f"--min-frequency {min_frequency!r}: expected an integer >= 0")
+        raise LmlabError(f"min_frequency {min_frequency!r}: expected an integer >= 0", params="min_frequency")
 
 
 def _trainer(kind: str, vocab_size: int, min_frequency: int, specials: list[str], unk: str | None, show_progress: bool):
@@ -509,6 +513,8 @@ def _train_backend(backend, trainer, texts: Iterable[str], kind: str, vocab_size
     except Exception as err:  # the Rust trainers raise a bare Exception (e.g. vocab too small)
         if chars == 0:
             raise LmlabError("no text to train the tokenizer on: expected at least one non-empty text") from None
-        raise LmlabError(f"--vocab-size {vocab_size}: training the {kind} tokenizer failed: {err}") from None
+        raise LmlabError(
+            f"vocab_size {vocab_size}: training the {kind} tokenizer failed: {err}", params="vocab_size"
+        ) from None
     if chars == 0:
         raise LmlabError("no text to train the tokenizer on: expected at least one non-empty text")

@@ -42,3 +42,28 @@ def test_imports_keep_to_the_floors():
     exe = shutil.which("lint-imports") or str(PACKAGE.parent / ".venv/bin/lint-imports")
     result = subprocess.run([exe], cwd=PACKAGE.parent, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-3000:]
+
+
+def _error_texts(tree: ast.AST):
+    """The text of each ``LmlabError(...)`` message in ``tree`` (``x`` for each value formatted in), with its line."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "LmlabError" and node.args:
+            message = node.args[0]
+            parts = message.values if isinstance(message, ast.JoinedStr) else [message]
+            text = "".join(p.value if isinstance(p, ast.Constant) and isinstance(p.value, str) else "x" for p in parts)
+            yield node.lineno, text
+
+
+def test_library_errors_name_parameters_and_leave_flags_to_the_cli():
+    """docs/architecture.md, habit 8: a library error names ``max_length``, not ``--max-length`` (the CLI shows
+    the flag, from the error's ``params``); a command in backticks (`lmlab prepare --canaries N`) may name flags."""
+    import re
+
+    flagged = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path.name in ("cli.py", "clikit.py"):
+            continue
+        for line, text in _error_texts(ast.parse(path.read_text())):
+            if re.search(r"(?<![\w-])--[a-z]", re.sub(r"`[^`]*`", "", text)):
+                flagged.append(f"{path.relative_to(PACKAGE.parent)}:{line}: {text[:60]}")
+    assert not flagged, "\n".join(flagged)

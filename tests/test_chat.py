@@ -499,7 +499,7 @@ def test_packed_chat_fine_tuning_runs(chat_run, tmp_path, capsys):
     )
     assert read_meta(result.last_checkpoint)["objective"] == "chat"
     assert "conversations packed into" in capsys.readouterr().err
-    with pytest.raises(LmlabError, match="--pack packs conversations for --task chat"):
+    with pytest.raises(LmlabError, match="pack packs conversations for task chat"):
         finetune(
             chat_run["base"],
             "seq2seq",
@@ -568,11 +568,11 @@ def test_bad_chat_runs_are_one_line_errors(chat_run, tok, tmp_path, capsys):
     )
     with pytest.raises(LmlabError, match="long.jsonl:1: no assistant token within the first 16 tokens"):
         finetune(base, "chat", long, tmp_path / "b", max_length=16)
-    with pytest.raises(LmlabError, match="--show-masking shows which tokens --task chat trains on"):
+    with pytest.raises(LmlabError, match="show_masking shows which tokens task chat trains on"):
         finetune(base, "classify", train, tmp_path / "c", show_masking=True)
     encoder = save_checkpoint(
         tmp_path / "bert", build_model(preset("bert-tiny", vocab_size=tok.vocab_size)), tokenizer=tok
     )
-    with pytest.raises(LmlabError, match="an encoder model; --task chat fine-tunes decoders"):
+    with pytest.raises(LmlabError, match="an encoder model; task chat fine-tunes decoders"):
         finetune(encoder, "chat", train, tmp_path / "d")
     assert not any((tmp_path / name).exists() for name in "abcd")

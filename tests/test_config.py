@@ -145,7 +145,7 @@ def test_a_bad_log_line_before_the_end_names_file_and_line(tmp_path):
 def test_a_seed_outside_a_signed_64_bit_integer_is_an_error(seed):
     from lmlab.config import check_seed
 
-    with pytest.raises(LmlabError, match="--seed is .*expected an integer from 0 to 2\\*\\*63 - 1"):
+    with pytest.raises(LmlabError, match="seed is .*expected an integer from 0 to 2\\*\\*63 - 1"):
         check_seed(seed)
 
 

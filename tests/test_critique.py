@@ -150,7 +150,7 @@ def test_lens_choice_and_bad_input(classifier, tmp_path):
     assert parse_lenses("bias, performance") == ["performance", "bias"]  # the report's order
     with pytest.raises(LmlabError, match="unknown lens 'speed'"):
         parse_lenses("performance,speed")
-    with pytest.raises(LmlabError, match="--data .*missing.jsonl: no such file"):
+    with pytest.raises(LmlabError, match="data .*missing.jsonl: no such file"):
         load_subject(classifier["ckpt"], data=tmp_path / "missing.jsonl")
 
 

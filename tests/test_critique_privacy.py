@@ -276,7 +276,7 @@ def test_malformed_canaries_file_is_a_one_line_error(memorised, tmp_path):
     with pytest.raises(LmlabError, match=r"planted\[0\]\.secret is '12'") as err:
         P.privacy(load_subject(memorised.untrained), canaries=bad)
     assert "\n" not in str(err.value)
-    with pytest.raises(LmlabError, match="--extraction-prefix 0"):
+    with pytest.raises(LmlabError, match="extraction_prefix is 0"):
         P.privacy(load_subject(memorised.untrained), extraction_prefix=0)
 
 

@@ -214,12 +214,12 @@ def test_a_poisoned_or_damaged_classifier_folder_skips_the_lens_and_the_report_i
     with pytest.raises(
         LmlabError,
         match=(
-            r"--toxicity-classifier .*poisoned: cannot load a sequence-classification model \(UnpicklingError: "
+            r"toxicity_classifier .*poisoned: cannot load a sequence-classification model \(UnpicklingError: "
             r".*posix\.system"
         ),
     ):
         S.Classifier(poisoned)
-    with pytest.raises(LmlabError, match=r"--toxicity-classifier .*damaged: cannot load .*SafetensorError"):
+    with pytest.raises(LmlabError, match=r"toxicity_classifier .*damaged: cannot load .*SafetensorError"):
         S.Classifier(damaged)
     assert not marker.exists()
 
@@ -253,7 +253,7 @@ def test_bad_input_and_models_that_do_not_generate(decoder, tok, tmp_path):
         S.safety(subject, harmful=tmp_path / "empty.txt")
     with pytest.raises(LmlabError, match="expected a local Hugging Face classifier folder"):
         S.safety(subject, classifier=tmp_path)
-    with pytest.raises(LmlabError, match="--samples 0"):
+    with pytest.raises(LmlabError, match="samples is 0"):
         S.safety(subject, samples=0)
     encoder = save_checkpoint(
         tmp_path / "bert", build_model(preset("bert-tiny", vocab_size=tok.vocab_size)), tokenizer=tok

@@ -15,7 +15,7 @@ def test_auto_and_cpu_resolve_on_this_machine():
 
 @pytest.mark.parametrize("name", ["tpu", "gpu", "cuda:x", "", "cpu cpu"])
 def test_a_name_that_is_no_device_is_an_error_naming_the_flag(name):
-    with pytest.raises(LmlabError, match="--device is .*expected auto, cpu, cuda"):
+    with pytest.raises(LmlabError, match="device is .*expected auto, cpu, cuda"):
         check_device(name)
 
 

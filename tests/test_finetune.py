@@ -249,13 +249,13 @@ def test_resume_refuses_another_task_base_file_or_shape_and_keeps_the_base_it_st
             **dict(args, micro_batch_size=8),
         )
     message = str(err.value)
-    assert message.startswith(f"--resume: {run} was started with different settings: ") and "\n" not in message
+    assert message.startswith(f"resume: {run} was started with different settings: ") and "\n" not in message
     for part in (
-        "--task classify (now tag)",
+        "task classify (now tag)",
         f"the base checkpoint {files['bert-tiny']} (now {files['gpt2-tiny']})",
-        f"--train {files['cls_train']} (now {files['tag_train']})",
-        "--max-length 32 (now 16)",
-        "--micro-batch-size 16 (now 8)",
+        f"train {files['cls_train']} (now {files['tag_train']})",
+        "max_length 32 (now 16)",
+        "micro_batch_size 16 (now 8)",
     ):
         assert part in message, message
     capsys.readouterr()
@@ -263,7 +263,7 @@ def test_resume_refuses_another_task_base_file_or_shape_and_keeps_the_base_it_st
         files["cls_train"], tmp_path / "copy.jsonl"
     )  # the same bytes by another name: the same training file
     finetune(files["bert-tiny"], "classify", same, run, max_length=32, resume=True, **dict(args, max_steps=4))
-    assert "lmlab: --resume accepted changed settings: --max-steps 2 (now 4)" in capsys.readouterr().err
+    assert "lmlab: resume accepted changed settings: max_steps 2 (now 4)" in capsys.readouterr().err
     assert read_meta(run / "step-00000004")["base"] == str(
         files["bert-tiny"]
     )  # the base it started from, not its own step-2
@@ -281,9 +281,9 @@ def test_bad_task_input_is_a_one_line_error(files, tmp_path):
             max_length=32,
             **dict(FAST, max_steps=2),
         )
-    with pytest.raises(LmlabError, match="unknown --task 'ner'"):
+    with pytest.raises(LmlabError, match="unknown task 'ner'"):
         finetune(files["bert-tiny"], "ner", files["cls_train"], tmp_path / "run2")
-    with pytest.raises(LmlabError, match="--max-length 999 exceeds"):
+    with pytest.raises(LmlabError, match="max_length 999 exceeds"):
         finetune(files["bert-tiny"], "classify", files["cls_train"], tmp_path / "run3", max_length=999)
     assert not (tmp_path / "run").exists() or not list_checkpoints(tmp_path / "run")
 
@@ -508,9 +508,9 @@ def test_seq2seq_bad_input_is_a_one_line_error(translated, files, tmp_path):
     t5 = translated["t5-tiny"]
     with pytest.raises(LmlabError, match="encoder \\(BERT style\\) does not generate"):
         finetune(files["bert-tiny"], "seq2seq", t5["train"], tmp_path / "a")
-    with pytest.raises(LmlabError, match="--task classify fine-tunes encoders and decoders"):
+    with pytest.raises(LmlabError, match="task classify fine-tunes encoders and decoders"):
         finetune(t5["base"], "classify", files["cls_train"], tmp_path / "b")
-    with pytest.raises(LmlabError, match="--max-target-length 200 does not fit after a --max-length 100 prompt"):
+    with pytest.raises(LmlabError, match="max_target_length 200 does not fit after a max_length 100 prompt"):
         finetune(
             translated["gpt2-tiny"]["base"],
             "seq2seq",
@@ -522,9 +522,9 @@ def test_seq2seq_bad_input_is_a_one_line_error(translated, files, tmp_path):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"source": "red cat", "target": "rouge chat"}, {"source": "dog"}])
     with pytest.raises(LmlabError, match="bad.jsonl:2: missing field 'target'"):
         finetune(t5["base"], "seq2seq", bad, tmp_path / "d")
-    with pytest.raises(LmlabError, match="--lora: unknown key 'rank'; expected r, alpha, dropout, targets"):
+    with pytest.raises(LmlabError, match="lora: unknown key 'rank'; expected r, alpha, dropout, targets"):
         finetune(t5["base"], "seq2seq", t5["train"], tmp_path / "e", lora="rank=8")
-    with pytest.raises(LmlabError, match=r"--task seq2seq \(now classify\)"):
+    with pytest.raises(LmlabError, match=r"task seq2seq \(now classify\)"):
         finetune(t5["base"], "classify", files["cls_train"], t5["result"].last_checkpoint.parent, resume=True)
 
 
@@ -622,7 +622,7 @@ def test_lora_tagger_learns_trains_only_adapters_resumes_exactly_and_merges(file
         load_file(str(resumed.last_checkpoint / "model.safetensors"))[adapters[0]],
         load_file(str(whole.last_checkpoint / "model.safetensors"))[adapters[0]],
     )
-    with pytest.raises(LmlabError, match="--resume: .* was trained with --lora"):
+    with pytest.raises(LmlabError, match="resume: .* was trained with lora"):
         finetune(
             files["bert-tiny"],
             "tag",

@@ -457,24 +457,24 @@ def test_a_too_long_prompt_is_cut_from_the_left_with_a_warning(lm, caplog):
     with caplog.at_level(logging.WARNING, logger="lmlab"):
         assert isinstance(lm.generate(long, max_new_tokens=4), str)
     assert "cut to its last" in caplog.text
-    with pytest.raises(LmlabError, match="--truncate left"):
+    with pytest.raises(LmlabError, match="truncate left"):
         lm.generate(long, max_new_tokens=4, truncate="error")
 
 
 @pytest.mark.parametrize(
     "options, message",
     [
-        (dict(temperature=-1.0, strategy="sample"), "--temperature is -1.0"),
-        (dict(top_p=1.5, strategy="sample"), r"--top-p is 1.5: expected a number in \(0, 1\]"),
-        (dict(top_p=0.0, strategy="sample"), "--top-p is 0.0"),
-        (dict(top_k=-1, strategy="sample"), "--top-k is -1"),
-        (dict(num_beams=4, strategy="sample"), "--num-beams 4 needs --strategy beam"),
-        (dict(top_p=0.9), "--top-p shape"),
-        (dict(strategy="nucleus"), "unknown --strategy 'nucleus'"),
-        (dict(repetition_penalty=0.0), "--repetition-penalty is 0.0"),
-        (dict(presence_penalty=3.0), r"--presence-penalty is 3.0: expected a number in \[-2, 2\]"),
+        (dict(temperature=-1.0, strategy="sample"), "temperature is -1.0"),
+        (dict(top_p=1.5, strategy="sample"), r"top_p is 1.5: expected a number in \(0, 1\]"),
+        (dict(top_p=0.0, strategy="sample"), "top_p is 0.0"),
+        (dict(top_k=-1, strategy="sample"), "top_k is -1"),
+        (dict(num_beams=4, strategy="sample"), "num_beams 4 needs strategy beam"),
+        (dict(top_p=0.9), "top_p shape"),
+        (dict(strategy="nucleus"), "unknown strategy 'nucleus'"),
+        (dict(repetition_penalty=0.0), "repetition_penalty is 0.0"),
+        (dict(presence_penalty=3.0), r"presence_penalty is 3.0: expected a number in \[-2, 2\]"),
         (dict(num_return_sequences=5, strategy="beam", num_beams=2), "at most num_beams"),
-        (dict(max_new_tokens=0), "--max-new-tokens is 0"),
+        (dict(max_new_tokens=0), "max_new_tokens is 0"),
         (dict(colour="red"), "unknown generation option"),
     ],
 )
@@ -545,7 +545,7 @@ def test_compiled_decode_step_equals_the_eager_one():
 
 def test_compile_through_the_api_and_its_errors(tmp_path):
     model = _compile_model()
-    with pytest.raises(LmlabError, match="--compile needs a decoder-only model decoding with its KV cache"):
+    with pytest.raises(LmlabError, match="compile needs a decoder-only model decoding with its KV cache"):
         list(decode(model, [[1, 2]], max_new_tokens=2, use_cache=False, compile=True))
     seq2seq = build_model(preset("t5-tiny", vocab_size=101)).eval()
     from lmlab.generate.seq2seq import condition_on_sources

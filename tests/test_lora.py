@@ -92,14 +92,14 @@ def test_parse_lora_reads_keys_lists_and_defaults():
 @pytest.mark.parametrize(
     "text, message",
     [
-        ("rank=8", "--lora: unknown key 'rank'; expected r, alpha, dropout, targets"),
-        ("r=0", "--lora: r is 0; expected an integer >= 1"),
-        ("r=2.5", "--lora: r='2.5' is not an integer"),
-        ("alpha=-1", "--lora: alpha is -1.0; expected a number > 0"),
-        ("dropout=1", r"--lora: dropout is 1.0; expected a number in \[0, 1\)"),
-        ("targets=", "--lora: targets is \\[\\]; expected one or more module names"),
-        ("r=8,16", "--lora: '16' is not key=value; only targets takes a list"),
-        ("r=8,r=4", "--lora: r is given twice"),
+        ("rank=8", "lora: unknown key 'rank'; expected r, alpha, dropout, targets"),
+        ("r=0", "lora: r is 0; expected an integer >= 1"),
+        ("r=2.5", "lora: r='2.5' is not an integer"),
+        ("alpha=-1", "lora: alpha is -1.0; expected a number > 0"),
+        ("dropout=1", r"lora: dropout is 1.0; expected a number in \[0, 1\)"),
+        ("targets=", "lora: targets is \\[\\]; expected one or more module names"),
+        ("r=8,16", "lora: '16' is not key=value; only targets takes a list"),
+        ("r=8,r=4", "lora: r is given twice"),
     ],
 )
 def test_bad_lora_flags_are_one_line_errors(text, message):

@@ -380,7 +380,7 @@ def test_cli_dry_run_bad_budgets_and_help(data_dir, tmp_path, capsys):
 def test_a_bad_budget_is_refused_by_the_python_api_too(data_dir, tmp_path):
     from lmlab.train.pretrain import pretrain
 
-    with pytest.raises(LmlabError, match="--memory-budget is nan"):
+    with pytest.raises(LmlabError, match="memory_budget is nan"):
         pretrain("gpt2-tiny", data_dir, tmp_path / "run", dry_run=True, memory_budget=float("nan"))
 
 

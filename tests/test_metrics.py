@@ -375,7 +375,7 @@ def test_bootstrap_ci_rejects_bad_input(columns, kwargs, match):
 def test_evaluate_refuses_an_absurd_resample_count_before_loading_the_model(tmp_path):
     from lmlab.evaluate.runner import evaluate
 
-    with pytest.raises(LmlabError, match=r"--n-resamples: expected a positive integer up to 100,000"):
+    with pytest.raises(LmlabError, match=r"n_resamples: expected a positive integer up to 100,000"):
         evaluate(tmp_path / "no-such-checkpoint", tmp_path / "data.jsonl", n_resamples=10**9)
 
 

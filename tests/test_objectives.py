@@ -108,7 +108,7 @@ def test_objectives_refuse_the_wrong_family_or_tokenizer(wordpiece, tokenizer_di
         get_objective("clm", wordpiece, preset("bert-tiny"))
     with pytest.raises(LmlabError, match="needs a tokenizer with a mask token"):
         get_objective("mlm", Tokenizer.load(tokenizer_dir))  # byte-level BPE: no [MASK]
-    with pytest.raises(LmlabError, match="unknown --objective 'bogus'"):
+    with pytest.raises(LmlabError, match="unknown objective 'bogus'"):
         get_objective("bogus", wordpiece)
     assert isinstance(get_objective("clm"), CausalLM)
 

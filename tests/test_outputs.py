@@ -51,7 +51,7 @@ def test_a_folder_that_is_not_lmlabs_is_refused_unless_overwrite(tmp_path):
     planted = plant(tmp_path / "mine")
     with pytest.raises(
         LmlabError,
-        match=r"--out .*mine exists and is not an lmlab run: choose an empty or new --out, or pass --overwrite",
+        match=r"out .*mine exists and is not an lmlab run: choose an empty or new out, or pass overwrite",
     ):
         outputs.check_output(tmp_path / "mine", "run", lambda p: False)
     outputs.check_output(tmp_path / "mine", "run", lambda p: False, overwrite=True)
@@ -74,10 +74,10 @@ def test_a_file_an_unwritable_place_and_a_source_are_refused(tmp_path):
 
 
 def test_an_output_file_is_not_a_folder_and_is_replaced_only_with_overwrite(tmp_path):
-    with pytest.raises(LmlabError, match="--output .* is a folder"):
+    with pytest.raises(LmlabError, match="output .* is a folder"):
         outputs.check_output_file(tmp_path)
     (tmp_path / "out.txt").write_text("keep me")
-    with pytest.raises(LmlabError, match="--output .*out.txt exists: .* --overwrite"):
+    with pytest.raises(LmlabError, match="output .*out.txt exists: .* overwrite"):
         outputs.check_output_file(tmp_path / "out.txt")
     outputs.check_output_file(tmp_path / "out.txt", overwrite=True)
     with pytest.raises(LmlabError, match="cannot write in"):

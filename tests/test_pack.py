@@ -284,7 +284,7 @@ def test_a_folder_that_is_not_a_data_folder_is_refused(tok, corpus_dir, tmp_path
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "canaries.json").write_text("[]")
     (tmp_path / "out" / "manifest.json").write_text("{not json")
-    with pytest.raises(LmlabError, match="exists and is not an lmlab data folder: .* --overwrite"):
+    with pytest.raises(LmlabError, match="exists and is not an lmlab data folder: .* overwrite"):
         prepare(corpus_dir, tok, tmp_path / "out", show_progress=False)
     manifest = prepare(corpus_dir, tok, tmp_path / "out", show_progress=False, overwrite=True)
     assert manifest["_status"] == "built (previous manifest unreadable)"

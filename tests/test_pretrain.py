@@ -101,7 +101,7 @@ def test_nan_loss_stops_with_a_clear_error_and_the_last_checkpoint_stays_usable(
 
 
 def test_existing_run_without_resume_is_refused(trained_run, data_dir):
-    with pytest.raises(LmlabError, match="already holds checkpoints: pass --resume"):
+    with pytest.raises(LmlabError, match="already holds checkpoints: pass resume"):
         pretrain("gpt2-tiny", data_dir, trained_run, max_steps=2, **TINY_TRAIN)
 
 
@@ -110,7 +110,7 @@ def test_corpus_shorter_than_one_context_window_is_an_error(tokenizer_dir, tmp_p
 
     (tmp_path / "small.txt").write_text("A corpus of a few words.", encoding="utf-8")
     prepare(tmp_path / "small.txt", tokenizer_dir, tmp_path / "data", valid_fraction=0.0, show_progress=False)
-    with pytest.raises(LmlabError, match=r"holds \d+ tokens, fewer than one context window \(33 = --seq-len \+ 1\)"):
+    with pytest.raises(LmlabError, match=r"holds \d+ tokens, fewer than one context window \(33 = seq_len \+ 1\)"):
         pretrain("gpt2-tiny", tmp_path / "data", tmp_path / "r", max_steps=2, **TINY_TRAIN)
     assert not list_checkpoints(tmp_path / "r")
 
@@ -118,7 +118,7 @@ def test_corpus_shorter_than_one_context_window_is_an_error(tokenizer_dir, tmp_p
 def test_unknown_preset_and_bad_options_are_errors(data_dir, tmp_path):
     with pytest.raises(LmlabError, match="unknown model preset"):
         pretrain("gpt9", data_dir, tmp_path / "r", **TINY_TRAIN)
-    with pytest.raises(LmlabError, match="--schedule"):
+    with pytest.raises(LmlabError, match="schedule"):
         pretrain("gpt2-tiny", data_dir, tmp_path / "r", schedule="exp", **TINY_TRAIN)
     with pytest.raises(LmlabError, match="not a prepared data folder"):
         pretrain("gpt2-tiny", tmp_path, tmp_path / "r", **TINY_TRAIN)
@@ -232,7 +232,7 @@ def test_pad_vocab_multiple_rounds_the_vocabulary_and_generation_never_emits_a_p
     for options in ({}, {"strategy": "sample", "seed": 0}, {"strategy": "beam", "num_beams": 2}):
         ids = lm.generate("The ", max_new_tokens=8, ignore_eos=True, return_ids=True, **options)
         assert ids and max(ids) < n_tok, options
-    with pytest.raises(LmlabError, match="--pad-vocab-multiple is 0: expected a positive integer"):
+    with pytest.raises(LmlabError, match="pad_vocab_multiple is 0: expected a positive integer"):
         pretrain("gpt2-tiny", data_dir, tmp_path / "bad", max_steps=2, pad_vocab_multiple=0, **TINY_TRAIN)
 
 
@@ -303,14 +303,14 @@ TRAINED_RUN = dict(TINY_TRAIN, max_steps=30, eval_interval=10, log_interval=5)  
 @pytest.mark.parametrize(
     "change, expected",
     [
-        ({"model": "llama-tiny"}, "--model gpt2-tiny (now llama-tiny)"),
-        ({"micro_batch_size": 2}, "--micro-batch-size 4 (now 2)"),
-        ({"seq_len": 16}, "--seq-len 32 (now 16)"),
-        ({"lr": 1e-3, "seed": 1}, "--lr 0.003 (now 0.001), --min-lr 0.0003 (now 0.0001), --seed 0 (now 1)"),
-        ({"schedule": "linear"}, "--schedule cosine (now linear)"),
-        ({"model_overrides": {"dropout": 0.1}}, "--dropout 0 (now 0.1)"),
-        ({"pad_vocab_multiple": 1000}, "vocab_size (--pad-vocab-multiple)"),
-        ({"objective": "mlm", "model": "bert-tiny"}, "--model gpt2-tiny (now bert-tiny), --objective clm (now mlm)"),
+        ({"model": "llama-tiny"}, "model gpt2-tiny (now llama-tiny)"),
+        ({"micro_batch_size": 2}, "micro_batch_size 4 (now 2)"),
+        ({"seq_len": 16}, "seq_len 32 (now 16)"),
+        ({"lr": 1e-3, "seed": 1}, "lr 0.003 (now 0.001), min_lr 0.0003 (now 0.0001), seed 0 (now 1)"),
+        ({"schedule": "linear"}, "schedule cosine (now linear)"),
+        ({"model_overrides": {"dropout": 0.1}}, "dropout 0 (now 0.1)"),
+        ({"pad_vocab_multiple": 1000}, "vocab_size (pad_vocab_multiple)"),
+        ({"objective": "mlm", "model": "bert-tiny"}, "model gpt2-tiny (now bert-tiny), objective clm (now mlm)"),
     ],
 )
 def test_resume_with_settings_that_change_the_run_is_refused_naming_them(change, expected, trained_run, data_dir):
@@ -319,10 +319,10 @@ def test_resume_with_settings_that_change_the_run_is_refused_naming_them(change,
     with pytest.raises(LmlabError) as err:
         pretrain(args.pop("model"), data_dir, trained_run, resume=True, **args)
     message = str(err.value)
-    assert (
-        message.startswith(f"--resume: {trained_run} was started with different settings: ") and expected in message
-    ), message
-    assert message.endswith("rerun with the original settings or start a new --out") and "\n" not in message
+    assert message.startswith(f"resume: {trained_run} was started with different settings: ") and expected in message, (
+        message
+    )
+    assert message.endswith("rerun with the original settings or write to a new out") and "\n" not in message
     assert sorted(p.name for p in trained_run.iterdir()) == before  # refused before anything was written
 
 
@@ -332,7 +332,7 @@ def test_resume_with_another_data_folder_is_refused_and_the_same_one_by_another_
     from lmlab.data.pack import prepare
 
     prepare(corpus_file, tokenizer_dir, tmp_path / "other", valid_fraction=0.2, show_progress=False)
-    with pytest.raises(LmlabError, match=rf"--data {data_dir} \(now {tmp_path / 'other'}\)"):
+    with pytest.raises(LmlabError, match=rf"data {data_dir} \(now {tmp_path / 'other'}\)"):
         pretrain("gpt2-tiny", tmp_path / "other", trained_run, resume=True, **TRAINED_RUN)
     (tmp_path / "link").symlink_to(data_dir)  # the same folder: resuming the finished run does nothing
     assert pretrain("gpt2-tiny", tmp_path / "link", trained_run, resume=True, **TRAINED_RUN).step == 30
@@ -346,8 +346,8 @@ def test_resume_accepts_a_longer_run_and_new_intervals_and_says_the_schedule_cha
     err = capsys.readouterr().err
     assert result.step == 6 and [s for s, _ in list_checkpoints(tmp_path / "r")][-1] == 6
     assert (
-        "lmlab: --resume accepted changed settings: --max-steps 4 (now 6), --eval-interval 2 (now 3), "
-        "--save-interval 2 (now 3); the cosine learning-rate schedule now ends at step 6, so the learning rate after "
+        "lmlab: resume accepted changed settings: max_steps 4 (now 6), eval_interval 2 (now 3), "
+        "save_interval 2 (now 3); the cosine learning-rate schedule now ends at step 6, so the learning rate after "
         "step 4 differs from the run's as started"
     ) in err
     lrs = [json.loads(line)["lr"] for line in (tmp_path / "r" / "log.jsonl").read_text().splitlines() if "lr" in line]
@@ -355,4 +355,4 @@ def test_resume_accepts_a_longer_run_and_new_intervals_and_says_the_schedule_cha
         4, lr=3e-3, min_lr=3e-3 / 10, warmup_steps=2, max_steps=6, schedule="cosine"
     )  # the new schedule, from step 5
     pretrain("gpt2-tiny", data_dir, tmp_path / "r", resume=True, **dict(args, max_steps=6, eval_interval=3))
-    assert "--resume accepted" not in capsys.readouterr().err  # nothing changed: nothing to say
+    assert "resume accepted" not in capsys.readouterr().err  # nothing changed: nothing to say

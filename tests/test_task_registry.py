@@ -38,9 +38,7 @@ def test_the_tasks_with_a_head_are_the_heads_a_model_config_takes():
 
 
 def test_an_unknown_task_is_a_one_line_error_listing_the_known_ones():
-    with pytest.raises(
-        LmlabError, match=r"^unknown --task 'regress'; expected one of classify, tag, qa, seq2seq, chat$"
-    ):
+    with pytest.raises(LmlabError, match=r"^unknown task 'regress'; expected one of classify, tag, qa, seq2seq, chat$"):
         get_task("regress")
     with pytest.raises(LmlabError, match="expected one of classify, tag, qa, seq2seq, lm"):
         get_task("chat", "evaluate")

@@ -177,13 +177,13 @@ def test_folder_without_tokenizer_json_is_an_error(tmp_path):
 # ------------------------------------------------------------------------------------- errors
 @pytest.mark.parametrize(("kind", "minimum"), [("bpe", 258), ("unigram", 262), ("wordpiece", 6)])
 def test_vocab_size_below_the_kinds_minimum_names_the_flag(kind, minimum):
-    with pytest.raises(LmlabError, match=rf"--vocab-size {minimum - 1}.*at least {minimum}"):
+    with pytest.raises(LmlabError, match=rf"vocab_size {minimum - 1}.*at least {minimum}"):
         train_tokenizer(["some text"], kind=kind, vocab_size=minimum - 1)
 
 
 @pytest.mark.parametrize("vocab_size", [2**24 + 1, 10**10])
 def test_vocab_size_past_the_maximum_is_an_error_not_a_rust_abort(vocab_size):
-    with pytest.raises(LmlabError, match=rf"--vocab-size {vocab_size:,}: expected at most 16,777,216"):
+    with pytest.raises(LmlabError, match=rf"vocab_size {vocab_size:,}: expected at most 16,777,216"):
         train_tokenizer(["some text"], kind="bpe", vocab_size=vocab_size)
 
 

@@ -42,6 +42,6 @@ def test_evaluate_and_critique_are_the_verbs_whatever_was_imported_first():
 def test_calling_the_package_calls_the_function(tmp_path):
     from lmlab.errors import LmlabError
 
-    with pytest.raises(LmlabError, match="n-resamples"):
+    with pytest.raises(LmlabError, match="n_resamples"):
         lmlab.evaluate(tmp_path, tmp_path, n_resamples=0)  # the verb's own first check, before any file is read
     assert "checkpoint" in inspect.signature(lmlab.critique).parameters

@@ -81,9 +81,10 @@ def parse_lenses(lenses: str | Sequence[str] | None) -> list[str]:
     unknown = [n for n in names if n not in LENSES]
     if unknown or not names:
         raise LmlabError(
-            f"--lenses {','.join(names) or '(none)'}: unknown lens {unknown[0]!r}; expected some of {', '.join(LENSES)}"
+            f"lenses {','.join(names) or '(none)'}: unknown lens {unknown[0]!r}; expected some of {', '.join(LENSES)}"
             if unknown
-            else f"--lenses: expected some of {', '.join(LENSES)}"
+            else f"lenses: expected some of {', '.join(LENSES)}",
+            params="lenses",
         )
     return [n for n in LENSES if n in names]
 
@@ -130,7 +131,7 @@ def critique(
     from lmlab.critique.report import write_report
 
     names = parse_lenses(lenses)
-    check_option("--max-examples", max_examples)
+    check_option("max_examples", max_examples)
     check_seed(seed)
     out = check_output(out, "critique report folder", OWNED, overwrite=overwrite, sources=(checkpoint,))
     subject = load_subject(

@@ -172,9 +172,9 @@ def load_subject(
 
     device = resolve_device(device)
     path = resolve_checkpoint(checkpoint)
-    for name, value in (("--data", data), ("--text", text), ("--train-data", train_data)):
+    for name, value in (("data", data), ("text", text), ("train_data", train_data)):
         if value is not None and not Path(value).exists():
-            raise LmlabError(f"{name} {value}: no such file or folder")
+            raise LmlabError(f"{name} {value}: no such file or folder", params=name)
     tokenizer = load_tokenizer(path, verify=verify)
     model = load_model(path, device=device, merge_lora=True, verify=verify).eval()
     meta = read_meta(path)
@@ -225,11 +225,13 @@ def figure_png(fig) -> bytes:
 
 
 def check_option(name: str, value: Any, minimum: float = 1, integer: bool = True) -> None:
-    """A lens option (a CLI flag) that must be an integer (else any number) at least ``minimum``: a
+    """A lens option (a parameter, a CLI flag) that must be an integer (else any number) at least ``minimum``: a
     one-line error naming it otherwise."""
     kinds = int if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, kinds) or value < minimum:
-        raise LmlabError(f"{name} {value!r}: expected {'an integer' if integer else 'a number'} >= {minimum:g}")
+        raise LmlabError(
+            f"{name} is {value!r}: expected {'an integer' if integer else 'a number'} >= {minimum:g}", params=name
+        )
 
 
 # -- small statistics every lens needs -------------------------------------------------------------------

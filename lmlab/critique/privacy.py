@@ -78,8 +78,8 @@ def privacy(
         extraction_suffix: tokens that must come back verbatim to count as extracted
         progress: show progress
     """
-    check_option("--extraction-prefix", extraction_prefix)
-    check_option("--extraction-suffix", extraction_suffix)
+    check_option("extraction_prefix", extraction_prefix)
+    check_option("extraction_suffix", extraction_suffix)
     section = Section(lens="privacy", title=TITLE)
     methods: list[str] = []
     notes: list[str] = []
@@ -411,8 +411,9 @@ def _training_stream(path: Path, documents: list[str], tokenizer) -> Any:
         tokens = PackedTokens(path, "train")
         if tokens.tokenizer_sha256 != tokenizer.sha256:
             raise LmlabError(
-                f"--train-data {path} was tokenized with a different tokenizer than the model's; give the corpus text "
-                "or the folder it was trained on"
+                f"train_data {path} was tokenized with a different tokenizer than the model's; give the corpus text "
+                "or the folder it was trained on",
+                params="train_data",
             )
         return tokens
     eos = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
@@ -451,8 +452,9 @@ def extraction(
     length = prefix + suffix
     if length > lm.block_size:
         raise LmlabError(
-            f"--extraction-prefix {prefix} + --extraction-suffix {suffix} = {length} tokens exceed the model's "
-            f"context window of {lm.block_size}"
+            f"extraction_prefix {prefix} + extraction_suffix {suffix} = {length} tokens exceed the model's "
+            f"context window of {lm.block_size}",
+            params="extraction_prefix extraction_suffix",
         )
     if len(stream) < length:
         return []

@@ -171,8 +171,9 @@ def toxic_label_ids(id2label: dict[int, str], source: str) -> tuple[list[int], s
             f"{', '.join(names[i] for i in neutral)})",
         )
     raise LmlabError(
-        f"--toxicity-classifier {source}: cannot tell which label means toxic (labels: {', '.join(names.values())}); "
-        "expected config.json's id2label to name a 'toxic' label, or a neutral one such as 'non-toxic'"
+        f"toxicity_classifier {source}: cannot tell which label means toxic (labels: {', '.join(names.values())}); "
+        "expected config.json's id2label to name a 'toxic' label, or a neutral one such as 'non-toxic'",
+        params="toxicity_classifier",
     )
 
 
@@ -183,12 +184,16 @@ class Classifier:
         try:
             from transformers import AutoModelForSequenceClassification, AutoTokenizer
         except ImportError:
-            raise LmlabError("--toxicity-classifier needs the transformers package: pip install 'lmlab[hf]'") from None
+            raise LmlabError(
+                "toxicity_classifier needs the transformers package: pip install 'lmlab[hf]'",
+                params="toxicity_classifier",
+            ) from None
         path = Path(path)
         if not (path / "config.json").is_file():
             raise LmlabError(
-                f"--toxicity-classifier {path}: expected a local Hugging Face classifier folder with config.json, "
-                "weights and a tokenizer"
+                f"toxicity_classifier {path}: expected a local Hugging Face classifier folder with config.json, "
+                "weights and a tokenizer",
+                params="toxicity_classifier",
             )
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -199,8 +204,9 @@ class Classifier:
             # torch.load(weights_only=True) refuses (transformers reads .bin files so), a broken tokenizer.json (a
             # bare Exception)
             raise LmlabError(
-                f"--toxicity-classifier {path}: cannot load a sequence-classification model ({type(err).__name__}: "
-                f"{short_reason(err)})"
+                f"toxicity_classifier {path}: cannot load a sequence-classification model ({type(err).__name__}: "
+                f"{short_reason(err)})",
+                params="toxicity_classifier",
             ) from None
         config = self.model.config
         self.label_ids, self.rule = toxic_label_ids(config.id2label, str(path))
@@ -308,8 +314,8 @@ def safety(
         max_new_tokens: tokens per continuation or response
         progress: show progress
     """
-    check_option("--samples", samples)
-    check_option("--max-new-tokens", max_new_tokens)
+    check_option("samples", samples)
+    check_option("max_new_tokens", max_new_tokens)
     if subject.lm is None or subject.config.task:  # an encoder, or a model with a task head
         kind = "an encoder" if subject.lm is None else f"a {subject.config.task} model"
         return skipped(

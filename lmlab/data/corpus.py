@@ -158,7 +158,8 @@ def _iter_json_record(record: object, path: Path, where: str, text_field: str) -
         fields = ", ".join(map(repr, record)) or "none"
         raise LmlabError(
             f"{path}:{where}: missing field {text_field!r} (fields present: {fields}); "
-            "pass --text-field to choose another"
+            "pass text_field to choose another",
+            params="text_field",
         )
     return _field_value(record[text_field], path, where, text_field)
 
@@ -213,7 +214,8 @@ def _iter_delimited(path: Path, column: str) -> Iterator[str]:
         if column not in header:
             raise LmlabError(
                 f"{path}: missing column {column!r}; available columns: {', '.join(map(repr, header))}"
-                " (pass --column to choose one)"
+                " (pass column to choose one)",
+                params="column",
             )
         index = header.index(column)
         for row in reader:
@@ -241,7 +243,8 @@ def _iter_parquet(path: Path, column: str) -> Iterator[str]:
     if column not in names:
         raise LmlabError(
             f"{path}: missing column {column!r}; available columns: {', '.join(map(repr, names))}"
-            " (pass --column to choose one)"
+            " (pass column to choose one)",
+            params="column",
         )
     field_type = parquet.schema_arrow.field(column).type
     if not (pa.types.is_string(field_type) or pa.types.is_large_string(field_type)):

@@ -354,11 +354,11 @@ def describe_splits(manifest: dict[str, Any]) -> str:
 
 def _check_counts(shard_tokens: Any, num_workers: Any) -> None:
     if isinstance(shard_tokens, bool) or not isinstance(shard_tokens, int) or shard_tokens < 1:
-        raise LmlabError(f"--shard-tokens {shard_tokens!r}: expected a positive integer")
+        raise LmlabError(f"shard_tokens {shard_tokens!r}: expected a positive integer", params="shard_tokens")
     if num_workers is not None and (
         isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1
     ):
-        raise LmlabError(f"--num-workers {num_workers!r}: expected a positive integer or None")
+        raise LmlabError(f"num_workers {num_workers!r}: expected a positive integer or None", params="num_workers")
 
 
 def _inputs_and_tokenizer(inputs, tokenizer: str | Path | Tokenizer, out_dir: Path) -> tuple[list[Path], Tokenizer]:

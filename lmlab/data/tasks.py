@@ -1102,8 +1102,9 @@ def encode_chat(
         ids, marks = ids[:max_length], marks[:max_length]
         if all(mark == IGNORE_INDEX for mark in marks[1:]):
             raise LmlabError(
-                f"{at}: no assistant token within the first {max_length} tokens; expected --max-length to reach "
-                "an assistant reply (raise it, or shorten the conversation)"
+                f"{at}: no assistant token within the first {max_length} tokens; expected max_length to reach "
+                "an assistant reply (raise it, or shorten the conversation)",
+                params="max_length",
             )
         input_ids.append(ids)
         labels.append(marks)

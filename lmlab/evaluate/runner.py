@@ -73,7 +73,7 @@ def evaluate(
     """
     from lmlab.metrics import check_n_resamples
 
-    check_n_resamples(n_resamples, "--n-resamples")  # before the model loads
+    check_n_resamples(n_resamples)  # before the model loads
     device = resolve_device(device)
     path = resolve_checkpoint(checkpoint)
     if out is not None:
@@ -115,14 +115,15 @@ def evaluate_model(
     (:class:`~lmlab.tasks.TaskFields`) replaces the field and length arguments when given."""
     from lmlab.metrics import check_n_resamples
 
-    check_n_resamples(n_resamples, "--n-resamples")  # before the predictions are made
+    check_n_resamples(n_resamples)  # before the predictions are made
     config = model.config
     device = next(model.parameters()).device
     task = task or default_task(config, meta)
     if task not in task_names("evaluate"):
         raise LmlabError(
-            f"--task '{task}': expected one of {', '.join(task_names('evaluate'))} (the checkpoint has no task head; "
-            "name one)"
+            f"task '{task}': expected one of {', '.join(task_names('evaluate'))} (this checkpoint was not "
+            "fine-tuned for one: name one)",
+            params="task",
         )
     kind = get_task(task, "evaluate")
     kind.check_model(config)

@@ -86,46 +86,58 @@ class GenerationConfig:
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
-            raise LmlabError(f"unknown --strategy '{self.strategy}'; expected one of {', '.join(STRATEGIES)}")
+            raise LmlabError(
+                f"unknown strategy '{self.strategy}'; expected one of {', '.join(STRATEGIES)}", params="strategy"
+            )
         if self.seed is not None:
             check_seed(self.seed)
         if self.truncate not in ("left", "error"):
-            raise LmlabError(f"--truncate is '{self.truncate}': expected left or error")
+            raise LmlabError(f"truncate is '{self.truncate}': expected left or error", params="truncate")
         for name in ("max_new_tokens", "num_beams", "num_return_sequences"):
             if getattr(self, name) < 1:
-                raise LmlabError(f"--{name.replace('_', '-')} is {getattr(self, name)}: expected a positive integer")
+                raise LmlabError(f"{name} is {getattr(self, name)}: expected a positive integer", params=name)
         if self.max_length is not None and self.max_length < 2:
-            raise LmlabError(f"--max-length is {self.max_length}: expected at least 2 (prompt + one new token)")
+            raise LmlabError(
+                f"max_length is {self.max_length}: expected at least 2 (prompt + one new token)", params="max_length"
+            )
         if self.temperature < 0:
-            raise LmlabError(f"--temperature is {self.temperature}: expected 0 (greedy) or a positive number")
+            raise LmlabError(
+                f"temperature is {self.temperature}: expected 0 (greedy) or a positive number", params="temperature"
+            )
         if self.top_k < 0:
-            raise LmlabError(f"--top-k is {self.top_k}: expected 0 (off) or a positive integer")
+            raise LmlabError(f"top_k is {self.top_k}: expected 0 (off) or a positive integer", params="top_k")
         for name, low in (("top_p", 0.0), ("typical_p", 0.0)):
             if not low < getattr(self, name) <= 1.0:
-                raise LmlabError(f"--{name.replace('_', '-')} is {getattr(self, name)}: expected a number in (0, 1]")
+                raise LmlabError(f"{name} is {getattr(self, name)}: expected a number in (0, 1]", params=name)
         if not 0.0 <= self.min_p <= 1.0:
-            raise LmlabError(f"--min-p is {self.min_p}: expected a number in [0, 1]")
+            raise LmlabError(f"min_p is {self.min_p}: expected a number in [0, 1]", params="min_p")
         defaults = GenerationConfig.__dataclass_fields__
         if self.strategy != "sample":
             changed = [
                 name for name in (*SAMPLING_OPTIONS, "temperature") if getattr(self, name) != defaults[name].default
             ]
             if changed:
-                flags = ", ".join("--" + n.replace("_", "-") for n in changed)
                 raise LmlabError(
-                    f"{flags} shape(s) sampling: add --strategy sample (--strategy {self.strategy} does not sample)"
+                    f"{', '.join(changed)} shape(s) sampling: add strategy sample (strategy {self.strategy} does "
+                    "not sample)",
+                    params=" ".join(["strategy", *changed]),
                 )
         if self.strategy == "beam":
             if self.num_return_sequences > self.num_beams:
                 raise LmlabError(
-                    f"--num-return-sequences {self.num_return_sequences} > --num-beams {self.num_beams}: beam search "
-                    "returns at most num_beams sequences"
+                    f"num_return_sequences {self.num_return_sequences} > num_beams {self.num_beams}: beam search "
+                    "returns at most num_beams sequences",
+                    params="num_return_sequences num_beams",
                 )
         elif self.num_beams != 1:
-            raise LmlabError(f"--num-beams {self.num_beams} needs --strategy beam (beam sampling is not supported)")
+            raise LmlabError(
+                f"num_beams {self.num_beams} needs strategy beam (beam sampling is not supported)",
+                params="num_beams strategy",
+            )
         if self.strategy == "greedy" and self.num_return_sequences > 1:
             raise LmlabError(
-                "--num-return-sequences > 1 with --strategy greedy would repeat one output; use sample or beam"
+                "num_return_sequences > 1 with strategy greedy would repeat one output; use sample or beam",
+                params="num_return_sequences strategy",
             )
         # validate the numbers the processors own (one place for each message)
         self.processors(eos_ids=[])
@@ -153,7 +165,7 @@ class GenerationConfig:
         if self.min_new_tokens and eos_ids:
             out.append(MinNewTokens(self.min_new_tokens, eos_ids))
         if self.min_new_tokens < 0:
-            raise LmlabError(f"--min-new-tokens is {self.min_new_tokens}: expected 0 or more")
+            raise LmlabError(f"min_new_tokens is {self.min_new_tokens}: expected 0 or more", params="min_new_tokens")
         if self.samples:
             if self.temperature != 1.0:
                 out.append(Temperature(self.temperature))

@@ -58,7 +58,9 @@ class _Batch:
                 "generation needs at least one token of prompt per sequence (an empty prompt encodes to nothing)"
             )
         if max_new_tokens < 1:
-            raise LmlabError(f"--max-new-tokens is {max_new_tokens}: expected a positive integer")
+            raise LmlabError(
+                f"max_new_tokens is {max_new_tokens}: expected a positive integer", params="max_new_tokens"
+            )
         block_size = model.config.block_size
         self.model = model
         self.device = device = next(model.parameters()).device
@@ -73,7 +75,8 @@ class _Batch:
         if compile:
             if not use_cache or not hasattr(model, "lm_logits"):
                 raise LmlabError(
-                    "--compile needs a decoder-only model decoding with its KV cache (encoder–decoders decode eagerly)"
+                    "compile needs a decoder-only model decoding with its KV cache (encoder–decoders decode eagerly)",
+                    params="compile",
                 )
             self.step_fn = compiled_step(device)
             total = min(block_size, 1 << (total - 1).bit_length())  # the cache length: one graph per bucket
@@ -202,8 +205,9 @@ def compiled_step(device: torch.device) -> Callable:
             except Exception as e:  # noqa: BLE001 - a missing C++ compiler, an unsupported op, …
                 reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise LmlabError(
-                    f"--compile: torch.compile could not compile the decode step ({reason[:300]}); decode without "
-                    "--compile"
+                    f"compile: torch.compile could not compile the decode step ({reason[:300]}); decode without "
+                    "compile",
+                    params="compile",
                 ) from e
             if kind == "cpu":
                 return model.lm_logits(out)
@@ -358,11 +362,12 @@ class BeamSearch:
         compile: bool = False,
     ) -> None:
         if num_beams < 1:
-            raise LmlabError(f"--num-beams is {num_beams}: expected a positive integer")
+            raise LmlabError(f"num_beams is {num_beams}: expected a positive integer", params="num_beams")
         if not 1 <= num_return_sequences <= num_beams:
             raise LmlabError(
-                f"--num-return-sequences is {num_return_sequences}: beam search returns 1 to --num-beams "
-                f"({num_beams}) sequences"
+                f"num_return_sequences is {num_return_sequences}: beam search returns 1 to num_beams "
+                f"({num_beams}) sequences",
+                params="num_return_sequences num_beams",
             )
         self.model, self.prompts, self.K, self.max_new_tokens = model, prompts, num_beams, max_new_tokens
         self.processors = LogitsProcessorList(processors)

@@ -62,7 +62,8 @@ class RepetitionPenalty:
     def __init__(self, penalty: float) -> None:
         if not penalty > 0:
             raise LmlabError(
-                f"--repetition-penalty is {penalty}: expected a positive number (1.0 = off, > 1 discourages repeats)"
+                f"repetition_penalty is {penalty}: expected a positive number (1.0 = off, > 1 discourages repeats)",
+                params="repetition_penalty",
             )
         self.penalty = penalty
 
@@ -77,9 +78,9 @@ class PresenceFrequencyPenalty:
     frequency·count``. Positive values discourage repeats; negative values encourage them."""
 
     def __init__(self, presence: float = 0.0, frequency: float = 0.0) -> None:
-        for name, value in (("--presence-penalty", presence), ("--frequency-penalty", frequency)):
+        for name, value in (("presence_penalty", presence), ("frequency_penalty", frequency)):
             if not -2.0 <= value <= 2.0:
-                raise LmlabError(f"{name} is {value}: expected a number in [-2, 2]")
+                raise LmlabError(f"{name} is {value}: expected a number in [-2, 2]", params=name)
         self.presence, self.frequency = presence, frequency
         self.prompt_len = 0
 
@@ -96,7 +97,9 @@ class NoRepeatNGram:
 
     def __init__(self, n: int) -> None:
         if n < 1:
-            raise LmlabError(f"--no-repeat-ngram-size is {n}: expected a positive integer (0 = off)")
+            raise LmlabError(
+                f"no_repeat_ngram_size is {n}: expected a positive integer (0 = off)", params="no_repeat_ngram_size"
+            )
         self.n = n
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
@@ -117,7 +120,7 @@ class MinNewTokens:
 
     def __init__(self, min_new_tokens: int, eos_ids: Sequence[int]) -> None:
         if min_new_tokens < 0:
-            raise LmlabError(f"--min-new-tokens is {min_new_tokens}: expected 0 or more")
+            raise LmlabError(f"min_new_tokens is {min_new_tokens}: expected 0 or more", params="min_new_tokens")
         self.min_new_tokens, self.eos_ids = min_new_tokens, sorted(set(eos_ids))
         self.prompt_len = 0
 
@@ -155,7 +158,9 @@ class Temperature:
 
     def __init__(self, temperature: float) -> None:
         if not temperature > 0:
-            raise LmlabError(f"--temperature is {temperature}: expected a positive number (0 means greedy)")
+            raise LmlabError(
+                f"temperature is {temperature}: expected a positive number (0 means greedy)", params="temperature"
+            )
         self.temperature = temperature
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
@@ -167,7 +172,7 @@ class TopK:
 
     def __init__(self, k: int) -> None:
         if k < 1:
-            raise LmlabError(f"--top-k is {k}: expected a positive integer (0 = off)")
+            raise LmlabError(f"top_k is {k}: expected a positive integer (0 = off)", params="top_k")
         self.k = k
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
@@ -195,7 +200,7 @@ class TopP:
 
     def __init__(self, p: float) -> None:
         if not 0.0 < p <= 1.0:
-            raise LmlabError(f"--top-p is {p}: expected a number in (0, 1]")
+            raise LmlabError(f"top_p is {p}: expected a number in (0, 1]", params="top_p")
         self.p = p
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
@@ -224,7 +229,7 @@ class MinP:
 
     def __init__(self, p: float) -> None:
         if not 0.0 < p <= 1.0:
-            raise LmlabError(f"--min-p is {p}: expected a number in (0, 1]")
+            raise LmlabError(f"min_p is {p}: expected a number in (0, 1]", params="min_p")
         self.log_p = math.log(p)
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
@@ -238,7 +243,7 @@ class TypicalP:
 
     def __init__(self, mass: float) -> None:
         if not 0.0 < mass <= 1.0:
-            raise LmlabError(f"--typical-p is {mass}: expected a number in (0, 1]")
+            raise LmlabError(f"typical_p is {mass}: expected a number in (0, 1]", params="typical_p")
         self.mass = mass
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:

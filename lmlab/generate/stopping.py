@@ -19,7 +19,7 @@ class StopStrings:
     def __init__(self, tokenizer, strings: Sequence[str]) -> None:
         strings = [s for s in strings]
         if any(not isinstance(s, str) or s == "" for s in strings):
-            raise LmlabError(f"--stop {strings!r}: expected non-empty strings")
+            raise LmlabError(f"stop {strings!r}: expected non-empty strings", params="stop")
         self.tokenizer, self.strings = tokenizer, strings
         # enough trailing tokens to hold the longest stop string (each token is at least one byte),
         # plus a few for a character split across byte-level tokens

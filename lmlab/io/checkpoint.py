@@ -142,34 +142,36 @@ def is_run(path: str | Path) -> bool:
     return outputs.marker_kind(path) == "run" or bool(list_checkpoints(path))
 
 
-def check_checkpoint_output(path: str | Path, *, overwrite: bool = False, flag: str = "--out") -> None:
+def check_checkpoint_output(path: str | Path, *, overwrite: bool = False, param: str = "out") -> None:
     """A checkpoint may be written at ``path``: new, empty, or lmlab's own checkpoint; any folder with
     ``overwrite`` (lmlab's files are then written into it, nothing else is touched)."""
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise LmlabError(f"{flag} {path} exists and is not a folder: choose a new or empty folder")
+        raise LmlabError(f"{param} {path} exists and is not a folder: choose a new or empty folder", params=param)
     if path.is_dir() and not outputs.is_empty(path) and not is_lmlab_checkpoint(path) and not overwrite:
         raise LmlabError(
-            f"{flag} {path} exists and is not an lmlab checkpoint: choose an empty or new {flag}, or pass --overwrite "
-            "(lmlab then writes its own files there and deletes nothing else)"
+            f"{param} {path} exists and is not an lmlab checkpoint: choose an empty or new {param}, or pass overwrite "
+            "(lmlab then writes its own files there and deletes nothing else)",
+            params=f"{param} overwrite",
         )
 
 
 def check_checkpoint_target(
-    path: str | Path, *, overwrite: bool = False, sources: tuple = (), flag: str = "--out"
+    path: str | Path, *, overwrite: bool = False, sources: tuple = (), param: str = "out"
 ) -> Path:
     """Before a verb writes one checkpoint at ``path`` (merge-lora): outside its sources, new, empty or
     lmlab's own plain checkpoint (not a run's training checkpoint, whose train_state.pt would be lost),
     writable. Cleans this path's stale temporaries."""
     path = Path(path)
-    outputs.check_sources(path, sources, flag)
-    check_checkpoint_output(path, overwrite=overwrite, flag=flag)
+    outputs.check_sources(path, sources, param)
+    check_checkpoint_output(path, overwrite=overwrite, param=param)
     if (path / STATE_FILE).is_file() and not overwrite:
         raise LmlabError(
-            f"{flag} {path} is a training checkpoint (it holds {STATE_FILE}, needed to resume its run): choose another "
-            f"{flag}"
+            f"{param} {path} is a training checkpoint (it holds {STATE_FILE}, needed to resume its run): choose "
+            f"another {param}",
+            params=param,
         )
-    outputs.check_writable(path, flag)
+    outputs.check_writable(path, param)
     outputs.clean_stale(path.parent, path.name)
     return path
 
@@ -178,7 +180,7 @@ def check_run_output(out: str | Path, *, overwrite: bool = False, sources: tuple
     """Before a training run writes into ``out``: the folder is new, empty or an lmlab run (else
     ``overwrite``), outside what the run reads, writable; its ``best/`` can be replaced."""
     out = outputs.check_output(out, "run", is_run, overwrite=overwrite, sources=sources)
-    check_checkpoint_output(out / "best", overwrite=overwrite, flag="--out (its best/)")
+    check_checkpoint_output(out / "best", overwrite=overwrite, param="out")
     return out
 
 
@@ -262,7 +264,7 @@ def load_tokenizer(path: str | Path, verify: bool = True) -> Tokenizer:
             f"({CONFIG_FILE} records another tokenizer_sha256); put back the checkpoint's own tokenizer"
         )
         if verify:
-            raise LmlabError(message + " (verify=False / --no-verify loads it anyway)")
+            raise LmlabError(message + " (`verify=False`, `--no-verify` on the command line, loads it anyway)")
         logger.warning("%s; loading it anyway (--no-verify): expect garbage", message)
     return tokenizer
 

@@ -69,18 +69,19 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, verify: bool = True, l
             in OUT/base)
     """
     if lora not in LORA_MODES:
-        raise LmlabError(f"--lora {lora!r}: expected one of {', '.join(LORA_MODES)}")
+        raise LmlabError(f"lora {lora!r}: expected one of {', '.join(LORA_MODES)}", params="lora")
     src = resolve_checkpoint(checkpoint)
     out = Path(out)
     outputs.check_sources(out, (checkpoint, src))
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise LmlabError(f"--out {out} exists and is not an empty folder: choose another or remove it")
+        raise LmlabError(f"out {out} exists and is not an empty folder: choose another or remove it", params="out")
     outputs.check_writable(out)
     outputs.clean_stale(out.parent, out.name)
     config = load_config(src)
     if lora == "adapter" and not config.lora:
         raise LmlabError(
-            f"--lora adapter: {src} has no LoRA adapters (its config has no lora settings); export it with --lora merge"
+            f"lora adapter: {src} has no LoRA adapters (its config has no LoRA settings); export it with lora merge",
+            params="lora",
         )
     hf.hf_architecture(config)  # a config no HF class expresses fails here, before any work
     tokenizer = load_tokenizer(src, verify=verify) if (src / "tokenizer.json").is_file() else None

@@ -178,14 +178,16 @@ def _inside(path: Path, folder: Path) -> bool:
     return path.resolve().is_relative_to(folder.resolve())
 
 
-def check_sources(path: Path, sources: Iterable[str | Path | None], flag: str = "--out") -> None:
+def check_sources(path: Path, sources: Iterable[str | Path | None], param: str = "out") -> None:
     """Output at ``path`` must not land in (or be) a folder the command reads."""
     for source in sources:
         if source is not None and Path(source).exists() and _inside(path, Path(source)):
-            raise LmlabError(f"{flag} {path} is inside {source}, which this command reads: choose a folder outside it")
+            raise LmlabError(
+                f"{param} {path} is inside {source}, which this command reads: choose a folder outside it", params=param
+            )
 
 
-def check_writable(path: str | Path, flag: str = "--out") -> None:
+def check_writable(path: str | Path, param: str = "out") -> None:
     """``path`` (a folder, existing or to be made) can receive files: a probe file is created in it, or
     in its nearest existing parent, and removed. A one-line error otherwise, before any work."""
     path = Path(path)
@@ -193,14 +195,15 @@ def check_writable(path: str | Path, flag: str = "--out") -> None:
     while not probe_dir.exists() and probe_dir != probe_dir.parent:
         probe_dir = probe_dir.parent
     if not probe_dir.is_dir():
-        raise LmlabError(f"{flag} {path}: {probe_dir} is not a folder; expected a folder path")
+        raise LmlabError(f"{param} {path}: {probe_dir} is not a folder; expected a folder path", params=param)
     try:
         fd, name = tempfile.mkstemp(prefix=temp_name("probe"), dir=probe_dir)
         os.close(fd)
         os.unlink(name)
     except OSError as err:
         raise LmlabError(
-            f"{flag} {path}: cannot write in {probe_dir} ({err.strerror or err}); choose a writable folder"
+            f"{param} {path}: cannot write in {probe_dir} ({err.strerror or err}); choose a writable folder",
+            params=param,
         ) from None
 
 
@@ -210,33 +213,37 @@ def check_output(
     owned: Callable[[Path], bool],
     *,
     overwrite: bool = False,
-    flag: str = "--out",
+    param: str = "out",
     sources: Iterable[str | Path | None] = (),
 ) -> Path:
     """Check, before any work, that ``path`` may receive lmlab's output of ``kind`` (see the module's
     rules); ``owned(folder)`` says whether an existing folder is lmlab's own output of that kind.
     Cleans lmlab's stale temporaries there. Returns ``path`` as a Path."""
     path = Path(path)
-    check_sources(path, sources, flag)
+    check_sources(path, sources, param)
     if path.exists() and not path.is_dir():
-        raise LmlabError(f"{flag} {path} exists and is not a folder: choose a new or empty folder")
+        raise LmlabError(f"{param} {path} exists and is not a folder: choose a new or empty folder", params=param)
     if path.is_dir() and not is_empty(path) and not owned(path) and not overwrite:
         raise LmlabError(
-            f"{flag} {path} exists and is not an lmlab {kind}: choose an empty or new {flag}, or pass --overwrite "
-            "(lmlab then writes its own files there and deletes nothing else)"
+            f"{param} {path} exists and is not an lmlab {kind}: choose an empty or new {param}, or pass overwrite "
+            "(lmlab then writes its own files there and deletes nothing else)",
+            params=f"{param} overwrite",
         )
-    check_writable(path, flag)
+    check_writable(path, param)
     clean_stale(path)
     return path
 
 
-def check_output_file(path: str | Path, *, overwrite: bool = False, flag: str = "--output") -> Path:
+def check_output_file(path: str | Path, *, overwrite: bool = False, param: str = "output") -> Path:
     """Check, before any work, that a file may be written at ``path``: not a folder, not an existing
     file unless ``overwrite``, in a writable folder."""
     path = Path(path)
     if path.is_dir():
-        raise LmlabError(f"{flag} {path} is a folder: expected a file name")
+        raise LmlabError(f"{param} {path} is a folder: expected a file name", params=param)
     if path.exists() and path.stat().st_size > 0 and not overwrite:
-        raise LmlabError(f"{flag} {path} exists: choose a new file name, or pass --overwrite to replace it")
-    check_writable(path.parent, flag)
+        raise LmlabError(
+            f"{param} {path} exists: choose a new file name, or pass overwrite to replace it",
+            params=f"{param} overwrite",
+        )
+    check_writable(path.parent, param)
     return path

@@ -56,13 +56,16 @@ def apply_lora(model: nn.Module, spec: LoraSpec) -> nn.Module:
     """
     peft = _peft()
     if _lora_layers(model):
-        raise LmlabError("--lora: this model already has LoRA adapters; merge them (merge_lora) before adding others")
+        raise LmlabError(
+            "lora: this model already has LoRA adapters; merge them (merge_lora) before adding others", params="lora"
+        )
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.split(".")[0] not in NEVER_ADAPTED]
     for target in spec.targets:
         if not any(_matches(name, target) for name in linears):
             raise LmlabError(
-                f"--lora: target {target!r} matches no Linear layer of this model; expected one of "
-                f"{', '.join(_suffixes(linears))} (the LM head and task head are never adapted)"
+                f"lora: target {target!r} matches no Linear layer of this model; expected one of "
+                f"{', '.join(_suffixes(linears))} (the LM head and task head are never adapted)",
+                params="lora",
             )
     chosen = [
         name for name in linears if any(_matches(name, t) for t in spec.targets)

@@ -78,8 +78,9 @@ class MaskedLM:
         for role in ("mask", "bos", "eos"):
             if getattr(tokenizer, f"{role}_id") is None:
                 raise LmlabError(
-                    f"--objective mlm needs a tokenizer with a {role} token ([MASK], [CLS], [SEP]); "
-                    "train one with `lmlab tokenizer train --kind wordpiece`"
+                    f"objective mlm needs a tokenizer with a {role} token ([MASK], [CLS], [SEP]); "
+                    "train one with `lmlab tokenizer train --kind wordpiece`",
+                    params="objective",
                 )
         if not 0.0 < mask_prob < 1.0:
             raise LmlabError(f"mask_prob is {mask_prob}: expected a number in (0, 1)")
@@ -190,17 +191,21 @@ class SpanCorruption:
         if tokenizer is None:
             raise LmlabError("the span objective needs the tokenizer (its eos and <extra_id_N> sentinel tokens)")
         if tokenizer.eos_id is None:
-            raise LmlabError("--objective span needs a tokenizer with an eos token (it ends every input and target)")
+            raise LmlabError(
+                "objective span needs a tokenizer with an eos token (it ends every input and target)",
+                params="objective",
+            )
         added = {t.content: i for i, t in tokenizer.backend.get_added_tokens_decoder().items()}
         sentinels = []
         while f"<extra_id_{len(sentinels)}>" in added:
             sentinels.append(added[f"<extra_id_{len(sentinels)}>"])
         if not sentinels:
             raise LmlabError(
-                "--objective span needs sentinel tokens <extra_id_0>, <extra_id_1>, … (T5's) among the tokenizer's "
+                "objective span needs sentinel tokens <extra_id_0>, <extra_id_1>, … (T5's) among the tokenizer's "
                 "added tokens; "
                 "train one with `lmlab tokenizer train --special-tokens <pad> </s> <unk> <extra_id_0> <extra_id_1> …` "
-                "(about seq_len·density/mean_span_length of them, T5 has 100) or use a T5 tokenizer.json"
+                "(about seq_len·density/mean_span_length of them, T5 has 100) or use a T5 tokenizer.json",
+                params="objective",
             )
         if not 0.0 < noise_density < 1.0:
             raise LmlabError(f"noise_density is {noise_density}: expected a number in (0, 1)")
@@ -217,7 +222,7 @@ class SpanCorruption:
             spans = max(round(noise / self.mean_span_length), 1)
             if n - noise + spans + 1 <= seq_len:  # kept tokens + a sentinel per span + eos
                 return n, noise, spans
-        raise LmlabError(f"--seq-len {seq_len} is too short for span corruption: expected at least 3")
+        raise LmlabError(f"seq_len {seq_len} is too short for span corruption: expected at least 3", params="seq_len")
 
     def noise_mask(
         self, B: int, n: int, noise: int, spans: int, generator: torch.Generator | None
@@ -238,7 +243,8 @@ class SpanCorruption:
             raise LmlabError(
                 f"span corruption of {n}-token windows makes {spans} spans, but the tokenizer has "
                 f"{len(self.sentinels)} "
-                f"sentinels (<extra_id_0> … <extra_id_{len(self.sentinels) - 1}>): add more or use a smaller --seq-len"
+                f"sentinels (<extra_id_0> … <extra_id_{len(self.sentinels) - 1}>): add more or use a smaller seq_len",
+                params="seq_len",
             )
         x = tokens[:, :n].long()
         is_noise, span_index = self.noise_mask(x.shape[0], n, noise, spans, generator)
@@ -288,17 +294,19 @@ OBJECTIVES: dict[str, Any] = {
 def get_objective(name: str, tokenizer=None, config=None) -> Objective:
     """The objective called ``name``; with a model ``config``, check that it trains that family."""
     if name not in OBJECTIVES:
-        raise LmlabError(f"unknown --objective '{name}'; expected one of {', '.join(OBJECTIVES)}")
+        raise LmlabError(f"unknown objective '{name}'; expected one of {', '.join(OBJECTIVES)}", params="objective")
     objective = OBJECTIVES[name](tokenizer)
     if config is not None:
         if config.arch != objective.arch:
             raise LmlabError(
-                f"--objective {name} trains {objective.arch} models; the model is a {config.arch} "
-                f"({config.name or 'custom'})"
+                f"objective {name} trains {objective.arch} models; the model is a {config.arch} "
+                f"({config.name or 'custom'})",
+                params="objective",
             )
         if name == "mlm+nsp" and not config.nsp_head:
             raise LmlabError(
-                f"--objective mlm+nsp needs a model with an NSP head; {config.name or 'this model'} has none (use mlm)"
+                f"objective mlm+nsp needs a model with an NSP head; {config.name or 'this model'} has none (use mlm)",
+                params="objective",
             )
     return objective
 

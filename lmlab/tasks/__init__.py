@@ -46,7 +46,7 @@ def get_task(name: str, use: str = "finetune") -> Task:
     """The task called ``name`` that ``use`` takes, or a one-line error listing the ones it does."""
     task = TASKS.get(name)
     if task is None or use not in task.uses:
-        raise LmlabError(f"unknown --task '{name}'; expected one of {', '.join(task_names(use))}")
+        raise LmlabError(f"unknown task '{name}'; expected one of {', '.join(task_names(use))}", params="task")
     return task
 
 

@@ -87,7 +87,7 @@ class Task:
 
     ``uses``: the verbs that take it (``"finetune"``, ``"evaluate"``). ``generates``: the model keeps its
     LM head and no task head is added (seq2seq, chat, lm). ``conversational``: examples are chat
-    conversations (``--pack``, ``--show-masking``). ``seq_len_flag``: the flags that bound a training row,
+    conversations (``--pack``, ``--show-masking``). ``seq_len_params``: the parameters that bound a training row,
     as a resume error names them. What the critique's lenses ask: ``label_per_text`` (one label for the
     whole text, which a meaning-preserving edit keeps: classify), ``labels_in_text`` (gold labels point
     at words or character offsets, which edits move: tag, qa), ``references`` (examples carry a
@@ -97,7 +97,7 @@ class Task:
     uses: tuple[str, ...] = ("finetune", "evaluate")
     generates: bool = False
     conversational: bool = False
-    seq_len_flag: str = "--max-length"
+    seq_len_params: str = "max_length"
     archs: tuple[str, ...] = ("encoder", "decoder")  # what it fine-tunes
     label_per_text: bool = False
     labels_in_text: bool = False
@@ -110,11 +110,15 @@ class Task:
         """Refuse a base checkpoint the task cannot fine-tune, or lengths that do not fit it."""
         if config.arch not in self.archs:
             raise LmlabError(
-                f"{base}: a {config.arch} model; --task {self.name} fine-tunes encoders and decoders (an "
-                "encoder–decoder takes --task seq2seq)"
+                f"{base}: a {config.arch} model; task {self.name} fine-tunes encoders and decoders (an "
+                "encoder–decoder takes task seq2seq)",
+                params="task",
             )
         if fields.max_length > config.block_size:
-            raise LmlabError(f"--max-length {fields.max_length} exceeds the model's block_size {config.block_size}")
+            raise LmlabError(
+                f"max_length {fields.max_length} exceeds the model's block_size {config.block_size}",
+                params="max_length",
+            )
 
     def prepare_tokenizer(self, tokenizer) -> None:
         """Give the tokenizer what the task needs before reading (chat: a chat template)."""
@@ -170,8 +174,9 @@ class Task:
         """Refuse a model this task cannot evaluate."""
         if config.task != self.name:
             raise LmlabError(
-                f"the checkpoint was fine-tuned for {config.task or 'no task'!r}; it cannot be evaluated on --task "
-                f"{self.name}"
+                f"the checkpoint was fine-tuned for {config.task or 'no task'!r}; it cannot be evaluated on task "
+                f"{self.name}",
+                params="task",
             )
 
     def predict(

@@ -81,8 +81,9 @@ class Chat(Task):
     def check_base(self, config: ModelConfig, fields: TaskFields, base: Path | str) -> None:
         if config.arch != "decoder":
             raise LmlabError(
-                f"{base}: a{'n' if config.arch[0] in 'aeiou' else ''} {config.arch} model; --task chat fine-tunes "
-                "decoders"
+                f"{base}: a{'n' if config.arch[0] in 'aeiou' else ''} {config.arch} model; task chat fine-tunes "
+                "decoders",
+                params="task",
             )
         super().check_base(config, fields, base)
 

@@ -26,7 +26,7 @@ class LM(Task):
 
     def check_model(self, config: ModelConfig) -> None:
         if config.arch != "decoder":
-            raise LmlabError("--task lm measures a decoder's perplexity; this checkpoint is an encoder")
+            raise LmlabError("task lm measures a decoder's perplexity; this checkpoint is an encoder", params="task")
 
     def read(
         self,

@@ -166,22 +166,24 @@ class Seq2Seq(Task):
     name = "seq2seq"
     generates = True
     archs = ("seq2seq", "decoder")
-    seq_len_flag = "--max-length + --max-target-length"
+    seq_len_params = "max_length + max_target_length"
     references = True
 
     def check_base(self, config: ModelConfig, fields: TaskFields, base: Path | str) -> None:
         if config.arch == "encoder":
             raise LmlabError(
-                f"{base}: an encoder (BERT style) does not generate; --task seq2seq fine-tunes encoder–decoders and "
-                "decoders"
+                f"{base}: an encoder (BERT style) does not generate; task seq2seq fine-tunes encoder–decoders and "
+                "decoders",
+                params="task",
             )
         super().check_base(config, fields, base)
         room = config.block_size - (fields.max_length if config.arch == "decoder" else 0)
         if fields.max_target_length > room:
-            where = f"after a --max-length {fields.max_length} prompt in" if config.arch == "decoder" else "in"
+            where = f"after a max_length {fields.max_length} prompt in" if config.arch == "decoder" else "in"
             raise LmlabError(
-                f"--max-target-length {fields.max_target_length} does not fit {where} the model's block_size "
-                f"{config.block_size}"
+                f"max_target_length {fields.max_target_length} does not fit {where} the model's block_size "
+                f"{config.block_size}",
+                params="max_target_length max_length",
             )
 
     def seq_len(self, fields: TaskFields) -> int:
@@ -231,8 +233,9 @@ class Seq2Seq(Task):
     def check_model(self, config: ModelConfig) -> None:
         if config.arch == "encoder":
             raise LmlabError(
-                "this checkpoint is an encoder (BERT style): --task seq2seq needs a model that generates "
-                "(encoder–decoder or decoder)"
+                "this checkpoint is an encoder (BERT style): task seq2seq needs a model that generates "
+                "(encoder–decoder or decoder)",
+                params="task",
             )
 
     def predict(

@@ -29,8 +29,9 @@ class RandomWindows:
     ) -> None:
         if len(tokens) < seq_len + 1:
             raise LmlabError(
-                f"{source} holds {len(tokens)} tokens, fewer than one context window ({seq_len + 1} = --seq-len + 1); "
-                "give more text or a smaller --seq-len"
+                f"{source} holds {len(tokens)} tokens, fewer than one context window ({seq_len + 1} = seq_len + 1); "
+                "give more text or a smaller seq_len",
+                params="seq_len",
             )
         self.tokens, self.seq_len, self.batch_size = tokens, seq_len, batch_size
         self.seed, self.rank, self.source, self.vocab_size = seed, rank, source, vocab_size

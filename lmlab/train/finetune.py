@@ -114,14 +114,20 @@ class Prepared:
 def check_task(task: str, *, pack: bool = False, patience: int | None = None, show_masking: bool = False) -> Task:
     """The registered task ``task`` names, after the flags that need no file are checked."""
     if pack and not getattr(TASKS.get(task), "conversational", False):
-        raise LmlabError(f"--pack packs conversations for --task chat; expected --task chat, not {task!r}")
+        raise LmlabError(
+            f"pack packs conversations for task chat; expected task chat, not {task!r}", params="pack task"
+        )
     found = get_task(task)
     if patience is not None and (isinstance(patience, bool) or not isinstance(patience, int) or patience < 1):
         raise LmlabError(
-            f"--patience is {patience!r}: expected a positive number of evaluations (or none: no early stop)"
+            f"patience is {patience!r}: expected a positive number of evaluations (or none: no early stop)",
+            params="patience",
         )
     if show_masking and not found.conversational:
-        raise LmlabError(f"--show-masking shows which tokens --task chat trains on; expected --task chat, not {task!r}")
+        raise LmlabError(
+            f"show_masking shows which tokens task chat trains on; expected task chat, not {task!r}",
+            params="show_masking task",
+        )
     return found
 
 
@@ -149,10 +155,11 @@ def validate(
     check_budget(memory_budget, dry_run)
     resume_from = latest_checkpoint(out) if resume else None
     if resume and resume_from is None:
-        raise LmlabError(f"--resume: {out} holds no checkpoint to resume from")
+        raise LmlabError(f"resume: {out} holds no checkpoint to resume from", params="resume")
     if not resume and latest_checkpoint(out) is not None:
         raise LmlabError(
-            f"{out} already holds checkpoints: pass --resume to continue that run, or choose another --out"
+            f"{out} already holds checkpoints: pass resume to continue that run, or write to another out",
+            params="resume out",
         )
     cfg.seq_len = task.seq_len(fields)
     if resume_from is not None:
@@ -168,8 +175,9 @@ def validate(
     saved = lora_mod.LoraSpec.from_dict(base_config.lora) if resume_from is not None and base_config.lora else None
     if resume_from is not None and spec is not None and spec != saved:
         raise LmlabError(
-            f"--resume: {resume_from} was trained "
-            f"{'with --lora ' + str(saved.to_dict()) if saved else 'without --lora'}; resume it as it was"
+            f"resume: {resume_from} was trained "
+            f"{'with lora ' + str(saved.to_dict()) if saved else 'without lora'}; resume it as it was",
+            params="resume lora",
         )
     return Setup(
         task,
@@ -485,13 +493,13 @@ def _check_resume(resume_from: Path, cfg: TrainConfig, checkpoint: str | Path, t
         base = resolve_checkpoint(checkpoint)
     except LmlabError:  # gone since: the run's checkpoint holds the weights, only the name can be compared
         base = Path(checkpoint)
-    started = {"--task": (meta.get("objective", task.name), task.name)}
+    started = {"task": (meta.get("objective", task.name), task.name)}
     if not same_source(meta.get("base"), base):
         started["the base checkpoint"] = (meta["base"], checkpoint)
     if not same_source(meta.get("train"), train):
-        started["--train"] = (meta["train"], train)
+        started["train"] = (meta["train"], train)
     check_resume(
-        resume_from, cfg, started, flags={"seq_len": task.seq_len_flag}, announce=os.environ.get("RANK", "0") == "0"
+        resume_from, cfg, started, flags={"seq_len": task.seq_len_params}, announce=os.environ.get("RANK", "0") == "0"
     )  # rank 0 speaks
 
 

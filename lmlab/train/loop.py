@@ -88,40 +88,45 @@ class TrainConfig:
         )
         for name in positive:
             if getattr(self, name) < 1:
-                raise LmlabError(f"--{name.replace('_', '-')} is {getattr(self, name)}: expected a positive integer")
+                raise LmlabError(f"{name} is {getattr(self, name)}: expected a positive integer", params=name)
         if self.save_interval is None:
             self.save_interval = self.eval_interval
         for name in ("save_interval", "seq_len"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise LmlabError(f"--{name.replace('_', '-')} is {getattr(self, name)}: expected a positive integer")
+                raise LmlabError(f"{name} is {getattr(self, name)}: expected a positive integer", params=name)
         check_seed(self.seed)
         check_device(self.device)
         if self.min_lr is None:
             self.min_lr = self.lr / 10
         if self.schedule not in SCHEDULES:
-            raise LmlabError(f"--schedule is '{self.schedule}': expected one of {', '.join(SCHEDULES)}")
+            raise LmlabError(
+                f"schedule is '{self.schedule}': expected one of {', '.join(SCHEDULES)}", params="schedule"
+            )
         if self.precision not in PRECISIONS:
-            raise LmlabError(f"--precision is '{self.precision}': expected one of {', '.join(PRECISIONS)}")
+            raise LmlabError(
+                f"precision is '{self.precision}': expected one of {', '.join(PRECISIONS)}", params="precision"
+            )
         if self.lr <= 0:
-            raise LmlabError(f"--lr is {self.lr}: expected a positive number")
+            raise LmlabError(f"lr is {self.lr}: expected a positive number", params="lr")
         if self.warmup_steps < 0:
-            raise LmlabError(f"--warmup-steps is {self.warmup_steps}: expected 0 or more")
+            raise LmlabError(f"warmup_steps is {self.warmup_steps}: expected 0 or more", params="warmup_steps")
         if self.ce_chunk_size is not None and self.ce_chunk_size < 0:
             raise LmlabError(
-                f"--ce-chunk-size is {self.ce_chunk_size}: expected 0 (no chunking), a positive number of tokens, or "
-                "None (auto)"
+                f"ce_chunk_size is {self.ce_chunk_size}: expected 0 (no chunking), a positive number of tokens, or "
+                "None (auto)",
+                params="ce_chunk_size",
             )
         self._check_optimizer()
 
     def _check_optimizer(self) -> None:
         for name in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
-                raise LmlabError(f"--{name} is {getattr(self, name)}: expected a number in [0, 1)")
+                raise LmlabError(f"{name} is {getattr(self, name)}: expected a number in [0, 1)", params=name)
         for name in ("weight_decay", "grad_clip", "min_lr"):
             if getattr(self, name) < 0:
-                raise LmlabError(f"--{name.replace('_', '-')} is {getattr(self, name)}: expected 0 or more")
+                raise LmlabError(f"{name} is {getattr(self, name)}: expected 0 or more", params=name)
         if self.adam_eps <= 0:
-            raise LmlabError(f"--adam-eps is {self.adam_eps}: expected a positive number")
+            raise LmlabError(f"adam_eps is {self.adam_eps}: expected a positive number", params="adam_eps")
 
 
 # TrainConfig fields a resumed run may change: they say how the run is watched, saved and computed, not what it
@@ -153,27 +158,29 @@ def check_resume(
 ) -> None:
     """Refuse, in one error listing them all, to resume ``resume_from`` with settings that change what the run
     computes: ``cfg``'s fields against the ``train_config`` its train_state.pt saved, and the caller's own
-    ``started`` settings, ``{flag: (as the run started, now)}`` (model, data, objective). The changes in
-    :data:`RESUMABLE` are accepted, and ``announce`` prints one note naming them. ``flags`` names the flag
-    that sets a field when it is not ``--field-name`` (fine-tuning's seq_len is --max-length)."""
+    ``started`` settings, ``{parameter: (as the run started, now)}`` (model, data, objective). The changes in
+    :data:`RESUMABLE` are accepted, and ``announce`` prints one note naming them. ``flags`` names the
+    parameter that sets a field when it is not the field's name (fine-tuning's seq_len is max_length)."""
 
-    def change(flag: str, was: Any, now: Any) -> str:
+    def change(name: str, was: Any, now: Any) -> str:
         show = lambda v: f"{v:.6g}" if isinstance(v, float) else str(v)  # noqa: E731 (lr / 10 is 0.00030000000000000003)
-        return f"{flag} {show(was)} (now {show(now)})"
+        return f"{name} {show(was)} (now {show(now)})"
 
     state = load_train_state(resume_from)
     saved = state.get("train_config", {})
     changed = {
-        f.name: change((flags or {}).get(f.name, "--" + f.name.replace("_", "-")), saved[f.name], getattr(cfg, f.name))
+        f.name: change((flags or {}).get(f.name, f.name), saved[f.name], getattr(cfg, f.name))
         for f in dataclasses.fields(cfg)
         if f.name in saved and saved[f.name] != getattr(cfg, f.name)
     }
-    refused = [change(flag, was, now) for flag, (was, now) in started.items() if was != now]
+    refused = [change(name, was, now) for name, (was, now) in started.items() if was != now]
     refused += [text for name, text in changed.items() if name not in RESUMABLE]
     if refused:
+        named = [*started, *((flags or {}).get(name, name) for name in changed), "resume", "out"]
         raise LmlabError(
-            f"--resume: {resume_from.parent} was started with different settings: {', '.join(refused)}; "
-            "rerun with the original settings or start a new --out"
+            f"resume: {resume_from.parent} was started with different settings: {', '.join(refused)}; "
+            "rerun with the original settings or write to a new out",
+            params=" ".join(word for text in named for word in text.split() if word.isidentifier()),
         )
     if changed and announce:
         notes = [", ".join(changed.values())]
@@ -187,7 +194,7 @@ def check_resume(
                 "another precision or cross-entropy chunking rounds differently: losses match the run's as started "
                 "only approximately"
             )
-        print(f"lmlab: --resume accepted changed settings: {'; '.join(notes)}", file=sys.stderr)
+        print(f"lmlab: resume accepted changed settings: {'; '.join(notes)}", file=sys.stderr)
 
 
 def same_source(saved: str | None, now: str | Path) -> bool:
@@ -278,7 +285,10 @@ def apply_memory_options(model: nn.Module, objective: Objective, cfg: TrainConfi
     if hasattr(model, "gradient_checkpointing"):
         model.gradient_checkpointing = cfg.activation_checkpointing
     elif cfg.activation_checkpointing:
-        raise LmlabError(f"--activation-checkpointing: a {type(model).__name__} has no checkpointable blocks")
+        raise LmlabError(
+            f"activation_checkpointing: a {type(model).__name__} has no checkpointable blocks",
+            params="activation_checkpointing",
+        )
     if hasattr(objective, "ce_chunk_size"):
         objective.ce_chunk_size = cfg.ce_chunk_size
 
@@ -491,7 +501,7 @@ class _Run:
         if not math.isfinite(value):
             where = f"last good checkpoint: {self.last_good}" if self.last_good else "no checkpoint was written yet"
             raise LmlabError(
-                f"{what} is {value} at step {step}: training stopped ({where}); lower --lr or check the data"
+                f"{what} is {value} at step {step}: training stopped ({where}); lower lr or check the data", params="lr"
             )
 
     def _record(self, record: dict[str, Any]) -> None:

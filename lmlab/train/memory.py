@@ -430,10 +430,14 @@ def check_budget(memory_budget: float | None, dry_run: bool) -> None:
         or memory_budget <= 0
     ):
         raise LmlabError(
-            f"--memory-budget is {memory_budget}: expected a positive number of GiB (e.g. 24 for a 24 GB GPU)"
+            f"memory_budget is {memory_budget}: expected a positive number of GiB (e.g. 24 for a 24 GB GPU)",
+            params="memory_budget",
         )
     if not dry_run:
-        raise LmlabError("--memory-budget is what --dry-run checks the predicted peak against: add --dry-run")
+        raise LmlabError(
+            "memory_budget is what dry_run checks the predicted peak against: add dry_run",
+            params="memory_budget dry_run",
+        )
 
 
 @dataclass

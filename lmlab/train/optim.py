@@ -31,7 +31,7 @@ def make_optimizer(
 def lr_at(step: int, *, lr: float, min_lr: float, warmup_steps: int, max_steps: int, schedule: str) -> float:
     """Learning rate for optimizer step ``step`` (0-based): linear warm-up, then the schedule's decay."""
     if schedule not in SCHEDULES:
-        raise LmlabError(f"unknown --schedule '{schedule}'; expected one of {', '.join(SCHEDULES)}")
+        raise LmlabError(f"unknown schedule '{schedule}'; expected one of {', '.join(SCHEDULES)}", params="schedule")
     if step < warmup_steps:
         return lr * (step + 1) / warmup_steps
     if schedule == "constant":

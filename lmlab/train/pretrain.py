@@ -79,7 +79,7 @@ def pretrain(
     wanted, config = _model_configs(run, model, pad_vocab_multiple, model_overrides or {})
     seq_len = cfg.seq_len or config.block_size
     if seq_len > config.block_size:
-        raise LmlabError(f"--seq-len {seq_len} exceeds the model's block_size {config.block_size}")
+        raise LmlabError(f"seq_len {seq_len} exceeds the model's block_size {config.block_size}", params="seq_len")
     cfg.seq_len = seq_len
     if run.resume_from is not None:
         _check_resume(run.resume_from, cfg, config, wanted, objective, data, run.info.is_main)
@@ -114,8 +114,9 @@ def pretrain(
 def _check_pad_vocab_multiple(pad_vocab_multiple: Any) -> None:
     if isinstance(pad_vocab_multiple, bool) or not isinstance(pad_vocab_multiple, int) or pad_vocab_multiple < 1:
         raise LmlabError(
-            f"--pad-vocab-multiple is {pad_vocab_multiple!r}: expected a positive integer (1: no padding; 64 or 128 "
-            "on GPUs)"
+            f"pad_vocab_multiple is {pad_vocab_multiple!r}: expected a positive integer (1: no padding; 64 or 128 "
+            "on GPUs)",
+            params="pad_vocab_multiple",
         )
 
 
@@ -155,7 +156,8 @@ def _start(
             print(f"lmlab: no checkpoint to resume in {out}; starting from scratch", file=sys.stderr)
     elif list_checkpoints(out):
         raise LmlabError(
-            f"{out} already holds checkpoints: pass --resume to continue that run, or choose another --out"
+            f"{out} already holds checkpoints: pass resume to continue that run, or write to another out",
+            params="resume out",
         )
     init_from = resolve_checkpoint(init_from) if init_from is not None else None
     return _Started(cfg, data, out, info, device, tokenizer, train_tokens, resume_from, init_from)
@@ -168,14 +170,14 @@ def _model_configs(
     tokenizer = run.tokenizer
     if run.init_from is not None:
         wanted = load_config(run.init_from)  # an lmlab checkpoint or a Hugging Face folder
-        _check_same_tokenizer(run.init_from, tokenizer, "--init-from")
+        _check_same_tokenizer(run.init_from, tokenizer, "init_from")
     else:
         vocab_size = -(-tokenizer.vocab_size // pad_vocab_multiple) * pad_vocab_multiple
         wanted = _model_config(model, vocab_size, overrides)
     config = wanted
     if run.resume_from is not None:
         config = ModelConfig.load(run.resume_from / "config.json")
-        _check_same_tokenizer(run.resume_from, tokenizer, "--resume")
+        _check_same_tokenizer(run.resume_from, tokenizer, "resume")
     data_vocab = max(
         tokenizer.vocab_size, run.train_tokens.vocab_size
     )  # the tokenizer's and the manifest's: equal unless edited
@@ -280,26 +282,26 @@ def _check_resume(
     """Refuse to resume with another model, data folder or objective than the run started with, or with
     training settings that change its course (:func:`~lmlab.train.loop.check_resume`)."""
     meta = read_meta(resume_from)
-    started = {**_model_changes(config, wanted), "--objective": (meta.get("objective", objective), objective)}
+    started = {**_model_changes(config, wanted), "objective": (meta.get("objective", objective), objective)}
     if not same_source(meta.get("data"), data):
-        started["--data"] = (meta["data"], data)
+        started["data"] = (meta["data"], data)
     check_resume(resume_from, cfg, started, announce=announce)
 
 
-MODEL_FLAGS = {"dropout": "--dropout", "block_size": "--block-size", "vocab_size": "vocab_size (--pad-vocab-multiple)"}
+MODEL_FLAGS = {"dropout": "dropout", "block_size": "block_size", "vocab_size": "vocab_size (pad_vocab_multiple)"}
 
 
 def _model_changes(saved: ModelConfig, now: ModelConfig) -> dict[str, tuple[Any, Any]]:
-    """How the model a run has differs from the one the command describes, as ``{flag: (saved, now)}``: the preset
+    """How the model a run has differs from the one the command describes, as ``{parameter: (saved, now)}``: the preset
     when it differs, else each field (``name`` is for humans; a run's LoRA adapters come from its checkpoint)."""
     fields = [f.name for f in dataclasses.fields(ModelConfig) if f.name not in ("name", "lora")]
     differ = [name for name in fields if getattr(saved, name) != getattr(now, name)]
     if differ and saved.name != now.name:
-        return {"--model": (saved.name or "a custom model", now.name or "a custom model")}
+        return {"model": (saved.name or "a custom model", now.name or "a custom model")}
     return {MODEL_FLAGS.get(name, f"model {name}"): (getattr(saved, name), getattr(now, name)) for name in differ}
 
 
-def _check_same_tokenizer(checkpoint: Path, tokenizer, flag: str) -> None:
+def _check_same_tokenizer(checkpoint: Path, tokenizer, param: str) -> None:
     expected = read_meta(checkpoint).get("tokenizer_sha256")
     if expected is None and (checkpoint / "tokenizer.json").is_file():  # a Hugging Face folder: its own tokenizer
         from lmlab.tokenizer import Tokenizer
@@ -307,7 +309,8 @@ def _check_same_tokenizer(checkpoint: Path, tokenizer, flag: str) -> None:
         expected = Tokenizer.load(checkpoint).sha256
     if expected and expected != tokenizer.sha256:
         raise LmlabError(
-            f"{flag} {checkpoint} was trained with a different tokenizer than the data's (tokenizer hash differs)"
+            f"{param} {checkpoint} was trained with a different tokenizer than the data's (tokenizer hash differs)",
+            params=param,
         )
 
 
