@@ -108,8 +108,8 @@ def _stale_reason(
     out_dir: Path, existing: dict[str, Any] | None, fingerprint: str, tokenizer_sha: str, options: dict
 ) -> str | None:
     """Why the folder must be rebuilt, or None when it is up to date."""
-    if existing is None:
-        return "no previous build"
+    if existing is None:  # an unreadable one (with overwrite) is replaced, and none of its files deleted
+        return "previous manifest unreadable" if (out_dir / MANIFEST_NAME).exists() else "no previous build"
     if existing.get("input_fingerprint") != fingerprint:
         return "input changed"
     if existing.get("tokenizer_sha256") != tokenizer_sha:
@@ -338,14 +338,11 @@ def prepare(
     leaves the previous build whole. ``out_dir`` must be new, empty or a data folder lmlab prepared (``overwrite``:
     another folder); either way, only files a previous manifest lists are ever deleted.
 
-    The validation split holds about ``valid_fraction`` of the tokens, whatever the corpus. With enough documents
-    it is whole documents (:func:`split_documents`: a hash of each one's text and ``seed`` decides, so documents keep
-    their side when others are added); when that split is not fair (:func:`document_split`: validation's share of
-    the text off by more than a factor of 2 or a side empty, as with one document, a few, or a few long ones that
-    weigh all), it is token ranges: the last ``valid_fraction`` of every document's tokens (EOS included) are
-    validation, the rest train, as nanoGPT splits a single text file. ``manifest["split_by"]`` says which
-    (``"documents"`` or ``"tokens"``); either way every token is in exactly one split, and an empty validation split
-    is warned about.
+    Validation holds about ``valid_fraction`` of the tokens, whatever the corpus: whole documents (by a hash of each
+    one's text and ``seed``: :func:`split_documents`) when that split is fair (:func:`document_split`), else — one
+    document, a few, or a few long ones that weigh all — the last ``valid_fraction`` of every document's tokens, EOS
+    included, as nanoGPT splits a single text file. ``manifest["split_by"]`` says which (``"documents"`` or
+    ``"tokens"``); every token is in exactly one split, and an empty validation split is warned about.
 
     Args:
         inputs: text files, folders and globs (.txt .md .jsonl .csv .tsv .parquet)
@@ -373,29 +370,33 @@ def prepare(
     files, tok = _inputs_and_tokenizer(inputs, tokenizer, out_dir)
     corpus = {"text_field": text_field, "column": column, "normalize": normalize, "dedup": dedup}
     options = {"valid_fraction": valid_fraction, "seed": seed, **corpus, "shard_tokens": shard_tokens}
-    options["split_rule"] = SPLIT_RULE  # a build made by another rule is rebuilt
+    options["split_rule"] = SPLIT_RULE  # a build made by another rule is rebuilt (by "options changed")
     if canaries is not None:  # only then: folders built without canaries stay up to date
         options["canaries"] = canary_options(canaries, seed=seed)
     fingerprint = _fingerprint_inputs(files)
     existing = load_manifest(out_dir) if is_data_folder(out_dir) else None
     reason = _stale_reason(out_dir, existing, fingerprint, tok.sha256, options)
-    if existing is None and (out_dir / MANIFEST_NAME).exists():
-        reason = "previous manifest unreadable"  # with overwrite: replaced, and none of its files deleted
     if reason is None:
         logger.info("%s: up to date", out_dir)
         _warn_if_no_validation(out_dir, existing)
         return {**existing, "_reused": True, "_status": "up to date"}
     logger.info("%s: building (%s)", out_dir, reason)
-    split_by, items = _split_plan(read_corpus(files, **corpus), valid_fraction, seed)
-    planted = None
-    if canaries is not None:
-        items, planted = _plant(items, options["canaries"])
-    manifest = {**_new_manifest(tok, fingerprint, files, options), "split_by": split_by}
-    _build(out_dir, items, tok, manifest, existing, planted, num_workers=num_workers, show_progress=show_progress)
+    manifest = _new_manifest(tok, fingerprint, files, options)
+    _split_and_build(out_dir, read_corpus(files, **corpus), tok, manifest, existing, num_workers, show_progress)
     status = f"built ({reason})"
     logger.info("%s: %s; %s", out_dir, status, describe_splits(manifest))
     _warn_if_no_validation(out_dir, manifest)
     return {**manifest, "_reused": False, "_status": status}
+
+
+def _split_and_build(
+    out_dir: Path, documents: list[str], tok: Tokenizer, manifest: dict, existing, num_workers, show_progress
+) -> None:
+    """Split ``documents`` (:func:`_split_plan`), plant the canaries the options ask for, and :func:`_build`."""
+    options = manifest["options"]
+    manifest["split_by"], items = _split_plan(documents, options["valid_fraction"], options["seed"])
+    items, planted = _plant(items, options["canaries"]) if "canaries" in options else (items, None)
+    _build(out_dir, items, tok, manifest, existing, planted, num_workers=num_workers, show_progress=show_progress)
 
 
 def _split_plan(documents: list[str], valid_fraction: float, seed: int) -> tuple[str, list[tuple[str, str]]]:
