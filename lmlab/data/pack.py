@@ -433,8 +433,12 @@ def describe_splits(manifest: dict[str, Any]) -> str:
     """One line on a manifest's splits: ``train: 1,234 tokens in 10 documents, valid: …``, and ``(split by token
     ranges inside documents)`` when it was."""
     splits = manifest["splits"].items()
-    line = ", ".join(f"{k}: {s['tokens']:,} tokens in {s['documents']:,} documents" for k, s in splits)
+    line = ", ".join(f"{k}: {s['tokens']:,} tokens in {_count(s['documents'], 'document')}" for k, s in splits)
     return line + (" (split by token ranges inside documents)" if manifest.get("split_by") == "tokens" else "")
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
 
 
 def _check_counts(shard_tokens: Any, num_workers: Any) -> None:
