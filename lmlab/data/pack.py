@@ -418,9 +418,10 @@ def _plant(items: list[tuple[str, str]], options: dict[str, Any]) -> tuple[list[
 
 def _warn_if_no_validation(out_dir: Path, manifest: dict[str, Any]) -> None:
     """One warning line when the validation split came out empty: pretraining will have nothing to validate on."""
-    if manifest["splits"]["valid"]["tokens"]:
+    splits = manifest.get("splits", {})
+    if splits.get("valid", {}).get("tokens"):
         return
-    fraction, tokens = manifest["options"]["valid_fraction"], manifest["splits"]["train"]["tokens"]
+    fraction, tokens = manifest.get("options", {}).get("valid_fraction"), splits.get("train", {}).get("tokens", 0)
     why = (
         "--valid-fraction is 0"
         if not fraction
