@@ -38,7 +38,8 @@ LOAD_RENAME = {"checkpoint": "path"}
 
 def _flags_tokenizer(p: ArgumentParser) -> None:
     flags(p, lmlab.read_corpus, "", CORPUS, {"input": "inputs"}, input={"nargs": "+"})
-    flags(p, lmlab.train_tokenizer, "kind vocab_size min_frequency special_tokens", special_tokens={"nargs": "+"})
+    own = "kind vocab_size min_frequency special_tokens sentinels"
+    flags(p, lmlab.train_tokenizer, own, special_tokens={"nargs": "+"})
     flags(p, lmlab.Tokenizer.save, "out", "overwrite", {"out": "directory"})
 
 

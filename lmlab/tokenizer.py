@@ -40,6 +40,7 @@ __all__ = [
     "DEFAULT_SPECIAL_TOKENS",
     "ROLE_TOKENS",
     "Tokenizer",
+    "sentinel_token",
     "train_tokenizer",
 ]
 
@@ -393,14 +394,18 @@ def train_tokenizer(
     vocab_size: int = 8000,
     min_frequency: int = 2,
     special_tokens: Sequence[str] | None = None,
+    sentinels: int = 0,
     show_progress: bool = False,
 ) -> Tokenizer:
     """Train a tokenizer of ``kind`` (``"bpe"``, ``"wordpiece"``, ``"unigram"``) on ``texts``.
 
     ``special_tokens`` default per kind to :data:`DEFAULT_SPECIAL_TOKENS`; their roles come from
-    :data:`ROLE_TOKENS`. ``vocab_size`` counts everything (special tokens, BPE's byte alphabet,
-    Unigram's byte-fallback tokens); the result can be smaller when the corpus is too small to
-    learn that many. ``min_frequency`` applies to BPE and WordPiece merges (Unigram has none).
+    :data:`ROLE_TOKENS`. ``sentinels`` adds T5's span-corruption sentinels ``<extra_id_0>`` …
+    ``<extra_id_{N-1}>`` (:func:`sentinel_token`) after them, as special tokens, in that order: what
+    ``--objective span`` replaces the k-th dropped span of a window with (T5 has 100; a window needs
+    about seq_len × 0.15 / 3 of them). ``vocab_size`` counts everything (special tokens, sentinels, BPE's
+    byte alphabet, Unigram's byte-fallback tokens); the result can be smaller when the corpus is too small
+    to learn that many. ``min_frequency`` applies to BPE and WordPiece merges (Unigram has none).
 
     Args:
         texts: the training texts
@@ -408,11 +413,14 @@ def train_tokenizer(
         vocab_size: vocabulary size including special tokens
         min_frequency: minimum pair/word frequency to enter the vocabulary
         special_tokens: special tokens (default: the kind's own, e.g. <|endoftext|> for bpe)
+        sentinels: add N sentinel tokens <extra_id_0> … <extra_id_N-1> after the special tokens, as T5's
+            tokenizer has them (100), for `lmlab pretrain --objective span` (default: none)
         show_progress: show the tokenizers library's progress bar
     """
     if kind not in KINDS:
         raise LmlabError(f"tokenizer kind {kind!r}: expected one of {', '.join(KINDS)}")
     specials = list(DEFAULT_SPECIAL_TOKENS[kind] if special_tokens is None else special_tokens)
+    specials += _sentinel_tokens(sentinels, specials)
     _check_training_options(kind, specials, vocab_size, min_frequency)
     roles = {}
     for role, candidates in ROLE_TOKENS.items():
@@ -444,6 +452,26 @@ def train_tokenizer(
     # pass through the library's float parser); ids then match before and after save/load.
     backend = tokenizers.Tokenizer.from_str(backend.to_str())
     return Tokenizer(backend, roles)
+
+
+def sentinel_token(index: int) -> str:
+    """T5's name for the sentinel of the ``index``-th span in span corruption: ``<extra_id_{index}>``."""
+    return f"<extra_id_{index}>"
+
+
+def _sentinel_tokens(sentinels: Any, specials: list) -> list[str]:
+    """The ``sentinels`` sentinel tokens to add, checked: a count, none of them among the special tokens already."""
+    if isinstance(sentinels, bool) or not isinstance(sentinels, int) or sentinels < 0:
+        raise LmlabError(f"sentinels {sentinels!r}: expected an integer >= 0 (T5 has 100)", params="sentinels")
+    tokens = [sentinel_token(k) for k in range(sentinels)]
+    listed = [token for token in tokens if token in specials]
+    if listed:
+        raise LmlabError(
+            f"sentinels {sentinels} adds <extra_id_0> … <extra_id_{sentinels - 1}>, and special_tokens already "
+            f"lists {listed[0]}: give the sentinels one way, not both",
+            params="sentinels special_tokens",
+        )
+    return tokens
 
 
 def _check_training_options(kind: str, specials: list, vocab_size: Any, min_frequency: Any) -> None:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
+import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -463,3 +466,41 @@ def test_a_verbs_flags_take_their_defaults_from_the_function_it_calls():
         assert checked >= 8, verb
     assert flags("evaluate")["device"].default == "cpu"  # each verb's own, as its function says
     assert flags("generate")["device"].default == "auto"
+
+
+# -------------------------------------------------------------------------------- the README's examples
+README = Path(__file__).resolve().parents[1] / "README.md"
+# what the README's sizes become here; every other word of its commands is run as written
+TINY_VALUES = {"--vocab-size": "600", "--max-steps": "4"}
+TINY_PRETRAIN = "--micro-batch-size 4 --seq-len 64 --eval-interval 4 --eval-batches 1 --warmup-steps 1 --no-progress"
+
+
+def readme_commands(needle: str) -> list[list[str]]:
+    """The ``lmlab`` command lines of the README's bash block that holds ``needle``, split as a shell would."""
+    blocks = [b for b in re.findall(r"```bash\n(.*?)```", README.read_text(encoding="utf-8"), re.S) if needle in b]
+    assert len(blocks) == 1, f"expected one bash block of README.md with {needle!r}"
+    return [shlex.split(line, comments=True) for line in blocks[0].splitlines() if line.startswith("lmlab ")]
+
+
+def test_the_readme_span_pretraining_example_runs_as_written_from_a_text_file(tmp_path, monkeypatch, capsys):
+    from lmlab.data import builtin_corpus
+    from lmlab.io.checkpoint import load_model
+    from lmlab.model.seq2seq import Seq2SeqLM
+    from lmlab.tokenizer import Tokenizer
+
+    monkeypatch.chdir(tmp_path)
+    Path("corpus.txt").write_text("\n\n".join(builtin_corpus(max_chars=40_000)), encoding="utf-8")  # one document
+    commands = readme_commands("--objective span")
+    assert [argv[1] for argv in commands] == ["tokenizer", "prepare", "pretrain"]
+    for argv in commands:
+        argv = [TINY_VALUES.get(flag, word) for flag, word in zip(["", *argv], argv)][1:]
+        argv += TINY_PRETRAIN.split() if argv[0] == "pretrain" else []
+        code = main(argv)
+        assert code == 0, capsys.readouterr().err
+    tok = Tokenizer.load("tok-t5")
+    assert tok.token_to_id("<extra_id_99>") is not None and tok.token_to_id("<extra_id_100>") is None
+    manifest = json.loads(Path("data-t5/manifest.json").read_text())
+    assert manifest["split_by"] == "tokens" and manifest["splits"]["valid"]["tokens"] > 0
+    records = [json.loads(line) for line in Path("runs/t5/log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "val_loss" in r] == [4]
+    assert isinstance(load_model("runs/t5"), Seq2SeqLM)

@@ -10,7 +10,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from lmlab.data import builtin_corpus, expand_inputs, iter_documents, read_corpus, split_documents
+from lmlab.data import (
+    builtin_corpus,
+    document_split,
+    expand_inputs,
+    iter_documents,
+    read_corpus,
+    split_documents,
+)
 from lmlab.errors import LmlabError
 
 CHINESE = "大语言模型是一种基于深度学习的自然语言处理技术。\r\n第二行\t制表符 🤖\n"
@@ -138,6 +145,15 @@ def test_split_guarantees_one_validation_and_one_training_document():
     assert len(train) == 1 and len(valid) == 2
     assert split_documents(["only"], valid_fraction=0.5) == (["only"], [])
     assert split_documents(["a", "b"], valid_fraction=0.0) == (["a", "b"], [])
+
+
+def test_document_split_is_the_hash_split_when_fair_and_none_when_not():
+    in_valid = document_split(DOCS, valid_fraction=0.1, seed=3)
+    assert [doc for doc, valid in zip(DOCS, in_valid) if valid] == split_documents(DOCS, valid_fraction=0.1, seed=3)[1]
+    assert document_split(["only one document"], valid_fraction=0.1) is None  # one side would be empty
+    assert document_split(["a", "b", "c"], valid_fraction=0.05) is None  # a third held out, not 5%
+    assert document_split(["a long document " * 100] + DOCS[:20], valid_fraction=0.1, seed=3) is None  # one weighs all
+    assert document_split(["only one document"], valid_fraction=0.0) == [False]  # nothing asked, nothing held out
 
 
 @pytest.mark.parametrize("fraction", [-0.1, 1.0, 2])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 from pathlib import Path
@@ -13,7 +14,7 @@ import tokenizers
 from tokenizers import models, pre_tokenizers
 
 from lmlab.data import PackedTokens, builtin_corpus, load_manifest, prepare, read_corpus, split_documents
-from lmlab.data.pack import data_tokenizer
+from lmlab.data.pack import data_tokenizer, describe_splits
 from lmlab.errors import LmlabError
 from lmlab.tokenizer import Tokenizer, train_tokenizer
 
@@ -289,3 +290,102 @@ def test_a_folder_that_is_not_a_data_folder_is_refused(tok, corpus_dir, tmp_path
     manifest = prepare(corpus_dir, tok, tmp_path / "out", show_progress=False, overwrite=True)
     assert manifest["_status"] == "built (previous manifest unreadable)"
     assert (tmp_path / "out" / "canaries.json").read_text() == "[]"  # not listed by any lmlab manifest: kept
+
+
+# ------------------------------------------------------------------------------------ validation splits
+def packed(out: Path, split: str) -> list[int]:
+    tokens = PackedTokens(out, split)
+    return tokens.window(0, len(tokens)).tolist()
+
+
+@pytest.fixture()
+def one_document(tmp_path) -> Path:
+    """A single text file: one document, as tiny-shakespeare is."""
+    path = tmp_path / "book.txt"
+    path.write_text("\n\n".join(builtin_corpus(max_chars=20_000)), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.5])
+def test_a_single_document_is_split_by_token_ranges_nothing_lost_or_duplicated(tok, one_document, tmp_path, fraction):
+    stream = expected_stream(tok, read_corpus(one_document))  # the document's tokens and its EOS
+    manifest = prepare(one_document, tok, tmp_path / "out", valid_fraction=fraction, show_progress=False)
+    assert manifest["split_by"] == "tokens"
+    train, valid = packed(tmp_path / "out", "train"), packed(tmp_path / "out", "valid")
+    assert len(valid) == int(fraction * len(stream)) > 0  # the asked fraction, to one token
+    assert train + valid == stream  # the head trains, the tail validates: every token once, in order
+    splits = manifest["splits"]
+    assert [(splits[k]["tokens"], splits[k]["documents"]) for k in ("train", "valid")] == [
+        (len(train), 1),
+        (len(valid), 1),
+    ]
+    again = prepare(one_document, tok, tmp_path / "again", valid_fraction=fraction, seed=0, show_progress=False)
+    assert again["splits"]["valid"]["tokens"] == len(valid) and packed(tmp_path / "again", "valid") == valid
+    assert describe_splits(manifest).endswith("in 1 document (split by token ranges inside documents)")
+
+
+def test_a_few_documents_each_give_validation_their_last_tokens(tok, tmp_path):
+    docs = [f"Chapter {i}. " + "The quick brown fox jumps over the lazy dog. " * (20 + 15 * i) for i in range(3)]
+    for i, doc in enumerate(docs):
+        (tmp_path / f"chapter{i}.txt").write_text(doc, encoding="utf-8")
+    manifest = prepare(tmp_path, tok, tmp_path / "out", valid_fraction=0.05, show_progress=False)
+    assert manifest["split_by"] == "tokens"  # three documents cannot hold out 5% whole
+    streams = [expected_stream(tok, [doc]) for doc in docs]
+    train, valid = packed(tmp_path / "out", "train"), packed(tmp_path / "out", "valid")
+    assert len(valid) == int(0.05 * sum(map(len, streams)))
+    heads, tails, seen, taken = [], [], 0, 0
+    for stream in streams:  # each document's share, rounded down as the running total goes
+        seen += len(stream)
+        share = int(0.05 * seen) - taken
+        taken += share
+        heads += stream[: len(stream) - share]
+        tails += stream[len(stream) - share :]
+    assert (train, valid) == (heads, tails)
+    assert manifest["splits"]["train"]["documents"] == manifest["splits"]["valid"]["documents"] == 3
+
+
+def test_many_documents_still_split_by_documents(tok, tmp_path):
+    docs = [f"Document {i}: the cat sat on mat number {i * 7}." for i in range(400)]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
+    manifest = prepare(tmp_path / "a.jsonl", tok, tmp_path / "out", valid_fraction=0.1, seed=2, show_progress=False)
+    train_docs, valid_docs = split_documents(docs, valid_fraction=0.1, seed=2)
+    assert manifest["split_by"] == "documents" and "token ranges" not in describe_splits(manifest)
+    assert packed(tmp_path / "out", "train") == expected_stream(tok, train_docs)
+    assert packed(tmp_path / "out", "valid") == expected_stream(tok, valid_docs)
+    assert manifest["splits"]["valid"]["documents"] == len(valid_docs)
+
+
+def test_an_empty_validation_split_is_warned_about_naming_the_flag(tok, tmp_path, caplog):
+    (tmp_path / "tiny.txt").write_text("A few words.", encoding="utf-8")
+    with caplog.at_level(logging.WARNING, logger="lmlab"):
+        manifest = prepare(tmp_path / "tiny.txt", tok, tmp_path / "out", valid_fraction=0.05, show_progress=False)
+    assert manifest["splits"]["valid"]["tokens"] == 0 and manifest["splits"]["train"]["tokens"] > 0
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "validation split is empty" in warned[0] and "--valid-fraction 0.05" in warned[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lmlab"):
+        big = prepare(tmp_path / "tiny.txt", tok, tmp_path / "big", valid_fraction=0.5, show_progress=False)
+    assert big["splits"]["valid"]["tokens"] > 0 and big["splits"]["train"]["tokens"] > 0
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def test_a_build_from_before_the_token_range_split_is_rebuilt(tok, one_document, tmp_path):
+    out = tmp_path / "out"
+    prepare(one_document, tok, out, show_progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["options"]["split_rule"]  # as lmlab wrote it when a single document gave no validation
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert prepare(one_document, tok, out, show_progress=False)["_status"] == "built (options changed)"
+    assert prepare(one_document, tok, out, show_progress=False)["_status"] == "up to date"
+
+
+def test_canaries_in_a_token_range_split_stay_whole_in_train(tok, one_document, tmp_path):
+    out = tmp_path / "out"
+    options = {"n": 2, "repeats": 3, "digits": 4}
+    manifest = prepare(one_document, tok, out, valid_fraction=0.2, show_progress=False, canaries=options)
+    record = json.loads((out / "canaries.json").read_text())
+    train, valid = tok.decode(packed(out, "train")), tok.decode(packed(out, "valid"))
+    assert manifest["split_by"] == "tokens" and "secret" not in valid
+    for canary in record["planted"]:
+        assert train.count(canary["text"] + "<|endoftext|>") == 3
+    assert manifest["splits"]["train"]["documents"] == 1 + 2 * 3

@@ -115,6 +115,20 @@ def test_corpus_shorter_than_one_context_window_is_an_error(tokenizer_dir, tmp_p
     assert not list_checkpoints(tmp_path / "r")
 
 
+def test_a_single_document_corpus_trains_and_validates(tokenizer_dir, tmp_path, capsys):
+    """One text file (tiny-shakespeare's shape) gets a validation split of token ranges, and pretraining on it
+    reports a validation loss instead of failing for want of training tokens or skipping validation."""
+    from lmlab.data import builtin_corpus
+    from lmlab.data.pack import prepare
+
+    (tmp_path / "book.txt").write_text("\n\n".join(builtin_corpus(max_chars=20_000)), encoding="utf-8")
+    manifest = prepare(tmp_path / "book.txt", tokenizer_dir, tmp_path / "data", valid_fraction=0.1, show_progress=False)
+    assert manifest["split_by"] == "tokens" and manifest["splits"]["valid"]["tokens"] > 2 * 33
+    result = pretrain("gpt2-tiny", tmp_path / "data", tmp_path / "r", max_steps=4, eval_interval=4, **TINY_TRAIN)
+    assert math.isfinite(result.val_loss)
+    assert "validation is skipped" not in capsys.readouterr().err
+
+
 def test_unknown_preset_and_bad_options_are_errors(data_dir, tmp_path):
     with pytest.raises(LmlabError, match="unknown model preset"):
         pretrain("gpt9", data_dir, tmp_path / "r", **TINY_TRAIN)

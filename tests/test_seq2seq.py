@@ -286,8 +286,7 @@ def test_pretrain_with_span_corruption_learns_and_checkpoints(tmp_path):
     corpus.write_text(
         "".join(json.dumps({"text": d}) + "\n" for d in builtin_corpus(max_chars=40_000)), encoding="utf-8"
     )
-    specials = ["<|endoftext|>", "<pad>"] + [f"<extra_id_{i}>" for i in range(20)]
-    train_tokenizer(read_corpus(corpus), kind="bpe", vocab_size=400, special_tokens=specials).save(tmp_path / "tok")
+    train_tokenizer(read_corpus(corpus), kind="bpe", vocab_size=400, sentinels=20).save(tmp_path / "tok")
     prepare(corpus, tmp_path / "tok", tmp_path / "data", valid_fraction=0.1, show_progress=False)
     result = pretrain(
         "t5-tiny",

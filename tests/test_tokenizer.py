@@ -11,7 +11,7 @@ from tokenizers import models, pre_tokenizers, trainers
 
 from lmlab.data import builtin_corpus
 from lmlab.errors import LmlabError
-from lmlab.tokenizer import Tokenizer, train_tokenizer
+from lmlab.tokenizer import DEFAULT_SPECIAL_TOKENS, Tokenizer, train_tokenizer
 
 ROUND_TRIP = [
     "The quick brown fox jumps over the lazy dog.",
@@ -89,6 +89,33 @@ def test_wordpiece_adds_cls_and_sep_only_when_asked(trained):
     plain = tok.encode("hello world")
     assert tok.encode("hello world", add_special_tokens=True) == [tok.bos_id, *plain, tok.eos_id]
     assert trained["bpe"].encode("hello", add_special_tokens=True) == trained["bpe"].encode("hello")
+
+
+# ---------------------------------------------------------------------------------- sentinels
+@pytest.mark.parametrize("kind", ["bpe", "unigram"])
+def test_sentinels_are_t5s_extra_ids_after_the_special_tokens_and_survive_save_load(corpus, tmp_path, kind):
+    from lmlab.objectives import SpanCorruption
+
+    tok = train_tokenizer(corpus[:20], kind=kind, vocab_size=500, sentinels=4)
+    specials = list(DEFAULT_SPECIAL_TOKENS[kind])
+    added = {t.content: i for i, t in tok.backend.get_added_tokens_decoder().items() if t.special}
+    names = specials + [f"<extra_id_{k}>" for k in range(4)]
+    assert sorted(added, key=added.get) == names and [added[n] for n in names] == list(range(len(names)))
+    assert tok.vocab_size == 500
+    assert tok.special_tokens == train_tokenizer(corpus[:20], kind=kind, vocab_size=500).special_tokens  # no new role
+    assert tok.encode("a <extra_id_3> b").count(added["<extra_id_3>"]) == 1  # one token, never split
+    tok.save(tmp_path / "tok")
+    span = SpanCorruption(Tokenizer.load(tmp_path / "tok"))
+    assert span.sentinels.tolist() == [added[f"<extra_id_{k}>"] for k in range(4)]  # span k -> <extra_id_k>
+
+
+def test_bad_sentinels_are_one_line_errors_naming_the_flag():
+    with pytest.raises(LmlabError, match=r"sentinels -1: expected an integer >= 0"):
+        train_tokenizer(["some text"], sentinels=-1)
+    with pytest.raises(LmlabError, match=r"special_tokens already lists <extra_id_1>: give the sentinels one way"):
+        train_tokenizer(["some text"], special_tokens=["<|endoftext|>", "<extra_id_1>"], sentinels=2)
+    with pytest.raises(LmlabError, match=r"vocab_size 300: too small for a bpe tokenizer with 102 special tokens"):
+        train_tokenizer(["some text"], vocab_size=300, sentinels=100)
 
 
 # ---------------------------------------------------------------------------------- save/load

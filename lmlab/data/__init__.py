@@ -3,6 +3,7 @@
 from lmlab.data.corpus import (
     KNOWN_EXTENSIONS,
     builtin_corpus,
+    document_split,
     expand_inputs,
     iter_documents,
     read_corpus,
@@ -14,6 +15,7 @@ __all__ = [
     "KNOWN_EXTENSIONS",
     "PackedTokens",
     "builtin_corpus",
+    "document_split",
     "expand_inputs",
     "iter_documents",
     "load_manifest",

@@ -27,12 +27,13 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from lmlab.errors import LmlabError
 
 __all__ = ["CANARIES_NAME", "FORMAT", "plant_canaries", "canary_options", "load_canaries", "secret_at"]
 
+T = TypeVar("T")
 CANARIES_NAME = "canaries.json"
 FORMAT = "lmlab-canaries"
 VERSION = 1
@@ -88,20 +89,20 @@ def secret_at(index: int, alphabet: str, length: int) -> str:
 
 
 def plant_canaries(
-    documents: list[str],
+    documents: list[T],
     *,
     n: int,
     repeats: int = DEFAULTS["repeats"],
     seed: int = DEFAULTS["seed"],
     template: str = DEFAULTS["template"],
     digits: int = DEFAULTS["digits"],
-) -> tuple[list[str], dict[str, Any]]:
+) -> tuple[list[T | str], dict[str, Any]]:
     """``documents`` with ``n`` canaries added ``repeats`` times each (as separate documents at seeded
     random positions; the input order of the other documents is kept), and the record of what was
     planted plus ``n`` unplanted reference secrets from the same space (see the module docstring).
 
     Args:
-        documents: the training documents
+        documents: the training documents (or anything standing for them; the canaries added are str)
         n: how many secrets to plant
         repeats: copies of each canary in the training split
         seed: seed of the secrets and their positions

@@ -39,6 +39,8 @@ __all__ = [
     "iter_documents",
     "read_corpus",
     "split_documents",
+    "document_split",
+    "SPLIT_TOLERANCE",
     "builtin_corpus",
 ]
 
@@ -47,6 +49,8 @@ JSON_EXTENSIONS = frozenset({".jsonl", ".json"})
 TABLE_EXTENSIONS = frozenset({".csv", ".tsv", ".parquet"})
 KNOWN_EXTENSIONS = TEXT_EXTENSIONS | JSON_EXTENSIONS | TABLE_EXTENSIONS
 NORMALIZATIONS = ("NFC", "NFKC", "NFD", "NFKD")
+# A document split is kept when validation's share of the text is within this factor of the asked fraction.
+SPLIT_TOLERANCE = 2.0
 
 _GLOB_CHARS = frozenset("*?[")
 _BOM = "\ufeff"
@@ -335,8 +339,17 @@ def split_documents(docs: list[str], valid_fraction: float = 0.05, seed: int = 0
     ``valid_fraction`` of the hash range, so its split depends on nothing but itself and the seed:
     adding documents never moves existing ones. With two or more documents and ``valid_fraction >
     0`` each split gets at least one document (the smallest hash moves to valid, or the largest to
-    train, when the hash left one empty).
+    train, when the hash left one empty). ``lmlab prepare`` uses this split only when it is fair
+    (:func:`document_split`).
     """
+    in_valid = _valid_mask(docs, valid_fraction, seed)
+    train = [doc for doc, valid in zip(docs, in_valid) if not valid]
+    valid = [doc for doc, valid in zip(docs, in_valid) if valid]
+    return train, valid
+
+
+def _valid_mask(docs: list[str], valid_fraction: float, seed: int) -> list[bool]:
+    """Which documents :func:`split_documents` holds out."""
     if (
         isinstance(valid_fraction, bool)
         or not isinstance(valid_fraction, (int, float))
@@ -353,9 +366,30 @@ def split_documents(docs: list[str], valid_fraction: float = 0.05, seed: int = 0
             in_valid[min(range(len(docs)), key=keys.__getitem__)] = True
         elif all(in_valid):
             in_valid[max(range(len(docs)), key=keys.__getitem__)] = False
-    train = [doc for doc, valid in zip(docs, in_valid) if not valid]
-    valid = [doc for doc, valid in zip(docs, in_valid) if valid]
-    return train, valid
+    return in_valid
+
+
+def document_split(docs: list[str], valid_fraction: float = 0.05, seed: int = 0) -> list[bool] | None:
+    """Which documents :func:`split_documents` holds out for validation (a flag per document), when that
+    is a fair validation split; None when it is not.
+
+    Fair: both sides hold text, and validation's share of the characters is within a factor of
+    :data:`SPLIT_TOLERANCE` (2) of ``valid_fraction``. It is not when there are too few documents (a
+    single document goes wholly to one side; three documents cannot give 5%) or when their lengths are so
+    uneven that a few documents weigh all; ``lmlab prepare`` then splits by token ranges inside the
+    documents instead. ``valid_fraction=0`` is always fair (everything trains).
+    """
+    in_valid = _valid_mask(docs, valid_fraction, seed)
+    if valid_fraction == 0:
+        return in_valid
+    held_out = sum(len(doc) for doc, valid in zip(docs, in_valid) if valid)
+    total = sum(map(len, docs))
+    if (
+        held_out == total
+        or not valid_fraction / SPLIT_TOLERANCE <= held_out / total <= valid_fraction * SPLIT_TOLERANCE
+    ):
+        return None
+    return in_valid
 
 
 # Pure-Python or always-built standard-library modules whose docstrings are real English prose.

@@ -24,6 +24,7 @@ import hashlib
 import itertools
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -31,6 +32,7 @@ import uuid
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -39,7 +41,7 @@ from tqdm.auto import tqdm
 
 from lmlab.config import check_seed, write_json_atomic
 from lmlab.data.canaries import CANARIES_NAME, canary_options, plant_canaries
-from lmlab.data.corpus import expand_inputs, read_corpus, split_documents
+from lmlab.data.corpus import document_split, expand_inputs, read_corpus
 from lmlab.errors import LmlabError
 from lmlab.io.outputs import check_output, temp_name
 from lmlab.tokenizer import Tokenizer
@@ -58,6 +60,9 @@ _SHARD_NAME = re.compile(r"^(train|valid)_(?:[0-9a-f]{8}_)?\d{5,}\.bin$")
 # for a smooth progress bar and bounded memory (ids are Python lists until packed).
 _CHUNK_DOCS = 1024
 _HASH_BLOCK = 1 << 20
+# How train and valid are drawn, recorded in the options: 2 = by documents when that is fair, else by token ranges
+# inside them (:func:`_split_plan`); builds from before it (no "split_rule": by documents only) are rebuilt.
+SPLIT_RULE = 2
 
 
 # ------------------------------------------------------------------------------------ manifest
@@ -103,8 +108,8 @@ def _stale_reason(
     out_dir: Path, existing: dict[str, Any] | None, fingerprint: str, tokenizer_sha: str, options: dict
 ) -> str | None:
     """Why the folder must be rebuilt, or None when it is up to date."""
-    if existing is None:
-        return "no previous build"
+    if existing is None:  # an unreadable one (with overwrite) is replaced, and none of its files deleted
+        return "previous manifest unreadable" if (out_dir / MANIFEST_NAME).exists() else "no previous build"
     if existing.get("input_fingerprint") != fingerprint:
         return "input changed"
     if existing.get("tokenizer_sha256") != tokenizer_sha:
@@ -195,31 +200,67 @@ def _encoded_chunks(
             yield count, future.result()
 
 
-def _pack_split(
-    docs: list[str],
-    writer: _ShardWriter,
+def _valid_counts(batch: list[list[int]], routes: Iterator[str], cut: _Cut) -> list[int]:
+    """How many of each document's tokens (its EOS included) go to validation: none for a training document,
+    all for a validation one, the last ones for a document split by token ranges (see :class:`_Cut`)."""
+    counts = []
+    for ids in batch:
+        length, route = len(ids) + 1, next(routes)
+        counts.append(0 if route == "train" else length if route == "valid" else cut.take(length))
+    return counts
+
+
+class _Cut:
+    """The token-range split: of the documents cut so far, validation holds the last
+    ``floor(valid_fraction × their tokens)`` — the fraction exactly (to one token), each document's tail,
+    every token in one split or the other."""
+
+    def __init__(self, valid_fraction: float) -> None:
+        self.fraction = Fraction(valid_fraction)  # exact: no float rounding in the running floor
+        self.seen = self.valid = 0
+
+    def take(self, length: int) -> int:
+        self.seen += length
+        share = math.floor(self.fraction * self.seen) - self.valid
+        self.valid += share
+        return share
+
+
+def _pack(
+    items: list[tuple[str, str]],
+    writers: dict[str, _ShardWriter],
     tokenizer: Tokenizer,
-    eos_id: int,
+    valid_fraction: float,
     num_workers: int | None,
     progress: tqdm,
-) -> int:
-    """Tokenize ``docs``, append EOS after each, write them; returns the number of tokens."""
-    total = 0
-    limit = np.iinfo(writer.dtype).max
-    for count, batch in _encoded_chunks(tokenizer, docs, num_workers):
+) -> dict[str, dict[str, int]]:
+    """Tokenize the documents of ``items`` (text, route) in order, append EOS after each and write each
+    document's tokens to its split (route ``train``, ``valid``, or ``cut``: its last tokens to valid, the
+    rest to train). Returns each split's tokens and documents (a cut document counts in each split it reaches)."""
+    counts = {split: {"tokens": 0, "documents": 0} for split in SPLITS}
+    limit = np.iinfo(writers["train"].dtype).max
+    routes, cut = (route for _, route in items), _Cut(valid_fraction)
+    for count, batch in _encoded_chunks(tokenizer, [text for text, _ in items], num_workers):
         size = sum(len(ids) for ids in batch) + len(batch)
         flat = np.fromiter(
-            itertools.chain.from_iterable(itertools.chain(ids, (eos_id,)) for ids in batch),
+            itertools.chain.from_iterable(itertools.chain(ids, (tokenizer.eos_id,)) for ids in batch),
             dtype=np.int64,
             count=size,
         )
         if size and int(flat.max()) > limit:
             raise LmlabError(f"tokenizer produced id {int(flat.max())}, beyond its vocab_size {tokenizer.vocab_size}")
-        writer.write(flat)
-        total += size
+        in_valid = np.zeros(size, dtype=bool)
+        end = 0
+        for ids, valid in zip(batch, _valid_counts(batch, routes, cut)):
+            end += len(ids) + 1
+            in_valid[end - valid : end] = True
+            counts["valid"]["documents"] += valid > 0
+            counts["train"]["documents"] += valid < len(ids) + 1
+        for split, part in (("train", flat[~in_valid]), ("valid", flat[in_valid])):
+            writers[split].write(part)
+            counts[split]["tokens"] += len(part)
         progress.update(count)
-    writer.close()
-    return total
+    return counts
 
 
 def _commit(tmp: Path, out_dir: Path, old: dict[str, Any] | None, new: dict[str, Any]) -> None:
@@ -297,11 +338,18 @@ def prepare(
     leaves the previous build whole. ``out_dir`` must be new, empty or a data folder lmlab prepared (``overwrite``:
     another folder); either way, only files a previous manifest lists are ever deleted.
 
+    Validation holds about ``valid_fraction`` of the tokens, whatever the corpus: whole documents (by a hash of each
+    one's text and ``seed``: :func:`split_documents`) when that split is fair (:func:`document_split`), else — one
+    document, a few, or a few long ones that weigh all — the last ``valid_fraction`` of every document's tokens, EOS
+    included, as nanoGPT splits a single text file. ``manifest["split_by"]`` says which (``"documents"`` or
+    ``"tokens"``); every token is in exactly one split, and an empty validation split is warned about.
+
     Args:
         inputs: text files, folders and globs (.txt .md .jsonl .csv .tsv .parquet)
         tokenizer: folder (or tokenizer.json) of the tokenizer to use
         out_dir: output folder for the shards and manifest.json
-        valid_fraction: share of documents held out for validation
+        valid_fraction: share of the corpus held out for validation: whole documents when there are enough, else
+            the last tokens of every document (so a single-file corpus gets one too)
         seed: seed of the train/validation split
         text_field: the JSONL field (and default CSV/TSV/Parquet column) holding the text
         column: CSV/TSV/Parquet column holding the text (default: ``text_field``)
@@ -322,34 +370,76 @@ def prepare(
     files, tok = _inputs_and_tokenizer(inputs, tokenizer, out_dir)
     corpus = {"text_field": text_field, "column": column, "normalize": normalize, "dedup": dedup}
     options = {"valid_fraction": valid_fraction, "seed": seed, **corpus, "shard_tokens": shard_tokens}
+    options["split_rule"] = SPLIT_RULE  # a build made by another rule is rebuilt (by "options changed")
     if canaries is not None:  # only then: folders built without canaries stay up to date
         options["canaries"] = canary_options(canaries, seed=seed)
     fingerprint = _fingerprint_inputs(files)
     existing = load_manifest(out_dir) if is_data_folder(out_dir) else None
     reason = _stale_reason(out_dir, existing, fingerprint, tok.sha256, options)
-    if existing is None and (out_dir / MANIFEST_NAME).exists():
-        reason = "previous manifest unreadable"  # with overwrite: replaced, and none of its files deleted
     if reason is None:
         logger.info("%s: up to date", out_dir)
+        _warn_if_no_validation(out_dir, existing)
         return {**existing, "_reused": True, "_status": "up to date"}
     logger.info("%s: building (%s)", out_dir, reason)
-    documents = read_corpus(files, **corpus)
-    splits = dict(zip(SPLITS, split_documents(documents, valid_fraction=valid_fraction, seed=seed)))
-    planted = None
-    if canaries is not None:
-        splits["train"], planted = plant_canaries(splits["train"], **options["canaries"])
     manifest = _new_manifest(tok, fingerprint, files, options)
-    _build(out_dir, splits, tok, manifest, existing, planted, num_workers=num_workers, show_progress=show_progress)
+    _split_and_build(out_dir, read_corpus(files, **corpus), tok, manifest, existing, num_workers, show_progress)
     status = f"built ({reason})"
-    train_tokens, valid_tokens = manifest["splits"]["train"]["tokens"], manifest["splits"]["valid"]["tokens"]
-    logger.info("%s: %s; train %d tokens, valid %d tokens", out_dir, status, train_tokens, valid_tokens)
+    logger.info("%s: %s; %s", out_dir, status, describe_splits(manifest))
+    _warn_if_no_validation(out_dir, manifest)
     return {**manifest, "_reused": False, "_status": status}
 
 
+def _split_and_build(
+    out_dir: Path, documents: list[str], tok: Tokenizer, manifest: dict, existing, num_workers, show_progress
+) -> None:
+    """Split ``documents`` (:func:`_split_plan`), plant the canaries the options ask for, and :func:`_build`."""
+    options = manifest["options"]
+    manifest["split_by"], items = _split_plan(documents, options["valid_fraction"], options["seed"])
+    items, planted = _plant(items, options["canaries"]) if "canaries" in options else (items, None)
+    _build(out_dir, items, tok, manifest, existing, planted, num_workers=num_workers, show_progress=show_progress)
+
+
+def _split_plan(documents: list[str], valid_fraction: float, seed: int) -> tuple[str, list[tuple[str, str]]]:
+    """How the corpus splits: ``"documents"`` (:func:`document_split`'s, when it is fair) or ``"tokens"`` (every
+    document's last ``valid_fraction`` of tokens to validation), and each document with its route for :func:`_pack`."""
+    in_valid = document_split(documents, valid_fraction=valid_fraction, seed=seed)
+    if in_valid is None:
+        return "tokens", [(doc, "cut") for doc in documents]
+    return "documents", [(doc, "valid" if valid else "train") for doc, valid in zip(documents, in_valid)]
+
+
+def _plant(items: list[tuple[str, str]], options: dict[str, Any]) -> tuple[list[tuple[str, str]], dict[str, Any]]:
+    """Canaries planted among the documents that train (all of each canary in the train split), the rest kept."""
+    training = [item for item in items if item[1] != "valid"]
+    mixed, planted = plant_canaries(training, **options)
+    mixed = [item if isinstance(item, tuple) else (item, "train") for item in mixed]  # a canary is a str
+    return mixed + [item for item in items if item[1] == "valid"], planted
+
+
+def _warn_if_no_validation(out_dir: Path, manifest: dict[str, Any]) -> None:
+    """One warning line when the validation split came out empty: pretraining will have nothing to validate on."""
+    splits = manifest.get("splits", {})
+    if splits.get("valid", {}).get("tokens"):
+        return
+    fraction, tokens = manifest.get("options", {}).get("valid_fraction"), splits.get("train", {}).get("tokens", 0)
+    why = (
+        "--valid-fraction is 0"
+        if not fraction
+        else f"--valid-fraction {fraction:g} of the corpus's {tokens:,} tokens is less than one; raise it or add text"
+    )
+    logger.warning("%s: the validation split is empty (%s): pretraining will report no validation loss", out_dir, why)
+
+
 def describe_splits(manifest: dict[str, Any]) -> str:
-    """One line on a manifest's splits: ``train: 1,234 tokens in 10 documents, valid: …``."""
+    """One line on a manifest's splits: ``train: 1,234 tokens in 10 documents, valid: …``, and ``(split by token
+    ranges inside documents)`` when it was."""
     splits = manifest["splits"].items()
-    return ", ".join(f"{k}: {s['tokens']:,} tokens in {s['documents']:,} documents" for k, s in splits)
+    line = ", ".join(f"{k}: {s['tokens']:,} tokens in {_count(s['documents'], 'document')}" for k, s in splits)
+    return line + (" (split by token ranges inside documents)" if manifest.get("split_by") == "tokens" else "")
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
 
 
 def _check_counts(shard_tokens: Any, num_workers: Any) -> None:
@@ -398,10 +488,11 @@ def _dtype(tok: Tokenizer) -> np.dtype:
 
 
 def _build(
-    out_dir: Path, splits, tok: Tokenizer, manifest: dict, existing, planted, *, num_workers, show_progress
+    out_dir: Path, items, tok: Tokenizer, manifest: dict, existing, planted, *, num_workers, show_progress
 ) -> None:
-    """Tokenize and pack each split into a hidden temporary folder in ``out_dir``, then commit it: the shards
-    under names of their own, ``manifest.json`` last (fills ``manifest["splits"]``)."""
+    """Tokenize and pack the documents of ``items`` (text, route: see :func:`_pack`) into a hidden temporary folder
+    in ``out_dir``, then commit it: the shards under names of their own, ``manifest.json`` last (fills
+    ``manifest["splits"]``)."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -409,17 +500,17 @@ def _build(
     tmp = out_dir / temp_name("build")
     tmp.mkdir()
     build = _new_build_id(out_dir)
-    dtype, shard_tokens = _dtype(tok), manifest["options"]["shard_tokens"]
+    dtype, options = _dtype(tok), manifest["options"]
+    writers = {split: _ShardWriter(tmp, split, dtype, options["shard_tokens"], build) for split in SPLITS}
     try:
-        total = sum(len(docs) for docs in splits.values())
-        with tqdm(total=total, unit="doc", desc="tokenizing", disable=not show_progress) as progress:
-            for split, docs in splits.items():
-                writer = _ShardWriter(tmp, split, dtype, shard_tokens, build)
-                try:
-                    tokens = _pack_split(docs, writer, tok, tok.eos_id, num_workers, progress)
-                finally:
+        with tqdm(total=len(items), unit="doc", desc="tokenizing", disable=not show_progress) as progress:
+            try:
+                counts = _pack(items, writers, tok, options["valid_fraction"], num_workers, progress)
+            finally:
+                for writer in writers.values():
                     writer.close()
-                manifest["splits"][split] = {"shards": writer.shards, "tokens": tokens, "documents": len(docs)}
+        for split in SPLITS:
+            manifest["splits"][split] = {"shards": writers[split].shards, **counts[split]}
         tok.write_files(tmp)
         if planted is not None:
             write_json_atomic(tmp / CANARIES_NAME, planted)

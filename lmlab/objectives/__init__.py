@@ -195,16 +195,17 @@ class SpanCorruption:
                 "objective span needs a tokenizer with an eos token (it ends every input and target)",
                 params="objective",
             )
+        from lmlab.tokenizer import sentinel_token
+
         added = {t.content: i for i, t in tokenizer.backend.get_added_tokens_decoder().items()}
         sentinels = []
-        while f"<extra_id_{len(sentinels)}>" in added:
-            sentinels.append(added[f"<extra_id_{len(sentinels)}>"])
+        while sentinel_token(len(sentinels)) in added:
+            sentinels.append(added[sentinel_token(len(sentinels))])
         if not sentinels:
             raise LmlabError(
                 "objective span needs sentinel tokens <extra_id_0>, <extra_id_1>, … (T5's) among the tokenizer's "
-                "added tokens; "
-                "train one with `lmlab tokenizer train --special-tokens <pad> </s> <unk> <extra_id_0> <extra_id_1> …` "
-                "(about seq_len·density/mean_span_length of them, T5 has 100) or use a T5 tokenizer.json",
+                "added tokens; train one with `lmlab tokenizer train --sentinels 100 …` "
+                "(about seq_len·density/mean_span_length of them are used, T5 has 100) or use a T5 tokenizer.json",
                 params="objective",
             )
         if not 0.0 < noise_density < 1.0:
