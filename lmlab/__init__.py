@@ -14,6 +14,7 @@ The public surface, in the order a pipeline uses it::
     lmlab.evaluate("runs/cls", "test.jsonl", out="eval/")     # metrics with confidence intervals
     lmlab.critique("runs/cls", "report/", data="test.jsonl")  # report.html, report.json
     lmlab.export_hf("runs/a", "hf/")                          # a transformers folder, checked by logits
+    lmlab.serve("runs/a", port=8000)                          # OpenAI-compatible HTTP server
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ _EXPORTS = {
     "run_demo": "lmlab.demo",
 }
 
-_PACKAGE_VERBS = ("evaluate", "critique")  # lmlab.evaluate(...), lmlab.critique(...): callable packages
+_PACKAGE_VERBS = ("evaluate", "critique", "serve")  # lmlab.evaluate(...) …: callable packages
 
 __all__ = sorted([*_EXPORTS, *_PACKAGE_VERBS])
 
@@ -78,6 +79,7 @@ if TYPE_CHECKING:  # for editors and type checkers
     from lmlab.generate import GenerationConfig
     from lmlab.io.export import export_hf
     from lmlab.model import build_model
+    from lmlab.serve.server import serve
     from lmlab.tokenizer import Tokenizer, train_tokenizer
     from lmlab.train.finetune import finetune
     from lmlab.train.loop import TrainConfig, TrainResult

@@ -20,7 +20,7 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence, TextIO
+from typing import Any, Iterator, Sequence, TextIO
 
 import torch
 from torch import nn
@@ -30,7 +30,7 @@ from lmlab.device import resolve_device
 from lmlab.errors import LmlabError
 from lmlab.generate import BeamSearch, GenerationConfig, decode
 from lmlab.generate.processors import SuppressIdsFrom
-from lmlab.generate.stopping import cut_at_stop, held_back
+from lmlab.generate.stopping import TextStream, cut_at_stop
 from lmlab.io.checkpoint import load_model, load_tokenizer, resolve_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -258,6 +258,19 @@ class LM:
         generator = torch.Generator(device=self.device)
         generator.manual_seed(config.seed if config.seed is not None else torch.seed())
         return generator
+
+    def decoding_rules(self, config: GenerationConfig) -> dict[str, Any]:
+        """What ``config`` asks of one sequence decoded by a loop other than :meth:`generate`'s (the server's
+        :class:`~lmlab.generate.engine.Engine`): its processors, whether it samples, its seeded generator, the
+        ids and the rules that end it — the keyword arguments of an engine :class:`~lmlab.generate.engine.Request`."""
+        stop_ids = self._stop_ids(config)
+        return {
+            "processors": self._processors(config, stop_ids),
+            "sample": config.samples,
+            "generator": self._generator(config),
+            "stop_ids": frozenset(stop_ids),
+            "stop_rules": config.stop_rules(self.tokenizer),
+        }
 
     # -- the decoding paths ------------------------------------------------------------------------
 
@@ -526,23 +539,16 @@ class LM:
         if config.num_return_sequences != 1:
             raise LmlabError("stream makes one sequence: num_return_sequences must be 1", params="num_return_sequences")
         ids, new = self._encode_prompts([prompt], config)
-        shown = 0
-        text = ""
+        text = TextStream(self.tokenizer.decode, config.stop)
         for tokens in self._token_stream(ids, new, config):
-            text, hit = cut_at_stop(self.tokenizer.decode(tokens), config.stop)
-            if hit:
-                limit = len(text)
-            elif text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
-                continue
-            else:
-                limit = len(text) - held_back(text, config.stop)
-            if limit > shown:
-                yield text[shown:limit]
-                shown = limit
-            if hit:
+            piece = text.push(tokens)
+            if piece:
+                yield piece
+            if text.hit:
                 return
-        if len(text) > shown:  # the end: what was held back is final
-            yield text[shown:]
+        rest = text.flush()  # the end: what was held back is final
+        if rest:
+            yield rest
 
     def _token_stream(self, ids: list[list[int]], new: int, config: GenerationConfig) -> Iterator[list[int]]:
         """The new tokens of the one prompt so far (no stop token id), after each step."""

@@ -298,6 +298,17 @@ def cmd_info(a) -> int:
     return 0
 
 
+def _flags_serve(p: ArgumentParser) -> None:
+    own = "host port api_key model_name max_batch_size max_queue max_prompt_tokens max_new_tokens timeout"
+    flags(p, lmlab.serve, own, "checkpoint * device verify")
+
+
+def cmd_serve(a) -> int:
+    """Serve a checkpoint over OpenAI's HTTP API (/v1/completions, /v1/chat/completions, /v1/embeddings for encoders,
+    /v1/models) with continuous batching and streaming; /health, Prometheus /metrics, and a playground page at /."""
+    return lmlab.serve(**kwargs_of(a, lmlab.serve))
+
+
 def cmd_demo(a) -> int:
     """Run the whole pipeline on the embedded corpus (Python's own documentation), offline."""
     lmlab.run_demo(**kwargs_of(a, lmlab.run_demo))
@@ -309,28 +320,19 @@ DESCRIPTION = "Train, generate, evaluate and critique Transformer language model
 VERBS = {  # name → Verb(its line in `lmlab --help`, flags, run), in the order `lmlab --help` lists them
     "tokenizer": Verb("train a tokenizer (BPE, WordPiece, Unigram)", _flags_tokenizer, cmd_tokenizer, TOKENIZER_TRAIN),
     "prepare": Verb("tokenize and pack a corpus into token shards", _flags_prepare, cmd_prepare),
-    "pretrain": Verb(
-        "pretrain a model (causal LM, masked LM, next-sentence prediction)", _flags_pretrain, cmd_pretrain
-    ),
+    "pretrain": Verb("pretrain a model: causal LM, masked LM, next-sentence prediction", _flags_pretrain, cmd_pretrain),
     "finetune": Verb("fine-tune on classify, tag, qa, seq2seq or chat", _flags_finetune, cmd_finetune),
     "evaluate": Verb("task metrics with confidence intervals, or perplexity", _flags_evaluate, cmd_evaluate),
     "critique": Verb(
-        "a report on a model: performance, interpretability, bias, safety, privacy, robustness, efficiency",
-        _flags_critique,
-        cmd_critique,
+        "a report: performance, interpretability, bias, safety, privacy, …", _flags_critique, cmd_critique
     ),
-    "export": Verb(
-        "export a checkpoint as a Hugging Face folder (checked by logits parity)", _flags_export, cmd_export
-    ),
+    "export": Verb("export a checkpoint as a Hugging Face folder, checked by logits", _flags_export, cmd_export),
     "merge-lora": Verb("merge LoRA adapters into the base weights", _flags_merge_lora, cmd_merge_lora),
-    "generate": Verb(
-        "generate text from a checkpoint (all decoding strategies, streaming, REPL)", _flags_generate, cmd_generate
-    ),
+    "generate": Verb("generate text: every decoding strategy, streaming, a REPL", _flags_generate, cmd_generate),
     "chat": Verb("chat with a model: a multi-turn REPL with streaming", _flags_chat, cmd_chat),
+    "serve": Verb("serve a model over OpenAI's HTTP API, with a web playground", _flags_serve, cmd_serve),
     "info": Verb("model sizes: parameters and FLOPs per token", _flags_info, cmd_info),
-    "demo": Verb(
-        "the end-to-end demo: corpus → tokenizer → pretrain → generate → fine-tune → evaluate", _flags_demo, cmd_demo
-    ),
+    "demo": Verb("the end-to-end demo: corpus → tokenizer → pretrain → … → critique", _flags_demo, cmd_demo),
 }
 
 

@@ -42,6 +42,7 @@ def assert_one_line_error(code, err, *needles):
         ["generate"],
         ["critique"],
         ["merge-lora"],
+        ["serve"],
         ["info"],
         ["demo"],
     ],

@@ -8,7 +8,7 @@ Stop strings are matched on decoded text, so a string split across several token
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 from lmlab.errors import LmlabError
 
@@ -45,3 +45,34 @@ def held_back(text: str, strings: Sequence[str]) -> int:
                 longest = n
                 break
     return longest
+
+
+class TextStream:
+    """The text of a growing sequence of generated ids, released piece by piece: a character split across
+    byte-level tokens is held until whole, and text that may be the start of a stop string until it is known
+    not to be. After a stop string, ``hit`` is True and nothing more is released; the pieces and
+    :meth:`flush` join to the whole text cut at the first stop string."""
+
+    def __init__(self, decode: Callable[[list[int]], str], stop: Sequence[str] = ()) -> None:
+        self.decode, self.stop = decode, list(stop)
+        self.text, self.shown, self.hit = "", 0, False
+
+    def push(self, tokens: Sequence[int]) -> str:
+        """The new piece of text once ``tokens`` (every generated id so far) are decoded ('' while held)."""
+        if self.hit:
+            return ""
+        self.text, self.hit = cut_at_stop(self.decode(list(tokens)), self.stop)
+        if self.hit:
+            limit = len(self.text)
+        elif self.text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+            return ""
+        else:
+            limit = len(self.text) - held_back(self.text, self.stop)
+        piece = self.text[self.shown : limit] if limit > self.shown else ""
+        self.shown = max(self.shown, limit)
+        return piece
+
+    def flush(self) -> str:
+        """What was held back, now final (the sequence ended)."""
+        piece, self.shown = self.text[self.shown :], len(self.text)
+        return piece

@@ -142,6 +142,15 @@ class KVCache:
             return self.k[layer], self.v[layer]
         return self.k[layer][:, :, :length], self.v[layer][:, :, :length]
 
+    def row(self, index: int) -> KVCache:
+        """A cache of batch row ``index`` alone that shares this one's buffers: what it writes lands here
+        (continuous batching fills one row's slots with one prompt while the other rows decode)."""
+        view = object.__new__(KVCache)
+        view.max_len, view.static = self.max_len, False
+        view.k = [k[index : index + 1] for k in self.k]
+        view.v = [v[index : index + 1] for v in self.v]
+        return view
+
     def select(self, rows: Tensor) -> None:
         """Keep the batch rows ``rows`` (in that order), as beam search reorders its hypotheses."""
         if len(rows) == self.k[0].shape[0]:  # same batch size: reorder in place, the buffers stay put

@@ -48,6 +48,7 @@ class DecoderLM(nn.Module):
         cache_len: int | None = None,
         logits_to_keep: int = 0,
         hidden_only: bool = False,
+        attn_mask: Tensor | None = None,
     ) -> Tensor:
         """Logits (B, T, vocab_size) for token ids ``idx`` (B, T).
 
@@ -58,13 +59,18 @@ class DecoderLM(nn.Module):
         ``segment_ids`` (B, T) packs several sequences in a row for training: a token attends only to
         earlier tokens of its own segment (pass ``position_ids`` restarting at each segment too).
         ``logits_to_keep=n`` computes logits for the last n positions only (1 while decoding).
+        ``attn_mask`` (B, 1, T, S), True where a query sees a key, replaces the mask built from the slots and
+        ``key_padding_mask``: continuous batching, where every row is at its own position, builds its own.
         """
         B, T = idx.shape
         if input_pos is None:
             input_pos = torch.arange(T, device=idx.device)
         if position_ids is None:
             position_ids = input_pos
-        mask, is_causal = self._mask(T, input_pos, kv_cache, cache_len, key_padding_mask)
+        if attn_mask is not None:
+            mask, is_causal = attn_mask, False
+        else:
+            mask, is_causal = self._mask(T, input_pos, kv_cache, cache_len, key_padding_mask)
         if segment_ids is not None:
             if kv_cache is not None:
                 raise ValueError("segment_ids (packed training rows) cannot be combined with a KV cache")

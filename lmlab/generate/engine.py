@@ -1,0 +1,296 @@
+"""Continuous batching: one loop owns a decoder and runs every request in flight, one token per step.
+
+Iteration-level scheduling, as Orca (Yu et al., OSDI 2022) and vLLM schedule: a request joins the running
+batch at the next decode step (its prompt is prefilled into a free row of the KV cache) and leaves it as soon
+as it is done, so a long generation never holds up a short one. Every row keeps its own position, its own
+decoding rules (:mod:`lmlab.generate.processors`), its own random generator and its own stop conditions.
+
+The cache is one :class:`~lmlab.model.blocks.KVCache` of ``max_batch_size`` rows. The rows in flight are
+always the first ``n``: a finished row's slot is filled by moving the last row into it, so a decode step
+reads ``cache[:n]`` without copying. Each row writes its new key and value at its own slot, and attends over
+its own slots only, through an explicit mask (:class:`RaggedCache`).
+
+The engine knows token ids, not text: :mod:`lmlab.serve` turns requests into :class:`Request` objects and
+their :class:`Event` stream back into text.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from lmlab.errors import LmlabError
+from lmlab.generate.processors import LogitsProcessorList
+from lmlab.model.blocks import KVCache
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Event:
+    """What a request hears after each step: a new token (None when it ended without one) and, at the end,
+    why (``stop``: a stop id or rule; ``length``: max_new_tokens or the context window; ``timeout``;
+    ``cancelled``; ``error``, with ``error`` saying what went wrong)."""
+
+    token: int | None
+    logprob: float | None = None
+    top: list[tuple[int, float]] | None = None  # the most likely tokens and their log-probabilities
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+@dataclass(eq=False)
+class Request:
+    """One generation: ``prompt`` ids, at most ``max_new_tokens`` new ones, decoded with ``processors``
+    (greedy unless ``sample``; ``generator`` seeds the draws). It finishes at a token in ``stop_ids`` (not
+    emitted) or when a rule of ``stop_rules`` says so about the generated ids. ``logprobs``: each chosen
+    token's log-probability under the model and the ``logprobs`` most likely alternatives. ``emit`` is
+    called on the engine's thread with every :class:`Event`; ``deadline`` (``time.monotonic()``) ends it
+    with ``timeout``. Set ``cancelled`` (any thread) to free its row at the next step."""
+
+    prompt: Sequence[int]
+    max_new_tokens: int
+    emit: Callable[[Event], None]
+    processors: LogitsProcessorList | None = None
+    sample: bool = False
+    generator: torch.Generator | None = None
+    stop_ids: frozenset[int] = frozenset()
+    stop_rules: Sequence[Callable[[Sequence[int]], bool]] = ()
+    logprobs: int | None = None
+    deadline: float | None = None
+    cancelled: bool = False
+    generated: list[int] = field(default_factory=list)
+    submitted: float = field(default_factory=time.monotonic)
+
+
+class QueueFull(LmlabError):
+    """The engine's queue holds ``max_queue`` requests already: try again later."""
+
+
+class RaggedCache(KVCache):
+    """The engine's cache during a decode step: rows ``0..n-1`` each write their one new key and value at
+    their own slot ``write_pos[row]`` and read slots ``0..length-1`` (the mask hides what is not theirs)."""
+
+    def __init__(self, cache: KVCache, n: int, write_pos: Tensor) -> None:
+        self.k, self.v, self.max_len, self.static = cache.k, cache.v, cache.max_len, False
+        self.n, self.write_pos, self.rows = n, write_pos, torch.arange(n, device=write_pos.device)
+
+    def update(self, layer: int, input_pos: Tensor, k: Tensor, v: Tensor, length: int | None) -> tuple[Tensor, Tensor]:
+        n, pos = self.n, self.write_pos
+        self.k[layer][self.rows, :, pos] = k[:, :, 0].to(self.k[layer].dtype)
+        self.v[layer][self.rows, :, pos] = v[:, :, 0].to(self.v[layer].dtype)
+        return self.k[layer][:n, :, :length], self.v[layer][:n, :, :length]
+
+
+class Engine:
+    """The loop that owns ``model`` (a decoder-only :class:`~lmlab.model.DecoderLM`): :meth:`submit` queues
+    a :class:`Request`, :meth:`start` runs the loop on a thread of its own (or call :meth:`step` yourself).
+
+    ``max_batch_size`` rows decode together; ``max_queue`` requests may wait for a row (:meth:`submit`
+    raises :class:`QueueFull` past that). ``on_step(running, waiting)`` is called after every step (metrics).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        max_batch_size: int = 16,
+        max_queue: int = 256,
+        on_step: Callable[[int, int], None] | None = None,
+    ) -> None:
+        if getattr(model.config, "arch", None) != "decoder":
+            raise LmlabError("continuous batching runs decoder-only models (GPT-2 or LLaMA style)")
+        self.model, self.max_batch_size, self.max_queue = model.eval(), max_batch_size, max_queue
+        self.device = next(model.parameters()).device
+        self.block_size = model.config.block_size
+        self.cache = model.new_kv_cache(max_batch_size, self.block_size)
+        self.rows: list[Request] = []  # the requests in flight, row i of the cache is rows[i]'s
+        self.pos = torch.zeros(max_batch_size, dtype=torch.long, device=self.device)  # each row's next slot
+        self.logits: Tensor | None = None  # (n, vocab): each row's next-token logits
+        self.waiting: queue.Queue[Request] = queue.Queue()
+        self.on_step = on_step
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    # -- the public side ---------------------------------------------------------------------------
+
+    def submit(self, request: Request) -> None:
+        """Queue ``request`` (checked: a prompt, room in the context window, room in the queue)."""
+        if not request.prompt:
+            raise LmlabError("a request needs at least one prompt token")
+        if request.max_new_tokens < 1:
+            raise LmlabError(f"max_new_tokens is {request.max_new_tokens}: expected a positive integer")
+        if len(request.prompt) + request.max_new_tokens > self.block_size:
+            raise LmlabError(
+                f"the prompt ({len(request.prompt)} tokens) + max_new_tokens ({request.max_new_tokens}) exceeds "
+                f"the model's context window of {self.block_size} tokens"
+            )
+        if self.waiting.qsize() >= self.max_queue:
+            raise QueueFull(f"the queue is full ({self.max_queue} requests waiting): try again later")
+        self.waiting.put(request)
+
+    @property
+    def running(self) -> int:
+        return len(self.rows)
+
+    def start(self) -> None:
+        """Run the loop on a daemon thread until :meth:`stop`."""
+        self._thread = threading.Thread(target=self._run, name="lmlab-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """End the loop (after the step in progress); requests still in flight or waiting end ``cancelled``."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        for request in [*self.rows, *self._drain()]:
+            request.emit(Event(None, finish_reason="cancelled"))
+        self.rows = []
+
+    def idle(self) -> bool:
+        return not self.rows and self.waiting.empty()
+
+    # -- the loop ----------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if self.idle():
+                try:
+                    request = self.waiting.get(timeout=0.05)
+                except queue.Empty:
+                    continue
+                self.waiting.put(request)  # back in line: step() admits it
+            try:
+                self.step()
+            except Exception as e:  # a bug: end what is in flight with the reason, keep serving
+                logger.exception("the engine's step failed")
+                for request in self.rows:
+                    request.emit(Event(None, finish_reason="error", error=f"{type(e).__name__}: {e}"))
+                self.rows, self.logits = [], None
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """One iteration: admit waiting requests into free rows, choose one token for every row, retire
+        the rows that are done, and run one decode step for the rest."""
+        self._admit()
+        if not self.rows:
+            return
+        done = [self._advance(i, request) for i, request in enumerate(self.rows)]
+        self._retire(done)
+        if self.rows:
+            self._decode()
+        if self.on_step is not None:
+            self.on_step(len(self.rows), self.waiting.qsize())
+
+    def _drain(self) -> list[Request]:
+        drained = []
+        while True:
+            try:
+                drained.append(self.waiting.get_nowait())
+            except queue.Empty:
+                return drained
+
+    def _admit(self) -> None:
+        """Prefill waiting requests into the free rows, one prompt at a time (each into its own row)."""
+        while len(self.rows) < self.max_batch_size:
+            try:
+                request = self.waiting.get_nowait()
+            except queue.Empty:
+                return
+            if request.cancelled:
+                request.emit(Event(None, finish_reason="cancelled"))
+                continue
+            row, P = len(self.rows), len(request.prompt)
+            if request.processors:
+                request.processors.begin(P)
+            ids = torch.tensor([list(request.prompt)], dtype=torch.long, device=self.device)
+            slots = torch.arange(P, device=self.device)
+            logits = self.model(ids, kv_cache=self.cache.row(row), input_pos=slots, cache_len=P, logits_to_keep=1)
+            self.logits = logits[:, -1] if self.logits is None else torch.cat([self.logits, logits[:, -1]])
+            self.pos[row] = P
+            self.rows.append(request)
+
+    def _advance(self, row: int, request: Request) -> bool:
+        """Choose row ``row``'s next token and tell its request; whether the request is done."""
+        if request.cancelled:
+            request.emit(Event(None, finish_reason="cancelled"))
+            return True
+        logits = self.logits[row : row + 1].float()
+        scores = logits
+        if request.processors:
+            context = torch.tensor([[*request.prompt, *request.generated]], dtype=torch.long, device=self.device)
+            scores = request.processors(context, logits)
+        if request.sample:
+            token = int(torch.multinomial(scores.softmax(-1), 1, generator=request.generator))
+        else:
+            token = int(scores.argmax(-1))
+        event = Event(token)
+        if request.logprobs is not None:
+            logprobs = logits.log_softmax(-1)[0]
+            event.logprob = float(logprobs[token])
+            if request.logprobs > 0:
+                top = logprobs.topk(min(request.logprobs, logprobs.numel()))
+                event.top = list(zip(top.indices.tolist(), top.values.tolist()))
+        if token in request.stop_ids:
+            event.token, event.finish_reason = None, "stop"
+        else:
+            request.generated.append(token)
+            event.finish_reason = self._finish_reason(request)
+        request.emit(event)
+        return event.finish_reason is not None
+
+    def _finish_reason(self, request: Request) -> str | None:
+        if any(rule(request.generated) for rule in request.stop_rules):
+            return "stop"
+        if len(request.generated) >= request.max_new_tokens:
+            return "length"
+        if request.deadline is not None and time.monotonic() >= request.deadline:
+            return "timeout"
+        return None
+
+    def _retire(self, done: list[bool]) -> None:
+        """Drop the finished rows: each hole among the first ``n`` left is filled by a running row from
+        behind it (its cache slots, position and logits move with it)."""
+        if not any(done):
+            return
+        keep = [i for i, d in enumerate(done) if not d]
+        n = len(keep)
+        holes = [i for i in range(n) if done[i]]
+        movers = [i for i in keep if i >= n]
+        if holes:
+            src = torch.tensor(movers, device=self.device)
+            dst = torch.tensor(holes, device=self.device)
+            length = int(self.pos[: len(done)].max())
+            for buffer in (*self.cache.k, *self.cache.v):
+                buffer[dst, :, :length] = buffer[src, :, :length]
+            self.pos[dst] = self.pos[src]
+        order = [*range(n)]
+        for hole, mover in zip(holes, movers):
+            order[hole] = mover
+        self.logits = self.logits[torch.tensor(order, dtype=torch.long, device=self.device)] if n else None
+        rows = list(self.rows)
+        self.rows = [rows[i] for i in order]
+
+    def _decode(self) -> None:
+        """One token for every row: each writes at its own slot and attends over its own slots."""
+        n = len(self.rows)
+        tokens = torch.tensor([[r.generated[-1]] for r in self.rows], dtype=torch.long, device=self.device)
+        pos = self.pos[:n]
+        length = int(pos.max()) + 1
+        visible = torch.arange(length, device=self.device)[None, :] <= pos[:, None]  # (n, length)
+        self.logits = self.model(
+            tokens,
+            kv_cache=RaggedCache(self.cache, n, pos),
+            position_ids=pos[:, None],
+            cache_len=length,
+            attn_mask=visible[:, None, None, :],
+            logits_to_keep=1,
+        )[:, -1]
+        self.pos[:n] += 1

@@ -1,0 +1,168 @@
+"""Continuous batching (lmlab.generate.engine): requests join and leave a running batch, each row decoding
+exactly as it would alone, with its own rules, seed and stop conditions."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from lmlab.config import preset
+from lmlab.errors import LmlabError
+from lmlab.generate.engine import Engine, QueueFull, Request
+from lmlab.generate.loop import decode
+from lmlab.generate.processors import LogitsProcessorList, RepetitionPenalty
+from lmlab.model import build_model
+
+
+def tiny(name: str):
+    torch.manual_seed(0)
+    return build_model(preset(name)).eval()
+
+
+def work(vocab: int, count: int, seed: int = 1) -> list[tuple[list[int], int]]:
+    """``count`` prompts of 1–19 tokens, each with 1–29 tokens to make."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 20, (count,), generator=g).tolist()
+    news = torch.randint(1, 30, (count,), generator=g).tolist()
+    return [(torch.randint(0, vocab, (n,), generator=g).tolist(), new) for n, new in zip(lengths, news)]
+
+
+def alone(model, prompt: list[int], new: int, **kw) -> list[int]:
+    return [int(step.tokens[0]) for step in decode(model, [prompt], max_new_tokens=new, **kw) if bool(step.active[0])]
+
+
+def run(engine: Engine, requests: list[Request]) -> None:
+    for request in requests:
+        engine.submit(request)
+    while not engine.idle():
+        engine.step()
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.tokens: list[int] = []
+        self.finish: str | None = None
+        self.events = []
+
+    def __call__(self, event) -> None:
+        self.events.append(event)
+        if event.token is not None:
+            self.tokens.append(event.token)
+        if event.finish_reason is not None:
+            self.finish = event.finish_reason
+
+
+@pytest.mark.parametrize("name", ["gpt2-tiny", "llama-tiny"])
+def test_greedy_rows_joining_and_leaving_a_batch_decode_as_they_would_alone(name):
+    model = tiny(name)
+    jobs = work(model.config.vocab_size, 12)
+    recorders = [Recorder() for _ in jobs]
+    engine = Engine(model, max_batch_size=4)  # 12 requests through 4 rows: joins and leaves at every size
+    run(engine, [Request(p, new, emit=r) for (p, new), r in zip(jobs, recorders)])
+    for (prompt, new), r in zip(jobs, recorders):
+        assert r.tokens == alone(model, prompt, new) and r.finish == "length"
+    assert engine.running == 0 and engine.logits is None
+
+
+def test_a_request_gives_the_same_tokens_alone_and_in_a_batch_of_16():
+    model = tiny("llama-tiny")
+    jobs = work(model.config.vocab_size, 16, seed=3)
+    by_itself = []
+    for prompt, new in jobs:
+        r = Recorder()
+        run(Engine(model, max_batch_size=16), [Request(prompt, new, emit=r)])
+        by_itself.append(r.tokens)
+    recorders = [Recorder() for _ in jobs]
+    run(Engine(model, max_batch_size=16), [Request(p, n, emit=r) for (p, n), r in zip(jobs, recorders)])
+    assert [r.tokens for r in recorders] == by_itself
+
+
+def test_each_row_keeps_its_own_rules_and_seeded_draws():
+    model = tiny("gpt2-tiny")
+    prompt = [5, 6, 7]
+
+    def sampled(seed: int, others: int) -> list[int]:
+        r = Recorder()
+        requests = [Request(prompt, 20, emit=r, sample=True, generator=torch.Generator().manual_seed(seed))]
+        requests += [Request([1 + i], 25, emit=Recorder(), sample=True) for i in range(others)]
+        run(Engine(model, max_batch_size=8), requests)
+        return r.tokens
+
+    assert sampled(7, 0) == sampled(7, 5)  # a seed's draws do not depend on the company
+    assert sampled(7, 0) != sampled(8, 0)
+    penalised = Recorder()
+    rules = LogitsProcessorList([RepetitionPenalty(1.5)])
+    run(Engine(model), [Request(prompt, 15, emit=penalised, processors=rules), Request(prompt, 15, emit=Recorder())])
+    expected = alone(model, prompt, 15, processors=[RepetitionPenalty(1.5)])
+    assert penalised.tokens == expected
+
+
+def test_stop_ids_stop_rules_cancellation_and_deadlines_end_a_request_with_its_reason():
+    model = tiny("gpt2-tiny")
+    reference = alone(model, [3, 4], 10)
+    stop_id = reference[4]
+    first = reference.index(stop_id)
+    by_id, by_rule, cancelled, late = Recorder(), Recorder(), Recorder(), Recorder()
+    requests = [
+        Request([3, 4], 10, emit=by_id, stop_ids=frozenset({stop_id})),
+        Request([3, 4], 10, emit=by_rule, stop_rules=[lambda generated: len(generated) == 3]),
+        Request([3, 4], 10, emit=cancelled, cancelled=True),
+        Request([3, 4], 10, emit=late, deadline=time.monotonic() - 1),
+    ]
+    run(Engine(model), requests)
+    assert by_id.tokens == reference[:first] and by_id.finish == "stop"  # the stop id itself is not emitted
+    assert by_rule.tokens == reference[:3] and by_rule.finish == "stop"
+    assert cancelled.tokens == [] and cancelled.finish == "cancelled"
+    assert late.tokens == reference[:1] and late.finish == "timeout"
+
+
+def test_logprobs_are_the_models_and_a_cancelled_row_frees_its_place_at_the_next_step():
+    model = tiny("gpt2-tiny")
+    r = Recorder()
+    engine = Engine(model, max_batch_size=2)
+    engine.submit(Request([1, 2, 3], 10, emit=r, logprobs=2))
+    engine.step()
+    with torch.inference_mode():
+        logprobs = model(torch.tensor([[1, 2, 3]]))[0, -1].log_softmax(-1)
+    event = r.events[0]
+    assert event.logprob == pytest.approx(float(logprobs[event.token]), abs=1e-5)
+    assert [i for i, _ in event.top] == logprobs.topk(2).indices.tolist()
+    other = Recorder()
+    engine.submit(Request([9], 20, emit=other))
+    engine.step()
+    assert engine.running == 2
+    engine.rows[1].cancelled = True
+    engine.step()
+    assert engine.running == 1 and other.finish == "cancelled"
+
+
+def test_limits_are_one_line_errors_and_a_full_queue_is_refused():
+    model = tiny("gpt2-tiny")
+    engine = Engine(model, max_queue=1)
+    with pytest.raises(LmlabError, match="exceeds the model's context window of 128 tokens"):
+        engine.submit(Request(list(range(100)), 29, emit=Recorder()))
+    with pytest.raises(LmlabError, match="at least one prompt token"):
+        engine.submit(Request([], 5, emit=Recorder()))
+    engine.submit(Request([1], 5, emit=Recorder()))
+    with pytest.raises(QueueFull, match="the queue is full"):
+        engine.submit(Request([1], 5, emit=Recorder()))
+    with pytest.raises(LmlabError, match="decoder-only"):
+        Engine(tiny("bert-tiny"))
+
+
+def test_the_loop_thread_serves_requests_and_stop_cancels_what_is_left():
+    model = tiny("gpt2-tiny")
+    engine = Engine(model, max_batch_size=2)
+    engine.start()
+    done = threading.Event()
+    r = Recorder()
+    engine.submit(Request([1, 2], 5, emit=lambda e: (r(e), e.finish_reason and done.set())))
+    assert done.wait(10) and r.finish == "length" and len(r.tokens) == 5
+    long_one = Recorder()
+    engine.submit(Request([1], 120, emit=long_one))
+    time.sleep(0.05)
+    engine.stop(timeout=10)
+    assert long_one.finish == "cancelled" and engine.running == 0
