@@ -166,3 +166,23 @@ def test_the_loop_thread_serves_requests_and_stop_cancels_what_is_left():
     time.sleep(0.05)
     engine.stop(timeout=10)
     assert long_one.finish == "cancelled" and engine.running == 0
+
+
+def test_an_encoder_decoder_runs_one_request_at_a_time_as_generate_seq2seq_decodes_it():
+    from lmlab.generate.engine import SerialEngine
+    from lmlab.generate.seq2seq import generate_seq2seq
+
+    torch.manual_seed(0)
+    model = build_model(preset("t5-tiny")).eval()
+    jobs = work(model.config.vocab_size, 4, seed=5)
+    recorders = [Recorder() for _ in jobs]
+    engine = SerialEngine(model)
+    run(engine, [Request(p, n, emit=r) for (p, n), r in zip(jobs, recorders)])
+    for (source, new), r in zip(jobs, recorders):
+        with torch.inference_mode():
+            expected = [int(s.tokens[0]) for s in generate_seq2seq(model, [source], max_new_tokens=new)]
+        assert r.tokens == expected and r.finish == "length"
+    with pytest.raises(LmlabError, match="must each fit the model's context window of 128"):
+        engine.submit(Request([1], 128, emit=Recorder()))
+    with pytest.raises(LmlabError, match="encoder–decoder"):
+        SerialEngine(tiny("gpt2-tiny"))

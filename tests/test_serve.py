@@ -373,3 +373,19 @@ def test_the_playground_streams_a_completion_in_chromium_with_no_console_errors(
         browser.close()
     assert not messages, messages
     assert shown.strip() == lm.generate(PROMPTS[0], max_new_tokens=12).strip()
+
+
+def test_an_encoder_decoder_answers_completions_one_request_at_a_time(tokenizer_dir, tmp_path):
+    import torch
+
+    from lmlab.io.checkpoint import save_checkpoint
+
+    tokenizer = lmlab.Tokenizer.load(tokenizer_dir)
+    torch.manual_seed(0)
+    model = lmlab.build_model(lmlab.preset("t5-tiny", vocab_size=tokenizer.vocab_size))
+    t5 = lmlab.load(save_checkpoint(tmp_path / "t5", model, tokenizer=tokenizer), device="cpu")
+    with TestClient(create_app(t5, Settings("t5"))) as c:
+        r = c.post("/v1/completions", json={"prompt": PROMPTS[:2], "max_tokens": 6, "temperature": 0}).json()
+        chat = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+    assert [ch["text"] for ch in r["choices"]] == [t5.generate(p, max_new_tokens=6) for p in PROMPTS[:2]]
+    assert chat.status_code == 400 and "answers /v1/completions" in chat.json()["error"]["message"]

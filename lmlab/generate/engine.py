@@ -294,3 +294,82 @@ class Engine:
             logits_to_keep=1,
         )[:, -1]
         self.pos[:n] += 1
+
+
+class SerialEngine(Engine):
+    """An encoder–decoder's requests, one at a time: each source is encoded, then its target decoded with
+    the KV cache (:func:`~lmlab.generate.seq2seq.generate_seq2seq`). The same interface, events and stop
+    conditions as :class:`Engine`, without batching across requests (each row would carry its own encoded
+    source for cross-attention)."""
+
+    def __init__(
+        self, model: nn.Module, *, max_queue: int = 256, on_step: Callable[[int, int], None] | None = None
+    ) -> None:
+        if getattr(model.config, "arch", None) != "seq2seq":
+            raise LmlabError("SerialEngine runs encoder–decoder models; a decoder takes Engine")
+        self.model, self.max_batch_size, self.max_queue = model.eval(), 1, max_queue
+        self.device = next(model.parameters()).device
+        self.block_size = model.config.block_size
+        self.rows, self.logits = [], None
+        self.waiting = queue.Queue()
+        self.on_step = on_step
+        self._thread, self._stop = None, threading.Event()
+
+    def submit(self, request: Request) -> None:
+        """Queue ``request``: a source of at most ``block_size`` tokens, a target of at most ``block_size - 1``."""
+        if not request.prompt:
+            raise LmlabError("a request needs at least one source token")
+        if len(request.prompt) > self.block_size or request.max_new_tokens > self.block_size - 1:
+            raise LmlabError(
+                f"the source ({len(request.prompt)} tokens) and max_new_tokens ({request.max_new_tokens}) must each "
+                f"fit the model's context window of {self.block_size} tokens (the target's start token included)"
+            )
+        if self.waiting.qsize() >= self.max_queue:
+            raise QueueFull(f"the queue is full ({self.max_queue} requests waiting): try again later")
+        self.waiting.put(request)
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """Run the next waiting request to its end."""
+        try:
+            request = self.waiting.get_nowait()
+        except queue.Empty:
+            return
+        self.rows = [request]
+        if self.on_step is not None:
+            self.on_step(1, self.waiting.qsize())
+        self._run_one(request)
+        self.rows = []
+        if self.on_step is not None:
+            self.on_step(0, self.waiting.qsize())
+
+    def _run_one(self, request: Request) -> None:
+        from lmlab.generate.seq2seq import generate_seq2seq
+
+        steps = generate_seq2seq(
+            self.model,
+            [list(request.prompt)],
+            max_new_tokens=request.max_new_tokens,
+            processors=request.processors or (),
+            sample=request.sample,
+            generator=request.generator,
+            logprobs=request.logprobs,
+        )
+        for step in steps:
+            if request.cancelled:
+                request.emit(Event(None, finish_reason="cancelled"))
+                return
+            token = int(step.tokens[0])
+            event = Event(token)
+            if step.logprobs is not None:
+                event.logprob = float(step.logprobs[0])
+                if step.top_ids is not None and request.logprobs:
+                    event.top = list(zip(step.top_ids[0].tolist(), step.top_logprobs[0].tolist()))
+            if token in request.stop_ids:
+                event.token, event.finish_reason = None, "stop"
+            else:
+                request.generated.append(token)
+                event.finish_reason = self._finish_reason(request)
+            request.emit(event)
+            if event.finish_reason is not None:
+                return

@@ -22,7 +22,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.exceptions import HTTPException
 
 from lmlab.errors import LmlabError
-from lmlab.generate.engine import Engine, QueueFull
+from lmlab.generate.engine import Engine, QueueFull, SerialEngine
 from lmlab.serve import formats
 from lmlab.serve.embed import embed
 from lmlab.serve.jobs import BadRequest, Job, Limits, check_prompt, generation_config, new_tokens
@@ -60,9 +60,10 @@ def create_app(lm, settings: Settings, engine: Engine | None = None) -> FastAPI:
     """The application serving ``lm`` (an :class:`lmlab.api.LM`); ``engine``: the decoder's (made here when
     None; started and stopped with the application)."""
     metrics = ServeMetrics()
-    generates = lm.model.config.arch == "decoder"
-    if generates and engine is None:
+    if engine is None and lm.model.config.arch == "decoder":
         engine = Engine(lm.model)
+    elif engine is None and lm.is_seq2seq:
+        engine = SerialEngine(lm.model)
     if engine is not None and engine.on_step is None:
         engine.on_step = metrics.engine_step
 
@@ -185,23 +186,31 @@ def _routes(app: FastAPI, lm, engine: Engine | None, settings: Settings, metrics
 
 def _needs_decoder(lm, engine: Engine | None) -> Engine:
     if engine is None:
-        if lm.is_seq2seq:
-            why = "an encoder–decoder: lmlab serve generates with decoder-only models"
-        else:
-            why = "an encoder: it does not generate (it serves /v1/embeddings)"
-        raise APIError(400, f"this model is {why}", "invalid_request_error", "model")
+        raise APIError(
+            400,
+            "this model is an encoder: it does not generate (it serves /v1/embeddings)",
+            "invalid_request_error",
+            "model",
+        )
     return engine
 
 
 def _prompts(lm, body: CompletionRequest) -> list[list[int]]:
     """The prompts of a completion request as token ids: text is encoded as ``lmlab generate`` encodes it."""
     prompt = body.prompt
+    encode = lm.tokenizer.encode_batch
+    if lm.is_seq2seq:  # a source, encoded as fine-tuning encodes it (with its end-of-text id)
+        from lmlab.data.tasks import encode_sources
+
+        def encode(texts):
+            return encode_sources(lm.tokenizer, texts)
+
     if isinstance(prompt, str):
-        ids = lm.tokenizer.encode_batch([prompt])
+        ids = encode([prompt])
     elif prompt and all(isinstance(p, int) for p in prompt):
         ids = [list(prompt)]
     elif prompt and all(isinstance(p, str) for p in prompt):
-        ids = lm.tokenizer.encode_batch(list(prompt))
+        ids = encode(list(prompt))
     else:
         ids = [list(p) for p in prompt]
     if not ids:
@@ -215,8 +224,10 @@ def _job(lm, engine, settings, metrics, prompts, body, requested, logprobs, stop
     job = Job(lm, engine, metrics, limits, logprobs)
     for i, ids in enumerate(prompts):
         param = "messages" if isinstance(body, ChatRequest) else "prompt"
-        check_prompt(ids, config.vocab_size, lm.block_size, limits, param)
-        max_new = new_tokens(requested, len(ids), lm.block_size, limits, "max_tokens")
+        longest = lm.block_size if lm.is_seq2seq else lm.block_size - 1
+        check_prompt(ids, config.vocab_size, longest, limits, param)
+        room = lm.block_size - 1 if lm.is_seq2seq else lm.block_size - len(ids)  # a target starts with its start id
+        max_new = new_tokens(requested, len(ids), lm.block_size, limits, "max_tokens", room)
         for j in range(body.n):
             seed = None if body.seed is None else (body.seed + i * body.n + j) % 2**63
             cfg = generation_config(body, max_new, seed, stop)
@@ -290,8 +301,8 @@ def _chat_prompt(lm, body: ChatRequest) -> tuple[list[int], list[int], list[str]
 
 async def _chat(lm, engine, settings, metrics, body: ChatRequest):
     engine = _needs_decoder(lm, engine)
-    if lm.model.config.arch != "decoder":
-        raise BadRequest("chat needs a decoder", "model")
+    if lm.is_seq2seq:
+        raise BadRequest("chat needs a decoder; an encoder–decoder answers /v1/completions", "model")
     ids, stop_ids, stop = _chat_prompt(lm, body)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     requested = body.max_completion_tokens or body.max_tokens

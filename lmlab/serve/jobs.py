@@ -55,21 +55,21 @@ class Sequence_:
     last_token_at: float | None = None
 
 
-def check_prompt(ids: list[int], vocab_size: int, block_size: int, limits: Limits, param: str) -> None:
-    """A prompt the model can read: not empty, ids in the vocabulary, within the prompt limit."""
+def check_prompt(ids: list[int], vocab_size: int, longest: int, limits: Limits, param: str) -> None:
+    """A prompt the model can read: not empty, ids in the vocabulary, at most ``longest`` tokens (the model's
+    limit: a decoder's context window less one, an encoder–decoder's whole window) and the server's."""
     if not ids:
         raise BadRequest("the prompt is empty (it encodes to no tokens)", param)
     if any(not 0 <= i < vocab_size for i in ids):
         raise BadRequest(f"the prompt holds token ids outside the vocabulary (0 to {vocab_size - 1})", param)
-    limit = min(limits.max_prompt_tokens or block_size - 1, block_size - 1)
+    limit = min(limits.max_prompt_tokens or longest, longest)
     if len(ids) > limit:
         raise BadRequest(f"the prompt is {len(ids)} tokens: this server takes prompts of at most {limit}", param)
 
 
-def new_tokens(requested: int | None, prompt_len: int, block_size: int, limits: Limits, param: str) -> int:
-    """How many tokens to generate after a ``prompt_len``-token prompt: as requested (default: as many as
-    the context window holds), within the server's limit; a request past the context window is refused."""
-    room = block_size - prompt_len
+def new_tokens(requested: int | None, prompt_len: int, block_size: int, limits: Limits, param: str, room: int) -> int:
+    """How many tokens to generate after a ``prompt_len``-token prompt: as requested (default: the ``room``
+    the context window leaves), within the server's limit; a request past the context window is refused."""
     wanted = requested if requested is not None else room
     if limits.max_new_tokens is not None:
         wanted = min(wanted, limits.max_new_tokens)

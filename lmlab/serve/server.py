@@ -68,11 +68,13 @@ def serve(
 
 
 def _engine(lm, max_batch_size: int, max_queue: int):
-    if lm.model.config.arch != "decoder":
-        return None
-    from lmlab.generate.engine import Engine
+    from lmlab.generate.engine import Engine, SerialEngine
 
-    return Engine(lm.model, max_batch_size=max_batch_size, max_queue=max_queue)
+    if lm.is_seq2seq:  # one request at a time: each row would carry its own encoded source
+        return SerialEngine(lm.model, max_queue=max_queue)
+    if lm.model.config.arch == "decoder":
+        return Engine(lm.model, max_batch_size=max_batch_size, max_queue=max_queue)
+    return None  # an encoder: embeddings only
 
 
 def _check(port, max_batch_size, max_queue, max_prompt_tokens, max_new_tokens, timeout) -> None:
