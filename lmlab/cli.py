@@ -299,7 +299,7 @@ def cmd_info(a) -> int:
 
 
 def _flags_serve(p: ArgumentParser) -> None:
-    own = "host port api_key model_name max_batch_size max_queue max_prompt_tokens max_new_tokens timeout"
+    own = "host port api_key model_name max_batch_size max_queue max_prompt_tokens max_new_tokens timeout compile"
     flags(p, lmlab.serve, own, "checkpoint * device verify")
 
 

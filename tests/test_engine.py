@@ -186,3 +186,13 @@ def test_an_encoder_decoder_runs_one_request_at_a_time_as_generate_seq2seq_decod
         engine.submit(Request([1], 128, emit=Recorder()))
     with pytest.raises(LmlabError, match="encoder–decoder"):
         SerialEngine(tiny("gpt2-tiny"))
+
+
+@pytest.mark.slow
+def test_the_compiled_step_decodes_as_the_eager_one_across_batch_buckets():
+    model = tiny("llama-tiny")
+    jobs = work(model.config.vocab_size, 6, seed=9)
+    eager, compiled = [Recorder() for _ in jobs], [Recorder() for _ in jobs]
+    run(Engine(model, max_batch_size=4), [Request(p, n, emit=r) for (p, n), r in zip(jobs, eager)])
+    run(Engine(model, max_batch_size=4, compile=True), [Request(p, n, emit=r) for (p, n), r in zip(jobs, compiled)])
+    assert [r.tokens for r in compiled] == [r.tokens for r in eager]

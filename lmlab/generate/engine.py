@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from lmlab.errors import LmlabError
+from lmlab.generate.loop import compiled_step
 from lmlab.generate.processors import LogitsProcessorList
 from lmlab.model.blocks import KVCache
 
@@ -78,15 +79,16 @@ class RaggedCache(KVCache):
     """The engine's cache during a decode step: rows ``0..n-1`` each write their one new key and value at
     their own slot ``write_pos[row]`` and read slots ``0..length-1`` (the mask hides what is not theirs)."""
 
-    def __init__(self, cache: KVCache, n: int, write_pos: Tensor) -> None:
+    def __init__(self, cache: KVCache, n: int, write_pos: Tensor, length: int) -> None:
         self.k, self.v, self.max_len, self.static = cache.k, cache.v, cache.max_len, False
-        self.n, self.write_pos, self.rows = n, write_pos, torch.arange(n, device=write_pos.device)
+        self.n, self.write_pos, self.length = n, write_pos, length
+        self.rows = torch.arange(n, device=write_pos.device)
 
     def update(self, layer: int, input_pos: Tensor, k: Tensor, v: Tensor, length: int | None) -> tuple[Tensor, Tensor]:
         n, pos = self.n, self.write_pos
         self.k[layer][self.rows, :, pos] = k[:, :, 0].to(self.k[layer].dtype)
         self.v[layer][self.rows, :, pos] = v[:, :, 0].to(self.v[layer].dtype)
-        return self.k[layer][:n, :, :length], self.v[layer][:n, :, :length]
+        return self.k[layer][:n, :, : self.length], self.v[layer][:n, :, : self.length]
 
 
 class Engine:
@@ -95,6 +97,9 @@ class Engine:
 
     ``max_batch_size`` rows decode together; ``max_queue`` requests may wait for a row (:meth:`submit`
     raises :class:`QueueFull` past that). ``on_step(running, waiting)`` is called after every step (metrics).
+    ``compile=True`` runs the decode step through :func:`~lmlab.generate.loop.compiled_step` (a CUDA graph
+    on GPU) with the rows and the attended length rounded up to powers of two, so that a few graphs serve
+    every batch: the first step of each (rows, length) bucket compiles.
     """
 
     def __init__(
@@ -104,13 +109,15 @@ class Engine:
         max_batch_size: int = 16,
         max_queue: int = 256,
         on_step: Callable[[int, int], None] | None = None,
+        compile: bool = False,
     ) -> None:
         if getattr(model.config, "arch", None) != "decoder":
             raise LmlabError("continuous batching runs decoder-only models (GPT-2 or LLaMA style)")
         self.model, self.max_batch_size, self.max_queue = model.eval(), max_batch_size, max_queue
         self.device = next(model.parameters()).device
         self.block_size = model.config.block_size
-        self.cache = model.new_kv_cache(max_batch_size, self.block_size)
+        self.cache = model.new_kv_cache(max_batch_size, self.block_size, static=compile)
+        self.step_fn = compiled_step(self.device) if compile else None
         self.rows: list[Request] = []  # the requests in flight, row i of the cache is rows[i]'s
         self.pos = torch.zeros(max_batch_size, dtype=torch.long, device=self.device)  # each row's next slot
         self.logits: Tensor | None = None  # (n, vocab): each row's next-token logits
@@ -281,18 +288,21 @@ class Engine:
     def _decode(self) -> None:
         """One token for every row: each writes at its own slot and attends over its own slots."""
         n = len(self.rows)
-        tokens = torch.tensor([[r.generated[-1]] for r in self.rows], dtype=torch.long, device=self.device)
-        pos = self.pos[:n]
-        length = int(pos.max()) + 1
-        visible = torch.arange(length, device=self.device)[None, :] <= pos[:, None]  # (n, length)
-        self.logits = self.model(
-            tokens,
-            kv_cache=RaggedCache(self.cache, n, pos),
-            position_ids=pos[:, None],
-            cache_len=length,
-            attn_mask=visible[:, None, None, :],
-            logits_to_keep=1,
-        )[:, -1]
+        rows, length = n, int(self.pos[:n].max()) + 1
+        if self.step_fn is not None:  # static shapes: a few compiled graphs serve every batch
+            rows = min(self.max_batch_size, 1 << (n - 1).bit_length())
+            length = min(self.block_size, 1 << (length - 1).bit_length())
+        tokens = torch.zeros(rows, 1, dtype=torch.long, device=self.device)
+        tokens[:n, 0] = torch.tensor([r.generated[-1] for r in self.rows], dtype=torch.long, device=self.device)
+        pos = self.pos[:rows]  # rows past n are free: what they write stays in their own unused row
+        visible = torch.arange(length, device=self.device)[None, :] <= pos[:, None]  # (rows, length)
+        cache, mask = RaggedCache(self.cache, rows, pos, length), visible[:, None, None, :]
+        if self.step_fn is not None:
+            self.logits = self.step_fn(self.model, tokens, None, pos[:, None], None, cache, mask)[:n]
+        else:
+            self.logits = self.model(
+                tokens, kv_cache=cache, position_ids=pos[:, None], attn_mask=mask, logits_to_keep=1
+            )[:, -1]
         self.pos[:n] += 1
 
 

@@ -160,14 +160,22 @@ class _Batch:
 
 
 def _step_forward(
-    model: nn.Module, idx: Tensor, input_pos: Tensor, position_ids, key_padding_mask, kv_cache, head: bool
+    model: nn.Module,
+    idx: Tensor,
+    input_pos: Tensor,
+    position_ids,
+    key_padding_mask,
+    kv_cache,
+    head: bool,
+    attn_mask=None,
 ) -> Tensor:
     """Next-token logits (B, V) after one token per row, attending over the whole static cache under a
     mask (no ``cache_len``): every shape is fixed, so this traces into one graph per batch and cache size.
     ``head=False`` (CPU) returns the last hidden states (B, n_embd) instead: the caller applies the LM
     head eagerly, where it can take oneDNN's pre-packed kernel (see ``lmlab.kernels.cpu_decode_head``),
     which Inductor cannot trace. On GPU the head stays in the graph and reads its parameter, which a
-    CUDA graph treats as static."""
+    CUDA graph treats as static. ``attn_mask``: the continuous-batching engine's own mask (rows at their own
+    positions), instead of the one built from the slots."""
     h = model(
         idx,
         kv_cache=kv_cache,
@@ -175,6 +183,7 @@ def _step_forward(
         position_ids=position_ids,
         key_padding_mask=key_padding_mask,
         hidden_only=True,
+        attn_mask=attn_mask,
     )
     return model.lm_head(h[:, -1]) if head else h[:, -1]
 
@@ -189,7 +198,7 @@ def compiled_step(device: torch.device) -> Callable:
     Inductor's default mode, which fuses the step's many small ops into a few C++ kernels. The first
     call of each (batch, cache length) compiles: seconds to a minute, cached on disk by Inductor.
 
-    The returned callable takes ``(model, idx, input_pos, position_ids, key_padding_mask, kv_cache)``
+    The returned callable takes ``(model, idx, input_pos, position_ids, key_padding_mask, kv_cache, attn_mask=None)``
     and returns logits (B, V); a compile failure becomes a one-line :class:`LmlabError`."""
     kind = device.type
     if kind not in _COMPILED:
@@ -197,11 +206,13 @@ def compiled_step(device: torch.device) -> Callable:
             _step_forward, fullgraph=True, dynamic=False, mode="reduce-overhead" if kind == "cuda" else None
         )
 
-        def step(model, idx, input_pos, position_ids, key_padding_mask, kv_cache):
+        def step(model, idx, input_pos, position_ids, key_padding_mask, kv_cache, attn_mask=None):
             if kind == "cuda":
                 torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
             try:  # costs nothing unless it raises (Python 3.11's zero-cost exceptions)
-                out = compiled(model, idx, input_pos, position_ids, key_padding_mask, kv_cache, kind != "cpu")
+                out = compiled(
+                    model, idx, input_pos, position_ids, key_padding_mask, kv_cache, kind != "cpu", attn_mask
+                )
             except Exception as e:  # noqa: BLE001 - a missing C++ compiler, an unsupported op, …
                 reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise LmlabError(

@@ -24,6 +24,7 @@ def serve(
     max_new_tokens: int | None = None,
     timeout: float | None = 600.0,
     device: str = "auto",
+    compile: bool = False,
     verify: bool = True,
 ) -> int:
     """Serve ``checkpoint`` (an lmlab run or checkpoint, a LoRA run, a Hugging Face folder) until interrupted.
@@ -40,6 +41,8 @@ def serve(
         max_new_tokens: the most tokens one sequence may generate (default: what the context window leaves)
         timeout: seconds a request may take; then it ends with finish_reason "length" (None: no limit)
         device: where the model runs: auto, cpu, cuda, cuda:N or mps
+        compile: torch.compile the decode step (a CUDA graph on GPU), rows and attended length bucketed to powers of
+            two: each bucket compiles on first use (seconds to a minute), later steps run faster (decoders)
         verify: check the checkpoint's files against their recorded hashes before loading
     """
     import uvicorn
@@ -53,7 +56,7 @@ def serve(
     key = api_key if api_key is not None else os.environ.get("LMLAB_API_KEY") or None
     limits = Limits(max_prompt_tokens, max_new_tokens, timeout)
     settings = Settings(model_name or Path(checkpoint).resolve().name, key, limits)
-    app = create_app(lm, settings, _engine(lm, max_batch_size, max_queue))
+    app = create_app(lm, settings, _engine(lm, max_batch_size, max_queue, compile))
     where = f"http://{host}:{port}"
     logger.warning(
         "serving %s at %s (playground: %s/, API: %s/v1)%s",
@@ -67,13 +70,13 @@ def serve(
     return 0
 
 
-def _engine(lm, max_batch_size: int, max_queue: int):
+def _engine(lm, max_batch_size: int, max_queue: int, compile: bool):
     from lmlab.generate.engine import Engine, SerialEngine
 
     if lm.is_seq2seq:  # one request at a time: each row would carry its own encoded source
         return SerialEngine(lm.model, max_queue=max_queue)
     if lm.model.config.arch == "decoder":
-        return Engine(lm.model, max_batch_size=max_batch_size, max_queue=max_queue)
+        return Engine(lm.model, max_batch_size=max_batch_size, max_queue=max_queue, compile=compile)
     return None  # an encoder: embeddings only
 
 
