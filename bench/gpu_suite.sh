@@ -18,7 +18,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 $py -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 case "$stage" in
   tests)
-    $py -m pytest -q -p no:cacheprovider tests/test_generate.py tests/test_pretrain.py -k "cuda or bf16" 2>&1 | tee "$out/tests_generate.log"
+    $py -m pytest -q -p no:cacheprovider tests/test_generate.py tests/test_pretrain.py tests/test_engine.py -k "cuda or bf16 or gpu" 2>&1 | tee "$out/tests_generate.log"
     if [ -f tests/test_memory.py ]; then $py -m pytest -q -p no:cacheprovider tests/test_memory.py -k cuda 2>&1 | tee "$out/tests_memory.log"; fi
     ;;
   train)

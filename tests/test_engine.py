@@ -196,3 +196,13 @@ def test_the_compiled_step_decodes_as_the_eager_one_across_batch_buckets():
     run(Engine(model, max_batch_size=4), [Request(p, n, emit=r) for (p, n), r in zip(jobs, eager)])
     run(Engine(model, max_batch_size=4, compile=True), [Request(p, n, emit=r) for (p, n), r in zip(jobs, compiled)])
     assert [r.tokens for r in compiled] == [r.tokens for r in eager]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_cuda_graph_step_decodes_as_the_eager_one_on_a_gpu():
+    model = tiny("llama-tiny").cuda()
+    jobs = work(model.config.vocab_size, 6, seed=9)
+    eager, graphed = [Recorder() for _ in jobs], [Recorder() for _ in jobs]
+    run(Engine(model, max_batch_size=4), [Request(p, n, emit=r) for (p, n), r in zip(jobs, eager)])
+    run(Engine(model, max_batch_size=4, compile=True), [Request(p, n, emit=r) for (p, n), r in zip(jobs, graphed)])
+    assert [r.tokens for r in graphed] == [r.tokens for r in eager]
