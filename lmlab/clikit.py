@@ -140,14 +140,21 @@ def flags(
         add(parser, dest, help, p.annotation, **options)
 
 
-def dataclass_flags(parser: ArgumentParser, cls: type, skip: Sequence[str] = (), defaults: dict | None = None) -> None:
+def dataclass_flags(
+    parser: ArgumentParser,
+    cls: type,
+    skip: Sequence[str] = (),
+    defaults: dict | None = None,
+    helps: dict | None = None,
+) -> None:
     """One flag per dataclass field, help from the field's metadata; ``defaults`` replaces some fields' defaults
-    (fine-tuning starts from other values than pretraining)."""
+    (fine-tuning starts from other values than pretraining), ``helps`` some fields' help (a default of None
+    that the verb works out, which the help explains)."""
     for f in dataclasses.fields(cls):
         if f.name not in skip:
             listed = f.default_factory is not dataclasses.MISSING  # a list field: one or more values
             default = (defaults or {}).get(f.name, f.default_factory() if listed else f.default)
-            text = f.metadata.get("help", "")
+            text = (helps or {}).get(f.name, f.metadata.get("help", ""))
             help = f"do not: {text}" if default is True else text
             add(parser, f.name, help, f.type, default, **({"nargs": "+"} if listed else {}))
 

@@ -435,14 +435,15 @@ def test_a_verbs_flags_take_their_defaults_from_the_function_it_calls():
     from lmlab.demo import run_demo
     from lmlab.evaluate.runner import evaluate
     from lmlab.generate import GenerationConfig
-    from lmlab.train.finetune import FINETUNE_DEFAULTS, finetune
+    from lmlab.train.finetune import DERIVED, FINETUNE_DEFAULTS, finetune
 
     def flags(verb):
         sub = next(a for a in build_parser(only=verb)._actions if a.dest == "command").choices[verb]
         return {a.dest: a for a in sub._actions}
 
     fields = [f for f in dataclasses.fields(TrainConfig) if f.name != "seq_len"]
-    train_defaults = {f.name: FINETUNE_DEFAULTS.get(f.name, f.default) for f in fields}
+    # max_steps and lr: None, the library works them out (--epochs, LoRA's rate, a resumed run's own)
+    train_defaults = {f.name: None if f.name in DERIVED else FINETUNE_DEFAULTS.get(f.name, f.default) for f in fields}
     cases = {
         "evaluate": [evaluate],
         "critique": [critique],

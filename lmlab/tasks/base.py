@@ -240,6 +240,11 @@ class TaskObjective:
         """Validation examples ``indices``."""
         return self._collate(self.valid_features, indices)
 
+    def count_tokens(self, batch: dict[str, Tensor]) -> int:
+        """The real tokens of a batch :meth:`batch` made (its padding left out): what the training loop's
+        tokens and tokens per second count."""
+        return int(batch["attention_mask"].sum())
+
     def _collate(self, features: dict[str, list], indices: Tensor) -> dict[str, Tensor]:
         rows = indices.tolist()
         ids = [features["input_ids"][i] for i in rows]

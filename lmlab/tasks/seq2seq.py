@@ -53,6 +53,11 @@ class NextTokenObjective(TaskObjective):
                 out[key] = padded([features[key][i] for i in rows], 0, T)
         return out
 
+    def count_tokens(self, batch: dict[str, Tensor]) -> int:
+        """The source's real tokens, and an encoder–decoder's target tokens (its decoder reads them too)."""
+        source = super().count_tokens(batch)
+        return source + (int((batch["labels"] != IGNORE_INDEX).sum()) if self.model_arch == "seq2seq" else 0)
+
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
         # the LM head's logits, or (a large vocabulary) hidden states and the chunked cross-entropy: lm_loss
         labels, ids = batch["labels"], batch["input_ids"]

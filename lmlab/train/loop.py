@@ -403,6 +403,7 @@ class _Run:
         self.elapsed_before = 0.0  # training seconds of earlier processes of this run: the logged clock survives resume
         self.last_good: Path | None = None
         self.bar: Any = None
+        self.tokens: int | None = 0  # real tokens trained on, across resumes
         # what trained, for the critique's energy estimate: "cpu", or the GPU's name and how many ran
         self.train_device = (
             "cpu" if device.type != "cuda" else f"{dist.world_size} × {torch.cuda.get_device_name(device)}"
@@ -430,7 +431,11 @@ class _Run:
         self.valid = [
             _to(make_valid(t, _batch_generator(cfg.seed, -1, 0, i)), device) for i, t in enumerate(valid_batches)
         ]
+        # tokens trained on: an objective that pads its batches counts their real tokens (count_tokens), else every
+        # batch is micro_batch_size full windows of seq_len
+        self.count_tokens = getattr(self.objective, "count_tokens", None)
         self.tokens_per_step = cfg.micro_batch_size * cfg.grad_accum_steps * (cfg.seq_len or 0) * dist.world_size
+        self.tokens_since = 0  # this rank's real tokens since the last log (count_tokens)
         self.history: list[dict[str, Any]] = []
         best_dir = self.out_dir / "best"
         self.result = TrainResult(
@@ -459,6 +464,7 @@ class _Run:
         self.start_step = self.cfg.max_steps if state.get("stopped_early") else state["step"]
         self.best_val = state["best_val_loss"]
         self.elapsed_before = state.get("elapsed_s", 0.0)
+        self.tokens = state.get("tokens")  # None: a run saved before lmlab counted them
         torch.set_rng_state(state["rng"]["torch"])
         if self.device.type == "cuda" and state["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
@@ -477,10 +483,10 @@ class _Run:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         for micro in range(cfg.grad_accum_steps):
-            batch = _to(
-                self.objective.batch(train_batches(step, micro), _batch_generator(cfg.seed, dist.rank, step, micro)),
-                self.device,
-            )
+            batch = self.objective.batch(train_batches(step, micro), _batch_generator(cfg.seed, dist.rank, step, micro))
+            if self.count_tokens is not None:
+                self.tokens_since += self.count_tokens(batch)  # on the host's copy: no device sync
+            batch = _to(batch, self.device)
             last_micro = micro == cfg.grad_accum_steps - 1
             sync = self.model.no_sync() if dist.enabled and not last_micro else contextlib.nullcontext()
             with sync:
@@ -517,14 +523,18 @@ class _Run:
         train_loss = all_reduce_mean(self.loss_sum / self.loss_count, self.dist).item()
         self._stop_if_not_finite(train_loss, "the training loss", done)
         now = time.perf_counter()
-        tok_s = self.tokens_per_step * (done - self.step_last) / max(now - self.t_last, 1e-9)
+        tokens = self._tokens_since_log(done)
+        tok_s = tokens / max(now - self.t_last, 1e-9)
+        if self.tokens is not None:
+            self.tokens += tokens
         record = {
             "step": done,
             "loss": train_loss,
             "lr": lr,
             "grad_norm": float(self.grad_norm),
-            "tokens_per_s": tok_s,
+            "tokens_per_s": tok_s,  # real tokens (not padding), all ranks together
             "elapsed_s": self.elapsed_before + now - self.t_start,  # wall-clock training seconds, across resumes
+            **({"tokens": self.tokens} if self.tokens is not None else {}),  # real tokens trained on so far
         }
         self._record(record)
         if self.tb is not None:
@@ -534,6 +544,17 @@ class _Run:
         self.result.train_loss = train_loss
         self.loss_sum.zero_()
         self.loss_count, self.t_last, self.step_last = 0, now, done
+
+    def _tokens_since_log(self, done: int) -> int:
+        """The tokens all ranks trained on since the last log: the real ones counted, else the full windows."""
+        if self.count_tokens is None:
+            return self.tokens_per_step * (done - self.step_last)
+        count = self.tokens_since
+        if self.dist.enabled:
+            total = torch.tensor(float(count), device=self.device, dtype=torch.float64)
+            count = round(all_reduce_mean(total, self.dist).item() * self.dist.world_size)
+        self.tokens_since = 0
+        return count
 
     def evaluate(
         self, done: int, at_end: bool, score_fn, selection: tuple[str | None, bool], patience: int | None
@@ -603,6 +624,7 @@ class _Run:
             },
             "train_config": dataclasses.asdict(cfg),
             "elapsed_s": self.elapsed_before + time.perf_counter() - self.t_start,
+            "tokens": self.tokens,
             "objective": self.objective.name,
         }
         self.last_good = save_checkpoint(

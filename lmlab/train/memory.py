@@ -27,8 +27,8 @@ explicitly for a CUDA run:
   mask (padded to a multiple of 16 keys), math the full T × T scores. Left to the CPU's kernels, a
   fake step would keep the T × T scores whenever dropout or a mask rules out the CPU's own flash
   kernel: the one large error a naive fake step on the CPU makes for a GPU run.
-- the optimizer: AdamW is fused on CUDA (:func:`lmlab.train.optim.make_optimizer`): one kernel, no
-  temporaries; the CPU's per-parameter loop allocates a few temporaries the size of a weight.
+- the optimizer: AdamW is fused on CUDA and CPUs (:func:`lmlab.train.optim.make_optimizer`): one kernel, no
+  temporaries the size of a weight (which PyTorch's per-parameter loop would allocate).
 - autocast: the CPU's autocast stands in for CUDA's. Both run the matmuls and attention in the low
   precision; CUDA's also forces a few operators to fp32 (layer norm, exp, log, pow…), which these
   models apply to fp32 tensors anyway (the residual stream, the upcast logits) — except the norm of

@@ -139,6 +139,21 @@ def read_hf_parts(folder: str | Path) -> tuple[ModelConfig, dict[str, Tensor], l
     return config, state, sorted(set(state) - set(mapped))
 
 
+def _verified(folder: Path) -> dict | None:
+    """The cached record of ``folder``'s passed check while its files and lmlab's version are unchanged, else None."""
+    files = stamp(folder)
+    try:
+        record = read_json_object(verified_record(folder, files))
+    except LmlabError:
+        return None
+    return record if record.get("files") == files and record.get("lmlab") == __version__ else None
+
+
+def parity_checked(folder: str | Path) -> bool:
+    """Whether :func:`verify_hf_folder` has checked ``folder`` as it is now (and would return at once)."""
+    return _verified(Path(folder)) is not None
+
+
 def verify_hf_folder(folder: str | Path, model: nn.Module) -> float | None:
     """Check ``model`` (as :func:`read_hf_checkpoint` built it) against transformers' model of ``folder``
     (its ``architectures`` class, fp32): an LmlabError with the number on a mismatch. Returns max |Δ|,
@@ -149,14 +164,11 @@ def verify_hf_folder(folder: str | Path, model: nn.Module) -> float | None:
     later calls return it unchecked.
     """
     folder = Path(folder)
+    record = _verified(folder)
+    if record is not None:
+        return record["max_abs_diff"]
     files = stamp(folder)
     record_file = verified_record(folder, files)
-    try:
-        record = read_json_object(record_file)
-    except LmlabError:
-        record = {}
-    if record.get("files") == files and record.get("lmlab") == __version__:
-        return record["max_abs_diff"]
     try:
         import transformers  # noqa: F401
     except ImportError:
@@ -197,6 +209,7 @@ __all__ = [
     "hf_folder_config",
     "is_hf_folder",
     "max_logit_diff",
+    "parity_checked",
     "quiet_transformers",
     "read_hf_checkpoint",
     "read_hf_parts",
