@@ -17,7 +17,6 @@ client sending its next request when the last one ends. Reported: requests/s, ou
 to first token (p50, p99) and the mean time between a request's streamed chunks (inter-token latency).
 """
 
-
 import argparse
 import asyncio
 import json

@@ -62,24 +62,12 @@ def _flags_pretrain(p: ArgumentParser) -> None:
     dataclass_flags(p, lmlab.TrainConfig)
 
 
-def _short(x: float) -> str:
-    """A learning rate as people write it: 5e-5, 2e-4."""
-    return f"{x:.0e}".replace("e-0", "e-")
-
-
 def _flags_finetune(p: ArgumentParser) -> None:
-    from lmlab.train.finetune import DERIVED, FINETUNE_DEFAULTS, LORA_LR
+    from lmlab.train.finetune import DERIVED_HELP, FLAG_DEFAULTS
 
     own = "checkpoint task train valid out max_length max_target_length class_weights patience show_masking pack lora"
     flags(p, lmlab.finetune, own + " epochs", f"{FIELDS} resume verify overwrite dry_run memory_budget")
-    defaults = {**FINETUNE_DEFAULTS, **dict.fromkeys(DERIVED)}  # None: lmlab works it out, as the help says
-    helps = {
-        "max_steps": f"optimizer steps in the whole run (default: --epochs's, else {FINETUNE_DEFAULTS['max_steps']}; "
-        "--resume: the run's own)",
-        "lr": f"peak learning rate (default: {_short(FINETUNE_DEFAULTS['lr'])}, with --lora {_short(LORA_LR)}: LoRA's "
-        "adapters start from zero and need a higher rate; --resume: the run's own)",
-    }
-    dataclass_flags(p, lmlab.TrainConfig, skip=("seq_len",), defaults=defaults, helps=helps)
+    dataclass_flags(p, lmlab.TrainConfig, skip=("seq_len",), defaults=FLAG_DEFAULTS, helps=DERIVED_HELP)
 
 
 def _flags_evaluate(p: ArgumentParser) -> None:

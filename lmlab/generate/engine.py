@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from lmlab.errors import LmlabError
 from lmlab.generate.loop import compiled_step
 from lmlab.generate.processors import LogitsProcessorList
+from lmlab.model import Seq2SeqLM
 from lmlab.model.blocks import KVCache
 
 logger = logging.getLogger(__name__)
@@ -315,7 +316,7 @@ class SerialEngine(Engine):
     def __init__(
         self, model: nn.Module, *, max_queue: int = 256, on_step: Callable[[int, int], None] | None = None
     ) -> None:
-        if getattr(model.config, "arch", None) != "seq2seq":
+        if not isinstance(model, Seq2SeqLM):
             raise LmlabError("SerialEngine runs encoder–decoder models; a decoder takes Engine")
         self.model, self.max_batch_size, self.max_queue = model.eval(), 1, max_queue
         self.device = next(model.parameters()).device

@@ -57,6 +57,14 @@ FINETUNE_DEFAULTS = dict(lr=5e-5, warmup_steps=0, weight_decay=0.01, beta2=0.999
 LORA_LR = 3e-4
 # the flags whose default lmlab works out (the LoRA rate, --epochs, a resumed run's own): None is "not given"
 DERIVED = ("max_steps", "lr")
+# the finetune command line's defaults (None: lmlab works it out) and the help of those it works out
+FLAG_DEFAULTS = {**FINETUNE_DEFAULTS, **dict.fromkeys(DERIVED)}
+DERIVED_HELP = {
+    "max_steps": f"optimizer steps in the whole run (default: --epochs's, else {FINETUNE_DEFAULTS['max_steps']}; "
+    "--resume: the run's own)",
+    "lr": f"peak learning rate (default: {FINETUNE_DEFAULTS['lr']:.0e}, with --lora {LORA_LR:.0e}: LoRA's adapters "
+    "start from zero and need a higher rate; --resume: the run's own)".replace("e-0", "e-"),
+}
 
 
 class ExampleBatches:
@@ -216,7 +224,9 @@ def _derived_defaults(
     if epochs is not None and (
         isinstance(epochs, bool) or not isinstance(epochs, (int, float)) or not 0 < epochs < math.inf
     ):
-        raise LmlabError(f"--epochs is {epochs!r}: expected a positive number of passes over the training data")
+        raise LmlabError(
+            f"epochs is {epochs!r}: expected a positive number of passes over the training data", params="epochs"
+        )
     saved = load_train_state(resume_from).get("train_config", {}) if resume_from is not None else {}
     given = {k: train_args[k] for k in DERIVED if train_args.get(k) is not None}
     plan = {k: f"--{k.replace('_', '-')} given" for k in given}
