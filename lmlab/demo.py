@@ -11,6 +11,7 @@ robustness).
 from __future__ import annotations
 
 import inspect
+import math
 import random
 import time
 from pathlib import Path
@@ -18,7 +19,7 @@ from pathlib import Path
 from lmlab.api import load
 from lmlab.config import write_jsonl_atomic
 from lmlab.critique import critique
-from lmlab.data import builtin_corpus
+from lmlab.data import PackedTokens, builtin_corpus, load_manifest, unigram_perplexity
 from lmlab.data.pack import is_data_folder, prepare
 from lmlab.evaluate.runner import evaluate
 from lmlab.io.checkpoint import latest_checkpoint
@@ -31,7 +32,9 @@ DEMO_PROMPTS = ("The for statement", "A dictionary is", "Return the number of", 
 
 
 def _pretrain(out: Path, model: str, max_steps: int, seq_len: int, micro_batch_size: int, **flags: bool):
-    """The demo's pretraining run (``flags``: progress, overwrite), resumed when an earlier demo left one."""
+    """The demo's pretraining run (``flags``: progress, overwrite), resumed when an earlier demo left one. Its
+    validation reads the whole valid split (non-overlapping windows), the tokens the unigram baseline is scored on."""
+    valid_windows = len(PackedTokens(out / "data", "valid")) // seq_len
     return pretrain(
         model,
         out / "data",
@@ -43,7 +46,7 @@ def _pretrain(out: Path, model: str, max_steps: int, seq_len: int, micro_batch_s
         lr=2e-3,
         warmup_steps=max(1, max_steps // 20),
         eval_interval=max(1, max_steps // 4),
-        eval_batches=8,
+        eval_batches=max(1, math.ceil(valid_windows / micro_batch_size)),
         log_interval=10,
         **flags,
     )
@@ -52,8 +55,8 @@ def _pretrain(out: Path, model: str, max_steps: int, seq_len: int, micro_batch_s
 def run_demo(
     out: str | Path = "lmlab-demo",
     *,
-    max_steps: int = 300,
-    model: str = "gpt2-mini",
+    max_steps: int = 600,
+    model: str = "llama-mini",
     max_chars: int = 3_000_000,
     vocab_size: int = 4096,
     seq_len: int = 128,
@@ -88,8 +91,7 @@ def run_demo(
     _tokenizer_and_shards(out, docs, corpus, vocab_size, stage, progress=progress, overwrite=overwrite)
     stage(f"4/9 pretraining {model}, {max_steps} steps")
     result = _pretrain(out, model, max_steps, seq_len, micro_batch_size, progress=progress, overwrite=overwrite)
-    if result.val_loss is not None:
-        print(f"validation loss {result.val_loss:.3f} (perplexity {2.718281828**result.val_loss:.1f})")
+    perplexity = _print_perplexity(result.val_loss, out / "data")
     stage("5/9 generation: greedy, beam search and nucleus sampling")
     lm = load(out / "run", device="cpu")
     samples = _samples(lm, out / "samples.txt")
@@ -124,6 +126,7 @@ def run_demo(
     return {
         **{k: str(v) for k, v in made.items()},
         "val_loss": result.val_loss,
+        **perplexity,
         "accuracy": metrics["accuracy"],
         "seconds": stage.seconds(),
     }
@@ -175,6 +178,20 @@ def _tokenizer_and_shards(
     )
     for name, split in manifest["splits"].items():
         print(f"{name}: {split['tokens']:,} tokens")
+
+
+def _print_perplexity(val_loss: float | None, data: Path) -> dict[str, float]:
+    """The language model's validation perplexity beside the unigram baseline's on the same split (what a model
+    that knows each token's frequency but no context scores) and a uniform guess's (the vocabulary size)."""
+    if val_loss is None:
+        return {}
+    figures = {"val_ppl": math.exp(val_loss), "unigram_ppl": unigram_perplexity(data)}
+    print(
+        f"validation perplexity {figures['val_ppl']:.1f} (loss {val_loss:.3f}) on {len(PackedTokens(data, 'valid')):,} "
+        f"tokens; a unigram model of the train split's token frequencies: {figures['unigram_ppl']:.1f}; a uniform "
+        f"guess: {load_manifest(data)['vocab_size']:,}"
+    )
+    return figures
 
 
 def _samples(lm, path: Path) -> Path:

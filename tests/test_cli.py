@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from lmlab.cli import main
+from lmlab.data import unigram_perplexity
 from lmlab.train.loop import TrainConfig
 
 
@@ -233,6 +234,13 @@ def test_demo_runs_end_to_end_at_a_tiny_size(tmp_path, capsys):
         assert (tmp_path / "demo" / name).is_file(), name
     assert "[greedy] The for statement" in out and "[sample]" in out and "[beam×4]" in out
     assert "accuracy" in out and "95% CI" in out
+    # the model's validation perplexity beside the unigram baseline's, on the same split and tokenizer
+    assert re.search(
+        r"validation perplexity [\d.]+ \(loss [\d.]+\) on [\d,]+ tokens; a unigram model of the train "
+        r"split's token frequencies: [\d.]+; a uniform guess: 300",
+        out,
+    )
+    assert f"frequencies: {unigram_perplexity(tmp_path / 'demo' / 'data'):.1f};" in out
     lm = json.loads((tmp_path / "demo" / "critique" / "lm" / "report.json").read_text())["lenses"]
     assert (
         "canary_space_size" in json.dumps(lm["privacy"]) and "skipped" not in lm["bias"]

@@ -709,9 +709,7 @@ def test_epochs_set_the_steps_max_steps_wins_and_the_first_lines_say_why(files, 
         **args,
     )
     assert both.step == 2 and "2 steps: --max-steps given, so --epochs 3 is not used" in capsys.readouterr().err
-    with pytest.raises(
-        LmlabError, match=r"^epochs is 0: expected a positive number of passes over the training data$"
-    ):
+    with pytest.raises(LmlabError, match=r"^epochs is 0: expected a positive number of passes over the training data$"):
         finetune(files["bert-tiny"], "classify", files["cls_train"], tmp_path / "bad", max_length=32, epochs=0, **args)
 
 

@@ -1,4 +1,4 @@
-"""Corpus reading, cleaning and splitting; packing token ids into memory-mapped shards."""
+"""Corpus reading, cleaning and splitting; packing token ids into memory-mapped shards; the unigram baseline."""
 
 from lmlab.data.corpus import (
     KNOWN_EXTENSIONS,
@@ -10,6 +10,7 @@ from lmlab.data.corpus import (
     split_documents,
 )
 from lmlab.data.pack import PackedTokens, load_manifest, prepare
+from lmlab.data.unigram import unigram_perplexity
 
 __all__ = [
     "KNOWN_EXTENSIONS",
@@ -22,4 +23,5 @@ __all__ = [
     "prepare",
     "read_corpus",
     "split_documents",
+    "unigram_perplexity",
 ]
