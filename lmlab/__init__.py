@@ -50,6 +50,7 @@ _EXPORTS = {
     "merge_checkpoint": "lmlab.train.lora",
     "export_hf": "lmlab.io.export",
     "export_gguf": "lmlab.io.export.to_gguf",
+    "export_onnx": "lmlab.io.export.to_onnx",
     "run_demo": "lmlab.demo",
 }
 
@@ -80,6 +81,7 @@ if TYPE_CHECKING:  # for editors and type checkers
     from lmlab.generate import GenerationConfig
     from lmlab.io.export import export_hf
     from lmlab.io.export.to_gguf import export_gguf
+    from lmlab.io.export.to_onnx import export_onnx
     from lmlab.model import build_model
     from lmlab.serve.server import serve
     from lmlab.tokenizer import Tokenizer, train_tokenizer

@@ -65,8 +65,8 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, verify: bool = True, l
         checkpoint: checkpoint folder (or run folder: its best checkpoint)
         out: the folder to write (new or empty; written atomically)
         verify: load the written folder with transformers and compare its logits with lmlab's (False: skip it)
-        lora: a LoRA checkpoint: merge (adapters folded into the weights) or adapter (a PEFT adapter folder, the base
-            in OUT/base)
+        lora: a LoRA checkpoint: merge (adapters folded into the weights) or adapter (format hf only: a PEFT adapter
+            folder, the base in OUT/base)
     """
     if lora not in LORA_MODES:
         raise LmlabError(f"lora {lora!r}: expected one of {', '.join(LORA_MODES)}", params="lora")
