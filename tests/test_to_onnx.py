@@ -1,0 +1,60 @@
+"""``export_onnx``: a decoder → model.onnx with dynamic batch and sequence axes, run by onnxruntime: logits
+within 1e-4 of lmlab's, greedy tokens equal; checked before the folder is moved into place."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+from test_hf import lmlab_model  # noqa: E402
+
+from lmlab.config import preset  # noqa: E402
+from lmlab.errors import LmlabError  # noqa: E402
+from lmlab.io.checkpoint import load_model, save_checkpoint  # noqa: E402
+from lmlab.io.export import to_onnx  # noqa: E402
+from lmlab.io.export.to_onnx import export_onnx  # noqa: E402
+from lmlab.tokenizer import Tokenizer  # noqa: E402
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["gpt2-tiny", "llama-tiny"])
+def test_onnxruntime_gives_lmlabs_logits_for_any_batch_and_length(tmp_path, tokenizer_dir, name):
+    src = save_checkpoint(tmp_path / "ckpt", lmlab_model(preset(name, vocab_size=512)), tokenizer=Tokenizer.load(tokenizer_dir))
+    out = export_onnx(src, tmp_path / "onnx")
+    assert sorted(p.name for p in out.iterdir()) == ["export.json", "model.onnx", "tokenizer.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "onnx"]  # no temporary left
+    record = json.loads((out / "export.json").read_text())
+    assert record["format"] == "onnx" and record["max_abs_logit_diff"] <= 1e-4 and record["greedy_tokens_equal"] == 8
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    model = load_model(src)
+    for shape in ((1, 1), (2, 30), (4, 3)):  # other shapes than the check's and the trace's
+        ids = torch.randint(0, model.config.vocab_size, shape, generator=torch.Generator().manual_seed(sum(shape)))
+        (logits,) = session.run(["logits"], {"input_ids": ids.numpy()})
+        with torch.no_grad():
+            assert (torch.from_numpy(logits) - model(ids)).abs().max().item() <= 1e-4
+
+
+@pytest.mark.slow
+def test_a_wrong_graph_fails_the_check_and_nothing_is_moved_into_place(tmp_path, monkeypatch):
+    src = save_checkpoint(tmp_path / "ckpt", lmlab_model(preset("llama-tiny", vocab_size=64)))
+
+    class NoMask(to_onnx.CausalLogits):  # attention that sees the future: the logits differ
+        def forward(self, input_ids):
+            return self.model(input_ids, attn_mask=torch.ones(1, 1, input_ids.shape[1], input_ids.shape[1]).bool())
+
+    monkeypatch.setattr(to_onnx, "CausalLogits", NoMask)
+    with pytest.raises(LmlabError, match="export check of .*onnxruntime's logits differ from lmlab's by"):
+        export_onnx(src, tmp_path / "onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_encoders_are_refused_naming_what_is_supported(tmp_path):
+    src = save_checkpoint(tmp_path / "bert", lmlab_model(preset("bert-tiny", vocab_size=64)))
+    with pytest.raises(LmlabError, match="format onnx writes decoder language models .* is an encoder$") as e:
+        export_onnx(src, tmp_path / "onnx")
+    assert e.value.params == ("format",)
