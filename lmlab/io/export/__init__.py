@@ -1,4 +1,6 @@
 """``lmlab export --format hf``: a checkpoint → a folder that Hugging Face Transformers loads as it is.
+(``--format gguf``, a file for llama.cpp: :mod:`lmlab.io.export.to_gguf`; ``--format onnx``, a folder for
+onnxruntime: :mod:`lmlab.io.export.to_onnx`.)
 
     out/
       config.json                the HF config of the class for the model and its head
