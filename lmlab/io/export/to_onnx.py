@@ -1,20 +1,31 @@
 """``lmlab export --format onnx``: a decoder checkpoint → a folder onnxruntime runs::
 
     out/
-      model.onnx        input_ids (batch, sequence) int64 → logits (batch, sequence, vocab_size) float32;
-                        batch and sequence are dynamic axes (sequence up to the model's block_size)
+      model.onnx        one graph for prefill and decode, the KV cache as inputs and outputs:
+                          input_ids       (batch, sequence) int64     the new tokens
+                          cache_position  (sequence,) int64           their slots in the cache (= positions)
+                          past_keys       (n_layer, batch, n_kv_heads, cache, head_dim) float32
+                          past_values     the same
+                        → logits (batch, sequence, vocab_size) float32, present_keys, present_values (the caches
+                          with the new tokens' keys and values written at ``cache_position``);
+                        batch, sequence and cache are dynamic axes (sequence and cache up to the model's block_size)
       tokenizer.json    the checkpoint's tokenizer (when it has one), for the ids in and the text out
       export.json       source checkpoint, format, dtype, opset and the parity figures the check measured
 
+The cache is static, as lmlab's own :class:`~lmlab.model.blocks.KVCache`: the caller allocates zeros of the
+longest length it will need and passes back what the graph returned; a query sees the slots up to its own
+position. Prefill passes the prompt with ``cache_position = 0 … T-1``, decode one token at its position.
 Exported with ``torch.onnx.export(dynamo=True)`` (``torch.export`` then onnxscript; ``pip install 'lmlab[onnx]'``).
-The graph computes the whole sequence each call (no KV-cache inputs): a generation loop feeds the tokens so far.
-The folder is written beside ``out`` under a temporary name, checked with onnxruntime (:func:`check_onnx`: the
-logits of two batches of other shapes than the traced one within :data:`TOL` of lmlab's, and a greedy
-continuation driven through onnxruntime equal to lmlab's token for token), and renamed into place.
+The folder is written beside ``out`` under a temporary name, checked with onnxruntime (:func:`check_onnx`:
+prefill logits of two batches of other shapes than the traced one within :data:`TOL` of lmlab's, and a greedy
+continuation driven through onnxruntime — prefill, then decode steps through the cache — equal to lmlab's token
+for token, each step's logits within :data:`TOL`), and renamed into place.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import shutil
@@ -25,7 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lmlab.config import write_json_atomic
+from lmlab.config import ModelConfig, write_json_atomic
 from lmlab.errors import LmlabError
 from lmlab.io import outputs
 from lmlab.io.checkpoint import load_config, load_model, load_tokenizer, resolve_checkpoint
@@ -50,33 +61,63 @@ def require_onnx() -> Any:
     return onnx, onnxruntime
 
 
-class CausalLogits(nn.Module):
-    """``input_ids`` → logits, with the causal mask built from ``arange`` so the exported graph has no Python
-    bool that depends on the sequence length (SDPA's ``is_causal`` must be a constant)."""
+class GraphCache:
+    """:class:`~lmlab.model.blocks.KVCache`'s interface over the graph's cache inputs, written functionally
+    (``index_copy``, not ``index_copy_``): a graph returns new caches instead of writing into its inputs."""
+
+    def __init__(self, keys: Tensor, values: Tensor) -> None:
+        self.k, self.v, self.max_len = list(keys.unbind(0)), list(values.unbind(0)), keys.shape[3]
+
+    def update(self, layer: int, input_pos: Tensor, k: Tensor, v: Tensor, length: int | None) -> tuple[Tensor, Tensor]:
+        self.k[layer] = self.k[layer].index_copy(2, input_pos, k)
+        self.v[layer] = self.v[layer].index_copy(2, input_pos, v)
+        return self.k[layer], self.v[layer]
+
+
+class CachedLogits(nn.Module):
+    """(input_ids, cache_position, past_keys, past_values) → (logits, present_keys, present_values). The mask is
+    built from ``arange`` (a query sees the slots up to its position), so the graph holds no Python bool that
+    depends on a length (SDPA's ``is_causal`` must be a constant)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: Tensor) -> Tensor:
-        pos = torch.arange(input_ids.shape[1], device=input_ids.device)
-        return self.model(input_ids, attn_mask=(pos[None, :] <= pos[:, None])[None, None])
+    def forward(self, input_ids: Tensor, cache_position: Tensor, past_keys: Tensor, past_values: Tensor):
+        cache = GraphCache(past_keys, past_values)
+        slots = torch.arange(past_keys.shape[3], device=input_ids.device)
+        mask = (slots[None, :] <= cache_position[:, None])[None, None]
+        logits = self.model(input_ids, kv_cache=cache, input_pos=cache_position, attn_mask=mask)
+        return logits, torch.stack(cache.k), torch.stack(cache.v)
+
+
+def empty_cache(config: ModelConfig, batch: int, length: int) -> Tensor:
+    """Zeros of the graph's cache shape, (n_layer, batch, n_kv_heads, length, head_dim): what a caller starts with."""
+    return torch.zeros(config.n_layer, batch, config.n_kv_heads, length, config.head_dim)
+
+
+INPUTS = ["input_ids", "cache_position", "past_keys", "past_values"]
+OUTPUTS = ["logits", "present_keys", "present_values"]
 
 
 def write_onnx(model: nn.Module, path: Path) -> None:
-    """Export ``model``'s logits for ``input_ids`` to ``path`` with dynamic batch and sequence axes."""
+    """Export ``model`` as :class:`CachedLogits` to ``path``, with dynamic batch, sequence and cache axes."""
     require_onnx()
     config = model.config
-    example = (torch.arange(14).reshape(2, 7) % config.vocab_size,)
-    dims = ({0: torch.export.Dim("batch"), 1: torch.export.Dim("sequence", max=config.block_size)},)
+    cache = empty_cache(config, 2, 16)
+    example = (torch.arange(14).reshape(2, 7) % config.vocab_size, torch.arange(7), cache, cache.clone())
+    batch = torch.export.Dim("batch")
+    sequence = torch.export.Dim("sequence", max=config.block_size)
+    length = torch.export.Dim("cache", max=config.block_size)
+    dims = ({0: batch, 1: sequence}, {0: sequence}, {1: batch, 3: length}, {1: batch, 3: length})
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
+    with warnings.catch_warnings(), torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")  # the exporter's progress lines and torchvision notices
         program = torch.onnx.export(
-            CausalLogits(model).eval(),
+            CachedLogits(model).eval(),
             example,
-            input_names=["input_ids"],
-            output_names=["logits"],
+            input_names=INPUTS,
+            output_names=OUTPUTS,
             dynamic_shapes=dims,
             opset_version=OPSET,
             dynamo=True,
@@ -85,40 +126,46 @@ def write_onnx(model: nn.Module, path: Path) -> None:
     program.save(str(path))
 
 
-def _greedy(step: Any, prompt: list[int], n: int) -> list[int]:
-    ids = list(prompt)
-    for _ in range(n):
-        logits = step(torch.tensor([ids]))
-        ids.append(int(logits[0, -1].argmax()))
-    return ids[len(prompt) :]
-
-
 def check_onnx(path: Path, model: nn.Module, what: str) -> dict[str, Any]:
-    """Run ``path`` with onnxruntime (CPU): logits of two batches of shapes other than the traced one against
-    ``model``'s (within :data:`TOL`), and a greedy continuation of 8 tokens against lmlab's. Returns the figures."""
+    """Run ``path`` with onnxruntime (CPU): prefill logits of two batches of shapes other than the traced one
+    against ``model``'s (within :data:`TOL`), then a greedy continuation of 8 tokens through the cache (prefill,
+    decode steps) against lmlab's, each step's logits within :data:`TOL`. Returns the figures."""
     onnx, ort = require_onnx()
     onnx.checker.check_model(str(path))
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    vocab = model.config.vocab_size
+    config, device = model.config, model.tok_emb.weight.device
 
-    def ort_logits(ids: Tensor) -> Tensor:
-        return torch.from_numpy(session.run(["logits"], {"input_ids": ids.numpy()})[0])
+    def run(ids: Tensor, position: Tensor, keys: Any, values: Any) -> list[Any]:
+        feed = {"input_ids": ids.numpy(), "cache_position": position.numpy(), "past_keys": keys, "past_values": values}
+        return session.run(OUTPUTS, feed)
 
     def lmlab_logits(ids: Tensor) -> Tensor:
         with torch.no_grad():
-            return model(ids.to(model.tok_emb.weight.device)).float().cpu()
+            return model(ids.to(device)).float().cpu()
 
     gap = 0.0
-    for shape in ((1, 5), (3, 11)):
-        ids = torch.arange(shape[0] * shape[1]).reshape(shape).mul(7).add(3) % vocab
-        gap = max(gap, (ort_logits(ids) - lmlab_logits(ids)).abs().max().item())
+    for b, t in ((1, 5), (3, 11)):
+        ids = torch.arange(b * t).reshape(b, t).mul(7).add(3) % config.vocab_size
+        cache = empty_cache(config, b, t + 4).numpy()
+        logits = torch.from_numpy(run(ids, torch.arange(t), cache, cache)[0])
+        gap = max(gap, (logits - lmlab_logits(ids)).abs().max().item())
+        if not gap <= TOL:
+            raise LmlabError(f"{what}: onnxruntime's logits differ from lmlab's by {gap:.2e} (tolerance {TOL})")
+    ids = [3 % config.vocab_size, 10 % config.vocab_size, 4 % config.vocab_size]
+    keys = values = empty_cache(config, 1, len(ids) + 8).numpy()
+    new, start = ids[:], 0
+    for step in range(8):
+        logits, keys, values = run(torch.tensor([new]), torch.arange(start, len(ids)), keys, values)
+        ours = lmlab_logits(torch.tensor([ids]))[:, start:]
+        gap = max(gap, (torch.from_numpy(logits) - ours).abs().max().item())
+        theirs, mine = int(logits[0, -1].argmax()), int(ours[0, -1].argmax())
+        if theirs != mine:
+            raise LmlabError(f"{what}: onnxruntime's greedy token {step + 1} is {theirs}, lmlab's {mine}")
+        new, start = [theirs], len(ids)
+        ids.append(theirs)
     if not gap <= TOL:
         raise LmlabError(f"{what}: onnxruntime's logits differ from lmlab's by {gap:.2e} (tolerance {TOL})")
-    prompt = [3 % vocab, 10 % vocab, 4 % vocab]
-    theirs, ours = _greedy(ort_logits, prompt, 8), _greedy(lmlab_logits, prompt, 8)
-    if theirs != ours:
-        raise LmlabError(f"{what}: onnxruntime's greedy continuation {theirs} differs from lmlab's {ours}")
-    return {"max_abs_logit_diff": gap, "tolerance": TOL, "greedy_tokens_equal": len(ours)}
+    return {"max_abs_logit_diff": gap, "tolerance": TOL, "greedy_tokens_equal": 8}
 
 
 def export_onnx(checkpoint: str | Path, out: str | Path, *, verify: bool = True) -> Path:
@@ -163,4 +210,4 @@ def export_onnx(checkpoint: str | Path, out: str | Path, *, verify: bool = True)
     return out
 
 
-__all__ = ["CausalLogits", "check_onnx", "export_onnx", "write_onnx"]
+__all__ = ["CachedLogits", "GraphCache", "check_onnx", "empty_cache", "export_onnx", "write_onnx"]
