@@ -73,8 +73,43 @@ def test_a_wrong_graph_fails_the_check_and_nothing_is_moved_into_place(tmp_path,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
-def test_encoders_are_refused_naming_what_is_supported(tmp_path):
-    src = save_checkpoint(tmp_path / "bert", lmlab_model(preset("bert-tiny", vocab_size=64)))
-    with pytest.raises(LmlabError, match="format onnx writes decoder language models .* is an encoder$") as e:
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name, overrides, output",
+    [
+        ("bert-tiny", dict(task="classify", num_labels=3, labels=["a", "b", "c"]), (3, 3)),
+        ("bert-tiny", dict(task="qa", num_labels=2, labels=["start", "end"]), (3, 9, 2)),
+        ("bert-tiny", dict(type_vocab_size=0), (3, 9, 128)),
+        ("llama-tiny", dict(task="tag", num_labels=3, labels=["a", "b", "c"]), (3, 9, 3)),
+        ("gpt2-tiny", dict(task="classify", num_labels=3, labels=["a", "b", "c"]), (3, 3)),
+    ],
+)
+def test_encoders_and_task_heads_are_one_graph_with_lmlabs_outputs(tmp_path, name, overrides, output):
+    config = preset(name, vocab_size=64, dropout=0.0, **overrides)
+    src = save_checkpoint(tmp_path / "ckpt", lmlab_model(config))
+    out = export_onnx(src, tmp_path / "onnx")
+    assert json.loads((out / "export.json").read_text())["max_abs_output_diff"] <= 1e-4
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    assert names == ["input_ids", "attention_mask"] + (["token_type_ids"] if config.type_vocab_size else [])
+    ids = torch.randint(0, 64, (3, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[1, 5:] = 0  # right padding
+    segments = torch.zeros(3, 9, dtype=torch.long)
+    segments[:, 4:] = 1
+    feed = dict(zip(names, (ids, mask, segments)))
+    (theirs,) = session.run(None, {k: v.numpy() for k, v in feed.items()})
+    model = load_model(src)
+    with torch.no_grad():
+        ours = to_onnx.lmlab_outputs(model, *feed.values())
+    assert theirs.shape == output
+    if not config.task:
+        theirs, ours = torch.from_numpy(theirs)[mask.bool()].numpy(), ours[mask.bool()]
+    assert (torch.from_numpy(theirs) - ours).abs().max().item() <= 1e-4
+
+
+def test_encoder_decoders_are_refused_naming_what_is_supported(tmp_path):
+    src = save_checkpoint(tmp_path / "t5", lmlab_model(preset("t5-tiny", vocab_size=64)))
+    with pytest.raises(LmlabError, match="format onnx writes decoders .* and encoders; .* is an encoder–decoder$") as e:
         export_onnx(src, tmp_path / "onnx")
     assert e.value.params == ("format",)

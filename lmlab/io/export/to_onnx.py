@@ -1,4 +1,4 @@
-"""``lmlab export --format onnx``: a decoder checkpoint → a folder onnxruntime runs::
+"""``lmlab export --format onnx``: a checkpoint → a folder onnxruntime runs. A decoder language model::
 
     out/
       model.onnx        one graph for prefill and decode, the KV cache as inputs and outputs:
@@ -11,6 +11,11 @@
                         batch, sequence and cache are dynamic axes (sequence and cache up to the model's block_size)
       tokenizer.json    the checkpoint's tokenizer (when it has one), for the ids in and the text out
       export.json       source checkpoint, format, dtype, opset and the parity figures the check measured
+
+An encoder, or a decoder with a task head (classify, tag, qa), is one graph (:class:`TaskGraph`): ``input_ids``,
+``attention_mask`` (1 on real tokens) and, where the model has segment embeddings, ``token_type_ids`` (batch,
+sequence) int64 → the task head's ``logits`` (classify: (batch, num_labels); tag, qa: (batch, sequence, labels)),
+or an encoder's ``last_hidden_state`` (batch, sequence, n_embd) without one. Encoder–decoders are refused.
 
 The cache is static, as lmlab's own :class:`~lmlab.model.blocks.KVCache`: the caller allocates zeros of the
 longest length it will need and passes back what the graph returned; a query sees the slots up to its own
@@ -40,13 +45,14 @@ from lmlab.config import ModelConfig, write_json_atomic
 from lmlab.errors import LmlabError
 from lmlab.io import outputs
 from lmlab.io.checkpoint import load_config, load_model, load_tokenizer, resolve_checkpoint
+from lmlab.model.heads import last_token, pools
 
 logger = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
 OPSET = 18
 TOL = 1e-4  # the largest absolute logit difference the check allows (fp32)
-SUPPORTED = "decoder language models (GPT-2 and LLaMA families, no task head)"
+SUPPORTED = "decoders (with or without a task head) and encoders"
 
 
 def require_onnx() -> Any:
@@ -100,24 +106,64 @@ INPUTS = ["input_ids", "cache_position", "past_keys", "past_values"]
 OUTPUTS = ["logits", "present_keys", "present_values"]
 
 
+class TaskGraph(nn.Module):
+    """An encoder, or a decoder with a task head, as one graph: (input_ids, attention_mask[, token_type_ids]) →
+    the task head's ``logits``, or an encoder's ``last_hidden_state`` when it has no task head."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
+        model = self.model
+        if model.config.arch == "encoder":
+            return lmlab_outputs(model, input_ids, attention_mask, token_type_ids)
+        # a decoder's head as heads.task_logits applies it, on hidden states computed with an explicit causal mask
+        pos = torch.arange(input_ids.shape[1], device=input_ids.device)
+        hidden = model(input_ids, attn_mask=(pos[None, :] <= pos[:, None])[None, None], hidden_only=True)
+        return model.task_head(last_token(hidden, attention_mask) if pools(model.config) else hidden)
+
+
+def lmlab_outputs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None):
+    """What :class:`TaskGraph` computes, the way lmlab computes it: task logits, or an encoder's hidden states."""
+    if model.config.task:
+        return model.task_logits(input_ids, token_type_ids, attention_mask)
+    return model.encode(input_ids, token_type_ids, attention_mask)
+
+
+def graph_io(config: ModelConfig) -> tuple[list[str], list[str]]:
+    """The input and output names of the graph of ``config``."""
+    if config.arch == "decoder" and not config.task:
+        return INPUTS, OUTPUTS
+    inputs = ["input_ids", "attention_mask"] + (["token_type_ids"] if config.type_vocab_size else [])
+    return inputs, ["logits" if config.task else "last_hidden_state"]
+
+
 def write_onnx(model: nn.Module, path: Path) -> None:
-    """Export ``model`` as :class:`CachedLogits` to ``path``, with dynamic batch, sequence and cache axes."""
+    """Export ``model`` to ``path``: a decoder LM as :class:`CachedLogits` (dynamic batch, sequence and cache
+    axes), anything else as :class:`TaskGraph` (dynamic batch and sequence)."""
     require_onnx()
     config = model.config
-    cache = empty_cache(config, 2, 16)
-    example = (torch.arange(14).reshape(2, 7) % config.vocab_size, torch.arange(7), cache, cache.clone())
     batch = torch.export.Dim("batch")
     sequence = torch.export.Dim("sequence", max=config.block_size)
-    length = torch.export.Dim("cache", max=config.block_size)
-    dims = ({0: batch, 1: sequence}, {0: sequence}, {1: batch, 3: length}, {1: batch, 3: length})
+    ids = torch.arange(14).reshape(2, 7) % config.vocab_size
+    inputs, outputs_ = graph_io(config)
+    if inputs == INPUTS:
+        cache = empty_cache(config, 2, 16)
+        graph, example = CachedLogits(model), (ids, torch.arange(7), cache, cache.clone())
+        length = torch.export.Dim("cache", max=config.block_size)
+        dims: tuple = ({0: batch, 1: sequence}, {0: sequence}, {1: batch, 3: length}, {1: batch, 3: length})
+    else:
+        graph, example = TaskGraph(model), (ids, torch.ones_like(ids), torch.zeros_like(ids))[: len(inputs)]
+        dims = tuple({0: batch, 1: sequence} for _ in inputs)
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with warnings.catch_warnings(), torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")  # the exporter's progress lines and torchvision notices
         program = torch.onnx.export(
-            CachedLogits(model).eval(),
+            graph.eval(),
             example,
-            input_names=INPUTS,
-            output_names=OUTPUTS,
+            input_names=inputs,
+            output_names=outputs_,
             dynamic_shapes=dims,
             opset_version=OPSET,
             dynamo=True,
@@ -126,13 +172,38 @@ def write_onnx(model: nn.Module, path: Path) -> None:
     program.save(str(path))
 
 
+def check_task_graph(session: Any, model: nn.Module, what: str) -> dict[str, Any]:
+    """:class:`TaskGraph`'s check: two right-padded batches of other shapes than the traced one (a second segment
+    where the model has segment embeddings), onnxruntime's output against lmlab's within :data:`TOL`."""
+    config, device = model.config, model.tok_emb.weight.device
+    inputs, _ = graph_io(config)
+    gap = 0.0
+    for b, t in ((1, 5), (3, 11)):
+        ids = torch.arange(b * t).reshape(b, t).mul(7).add(3) % config.vocab_size
+        mask = (torch.arange(t)[None, :] < torch.tensor([t, t - 3, 2])[:b, None]).long()
+        segments = (torch.arange(t)[None, :] >= t // 2).long().expand(b, t) * mask
+        feed = dict(zip(inputs, (ids, mask, segments)))
+        theirs = torch.from_numpy(session.run(None, {k: v.numpy() for k, v in feed.items()})[0])
+        with torch.no_grad():
+            ours = lmlab_outputs(model, *(v.to(device) for v in feed.values())).float().cpu()
+        if not config.task:  # hidden states at padding are nobody's output
+            theirs, ours = theirs[mask.bool()], ours[mask.bool()]
+        gap = max(gap, (theirs - ours).abs().max().item())
+    if not gap <= TOL:
+        raise LmlabError(f"{what}: onnxruntime's outputs differ from lmlab's by {gap:.2e} (tolerance {TOL})")
+    return {"max_abs_output_diff": gap, "tolerance": TOL}
+
+
 def check_onnx(path: Path, model: nn.Module, what: str) -> dict[str, Any]:
-    """Run ``path`` with onnxruntime (CPU): prefill logits of two batches of shapes other than the traced one
-    against ``model``'s (within :data:`TOL`), then a greedy continuation of 8 tokens through the cache (prefill,
-    decode steps) against lmlab's, each step's logits within :data:`TOL`. Returns the figures."""
+    """Run ``path`` with onnxruntime (CPU). A decoder LM's graph: prefill logits of two batches of shapes other
+    than the traced one against ``model``'s (within :data:`TOL`), then a greedy continuation of 8 tokens through the
+    cache (prefill, decode steps) against lmlab's, each step's logits within :data:`TOL`; any other graph:
+    :func:`check_task_graph`. Returns the figures."""
     onnx, ort = require_onnx()
     onnx.checker.check_model(str(path))
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    if graph_io(model.config)[0] != INPUTS:
+        return check_task_graph(session, model, what)
     config, device = model.config, model.tok_emb.weight.device
 
     def run(ids: Tensor, position: Tensor, keys: Any, values: Any) -> list[Any]:
@@ -169,8 +240,8 @@ def check_onnx(path: Path, model: nn.Module, what: str) -> dict[str, Any]:
 
 
 def export_onnx(checkpoint: str | Path, out: str | Path, *, verify: bool = True) -> Path:
-    """Write ``checkpoint`` (a decoder; a LoRA run merged) as an ONNX folder ``out`` (model.onnx, tokenizer.json,
-    export.json) for onnxruntime; returns ``out``.
+    """Write ``checkpoint`` (a decoder or an encoder, task head included; a LoRA run merged) as an ONNX folder
+    ``out`` (model.onnx, tokenizer.json, export.json) for onnxruntime; returns ``out``.
 
     Args:
         checkpoint: checkpoint folder (or run folder: its best checkpoint)
@@ -183,9 +254,8 @@ def export_onnx(checkpoint: str | Path, out: str | Path, *, verify: bool = True)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise LmlabError(f"out {out} exists and is not an empty folder: choose another or remove it", params="out")
     config = load_config(src)
-    if config.arch != "decoder" or config.task:
-        kind = {"encoder": "an encoder", "seq2seq": "an encoder–decoder"}.get(config.arch, f"a {config.task} head")
-        raise LmlabError(f"format onnx writes {SUPPORTED}; {src} is {kind}", params="format")
+    if config.arch == "seq2seq":
+        raise LmlabError(f"format onnx writes {SUPPORTED}; {src} is an encoder–decoder", params="format")
     tokenizer = load_tokenizer(src, verify=verify) if (src / "tokenizer.json").is_file() else None
     model = load_model(src, merge_lora=True)
     outputs.check_writable(out)
