@@ -89,7 +89,7 @@ def _flags_critique(p: ArgumentParser) -> None:
 
 def _flags_export(p: ArgumentParser) -> None:
     add(p, "format", "hf (a transformers folder), gguf (llama.cpp) or onnx (onnxruntime)", "str", "hf", choices=FORMATS)
-    verify = {"help": "skip the check of the written export (hf: logits by transformers; gguf, onnx: read back)"}
+    verify = {"help": "skip the export's check (hf: by transformers; gguf: read back, rebuilt; onnx: by onnxruntime)"}
     out = {"help": "hf, onnx: the folder to write (new or empty); gguf: the file to write (new)"}
     flags(p, lmlab.export_hf, "out lora verify", "checkpoint", verify=verify, out=out)
     flags(p, lmlab.export_gguf, "outtype")

@@ -82,6 +82,10 @@ def gguf_architecture(config: ModelConfig, source: str | Path) -> str:
     architecture = "" if what else hf.hf_architecture(config)
     if what or architecture not in ARCHITECTURES:
         raise LmlabError(f"format gguf writes {SUPPORTED}; {source} is {what or 'a ' + architecture}", params="format")
+    if architecture == "GPT2LMHeadModel" and config.gelu_approximate != "tanh":
+        logger.warning(
+            "%s uses exact GELU; llama.cpp's gpt2 computes the tanh approximation (logits differ slightly)", source
+        )
     return ARCHITECTURES[architecture]
 
 
