@@ -49,6 +49,8 @@ _EXPORTS = {
     "parse_lora": "lmlab.config",
     "merge_checkpoint": "lmlab.train.lora",
     "export_hf": "lmlab.io.export",
+    "export_gguf": "lmlab.io.export.to_gguf",
+    "export_onnx": "lmlab.io.export.to_onnx",
     "run_demo": "lmlab.demo",
 }
 
@@ -78,6 +80,8 @@ if TYPE_CHECKING:  # for editors and type checkers
     from lmlab.evaluate.runner import evaluate
     from lmlab.generate import GenerationConfig
     from lmlab.io.export import export_hf
+    from lmlab.io.export.to_gguf import export_gguf
+    from lmlab.io.export.to_onnx import export_onnx
     from lmlab.model import build_model
     from lmlab.serve.server import serve
     from lmlab.tokenizer import Tokenizer, train_tokenizer

@@ -33,7 +33,7 @@ PERTURBATIONS = "comma-separated edits: typos,case,punctuation,contractions,whit
 LENS_RENAME = {"toxicity_classifier": "classifier", "input": "text"}
 CANARY_RENAME = {"canary_repeats": "repeats", "canary_digits": "digits", "canary_template": "template"}
 PREPARE_RENAME = {"input": "inputs", "out": "out_dir", "progress": "show_progress"}
-LOAD_RENAME = {"checkpoint": "path"}
+LOAD_RENAME, FORMATS = {"checkpoint": "path"}, ("hf", "gguf", "onnx")  # FORMATS: lmlab export --format
 
 
 def _flags_tokenizer(p: ArgumentParser) -> None:
@@ -88,9 +88,11 @@ def _flags_critique(p: ArgumentParser) -> None:
 
 
 def _flags_export(p: ArgumentParser) -> None:
-    add(p, "format", "hf: a Hugging Face model folder", "str", "hf")
-    verify = {"help": "skip the logits check of the written folder"}
-    flags(p, lmlab.export_hf, "out lora verify", "checkpoint", verify=verify)
+    add(p, "format", "hf (a transformers folder), gguf (llama.cpp) or onnx (onnxruntime)", "str", "hf", choices=FORMATS)
+    verify = {"help": "skip the export's check (hf: by transformers; gguf: read back, rebuilt; onnx: by onnxruntime)"}
+    out = {"help": "hf, onnx: the folder to write (new or empty); gguf: the file to write (new)"}
+    flags(p, lmlab.export_hf, "out lora verify", "checkpoint", verify=verify, out=out)
+    flags(p, lmlab.export_gguf, "outtype")
 
 
 def _flags_merge_lora(p: ArgumentParser) -> None:
@@ -214,13 +216,11 @@ def cmd_critique(a) -> int:
 
 
 def cmd_export(a) -> int:
-    """Export a checkpoint for the Hugging Face ecosystem (transformers, vLLM, TGI): config.json,
-    model.safetensors, the tokenizer and generation_config.json, which transformers' Auto classes load without
-    missing or unexpected weights. The folder is loaded back with transformers and its logits compared with
-    lmlab's before the export counts as done."""
-    if a.format != "hf":
-        raise LmlabError(f"--format {a.format!r}: expected hf (GGUF and ONNX are not written yet)")
-    out = lmlab.export_hf(**kwargs_of(a, lmlab.export_hf))
+    """Export a checkpoint: hf, a folder for transformers, vLLM, TGI (loaded back by transformers, logits compared);
+    gguf, one file for llama.cpp, tokenizer inside (read back, the model rebuilt from it compared); onnx, a graph for
+    onnxruntime (run by onnxruntime, compared). An export is moved into place only once its check passed."""
+    fn = {"hf": lmlab.export_hf, "gguf": lmlab.export_gguf, "onnx": lmlab.export_onnx}[a.format]
+    out = fn(**kwargs_of(a, fn))
     print(f"lmlab: exported {out}" + ("" if a.verify else " (not verified)"))
     return 0
 
@@ -326,7 +326,7 @@ VERBS = {  # name → Verb(its line in `lmlab --help`, flags, run), in the order
     "critique": Verb(
         "a report: performance, interpretability, bias, safety, privacy, …", _flags_critique, cmd_critique
     ),
-    "export": Verb("export a checkpoint as a Hugging Face folder, checked by logits", _flags_export, cmd_export),
+    "export": Verb("export a checkpoint: HF folder, GGUF or ONNX, each checked by logits", _flags_export, cmd_export),
     "merge-lora": Verb("merge LoRA adapters into the base weights", _flags_merge_lora, cmd_merge_lora),
     "generate": Verb("generate text: every decoding strategy, streaming, a REPL", _flags_generate, cmd_generate),
     "chat": Verb("chat with a model: a multi-turn REPL with streaming", _flags_chat, cmd_chat),

@@ -6,6 +6,9 @@
 #   bash scripts/setup.sh            lmlab and the test libraries
 #   bash scripts/setup.sh --tests    also Debian's Chromium, in which the tests open the critique's HTML
 #                                    report (needs apt-get and root; elsewhere that one test is skipped)
+#   bash scripts/setup.sh --llama-cpp  also llama-cpp-python, for the tests that load a GGUF export with
+#                                    llama.cpp itself: a source distribution that compiles llama.cpp (over an
+#                                    hour on 2 busy cores; pip caches the wheel afterwards), so it is opt-in
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
@@ -35,4 +38,9 @@ if [ "${1:-}" = "--tests" ] && [ ! -x /usr/bin/chromium ]; then
   else
     echo "setup: no apt-get or not root: Chromium not installed; the browser test will be skipped" >&2
   fi
+fi
+
+if [ "${1:-}" = "--llama-cpp" ] && ! .venv/bin/python -c "import llama_cpp" 2>/dev/null; then
+  echo "setup: building llama-cpp-python (compiles llama.cpp: this can take an hour)" >&2
+  pip_install llama-cpp-python
 fi

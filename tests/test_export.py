@@ -308,8 +308,8 @@ def test_export_and_an_hf_folder_through_the_cli(tmp_path, tokenizer_dir, data_d
         == 0
     )
     assert "last checkpoint" in capsys.readouterr().out
-    assert main(["export", str(path), "--format", "gguf", "--out", str(tmp_path / "x")]) == 1
-    assert "--format 'gguf': expected hf" in capsys.readouterr().err
+    assert main(["export", str(path), "--format", "tflite", "--out", str(tmp_path / "x")]) == 2  # a usage error
+    assert "tflite" in capsys.readouterr().err
     assert main(["export", str(path), "--out", str(tmp_path / "hf")]) == 1  # not empty: refused, nothing overwritten
     assert "is not an empty folder" in capsys.readouterr().err
 

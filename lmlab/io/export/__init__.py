@@ -1,4 +1,6 @@
 """``lmlab export --format hf``: a checkpoint → a folder that Hugging Face Transformers loads as it is.
+(``--format gguf``, a file for llama.cpp: :mod:`lmlab.io.export.to_gguf`; ``--format onnx``, a folder for
+onnxruntime: :mod:`lmlab.io.export.to_onnx`.)
 
     out/
       config.json                the HF config of the class for the model and its head
@@ -65,8 +67,8 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, verify: bool = True, l
         checkpoint: checkpoint folder (or run folder: its best checkpoint)
         out: the folder to write (new or empty; written atomically)
         verify: load the written folder with transformers and compare its logits with lmlab's (False: skip it)
-        lora: a LoRA checkpoint: merge (adapters folded into the weights) or adapter (a PEFT adapter folder, the base
-            in OUT/base)
+        lora: a LoRA checkpoint: merge (adapters folded into the weights) or adapter (format hf only: a PEFT adapter
+            folder, the base in OUT/base)
     """
     if lora not in LORA_MODES:
         raise LmlabError(f"lora {lora!r}: expected one of {', '.join(LORA_MODES)}", params="lora")
