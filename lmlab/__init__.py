@@ -14,6 +14,7 @@ The public surface, in the order a pipeline uses it::
     lmlab.evaluate("runs/cls", "test.jsonl", out="eval/")     # metrics with confidence intervals
     lmlab.critique("runs/cls", "report/", data="test.jsonl")  # report.html, report.json
     lmlab.export_hf("runs/a", "hf/")                          # a transformers folder, checked by logits
+    lmlab.quantize("runs/a", "runs/a-int8", method="int8")    # integers + scales, compression.json
     lmlab.serve("runs/a", port=8000)                          # OpenAI-compatible HTTP server
 """
 
@@ -49,6 +50,7 @@ _EXPORTS = {
     "parse_lora": "lmlab.config",
     "merge_checkpoint": "lmlab.train.lora",
     "export_hf": "lmlab.io.export",
+    "quantize": "lmlab.compress.quantization",
     "run_demo": "lmlab.demo",
 }
 
@@ -70,6 +72,7 @@ def __getattr__(name: str) -> Any:
 
 if TYPE_CHECKING:  # for editors and type checkers
     from lmlab.api import LM, Completion, Score, load
+    from lmlab.compress.quantization import quantize
     from lmlab.config import PRESETS, LoraSpec, ModelConfig, parse_lora, preset
     from lmlab.critique import critique
     from lmlab.data import builtin_corpus, prepare, read_corpus
