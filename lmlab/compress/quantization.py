@@ -45,6 +45,13 @@ SPEED_TOKENS = 32  # new tokens per sequence when decoding speed is measured
 SPEED_PROMPT = "The"
 
 
+class Compression(dict):
+    """What compression.json holds; :meth:`summary` is the table ``lmlab quantize`` prints."""
+
+    def summary(self) -> str:
+        return summary(self)
+
+
 def quantize(
     checkpoint: str | Path,
     out: str | Path,
@@ -57,7 +64,7 @@ def quantize(
     device: str = "cpu",
     verify: bool = True,
     overwrite: bool = False,
-) -> dict[str, Any]:
+) -> Compression:
     """Quantize the Linear layers of a checkpoint's Transformer blocks (weight-only) and write the result as a new
     checkpoint with compression.json (before/after figures). Embeddings, norms, the LM head and task heads keep
     their dtype. A LoRA checkpoint is merged first; a quantized one is refused.
@@ -65,13 +72,13 @@ def quantize(
     Args:
         checkpoint: checkpoint folder (or run folder: its best checkpoint)
         out: folder for the quantized checkpoint and compression.json
-        method: int8 (per output channel, symmetric), int4 (groups of group_size input columns, round-to-nearest)
-            or int4-gptq (int4 chosen by GPTQ on calibration_data)
-        group_size: int4: input columns sharing one scale and zero-point: 32, 64 or 128
-        calibration_data: int4-gptq: a prepared data folder or a text file (a corpus file lmlab reads)
-        calibration_samples: int4-gptq: calibration sequences of up to 256 tokens
-        eval_data: a text file or data folder: perplexity and decoding speed of the original and the quantized
-            model (decoders)
+        method: int8 (per output channel, symmetric), int4 (grouped input columns, round-to-nearest) or int4-gptq
+            (int4 chosen by GPTQ on the calibration data)
+        group_size: int4, int4-gptq: input columns sharing one scale and zero-point: 32, 64 or 128
+        calibration_data: int4-gptq: a prepared data folder (its training tokens) or text files lmlab reads
+        calibration_samples: int4-gptq: calibration sequences of up to 256 tokens each
+        eval_data: text files or a prepared data folder (its validation tokens): perplexity (decoders) and decoding
+            speed (decoders, encoder–decoders) of the original and the quantized model
         device: auto, cpu, cuda, cuda:1, …
         verify: check the checkpoint's tokenizer
         overwrite: write into a folder that is not an lmlab checkpoint
@@ -95,16 +102,16 @@ def quantize(
     model = quantize_model(copy.deepcopy(original), method, group_size, batches)
     meta = {k: v for k, v in meta.items() if k != "lmlab_model_config"}
     save_checkpoint(out, model, tokenizer=tokenizer, meta={**meta, "quantized_from": str(path)}, overwrite=overwrite)
-    record = {
-        "method": method,
-        "group_size": None if method == "int8" else group_size,
-        "checkpoint": str(path),
-        "out": str(out),
-        "modules": len(model.config.quantization["modules"]),
-        "original": _measure(original, tokenizer, eval_data, path / WEIGHTS_FILE),
-        "quantized": _measure(model, tokenizer, eval_data, out / WEIGHTS_FILE),
-        "machine": _machine(device),
-    }
+    record = Compression(
+        method=method,
+        group_size=None if method == "int8" else group_size,
+        checkpoint=str(path),
+        out=str(out),
+        modules=len(model.config.quantization["modules"]),
+        original=_measure(original, tokenizer, eval_data, path / WEIGHTS_FILE),
+        quantized=_measure(model, tokenizer, eval_data, out / WEIGHTS_FILE),
+        machine=_machine(device),
+    )
     if method == "int4-gptq":
         record["calibration"] = {"data": str(calibration_data), "sequences": len(batches)}
     write_json_atomic(out / "compression.json", record)

@@ -46,7 +46,7 @@ def quantize_int8(w: Tensor) -> tuple[Tensor, Tensor]:
     """Per-output-channel symmetric int8: ``(qweight int8 (out, in), scales fp32 (out,))``."""
     w = w.detach().float()
     scales = (w.abs().amax(dim=1) / INT8_LEVELS).clamp(min=torch.finfo(torch.float32).eps)
-    q = torch.clamp(torch.round(w / scales[:, None]), -128, 127).to(torch.int8)
+    q = torch.clamp(torch.round(w * (1.0 / scales[:, None])), -128, 127).to(torch.int8)  # as torchao rounds
     return q, scales
 
 
