@@ -189,7 +189,7 @@ def test_quantize_cli_end_to_end_and_every_verb_loads_it(trained_run, corpus_fil
     record = json.loads((out / "compression.json").read_text())
     before, after = record["original"], record["quantized"]
     assert record["method"] == "int8" and before["parameters"] == after["parameters"]
-    assert after["block_linear_bytes"] <= 0.27 * before["block_linear_bytes"]
+    assert after["linear_weight_bytes"] <= 0.27 * before["linear_weight_bytes"]
     assert after["weights_file_bytes"] < before["weights_file_bytes"]
     assert abs(after["perplexity"] / before["perplexity"] - 1) < 0.01
     assert after["tokens_per_s_batch_1"] > 0 and after["tokens_per_s_batch_8"] > 0

@@ -4,9 +4,10 @@ The quantized checkpoint is an ordinary lmlab checkpoint whose ``config.quantiza
 size and modules; every verb loads it (:func:`lmlab.io.checkpoint.load_model` rebuilds the
 :class:`~lmlab.model.quant.QuantizedLinear` modules). ``compression.json`` beside it (and the table the verb
 prints) holds, for the original and the quantized model measured in the same run: parameters, the bytes of
-model.safetensors and of the quantized layers, and with ``eval_data`` the perplexity on the same tokens
-(:mod:`lmlab.tasks.lm`, as ``lmlab evaluate --task lm`` computes it) and decoding speed (tokens/s of a short
-greedy decode at batch 1 and 8, on the machine named in the record).
+model.safetensors and of the block Linear layers' weights (integers, scales and zero-points; biases aside), and
+with ``eval_data`` the perplexity on the same tokens (:mod:`lmlab.tasks.lm`, as ``lmlab evaluate --task lm``
+computes it) and decoding speed (tokens/s of a short greedy decode at batch 1 and 8, on the machine named in the
+record).
 """
 
 from __future__ import annotations
@@ -171,12 +172,13 @@ def _calibration(data: str | Path, tokenizer, model: nn.Module, n: int) -> list[
 
 def _measure(model: nn.Module, tokenizer, eval_data: str | Path | None, weights: Path) -> dict[str, Any]:
     """Size, and with ``eval_data`` perplexity and decoding speed, of one model."""
-    stored, fp32 = quantized_bytes(model)
-    linear_bytes = stored or sum(4 * model.get_submodule(n).weight.numel() for n in quantizable(model))
+    linear = quantized_bytes(model) or sum(
+        t.numel() * t.element_size() for t in (model.get_submodule(n).weight for n in quantizable(model))
+    )
     row: dict[str, Any] = {
         "parameters": _logical_parameters(model),
         "weights_file_bytes": weights.stat().st_size,
-        "block_linear_bytes": linear_bytes + (0 if stored else _bias_bytes(model)),
+        "linear_weight_bytes": linear,  # the block Linear layers' weights (integers + scales), biases aside
     }
     if eval_data is not None and model.config.arch == "decoder":
         result, _ = evaluate_model(model, tokenizer, eval_data, task="lm", n_resamples=200)
@@ -191,11 +193,6 @@ def _logical_parameters(model: nn.Module) -> int:
     """Parameters the model stands for: a quantized layer counts its weight's elements, not its bytes."""
     n = sum(p.numel() for p in model.parameters())
     return n + sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantizedLinear))
-
-
-def _bias_bytes(model: nn.Module) -> int:
-    biases = (model.get_submodule(n).bias for n in quantizable(model))
-    return sum(4 * b.numel() for b in biases if b is not None)
 
 
 def _speed(lm: LM, batch: int) -> float:
@@ -221,7 +218,7 @@ def summary(record: dict[str, Any]) -> str:
     rows = [
         ("parameters", "parameters", "{:,}"),
         ("model.safetensors", "weights_file_bytes", "{:,} B"),
-        ("block Linear layers", "block_linear_bytes", "{:,} B"),
+        ("block Linear weights", "linear_weight_bytes", "{:,} B"),
         ("perplexity", "perplexity", "{:.3f}"),
         ("tokens/s, batch 1", "tokens_per_s_batch_1", "{:.1f}"),
         ("tokens/s, batch 8", "tokens_per_s_batch_8", "{:.1f}"),

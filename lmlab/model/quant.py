@@ -181,11 +181,10 @@ def install_quantized(model: nn.Module, settings: dict) -> nn.Module:
     return model
 
 
-def quantized_bytes(model: nn.Module) -> tuple[int, int]:
-    """Bytes of the quantized modules' stored tensors, and what their fp32 weights and biases would take."""
-    stored = fp32 = 0
-    for module in model.modules():
-        if isinstance(module, QuantizedLinear):
-            stored += sum(t.numel() * t.element_size() for t in (*module.buffers(), *module.parameters()))
-            fp32 += 4 * (module.in_features * module.out_features + (module.bias is not None) * module.out_features)
-    return stored, fp32
+def quantized_bytes(model: nn.Module) -> int:
+    """Bytes the quantized layers' weights take as stored: integers, scales and zero-points (biases not counted)."""
+    return sum(
+        sum(t.numel() * t.element_size() for t in module.buffers())
+        for module in model.modules()
+        if isinstance(module, QuantizedLinear)
+    )
