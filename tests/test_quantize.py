@@ -200,6 +200,10 @@ def test_quantize_cli_end_to_end_and_every_verb_loads_it(trained_run, corpus_fil
     assert run(capsys, "info", out)[0] == 0
     lm = lmlab.load(out, device="cpu")
     assert lm.score("The cat", " sat").logprob < 0
+    code, text, err = run(capsys, "critique", out, "--out", tmp_path / "crit", "--lenses", "efficiency")
+    assert code == 0, err
+    report = json.loads((tmp_path / "crit" / "report.json").read_text())
+    assert report["model"]["parameters"] == before["parameters"]
     code, _, err = run(capsys, "quantize", out, "--out", tmp_path / "again")
     assert code == 1 and "already quantized (int8)" in err
     code, _, err = run(capsys, "export", out, "--out", tmp_path / "hf")
@@ -250,3 +254,17 @@ def test_a_lora_checkpoint_is_merged_before_it_is_quantized(tmp_path, tokenizer_
     ids = torch.randint(5, 200, (2, 16))
     with torch.no_grad():
         assert rel_error(q(ids), merged(ids)) < BOUNDS["int8"]
+
+
+def test_serve_answers_from_a_quantized_checkpoint(trained_run, tmp_path):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from lmlab.serve.app import Settings, create_app
+
+    quantize(trained_run, tmp_path / "q", method="int4", group_size=32)
+    lm = lmlab.load(tmp_path / "q", device="cpu")
+    with TestClient(create_app(lm, Settings("q"))) as client:
+        body = {"model": "q", "prompt": "The", "max_tokens": 6, "temperature": 0}
+        answer = client.post("/v1/completions", json=body).json()
+    assert answer["choices"][0]["text"] == lm.generate("The", max_new_tokens=6)

@@ -176,7 +176,7 @@ def _measure(model: nn.Module, tokenizer, eval_data: str | Path | None, weights:
         t.numel() * t.element_size() for t in (model.get_submodule(n).weight for n in quantizable(model))
     )
     row: dict[str, Any] = {
-        "parameters": _logical_parameters(model),
+        "parameters": model.num_params(),  # a quantized weight counts its elements
         "weights_file_bytes": weights.stat().st_size,
         "linear_weight_bytes": linear,  # the block Linear layers' weights (integers + scales), biases aside
     }
@@ -187,12 +187,6 @@ def _measure(model: nn.Module, tokenizer, eval_data: str | Path | None, weights:
         lm = LM(model, tokenizer)
         row.update({f"tokens_per_s_batch_{b}": _speed(lm, b) for b in (1, 8)})
     return row
-
-
-def _logical_parameters(model: nn.Module) -> int:
-    """Parameters the model stands for: a quantized layer counts its weight's elements, not its bytes."""
-    n = sum(p.numel() for p in model.parameters())
-    return n + sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantizedLinear))
 
 
 def _speed(lm: LM, batch: int) -> float:

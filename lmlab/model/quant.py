@@ -181,6 +181,11 @@ def install_quantized(model: nn.Module, settings: dict) -> nn.Module:
     return model
 
 
+def quantized_weights(model: nn.Module) -> int:
+    """The weight elements the quantized layers stand for (``num_params`` counts them: they are buffers)."""
+    return sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantizedLinear))
+
+
 def quantized_bytes(model: nn.Module) -> int:
     """Bytes the quantized layers' weights take as stored: integers, scales and zero-points (biases not counted)."""
     return sum(
