@@ -21,11 +21,27 @@ from lmlab.data import builtin_corpus  # noqa: E402
 METHODS = (("int8", 128), ("int4", 128), ("int4", 32), ("int4-gptq", 128), ("int4-gptq", 32))
 
 
+def kl_to_original(original, quantized, data, windows: int = 32) -> float:
+    """Mean KL(original ‖ quantized) per token of next-token distributions on the validation tokens (nats)."""
+    import torch
+
+    from lmlab.data.pack import PackedTokens
+    from lmlab.io.checkpoint import load_model
+
+    p, q = load_model(original), load_model(quantized)
+    tokens = PackedTokens(data, "valid")
+    T = min(p.config.block_size, len(tokens) // windows)
+    ids = torch.as_tensor(tokens.window(0, windows * T).reshape(windows, T))
+    with torch.no_grad():
+        lp, lq = p(ids).log_softmax(-1), q(ids).log_softmax(-1)
+    return (lp.exp() * (lp - lq)).sum(-1).mean().item()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="gpt2-tiny")
     ap.add_argument("--steps", type=int, default=400)
-    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--seq-len", type=int, default=None, help="training sequence length (default: the context)")
     ap.add_argument("--calibration-samples", type=int, default=128)
     ap.add_argument("--out", default="/tmp/lmlab-compress-bench")
     ap.add_argument("--json", default=None)
@@ -39,6 +55,7 @@ def main() -> None:
         tok.save(out / "tok")
         lmlab.prepare(corpus, out / "tok", out / "data", valid_fraction=0.05, show_progress=False)
     run = out / f"run-{a.model}-{a.steps}"
+    a.seq_len = a.seq_len or lmlab.preset(a.model).block_size
     if not (run / "best").exists():
         lmlab.pretrain(
             a.model, out / "data", run, max_steps=a.steps, seq_len=a.seq_len, micro_batch_size=16, lr=3e-3,
@@ -51,19 +68,19 @@ def main() -> None:
             calibration_data=out / "data" if method == "int4-gptq" else None,
             calibration_samples=a.calibration_samples, overwrite=True,
         )  # fmt: skip
-        rows.append(dict(record))
+        rows.append({**record, "kl_to_fp32": kl_to_original(run, record["out"], out / "data")})
         print(record.summary(), flush=True)
     before = rows[0]["original"]
-    print("\n| method | group | perplexity | Δ vs fp32 | Linear weight bytes | tok/s b1 | tok/s b8 |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    print(f"| fp32 | – | {before['perplexity']:.3f} | – | {before['linear_weight_bytes']:,} | "
+    print("\n| method | group | perplexity | Δ vs fp32 | KL to fp32 | Linear weight bytes | tok/s b1 | tok/s b8 |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print(f"| fp32 | – | {before['perplexity']:.3f} | – | – | {before['linear_weight_bytes']:,} | "
           f"{before['tokens_per_s_batch_1']:.0f} | {before['tokens_per_s_batch_8']:.0f} |")  # fmt: skip
     for r in rows:
         q = r["quantized"]
         gap = q["perplexity"] / before["perplexity"] - 1
         speed = f"{q['tokens_per_s_batch_1']:.0f} | {q['tokens_per_s_batch_8']:.0f}"
-        print(f"| {r['method']} | {r['group_size'] or '–'} | {q['perplexity']:.3f} | {100 * gap:+.2f}% | "
-              f"{q['linear_weight_bytes']:,} | {speed} |")  # fmt: skip
+        quality = f"{q['perplexity']:.3f} | {100 * gap:+.2f}% | {r['kl_to_fp32']:.5f}"
+        print(f"| {r['method']} | {r['group_size'] or '–'} | {quality} | {q['linear_weight_bytes']:,} | {speed} |")
     print(f"\nmachine: {rows[0]['machine']}")
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=2))
