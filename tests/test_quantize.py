@@ -161,6 +161,17 @@ def test_checkpoint_stores_integers_and_loads_back_identically(name, method, tmp
     assert torch.equal(outputs(loaded, ids), outputs(q, ids))
 
 
+@pytest.mark.parametrize("name", list(TINY))
+def test_gptq_quantizes_every_architecture_block_by_block(name):
+    model = tiny(name)
+    batches = [torch.randint(5, 200, (1, 32)) for _ in range(4)]
+    q = quantize_model(copy.deepcopy(model), "int4-gptq", 32, batches)
+    assert all(isinstance(q.get_submodule(n), QuantizedLinear) for n in quantizable(model))
+    assert q.config.quantization["method"] == "int4-gptq"
+    ids = torch.randint(5, 200, (2, 24))
+    assert rel_error(outputs(q, ids), outputs(model, ids)) < BOUNDS["int4"]
+
+
 def test_gptq_beats_round_to_nearest_on_correlated_inputs():
     torch.manual_seed(0)
     w, x = torch.randn(64, 128), torch.randn(4000, 128) @ torch.randn(128, 128)
