@@ -279,3 +279,14 @@ def test_serve_answers_from_a_quantized_checkpoint(trained_run, tmp_path):
         body = {"model": "q", "prompt": "The", "max_tokens": 6, "temperature": 0}
         answer = client.post("/v1/completions", json=body).json()
     assert answer["choices"][0]["text"] == lm.generate("The", max_new_tokens=6)
+
+
+def test_training_refuses_a_quantized_start(tmp_path, tokenizer_dir, data_dir):
+    folder = save(quantize_model(tiny("gpt2-tiny", vocab_size=512), "int8"), tmp_path / "q", tokenizer_dir)
+    with pytest.raises(LmlabError, match="is quantized") as err:
+        lmlab.pretrain("gpt2-tiny", data_dir, tmp_path / "run", init_from=folder, max_steps=1, progress=False)
+    assert err.value.params == ("init_from",)
+    train = tmp_path / "train.jsonl"
+    train.write_text('{"text": "a b", "label": "x"}\n{"text": "c d", "label": "y"}\n')
+    with pytest.raises(LmlabError, match="is quantized: fine-tune the checkpoint it was quantized from"):
+        lmlab.finetune(folder, "classify", train, tmp_path / "cls", progress=False)
