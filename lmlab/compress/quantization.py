@@ -32,6 +32,7 @@ from lmlab.evaluate.runner import evaluate_model
 from lmlab.io.checkpoint import (
     WEIGHTS_FILE,
     check_checkpoint_target,
+    is_lmlab_checkpoint,
     load_model,
     load_tokenizer,
     read_meta,
@@ -101,7 +102,7 @@ def quantize(
     original = load_model(path, device=device, merge_lora=True, verify=verify)  # LoRA: adapters folded in
     batches = _calibration(calibration_data, tokenizer, original, calibration_samples) if calibration_data else []
     model = quantize_model(copy.deepcopy(original), method, group_size, batches)
-    meta = {k: v for k, v in meta.items() if k != "lmlab_model_config"}
+    meta = {k: v for k, v in meta.items() if k != "lmlab_model_config"} if is_lmlab_checkpoint(path) else {}
     save_checkpoint(out, model, tokenizer=tokenizer, meta={**meta, "quantized_from": str(path)}, overwrite=overwrite)
     record = Compression(
         method=method,
@@ -109,8 +110,8 @@ def quantize(
         checkpoint=str(path),
         out=str(out),
         modules=len(model.config.quantization["modules"]),
-        original=_measure(original, tokenizer, eval_data, path / WEIGHTS_FILE),
-        quantized=_measure(model, tokenizer, eval_data, out / WEIGHTS_FILE),
+        original=_measure(original, tokenizer, eval_data, path),
+        quantized=_measure(model, tokenizer, eval_data, out),
         machine=_machine(device),
     )
     if method == "int4-gptq":
@@ -128,6 +129,8 @@ def quantize_model(model: nn.Module, method: str, group_size: int = 128, batches
 
     check_method(method, group_size)
     names = quantizable(model)
+    if method == "int4-gptq" and not batches:
+        raise LmlabError("method int4-gptq needs calibration sequences", params="method")
     if method == "int4-gptq":
         gptq_quantize_model(model, run_model, list(batches), group_size)
     else:
@@ -170,14 +173,15 @@ def _calibration(data: str | Path, tokenizer, model: nn.Module, n: int) -> list[
     return [stream[i * step : i * step + length][None].to(device) for i in range(count)]
 
 
-def _measure(model: nn.Module, tokenizer, eval_data: str | Path | None, weights: Path) -> dict[str, Any]:
-    """Size, and with ``eval_data`` perplexity and decoding speed, of one model."""
+def _measure(model: nn.Module, tokenizer, eval_data: str | Path | None, folder: Path) -> dict[str, Any]:
+    """Size, and with ``eval_data`` perplexity and decoding speed, of one model (its checkpoint in ``folder``)."""
+    files = [folder / WEIGHTS_FILE] if (folder / WEIGHTS_FILE).is_file() else [*folder.glob("*.safetensors")]
     linear = quantized_bytes(model) or sum(
         t.numel() * t.element_size() for t in (model.get_submodule(n).weight for n in quantizable(model))
     )
     row: dict[str, Any] = {
         "parameters": model.num_params(),  # a quantized weight counts its elements
-        "weights_file_bytes": weights.stat().st_size,
+        "weights_file_bytes": sum(f.stat().st_size for f in files or folder.glob("*.bin")),  # an HF folder's too
         "linear_weight_bytes": linear,  # the block Linear layers' weights (integers + scales), biases aside
     }
     if eval_data is not None and model.config.arch == "decoder":
