@@ -14,6 +14,7 @@ The public surface, in the order a pipeline uses it::
     lmlab.evaluate("runs/cls", "test.jsonl", out="eval/")     # metrics with confidence intervals
     lmlab.critique("runs/cls", "report/", data="test.jsonl")  # report.html, report.json
     lmlab.export_hf("runs/a", "hf/")                          # a transformers folder, checked by logits
+    lmlab.quantize("runs/a", "runs/a-int8", method="int8")    # integers + scales, compression.json
     lmlab.serve("runs/a", port=8000)                          # OpenAI-compatible HTTP server
 """
 
@@ -51,6 +52,7 @@ _EXPORTS = {
     "export_hf": "lmlab.io.export",
     "export_gguf": "lmlab.io.export.to_gguf",
     "export_onnx": "lmlab.io.export.to_onnx",
+    "quantize": "lmlab.compress.quantization",
     "run_demo": "lmlab.demo",
 }
 
@@ -72,6 +74,7 @@ def __getattr__(name: str) -> Any:
 
 if TYPE_CHECKING:  # for editors and type checkers
     from lmlab.api import LM, Completion, Score, load
+    from lmlab.compress.quantization import quantize
     from lmlab.config import PRESETS, LoraSpec, ModelConfig, parse_lora, preset
     from lmlab.critique import critique
     from lmlab.data import builtin_corpus, prepare, read_corpus

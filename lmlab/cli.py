@@ -1,10 +1,7 @@
-"""``lmlab VERB``: a thin shell over the Python API.
-
-A verb is a ``_flags_<verb>`` function (the flags :mod:`lmlab.clikit` builds from the signature and docstring of the
-function the verb calls, and the command line's own), a ``cmd_<verb>`` function (its docstring is the verb's
-``--help`` description; it calls the function and prints what came back) and a line of :data:`VERBS`. Usage errors
-print as one line and exit with code 2, library errors (:class:`LmlabError`) with code 1; bugs keep their traceback.
-"""
+"""``lmlab VERB``: a thin shell over the Python API. A verb is ``_flags_<verb>`` (the flags :mod:`lmlab.clikit` builds
+from the signature and docstring of the function it calls, and the command line's own), ``cmd_<verb>`` (its docstring
+is the ``--help`` text; it calls the function and prints the result) and a line of :data:`VERBS`. Usage errors print
+one line and exit 2, library errors (:class:`LmlabError`) exit 1; bugs keep their traceback."""
 
 from __future__ import annotations
 
@@ -12,7 +9,6 @@ import inspect
 import os
 import sys
 from pathlib import Path
-from typing import Sequence
 
 from jsonargparse import ArgumentParser
 
@@ -29,8 +25,7 @@ LENS_OPTIONS = (  # critique: the lenses' options, help from the function of the
     "extraction_suffix perturbations power_watts grid_intensity input"
 )
 PERTURBATIONS = "comma-separated edits: typos,case,punctuation,contractions,whitespace,names (default: all)"
-# flag → parameter, where the command line's name is not the function's
-LENS_RENAME = {"toxicity_classifier": "classifier", "input": "text"}
+LENS_RENAME = {"toxicity_classifier": "classifier", "input": "text"}  # *_RENAME: flag → parameter where they differ
 CANARY_RENAME = {"canary_repeats": "repeats", "canary_digits": "digits", "canary_template": "template"}
 PREPARE_RENAME = {"input": "inputs", "out": "out_dir", "progress": "show_progress"}
 LOAD_RENAME, FORMATS = {"checkpoint": "path"}, ("hf", "gguf", "onnx")  # FORMATS: lmlab export --format
@@ -104,10 +99,8 @@ def _flags_merge_lora(p: ArgumentParser) -> None:
 def _flags_generate(p: ArgumentParser) -> None:
     flags(p, lmlab.load, "", "checkpoint device verify", LOAD_RENAME)
     add(p, "prompt", "one or more prompts", "str | None", None, nargs="+")
-    prompts_file = "a UTF-8 file with one prompt per line (or .jsonl with a 'prompt' field)"
-    add(p, "prompts_file", prompts_file, "str | None", None)
-    repl = "a REPL: type a prompt, watch the continuation stream; Ctrl-D or /quit ends"
-    add(p, "interactive", repl, bool, False, aliases=("-i",))
+    add(p, "prompts_file", "a UTF-8 file, one prompt per line (or .jsonl with a 'prompt' field)", "str | None", None)
+    add(p, "interactive", "a REPL: type a prompt, watch it stream; Ctrl-D or /quit ends", bool, False, aliases=("-i",))
     add(p, "stream", "print tokens as they are made (one prompt)", bool, False)
     formats = "text (prompt + continuation; an encoder–decoder's target alone) or jsonl (one object per output)"
     add(p, "format", formats, "str", "text")
@@ -225,6 +218,16 @@ def cmd_export(a) -> int:
     return 0
 
 
+def _flags_quantize(p: ArgumentParser) -> None:
+    own = "out method group_size calibration_data calibration_samples eval_data"
+    flags(p, lmlab.quantize, own, "checkpoint * device verify overwrite")
+
+
+def cmd_quantize(a) -> int:
+    """Quantize a checkpoint's block Linear layers (int8, int4 or int4-gptq); print and write what it cost."""
+    return print(lmlab.quantize(**kwargs_of(a, lmlab.quantize)).summary()) or 0
+
+
 def cmd_merge_lora(a) -> int:
     """Fold a LoRA checkpoint's adapters into its base weights: a plain checkpoint, for export and fast inference."""
     out = lmlab.merge_checkpoint(**kwargs_of(a, lmlab.merge_checkpoint, {"checkpoint": "src"}))
@@ -243,8 +246,7 @@ def _check_generate(a, prompts: list[str]) -> None:
     if a.batch_size < 1:
         raise LmlabError(f"--batch-size is {a.batch_size}: expected a positive integer")
     if a.stream and (len(prompts) != 1 or a.format != "text" or a.output):
-        why = "--stream prints one prompt's text as it is made"
-        raise LmlabError(f"{why}: give one --prompt, --format text and no --output")
+        raise LmlabError("--stream prints one prompt as it is made: give one --prompt, --format text and no --output")
     if a.output:
         from lmlab.io.outputs import check_output_file
 
@@ -304,8 +306,7 @@ def _flags_serve(p: ArgumentParser) -> None:
 
 
 def cmd_serve(a) -> int:
-    """Serve a checkpoint over OpenAI's HTTP API (/v1/completions, /v1/chat/completions, /v1/embeddings for encoders,
-    /v1/models) with continuous batching and streaming; /health, Prometheus /metrics, and a playground page at /."""
+    """Serve a checkpoint over OpenAI's HTTP API (continuous batching, streaming); /metrics, a playground at /."""
     return lmlab.serve(**kwargs_of(a, lmlab.serve))
 
 
@@ -323,9 +324,8 @@ VERBS = {  # name → Verb(its line in `lmlab --help`, flags, run), in the order
     "pretrain": Verb("pretrain a model: causal LM, masked LM, next-sentence prediction", _flags_pretrain, cmd_pretrain),
     "finetune": Verb("fine-tune on classify, tag, qa, seq2seq or chat", _flags_finetune, cmd_finetune),
     "evaluate": Verb("task metrics with confidence intervals, or perplexity", _flags_evaluate, cmd_evaluate),
-    "critique": Verb(
-        "a report: performance, interpretability, bias, safety, privacy, …", _flags_critique, cmd_critique
-    ),
+    "critique": Verb("a report: performance, bias, safety, privacy, robustness, …", _flags_critique, cmd_critique),
+    "quantize": Verb("int8 / int4 / GPTQ weights, measured before and after", _flags_quantize, cmd_quantize),
     "export": Verb("export a checkpoint: HF folder, GGUF or ONNX, each checked by logits", _flags_export, cmd_export),
     "merge-lora": Verb("merge LoRA adapters into the base weights", _flags_merge_lora, cmd_merge_lora),
     "generate": Verb("generate text: every decoding strategy, streaming, a REPL", _flags_generate, cmd_generate),
@@ -341,7 +341,7 @@ def build_parser(only: str | None = None) -> ArgumentParser:
     return clikit.verbs_parser(VERBS, "lmlab", DESCRIPTION, only)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     return clikit.run_verbs(VERBS, "lmlab", DESCRIPTION, argv)
 
 

@@ -60,6 +60,8 @@ MAX_SIZES = {
     "type_vocab_size": 2**16,
     "num_labels": 2**24,
 }
+QUANT_METHODS = ("int8", "int4", "int4-gptq")  # weight-only quantization (lmlab.model.quant, lmlab.compress)
+GROUP_SIZES = (32, 64, 128)  # int4: input columns that share one scale and zero-point
 # Parameters plus RoPE tables: 2**40 ≈ 1.1e12 elements (4 TiB in fp32), above the largest dense models (~4e11).
 MAX_ELEMENTS = 2**40
 
@@ -108,6 +110,8 @@ class ModelConfig:
     scale_embedding: bool = False  # multiply token embeddings by √n_embd (BART's scale_embedding); seq2seq only
     # adapters: LoRA settings (LoraSpec.to_dict: r, alpha, dropout, targets); {} = none
     lora: dict[str, Any] = field(default_factory=dict)  # set by apply_lora; load_model injects the same adapters
+    # weight-only quantization (lmlab.compress.quantize): {"method", "group_size", "modules"}; {} = none
+    quantization: dict[str, Any] = field(default_factory=dict)  # load_model rebuilds the QuantizedLinear modules
     name: str = ""  # the preset this came from, for humans only; nothing switches on it
 
     def __post_init__(self) -> None:
@@ -138,7 +142,21 @@ class ModelConfig:
             raise self._bad("lora", "a dict of LoRA settings (r, alpha, dropout, targets), or {} for none")
         if self.lora:
             LoraSpec.from_dict(self.lora, source="model config field 'lora'")
+        self._check_quantization()
         self._check_sizes()
+
+    def _check_quantization(self) -> None:
+        q = self.quantization
+        expected = "{} or a dict of method (int8, int4, int4-gptq), group_size and modules (a list of names)"
+        if not isinstance(q, dict) or (q and set(q) != {"method", "group_size", "modules"}):
+            raise self._bad("quantization", expected)
+        if q and (
+            q["method"] not in QUANT_METHODS
+            or (q["method"] != "int8" and q["group_size"] not in GROUP_SIZES)
+            or not isinstance(q["modules"], list)
+            or not all(isinstance(m, str) for m in q["modules"])
+        ):
+            raise self._bad("quantization", expected)
 
     def _check_shape(self) -> None:
         for field_name, choices in (

@@ -628,3 +628,18 @@ def test_encoder_decoder_targets_end_with_eos_and_respect_lengths(bpe, corpus):
     assert (
         truncated["input_ids"][1][:4] == bpe.encode(data.sources[1])[-4:]
     )  # a prompt keeps its end, where generation goes on
+
+
+def test_lm_scores_a_prepared_data_folder_on_its_validation_tokens(trained_run, data_dir, other_tokenizer_dir):
+    from lmlab.data.pack import PackedTokens
+    from lmlab.evaluate.runner import evaluate
+
+    result = evaluate(trained_run, data_dir, task="lm", n_resamples=10)
+    assert result["tokens"] == len(PackedTokens(data_dir, "valid")) - 1  # every token after the first is predicted
+    assert 1 < result["perplexity"] < 512
+    from lmlab.tasks import TaskFields, get_task
+    from lmlab.tokenizer import Tokenizer
+
+    other = Tokenizer.load(other_tokenizer_dir)
+    with pytest.raises(LmlabError, match="another tokenizer"):
+        get_task("lm", "evaluate").read(data_dir, other, TaskFields())

@@ -13,6 +13,10 @@ the base weights and the adapters, under peft's names (``blocks.0.attn.qkv.base_
 ``blocks.0.attn.qkv.lora_A.default.weight``, …). :func:`load_model` injects the same adapters before
 loading it strictly; ``load_model(..., merge_lora=True)`` folds them in, giving a plain model.
 
+A quantized checkpoint (``config.quantization`` set, written by :func:`lmlab.compress.quantize`) stores the
+block Linear layers as integers and scales (``blocks.0.attn.qkv.qweight``, ``….scales``, ``….zeros``);
+:func:`load_model` puts :class:`~lmlab.model.quant.QuantizedLinear` modules in their place first.
+
 An HF model folder is a checkpoint too (:mod:`lmlab.io.hf`): ``config.json`` with a ``model_type``,
 weights as (sharded) ``model.safetensors`` or ``pytorch_model.bin``, ``tokenizer.json``; so is a
 sentence-transformers folder, through its Transformer module. :func:`load_model` maps its weights
@@ -42,7 +46,7 @@ from lmlab.config import LoraSpec, ModelConfig, write_json_atomic
 from lmlab.errors import LmlabError
 from lmlab.io import hf, outputs
 from lmlab.io.weights import read_safetensors, torch_load
-from lmlab.model import lora
+from lmlab.model import lora, quant
 from lmlab.tokenizer import Tokenizer
 
 CONFIG_FILE = "config.json"
@@ -301,6 +305,8 @@ def load_model(
         model = build_model(config)
         if config.lora:
             lora.apply_lora(model, LoraSpec.from_dict(config.lora))
+        if config.quantization:  # integers and scales load into QuantizedLinear modules (lmlab.model.quant)
+            quant.install_quantized(model, config.quantization)
     model.to_empty(device=device)
     model.tie_weights()  # to_empty gives every parameter its own storage; a tied head must share again
     if not from_hf:

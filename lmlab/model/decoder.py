@@ -15,6 +15,7 @@ from lmlab.config import ModelConfig
 from lmlab.kernels import cpu_decode_head
 from lmlab.model.blocks import Block, KVCache, init_weights, make_norm, rope_cache, rope_dtype, run_block
 from lmlab.model.heads import TaskHead, task_logits
+from lmlab.model.quant import quantized_weights
 
 
 class DecoderLM(nn.Module):
@@ -163,7 +164,7 @@ class DecoderLM(nn.Module):
     # -- sizes -------------------------------------------------------------------------------
 
     def num_params(self, include_embeddings: bool = True) -> int:
-        n = sum(p.numel() for p in self.parameters())  # tied weights are counted once
+        n = sum(p.numel() for p in self.parameters()) + quantized_weights(self)  # tied weights are counted once
         if not include_embeddings:
             n -= self.tok_emb.weight.numel()  # when tied, the head goes with it (as in ModelConfig)
             n -= self.pos_emb.weight.numel() if self.pos_emb is not None else 0

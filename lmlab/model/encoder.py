@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from lmlab.config import ModelConfig
 from lmlab.model.blocks import Block, init_weights, make_norm, rope_cache, rope_dtype, run_block
 from lmlab.model.heads import TaskHead, task_logits
+from lmlab.model.quant import quantized_weights
 
 
 class EncoderLM(nn.Module):
@@ -102,7 +103,7 @@ class EncoderLM(nn.Module):
         return self.mlm_logits(self.encode(input_ids, token_type_ids, attention_mask))
 
     def num_params(self, include_embeddings: bool = True) -> int:
-        n = sum(p.numel() for p in self.parameters())
+        n = sum(p.numel() for p in self.parameters()) + quantized_weights(self)
         if not include_embeddings:
             n -= sum(e.weight.numel() for e in (self.tok_emb, self.pos_emb, self.seg_emb) if e is not None)
         return n

@@ -33,6 +33,7 @@ from lmlab.config import ModelConfig
 from lmlab.errors import LmlabError
 from lmlab.model.blocks import Block, KVCache, init_weights, make_norm, rope_cache, rope_dtype, run_block
 from lmlab.model.decoder import DecoderLM
+from lmlab.model.quant import quantized_weights
 
 MemoryKV = list[
     tuple[Tensor, Tensor]
@@ -171,7 +172,7 @@ class Seq2SeqLM(nn.Module):
             self.lm_head.weight = self.tok_emb.weight
 
     def num_params(self, include_embeddings: bool = True) -> int:
-        n = sum(p.numel() for p in self.parameters())  # tied weights are counted once
+        n = sum(p.numel() for p in self.parameters()) + quantized_weights(self)  # tied weights are counted once
         if not include_embeddings:
             n -= sum(e.weight.numel() for e in (self.tok_emb, self.enc_pos_emb, self.dec_pos_emb) if e is not None)
         return n

@@ -1,7 +1,9 @@
 """``lm``: a decoder's perplexity on plain text (``lmlab evaluate --task lm``); evaluation only.
 
-Each document is scored in non-overlapping context windows, after an end-of-text token when the
-tokenizer has one; the perplexity is exp of the mean negative log-likelihood per predicted token.
+Each document is scored in non-overlapping context windows, after an end-of-text token when the tokenizer has
+one; the perplexity is exp of the mean negative log-likelihood per predicted token. A prepared data folder
+(``lmlab prepare``) is scored on its validation tokens (its training tokens when it has no validation split), as
+one document.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 
 from lmlab.config import ModelConfig
 from lmlab.data import read_corpus
+from lmlab.data.pack import PackedTokens, is_data_folder, load_manifest
 from lmlab.errors import LmlabError
 from lmlab.tasks.base import Task, TaskData, TaskFields
 
@@ -38,6 +41,8 @@ class LM(Task):
         labels: list[str] | None = None,
         problem_type: str | None = None,
     ) -> TaskData:
+        if is_data_folder(path):  # a prepared folder: its validation tokens (its training tokens if it has none)
+            return _prepared(path, tokenizer)
         docs = read_corpus(path, text_field=fields.text_field)
         eos = tokenizer.eos_id
         ids = [([eos] if eos is not None else []) + tokenizer.encode(doc) for doc in docs]
@@ -80,3 +85,15 @@ class LM(Task):
             "documents": len(rows),
         }
         return result, rows
+
+
+def _prepared(path: str | Path, tokenizer) -> TaskData:
+    """The tokens of a prepared data folder's valid split (else train) as one document."""
+    splits = load_manifest(path).get("splits", {})
+    tokens = PackedTokens(path, "valid" if splits.get("valid", {}).get("shards") else "train")
+    if tokens.tokenizer_sha256 != tokenizer.sha256:
+        raise LmlabError(f"{path} was prepared with another tokenizer than the checkpoint's")
+    ids = tokens.window(0, len(tokens)).tolist()
+    if len(ids) < 2:
+        raise LmlabError(f"{path}: no tokens to score")
+    return TaskData("lm", {"input_ids": [ids]}, 0, raw=[f"{path} ({tokens.split})"])

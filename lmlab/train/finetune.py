@@ -187,6 +187,8 @@ def validate(
     base = resume_from or resolve_checkpoint(checkpoint)
     tokenizer = load_tokenizer(base, verify=verify)  # the one the model was trained with, or an error
     base_config = load_config(base)  # an lmlab checkpoint's, or an HF folder's converted
+    if base_config.quantization:
+        raise LmlabError(f"{base} is quantized: fine-tune the checkpoint it was quantized from")
     task.check_base(base_config, fields, base)
     task.prepare_tokenizer(tokenizer)
     if tokenizer.pad_id is None and tokenizer.eos_id is None:

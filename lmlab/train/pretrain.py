@@ -170,6 +170,10 @@ def _model_configs(
     tokenizer = run.tokenizer
     if run.init_from is not None:
         wanted = load_config(run.init_from)  # an lmlab checkpoint or a Hugging Face folder
+        if wanted.quantization:
+            raise LmlabError(
+                f"init_from {run.init_from} is quantized: start from the checkpoint it came from", params="init_from"
+            )
         _check_same_tokenizer(run.init_from, tokenizer, "init_from")
     else:
         vocab_size = -(-tokenizer.vocab_size // pad_vocab_multiple) * pad_vocab_multiple

@@ -85,6 +85,11 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, verify: bool = True, l
             f"lora adapter: {src} has no LoRA adapters (its config has no LoRA settings); export it with lora merge",
             params="lora",
         )
+    if config.quantization:
+        raise LmlabError(
+            f"{src} is quantized ({config.quantization['method']}); a Hugging Face folder holds float weights: "
+            "export the checkpoint it was quantized from"
+        )
     hf.hf_architecture(config)  # a config no HF class expresses fails here, before any work
     tokenizer = load_tokenizer(src, verify=verify) if (src / "tokenizer.json").is_file() else None
     if tokenizer is None:

@@ -1,0 +1,90 @@
+"""Quantization before and after: train a small decoder on the embedded corpus, quantize it with every method, and
+print perplexity (validation tokens), weight bytes and decode speed of each beside fp32.
+
+    python bench/compress.py --model gpt2-tiny --steps 400 --out /tmp/compress-bench [--json out.json]
+
+Everything is lmlab's own public API: prepare, pretrain, quantize (compression.json of each method).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import lmlab  # noqa: E402
+from lmlab.data import builtin_corpus  # noqa: E402
+
+METHODS = (("int8", 128), ("int4", 128), ("int4", 32), ("int4-gptq", 128), ("int4-gptq", 32))
+
+
+def kl_to_original(original, quantized, data, windows: int = 32) -> float:
+    """Mean KL(original ‖ quantized) per token of next-token distributions on the validation tokens (nats)."""
+    import torch
+
+    from lmlab.data.pack import PackedTokens
+    from lmlab.io.checkpoint import load_model
+
+    p, q = load_model(original), load_model(quantized)
+    tokens = PackedTokens(data, "valid")
+    T = min(p.config.block_size, len(tokens) // windows)
+    ids = torch.as_tensor(tokens.window(0, windows * T).reshape(windows, T))
+    with torch.no_grad():
+        lp, lq = p(ids).log_softmax(-1), q(ids).log_softmax(-1)
+    return (lp.exp() * (lp - lq)).sum(-1).mean().item()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="gpt2-tiny")
+    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--seq-len", type=int, default=None, help="training sequence length (default: the context)")
+    ap.add_argument("--calibration-samples", type=int, default=128)
+    ap.add_argument("--out", default="/tmp/lmlab-compress-bench")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    out = Path(a.out)
+    corpus = out / "corpus.jsonl"
+    if not corpus.exists():
+        out.mkdir(parents=True, exist_ok=True)
+        corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in builtin_corpus(max_chars=400_000)))
+        tok = lmlab.train_tokenizer(lmlab.read_corpus(corpus), kind="bpe", vocab_size=2048)
+        tok.save(out / "tok")
+        lmlab.prepare(corpus, out / "tok", out / "data", valid_fraction=0.05, show_progress=False)
+    run = out / f"run-{a.model}-{a.steps}"
+    a.seq_len = a.seq_len or lmlab.preset(a.model).block_size
+    if not (run / "best").exists():
+        lmlab.pretrain(
+            a.model, out / "data", run, max_steps=a.steps, seq_len=a.seq_len, micro_batch_size=16, lr=3e-3,
+            warmup_steps=20, eval_interval=100, progress=False, tensorboard=False,
+        )  # fmt: skip
+    rows = []
+    for method, group in METHODS:
+        record = lmlab.quantize(
+            run, out / f"{a.model}-{method}-g{group}", method=method, group_size=group, eval_data=out / "data",
+            calibration_data=out / "data" if method == "int4-gptq" else None,
+            calibration_samples=a.calibration_samples, overwrite=True,
+        )  # fmt: skip
+        rows.append({**record, "kl_to_fp32": kl_to_original(run, record["out"], out / "data")})
+        print(record.summary(), flush=True)
+    before = rows[0]["original"]
+    print("\n| method | group | perplexity | Δ vs fp32 | KL to fp32 | Linear weight bytes | tok/s b1 | tok/s b8 |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print(f"| fp32 | – | {before['perplexity']:.3f} | – | – | {before['linear_weight_bytes']:,} | "
+          f"{before['tokens_per_s_batch_1']:.0f} | {before['tokens_per_s_batch_8']:.0f} |")  # fmt: skip
+    for r in rows:
+        q = r["quantized"]
+        gap = q["perplexity"] / before["perplexity"] - 1
+        speed = f"{q['tokens_per_s_batch_1']:.0f} | {q['tokens_per_s_batch_8']:.0f}"
+        quality = f"{q['perplexity']:.3f} | {100 * gap:+.2f}% | {r['kl_to_fp32']:.5f}"
+        print(f"| {r['method']} | {r['group_size'] or '–'} | {quality} | {q['linear_weight_bytes']:,} | {speed} |")
+    print(f"\nmachine: {rows[0]['machine']}")
+    if a.json:
+        Path(a.json).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

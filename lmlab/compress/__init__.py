@@ -1,0 +1,13 @@
+"""Compression: make a checkpoint smaller and say, with numbers, what it cost.
+
+- :mod:`lmlab.compress.quantization` — ``lmlab quantize``: weight-only int8 / int4 / int4-gptq checkpoints, with
+  compression.json (the original and the quantized model measured in the same run);
+- :mod:`lmlab.compress.gptq` — GPTQ (Frantar et al., 2022), the calibrated int4 method.
+
+The storage and the quantized layer itself live below, in :mod:`lmlab.model.quant`, so that every verb that loads
+a checkpoint (through :mod:`lmlab.io.checkpoint`) rebuilds a quantized model without importing this package.
+"""
+
+from lmlab.compress.quantization import quantize, quantize_model, summary
+
+__all__ = ["quantize", "quantize_model", "summary"]
