@@ -127,7 +127,7 @@ def _flags_info(p: ArgumentParser) -> None:
 
 
 def _flags_demo(p: ArgumentParser) -> None:
-    own = "out max_steps model max_chars vocab_size finetune_steps critique_examples"
+    own = "out max_steps model max_chars vocab_size seq_len micro_batch_size finetune_steps critique_examples"
     flags(p, lmlab.run_demo, own, "progress overwrite")
 
 

@@ -208,6 +208,10 @@ def test_demo_runs_end_to_end_at_a_tiny_size(tmp_path, capsys):
         "60000",
         "--vocab-size",
         "300",
+        "--seq-len",
+        "64",
+        "--micro-batch-size",
+        "4",
         "--finetune-steps",
         "2",
         "--critique-examples",
@@ -233,6 +237,10 @@ def test_demo_runs_end_to_end_at_a_tiny_size(tmp_path, capsys):
     ):
         assert (tmp_path / "demo" / name).is_file(), name
     assert "[greedy] The for statement" in out and "[sample]" in out and "[beam×4]" in out
+    from lmlab.io.checkpoint import latest_checkpoint, load_train_state
+
+    trained = load_train_state(latest_checkpoint(tmp_path / "demo" / "run"))["train_config"]
+    assert (trained["seq_len"], trained["micro_batch_size"]) == (64, 4)  # the demo's sizes are its flags
     assert "accuracy" in out and "95% CI" in out
     # the model's validation perplexity beside the unigram baseline's, on the same split and tokenizer
     assert re.search(
