@@ -306,14 +306,12 @@ def run_trainer(args, files: dict[str, Path], work: Path) -> dict:
     trained = time.perf_counter()
     accuracy = hf_accuracy(model, tokenizer, valid, args)
     done = time.perf_counter()
-    phases = {
-        "load": loaded - started,
-        "verify": 0.0,
-        "train": trained - loaded,
-        "validate": done - trained,
-        "save": 0.0,
-    }
-    return {"phases": phases, "tokens": counter.tokens, "accuracy": accuracy}
+    return {"phases": hf_phases(started, loaded, trained, done), "tokens": counter.tokens, "accuracy": accuracy}
+
+
+def hf_phases(started: float, loaded: float, trained: float, done: float) -> dict[str, float]:
+    """An HF run's wall time by phase (it has no parity check and saves nothing)."""
+    return {"load": loaded - started, "verify": 0.0, "train": trained - loaded, "validate": done - trained, "save": 0.0}
 
 
 def run_plain(args, files: dict[str, Path], work: Path) -> dict:
@@ -344,14 +342,7 @@ def run_plain(args, files: dict[str, Path], work: Path) -> dict:
     trained = time.perf_counter()
     accuracy = hf_accuracy(model, tokenizer, valid, args)
     done = time.perf_counter()
-    phases = {
-        "load": loaded - started,
-        "verify": 0.0,
-        "train": trained - loaded,
-        "validate": done - trained,
-        "save": 0.0,
-    }
-    return {"phases": phases, "tokens": counter.tokens, "accuracy": accuracy}
+    return {"phases": hf_phases(started, loaded, trained, done), "tokens": counter.tokens, "accuracy": accuracy}
 
 
 PHASES = ("load", "verify", "train", "validate", "save")

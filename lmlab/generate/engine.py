@@ -130,7 +130,14 @@ class Engine:
     # -- the public side ---------------------------------------------------------------------------
 
     def submit(self, request: Request) -> None:
-        """Queue ``request`` (checked: a prompt, room in the context window, room in the queue)."""
+        """Queue ``request`` (checked: it fits the model, and the queue has room)."""
+        self._check_fits(request)
+        if self.waiting.qsize() >= self.max_queue:
+            raise QueueFull(f"the queue is full ({self.max_queue} requests waiting): try again later")
+        self.waiting.put(request)
+
+    def _check_fits(self, request: Request) -> None:
+        """A prompt, and room for it and its new tokens in the context window."""
         if not request.prompt:
             raise LmlabError("a request needs at least one prompt token")
         if request.max_new_tokens < 1:
@@ -140,9 +147,6 @@ class Engine:
                 f"the prompt ({len(request.prompt)} tokens) + max_new_tokens ({request.max_new_tokens}) exceeds "
                 f"the model's context window of {self.block_size} tokens"
             )
-        if self.waiting.qsize() >= self.max_queue:
-            raise QueueFull(f"the queue is full ({self.max_queue} requests waiting): try again later")
-        self.waiting.put(request)
 
     @property
     def running(self) -> int:
@@ -326,8 +330,8 @@ class SerialEngine(Engine):
         self.on_step = on_step
         self._thread, self._stop = None, threading.Event()
 
-    def submit(self, request: Request) -> None:
-        """Queue ``request``: a source of at most ``block_size`` tokens, a target of at most ``block_size - 1``."""
+    def _check_fits(self, request: Request) -> None:
+        """A source of at most ``block_size`` tokens, a target of at most ``block_size - 1``."""
         if not request.prompt:
             raise LmlabError("a request needs at least one source token")
         if len(request.prompt) > self.block_size or request.max_new_tokens > self.block_size - 1:
@@ -335,9 +339,6 @@ class SerialEngine(Engine):
                 f"the source ({len(request.prompt)} tokens) and max_new_tokens ({request.max_new_tokens}) must each "
                 f"fit the model's context window of {self.block_size} tokens (the target's start token included)"
             )
-        if self.waiting.qsize() >= self.max_queue:
-            raise QueueFull(f"the queue is full ({self.max_queue} requests waiting): try again later")
-        self.waiting.put(request)
 
     @torch.inference_mode()
     def step(self) -> None:

@@ -105,6 +105,15 @@ def clean_stale(folder: str | Path, name: str | None = None) -> list[str]:
     return removed
 
 
+def move_into_place(tmp: Path, out: Path) -> None:
+    """Make the finished temporary folder ``tmp`` the folder ``out`` (an empty one there is replaced),
+    readable as the umask says."""
+    honour_umask(tmp)  # safetensors writes 0600: a server running as another user must read the output
+    if out.exists():
+        out.rmdir()
+    os.replace(tmp, out)
+
+
 def write_text_atomic(path: str | Path, text: str) -> Path:
     """Write ``text`` to ``path`` so a reader sees the old file or the new one, never half of it (a
     temporary beside it, fsync, rename; the temporary is removed if anything fails). The file gets the

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -112,10 +111,7 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, verify: bool = True, l
                 adapter=lora == "adapter",
                 what=f"export check of {out} (nothing was written; verify=False / --no-verify skips it)",
             )
-        outputs.honour_umask(tmp)  # safetensors writes 0600: a server running as another user must read the export
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
+        outputs.move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

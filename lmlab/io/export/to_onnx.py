@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
 import shutil
 import warnings
 from pathlib import Path
@@ -270,10 +269,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, *, verify: bool = True)
             tokenizer.backend.save(str(tmp / "tokenizer.json"))
         record = {"source": str(src.resolve()), "format": "onnx", "dtype": "float32", "opset": OPSET, **figures}
         write_json_atomic(tmp / "export.json", record)
-        outputs.honour_umask(tmp)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
+        outputs.move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
