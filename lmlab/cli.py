@@ -14,7 +14,7 @@ from jsonargparse import ArgumentParser
 
 import lmlab  # its names are imported on first use: a verb imports what it runs, and `--help` nothing heavy
 from lmlab import clikit
-from lmlab.clikit import SHARED, Verb, add, dataclass_flags, flags, kwargs_of
+from lmlab.clikit import SHARED, Verb, add, dataclass_flags, flags, function_verb, kwargs_of
 from lmlab.errors import LmlabError
 
 FIELDS = "text_field pair_field label_field source_field target_field"  # the data fields of a task file
@@ -88,12 +88,6 @@ def _flags_export(p: ArgumentParser) -> None:
     out = {"help": "hf, onnx: the folder to write (new or empty); gguf: the file to write (new)"}
     flags(p, lmlab.export_hf, "out lora verify", "checkpoint", verify=verify, out=out)
     flags(p, lmlab.export_gguf, "outtype")
-
-
-def _flags_merge_lora(p: ArgumentParser) -> None:
-    verify = "merge even when the checkpoint's tokenizer.json does not match the tokenizer_sha256 in its config.json"
-    verify = {"help": verify + " (a warning instead of an error)"}
-    flags(p, lmlab.merge_checkpoint, "checkpoint out verify", "overwrite", {"checkpoint": "src"}, verify=verify)
 
 
 def _flags_generate(p: ArgumentParser) -> None:
@@ -218,23 +212,6 @@ def cmd_export(a) -> int:
     return 0
 
 
-def _flags_quantize(p: ArgumentParser) -> None:
-    own = "out method group_size calibration_data calibration_samples eval_data"
-    flags(p, lmlab.quantize, own, "checkpoint * device verify overwrite")
-
-
-def cmd_quantize(a) -> int:
-    """Quantize a checkpoint's block Linear layers (int8, int4 or int4-gptq); print and write what it cost."""
-    return print(lmlab.quantize(**kwargs_of(a, lmlab.quantize)).summary()) or 0
-
-
-def cmd_merge_lora(a) -> int:
-    """Fold a LoRA checkpoint's adapters into its base weights: a plain checkpoint, for export and fast inference."""
-    out = lmlab.merge_checkpoint(**kwargs_of(a, lmlab.merge_checkpoint, {"checkpoint": "src"}))
-    print(f"lmlab: merged checkpoint {out}")
-    return 0
-
-
 def _check_generate(a, prompts: list[str]) -> None:
     """The generate flags that do not fit together: one-line errors before the model loads."""
     if not prompts and not a.interactive:
@@ -300,21 +277,37 @@ def cmd_info(a) -> int:
     return 0
 
 
-def _flags_serve(p: ArgumentParser) -> None:
-    own = "host port api_key model_name max_batch_size max_queue max_prompt_tokens max_new_tokens timeout compile"
-    flags(p, lmlab.serve, own, "checkpoint * device verify")
-
-
-def cmd_serve(a) -> int:
-    """Serve a checkpoint over OpenAI's HTTP API (continuous batching, streaming); /metrics, a playground at /."""
-    return lmlab.serve(**kwargs_of(a, lmlab.serve))
-
-
 def cmd_demo(a) -> int:
     """Run the whole pipeline on the embedded corpus (Python's own documentation), offline."""
     lmlab.run_demo(**kwargs_of(a, lmlab.run_demo))
     return 0
 
+
+# Function verbs (clikit.function_verb): the API function, its own flags, the shared ones, the --help description
+QUANTIZE = (
+    "lmlab.compress.quantization:quantize",
+    "out method group_size calibration_data calibration_samples eval_data",
+    "checkpoint * device verify overwrite",
+    "Quantize a checkpoint's block Linear layers (int8, int4 or int4-gptq); print and write what it cost.",
+)
+MERGE_LORA = (
+    "lmlab.train.lora:merge_checkpoint",
+    "checkpoint out verify",
+    "overwrite",
+    "Fold a LoRA checkpoint's adapters into its base weights: a plain checkpoint, for export and fast inference.",
+)
+MERGE_VERIFY = "merge even when the checkpoint's tokenizer.json does not match the tokenizer_sha256 in its config.json"
+MERGE_LORA_FLAGS = {
+    "show": lambda out: f"lmlab: merged checkpoint {out}",
+    "rename": {"checkpoint": "src"},
+    "verify": {"help": MERGE_VERIFY + " (a warning instead of an error)"},
+}
+SERVE = (
+    "lmlab.serve.server:serve",
+    "host port api_key model_name max_batch_size max_queue max_prompt_tokens max_new_tokens timeout compile",
+    "checkpoint * device verify",
+    "Serve a checkpoint over OpenAI's HTTP API (continuous batching, streaming); /metrics, a playground at /.",
+)
 
 TOKENIZER_TRAIN = ("train", "Tokenizer commands.", "train a tokenizer on a corpus")  # `lmlab tokenizer train`
 DESCRIPTION = "Train, generate, evaluate and critique Transformer language models."
@@ -325,12 +318,12 @@ VERBS = {  # name → Verb(its line in `lmlab --help`, flags, run), in the order
     "finetune": Verb("fine-tune on classify, tag, qa, seq2seq or chat", _flags_finetune, cmd_finetune),
     "evaluate": Verb("task metrics with confidence intervals, or perplexity", _flags_evaluate, cmd_evaluate),
     "critique": Verb("a report: performance, bias, safety, privacy, robustness, …", _flags_critique, cmd_critique),
-    "quantize": Verb("int8 / int4 / GPTQ weights, measured before and after", _flags_quantize, cmd_quantize),
+    "quantize": function_verb("int8 / int4 / GPTQ weights, measured before and after", *QUANTIZE),
     "export": Verb("export a checkpoint: HF folder, GGUF or ONNX, each checked by logits", _flags_export, cmd_export),
-    "merge-lora": Verb("merge LoRA adapters into the base weights", _flags_merge_lora, cmd_merge_lora),
+    "merge-lora": function_verb("merge LoRA adapters into the base weights", *MERGE_LORA, **MERGE_LORA_FLAGS),
     "generate": Verb("generate text: every decoding strategy, streaming, a REPL", _flags_generate, cmd_generate),
     "chat": Verb("chat with a model: a multi-turn REPL with streaming", _flags_chat, cmd_chat),
-    "serve": Verb("serve a model over OpenAI's HTTP API, with a web playground", _flags_serve, cmd_serve),
+    "serve": function_verb("serve a model over OpenAI's HTTP API, with a web playground", *SERVE, show=int),
     "info": Verb("model sizes: parameters and FLOPs per token", _flags_info, cmd_info),
     "demo": Verb("the end-to-end demo: corpus → tokenizer → pretrain → … → critique", _flags_demo, cmd_demo),
 }

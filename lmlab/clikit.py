@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import inspect
 import sys
 from argparse import ArgumentError
@@ -192,6 +193,37 @@ class Verb(NamedTuple):
     flags: Callable[[ArgumentParser], None]
     run: Callable[[Any], int]
     action: tuple[str, str, str] | None = None  # a second level (`lmlab tokenizer train`): name, description, summary
+
+
+def _target(target: str) -> Callable:
+    """The function a ``"module:name"`` string names, imported on first use (``--help`` of another verb imports
+    nothing)."""
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def function_verb(
+    summary: str,
+    target: str,
+    own: str,
+    shared: str = "",
+    help: str = "",
+    show: Callable[[Any], str | int] = lambda result: result.summary(),
+    rename: dict | None = None,
+    **kw: Any,
+) -> Verb:
+    """A verb that calls one API function, ``target`` (``"lmlab.compress.quantization:quantize"``): its flags are
+    the function's parameters named in ``own`` and ``shared`` (see :func:`flags`; ``rename`` and ``kw`` as there),
+    ``help`` the description ``PROG VERB --help`` shows; it runs the function with the parsed flags and passes the
+    result to ``show``, which returns the text to print (exit status 0) or an exit status."""
+
+    def run(a) -> int:
+        fn = _target(target)
+        shown = show(fn(**kwargs_of(a, fn, rename)))
+        return shown if isinstance(shown, int) else print(shown) or 0
+
+    run.__doc__ = help
+    return Verb(summary, lambda parser: flags(parser, _target(target), own, shared, rename, **kw), run)
 
 
 def verbs_parser(verbs: dict[str, Verb], prog: str, description: str, only: str | None = None) -> ArgumentParser:
