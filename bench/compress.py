@@ -73,13 +73,13 @@ def main() -> None:
     before = rows[0]["original"]
     print("\n| method | group | perplexity | Δ vs fp32 | KL to fp32 | Linear weight bytes | tok/s b1 | tok/s b8 |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    print(f"| fp32 | – | {before['perplexity']:.3f} | – | – | {before['linear_weight_bytes']:,} | "
+    print(f"| fp32 | – | {before['metrics']['perplexity']:.3f} | – | – | {before['linear_weight_bytes']:,} | "
           f"{before['tokens_per_s_batch_1']:.0f} | {before['tokens_per_s_batch_8']:.0f} |")  # fmt: skip
     for r in rows:
-        q = r["quantized"]
-        gap = q["perplexity"] / before["perplexity"] - 1
+        q = r["compressed"]
+        gap = q["metrics"]["perplexity"] / before["metrics"]["perplexity"] - 1
         speed = f"{q['tokens_per_s_batch_1']:.0f} | {q['tokens_per_s_batch_8']:.0f}"
-        quality = f"{q['perplexity']:.3f} | {100 * gap:+.2f}% | {r['kl_to_fp32']:.5f}"
+        quality = f"{q['metrics']['perplexity']:.3f} | {100 * gap:+.2f}% | {r['kl_to_fp32']:.5f}"
         print(f"| {r['method']} | {r['group_size'] or '–'} | {quality} | {q['linear_weight_bytes']:,} | {speed} |")
     print(f"\nmachine: {rows[0]['machine']}")
     if a.json:

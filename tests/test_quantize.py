@@ -197,14 +197,21 @@ def test_quantize_cli_end_to_end_and_every_verb_loads_it(trained_run, corpus_fil
     out = tmp_path / "int8"
     code, text, err = run(capsys, "quantize", trained_run, "--out", out, "--eval-data", corpus_file)
     assert code == 0, err
-    assert "perplexity" in text and "model.safetensors" in text and "tokens/s, batch 8" in text
+    assert "perplexity" in text and "weights file" in text and "tokens/s, batch 8" in text and "95% CI" in text
     record = json.loads((out / "compression.json").read_text())
-    before, after = record["original"], record["quantized"]
+    before, after = record["original"], record["compressed"]
     assert record["method"] == "int8" and before["parameters"] == after["parameters"]
     assert after["linear_weight_bytes"] <= 0.27 * before["linear_weight_bytes"]
     assert after["weights_file_bytes"] < before["weights_file_bytes"]
-    assert abs(after["perplexity"] / before["perplexity"] - 1) < 0.01
+    assert before["task"] == "lm" and abs(after["metrics"]["perplexity"] / before["metrics"]["perplexity"] - 1) < 0.01
+    low, high = before["ci"]["perplexity"]["low"], before["ci"]["perplexity"]["high"]
+    assert low <= before["metrics"]["perplexity"] <= high and low < high
     assert after["tokens_per_s_batch_1"] > 0 and after["tokens_per_s_batch_8"] > 0
+    assert after["flops_per_token"] == before["flops_per_token"] > 0
+    # the same decode, on int8 weights instead of fp32 ones: the weights' bytes saved come off the peak
+    saved = before["linear_weight_bytes"] - after["linear_weight_bytes"]
+    assert before["peak_memory_bytes"] > 4 * before["parameters"]
+    assert after["peak_memory_bytes"] == pytest.approx(before["peak_memory_bytes"] - saved, rel=0.05)
     code, text, err = run(capsys, "generate", out, "--prompt", "The", "--max-new-tokens", 5)
     assert code == 0 and text.startswith("The"), err
     code, text, err = run(capsys, "evaluate", out, "--data", corpus_file, "--task", "lm", "--n-resamples", 10)
@@ -250,7 +257,7 @@ def test_gptq_on_a_trained_model_is_no_worse_than_round_to_nearest(trained_run, 
         ref = original(ids)
         errors = {name: rel_error(load_model(tmp_path / name)(ids), ref) for name in ("rtn", "gptq")}
     assert errors["gptq"] <= errors["rtn"] and rtn["method"] == "int4"
-    assert gptq["quantized"]["perplexity"] > 1 and "tokens_per_s_batch_1" in gptq["quantized"]
+    assert gptq["compressed"]["metrics"]["perplexity"] > 1 and "tokens_per_s_batch_1" in gptq["compressed"]
 
 
 def test_a_lora_checkpoint_is_merged_before_it_is_quantized(tmp_path, tokenizer_dir):
@@ -309,6 +316,6 @@ def test_the_real_minilm_quantizes_and_keeps_its_sentence_vectors(tmp_path):
         ref = original.encode(ids).mean(1)
         for method, group, floor in (("int8", 128, 0.999), ("int4", 32, 0.95)):  # int4: 0.964 measured
             record = quantize(folder, tmp_path / method, method=method, group_size=group)
-            assert record["quantized"]["weights_file_bytes"] < record["original"]["weights_file_bytes"]
+            assert record["compressed"]["weights_file_bytes"] < record["original"]["weights_file_bytes"]
             vec = load_model(tmp_path / method).encode(ids).mean(1)
             assert torch.cosine_similarity(vec, ref).item() > floor, method

@@ -14,44 +14,27 @@ from __future__ import annotations
 
 import copy
 import logging
-import platform
-import time
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from lmlab.api import LM
-from lmlab.config import write_json_atomic
+from lmlab.compress.measure import Compression, write_compressed
 from lmlab.data import read_corpus
 from lmlab.data.pack import PackedTokens, is_data_folder
 from lmlab.device import resolve_device
 from lmlab.errors import LmlabError
-from lmlab.evaluate.runner import evaluate_model
 from lmlab.io.checkpoint import (
-    WEIGHTS_FILE,
     check_checkpoint_target,
-    is_lmlab_checkpoint,
     load_model,
     load_tokenizer,
     read_meta,
     resolve_checkpoint,
-    save_checkpoint,
 )
-from lmlab.model.quant import QuantizedLinear, check_method, quantizable, quantized_bytes
+from lmlab.model.quant import QuantizedLinear, check_method, quantizable
 
 logger = logging.getLogger(__name__)
 CALIBRATION_LENGTH = 256  # tokens per calibration sequence (at most the model's context)
-SPEED_TOKENS = 32  # new tokens per sequence when decoding speed is measured
-SPEED_PROMPT = "The"
-
-
-class Compression(dict):
-    """What compression.json holds; :meth:`summary` is the table ``lmlab quantize`` prints."""
-
-    def summary(self) -> str:
-        return summary(self)
 
 
 def quantize(
@@ -102,22 +85,12 @@ def quantize(
     original = load_model(path, device=device, merge_lora=True, verify=verify)  # LoRA: adapters folded in
     batches = _calibration(calibration_data, tokenizer, original, calibration_samples) if calibration_data else []
     model = quantize_model(copy.deepcopy(original), method, group_size, batches)
-    meta = {k: v for k, v in meta.items() if k != "lmlab_model_config"} if is_lmlab_checkpoint(path) else {}
-    save_checkpoint(out, model, tokenizer=tokenizer, meta={**meta, "quantized_from": str(path)}, overwrite=overwrite)
-    record = Compression(
-        method=method,
-        group_size=None if method == "int8" else group_size,
-        checkpoint=str(path),
-        out=str(out),
-        modules=len(model.config.quantization["modules"]),
-        original=_measure(original, tokenizer, eval_data, path),
-        quantized=_measure(model, tokenizer, eval_data, out),
-        machine=_machine(device),
-    )
-    if method == "int4-gptq":
-        record["calibration"] = {"data": str(calibration_data), "sequences": len(batches)}
-    write_json_atomic(out / "compression.json", record)
-    return record
+    group = None if method == "int8" else group_size
+    layers = len(model.config.quantization["modules"])
+    title = f"{method}{f' (group size {group})' if group else ''}: {layers} Linear layers quantized"
+    calibration = {"data": str(calibration_data), "sequences": len(batches)} if batches else None
+    fields = dict(title=title, method=method, group_size=group, modules=layers, calibration=calibration)
+    return write_compressed(path, out, original, model, tokenizer, eval_data=eval_data, overwrite=overwrite, **fields)
 
 
 def quantize_model(model: nn.Module, method: str, group_size: int = 128, batches: list[Tensor] = ()) -> nn.Module:
@@ -171,62 +144,3 @@ def _calibration(data: str | Path, tokenizer, model: nn.Module, n: int) -> list[
     step = len(stream) // count
     device = next(model.parameters()).device
     return [stream[i * step : i * step + length][None].to(device) for i in range(count)]
-
-
-def _measure(model: nn.Module, tokenizer, eval_data: str | Path | None, folder: Path) -> dict[str, Any]:
-    """Size, and with ``eval_data`` perplexity and decoding speed, of one model (its checkpoint in ``folder``)."""
-    files = [folder / WEIGHTS_FILE] if (folder / WEIGHTS_FILE).is_file() else [*folder.glob("*.safetensors")]
-    linear = quantized_bytes(model) or sum(
-        t.numel() * t.element_size() for t in (model.get_submodule(n).weight for n in quantizable(model))
-    )
-    row: dict[str, Any] = {
-        "parameters": model.num_params(),  # a quantized weight counts its elements
-        "weights_file_bytes": sum(f.stat().st_size for f in files or folder.glob("*.bin")),  # an HF folder's too
-        "linear_weight_bytes": linear,  # the block Linear layers' weights (integers + scales), biases aside
-    }
-    if eval_data is not None and model.config.arch == "decoder":
-        result, _ = evaluate_model(model, tokenizer, eval_data, task="lm", n_resamples=200)
-        row.update(perplexity=result["perplexity"], eval_tokens=result["tokens"])
-    if eval_data is not None and model.config.arch != "encoder":
-        lm = LM(model, tokenizer)
-        row.update({f"tokens_per_s_batch_{b}": _speed(lm, b) for b in (1, 8)})
-    return row
-
-
-def _speed(lm: LM, batch: int) -> float:
-    """New tokens per second of a greedy decode of SPEED_TOKENS tokens for ``batch`` prompts."""
-    prompts = [SPEED_PROMPT] * batch
-    lm.generate(prompts[:1], max_new_tokens=2)  # warm-up
-    start = time.perf_counter()
-    ids = lm.generate(prompts, max_new_tokens=SPEED_TOKENS, min_new_tokens=SPEED_TOKENS, return_ids=True)
-    return sum(len(row) for row in ids) / (time.perf_counter() - start)
-
-
-def _machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return (
-        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s), torch {torch.__version__}"
-    )
-
-
-def summary(record: dict[str, Any]) -> str:
-    """The before/after table ``lmlab quantize`` prints."""
-    before, after = record["original"], record["quantized"]
-    rows = [
-        ("parameters", "parameters", "{:,}"),
-        ("model.safetensors", "weights_file_bytes", "{:,} B"),
-        ("block Linear weights", "linear_weight_bytes", "{:,} B"),
-        ("perplexity", "perplexity", "{:.3f}"),
-        ("tokens/s, batch 1", "tokens_per_s_batch_1", "{:.1f}"),
-        ("tokens/s, batch 8", "tokens_per_s_batch_8", "{:.1f}"),
-    ]
-    method = record["method"] + (f" (group size {record['group_size']})" if record["group_size"] else "")
-    lines = [f"lmlab: {method}: {record['modules']} Linear layers quantized → {record['out']}"]
-    lines.append(f"  {'':22}{'original':>18}{'quantized':>18}{'ratio':>9}")
-    for label, key, fmt in rows:
-        if key in before and key in after:
-            ratio = after[key] / before[key] if before[key] else float("nan")
-            lines.append(f"  {label:22}{fmt.format(before[key]):>18}{fmt.format(after[key]):>18}{ratio:>8.3f}×")
-    lines.append(f"  measured on {record['machine']}; written: {Path(record['out']) / 'compression.json'}")
-    return "\n".join(lines)

@@ -12,12 +12,14 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from lmlab.config import ModelConfig
 from lmlab.data import read_corpus
 from lmlab.data.pack import PackedTokens, is_data_folder, load_manifest
 from lmlab.errors import LmlabError
+from lmlab.metrics import bootstrap_ci
 from lmlab.tasks.base import Task, TaskData, TaskFields
 
 
@@ -53,36 +55,41 @@ class LM(Task):
     @torch.no_grad()
     def predict(
         self, model, tokenizer, data, *, batch_size, device, pad_id=0, max_new_tokens=128, num_beams=1
-    ) -> list[tuple[float, int]]:
-        """Each document's summed negative log-likelihood and the number of tokens it predicts."""
+    ) -> list[list[tuple[float, int]]]:
+        """Each document's windows: the summed negative log-likelihood and the number of tokens each predicts."""
         T = model.config.block_size
         out = []
         for ids in data.features["input_ids"]:
-            nll, n = 0.0, 0
+            windows = []
             for start in range(0, len(ids) - 1, T):
                 window = torch.tensor([ids[start : start + T + 1]], device=device)
                 if window.shape[1] < 2:
                     break
                 logits = model(window[:, :-1]).float()
-                nll += torch.nn.functional.cross_entropy(logits[0], window[0, 1:], reduction="sum").item()
-                n += window.shape[1] - 1
-            out.append((nll, n))
+                nll = torch.nn.functional.cross_entropy(logits[0], window[0, 1:], reduction="sum").item()
+                windows.append((nll, window.shape[1] - 1))
+            out.append(windows)
         return out
 
     def evaluate(
-        self, data: TaskData, predictions: list[tuple[float, int]], n_resamples: int
+        self, data: TaskData, predictions: list[list[tuple[float, int]]], n_resamples: int
     ) -> tuple[dict[str, Any], list[dict]]:
-        rows = [
-            {"index": i, "tokens": n, "nll": nll, "perplexity": math.exp(nll / n)}
-            for i, (nll, n) in enumerate(predictions)
-            if n
-        ]
+        """The perplexity, with a 95% confidence interval from resampling the context windows (a block
+        bootstrap: a prepared folder is one long document), and a row per document."""
+        rows = []
+        for i, windows in enumerate(predictions):
+            nll, n = sum(w[0] for w in windows), sum(w[1] for w in windows)
+            if n:
+                rows.append({"index": i, "tokens": n, "nll": nll, "perplexity": math.exp(nll / n)})
         total_nll, total_tokens = sum(r["nll"] for r in rows), sum(r["tokens"] for r in rows)
+        nlls, counts = (np.array([w[i] for doc in predictions for w in doc], dtype=float) for i in (0, 1))
+        ci = bootstrap_ci(lambda a, b: math.exp(a.sum() / b.sum()), nlls, counts, n_resamples=n_resamples)
         result = {
             "perplexity": math.exp(total_nll / total_tokens),
             "nll_per_token": total_nll / total_tokens,
             "tokens": total_tokens,
             "documents": len(rows),
+            "ci": {"perplexity": {"low": ci["low"], "high": ci["high"]}},
         }
         return result, rows
 
