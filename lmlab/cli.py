@@ -72,7 +72,7 @@ def _flags_evaluate(p: ArgumentParser) -> None:
 
 def _flags_critique(p: ArgumentParser) -> None:
     names = {"help": f"comma-separated: {','.join(lmlab.critique.LENSES)} (default: all)"}
-    own = "out lenses data text train_data task max_examples seed"
+    own = "out lenses data text train_data task max_examples seed compare"
     flags(p, lmlab.critique, own, "checkpoint * device verify progress overwrite", lenses=names)
     for name, usual in CRITIQUE_FIELDS.items():  # None: the task's own name
         add(p, name, f"--data: {SHARED[name]} (default: {usual})", "str | None", None)

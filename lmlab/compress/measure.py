@@ -12,10 +12,7 @@ run held at once: ``torch.cuda.max_memory_allocated`` on a GPU, the profiler's a
 
 from __future__ import annotations
 
-import contextlib
-import os
 import platform
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -25,6 +22,7 @@ from torch import nn
 
 from lmlab.api import LM
 from lmlab.config import write_json_atomic
+from lmlab.device import peak_memory
 from lmlab.evaluate.runner import NOT_FIGURES, evaluate_model
 from lmlab.io.checkpoint import WEIGHTS_FILE, is_lmlab_checkpoint, read_meta, save_checkpoint
 from lmlab.model.quant import quantizable, quantized_bytes
@@ -152,46 +150,6 @@ def _speed(run: Callable[[int], int], batch: int) -> float:
     start = time.perf_counter()
     tokens = run(batch)
     return tokens / (time.perf_counter() - start)
-
-
-def peak_memory(fn: Callable[[], object], device: torch.device) -> int:
-    """The most bytes ``fn()`` holds allocated at once beyond what was allocated before it: on a GPU from
-    ``torch.cuda.max_memory_allocated``, on a CPU from the profiler's allocation events (each a signed size)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        fn()
-        return torch.cuda.max_memory_allocated(device) - before
-    from torch.profiler import ProfilerActivity, profile
-
-    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-    with _quiet_stderr():  # kineto prints a line to the process's stderr as it starts and stops
-        prof.start()
-    try:
-        fn()
-    finally:
-        with _quiet_stderr():
-            prof.stop()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    held = peak = 0
-    for event in sorted(events, key=lambda e: e.start_ns()):
-        held += event.nbytes()
-        peak = max(peak, held)
-    return peak
-
-
-@contextlib.contextmanager
-def _quiet_stderr():
-    """File descriptor 2 pointed at /dev/null for the block (C++ code writes there, not to ``sys.stderr``)."""
-    sys.stderr.flush()
-    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    os.dup2(null, 2)
-    try:
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved), os.close(null)
 
 
 def machine(device: torch.device) -> str:
