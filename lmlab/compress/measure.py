@@ -144,12 +144,16 @@ def _runner(model: nn.Module, tokenizer) -> Callable[[int], int]:
     return decode
 
 
-def _speed(run: Callable[[int], int], batch: int) -> float:
-    """Tokens per second of ``run(batch)``, after a warm-up run."""
+def _speed(run: Callable[[int], int], batch: int, repeats: int = 3) -> float:
+    """Tokens per second of ``run(batch)``: the best of ``repeats`` runs after a warm-up (the least disturbed by
+    whatever else the machine is doing)."""
     run(1)
-    start = time.perf_counter()
-    tokens = run(batch)
-    return tokens / (time.perf_counter() - start)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        tokens = run(batch)
+        best = min(best, time.perf_counter() - start)
+    return tokens / best
 
 
 def machine(device: torch.device) -> str:
@@ -177,7 +181,9 @@ def summary(record: dict[str, Any]) -> str:
     before, after = record["original"], record["compressed"]
     lines = [f"lmlab: {record['title']} → {record['out']}", f"  {'':24}{'original':>18}{'compressed':>18}{'ratio':>9}"]
     rows = [(label, before.get(key), after.get(key), fmt) for label, key, fmt in ROWS]
-    for name, value in before.get("metrics", {}).items():
+    metrics = before.get("metrics", {})
+    shown = [n for n in metrics if n in before["ci"]] or list(metrics)  # the figures with an interval, else all
+    for name, value in ((n, metrics[n]) for n in shown):
         ci, ci_after = before["ci"].get(name), after.get("ci", {}).get(name)
         rows.append((name, value, after.get("metrics", {}).get(name), "{:.4f}"))
         if ci and ci_after:
