@@ -288,7 +288,7 @@ QUANTIZE = (
     "lmlab.compress.quantization:quantize",
     "out method group_size calibration_data calibration_samples eval_data",
     "checkpoint * device verify overwrite",
-    "Quantize a checkpoint's block Linear layers (int8, int8-dynamic, int4 or int4-gptq); print and write what it cost.",
+    "Quantize a checkpoint's block Linear layers (int8, int8-dynamic, int4, int4-gptq); print and write what it cost.",
 )
 MERGE_LORA = (
     "lmlab.train.lora:merge_checkpoint",
