@@ -205,9 +205,8 @@ def write_gguf(path: Path, tensors: dict[str, Tensor], metadata: dict[str, Any],
             continue
         if isinstance(value, bool):
             writer.add_bool(key, value)
-        elif isinstance(value, int):
-            kind = gguf.GGUFValueType.INT32 if key.startswith("tokenizer.") else gguf.GGUFValueType.UINT32
-            writer.add_key_value(key, value, kind)
+        elif isinstance(value, int):  # counts and token ids alike: llama.cpp reads them as u32
+            writer.add_key_value(key, value, gguf.GGUFValueType.UINT32)
         elif isinstance(value, float):
             writer.add_float32(key, value)
         elif isinstance(value, str):
