@@ -7,6 +7,7 @@ against llama.cpp's tokenizer."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import random
 from pathlib import Path
 
@@ -133,6 +134,19 @@ def test_quantize_and_evaluate_take_a_gguf_file(tmp_path, tokenizer_dir, corpus_
     assert record["checkpoint"] == str(out) and load_model(tmp_path / "q").config.quantization
     result = evaluate(out, corpus_file, task="lm", max_length=32, n_resamples=10)
     assert result["checkpoint"] == str(out) and result["task"] == "lm" and "perplexity" in str(result)
+
+
+def test_finetune_starts_from_a_gguf_files_weights(tmp_path, tokenizer_dir):
+    from lmlab.train.finetune import finetune
+
+    out = export_gguf(checkpoint(tmp_path, "gpt2", tokenizer_dir), tmp_path / "m.gguf")
+    rows = [{"text": f"{'good' if i % 2 else 'bad'} {i}", "label": "pos" if i % 2 else "neg"} for i in range(16)]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    result = finetune(out, "classify", data, tmp_path / "run", max_length=16, max_steps=1, micro_batch_size=8)
+    tuned, base = load_model(result.last_checkpoint), load_model(out)
+    assert tuned.config.task == "classify"
+    assert torch.allclose(tuned.tok_emb.weight, base.tok_emb.weight, atol=1e-4)  # one step of lr 5e-5 from it
 
 
 def _write(path: Path, tmp_path: Path, tokenizer_dir: Path, **changes) -> Path:
