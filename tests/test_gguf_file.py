@@ -236,10 +236,15 @@ def transformers_smollm2(smollm2):
     return model, tokenizer
 
 
+@pytest.fixture(scope="module")
+def smollm2_lm(smollm2):
+    return load(smollm2, device="cpu")
+
+
 @pytest.mark.slow
-def test_smollm2_greedy_tokens_and_logits_equal_transformers_gguf_load(smollm2, transformers_smollm2):
+def test_smollm2_greedy_tokens_and_logits_equal_transformers_gguf_load(smollm2_lm, transformers_smollm2):
     theirs, _ = transformers_smollm2
-    lm = load(smollm2, device="cpu")
+    lm = smollm2_lm
     assert lm.model.config.tie_embeddings and lm.model.config.n_kv_heads == 3 and lm.eos_ids == [2]
     for prompt in ["The capital of France is", "def fibonacci(n):", "Once upon a time, 3 friends"]:
         ids = lm.tokenizer.encode(prompt)
@@ -274,6 +279,25 @@ def test_smollm2_tokenizer_encodes_as_transformers_gguf_tokenizer(smollm2, trans
     rendered = ours.apply_chat_template(messages)
     assert rendered == theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert rendered.endswith("<|im_start|>assistant\n")
+
+
+@pytest.mark.slow
+def test_smollm2_served_chat_reply_equals_transformers_greedy_reply(smollm2_lm, transformers_smollm2):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from lmlab.serve.app import Settings, create_app
+
+    model, tokenizer = transformers_smollm2
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
+    new = model.generate(ids, max_new_tokens=24, do_sample=False)[0, ids.shape[1] :].tolist()
+    expected = tokenizer.decode(new[: new.index(2)] if 2 in new else new)  # the reply, without <|im_end|>
+    with TestClient(create_app(smollm2_lm, Settings("smollm2"))) as client:
+        body = {"messages": messages, "max_tokens": 24, "temperature": 0}
+        reply = client.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+    assert reply == expected and "Paris" in reply
 
 
 # -- llama.cpp's tokenizer (llama-cpp-python: `scripts/setup.sh --llama-cpp`) ----------------------------------
