@@ -182,6 +182,13 @@ def test_unsupported_files_are_one_line_errors_naming_what_is_supported(
     assert "\n" not in str(e.value) and str(path) in str(e.value)
 
 
+def test_a_damaged_gguf_file_is_a_one_line_error(tmp_path):
+    path = tmp_path / "bad.gguf"
+    path.write_bytes(b"not a gguf file")
+    with pytest.raises(LmlabError, match=r"bad.gguf: not a readable GGUF file \(GGUF magic invalid\)$"):
+        load(path)
+
+
 def test_a_quant_type_gguf_cannot_dequantize_is_a_one_line_error(tmp_path, tokenizer_dir, monkeypatch):
     path = _write(tmp_path / "x.gguf", tmp_path, tokenizer_dir)
 

@@ -175,7 +175,10 @@ def _require_plain_rope(reader: Any, path: str | Path, head_dim: int) -> None:
 def hf_config_dict(reader: Any, path: str | Path) -> dict[str, Any]:
     """The HF ``config.json`` dict of the model a GGUF file holds (the table in the module docstring)."""
     arch = architecture(reader, path)
-    vocab, tied = _shape(reader, "token_embd.weight")[0], _shape(reader, "output.weight") is None
+    embedding = _shape(reader, "token_embd.weight")
+    if embedding is None:
+        raise LmlabError(f"{path}: no token_embd.weight tensor; expected a {arch} model's weights", params="checkpoint")
+    vocab, tied = embedding[0], _shape(reader, "output.weight") is None
     common = dict(model_type=arch, architectures=[HF_CLASSES[arch]], vocab_size=vocab, tie_word_embeddings=tied)
     get = functools.partial(field, reader)
     if arch == "gpt2":
