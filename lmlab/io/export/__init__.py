@@ -48,7 +48,7 @@ from torch import Tensor, nn
 from lmlab.config import LoraSpec, ModelConfig, write_json_atomic
 from lmlab.errors import LmlabError
 from lmlab.io import hf, outputs
-from lmlab.io.checkpoint import load_config, load_model, load_tokenizer, resolve_checkpoint
+from lmlab.io.checkpoint import has_tokenizer, load_config, load_model, load_tokenizer, resolve_checkpoint
 from lmlab.model.heads import pools
 from lmlab.tokenizer import Tokenizer
 
@@ -93,7 +93,7 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, verify: bool = True, l
             "export the checkpoint it was quantized from"
         )
     hf.hf_architecture(config)  # a config no HF class expresses fails here, before any work
-    tokenizer = load_tokenizer(src, verify=verify) if (src / "tokenizer.json").is_file() else None
+    tokenizer = load_tokenizer(src, verify=verify) if has_tokenizer(src) else None
     if tokenizer is None:
         logger.warning("%s has no tokenizer.json: the export has no tokenizer", src)
     model = load_model(src, merge_lora=True)  # what the export must reproduce
