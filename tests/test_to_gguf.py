@@ -6,6 +6,7 @@ The llama.cpp tests (``llama_cpp.Llama`` loads the file, tokenizes and continues
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -184,6 +185,12 @@ def test_cli_writes_gguf_with_outtype(tmp_path, tokenizer_dir, capsys):
     assert main(["export", str(src), "--format", "gguf", "--outtype", "f16", "--out", str(tmp_path / "m.gguf")]) == 0
     assert "exported" in capsys.readouterr().out
     assert gguf.GGUFReader(str(tmp_path / "m.gguf")).fields["general.file_type"].contents() == 1  # MOSTLY_F16
+    record = json.loads((tmp_path / "m.gguf.export.json").read_text())
+    assert record["format"] == "gguf" and record["dtype"] == "f16" and record["source"] == str(src.resolve())
+    assert 0 < record["logit_gap_relative"] < 5e-3
+    (tmp_path / "n.gguf.export.json").write_text("mine")  # the record's name is taken: refused, nothing replaced
+    assert main(["export", str(src), "--format", "gguf", "--out", str(tmp_path / "n.gguf")]) == 1
+    assert "n.gguf.export.json exists" in capsys.readouterr().err and not (tmp_path / "n.gguf").exists()
     assert main(["export", str(src), "--format", "gguf", "--outtype", "q2", "--out", str(tmp_path / "x.gguf")]) == 1
     assert "--outtype is 'q2': expected f32, f16, q8_0" in capsys.readouterr().err
 

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lmlab.config import ModelConfig
+from lmlab.config import ModelConfig, write_json_atomic
 from lmlab.errors import LmlabError
 from lmlab.io import hf, outputs
 from lmlab.io.checkpoint import (
@@ -301,8 +301,10 @@ def export_gguf(checkpoint: str | Path, out: str | Path, *, outtype: str = "f32"
     require_gguf()
     src, out = resolve_checkpoint(checkpoint), Path(out)
     outputs.check_sources(out, (checkpoint, src))
-    if out.exists():
-        raise LmlabError(f"out {out} exists: choose another name or remove it", params="out")
+    record_path = out.with_name(out.name + ".export.json")  # beside the file: a folder may hold several exports
+    for path in (out, record_path):
+        if path.exists():
+            raise LmlabError(f"out: {path} exists: choose another name or remove it", params="out")
     config = load_config(src)
     arch = gguf_architecture(config, src)
     if not has_tokenizer(src):
@@ -316,10 +318,13 @@ def export_gguf(checkpoint: str | Path, out: str | Path, *, outtype: str = "f32"
     tmp = out.parent / outputs.temp_name(out.name)
     try:
         write_gguf(tmp, gguf_tensors(model.state_dict(), model.config, arch), metadata, src.name, outtype)
+        record = {"source": str(src.resolve()), "format": "gguf", "dtype": outtype}
         if verify:
             gap = check_gguf(tmp, model, tokenizer, outtype, f"export check of {out} (nothing was written)")
             logger.info("gguf %s: the model rebuilt from the file is within %.1e of lmlab's logits", outtype, gap)
+            record["logit_gap_relative"] = gap  # the largest logit difference ÷ the largest logit
         outputs.honour_umask(tmp)
+        write_json_atomic(record_path, record)
         os.replace(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)
