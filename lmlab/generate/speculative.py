@@ -100,6 +100,7 @@ class DraftModel:
         self.run = CachedRun(model, max_len)
         self.vocab_size = vocab_size
 
+    @torch.inference_mode()
     def propose(
         self, tokens: Tensor, length: int, k: int, processors: LogitsProcessorList, sample: bool, generator
     ) -> tuple[Tensor, Tensor | None]:
