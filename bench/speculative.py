@@ -141,6 +141,7 @@ def lmlab_rows(target: Path, draft: Path, ids, args) -> dict:
             "acceptance": accepted / drafted if drafted else None,
             "same_as_greedy": outputs == reference,
         }
+    rows["greedy"]["outputs"] = reference
     return rows
 
 
@@ -175,6 +176,7 @@ def hf_rows(target: Path, draft: Path, ids, args, work: Path) -> dict:
         seconds, outputs = timed(run, ids, args.repeats)
         reference = reference or outputs
         rows[name] = {"tokens_per_s": len(ids) * args.new_tokens / seconds, "same_as_greedy": outputs == reference}
+    rows["greedy"]["outputs"] = reference
     return rows
 
 
@@ -216,6 +218,10 @@ def main(argv=None) -> int:
         f"{len(ids)} prompts × {args.prompt_tokens} tokens, {args.new_tokens} new tokens, k = {args.k}"
     )
     print(report(ours, theirs))
+    mine = ours["greedy"].pop("outputs")
+    if theirs:
+        same = sum(a == b for a, b in zip(mine, theirs["greedy"].pop("outputs")))
+        print(f"lmlab's greedy output equals HF's on {same} of {len(ids)} prompts")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "lmlab": ours, "hf": theirs}, indent=2))
     return 0
