@@ -362,17 +362,12 @@ class LM:
     def _speculative_steps(self, ids: list[list[int]], new: int, config: GenerationConfig, logprobs: int | None):
         """:meth:`_steps` with a drafter (``config.draft``): :func:`~lmlab.generate.speculative.speculative_decode`;
         :attr:`last_speculation` counts its drafted and accepted tokens."""
-        from lmlab.generate.speculative import PROMPT_LOOKUP, DraftModel, PromptLookup, SpeculationStats
+        from lmlab.generate.speculative import SpeculationStats
 
         if self.is_seq2seq:
             raise LmlabError("draft (speculative decoding) needs a decoder-only model", params="draft")
-        stop_ids, vocab = self._stop_ids(config), self.model.config.vocab_size
-        if config.draft == PROMPT_LOOKUP:
-            drafter = PromptLookup()
-        else:
-            draft = self._draft_lm(config.draft)
-            vocab = min(vocab, draft.model.config.vocab_size)
-            drafter = DraftModel(draft.model, max(len(row) for row in ids) + new, vocab)
+        stop_ids = self._stop_ids(config)
+        drafter, vocab = self.drafter(config.draft, max(len(row) for row in ids) + new)
         self.last_speculation = SpeculationStats()
         return speculative_decode(
             self.model,
@@ -389,6 +384,17 @@ class LM:
             logprobs=logprobs,
             stats=self.last_speculation,
         )
+
+    def drafter(self, draft: str | Path | LM, max_len: int):
+        """A drafter for speculative decoding of sequences up to ``max_len`` tokens, and the vocabulary size the
+        two models share: ``draft`` is ``"prompt-lookup"``, a checkpoint (loaded once) or an :class:`LM`."""
+        from lmlab.generate.speculative import PROMPT_LOOKUP, DraftModel, PromptLookup
+
+        if draft == PROMPT_LOOKUP:
+            return PromptLookup(), self.model.config.vocab_size
+        model = self._draft_lm(draft).model
+        vocab = min(self.model.config.vocab_size, model.config.vocab_size)
+        return DraftModel(model, max_len, vocab), vocab
 
     def _draft_lm(self, draft: str | Path | LM) -> LM:
         """The draft model ``draft`` names (a checkpoint, loaded once per LM, on this model's device and dtype), checked

@@ -301,8 +301,8 @@ def cmd_info(a) -> int:
 
 
 def _flags_serve(p: ArgumentParser) -> None:
-    own = "host port api_key model_name max_batch_size max_queue max_prompt_tokens max_new_tokens timeout compile"
-    flags(p, lmlab.serve, own, "checkpoint * device verify")
+    own = "host port api_key model_name max_batch_size max_queue max_prompt_tokens max_new_tokens timeout"
+    flags(p, lmlab.serve, own + " compile draft num_draft_tokens", "checkpoint * device verify")
 
 
 def cmd_serve(a) -> int:
