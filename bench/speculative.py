@@ -8,7 +8,7 @@ Both libraries decode the same prompt ids greedily for exactly ``--new-tokens`` 
 plain greedy, speculative with the draft model (k tokens a round) and prompt lookup (k tokens a round). HF runs
 ``model.generate(do_sample=False)``, with ``assistant_model=`` (``num_assistant_tokens=k``, constant schedule)
 and with ``prompt_lookup_num_tokens=k``, on the folders ``lmlab export`` writes (checked by logits). Printed per
-method: tokens/s (the best of ``--repeats`` passes over the prompts), lmlab's acceptance rate (drafted tokens the
+method: tokens/s (the best of ``--repeats`` passes over the prompts, the methods taking turns), lmlab's acceptance rate (drafted tokens the
 target kept), the speedup over the same library's plain greedy, and lmlab ÷ HF. Every lmlab output is checked to
 be its plain greedy output token for token. The prompts are the first ``--prompt-tokens`` tokens of held-out
 documents (``--prompts-file``: JSON Lines with a ``text`` field, e.g. the demo's heldout.jsonl).
@@ -101,19 +101,22 @@ def prompts(tokenizer, args) -> list[list[int]]:
     return [row for row in ids if len(row) == args.prompt_tokens][: args.prompts]
 
 
-def timed(run, ids: list[list[int]], repeats: int) -> tuple[float, list[list[int]]]:
-    """(best seconds over ``repeats`` passes after a warm-up, the outputs) of ``run(prompt_ids) -> new ids``."""
-    outputs = [run(row) for row in ids]
-    best = float("inf")
+def measure(runners: dict, ids: list[list[int]], repeats: int) -> dict:
+    """Per runner ``run(prompt_ids) -> new ids``: (the best seconds of ``repeats`` passes over the prompts, after a
+    warm-up pass, its outputs). The runners take turns pass by pass, so a change in the machine's load hits all."""
+    outputs = {name: [run(row) for row in ids] for name, run in runners.items()}
+    best = dict.fromkeys(runners, float("inf"))
     for _ in range(repeats):
-        start = time.perf_counter()
-        for row in ids:
-            run(row)
-        best = min(best, time.perf_counter() - start)
-    return best, outputs
+        for name, run in runners.items():
+            start = time.perf_counter()
+            for row in ids:
+                run(row)
+            best[name] = min(best[name], time.perf_counter() - start)
+    return {name: (best[name], outputs[name]) for name in runners}
 
 
-def lmlab_rows(target: Path, draft: Path, ids, args) -> dict:
+def lmlab_runners(target: Path, draft: Path, args) -> tuple[dict, dict]:
+    """lmlab's three ways to decode, and the drafted/accepted counts they add to."""
     import lmlab
 
     lm = lmlab.load(target, device="cpu")
@@ -123,29 +126,23 @@ def lmlab_rows(target: Path, draft: Path, ids, args) -> dict:
         "draft model": dict(draft=str(draft), num_draft_tokens=args.k),
         "prompt lookup": dict(draft="prompt-lookup", num_draft_tokens=args.k),
     }
-    rows, reference = {}, None
-    for name, options in methods.items():
-        drafted = accepted = 0
+    counts = {name: [0, 0] for name in methods}
 
-        def run(row, options=options):
-            nonlocal drafted, accepted
+    def runner(name, options):
+        def run(row):
             out = lm.complete_ids([row], **common, **options)[0][0].token_ids
-            if lm.last_speculation is not None and options:
-                drafted, accepted = drafted + lm.last_speculation.drafted, accepted + lm.last_speculation.accepted
+            if options:
+                counts[name][0] += lm.last_speculation.drafted
+                counts[name][1] += lm.last_speculation.accepted
             return out
 
-        seconds, outputs = timed(run, ids, args.repeats)
-        reference = reference or outputs
-        rows[name] = {
-            "tokens_per_s": len(ids) * args.new_tokens / seconds,
-            "acceptance": accepted / drafted if drafted else None,
-            "same_as_greedy": outputs == reference,
-        }
-    rows["greedy"]["outputs"] = reference
-    return rows
+        return run
+
+    return {name: runner(name, options) for name, options in methods.items()}, counts
 
 
-def hf_rows(target: Path, draft: Path, ids, args, work: Path) -> dict:
+def hf_runners(target: Path, draft: Path, args, work: Path) -> dict:
+    """transformers' greedy ``generate()``, assisted generation and prompt lookup on the exported folders."""
     from transformers import AutoModelForCausalLM
 
     import lmlab
@@ -153,7 +150,7 @@ def hf_rows(target: Path, draft: Path, ids, args, work: Path) -> dict:
     models = {}
     for name, path in (("target", target), ("draft", draft)):
         folder = lmlab.export_hf(path, work / f"hf-{name}")
-        models[name] = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
+        models[name] = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     model, assistant = models["target"], models["draft"]
     assistant.generation_config.num_assistant_tokens = args.k
     assistant.generation_config.num_assistant_tokens_schedule = "constant"
@@ -163,20 +160,28 @@ def hf_rows(target: Path, draft: Path, ids, args, work: Path) -> dict:
         "draft model": dict(assistant_model=assistant),
         "prompt lookup": dict(prompt_lookup_num_tokens=args.k),
     }
-    rows, reference = {}, None
-    for name, options in methods.items():
 
+    def runner(options):
         @torch.inference_mode()
-        def run(row, options=options):
-            out = model.generate(
-                torch.tensor([row]), attention_mask=torch.ones(1, len(row), dtype=torch.long), **common, **options
-            )
-            return out[0, len(row) :].tolist()
+        def run(row):
+            x = torch.tensor([row])
+            return model.generate(x, attention_mask=torch.ones_like(x), **common, **options)[0, len(row) :].tolist()
 
-        seconds, outputs = timed(run, ids, args.repeats)
-        reference = reference or outputs
-        rows[name] = {"tokens_per_s": len(ids) * args.new_tokens / seconds, "same_as_greedy": outputs == reference}
-    rows["greedy"]["outputs"] = reference
+        return run
+
+    return {name: runner(options) for name, options in methods.items()}
+
+
+def rows_of(results: dict, ids, args, counts: dict | None = None) -> dict:
+    reference = results["greedy"][1]
+    rows = {}
+    for name, (seconds, outputs) in results.items():
+        drafted, accepted = counts[name] if counts else (0, 0)
+        rows[name] = {
+            "tokens_per_s": len(ids) * args.new_tokens / seconds,
+            "acceptance": accepted / drafted if drafted else None,
+            "same_as_greedy": outputs == reference,
+        }
     return rows
 
 
@@ -211,16 +216,19 @@ def main(argv=None) -> int:
         else:
             draft = resolve_checkpoint(args.draft)
         ids = prompts(load_tokenizer(target), args)
-        ours = lmlab_rows(target, draft, ids, args)
-        theirs = None if args.skip_hf else hf_rows(target, draft, ids, args, work)
+        runners, counts = lmlab_runners(target, draft, args)
+        hf = {} if args.skip_hf else hf_runners(target, draft, args, work)
+        results = measure({**runners, **{("HF", name): run for name, run in hf.items()}}, ids, args.repeats)
+    ours = rows_of({name: results[name] for name in runners}, ids, args, counts)
+    theirs = rows_of({name: results[("HF", name)] for name in hf}, ids, args) if hf else None
+    mine = results["greedy"][1]
     print(
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
         f"{len(ids)} prompts × {args.prompt_tokens} tokens, {args.new_tokens} new tokens, k = {args.k}"
     )
     print(report(ours, theirs))
-    mine = ours["greedy"].pop("outputs")
     if theirs:
-        same = sum(a == b for a, b in zip(mine, theirs["greedy"].pop("outputs")))
+        same = sum(a == b for a, b in zip(mine, results[("HF", "greedy")][1]))
         print(f"lmlab's greedy output equals HF's on {same} of {len(ids)} prompts")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "lmlab": ours, "hf": theirs}, indent=2))
