@@ -107,6 +107,7 @@ class LM:
         self.eos_ids = sorted(eos | set(folder_eos_ids(path, model.config.vocab_size)))  # what ends a generation
         self._drafts: dict[str, LM] = {}  # draft checkpoints, loaded on first use (speculative decoding)
         self.last_speculation = None  # the last speculative generation's SpeculationStats
+        self._checked_drafts: list[LM] = []  # drafts whose tokenizer matched this one's
 
     @property
     def device(self) -> torch.device:
@@ -413,12 +414,15 @@ class LM:
             raise LmlabError(
                 f"the draft model is on {draft.device}, the model on {self.device}: expected one device", params="draft"
             )
+        if any(draft is checked for checked in self._checked_drafts):  # hashing a tokenizer takes tens of ms
+            return draft
         if not same_tokenizer(self.tokenizer, draft.tokenizer):
             raise LmlabError(
                 f"draft {draft.path or 'model'} has another tokenizer than {self.path or 'the model'}: a draft must "
                 "share the model's tokenizer (the same ids for the same tokens)",
                 params="draft",
             )
+        self._checked_drafts = [*self._checked_drafts[-7:], draft]
         return draft
 
     def _completion(self, tokens: list[int], reason: str, config: GenerationConfig) -> Completion:
