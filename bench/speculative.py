@@ -8,10 +8,11 @@ Both libraries decode the same prompt ids greedily for exactly ``--new-tokens`` 
 plain greedy, speculative with the draft model (k tokens a round) and prompt lookup (k tokens a round). HF runs
 ``model.generate(do_sample=False)``, with ``assistant_model=`` (``num_assistant_tokens=k``, constant schedule)
 and with ``prompt_lookup_num_tokens=k``, on the folders ``lmlab export`` writes (checked by logits). Printed per
-method: tokens/s (the best of ``--repeats`` passes over the prompts, the methods taking turns), lmlab's acceptance rate (drafted tokens the
-target kept), the speedup over the same library's plain greedy, and lmlab ÷ HF. Every lmlab output is checked to
-be its plain greedy output token for token. The prompts are the first ``--prompt-tokens`` tokens of held-out
-documents (``--prompts-file``: JSON Lines with a ``text`` field, e.g. the demo's heldout.jsonl).
+method: tokens/s (the best of ``--repeats`` passes over the prompts, the methods taking turns), lmlab's
+acceptance rate (drafted tokens the target kept), the speedup over the same library's plain greedy, and
+lmlab ÷ HF. Every speculative output is checked to be its library's plain greedy output token for token. The
+prompts are the first ``--prompt-tokens`` tokens of held-out documents (``--prompts-file``: JSON Lines with a
+``text`` field, e.g. the demo's heldout.jsonl).
 """
 
 from __future__ import annotations
