@@ -412,14 +412,15 @@ class LM:
             )
         if draft.device != self.device:
             raise LmlabError(
-                f"the draft model is on {draft.device}, the model on {self.device}: expected one device", params="draft"
+                f"draft {draft.path or 'model'} is on {draft.device}, the model on {self.device}: expected one device",
+                params="draft",
             )
         if any(draft is checked for checked in self._checked_drafts):  # hashing a tokenizer takes tens of ms
             return draft
         if not same_tokenizer(self.tokenizer, draft.tokenizer):
             raise LmlabError(
-                f"draft {draft.path or 'model'} has another tokenizer than {self.path or 'the model'}: a draft must "
-                "share the model's tokenizer (the same ids for the same tokens)",
+                f"draft {draft.path or 'model'} has another tokenizer than {self.path or 'the model'}: speculative "
+                "decoding needs the model's own tokenizer (the same ids for the same tokens)",
                 params="draft",
             )
         self._checked_drafts = [*self._checked_drafts[-7:], draft]
