@@ -30,6 +30,7 @@ from lmlab.device import resolve_device
 from lmlab.errors import LmlabError
 from lmlab.generate import BeamSearch, GenerationConfig, decode
 from lmlab.generate.processors import SuppressIdsFrom
+from lmlab.generate.speculative import speculative_decode
 from lmlab.generate.stopping import TextStream, cut_at_stop
 from lmlab.io.checkpoint import has_tokenizer, load_model, load_tokenizer, resolve_checkpoint
 
@@ -87,6 +88,13 @@ def folder_eos_ids(path: Path | None, vocab_size: int) -> list[int]:
     return [i for i in ids if i < vocab_size]
 
 
+def same_tokenizer(a, b) -> bool:
+    """Whether two tokenizers give the same ids for the same tokens (what a draft and its target must share)."""
+    return a.sha256 == b.sha256 or a.backend.get_vocab(with_added_tokens=True) == b.backend.get_vocab(
+        with_added_tokens=True
+    )
+
+
 class LM:
     """A model and its tokenizer. ``generate`` returns text; ``stream`` yields it; ``score`` rates it.
 
@@ -97,6 +105,9 @@ class LM:
         self.model, self.tokenizer, self.path = model.eval(), tokenizer, path
         eos = {tokenizer.eos_id} if tokenizer.eos_id is not None else set()
         self.eos_ids = sorted(eos | set(folder_eos_ids(path, model.config.vocab_size)))  # what ends a generation
+        self._drafts: dict[str, LM] = {}  # draft checkpoints, loaded on first use (speculative decoding)
+        self.last_speculation = None  # the last speculative generation's SpeculationStats
+        self._checked_drafts: list[LM] = []  # drafts whose tokenizer matched this one's
 
     @property
     def device(self) -> torch.device:
@@ -331,6 +342,8 @@ class LM:
 
     def _steps(self, ids: list[list[int]], new: int, config: GenerationConfig, logprobs: int | None = None):
         """The greedy/sampling decoding loop for ``config`` (stop ids, stop strings, seed, processors)."""
+        if config.draft is not None:
+            return self._speculative_steps(ids, new, config, logprobs)
         stop_ids = self._stop_ids(config)
         model, ids = self._decoder(ids)
         return decode(
@@ -346,6 +359,72 @@ class LM:
             logprobs=logprobs,
             compile=config.compile,
         )
+
+    def _speculative_steps(self, ids: list[list[int]], new: int, config: GenerationConfig, logprobs: int | None):
+        """:meth:`_steps` with a drafter (``config.draft``): :func:`~lmlab.generate.speculative.speculative_decode`;
+        :attr:`last_speculation` counts its drafted and accepted tokens."""
+        from lmlab.generate.speculative import SpeculationStats
+
+        if self.is_seq2seq:
+            raise LmlabError("draft (speculative decoding) needs a decoder-only model", params="draft")
+        stop_ids = self._stop_ids(config)
+        drafter, vocab = self.drafter(config.draft, max(len(row) for row in ids) + new)
+        self.last_speculation = SpeculationStats()
+        return speculative_decode(
+            self.model,
+            drafter,
+            ids,
+            num_draft_tokens=config.num_draft_tokens,
+            max_new_tokens=new,
+            processors=self._processors(config, stop_ids),
+            sample=config.samples,
+            generator=self._generator(config),
+            stop_ids=stop_ids,
+            stop_rules=config.stop_rules(self.tokenizer),
+            vocab_size=vocab,
+            logprobs=logprobs,
+            stats=self.last_speculation,
+        )
+
+    def drafter(self, draft: str | Path | LM, max_len: int):
+        """A drafter for speculative decoding of sequences up to ``max_len`` tokens, and the vocabulary size the
+        two models share: ``draft`` is ``"prompt-lookup"``, a checkpoint (loaded once) or an :class:`LM`."""
+        from lmlab.generate.speculative import PROMPT_LOOKUP, DraftModel, PromptLookup
+
+        if draft == PROMPT_LOOKUP:
+            return PromptLookup(), self.model.config.vocab_size
+        model = self._draft_lm(draft).model
+        vocab = min(self.model.config.vocab_size, model.config.vocab_size)
+        return DraftModel(model, max_len, vocab), vocab
+
+    def _draft_lm(self, draft: str | Path | LM) -> LM:
+        """The draft model ``draft`` names (a checkpoint, loaded once per LM, on this model's device and dtype), checked
+        to share this model's tokenizer."""
+        if not isinstance(draft, LM):
+            key = str(draft)
+            if key not in self._drafts:
+                dtype = next(self.model.parameters()).dtype
+                self._drafts[key] = load(draft, device=str(self.device), dtype=dtype)
+            draft = self._drafts[key]
+        if draft.model.config.arch != "decoder":
+            raise LmlabError(
+                f"draft {draft.path or 'model'} is not a decoder: expected a decoder-only checkpoint", params="draft"
+            )
+        if draft.device != self.device:
+            raise LmlabError(
+                f"draft {draft.path or 'model'} is on {draft.device}, the model on {self.device}: expected one device",
+                params="draft",
+            )
+        if any(draft is checked for checked in self._checked_drafts):  # hashing a tokenizer takes tens of ms
+            return draft
+        if not same_tokenizer(self.tokenizer, draft.tokenizer):
+            raise LmlabError(
+                f"draft {draft.path or 'model'} has another tokenizer than {self.path or 'the model'}: speculative "
+                "decoding needs the model's own tokenizer (the same ids for the same tokens)",
+                params="draft",
+            )
+        self._checked_drafts = [*self._checked_drafts[-7:], draft]
+        return draft
 
     def _completion(self, tokens: list[int], reason: str, config: GenerationConfig) -> Completion:
         text, hit = cut_at_stop(self.tokenizer.decode(tokens), config.stop)
@@ -463,7 +542,7 @@ class LM:
         Args:
             prompts: the prompts, each a string.
             config: the decoding options (or give them as keywords, as to :meth:`generate`).
-            batch_size: prompts decoded together
+            batch_size: prompts decoded together (1 with a draft: speculative decoding takes one at a time)
             logprobs: add each token's log-probability and its N most likely alternatives
         """
         config = self._config(config, options)
@@ -472,6 +551,7 @@ class LM:
         if isinstance(prompts, str):
             raise LmlabError("generate_records takes a list of prompts (strings)")
         prompts, records = list(prompts), []
+        batch_size = 1 if config.draft is not None else batch_size  # speculative decoding: one prompt at a time
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start : start + batch_size]
             for prompt, outputs in zip(chunk, self.generate(chunk, config, details=True, logprobs=logprobs)):

@@ -304,7 +304,8 @@ MERGE_LORA_FLAGS = {
 }
 SERVE = (
     "lmlab.serve.server:serve",
-    "host port api_key model_name max_batch_size max_queue max_prompt_tokens max_new_tokens timeout compile",
+    "host port api_key model_name max_batch_size max_queue max_prompt_tokens max_new_tokens timeout compile draft "
+    "num_draft_tokens",
     "checkpoint * device verify",
     "Serve a checkpoint over OpenAI's HTTP API (continuous batching, streaming); /metrics, a playground at /.",
 )

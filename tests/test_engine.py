@@ -206,3 +206,32 @@ def test_the_cuda_graph_step_decodes_as_the_eager_one_on_a_gpu():
     run(Engine(model, max_batch_size=4), [Request(p, n, emit=r) for (p, n), r in zip(jobs, eager)])
     run(Engine(model, max_batch_size=4, compile=True), [Request(p, n, emit=r) for (p, n), r in zip(jobs, graphed)])
     assert [r.tokens for r in graphed] == [r.tokens for r in eager]
+
+
+def test_a_speculative_engine_gives_each_request_the_tokens_it_gives_alone():
+    from lmlab.generate.engine import SpeculativeEngine
+    from lmlab.generate.speculative import DraftModel, PromptLookup
+
+    model = tiny("llama-tiny")
+    torch.manual_seed(1)
+    draft = build_model(preset("llama-tiny", n_layer=1)).eval()
+    vocab = model.config.vocab_size
+    jobs = work(vocab, 4, seed=3)
+    for make in (lambda n: DraftModel(draft, n, vocab), lambda n: PromptLookup()):
+        recorders = [Recorder() for _ in jobs]
+        engine = SpeculativeEngine(model, make, num_draft_tokens=3)
+        run(engine, [Request(p, n, emit=r) for (p, n), r in zip(jobs, recorders)])
+        for (prompt, new), r in zip(jobs, recorders):
+            assert r.tokens == alone(model, prompt, new) and r.finish == "length"
+        reference = alone(model, [3, 4], 10)
+        by_id, by_rule = Recorder(), Recorder()
+        stop_id = reference[4]
+        requests = [
+            Request([3, 4], 10, emit=by_id, stop_ids=frozenset({stop_id})),
+            Request([3, 4], 10, emit=by_rule, stop_rules=[lambda generated: len(generated) == 3]),
+        ]
+        run(engine, requests)
+        assert by_id.tokens == reference[: reference.index(stop_id)] and by_id.finish == "stop"
+        assert by_rule.tokens == reference[:3] and by_rule.finish == "stop"
+    with pytest.raises(LmlabError, match="context window of 128"):
+        engine.submit(Request([1] * 100, 29, emit=Recorder()))

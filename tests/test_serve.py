@@ -24,6 +24,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 import lmlab  # noqa: E402
 from lmlab.chat import ChatSession  # noqa: E402
+from lmlab.errors import LmlabError  # noqa: E402
 from lmlab.generate.engine import Engine, Request  # noqa: E402
 from lmlab.serve.app import Settings, create_app  # noqa: E402
 from lmlab.serve.jobs import Limits  # noqa: E402
@@ -70,6 +71,17 @@ def test_health_models_and_a_greedy_completion_equal_to_lmlab_generate(client, l
         "length" if n == 12 else "stop"
         for n in (len(lm.generate(p, max_new_tokens=12, return_ids=True)) for p in PROMPTS)
     ]
+
+
+def test_serve_with_a_draft_completes_as_lmlab_generate(lm):
+    from lmlab.serve.server import _draft_engine
+
+    engine = _draft_engine(lm, "prompt-lookup", num_draft_tokens=4, max_queue=8, compile=False)
+    with TestClient(create_app(lm, Settings("tiny"), engine)) as c:
+        r = c.post("/v1/completions", json={"prompt": PROMPTS, "max_tokens": 12, "temperature": 0}).json()
+    assert [c["text"] for c in r["choices"]] == [lm.generate(p, max_new_tokens=12) for p in PROMPTS]
+    with pytest.raises(LmlabError, match="drop compile"):
+        _draft_engine(lm, "prompt-lookup", num_draft_tokens=4, max_queue=8, compile=True)
 
 
 def test_stop_strings_cut_the_text_and_say_stop(client, lm):

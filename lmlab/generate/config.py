@@ -84,6 +84,14 @@ class GenerationConfig:
         "the first generation of each batch size compiles for seconds to a minute, later ones decode faster",
     )
 
+    draft: str | None = option(
+        None,
+        "speculative decoding: a smaller checkpoint with the same tokenizer drafts tokens that the model checks, "
+        "several per forward pass; prompt-lookup drafts them from n-gram matches in the prompt (no model); the "
+        "output is what decoding without a draft gives; one prompt at a time",
+    )
+    num_draft_tokens: int = option(5, "tokens drafted per round (with draft)")
+
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
             raise LmlabError(
@@ -139,8 +147,26 @@ class GenerationConfig:
                 "num_return_sequences > 1 with strategy greedy would repeat one output; use sample or beam",
                 params="num_return_sequences strategy",
             )
+        self._check_draft()
         # validate the numbers the processors own (one place for each message)
         self.processors(eos_ids=[])
+
+    def _check_draft(self) -> None:
+        if self.num_draft_tokens < 1:
+            raise LmlabError(
+                f"num_draft_tokens is {self.num_draft_tokens}: expected a positive integer", params="num_draft_tokens"
+            )
+        if self.draft is None:
+            return
+        if self.strategy == "beam":
+            raise LmlabError("draft (speculative decoding) needs strategy greedy or sample", params="draft strategy")
+        if self.compile:
+            raise LmlabError("draft (speculative decoding) decodes eagerly: drop compile", params="draft compile")
+        if self.num_return_sequences > 1:
+            raise LmlabError(
+                "draft (speculative decoding) makes one sequence per prompt: num_return_sequences must be 1",
+                params="draft num_return_sequences",
+            )
 
     @property
     def samples(self) -> bool:

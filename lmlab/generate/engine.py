@@ -21,13 +21,13 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from lmlab.errors import LmlabError
-from lmlab.generate.loop import compiled_step
+from lmlab.generate.loop import Step, compiled_step
 from lmlab.generate.processors import LogitsProcessorList
 from lmlab.model import Seq2SeqLM
 from lmlab.model.blocks import KVCache
@@ -322,6 +322,9 @@ class SerialEngine(Engine):
     ) -> None:
         if not isinstance(model, Seq2SeqLM):
             raise LmlabError("SerialEngine runs encoder–decoder models; a decoder takes Engine")
+        self._setup(model, max_queue, on_step)
+
+    def _setup(self, model: nn.Module, max_queue: int, on_step: Callable[[int, int], None] | None) -> None:
         self.model, self.max_batch_size, self.max_queue = model.eval(), 1, max_queue
         self.device = next(model.parameters()).device
         self.block_size = model.config.block_size
@@ -355,10 +358,10 @@ class SerialEngine(Engine):
         if self.on_step is not None:
             self.on_step(0, self.waiting.qsize())
 
-    def _run_one(self, request: Request) -> None:
+    def _steps(self, request: Request) -> Iterator[Step]:
         from lmlab.generate.seq2seq import generate_seq2seq
 
-        steps = generate_seq2seq(
+        return generate_seq2seq(
             self.model,
             [list(request.prompt)],
             max_new_tokens=request.max_new_tokens,
@@ -367,7 +370,9 @@ class SerialEngine(Engine):
             generator=request.generator,
             logprobs=request.logprobs,
         )
-        for step in steps:
+
+    def _run_one(self, request: Request) -> None:
+        for step in self._steps(request):
             if request.cancelled:
                 request.emit(Event(None, finish_reason="cancelled"))
                 return
@@ -385,3 +390,51 @@ class SerialEngine(Engine):
             request.emit(event)
             if event.finish_reason is not None:
                 return
+
+
+class SpeculativeEngine(SerialEngine):
+    """A decoder's requests one at a time through speculative decoding
+    (:func:`~lmlab.generate.speculative.speculative_decode`): ``make_drafter(max_len)`` gives each request its
+    drafter, which proposes ``num_draft_tokens`` tokens a round. The same interface, events and stop conditions
+    as :class:`Engine`, and the same tokens (greedy) or distribution (sampling); no batching across requests
+    (each row would keep a different number of tokens every round)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        make_drafter: Callable[[int], object],
+        *,
+        num_draft_tokens: int = 5,
+        vocab_size: int | None = None,
+        max_queue: int = 256,
+        on_step: Callable[[int, int], None] | None = None,
+    ) -> None:
+        if not hasattr(model, "lm_logits"):
+            raise LmlabError("speculative decoding (draft) needs a decoder-only model", params="draft")
+        self._setup(model, max_queue, on_step)
+        self.make_drafter, self.num_draft_tokens, self.vocab_size = make_drafter, num_draft_tokens, vocab_size
+
+    def _check_fits(self, request: Request) -> None:
+        if not request.prompt:
+            raise LmlabError("a request needs at least one prompt token")
+        if len(request.prompt) + request.max_new_tokens > self.block_size:
+            raise LmlabError(
+                f"prompt ({len(request.prompt)} tokens) + max_new_tokens ({request.max_new_tokens}) exceeds the "
+                f"model's context window of {self.block_size} tokens"
+            )
+
+    def _steps(self, request: Request) -> Iterator[Step]:
+        from lmlab.generate.speculative import speculative_decode
+
+        return speculative_decode(
+            self.model,
+            self.make_drafter(len(request.prompt) + request.max_new_tokens),
+            [list(request.prompt)],
+            num_draft_tokens=self.num_draft_tokens,
+            max_new_tokens=request.max_new_tokens,
+            processors=request.processors or (),
+            sample=request.sample,
+            generator=request.generator,
+            vocab_size=self.vocab_size,
+            logprobs=request.logprobs,
+        )

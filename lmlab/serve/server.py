@@ -25,6 +25,8 @@ def serve(
     timeout: float | None = 600.0,
     device: str = "auto",
     compile: bool = False,
+    draft: str | None = None,
+    num_draft_tokens: int = 5,
     verify: bool = True,
 ) -> int:
     """Serve ``checkpoint`` (an lmlab run or checkpoint, a LoRA run, a Hugging Face folder) until interrupted.
@@ -43,6 +45,10 @@ def serve(
         device: where the model runs: auto, cpu, cuda, cuda:N or mps
         compile: torch.compile the decode step (a CUDA graph on GPU), rows and attended length bucketed to powers of
             two: each bucket compiles on first use (seconds to a minute), later steps run faster (decoders)
+        draft: speculative decoding: a smaller checkpoint with the same tokenizer drafts tokens the model checks
+            several at a time, or prompt-lookup (n-gram matches in the prompt); same outputs, one request at a time
+            (no batching across requests)
+        num_draft_tokens: tokens drafted per round (with draft)
         verify: check the checkpoint's files against their recorded hashes before loading
     """
     import uvicorn
@@ -53,10 +59,12 @@ def serve(
 
     _check(port, max_batch_size, max_queue, max_prompt_tokens, max_new_tokens, timeout)
     lm = load(checkpoint, device=device, verify=verify)
+    options = dict(num_draft_tokens=num_draft_tokens, max_queue=max_queue, compile=compile)
     key = api_key if api_key is not None else os.environ.get("LMLAB_API_KEY") or None
     limits = Limits(max_prompt_tokens, max_new_tokens, timeout)
     settings = Settings(model_name or Path(checkpoint).resolve().name, key, limits)
-    app = create_app(lm, settings, _engine(lm, max_batch_size, max_queue, compile))
+    engine = _engine(lm, max_batch_size, max_queue, compile) if draft is None else _draft_engine(lm, draft, **options)
+    app = create_app(lm, settings, engine)
     where = f"http://{host}:{port}"
     logger.warning(
         "serving %s at %s (playground: %s/, API: %s/v1)%s",
@@ -78,6 +86,23 @@ def _engine(lm, max_batch_size: int, max_queue: int, compile: bool):
     if lm.model.config.arch == "decoder":
         return Engine(lm.model, max_batch_size=max_batch_size, max_queue=max_queue, compile=compile)
     return None  # an encoder: embeddings only
+
+
+def _draft_engine(lm, draft: str, num_draft_tokens: int, max_queue: int, compile: bool):
+    """The engine of ``serve --draft``: requests one at a time through speculative decoding."""
+    from lmlab.generate.engine import SpeculativeEngine
+
+    if lm.model.config.arch != "decoder":
+        raise LmlabError("draft (speculative decoding) needs a decoder-only model", params="draft")
+    if compile:
+        raise LmlabError("draft (speculative decoding) decodes eagerly: drop compile", params="draft compile")
+    if isinstance(num_draft_tokens, bool) or not isinstance(num_draft_tokens, int) or num_draft_tokens < 1:
+        raise LmlabError(
+            f"num_draft_tokens is {num_draft_tokens!r}: expected a positive integer", params="num_draft_tokens"
+        )
+    vocab = lm.drafter(draft, lm.block_size)[1]  # loads and checks the draft now, not at the first request
+    make = lambda max_len: lm.drafter(draft, max_len)[0]  # noqa: E731
+    return SpeculativeEngine(lm.model, make, num_draft_tokens=num_draft_tokens, vocab_size=vocab, max_queue=max_queue)
 
 
 def _check(port, max_batch_size, max_queue, max_prompt_tokens, max_new_tokens, timeout) -> None:
