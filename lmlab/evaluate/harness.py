@@ -1,0 +1,271 @@
+"""An lm-evaluation-harness backend: lmlab models on EleutherAI's benchmarks (``pip install 'lmlab[harness]'``).
+
+Importing this module registers the model type ``lmlab`` with lm-eval (lm-eval 0.4 finds third-party models
+only by import, not by entry point). From the command line::
+
+    lmlab evaluate runs/a --harness lmlab_mc,lmlab_gen --harness-include examples/harness/ --out eval/
+    python -m lmlab.evaluate.harness --model lmlab --model_args pretrained=runs/a,batch_size=8 \\
+        --tasks lmlab_mc --include_path examples/harness/
+
+The second is lm-eval's own command line (every ``lm_eval`` flag) with the ``lmlab`` model type registered.
+
+:class:`LmlabLM` answers lm-eval's three request kinds with lmlab's model:
+
+- ``loglikelihood``: lm-eval's tokenization (:class:`~lm_eval.api.model.TemplateLM`), requests sorted longest
+  first and batched, right-padded; the LM head runs on the continuation positions only.
+- ``loglikelihood_rolling``: lm-eval's disjoint rolling windows, scored by the same batched path.
+- ``generate_until``: lmlab's decoding loop (:meth:`lmlab.api.LM.complete_ids`: KV cache, left-padded batches,
+  stop strings from ``until``), requests grouped by their generation options and sorted by length.
+
+An encoder–decoder (``t5-*``, BART) is scored and decoded as lm-eval's ``seq2seq`` backend does: the context is
+the source, the continuation the target.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from lmlab.errors import LmlabError
+
+try:
+    import lm_eval.models  # noqa: F401  (lm-eval's own models first: its registry imports them only when empty)
+    from lm_eval.api.model import TemplateLM
+    from lm_eval.api.registry import register_model
+    from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_kwargs
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+except ImportError as e:  # pragma: no cover - the optional extra is missing
+    raise LmlabError(
+        f"the lm-evaluation-harness backend needs lm-eval ({e.name} is missing): `pip install 'lmlab[harness]'`"
+    ) from None
+
+from lmlab.api import LM, load
+
+Request = tuple[Any, list[int], list[int]]  # (key, context ids, continuation ids): TemplateLM's scoring unit
+
+
+def _positive_batch_size(batch_size: Any) -> int:
+    try:
+        value = int(batch_size)
+    except (TypeError, ValueError):
+        value = 0
+    if value < 1 or isinstance(batch_size, bool):
+        raise LmlabError(f"batch_size {batch_size!r}: expected a positive integer", params="batch_size")
+    return value
+
+
+@register_model("lmlab")
+class LmlabLM(TemplateLM):
+    """lm-eval's ``LM`` for an lmlab checkpoint, run folder or Hugging Face folder (``pretrained``), or an
+    :class:`lmlab.api.LM` already loaded (``lm``).
+
+    Args:
+        pretrained: checkpoint folder, run folder (its best checkpoint) or Hugging Face model folder
+        batch_size: requests per forward pass (and prompts per decoding batch)
+        device: auto, cpu, cuda, cuda:1, …
+        max_length: context window in tokens (default: the model's block size)
+        max_gen_toks: tokens to generate when a task does not say
+        verify: check the checkpoint's tokenizer (and a Hugging Face folder against transformers)
+        lm: a loaded :class:`lmlab.api.LM` instead of ``pretrained``
+    """
+
+    def __init__(
+        self,
+        pretrained: str | Path | None = None,
+        batch_size: int | str = 8,
+        device: str = "cpu",
+        max_length: int | None = None,
+        max_gen_toks: int = 256,
+        verify: bool = True,
+        lm: LM | None = None,
+        **unused: Any,
+    ) -> None:
+        super().__init__()
+        if (pretrained is None) == (lm is None):
+            raise LmlabError("the lmlab model type needs pretrained=FOLDER (a checkpoint, run or HF folder)")
+        self.lm = lm if lm is not None else load(pretrained, device=device, verify=verify)
+        if self.lm.model.config.arch == "encoder":
+            raise LmlabError(f"{self.lm.path}: an encoder (BERT style) has no language model to score or generate")
+        self.tokenizer = self.lm.tokenizer
+        self.backend = "seq2seq" if self.lm.is_seq2seq else "causal"
+        self._batch_size = _positive_batch_size(batch_size)
+        self._max_length = int(max_length) if max_length else self.lm.block_size
+        self._max_gen_toks = int(max_gen_toks)
+
+    # -- what lm-eval asks of a model ----------------------------------------------------------------------------
+
+    @property
+    def eot_token_id(self) -> int:
+        eos = self.tokenizer.eos_id
+        return eos if eos is not None else self.lm._pad_id()
+
+    @property
+    def prefix_token_id(self) -> int:
+        bos = self.tokenizer.bos_id
+        return bos if bos is not None else self.eot_token_id
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    @property
+    def batch_size(self) -> int:
+        return self._batch_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm.device
+
+    @property
+    def tokenizer_name(self) -> str:
+        return str(self.lm.path or "lmlab").replace("/", "__")
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
+        """Token ids of ``string``; the tokenizer's post-processor applies unless ``add_special_tokens`` is False
+        (as a transformers tokenizer's ``encode`` does, which lm-eval's ``hf`` model calls)."""
+        return self.tokenizer.encode(string, add_special_tokens=add_special_tokens is not False)
+
+    # -- log-likelihoods -----------------------------------------------------------------------------------------
+
+    def _loglikelihood_tokens(self, requests: list[Request], disable_tqdm: bool = False, **kwargs: Any):
+        """(log-probability, is greedy) of each request's continuation given its context, longest first in
+        batches of ``batch_size``, returned in the order given."""
+        collator = Collator(requests, sort_fn=lambda r: (-len(r[1]) - len(r[2]), tuple(r[1] + r[2])))
+        results = []
+        for chunk in collator.get_batched(n=self.batch_size):
+            scored = self._score_seq2seq(chunk) if self.backend == "seq2seq" else self._score_causal(chunk)
+            for (key, _, _), answer in zip(chunk, scored):
+                results.append(answer)
+                if key is not None:  # rolling windows are cached per text by loglikelihood_rolling
+                    self.cache_hook.add_partial("loglikelihood", key, answer)
+        return collator.get_original(results)
+
+    @torch.inference_mode()
+    def _score_causal(self, chunk: Sequence[Request]) -> list[tuple[float, bool]]:
+        """A decoder's batch: each row's context + continuation (cut from the left to ``max_length`` + 1 tokens,
+        the last one dropped) right-padded; the LM head reads only the continuation positions."""
+        rows = [(ctx + cont)[-(self.max_length + 1) :][:-1] for _, ctx, cont in chunk]
+        conts = [cont for _, _, cont in chunk]
+        width = max(len(r) for r in rows)
+        ids = torch.tensor([r + [0] * (width - len(r)) for r in rows], device=self.device)
+        hidden = self.lm.model(ids, hidden_only=True)  # (B, T, n_embd); padding on the right is never attended
+        picked = torch.cat([hidden[i, len(r) - len(c) : len(r)] for i, (r, c) in enumerate(zip(rows, conts))])
+        return self._answers(self.lm.model.lm_logits(picked), conts)
+
+    @torch.inference_mode()
+    def _score_seq2seq(self, chunk: Sequence[Request]) -> list[tuple[float, bool]]:
+        """An encoder–decoder's batch: the contexts are the sources (padded, masked), each target starts from the
+        decoder's start token (as lm-eval's ``seq2seq`` backend does, which lets the model shift its labels)."""
+        sources = [ctx[-self.max_length :] for _, ctx, _ in chunk]
+        conts = [cont[-self.max_length :] for _, _, cont in chunk]
+        start = self.lm.model.config.decoder_start_token_id
+        targets = [[start] + c[:-1] for c in conts]
+        src, mask = _right_padded(sources, self.lm._pad_id(), self.device)
+        tgt, _ = _right_padded(targets, self.lm._pad_id(), self.device)
+        hidden = self.lm.model(src, tgt, mask, hidden_only=True)
+        picked = torch.cat([hidden[i, : len(c)] for i, c in enumerate(conts)])
+        return self._answers(self.lm.model.lm_logits(picked), conts)
+
+    def _answers(self, logits: torch.Tensor, conts: list[list[int]]) -> list[tuple[float, bool]]:
+        """Split the continuations' stacked logits (sum of lengths, vocab) into (log-probability, is greedy)."""
+        logprobs = F.log_softmax(logits.float(), dim=-1)
+        flat = torch.tensor([t for c in conts for t in c], device=logprobs.device)
+        chosen = logprobs.gather(-1, flat[:, None]).squeeze(-1)
+        greedy = logprobs.argmax(-1) == flat
+        answers, start = [], 0
+        for c in conts:
+            end = start + len(c)
+            answers.append((float(chosen[start:end].sum()), bool(greedy[start:end].all())))
+            start = end
+        return answers
+
+    def loglikelihood_rolling(self, requests: list, disable_tqdm: bool = False) -> list[float]:
+        """The log-likelihood of each whole text: lm-eval's disjoint windows of ``max_length`` tokens (the first
+        conditioned on the prefix token), scored together in batches and summed per text."""
+        windows, owners = [], []
+        for index, (text,) in enumerate(req.args for req in requests):
+            tokens = self.tok_encode(text)
+            for window in get_rolling_token_windows(tokens, self.prefix_token_id, self.max_length, 1):
+                windows.append((None, *make_disjoint_window(window)))
+                owners.append(index)
+        totals = [0.0] * len(requests)
+        for owner, (logprob, _) in zip(owners, self._loglikelihood_tokens(windows, disable_tqdm)):
+            totals[owner] += logprob
+        for req, total in zip(requests, totals):
+            self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
+        return totals
+
+    # -- generation ----------------------------------------------------------------------------------------------
+
+    def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
+        """Each request's continuation, cut before the first of its ``until`` strings: requests grouped by their
+        generation options, longest first, decoded ``batch_size`` at a time with lmlab's KV-cached loop."""
+        collator = Collator(
+            [req.args for req in requests],
+            sort_fn=lambda r: (-len(self.tok_encode(r[0])), r[0]),
+            group_by="gen_kwargs",
+            group_fn=lambda r: r[1],
+        )
+        results = []
+        for chunk in collator.get_batched(n=self.batch_size):
+            contexts = [context for context, _ in chunk]
+            texts = self._generate(contexts, chunk[0][1])
+            for (context, options), text in zip(chunk, texts):
+                results.append(text)
+                self.cache_hook.add_partial("generate_until", (context, options), text)
+        return collator.get_original(results)
+
+    def _generate(self, contexts: list[str], options: dict) -> list[str]:
+        """One batch of same-option requests through :meth:`lmlab.api.LM.complete_ids`."""
+        kwargs = normalize_gen_kwargs(dict(options), self._max_gen_toks)
+        until = handle_stop_sequences(kwargs.pop("until", None), eos=self.tokenizer.decode([self.eot_token_id]))
+        new = kwargs.pop("max_gen_toks")
+        sample = bool(kwargs.pop("do_sample", False)) and float(kwargs.get("temperature", 0.0) or 0.0) > 0
+        config: dict[str, Any] = dict(max_new_tokens=new, stop=[s for s in until if s])
+        if sample:
+            config.update(strategy="sample", temperature=float(kwargs["temperature"]), seed=1234)
+            config.update({k: kwargs[k] for k in ("top_k", "top_p") if k in kwargs})
+        if self.backend == "seq2seq":
+            from lmlab.data.tasks import encode_sources
+
+            ids = encode_sources(self.tokenizer, contexts, self.max_length)
+        else:
+            room = self.max_length - new
+            if room < 1:
+                raise LmlabError(f"max_gen_toks {new} leaves no room for a prompt in {self.max_length} tokens")
+            ids = [self.tok_encode(c)[-room:] or [self.prefix_token_id] for c in contexts]
+        return [row[0].text for row in self.lm.complete_ids(ids, **config)]
+
+
+def _right_padded(rows: list[list[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=device)
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
+    return ids, mask
+
+
+def offline() -> None:
+    """Keep lm-eval, datasets and transformers off the network: tasks come from local files."""
+    for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        os.environ.setdefault(name, "1")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """lm-eval's command line with the ``lmlab`` model type registered (``python -m lmlab.evaluate.harness``)."""
+    import sys
+
+    from lm_eval.__main__ import cli_evaluate
+
+    offline()
+    if argv is not None:
+        sys.argv = [sys.argv[0], *argv]
+    cli_evaluate()
+
+
+if __name__ == "__main__":
+    main()
