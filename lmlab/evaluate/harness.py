@@ -23,6 +23,7 @@ the source, the continuation the target.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,7 +32,18 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from lmlab.api import LM, load
 from lmlab.errors import LmlabError
+
+
+def offline() -> None:
+    """Keep lm-eval, datasets and transformers off the network: tasks come from local files. A variable
+    already set is left as it is."""
+    for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        os.environ.setdefault(name, "1")
+
+
+offline()  # before datasets is imported: it reads these once
 
 try:
     import lm_eval.models  # noqa: F401  (lm-eval's own models first: its registry imports them only when empty)
@@ -44,7 +56,6 @@ except ImportError as e:  # pragma: no cover - the optional extra is missing
         f"the lm-evaluation-harness backend needs lm-eval ({e.name} is missing): `pip install 'lmlab[harness]'`"
     ) from None
 
-from lmlab.api import LM, load
 
 Request = tuple[Any, list[int], list[int]]  # (key, context ids, continuation ids): TemplateLM's scoring unit
 
@@ -95,6 +106,11 @@ class LmlabLM(TemplateLM):
         self.backend = "seq2seq" if self.lm.is_seq2seq else "causal"
         self._batch_size = _positive_batch_size(batch_size)
         self._max_length = int(max_length) if max_length else self.lm.block_size
+        if not 0 < self._max_length <= self.lm.block_size:
+            raise LmlabError(
+                f"max_length {max_length}: expected 1 to {self.lm.block_size} (the model's context window)",
+                params="max_length",
+            )
         self._max_gen_toks = int(max_gen_toks)
 
     # -- what lm-eval asks of a model ----------------------------------------------------------------------------
@@ -249,10 +265,62 @@ def _right_padded(rows: list[list[int]], pad: int, device: torch.device) -> tupl
     return ids, mask
 
 
-def offline() -> None:
-    """Keep lm-eval, datasets and transformers off the network: tasks come from local files."""
-    for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        os.environ.setdefault(name, "1")
+def task_list(tasks: str | Sequence[str]) -> list[str]:
+    """Task names from a comma-separated string or a list."""
+    names = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t and t.strip()]
+    if not names:
+        raise LmlabError("harness: expected one or more lm-evaluation-harness task names", params="harness")
+    return names
+
+
+def run_harness(
+    lm: LM,
+    tasks: str | Sequence[str],
+    *,
+    include: str | Path | None = None,
+    num_fewshot: int | None = None,
+    limit: int | None = None,
+    batch_size: int = 8,
+) -> dict[str, Any]:
+    """lm-eval's ``simple_evaluate`` of ``tasks`` (names, or a comma-separated string) on ``lm``, with the tasks
+    of the folder ``include`` besides lm-eval's own: its results as plain JSON (per-example ``samples`` too)."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+    from lm_eval.utils import handle_non_serializable
+
+    names = task_list(tasks)
+    if include is not None and not Path(include).is_dir():
+        raise LmlabError(f"harness_include {include}: not a folder of lm-eval task files", params="harness_include")
+    manager = TaskManager(include_path=str(include) if include is not None else None)
+    unknown = [n for n in names if not manager.match_tasks([n])]
+    if unknown:
+        raise LmlabError(
+            f"harness task(s) {', '.join(unknown)} not found: expected lm-eval task names, or tasks in the "
+            "harness_include folder",
+            params="harness harness_include",
+        )
+    model = LmlabLM(lm=lm, batch_size=batch_size)
+    results = simple_evaluate(
+        model, tasks=names, num_fewshot=num_fewshot, limit=limit, task_manager=manager, log_samples=True
+    )
+    return json.loads(json.dumps(results, default=handle_non_serializable))
+
+
+def figures(results: dict[str, Any]) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """lm-eval's metrics as ``{"task/metric": value}`` (the filter's name after the metric's unless it is
+    ``none``), and a 95% interval for each from lm-eval's standard error (normal approximation)."""
+    values, cis = {}, {}
+    for task, metrics in results["results"].items():
+        for key, value in metrics.items():
+            metric, _, kept = key.partition(",")
+            if not kept or "_stderr" in metric or not isinstance(value, (int, float)):
+                continue
+            name = f"{task}/{metric}" + ("" if kept == "none" else f"/{kept}")
+            values[name] = float(value)
+            se = metrics.get(f"{metric}_stderr,{kept}")
+            if isinstance(se, (int, float)):
+                cis[name] = {"low": value - 1.96 * se, "high": value + 1.96 * se}
+    return values, cis
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -261,7 +329,6 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     from lm_eval.__main__ import cli_evaluate
 
-    offline()
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
     cli_evaluate()
