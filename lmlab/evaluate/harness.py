@@ -70,7 +70,6 @@ def _positive_batch_size(batch_size: Any) -> int:
     return value
 
 
-@register_model("lmlab")
 class LmlabLM(TemplateLM):
     """lm-eval's ``LM`` for an lmlab checkpoint, run folder or Hugging Face folder (``pretrained``), or an
     :class:`lmlab.api.LM` already loaded (``lm``).
@@ -89,7 +88,7 @@ class LmlabLM(TemplateLM):
         self,
         pretrained: str | Path | None = None,
         batch_size: int | str = 8,
-        device: str = "cpu",
+        device: str = "auto",
         max_length: int | None = None,
         max_gen_toks: int = 256,
         verify: bool = True,
@@ -112,6 +111,21 @@ class LmlabLM(TemplateLM):
                 params="max_length",
             )
         self._max_gen_toks = int(max_gen_toks)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict[str, Any], additional_config: dict[str, Any] | None = None):
+        """lm-eval's constructor from ``--model_args`` and its own flags (``--batch_size``, ``--device``):
+        a setting in ``--model_args`` wins (lm-eval's ``hf`` model would take it twice and fail)."""
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict}
+        if str(extra.get("device", "")).startswith("cuda") and not torch.cuda.is_available():
+            del extra["device"]  # lm-eval's default, cuda:0, on a machine without one: auto, as its hf model falls back
+        return cls(**arg_dict, **extra)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict[str, Any] | None = None):
+        from lm_eval.utils import simple_parse_args_string
+
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
 
     # -- what lm-eval asks of a model ----------------------------------------------------------------------------
 
@@ -258,6 +272,10 @@ class LmlabLM(TemplateLM):
         return [row[0].text for row in self.lm.complete_ids(ids, **config)]
 
 
+if __name__ != "__main__":  # `python -m` runs this file as __main__ too: main() imports it, which registers it
+    register_model("lmlab")(LmlabLM)
+
+
 def _right_padded(rows: list[list[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(r) for r in rows)
     ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=device)
@@ -328,6 +346,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     import sys
 
     from lm_eval.__main__ import cli_evaluate
+
+    import lmlab.evaluate.harness  # noqa: F401  (registers the lmlab model type)
 
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
