@@ -27,18 +27,42 @@ def _export(checkpoint, folder) -> Path:
     return folder
 
 
+BART = dict(  # a tiny encoder–decoder that HF holds exactly (lmlab exports encoder–decoders as BART)
+    arch="seq2seq",
+    norm="layernorm",
+    norm_eps=1e-5,
+    mlp="gelu",
+    gelu_approximate="none",
+    position="learned",
+    bias=True,
+    tie_embeddings=True,
+    norm_placement="post",
+    embedding_norm=True,
+    scale_embedding=True,
+    n_layer=2,
+    n_decoder_layer=2,
+    n_head=4,
+    n_embd=32,
+    intermediate_size=64,
+    block_size=64,
+)
+
+
 def _random_checkpoint(folder: Path, name: str, tokenizer_dir: Path) -> Path:
     """An untrained model (seed 0): its greedy continuations vary from prompt to prompt, unlike a barely trained
-    one's, so generation is compared on many different tokens."""
-    from lmlab.config import preset
+    one's, so generation is compared on many different tokens. ``name``: a preset, or ``bart``."""
+    from lmlab.config import ModelConfig, preset
     from lmlab.io.checkpoint import save_checkpoint
     from lmlab.model import build_model
     from lmlab.tokenizer import Tokenizer
 
     tok = Tokenizer.load(tokenizer_dir)
     torch.manual_seed(0)
-    model = build_model(preset(name, vocab_size=tok.vocab_size))
-    return save_checkpoint(folder / name, model, tokenizer=tok)
+    if name == "bart":
+        config = ModelConfig(**BART, vocab_size=tok.vocab_size, decoder_start_token_id=tok.eos_id or 0)
+    else:
+        config = preset(name, vocab_size=tok.vocab_size)
+    return save_checkpoint(folder / name, build_model(config), tokenizer=tok)
 
 
 def _hf(folder: Path, **options):
@@ -125,8 +149,8 @@ def test_greedy_generate_until_matches_hf(tokenizer_dir, tmp_path):
 
 @pytest.mark.slow
 def test_encoder_decoder_matches_hf_seq2seq(tokenizer_dir, tmp_path):
-    """t5-tiny: the context is the source, the continuation the target (lm-eval's seq2seq backend)."""
-    path = _random_checkpoint(tmp_path, "t5-tiny", tokenizer_dir)
+    """A BART-style model: the context is the source, the continuation the target (lm-eval's seq2seq backend)."""
+    path = _random_checkpoint(tmp_path, "bart", tokenizer_dir)
     hf = _export(path, tmp_path / "hf")
     ours, theirs = _lmlab(path, batch_size=3), _hf(hf, backend="seq2seq")
     assert ours.backend == "seq2seq"

@@ -199,7 +199,7 @@ class LmlabLM(TemplateLM):
         tgt, _ = _right_padded(targets, self.lm._pad_id(), self.device)
         hidden = self.lm.model(src, tgt, mask, hidden_only=True)
         picked = torch.cat([hidden[i, : len(c)] for i, c in enumerate(conts)])
-        return self._answers(self.lm.model.lm_logits(picked), conts)
+        return self._answers(self.lm.model.lm_head(picked), conts)
 
     def _answers(self, logits: torch.Tensor, conts: list[list[int]]) -> list[tuple[float, bool]]:
         """Split the continuations' stacked logits (sum of lengths, vocab) into (log-probability, is greedy)."""
