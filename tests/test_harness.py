@@ -92,7 +92,7 @@ def both(trained_run, hf_folder) -> dict:
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    manager = TaskManager(include_path=str(TASKS))
+    manager = TaskManager(include_path=str(TASKS), include_defaults=False)
     out = {}
     for name, model in (("lmlab", _lmlab(trained_run)), ("hf", _hf(hf_folder))):
         out[name] = lm_eval.simple_evaluate(

@@ -163,29 +163,45 @@ class LmlabLM(TemplateLM):
     # -- log-likelihoods -----------------------------------------------------------------------------------------
 
     def _loglikelihood_tokens(self, requests: list[Request], disable_tqdm: bool = False, **kwargs: Any):
-        """(log-probability, is greedy) of each request's continuation given its context, longest first in
-        batches of ``batch_size``, returned in the order given."""
-        collator = Collator(requests, sort_fn=lambda r: (-len(r[1]) - len(r[2]), tuple(r[1] + r[2])))
-        results = []
-        for chunk in collator.get_batched(n=self.batch_size):
-            scored = self._score_seq2seq(chunk) if self.backend == "seq2seq" else self._score_causal(chunk)
-            for (key, _, _), answer in zip(chunk, scored):
-                results.append(answer)
-                if key is not None:  # rolling windows are cached per text by loglikelihood_rolling
-                    self.cache_hook.add_partial("loglikelihood", key, answer)
-        return collator.get_original(results)
+        """(log-probability, is greedy) of each request's continuation given its context, in the order given.
+
+        A decoder reads each distinct input once: the choices of a multiple-choice question that differ only in
+        their last token share one row (lm-eval's ``hf`` model shares one-token continuations only). Rows go
+        longest first, ``batch_size`` at a time."""
+        if self.backend == "seq2seq":
+            collator = Collator(requests, sort_fn=lambda r: (-len(r[1]) - len(r[2]), tuple(r[1] + r[2])))
+            scored = [a for chunk in collator.get_batched(n=self.batch_size) for a in self._score_seq2seq(chunk)]
+            return self._cached(requests, collator.get_original(scored))
+        rows: dict[tuple[int, ...], list[int]] = {}
+        for i, (_, ctx, cont) in enumerate(requests):
+            rows.setdefault(tuple((ctx + cont)[-(self.max_length + 1) :][:-1]), []).append(i)
+        order = sorted(rows, key=lambda row: (-len(row), row))
+        answers: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start : start + self.batch_size]
+            last = [max(len(requests[i][2]) for i in rows[row]) for row in batch]
+            for row, logprobs in zip(batch, self._row_logprobs(batch, last)):
+                for i in rows[row]:
+                    cont = requests[i][2]
+                    answers[i] = _answer(logprobs[len(logprobs) - len(cont) :], cont)
+        return self._cached(requests, answers)
+
+    def _cached(self, requests: list[Request], answers: list[tuple[float, bool]]) -> list[tuple[float, bool]]:
+        for (key, _, _), answer in zip(requests, answers):
+            if key is not None:  # rolling windows are cached per text by loglikelihood_rolling
+                self.cache_hook.add_partial("loglikelihood", key, answer)
+        return answers
 
     @torch.inference_mode()
-    def _score_causal(self, chunk: Sequence[Request]) -> list[tuple[float, bool]]:
-        """A decoder's batch: each row's context + continuation (cut from the left to ``max_length`` + 1 tokens,
-        the last one dropped) right-padded; the LM head reads only the continuation positions."""
-        rows = [(ctx + cont)[-(self.max_length + 1) :][:-1] for _, ctx, cont in chunk]
-        conts = [cont for _, _, cont in chunk]
+    def _row_logprobs(self, rows: list[tuple[int, ...]], last: list[int]) -> list[torch.Tensor]:
+        """A decoder's batch of rows, right-padded: the log-probabilities (n, vocab) of each row's ``last`` n
+        positions; the LM head reads those positions only."""
         width = max(len(r) for r in rows)
-        ids = torch.tensor([r + [0] * (width - len(r)) for r in rows], device=self.device)
+        ids = torch.tensor([list(r) + [0] * (width - len(r)) for r in rows], device=self.device)
         hidden = self.lm.model(ids, hidden_only=True)  # (B, T, n_embd); padding on the right is never attended
-        picked = torch.cat([hidden[i, len(r) - len(c) : len(r)] for i, (r, c) in enumerate(zip(rows, conts))])
-        return self._answers(self.lm.model.lm_logits(picked), conts)
+        picked = torch.cat([hidden[i, len(r) - n : len(r)] for i, (r, n) in enumerate(zip(rows, last))])
+        logprobs = F.log_softmax(self.lm.model.lm_logits(picked).float(), dim=-1)
+        return list(logprobs.split(last))
 
     @torch.inference_mode()
     def _score_seq2seq(self, chunk: Sequence[Request]) -> list[tuple[float, bool]]:
@@ -199,20 +215,8 @@ class LmlabLM(TemplateLM):
         tgt, _ = _right_padded(targets, self.lm._pad_id(), self.device)
         hidden = self.lm.model(src, tgt, mask, hidden_only=True)
         picked = torch.cat([hidden[i, : len(c)] for i, c in enumerate(conts)])
-        return self._answers(self.lm.model.lm_head(picked), conts)
-
-    def _answers(self, logits: torch.Tensor, conts: list[list[int]]) -> list[tuple[float, bool]]:
-        """Split the continuations' stacked logits (sum of lengths, vocab) into (log-probability, is greedy)."""
-        logprobs = F.log_softmax(logits.float(), dim=-1)
-        flat = torch.tensor([t for c in conts for t in c], device=logprobs.device)
-        chosen = logprobs.gather(-1, flat[:, None]).squeeze(-1)
-        greedy = logprobs.argmax(-1) == flat
-        answers, start = [], 0
-        for c in conts:
-            end = start + len(c)
-            answers.append((float(chosen[start:end].sum()), bool(greedy[start:end].all())))
-            start = end
-        return answers
+        logprobs = F.log_softmax(self.lm.model.lm_head(picked).float(), dim=-1)
+        return [_answer(lp, c) for lp, c in zip(logprobs.split([len(c) for c in conts]), conts)]
 
     def loglikelihood_rolling(self, requests: list, disable_tqdm: bool = False) -> list[float]:
         """The log-likelihood of each whole text: lm-eval's disjoint windows of ``max_length`` tokens (the first
@@ -276,6 +280,13 @@ if __name__ != "__main__":  # `python -m` runs this file as __main__ too: main()
     register_model("lmlab")(LmlabLM)
 
 
+def _answer(logprobs: torch.Tensor, cont: list[int]) -> tuple[float, bool]:
+    """(the sum of the continuation's log-probabilities, whether each of its tokens is the most likely one)."""
+    tokens = torch.tensor(cont, device=logprobs.device)
+    chosen = logprobs.gather(-1, tokens[:, None]).squeeze(-1)
+    return float(chosen.sum()), bool((logprobs.argmax(-1) == tokens).all())
+
+
 def _right_padded(rows: list[list[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(r) for r in rows)
     ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=device)
@@ -303,13 +314,12 @@ def run_harness(
     """lm-eval's ``simple_evaluate`` of ``tasks`` (names, or a comma-separated string) on ``lm``, with the tasks
     of the folder ``include`` besides lm-eval's own: its results as plain JSON (per-example ``samples`` too)."""
     from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
     from lm_eval.utils import handle_non_serializable
 
     names = task_list(tasks)
     if include is not None and not Path(include).is_dir():
         raise LmlabError(f"harness_include {include}: not a folder of lm-eval task files", params="harness_include")
-    manager = TaskManager(include_path=str(include) if include is not None else None)
+    manager = _task_manager(names, include)
     unknown = [n for n in names if not manager.match_tasks([n])]
     if unknown:
         raise LmlabError(
@@ -322,6 +332,18 @@ def run_harness(
         model, tasks=names, num_fewshot=num_fewshot, limit=limit, task_manager=manager, log_samples=True
     )
     return json.loads(json.dumps(results, default=handle_non_serializable))
+
+
+def _task_manager(names: list[str], include: str | Path | None):
+    """lm-eval's task index: the ``include`` folder's alone when it holds every task named (indexing lm-eval's
+    own thousands of task files takes half a minute), else lm-eval's tasks as well."""
+    from lm_eval.tasks import TaskManager
+
+    if include is not None:
+        local = TaskManager(include_path=str(include), include_defaults=False)
+        if all(local.match_tasks([n]) for n in names):
+            return local
+    return TaskManager(include_path=str(include) if include is not None else None)
 
 
 def figures(results: dict[str, Any]) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
