@@ -59,11 +59,7 @@ def evaluate(
     a task head's task, seq2seq for an encoder–decoder or a decoder fine-tuned on it, else lm).
 
     ``out`` (metrics.json, predictions.jsonl) is checked before any work: new, empty or an earlier
-    evaluation's folder (``overwrite``: any folder; only those two files are replaced).
-
-    ``harness`` runs lm-evaluation-harness tasks instead (:mod:`lmlab.evaluate.harness`; no ``data``): their
-    metrics, each with a 95% interval from lm-eval's standard error, in metrics.json; lm-eval's results JSON in
-    harness.json and its per-example records in harness_samples.jsonl beside it.
+    evaluation's folder (``overwrite``: any folder; only those two files are replaced). ``harness``: see the module.
 
     Args:
         checkpoint: checkpoint folder (or run folder: its best checkpoint)
