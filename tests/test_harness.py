@@ -162,6 +162,22 @@ def test_encoder_decoder_matches_hf_seq2seq(tokenizer_dir, tmp_path):
     assert ours.generate_until(gen) == theirs.generate_until(gen)
 
 
+def test_choices_differing_in_their_last_token_share_one_row(trained_run, monkeypatch):
+    """Four one-token choices after one context are read as one row; the answers are each choice's own."""
+    lm = _lmlab(trained_run)
+    context = "The cat sat on the"
+    words = [w for w in (" mat", " a", " the", " and", " of", " in") if len(lm.tok_encode(w)) == 1][:4]
+    assert len(words) == 4 and len({tuple(lm.tok_encode(context + w)[:-1]) for w in words}) == 1
+    rows = []
+    forward = lm.lm.model.forward
+    monkeypatch.setattr(lm.lm.model, "forward", lambda ids, **kw: rows.append(ids.shape[0]) or forward(ids, **kw))
+    shared = lm.loglikelihood(_requests("loglikelihood", [(context, w) for w in words]))
+    assert rows == [1]
+    alone = [lm.lm.score(context, w).logprob for w in words]
+    assert [ll for ll, _ in shared] == pytest.approx(alone, abs=1e-5)
+    assert sum(greedy for _, greedy in shared) <= 1
+
+
 def test_batching_does_not_change_scores(trained_run):
     """Right padding is never attended: a request scores the same alone and in a padded batch."""
     pairs = [("The cat", " sat on the mat"), ("Once upon a time, in a land far away,", " a king"), ("A", " b c")]
@@ -208,15 +224,22 @@ def test_evaluate_harness_refuses_bad_options(trained_run, options, names):
     assert names in e.value.params
 
 
-def test_unknown_task_and_missing_folder_are_one_line_errors(trained_run, tmp_path):
+def test_a_missing_task_folder_is_a_one_line_error(trained_run, tmp_path):
     from lmlab.api import load
     from lmlab.evaluate.harness import run_harness
 
-    lm = load(trained_run, device="cpu")
-    with pytest.raises(LmlabError, match="no_such_task"):
-        run_harness(lm, "lmlab_mc,no_such_task", include=TASKS)
     with pytest.raises(LmlabError, match="not a folder"):
-        run_harness(lm, "lmlab_mc", include=tmp_path / "missing")
+        run_harness(load(trained_run, device="cpu"), "lmlab_mc", include=tmp_path / "missing")
+
+
+@pytest.mark.slow
+def test_an_unknown_task_is_a_one_line_error(trained_run):
+    """Not in the folder: lm-eval's own tasks are indexed too (half a minute), and the name is in neither."""
+    from lmlab.api import load
+    from lmlab.evaluate.harness import run_harness
+
+    with pytest.raises(LmlabError, match="no_such_task"):
+        run_harness(load(trained_run, device="cpu"), "lmlab_mc,no_such_task", include=TASKS)
 
 
 def test_model_args_win_over_lm_evals_flags(trained_run):
