@@ -58,6 +58,7 @@ except ImportError as e:  # pragma: no cover - the optional extra is missing
 
 
 Request = tuple[Any, list[int], list[int]]  # (key, context ids, continuation ids): TemplateLM's scoring unit
+Packed = tuple[list[int], list[int], list[int], list[list[int]]]  # a context and its continuations: see _pack
 
 
 def _positive_batch_size(batch_size: Any) -> int:
@@ -165,25 +166,26 @@ class LmlabLM(TemplateLM):
     def _loglikelihood_tokens(self, requests: list[Request], disable_tqdm: bool = False, **kwargs: Any):
         """(log-probability, is greedy) of each request's continuation given its context, in the order given.
 
-        A decoder reads each distinct input once: the choices of a multiple-choice question that differ only in
-        their last token share one row (lm-eval's ``hf`` model shares one-token continuations only). Rows go
-        longest first, ``batch_size`` at a time."""
+        A decoder reads each context once: the requests that share it (the choices of a multiple-choice question)
+        are packed into one row, the context followed by each continuation, every continuation attending to the
+        context and to itself only (:func:`_pack`). Rows go longest first, ``batch_size`` at a time. An input
+        longer than ``max_length`` loses tokens from the left first, as lm-eval's ``hf`` model does."""
         if self.backend == "seq2seq":
             collator = Collator(requests, sort_fn=lambda r: (-len(r[1]) - len(r[2]), tuple(r[1] + r[2])))
             scored = [a for chunk in collator.get_batched(n=self.batch_size) for a in self._score_seq2seq(chunk)]
             return self._cached(requests, collator.get_original(scored))
-        rows: dict[tuple[int, ...], list[int]] = {}
+        groups: dict[tuple[int, ...], list[int]] = {}
         for i, (_, ctx, cont) in enumerate(requests):
-            rows.setdefault(tuple((ctx + cont)[-(self.max_length + 1) :][:-1]), []).append(i)
-        order = sorted(rows, key=lambda row: (-len(row), row))
+            row = (ctx + cont)[-(self.max_length + 1) :][:-1]
+            groups.setdefault(tuple(row[: len(row) - len(cont) + 1]), []).append(i)
+        packed = {ctx: _pack(ctx, [requests[i][2] for i in members]) for ctx, members in groups.items()}
+        order = sorted(groups, key=lambda ctx: (-len(packed[ctx][0]), ctx))
         answers: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
         for start in range(0, len(order), self.batch_size):
             batch = order[start : start + self.batch_size]
-            last = [max(len(requests[i][2]) for i in rows[row]) for row in batch]
-            for row, logprobs in zip(batch, self._row_logprobs(batch, last)):
-                for i in rows[row]:
-                    cont = requests[i][2]
-                    answers[i] = _answer(logprobs[len(logprobs) - len(cont) :], cont)
+            for ctx, logprobs in zip(batch, self._packed_logprobs([packed[ctx] for ctx in batch])):
+                for i, lp in zip(groups[ctx], logprobs):
+                    answers[i] = _answer(lp, requests[i][2])
         return self._cached(requests, answers)
 
     def _cached(self, requests: list[Request], answers: list[tuple[float, bool]]) -> list[tuple[float, bool]]:
@@ -193,15 +195,26 @@ class LmlabLM(TemplateLM):
         return answers
 
     @torch.inference_mode()
-    def _row_logprobs(self, rows: list[tuple[int, ...]], last: list[int]) -> list[torch.Tensor]:
-        """A decoder's batch of rows, right-padded: the log-probabilities (n, vocab) of each row's ``last`` n
-        positions; the LM head reads those positions only."""
-        width = max(len(r) for r in rows)
-        ids = torch.tensor([list(r) + [0] * (width - len(r)) for r in rows], device=self.device)
-        hidden = self.lm.model(ids, hidden_only=True)  # (B, T, n_embd); padding on the right is never attended
-        picked = torch.cat([hidden[i, len(r) - n : len(r)] for i, (r, n) in enumerate(zip(rows, last))])
-        logprobs = F.log_softmax(self.lm.model.lm_logits(picked).float(), dim=-1)
-        return list(logprobs.split(last))
+    def _packed_logprobs(self, rows: list[Packed]) -> list[list[torch.Tensor]]:
+        """One forward pass over packed rows (right-padded; a padding token sees only itself): per row, per
+        continuation, the log-probabilities (its length, vocab) of its tokens; the LM head reads those only."""
+        width = max(len(tokens) for tokens, _, _, _ in rows)
+        ids = torch.tensor([t + [0] * (width - len(t)) for t, _, _, _ in rows], device=self.device)
+        positions = torch.tensor([p + [0] * (width - len(p)) for _, p, _, _ in rows], device=self.device)
+        branch = torch.tensor([b + [-2] * (width - len(b)) for _, _, b, _ in rows], device=self.device)
+        index = torch.arange(width, device=self.device)
+        causal = index[None, :] <= index[:, None]  # (T, T): query q sees key k ≤ q …
+        visible = (branch[:, None, :] == -1) | (branch[:, None, :] == branch[:, :, None])  # … in the context or its own
+        mask = (causal & visible) | (index[None, :] == index[:, None])
+        hidden = self.lm.model(ids, position_ids=positions, attn_mask=mask[:, None], hidden_only=True)
+        reads = [(b, r) for b, (_, _, _, row_reads) in enumerate(rows) for r in row_reads]
+        picked = torch.cat([hidden[b, r] for b, r in reads])
+        logprobs = F.log_softmax(self.lm.model.lm_logits(picked).float(), dim=-1).split([len(r) for _, r in reads])
+        out, at = [], 0
+        for _, _, _, row_reads in rows:
+            out.append(list(logprobs[at : at + len(row_reads)]))
+            at += len(row_reads)
+        return out
 
     @torch.inference_mode()
     def _score_seq2seq(self, chunk: Sequence[Request]) -> list[tuple[float, bool]]:
@@ -278,6 +291,23 @@ class LmlabLM(TemplateLM):
 
 if __name__ != "__main__":  # `python -m` runs this file as __main__ too: main() imports it, which registers it
     register_model("lmlab")(LmlabLM)
+
+
+def _pack(context: tuple[int, ...], conts: list[list[int]]) -> Packed:
+    """One row for the continuations ``conts`` of one ``context``: the context's tokens, then each continuation's
+    but its last (what predicts the next one), at the positions it would have after the context alone.
+
+    Returns (tokens, position ids, branch: -1 for the context and k for the k-th continuation, and per continuation
+    the row indices whose next-token predictions score it: the context's last token, then its own)."""
+    tokens, positions, branch = list(context), list(range(len(context))), [-1] * len(context)
+    reads = []
+    for k, cont in enumerate(conts):
+        start, n = len(tokens), len(cont) - 1
+        tokens += cont[:-1]
+        positions += range(len(context), len(context) + n)
+        branch += [k] * n
+        reads.append([len(context) - 1, *range(start, start + n)])
+    return tokens, positions, branch, reads
 
 
 def _answer(logprobs: torch.Tensor, cont: list[int]) -> tuple[float, bool]:
