@@ -202,11 +202,14 @@ class LmlabLM(TemplateLM):
         ids = torch.tensor([t + [0] * (width - len(t)) for t, _, _, _ in rows], device=self.device)
         positions = torch.tensor([p + [0] * (width - len(p)) for _, p, _, _ in rows], device=self.device)
         branch = torch.tensor([b + [-2] * (width - len(b)) for _, _, b, _ in rows], device=self.device)
-        index = torch.arange(width, device=self.device)
-        causal = index[None, :] <= index[:, None]  # (T, T): query q sees key k ≤ q …
-        visible = (branch[:, None, :] == -1) | (branch[:, None, :] == branch[:, :, None])  # … in the context or its own
-        mask = (causal & visible) | (index[None, :] == index[:, None])
-        hidden = self.lm.model(ids, position_ids=positions, attn_mask=mask[:, None], hidden_only=True)
+        if all(len(row_reads) == 1 for _, _, _, row_reads in rows):  # nothing shared: plain causal rows, SDPA's
+            hidden = self.lm.model(ids, hidden_only=True)  # fast path; right padding is never attended
+        else:
+            index = torch.arange(width, device=self.device)
+            causal = index[None, :] <= index[:, None]  # (T, T): query q sees key k ≤ q …
+            visible = (branch[:, None, :] == -1) | (branch[:, None, :] == branch[:, :, None])  # … of context or own
+            mask = (causal & visible) | (index[None, :] == index[:, None])
+            hidden = self.lm.model(ids, position_ids=positions, attn_mask=mask[:, None], hidden_only=True)
         reads = [(b, r) for b, (_, _, _, row_reads) in enumerate(rows) for r in row_reads]
         picked = torch.cat([hidden[b, r] for b, r in reads])
         logprobs = F.log_softmax(self.lm.model.lm_logits(picked).float(), dim=-1).split([len(r) for _, r in reads])
