@@ -168,23 +168,26 @@ class LmlabLM(TemplateLM):
 
         A decoder reads each context once: the requests that share it (the choices of a multiple-choice question)
         are packed into one row, the context followed by each continuation, every continuation attending to the
-        context and to itself only (:func:`_pack`). Rows go longest first, ``batch_size`` at a time. An input
+        context and to itself only (:func:`_pack`); a continuation longer than its context (a rolling window) gains
+        nothing from it and has a row of its own. Rows go longest first, ``batch_size`` at a time. An input
         longer than ``max_length`` loses tokens from the left first, as lm-eval's ``hf`` model does."""
         if self.backend == "seq2seq":
             collator = Collator(requests, sort_fn=lambda r: (-len(r[1]) - len(r[2]), tuple(r[1] + r[2])))
             scored = [a for chunk in collator.get_batched(n=self.batch_size) for a in self._score_seq2seq(chunk)]
             return self._cached(requests, collator.get_original(scored))
-        groups: dict[tuple[int, ...], list[int]] = {}
+        groups: dict[tuple[tuple[int, ...], int], list[int]] = {}
         for i, (_, ctx, cont) in enumerate(requests):
             row = (ctx + cont)[-(self.max_length + 1) :][:-1]
-            groups.setdefault(tuple(row[: len(row) - len(cont) + 1]), []).append(i)
-        packed = {ctx: _pack(ctx, [requests[i][2] for i in members]) for ctx, members in groups.items()}
-        order = sorted(groups, key=lambda ctx: (-len(packed[ctx][0]), ctx))
+            context = tuple(row[: len(row) - len(cont) + 1])
+            alone = -1 if len(cont) <= len(context) else i  # a continuation longer than its context: a row of its own
+            groups.setdefault((context, alone), []).append(i)
+        packed = {key: _pack(key[0], [requests[i][2] for i in members]) for key, members in groups.items()}
+        order = sorted(groups, key=lambda key: (-len(packed[key][0]), key))
         answers: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
         for start in range(0, len(order), self.batch_size):
             batch = order[start : start + self.batch_size]
-            for ctx, logprobs in zip(batch, self._packed_logprobs([packed[ctx] for ctx in batch])):
-                for i, lp in zip(groups[ctx], logprobs):
+            for key, logprobs in zip(batch, self._packed_logprobs([packed[key] for key in batch])):
+                for i, lp in zip(groups[key], logprobs):
                     answers[i] = _answer(lp, requests[i][2])
         return self._cached(requests, answers)
 
