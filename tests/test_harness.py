@@ -252,3 +252,5 @@ def test_model_args_win_over_lm_evals_flags(trained_run):
     assert lm.batch_size == 4 and lm.device.type in ("cpu", "cuda", "mps")
     with pytest.raises(LmlabError, match="batch_size"):
         LmlabLM(pretrained=str(trained_run), batch_size="auto")
+    with pytest.raises(LmlabError, match="unknown model argument.*batchsize"):
+        LmlabLM.create_from_arg_string(f"pretrained={trained_run},batchsize=4")

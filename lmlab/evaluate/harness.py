@@ -97,6 +97,12 @@ class LmlabLM(TemplateLM):
         **unused: Any,
     ) -> None:
         super().__init__()
+        unknown = sorted(set(unused) - {"max_batch_size"})  # lm-eval passes max_batch_size (for batch_size=auto)
+        if unknown:
+            raise LmlabError(
+                f"unknown model argument(s) {', '.join(unknown)}: the lmlab model type takes pretrained, batch_size, "
+                "device, max_length, max_gen_toks and verify"
+            )
         if (pretrained is None) == (lm is None):
             raise LmlabError("the lmlab model type needs pretrained=FOLDER (a checkpoint, run or HF folder)")
         self.lm = lm if lm is not None else load(pretrained, device=device, verify=verify)
