@@ -164,9 +164,9 @@ def test_encoder_decoder_matches_hf_seq2seq(tokenizer_dir, tmp_path):
 
 def test_the_choices_of_one_context_share_one_row(trained_run, monkeypatch):
     """Choices of one and several tokens after one context: one row, one forward pass; each choice's answer is
-    what lmlab's own scorer gives it alone."""
+    what lmlab's own scorer gives it alone. (A choice longer than its context would get a row of its own.)"""
     lm = _lmlab(trained_run)
-    context = "The cat sat on the"
+    context = "Once upon a time, in a quiet little house, the old cat sat on the"  # longer than every choice
     choices = [" mat", " cupboard by the window", " a", " river bank"]
     assert sorted(len(lm.tok_encode(context + c)) - len(lm.tok_encode(context)) for c in choices)[-1] > 2
     rows = []
