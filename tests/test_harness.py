@@ -254,3 +254,17 @@ def test_model_args_win_over_lm_evals_flags(trained_run):
         LmlabLM(pretrained=str(trained_run), batch_size="auto")
     with pytest.raises(LmlabError, match="unknown model argument.*batchsize"):
         LmlabLM.create_from_arg_string(f"pretrained={trained_run},batchsize=4")
+
+
+@pytest.mark.slow
+def test_lmlab_evaluate_harness_on_the_command_line(trained_run, tmp_path, capsys):
+    from lmlab.cli import main
+
+    out = tmp_path / "eval"
+    argv = ["evaluate", str(trained_run), "--harness", "lmlab_mc", "--harness-include", str(TASKS), "--limit", "3"]
+    assert main([*argv, "--num-fewshot", "1", "--batch-size", "4", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "lmlab_mc/acc:" in printed and f"{out / 'harness.json'}" in printed
+    assert json.loads((out / "harness.json").read_text())["n-shot"]["lmlab_mc"] == 1
+    assert main([*argv, "--data", "test.jsonl"]) == 1  # one line naming both flags
+    assert "--data" in capsys.readouterr().err
