@@ -1,7 +1,8 @@
 """An lm-evaluation-harness backend: lmlab models on EleutherAI's benchmarks (``pip install 'lmlab[harness]'``).
 
 Importing this module registers the model type ``lmlab`` with lm-eval (lm-eval 0.4 finds third-party models
-only by import, not by entry point). From the command line::
+only by import, not by entry point), and sets ``HF_DATASETS_OFFLINE``, ``HF_HUB_OFFLINE`` and
+``TRANSFORMERS_OFFLINE`` to 1 unless already set: tasks come from local files. From the command line::
 
     lmlab evaluate runs/a --harness lmlab_mc,lmlab_gen --harness-include examples/harness/ --out eval/
     python -m lmlab.evaluate.harness --model lmlab --model_args pretrained=runs/a,batch_size=8 \\
@@ -11,14 +12,15 @@ The second is lm-eval's own command line (every ``lm_eval`` flag) with the ``lml
 
 :class:`LmlabLM` answers lm-eval's three request kinds with lmlab's model:
 
-- ``loglikelihood``: lm-eval's tokenization (:class:`~lm_eval.api.model.TemplateLM`), requests sorted longest
+- ``loglikelihood``: lm-eval's tokenization (:class:`~lm_eval.api.model.TemplateLM`); a context read once for all
+  its continuations (packed in one row after it, each attending to the context and itself); rows sorted longest
   first and batched, right-padded; the LM head runs on the continuation positions only.
 - ``loglikelihood_rolling``: lm-eval's disjoint rolling windows, scored by the same batched path.
 - ``generate_until``: lmlab's decoding loop (:meth:`lmlab.api.LM.complete_ids`: KV cache, left-padded batches,
   stop strings from ``until``), requests grouped by their generation options and sorted by length.
 
-An encoder–decoder (``t5-*``, BART) is scored and decoded as lm-eval's ``seq2seq`` backend does: the context is
-the source, the continuation the target.
+An encoder–decoder (a t5 preset, or BART-style: what HF export holds) is scored and decoded as lm-eval's
+``seq2seq`` backend does: the context is the source, the continuation the target.
 """
 
 from __future__ import annotations
