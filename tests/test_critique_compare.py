@@ -29,9 +29,8 @@ def swapped(classifier, tmp_path_factory):
 
 
 def test_every_prediction_flipped_is_counted_and_listed_with_groups(classifier, swapped, tmp_path):
-    fields = {"group_field": "group"}
-    report = critique(swapped, tmp_path / "r", lenses="performance", data=classifier["test"], compare=classifier["ckpt"],
-                      fields=fields, progress=False)  # fmt: skip
+    options = dict(lenses="performance", data=classifier["test"], fields={"group_field": "group"}, progress=False)
+    report = critique(swapped, tmp_path / "r", compare=classifier["ckpt"], **options)
     section = report["lenses"]["compare"]
     original = report["compared_with"]["lenses"]["performance"]["metrics"]
     accuracy = original["accuracy"]
