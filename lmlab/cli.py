@@ -66,8 +66,8 @@ def _flags_finetune(p: ArgumentParser) -> None:
 
 
 def _flags_evaluate(p: ArgumentParser) -> None:
-    own = "data task out max_length max_target_length num_beams batch_size n_resamples"
-    flags(p, lmlab.evaluate, own, f"checkpoint * {FIELDS} device verify overwrite")
+    own = "data task out harness harness_include num_fewshot limit max_length max_target_length num_beams batch_size"
+    flags(p, lmlab.evaluate, own + " n_resamples", f"checkpoint * {FIELDS} device verify overwrite")
 
 
 def _flags_critique(p: ArgumentParser) -> None:
@@ -175,14 +175,16 @@ def cmd_finetune(a) -> int:
 
 def cmd_evaluate(a) -> int:
     """Evaluate a checkpoint on a labelled file: the task's metrics with bootstrap 95% confidence intervals,
-    calibration for classifiers, per-example predictions; --task lm: a decoder's perplexity on text."""
+    calibration for classifiers, per-example predictions; --task lm: a decoder's perplexity on text;
+    --harness: lm-evaluation-harness tasks (local task files through --harness-include)."""
     from lmlab.evaluate.runner import summary
 
     if a.batch_size < 1 or a.n_resamples < 1 or a.num_beams < 1 or a.max_target_length < 1:
         raise LmlabError("--batch-size, --n-resamples, --num-beams and --max-target-length must be positive integers")
     print(summary(lmlab.evaluate(**kwargs_of(a, lmlab.evaluate))))
     if a.out:
-        print(f"lmlab: {Path(a.out) / 'metrics.json'}, {Path(a.out) / 'predictions.jsonl'}")
+        second = "harness.json" if a.harness else "predictions.jsonl"
+        print(f"lmlab: {Path(a.out) / 'metrics.json'}, {Path(a.out) / second}")
     return 0
 
 

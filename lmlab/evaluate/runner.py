@@ -8,6 +8,12 @@
 ``--task seq2seq`` generates each source's output (greedy, or beam search with ``num_beams``) and
 scores it against the target: BLEU and chrF (sacrebleu) and ROUGE. ``--task lm`` reports the
 perplexity of a decoder on a text file instead.
+
+``harness`` runs lm-evaluation-harness tasks instead of a test file (:mod:`lmlab.evaluate.harness`):
+
+    metrics.json           each task's metrics (``task/metric``) with a 95% interval from lm-eval's standard error
+    harness.json           lm-eval's results JSON (``results``, ``configs``, ``versions``, ``n-shot``, …)
+    harness_samples.jsonl  lm-eval's per-example records (the prompt, each request's answer, the metrics)
 """
 
 from __future__ import annotations
@@ -27,10 +33,14 @@ OWNED = owned_as("evaluation", ("metrics.json", "predictions.jsonl"), "checkpoin
 
 def evaluate(
     checkpoint: str | Path,
-    data: str | Path,
+    data: str | Path | None = None,
     *,
     task: str | None = None,
     out: str | Path | None = None,
+    harness: str | None = None,
+    harness_include: str | Path | None = None,
+    num_fewshot: int | None = None,
+    limit: int | None = None,
     max_length: int = 128,
     batch_size: int = 32,
     n_resamples: int = 1000,
@@ -49,14 +59,21 @@ def evaluate(
     a task head's task, seq2seq for an encoder–decoder or a decoder fine-tuned on it, else lm).
 
     ``out`` (metrics.json, predictions.jsonl) is checked before any work: new, empty or an earlier
-    evaluation's folder (``overwrite``: any folder; only those two files are replaced).
+    evaluation's folder (``overwrite``: any folder; only those two files are replaced). ``harness``: see the module.
 
     Args:
         checkpoint: checkpoint folder (or run folder: its best checkpoint)
         data: the test file (as for finetune; text files for --task lm)
         task: classify, tag, qa, seq2seq or lm (default: the checkpoint's task; seq2seq for an encoder–decoder; lm
             for a plain decoder)
-        out: folder for metrics.json and predictions.jsonl
+        out: folder for metrics.json and predictions.jsonl (harness: metrics.json, harness.json and
+            harness_samples.jsonl)
+        harness: lm-evaluation-harness tasks to run instead of a task on data, comma-separated (needs
+            `pip install 'lmlab[harness]'`; tasks are read from local files, never from a hub)
+        harness_include: harness: a folder of lm-eval task files (YAML) besides lm-eval's own, such as
+            examples/harness
+        num_fewshot: harness: few-shot examples in each prompt (default: each task's own)
+        limit: harness: at most this many examples per task (default: all)
         max_length: tokens per example; seq2seq: per source or prompt
         batch_size: examples per forward pass
         n_resamples: bootstrap resamples for the confidence intervals
@@ -74,10 +91,14 @@ def evaluate(
     from lmlab.metrics import check_n_resamples
 
     check_n_resamples(n_resamples)  # before the model loads
+    _check_inputs(data, harness, num_fewshot, limit)
     device = resolve_device(device)
     path = resolve_checkpoint(checkpoint)
     if out is not None:
         out = check_output(out, "evaluation folder", OWNED, overwrite=overwrite, sources=(checkpoint, path))
+    if harness is not None:
+        options = dict(include=harness_include, num_fewshot=num_fewshot, limit=limit, batch_size=batch_size)
+        return evaluate_harness(path, harness, out, device=device, verify=verify, **options)
     tokenizer = load_tokenizer(path, verify=verify)
     model = load_model(path, device=device, merge_lora=True, verify=verify).eval()
     fields = TaskFields(text_field, pair_field, label_field, source_field, target_field, max_length, max_target_length)
@@ -87,6 +108,53 @@ def evaluate(
     if out is not None:
         write_json_atomic(out / "metrics.json", result)
         write_jsonl_atomic(out / "predictions.jsonl", rows)
+        write_marker(out, "evaluation")
+    return result
+
+
+def _check_inputs(data, harness, num_fewshot, limit) -> None:
+    if (data is None) == (harness is None):
+        raise LmlabError(
+            "expected either data (a test file) or harness (lm-evaluation-harness task names), not both or neither",
+            params="data harness",
+        )
+    for name, value in (("num_fewshot", num_fewshot), ("limit", limit)):
+        if value is not None and harness is None:
+            raise LmlabError(f"{name} applies to harness tasks only", params=name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < (name == "limit")):
+            raise LmlabError(
+                f"{name} {value!r}: expected a whole number of at least {int(name == 'limit')}", params=name
+            )
+
+
+def evaluate_harness(
+    path: Path,
+    tasks: str,
+    out: Path | None,
+    *,
+    device: str = "cpu",
+    verify: bool = True,
+    include: str | Path | None = None,
+    num_fewshot: int | None = None,
+    limit: int | None = None,
+    batch_size: int = 8,
+) -> dict[str, Any]:
+    """:func:`evaluate` with ``harness``: lm-eval's ``tasks`` on the checkpoint at ``path``, written to ``out``."""
+    from lmlab.api import load
+    from lmlab.evaluate.harness import figures, run_harness
+
+    lm = load(path, device=str(device), verify=verify)
+    results = run_harness(lm, tasks, include=include, num_fewshot=num_fewshot, limit=limit, batch_size=batch_size)
+    samples = results.pop("samples", {})
+    values, cis = figures(results)
+    result = dict(task="harness", harness=tasks, checkpoint=str(path), **values, ci=cis)
+    result["ci_method"] = "normal approximation: the metric ± 1.96 × lm-eval's standard error"
+    if out is not None:
+        write_json_atomic(out / "harness.json", results)
+        write_jsonl_atomic(
+            out / "harness_samples.jsonl", [dict(task=t, **s) for t, rows in samples.items() for s in rows]
+        )
+        write_json_atomic(out / "metrics.json", result)
         write_marker(out, "evaluation")
     return result
 
@@ -157,6 +225,7 @@ def evaluate_model(
 
 NOT_FIGURES = {
     "task",
+    "harness",
     "checkpoint",
     "data",
     "ci",
