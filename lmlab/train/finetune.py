@@ -45,7 +45,7 @@ from lmlab.model import build_model
 from lmlab.objectives.losses import IGNORE_INDEX
 from lmlab.tasks import TASKS, ObjectiveArgs, Task, TaskData, TaskFields, TaskObjective, get_task, pack_examples
 from lmlab.train import dist as dist_mod
-from lmlab.train.data import hash_position
+from lmlab.train.data import ExampleBatches
 from lmlab.train.loop import TrainConfig, TrainResult, check_resume, same_source, train_loop
 from lmlab.train.memory import DryRun, check_budget
 
@@ -65,38 +65,6 @@ DERIVED_HELP = {
     "lr": f"peak learning rate (default: {FINETUNE_DEFAULTS['lr']:.0e}, with --lora {LORA_LR:.0e}: LoRA's adapters "
     "start from zero and need a higher rate; --resume: the run's own)".replace("e-0", "e-"),
 }
-
-
-class ExampleBatches:
-    """Shuffled epochs over ``n`` examples: ``(step, micro)`` → the example indices of that micro-batch.
-
-    Example ``q`` of the whole run (counting across steps, micro-steps and ranks) is
-    ``perm_e[q mod n]`` with ``perm_e`` the permutation of epoch ``e = q // n``, seeded by (seed, e).
-    """
-
-    def __init__(
-        self, n: int, batch_size: int, grad_accum_steps: int, seed: int, rank: int = 0, world_size: int = 1
-    ) -> None:
-        if n < 1:
-            raise LmlabError("the training file holds no examples")
-        self.n, self.batch_size, self.accum, self.seed = n, batch_size, grad_accum_steps, seed
-        self.rank, self.world = rank, world_size
-        self._perms: dict[int, Tensor] = {}
-
-    def _perm(self, epoch: int) -> Tensor:
-        if epoch not in self._perms:
-            if len(self._perms) > 4:
-                self._perms.clear()
-            g = torch.Generator().manual_seed(hash_position(self.seed, epoch))
-            self._perms[epoch] = torch.randperm(self.n, generator=g)
-        return self._perms[epoch]
-
-    def __call__(self, step: int, micro: int) -> Tensor:
-        first = ((step * self.accum + micro) * self.world + self.rank) * self.batch_size
-        return torch.stack([self._perm(q // self.n)[q % self.n] for q in range(first, first + self.batch_size)])
-
-    def steps_per_epoch(self) -> int:
-        return max(1, math.ceil(self.n / (self.batch_size * self.accum * self.world)))
 
 
 @dataclasses.dataclass
@@ -349,9 +317,9 @@ def run_training(
     from lmlab.train import lora as lora_mod
 
     task, cfg, arch = setup.task, setup.cfg, setup.base_config.arch
-    info, device = dist_mod.setup(cfg.device)
+    info, device = dist_mod.setup(cfg.device, cfg.strategy)
     torch.manual_seed(cfg.seed)
-    model = build_task_model(setup, data.config, device)
+    model = build_task_model(setup, data.config, torch.device("cpu") if info.sharded else device)
     if model.config.lora and info.is_main:
         print(f"lmlab: {lora_mod.trainable_summary(model)}", file=sys.stderr)
     n_rows = len(data.features["input_ids"])

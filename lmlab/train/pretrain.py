@@ -25,7 +25,7 @@ from lmlab.model import build_model
 from lmlab.objectives import get_objective
 from lmlab.train import dist as dist_mod
 from lmlab.train import memory
-from lmlab.train.data import RandomWindows, fixed_windows
+from lmlab.train.data import EpochWindows, fixed_windows
 from lmlab.train.loop import TrainConfig, TrainResult, autocast_for, check_resume, same_source, train_loop
 from lmlab.train.memory import DryRun, Settings, check_budget
 
@@ -144,7 +144,7 @@ def _start(
     if dry_run:  # no process group: the prediction is per process (DDP's buckets are added when under torchrun)
         info, device = dist_mod.DistInfo(), dist_mod.pick_device(cfg.device, dist_mod.DistInfo(), present=False)
     else:
-        info, device = dist_mod.setup(cfg.device)
+        info, device = dist_mod.setup(cfg.device, cfg.strategy)
     tokenizer = data_tokenizer(data)  # the tokenizer that made the shards (a clear error for anything else)
     if not dry_run:  # before any work: never a folder that is not lmlab's, nor one inside what the run reads
         check_run_output(out, overwrite=overwrite, sources=(data, init_from))
@@ -192,37 +192,40 @@ def _model_configs(
     return wanted, config
 
 
-def _windows(run: _Started, config: ModelConfig) -> tuple[RandomWindows, list[torch.Tensor]]:
+def _windows(run: _Started, config: ModelConfig) -> tuple[EpochWindows, list[torch.Tensor]]:
     """This rank's training windows (a pure function of the step) and the fixed validation windows."""
     cfg = run.cfg
-    source = f"{run.data} (train split)"
-    train = RandomWindows(
+    train = EpochWindows(
         run.train_tokens,
         cfg.seq_len,
         cfg.micro_batch_size,
         cfg.seed,
         run.info.rank,
-        source=source,
+        source=f"{run.data} (train split)",
         vocab_size=config.vocab_size,
+        grad_accum_steps=cfg.grad_accum_steps,
+        world_size=run.info.world_size,
     )
     return train, _valid_windows(run.data, cfg.seq_len, cfg, run.info, config.vocab_size)
 
 
 def _build(run: _Started, config: ModelConfig, verify: bool):
-    """The model that trains: the resumed checkpoint's, ``init_from``'s weights, or new ones seeded by ``seed``."""
+    """The model that trains: the resumed checkpoint's, ``init_from``'s weights, or new ones seeded by ``seed``
+    (on the CPU when it is to be sharded: FSDP2 moves each rank's shards to its device)."""
     torch.manual_seed(run.cfg.seed)
+    device = torch.device("cpu") if run.info.sharded else run.device
     if run.resume_from is not None:
-        return load_model(run.resume_from, device=run.device).train()
+        return load_model(run.resume_from, device=device).train()
     if run.init_from is not None:  # a LoRA checkpoint starts as its merged weights
-        return load_model(run.init_from, device=run.device, merge_lora=True, verify=verify).train()
-    return build_model(config).to(run.device)
+        return load_model(run.init_from, device=device, merge_lora=True, verify=verify).train()
+    return build_model(config).to(device)
 
 
 def _dry_run(run: _Started, config: ModelConfig, task, objective: str, memory_budget: float | None) -> DryRun:
     """``pretrain(dry_run=True)``: the predicted peak memory of a step on the run's first batch."""
     cfg = run.cfg
     source = f"{run.data} (train split)"
-    train_batches = RandomWindows(
+    train_batches = EpochWindows(
         run.train_tokens, cfg.seq_len, cfg.micro_batch_size, cfg.seed, source=source, vocab_size=config.vocab_size
     )
     windows = train_batches(0, 0)  # (micro_batch_size, seq_len + 1): the run's first batch
@@ -333,8 +336,11 @@ def _valid_windows(data: str | Path, seq_len: int, cfg: TrainConfig, info, vocab
             "validation is skipped (raise --valid-fraction in `lmlab prepare`)",
             file=sys.stderr,
         )
-    # each rank evaluates its share; the loop averages across ranks
-    return windows[info.rank :: info.world_size] if info.enabled else windows
+    # each rank evaluates its share; the loop averages across ranks. Sharded ranks compute every forward pass
+    # together: they evaluate as many batches each (all of them, when they do not split evenly)
+    if not info.enabled or (info.sharded and len(windows) % info.world_size):
+        return windows
+    return windows[info.rank :: info.world_size]
 
 
 __all__ = ["pretrain", "TrainConfig", "TrainResult"]
