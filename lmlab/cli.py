@@ -309,6 +309,7 @@ SERVE = (
     "Serve a checkpoint over OpenAI's HTTP API (continuous batching, streaming); /metrics, a playground at /.",
 )
 
+CONSOLIDATE = ("lmlab.io.checkpoint:consolidate", "out", "checkpoint * verify overwrite", "One safetensors from DCP.")
 TOKENIZER_TRAIN = ("train", "Tokenizer commands.", "train a tokenizer on a corpus")  # `lmlab tokenizer train`
 DESCRIPTION = "Train, generate, evaluate and critique Transformer language models."
 VERBS = {  # name → Verb(its line in `lmlab --help`, flags, run), in the order `lmlab --help` lists them
@@ -320,6 +321,7 @@ VERBS = {  # name → Verb(its line in `lmlab --help`, flags, run), in the order
     "critique": Verb("a report: performance, bias, safety, privacy, robustness, …", _flags_critique, cmd_critique),
     "quantize": function_verb("int8 / int4 / GPTQ weights, measured before and after", *QUANTIZE),
     "export": Verb("export a checkpoint: HF folder, GGUF or ONNX, each checked by logits", _flags_export, cmd_export),
+    "consolidate": function_verb("one safetensors checkpoint from a sharded (fsdp) one", *CONSOLIDATE, show=str),
     "merge-lora": function_verb("merge LoRA adapters into the base weights", *MERGE_LORA, **MERGE_LORA_FLAGS),
     "generate": Verb("generate text: every decoding strategy, streaming, a REPL", _flags_generate, cmd_generate),
     "chat": Verb("chat with a model: a multi-turn REPL with streaming", _flags_chat, cmd_chat),

@@ -72,9 +72,8 @@ def is_checkpoint(path: str | Path) -> bool:
     """An lmlab checkpoint or an HF model folder: config.json and weights (or a complete sharded checkpoint,
     :mod:`lmlab.io.dcp`)."""
     path = Path(path)
-    return (path / CONFIG_FILE).is_file() and any((path / name).is_file() for name in hf.WEIGHT_FILES) or dcp.is_complete(
-        path
-    )
+    weights = any((path / name).is_file() for name in hf.WEIGHT_FILES)
+    return (path / CONFIG_FILE).is_file() and weights or dcp.is_complete(path)
 
 
 def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
@@ -436,7 +435,28 @@ def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
     """Delete all but the newest ``keep_last`` step checkpoints (``best/`` is separate and kept); only
     lmlab's own, and only those holding nothing but checkpoint files."""
     checkpoints = [
-        c for c in list_checkpoints(run_dir) if is_lmlab_checkpoint(c[1]) and outputs.holds_only(c[1], CHECKPOINT_ENTRIES)
+        c
+        for c in list_checkpoints(run_dir)
+        if is_lmlab_checkpoint(c[1]) and outputs.holds_only(c[1], CHECKPOINT_ENTRIES)
     ]
     for _, path in checkpoints[: max(0, len(checkpoints) - keep_last)]:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def consolidate(checkpoint: str | Path, out: str | Path, verify: bool = True, overwrite: bool = False) -> Path:
+    """Write the sharded checkpoint ``checkpoint`` (what a ``strategy="fsdp"`` run writes, :mod:`lmlab.io.dcp`) as
+    one plain checkpoint in ``out``: ``model.safetensors``, config.json, the tokenizer; no training state. Every
+    lmlab verb reads the sharded folder as it is; this is for tools that read safetensors. Returns ``out``.
+
+    Args:
+        checkpoint: a sharded checkpoint, or a run folder (its best/, else its latest step)
+        out: folder for the consolidated checkpoint (written atomically)
+        verify: refuse a checkpoint whose tokenizer.json does not match the tokenizer_sha256 in its config.json
+        overwrite: write into any folder
+    """
+    given, src = checkpoint, resolve_checkpoint(checkpoint)
+    check_checkpoint_target(out, overwrite=overwrite, sources=(given, src))
+    tokenizer = load_tokenizer(src, verify=verify) if (src / "tokenizer.json").is_file() else None
+    meta = {k: v for k, v in read_meta(src).items() if k != "lmlab_model_config"}
+    model = load_model(src, verify=verify)
+    return save_checkpoint(out, model, tokenizer=tokenizer, meta={**meta, "consolidated_from": str(src)})

@@ -138,7 +138,7 @@ def load_model_state(path: str | Path, model: nn.Module) -> None:
             warnings.simplefilter("ignore", UserWarning)
             dcp.load({"model": state}, checkpoint_id=Path(path) / DCP_DIR, no_dist=True)
     except Exception as err:  # noqa: BLE001 (DCP raises its own CheckpointException, wrapping the cause)
-        raise LmlabError(f"{path}: its DCP weights do not load into the model its config.json describes: {err}") from None
+        raise LmlabError(f"{path}: its DCP weights do not load into the model config.json describes: {err}") from None
     model.load_state_dict(state)
 
 
@@ -160,4 +160,13 @@ def load_rng(path: str | Path, rank: int) -> dict[str, Any] | None:
     return torch_load(file) if file.is_file() else None
 
 
-__all__ = ["COMPLETE", "DCP_DIR", "DCP_FILES", "is_complete", "load_model_state", "load_rng", "load_train_states", "save"]
+__all__ = [
+    "COMPLETE",
+    "DCP_DIR",
+    "DCP_FILES",
+    "is_complete",
+    "load_model_state",
+    "load_rng",
+    "load_train_states",
+    "save",
+]

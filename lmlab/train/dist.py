@@ -18,7 +18,6 @@ from torch import nn
 
 from lmlab.device import resolve_device
 
-
 STRATEGIES = ("auto", "ddp", "fsdp")
 
 

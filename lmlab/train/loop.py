@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from lmlab.config import check_seed, option, read_jsonl_log
 from lmlab.device import check_device
 from lmlab.errors import LmlabError
+from lmlab.io import dcp
 from lmlab.io.checkpoint import (
     load_train_state,
     prune_checkpoints,
@@ -37,7 +38,6 @@ from lmlab.io.outputs import write_jsonl_atomic, write_marker
 from lmlab.objectives import Objective, evaluate_loss
 from lmlab.plots import plot_loss
 from lmlab.train.data import hash_position
-from lmlab.io import dcp
 from lmlab.train.dist import STRATEGIES, DistInfo, all_reduce_mean, shard_model
 from lmlab.train.optim import SCHEDULES, lr_at, make_optimizer
 

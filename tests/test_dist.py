@@ -1,0 +1,149 @@
+"""Scaling out: the ranks' data partitions, FSDP2 and DDP under torchrun (CPU, gloo, 2 processes), sharded (DCP)
+checkpoints written atomically and resumed at another world size, read by load, generate and consolidate."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_TRAIN, crash_windows_at
+
+from lmlab.io.checkpoint import list_checkpoints, load_model
+from lmlab.train.data import EpochWindows, ExampleBatches
+from lmlab.train.pretrain import pretrain
+
+TESTS = Path(__file__).parent
+
+
+def train_losses(run: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def torchrun(*args: str, fault: str | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``lmlab ARGS`` in 2 CPU processes under torchrun (the guide's single-node line), a fault planted if asked."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS.parent), str(TESTS)])}
+    if fault:
+        env["LMLAB_TEST_FAULT"] = fault
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(TESTS / "fault_runner.py")]
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.mark.parametrize("world, accum", [(2, 1), (3, 2), (4, 3)])
+def test_rank_partitions_are_disjoint_and_cover_every_epoch(world, accum):
+    n, batch = 50, 3
+    ranks = [ExampleBatches(n, batch, accum, seed=7, rank=r, world_size=world) for r in range(world)]
+    steps = 3 * ranks[0].steps_per_epoch()
+    drawn = [[int(i) for m in range(accum) for i in ranks[r](s, m)] for s in range(steps) for r in range(world)]
+    stream = [i for part in drawn for i in part]  # in the order of q: step, micro-batch, rank
+    for r in range(world):  # each rank's own examples never meet another rank's in the same step
+        for s in range(steps):
+            mine = set(drawn[s * world + r])
+            others = {i for o in range(world) if o != r for i in drawn[s * world + o]}
+            assert not mine & others
+    step_examples = [sorted(i for r in range(world) for i in drawn[s * world + r]) for s in range(steps)]
+    ordered = sorted((q, i) for q, i in enumerate(stream))
+    for epoch in range(len(stream) // n):  # every epoch: each example exactly once, across all ranks
+        assert sorted(i for q, i in ordered[epoch * n : (epoch + 1) * n]) == list(range(n))
+    one = ExampleBatches(n, batch * world, accum, seed=7)  # one process, the same global batch
+    assert [sorted(int(i) for m in range(accum) for i in one(s, m)) for s in range(steps)] == step_examples
+
+
+def test_the_data_position_continues_a_run_at_another_world_size():
+    two = [ExampleBatches(40, 2, 1, seed=1, rank=r, world_size=2) for r in range(2)]
+    assert two[0].position(5) == 20
+    one = ExampleBatches(40, 4, 1, seed=1)
+    one.start_at(5, two[0].position(5))
+    assert sorted(one(6, 0).tolist()) == sorted(two[0](6, 0).tolist() + two[1](6, 0).tolist())
+
+
+def test_windows_tile_the_split_without_overlap(data_dir):
+    from lmlab.data.pack import PackedTokens
+
+    tokens = PackedTokens(data_dir, "train")
+    windows = EpochWindows(tokens, 32, 4, seed=0)
+    assert windows.n == (len(tokens) - 1) // 32
+    starts = [int(i) * 32 for s in range(windows.steps_per_epoch()) for i in ExampleBatches.__call__(windows, s, 0)]
+    assert sorted(starts[: windows.n]) == list(range(0, windows.n * 32, 32))
+
+
+ARGS = dict(TINY_TRAIN, max_steps=8, eval_interval=4, save_interval=2, log_interval=1, seed=3)
+
+
+def cli_args(data_dir: Path, out: Path, **changes) -> list[str]:
+    args = {**ARGS, **changes}
+    flags = ["pretrain", "--model", "gpt2-tiny", "--data", str(data_dir), "--out", str(out), "--resume"]
+    for key, value in args.items():
+        if isinstance(value, bool):
+            flags.append(f"--{'' if value else 'no-'}{key.replace('_', '-')}")
+        else:
+            flags += [f"--{key.replace('_', '-')}", str(value)]
+    return flags
+
+
+@pytest.mark.slow
+def test_fsdp_killed_mid_run_and_mid_checkpoint_resumes_at_2_and_1_ranks_as_if_never_stopped(
+    data_dir, tmp_path, monkeypatch
+):
+    """1 process (fsdp) killed at step 3 → 2 ranks (fsdp) resume it from step 2 and are killed while writing the
+    step-6 checkpoint, after the shards, before the marker → 1 process resumes from step 4 (never the incomplete
+    6) and finishes. The train losses are the uninterrupted single-process run's at every step."""
+    whole = pretrain("gpt2-tiny", data_dir, tmp_path / "whole", **ARGS)
+    run = tmp_path / "run"
+    crash_windows_at(monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain("gpt2-tiny", data_dir, run, strategy="fsdp", **ARGS)
+    monkeypatch.undo()
+    assert [s for s, _ in list_checkpoints(run)] == [2]
+
+    proc = torchrun(*cli_args(data_dir, run, micro_batch_size=2, strategy="fsdp"), fault="marker:6")
+    assert proc.returncode != 0 and "2 processes" in proc.stderr, proc.stderr[-3000:]
+    assert [s for s, _ in list_checkpoints(run)] == [2, 4]
+    partial = [p for p in run.iterdir() if p.name.startswith(".tmp-step-00000006")]
+    assert len(partial) == 1 and (partial[0] / "dcp" / "__1_0.distcp").is_file()
+    assert not (partial[0] / "COMPLETE").exists()  # shards of both ranks, no marker: not a checkpoint
+
+    pretrain("gpt2-tiny", data_dir, run, strategy="fsdp", resume=True, **ARGS)
+    expected = {r["step"]: r["loss"] for r in whole.history if "loss" in r}
+    assert train_losses(run) == pytest.approx(expected, rel=1e-5)
+    assert sorted(p.name for p in (run / "step-00000004" / "dcp").iterdir()) == [
+        ".metadata",
+        "__0_0.distcp",
+        "__1_0.distcp",
+    ]
+    check_reading_a_sharded_checkpoint(run, tmp_path / "whole", tmp_path)
+
+
+def check_reading_a_sharded_checkpoint(run: Path, whole: Path, tmp_path: Path) -> None:
+    """A checkpoint 2 ranks wrote loads whole in one process (the weights the unsharded run had), generates, and
+    consolidates into one safetensors checkpoint."""
+    import lmlab
+    from lmlab.io.checkpoint import consolidate
+
+    sharded = load_model(run / "step-00000004")
+    plain = load_model(whole / "step-00000004")
+    for (name, a), b in zip(plain.state_dict().items(), sharded.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+    text = lmlab.load(run / "step-00000004").generate("The", max_new_tokens=5, do_sample=False)
+    assert isinstance(text, str)
+    out = consolidate(run / "step-00000004", tmp_path / "one")
+    assert (out / "model.safetensors").is_file() and not (out / "dcp").exists()
+    for a, b in zip(sharded.state_dict().values(), load_model(out).state_dict().values()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.slow
+def test_fsdp_and_ddp_on_2_ranks_train_as_one_process_with_the_same_global_batch(data_dir, tmp_path):
+    args = dict(ARGS, max_steps=4, eval_interval=4, save_interval=4)
+    one = pretrain("gpt2-tiny", data_dir, tmp_path / "one", **args)
+    expected = {r["step"]: r["loss"] for r in one.history if "loss" in r}
+    for strategy in ("fsdp", "ddp"):
+        out = tmp_path / strategy
+        proc = torchrun(*cli_args(data_dir, out, **{**args, "micro_batch_size": 2, "strategy": strategy}))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert train_losses(out) == pytest.approx(expected, rel=1e-5), strategy
