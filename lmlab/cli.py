@@ -48,7 +48,7 @@ def _flags_prepare(p: ArgumentParser) -> None:
 
 
 def _flags_pretrain(p: ArgumentParser) -> None:
-    own = "model data out objective init_from pad_vocab_multiple"
+    own = "model data out objective init_from pad_vocab_multiple world_size"
     shared = "resume verify overwrite dry_run memory_budget"
     model, required = {"help": f"model preset: {', '.join(lmlab.PRESETS)}"}, {"required": True}
     flags(p, lmlab.pretrain, own, shared, model=model, data=required, out=required)
@@ -61,7 +61,7 @@ def _flags_finetune(p: ArgumentParser) -> None:
     from lmlab.train.finetune import DERIVED_HELP, FLAG_DEFAULTS
 
     own = "checkpoint task train valid out max_length max_target_length class_weights patience show_masking pack lora"
-    flags(p, lmlab.finetune, own + " epochs", f"{FIELDS} resume verify overwrite dry_run memory_budget")
+    flags(p, lmlab.finetune, own + " epochs world_size", f"{FIELDS} resume verify overwrite dry_run memory_budget")
     dataclass_flags(p, lmlab.TrainConfig, skip=("seq_len",), defaults=FLAG_DEFAULTS, helps=DERIVED_HELP)
 
 

@@ -414,6 +414,7 @@ def finetune(
     verify: bool = True,
     dry_run: bool = False,
     memory_budget: float | None = None,
+    world_size: int | None = None,
     overwrite: bool = False,
     **train_args: Any,
 ) -> TrainResult | str | DryRun:
@@ -455,6 +456,8 @@ def finetune(
         verify: check the checkpoint's tokenizer (and a Hugging Face folder against transformers)
         dry_run: predict a training step's peak memory instead of training
         memory_budget: GiB a training step may use, for ``dry_run`` (default: the GPU's memory)
+        world_size: processes (GPUs) the run will have, for ``dry_run``: the memory of each with ``strategy``
+            (default: torchrun's WORLD_SIZE, else 1)
         overwrite: write into an existing folder that is not an lmlab run
         **train_args: TrainConfig fields; ``max_steps`` or ``lr`` None or absent: lmlab's (``--help`` says which)
     """
@@ -463,8 +466,9 @@ def finetune(
         return show_chat_masking(checkpoint, train, max_length)
     fields = TaskFields(text_field, pair_field, label_field, source_field, target_field, max_length, max_target_length)
     common = dict(lora=lora, epochs=epochs, resume=resume, verify=verify, memory_budget=memory_budget, **train_args)
+    check_budget(memory_budget, dry_run, world_size)
     if dry_run:
-        more = {"valid": valid, "class_weights": class_weights, "pack": pack}
+        more = {"valid": valid, "class_weights": class_weights, "pack": pack, "world_size": world_size}
         return finetune_dry_run(checkpoint, task, train, out, fields=fields, **more, **common)
     setup = validate(checkpoint, kind, train, out, fields, overwrite=overwrite, **common)
     data = build_data(setup, train, valid, class_weights=class_weights, pack=pack)
@@ -487,6 +491,7 @@ def finetune_dry_run(
     pack: bool = False,
     verify: bool = True,
     memory_budget: float | None = None,
+    world_size: int | None = None,
     **train_args: Any,
 ) -> DryRun:
     """What :func:`finetune` would do, checked and planned but not done: the data is read and every check
@@ -541,6 +546,7 @@ def finetune_dry_run(
         seq_len=setup.fields.max_length,
         lora=setup.lora,
         memory_budget=memory_budget,
+        world_size=world_size,
         title=f"{config.name or 'custom'} ({config.arch}) fine-tuned for {kind.name}, on its longest training examples",
         seq_flag="--max-length",
         lora_flag=True,

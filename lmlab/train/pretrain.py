@@ -43,6 +43,7 @@ def pretrain(
     verify: bool = True,
     dry_run: bool = False,
     memory_budget: float | None = None,
+    world_size: int | None = None,
     overwrite: bool = False,
     **train_args: Any,
 ) -> TrainResult | DryRun:
@@ -69,11 +70,13 @@ def pretrain(
         verify: check a Hugging Face ``init_from`` against transformers (once)
         dry_run: predict a training step's peak memory instead of training
         memory_budget: GiB a training step may use, for ``dry_run`` (default: the GPU's memory)
+        world_size: processes (GPUs) the run will have, for ``dry_run``: the memory of each with ``strategy``
+            (default: torchrun's WORLD_SIZE, else 1)
         overwrite: write into an existing folder that is not an lmlab run
         **train_args: :class:`TrainConfig` fields (``max_steps``, ``lr``, …)
     """
     cfg = _train_config(train_args)
-    check_budget(memory_budget, dry_run)
+    check_budget(memory_budget, dry_run, world_size)
     _check_pad_vocab_multiple(pad_vocab_multiple)
     run = _start(cfg, data, Path(out), resume=resume, init_from=init_from, dry_run=dry_run, overwrite=overwrite)
     wanted, config = _model_configs(run, model, pad_vocab_multiple, model_overrides or {})
@@ -85,7 +88,7 @@ def pretrain(
         _check_resume(run.resume_from, cfg, config, wanted, objective, data, run.info.is_main)
     task = get_objective(objective, run.tokenizer, config)  # before any work: a wrong pairing is a one-line error
     if dry_run:
-        return _dry_run(run, config, task, objective, memory_budget)
+        return _dry_run(run, config, task, objective, memory_budget, world_size)
     net = _build(run, config, verify)
     train_batches, valid_batches = _windows(run, config)
     if run.info.is_main:
@@ -221,7 +224,9 @@ def _build(run: _Started, config: ModelConfig, verify: bool):
     return build_model(config).to(device)
 
 
-def _dry_run(run: _Started, config: ModelConfig, task, objective: str, memory_budget: float | None) -> DryRun:
+def _dry_run(
+    run: _Started, config: ModelConfig, task, objective: str, memory_budget: float | None, world_size: int | None
+) -> DryRun:
     """``pretrain(dry_run=True)``: the predicted peak memory of a step on the run's first batch."""
     cfg = run.cfg
     source = f"{run.data} (train split)"
@@ -247,6 +252,7 @@ def _dry_run(run: _Started, config: ModelConfig, task, objective: str, memory_bu
         seq_len=cfg.seq_len,
         lora=saved_lora,
         memory_budget=memory_budget,
+        world_size=world_size,
         title=f"{config.name or 'custom'} ({config.arch}), vocabulary {config.vocab_size:,}; objective {objective}",
         vocab_size=config.vocab_size,
     )
