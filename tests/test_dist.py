@@ -140,12 +140,46 @@ def check_reading_a_sharded_checkpoint(run: Path, whole: Path, tmp_path: Path) -
 
 
 @pytest.mark.slow
-def test_fsdp_and_ddp_on_2_ranks_train_as_one_process_with_the_same_global_batch(data_dir, tmp_path):
+def test_fsdp_on_2_ranks_trains_as_one_process_with_the_same_global_batch(data_dir, tmp_path):
+    """Pretraining, and a LoRA fine-tune (frozen base sharded, adapters trained): 2 FSDP ranks × 2 sequences
+    give the losses of one process × 4 (DDP's: tests/test_pretrain.py, the torchrun test)."""
+    import random
+
+    from lmlab import finetune
+
     args = dict(ARGS, max_steps=4, eval_interval=4, save_interval=4)
     one = pretrain("gpt2-tiny", data_dir, tmp_path / "one", **args)
-    expected = {r["step"]: r["loss"] for r in one.history if "loss" in r}
-    for strategy in ("fsdp", "ddp"):
-        out = tmp_path / strategy
-        proc = torchrun(*cli_args(data_dir, out, **{**args, "micro_batch_size": 2, "strategy": strategy}))
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        assert train_losses(out) == pytest.approx(expected, rel=1e-5), strategy
+    proc = torchrun(*cli_args(data_dir, tmp_path / "fsdp", **{**args, "micro_batch_size": 2, "strategy": "fsdp"}))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert train_losses(tmp_path / "fsdp") == pytest.approx(train_losses(tmp_path / "one"), rel=1e-5)
+
+    rng = random.Random(0)
+    rows = [
+        {"text": f"{rng.choice(['good', 'bad'])} film {rng.randrange(100)}", "label": rng.randrange(2)}
+        for _ in range(32)
+    ]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tune = dict(task="classify", lora="r=8,alpha=16,dropout=0", max_steps=3, log_interval=1, max_length=16, seed=1)
+    finetune(
+        one.last_checkpoint,
+        train=tmp_path / "train.jsonl",
+        out=tmp_path / "ft1",
+        micro_batch_size=8,
+        progress=False,
+        tensorboard=False,
+        **tune,
+    )
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in tune.items()]
+    proc = torchrun(
+        "finetune",
+        str(one.last_checkpoint),
+        f"--train={tmp_path / 'train.jsonl'}",
+        f"--out={tmp_path / 'ft2'}",
+        "--micro-batch-size=4",
+        "--strategy=fsdp",
+        "--no-progress",
+        "--no-tensorboard",
+        *flags,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert train_losses(tmp_path / "ft2") == pytest.approx(train_losses(tmp_path / "ft1"), rel=1e-5)
