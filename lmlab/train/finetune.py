@@ -130,6 +130,7 @@ def validate(
     verify: bool = True,
     dry_run: bool = False,
     memory_budget: float | None = None,
+    world_size: int | None = None,
     overwrite: bool = False,
     **train_args: Any,
 ) -> Setup:
@@ -138,7 +139,7 @@ def validate(
 
     spec = lora_mod.parse_lora(lora) if isinstance(lora, str) else lora
     out = Path(out) if dry_run else check_run_output(out, overwrite=overwrite, sources=_sources(checkpoint))
-    check_budget(memory_budget, dry_run)
+    check_budget(memory_budget, dry_run, world_size)
     resume_from = latest_checkpoint(out) if resume else None
     if resume and resume_from is None:
         raise LmlabError(f"resume: {out} holds no checkpoint to resume from", params="resume")
@@ -420,12 +421,10 @@ def finetune(
 ) -> TrainResult | str | DryRun:
     """Fine-tune ``checkpoint`` (an lmlab checkpoint or run folder) on a task; checkpoints go to ``out``.
 
-    The model gets a fresh task head for ``task`` (a checkpoint already fine-tuned on the same task keeps its head;
-    seq2seq keeps the LM head and needs none). With ``valid`` the task metric picks ``best/``. ``lora``: a ``--lora``
-    string or a :class:`~lmlab.train.lora.LoraSpec`. ``show_masking`` returns (and prints) :func:`show_chat_masking`;
-    ``pack`` uses :func:`~lmlab.tasks.pack_examples`. ``dry_run`` checks everything, trains and writes nothing, and
-    returns :func:`finetune_dry_run`'s predicted peak memory (:class:`~lmlab.train.memory.DryRun`). ``out`` must be
-    new, empty or an lmlab run, unless ``overwrite`` (:mod:`lmlab.io.outputs`).
+    The model gets a fresh task head for ``task`` (one already fine-tuned on it keeps it; seq2seq needs none). With
+    ``valid`` the task metric picks ``best/``. ``show_masking``: :func:`show_chat_masking`. ``dry_run`` trains and
+    writes nothing: :func:`finetune_dry_run`'s predicted peak memory. ``out``: new, empty or an lmlab run, unless
+    ``overwrite`` (:mod:`lmlab.io.outputs`).
 
     Args:
         checkpoint: the pretrained checkpoint (or run folder) to start from
@@ -456,8 +455,7 @@ def finetune(
         verify: check the checkpoint's tokenizer (and a Hugging Face folder against transformers)
         dry_run: predict a training step's peak memory instead of training
         memory_budget: GiB a training step may use, for ``dry_run`` (default: the GPU's memory)
-        world_size: processes (GPUs) the run will have, for ``dry_run``: the memory of each with ``strategy``
-            (default: torchrun's WORLD_SIZE, else 1)
+        world_size: for ``dry_run``: the processes (GPUs) of the run (default: torchrun's WORLD_SIZE, else 1)
         overwrite: write into an existing folder that is not an lmlab run
         **train_args: TrainConfig fields; ``max_steps`` or ``lr`` None or absent: lmlab's (``--help`` says which)
     """
@@ -466,11 +464,10 @@ def finetune(
         return show_chat_masking(checkpoint, train, max_length)
     fields = TaskFields(text_field, pair_field, label_field, source_field, target_field, max_length, max_target_length)
     common = dict(lora=lora, epochs=epochs, resume=resume, verify=verify, memory_budget=memory_budget, **train_args)
-    check_budget(memory_budget, dry_run, world_size)
     if dry_run:
         more = {"valid": valid, "class_weights": class_weights, "pack": pack, "world_size": world_size}
         return finetune_dry_run(checkpoint, task, train, out, fields=fields, **more, **common)
-    setup = validate(checkpoint, kind, train, out, fields, overwrite=overwrite, **common)
+    setup = validate(checkpoint, kind, train, out, fields, overwrite=overwrite, world_size=world_size, **common)
     data = build_data(setup, train, valid, class_weights=class_weights, pack=pack)
     plan_steps(setup, len(data.features["input_ids"]))
     return run_training(setup, data, train, pack=pack, patience=patience, overwrite=overwrite)
@@ -512,6 +509,7 @@ def finetune_dry_run(
         verify=verify,
         dry_run=True,
         memory_budget=memory_budget,
+        world_size=world_size,
         **train_args,
     )
     data = build_data(setup, train, valid, class_weights=class_weights, pack=pack)

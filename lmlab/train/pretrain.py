@@ -70,8 +70,7 @@ def pretrain(
         verify: check a Hugging Face ``init_from`` against transformers (once)
         dry_run: predict a training step's peak memory instead of training
         memory_budget: GiB a training step may use, for ``dry_run`` (default: the GPU's memory)
-        world_size: processes (GPUs) the run will have, for ``dry_run``: the memory of each with ``strategy``
-            (default: torchrun's WORLD_SIZE, else 1)
+        world_size: for ``dry_run``: the processes (GPUs) of the run (default: torchrun's WORLD_SIZE, else 1)
         overwrite: write into an existing folder that is not an lmlab run
         **train_args: :class:`TrainConfig` fields (``max_steps``, ``lr``, …)
     """
@@ -80,10 +79,7 @@ def pretrain(
     _check_pad_vocab_multiple(pad_vocab_multiple)
     run = _start(cfg, data, Path(out), resume=resume, init_from=init_from, dry_run=dry_run, overwrite=overwrite)
     wanted, config = _model_configs(run, model, pad_vocab_multiple, model_overrides or {})
-    seq_len = cfg.seq_len or config.block_size
-    if seq_len > config.block_size:
-        raise LmlabError(f"seq_len {seq_len} exceeds the model's block_size {config.block_size}", params="seq_len")
-    cfg.seq_len = seq_len
+    _settle_seq_len(cfg, config)
     if run.resume_from is not None:
         _check_resume(run.resume_from, cfg, config, wanted, objective, data, run.info.is_main)
     task = get_objective(objective, run.tokenizer, config)  # before any work: a wrong pairing is a one-line error
@@ -112,6 +108,13 @@ def pretrain(
         )
     finally:
         dist_mod.teardown(run.info)
+
+
+def _settle_seq_len(cfg: TrainConfig, config: ModelConfig) -> None:
+    """``cfg.seq_len``: as given (at most the model's block_size), else the block size."""
+    cfg.seq_len = cfg.seq_len or config.block_size
+    if cfg.seq_len > config.block_size:
+        raise LmlabError(f"seq_len {cfg.seq_len} exceeds the model's block_size {config.block_size}", params="seq_len")
 
 
 def _check_pad_vocab_multiple(pad_vocab_multiple: Any) -> None:
