@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -25,13 +27,58 @@ def train_losses(run: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
-def torchrun(*args: str, fault: str | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    """``lmlab ARGS`` in 2 CPU processes under torchrun (the guide's single-node line), a fault planted if asked."""
+def documented(prefix: str) -> list[str]:
+    """The first command line of docs/guide.md that starts with ``prefix``, as its words."""
+    lines = (TESTS.parent / "docs" / "guide.md").read_text(encoding="utf-8").splitlines()
+    return shlex.split(next(line for line in lines if line.startswith(prefix)))
+
+
+def launcher(line: list[str], **values: str) -> list[str]:
+    """A documented torchrun line up to ``-m lmlab.cli``, with flag values replaced (``nproc_per_node="2"``), run
+    as ``python -m torch.distributed.run`` and ending in tests/fault_runner.py: lmlab's CLI, faults if asked."""
+    words = line[1 : line.index("-m")]
+    for flag, value in values.items():
+        words[words.index(f"--{flag.replace('_', '-')}") + 1] = value
+    return [sys.executable, "-m", "torch.distributed.run", *words, str(TESTS / "fault_runner.py")]
+
+
+def env_with(fault: str | None = None) -> dict[str, str]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS.parent), str(TESTS)])}
-    if fault:
-        env["LMLAB_TEST_FAULT"] = fault
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(TESTS / "fault_runner.py")]
-    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=timeout, env=env)
+    return {**env, "LMLAB_TEST_FAULT": fault} if fault else env
+
+
+def torchrun(*args: str, fault: str | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``lmlab ARGS`` as the guide's single-node line launches it, in 2 CPU processes; a fault planted if asked."""
+    cmd = launcher(documented("torchrun --standalone"), nproc_per_node="2")
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=timeout, env=env_with(fault))
+
+
+def two_nodes(*args: str, timeout: int = 300) -> list[subprocess.CompletedProcess]:
+    """``lmlab ARGS`` as the guide's multi-node line launches it, with 2 "nodes" of 1 CPU process on this machine."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    cmd = launcher(documented("torchrun --nnodes"), nproc_per_node="1", rdzv_endpoint=f"127.0.0.1:{port}")
+    nodes = [subprocess.Popen([*cmd, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env_with())
+             for _ in range(2)]  # fmt: skip
+    return [subprocess.CompletedProcess(n.args, n.wait(timeout), *n.communicate()) for n in nodes]
+
+
+def test_the_slurm_example_is_bash_and_starts_the_guides_multi_node_line_on_every_node(tmp_path):
+    script = TESTS.parent / "examples" / "slurm.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "srun").write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {tmp_path / "argv"}\n')
+    (fake / "scontrol").write_text("#!/bin/sh\necho node0; echo node1\n")
+    for tool in fake.iterdir():
+        tool.chmod(0o755)
+    slurm = {"SLURM_NNODES": "2", "SLURM_GPUS_ON_NODE": "8", "SLURM_JOB_ID": "job1", "SLURM_JOB_NODELIST": "node[0-1]"}
+    env = {k: v for k, v in os.environ.items() if k != "LMLAB_ARGS"}
+    env.update(slurm, PATH=f"{fake}{os.pathsep}{os.environ['PATH']}")
+    proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "argv").read_text().splitlines() == documented("torchrun --nnodes")
 
 
 @pytest.mark.parametrize("world, accum", [(2, 1), (3, 2), (4, 3)])
@@ -75,6 +122,37 @@ def test_windows_tile_the_split_without_overlap(data_dir):
 
 
 ARGS = dict(TINY_TRAIN, max_steps=8, eval_interval=4, save_interval=2, log_interval=1, seed=3)
+
+
+def test_fsdp_in_one_process_with_activation_checkpointing_trains_and_resumes_as_the_plain_run(
+    data_dir, tmp_path, monkeypatch
+):
+    """One process, strategy fsdp (a process group of one): with dropout and activation checkpointing, the plain
+    run's losses bit for bit; its sharded checkpoint resumes without fsdp too, the data continuing where it was."""
+    args, dropout = dict(ARGS, max_steps=6), {"dropout": 0.1}
+    whole = pretrain("llama-tiny", data_dir, tmp_path / "whole", model_overrides=dropout, **args)
+    crash_windows_at(monkeypatch, 5)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain("llama-tiny", data_dir, tmp_path / "run", model_overrides=dropout, strategy="fsdp",
+                 activation_checkpointing=True, **args)  # fmt: skip
+    monkeypatch.undo()
+    step4 = tmp_path / "run" / "step-00000004"
+    assert (step4 / "COMPLETE").is_file() and not (step4 / "model.safetensors").exists()
+    assert torch.load(step4 / "train_state.pt")["data_position"] == {"examples": 4 * 4}
+    pretrain("llama-tiny", data_dir, tmp_path / "run", model_overrides=dropout, resume=True, **args)
+    assert train_losses(tmp_path / "run") == train_losses(tmp_path / "whole")
+    assert (tmp_path / "run" / "step-00000006" / "model.safetensors").is_file()  # written as ddp writes
+    assert whole.step == 6 and whole.val_loss is not None
+
+
+def test_a_resume_that_changes_the_global_batch_is_refused_and_one_that_keeps_it_is_not(data_dir, tmp_path):
+    from lmlab.errors import LmlabError
+
+    pretrain("gpt2-tiny", data_dir, tmp_path / "run", **dict(ARGS, max_steps=2))
+    with pytest.raises(LmlabError, match="global batch 4 sequences"):
+        pretrain("gpt2-tiny", data_dir, tmp_path / "run", resume=True, **dict(ARGS, max_steps=3, micro_batch_size=2))
+    keep = dict(ARGS, max_steps=3, micro_batch_size=2, grad_accum_steps=2)
+    assert pretrain("gpt2-tiny", data_dir, tmp_path / "run", resume=True, **keep).step == 3
 
 
 def cli_args(data_dir: Path, out: Path, **changes) -> list[str]:
@@ -141,17 +219,21 @@ def check_reading_a_sharded_checkpoint(run: Path, whole: Path, tmp_path: Path) -
 
 @pytest.mark.slow
 def test_fsdp_on_2_ranks_trains_as_one_process_with_the_same_global_batch(data_dir, tmp_path):
-    """Pretraining, and a LoRA fine-tune (frozen base sharded, adapters trained): 2 FSDP ranks × 2 sequences
-    give the losses of one process × 4 (DDP's: tests/test_pretrain.py, the torchrun test)."""
+    """Pretraining (launched as the guide's multi-node line: 2 nodes of 1 process), and a LoRA fine-tune of its
+    sharded checkpoint (frozen base sharded, adapters trained): 2 FSDP ranks × 2 sequences give the losses of one
+    process × 4 (DDP's: tests/test_pretrain.py, the torchrun test)."""
     import random
 
     from lmlab import finetune
 
     args = dict(ARGS, max_steps=4, eval_interval=4, save_interval=4)
-    one = pretrain("gpt2-tiny", data_dir, tmp_path / "one", **args)
-    proc = torchrun(*cli_args(data_dir, tmp_path / "fsdp", **{**args, "micro_batch_size": 2, "strategy": "fsdp"}))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    pretrain("gpt2-tiny", data_dir, tmp_path / "one", **args)
+    for node in two_nodes(
+        *cli_args(data_dir, tmp_path / "fsdp", **{**args, "micro_batch_size": 2, "strategy": "fsdp"})
+    ):
+        assert node.returncode == 0, node.stderr[-3000:]
     assert train_losses(tmp_path / "fsdp") == pytest.approx(train_losses(tmp_path / "one"), rel=1e-5)
+    base = tmp_path / "fsdp" / "step-00000004"  # a sharded checkpoint: fine-tuning reads it as it is
 
     rng = random.Random(0)
     rows = [
@@ -161,7 +243,7 @@ def test_fsdp_on_2_ranks_trains_as_one_process_with_the_same_global_batch(data_d
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     tune = dict(task="classify", lora="r=8,alpha=16,dropout=0", max_steps=3, log_interval=1, max_length=16, seed=1)
     finetune(
-        one.last_checkpoint,
+        base,
         train=tmp_path / "train.jsonl",
         out=tmp_path / "ft1",
         micro_batch_size=8,
@@ -172,7 +254,7 @@ def test_fsdp_on_2_ranks_trains_as_one_process_with_the_same_global_batch(data_d
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in tune.items()]
     proc = torchrun(
         "finetune",
-        str(one.last_checkpoint),
+        str(base),
         f"--train={tmp_path / 'train.jsonl'}",
         f"--out={tmp_path / 'ft2'}",
         "--micro-batch-size=4",

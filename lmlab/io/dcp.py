@@ -21,6 +21,7 @@ writes one ``model.safetensors`` checkpoint from one.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import warnings
@@ -134,8 +135,7 @@ def load_model_state(path: str | Path, model: nn.Module) -> None:
 
     state = model.state_dict()
     try:
-        with warnings.catch_warnings():  # DCP warns that it reads in one process: what is meant here
-            warnings.simplefilter("ignore", UserWarning)
+        with _one_process_reads():
             dcp.load({"model": state}, checkpoint_id=Path(path) / DCP_DIR, no_dist=True)
     except Exception as err:  # noqa: BLE001 (DCP raises its own CheckpointException, wrapping the cause)
         raise LmlabError(f"{path}: its DCP weights do not load into the model config.json describes: {err}") from None
@@ -150,8 +150,17 @@ def load_train_states(path: str | Path, model: nn.Module, optimizer: torch.optim
 
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optim_state}
-    dcp.load(state, checkpoint_id=Path(path) / DCP_DIR, no_dist=not _group())
+    with _one_process_reads():
+        dcp.load(state, checkpoint_id=Path(path) / DCP_DIR, no_dist=not _group())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+@contextlib.contextmanager
+def _one_process_reads():
+    """DCP warns when it reads without a process group, that it assumes one process reads: what is meant here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        yield
 
 
 def load_rng(path: str | Path, rank: int) -> dict[str, Any] | None:
