@@ -608,6 +608,7 @@ class _Run:
             "tokens_per_s": tok_s,  # real tokens (not padding), all ranks together
             "elapsed_s": self.elapsed_before + now - self.t_start,  # wall-clock training seconds, across resumes
             **({"tokens": self.tokens} if self.tokens is not None else {}),  # real tokens trained on so far
+            **self._peak_memory(),
         }
         self._record(record)
         if self.tb is not None:
@@ -617,6 +618,12 @@ class _Run:
         self.result.train_loss = train_loss
         self.loss_sum.zero_()
         self.loss_count, self.t_last, self.step_last = 0, now, done
+
+    def _peak_memory(self) -> dict[str, float]:
+        """On a GPU, this process's peak of allocated memory so far, in GiB (what ``--dry-run`` predicts)."""
+        if self.device.type != "cuda":
+            return {}
+        return {"peak_memory_gib": torch.cuda.max_memory_allocated(self.device) / 2**30}
 
     def _tokens_since_log(self, done: int) -> int:
         """The tokens all ranks trained on since the last log: the real ones counted, else the full windows."""

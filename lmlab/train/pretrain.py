@@ -345,9 +345,10 @@ def _valid_windows(data: str | Path, seq_len: int, cfg: TrainConfig, info, vocab
             "validation is skipped (raise --valid-fraction in `lmlab prepare`)",
             file=sys.stderr,
         )
-    # each rank evaluates its share; the loop averages across ranks. Sharded ranks compute every forward pass
-    # together: they evaluate as many batches each (all of them, when they do not split evenly)
-    if not info.enabled or (info.sharded and len(windows) % info.world_size):
+    # each rank evaluates its share, and the loop averages across ranks: the shares must be as many batches each (a
+    # rank without any would not join the average; sharded ranks compute every forward pass together), so when the
+    # batches do not split evenly every rank evaluates all of them
+    if not info.enabled or len(windows) % info.world_size:
         return windows
     return windows[info.rank :: info.world_size]
 
