@@ -37,6 +37,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="logs left out of the median")
     p.add_argument("--device", default="cpu")
     p.add_argument("--strategies", nargs="+", default=["ddp", "fsdp"])
+    p.add_argument(
+        "--threads", type=int, default=None, help="OMP_NUM_THREADS of the one-process run (torchrun gives each 1)"
+    )
     p.add_argument("--extra", default="", help="more pretrain flags for every run (e.g. '--cpu-offload')")
     p.add_argument("--data", default=None, help="a folder made by `lmlab prepare` (default: the built-in corpus)")
     p.add_argument("--json", default=None)
@@ -67,6 +70,8 @@ def run(args: argparse.Namespace, data: Path, out: Path, nproc: int, strategy: s
         launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
         launch += ["-m", "lmlab.cli"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    if nproc == 1 and args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
     proc = subprocess.run([*launch, *flags], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(launch + flags)} failed:\n{proc.stderr[-3000:]}")
@@ -75,7 +80,7 @@ def run(args: argparse.Namespace, data: Path, out: Path, nproc: int, strategy: s
     timed = train[args.warmup :] or train
     return {
         "processes": nproc,
-        "strategy": strategy or "one process",
+        "strategy": strategy or f"one process{f', {args.threads} threads' if args.threads else ''}",
         "tokens_per_s": statistics.median(r["tokens_per_s"] for r in timed),
         "last_loss": train[-1]["loss"],
         "peak_memory_gib": max((r.get("peak_memory_gib", 0.0) for r in train), default=0.0) or None,
@@ -90,13 +95,14 @@ def main(argv: list[str] | None = None) -> None:
         for strategy in args.strategies:
             results.append(run(args, data, Path(tmp) / strategy, args.nproc, strategy))
     base = results[0]["tokens_per_s"]
+    print(f"{platform.node()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end")
     print(
         f"{args.model}, global batch {args.global_batch} × {args.seq_len} tokens, {args.steps} steps on {args.device}"
     )
     for r in results:
         memory = f", rank 0 peak {r['peak_memory_gib']:.2f} GiB" if r["peak_memory_gib"] else ""
         print(
-            f"  {r['processes']} × {r['strategy']:<12} {r['tokens_per_s']:>10,.0f} tokens/s  "
+            f"  {r['processes']} × {r['strategy']:<24} {r['tokens_per_s']:>10,.0f} tokens/s  "
             f"{r['tokens_per_s'] / base:.2f}× one process; last loss {r['last_loss']:.4f}{memory}"
         )
     if args.json:
