@@ -265,3 +265,24 @@ def test_fsdp_on_2_ranks_trains_as_one_process_with_the_same_global_batch(data_d
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert train_losses(tmp_path / "ft2") == pytest.approx(train_losses(tmp_path / "ft1"), rel=1e-5)
+
+
+def test_a_sharded_checkpoint_is_one_only_when_complete_and_never_replaces_files_lmlab_did_not_write(tmp_path):
+    from lmlab.config import preset
+    from lmlab.errors import LmlabError
+    from lmlab.io.checkpoint import is_checkpoint, save_sharded_checkpoint
+    from lmlab.model import build_model
+
+    model = build_model(preset("llama-tiny", vocab_size=96))
+    path = save_sharded_checkpoint(tmp_path / "ckpt", model, None)  # one process, no process group
+    for a, b in zip(model.state_dict().values(), load_model(path).state_dict().values()):
+        assert torch.equal(a, b)
+    save_sharded_checkpoint(path, model, None)  # lmlab's own: replaced whole
+    (path / "notes.txt").write_text("mine")
+    with pytest.raises(LmlabError, match="did not write"):
+        save_sharded_checkpoint(path, model, None)
+    assert (path / "notes.txt").read_text() == "mine" and is_checkpoint(path)
+    (path / "COMPLETE").unlink()  # as a run killed before the marker leaves it
+    assert not is_checkpoint(path)
+    with pytest.raises(LmlabError, match="not a checkpoint"):
+        load_model(path)

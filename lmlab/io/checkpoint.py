@@ -249,8 +249,13 @@ def save_sharded_checkpoint(
     each rank's ``rng`` when given: every rank of the process group calls it (:func:`lmlab.io.dcp.save`)."""
     path = Path(path)
     check_checkpoint_output(path, overwrite=overwrite)
-    if path.exists() and not outputs.is_empty(path) and not is_lmlab_checkpoint(path):
-        raise LmlabError(f"out {path}: a sharded checkpoint replaces its folder whole; choose a new out", params="out")
+    if path.is_dir() and not outputs.is_empty(path):  # replaced whole: only lmlab's own checkpoint, nothing else
+        if not (is_lmlab_checkpoint(path) and outputs.holds_only(path, CHECKPOINT_ENTRIES)):
+            raise LmlabError(
+                f"out {path}: a sharded checkpoint replaces its folder whole, and this one holds files lmlab did not "
+                "write; move them out or choose a new out",
+                params="out",
+            )
     path.parent.mkdir(parents=True, exist_ok=True)
     config = model.config
 

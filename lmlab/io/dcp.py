@@ -94,7 +94,8 @@ def save(
         state = {"model": get_model_state_dict(model)}
     import torch.distributed.checkpoint as dcp
 
-    dcp.save(state, checkpoint_id=tmp / DCP_DIR, no_dist=not _group())
+    with _in_one_process():
+        dcp.save(state, checkpoint_id=tmp / DCP_DIR, no_dist=not _group())
     if rng is not None:
         torch.save(rng, tmp / RNG_DIR / f"rank-{rank}.pt")
     _barrier()  # every rank's shards are on disk
@@ -135,7 +136,7 @@ def load_model_state(path: str | Path, model: nn.Module) -> None:
 
     state = model.state_dict()
     try:
-        with _one_process_reads():
+        with _in_one_process():
             dcp.load({"model": state}, checkpoint_id=Path(path) / DCP_DIR, no_dist=True)
     except Exception as err:  # noqa: BLE001 (DCP raises its own CheckpointException, wrapping the cause)
         raise LmlabError(f"{path}: its DCP weights do not load into the model config.json describes: {err}") from None
@@ -150,14 +151,14 @@ def load_train_states(path: str | Path, model: nn.Module, optimizer: torch.optim
 
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optim_state}
-    with _one_process_reads():
+    with _in_one_process():
         dcp.load(state, checkpoint_id=Path(path) / DCP_DIR, no_dist=not _group())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
 @contextlib.contextmanager
-def _one_process_reads():
-    """DCP warns when it reads without a process group, that it assumes one process reads: what is meant here."""
+def _in_one_process():
+    """DCP warns when it runs without a process group, that it assumes one process: what is meant here."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
         yield
