@@ -31,7 +31,7 @@ from lmlab.errors import LmlabError
 from lmlab.generate import BeamSearch, GenerationConfig, decode
 from lmlab.generate.processors import SuppressIdsFrom
 from lmlab.generate.stopping import TextStream, cut_at_stop
-from lmlab.io.checkpoint import load_model, load_tokenizer, resolve_checkpoint
+from lmlab.io.checkpoint import has_tokenizer, load_model, load_tokenizer, resolve_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def folder_eos_ids(path: Path | None, vocab_size: int) -> list[int]:
     file or the field. A value that is not an id or a list of ids is a one-line error naming the file and
     the field; an id past the vocabulary (small test models often keep GPT-2's 50256) can never be
     generated, so it is left out with a warning, as transformers runs such a folder."""
-    if path is None:
+    if path is None or not Path(path).is_dir():  # a GGUF file names its eos id in its tokenizer
         return []
     file = Path(path) / "generation_config.json"
     eos = read_json_object(file).get("eos_token_id")
@@ -670,13 +670,13 @@ def generate_repl(lm: LM, config: GenerationConfig) -> int:
 
 
 def load(path: str | Path, device: str = "auto", dtype: torch.dtype | None = None, verify: bool = True) -> LM:
-    """Load an lmlab checkpoint folder (or a run folder: its best checkpoint), or a Hugging Face model
-    folder (GPT-2, LLaMA, BERT, BART; checked once against transformers unless ``verify=False``), with
-    its tokenizer (an lmlab checkpoint's must be the one it was trained with: ``verify=False`` turns the
-    error into a warning)."""
+    """Load an lmlab checkpoint folder (or a run folder: its best checkpoint), a Hugging Face model
+    folder (GPT-2, LLaMA, BERT, BART; checked once against transformers unless ``verify=False``) or a GGUF file
+    (llama.cpp's; GPT-2 and LLaMA, dequantized to fp32), with its tokenizer (an lmlab checkpoint's must be the
+    one it was trained with: ``verify=False`` turns the error into a warning)."""
     path = resolve_checkpoint(path)
     device = str(resolve_device(device))
-    if not (path / "tokenizer.json").is_file():
+    if not has_tokenizer(path):
         raise LmlabError(f"{path}: no tokenizer.json; expected the tokenizer beside the weights")
     tokenizer = load_tokenizer(path, verify=verify)  # the one the model was trained with, or an error
     # adapters folded in: plain, faster inference

@@ -72,7 +72,7 @@ def _flags_evaluate(p: ArgumentParser) -> None:
 
 def _flags_critique(p: ArgumentParser) -> None:
     names = {"help": f"comma-separated: {','.join(lmlab.critique.LENSES)} (default: all)"}
-    own = "out lenses data text train_data task max_examples seed"
+    own = "out lenses data text train_data task max_examples seed compare"
     flags(p, lmlab.critique, own, "checkpoint * device verify progress overwrite", lenses=names)
     for name, usual in CRITIQUE_FIELDS.items():  # None: the task's own name
         add(p, name, f"--data: {SHARED[name]} (default: {usual})", "str | None", None)
@@ -288,7 +288,7 @@ QUANTIZE = (
     "lmlab.compress.quantization:quantize",
     "out method group_size calibration_data calibration_samples eval_data",
     "checkpoint * device verify overwrite",
-    "Quantize a checkpoint's block Linear layers (int8, int4 or int4-gptq); print and write what it cost.",
+    "Quantize a checkpoint's block Linear layers (int8, int8-dynamic, int4, int4-gptq); print and write what it cost.",
 )
 MERGE_LORA = (
     "lmlab.train.lora:merge_checkpoint",
@@ -319,7 +319,7 @@ VERBS = {  # name → Verb(its line in `lmlab --help`, flags, run), in the order
     "finetune": Verb("fine-tune on classify, tag, qa, seq2seq or chat", _flags_finetune, cmd_finetune),
     "evaluate": Verb("task metrics with confidence intervals, or perplexity", _flags_evaluate, cmd_evaluate),
     "critique": Verb("a report: performance, bias, safety, privacy, robustness, …", _flags_critique, cmd_critique),
-    "quantize": function_verb("int8 / int4 / GPTQ weights, measured before and after", *QUANTIZE),
+    "quantize": function_verb("int8, dynamic int8, int4, GPTQ: measured before and after", *QUANTIZE),
     "export": Verb("export a checkpoint: HF folder, GGUF or ONNX, each checked by logits", _flags_export, cmd_export),
     "consolidate": function_verb("one safetensors checkpoint from a sharded (fsdp) one", *CONSOLIDATE, show=str),
     "merge-lora": function_verb("merge LoRA adapters into the base weights", *MERGE_LORA, **MERGE_LORA_FLAGS),

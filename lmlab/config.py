@@ -60,7 +60,8 @@ MAX_SIZES = {
     "type_vocab_size": 2**16,
     "num_labels": 2**24,
 }
-QUANT_METHODS = ("int8", "int4", "int4-gptq")  # weight-only quantization (lmlab.model.quant, lmlab.compress)
+QUANT_METHODS = ("int8", "int8-dynamic", "int4", "int4-gptq")  # lmlab.model.quant, lmlab.compress
+INT8_METHODS = ("int8", "int8-dynamic")  # int8 weights per output channel: no group size
 GROUP_SIZES = (32, 64, 128)  # int4: input columns that share one scale and zero-point
 # Parameters plus RoPE tables: 2**40 ≈ 1.1e12 elements (4 TiB in fp32), above the largest dense models (~4e11).
 MAX_ELEMENTS = 2**40
@@ -147,12 +148,13 @@ class ModelConfig:
 
     def _check_quantization(self) -> None:
         q = self.quantization
-        expected = "{} or a dict of method (int8, int4, int4-gptq), group_size and modules (a list of names)"
+        methods = ", ".join(QUANT_METHODS)
+        expected = f"{{}} or a dict of method ({methods}), group_size and modules (a list of names)"
         if not isinstance(q, dict) or (q and set(q) != {"method", "group_size", "modules"}):
             raise self._bad("quantization", expected)
         if q and (
             q["method"] not in QUANT_METHODS
-            or (q["method"] != "int8" and q["group_size"] not in GROUP_SIZES)
+            or (q["method"] not in INT8_METHODS and q["group_size"] not in GROUP_SIZES)
             or not isinstance(q["modules"], list)
             or not all(isinstance(m, str) for m in q["modules"])
         ):

@@ -5,6 +5,11 @@ GPU that is not there fails before a model loads or a file is written."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+from typing import Callable
+
 import torch
 
 from lmlab.errors import LmlabError
@@ -57,3 +62,43 @@ def resolve_device(name: str, local_rank: int = 0, param: str = "device", presen
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local_rank)
     return device
+
+
+def peak_memory(fn: Callable[[], object], device: torch.device) -> int:
+    """The most bytes ``fn()`` holds allocated at once beyond what was allocated before it: on a GPU from
+    ``torch.cuda.max_memory_allocated``, on a CPU from the profiler's allocation events (each a signed size)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        return torch.cuda.max_memory_allocated(device) - before
+    from torch.profiler import ProfilerActivity, profile
+
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _quiet_stderr():  # kineto prints a line to the process's stderr as it starts and stops
+        prof.start()
+    try:
+        fn()
+    finally:
+        with _quiet_stderr():
+            prof.stop()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    held = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        held += event.nbytes()
+        peak = max(peak, held)
+    return peak
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """File descriptor 2 pointed at /dev/null for the block (C++ code writes there, not to ``sys.stderr``)."""
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved), os.close(null)

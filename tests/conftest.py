@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -71,18 +72,9 @@ def data_dir(corpus_file, tokenizer_dir, tmp_path_factory) -> Path:
 def cpu_peak_bytes(fn) -> int:
     """The highest point, above where it started, of the CPU memory PyTorch allocates while ``fn()`` runs
     (the profiler's allocation events, in order): an oracle for memory tests that needs no GPU."""
-    from torch.profiler import ProfilerActivity, profile
+    from lmlab.device import peak_memory
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted(
-        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
-    )
-    run = top = 0
-    for e in events:
-        run += e.nbytes()
-        top = max(top, run)
-    return top
+    return peak_memory(fn, torch.device("cpu"))
 
 
 def crash_windows_at(monkeypatch, step: int) -> None:
@@ -113,3 +105,57 @@ def trained_run(data_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("run") / "run"
     pretrain("gpt2-tiny", data_dir, out, max_steps=30, eval_interval=10, log_interval=5, **TINY_TRAIN)
     return out
+
+
+# -- a sentiment classifier (critique tests) ----------------------------------------------------------------
+
+GOOD = ["great", "wonderful", "superb", "lovely"]
+BAD = ["awful", "terrible", "boring", "dreadful"]
+FILLER = ["the", "film", "was", "really", "a", "plot", "and", "acting", "quite", "story"]
+
+
+def sentiment(n, seed, *, flip_group=None):
+    """Keyword sentiment with a group column; ``flip_group``'s gold labels are inverted (the model cannot
+    know), which plants a slice whose accuracy is near 0 and an over-confident model."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = rng.choice(["pos", "neg"])
+        words = rng.choices(FILLER, k=5)
+        words.insert(rng.randrange(6), rng.choice(GOOD if label == "pos" else BAD))
+        group = "a" if i % 2 else "b"
+        if group == flip_group:
+            label = "neg" if label == "pos" else "pos"
+        rows.append({"text": " ".join(words), "label": label, "group": group})
+    return rows
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def classifier(tmp_path_factory):
+    """A tiny gpt2 sentiment classifier fine-tuned on :func:`sentiment` rows, its test files (``flipped``: group b's
+    gold labels inverted) and its folder."""
+    from lmlab.config import preset
+    from lmlab.io.checkpoint import save_checkpoint
+    from lmlab.model import build_model
+    from lmlab.tokenizer import train_tokenizer
+    from lmlab.train.finetune import finetune
+
+    folder = tmp_path_factory.mktemp("crit")
+    tok = train_tokenizer([r["text"] for r in sentiment(200, 0)], kind="bpe", vocab_size=300)
+    torch.manual_seed(0)
+    base = save_checkpoint(folder / "base", build_model(preset("gpt2-tiny", vocab_size=tok.vocab_size)), tokenizer=tok)
+    train = write_jsonl(folder / "train.jsonl", sentiment(300, 1))
+    args = dict(TINY_TRAIN, micro_batch_size=16, lr=2e-3, warmup_steps=5, eval_interval=80, log_interval=20, seed=0)
+    result = finetune(base, "classify", train, folder / "run", max_length=24, max_steps=80, **args)
+    return {
+        "run": folder / "run",
+        "ckpt": result.last_checkpoint,
+        "test": write_jsonl(folder / "test.jsonl", sentiment(120, 2)),
+        "flipped": write_jsonl(folder / "flipped.jsonl", sentiment(120, 2, flip_group="b")),
+        "folder": folder,
+    }

@@ -4,65 +4,13 @@ lenses without data are skipped with a note, and the report holds every number w
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
-import torch
-from conftest import TINY_TRAIN
 
-from lmlab.config import preset
 from lmlab.critique import LENSES, critique, load_subject, parse_lenses, run_lens
 from lmlab.critique.core import proportion_ci
 from lmlab.critique.report import format_value
 from lmlab.errors import LmlabError
-from lmlab.io.checkpoint import save_checkpoint
-from lmlab.model import build_model
-from lmlab.train.finetune import finetune
-
-GOOD = ["great", "wonderful", "superb", "lovely"]
-BAD = ["awful", "terrible", "boring", "dreadful"]
-FILLER = ["the", "film", "was", "really", "a", "plot", "and", "acting", "quite", "story"]
-
-
-def sentiment(n, seed, *, flip_group=None):
-    """Keyword sentiment with a group column; ``flip_group``'s gold labels are inverted (the model cannot
-    know), which plants a slice whose accuracy is near 0 and an over-confident model."""
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        label = rng.choice(["pos", "neg"])
-        words = rng.choices(FILLER, k=5)
-        words.insert(rng.randrange(6), rng.choice(GOOD if label == "pos" else BAD))
-        group = "a" if i % 2 else "b"
-        if group == flip_group:
-            label = "neg" if label == "pos" else "pos"
-        rows.append({"text": " ".join(words), "label": label, "group": group})
-    return rows
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
-
-
-@pytest.fixture(scope="module")
-def classifier(tmp_path_factory):
-    from lmlab.tokenizer import train_tokenizer
-
-    folder = tmp_path_factory.mktemp("crit")
-    tok = train_tokenizer([r["text"] for r in sentiment(200, 0)], kind="bpe", vocab_size=300)
-    torch.manual_seed(0)
-    base = save_checkpoint(folder / "base", build_model(preset("gpt2-tiny", vocab_size=tok.vocab_size)), tokenizer=tok)
-    train = write_jsonl(folder / "train.jsonl", sentiment(300, 1))
-    args = dict(TINY_TRAIN, micro_batch_size=16, lr=2e-3, warmup_steps=5, eval_interval=80, log_interval=20, seed=0)
-    result = finetune(base, "classify", train, folder / "run", max_length=24, max_steps=80, **args)
-    return {
-        "run": folder / "run",
-        "ckpt": result.last_checkpoint,
-        "test": write_jsonl(folder / "test.jsonl", sentiment(120, 2)),
-        "flipped": write_jsonl(folder / "flipped.jsonl", sentiment(120, 2, flip_group="b")),
-        "folder": folder,
-    }
 
 
 @pytest.mark.slow

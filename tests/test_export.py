@@ -277,6 +277,9 @@ def test_export_and_an_hf_folder_through_the_cli(tmp_path, tokenizer_dir, data_d
     assert main(["export", str(path), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
     assert "exported" in capsys.readouterr().out
     assert (tmp_path / "hf" / "generation_config.json").is_file()
+    record = json.loads((tmp_path / "hf" / "export.json").read_text())
+    assert record["format"] == "hf" and record["source"] == str(path.resolve()) and record["lora"] == "merge"
+    assert 0 <= record["max_abs_output_diff"] < 1e-4
     assert (
         main(["generate", str(tmp_path / "hf"), "--prompt", "The", "--max-new-tokens", "5", "--format", "jsonl"]) == 0
     )

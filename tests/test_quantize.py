@@ -26,6 +26,7 @@ from lmlab.model.quant import (
     dequantize_int4,
     pack_int4,
     quantizable,
+    quantize_activations,
     quantize_int4,
     quantize_int8,
     unpack_int4,
@@ -33,7 +34,7 @@ from lmlab.model.quant import (
 from lmlab.tokenizer import Tokenizer
 
 # relative error ‖quantized − original‖ / ‖original‖ of the logits of a tiny random model
-BOUNDS = {"int8": 0.01, "int4": 0.12}
+BOUNDS = {"int8": 0.01, "int8-dynamic": 0.03, "int4": 0.12}
 TINY = {
     "gpt2-tiny": {},
     "llama-tiny": {},  # MLP width 176: a last int4 group shorter than the group size
@@ -117,11 +118,29 @@ def test_int8_matches_torchao_int8_weight_only():
     assert (q.dequantized_weight() - theirs[0].weight.dequantize().float()).abs().max() <= 1e-6
 
 
+def test_int8_dynamic_quantizes_activations_per_token_as_torchao_does():
+    pytest.importorskip("torchao")
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+    torch.manual_seed(0)
+    ours, theirs = nn.Linear(128, 96), nn.Sequential(nn.Linear(128, 96))
+    theirs[0].load_state_dict(ours.state_dict())
+    quantize_(theirs, Int8DynamicActivationInt8WeightConfig())
+    q = QuantizedLinear.from_linear(ours, "int8-dynamic", 128)
+    x = torch.randn(2, 20, 128) * torch.linspace(0.1, 3, 20)[None, :, None]  # rows of different ranges
+    with torch.no_grad():
+        ref, exact, y = theirs(x), ours(x), q(x)
+    assert (y - ref).abs().max() < 1e-3 * ref.abs().max()  # torchao's per-token int8 × per-channel int8
+    assert 0 < (y - exact).abs().max() < 0.02 * exact.abs().max()  # activations are rounded too: close, not equal
+    xq, scales = quantize_activations(x.reshape(-1, 128))
+    assert xq.dtype == torch.int8 and xq.abs().max() >= 127 and scales.shape == (40,)
+
+
 # -- models --------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("name", list(TINY))
-@pytest.mark.parametrize("method", ["int8", "int4"])
+@pytest.mark.parametrize("method", ["int8", "int8-dynamic", "int4"])
 def test_quantized_outputs_stay_close_and_heads_keep_their_dtype(name, method):
     model = tiny(name)
     ids = torch.randint(5, 200, (2, 24))
@@ -129,14 +148,15 @@ def test_quantized_outputs_stay_close_and_heads_keep_their_dtype(name, method):
     assert rel_error(outputs(q, ids), outputs(model, ids)) < BOUNDS[method]
     names = quantizable(model)
     assert names and all(isinstance(q.get_submodule(n), QuantizedLinear) for n in names)
-    assert q.config.quantization == {"method": method, "group_size": None if method == "int8" else 32, "modules": names}
+    group = None if method.startswith("int8") else 32
+    assert q.config.quantization == {"method": method, "group_size": group, "modules": names}
     kept = [m for m in q.modules() if type(m) is nn.Linear]  # LM / MLM / task heads, pooler
     assert kept and all(m.weight.dtype == torch.float32 for m in kept)
 
 
 def test_errors_name_the_parameter():
     model = tiny("gpt2-tiny")
-    with pytest.raises(LmlabError, match="^method is 'int3': expected int8, int4, int4-gptq$") as err:
+    with pytest.raises(LmlabError, match="^method is 'int3': expected int8, int8-dynamic, int4, int4-gptq$") as err:
         quantize_model(model, "int3")
     assert err.value.params == ("method",)
     with pytest.raises(LmlabError, match="^group_size is 48: expected 32, 64 or 128$") as err:

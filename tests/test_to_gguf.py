@@ -6,6 +6,7 @@ The llama.cpp tests (``llama_cpp.Llama`` loads the file, tokenizes and continues
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -184,6 +185,12 @@ def test_cli_writes_gguf_with_outtype(tmp_path, tokenizer_dir, capsys):
     assert main(["export", str(src), "--format", "gguf", "--outtype", "f16", "--out", str(tmp_path / "m.gguf")]) == 0
     assert "exported" in capsys.readouterr().out
     assert gguf.GGUFReader(str(tmp_path / "m.gguf")).fields["general.file_type"].contents() == 1  # MOSTLY_F16
+    record = json.loads((tmp_path / "m.gguf.export.json").read_text())
+    assert record["format"] == "gguf" and record["dtype"] == "f16" and record["source"] == str(src.resolve())
+    assert 0 < record["logit_gap_relative"] < 5e-3
+    (tmp_path / "n.gguf.export.json").write_text("mine")  # the record's name is taken: refused, nothing replaced
+    assert main(["export", str(src), "--format", "gguf", "--out", str(tmp_path / "n.gguf")]) == 1
+    assert "n.gguf.export.json exists" in capsys.readouterr().err and not (tmp_path / "n.gguf").exists()
     assert main(["export", str(src), "--format", "gguf", "--outtype", "q2", "--out", str(tmp_path / "x.gguf")]) == 1
     assert "--outtype is 'q2': expected f32, f16, q8_0" in capsys.readouterr().err
 
@@ -230,3 +237,42 @@ def test_llama_cpp_loads_the_file_tokenizes_and_continues_as_lmlab(tmp_path, tok
             for _ in range(12):
                 ours.append(int(lm.model(torch.tensor([ours]))[0, -1].argmax()))
         assert theirs == ours[len(ids) :], text
+
+
+def _llama_cpp_greedy(llm, ids: list[int], n: int) -> list[int]:
+    out = []
+    for token in llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, reset=True):
+        out.append(token)
+        if len(out) == n:
+            return out
+    return out
+
+
+@pytest.mark.parametrize("outtype", ["f16", "q8_0"])
+@pytest.mark.parametrize("case", ["gpt2", "llama-gqa-llama3", "llama-untied-linear"])
+def test_llama_cpp_continues_f16_and_q8_0_exports_as_lmlab_for_8_tokens_on_most_prompts(
+    tmp_path, tokenizer_dir, case, outtype
+):
+    import numpy as np
+
+    lib = llama_cpp()
+    from lmlab.api import load
+
+    src = checkpoint(tmp_path, case, tokenizer_dir)
+    out = export_gguf(src, tmp_path / "model.gguf", outtype=outtype)
+    llm = lib.Llama(model_path=str(out), n_ctx=128, n_threads=1, logits_all=True, verbose=False)
+    lm, same, gaps = load(src), 0, []
+    for text in PROMPTS:
+        ids = lm.tokenizer.encode(text)
+        with torch.no_grad():
+            ours = ids[:]
+            for _ in range(8):
+                ours.append(int(lm.model(torch.tensor([ours]))[0, -1].argmax()))
+            want = lm.model(torch.tensor([ids]))[0]
+        same += _llama_cpp_greedy(llm, ids, 8) == ours[len(ids) :]
+        llm.reset()
+        llm.eval(ids)
+        got = torch.from_numpy(np.array(llm.scores[: len(ids)]))[:, : want.shape[-1]]
+        gaps.append(((got - want).abs().max() / want.abs().max()).item())
+    print(f"{case} {outtype}: 8 tokens equal on {same}/{len(PROMPTS)} prompts; logit gap {max(gaps):.1e}")
+    assert same > len(PROMPTS) / 2 and max(gaps) <= TOLERANCES[outtype], (same, gaps)

@@ -12,10 +12,7 @@ run held at once: ``torch.cuda.max_memory_allocated`` on a GPU, the profiler's a
 
 from __future__ import annotations
 
-import contextlib
-import os
 import platform
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -25,6 +22,7 @@ from torch import nn
 
 from lmlab.api import LM
 from lmlab.config import write_json_atomic
+from lmlab.device import peak_memory
 from lmlab.evaluate.runner import NOT_FIGURES, evaluate_model
 from lmlab.io.checkpoint import WEIGHTS_FILE, is_lmlab_checkpoint, read_meta, save_checkpoint
 from lmlab.model.quant import quantizable, quantized_bytes
@@ -146,52 +144,16 @@ def _runner(model: nn.Module, tokenizer) -> Callable[[int], int]:
     return decode
 
 
-def _speed(run: Callable[[int], int], batch: int) -> float:
-    """Tokens per second of ``run(batch)``, after a warm-up run."""
+def _speed(run: Callable[[int], int], batch: int, repeats: int = 3) -> float:
+    """Tokens per second of ``run(batch)``: the best of ``repeats`` runs after a warm-up (the least disturbed by
+    whatever else the machine is doing)."""
     run(1)
-    start = time.perf_counter()
-    tokens = run(batch)
-    return tokens / (time.perf_counter() - start)
-
-
-def peak_memory(fn: Callable[[], object], device: torch.device) -> int:
-    """The most bytes ``fn()`` holds allocated at once beyond what was allocated before it: on a GPU from
-    ``torch.cuda.max_memory_allocated``, on a CPU from the profiler's allocation events (each a signed size)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        fn()
-        return torch.cuda.max_memory_allocated(device) - before
-    from torch.profiler import ProfilerActivity, profile
-
-    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-    with _quiet_stderr():  # kineto prints a line to the process's stderr as it starts and stops
-        prof.start()
-    try:
-        fn()
-    finally:
-        with _quiet_stderr():
-            prof.stop()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    held = peak = 0
-    for event in sorted(events, key=lambda e: e.start_ns()):
-        held += event.nbytes()
-        peak = max(peak, held)
-    return peak
-
-
-@contextlib.contextmanager
-def _quiet_stderr():
-    """File descriptor 2 pointed at /dev/null for the block (C++ code writes there, not to ``sys.stderr``)."""
-    sys.stderr.flush()
-    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    os.dup2(null, 2)
-    try:
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved), os.close(null)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        tokens = run(batch)
+        best = min(best, time.perf_counter() - start)
+    return tokens / best
 
 
 def machine(device: torch.device) -> str:
@@ -219,7 +181,9 @@ def summary(record: dict[str, Any]) -> str:
     before, after = record["original"], record["compressed"]
     lines = [f"lmlab: {record['title']} → {record['out']}", f"  {'':24}{'original':>18}{'compressed':>18}{'ratio':>9}"]
     rows = [(label, before.get(key), after.get(key), fmt) for label, key, fmt in ROWS]
-    for name, value in before.get("metrics", {}).items():
+    metrics = before.get("metrics", {})
+    shown = [n for n in metrics if n in before["ci"]] or list(metrics)  # the figures with an interval, else all
+    for name, value in ((n, metrics[n]) for n in shown):
         ci, ci_after = before["ci"].get(name), after.get("ci", {}).get(name)
         rows.append((name, value, after.get("metrics", {}).get(name), "{:.4f}"))
         if ci and ci_after:

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from lmlab.compress.measure import Compression, write_compressed
+from lmlab.config import INT8_METHODS
 from lmlab.data import read_corpus
 from lmlab.data.pack import PackedTokens, is_data_folder
 from lmlab.device import resolve_device
@@ -57,7 +58,8 @@ def quantize(
     Args:
         checkpoint: checkpoint folder (or run folder: its best checkpoint)
         out: folder for the quantized checkpoint and compression.json
-        method: int8 (per output channel, symmetric), int4 (grouped input columns, round-to-nearest) or int4-gptq
+        method: int8 (per output channel, symmetric), int8-dynamic (int8 weights, and activations quantized per
+            token on the fly: int8 × int8 matmuls), int4 (grouped input columns, round-to-nearest) or int4-gptq
             (int4 chosen by GPTQ on the calibration data)
         group_size: int4, int4-gptq: input columns sharing one scale and zero-point: 32, 64 or 128
         calibration_data: int4-gptq: a prepared data folder (its training tokens) or text files lmlab reads
@@ -85,7 +87,7 @@ def quantize(
     original = load_model(path, device=device, merge_lora=True, verify=verify)  # LoRA: adapters folded in
     batches = _calibration(calibration_data, tokenizer, original, calibration_samples) if calibration_data else []
     model = quantize_model(copy.deepcopy(original), method, group_size, batches)
-    group = None if method == "int8" else group_size
+    group = None if method in INT8_METHODS else group_size
     layers = len(model.config.quantization["modules"])
     title = f"{method}{f' (group size {group})' if group else ''}: {layers} Linear layers quantized"
     calibration = {"data": str(calibration_data), "sequences": len(batches)} if batches else None
@@ -109,7 +111,7 @@ def quantize_model(model: nn.Module, method: str, group_size: int = 128, batches
     else:
         for name in names:
             model.set_submodule(name, QuantizedLinear.from_linear(model.get_submodule(name), method, group_size))
-    settings = {"method": method, "group_size": None if method == "int8" else group_size, "modules": names}
+    settings = {"method": method, "group_size": None if method in INT8_METHODS else group_size, "modules": names}
     model.config = dataclasses.replace(model.config, quantization=settings)
     return model.eval()
 

@@ -101,6 +101,7 @@ def critique(
     device: str = "cpu",
     seed: int = 0,
     max_examples: int = 500,
+    compare: str | Path | None = None,
     fields: dict[str, str] | None = None,
     options: dict[str, Any] | None = None,
     progress: bool = True,
@@ -121,6 +122,9 @@ def critique(
         device: auto, cpu, cuda, cuda:1, …
         seed: seed of every sample and perturbation
         max_examples: examples each lens reads at most (a seeded sample)
+        compare: the checkpoint this one was compressed (or fine-tuned) from: both go through the same lenses on
+            the same data, and a first section says what changed — every figure side by side, the examples whose
+            prediction flipped, accuracy per group, the bias, robustness and calibration figures that moved
         fields: the data's field names (``text_field``, ``label_field``, ``group_field`` …)
         options: lens options (``pairs``, ``prompts``, ``canaries``, ``samples`` …), each passed to the lenses
             that take it
@@ -134,28 +138,35 @@ def critique(
     check_option("max_examples", max_examples)
     check_seed(seed)
     out = check_output(out, "critique report folder", OWNED, overwrite=overwrite, sources=(checkpoint,))
-    subject = load_subject(
-        checkpoint,
-        data=data,
-        text=text,
-        train_data=train_data,
-        task=task,
-        device=device,
-        seed=seed,
-        max_examples=max_examples,
-        verify=verify,
-        **(fields or {}),
-    )
-    sections = []
-    for name in names:
-        if progress:
-            print(f"lmlab: critique: {name} …", file=sys.stderr, flush=True)
-        sections.append(_run_or_skip(name, subject, progress=progress, **(options or {})))
+    inputs = dict(data=data, text=text, train_data=train_data, task=task, device=device, seed=seed)
+    inputs.update(max_examples=max_examples, verify=verify, **(fields or {}))
+    subject = load_subject(checkpoint, **inputs)
+    sections = _sections(names, subject, progress, options)
+    if compare is not None:
+        from lmlab.critique.compare import compare as compared
+
+        original = load_subject(compare, **{**inputs, "task": subject.task or None})
+        before = _sections(names, original, progress, options, " (original)")
+        sections.insert(0, compared(original, subject, before, sections))
     report = _report(subject, sections, data=data, text=text, train_data=train_data)
+    if compare is not None:
+        report["compared_with"] = {"checkpoint": str(original.path), "lenses": {s.lens: s.to_json() for s in before}}
     json_path, html_path = write_report(out, report, sections)
     write_marker(out, "critique")
     report["_paths"] = {"json": str(json_path), "html": str(html_path)}
     return report
+
+
+def _sections(
+    names: list[str], subject: Subject, progress: bool, options: dict[str, Any] | None, which: str = ""
+) -> list[Section]:
+    """Each lens's section for ``subject``, in order."""
+    sections = []
+    for name in names:
+        if progress:
+            print(f"lmlab: critique: {name}{which} …", file=sys.stderr, flush=True)
+        sections.append(_run_or_skip(name, subject, progress=progress, **(options or {})))
+    return sections
 
 
 def _report(subject: Subject, sections: list[Section], *, data, text, train_data) -> dict[str, Any]:

@@ -27,6 +27,9 @@ sentence-transformers folder, through its Transformer module. :func:`load_model`
 onto the lmlab model and, unless ``verify=False``, checks the result against transformers' model of
 the same folder once (the pass is cached beside the weights). :func:`load_config` reads either kind.
 
+A GGUF file (``*.gguf``, llama.cpp's format: :mod:`lmlab.io.gguf_file`) is a checkpoint too: the model (weights
+dequantized to fp32) and the tokenizer are both in the file; it has no ``config.json`` (:func:`read_meta` gives {}).
+
 A run folder holds ``step-XXXXXXXX/`` checkpoints (the last K are kept), ``best/`` (lowest
 validation loss), ``log.jsonl`` and ``loss.png``. Every checkpoint is written into a hidden temp
 folder and renamed into place, so a run killed mid-write never leaves a half checkpoint.
@@ -48,7 +51,7 @@ from torch import nn
 
 from lmlab.config import LoraSpec, ModelConfig, write_json_atomic
 from lmlab.errors import LmlabError
-from lmlab.io import dcp, hf, outputs
+from lmlab.io import dcp, gguf_file, hf, outputs
 from lmlab.io.weights import read_safetensors, torch_load
 from lmlab.model import lora, quant
 from lmlab.tokenizer import Tokenizer
@@ -95,10 +98,10 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder (lmlab or HF), a sentence-transformers folder (meaning its Transformer module's
-    folder), or a run folder (meaning its ``best/``, else its latest step)."""
+    """A checkpoint folder (lmlab or HF), a GGUF file, a sentence-transformers folder (meaning its Transformer
+    module's folder), or a run folder (meaning its ``best/``, else its latest step)."""
     path = Path(path)
-    if is_checkpoint(path):
+    if is_checkpoint(path) or gguf_file.is_gguf_file(path):
         return path
     if not path.exists():
         raise LmlabError(f"{path}: no such checkpoint folder")
@@ -117,7 +120,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
         return checkpoints[-1][1]
     raise LmlabError(
         f"{path} is not a checkpoint: expected a folder with {CONFIG_FILE} and {WEIGHTS_FILE} (an lmlab checkpoint or "
-        "HF model folder), "
+        "HF model folder), a .gguf file, "
         "a sentence-transformers folder, or a run folder holding step-* checkpoints"
     )
 
@@ -126,6 +129,8 @@ def load_config(path: str | Path) -> ModelConfig:
     """The :class:`ModelConfig` of a checkpoint (:func:`resolve_checkpoint` resolves ``path``): an lmlab
     checkpoint's, or the lmlab config an HF folder converts to."""
     path = resolve_checkpoint(path)
+    if gguf_file.is_gguf_file(path):
+        return gguf_file.read_gguf_config(path)
     return hf.hf_folder_config(path) if hf.is_hf_folder(path) else ModelConfig.load(path / CONFIG_FILE)
 
 
@@ -286,7 +291,9 @@ def _put_in_place(tmp: Path, path: Path) -> None:
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
-    """config.json of a checkpoint, as a dict."""
+    """config.json of a checkpoint, as a dict ({} for a GGUF file, which has none)."""
+    if gguf_file.is_gguf_file(path):
+        return {}
     file = Path(path) / CONFIG_FILE
     try:
         return json.loads(file.read_text(encoding="utf-8"))
@@ -302,6 +309,8 @@ def load_tokenizer(path: str | Path, verify: bool = True) -> Tokenizer:
     another tokenizer's ids mean nothing to the model, so a mismatch is an error — with ``verify=False``
     (``--no-verify``) a logged warning. An HF folder records no hash: its tokenizer is taken as it is."""
     path = resolve_checkpoint(path)
+    if gguf_file.is_gguf_file(path):
+        return gguf_file.read_gguf_tokenizer(path)
     tokenizer = Tokenizer.load(path)
     expected = read_meta(path).get("tokenizer_sha256")
     if expected is not None and expected != tokenizer.sha256:
@@ -313,6 +322,13 @@ def load_tokenizer(path: str | Path, verify: bool = True) -> Tokenizer:
             raise LmlabError(message + " (`verify=False`, `--no-verify` on the command line, loads it anyway)")
         logger.warning("%s; loading it anyway (--no-verify): expect garbage", message)
     return tokenizer
+
+
+def has_tokenizer(path: str | Path) -> bool:
+    """Whether the checkpoint at ``path`` (resolved) holds its tokenizer: tokenizer.json beside the weights, or a
+    GGUF file's own vocabulary."""
+    path = Path(path)
+    return gguf_file.is_gguf_file(path) or (path / "tokenizer.json").is_file()
 
 
 def load_model(
@@ -334,13 +350,18 @@ def load_model(
     an LmlabError on a mismatch; skipped with a warning without transformers). The model's ``fresh_weights``
     names the weights an HF folder lacked and lmlab initialised at random (a sentence-transformers folder's
     MLM head): what reads them (the bias lens' pseudo-likelihoods) would read noise.
+
+    A GGUF file's weights are dequantized to fp32 (:func:`lmlab.io.gguf_file.read_gguf_checkpoint`); ``verify``
+    does not apply to them.
     """
     from lmlab.model import build_model
 
     path = resolve_checkpoint(path)
-    from_hf, fresh = hf.is_hf_folder(path), []
+    from_hf, from_gguf, fresh = hf.is_hf_folder(path), gguf_file.is_gguf_file(path), []
     if from_hf:
         config, state, fresh = hf.read_hf_parts(path)
+    elif from_gguf:
+        config, state = gguf_file.read_gguf_checkpoint(path)
     else:
         config = ModelConfig.load(path / CONFIG_FILE)
     with torch.device("meta"):
@@ -351,7 +372,7 @@ def load_model(
             quant.install_quantized(model, config.quantization)
     model.to_empty(device=device)
     model.tie_weights()  # to_empty gives every parameter its own storage; a tied head must share again
-    if from_hf:
+    if from_hf or from_gguf:
         load_weights(model, state, source=str(path))
     elif (path / WEIGHTS_FILE).is_file():
         load_weights(model, read_safetensors(path / WEIGHTS_FILE, device), source=str(path / WEIGHTS_FILE))

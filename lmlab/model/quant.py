@@ -6,6 +6,9 @@ the MLP's ``fc``/``proj``); embeddings, norms, the LM head and task heads keep t
 - **int8**: per output channel, symmetric: ``scale = max|w_row| / 127.5``, ``q = clamp(round(w / scale), -128,
   127)`` — torchao's ``Int8WeightOnlyConfig`` convention, so the dequantized weights agree with it. Stored as
   ``qweight`` (int8, out × in) and ``scales`` (fp32, out).
+- **int8-dynamic**: the int8 weights above, and activations quantized too, per row (token) as each forward pass
+  sees them (``scale = max|x_row| / 127.5``, torchao's ``Int8DynamicActivationInt8WeightConfig`` convention): the
+  matmul runs on int8 × int8 with int32 accumulation (``torch._int_mm``).
 - **int4**: grouped along the input dimension, asymmetric: each run of ``group_size`` input columns of a row
   has ``scale = (max - min) / 15`` and an integer zero-point ``z`` in [0, 15], ``q = clamp(round(w / scale) + z,
   0, 15)``, ``w ≈ (q - z)·scale``. Stored as ``qweight`` (uint8, two values a byte: the even column in the low
@@ -25,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lmlab.config import GROUP_SIZES, QUANT_METHODS
+from lmlab.config import GROUP_SIZES, INT8_METHODS, QUANT_METHODS
 from lmlab.errors import LmlabError
 
 BLOCK_PARTS = ("blocks", "enc_blocks", "dec_blocks")  # the stacks whose Linear layers are quantized
@@ -37,7 +40,7 @@ def check_method(method: str, group_size: int) -> None:
     """One-line errors for a method or group size lmlab does not have."""
     if method not in QUANT_METHODS:
         raise LmlabError(f"method is {method!r}: expected {', '.join(QUANT_METHODS)}", params="method")
-    if method != "int8" and group_size not in GROUP_SIZES:
+    if method not in INT8_METHODS and group_size not in GROUP_SIZES:
         sizes = ", ".join(map(str, GROUP_SIZES[:-1])) + f" or {GROUP_SIZES[-1]}"
         raise LmlabError(f"group_size is {group_size}: expected {sizes}", params="group_size")
 
@@ -48,6 +51,12 @@ def quantize_int8(w: Tensor) -> tuple[Tensor, Tensor]:
     scales = (w.abs().amax(dim=1) / INT8_LEVELS).clamp(min=torch.finfo(torch.float32).eps)
     q = torch.clamp(torch.round(w * (1.0 / scales[:, None])), -128, 127).to(torch.int8)  # as torchao rounds
     return q, scales
+
+
+def quantize_activations(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-row symmetric int8 of activations (rows, in), as the weights are (:func:`quantize_int8`, torchao's
+    ``Int8DynamicActivationInt8WeightConfig`` per-token convention): ``(int8 values, fp32 scales (rows,))``."""
+    return quantize_int8(x)
 
 
 def dequantize_int8(qweight: Tensor, scales: Tensor) -> Tensor:
@@ -110,7 +119,7 @@ class QuantizedLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.method, self.group_size = method, group_size
-        if method == "int8":
+        if method in INT8_METHODS:
             self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
             self.register_buffer("scales", torch.ones(out_features))
         else:
@@ -127,9 +136,10 @@ class QuantizedLinear(nn.Module):
         out_f, in_f = linear.weight.shape
         module = cls(in_f, out_f, linear.bias is not None, method, group_size).to(linear.weight.device)
         if parts is None:
-            parts = quantize_int8(linear.weight) if method == "int8" else quantize_int4(linear.weight, group_size)
+            int8 = method in INT8_METHODS
+            parts = quantize_int8(linear.weight) if int8 else quantize_int4(linear.weight, group_size)
         with torch.no_grad():
-            if method == "int8":
+            if method in INT8_METHODS:
                 module.qweight.copy_(parts[0])
                 module.scales.copy_(parts[1])
             else:
@@ -142,11 +152,13 @@ class QuantizedLinear(nn.Module):
 
     def dequantized_weight(self) -> Tensor:
         """The weight the integers stand for, in fp32 (out, in)."""
-        if self.method == "int8":
+        if self.method in INT8_METHODS:
             return dequantize_int8(self.qweight, self.scales)
         return dequantize_int4(self.qweight, self.scales, self.zeros, self.group_size, self.in_features)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.method == "int8-dynamic":
+            return self._dynamic(x)
         if self.method == "int8" and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16):
             y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features), self.qweight, self.scales.to(x.dtype))
             y = y.reshape(*x.shape[:-1], self.out_features)
@@ -154,8 +166,21 @@ class QuantizedLinear(nn.Module):
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.dequantized_weight().to(x.dtype), bias)
 
+    def _dynamic(self, x: Tensor) -> Tensor:
+        """int8 activations times int8 weights: each row (token) of ``x`` quantized symmetrically on the fly, the
+        product accumulated in int32 (``torch._int_mm``), then scaled back by both scales."""
+        rows = x.reshape(-1, self.in_features).float()
+        xq, x_scales = quantize_activations(rows)
+        if rows.shape[0] > 16 or x.device.type == "cpu":  # CUDA's int8 kernel wants more than 16 rows
+            acc = torch._int_mm(xq, self.qweight.t()).float()
+        else:
+            acc = xq.float() @ self.qweight.float().t()  # exact: integer products and sums well inside fp32's 2^24
+        y = (acc * x_scales[:, None] * self.scales.float()[None]).to(x.dtype)
+        y = y.reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
     def extra_repr(self) -> str:
-        group = "" if self.method == "int8" else f", group_size={self.group_size}"
+        group = "" if self.method in INT8_METHODS else f", group_size={self.group_size}"
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.method}{group}"
 
 

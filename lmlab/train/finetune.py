@@ -594,15 +594,17 @@ def _with_task_head(
 ) -> nn.Module:
     """The base checkpoint's weights in a model with ``config``'s task head (fresh unless the base has the same one).
     A LoRA base is merged first: its adapters become part of the weights the new run starts from; an HF
-    folder's weights are converted (and checked against transformers once, see :func:`load_model`); a sharded
-    checkpoint's are read through :func:`load_model`."""
+    folder's or GGUF file's weights are converted (an HF folder's checked against transformers once, see
+    :func:`load_model`); a sharded checkpoint's are read through :func:`load_model`."""
     from lmlab.io.checkpoint import WEIGHTS_FILE, rebuild_buffers, weights_for_saving
+    from lmlab.io.gguf_file import is_gguf_file
     from lmlab.io.hf import is_hf_folder, parity_checked
     from lmlab.io.weights import read_safetensors
 
     model = build_model(config)
     rebuild_buffers(model)  # RoPE tables with the config's scaling
-    if base_config.lora or is_hf_folder(base) or not (base / WEIGHTS_FILE).is_file():  # (a sharded checkpoint)
+    sharded = not (base / WEIGHTS_FILE).is_file()  # (a GGUF file, or a sharded checkpoint: lmlab.io.dcp)
+    if base_config.lora or is_hf_folder(base) or is_gguf_file(base) or sharded:
         checking = verify and is_hf_folder(base) and not parity_checked(base) and os.environ.get("RANK", "0") == "0"
         if checking:  # a fixed cost the user should know of, paid once per folder
             print(

@@ -14,10 +14,12 @@ from lmlab.config import LoraSpec, ModelConfig, preset
 from lmlab.errors import LmlabError
 from lmlab.io.checkpoint import (
     check_run_output,
+    has_tokenizer,
     latest_checkpoint,
     list_checkpoints,
     load_config,
     load_model,
+    load_tokenizer,
     read_meta,
     resolve_checkpoint,
 )
@@ -319,10 +321,8 @@ def _model_changes(saved: ModelConfig, now: ModelConfig) -> dict[str, tuple[Any,
 
 def _check_same_tokenizer(checkpoint: Path, tokenizer, param: str) -> None:
     expected = read_meta(checkpoint).get("tokenizer_sha256")
-    if expected is None and (checkpoint / "tokenizer.json").is_file():  # a Hugging Face folder: its own tokenizer
-        from lmlab.tokenizer import Tokenizer
-
-        expected = Tokenizer.load(checkpoint).sha256
+    if expected is None and has_tokenizer(checkpoint):  # a Hugging Face folder or GGUF file: its own tokenizer
+        expected = load_tokenizer(checkpoint).sha256
     if expected and expected != tokenizer.sha256:
         raise LmlabError(
             f"{param} {checkpoint} was trained with a different tokenizer than the data's (tokenizer hash differs)",

@@ -12,6 +12,8 @@ onnxruntime: :mod:`lmlab.io.export.to_onnx`.)
       generation_config.json     bos / eos / pad ids (+ decoder_start_token_id for BART); generative models only
       tokenizer.json, tokenizer_config.json, special_tokens_map.json
                                  the tokenizer: ``AutoTokenizer`` encodes as lmlab does; roles and chat template carried
+      export.json                the source checkpoint, format, dtype, LoRA mode and the parity check's largest
+                                 difference (absent with ``verify=False``)
 
 ``AutoModelFor….from_pretrained(out)`` loads it with no missing or unexpected weights. A LoRA checkpoint
 is exported merged (``lora="merge"``, the default: the adapters folded into the weights), or as a PEFT
@@ -46,13 +48,14 @@ from torch import Tensor, nn
 from lmlab.config import LoraSpec, ModelConfig, write_json_atomic
 from lmlab.errors import LmlabError
 from lmlab.io import hf, outputs
-from lmlab.io.checkpoint import load_config, load_model, load_tokenizer, resolve_checkpoint
+from lmlab.io.checkpoint import has_tokenizer, load_config, load_model, load_tokenizer, resolve_checkpoint
 from lmlab.model.heads import pools
 from lmlab.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
 LORA_MODES = ("merge", "adapter")
+EXPORT_RECORD = "export.json"  # what an export was made from and what its check measured (every format writes one)
 
 
 def export_hf(checkpoint: str | Path, out: str | Path, *, verify: bool = True, lora: str = "merge") -> Path:
@@ -90,7 +93,7 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, verify: bool = True, l
             "export the checkpoint it was quantized from"
         )
     hf.hf_architecture(config)  # a config no HF class expresses fails here, before any work
-    tokenizer = load_tokenizer(src, verify=verify) if (src / "tokenizer.json").is_file() else None
+    tokenizer = load_tokenizer(src, verify=verify) if has_tokenizer(src) else None
     if tokenizer is None:
         logger.warning("%s has no tokenizer.json: the export has no tokenizer", src)
     model = load_model(src, merge_lora=True)  # what the export must reproduce
@@ -104,13 +107,11 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, verify: bool = True, l
             _write_adapter(tmp, adapted, out / "base")
         else:
             _write_model(tmp, model.state_dict(), model.config, tokenizer)
+        record = {"source": str(src.resolve()), "format": "hf", "dtype": "float32", "lora": lora}
         if verify:
-            _check(
-                tmp,
-                model,
-                adapter=lora == "adapter",
-                what=f"export check of {out} (nothing was written; verify=False / --no-verify skips it)",
-            )
+            what = f"export check of {out} (nothing was written; verify=False / --no-verify skips it)"
+            record["max_abs_output_diff"] = _check(tmp, model, adapter=lora == "adapter", what=what)
+        write_json_atomic(tmp / EXPORT_RECORD, record)
         outputs.move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -175,8 +176,9 @@ def _write_adapter(folder: Path, adapted: nn.Module, base: Path) -> None:
     ).save_pretrained(str(folder))
 
 
-def _check(folder: Path, model: nn.Module, *, adapter: bool, what: str) -> None:
-    """Load the written folder as transformers (and PEFT) would and compare its outputs with ``model``'s."""
+def _check(folder: Path, model: nn.Module, *, adapter: bool, what: str) -> float:
+    """Load the written folder as transformers (and PEFT) would and compare its outputs with ``model``'s; returns
+    the largest difference (fp32, a fixed batch)."""
     architecture = hf.hf_architecture(model.config)
     with hf.quiet_transformers() as tf:
         auto = getattr(tf, hf.ARCHITECTURES[architecture].auto)
@@ -189,7 +191,7 @@ def _check(folder: Path, model: nn.Module, *, adapter: bool, what: str) -> None:
             )
         if adapter:
             hf_model = _peft().PeftModel.from_pretrained(hf_model, str(folder))
-    hf.check_parity(model, hf_model.to(model.tok_emb.weight.device), what)
+    return hf.check_parity(model, hf_model.to(model.tok_emb.weight.device), what)
 
 
 def _peft() -> Any:

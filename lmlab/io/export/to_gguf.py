@@ -18,7 +18,12 @@ A tied head is ``token_embd`` alone (llama.cpp reads it as the output matrix); a
 The tokenizer is written as llama.cpp's ``gpt2`` (byte-level BPE) vocabulary: tokens (an id past the
 tokenizer's vocabulary, from ``pad_vocab_multiple``, is ``[PAD{id}]``, UNUSED, as the converter writes it),
 token types (special tokens CONTROL, other added tokens USER_DEFINED), merges, bos / eos / unk / pad ids,
-``tokenizer.ggml.pre = "gpt-2"`` (lmlab's byte-level pre-tokenizer is GPT-2's regex) and the chat template.
+``tokenizer.ggml.pre`` and the chat template. ``tokenizer.ggml.pre`` names the regex llama.cpp splits text with
+before BPE; it must split as the tokenizer's pre-tokenizer does, or llama.cpp's ids differ from lmlab's. lmlab
+trains byte-level BPE with ``ByteLevel(use_regex=True)``, GPT-2's regex, which llama.cpp calls ``gpt-2``; a
+tokenizer read from a GGUF file keeps its own (SmolLM2's ``smollm``: every digit apart, then GPT-2's regex).
+:data:`lmlab.io.gguf_file.PRE_TOKENIZERS` is the table, used both ways; another pre-tokenizer is refused.
+A ``.gguf`` file is also a checkpoint lmlab reads (:mod:`lmlab.io.gguf_file`), so a GGUF file exports again.
 ``outtype``: f32, f16 or q8_0 (``gguf.quants``); one-dimensional tensors (norms, biases) stay F32 as the
 converter keeps them, and a matrix whose rows do not split into Q8_0's blocks of 32 is written F16.
 
@@ -39,16 +44,27 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lmlab.config import ModelConfig
+from lmlab.config import ModelConfig, write_json_atomic
 from lmlab.errors import LmlabError
 from lmlab.io import hf, outputs
 from lmlab.io.checkpoint import (
+    has_tokenizer,
     load_config,
     load_model,
     load_tokenizer,
     load_weights,
     rebuild_buffers,
     resolve_checkpoint,
+)
+from lmlab.io.gguf_file import (
+    GPT2_CONV1D,
+    hf_state_from_gguf,
+    permute,
+    pre_tokenizer_name,
+    read_tensors,
+    require_gguf,
+    tensor_name_map,
+    unpermute,
 )
 from lmlab.model import build_model
 from lmlab.model.blocks import rope_inv_freq
@@ -62,16 +78,6 @@ SUPPORTED = "decoder language models of the GPT-2 and LLaMA families (no task he
 # the round trip's largest logit difference, as a fraction of the largest logit (at least 1)
 TOLERANCES = {"f32": 1e-5, "f16": 5e-3, "q8_0": 5e-2}
 CHECK_IDS = torch.tensor([[1, 5, 9, 2, 7, 3, 8, 4, 6, 10, 11, 12], [13, 3, 3, 0, 14, 15, 2, 9, 1, 16, 17, 18]])
-
-
-def require_gguf() -> Any:
-    try:
-        import gguf
-    except ImportError:
-        raise LmlabError(
-            "format gguf needs the gguf package, which is not installed: pip install 'lmlab[gguf]'"
-        ) from None
-    return gguf
 
 
 def gguf_architecture(config: ModelConfig, source: str | Path) -> str:
@@ -89,27 +95,13 @@ def gguf_architecture(config: ModelConfig, source: str | Path) -> str:
     return ARCHITECTURES[architecture]
 
 
-def permute(w: Tensor, n_head: int) -> Tensor:
-    """convert_hf_to_gguf's ``LlamaModel.permute``: each head's rows, HF's rotate-half order → llama.cpp's pairs."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def unpermute(w: Tensor, n_head: int) -> Tensor:
-    """The inverse of :func:`permute`."""
-    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-_GPT2_CONV1D = (".c_attn.weight", ".c_proj.weight", ".c_fc.weight")
-
-
 def gguf_tensors(state: dict[str, Tensor], config: ModelConfig, arch: str) -> dict[str, Tensor]:
     """lmlab's state dict → GGUF name → fp32 tensor, as convert_hf_to_gguf makes them from the HF weights."""
-    gguf = require_gguf()
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GPT2 if arch == "gpt2" else gguf.MODEL_ARCH.LLAMA, config.n_layer)
+    names = tensor_name_map(arch, config.n_layer)
     out: dict[str, Tensor] = {}
     for name, t in hf.state_dict_to_hf(state, config).items():
         t = t.detach().to("cpu", torch.float32)
-        if arch == "gpt2" and name.endswith(_GPT2_CONV1D):
+        if arch == "gpt2" and name.endswith(GPT2_CONV1D):
             t = t.T
         elif name.endswith(("q_proj.weight", "q_proj.bias")):
             t = permute(t, config.n_head)
@@ -157,11 +149,11 @@ def vocabulary(tokenizer: Tokenizer, vocab_size: int) -> dict[str, Any]:
     """The tokenizer's GGUF keys (``tokenizer.ggml.*``, ``tokenizer.chat_template``) and their values."""
     gguf = require_gguf()
     spec = json.loads(tokenizer.backend.to_str())
-    pre = spec.get("pre_tokenizer") or {}
-    if spec["model"]["type"] != "BPE" or pre.get("type") != "ByteLevel" or not pre.get("use_regex", True):
+    pre = pre_tokenizer_name(tokenizer.backend)
+    if spec["model"]["type"] != "BPE" or pre is None:
         raise LmlabError(
-            f"format gguf writes byte-level BPE tokenizers (lmlab's bpe kind); this one is {spec['model']['type']} "
-            f"with a {pre.get('type')} pre-tokenizer",
+            f"format gguf writes byte-level BPE tokenizers (lmlab's bpe kind) pre-tokenized as llama.cpp knows; this "
+            f"one is {spec['model']['type']} with a {(spec.get('pre_tokenizer') or {}).get('type')} pre-tokenizer",
             params="format",
         )
     by_id = {i: t for t, i in tokenizer.backend.get_vocab(with_added_tokens=True).items()}
@@ -176,7 +168,7 @@ def vocabulary(tokenizer: Tokenizer, vocab_size: int) -> dict[str, Any]:
     merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
     keys: dict[str, Any] = {
         "tokenizer.ggml.model": "gpt2",
-        "tokenizer.ggml.pre": "gpt-2",
+        "tokenizer.ggml.pre": pre,  # llama.cpp's name for the regex that splits text as this tokenizer does
         "tokenizer.ggml.tokens": tokens,
         "tokenizer.ggml.token_type": types,
         "tokenizer.ggml.merges": merges,
@@ -213,9 +205,8 @@ def write_gguf(path: Path, tensors: dict[str, Tensor], metadata: dict[str, Any],
             continue
         if isinstance(value, bool):
             writer.add_bool(key, value)
-        elif isinstance(value, int):
-            kind = gguf.GGUFValueType.INT32 if key.startswith("tokenizer.") else gguf.GGUFValueType.UINT32
-            writer.add_key_value(key, value, kind)
+        elif isinstance(value, int):  # counts and token ids alike: llama.cpp reads them as u32
+            writer.add_key_value(key, value, gguf.GGUFValueType.UINT32)
         elif isinstance(value, float):
             writer.add_float32(key, value)
         elif isinstance(value, str):
@@ -249,29 +240,10 @@ def _check_metadata(reader: Any, expected: dict[str, Any], what: str) -> None:
             raise LmlabError(f"{what}: metadata {key} reads back as {shown}, expected {value!r:.200}")
 
 
-def read_tensors(reader: Any) -> dict[str, Tensor]:
-    """GGUF name → fp32 tensor (numpy's shape, i.e. PyTorch's), dequantized with ``gguf.quants``."""
-    gguf = require_gguf()
-    return {t.name: torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type))) for t in reader.tensors}
-
-
 def model_from_gguf(tensors: dict[str, Tensor], config: ModelConfig, arch: str) -> nn.Module:
     """An lmlab model of ``config`` with the GGUF tensors (permutations and transposes undone) as its weights."""
-    gguf = require_gguf()
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GPT2 if arch == "gpt2" else gguf.MODEL_ARCH.LLAMA, config.n_layer)
     model = build_model(config)
-    template = hf.state_dict_to_hf(model.state_dict(), config)
-    hf_state = {}
-    for name in template:
-        t = tensors[names.get_name(name, try_suffixes=(".weight", ".bias"))]
-        if arch == "gpt2" and name.endswith(_GPT2_CONV1D):
-            t = t.T
-        elif name.endswith(("q_proj.weight", "q_proj.bias")):
-            t = unpermute(t, config.n_head)
-        elif name.endswith(("k_proj.weight", "k_proj.bias")):
-            t = unpermute(t, config.n_kv_heads)
-        hf_state[name] = t.contiguous()
-    state = hf.state_dict_from_hf(hf_state, config)
+    state = hf.state_dict_from_hf(hf_state_from_gguf(tensors, config, arch), config)
     if config.tie_embeddings:  # a checkpoint holds a tied head once
         state.pop("lm_head.weight", None)
     load_weights(model, state, source="the GGUF file")
@@ -329,11 +301,13 @@ def export_gguf(checkpoint: str | Path, out: str | Path, *, outtype: str = "f32"
     require_gguf()
     src, out = resolve_checkpoint(checkpoint), Path(out)
     outputs.check_sources(out, (checkpoint, src))
-    if out.exists():
-        raise LmlabError(f"out {out} exists: choose another name or remove it", params="out")
+    record_path = out.with_name(out.name + ".export.json")  # beside the file: a folder may hold several exports
+    for path in (out, record_path):
+        if path.exists():
+            raise LmlabError(f"out: {path} exists: choose another name or remove it", params="out")
     config = load_config(src)
     arch = gguf_architecture(config, src)
-    if not (src / "tokenizer.json").is_file():
+    if not has_tokenizer(src):
         raise LmlabError(f"format gguf needs the checkpoint's tokenizer: {src} has no tokenizer.json", params="format")
     tokenizer = load_tokenizer(src, verify=verify)
     model = load_model(src, merge_lora=True)
@@ -344,10 +318,13 @@ def export_gguf(checkpoint: str | Path, out: str | Path, *, outtype: str = "f32"
     tmp = out.parent / outputs.temp_name(out.name)
     try:
         write_gguf(tmp, gguf_tensors(model.state_dict(), model.config, arch), metadata, src.name, outtype)
+        record = {"source": str(src.resolve()), "format": "gguf", "dtype": outtype}
         if verify:
             gap = check_gguf(tmp, model, tokenizer, outtype, f"export check of {out} (nothing was written)")
             logger.info("gguf %s: the model rebuilt from the file is within %.1e of lmlab's logits", outtype, gap)
+            record["logit_gap_relative"] = gap  # the largest logit difference ÷ the largest logit
         outputs.honour_umask(tmp)
+        write_json_atomic(record_path, record)
         os.replace(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from lmlab.config import ModelConfig, write_json_atomic
 from lmlab.errors import LmlabError
 from lmlab.io import outputs
-from lmlab.io.checkpoint import load_config, load_model, load_tokenizer, resolve_checkpoint
+from lmlab.io.checkpoint import has_tokenizer, load_config, load_model, load_tokenizer, resolve_checkpoint
 from lmlab.model.heads import last_token, pools
 
 logger = logging.getLogger(__name__)
@@ -255,7 +255,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, *, verify: bool = True)
     config = load_config(src)
     if config.arch == "seq2seq":
         raise LmlabError(f"format onnx writes {SUPPORTED}; {src} is an encoder–decoder", params="format")
-    tokenizer = load_tokenizer(src, verify=verify) if (src / "tokenizer.json").is_file() else None
+    tokenizer = load_tokenizer(src, verify=verify) if has_tokenizer(src) else None
     model = load_model(src, merge_lora=True)
     outputs.check_writable(out)
     outputs.clean_stale(out.parent, out.name)
