@@ -45,8 +45,8 @@ Not modelled: the CUDA context and cuBLAS workspaces (outside PyTorch's counters
 caching allocator's fragmentation (``memory_reserved`` above ``memory_allocated``), fp16's gradient
 scaler (a few scalars) and ``torch.compile`` (which usually lowers activation memory). DDP's gradient
 buckets are added as a second copy of the gradients; FSDP's share per process is arithmetic on the measured
-step (:func:`_sharded`: the states divided by the world size, what is gathered whole added), not measured. Whether a run fits is judged against
-90% of the budget (:data:`HEADROOM`).
+step (:func:`_sharded`: the states divided by the world size, what is gathered whole added), not measured.
+Whether a run fits is judged against 90% of the budget (:data:`HEADROOM`).
 
 Two details of MemTracker are worked around: it hooks every parameter's gradient, which a frozen
 (LoRA) parameter refuses, and it keeps per-module peaks with a pass over all modules per operator,
