@@ -48,7 +48,7 @@ def _flags_prepare(p: ArgumentParser) -> None:
 
 
 def _flags_pretrain(p: ArgumentParser) -> None:
-    own = "model data out objective init_from pad_vocab_multiple"
+    own = "model data out objective init_from pad_vocab_multiple world_size"
     shared = "resume verify overwrite dry_run memory_budget"
     model, required = {"help": f"model preset: {', '.join(lmlab.PRESETS)}"}, {"required": True}
     flags(p, lmlab.pretrain, own, shared, model=model, data=required, out=required)
@@ -61,7 +61,7 @@ def _flags_finetune(p: ArgumentParser) -> None:
     from lmlab.train.finetune import DERIVED_HELP, FLAG_DEFAULTS
 
     own = "checkpoint task train valid out max_length max_target_length class_weights patience show_masking pack lora"
-    flags(p, lmlab.finetune, own + " epochs", f"{FIELDS} resume verify overwrite dry_run memory_budget")
+    flags(p, lmlab.finetune, own + " epochs world_size", f"{FIELDS} resume verify overwrite dry_run memory_budget")
     dataclass_flags(p, lmlab.TrainConfig, skip=("seq_len",), defaults=FLAG_DEFAULTS, helps=DERIVED_HELP)
 
 
@@ -312,6 +312,7 @@ SERVE = (
     "Serve a checkpoint over OpenAI's HTTP API (continuous batching, streaming); /metrics, a playground at /.",
 )
 
+CONSOLIDATE = ("lmlab.io.checkpoint:consolidate", "out", "checkpoint * verify overwrite", "One safetensors from DCP.")
 TOKENIZER_TRAIN = ("train", "Tokenizer commands.", "train a tokenizer on a corpus")  # `lmlab tokenizer train`
 DESCRIPTION = "Train, generate, evaluate and critique Transformer language models."
 VERBS = {  # name → Verb(its line in `lmlab --help`, flags, run), in the order `lmlab --help` lists them
@@ -323,6 +324,7 @@ VERBS = {  # name → Verb(its line in `lmlab --help`, flags, run), in the order
     "critique": Verb("a report: performance, bias, safety, privacy, robustness, …", _flags_critique, cmd_critique),
     "quantize": function_verb("int8, dynamic int8, int4, GPTQ: measured before and after", *QUANTIZE),
     "export": Verb("export a checkpoint: HF folder, GGUF or ONNX, each checked by logits", _flags_export, cmd_export),
+    "consolidate": function_verb("one safetensors checkpoint from a sharded (fsdp) one", *CONSOLIDATE, show=str),
     "merge-lora": function_verb("merge LoRA adapters into the base weights", *MERGE_LORA, **MERGE_LORA_FLAGS),
     "generate": Verb("generate text: every decoding strategy, streaming, a REPL", _flags_generate, cmd_generate),
     "chat": Verb("chat with a model: a multi-turn REPL with streaming", _flags_chat, cmd_chat),

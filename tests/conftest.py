@@ -80,16 +80,16 @@ def cpu_peak_bytes(fn) -> int:
 def crash_windows_at(monkeypatch, step: int) -> None:
     """Make the training data raise KeyboardInterrupt when step ``step`` (0-based) asks for its batch: the process
     dies mid-run. ``monkeypatch.undo()`` restores it."""
-    from lmlab.train.data import RandomWindows
+    from lmlab.train.data import EpochWindows
 
-    real_call = RandomWindows.__call__
+    real_call = EpochWindows.__call__
 
     def crash(self, at, micro_step):
         if at == step:
             raise KeyboardInterrupt
         return real_call(self, at, micro_step)
 
-    monkeypatch.setattr(RandomWindows, "__call__", crash)
+    monkeypatch.setattr(EpochWindows, "__call__", crash)
 
 
 TINY_TRAIN = dict(

@@ -260,6 +260,30 @@ def test_dry_run_reports_and_writes_nothing(data_dir, tmp_path, capsys):
     assert roomy.fits and "budget: fits" in roomy.report() and roomy.changes == []
 
 
+def test_dry_run_per_process_by_world_size_and_strategy(data_dir, tmp_path):
+    """DDP keeps everything whole and adds its gradient buckets; FSDP divides parameters, gradients and optimizer
+    state by the world size and adds what it gathers whole; CPU offload leaves none of them on the device; a run
+    that does not fit is told to shard."""
+    from lmlab.train.pretrain import pretrain
+
+    def predict(**kw):
+        args = dict(dry_run=True, micro_batch_size=4, seq_len=32, device="cuda")
+        return pretrain("gpt2-tiny", data_dir, tmp_path / "run", **args, **kw)
+
+    one, ddp = predict().memory, predict(world_size=4).memory
+    fsdp, offload = (predict(world_size=4, strategy="fsdp", **kw).memory for kw in ({}, {"cpu_offload": True}))
+    assert ddp.ddp_buckets == ddp.gradients == one.gradients and ddp.peak == one.peak + one.gradients
+    for part in ("parameters", "gradients", "optimizer"):
+        assert getattr(fsdp, part) == -(-getattr(one, part) // 4) and getattr(offload, part) == 0
+    assert 0 < fsdp.gathered < one.parameters and fsdp.peak < ddp.peak and offload.peak < fsdp.peak
+    report = predict(world_size=4, strategy="fsdp").report()
+    assert "4, fsdp; per process" in report and "sharded: 1/4 per process" in report and "FSDP gathered" in report
+    tight = predict(world_size=4, memory_budget=ddp.peak / 2**30)
+    assert tight.fits is False and any(c.flags == "--strategy fsdp" for c in tight.changes)
+    with pytest.raises(LmlabError, match="world_size"):
+        pretrain("gpt2-tiny", data_dir, tmp_path / "run", world_size=2)
+
+
 @pytest.mark.slow
 def test_dry_run_advice_names_the_flags_and_their_predictions(data_dir, tmp_path):
     from lmlab.train.pretrain import pretrain

@@ -13,7 +13,7 @@ from lmlab.config import preset
 from lmlab.errors import LmlabError
 from lmlab.io.checkpoint import list_checkpoints, load_model
 from lmlab.objectives import IGNORE_INDEX, CausalLM, MaskedLM, get_objective
-from lmlab.train.data import RandomWindows
+from lmlab.train.data import EpochWindows
 from lmlab.train.pretrain import pretrain
 
 
@@ -127,18 +127,18 @@ def test_bert_pretraining_learns_and_resumes_exactly(wordpiece_data, tmp_path, m
     train = [loss for step, loss in curve[:12]]
     assert sum(train[-3:]) < sum(train[:3])  # it learns
 
-    real_call = RandomWindows.__call__
+    real_call = EpochWindows.__call__
 
     def crash(self, step, micro_step):
         if step == 6:
             raise KeyboardInterrupt
         return real_call(self, step, micro_step)
 
-    monkeypatch.setattr(RandomWindows, "__call__", crash)
+    monkeypatch.setattr(EpochWindows, "__call__", crash)
     with pytest.raises(KeyboardInterrupt):
         pretrain("bert-tiny", wordpiece_data, tmp_path / "killed", objective="mlm+nsp", **args)
     assert [s for s, _ in list_checkpoints(tmp_path / "killed")] == [4]
-    monkeypatch.setattr(RandomWindows, "__call__", real_call)
+    monkeypatch.setattr(EpochWindows, "__call__", real_call)
     pretrain("bert-tiny", wordpiece_data, tmp_path / "killed", objective="mlm+nsp", resume=True, **args)
     assert losses(tmp_path / "killed") == curve  # masks, pairs and dropout all replay exactly
     model = load_model(tmp_path / "killed" / "step-00000012")

@@ -192,6 +192,12 @@ def test_torchrun_ddp_on_cpu_trains_and_only_rank_0_writes(data_dir, tmp_path):
     assert [s for s, _ in list_checkpoints(out)] == [2, 4]
     steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
     assert steps == sorted(steps) and steps.count(4) == 2  # one train and one validation record, written once
+    # the ranks split each step's windows: one process with the same global batch (2 × 2) trains the same
+    args = dict(micro_batch_size=4, seq_len=32, eval_batches=2, progress=False, tensorboard=False)
+    one = pretrain("gpt2-tiny", data_dir, tmp_path / "one", max_steps=4, eval_interval=2, **args)
+    train = {r["step"]: r["loss"] for r in one.history if "loss" in r}
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert {r["step"]: r["loss"] for r in records if "loss" in r} == pytest.approx(train, rel=1e-5)
 
 
 def test_activation_checkpointing_trains_exactly_as_without_and_resumes(data_dir, tmp_path, monkeypatch):

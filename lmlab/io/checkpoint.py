@@ -6,7 +6,11 @@ A checkpoint folder holds
   produced it (step, validation loss, tokenizer hash);
 - ``model.safetensors`` — the weights (a tied LM head is stored once, as the token embedding);
 - ``tokenizer.json`` + ``tokenizer_config.json`` — the tokenizer, so the folder stands alone;
-- ``train_state.pt`` — for resuming only: optimizer state, RNG states, step, best validation loss.
+- ``train_state.pt`` — for resuming only: optimizer state, RNG states, step, data position, best validation loss.
+
+A run trained with ``strategy="fsdp"`` writes sharded checkpoints instead of ``model.safetensors``: ``dcp/``
+(PyTorch's distributed checkpoint of the model and optimizer), ``rng/`` and a ``COMPLETE`` marker written
+last (:mod:`lmlab.io.dcp`). :func:`load_model` reads them as it reads any other.
 
 A LoRA checkpoint (``config.lora`` set, see :mod:`lmlab.model.lora`) is self-contained too: it holds
 the base weights and the adapters, under peft's names (``blocks.0.attn.qkv.base_layer.weight``,
@@ -47,7 +51,7 @@ from torch import nn
 
 from lmlab.config import LoraSpec, ModelConfig, write_json_atomic
 from lmlab.errors import LmlabError
-from lmlab.io import gguf_file, hf, outputs
+from lmlab.io import dcp, gguf_file, hf, outputs
 from lmlab.io.weights import read_safetensors, torch_load
 from lmlab.model import lora, quant
 from lmlab.tokenizer import Tokenizer
@@ -58,6 +62,7 @@ STATE_FILE = "train_state.pt"
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 # every file save_checkpoint writes: a folder holding only these (and lmlab's temporaries) is swapped whole
 CHECKPOINT_FILES = (CONFIG_FILE, WEIGHTS_FILE, STATE_FILE, "tokenizer.json", "tokenizer_config.json")
+CHECKPOINT_ENTRIES = CHECKPOINT_FILES + dcp.DCP_FILES  # and a sharded (DCP) checkpoint's folders and marker
 
 logger = logging.getLogger(__name__)
 
@@ -67,9 +72,11 @@ def step_dir_name(step: int) -> str:
 
 
 def is_checkpoint(path: str | Path) -> bool:
-    """An lmlab checkpoint or an HF model folder: config.json and weights."""
+    """An lmlab checkpoint or an HF model folder: config.json and weights (or a complete sharded checkpoint,
+    :mod:`lmlab.io.dcp`)."""
     path = Path(path)
-    return (path / CONFIG_FILE).is_file() and any((path / name).is_file() for name in hf.WEIGHT_FILES)
+    weights = any((path / name).is_file() for name in hf.WEIGHT_FILES)
+    return (path / CONFIG_FILE).is_file() and weights or dcp.is_complete(path)
 
 
 def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
@@ -214,18 +221,53 @@ def save_checkpoint(
     tmp = path.parent / outputs.temp_name(path.name)
     tmp.mkdir()
     try:
-        config: ModelConfig = model.config
         save_file(weights_for_saving(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        if tokenizer is not None:
-            tokenizer.write_files(tmp)
-        if train_state is not None:
-            torch.save(train_state, tmp / STATE_FILE)
-        write_json_atomic(tmp / CONFIG_FILE, {"lmlab_model_config": config.to_dict(), **(meta or {})})
+        _write_beside_weights(tmp, model.config, tokenizer, train_state, meta)
         outputs.honour_umask(tmp)  # safetensors writes 0600
         _put_in_place(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def _write_beside_weights(folder: Path, config: ModelConfig, tokenizer, train_state, meta) -> None:
+    """What a checkpoint holds beside its weights: the tokenizer, train_state.pt, and config.json (last)."""
+    if tokenizer is not None:
+        tokenizer.write_files(folder)
+    if train_state is not None:
+        torch.save(train_state, folder / STATE_FILE)
+    write_json_atomic(folder / CONFIG_FILE, {"lmlab_model_config": config.to_dict(), **(meta or {})})
+
+
+def save_sharded_checkpoint(
+    path: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    *,
+    tokenizer: Any | None = None,
+    train_state: dict[str, Any] | None = None,
+    rng: dict[str, Any] | None = None,
+    meta: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a sharded (DCP) checkpoint of ``model`` (sharded by FSDP2, or whole), with ``optimizer``'s state and
+    each rank's ``rng`` when given: every rank of the process group calls it (:func:`lmlab.io.dcp.save`)."""
+    path = Path(path)
+    check_checkpoint_output(path, overwrite=overwrite)
+    if path.is_dir() and not outputs.is_empty(path):  # replaced whole: only lmlab's own checkpoint, nothing else
+        if not (is_lmlab_checkpoint(path) and outputs.holds_only(path, CHECKPOINT_ENTRIES)):
+            raise LmlabError(
+                f"out {path}: a sharded checkpoint replaces its folder whole, and this one holds files lmlab did not "
+                "write; move them out or choose a new out",
+                params="out",
+            )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    config = model.config
+
+    def write_rest(folder: Path) -> None:
+        _write_beside_weights(folder, config, tokenizer, train_state, meta)
+
+    return dcp.save(path, model, optimizer, write_rest=write_rest, rng=rng)
 
 
 def _put_in_place(tmp: Path, path: Path) -> None:
@@ -234,7 +276,7 @@ def _put_in_place(tmp: Path, path: Path) -> None:
         os.replace(tmp, path)
         return
     ours = is_lmlab_checkpoint(path)
-    if ours and outputs.holds_only(path, CHECKPOINT_FILES):
+    if ours and outputs.holds_only(path, CHECKPOINT_ENTRIES):
         old = path.parent / outputs.temp_name(path.name, "old")
         os.replace(path, old)
         os.replace(tmp, path)
@@ -330,9 +372,12 @@ def load_model(
             quant.install_quantized(model, config.quantization)
     model.to_empty(device=device)
     model.tie_weights()  # to_empty gives every parameter its own storage; a tied head must share again
-    if not (from_hf or from_gguf):
-        state = read_safetensors(path / WEIGHTS_FILE, device)
-    load_weights(model, state, source=str(path if from_hf or from_gguf else path / WEIGHTS_FILE))
+    if from_hf or from_gguf:
+        load_weights(model, state, source=str(path))
+    elif (path / WEIGHTS_FILE).is_file():
+        load_weights(model, read_safetensors(path / WEIGHTS_FILE, device), source=str(path / WEIGHTS_FILE))
+    else:  # a sharded checkpoint (lmlab.io.dcp): every shard, read by this process alone
+        dcp.load_model_state(path, model)
     rebuild_buffers(model)  # buffers that are not stored (RoPE tables) are recomputed on the device
     if from_hf and verify:
         hf.verify_hf_folder(path, model.eval())
@@ -416,7 +461,28 @@ def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
     """Delete all but the newest ``keep_last`` step checkpoints (``best/`` is separate and kept); only
     lmlab's own, and only those holding nothing but checkpoint files."""
     checkpoints = [
-        c for c in list_checkpoints(run_dir) if is_lmlab_checkpoint(c[1]) and outputs.holds_only(c[1], CHECKPOINT_FILES)
+        c
+        for c in list_checkpoints(run_dir)
+        if is_lmlab_checkpoint(c[1]) and outputs.holds_only(c[1], CHECKPOINT_ENTRIES)
     ]
     for _, path in checkpoints[: max(0, len(checkpoints) - keep_last)]:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def consolidate(checkpoint: str | Path, out: str | Path, verify: bool = True, overwrite: bool = False) -> Path:
+    """Write the sharded checkpoint ``checkpoint`` (what a ``strategy="fsdp"`` run writes, :mod:`lmlab.io.dcp`) as
+    one plain checkpoint in ``out``: ``model.safetensors``, config.json, the tokenizer; no training state. Every
+    lmlab verb reads the sharded folder as it is; this is for tools that read safetensors. Returns ``out``.
+
+    Args:
+        checkpoint: a sharded checkpoint, or a run folder (its best/, else its latest step)
+        out: folder for the consolidated checkpoint (written atomically)
+        verify: refuse a checkpoint whose tokenizer.json does not match the tokenizer_sha256 in its config.json
+        overwrite: write into any folder
+    """
+    given, src = checkpoint, resolve_checkpoint(checkpoint)
+    check_checkpoint_target(out, overwrite=overwrite, sources=(given, src))
+    tokenizer = load_tokenizer(src, verify=verify) if (src / "tokenizer.json").is_file() else None
+    meta = {k: v for k, v in read_meta(src).items() if k != "lmlab_model_config"}
+    model = load_model(src, verify=verify)
+    return save_checkpoint(out, model, tokenizer=tokenizer, meta={**meta, "consolidated_from": str(src)})

@@ -45,7 +45,7 @@ from lmlab.model import build_model
 from lmlab.objectives.losses import IGNORE_INDEX
 from lmlab.tasks import TASKS, ObjectiveArgs, Task, TaskData, TaskFields, TaskObjective, get_task, pack_examples
 from lmlab.train import dist as dist_mod
-from lmlab.train.data import hash_position
+from lmlab.train.data import ExampleBatches
 from lmlab.train.loop import TrainConfig, TrainResult, check_resume, same_source, train_loop
 from lmlab.train.memory import DryRun, check_budget
 
@@ -65,38 +65,6 @@ DERIVED_HELP = {
     "lr": f"peak learning rate (default: {FINETUNE_DEFAULTS['lr']:.0e}, with --lora {LORA_LR:.0e}: LoRA's adapters "
     "start from zero and need a higher rate; --resume: the run's own)".replace("e-0", "e-"),
 }
-
-
-class ExampleBatches:
-    """Shuffled epochs over ``n`` examples: ``(step, micro)`` → the example indices of that micro-batch.
-
-    Example ``q`` of the whole run (counting across steps, micro-steps and ranks) is
-    ``perm_e[q mod n]`` with ``perm_e`` the permutation of epoch ``e = q // n``, seeded by (seed, e).
-    """
-
-    def __init__(
-        self, n: int, batch_size: int, grad_accum_steps: int, seed: int, rank: int = 0, world_size: int = 1
-    ) -> None:
-        if n < 1:
-            raise LmlabError("the training file holds no examples")
-        self.n, self.batch_size, self.accum, self.seed = n, batch_size, grad_accum_steps, seed
-        self.rank, self.world = rank, world_size
-        self._perms: dict[int, Tensor] = {}
-
-    def _perm(self, epoch: int) -> Tensor:
-        if epoch not in self._perms:
-            if len(self._perms) > 4:
-                self._perms.clear()
-            g = torch.Generator().manual_seed(hash_position(self.seed, epoch))
-            self._perms[epoch] = torch.randperm(self.n, generator=g)
-        return self._perms[epoch]
-
-    def __call__(self, step: int, micro: int) -> Tensor:
-        first = ((step * self.accum + micro) * self.world + self.rank) * self.batch_size
-        return torch.stack([self._perm(q // self.n)[q % self.n] for q in range(first, first + self.batch_size)])
-
-    def steps_per_epoch(self) -> int:
-        return max(1, math.ceil(self.n / (self.batch_size * self.accum * self.world)))
 
 
 @dataclasses.dataclass
@@ -162,6 +130,7 @@ def validate(
     verify: bool = True,
     dry_run: bool = False,
     memory_budget: float | None = None,
+    world_size: int | None = None,
     overwrite: bool = False,
     **train_args: Any,
 ) -> Setup:
@@ -170,7 +139,7 @@ def validate(
 
     spec = lora_mod.parse_lora(lora) if isinstance(lora, str) else lora
     out = Path(out) if dry_run else check_run_output(out, overwrite=overwrite, sources=_sources(checkpoint))
-    check_budget(memory_budget, dry_run)
+    check_budget(memory_budget, dry_run, world_size)
     resume_from = latest_checkpoint(out) if resume else None
     if resume and resume_from is None:
         raise LmlabError(f"resume: {out} holds no checkpoint to resume from", params="resume")
@@ -349,9 +318,9 @@ def run_training(
     from lmlab.train import lora as lora_mod
 
     task, cfg, arch = setup.task, setup.cfg, setup.base_config.arch
-    info, device = dist_mod.setup(cfg.device)
+    info, device = dist_mod.setup(cfg.device, cfg.strategy)
     torch.manual_seed(cfg.seed)
-    model = build_task_model(setup, data.config, device)
+    model = build_task_model(setup, data.config, torch.device("cpu") if info.sharded else device)
     if model.config.lora and info.is_main:
         print(f"lmlab: {lora_mod.trainable_summary(model)}", file=sys.stderr)
     n_rows = len(data.features["input_ids"])
@@ -446,17 +415,16 @@ def finetune(
     verify: bool = True,
     dry_run: bool = False,
     memory_budget: float | None = None,
+    world_size: int | None = None,
     overwrite: bool = False,
     **train_args: Any,
 ) -> TrainResult | str | DryRun:
     """Fine-tune ``checkpoint`` (an lmlab checkpoint or run folder) on a task; checkpoints go to ``out``.
 
-    The model gets a fresh task head for ``task`` (a checkpoint already fine-tuned on the same task keeps its head;
-    seq2seq keeps the LM head and needs none). With ``valid`` the task metric picks ``best/``. ``lora``: a ``--lora``
-    string or a :class:`~lmlab.train.lora.LoraSpec`. ``show_masking`` returns (and prints) :func:`show_chat_masking`;
-    ``pack`` uses :func:`~lmlab.tasks.pack_examples`. ``dry_run`` checks everything, trains and writes nothing, and
-    returns :func:`finetune_dry_run`'s predicted peak memory (:class:`~lmlab.train.memory.DryRun`). ``out`` must be
-    new, empty or an lmlab run, unless ``overwrite`` (:mod:`lmlab.io.outputs`).
+    The model gets a fresh task head for ``task`` (one already fine-tuned on it keeps it; seq2seq needs none). With
+    ``valid`` the task metric picks ``best/``. ``show_masking``: :func:`show_chat_masking`. ``dry_run`` trains and
+    writes nothing: :func:`finetune_dry_run`'s predicted peak memory. ``out``: new, empty or an lmlab run, unless
+    ``overwrite`` (:mod:`lmlab.io.outputs`).
 
     Args:
         checkpoint: the pretrained checkpoint (or run folder) to start from
@@ -487,6 +455,7 @@ def finetune(
         verify: check the checkpoint's tokenizer (and a Hugging Face folder against transformers)
         dry_run: predict a training step's peak memory instead of training
         memory_budget: GiB a training step may use, for ``dry_run`` (default: the GPU's memory)
+        world_size: for ``dry_run``: the processes (GPUs) of the run (default: torchrun's WORLD_SIZE, else 1)
         overwrite: write into an existing folder that is not an lmlab run
         **train_args: TrainConfig fields; ``max_steps`` or ``lr`` None or absent: lmlab's (``--help`` says which)
     """
@@ -496,9 +465,9 @@ def finetune(
     fields = TaskFields(text_field, pair_field, label_field, source_field, target_field, max_length, max_target_length)
     common = dict(lora=lora, epochs=epochs, resume=resume, verify=verify, memory_budget=memory_budget, **train_args)
     if dry_run:
-        more = {"valid": valid, "class_weights": class_weights, "pack": pack}
+        more = {"valid": valid, "class_weights": class_weights, "pack": pack, "world_size": world_size}
         return finetune_dry_run(checkpoint, task, train, out, fields=fields, **more, **common)
-    setup = validate(checkpoint, kind, train, out, fields, overwrite=overwrite, **common)
+    setup = validate(checkpoint, kind, train, out, fields, overwrite=overwrite, world_size=world_size, **common)
     data = build_data(setup, train, valid, class_weights=class_weights, pack=pack)
     plan_steps(setup, len(data.features["input_ids"]))
     return run_training(setup, data, train, pack=pack, patience=patience, overwrite=overwrite)
@@ -519,6 +488,7 @@ def finetune_dry_run(
     pack: bool = False,
     verify: bool = True,
     memory_budget: float | None = None,
+    world_size: int | None = None,
     **train_args: Any,
 ) -> DryRun:
     """What :func:`finetune` would do, checked and planned but not done: the data is read and every check
@@ -539,6 +509,7 @@ def finetune_dry_run(
         verify=verify,
         dry_run=True,
         memory_budget=memory_budget,
+        world_size=world_size,
         **train_args,
     )
     data = build_data(setup, train, valid, class_weights=class_weights, pack=pack)
@@ -573,6 +544,7 @@ def finetune_dry_run(
         seq_len=setup.fields.max_length,
         lora=setup.lora,
         memory_budget=memory_budget,
+        world_size=world_size,
         title=f"{config.name or 'custom'} ({config.arch}) fine-tuned for {kind.name}, on its longest training examples",
         seq_flag="--max-length",
         lora_flag=True,
@@ -623,7 +595,7 @@ def _with_task_head(
     """The base checkpoint's weights in a model with ``config``'s task head (fresh unless the base has the same one).
     A LoRA base is merged first: its adapters become part of the weights the new run starts from; an HF
     folder's or GGUF file's weights are converted (an HF folder's checked against transformers once, see
-    :func:`load_model`)."""
+    :func:`load_model`); a sharded checkpoint's are read through :func:`load_model`."""
     from lmlab.io.checkpoint import WEIGHTS_FILE, rebuild_buffers, weights_for_saving
     from lmlab.io.gguf_file import is_gguf_file
     from lmlab.io.hf import is_hf_folder, parity_checked
@@ -631,7 +603,8 @@ def _with_task_head(
 
     model = build_model(config)
     rebuild_buffers(model)  # RoPE tables with the config's scaling
-    if base_config.lora or is_hf_folder(base) or is_gguf_file(base):
+    sharded = not (base / WEIGHTS_FILE).is_file()  # (a GGUF file, or a sharded checkpoint: lmlab.io.dcp)
+    if base_config.lora or is_hf_folder(base) or is_gguf_file(base) or sharded:
         checking = verify and is_hf_folder(base) and not parity_checked(base) and os.environ.get("RANK", "0") == "0"
         if checking:  # a fixed cost the user should know of, paid once per folder
             print(

@@ -26,12 +26,19 @@ from tqdm.auto import tqdm
 from lmlab.config import check_seed, option, read_jsonl_log
 from lmlab.device import check_device
 from lmlab.errors import LmlabError
-from lmlab.io.checkpoint import load_train_state, prune_checkpoints, save_checkpoint, step_dir_name
+from lmlab.io import dcp
+from lmlab.io.checkpoint import (
+    load_train_state,
+    prune_checkpoints,
+    save_checkpoint,
+    save_sharded_checkpoint,
+    step_dir_name,
+)
 from lmlab.io.outputs import write_jsonl_atomic, write_marker
 from lmlab.objectives import Objective, evaluate_loss
 from lmlab.plots import plot_loss
 from lmlab.train.data import hash_position
-from lmlab.train.dist import DistInfo, all_reduce_mean
+from lmlab.train.dist import STRATEGIES, DistInfo, all_reduce_mean, shard_model
 from lmlab.train.optim import SCHEDULES, lr_at, make_optimizer
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -73,6 +80,12 @@ class TrainConfig:
         "None: chunks of ~64 MiB of logits when the vocabulary has 32,768+ entries, else none; 0: never chunk",
     )
     device: str = option("auto", "auto, cpu, cuda, cuda:1, …")
+    strategy: str = option(
+        "auto",
+        "how the processes of a torchrun launch hold the model: ddp (a whole copy each), fsdp (FSDP2: parameters, "
+        "gradients and optimizer state sharded across them; sharded DCP checkpoints); auto: ddp",
+    )
+    cpu_offload: bool = option(False, "fsdp: keep the sharded parameters, gradients and optimizer state in CPU memory")
     progress: bool = option(True, "show a progress bar")
     tensorboard: bool = option(True, "also log to TensorBoard when it is installed")
 
@@ -117,6 +130,12 @@ class TrainConfig:
                 params="ce_chunk_size",
             )
         self._check_optimizer()
+        if self.strategy not in STRATEGIES:
+            raise LmlabError(
+                f"strategy is '{self.strategy}': expected one of {', '.join(STRATEGIES)}", params="strategy"
+            )
+        if self.cpu_offload and self.strategy != "fsdp":
+            raise LmlabError("cpu_offload shards onto the CPU: it needs strategy fsdp", params="cpu_offload strategy")
 
     def _check_optimizer(self) -> None:
         for name in ("beta1", "beta2"):
@@ -144,9 +163,12 @@ RESUMABLE = (
     "activation_checkpointing",
     "ce_chunk_size",
     "device",
+    "strategy",
+    "cpu_offload",
     "progress",
     "tensorboard",
 )
+BATCH_SHAPE = ("micro_batch_size", "grad_accum_steps")  # free to change when the global batch stays the same
 
 
 def check_resume(
@@ -174,6 +196,7 @@ def check_resume(
         if f.name in saved and saved[f.name] != getattr(cfg, f.name)
     }
     refused = [change(name, was, now) for name, (was, now) in started.items() if was != now]
+    refused += _global_batch_change(cfg, saved, state, changed)
     refused += [text for name, text in changed.items() if name not in RESUMABLE]
     if refused:
         named = [*started, *((flags or {}).get(name, name) for name in changed), "resume", "out"]
@@ -195,6 +218,28 @@ def check_resume(
                 "only approximately"
             )
         print(f"lmlab: resume accepted changed settings: {'; '.join(notes)}", file=sys.stderr)
+
+
+def _global_batch_change(
+    cfg: TrainConfig, saved: dict[str, Any], state: dict[str, Any], changed: dict[str, str]
+) -> list[str]:
+    """A resume may change the world size (torchrun's processes), ``micro_batch_size`` and ``grad_accum_steps``
+    as long as the global batch (their product) stays the run's: then the steps read the same data and the
+    losses continue as they would have. Drops those accepted from ``changed``; the refusal, if any, in words."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if "world_size" not in state:  # saved before lmlab recorded it: the batch shape must not change
+        return []
+    shape = [saved.get(name, getattr(cfg, name)) for name in BATCH_SHAPE]
+    was, now = shape[0] * shape[1] * state["world_size"], cfg.micro_batch_size * cfg.grad_accum_steps * world
+    if was == now:
+        for name in BATCH_SHAPE:
+            changed.pop(name, None)
+        return []
+    return [
+        f"global batch {was} sequences ({shape[0]} × {shape[1]} accumulated × {state['world_size']} processes; "
+        f"now {cfg.micro_batch_size} × {cfg.grad_accum_steps} × {world}: keep micro_batch_size × grad_accum_steps "
+        "× processes the same)"
+    ]
 
 
 def same_source(saved: str | None, now: str | Path) -> bool:
@@ -342,6 +387,7 @@ def train_loop(
     if select is not None and score_fn is None:
         raise LmlabError(f"select={select!r} needs a score_fn that computes it")
     run = _Run(model, objective, cfg, Path(out_dir), device, dist, tokenizer, meta, overwrite)
+    run.train_batches = train_batches
     run.start(resume_from, valid_batches)
     bar = tqdm(
         total=cfg.max_steps,
@@ -364,7 +410,7 @@ def train_loop(
         val_loss, stopping = (
             run.evaluate(done, at_end, score_fn, (select, higher_is_better), patience) if do_eval else (None, False)
         )
-        if (do_save or stopping) and dist.is_main:
+        if (do_save or stopping) and (dist.is_main or dist.sharded):  # a sharded checkpoint: every rank writes
             run.save_step(done, val_loss, stopping)
         run.result.step = done
         if stopping:
@@ -392,8 +438,11 @@ class _Run:
             out_dir.mkdir(parents=True, exist_ok=True)
             write_marker(out_dir, "run")  # lmlab's proof that this folder is its run (lmlab.io.outputs)
         apply_memory_options(model, objective, cfg)
-        self.optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.adam_eps, device)
         self.autocast, precision = autocast_for(cfg.precision, device)
+        if dist.sharded:  # before the optimizer: FSDP2 replaces the parameters by their shards
+            shard_model(model, device, precision, cfg.cpu_offload, cfg.compile)
+        self.optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.adam_eps, device)
+        self.train_batches: Any = None
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         self.start_step, self.best_val, self.since_best = (
             0,
@@ -414,12 +463,12 @@ class _Run:
         cfg, device, dist = self.cfg, self.device, self.dist
         if resume_from is not None:
             self._resume(resume_from)
-        self.model = self.raw_model
-        if dist.enabled:
+        self.model = self.raw_model  # sharded in place (FSDP2), or wrapped for DDP
+        if dist.enabled and not dist.sharded:
             self.model = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[device.index] if device.type == "cuda" else None
             )
-        self.fwd_model = torch.compile(self.model) if cfg.compile else self.model
+        self.fwd_model = torch.compile(self.model) if cfg.compile and not dist.sharded else self.model
         self.log = JsonlLog(
             self.out_dir / "log.jsonl", dist.is_main, self.start_step if resume_from is not None else None
         )
@@ -458,16 +507,37 @@ class _Run:
         state = load_train_state(resume_from)
         self.last_good = resume_from
         self.since_best = state.get("since_best", 0)  # a run that stopped early resumes as finished
-        self.optimizer.load_state_dict(state["optimizer"])
+        rng = self._load_states(resume_from, state)
         if "scaler" in state and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
         self.start_step = self.cfg.max_steps if state.get("stopped_early") else state["step"]
         self.best_val = state["best_val_loss"]
         self.elapsed_before = state.get("elapsed_s", 0.0)
         self.tokens = state.get("tokens")  # None: a run saved before lmlab counted them
-        torch.set_rng_state(state["rng"]["torch"])
-        if self.device.type == "cuda" and state["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        position = state.get("data_position")
+        if position is not None and hasattr(self.train_batches, "start_at"):
+            self.train_batches.start_at(state["step"], position["examples"])
+        if rng is None:  # a rank the run that wrote the checkpoint did not have: a stream of its own
+            torch.manual_seed(hash_position(self.cfg.seed, state["step"], self.dist.rank))
+            return
+        torch.set_rng_state(rng["torch"])
+        if self.device.type == "cuda" and rng.get("cuda") is not None:
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
+
+    def _load_states(self, resume_from: Path, state: dict[str, Any]) -> dict[str, Any] | None:
+        """The optimizer's state (and a sharded checkpoint's model state, resharded onto this world) from
+        ``resume_from``; returns this rank's RNG states (None: the run that wrote it had no such rank)."""
+        if dcp.is_complete(resume_from):
+            dcp.load_train_states(resume_from, self.raw_model, self.optimizer)
+            return dcp.load_rng(resume_from, self.dist.rank)
+        if self.dist.sharded:
+            raise LmlabError(
+                f"resume: {resume_from} is not a sharded checkpoint (the run wrote it without strategy fsdp): "
+                "resume it with strategy ddp (fsdp resumes only from the sharded checkpoints an fsdp run writes)",
+                params="strategy resume",
+            )
+        self.optimizer.load_state_dict(state["optimizer"])
+        return state["rng"]
 
     def train_step(self, step: int, train_batches: Callable[[int, int], Tensor]) -> float:
         """One optimizer step: the scheduled learning rate, ``grad_accum_steps`` micro-batches, clipping, the update."""
@@ -488,7 +558,10 @@ class _Run:
                 self.tokens_since += self.count_tokens(batch)  # on the host's copy: no device sync
             batch = _to(batch, self.device)
             last_micro = micro == cfg.grad_accum_steps - 1
-            sync = self.model.no_sync() if dist.enabled and not last_micro else contextlib.nullcontext()
+            if dist.sharded:  # FSDP2: reduce-scatter the gradients after the last micro-batch only
+                self.model.set_requires_gradient_sync(last_micro)
+            ddp_skip = dist.enabled and not dist.sharded and not last_micro
+            sync = self.model.no_sync() if ddp_skip else contextlib.nullcontext()
             with sync:
                 with self.autocast():
                     loss = self.objective.loss(self.fwd_model, batch) / cfg.grad_accum_steps
@@ -531,10 +604,11 @@ class _Run:
             "step": done,
             "loss": train_loss,
             "lr": lr,
-            "grad_norm": float(self.grad_norm),
+            "grad_norm": float(getattr(self.grad_norm, "full_tensor", lambda: self.grad_norm)()),  # FSDP: a DTensor
             "tokens_per_s": tok_s,  # real tokens (not padding), all ranks together
             "elapsed_s": self.elapsed_before + now - self.t_start,  # wall-clock training seconds, across resumes
             **({"tokens": self.tokens} if self.tokens is not None else {}),  # real tokens trained on so far
+            **self._peak_memory(),
         }
         self._record(record)
         if self.tb is not None:
@@ -544,6 +618,12 @@ class _Run:
         self.result.train_loss = train_loss
         self.loss_sum.zero_()
         self.loss_count, self.t_last, self.step_last = 0, now, done
+
+    def _peak_memory(self) -> dict[str, float]:
+        """On a GPU, this process's peak of allocated memory so far, in GiB (what ``--dry-run`` predicts)."""
+        if self.device.type != "cuda":
+            return {}
+        return {"peak_memory_gib": torch.cuda.max_memory_allocated(self.device) / 2**30}
 
     def _tokens_since_log(self, done: int) -> int:
         """The tokens all ranks trained on since the last log: the real ones counted, else the full windows."""
@@ -577,7 +657,7 @@ class _Run:
         if criterion is not None and criterion < self.best_val:
             self.best_val, self.since_best = criterion, 0
             self.result.best_val_loss = val_loss
-            if self.dist.is_main:
+            if self.dist.is_main or self.dist.sharded:
                 meta = {
                     **self.meta,
                     "step": done,
@@ -585,9 +665,7 @@ class _Run:
                     "train_device": self.train_device,
                     **{f"val_{k}": v for k, v in scores.items()},
                 }
-                self.result.best_checkpoint = save_checkpoint(
-                    self.out_dir / "best", self.raw_model, tokenizer=self.tokenizer, overwrite=self.overwrite, meta=meta
-                )
+                self.result.best_checkpoint = self._save(self.out_dir / "best", None, meta)
         elif criterion is not None:
             self.since_best += 1
             if patience is not None and self.since_best >= patience and not at_end:
@@ -608,12 +686,25 @@ class _Run:
         self.result.val_loss = val_loss
         return val_loss
 
+    def _save(self, path: Path, train_state: dict[str, Any] | None, meta: dict[str, Any]) -> Path:
+        """A checkpoint of the model (and ``train_state``): sharded, every rank writing its part, when the model
+        is (:func:`~lmlab.io.checkpoint.save_sharded_checkpoint`), else rank 0 writes it whole."""
+        kw = dict(tokenizer=self.tokenizer, train_state=train_state, overwrite=self.overwrite, meta=meta)
+        if not self.dist.sharded:
+            return save_checkpoint(path, self.raw_model, **kw)
+        rng = train_state.pop("rng") if train_state is not None else None
+        optimizer = self.optimizer if train_state is not None else None
+        return save_sharded_checkpoint(path, self.raw_model, optimizer, rng=rng, **kw)
+
     def save_step(self, done: int, val_loss: float | None, stopping: bool) -> None:
         """A step checkpoint with everything an exact resume needs; older ones pruned to ``keep_last``."""
         cfg, device = self.cfg, self.device
+        position = getattr(self.train_batches, "position", None)
         state = {
             "step": done,
-            "optimizer": self.optimizer.state_dict(),
+            "world_size": self.dist.world_size,
+            **({"data_position": {"examples": position(done)}} if position is not None else {}),
+            **({} if self.dist.sharded else {"optimizer": self.optimizer.state_dict()}),
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
             "best_val_loss": self.best_val,
             "since_best": self.since_best,
@@ -627,16 +718,11 @@ class _Run:
             "tokens": self.tokens,
             "objective": self.objective.name,
         }
-        self.last_good = save_checkpoint(
-            self.out_dir / step_dir_name(done),
-            self.raw_model,
-            tokenizer=self.tokenizer,
-            train_state=state,
-            overwrite=self.overwrite,
-            meta={**self.meta, "step": done, "val_loss": val_loss, "train_device": self.train_device},
-        )
+        meta = {**self.meta, "step": done, "val_loss": val_loss, "train_device": self.train_device}
+        self.last_good = self._save(self.out_dir / step_dir_name(done), state, meta)
         self.result.last_checkpoint = self.last_good
-        prune_checkpoints(self.out_dir, cfg.keep_last)
+        if self.dist.is_main:
+            prune_checkpoints(self.out_dir, cfg.keep_last)
 
     def finish(self) -> None:
         if self.tb is not None:

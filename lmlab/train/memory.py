@@ -43,9 +43,10 @@ copies its input twice, which is why :mod:`lmlab.objectives.losses` does not cal
 
 Not modelled: the CUDA context and cuBLAS workspaces (outside PyTorch's counters, or a few MiB), the
 caching allocator's fragmentation (``memory_reserved`` above ``memory_allocated``), fp16's gradient
-scaler (a few scalars), ``torch.compile`` (which usually lowers activation memory) and FSDP; DDP's
-gradient buckets are added as a second copy of the gradients. Whether a run fits is judged against
-90% of the budget (:data:`HEADROOM`).
+scaler (a few scalars) and ``torch.compile`` (which usually lowers activation memory). DDP's gradient
+buckets are added as a second copy of the gradients; FSDP's share per process is arithmetic on the measured
+step (:func:`_sharded`: the states divided by the world size, what is gathered whole added), not measured.
+Whether a run fits is judged against 90% of the budget (:data:`HEADROOM`).
 
 Two details of MemTracker are worked around: it hooks every parameter's gradient, which a frozen
 (LoRA) parameter refuses, and it keeps per-module peaks with a pass over all modules per operator,
@@ -94,6 +95,9 @@ class Settings:
     activation_checkpointing: bool = False
     ce_chunk_size: int | None = None  # as TrainConfig.ce_chunk_size
     lora: Any = None  # a LoraSpec, or None: every weight trains
+    world_size: int = 1  # processes (torchrun), each on its own device
+    strategy: str = "ddp"  # ddp (a whole copy per process) or fsdp (sharded across them)
+    cpu_offload: bool = False  # fsdp: the shards, their gradients and the optimizer state in CPU memory
 
 
 @dataclass
@@ -115,6 +119,7 @@ class StepMemory:
     ddp_buckets: int  # DDP's gradient buckets (a second copy of the gradients) when run under torchrun
     peak: int
     peak_phase: str  # a key of PHASES
+    gathered: int = 0  # fsdp: the unsharded parameters (root, and two blocks) and one block's unsharded gradients
 
 
 def fmt_bytes(n: float) -> str:
@@ -376,6 +381,21 @@ def _sizes(model: nn.Module, optimizer) -> dict[str, int]:
         "num_params": sum(p.numel() for p in model.parameters()),
         "trainable_params": sum(p.numel() for p in trainable),
         "vocab": model.lm_head.weight.shape[0] if isinstance(getattr(model, "lm_head", None), nn.Linear) else 0,
+        **_block_sizes(model),
+    }
+
+
+def _block_sizes(model: nn.Module) -> dict[str, int]:
+    """For FSDP: the bytes of the largest Transformer block's parameters (and of its trainable ones), and of the
+    parameters outside the blocks (the root's: embeddings, head, final norm)."""
+    from lmlab.model.blocks import Block
+
+    blocks = [m for m in model.modules() if isinstance(m, Block)] if model.config.arch != "seq2seq" else []
+    in_blocks = {id(p) for b in blocks for p in b.parameters()}
+    return {
+        "block": max((sum(p.nbytes for p in b.parameters()) for b in blocks), default=0),
+        "block_trainable": max((sum(p.nbytes for p in b.parameters() if p.requires_grad) for b in blocks), default=0),
+        "root": sum(p.nbytes for p in model.parameters() if id(p) not in in_blocks),
     }
 
 
@@ -384,10 +404,11 @@ def _step_memory(
 ) -> StepMemory:
     peaks = probe.tracker.peaks
     phase = max(peaks, key=peaks.get)
-    ddp = sizes["gradients"] if world_size > 1 else 0
+    world_size = max(world_size, settings.world_size)
+    ddp = sizes["gradients"] if world_size > 1 and settings.strategy != "fsdp" else 0
     lm = hasattr(objective, "ce_chunk_size") and "labels" in batch  # an LM loss (task-head objectives have no chunking)
     vocab = sizes["vocab"]
-    return StepMemory(
+    memory = StepMemory(
         device=device.type,
         settings=settings,
         attention=" and ".join(sorted(probe.attention.used)) if device.type == "cuda" else "PyTorch's CPU kernels",
@@ -402,6 +423,26 @@ def _step_memory(
         ddp_buckets=ddp,
         peak=peaks[phase] + ddp,
         peak_phase=phase,
+    )
+    return _sharded(memory, sizes, device, world_size) if settings.strategy == "fsdp" else memory
+
+
+def _sharded(memory: StepMemory, sizes: dict[str, int], device: torch.device, world: int) -> StepMemory:
+    """One rank's share of a step under FSDP2, from the whole model's measured step: parameters, gradients and
+    optimizer state divided by the world size (nothing on the device with ``cpu_offload``), plus what is gathered
+    whole while it computes — the root's parameters for the whole step, a block's and the next one's (prefetch),
+    in the compute dtype (bf16 on a GPU in bf16), and one block's unsharded gradients (fp32) before they are
+    reduce-scattered — plus the step's own transient memory (activations, logits) as measured."""
+    m, s = memory, memory.settings
+    held = m.parameters + m.optimizer + (m.gradients if m.peak_phase in ("backward", "optimizer") else 0)
+    transient = max(m.peak - held, m.activations + m.logits)
+    compute = 0.5 if device.type == "cuda" and s.precision == "bf16" else 1.0
+    gathered = int(compute * (sizes["root"] + 2 * sizes["block"])) + sizes["block_trainable"]
+    share = 0 if s.cpu_offload else 1
+    parameters, gradients, optimizer = (share * -(-n // world) for n in (m.parameters, m.gradients, m.optimizer))
+    peak = parameters + gradients + optimizer + gathered + transient
+    return dataclasses.replace(
+        m, parameters=parameters, gradients=gradients, optimizer=optimizer, gathered=gathered, peak=peak
     )
 
 
@@ -419,8 +460,13 @@ def resolve_precision(precision: str, device: torch.device) -> tuple[str, str]:
     return "bf16", " (assumed: no GPU here to ask; --precision fp16 for GPUs older than Ampere)"
 
 
-def check_budget(memory_budget: float | None, dry_run: bool) -> None:
-    """``--memory-budget`` is a positive number of GiB, and only ``--dry-run`` reads it."""
+def check_budget(memory_budget: float | None, dry_run: bool, world_size: int | None = None) -> None:
+    """``--memory-budget`` is a positive number of GiB, and only ``--dry-run`` reads it (``--world-size`` too)."""
+    if world_size is not None and not dry_run:
+        raise LmlabError(
+            "world_size is the processes dry_run predicts for (a launched run has torchrun's): add dry_run",
+            params="world_size dry_run",
+        )
     if memory_budget is None:
         return
     if (
@@ -492,20 +538,28 @@ class DryRun:
             )
             + ", AdamW"
             + (", activation checkpointing" if s.activation_checkpointing else ""),
+            f"  processes      {s.world_size}"
+            + (f", {s.strategy}" if s.world_size > 1 or s.strategy == "fsdp" else "")
+            + (" with CPU offload" if s.cpu_offload else "")
+            + ("; per process" if s.world_size > 1 else ""),
             f"  attention      {m.attention}"
             + (" (CUDA's choice for these shapes and dtypes)" if m.device == "cuda" else ""),
             "  cross-entropy  " + (f"chunked, {m.ce_rows:,} tokens per chunk" if m.ce_rows else "whole batch at once"),
             "predicted memory of one training step:",
         ]
+        fsdp = s.strategy == "fsdp"
+        shard = ("in CPU memory" if s.cpu_offload else f"1/{s.world_size} per process") if fsdp else ""
         parts = [
-            ("parameters and buffers", m.parameters, ""),
-            ("gradients", m.gradients, "all of them, at the end of backward"),
-            ("optimizer state", m.optimizer, "AdamW: 2 fp32 values per trainable parameter"),
+            ("parameters and buffers", m.parameters, f"sharded: {shard}" if fsdp else ""),
+            ("gradients", m.gradients, f"sharded: {shard}" if fsdp else "all of them, at the end of backward"),
+            ("optimizer state", m.optimizer, "AdamW: 2 fp32 values per trainable parameter" + (f"; {shard}" * fsdp)),
             ("activations", m.activations, "kept for backward at the end of the forward pass"),
             ("logits and loss", m.logits, "at their largest, on top of the activations"),
         ]
         if m.ddp_buckets:
             parts.append(("DDP gradient buckets", m.ddp_buckets, "a second copy of the gradients (torchrun)"))
+        if fsdp:
+            parts.append(("FSDP gathered", m.gathered, "root + 2 blocks unsharded, a block's unsharded gradients"))
         parts.append(("peak", m.peak, PHASES[m.peak_phase]))
         lines += [f"  {name:<24}{fmt_bytes(n):>11}  {note}".rstrip() for name, n, note in parts]
         lines.append("  (the peak is not the sum: gradients grow in backward as activations are freed)")
@@ -608,6 +662,12 @@ def _candidates(
 ) -> list[tuple[str, str, Settings]]:
     """Each memory saver the run does not use yet: (its flags, what it costs, the settings with it)."""
     candidates: list[tuple[str, str, Settings]] = []
+    if settings.world_size > 1 and settings.strategy != "fsdp":
+        note = f"shards parameters, gradients and optimizer state across the {settings.world_size} processes"
+        candidates.append(("--strategy fsdp", note, dataclasses.replace(settings, strategy="fsdp")))
+    if settings.strategy == "fsdp" and not settings.cpu_offload:
+        note = "keeps the shards, gradients and optimizer state in CPU memory: slower steps"
+        candidates.append(("--cpu-offload", note, dataclasses.replace(settings, cpu_offload=True)))
     if not settings.activation_checkpointing:
         note = "recomputes each block in backward: about a third more compute"
         candidates.append(
@@ -656,12 +716,17 @@ def plan(
     lora: Any,
     title: str,
     memory_budget: float | None,
+    world_size: int | None = None,
     **advice: Any,
 ) -> DryRun:
-    """``--dry-run`` for a run: its :class:`Settings` from ``cfg`` (the precision resolved for ``device``), each
-    prediction a :func:`measure_step` of ``build()`` on ``make_batch(settings)`` (the world size read from
-    torchrun's ``WORLD_SIZE``), and :func:`dry_run`'s advice (``advice``: its keyword options)."""
+    """``--dry-run`` for a run: its :class:`Settings` from ``cfg`` (the precision resolved for ``device``, the
+    strategy and CPU offload) in ``world_size`` processes (None: torchrun's ``WORLD_SIZE``, else 1), each
+    prediction a :func:`measure_step` of ``build()`` on ``make_batch(settings)``, and :func:`dry_run`'s advice
+    (``advice``: its keyword options)."""
     precision, note = resolve_precision(cfg.precision, device)
+    world = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
+    if isinstance(world, bool) or not isinstance(world, int) or world < 1:
+        raise LmlabError(f"world_size is {world!r}: expected a positive integer (processes)", params="world_size")
     settings = Settings(
         cfg.micro_batch_size,
         cfg.grad_accum_steps,
@@ -670,10 +735,12 @@ def plan(
         cfg.activation_checkpointing,
         cfg.ce_chunk_size,
         lora,
+        world,
+        "fsdp" if cfg.strategy == "fsdp" else "ddp",
+        cfg.cpu_offload,
     )
-    world = int(os.environ.get("WORLD_SIZE", "1"))
     return dry_run(
-        lambda s: measure_step(build, objective, make_batch(s), cfg, device, s, world_size=world),
+        lambda s: measure_step(build, objective, make_batch(s), cfg, device, s),
         settings,
         title=title,
         device=device,

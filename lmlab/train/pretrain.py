@@ -27,7 +27,7 @@ from lmlab.model import build_model
 from lmlab.objectives import get_objective
 from lmlab.train import dist as dist_mod
 from lmlab.train import memory
-from lmlab.train.data import RandomWindows, fixed_windows
+from lmlab.train.data import EpochWindows, fixed_windows
 from lmlab.train.loop import TrainConfig, TrainResult, autocast_for, check_resume, same_source, train_loop
 from lmlab.train.memory import DryRun, Settings, check_budget
 
@@ -45,6 +45,7 @@ def pretrain(
     verify: bool = True,
     dry_run: bool = False,
     memory_budget: float | None = None,
+    world_size: int | None = None,
     overwrite: bool = False,
     **train_args: Any,
 ) -> TrainResult | DryRun:
@@ -71,23 +72,21 @@ def pretrain(
         verify: check a Hugging Face ``init_from`` against transformers (once)
         dry_run: predict a training step's peak memory instead of training
         memory_budget: GiB a training step may use, for ``dry_run`` (default: the GPU's memory)
+        world_size: for ``dry_run``: the processes (GPUs) of the run (default: torchrun's WORLD_SIZE, else 1)
         overwrite: write into an existing folder that is not an lmlab run
         **train_args: :class:`TrainConfig` fields (``max_steps``, ``lr``, …)
     """
     cfg = _train_config(train_args)
-    check_budget(memory_budget, dry_run)
+    check_budget(memory_budget, dry_run, world_size)
     _check_pad_vocab_multiple(pad_vocab_multiple)
     run = _start(cfg, data, Path(out), resume=resume, init_from=init_from, dry_run=dry_run, overwrite=overwrite)
     wanted, config = _model_configs(run, model, pad_vocab_multiple, model_overrides or {})
-    seq_len = cfg.seq_len or config.block_size
-    if seq_len > config.block_size:
-        raise LmlabError(f"seq_len {seq_len} exceeds the model's block_size {config.block_size}", params="seq_len")
-    cfg.seq_len = seq_len
+    _settle_seq_len(cfg, config)
     if run.resume_from is not None:
         _check_resume(run.resume_from, cfg, config, wanted, objective, data, run.info.is_main)
     task = get_objective(objective, run.tokenizer, config)  # before any work: a wrong pairing is a one-line error
     if dry_run:
-        return _dry_run(run, config, task, objective, memory_budget)
+        return _dry_run(run, config, task, objective, memory_budget, world_size)
     net = _build(run, config, verify)
     train_batches, valid_batches = _windows(run, config)
     if run.info.is_main:
@@ -111,6 +110,13 @@ def pretrain(
         )
     finally:
         dist_mod.teardown(run.info)
+
+
+def _settle_seq_len(cfg: TrainConfig, config: ModelConfig) -> None:
+    """``cfg.seq_len``: as given (at most the model's block_size), else the block size."""
+    cfg.seq_len = cfg.seq_len or config.block_size
+    if cfg.seq_len > config.block_size:
+        raise LmlabError(f"seq_len {cfg.seq_len} exceeds the model's block_size {config.block_size}", params="seq_len")
 
 
 def _check_pad_vocab_multiple(pad_vocab_multiple: Any) -> None:
@@ -146,7 +152,7 @@ def _start(
     if dry_run:  # no process group: the prediction is per process (DDP's buckets are added when under torchrun)
         info, device = dist_mod.DistInfo(), dist_mod.pick_device(cfg.device, dist_mod.DistInfo(), present=False)
     else:
-        info, device = dist_mod.setup(cfg.device)
+        info, device = dist_mod.setup(cfg.device, cfg.strategy)
     tokenizer = data_tokenizer(data)  # the tokenizer that made the shards (a clear error for anything else)
     if not dry_run:  # before any work: never a folder that is not lmlab's, nor one inside what the run reads
         check_run_output(out, overwrite=overwrite, sources=(data, init_from))
@@ -194,37 +200,42 @@ def _model_configs(
     return wanted, config
 
 
-def _windows(run: _Started, config: ModelConfig) -> tuple[RandomWindows, list[torch.Tensor]]:
+def _windows(run: _Started, config: ModelConfig) -> tuple[EpochWindows, list[torch.Tensor]]:
     """This rank's training windows (a pure function of the step) and the fixed validation windows."""
     cfg = run.cfg
-    source = f"{run.data} (train split)"
-    train = RandomWindows(
+    train = EpochWindows(
         run.train_tokens,
         cfg.seq_len,
         cfg.micro_batch_size,
         cfg.seed,
         run.info.rank,
-        source=source,
+        source=f"{run.data} (train split)",
         vocab_size=config.vocab_size,
+        grad_accum_steps=cfg.grad_accum_steps,
+        world_size=run.info.world_size,
     )
     return train, _valid_windows(run.data, cfg.seq_len, cfg, run.info, config.vocab_size)
 
 
 def _build(run: _Started, config: ModelConfig, verify: bool):
-    """The model that trains: the resumed checkpoint's, ``init_from``'s weights, or new ones seeded by ``seed``."""
+    """The model that trains: the resumed checkpoint's, ``init_from``'s weights, or new ones seeded by ``seed``
+    (on the CPU when it is to be sharded: FSDP2 moves each rank's shards to its device)."""
     torch.manual_seed(run.cfg.seed)
+    device = torch.device("cpu") if run.info.sharded else run.device
     if run.resume_from is not None:
-        return load_model(run.resume_from, device=run.device).train()
+        return load_model(run.resume_from, device=device).train()
     if run.init_from is not None:  # a LoRA checkpoint starts as its merged weights
-        return load_model(run.init_from, device=run.device, merge_lora=True, verify=verify).train()
-    return build_model(config).to(run.device)
+        return load_model(run.init_from, device=device, merge_lora=True, verify=verify).train()
+    return build_model(config).to(device)
 
 
-def _dry_run(run: _Started, config: ModelConfig, task, objective: str, memory_budget: float | None) -> DryRun:
+def _dry_run(
+    run: _Started, config: ModelConfig, task, objective: str, memory_budget: float | None, world_size: int | None
+) -> DryRun:
     """``pretrain(dry_run=True)``: the predicted peak memory of a step on the run's first batch."""
     cfg = run.cfg
     source = f"{run.data} (train split)"
-    train_batches = RandomWindows(
+    train_batches = EpochWindows(
         run.train_tokens, cfg.seq_len, cfg.micro_batch_size, cfg.seed, source=source, vocab_size=config.vocab_size
     )
     windows = train_batches(0, 0)  # (micro_batch_size, seq_len + 1): the run's first batch
@@ -246,6 +257,7 @@ def _dry_run(run: _Started, config: ModelConfig, task, objective: str, memory_bu
         seq_len=cfg.seq_len,
         lora=saved_lora,
         memory_budget=memory_budget,
+        world_size=world_size,
         title=f"{config.name or 'custom'} ({config.arch}), vocabulary {config.vocab_size:,}; objective {objective}",
         vocab_size=config.vocab_size,
     )
@@ -333,8 +345,12 @@ def _valid_windows(data: str | Path, seq_len: int, cfg: TrainConfig, info, vocab
             "validation is skipped (raise --valid-fraction in `lmlab prepare`)",
             file=sys.stderr,
         )
-    # each rank evaluates its share; the loop averages across ranks
-    return windows[info.rank :: info.world_size] if info.enabled else windows
+    # each rank evaluates its share, and the loop averages across ranks: the shares must be as many batches each (a
+    # rank without any would not join the average; sharded ranks compute every forward pass together), so when the
+    # batches do not split evenly every rank evaluates all of them
+    if not info.enabled or len(windows) % info.world_size:
+        return windows
+    return windows[info.rank :: info.world_size]
 
 
 __all__ = ["pretrain", "TrainConfig", "TrainResult"]
