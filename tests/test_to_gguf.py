@@ -67,7 +67,9 @@ def test_permute_is_llamas_and_unpermute_undoes_it():
 def test_f32_file_has_llama_cpp_names_metadata_and_vocabulary_and_round_trips_exactly(tmp_path, tokenizer_dir, case):
     src = checkpoint(tmp_path, case, tokenizer_dir)
     out = export_gguf(src, tmp_path / "model.gguf")
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([case, "model.gguf"])  # no temporary left
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [case, "model.gguf", "model.gguf.export.json"]
+    )  # no temporary
     reader = gguf.GGUFReader(str(out))
     model, tokenizer = load_model(src), Tokenizer.load(src)
     arch = "gpt2" if case.startswith("gpt2") else "llama"

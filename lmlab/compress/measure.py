@@ -97,8 +97,12 @@ def _dense(model: nn.Module) -> int:
 
 
 def _file_bytes(folder: Path) -> int:
+    """The bytes of a checkpoint's weights: model.safetensors, an HF folder's shards, a DCP checkpoint's shards
+    (model and optimizer state together), or a GGUF file."""
+    if folder.is_file():
+        return folder.stat().st_size
     files = [folder / WEIGHTS_FILE] if (folder / WEIGHTS_FILE).is_file() else [*folder.glob("*.safetensors")]
-    return sum(f.stat().st_size for f in files or folder.glob("*.bin"))  # an HF folder's too
+    return sum(f.stat().st_size for f in files or [*folder.glob("*.bin"), *folder.glob("dcp/*.distcp")])
 
 
 def _linear_bytes(model: nn.Module) -> int:
