@@ -121,7 +121,7 @@ class ModelConfig:
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_head
         if self.head_dim is None:  # derived (a bad n_embd or n_head is reported by validate, head_dim 0 meanwhile)
-            sizes = [v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else 0 for v in (self.n_embd, self.n_head)]
+            sizes = [v if _positive_int(v) else 0 for v in (self.n_embd, self.n_head)]
             if all(sizes) and sizes[0] % sizes[1]:
                 raise self._bad("n_embd", f"a multiple of n_head={self.n_head} (or an explicit head_dim)")
             self.head_dim = sizes[0] // sizes[1] if all(sizes) else 0
@@ -368,6 +368,10 @@ class ModelConfig:
         if "lmlab_model_config" not in data:
             raise LmlabError(f"{path}: expected a key 'lmlab_model_config' (an lmlab checkpoint config)")
         return cls.from_dict(data["lmlab_model_config"], source=str(path))
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 # -- LoRA settings (the adapters themselves: lmlab.model.lora) -----------------------------------------

@@ -41,6 +41,7 @@ from torch.nn.utils import prune as torch_prune
 
 from lmlab.compress.measure import Compression, write_compressed
 from lmlab.compress.quantization import calibration_sequences
+from lmlab.data.pack import is_data_folder
 from lmlab.device import resolve_device
 from lmlab.errors import LmlabError
 from lmlab.io.checkpoint import (
@@ -113,7 +114,8 @@ def prune(
         fields["recovery"] = recover(model, data, tokenizer, finetune_steps, lr, device)
     finish(model)
     fields["sparsity_achieved"] = linear_sparsity(model)
-    return write_compressed(path, out, original, model.eval(), tokenizer, eval_data=eval_data, overwrite=overwrite, **fields)
+    model.eval()
+    return write_compressed(path, out, original, model, tokenizer, eval_data=eval_data, overwrite=overwrite, **fields)
 
 
 def check_settings(method: str, sparsity: float, data, samples: int, finetune_steps: int) -> None:
@@ -121,13 +123,17 @@ def check_settings(method: str, sparsity: float, data, samples: int, finetune_st
     if method not in METHODS:
         raise LmlabError(f"method is {method!r}: expected one of {', '.join(METHODS)}", params="method")
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 < sparsity < 1:
-        raise LmlabError(f"sparsity is {sparsity!r}: expected a fraction between 0 and 1 (exclusive)", params="sparsity")
+        msg = f"sparsity is {sparsity!r}: expected a fraction between 0 and 1 (exclusive)"
+        raise LmlabError(msg, params="sparsity")
     if method == "2:4" and sparsity != 0.5:
         raise LmlabError(f"sparsity is {sparsity}: method 2:4 zeroes exactly half (0.5)", params="sparsity method")
     if method not in UNSTRUCTURED and data is None:
         raise LmlabError(f"method {method} ranks heads and neurons on data: give data", params="data")
     if finetune_steps and data is None:
         raise LmlabError("finetune_steps trains on data: give data", params="data finetune_steps")
+    if finetune_steps and not is_data_folder(data):
+        msg = f"finetune_steps trains on a prepared data folder (`lmlab prepare`); {data} is not one"
+        raise LmlabError(msg, params="data")
     for name, value in (("samples", samples), ("finetune_steps", finetune_steps)):
         if isinstance(value, bool) or not isinstance(value, int) or value < (name == "samples"):
             raise LmlabError(f"{name} is {value!r}: expected an integer >= {int(name == 'samples')}", params=name)
@@ -336,21 +342,23 @@ def _slice_attention(state: dict[str, Tensor], prefix: str, config, kept: Tensor
     rows = lambda heads: (heads[:, None] * hd + torch.arange(hd)).flatten()  # noqa: E731
     kv = kept[::group] // group
     qkv_rows = torch.cat((rows(kept), q_dim + rows(kv), q_dim + config.n_kv_heads * hd + rows(kv)))
-    for kind in ("weight", "bias"):
-        if prefix + "qkv." + kind in state:
-            state[prefix + "qkv." + kind] = state[prefix + "qkv." + kind][qkv_rows.to(state[prefix + "qkv." + kind].device)]
-    weight = state[prefix + "proj.weight"]
-    state[prefix + "proj.weight"] = weight[:, rows(kept).to(weight.device)]
+    _take(state, prefix + "qkv.weight", qkv_rows)
+    _take(state, prefix + "qkv.bias", qkv_rows)
+    _take(state, prefix + "proj.weight", rows(kept), dim=1)
 
 
 def _slice_mlp(state: dict[str, Tensor], prefix: str, config, kept: Tensor) -> None:
     """Keep hidden units ``kept``: rows of ``fc`` (gate and up for SwiGLU), input columns of ``proj``."""
     rows = torch.cat((kept, config.intermediate_size + kept)) if config.mlp == "swiglu" else kept
-    for kind in ("weight", "bias"):
-        if prefix + "fc." + kind in state:
-            state[prefix + "fc." + kind] = state[prefix + "fc." + kind][rows.to(state[prefix + "fc." + kind].device)]
-    weight = state[prefix + "proj.weight"]
-    state[prefix + "proj.weight"] = weight[:, kept.to(weight.device)]
+    _take(state, prefix + "fc.weight", rows)
+    _take(state, prefix + "fc.bias", rows)
+    _take(state, prefix + "proj.weight", kept, dim=1)
+
+
+def _take(state: dict[str, Tensor], key: str, index: Tensor, dim: int = 0) -> None:
+    """``state[key]`` cut to ``index`` along ``dim``, where the model has that tensor (a bias may be absent)."""
+    if key in state:
+        state[key] = state[key].index_select(dim, index.to(state[key].device))
 
 
 def _blocks(model: nn.Module) -> nn.ModuleList:
@@ -364,27 +372,43 @@ def recover(model: nn.Module, data: str | Path, tokenizer, steps: int, lr: float
     """Train the pruned decoder ``model`` in place for ``steps`` optimizer steps on ``data``'s training tokens (the
     causal LM objective, :func:`~lmlab.train.loop.train_loop`; checkpoints in a temporary folder, dropped), masks of
     unstructured pruning kept fixed. Returns what compression.json records of it."""
-    from lmlab.data.pack import PackedTokens, is_data_folder, load_manifest
     from lmlab.objectives import get_objective
-    from lmlab.train.data import RandomWindows, fixed_windows
     from lmlab.train.loop import TrainConfig, train_loop
 
-    if not is_data_folder(data):
-        raise LmlabError(f"finetune_steps trains on a prepared data folder (`lmlab prepare`); {data} is not one", params="data")
+    seq_len = min(RECOVERY_SEQ_LEN, model.config.block_size)
+    cfg = TrainConfig(
+        max_steps=steps,
+        micro_batch_size=RECOVERY_BATCH,
+        seq_len=seq_len,
+        lr=lr,
+        min_lr=lr,
+        warmup_steps=max(1, steps // 10),
+        schedule="constant",
+        eval_interval=steps,
+        eval_batches=4,
+        device=str(device),
+        progress=False,
+        tensorboard=False,
+    )
+    train, valid = _windows(data, tokenizer, cfg)
+    objective = get_objective("clm", tokenizer, model.config)
+    meta = {"objective": "clm", "tokenizer_sha256": tokenizer.sha256}
+    with tempfile.TemporaryDirectory(prefix="lmlab-prune-") as tmp:
+        result = train_loop(
+            model.train(), objective, train, valid, cfg, tmp, device=device, tokenizer=tokenizer, meta=meta
+        )
+    return {"steps": steps, "lr": lr, "data": str(data), "train_loss": result.train_loss, "val_loss": result.val_loss}
+
+
+def _windows(data: str | Path, tokenizer, cfg) -> tuple[Callable[[int, int], Tensor], list[Tensor]]:
+    """The recovery run's training windows (random, a pure function of the step) and validation windows."""
+    from lmlab.data.pack import PackedTokens, load_manifest
+    from lmlab.train.data import RandomWindows, fixed_windows
+
     tokens = PackedTokens(data, "train")
     if tokens.tokenizer_sha256 != tokenizer.sha256:
         raise LmlabError(f"data {data} was prepared with another tokenizer than the checkpoint's", params="data")
-    seq_len = min(RECOVERY_SEQ_LEN, model.config.block_size)
-    warmup = max(1, steps // 10)
-    cfg = TrainConfig(max_steps=steps, micro_batch_size=RECOVERY_BATCH, seq_len=seq_len, lr=lr, min_lr=lr,
-                      warmup_steps=warmup, schedule="constant", eval_interval=steps, eval_batches=4,
-                      device=str(device), progress=False, tensorboard=False)  # fmt: skip
-    train = RandomWindows(tokens, seq_len, RECOVERY_BATCH, cfg.seed, source=f"{data} (train split)")
-    valid = []
-    if "valid" in load_manifest(data)["splits"]:
-        valid = fixed_windows(PackedTokens(data, "valid"), seq_len, RECOVERY_BATCH, cfg.eval_batches)
-    objective = get_objective("clm", tokenizer, model.config)
-    with tempfile.TemporaryDirectory(prefix="lmlab-prune-") as tmp:
-        result = train_loop(model.train(), objective, train, valid, cfg, tmp, device=device, tokenizer=tokenizer,
-                            meta={"objective": "clm", "tokenizer_sha256": tokenizer.sha256}, desc="recover")  # fmt: skip
-    return {"steps": steps, "lr": lr, "data": str(data), "train_loss": result.train_loss, "val_loss": result.val_loss}
+    train = RandomWindows(tokens, cfg.seq_len, cfg.micro_batch_size, cfg.seed, source=f"{data} (train split)")
+    if "valid" not in load_manifest(data)["splits"]:
+        return train, []
+    return train, fixed_windows(PackedTokens(data, "valid"), cfg.seq_len, cfg.micro_batch_size, cfg.eval_batches)

@@ -83,7 +83,9 @@ def quantize(
     device = resolve_device(device)
     tokenizer = load_tokenizer(path, verify=verify)
     original = load_model(path, device=device, merge_lora=True, verify=verify)  # LoRA: adapters folded in
-    batches = calibration_sequences(calibration_data, tokenizer, original, calibration_samples) if calibration_data else []
+    batches = []
+    if calibration_data:
+        batches = calibration_sequences(calibration_data, tokenizer, original, calibration_samples)
     model = quantize_model(copy.deepcopy(original), method, group_size, batches)
     group = None if method == "int8" else group_size
     layers = len(model.config.quantization["modules"])
