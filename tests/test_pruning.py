@@ -192,8 +192,34 @@ def test_prune_cli_heads_and_neurons_shrink_the_model_and_info_shows_it(trained_
     assert code == 0 and f"{after['parameters']:,}" in text
     code, text, err = run(capsys, "generate", out, "--prompt", "The", "--max-new-tokens", 5)
     assert code == 0 and text.startswith("The"), err
+    code, _, err = run(capsys, "critique", out, "--out", tmp_path / "crit", "--lenses", "efficiency")
+    assert code == 0, err
+    report = json.loads((tmp_path / "crit" / "report.json").read_text())
+    assert report["model"]["parameters"] == after["parameters"]
     code, _, err = run(capsys, "export", out, "--out", tmp_path / "hf")
     assert code == 1 and "only HF llama holds pruned heads" in err
+
+
+@pytest.mark.parametrize("name", ["llama-tiny", "bert-tiny"])
+def test_prune_api_on_a_grouped_query_decoder_and_a_classifier_saves_a_smaller_checkpoint(
+    name, tmp_path, tokenizer_dir, corpus_file, capsys
+):
+    from lmlab.io.checkpoint import save_checkpoint
+    from lmlab.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(tokenizer_dir)
+    model = tiny(name, vocab_size=tok.vocab_size)
+    save_checkpoint(tmp_path / "ckpt", model, tokenizer=tok, meta={"tokenizer_sha256": tok.sha256})
+    record = lmlab.prune(tmp_path / "ckpt", tmp_path / "out", method="heads+neurons", data=corpus_file, samples=4)
+    loaded = load_model(tmp_path / "out")
+    c, p = model.config, loaded.config
+    assert (p.n_head, p.n_kv_heads, p.head_dim) == (c.n_head // 2, c.n_kv_heads // 2, c.head_dim)
+    assert p.intermediate_size == c.intermediate_size // 2 and p.task == c.task
+    assert record["compressed"]["parameters"] == loaded.num_params() == p.num_params()
+    assert len(record["kept"]["heads"]) == c.n_layer and len(record["importance"]["neurons"][0]) == c.intermediate_size
+    ids = torch.randint(3, tok.vocab_size, (2, 12))
+    assert torch.isfinite(outputs(loaded, ids)).all()
+    assert run(capsys, "info", tmp_path / "out")[0] == 0
 
 
 def test_a_head_pruned_llama_exports_to_hf_with_its_head_dim(tmp_path, tokenizer_dir):
