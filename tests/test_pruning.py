@@ -216,7 +216,7 @@ def test_prune_api_on_a_grouped_query_decoder_and_a_classifier_saves_a_smaller_c
     assert (p.n_head, p.n_kv_heads, p.head_dim) == (c.n_head // 2, c.n_kv_heads // 2, c.head_dim)
     assert p.intermediate_size == c.intermediate_size // 2 and p.task == c.task
     assert record["compressed"]["parameters"] == loaded.num_params() == p.num_params()
-    assert len(record["kept"]["heads"]) == c.n_layer and len(record["importance"]["neurons"][0]) == c.intermediate_size
+    assert len(record["kept"]["neurons"][0]) == p.intermediate_size and len(record["head_importance"]) == c.n_layer
     ids = torch.randint(3, tok.vocab_size, (2, 12))
     assert torch.isfinite(outputs(loaded, ids)).all()
     assert run(capsys, "info", tmp_path / "out")[0] == 0

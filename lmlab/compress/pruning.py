@@ -183,7 +183,9 @@ def prune_model(model: nn.Module, method: str, sparsity: float, batches: list[Te
     keep = {kind: keep_units(model.config, kind, scores[kind], sparsity) for kind in kinds}
     before = model.config
     model = shrink(model, keep.get("heads"), keep.get("neurons"))
-    fields.update(samples=len(batches), kept=_kept(keep), importance={k: scores[k].tolist() for k in kinds})
+    fields.update(samples=len(batches), kept=_kept(keep))
+    if "heads" in kinds:  # (n_layer, n_head) scores; the neurons' would swamp compression.json
+        fields["head_importance"] = scores["heads"].tolist()
     fields["title"] = f"{method} pruning: " + ", ".join(_change(before, model.config, kind) for kind in kinds)
     return model, fields
 
