@@ -63,11 +63,16 @@ def main() -> None:
     ap.add_argument("--recovery-steps", type=int, default=200)
     ap.add_argument("--samples", type=int, default=64, help="sequences that rank heads and neurons")
     ap.add_argument("--out", default="/tmp/lmlab-compress-bench")
+    ap.add_argument("--cases", default=None, help="method:sparsity:recovery,… (recovery 0 or 1); default: all")
+    ap.add_argument("--no-control", action="store_true", help="skip the original + recovery-steps control")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
+    cases = CASES
+    if a.cases:
+        cases = [(m, float(s), r == "1") for m, s, r in (c.split(":") for c in a.cases.split(","))]
     out, run = trained_run(a.model, a.steps, a.seq_len, Path(a.out))
     rows = []
-    for method, sparsity, recovery in CASES:
+    for method, sparsity, recovery in cases:
         steps = a.recovery_steps if recovery else 0
         name = f"{a.model}-{method.replace('+', '-').replace(':', 'of')}-{sparsity}-r{steps}"
         record = lmlab.prune(
@@ -76,8 +81,9 @@ def main() -> None:
         )  # fmt: skip
         rows.append(record)
         print(record.summary(), flush=True)
-    rows.append(control(run, out, a.recovery_steps))
-    print(rows[-1].summary(), flush=True)
+    if not a.no_control:
+        rows.append(control(run, out, a.recovery_steps))
+        print(rows[-1].summary(), flush=True)
     table(rows)
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=2))
