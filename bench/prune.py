@@ -69,7 +69,7 @@ def main() -> None:
     a = ap.parse_args()
     cases = CASES
     if a.cases:
-        cases = [(m, float(s), r == "1") for m, s, r in (c.split(":") for c in a.cases.split(","))]
+        cases = [(m, float(s), r == "1") for m, s, r in (c.rsplit(":", 2) for c in a.cases.split(","))]
     out, run = trained_run(a.model, a.steps, a.seq_len, Path(a.out))
     rows = []
     for method, sparsity, recovery in cases:
