@@ -109,6 +109,26 @@ def kl_to_original(original, quantized, data, windows: int = 32) -> float:
     return (lp.exp() * (lp - lq)).sum(-1).mean().item()
 
 
+def trained_run(model: str, steps: int, seq_len: int | None, out: Path) -> tuple[Path, Path]:
+    """The bench folder (corpus, 2048-token BPE, prepared data) and a ``model`` run of ``steps`` on it, each made
+    once and reused."""
+    corpus = out / "corpus.jsonl"
+    if not corpus.exists():
+        out.mkdir(parents=True, exist_ok=True)
+        corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in builtin_corpus(max_chars=400_000)))
+        tok = lmlab.train_tokenizer(lmlab.read_corpus(corpus), kind="bpe", vocab_size=2048)
+        tok.save(out / "tok")
+        lmlab.prepare(corpus, out / "tok", out / "data", valid_fraction=0.05, show_progress=False)
+    run = out / f"run-{model}-{steps}"
+    seq_len = seq_len or lmlab.preset(model).block_size
+    if not (run / "best").exists():
+        lmlab.pretrain(
+            model, out / "data", run, max_steps=steps, seq_len=seq_len, micro_batch_size=16, lr=3e-3,
+            warmup_steps=20, eval_interval=100, progress=False, tensorboard=False,
+        )  # fmt: skip
+    return out, run
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="gpt2-tiny")
@@ -124,21 +144,7 @@ def main() -> None:
         if a.json:
             Path(a.json).write_text(json.dumps(rows, indent=2))
         return
-    out = Path(a.out)
-    corpus = out / "corpus.jsonl"
-    if not corpus.exists():
-        out.mkdir(parents=True, exist_ok=True)
-        corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in builtin_corpus(max_chars=400_000)))
-        tok = lmlab.train_tokenizer(lmlab.read_corpus(corpus), kind="bpe", vocab_size=2048)
-        tok.save(out / "tok")
-        lmlab.prepare(corpus, out / "tok", out / "data", valid_fraction=0.05, show_progress=False)
-    run = out / f"run-{a.model}-{a.steps}"
-    a.seq_len = a.seq_len or lmlab.preset(a.model).block_size
-    if not (run / "best").exists():
-        lmlab.pretrain(
-            a.model, out / "data", run, max_steps=a.steps, seq_len=a.seq_len, micro_batch_size=16, lr=3e-3,
-            warmup_steps=20, eval_interval=100, progress=False, tensorboard=False,
-        )  # fmt: skip
+    out, run = trained_run(a.model, a.steps, a.seq_len, Path(a.out))
     rows = []
     for method, group in METHODS:
         record = lmlab.quantize(

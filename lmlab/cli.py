@@ -292,6 +292,12 @@ QUANTIZE = (
     "checkpoint * device verify overwrite",
     "Quantize a checkpoint's block Linear layers (int8, int8-dynamic, int4, int4-gptq); print and write what it cost.",
 )
+PRUNE = (
+    "lmlab.compress.pruning:prune",
+    "out method sparsity data samples finetune_steps lr eval_data",
+    "checkpoint * device verify overwrite",
+    "Prune a checkpoint: zeros (magnitude, 2:4) or fewer heads and MLP neurons; print and write what it cost.",
+)
 MERGE_LORA = (
     "lmlab.train.lora:merge_checkpoint",
     "checkpoint out verify",
@@ -323,6 +329,7 @@ VERBS = {  # name → Verb(its line in `lmlab --help`, flags, run), in the order
     "evaluate": Verb("task metrics with confidence intervals, or perplexity", _flags_evaluate, cmd_evaluate),
     "critique": Verb("a report: performance, bias, safety, privacy, robustness, …", _flags_critique, cmd_critique),
     "quantize": function_verb("int8, dynamic int8, int4, GPTQ: measured before and after", *QUANTIZE),
+    "prune": function_verb("prune weights, heads or MLP neurons, measured before and after", *PRUNE),
     "export": Verb("export a checkpoint: HF folder, GGUF or ONNX, each checked by logits", _flags_export, cmd_export),
     "consolidate": function_verb("one safetensors checkpoint from a sharded (fsdp) one", *CONSOLIDATE, show=str),
     "merge-lora": function_verb("merge LoRA adapters into the base weights", *MERGE_LORA, **MERGE_LORA_FLAGS),

@@ -78,6 +78,9 @@ class ModelConfig:
     n_head: int = 12
     n_embd: int = 768
     n_kv_heads: int | None = None  # None: = n_head (multi-head); fewer: grouped-query attention
+    # width of one attention head; None: n_embd // n_head. Head pruning (lmlab prune) keeps the width and drops
+    # heads, so n_head · head_dim can be less than n_embd
+    head_dim: int | None = None
     intermediate_size: int | None = None  # MLP hidden width; None: 4·n_embd (gelu) or LLaMA's 8/3 rule
     norm: str = "layernorm"
     norm_eps: float = 1e-5
@@ -118,6 +121,11 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_head
+        if self.head_dim is None:  # derived (a bad n_embd or n_head is reported by validate, head_dim 0 meanwhile)
+            sizes = [v if _positive_int(v) else 0 for v in (self.n_embd, self.n_head)]
+            if all(sizes) and sizes[0] % sizes[1]:
+                raise self._bad("n_embd", f"a multiple of n_head={self.n_head} (or an explicit head_dim)")
+            self.head_dim = sizes[0] // sizes[1] if all(sizes) else 0
         if self.intermediate_size is None:
             if self.mlp == "swiglu":
                 # LLaMA: 2/3 of 4d, rounded up to a multiple of 256 (keeps FLOPs ≈ a 4d GELU MLP).
@@ -177,17 +185,16 @@ class ModelConfig:
             "n_head",
             "n_embd",
             "n_kv_heads",
+            "head_dim",
             "intermediate_size",
         ):
             value = getattr(self, field_name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise self._bad(field_name, "a positive integer")
-        if self.n_embd % self.n_head:
-            raise self._bad("n_embd", f"a multiple of n_head={self.n_head}")
         if self.n_head % self.n_kv_heads:
             raise self._bad("n_kv_heads", f"a divisor of n_head={self.n_head}")
         if self.position == "rope" and self.head_dim % 2:
-            raise self._bad("n_embd", "n_embd / n_head even, as RoPE rotates pairs of dimensions")
+            raise self._bad("head_dim", "even (n_embd / n_head when not given), as RoPE rotates pairs of dimensions")
         if not 0.0 <= self.dropout < 1.0:
             raise self._bad("dropout", "a number in [0, 1)")
         if not isinstance(self.type_vocab_size, int) or self.type_vocab_size < 0:
@@ -263,17 +270,18 @@ class ModelConfig:
             )
 
     @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+    def attn_dim(self) -> int:
+        """The width of the query heads side by side, n_head · head_dim: n_embd unless heads were pruned."""
+        return self.n_head * self.head_dim
 
     # -- sizes ---------------------------------------------------------------------------------
 
     def num_params(self, include_embeddings: bool = True) -> int:
         """Parameter count, computed from the config alone (equal to the built model's)."""
         d, L, h, V = self.n_embd, self.n_layer, self.intermediate_size, self.vocab_size
-        kv = self.n_kv_heads * self.head_dim
+        q, kv = self.attn_dim, self.n_kv_heads * self.head_dim
         b = 1 if self.bias else 0
-        attn = d * (d + 2 * kv) + b * (d + 2 * kv) + d * d + b * d
+        attn = d * (q + 2 * kv) + b * (q + 2 * kv) + q * d + b * d
         mlp = (3 * d * h if self.mlp == "swiglu" else 2 * d * h) + b * (h + d if self.mlp == "gelu" else 0)
         norm = d + b * d  # weight (+ bias for LayerNorm with bias)
         total = L * (attn + mlp + 2 * norm) + (norm if self.norm_placement == "pre" else 0)  # + final norm (pre-norm)
@@ -307,7 +315,8 @@ class ModelConfig:
         """FLOPs per token, nanoGPT's formula (PaLM appendix B): 6·N + 12·L·d·T for a training step.
 
         N counts every parameter but the position embeddings; the second term is attention's
-        QKᵀ and AV over T positions in each of L attention layers (:meth:`attention_layers`). For an
+        QKᵀ and AV over T positions in each of L attention layers (:meth:`attention_layers`), d there being
+        the heads' width n_head · head_dim (n_embd unless heads were pruned). For an
         encoder–decoder a "token" is a target token with one source token beside it (source and
         target of length T): the pair passes through every parameter once. A forward pass alone is
         a third of it (2·N + 4·L·d·T).
@@ -320,13 +329,17 @@ class ModelConfig:
         n = self.num_params(include_embeddings=True)
         if self.position == "learned":
             n -= self.block_size * self.n_embd
-        flops = 6 * n + 12 * self.attention_layers() * self.n_embd * T
+        flops = 6 * n + 12 * self.attention_layers() * self.attn_dim * T
         return flops if training else flops / 3
 
     # -- (de)serialisation ---------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The fields as JSON-ready values; ``head_dim`` None where it is n_embd // n_head (derived, not chosen)."""
+        data = dataclasses.asdict(self)
+        if self.head_dim * self.n_head == self.n_embd:
+            data["head_dim"] = None
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> "ModelConfig":
@@ -357,6 +370,10 @@ class ModelConfig:
         if "lmlab_model_config" not in data:
             raise LmlabError(f"{path}: expected a key 'lmlab_model_config' (an lmlab checkpoint config)")
         return cls.from_dict(data["lmlab_model_config"], source=str(path))
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 # -- LoRA settings (the adapters themselves: lmlab.model.lora) -----------------------------------------

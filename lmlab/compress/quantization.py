@@ -85,7 +85,9 @@ def quantize(
     device = resolve_device(device)
     tokenizer = load_tokenizer(path, verify=verify)
     original = load_model(path, device=device, merge_lora=True, verify=verify)  # LoRA: adapters folded in
-    batches = _calibration(calibration_data, tokenizer, original, calibration_samples) if calibration_data else []
+    batches = []
+    if calibration_data:
+        batches = calibration_sequences(calibration_data, tokenizer, original, calibration_samples)
     model = quantize_model(copy.deepcopy(original), method, group_size, batches)
     group = None if method in INT8_METHODS else group_size
     layers = len(model.config.quantization["modules"])
@@ -124,7 +126,7 @@ def run_model(model: nn.Module, ids: Tensor) -> Tensor:
     return model(ids)
 
 
-def _calibration(data: str | Path, tokenizer, model: nn.Module, n: int) -> list[Tensor]:
+def calibration_sequences(data: str | Path, tokenizer, model: nn.Module, n: int) -> list[Tensor]:
     """Up to ``n`` calibration sequences (1, T) from a prepared data folder or a corpus file, evenly spaced."""
     length = min(CALIBRATION_LENGTH, model.config.block_size)
     if is_data_folder(data):

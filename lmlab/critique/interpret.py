@@ -64,7 +64,7 @@ def attention_probs(
     the same arguments its forward takes (no KV cache). ``mask`` is boolean, True where a key is visible."""
     B, T, C = x.shape
     kv_dim = attn.n_kv_heads * attn.head_dim
-    q, k, _ = attn.qkv(x).split((C, kv_dim, kv_dim), dim=-1)
+    q, k, _ = attn.qkv(x).split((attn.n_head * attn.head_dim, kv_dim, kv_dim), dim=-1)
     q = q.view(B, T, attn.n_head, attn.head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
     k = k.view(B, T, attn.n_kv_heads, attn.head_dim).transpose(1, 2)  # (B, n_kv_heads, T, head_dim)
     if rope is not None:

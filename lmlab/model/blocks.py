@@ -173,9 +173,10 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.n_head, self.n_kv_heads, self.head_dim = config.n_head, config.n_kv_heads, config.head_dim
         kv_dim = config.n_kv_heads * config.head_dim
-        # one matmul for Q, K and V: [q | k | v] along the output dimension
-        self.qkv = nn.Linear(config.n_embd, config.n_embd + 2 * kv_dim, bias=config.bias)
-        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        # one matmul for Q, K and V: [q | k | v] along the output dimension (q: n_head · head_dim = attn_dim, which is
+        # n_embd unless heads were pruned)
+        self.qkv = nn.Linear(config.n_embd, config.attn_dim + 2 * kv_dim, bias=config.bias)
+        self.proj = nn.Linear(config.attn_dim, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
 
     def forward(
@@ -209,7 +210,7 @@ class Attention(nn.Module):
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.n_kv_heads != self.n_head,
         )  # (B, n_head, T, head_dim)
-        y = y.transpose(1, 2).reshape(B, T, C)  # concatenate the heads
+        y = y.transpose(1, 2).reshape(B, T, nh * self.head_dim)  # concatenate the heads
         return self.proj(y)
 
 
@@ -222,9 +223,9 @@ class CrossAttention(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.n_head, self.n_kv_heads, self.head_dim = config.n_head, config.n_kv_heads, config.head_dim
-        self.q = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.q = nn.Linear(config.n_embd, config.attn_dim, bias=config.bias)
         self.kv = nn.Linear(config.n_embd, 2 * config.n_kv_heads * config.head_dim, bias=config.bias)  # [k | v]
-        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.proj = nn.Linear(config.attn_dim, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
 
     def memory_kv(self, memory: Tensor) -> tuple[Tensor, Tensor]:
@@ -249,7 +250,7 @@ class CrossAttention(nn.Module):
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.n_kv_heads != self.n_head,
         )  # (B, n_head, T, head_dim)
-        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+        return self.proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
 
 class MLP(nn.Module):

@@ -76,6 +76,12 @@ def family_of(config: ModelConfig) -> Family:
             f"model config field 'n_kv_heads' is {config.n_kv_heads}: HF {family.model_type} needs "
             f"n_kv_heads == n_head ({config.n_head})"
         )
+    if config.attn_dim != config.n_embd and not family.own_head_dim:
+        raise LmlabError(
+            f"model config field 'head_dim' is {config.head_dim} with n_head={config.n_head}, n_embd={config.n_embd} "
+            f"(attention heads were pruned): HF {family.model_type} derives head_dim as n_embd / n_head; only HF "
+            "llama holds pruned heads"
+        )
     return family
 
 

@@ -76,6 +76,7 @@ class Family:
     ignored: ClassVar[tuple[str, ...]] = ()
     unprefixed: ClassVar[tuple[str, ...]] = ()  # HF weight names outside the backbone's prefix (its heads)
     grouped_kv: ClassVar[bool] = False  # whether the HF class has n_kv_heads < n_head (grouped-query attention)
+    own_head_dim: ClassVar[bool] = False  # whether the HF config has a head_dim of its own (n_head · head_dim < n_embd)
 
     def claims(self, config: ModelConfig) -> str:
         """Why this family is the one for ``config`` (the field that decides, as the errors quote it), or ''."""

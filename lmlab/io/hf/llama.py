@@ -68,6 +68,7 @@ class Llama(Family):
     ignored = ("rotary_emb.inv_freq", "rotary_emb.original_inv_freq")  # RoPE buffers of some transformers versions
     unprefixed = ("lm_head.",)
     grouped_kv = True
+    own_head_dim = True
 
     def claims(self, config: ModelConfig) -> str:
         return "position='rope'" if config.arch == "decoder" and config.position != "learned" else ""
@@ -108,8 +109,6 @@ class Llama(Family):
         if c["hidden_act"] != "silu":
             raise unsupported(c, "hidden_act", "'silu' (SwiGLU)")
         n_head, d = c["num_attention_heads"], c["hidden_size"]
-        if (c["head_dim"] or d // n_head) * n_head != d:
-            raise unsupported(c, "head_dim", f"hidden_size / num_attention_heads = {d // n_head}")
         if bool(c["attention_bias"]) != bool(c["mlp_bias"]):
             raise LmlabError(
                 f"HF llama config has attention_bias={c['attention_bias']} but mlp_bias={c['mlp_bias']}: "
@@ -124,6 +123,7 @@ class Llama(Family):
             n_head=n_head,
             n_embd=d,
             n_kv_heads=c["num_key_value_heads"] or n_head,
+            head_dim=c["head_dim"] or None,
             intermediate_size=c["intermediate_size"],
             norm="rmsnorm",
             norm_eps=c["rms_norm_eps"],
@@ -147,7 +147,7 @@ class Llama(Family):
             ours, theirs = f"blocks.{i}.", f"{p}layers.{i}."
             rules.append(Rule(f"{ours}norm_1.weight", (f"{theirs}input_layernorm.weight",)))
             qkv = tuple(f"{theirs}self_attn.{x}_proj" for x in "qkv")
-            rules += fused(ours + "attn.qkv", qkv, (config.n_embd, kv_dim, kv_dim), kinds)
+            rules += fused(ours + "attn.qkv", qkv, (config.attn_dim, kv_dim, kv_dim), kinds)
             rules += [Rule(f"{ours}attn.proj.{kind}", (f"{theirs}self_attn.o_proj.{kind}",)) for kind in kinds]
             rules.append(Rule(f"{ours}norm_2.weight", (f"{theirs}post_attention_layernorm.weight",)))
             gate_up = (f"{theirs}mlp.gate_proj", f"{theirs}mlp.up_proj")
