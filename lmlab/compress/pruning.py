@@ -403,14 +403,14 @@ def recover(model: nn.Module, data: str | Path, tokenizer, steps: int, lr: float
 
 
 def _windows(data: str | Path, tokenizer, cfg) -> tuple[Callable[[int, int], Tensor], list[Tensor]]:
-    """The recovery run's training windows (random, a pure function of the step) and validation windows."""
+    """The recovery run's training windows (shuffled epochs, a pure function of the step) and validation windows."""
     from lmlab.data.pack import PackedTokens, load_manifest
-    from lmlab.train.data import RandomWindows, fixed_windows
+    from lmlab.train.data import EpochWindows, fixed_windows
 
     tokens = PackedTokens(data, "train")
     if tokens.tokenizer_sha256 != tokenizer.sha256:
         raise LmlabError(f"data {data} was prepared with another tokenizer than the checkpoint's", params="data")
-    train = RandomWindows(tokens, cfg.seq_len, cfg.micro_batch_size, cfg.seed, source=f"{data} (train split)")
+    train = EpochWindows(tokens, cfg.seq_len, cfg.micro_batch_size, cfg.seed, source=f"{data} (train split)")
     if "valid" not in load_manifest(data)["splits"]:
         return train, []
     return train, fixed_windows(PackedTokens(data, "valid"), cfg.seq_len, cfg.micro_batch_size, cfg.eval_batches)
