@@ -308,6 +308,12 @@ SERVE = (
     "checkpoint * device verify",
     "Serve a checkpoint over OpenAI's HTTP API (continuous batching, streaming); /metrics, a playground at /.",
 )
+DISTILL = (
+    "lmlab.compress.distillation:distill",
+    "teacher data out student student_init alpha temperature valid eval_data lora max_length",
+    "* text_field pair_field label_field resume verify overwrite dry_run memory_budget",
+    "Train a smaller student on a teacher's softened distributions (Hinton et al.); print and write what it cost.",
+)
 
 TOKENIZER_TRAIN = ("train", "Tokenizer commands.", "train a tokenizer on a corpus")  # `lmlab tokenizer train`
 DESCRIPTION = "Train, generate, evaluate and critique Transformer language models."
@@ -319,6 +325,7 @@ VERBS = {  # name → Verb(its line in `lmlab --help`, flags, run), in the order
     "evaluate": Verb("task metrics with confidence intervals, or perplexity", _flags_evaluate, cmd_evaluate),
     "critique": Verb("a report: performance, bias, safety, privacy, robustness, …", _flags_critique, cmd_critique),
     "quantize": function_verb("int8 / int4 / GPTQ weights, measured before and after", *QUANTIZE),
+    "distill": function_verb("a smaller student taught by a teacher", *DISTILL, options="lmlab.train.loop:TrainConfig"),
     "export": Verb("export a checkpoint: HF folder, GGUF or ONNX, each checked by logits", _flags_export, cmd_export),
     "merge-lora": function_verb("merge LoRA adapters into the base weights", *MERGE_LORA, **MERGE_LORA_FLAGS),
     "generate": Verb("generate text: every decoding strategy, streaming, a REPL", _flags_generate, cmd_generate),

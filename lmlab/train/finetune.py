@@ -46,6 +46,7 @@ from lmlab.objectives.losses import IGNORE_INDEX
 from lmlab.tasks import TASKS, ObjectiveArgs, Task, TaskData, TaskFields, TaskObjective, get_task, pack_examples
 from lmlab.train import dist as dist_mod
 from lmlab.train.data import hash_position
+from lmlab.train.distill import Teacher
 from lmlab.train.loop import TrainConfig, TrainResult, check_resume, same_source, train_loop
 from lmlab.train.memory import DryRun, check_budget
 
@@ -163,6 +164,7 @@ def validate(
     dry_run: bool = False,
     memory_budget: float | None = None,
     overwrite: bool = False,
+    teacher: Teacher | None = None,
     **train_args: Any,
 ) -> Setup:
     """Check the output folder, the training settings, the resume state and the base checkpoint against ``task``."""
@@ -183,7 +185,7 @@ def validate(
     cfg = TrainConfig(**{**FINETUNE_DEFAULTS, **{k: v for k, v in train_args.items() if k not in DERIVED}, **derived})
     cfg.seq_len = task.seq_len(fields)
     if resume_from is not None:
-        _check_resume(resume_from, cfg, checkpoint, task, train)
+        _check_resume(resume_from, cfg, checkpoint, task, train, teacher)
     base = resume_from or resolve_checkpoint(checkpoint)
     tokenizer = load_tokenizer(base, verify=verify)  # the one the model was trained with, or an error
     base_config = load_config(base)  # an lmlab checkpoint's, or an HF folder's converted
@@ -344,8 +346,10 @@ def run_training(
     pack: bool = False,
     patience: int | None = None,
     overwrite: bool = False,
+    teacher: Teacher | None = None,
 ) -> TrainResult:
-    """Fine-tune: the one training loop, scored at every evaluation by the task's metrics on the validation set."""
+    """Fine-tune: the one training loop, scored at every evaluation by the task's metrics on the validation set;
+    with a ``teacher``, its objective distils from it too (:mod:`lmlab.train.distill`)."""
     from lmlab.train import lora as lora_mod
 
     task, cfg, arch = setup.task, setup.cfg, setup.base_config.arch
@@ -389,11 +393,13 @@ def run_training(
         "tokenizer_sha256": setup.tokenizer.sha256,
         "base": str(base),
         "train": str(train_file),
+        **(teacher.meta() if teacher is not None else {}),
     }
+    objective = teacher.wrap(data.objective, device, info.is_main) if teacher is not None else data.objective
     try:
         return train_loop(
             model,
-            data.objective,
+            objective,
             batches,
             valid_batches,
             cfg,
@@ -447,6 +453,7 @@ def finetune(
     dry_run: bool = False,
     memory_budget: float | None = None,
     overwrite: bool = False,
+    teacher: Teacher | None = None,
     **train_args: Any,
 ) -> TrainResult | str | DryRun:
     """Fine-tune ``checkpoint`` (an lmlab checkpoint or run folder) on a task; checkpoints go to ``out``.
@@ -488,6 +495,7 @@ def finetune(
         dry_run: predict a training step's peak memory instead of training
         memory_budget: GiB a training step may use, for ``dry_run`` (default: the GPU's memory)
         overwrite: write into an existing folder that is not an lmlab run
+        teacher: distill from this frozen teacher as the model trains (:mod:`lmlab.train.distill`; `lmlab distill`)
         **train_args: TrainConfig fields; ``max_steps`` or ``lr`` None or absent: lmlab's (``--help`` says which)
     """
     kind = check_task(task, pack=pack, patience=patience, show_masking=show_masking)
@@ -498,10 +506,10 @@ def finetune(
     if dry_run:
         more = {"valid": valid, "class_weights": class_weights, "pack": pack}
         return finetune_dry_run(checkpoint, task, train, out, fields=fields, **more, **common)
-    setup = validate(checkpoint, kind, train, out, fields, overwrite=overwrite, **common)
+    setup = validate(checkpoint, kind, train, out, fields, overwrite=overwrite, teacher=teacher, **common)
     data = build_data(setup, train, valid, class_weights=class_weights, pack=pack)
     plan_steps(setup, len(data.features["input_ids"]))
-    return run_training(setup, data, train, pack=pack, patience=patience, overwrite=overwrite)
+    return run_training(setup, data, train, pack=pack, patience=patience, overwrite=overwrite, teacher=teacher)
 
 
 def finetune_dry_run(
@@ -581,7 +589,9 @@ def finetune_dry_run(
     )
 
 
-def _check_resume(resume_from: Path, cfg: TrainConfig, checkpoint: str | Path, task: Task, train: str | Path) -> None:
+def _check_resume(
+    resume_from: Path, cfg: TrainConfig, checkpoint: str | Path, task: Task, train: str | Path, teacher: Teacher | None
+) -> None:
     """Refuse to resume with another task, base checkpoint or training file than the run started with, or with
     training settings that change its course (:func:`~lmlab.train.loop.check_resume`)."""
     meta = read_meta(resume_from)
@@ -594,6 +604,8 @@ def _check_resume(resume_from: Path, cfg: TrainConfig, checkpoint: str | Path, t
         started["the base checkpoint"] = (meta["base"], checkpoint)
     if not same_source(meta.get("train"), train):
         started["train"] = (meta["train"], train)
+    if teacher is not None or "distilled_from" in meta:
+        started.update(teacher.started(meta) if teacher is not None else {"teacher": (meta["distilled_from"], None)})
     check_resume(
         resume_from, cfg, started, flags={"seq_len": task.seq_len_params}, announce=os.environ.get("RANK", "0") == "0"
     )  # rank 0 speaks

@@ -22,10 +22,12 @@ from lmlab.io.checkpoint import (
     resolve_checkpoint,
 )
 from lmlab.model import build_model
+from lmlab.model.lora import apply_lora
 from lmlab.objectives import get_objective
 from lmlab.train import dist as dist_mod
 from lmlab.train import memory
 from lmlab.train.data import RandomWindows, fixed_windows
+from lmlab.train.distill import Teacher
 from lmlab.train.loop import TrainConfig, TrainResult, autocast_for, check_resume, same_source, train_loop
 from lmlab.train.memory import DryRun, Settings, check_budget
 
@@ -44,6 +46,7 @@ def pretrain(
     dry_run: bool = False,
     memory_budget: float | None = None,
     overwrite: bool = False,
+    teacher: Teacher | None = None,
     **train_args: Any,
 ) -> TrainResult | DryRun:
     """Pretrain a model on a folder made by :func:`lmlab.prepare`.
@@ -70,6 +73,7 @@ def pretrain(
         dry_run: predict a training step's peak memory instead of training
         memory_budget: GiB a training step may use, for ``dry_run`` (default: the GPU's memory)
         overwrite: write into an existing folder that is not an lmlab run
+        teacher: distill from this frozen teacher as the model trains (:mod:`lmlab.train.distill`; `lmlab distill`)
         **train_args: :class:`TrainConfig` fields (``max_steps``, ``lr``, …)
     """
     cfg = _train_config(train_args)
@@ -82,15 +86,20 @@ def pretrain(
         raise LmlabError(f"seq_len {seq_len} exceeds the model's block_size {config.block_size}", params="seq_len")
     cfg.seq_len = seq_len
     if run.resume_from is not None:
-        _check_resume(run.resume_from, cfg, config, wanted, objective, data, run.info.is_main)
+        _check_resume(run.resume_from, cfg, config, wanted, objective, data, run.info.is_main, teacher)
     task = get_objective(objective, run.tokenizer, config)  # before any work: a wrong pairing is a one-line error
     if dry_run:
         return _dry_run(run, config, task, objective, memory_budget)
     net = _build(run, config, verify)
+    if teacher is not None:
+        task = teacher.wrap(task, run.device, run.info.is_main)
+        if teacher.lora is not None and run.resume_from is None:  # a resumed run's adapters come with its weights
+            apply_lora(net, teacher.lora)
     train_batches, valid_batches = _windows(run, config)
     if run.info.is_main:
         _announce(run, config, net)
     meta = {"objective": objective, "tokenizer_sha256": run.tokenizer.sha256, "data": str(data)}
+    meta.update(teacher.meta() if teacher is not None else {})
     try:
         return train_loop(
             net,
@@ -281,7 +290,14 @@ def _model_config(model: str | ModelConfig, vocab_size: int, overrides: dict[str
 
 
 def _check_resume(
-    resume_from: Path, cfg: TrainConfig, config: ModelConfig, wanted: ModelConfig, objective: str, data, announce: bool
+    resume_from: Path,
+    cfg: TrainConfig,
+    config: ModelConfig,
+    wanted: ModelConfig,
+    objective: str,
+    data,
+    announce: bool,
+    teacher: Teacher | None = None,
 ) -> None:
     """Refuse to resume with another model, data folder or objective than the run started with, or with
     training settings that change its course (:func:`~lmlab.train.loop.check_resume`)."""
@@ -289,6 +305,8 @@ def _check_resume(
     started = {**_model_changes(config, wanted), "objective": (meta.get("objective", objective), objective)}
     if not same_source(meta.get("data"), data):
         started["data"] = (meta["data"], data)
+    if teacher is not None or "distilled_from" in meta:
+        started.update(teacher.started(meta) if teacher is not None else {"teacher": (meta["distilled_from"], None)})
     check_resume(resume_from, cfg, started, announce=announce)
 
 
