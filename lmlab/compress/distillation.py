@@ -127,7 +127,7 @@ def distill(
     start, student_config = _check_student(student, student_init, config, tokenizer, verify)
     _check_context(config, student_config or load_config(start), train_args.get("seq_len"))
     if not config.task:
-        _check_data(data, teacher_path, tokenizer)
+        _check_data(data, teacher_path, tokenizer, valid)
     init = (student_config, student_init, tokenizer, train_args.get("seed", 0))
     spec = Teacher(teacher_path, alpha, temperature, verify=verify)
     task = dict(max_length=max_length, text_field=text_field, pair_field=pair_field, label_field=label_field)
@@ -158,10 +158,6 @@ def _train(
 
     if config.task:
         return finetune(start, config.task, data, out, valid=valid, lora=lora, teacher=spec, **task, **common)
-    if valid is not None:
-        raise LmlabError(
-            "valid is for a classifier or tagger teacher; a decoder's run validates on the data's split", params="valid"
-        )
     if lora is not None:
         from lmlab.train.lora import parse_lora
 
@@ -228,9 +224,14 @@ def _check_student(
     return None, config
 
 
-def _check_data(data: str | Path, teacher: Path, tokenizer) -> None:
-    """A decoder teacher's data: a prepared folder whose tokens are the teacher's tokenizer's."""
+def _check_data(data: str | Path, teacher: Path, tokenizer, valid) -> None:
+    """A decoder teacher's data: a prepared folder whose tokens are the teacher's tokenizer's (and no ``valid``)."""
     from lmlab.data.pack import data_tokenizer
+
+    if valid is not None:
+        raise LmlabError(
+            "valid is for a classifier or tagger teacher; a decoder's run validates on the data's split", params="valid"
+        )
 
     if data_tokenizer(data).sha256 != tokenizer.sha256:
         raise LmlabError(
