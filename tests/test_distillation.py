@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 
@@ -85,6 +86,31 @@ def test_alpha_mixes_the_teachers_term_with_the_students_own_loss():
     assert same.loss(student, batch).item() == pytest.approx(0.0, abs=1e-6)  # KL 0: the student is the teacher
     student.eval()  # validation: the student's own loss, so perplexity means what it means for any run
     assert Distillation(CausalLM(), teacher, 1.0, 2.0).loss(student, batch).item() == pytest.approx(hard, rel=1e-5)
+
+
+def test_a_tagger_distills_on_its_labelled_words_only_and_a_classifier_on_every_text():
+    from lmlab.tasks.classify import ClassifyObjective
+    from lmlab.tasks.tag import TagObjective
+
+    torch.manual_seed(0)
+    ids = [[5, 6, 7, 8], [9, 10]]
+    features = {"input_ids": ids, "labels": [[0, -100, 2, 1], [1, -100]]}
+    classify = ClassifyObjective({"input_ids": ids, "labels": [2, 0]}, 0)
+    for objective, task in ((TagObjective(features, 0), "tag"), (classify, "classify")):
+        config = preset("bert-tiny", vocab_size=40, task=task, num_labels=3, dropout=0.0)
+        teacher, student = build_model(config), build_model(dataclasses.replace(config, n_layer=1))
+        batch = objective.batch(torch.tensor([0, 1]))
+        with torch.no_grad():
+            s = student.task_logits(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
+            t = teacher.task_logits(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
+        if task == "tag":  # the labelled words: row 0's first and third, fourth; row 1's first (no pads, no pieces)
+            keep = batch["labels"] != -100
+            assert int(keep.sum()) == 4
+            s, t = s[keep], t[keep]
+        expected = distillation_loss(s, t, 2.0).item()
+        assert Distillation(objective, teacher, 1.0, 2.0).loss(student, batch).item() == pytest.approx(
+            expected, rel=1e-5
+        )
 
 
 def test_wrong_alpha_or_temperature_names_the_parameter():
@@ -217,7 +243,6 @@ def test_the_cli_distills_shows_flags_in_errors_and_predicts_memory(trained_run,
 # ------------------------------------------------------------------------------------ a classifier teacher
 
 
-@pytest.mark.slow
 def test_a_fine_tuned_encoder_classifier_distills_into_a_shallower_student(tmp_path):
     from test_finetune import sentiment, write_jsonl
 
