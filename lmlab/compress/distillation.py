@@ -65,8 +65,11 @@ class Distilled:
     finetuned: bool  # a classifier or tagger (the run's summary shows its task metrics)
 
     def summary(self) -> str:
+        """The run's summary and the teacher-vs-student table (nothing on the other ranks of a torchrun)."""
+        if self.compression is None:
+            return ""
         lines = [f"lmlab: {line}" for line in self.run.summary(self.finetuned).splitlines()]
-        return "\n".join(lines + ([self.compression.summary()] if self.compression is not None else []))
+        return "\n".join([*lines, self.compression.summary()])
 
 
 def distill(

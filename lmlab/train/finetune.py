@@ -472,15 +472,13 @@ def finetune(
             seq2seq .jsonl (source, target), chat .jsonl (messages, or prompt and response)
         out: run folder: checkpoints, best/, log.jsonl, loss.png
         valid: validation file of the same kind (metrics, best checkpoint)
-        max_length: tokens per example, special tokens included; seq2seq: per source or prompt; chat: per
-            conversation
+        max_length: tokens per example, special tokens included; seq2seq: per source or prompt; chat: per conversation
         text_field: the field (column) holding the text
         pair_field: classify: the second text of a pair
         label_field: classify: the label field/column
         source_field: seq2seq: the source field
         target_field: seq2seq: the target field
-        max_target_length: seq2seq: tokens per target, end-of-text included; also the generation length when
-            scoring
+        max_target_length: seq2seq: tokens per target, end-of-text included; also the generation length when scoring
         class_weights: classify: weight classes by inverse frequency (imbalanced data)
         patience: stop after this many evaluations without a better validation metric
         resume: continue the latest checkpoint in ``out`` exactly where it stopped

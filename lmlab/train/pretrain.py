@@ -81,25 +81,19 @@ def pretrain(
     _check_pad_vocab_multiple(pad_vocab_multiple)
     run = _start(cfg, data, Path(out), resume=resume, init_from=init_from, dry_run=dry_run, overwrite=overwrite)
     wanted, config = _model_configs(run, model, pad_vocab_multiple, model_overrides or {})
-    seq_len = cfg.seq_len or config.block_size
+    cfg.seq_len = seq_len = cfg.seq_len or config.block_size
     if seq_len > config.block_size:
         raise LmlabError(f"seq_len {seq_len} exceeds the model's block_size {config.block_size}", params="seq_len")
-    cfg.seq_len = seq_len
     if run.resume_from is not None:
         _check_resume(run.resume_from, cfg, config, wanted, objective, data, run.info.is_main, teacher)
     task = get_objective(objective, run.tokenizer, config)  # before any work: a wrong pairing is a one-line error
     if dry_run:
         return _dry_run(run, config, task, objective, memory_budget)
     net = _build(run, config, verify)
-    if teacher is not None:
-        task = teacher.wrap(task, run.device, run.info.is_main)
-        if teacher.lora is not None and run.resume_from is None:  # a resumed run's adapters come with its weights
-            apply_lora(net, teacher.lora)
+    task, distilled = _distilling(run, task, net, teacher)
     train_batches, valid_batches = _windows(run, config)
-    if run.info.is_main:
-        _announce(run, config, net)
-    meta = {"objective": objective, "tokenizer_sha256": run.tokenizer.sha256, "data": str(data)}
-    meta.update(teacher.meta() if teacher is not None else {})
+    _announce(run, config, net)
+    meta = {"objective": objective, "tokenizer_sha256": run.tokenizer.sha256, "data": str(data), **distilled}
     try:
         return train_loop(
             net,
@@ -118,6 +112,16 @@ def pretrain(
         )
     finally:
         dist_mod.teardown(run.info)
+
+
+def _distilling(run: _Started, task, net, teacher: Teacher | None) -> tuple[Any, dict[str, Any]]:
+    """With a ``teacher``: the objective that distils from it, LoRA adapters on a new student (a resumed run's come
+    with its weights), and what config.json records of it. Without: the objective as it is."""
+    if teacher is None:
+        return task, {}
+    if teacher.lora is not None and run.resume_from is None:
+        apply_lora(net, teacher.lora)
+    return teacher.wrap(task, run.device, run.info.is_main), teacher.meta()
 
 
 def _check_pad_vocab_multiple(pad_vocab_multiple: Any) -> None:
@@ -259,8 +263,10 @@ def _dry_run(run: _Started, config: ModelConfig, task, objective: str, memory_bu
 
 
 def _announce(run: _Started, config: ModelConfig, net) -> None:
-    """The model's size and cost, and the run's shape, on stderr."""
+    """The model's size and cost, and the run's shape, on stderr (by the first process only)."""
     cfg, info = run.cfg, run.info
+    if not info.is_main:
+        return
     _, precision = autocast_for(cfg.precision, run.device)
     tokens_per_step = cfg.micro_batch_size * cfg.grad_accum_steps * cfg.seq_len * info.world_size
     print(
