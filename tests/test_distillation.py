@@ -178,6 +178,8 @@ def test_a_decoder_distills_into_a_narrower_shallower_student_that_every_verb_lo
     assert run(capsys, "info", out)[0] == 0
     code, _, err = run(capsys, "export", out, "--out", tmp_path / "hf")
     assert code == 0, err
+    code, _, err = run(capsys, "critique", out, "--out", tmp_path / "crit", "--lenses", "efficiency")
+    assert code == 0, err
 
 
 def test_a_killed_distill_run_resumes_to_the_uninterrupted_losses(trained_run, data_dir, tmp_path, monkeypatch):
@@ -269,3 +271,8 @@ def test_a_fine_tuned_encoder_classifier_distills_into_a_shallower_student(tmp_p
     assert record["original"]["task"] == "classify" and "accuracy" in record["compressed"]["metrics"]
     assert record["compressed"]["metrics"]["accuracy"] >= 0.8, record["compressed"]["metrics"]
     assert record["compressed"]["parameters"] < record["original"]["parameters"]
+    renamed = [{**r, "label": {"pos": "good", "neg": "bad"}[r["label"]]} for r in sentiment(50, 3)]
+    with pytest.raises(LmlabError, match="the same classes in the same order") as info:
+        distill(tmp_path / "teacher", write_jsonl(tmp_path / "renamed.jsonl", renamed), tmp_path / "renamed",
+                student_init="teacher-layers", max_length=16, max_steps=2, **args)  # fmt: skip
+    assert info.value.params == ("teacher",)

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lmlab.errors import LmlabError
 from lmlab.io.checkpoint import load_model
 from lmlab.objectives.distill import Distillation, check_alpha_temperature
 
@@ -54,9 +55,18 @@ class Teacher:
         model = load_model(self.checkpoint, device=device, merge_lora=True, verify=self.verify)
         return model.eval().requires_grad_(False)
 
-    def wrap(self, objective: Any, device: torch.device, announce: bool = True) -> Distillation:
-        """``objective`` (the student's) with the KL to this teacher, loaded on ``device``."""
+    def wrap(
+        self, objective: Any, device: torch.device, announce: bool = True, labels: list[str] | None = None
+    ) -> Distillation:
+        """``objective`` (the student's) with the KL to this teacher, loaded on ``device``. ``labels``: a task's, as
+        the student's data names them, which must be the teacher's in its order (class k is the same class)."""
         teacher = self.load(device)
+        if labels and teacher.config.labels and list(labels) != list(teacher.config.labels):
+            raise LmlabError(
+                f"teacher {self.checkpoint} has the labels {teacher.config.labels}, the training data "
+                f"{list(labels)}: distillation compares the same classes in the same order",
+                params="teacher",
+            )
         if announce:
             print(
                 f"lmlab: distilling from {self.checkpoint} ({teacher.num_params():,} parameters, frozen): alpha "

@@ -393,9 +393,8 @@ def run_training(
         "tokenizer_sha256": setup.tokenizer.sha256,
         "base": str(base),
         "train": str(train_file),
-        **(teacher.meta() if teacher is not None else {}),
     }
-    objective = teacher.wrap(data.objective, device, info.is_main) if teacher is not None else data.objective
+    objective, distilled = _distilling(teacher, data, device, info.is_main)
     try:
         return train_loop(
             model,
@@ -407,7 +406,7 @@ def run_training(
             device=device,
             dist=info,
             tokenizer=setup.tokenizer,
-            meta=meta,
+            meta={**meta, **distilled},
             resume_from=setup.resume_from,
             desc=f"finetune {task.name}",
             score_fn=score_fn,
@@ -418,6 +417,14 @@ def run_training(
         )
     finally:
         dist_mod.teardown(info)
+
+
+def _distilling(teacher: Teacher | None, data: Prepared, device: torch.device, announce: bool) -> tuple[Any, dict]:
+    """The task's objective, distilling from ``teacher`` when there is one (its labels the data's, in order), and
+    what config.json records of the distillation."""
+    if teacher is None:
+        return data.objective, {}
+    return teacher.wrap(data.objective, device, announce, labels=data.config.labels), teacher.meta()
 
 
 def _sources(checkpoint: str | Path) -> tuple[Path, ...]:
