@@ -43,17 +43,19 @@ def teacher_run(out: Path, steps: int) -> Path:
     return run
 
 
-def row(name: str, checkpoint: Path, data: Path, seconds: float | None) -> dict:
+def measured(checkpoint: Path, data: Path) -> dict:
+    """A checkpoint's row of compression.json (:func:`lmlab.compress.measure.measure`) on ``data``."""
     from lmlab.compress.measure import measure
     from lmlab.io.checkpoint import load_model, load_tokenizer, read_meta, resolve_checkpoint
 
     path = resolve_checkpoint(checkpoint)
-    model = load_model(path, device="cpu")
-    figures = measure(model, load_tokenizer(path), path, data, read_meta(path))
+    return measure(load_model(path, device="cpu"), load_tokenizer(path), path, data, read_meta(path))
+
+
+def row(name: str, figures: dict, seconds: float | None) -> dict:
     ci = figures["ci"]["perplexity"]
     return {
         "model": name,
-        "blocks": model.config.n_layer,
         "parameters": figures["parameters"],
         "perplexity": figures["metrics"]["perplexity"],
         "ci": (ci["low"], ci["high"]),
@@ -76,33 +78,30 @@ def main() -> None:
     teacher = teacher_run(out, a.teacher_steps)
     student = dict(TRAIN, max_steps=a.steps, warmup_steps=max(1, a.steps // 20), eval_interval=max(1, a.steps // 2))
     kd, plain = out / f"kd-{a.steps}", out / f"plain-{a.steps}"
-    started = time.perf_counter()
+    started, kd_seconds, plain_seconds = time.perf_counter(), None, None  # None: an earlier run's, not timed
     if not (kd / "best").exists():
         lmlab.distill(
             teacher, out / "data", kd, student_init="teacher-layers", alpha=a.alpha, temperature=a.temperature,
-            overwrite=True, **student,
+            resume=kd.exists(), **student,
         )  # fmt: skip
-    kd_seconds = time.perf_counter() - started
+        kd_seconds = time.perf_counter() - started
     started = time.perf_counter()
     if not (plain / "best").exists():  # the same starting student, its own loss alone
-        lmlab.pretrain(data=out / "data", out=plain, init_from=kd / "student-init", **student)
-    plain_seconds = time.perf_counter() - started
+        lmlab.pretrain(data=out / "data", out=plain, init_from=kd / "student-init", resume=plain.exists(), **student)
+        plain_seconds = time.perf_counter() - started
+    record = json.loads((kd / "compression.json").read_text())  # the teacher and the distilled student, measured
+    kd_name = f"student, distilled (alpha {a.alpha:g}, T {a.temperature:g}), {a.steps} steps"
     rows = [
-        row(f"teacher (llama-mini, {a.teacher_steps} steps)", teacher, out / "data", None),
-        row(
-            f"student, distilled (alpha {a.alpha:g}, T {a.temperature:g}), {a.steps} steps",
-            kd,
-            out / "data",
-            kd_seconds,
-        ),
-        row(f"student, no teacher, {a.steps} steps", plain, out / "data", plain_seconds),
+        row(f"teacher (llama-mini, 4 blocks, {a.teacher_steps} steps)", record["original"], None),
+        row(kd_name, record["compressed"], kd_seconds),
+        row(f"student, no teacher, {a.steps} steps", measured(plain, out / "data"), plain_seconds),
     ]
-    print("| model | blocks | parameters | perplexity [95% CI] | tokens/s, batch 1 | tokens/s, batch 8 | training s |")
-    print("| --- | ---: | ---: | --- | ---: | ---: | ---: |")
+    print("| model | parameters | perplexity [95% CI] | tokens/s, batch 1 | tokens/s, batch 8 | training s |")
+    print("| --- | ---: | --- | ---: | ---: | ---: |")
     for r in rows:
         seconds = f"{r['train_seconds']:.0f}" if r["train_seconds"] else "–"
         print(
-            f"| {r['model']} | {r['blocks']} | {r['parameters']:,} | {r['perplexity']:.2f} "
+            f"| {r['model']} | {r['parameters']:,} | {r['perplexity']:.2f} "
             f"[{r['ci'][0]:.2f}–{r['ci'][1]:.2f}] | {r['tokens_per_s_batch_1']:.0f} | {r['tokens_per_s_batch_8']:.0f} "
             f"| {seconds} |"
         )
