@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import lmlab  # noqa: E402
 from lmlab.data import builtin_corpus  # noqa: E402
+from lmlab.io.checkpoint import load_config, read_meta, resolve_checkpoint  # noqa: E402
 
 TRAIN = dict(
     micro_batch_size=16, seq_len=128, lr=2e-3, log_interval=10, eval_batches=40, progress=False, tensorboard=False
@@ -46,7 +47,7 @@ def teacher_run(out: Path, steps: int) -> Path:
 def measured(checkpoint: Path, data: Path) -> dict:
     """A checkpoint's row of compression.json (:func:`lmlab.compress.measure.measure`) on ``data``."""
     from lmlab.compress.measure import measure
-    from lmlab.io.checkpoint import load_model, load_tokenizer, read_meta, resolve_checkpoint
+    from lmlab.io.checkpoint import load_model, load_tokenizer
 
     path = resolve_checkpoint(checkpoint)
     return measure(load_model(path, device="cpu"), load_tokenizer(path), path, data, read_meta(path))
@@ -72,29 +73,33 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300, help="the students' optimizer steps")
     ap.add_argument("--alpha", type=float, default=0.5)
     ap.add_argument("--temperature", type=float, default=2.0)
+    ap.add_argument("--teacher", default=None, help="an existing teacher run instead (with --data: its data folder)")
+    ap.add_argument("--data", default=None, help="the prepared data folder --teacher was trained on")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     out = Path(a.out)
-    teacher = teacher_run(out, a.teacher_steps)
+    teacher, data = (Path(a.teacher), Path(a.data)) if a.teacher else (teacher_run(out, a.teacher_steps), out / "data")
+    config, meta = load_config(teacher), read_meta(resolve_checkpoint(teacher))
+    name = f"{config.name}, {config.n_layer} blocks, step {meta.get('step')}"
     student = dict(TRAIN, max_steps=a.steps, warmup_steps=max(1, a.steps // 20), eval_interval=max(1, a.steps // 2))
     kd, plain = out / f"kd-{a.steps}", out / f"plain-{a.steps}"
     started, kd_seconds, plain_seconds = time.perf_counter(), None, None  # None: an earlier run's, not timed
     if not (kd / "best").exists():
         lmlab.distill(
-            teacher, out / "data", kd, student_init="teacher-layers", alpha=a.alpha, temperature=a.temperature,
+            teacher, data, kd, student_init="teacher-layers", alpha=a.alpha, temperature=a.temperature,
             resume=kd.exists(), **student,
         )  # fmt: skip
         kd_seconds = time.perf_counter() - started
     started = time.perf_counter()
     if not (plain / "best").exists():  # the same starting student, its own loss alone
-        lmlab.pretrain(data=out / "data", out=plain, init_from=kd / "student-init", resume=plain.exists(), **student)
+        lmlab.pretrain(data=data, out=plain, init_from=kd / "student-init", resume=plain.exists(), **student)
         plain_seconds = time.perf_counter() - started
     record = json.loads((kd / "compression.json").read_text())  # the teacher and the distilled student, measured
     kd_name = f"student, distilled (alpha {a.alpha:g}, T {a.temperature:g}), {a.steps} steps"
     rows = [
-        row(f"teacher (llama-mini, 4 blocks, {a.teacher_steps} steps)", record["original"], None),
+        row(f"teacher ({name})", record["original"], None),
         row(kd_name, record["compressed"], kd_seconds),
-        row(f"student, no teacher, {a.steps} steps", measured(plain, out / "data"), plain_seconds),
+        row(f"student, no teacher, {a.steps} steps", measured(plain, data), plain_seconds),
     ]
     print("| model | parameters | perplexity [95% CI] | tokens/s, batch 1 | tokens/s, batch 8 | training s |")
     print("| --- | ---: | --- | ---: | ---: | ---: |")
