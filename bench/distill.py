@@ -4,6 +4,7 @@ its every other block (DistilBERT's recipe) trained the same number of steps wit
 on the same validation tokens: parameters, perplexity with its 95% CI, tokens/s at batch 1 and 8.
 
     python bench/distill.py --out /tmp/lmlab-distill-bench [--teacher-steps 600 --steps 300 --json out.json]
+    python bench/distill.py --out /tmp/kd --teacher lmlab-demo/run --data lmlab-demo/data --steps 150  # a run's own
 
 Everything is lmlab's own public API: prepare, pretrain, distill, and lmlab.compress.measure.measure (the row
 compression.json holds). The teacher's recipe is the demo's (`lmlab demo`): the embedded corpus (3M characters),

@@ -3,6 +3,8 @@
 - :mod:`lmlab.compress.quantization` — ``lmlab quantize``: weight-only int8 / int4 / int4-gptq checkpoints, with
   compression.json (the original and the quantized model measured in the same run);
 - :mod:`lmlab.compress.gptq` — GPTQ (Frantar et al., 2022), the calibrated int4 method;
+- :mod:`lmlab.compress.distillation` — ``lmlab distill``: a smaller student trained on a teacher's softened
+  distributions (Hinton et al., 2015) by the one training loop, teacher and student measured side by side;
 - :mod:`lmlab.compress.measure` — what every compression verb measures before and after (size, FLOPs/token,
   the task metric with its 95% CI, tokens/s, peak memory), compression.json and the table it prints.
 
