@@ -167,6 +167,7 @@ def test_a_decoder_distills_into_a_narrower_shallower_student_that_every_verb_lo
     assert student.num_params() < teacher.num_params()  # the teacher's weights are not in the student's checkpoint
     record = json.loads((out / "compression.json").read_text())
     assert record["original"]["parameters"] == teacher.num_params()
+    assert (record["method"], record["alpha"], record["student_init"]) == ("distill", 1.0, "own")
     assert record["compressed"]["parameters"] == student.num_params()
     assert record["compressed"]["flops_per_token"] < record["original"]["flops_per_token"]
     assert record["compressed"]["metrics"]["perplexity"] > 1 and "perplexity" in record["compressed"]["ci"]

@@ -147,8 +147,10 @@ def distill(
     compression = None
     if os.environ.get("RANK", "0") == "0":
         default = data if not config.task else valid
-        compression = _measure(teacher_path, run, tokenizer, eval_data or default, train_args.get("device", "auto"))
-        compression.update(alpha=alpha, temperature=temperature, student_init=student_init)
+        settings = dict(alpha=alpha, temperature=temperature, student_init=student_init)
+        compression = _measure(
+            teacher_path, run, tokenizer, eval_data or default, train_args.get("device", "auto"), settings
+        )
     return Distilled(run, compression, bool(config.task))
 
 
@@ -328,7 +330,7 @@ def _wait_for(file: Path, timeout: float = 600.0) -> Path:
     return file.parent
 
 
-def _measure(teacher: Path, run: TrainResult, tokenizer, eval_data, device: str) -> Compression:
+def _measure(teacher: Path, run: TrainResult, tokenizer, eval_data, device: str, settings: dict) -> Compression:
     """The teacher and the student's best (else last) checkpoint measured side by side: ``out``/compression.json."""
     from lmlab.device import resolve_device
 
@@ -340,7 +342,7 @@ def _measure(teacher: Path, run: TrainResult, tokenizer, eval_data, device: str)
     title = (
         f"distilled {teacher} ({tc.n_layer} blocks × {tc.n_embd}) into a student ({sc.n_layer} blocks × {sc.n_embd})"
     )
-    fields = dict(title=title, method="distill", columns=("teacher", "student"))
+    fields = dict(title=title, method="distill", **settings, columns=("teacher", "student"))
     return compare(teacher, student, original, model, tokenizer, eval_data=eval_data, folder=student.parent, **fields)
 
 
