@@ -83,7 +83,7 @@ def main() -> None:
     config, meta = load_config(teacher), read_meta(resolve_checkpoint(teacher))
     name = f"{config.name}, {config.n_layer} blocks, step {meta.get('step')}"
     student = dict(TRAIN, max_steps=a.steps, warmup_steps=max(1, a.steps // 20), eval_interval=max(1, a.steps // 2))
-    kd, plain = out / f"kd-{a.steps}", out / f"plain-{a.steps}"
+    kd, plain = out / f"kd-{a.steps}-alpha{a.alpha:g}-T{a.temperature:g}", out / f"plain-{a.steps}"
     started, kd_seconds, plain_seconds = time.perf_counter(), None, None  # None: an earlier run's, not timed
     if not (kd / "best").exists():
         lmlab.distill(
