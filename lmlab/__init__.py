@@ -16,6 +16,7 @@ The public surface, in the order a pipeline uses it::
     lmlab.export_hf("runs/a", "hf/")                          # a transformers folder, checked by logits
     lmlab.quantize("runs/a", "runs/a-int8", method="int8")    # integers + scales, compression.json
     lmlab.prune("runs/a", "runs/a-heads", method="heads", sparsity=0.25, data="data/")  # fewer heads, compression.json
+    lmlab.distill("runs/a", "data/", "runs/a-half", student_init="teacher-layers")  # a half-depth student
     lmlab.serve("runs/a", port=8000)                          # OpenAI-compatible HTTP server
 """
 
@@ -55,6 +56,7 @@ _EXPORTS = {
     "export_onnx": "lmlab.io.export.to_onnx",
     "quantize": "lmlab.compress.quantization",
     "prune": "lmlab.compress.pruning",
+    "distill": "lmlab.compress.distillation",
     "run_demo": "lmlab.demo",
 }
 
@@ -77,6 +79,7 @@ def __getattr__(name: str) -> Any:
 if TYPE_CHECKING:  # for editors and type checkers
     from lmlab.api import LM, Completion, Score, load
     from lmlab.compress.pruning import prune
+    from lmlab.compress.distillation import distill
     from lmlab.compress.quantization import quantize
     from lmlab.config import PRESETS, LoraSpec, ModelConfig, parse_lora, preset
     from lmlab.critique import critique

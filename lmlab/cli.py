@@ -317,6 +317,12 @@ SERVE = (
     "checkpoint * device verify",
     "Serve a checkpoint over OpenAI's HTTP API (continuous batching, streaming); /metrics, a playground at /.",
 )
+DISTILL = (
+    "lmlab.compress.distillation:distill",
+    "teacher data out student student_init alpha temperature valid eval_data lora max_length",
+    "* text_field pair_field label_field resume verify overwrite dry_run memory_budget",
+    "Train a smaller student on a teacher's softened distributions (Hinton et al.); print and write what it cost.",
+)
 
 CONSOLIDATE = ("lmlab.io.checkpoint:consolidate", "out", "checkpoint * verify overwrite", "One safetensors from DCP.")
 TOKENIZER_TRAIN = ("train", "Tokenizer commands.", "train a tokenizer on a corpus")  # `lmlab tokenizer train`
@@ -330,6 +336,7 @@ VERBS = {  # name → Verb(its line in `lmlab --help`, flags, run), in the order
     "critique": Verb("a report: performance, bias, safety, privacy, robustness, …", _flags_critique, cmd_critique),
     "quantize": function_verb("int8, dynamic int8, int4, GPTQ: measured before and after", *QUANTIZE),
     "prune": function_verb("prune weights, heads or MLP neurons, measured before and after", *PRUNE),
+    "distill": function_verb("a smaller student taught by a teacher", *DISTILL, options="lmlab.train.loop:TrainConfig"),
     "export": Verb("export a checkpoint: HF folder, GGUF or ONNX, each checked by logits", _flags_export, cmd_export),
     "consolidate": function_verb("one safetensors checkpoint from a sharded (fsdp) one", *CONSOLIDATE, show=str),
     "merge-lora": function_verb("merge LoRA adapters into the base weights", *MERGE_LORA, **MERGE_LORA_FLAGS),

@@ -210,20 +210,29 @@ def function_verb(
     help: str = "",
     show: Callable[[Any], str | int] = lambda result: result.summary(),
     rename: dict | None = None,
+    options: str = "",
     **kw: Any,
 ) -> Verb:
     """A verb that calls one API function, ``target`` (``"lmlab.compress.quantization:quantize"``): its flags are
     the function's parameters named in ``own`` and ``shared`` (see :func:`flags`; ``rename`` and ``kw`` as there),
-    ``help`` the description ``PROG VERB --help`` shows; it runs the function with the parsed flags and passes the
-    result to ``show``, which returns the text to print (exit status 0) or an exit status."""
+    and with ``options`` (``"lmlab.train.loop:TrainConfig"``) a flag per field of that dataclass, passed to the
+    function as keyword arguments (its ``**train_args``); ``help`` the description ``PROG VERB --help`` shows; it
+    runs the function with the parsed flags and passes the result to ``show``, which returns the text to print
+    (exit status 0) or an exit status."""
 
     def run(a) -> int:
         fn = _target(target)
-        shown = show(fn(**kwargs_of(a, fn, rename)))
+        extra = kwargs_of(a, _target(options)) if options else {}
+        shown = show(fn(**kwargs_of(a, fn, rename), **extra))
         return shown if isinstance(shown, int) else print(shown) or 0
 
+    def add_flags(parser: ArgumentParser) -> None:
+        flags(parser, _target(target), own, shared, rename, **kw)
+        if options:
+            dataclass_flags(parser, _target(options))
+
     run.__doc__ = help
-    return Verb(summary, lambda parser: flags(parser, _target(target), own, shared, rename, **kw), run)
+    return Verb(summary, add_flags, run)
 
 
 def verbs_parser(verbs: dict[str, Verb], prog: str, description: str, only: str | None = None) -> ArgumentParser:

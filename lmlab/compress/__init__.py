@@ -5,6 +5,8 @@
 - :mod:`lmlab.compress.gptq` — GPTQ (Frantar et al., 2022), the calibrated int4 method;
 - :mod:`lmlab.compress.pruning` — ``lmlab prune``: magnitude and 2:4 zeros, or attention heads and MLP neurons
   removed (a smaller config), with optional recovery training;
+- :mod:`lmlab.compress.distillation` — ``lmlab distill``: a smaller student trained on a teacher's softened
+  distributions (Hinton et al., 2015) by the one training loop, teacher and student measured side by side;
 - :mod:`lmlab.compress.measure` — what every compression verb measures before and after (size, FLOPs/token,
   the task metric with its 95% CI, tokens/s, peak memory), compression.json and the table it prints.
 

@@ -80,16 +80,35 @@ def write_compressed(
     meta = read_meta(source)
     kept = {k: v for k, v in meta.items() if k != "lmlab_model_config"} if is_lmlab_checkpoint(source) else {}
     save_checkpoint(out, model, tokenizer=tokenizer, meta={**kept, "compressed_from": str(source)}, overwrite=overwrite)
-    record = Compression(
+    return compare(source, out, original, model, tokenizer, eval_data=eval_data, folder=out, **fields)
+
+
+def compare(
+    source: Path,
+    out: Path,
+    original: nn.Module,
+    model: nn.Module,
+    tokenizer,
+    *,
+    eval_data: str | Path | None,
+    folder: Path,
+    **fields: Any,
+) -> Compression:
+    """Measure the compressed ``model`` (its checkpoint already in ``out``) beside the ``original`` (in ``source``;
+    its config.json says the task both are evaluated on) and write ``folder``/compression.json: ``fields`` and the
+    two rows (and ``folder`` when it is not ``out``). Returns the record."""
+    meta = read_meta(source)
+    result = Compression(
         **fields,
+        **({"folder": str(folder)} if Path(folder) != Path(out) else {}),
         checkpoint=str(source),
         out=str(out),
         original=measure(original, tokenizer, source, eval_data, meta),
         compressed=measure(model, tokenizer, out, eval_data, meta),
         machine=machine(next(model.parameters()).device),
     )
-    write_json_atomic(out / "compression.json", record)
-    return record
+    write_json_atomic(Path(folder) / "compression.json", result)
+    return result
 
 
 def _dense(model: nn.Module) -> int:
@@ -183,7 +202,8 @@ ROWS = [  # label, key, format: the table's rows (a row neither model has is lef
 def summary(record: dict[str, Any]) -> str:
     """The before/after table a compression verb prints: ``record["title"]``, then a row per figure."""
     before, after = record["original"], record["compressed"]
-    lines = [f"lmlab: {record['title']} → {record['out']}", f"  {'':24}{'original':>18}{'compressed':>18}{'ratio':>9}"]
+    first, second = record.get("columns", ("original", "compressed"))  # distillation: teacher and student
+    lines = [f"lmlab: {record['title']} → {record['out']}", f"  {'':24}{first:>18}{second:>18}{'ratio':>9}"]
     rows = [(label, before.get(key), after.get(key), fmt) for label, key, fmt in ROWS]
     metrics = before.get("metrics", {})
     shown = [n for n in metrics if n in before["ci"]] or list(metrics)  # the figures with an interval, else all
@@ -200,5 +220,6 @@ def summary(record: dict[str, Any]) -> str:
         ratio = f"{b / a:>8.3f}×" if isinstance(a, (int, float)) and isinstance(b, (int, float)) and a else ""
         cells = [fmt.format(v) if v is not None else "–" for v in (a, b)]
         lines.append(f"  {label:24}{cells[0]:>18}{cells[1]:>18}{ratio}")
-    lines.append(f"  measured on {record['machine']}; written: {Path(record['out']) / 'compression.json'}")
+    written = Path(record.get("folder", record["out"])) / "compression.json"
+    lines.append(f"  measured on {record['machine']}; written: {written}")
     return "\n".join(lines)

@@ -46,6 +46,7 @@ from lmlab.objectives.losses import IGNORE_INDEX
 from lmlab.tasks import TASKS, ObjectiveArgs, Task, TaskData, TaskFields, TaskObjective, get_task, pack_examples
 from lmlab.train import dist as dist_mod
 from lmlab.train.data import ExampleBatches
+from lmlab.train.distill import Teacher
 from lmlab.train.loop import TrainConfig, TrainResult, check_resume, same_source, train_loop
 from lmlab.train.memory import DryRun, check_budget
 
@@ -132,6 +133,7 @@ def validate(
     memory_budget: float | None = None,
     world_size: int | None = None,
     overwrite: bool = False,
+    teacher: Teacher | None = None,
     **train_args: Any,
 ) -> Setup:
     """Check the output folder, the training settings, the resume state and the base checkpoint against ``task``."""
@@ -152,7 +154,7 @@ def validate(
     cfg = TrainConfig(**{**FINETUNE_DEFAULTS, **{k: v for k, v in train_args.items() if k not in DERIVED}, **derived})
     cfg.seq_len = task.seq_len(fields)
     if resume_from is not None:
-        _check_resume(resume_from, cfg, checkpoint, task, train)
+        _check_resume(resume_from, cfg, checkpoint, task, train, teacher)
     base = resume_from or resolve_checkpoint(checkpoint)
     tokenizer = load_tokenizer(base, verify=verify)  # the one the model was trained with, or an error
     base_config = load_config(base)  # an lmlab checkpoint's, or an HF folder's converted
@@ -313,8 +315,10 @@ def run_training(
     pack: bool = False,
     patience: int | None = None,
     overwrite: bool = False,
+    teacher: Teacher | None = None,
 ) -> TrainResult:
-    """Fine-tune: the one training loop, scored at every evaluation by the task's metrics on the validation set."""
+    """Fine-tune: the one training loop, scored at every evaluation by the task's metrics on the validation set;
+    with a ``teacher``, its objective distils from it too (:mod:`lmlab.train.distill`)."""
     from lmlab.train import lora as lora_mod
 
     task, cfg, arch = setup.task, setup.cfg, setup.base_config.arch
@@ -359,10 +363,11 @@ def run_training(
         "base": str(base),
         "train": str(train_file),
     }
+    objective, distilled = _distilling(teacher, data, device, info.is_main)
     try:
         return train_loop(
             model,
-            data.objective,
+            objective,
             batches,
             valid_batches,
             cfg,
@@ -370,7 +375,7 @@ def run_training(
             device=device,
             dist=info,
             tokenizer=setup.tokenizer,
-            meta=meta,
+            meta={**meta, **distilled},
             resume_from=setup.resume_from,
             desc=f"finetune {task.name}",
             score_fn=score_fn,
@@ -381,6 +386,14 @@ def run_training(
         )
     finally:
         dist_mod.teardown(info)
+
+
+def _distilling(teacher: Teacher | None, data: Prepared, device: torch.device, announce: bool) -> tuple[Any, dict]:
+    """The task's objective, distilling from ``teacher`` when there is one (its labels the data's, in order), and
+    what config.json records of the distillation."""
+    if teacher is None:
+        return data.objective, {}
+    return teacher.wrap(data.objective, device, announce, labels=data.config.labels), teacher.meta()
 
 
 def _sources(checkpoint: str | Path) -> tuple[Path, ...]:
@@ -417,6 +430,7 @@ def finetune(
     memory_budget: float | None = None,
     world_size: int | None = None,
     overwrite: bool = False,
+    teacher: Teacher | None = None,
     **train_args: Any,
 ) -> TrainResult | str | DryRun:
     """Fine-tune ``checkpoint`` (an lmlab checkpoint or run folder) on a task; checkpoints go to ``out``.
@@ -433,15 +447,13 @@ def finetune(
             seq2seq .jsonl (source, target), chat .jsonl (messages, or prompt and response)
         out: run folder: checkpoints, best/, log.jsonl, loss.png
         valid: validation file of the same kind (metrics, best checkpoint)
-        max_length: tokens per example, special tokens included; seq2seq: per source or prompt; chat: per
-            conversation
+        max_length: tokens per example, special tokens included; seq2seq: per source or prompt; chat: per conversation
         text_field: the field (column) holding the text
         pair_field: classify: the second text of a pair
         label_field: classify: the label field/column
         source_field: seq2seq: the source field
         target_field: seq2seq: the target field
-        max_target_length: seq2seq: tokens per target, end-of-text included; also the generation length when
-            scoring
+        max_target_length: seq2seq: tokens per target, end-of-text included; also the generation length when scoring
         class_weights: classify: weight classes by inverse frequency (imbalanced data)
         patience: stop after this many evaluations without a better validation metric
         resume: continue the latest checkpoint in ``out`` exactly where it stopped
@@ -457,6 +469,7 @@ def finetune(
         memory_budget: GiB a training step may use, for ``dry_run`` (default: the GPU's memory)
         world_size: for ``dry_run``: the processes (GPUs) of the run (default: torchrun's WORLD_SIZE, else 1)
         overwrite: write into an existing folder that is not an lmlab run
+        teacher: distill from this frozen teacher as the model trains (:mod:`lmlab.train.distill`; `lmlab distill`)
         **train_args: TrainConfig fields; ``max_steps`` or ``lr`` None or absent: lmlab's (``--help`` says which)
     """
     kind = check_task(task, pack=pack, patience=patience, show_masking=show_masking)
@@ -467,10 +480,12 @@ def finetune(
     if dry_run:
         more = {"valid": valid, "class_weights": class_weights, "pack": pack, "world_size": world_size}
         return finetune_dry_run(checkpoint, task, train, out, fields=fields, **more, **common)
-    setup = validate(checkpoint, kind, train, out, fields, overwrite=overwrite, world_size=world_size, **common)
+    setup = validate(
+        checkpoint, kind, train, out, fields, overwrite=overwrite, world_size=world_size, teacher=teacher, **common
+    )
     data = build_data(setup, train, valid, class_weights=class_weights, pack=pack)
     plan_steps(setup, len(data.features["input_ids"]))
-    return run_training(setup, data, train, pack=pack, patience=patience, overwrite=overwrite)
+    return run_training(setup, data, train, pack=pack, patience=patience, overwrite=overwrite, teacher=teacher)
 
 
 def finetune_dry_run(
@@ -553,7 +568,9 @@ def finetune_dry_run(
     )
 
 
-def _check_resume(resume_from: Path, cfg: TrainConfig, checkpoint: str | Path, task: Task, train: str | Path) -> None:
+def _check_resume(
+    resume_from: Path, cfg: TrainConfig, checkpoint: str | Path, task: Task, train: str | Path, teacher: Teacher | None
+) -> None:
     """Refuse to resume with another task, base checkpoint or training file than the run started with, or with
     training settings that change its course (:func:`~lmlab.train.loop.check_resume`)."""
     meta = read_meta(resume_from)
@@ -566,6 +583,8 @@ def _check_resume(resume_from: Path, cfg: TrainConfig, checkpoint: str | Path, t
         started["the base checkpoint"] = (meta["base"], checkpoint)
     if not same_source(meta.get("train"), train):
         started["train"] = (meta["train"], train)
+    if teacher is not None or "distilled_from" in meta:
+        started.update(teacher.started(meta) if teacher is not None else {"teacher": (meta["distilled_from"], None)})
     check_resume(
         resume_from, cfg, started, flags={"seq_len": task.seq_len_params}, announce=os.environ.get("RANK", "0") == "0"
     )  # rank 0 speaks

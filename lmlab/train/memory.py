@@ -517,6 +517,9 @@ class DryRun:
     def fits(self) -> bool | None:
         return None if self.budget is None else self.memory.peak <= self.limit
 
+    def summary(self) -> str:  # what a verb declared with clikit.function_verb prints
+        return self.report()
+
     def report(self) -> str:
         m, s = self.memory, self.memory.settings
         accum = f", {s.grad_accum_steps} micro-batches per optimizer step" if s.grad_accum_steps > 1 else ""

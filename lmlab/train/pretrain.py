@@ -24,10 +24,12 @@ from lmlab.io.checkpoint import (
     resolve_checkpoint,
 )
 from lmlab.model import build_model
+from lmlab.model.lora import apply_lora
 from lmlab.objectives import get_objective
 from lmlab.train import dist as dist_mod
 from lmlab.train import memory
 from lmlab.train.data import EpochWindows, fixed_windows
+from lmlab.train.distill import Teacher
 from lmlab.train.loop import TrainConfig, TrainResult, autocast_for, check_resume, same_source, train_loop
 from lmlab.train.memory import DryRun, Settings, check_budget
 
@@ -47,6 +49,7 @@ def pretrain(
     memory_budget: float | None = None,
     world_size: int | None = None,
     overwrite: bool = False,
+    teacher: Teacher | None = None,
     **train_args: Any,
 ) -> TrainResult | DryRun:
     """Pretrain a model on a folder made by :func:`lmlab.prepare`.
@@ -74,6 +77,7 @@ def pretrain(
         memory_budget: GiB a training step may use, for ``dry_run`` (default: the GPU's memory)
         world_size: for ``dry_run``: the processes (GPUs) of the run (default: torchrun's WORLD_SIZE, else 1)
         overwrite: write into an existing folder that is not an lmlab run
+        teacher: distill from this frozen teacher as the model trains (:mod:`lmlab.train.distill`; `lmlab distill`)
         **train_args: :class:`TrainConfig` fields (``max_steps``, ``lr``, …)
     """
     cfg = _train_config(train_args)
@@ -83,15 +87,15 @@ def pretrain(
     wanted, config = _model_configs(run, model, pad_vocab_multiple, model_overrides or {})
     _settle_seq_len(cfg, config)
     if run.resume_from is not None:
-        _check_resume(run.resume_from, cfg, config, wanted, objective, data, run.info.is_main)
+        _check_resume(run.resume_from, cfg, config, wanted, objective, data, run.info.is_main, teacher)
     task = get_objective(objective, run.tokenizer, config)  # before any work: a wrong pairing is a one-line error
     if dry_run:
         return _dry_run(run, config, task, objective, memory_budget, world_size)
     net = _build(run, config, verify)
+    task, distilled = _distilling(run, task, net, teacher)
     train_batches, valid_batches = _windows(run, config)
-    if run.info.is_main:
-        _announce(run, config, net)
-    meta = {"objective": objective, "tokenizer_sha256": run.tokenizer.sha256, "data": str(data)}
+    _announce(run, config, net)
+    meta = {"objective": objective, "tokenizer_sha256": run.tokenizer.sha256, "data": str(data), **distilled}
     try:
         return train_loop(
             net,
@@ -117,6 +121,16 @@ def _settle_seq_len(cfg: TrainConfig, config: ModelConfig) -> None:
     cfg.seq_len = cfg.seq_len or config.block_size
     if cfg.seq_len > config.block_size:
         raise LmlabError(f"seq_len {cfg.seq_len} exceeds the model's block_size {config.block_size}", params="seq_len")
+
+
+def _distilling(run: _Started, task, net, teacher: Teacher | None) -> tuple[Any, dict[str, Any]]:
+    """With a ``teacher``: the objective that distils from it, LoRA adapters on a new student (a resumed run's come
+    with its weights), and what config.json records of it. Without: the objective as it is."""
+    if teacher is None:
+        return task, {}
+    if teacher.lora is not None and run.resume_from is None:
+        apply_lora(net, teacher.lora)
+    return teacher.wrap(task, run.device, run.info.is_main), teacher.meta()
 
 
 def _check_pad_vocab_multiple(pad_vocab_multiple: Any) -> None:
@@ -264,8 +278,10 @@ def _dry_run(
 
 
 def _announce(run: _Started, config: ModelConfig, net) -> None:
-    """The model's size and cost, and the run's shape, on stderr."""
+    """The model's size and cost, and the run's shape, on stderr (by the first process only)."""
     cfg, info = run.cfg, run.info
+    if not info.is_main:
+        return
     _, precision = autocast_for(cfg.precision, run.device)
     tokens_per_step = cfg.micro_batch_size * cfg.grad_accum_steps * cfg.seq_len * info.world_size
     print(
@@ -295,7 +311,14 @@ def _model_config(model: str | ModelConfig, vocab_size: int, overrides: dict[str
 
 
 def _check_resume(
-    resume_from: Path, cfg: TrainConfig, config: ModelConfig, wanted: ModelConfig, objective: str, data, announce: bool
+    resume_from: Path,
+    cfg: TrainConfig,
+    config: ModelConfig,
+    wanted: ModelConfig,
+    objective: str,
+    data,
+    announce: bool,
+    teacher: Teacher | None = None,
 ) -> None:
     """Refuse to resume with another model, data folder or objective than the run started with, or with
     training settings that change its course (:func:`~lmlab.train.loop.check_resume`)."""
@@ -303,6 +326,8 @@ def _check_resume(
     started = {**_model_changes(config, wanted), "objective": (meta.get("objective", objective), objective)}
     if not same_source(meta.get("data"), data):
         started["data"] = (meta["data"], data)
+    if teacher is not None or "distilled_from" in meta:
+        started.update(teacher.started(meta) if teacher is not None else {"teacher": (meta["distilled_from"], None)})
     check_resume(resume_from, cfg, started, announce=announce)
 
 
