@@ -78,8 +78,8 @@ def __getattr__(name: str) -> Any:
 
 if TYPE_CHECKING:  # for editors and type checkers
     from lmlab.api import LM, Completion, Score, load
-    from lmlab.compress.pruning import prune
     from lmlab.compress.distillation import distill
+    from lmlab.compress.pruning import prune
     from lmlab.compress.quantization import quantize
     from lmlab.config import PRESETS, LoraSpec, ModelConfig, parse_lora, preset
     from lmlab.critique import critique
