@@ -457,9 +457,8 @@ def finetune(
         class_weights: classify: weight classes by inverse frequency (imbalanced data)
         patience: stop after this many evaluations without a better validation metric
         resume: continue the latest checkpoint in ``out`` exactly where it stopped
-        lora: train LoRA adapters (peft) instead of all weights: r=8,alpha=16,dropout=0.05,targets=qkv (targets:
-            module names such as qkv, proj, attn.proj, mlp.fc, mlp.proj; several as targets=qkv,proj); 'default' for
-            those defaults; it learns at 3e-4 unless --lr says otherwise
+        lora: train LoRA adapters (peft) instead of all weights: r=8,alpha=16,dropout=0.05,targets=qkv (targets: qkv,
+            proj, attn.proj, mlp.fc, mlp.proj; several as qkv,proj), or 'default'; it learns at 3e-4 unless --lr says
         epochs: passes over the training data (3, 0.5): steps from its rows, --micro-batch-size, --grad-accum-steps
             and processes; --max-steps, when given, wins (default: none: --max-steps, else 300 whatever the data)
         show_masking: chat: print the first training conversation with the trained tokens marked, and exit
@@ -477,12 +476,11 @@ def finetune(
         return show_chat_masking(checkpoint, train, max_length)
     fields = TaskFields(text_field, pair_field, label_field, source_field, target_field, max_length, max_target_length)
     common = dict(lora=lora, epochs=epochs, resume=resume, verify=verify, memory_budget=memory_budget, **train_args)
+    common["world_size"] = world_size
     if dry_run:
-        more = {"valid": valid, "class_weights": class_weights, "pack": pack, "world_size": world_size}
+        more = {"valid": valid, "class_weights": class_weights, "pack": pack}
         return finetune_dry_run(checkpoint, task, train, out, fields=fields, **more, **common)
-    setup = validate(
-        checkpoint, kind, train, out, fields, overwrite=overwrite, world_size=world_size, teacher=teacher, **common
-    )
+    setup = validate(checkpoint, kind, train, out, fields, overwrite=overwrite, teacher=teacher, **common)
     data = build_data(setup, train, valid, class_weights=class_weights, pack=pack)
     plan_steps(setup, len(data.features["input_ids"]))
     return run_training(setup, data, train, pack=pack, patience=patience, overwrite=overwrite, teacher=teacher)
