@@ -26,6 +26,8 @@ import lmlab  # noqa: E402
 CASES = (  # method, sparsity, recovery
     ("magnitude", 0.5, False),
     ("magnitude", 0.5, True),
+    ("wanda", 0.5, False),
+    ("wanda", 0.5, True),
     ("2:4", 0.5, False),
     ("heads", 0.25, False),
     ("heads", 0.25, True),

@@ -20,6 +20,7 @@ from lmlab.compress.pruning import (
     mask_hooks,
     prune_model,
     two_four_mask,
+    wanda_masks,
 )
 from lmlab.errors import LmlabError
 from lmlab.io.checkpoint import load_model
@@ -89,6 +90,26 @@ def test_two_four_keeps_the_two_largest_of_every_group_of_four():
         kept = old_groups.abs().topk(2, dim=-1).indices
         assert torch.equal(groups.gather(1, kept), old_groups.gather(1, kept))
     assert linear_sparsity(pruned)["fraction"] == 0.5
+
+
+def test_wanda_prunes_each_row_by_weight_times_input_norm_and_keeps_a_loud_input():
+    model = tiny("llama-tiny")
+    loud = 7  # one input feature of the first attention layer made 200× louder: its small weights must survive
+    with torch.no_grad():
+        model.blocks[0].norm_1.weight[loud] = 200.0
+        model.blocks[0].attn.qkv.weight[:, loud] *= 0.1  # and its weights among the smallest: magnitude drops them
+    pruned, fields = prune_model(copy.deepcopy(model), "wanda", 0.5, batches(4))
+    finish(pruned)
+    assert fields["samples"] == 4 and fields["title"].startswith("Wanda pruning: 50%")
+    for name in quantizable(model):
+        weight = pruned.get_submodule(name).weight
+        assert ((weight == 0).sum(1) == weight.shape[1] // 2).all(), name  # exactly half of every row
+    assert (pruned.blocks[0].attn.qkv.weight[:, loud] != 0).float().mean() > 0.9  # Wanda keeps the loud column
+    magnitude, _ = prune_model(copy.deepcopy(model), "magnitude", 0.5)
+    finish(magnitude)
+    assert (magnitude.blocks[0].attn.qkv.weight[:, loud] == 0).all()  # magnitude alone drops all of it
+    masks = wanda_masks(copy.deepcopy(model), batches(4), 0.5)
+    assert set(masks) == set(quantizable(model))
 
 
 # -- structured -----------------------------------------------------------------------------------
@@ -240,11 +261,12 @@ def test_a_head_pruned_llama_exports_to_hf_with_its_head_dim(tmp_path, tokenizer
 
 def test_errors_are_one_line_and_name_the_parameter():
     cases = [
-        (("prune3", 0.5, None), "method", "^method is 'prune3': expected one of magnitude, 2:4, heads"),
+        (("prune3", 0.5, None), "method", "^method is 'prune3': expected one of magnitude, wanda, 2:4, heads"),
         (("magnitude", 1.0, None), "sparsity", r"^sparsity is 1.0: expected a fraction between 0 and 1"),
         (("magnitude", 0, None), "sparsity", r"^sparsity is 0: expected a fraction"),
         (("2:4", 0.3, None), "sparsity", "^sparsity is 0.3: method 2:4 zeroes exactly half"),
-        (("heads", 0.5, None), "data", "^method heads ranks heads and neurons on data"),
+        (("heads", 0.5, None), "data", "^method heads ranks by activations on data: give data"),
+        (("wanda", 0.5, None), "data", "^method wanda ranks by activations on data: give data"),
     ]
     for (method, sparsity, data), param, message in cases:
         with pytest.raises(LmlabError, match=message) as err:
@@ -262,8 +284,8 @@ def test_cli_errors_show_the_flags(trained_run, tmp_path, capsys):
     assert code == 1 and err.strip().startswith("lmlab: error: --sparsity is 1.5: expected a fraction")
     code, _, err = run(capsys, "prune", trained_run, "--out", tmp_path / "p", "--method", "heads")
     assert code == 1 and "give --data" in err
-    code, _, err = run(capsys, "prune", trained_run, "--out", tmp_path / "p", "--method", "wanda")
-    assert code == 1 and "--method is 'wanda'" in err
+    code, _, err = run(capsys, "prune", trained_run, "--out", tmp_path / "p", "--method", "obd")
+    assert code == 1 and "--method is 'obd'" in err
 
 
 def test_an_encoder_decoder_takes_unstructured_pruning_only(tmp_path, tokenizer_dir, data_dir):

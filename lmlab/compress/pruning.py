@@ -4,7 +4,9 @@ Four methods, two kinds:
 
 - **unstructured** — ``magnitude``: global magnitude pruning of the blocks' Linear weights
   (``torch.nn.utils.prune.global_unstructured`` with ``L1Unstructured``: the ``sparsity`` fraction of smallest
-  |w| over all those layers together); ``2:4``: N:M semi-structured sparsity, in every group of 4 consecutive
+  |w| over all those layers together); ``wanda`` (Sun et al., 2023): each weight scored |w| times the L2 norm of
+  the input feature it multiplies over ``data``'s tokens, the ``sparsity`` fraction of lowest scores zeroed in every
+  output row; ``2:4``: N:M semi-structured sparsity, in every group of 4 consecutive
   input weights of a row the 2 largest |w| kept (what NVIDIA's sparse tensor cores run). The result is an ordinary
   dense checkpoint holding zeros: every verb loads it, and on a CPU it runs exactly as fast as before (a dense
   matmul does not skip zeros). PyTorch's ``to_sparse_semi_structured`` turns a 2:4 weight into the compressed
@@ -54,8 +56,9 @@ from lmlab.io.checkpoint import (
 from lmlab.model import build_model
 from lmlab.model.quant import quantizable
 
-METHODS = ("magnitude", "2:4", "heads", "neurons", "heads+neurons")
-UNSTRUCTURED = ("magnitude", "2:4")
+METHODS = ("magnitude", "wanda", "2:4", "heads", "neurons", "heads+neurons")
+UNSTRUCTURED = ("magnitude", "wanda", "2:4")  # zeros in dense weights, masks kept fixed while recovery trains
+NO_DATA = ("magnitude", "2:4")  # the methods that read nothing but the weights
 IMPORTANCE_BATCH = 8  # sequences per backward pass when ranking heads and neurons
 RECOVERY_BATCH = 8  # sequences per step of the recovery fine-tune
 RECOVERY_SEQ_LEN = 256  # tokens per sequence of the recovery fine-tune (at most the model's context)
@@ -82,13 +85,14 @@ def prune(
     Args:
         checkpoint: checkpoint folder (or run folder: its best checkpoint)
         out: folder for the pruned checkpoint and compression.json
-        method: magnitude (global, unstructured: zeros), 2:4 (two of every four input weights zeroed), heads
-            (attention heads removed), neurons (MLP hidden units removed) or heads+neurons
-        sparsity: the fraction removed: of the block Linear weights (magnitude; 2:4 is always 0.5), or of the heads
-            and neurons of every layer (rounded to whole heads, key/value groups and neurons)
-        data: a prepared data folder (its training tokens) or text files: heads and neurons are ranked by the loss on
-            it; finetune_steps trains on it (a prepared data folder)
-        samples: heads, neurons: sequences of up to 256 tokens of data that rank them
+        method: magnitude (global, unstructured: zeros), wanda (zeros by |weight| × input norm on data, per output
+            row), 2:4 (two of every four input weights zeroed), heads (attention heads removed), neurons (MLP hidden
+            units removed) or heads+neurons
+        sparsity: the fraction removed: of the block Linear weights (magnitude, wanda; 2:4 is always 0.5), or of
+            the heads and neurons of every layer (rounded to whole heads, key/value groups and neurons)
+        data: a prepared data folder (its training tokens) or text files: wanda's input norms, and the loss that
+            ranks heads and neurons; finetune_steps trains on it (a prepared data folder)
+        samples: wanda, heads, neurons: sequences of up to 256 tokens of data that rank the weights or units
         finetune_steps: optimizer steps of recovery training on data after pruning (decoders; 0: none)
         lr: learning rate of the recovery training (constant after a short warm-up)
         eval_data: text files or a prepared data folder (its validation tokens): the task metric (perplexity for a
@@ -108,7 +112,7 @@ def prune(
     tokenizer = load_tokenizer(path, verify=verify)
     original = load_model(path, device=device, merge_lora=True, verify=verify).eval()
     check_model(original.config, method, finetune_steps)
-    batches = [] if method in UNSTRUCTURED else calibration_sequences(data, tokenizer, original, samples)
+    batches = [] if method in NO_DATA else calibration_sequences(data, tokenizer, original, samples)
     model, fields = prune_model(copy.deepcopy(original), method, sparsity, batches)
     if finetune_steps:
         fields["recovery"] = recover(model, data, tokenizer, finetune_steps, lr, device)
@@ -127,8 +131,8 @@ def check_settings(method: str, sparsity: float, data, samples: int, finetune_st
         raise LmlabError(msg, params="sparsity")
     if method == "2:4" and sparsity != 0.5:
         raise LmlabError(f"sparsity is {sparsity}: method 2:4 zeroes exactly half (0.5)", params="sparsity method")
-    if method not in UNSTRUCTURED and data is None:
-        raise LmlabError(f"method {method} ranks heads and neurons on data: give data", params="data")
+    if method not in NO_DATA and data is None:
+        raise LmlabError(f"method {method} ranks by activations on data: give data", params="data")
     if finetune_steps and data is None:
         raise LmlabError("finetune_steps trains on data: give data", params="data finetune_steps")
     if finetune_steps and not is_data_folder(data):
@@ -171,6 +175,13 @@ def prune_model(model: nn.Module, method: str, sparsity: float, batches: list[Te
         torch_prune.global_unstructured(layers, pruning_method=torch_prune.L1Unstructured, amount=float(sparsity))
         fields["title"] = f"magnitude pruning: {sparsity:.0%} of {len(layers)} block Linear layers' weights (global)"
         return model, fields
+    if method == "wanda":
+        masks = wanda_masks(model, batches, sparsity)
+        for name, mask in masks.items():
+            torch_prune.custom_from_mask(model.get_submodule(name), "weight", mask)
+        fields.update(samples=len(batches), title=f"Wanda pruning: {sparsity:.0%} of each output row's weights in "
+                      f"{len(masks)} block Linear layers, by |weight| × input norm")  # fmt: skip
+        return model, fields
     if method == "2:4":
         names = quantizable(model)
         for name in names:
@@ -198,6 +209,40 @@ def _change(before, after, kind: str) -> str:
 
 def _kept(keep: dict[str, Tensor]) -> dict[str, list[list[int]]]:
     return {kind: [row.tolist() for row in rows] for kind, rows in keep.items()}
+
+
+@torch.no_grad()
+def wanda_masks(model: nn.Module, batches: list[Tensor], sparsity: float) -> dict[str, Tensor]:
+    """Wanda (Sun et al., 2023, "A Simple and Effective Pruning Approach for Large Language Models"): each block
+    Linear weight scored |W_ij| · ‖X_j‖₂, X_j the layer's j-th input over every token of ``batches``, and in every
+    output row the ``sparsity`` fraction with the lowest scores masked (per row, as the paper compares). A weight
+    that multiplies a large activation survives even when it is small — what magnitude pruning misses."""
+    from lmlab.compress.quantization import run_model
+
+    names = quantizable(model)
+    squares = {name: 0.0 for name in names}
+
+    def collect(name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = args[0].detach().float()
+            squares[name] = squares[name] + x.reshape(-1, x.shape[-1]).pow(2).sum(0)
+
+        return hook
+
+    handles = [model.get_submodule(name).register_forward_pre_hook(collect(name)) for name in names]
+    try:
+        for ids in batches:
+            run_model(model, ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    masks = {}
+    for name in names:
+        weight = model.get_submodule(name).weight.detach()
+        score = weight.abs().float() * torch.as_tensor(squares[name]).sqrt()[None]
+        drop = score.topk(int(weight.shape[1] * sparsity), dim=1, largest=False).indices
+        masks[name] = torch.ones_like(weight).scatter_(1, drop, 0.0)
+    return masks
 
 
 def two_four_mask(weight: Tensor) -> Tensor:
