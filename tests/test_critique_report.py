@@ -7,7 +7,6 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from test_critique import classifier  # noqa: F401  (the module fixture: a tiny fine-tuned classifier)
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # what the machine's closed network needs: no background connections, no first-run or sync traffic
