@@ -46,6 +46,7 @@ from lmlab.io.checkpoint import (
 )
 from lmlab.io.outputs import write_marker
 from lmlab.model import build_model
+from lmlab.model.heads import pools
 from lmlab.objectives.distill import check_alpha_temperature
 from lmlab.train.distill import Teacher
 from lmlab.train.loop import TrainResult
@@ -184,7 +185,7 @@ def _check_teacher(teacher: str | Path, student_init: str, verify: bool) -> tupl
             f"teacher {path} is a {kind} model: lmlab distills decoders (next tokens), classifiers and taggers",
             params="teacher",
         )
-    if config.task == "classify" and config.problem_type != "single":
+    if config.task and config.problem_type != "single":  # a tagger's is "single" too
         raise LmlabError(
             f"teacher {path} is a {config.problem_type}-label classifier: distillation needs one softmax per text",
             params="teacher",
@@ -353,7 +354,7 @@ def _with_teacher_note(result: DryRun, config: ModelConfig, train_args: dict) ->
         model = build_model(dataclasses.replace(config, lora={}, quantization={}))
     weights = sum(p.numel() for p in model.parameters())
     s = result.memory.settings
-    rows = s.micro_batch_size * (1 if config.task == "classify" else s.seq_len)
+    rows = s.micro_batch_size * (1 if pools(config) else s.seq_len)
     logits = rows * (config.num_labels if config.task else config.vocab_size) * 4
     result.title += (
         f"; plus the frozen teacher (not in the figures below): {fmt_bytes(weights * 4)} of weights and "

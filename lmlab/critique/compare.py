@@ -114,7 +114,7 @@ def _flips_part(section: Section, original: Subject, subject: Subject) -> None:
     section.tables.append(Table("Flipped examples", ["example", "input", "original", "compressed", "right now"],
                                 listed, caption=f"The first {SHOWN} of them."))  # fmt: skip
     group = subject.fields.get("group_field")
-    if group and subject.task == "classify":
+    if group and new and "confidence" in new[0]:  # a single-label classifier's rows
         _groups_part(section, subject, group, old, new)
 
 

@@ -179,7 +179,7 @@ class LmlabLM(TemplateLM):
         context and to itself only (:func:`_pack`); a continuation longer than its context (a rolling window) gains
         nothing from it and has a row of its own. Rows go longest first, ``batch_size`` at a time. An input
         longer than ``max_length`` loses tokens from the left first, as lm-eval's ``hf`` model does."""
-        if self.backend == "seq2seq":
+        if self.lm.is_seq2seq:
             collator = Collator(requests, sort_fn=lambda r: (-len(r[1]) - len(r[2]), tuple(r[1] + r[2])))
             scored = [a for chunk in collator.get_batched(n=self.batch_size) for a in self._score_seq2seq(chunk)]
             return self._cached(requests, collator.get_original(scored))
@@ -291,7 +291,7 @@ class LmlabLM(TemplateLM):
         if sample:
             config.update(strategy="sample", temperature=float(kwargs["temperature"]), seed=1234)
             config.update({k: kwargs[k] for k in ("top_k", "top_p") if k in kwargs})
-        if self.backend == "seq2seq":
+        if self.lm.is_seq2seq:
             from lmlab.data.tasks import encode_sources
 
             ids = encode_sources(self.tokenizer, contexts, self.max_length)
