@@ -92,6 +92,27 @@ def crash_windows_at(monkeypatch, step: int) -> None:
     monkeypatch.setattr(EpochWindows, "__call__", crash)
 
 
+TINY_BART = dict(  # a tiny encoder–decoder that HF holds exactly (lmlab exports encoder–decoders as BART)
+    arch="seq2seq",
+    norm="layernorm",
+    norm_eps=1e-5,
+    mlp="gelu",
+    gelu_approximate="none",
+    position="learned",
+    bias=True,
+    tie_embeddings=True,
+    norm_placement="post",
+    embedding_norm=True,
+    scale_embedding=True,
+    n_layer=2,
+    n_decoder_layer=2,
+    n_head=4,
+    n_embd=32,
+    intermediate_size=64,
+    block_size=64,
+)
+
+
 TINY_TRAIN = dict(
     micro_batch_size=4, seq_len=32, lr=3e-3, warmup_steps=2, eval_batches=2, progress=False, tensorboard=False
 )

@@ -14,6 +14,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from conftest import TINY_BART  # noqa: E402
 from test_hf import LLAMA3, TOL, VOCAB, lmlab_model, max_logit_diff  # noqa: E402
 
 from lmlab.config import ModelConfig, preset  # noqa: E402
@@ -23,27 +24,7 @@ from lmlab.io.checkpoint import load_model, save_checkpoint  # noqa: E402
 from lmlab.io.export import export_hf  # noqa: E402
 from lmlab.tokenizer import Tokenizer  # noqa: E402
 
-BART = dict(
-    arch="seq2seq",
-    norm="layernorm",
-    norm_eps=1e-5,
-    mlp="gelu",
-    gelu_approximate="none",
-    position="learned",
-    bias=True,
-    tie_embeddings=True,
-    norm_placement="post",
-    embedding_norm=True,
-    scale_embedding=True,
-    vocab_size=VOCAB,
-    n_layer=2,
-    n_decoder_layer=2,
-    n_head=4,
-    n_embd=32,
-    intermediate_size=64,
-    block_size=64,
-    decoder_start_token_id=2,
-)
+BART = dict(TINY_BART, vocab_size=VOCAB, decoder_start_token_id=2)
 HEAD = dict(num_labels=3, labels=["neg", "neu", "pos"])
 CASES = {  # an lmlab config → the HF class it exports as
     "gpt2": (dict(name="gpt2-tiny"), "GPT2LMHeadModel"),

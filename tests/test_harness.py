@@ -12,6 +12,7 @@ import torch
 pytest.importorskip("lm_eval")
 pytest.importorskip("transformers")
 
+from conftest import TINY_BART  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 
 from lmlab.errors import LmlabError  # noqa: E402
@@ -27,27 +28,6 @@ def _export(checkpoint, folder) -> Path:
     return folder
 
 
-BART = dict(  # a tiny encoder–decoder that HF holds exactly (lmlab exports encoder–decoders as BART)
-    arch="seq2seq",
-    norm="layernorm",
-    norm_eps=1e-5,
-    mlp="gelu",
-    gelu_approximate="none",
-    position="learned",
-    bias=True,
-    tie_embeddings=True,
-    norm_placement="post",
-    embedding_norm=True,
-    scale_embedding=True,
-    n_layer=2,
-    n_decoder_layer=2,
-    n_head=4,
-    n_embd=32,
-    intermediate_size=64,
-    block_size=64,
-)
-
-
 def _random_checkpoint(folder: Path, name: str, tokenizer_dir: Path) -> Path:
     """An untrained model (seed 0): its greedy continuations vary from prompt to prompt, unlike a barely trained
     one's, so generation is compared on many different tokens. ``name``: a preset, or ``bart``."""
@@ -59,7 +39,7 @@ def _random_checkpoint(folder: Path, name: str, tokenizer_dir: Path) -> Path:
     tok = Tokenizer.load(tokenizer_dir)
     torch.manual_seed(0)
     if name == "bart":
-        config = ModelConfig(**BART, vocab_size=tok.vocab_size, decoder_start_token_id=tok.eos_id or 0)
+        config = ModelConfig(**TINY_BART, vocab_size=tok.vocab_size, decoder_start_token_id=tok.eos_id or 0)
     else:
         config = preset(name, vocab_size=tok.vocab_size)
     return save_checkpoint(folder / name, build_model(config), tokenizer=tok)
