@@ -22,9 +22,19 @@ from torch import nn
 
 from lmlab.api import LM
 from lmlab.config import write_json_atomic
-from lmlab.device import peak_memory
+from lmlab.device import peak_memory, resolve_device
+from lmlab.errors import LmlabError
 from lmlab.evaluate.runner import NOT_FIGURES, evaluate_model
-from lmlab.io.checkpoint import WEIGHTS_FILE, is_lmlab_checkpoint, read_meta, save_checkpoint
+from lmlab.io.checkpoint import (
+    WEIGHTS_FILE,
+    check_checkpoint_target,
+    is_lmlab_checkpoint,
+    load_model,
+    load_tokenizer,
+    read_meta,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from lmlab.model.quant import quantizable, quantized_bytes
 
 SPEED_TOKENS = 32  # new tokens per sequence when decoding speed is measured
@@ -61,6 +71,31 @@ def measure(
         row.update({f"tokens_per_s_batch_{b}": _speed(run, b) for b in (1, 8)})
         row["peak_memory_bytes"] = peak_memory(lambda: run(8), next(model.parameters()).device) + _weight_bytes(model)
     return row
+
+
+def load_source(
+    checkpoint: str | Path,
+    out: str | Path,
+    verb: str,
+    *,
+    device: str,
+    verify: bool,
+    overwrite: bool,
+    sources: tuple = (),
+) -> tuple[Path, Path, Any, nn.Module]:
+    """What every compression verb starts from: the checkpoint resolved (a quantized one refused: ``verb`` the
+    checkpoint it came from), ``out`` checked before any work (``sources``: more inputs it must not overwrite), the
+    tokenizer, and the model in eval mode on ``device`` with LoRA adapters merged. Returns (path, out, tokenizer,
+    model)."""
+    path = resolve_checkpoint(checkpoint)
+    done = read_meta(path).get("lmlab_model_config", {}).get("quantization")
+    if done:
+        already = "already " if verb == "quantize" else ""
+        raise LmlabError(f"{path} is {already}quantized ({done['method']}): {verb} the checkpoint it came from")
+    out = check_checkpoint_target(out, overwrite=overwrite, sources=(checkpoint, path, *sources))
+    tokenizer = load_tokenizer(path, verify=verify)
+    model = load_model(path, device=resolve_device(device), merge_lora=True, verify=verify).eval()
+    return path, out, tokenizer, model
 
 
 def write_compressed(

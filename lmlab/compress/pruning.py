@@ -41,18 +41,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import prune as torch_prune
 
-from lmlab.compress.measure import Compression, write_compressed
+from lmlab.compress.measure import Compression, load_source, write_compressed
 from lmlab.compress.quantization import calibration_sequences
 from lmlab.data.pack import is_data_folder
-from lmlab.device import resolve_device
 from lmlab.errors import LmlabError
-from lmlab.io.checkpoint import (
-    check_checkpoint_target,
-    load_model,
-    load_tokenizer,
-    read_meta,
-    resolve_checkpoint,
-)
 from lmlab.model import build_model
 from lmlab.model.quant import quantizable
 
@@ -102,15 +94,9 @@ def prune(
         overwrite: write into a folder that is not an lmlab checkpoint
     """
     check_settings(method, sparsity, data, samples, finetune_steps)
-    path = resolve_checkpoint(checkpoint)
-    meta = read_meta(path)
-    done = meta["lmlab_model_config"].get("quantization") if "lmlab_model_config" in meta else None
-    if done:
-        raise LmlabError(f"{path} is quantized ({done['method']}): prune the checkpoint it came from")
-    out = check_checkpoint_target(out, overwrite=overwrite, sources=(checkpoint, path, data))
-    device = resolve_device(device)
-    tokenizer = load_tokenizer(path, verify=verify)
-    original = load_model(path, device=device, merge_lora=True, verify=verify).eval()
+    options = dict(device=device, verify=verify, overwrite=overwrite, sources=(data,))
+    path, out, tokenizer, original = load_source(checkpoint, out, "prune", **options)
+    device = next(original.parameters()).device
     check_model(original.config, method, finetune_steps)
     batches = [] if method in NO_DATA else calibration_sequences(data, tokenizer, original, samples)
     model, fields = prune_model(copy.deepcopy(original), method, sparsity, batches)

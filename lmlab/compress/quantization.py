@@ -19,19 +19,11 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from lmlab.compress.measure import Compression, write_compressed
+from lmlab.compress.measure import Compression, load_source, write_compressed
 from lmlab.config import INT8_METHODS
 from lmlab.data import read_corpus
 from lmlab.data.pack import PackedTokens, is_data_folder
-from lmlab.device import resolve_device
 from lmlab.errors import LmlabError
-from lmlab.io.checkpoint import (
-    check_checkpoint_target,
-    load_model,
-    load_tokenizer,
-    read_meta,
-    resolve_checkpoint,
-)
 from lmlab.model.quant import QuantizedLinear, check_method, quantizable
 
 logger = logging.getLogger(__name__)
@@ -76,15 +68,8 @@ def quantize(
     if calibration_samples < 1:
         msg = f"calibration_samples is {calibration_samples}: expected a positive integer"
         raise LmlabError(msg, params="calibration_samples")
-    path = resolve_checkpoint(checkpoint)
-    meta = read_meta(path)
-    done = meta["lmlab_model_config"].get("quantization") if "lmlab_model_config" in meta else None
-    if done:
-        raise LmlabError(f"{path} is already quantized ({done['method']}): quantize the checkpoint it came from")
-    out = check_checkpoint_target(out, overwrite=overwrite, sources=(checkpoint, path))
-    device = resolve_device(device)
-    tokenizer = load_tokenizer(path, verify=verify)
-    original = load_model(path, device=device, merge_lora=True, verify=verify)  # LoRA: adapters folded in
+    options = dict(device=device, verify=verify, overwrite=overwrite)
+    path, out, tokenizer, original = load_source(checkpoint, out, "quantize", **options)  # LoRA: adapters folded in
     batches = []
     if calibration_data:
         batches = calibration_sequences(calibration_data, tokenizer, original, calibration_samples)

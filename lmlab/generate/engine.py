@@ -71,6 +71,27 @@ class Request:
     generated: list[int] = field(default_factory=list)
     submitted: float = field(default_factory=time.monotonic)
 
+    def deliver(self, event: Event) -> bool:
+        """Hand the request ``event`` for its next token: a stop id ends it unemitted as ``stop``, any other token
+        joins ``generated`` and may end it (:meth:`finish_reason`). Whether the request is done."""
+        if event.token in self.stop_ids:
+            event.token, event.finish_reason = None, "stop"
+        else:
+            self.generated.append(event.token)
+            event.finish_reason = self.finish_reason()
+        self.emit(event)
+        return event.finish_reason is not None
+
+    def finish_reason(self) -> str | None:
+        """Why the request ends after its latest token (``stop``, ``length``, ``timeout``), or None."""
+        if any(rule(self.generated) for rule in self.stop_rules):
+            return "stop"
+        if len(self.generated) >= self.max_new_tokens:
+            return "length"
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            return "timeout"
+        return None
+
 
 class QueueFull(LmlabError):
     """The engine's queue holds ``max_queue`` requests already: try again later."""
@@ -250,22 +271,7 @@ class Engine:
             if request.logprobs > 0:
                 top = logprobs.topk(min(request.logprobs, logprobs.numel()))
                 event.top = list(zip(top.indices.tolist(), top.values.tolist()))
-        if token in request.stop_ids:
-            event.token, event.finish_reason = None, "stop"
-        else:
-            request.generated.append(token)
-            event.finish_reason = self._finish_reason(request)
-        request.emit(event)
-        return event.finish_reason is not None
-
-    def _finish_reason(self, request: Request) -> str | None:
-        if any(rule(request.generated) for rule in request.stop_rules):
-            return "stop"
-        if len(request.generated) >= request.max_new_tokens:
-            return "length"
-        if request.deadline is not None and time.monotonic() >= request.deadline:
-            return "timeout"
-        return None
+        return request.deliver(event)
 
     def _retire(self, done: list[bool]) -> None:
         """Drop the finished rows: each hole among the first ``n`` left is filled by a running row from
@@ -376,19 +382,12 @@ class SerialEngine(Engine):
             if request.cancelled:
                 request.emit(Event(None, finish_reason="cancelled"))
                 return
-            token = int(step.tokens[0])
-            event = Event(token)
+            event = Event(int(step.tokens[0]))
             if step.logprobs is not None:
                 event.logprob = float(step.logprobs[0])
                 if step.top_ids is not None and request.logprobs:
                     event.top = list(zip(step.top_ids[0].tolist(), step.top_logprobs[0].tolist()))
-            if token in request.stop_ids:
-                event.token, event.finish_reason = None, "stop"
-            else:
-                request.generated.append(token)
-                event.finish_reason = self._finish_reason(request)
-            request.emit(event)
-            if event.finish_reason is not None:
+            if request.deliver(event):
                 return
 
 
