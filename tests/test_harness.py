@@ -248,3 +248,19 @@ def test_lmlab_evaluate_harness_on_the_command_line(trained_run, tmp_path, capsy
     assert json.loads((out / "harness.json").read_text())["n-shot"]["lmlab_mc"] == 1
     assert main([*argv, "--data", "test.jsonl"]) == 1  # one line naming both flags
     assert "--data" in capsys.readouterr().err
+
+
+def test_lmlab_is_declared_in_lm_evals_model_entry_points():
+    """The `lm_eval.models` entry point names the class lm-eval's registry holds, and resolves lazily the way
+    lm-eval's plugin discovery registers it (an EntryPoint placeholder, materialised on first lookup)."""
+    from importlib.metadata import entry_points
+
+    from lm_eval.api.registry import Registry, get_model
+
+    from lmlab.evaluate.harness import LmlabLM
+
+    (point,) = [ep for ep in entry_points(group="lm_eval.models") if ep.name == "lmlab"]
+    assert point.load() is LmlabLM is get_model("lmlab")
+    registry = Registry("model")
+    registry.register("lmlab", target=point)
+    assert registry.get("lmlab") is LmlabLM

@@ -1,7 +1,8 @@
 """An lm-evaluation-harness backend: lmlab models on EleutherAI's benchmarks (``pip install 'lmlab[harness]'``).
 
-Importing this module registers the model type ``lmlab`` with lm-eval (lm-eval 0.4 finds third-party models
-only by import, not by entry point), and sets ``HF_DATASETS_OFFLINE``, ``HF_HUB_OFFLINE`` and
+Importing this module registers the model type ``lmlab`` with lm-eval; lmlab also declares it in lm-eval's
+``lm_eval.models`` entry-point group, which lm-eval reads once it has plugin entry points (merged upstream after
+0.4.13; 0.4.13 finds third-party models only by import). It sets ``HF_DATASETS_OFFLINE``, ``HF_HUB_OFFLINE`` and
 ``TRANSFORMERS_OFFLINE`` to 1 unless already set: tasks come from local files. From the command line::
 
     lmlab evaluate runs/a --harness lmlab_mc,lmlab_gen --harness-include examples/harness/ --out eval/
@@ -50,7 +51,7 @@ offline()  # before datasets is imported: it reads these once
 try:
     import lm_eval.models  # noqa: F401  (lm-eval's own models first: its registry imports them only when empty)
     from lm_eval.api.model import TemplateLM
-    from lm_eval.api.registry import register_model
+    from lm_eval.api.registry import model_registry, register_model
     from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_kwargs
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 except ImportError as e:  # pragma: no cover - the optional extra is missing
@@ -303,7 +304,9 @@ class LmlabLM(TemplateLM):
         return [row[0].text for row in self.lm.complete_ids(ids, **config)]
 
 
-if __name__ != "__main__":  # `python -m` runs this file as __main__ too: main() imports it, which registers it
+# `python -m` runs this file as __main__ too: main() imports it, which registers it. An lm-eval that reads the
+# `lm_eval.models` entry point (pyproject) already holds `lmlab` as a placeholder, which resolves to this class.
+if __name__ != "__main__" and "lmlab" not in model_registry:
     register_model("lmlab")(LmlabLM)
 
 
