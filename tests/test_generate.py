@@ -379,7 +379,7 @@ def test_stop_string_helpers():
 
 # -- the text stream: incremental decoding -----------------------------------------------------------
 
-STREAM_WORDS = ["The", " list", " is", " sorted", ".", "\n", " é", "té", " 日本", "語", " 🙂", "👍🏽", " a<b>", "<end>", " ok"]
+STREAM_WORDS = "The| list| is| sorted|.|\n| é|té| 日本|語| 🙂|👍🏽| a<b>|<end>| ok".split("|")  # multi-byte: split ids
 
 
 @pytest.fixture(scope="module")
