@@ -59,11 +59,11 @@ class TextStream:
     not to be. After a stop string, ``hit`` is True and nothing more is released; the pieces and
     :meth:`flush` join to the whole text cut at the first stop string (``text``).
 
-    Each push decodes a short window of the latest ids, as Hugging Face's ``TextStreamer`` and vLLM's
-    incremental detokenizer do: the window from a few tokens back (``prefix``) to the end, less the text of
-    its tokens already read, is the new text; stop strings are looked for only where a new one can be. A
-    window whose new tokens change the text before them (a decoder that cleans up across tokens) is read
-    again from the first id, so the text is always the whole decode.
+    Each push decodes a short window of the latest ids, as vLLM's incremental detokenizer does: the window
+    from a few tokens back to the end, less the text of its tokens already read, is the new text (O(1) ids
+    a step, not all of them); stop strings are looked for only where a new one can be. When new ids change
+    the text before them (a decoder that cleans up across tokens) or do not extend the last push's, every id
+    is decoded again, so the text is always what decoding them all gives.
     """
 
     def __init__(self, decode: Callable[[list[int]], str], stop: Sequence[str] = ()) -> None:
