@@ -377,6 +377,132 @@ def test_stop_string_helpers():
     assert held_back("hello <e", ["<end>"]) == 2 and held_back("hello", ["<end>"]) == 0
 
 
+# -- the text stream: incremental decoding -----------------------------------------------------------
+
+STREAM_WORDS = "The| list| is| sorted|.|\n| é|té| 日本|語| 🙂|👍🏽| a<b>|<end>| ok".split("|")  # multi-byte: split ids
+
+
+@pytest.fixture(scope="module")
+def stream_tokenizers(tokenizer_dir, corpus_file):
+    """A byte-level BPE (the session's) and a SentencePiece-style Unigram with byte fallback."""
+    from lmlab.data import read_corpus
+    from lmlab.tokenizer import Tokenizer, train_tokenizer
+
+    texts = list(itertools.islice(read_corpus(corpus_file), 40))
+    return {"bpe": Tokenizer.load(tokenizer_dir), "unigram": train_tokenizer(texts, kind="unigram", vocab_size=400)}
+
+
+def redecode_pieces(decode, stop, pushes):
+    """The pieces of the stream as it was made before: every id decoded again on every push (the oracle)."""
+    pieces, shown, text, hit = [], 0, "", False
+    for tokens in pushes:
+        text, hit = cut_at_stop(decode(list(tokens)), stop)
+        if hit:
+            limit = len(text)
+        elif text.endswith("\ufffd"):
+            pieces.append("")
+            continue
+        else:
+            limit = len(text) - held_back(text, stop)
+        pieces.append(text[shown:limit] if limit > shown else "")
+        shown = max(shown, limit)
+        if hit:
+            break
+    return pieces, text[shown:], hit
+
+
+def random_case(rng, tokenizer):
+    """Ids (of words with multi-byte characters, or any ids at all), stop strings, the growing prefixes pushed
+    and whether the ids are those of a text."""
+    text = rng.random() < 0.7
+    if text:
+        ids = tokenizer.encode("".join(rng.choice(STREAM_WORDS) for _ in range(rng.randint(1, 40))))
+    else:  # any ids: UTF-8 sequences cut anywhere, stray continuation bytes, special tokens
+        ids = [rng.randrange(tokenizer.vocab_size) for _ in range(rng.randint(1, 60))]
+    full = tokenizer.decode(ids)
+    stop = [s for s in ["<end>", "é", " 日本語", "🙂👍", "\n\n"] if rng.random() < 0.3]
+    for _ in range(rng.randint(0, 2)):  # pieces of the text itself, so stops are found (and prefixes held)
+        i = rng.randrange(len(full) + 1)
+        stop.append(full[i : i + rng.randint(1, 6)] or "zz")
+    stop = [s for s in stop if "\ufffd" not in s]  # a stop on U+FFFD also matches a character not yet whole
+    ends, n = [], 0
+    while n < len(ids):
+        n = min(len(ids), n + (1 if rng.random() < 0.7 else rng.randint(2, 5)))
+        ends.append(n)
+    return ids, stop, [ids[:n] for n in ends], text
+
+
+@pytest.mark.parametrize("kind", ["bpe", "unigram"])
+def test_text_stream_pieces_join_to_the_whole_decode_cut_at_the_first_stop(stream_tokenizers, kind):
+    """Random ids, stop strings and push sizes: the pieces are those of decoding every id on every push, and
+    with flush() they join to the whole decode cut at the first stop string (of the ids pushed when one is
+    found: a stop string that ends first wins over one that began before it and is not yet whole)."""
+    import random
+
+    from lmlab.generate.stopping import TextStream
+
+    tokenizer, rng = stream_tokenizers[kind], random.Random(0)
+    assert len(tokenizer.encode("日本🙂")) > 3  # characters split across tokens
+    hits = 0
+    for _ in range(300):
+        ids, stop, pushes, text = random_case(rng, tokenizer)
+        stream = TextStream(tokenizer.decode, stop)
+        pieces = []
+        for tokens in pushes:
+            pieces.append(stream.push(tokens))
+            if stream.hit:  # generation ends here: the text is that of these tokens
+                break
+        rest = stream.flush()
+        assert (pieces, rest, stream.hit) == redecode_pieces(tokenizer.decode, stop, pushes), (ids, stop)
+        if kind == "unigram" and not text:
+            continue  # byte fallback makes a whole run of byte ids U+FFFD once one is invalid: no stream can join
+        expected, hit = cut_at_stop(tokenizer.decode(tokens), stop)
+        assert "".join(pieces) + rest == expected == stream.text and stream.hit == hit, (ids, stop)
+        assert hit == cut_at_stop(tokenizer.decode(ids), stop)[1]
+        hits += hit
+    assert 30 < hits < 270  # both kinds of case were drawn
+
+
+def test_text_stream_decodes_each_id_a_bounded_number_of_times(stream_tokenizers):
+    """Streaming T tokens decodes O(T) ids in all (decoding every id on every push is T²/2)."""
+    from lmlab.generate.stopping import TextStream
+
+    tokenizer = stream_tokenizers["bpe"]
+    ids = tokenizer.encode(" ".join(STREAM_WORDS) * 200)[:2000]
+    assert len(ids) == 2000
+    decoded = []
+
+    def counting(tokens):
+        decoded.append(len(tokens))
+        return tokenizer.decode(tokens)
+
+    stream = TextStream(counting, ["never in the text", "<stop>"])
+    text = "".join(stream.push(ids[:n]) for n in range(1, len(ids) + 1)) + stream.flush()
+    assert text == tokenizer.decode(ids) and not stream.hit
+    assert sum(decoded) < 20 * len(ids) and max(decoded) <= 40
+
+
+def test_text_stream_reads_again_when_new_ids_change_earlier_text():
+    """A decoder that rewrites text across tokens (as clean-ups do), or ids that do not extend the last push's:
+    the stream decodes every id again and stays what decoding them all on every push gives."""
+    from lmlab.generate.stopping import TextStream
+
+    words = "I do not know what to say , so no ! I will say no more .".split()
+
+    def decode(ids):
+        return " ".join(words[i] for i in ids).replace(" ,", ",").replace(" no !", " NO!").replace(" .", ".")
+
+    ids = list(range(len(words)))
+    pushes = [ids[:n] for n in range(1, len(ids) + 1)]
+    pushes += [ids[:-3] + [2, 12, 3, 15], ids[:-3] + [2, 12, 3, 15, 1]]  # not the last push's ids and more
+    for stop in ([], ["NO"], ["say no more"], ["not", "know"]):
+        calls = []
+        stream = TextStream(lambda t: calls.append(len(t)) or decode(t), stop)
+        pieces = [stream.push(p) for p in pushes if not stream.hit]
+        assert (pieces, stream.flush(), stream.hit) == redecode_pieces(decode, stop, pushes)
+        assert stream.hit or len([n for n in calls if n >= len(words) - 3]) >= 2  # it did read everything again
+
+
 @pytest.mark.parametrize("strategy", ["sample", "beam"])
 def test_log_probs_sum_to_the_scored_log_likelihood(lm, strategy):
     options = dict(strategy=strategy, max_new_tokens=10, ignore_eos=True)
