@@ -2,6 +2,7 @@
 the same weights, the same streamed requests, concurrent clients 1, 4, 16 and 64.
 
     python bench/serve_throughput.py --model gpt2-mini --new-tokens 64 --clients 1 4 16 64 [--json out.json]
+    python bench/serve_throughput.py --clients 16 64 --skip-peer    # lmlab serve alone
 
 The peer is what a user would otherwise put up here: HF `transformers serve` needs the model hub and
 more packages than this machine has, so the peer is an OpenAI-style ``/v1/completions`` endpoint (this
@@ -39,6 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=64, help="tokens streamed per request")
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64], help="concurrent clients")
     p.add_argument("--max-batch-size", type=int, default=64, help="lmlab serve --max-batch-size")
+    p.add_argument("--skip-peer", action="store_true", help="measure lmlab serve alone (no HF endpoint)")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--peer", default=None, help=argparse.SUPPRESS)  # internal: run the peer server on FOLDER
     p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
@@ -223,12 +225,13 @@ def main(argv=None) -> dict:
             "4096",
         ]
         rows = bench_side("lmlab", ours, port, args, {"ignore_eos": True})
-        port = free_port()
-        peer = [sys.executable, __file__, "--peer", str(hf), "--port", str(port)]
-        rows += bench_side("hf-generate", peer, port, args, {})
+        if not args.skip_peer:
+            port = free_port()
+            peer = [sys.executable, __file__, "--peer", str(hf), "--port", str(port)]
+            rows += bench_side("hf-generate", peer, port, args, {})
     by = {(r["side"], r["clients"]): r for r in rows}
-    print("\nlmlab / HF generate() endpoint, output tokens/s:")
-    for clients in args.clients:
+    print("\nlmlab / HF generate() endpoint, output tokens/s:" if not args.skip_peer else "")
+    for clients in [] if args.skip_peer else args.clients:
         ours_row, theirs = by[("lmlab", clients)], by[("hf-generate", clients)]
         print(
             f"  {clients:3d} clients: {ours_row['tokens_s'] / theirs['tokens_s']:5.2f}×  "

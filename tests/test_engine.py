@@ -11,7 +11,7 @@ import torch
 
 from lmlab.config import preset
 from lmlab.errors import LmlabError
-from lmlab.generate.engine import Engine, QueueFull, Request
+from lmlab.generate.engine import Engine, QueueFull, RaggedCache, Request, prefill_groups
 from lmlab.generate.loop import decode
 from lmlab.generate.processors import LogitsProcessorList, RepetitionPenalty
 from lmlab.model import build_model
@@ -78,6 +78,92 @@ def test_a_request_gives_the_same_tokens_alone_and_in_a_batch_of_16():
     recorders = [Recorder() for _ in jobs]
     run(Engine(model, max_batch_size=16), [Request(p, n, emit=r) for (p, n), r in zip(jobs, recorders)])
     assert [r.tokens for r in recorders] == by_itself
+
+
+BURST = [1, 3, 17, 40, 2, 16]  # prompt lengths arriving together, in this order
+
+
+def burst(vocab: int, new: int = 8) -> list[list[int]]:
+    g = torch.Generator().manual_seed(11)
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in BURST]
+
+
+def count_prefills(model, monkeypatch) -> list[int]:
+    """Record the rows of every forward pass that is a prefill (not a decode step's ragged cache)."""
+    rows: list[int] = []
+    forward = model.forward
+
+    def counted(idx, **kw):
+        if not isinstance(kw.get("kv_cache"), RaggedCache):
+            rows.append(idx.shape[0])
+        return forward(idx, **kw)
+
+    monkeypatch.setattr(model, "forward", counted)
+    return rows
+
+
+@pytest.mark.parametrize("name", ["gpt2-tiny", "llama-tiny"])
+def test_a_burst_is_prefilled_in_fewer_passes_than_requests_with_the_tokens_each_gives_alone(name, monkeypatch):
+    model = tiny(name)
+    prompts = burst(model.config.vocab_size)
+    expected = [alone(model, prompt, 8) for prompt in prompts]  # the one-prompt path: decode() of it alone
+    one_at_a_time = []
+    for prompt in prompts:
+        r = Recorder()
+        run(Engine(model), [Request(prompt, 8, emit=r)])
+        one_at_a_time.append(r.tokens)
+    passes = count_prefills(model, monkeypatch)
+    recorders = [Recorder() for _ in prompts]
+    run(Engine(model, max_batch_size=8), [Request(p, 8, emit=r) for p, r in zip(prompts, recorders)])
+    assert [r.tokens for r in recorders] == expected == one_at_a_time
+    assert all(r.finish == "length" for r in recorders)
+    assert 1 <= len(passes) < len(prompts) and sum(passes) == len(prompts)
+
+
+def test_a_burst_gives_each_first_token_the_logprobs_of_its_prompt_alone():
+    model = tiny("gpt2-tiny")
+    prompts = burst(model.config.vocab_size)
+    recorders = [Recorder() for _ in prompts]
+    run(Engine(model), [Request(p, 2, emit=r, logprobs=3) for p, r in zip(prompts, recorders)])
+    for prompt, r in zip(prompts, recorders):
+        with torch.inference_mode():
+            logprobs = model(torch.tensor([prompt]))[0, -1].log_softmax(-1)
+        first = r.events[0]
+        assert first.token == int(logprobs.argmax())
+        assert first.logprob == pytest.approx(float(logprobs[first.token]), abs=1e-5)
+        top = logprobs.topk(3)
+        assert [i for i, _ in first.top] == top.indices.tolist()
+        assert [v for _, v in first.top] == pytest.approx(top.values.tolist(), abs=1e-5)
+
+
+def test_seeded_draws_in_a_burst_do_not_depend_on_the_prompts_prefilled_with_them():
+    model = tiny("llama-tiny")
+    prompts = burst(model.config.vocab_size)
+
+    def sampled(requests_of: list[int]) -> dict[int, list[int]]:
+        recorders = {i: Recorder() for i in requests_of}
+        gens = {i: torch.Generator().manual_seed(100 + i) for i in requests_of}
+        run(
+            Engine(model),
+            [Request(prompts[i], 12, emit=recorders[i], sample=True, generator=gens[i]) for i in requests_of],
+        )
+        return {i: r.tokens for i, r in recorders.items()}
+
+    together = sampled(list(range(len(prompts))))
+    for i in range(len(prompts)):
+        assert sampled([i]) == {i: together[i]}
+
+
+def test_prefill_groups_keep_padding_and_tokens_per_pass_bounded():
+    assert prefill_groups([], 4096, 0.25, 32) == []
+    assert prefill_groups([7], 4096, 0.25, 32) == [(0, 1)]
+    # prompts of similar length go together; 1, 2, 3 padded to 16 would be 42 pads (> 32 and > 25% of 64)
+    assert prefill_groups([1, 2, 3, 16, 17, 40], 4096, 0.25, 32) == [(0, 3), (3, 5), (5, 6)]
+    assert prefill_groups([1, 3, 17], 4096, 0.25, 32) == [(0, 3)]  # 30 pads: fewer than a pass costs
+    assert prefill_groups([100, 100, 200], 4096, 0.25, 32) == [(0, 2), (2, 3)]  # 200 pads > 25% of 600
+    assert prefill_groups([100, 110, 120], 4096, 0.25, 32) == [(0, 3)]  # 30 pads
+    assert prefill_groups([64] * 10, 256, 0.25, 32) == [(0, 4), (4, 8), (8, 10)]  # 256 tokens a pass at most
+    assert prefill_groups([500], 256, 0.25, 32) == [(0, 1)]  # a prompt over the cap runs alone
 
 
 def test_each_row_keeps_its_own_rules_and_seeded_draws():

@@ -5,6 +5,12 @@ batch at the next decode step (its prompt is prefilled into a free row of the KV
 as it is done, so a long generation never holds up a short one. Every row keeps its own position, its own
 decoding rules (:mod:`lmlab.generate.processors`), its own random generator and its own stop conditions.
 
+Requests that arrive together are prefilled together: the waiting prompts that fit the free rows are sorted
+by length and split into runs of similar length (:func:`prefill_groups`), each run one forward pass with its
+prompts right-padded to the longest, so a burst of clients costs a few passes instead of one per prompt.
+A row's pads sit after its last real token, where causal attention keeps its real tokens from seeing them
+and its decode steps overwrite or mask them; its first logits are the LM head's on its own last real token.
+
 The cache is one :class:`~lmlab.model.blocks.KVCache` of ``max_batch_size`` rows. The rows in flight are
 always the first ``n``: a finished row's slot is filled by moving the last row into it, so a decode step
 reads ``cache[:n]`` without copying. Each row writes its new key and value at its own slot, and attends over
@@ -113,6 +119,34 @@ class RaggedCache(KVCache):
         return self.k[layer][:n, :, : self.length], self.v[layer][:n, :, : self.length]
 
 
+def prefill_groups(lengths: Sequence[int], max_tokens: int, padding: float, slack: int) -> list[tuple[int, int]]:
+    """Split prompt ``lengths`` (ascending) into runs ``(start, stop)`` prefilled one forward pass each.
+
+    A run pads its prompts to its longest, so it grows (greedily, shortest first) while its tokens, pads
+    included, stay within ``max_tokens`` and its pads within ``padding`` of them or ``slack`` tokens,
+    whichever is larger: short prompts, where a forward pass costs its fixed overhead more than its tokens,
+    go together; a long prompt does not drag many short ones' padding with it. A prompt alone is one run.
+
+    Args:
+        lengths: prompt lengths, ascending.
+        max_tokens: the most tokens, pads included, one run may hold.
+        padding: the share of a run's tokens that may be pads.
+        slack: pads a run may always hold, whatever their share.
+    """
+    runs: list[tuple[int, int]] = []
+    start, real = 0, 0
+    for i, n in enumerate(lengths):
+        size = (i - start + 1) * n  # ascending: n is the run's longest
+        pads = size - real - n
+        if i > start and (size > max_tokens or pads > max(padding * size, slack)):
+            runs.append((start, i))
+            start, real = i, 0
+        real += n
+    if lengths:
+        runs.append((start, len(lengths)))
+    return runs
+
+
 class Engine:
     """The loop that owns ``model`` (a decoder-only :class:`~lmlab.model.DecoderLM`): :meth:`submit` queues
     a :class:`Request`, :meth:`start` runs the loop on a thread of its own (or call :meth:`step` yourself).
@@ -122,7 +156,15 @@ class Engine:
     ``compile=True`` runs the decode step through :func:`~lmlab.generate.loop.compiled_step` (a CUDA graph
     on GPU) with the rows and the attended length rounded up to powers of two, so that a few graphs serve
     every batch: the first step of each (rows, length) bucket compiles.
+
+    Waiting requests are admitted together (:meth:`_admit`): prompts of similar length share one prefill
+    forward pass, right-padded, with at most ``prefill_tokens`` tokens (pads included) in a pass and the
+    padding within ``prefill_padding`` of them or ``prefill_slack`` tokens (see :func:`prefill_groups`).
     """
+
+    prefill_tokens = 4096  # the most tokens, pads included, one prefill pass runs (bounds its activations)
+    prefill_padding = 0.25  # a run of prompts splits when pads would pass this share of its tokens ...
+    prefill_slack = 32  # ... and this many tokens (a few pads cost less than another forward pass)
 
     def __init__(
         self,
@@ -231,24 +273,51 @@ class Engine:
                 return drained
 
     def _admit(self) -> None:
-        """Prefill waiting requests into the free rows, one prompt at a time (each into its own row)."""
-        while len(self.rows) < self.max_batch_size:
+        """Prefill the waiting requests that fit the free rows, several prompts per forward pass.
+
+        Every waiting request that fits is taken (a cancelled one ends with its event, unprefilled), sorted
+        by prompt length, and split by :func:`prefill_groups` into runs of similar length; each run is one
+        forward pass (:meth:`_prefill`). A burst of clients thus costs a few passes, not one per prompt."""
+        taken = self._take_waiting()
+        taken.sort(key=lambda request: len(request.prompt))
+        lengths = [len(request.prompt) for request in taken]
+        for start, stop in prefill_groups(lengths, self.prefill_tokens, self.prefill_padding, self.prefill_slack):
+            self._prefill(taken[start:stop])
+
+    def _take_waiting(self) -> list[Request]:
+        """The waiting requests that fit the free rows, in arrival order, their processors begun."""
+        taken: list[Request] = []
+        while len(self.rows) + len(taken) < self.max_batch_size:
             try:
                 request = self.waiting.get_nowait()
             except queue.Empty:
-                return
+                break
             if request.cancelled:
                 request.emit(Event(None, finish_reason="cancelled"))
                 continue
-            row, P = len(self.rows), len(request.prompt)
             if request.processors:
-                request.processors.begin(P)
-            ids = torch.tensor([list(request.prompt)], dtype=torch.long, device=self.device)
-            slots = torch.arange(P, device=self.device)
-            logits = self.model(ids, kv_cache=self.cache.row(row), input_pos=slots, cache_len=P, logits_to_keep=1)
-            self.logits = logits[:, -1] if self.logits is None else torch.cat([self.logits, logits[:, -1]])
-            self.pos[row] = P
-            self.rows.append(request)
+                request.processors.begin(len(request.prompt))
+            taken.append(request)
+        return taken
+
+    def _prefill(self, group: list[Request]) -> None:
+        """One forward pass for ``group``'s prompts into the next free rows, right-padded to the longest.
+
+        Row r writes its prompt at slots ``0..P_r-1`` and its pads after them. Causal attention keeps every
+        real token from seeing the pads behind it, and the pads' slots lie at or past the row's position,
+        which a decode step overwrites (slot ``P_r``) or masks (:meth:`_decode` reads slots ``≤ pos``). Each
+        row's logits are the LM head's on its own last real token (the hidden states are gathered first)."""
+        first, lengths = len(self.rows), [len(request.prompt) for request in group]
+        T = max(lengths)
+        ids = torch.tensor([[*r.prompt, *[0] * (T - n)] for r, n in zip(group, lengths)], device=self.device)
+        last = torch.tensor(lengths, device=self.device) - 1
+        cache = self.cache.row_span(first, first + len(group))
+        slots = torch.arange(T, device=self.device)
+        hidden = self.model(ids, kv_cache=cache, input_pos=slots, cache_len=T, hidden_only=True)
+        logits = self.model.lm_logits(hidden[torch.arange(len(group), device=self.device), last])  # (rows, V)
+        self.logits = logits if self.logits is None else torch.cat([self.logits, logits])
+        self.pos[first : first + len(group)] = last + 1
+        self.rows.extend(group)
 
     def _advance(self, row: int, request: Request) -> bool:
         """Choose row ``row``'s next token and tell its request; whether the request is done."""

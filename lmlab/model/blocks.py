@@ -143,12 +143,16 @@ class KVCache:
         return self.k[layer][:, :, :length], self.v[layer][:, :, :length]
 
     def row(self, index: int) -> KVCache:
-        """A cache of batch row ``index`` alone that shares this one's buffers: what it writes lands here
-        (continuous batching fills one row's slots with one prompt while the other rows decode)."""
+        """A cache of batch row ``index`` alone that shares this one's buffers (see :meth:`row_span`)."""
+        return self.row_span(index, index + 1)
+
+    def row_span(self, start: int, stop: int) -> KVCache:
+        """A cache of batch rows ``start..stop-1`` that shares this one's buffers: what it writes lands here
+        (continuous batching prefills a few prompts into free rows while the other rows keep theirs)."""
         view = object.__new__(KVCache)
         view.max_len, view.static = self.max_len, False
-        view.k = [k[index : index + 1] for k in self.k]
-        view.v = [v[index : index + 1] for v in self.v]
+        view.k = [k[start:stop] for k in self.k]
+        view.v = [v[start:stop] for v in self.v]
         return view
 
     def select(self, rows: Tensor) -> None:
