@@ -321,3 +321,111 @@ def test_a_speculative_engine_gives_each_request_the_tokens_it_gives_alone():
         assert by_rule.tokens == reference[:3] and by_rule.finish == "stop"
     with pytest.raises(LmlabError, match="context window of 128"):
         engine.submit(Request([1] * 100, 29, emit=Recorder()))
+
+
+# -- speculative decoding inside continuous batching (lmlab.generate.speculative_engine) ----------------------
+
+
+def echoing(model, count: int = 5) -> list[list[int]]:
+    """Prompts that prompt lookup can draft from: a text, the model's own greedy continuation of it, the text again
+    (the model tends to continue it the same way, not always: drafts are accepted and rejected)."""
+    g = torch.Generator().manual_seed(5)
+    bases = [torch.randint(0, model.config.vocab_size, (n,), generator=g).tolist() for n in (1, 3, 6, 9, 2)[:count]]
+    return [base + alone(model, base, 12) + base for base in bases]
+
+
+def count_forwards(model, monkeypatch) -> list[tuple[int, int, bool]]:
+    """Record the (rows, tokens, whether it decodes rather than prefills) of every forward pass of ``model``."""
+    calls: list[tuple[int, int, bool]] = []
+    forward = model.forward
+
+    def counted(idx, **kw):
+        calls.append((*idx.shape, isinstance(kw.get("kv_cache"), RaggedCache)))
+        return forward(idx, **kw)
+
+    monkeypatch.setattr(model, "forward", counted)
+    return calls
+
+
+def test_batched_prompt_lookup_gives_each_greedy_request_its_tokens_in_fewer_passes_than_plain(monkeypatch):
+    from lmlab.generate.speculative_engine import BatchedSpeculativeEngine
+
+    model = tiny("gpt2-tiny")
+    prompts, news = echoing(model), [20, 7, 30, 12, 25]
+    expected = [alone(model, prompt, new) for prompt, new in zip(prompts, news)]
+    calls = count_forwards(model, monkeypatch)
+    run(Engine(model, max_batch_size=8), [Request(p, n, emit=Recorder()) for p, n in zip(prompts, news)])
+    plain = len(calls)
+    calls.clear()
+    recorders = [Recorder() for _ in prompts]
+    engine = BatchedSpeculativeEngine(model, num_draft_tokens=4, max_batch_size=8)
+    run(engine, [Request(p, n, emit=r) for p, n, r in zip(prompts, news, recorders)])
+    assert [r.tokens for r in recorders] == expected and all(r.finish == "length" for r in recorders)
+    rounds = [(rows, tokens) for rows, tokens, decodes in calls if decodes]
+    assert len(calls) < plain and engine.stats.rounds == len(rounds) and len(calls) - len(rounds) <= 2  # prefills
+    assert 0 < engine.stats.accepted < engine.stats.drafted  # drafts were kept and rejected
+    assert rounds[0] == (len(prompts), 5)  # every row in one pass, at most k + 1 tokens each
+    assert engine.running == 0 and engine.logits is None
+
+
+def test_batched_prompt_lookup_keeps_each_rows_rules_and_logprobs():
+    from lmlab.generate.speculative_engine import BatchedSpeculativeEngine
+
+    model = tiny("llama-tiny")
+    prompts = echoing(model, 3)
+    penalised, plain, with_logprobs, reference = Recorder(), Recorder(), Recorder(), Recorder()
+    rules = LogitsProcessorList([RepetitionPenalty(1.5)])
+    run(
+        BatchedSpeculativeEngine(model, num_draft_tokens=3),
+        [
+            Request(prompts[0], 15, emit=penalised, processors=rules),
+            Request(prompts[1], 15, emit=plain),
+            Request(prompts[2], 9, emit=with_logprobs, logprobs=2),
+        ],
+    )
+    assert penalised.tokens == alone(model, prompts[0], 15, processors=[RepetitionPenalty(1.5)])
+    assert plain.tokens == alone(model, prompts[1], 15)
+    run(Engine(model), [Request(prompts[2], 9, emit=reference, logprobs=2)])
+    assert with_logprobs.tokens == reference.tokens
+    for got, want in zip(with_logprobs.events, reference.events):
+        assert got.logprob == pytest.approx(want.logprob, abs=1e-4)
+        assert [i for i, _ in got.top] == [i for i, _ in want.top]
+    sampled = Recorder()
+    seeded = torch.Generator().manual_seed(3)
+    run(BatchedSpeculativeEngine(model), [Request(prompts[0], 12, emit=sampled, sample=True, generator=seeded)])
+    assert len(sampled.tokens) == 12 and sampled.finish == "length"
+
+
+def test_batched_prompt_lookup_stops_inside_an_accepted_run_and_frees_a_cancelled_row():
+    from lmlab.generate.speculative_engine import BatchedSpeculativeEngine
+
+    model = tiny("gpt2-tiny")
+    prompt = echoing(model, 1)[0]
+    engine, rounds, full = BatchedSpeculativeEngine(model, num_draft_tokens=4), [], Recorder()
+    run(engine, [Request(prompt, 20, emit=lambda e: (full(e), rounds.append(engine.stats.rounds)))])
+    assert full.tokens == alone(model, prompt, 20)
+    # the tokens that came in the same round as the one before them: accepted drafts (or the model's token after them)
+    inside = [i for i in range(3, 20) if rounds[i] == rounds[i - 1] and full.tokens[i] not in full.tokens[:i]]
+    assert inside, "no round kept several tokens"
+    at = inside[0]
+    by_rule, limited, by_id = Recorder(), Recorder(), Recorder()
+    requests = [
+        Request(prompt, 20, emit=by_rule, stop_rules=[lambda generated: len(generated) == at]),
+        Request(prompt, at, emit=limited),
+        Request(prompt, 20, emit=by_id, stop_ids=frozenset({full.tokens[at]})),
+    ]
+    run(BatchedSpeculativeEngine(model, num_draft_tokens=4), requests)
+    assert by_rule.tokens == full.tokens[:at] and by_rule.finish == "stop"
+    assert limited.tokens == full.tokens[:at] and limited.finish == "length"
+    assert by_id.tokens == full.tokens[:at] and by_id.finish == "stop"  # the stop id itself is not emitted
+    engine, kept, cancelled = BatchedSpeculativeEngine(model, max_batch_size=2), Recorder(), Recorder()
+    leaving = Request([3, 4], 40, emit=cancelled)
+    engine.submit(Request(prompt, 40, emit=kept))
+    engine.submit(leaving)
+    engine.step()
+    assert engine.running == 2
+    leaving.cancelled = True
+    engine.step()
+    assert engine.running == 1 and cancelled.finish == "cancelled" and kept.finish is None
+    run(engine, [])
+    assert kept.tokens == alone(model, prompt, 40) and kept.finish == "length"

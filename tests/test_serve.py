@@ -84,6 +84,40 @@ def test_serve_with_a_draft_completes_as_lmlab_generate(lm):
         _draft_engine(lm, "prompt-lookup", num_draft_tokens=4, max_queue=8, compile=True)
 
 
+def test_serve_with_prompt_lookup_batches_concurrent_requests_and_answers_each_greedily(lm):
+    from lmlab.generate.speculative_engine import BatchedSpeculativeEngine
+    from lmlab.serve.server import _draft_engine
+
+    engine = _draft_engine(lm, "prompt-lookup", num_draft_tokens=4, max_queue=8, compile=False, max_batch_size=4)
+    assert isinstance(engine, BatchedSpeculativeEngine)
+    running: list[int] = []
+    engine.on_step = lambda rows, waiting: running.append(rows)
+    step = engine.step
+
+    def together() -> None:  # the first step waits for the three clients, so that they are admitted at once
+        deadline = time.monotonic() + 30
+        while not running and engine.waiting.qsize() < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        step()
+
+    engine.step = together
+    prompts = [f"{p}. {p}. {p}" for p in PROMPTS[:3]]  # repeated n-grams for prompt lookup to draft from
+    answers: dict[str, str] = {}
+    with TestClient(create_app(lm, Settings("tiny"), engine)) as c:
+
+        def ask(prompt: str) -> None:
+            body = {"prompt": prompt, "max_tokens": 16, "temperature": 0}
+            answers[prompt] = c.post("/v1/completions", json=body).json()["choices"][0]["text"]
+
+        threads = [threading.Thread(target=ask, args=(p,)) for p in prompts]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    assert answers == {p: lm.generate(p, max_new_tokens=16) for p in prompts}
+    assert max(running) == 3 and engine.stats.rounds > 0  # the three rows were checked together
+
+
 def test_stop_strings_cut_the_text_and_say_stop(client, lm):
     full = lm.generate(PROMPTS[1], max_new_tokens=20)
     stop = next(full[i : i + 2] for i in range(3, len(full) - 2) if full[i : i + 2].strip())

@@ -147,6 +147,19 @@ def prefill_groups(lengths: Sequence[int], max_tokens: int, padding: float, slac
     return runs
 
 
+def token_event(request: Request, token: int, logits: Tensor) -> Event:
+    """The Event of ``token`` for ``request``: with its log-probability under the model ``logits`` (1, vocab) and
+    the most likely alternatives when the request asks for logprobs."""
+    event = Event(token)
+    if request.logprobs is not None:
+        logprobs = logits.float().log_softmax(-1)[0]
+        event.logprob = float(logprobs[token])
+        if request.logprobs > 0:
+            top = logprobs.topk(min(request.logprobs, logprobs.numel()))
+            event.top = list(zip(top.indices.tolist(), top.values.tolist()))
+    return event
+
+
 class Engine:
     """The loop that owns ``model`` (a decoder-only :class:`~lmlab.model.DecoderLM`): :meth:`submit` queues
     a :class:`Request`, :meth:`start` runs the loop on a thread of its own (or call :meth:`step` yourself).
@@ -324,7 +337,11 @@ class Engine:
         if request.cancelled:
             request.emit(Event(None, finish_reason="cancelled"))
             return True
-        logits = self.logits[row : row + 1].float()
+        return request.deliver(self._choose(request, self.logits[row : row + 1]))
+
+    def _choose(self, request: Request, logits: Tensor) -> Event:
+        """The Event of ``request``'s next token, chosen from its model ``logits`` (1, vocab) under its rules."""
+        logits = logits.float()
         scores = logits
         if request.processors:
             context = torch.tensor([[*request.prompt, *request.generated]], dtype=torch.long, device=self.device)
@@ -333,14 +350,7 @@ class Engine:
             token = int(torch.multinomial(scores.softmax(-1), 1, generator=request.generator))
         else:
             token = int(scores.argmax(-1))
-        event = Event(token)
-        if request.logprobs is not None:
-            logprobs = logits.log_softmax(-1)[0]
-            event.logprob = float(logprobs[token])
-            if request.logprobs > 0:
-                top = logprobs.topk(min(request.logprobs, logprobs.numel()))
-                event.top = list(zip(top.indices.tolist(), top.values.tolist()))
-        return request.deliver(event)
+        return token_event(request, token, logits)
 
     def _retire(self, done: list[bool]) -> None:
         """Drop the finished rows: each hole among the first ``n`` left is filled by a running row from
@@ -361,7 +371,8 @@ class Engine:
         order = [*range(n)]
         for hole, mover in zip(holes, movers):
             order[hole] = mover
-        self.logits = self.logits[torch.tensor(order, dtype=torch.long, device=self.device)] if n else None
+        if self.logits is not None:
+            self.logits = self.logits[torch.tensor(order, dtype=torch.long, device=self.device)] if n else None
         rows = list(self.rows)
         self.rows = [rows[i] for i in order]
 

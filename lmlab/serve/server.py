@@ -45,9 +45,9 @@ def serve(
         device: where the model runs: auto, cpu, cuda, cuda:N or mps
         compile: torch.compile the decode step (a CUDA graph on GPU), rows and attended length bucketed to powers of
             two: each bucket compiles on first use (seconds to a minute), later steps run faster (decoders)
-        draft: speculative decoding: a smaller checkpoint with the same tokenizer drafts tokens the model checks
-            several at a time, or prompt-lookup (n-gram matches in the prompt); same outputs, one request at a time
-            (no batching across requests)
+        draft: speculative decoding: prompt-lookup (n-gram matches in each request's text, drafted and checked
+            for every request in the batch in one forward pass), or a smaller checkpoint with the same tokenizer
+            that drafts tokens the model checks several at a time (one request at a time); same outputs
         num_draft_tokens: tokens drafted per round (with draft)
         verify: check the checkpoint's files against their recorded hashes before loading
     """
@@ -59,7 +59,9 @@ def serve(
 
     _check(port, max_batch_size, max_queue, max_prompt_tokens, max_new_tokens, timeout)
     lm = load(checkpoint, device=device, verify=verify)
-    options = dict(num_draft_tokens=num_draft_tokens, max_queue=max_queue, compile=compile)
+    options = dict(
+        num_draft_tokens=num_draft_tokens, max_queue=max_queue, compile=compile, max_batch_size=max_batch_size
+    )
     key = api_key if api_key is not None else os.environ.get("LMLAB_API_KEY") or None
     limits = Limits(max_prompt_tokens, max_new_tokens, timeout)
     settings = Settings(model_name or Path(checkpoint).resolve().name, key, limits)
@@ -88,9 +90,12 @@ def _engine(lm, max_batch_size: int, max_queue: int, compile: bool):
     return None  # an encoder: embeddings only
 
 
-def _draft_engine(lm, draft: str, num_draft_tokens: int, max_queue: int, compile: bool):
-    """The engine of ``serve --draft``: requests one at a time through speculative decoding."""
+def _draft_engine(lm, draft: str, num_draft_tokens: int, max_queue: int, compile: bool, max_batch_size: int = 16):
+    """The engine of ``serve --draft``: prompt lookup drafts inside continuous batching (every row drafts, one
+    forward pass checks all rows); a draft model decodes requests one at a time."""
     from lmlab.generate.engine import SpeculativeEngine
+    from lmlab.generate.speculative import PROMPT_LOOKUP
+    from lmlab.generate.speculative_engine import BatchedSpeculativeEngine
 
     if lm.model.config.arch != "decoder":
         raise LmlabError("draft (speculative decoding) needs a decoder-only model", params="draft")
@@ -99,6 +104,10 @@ def _draft_engine(lm, draft: str, num_draft_tokens: int, max_queue: int, compile
     if isinstance(num_draft_tokens, bool) or not isinstance(num_draft_tokens, int) or num_draft_tokens < 1:
         raise LmlabError(
             f"num_draft_tokens is {num_draft_tokens!r}: expected a positive integer", params="num_draft_tokens"
+        )
+    if draft == PROMPT_LOOKUP:
+        return BatchedSpeculativeEngine(
+            lm.model, num_draft_tokens=num_draft_tokens, max_batch_size=max_batch_size, max_queue=max_queue
         )
     vocab = lm.drafter(draft, lm.block_size)[1]  # loads and checks the draft now, not at the first request
     make = lambda max_len: lm.drafter(draft, max_len)[0]  # noqa: E731
