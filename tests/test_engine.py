@@ -429,3 +429,38 @@ def test_batched_prompt_lookup_stops_inside_an_accepted_run_and_frees_a_cancelle
     assert engine.running == 1 and cancelled.finish == "cancelled" and kept.finish is None
     run(engine, [])
     assert kept.tokens == alone(model, prompt, 40) and kept.finish == "length"
+
+
+@pytest.mark.parametrize("name", ["gpt2-tiny", "llama-tiny"])
+def test_batched_draft_model_gives_each_request_its_greedy_tokens_rolling_back_per_row(name, monkeypatch):
+    from lmlab.generate.speculative_engine import BatchedSpeculativeEngine
+
+    model = tiny(name)
+    torch.manual_seed(1)
+    other = build_model(preset(name, n_layer=1)).eval()  # random: mostly rejected
+    jobs = work(model.config.vocab_size, 6, seed=3)
+    expected = [alone(model, prompt, new) for prompt, new in jobs]
+    calls = count_forwards(model, monkeypatch)
+    run(Engine(model, max_batch_size=4), [Request(p, n, emit=Recorder()) for p, n in jobs])
+    plain = sum(1 for *_, decodes in calls if decodes)
+    monkeypatch.undo()
+    for draft in (model, other):  # the model as its own draft keeps every draft; a random one, few
+        recorders = [Recorder() for _ in jobs]
+        engine = BatchedSpeculativeEngine(model, num_draft_tokens=3, draft=draft, max_batch_size=4)
+        run(engine, [Request(p, n, emit=r) for (p, n), r in zip(jobs, recorders)])
+        assert [r.tokens for r in recorders] == expected and all(r.finish == "length" for r in recorders)
+        assert engine.running == 0 and engine.stats.drafted > 0
+        if draft is model:
+            assert engine.stats.accepted == engine.stats.drafted and engine.stats.rounds < plain / 2
+        else:
+            assert engine.stats.accepted < engine.stats.drafted
+    sampled = Recorder()
+    seeded = torch.Generator().manual_seed(3)
+    engine = BatchedSpeculativeEngine(model, num_draft_tokens=3, draft=other)
+    run(
+        engine, [Request(jobs[0][0], 12, emit=sampled, sample=True, generator=seeded), Request([5], 9, emit=Recorder())]
+    )
+    assert len(sampled.tokens) == 12 and sampled.finish == "length"
+    short = BatchedSpeculativeEngine(model, draft=build_model(preset(name, n_layer=1, block_size=16)).eval())
+    with pytest.raises(LmlabError, match="draft model's context window of 16"):
+        short.submit(Request([1] * 10, 7, emit=Recorder()))

@@ -84,12 +84,14 @@ def test_serve_with_a_draft_completes_as_lmlab_generate(lm):
         _draft_engine(lm, "prompt-lookup", num_draft_tokens=4, max_queue=8, compile=True)
 
 
-def test_serve_with_prompt_lookup_batches_concurrent_requests_and_answers_each_greedily(lm):
+@pytest.mark.parametrize("draft", ["prompt-lookup", "a checkpoint"])
+def test_serve_with_a_draft_batches_concurrent_requests_and_answers_each_greedily(lm, trained_run, draft):
     from lmlab.generate.speculative_engine import BatchedSpeculativeEngine
     from lmlab.serve.server import _draft_engine
 
-    engine = _draft_engine(lm, "prompt-lookup", num_draft_tokens=4, max_queue=8, compile=False, max_batch_size=4)
-    assert isinstance(engine, BatchedSpeculativeEngine)
+    draft = draft if draft == "prompt-lookup" else str(trained_run)  # the model as its own draft: all kept
+    engine = _draft_engine(lm, draft, num_draft_tokens=4, max_queue=8, compile=False, max_batch_size=4)
+    assert isinstance(engine, BatchedSpeculativeEngine) and (engine.draft is None) == (draft == "prompt-lookup")
     running: list[int] = []
     engine.on_step = lambda rows, waiting: running.append(rows)
     step = engine.step
@@ -116,6 +118,8 @@ def test_serve_with_prompt_lookup_batches_concurrent_requests_and_answers_each_g
             t.join(60)
     assert answers == {p: lm.generate(p, max_new_tokens=16) for p in prompts}
     assert max(running) == 3 and engine.stats.rounds > 0  # the three rows were checked together
+    if engine.draft is not None:
+        assert engine.stats.accepted == engine.stats.drafted > 0
 
 
 def test_stop_strings_cut_the_text_and_say_stop(client, lm):

@@ -362,12 +362,9 @@ class Engine:
         holes = [i for i in range(n) if done[i]]
         movers = [i for i in keep if i >= n]
         if holes:
-            src = torch.tensor(movers, device=self.device)
-            dst = torch.tensor(holes, device=self.device)
-            length = int(self.pos[: len(done)].max())
-            for buffer in (*self.cache.k, *self.cache.v):
-                buffer[dst, :, :length] = buffer[src, :, :length]
-            self.pos[dst] = self.pos[src]
+            self._move_rows(
+                torch.tensor(movers, device=self.device), torch.tensor(holes, device=self.device), len(done)
+            )
         order = [*range(n)]
         for hole, mover in zip(holes, movers):
             order[hole] = mover
@@ -375,6 +372,13 @@ class Engine:
             self.logits = self.logits[torch.tensor(order, dtype=torch.long, device=self.device)] if n else None
         rows = list(self.rows)
         self.rows = [rows[i] for i in order]
+
+    def _move_rows(self, src: Tensor, dst: Tensor, n: int) -> None:
+        """Move rows ``src`` of the first ``n`` into rows ``dst``: their cache slots and positions."""
+        length = int(self.pos[:n].max())
+        for buffer in (*self.cache.k, *self.cache.v):
+            buffer[dst, :, :length] = buffer[src, :, :length]
+        self.pos[dst] = self.pos[src]
 
     def _decode(self) -> None:
         """One token for every row: each writes at its own slot and attends over its own slots."""

@@ -45,9 +45,9 @@ def serve(
         device: where the model runs: auto, cpu, cuda, cuda:N or mps
         compile: torch.compile the decode step (a CUDA graph on GPU), rows and attended length bucketed to powers of
             two: each bucket compiles on first use (seconds to a minute), later steps run faster (decoders)
-        draft: speculative decoding: prompt-lookup (n-gram matches in each request's text, drafted and checked
-            for every request in the batch in one forward pass), or a smaller checkpoint with the same tokenizer
-            that drafts tokens the model checks several at a time (one request at a time); same outputs
+        draft: speculative decoding: a smaller checkpoint with the same tokenizer, or prompt-lookup (n-gram
+            matches in each request's text), drafts tokens for every request in the batch and the model checks
+            all of them in one forward pass; same outputs
         num_draft_tokens: tokens drafted per round (with draft)
         verify: check the checkpoint's files against their recorded hashes before loading
     """
@@ -91,9 +91,8 @@ def _engine(lm, max_batch_size: int, max_queue: int, compile: bool):
 
 
 def _draft_engine(lm, draft: str, num_draft_tokens: int, max_queue: int, compile: bool, max_batch_size: int = 16):
-    """The engine of ``serve --draft``: prompt lookup drafts inside continuous batching (every row drafts, one
-    forward pass checks all rows); a draft model decodes requests one at a time."""
-    from lmlab.generate.engine import SpeculativeEngine
+    """The engine of ``serve --draft``: speculative decoding inside continuous batching (every row drafts, by
+    prompt lookup or with the draft model, and one forward pass of the model checks every row's draft)."""
     from lmlab.generate.speculative import PROMPT_LOOKUP
     from lmlab.generate.speculative_engine import BatchedSpeculativeEngine
 
@@ -105,13 +104,18 @@ def _draft_engine(lm, draft: str, num_draft_tokens: int, max_queue: int, compile
         raise LmlabError(
             f"num_draft_tokens is {num_draft_tokens!r}: expected a positive integer", params="num_draft_tokens"
         )
-    if draft == PROMPT_LOOKUP:
-        return BatchedSpeculativeEngine(
-            lm.model, num_draft_tokens=num_draft_tokens, max_batch_size=max_batch_size, max_queue=max_queue
-        )
-    vocab = lm.drafter(draft, lm.block_size)[1]  # loads and checks the draft now, not at the first request
-    make = lambda max_len: lm.drafter(draft, max_len)[0]  # noqa: E731
-    return SpeculativeEngine(lm.model, make, num_draft_tokens=num_draft_tokens, vocab_size=vocab, max_queue=max_queue)
+    model, vocab = None, None
+    if draft != PROMPT_LOOKUP:  # loads and checks the draft now, not at the first request
+        drafter, vocab = lm.drafter(draft, lm.block_size)
+        model = drafter.run.model
+    return BatchedSpeculativeEngine(
+        lm.model,
+        num_draft_tokens=num_draft_tokens,
+        draft=model,
+        vocab_size=vocab,
+        max_batch_size=max_batch_size,
+        max_queue=max_queue,
+    )
 
 
 def _check(port, max_batch_size, max_queue, max_prompt_tokens, max_new_tokens, timeout) -> None:
