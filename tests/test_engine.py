@@ -464,3 +464,29 @@ def test_batched_draft_model_gives_each_request_its_greedy_tokens_rolling_back_p
     short = BatchedSpeculativeEngine(model, draft=build_model(preset(name, n_layer=1, block_size=16)).eval())
     with pytest.raises(LmlabError, match="draft model's context window of 16"):
         short.submit(Request([1] * 10, 7, emit=Recorder()))
+
+
+@pytest.mark.parametrize("drafter", ["model", "prompt-lookup"])
+def test_batched_speculative_sampling_has_the_models_distribution(drafter):
+    from test_speculative import V, chi_square_p, peaked, two_token_distribution
+
+    from lmlab.generate.processors import Temperature, TopK
+    from lmlab.generate.speculative_engine import BatchedSpeculativeEngine
+
+    target, draft = peaked(0), peaked(1)
+    prompt, processors, N = [1, 2, 3, 1, 2], LogitsProcessorList([Temperature(0.8), TopK(6)]), 2000
+    engine = BatchedSpeculativeEngine(
+        target, num_draft_tokens=2, draft=draft if drafter == "model" else None, max_batch_size=16, max_queue=N
+    )
+    generator, recorders = torch.Generator().manual_seed(0), [Recorder() for _ in range(N)]
+    # max_new_tokens 3: the first token comes from the prefill, the second from a verifying round (one draft)
+    run(
+        engine, [Request(prompt, 3, emit=r, processors=processors, sample=True, generator=generator) for r in recorders]
+    )
+    counts = torch.zeros(V * V)
+    for r in recorders:
+        counts[r.tokens[0] * V + r.tokens[1]] += 1
+    assert engine.stats.drafted > N / 4 and 0 < engine.stats.accepted < engine.stats.drafted
+    assert chi_square_p(counts, two_token_distribution(target, prompt, processors)) > 1e-3
+    if drafter == "model":  # the test has power: the draft's own distribution, which acceptance corrects, fails
+        assert chi_square_p(counts, two_token_distribution(draft, prompt, processors)) < 1e-6
