@@ -479,8 +479,10 @@ class SpeculativeEngine(SerialEngine):
     """A decoder's requests one at a time through speculative decoding
     (:func:`~lmlab.generate.speculative.speculative_decode`): ``make_drafter(max_len)`` gives each request its
     drafter, which proposes ``num_draft_tokens`` tokens a round. The same interface, events and stop conditions
-    as :class:`Engine`, and the same tokens (greedy) or distribution (sampling); no batching across requests
-    (each row would keep a different number of tokens every round)."""
+    as :class:`Engine`, and the same tokens (greedy) or distribution (sampling); no batching across requests.
+    ``lmlab serve --draft`` runs :class:`~lmlab.generate.speculative_engine.BatchedSpeculativeEngine` instead,
+    which drafts and verifies every row of a continuous batch together; this one stays as the one-at-a-time
+    reference (``bench/speculative_serve.py`` compares them)."""
 
     def __init__(
         self,
