@@ -18,7 +18,7 @@ import json
 import logging
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence, TextIO
 
@@ -48,6 +48,29 @@ class Completion:
     logprobs: list[float] | None = None  # each new token's log-probability under the model
     top_logprobs: list[list[tuple[int, float]]] | None = None  # per token: the n most likely (id, log-prob)
     score: float | None = None  # beam search: the length-penalised score that ranked it
+
+
+@dataclass
+class Decoded:
+    """One greedy or sampled row as a decoding loop hands it over: its new tokens (a stop id left out), why it
+    ended (``stop`` or ``length``) and, with logprobs, each token's log-probability and most likely alternatives."""
+
+    tokens: list[int] = field(default_factory=list)
+    reason: str = "length"
+    logprobs: list[float] = field(default_factory=list)
+    tops: list[list[tuple[int, float]]] = field(default_factory=list)
+    emitted: int = 0  # tokens the model chose, a stop id included
+
+    def take(self, event) -> None:
+        """A continuous-batching engine's :class:`~lmlab.generate.engine.Event` for this row."""
+        self.emitted += 1
+        if event.token is not None:
+            self.tokens.append(event.token)
+            if event.logprob is not None:
+                self.logprobs.append(event.logprob)
+                self.tops.append(event.top or [])
+        if event.finish_reason is not None:
+            self.reason = "stop" if event.finish_reason == "stop" else "length"
 
 
 @dataclass
@@ -307,11 +330,17 @@ class LM:
                 out.append(row)
             return out
         rows = [row for row in ids for _ in range(n)]
-        new_tokens: list[list[int]] = [[] for _ in rows]
-        reasons = ["length"] * len(rows)
-        lps: list[list[float]] = [[] for _ in rows]
-        tops: list[list[list[tuple[int, float]]]] = [[] for _ in rows]
-        stop_set = set(stop_ids)
+        if config.draft is not None and len(rows) > 1:
+            decoded = self._speculative_rows(rows, new, config, logprobs)
+        else:
+            decoded = self._decoded_rows(rows, new, config, logprobs)
+        return [[self._sampled(d, config, logprobs) for d in decoded[i * n : (i + 1) * n]] for i in range(len(ids))]
+
+    def _decoded_rows(
+        self, rows: list[list[int]], new: int, config: GenerationConfig, logprobs: int | None
+    ) -> list[Decoded]:
+        """Every row decoded together by :meth:`_steps` (one :class:`Decoded` each)."""
+        decoded, stop_set = [Decoded() for _ in rows], set(self._stop_ids(config))
         for step in self._steps(rows, new, config, logprobs):
             tokens, active, finished = step.tokens.tolist(), step.active.tolist(), step.finished.tolist()
             step_lps = step.logprobs.tolist() if step.logprobs is not None else None
@@ -320,25 +349,23 @@ class LM:
                 if not active[r]:
                     continue
                 if finished[r]:
-                    reasons[r] = "stop"
+                    decoded[r].reason = "stop"
                     if token in stop_set:
                         continue  # the end-of-text token is not part of the output
-                new_tokens[r].append(token)
+                decoded[r].tokens.append(token)
                 if step_lps is not None:
-                    lps[r].append(step_lps[r])
+                    decoded[r].logprobs.append(step_lps[r])
                 if top is not None:
-                    tops[r].append(list(zip(top[0][r], top[1][r])))
-        out = []
-        for i in range(len(ids)):
-            row = []
-            for r in range(i * n, (i + 1) * n):
-                c = self._completion(new_tokens[r], reasons[r], config)
-                if logprobs is not None:
-                    c.tokens = [self.tokenizer.decode([t]) for t in new_tokens[r]]
-                    c.logprobs, c.top_logprobs = lps[r], (tops[r] if logprobs > 0 else None)
-                row.append(c)
-            out.append(row)
-        return out
+                    decoded[r].tops.append(list(zip(top[0][r], top[1][r])))
+        return decoded
+
+    def _sampled(self, d: Decoded, config: GenerationConfig, logprobs: int | None) -> Completion:
+        """The :class:`Completion` of a greedy or sampled row."""
+        c = self._completion(d.tokens, d.reason, config)
+        if logprobs is not None:
+            c.tokens = [self.tokenizer.decode([t]) for t in d.tokens]
+            c.logprobs, c.top_logprobs = d.logprobs, (d.tops if logprobs > 0 else None)
+        return c
 
     def _steps(self, ids: list[list[int]], new: int, config: GenerationConfig, logprobs: int | None = None):
         """The greedy/sampling decoding loop for ``config`` (stop ids, stop strings, seed, processors)."""
@@ -385,6 +412,61 @@ class LM:
             logprobs=logprobs,
             stats=self.last_speculation,
         )
+
+    def _speculative_rows(
+        self, rows: list[list[int]], new: int, config: GenerationConfig, logprobs: int | None
+    ) -> list[Decoded]:
+        """Several rows with a drafter: all of them through one
+        :class:`~lmlab.generate.speculative_engine.BatchedSpeculativeEngine` (each row drafts, one forward pass
+        verifies every row's draft, each keeps its own accepted tokens), stepped on this thread until done;
+        :attr:`last_speculation` sums the rows' drafted and accepted tokens."""
+        from lmlab.generate.engine import Request
+        from lmlab.generate.speculative import SpeculationStats
+
+        engine = self._speculative_engine(config, len(rows))
+        decoded = [Decoded() for _ in rows]
+        for row, prompt, generator in zip(decoded, rows, self._row_generators(config, len(rows))):
+            rules = {**self.decoding_rules(config), "generator": generator}
+            engine.submit(Request(prompt, new, row.take, logprobs=logprobs, **rules))
+        while not engine.idle():
+            engine.step()
+        stats = engine.stats  # its verifying passes; a row's first token comes from the prefill, not a round
+        emitted = sum(row.emitted for row in decoded)
+        self.last_speculation = SpeculationStats(stats.drafted, stats.accepted, stats.rounds, emitted)
+        return decoded
+
+    def _speculative_engine(self, config: GenerationConfig, rows: int):
+        """A :class:`~lmlab.generate.speculative_engine.BatchedSpeculativeEngine` of ``rows`` rows drafting as
+        ``config.draft`` says (prompt lookup, or a draft model loaded once and checked)."""
+        from lmlab.generate.speculative import PROMPT_LOOKUP
+        from lmlab.generate.speculative_engine import BatchedSpeculativeEngine
+
+        if self.is_seq2seq:
+            raise LmlabError("draft (speculative decoding) needs a decoder-only model", params="draft")
+        draft, vocab = None, None
+        if not (isinstance(config.draft, str) and config.draft == PROMPT_LOOKUP):
+            draft = self._draft_lm(config.draft).model
+            vocab = min(self.model.config.vocab_size, draft.config.vocab_size)
+        return BatchedSpeculativeEngine(
+            self.model,
+            num_draft_tokens=config.num_draft_tokens,
+            draft=draft,
+            vocab_size=vocab,
+            max_batch_size=rows,
+            max_queue=rows,
+        )
+
+    def _row_generators(self, config: GenerationConfig, rows: int) -> list[torch.Generator | None]:
+        """A generator for each sampled row (None when greedy), each seeded by a draw from ``config.seed`` (or a
+        random seed): a seeded run repeats, and the rows draw independently."""
+        if not config.samples:
+            return [None] * rows
+        seeds = torch.Generator().manual_seed(config.seed if config.seed is not None else torch.seed())
+        generators = []
+        for seed in torch.randint(2**62, (rows,), generator=seeds).tolist():
+            generators.append(torch.Generator(device=self.device))
+            generators[-1].manual_seed(seed)
+        return generators
 
     def drafter(self, draft: str | Path | LM, max_len: int):
         """A drafter for speculative decoding of sequences up to ``max_len`` tokens, and the vocabulary size the
@@ -542,7 +624,7 @@ class LM:
         Args:
             prompts: the prompts, each a string.
             config: the decoding options (or give them as keywords, as to :meth:`generate`).
-            batch_size: prompts decoded together (1 with a draft: speculative decoding takes one at a time)
+            batch_size: prompts decoded together
             logprobs: add each token's log-probability and its N most likely alternatives
         """
         config = self._config(config, options)
@@ -551,7 +633,6 @@ class LM:
         if isinstance(prompts, str):
             raise LmlabError("generate_records takes a list of prompts (strings)")
         prompts, records = list(prompts), []
-        batch_size = 1 if config.draft is not None else batch_size  # speculative decoding: one prompt at a time
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start : start + batch_size]
             for prompt, outputs in zip(chunk, self.generate(chunk, config, details=True, logprobs=logprobs)):

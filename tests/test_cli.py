@@ -347,6 +347,16 @@ def test_generate_bad_flags_are_one_line_errors(trained_run, capsys, flags, need
     assert_one_line_error(code, err, needle)
 
 
+def test_generate_prompts_file_with_a_draft_batches_and_prints_the_plain_output(trained_run, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("The\nOnce upon a time\nThe the the\n", encoding="utf-8")
+    argv = ["generate", str(trained_run), "--prompts-file", str(prompts), "--max-new-tokens", "6", "--ignore-eos"]
+    code, plain, _ = run(capsys, *argv, "--format", "jsonl")
+    assert code == 0
+    code, drafted, _ = run(capsys, *argv, "--format", "jsonl", "--draft", "prompt-lookup", "--batch-size", "2")
+    assert code == 0 and drafted == plain and len(drafted.splitlines()) == 3
+
+
 def test_generate_an_empty_prompt_is_a_one_line_error(trained_run, capsys):
     code, _, err = run(capsys, "generate", str(trained_run), "--prompt", "")
     assert_one_line_error(code, err, "prompt 0 is empty")

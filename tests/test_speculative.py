@@ -206,8 +206,9 @@ def lms(tokenizer_dir, other_tokenizer_dir, tmp_path_factory):
     target = LM(tiny("gpt2-tiny", 0, vocab_size=tok.vocab_size), tok)
     folder = tmp_path_factory.mktemp("draft")
     draft = save_checkpoint(folder / "draft", tiny("gpt2-tiny", 1, n_layer=1, vocab_size=tok.vocab_size), tokenizer=tok)
+    itself = save_checkpoint(folder / "itself", target.model, tokenizer=tok)
     stranger = LM(tiny("gpt2-tiny", 2, vocab_size=other.vocab_size), other)
-    return dict(target=target, draft=draft, stranger=stranger)
+    return dict(target=target, draft=draft, itself=itself, stranger=stranger)
 
 
 def test_lm_generate_with_a_draft_checkpoint_or_prompt_lookup_equals_plain_generate(lms):
@@ -228,13 +229,68 @@ def test_a_draft_with_another_tokenizer_is_a_one_line_error(lms):
     assert e.value.params == ("draft",)
 
 
-def test_speculative_decoding_takes_one_prompt_and_greedy_or_sampling(lms):
-    with pytest.raises(LmlabError, match="one sequence at a time") as e:
-        lms["target"].generate(["Hello", "Bye"], max_new_tokens=4, draft="prompt-lookup")
-    assert "draft" in e.value.params
-    records = lms["target"].generate_records(["Hello", "Bye"], max_new_tokens=4, draft="prompt-lookup")
-    assert len(records) == 2  # records go one prompt at a time
+def test_speculative_decoding_takes_greedy_or_sampling_only(lms):
     with pytest.raises(LmlabError, match="strategy greedy or sample"):
         GenerationConfig(draft="prompt-lookup", strategy="beam", num_beams=2)
     with pytest.raises(LmlabError, match="num_draft_tokens is 0"):
         GenerationConfig(draft="prompt-lookup", num_draft_tokens=0)
+
+
+# -- several rows: one BatchedSpeculativeEngine ---------------------------------------------------------------
+
+TEXTS = ("The cat sat on the mat. The cat", "Once", "a b a b a b a b a")
+
+
+def test_several_prompts_draft_together_and_each_gets_its_plain_greedy_output(lms):
+    lm = lms["target"]
+    prompts = [lm.tokenizer.encode(text) for text in TEXTS]
+    assert len({len(p) for p in prompts}) == 3  # prompts of different lengths
+    options = dict(max_new_tokens=20, ignore_eos=True)
+    alone = [lm.complete_ids([p], **options)[0][0] for p in prompts]
+    stop = alone[0].text[6:9]
+    cut = [lm.complete_ids([p], stop=[stop], **options)[0][0] for p in prompts]
+    assert cut[0].finish_reason == "stop" and len(cut[0].token_ids) < 20  # the stop string ends the first early
+    assert [len(c.token_ids) for c in alone] == [20, 20, 20] and {c.finish_reason for c in alone} == {"length"}
+    for draft in ("prompt-lookup", str(lms["draft"]), str(lms["itself"])):
+        got = lm.complete_ids(prompts, draft=draft, num_draft_tokens=3, **options)
+        assert [row[0] for row in got] == alone, draft
+        stats = lm.last_speculation
+        assert stats.drafted > 0 and stats.emitted == 60 and stats.rounds < 20  # the rows share each pass
+        assert [row[0] for row in lm.complete_ids(prompts, draft=draft, stop=[stop], **options)] == cut
+    assert stats.accepted == stats.drafted  # the model drafting for itself: every draft kept
+    lm.complete_ids(prompts, draft="prompt-lookup", **options)
+    assert lm.last_speculation.accepted > 0
+
+
+def test_several_prompts_with_a_draft_keep_processors_and_logprobs(lms):
+    lm = lms["target"]
+    prompts = [lm.tokenizer.encode(text) for text in TEXTS]
+    options = dict(max_new_tokens=12, repetition_penalty=1.5, min_new_tokens=4, logprobs=2)
+    alone = [lm.complete_ids([p], **options)[0][0] for p in prompts]
+    got = [row[0] for row in lm.complete_ids(prompts, draft=str(lms["draft"]), **options)]
+    for a, b in zip(alone, got):
+        assert (a.token_ids, a.text, a.finish_reason, a.tokens) == (b.token_ids, b.text, b.finish_reason, b.tokens)
+        assert b.logprobs == pytest.approx(a.logprobs, abs=1e-4)
+        assert [[i for i, _ in alts] for alts in a.top_logprobs] == [[i for i, _ in alts] for alts in b.top_logprobs]
+
+
+def test_sampled_return_sequences_with_a_draft_are_reproducible_and_differ(lms):
+    lm = lms["target"]
+    options = dict(strategy="sample", num_return_sequences=3, max_new_tokens=10, ignore_eos=True, top_k=50)
+    first = lm.generate(["The cat sat", "Once"], seed=7, draft="prompt-lookup", return_ids=True, **options)
+    assert [len(row) for row in first] == [3, 3] and all(len(ids) == 10 for row in first for ids in row)
+    assert lm.generate(["The cat sat", "Once"], seed=7, draft="prompt-lookup", return_ids=True, **options) == first
+    assert len({tuple(ids) for ids in first[0]}) > 1  # each row draws with its own generator
+    one = lm.generate("The cat sat", seed=7, draft=str(lms["draft"]), **options)
+    assert len(one) == 3 and lm.generate("The cat sat", seed=7, draft=str(lms["draft"]), **options) == one
+    assert lm.generate("The cat sat", seed=8, draft=str(lms["draft"]), **options) != one
+
+
+def test_generate_records_with_a_draft_batches_and_equals_plain_records(lms):
+    lm, options = lms["target"], dict(max_new_tokens=8, ignore_eos=True, logprobs=0)
+    plain = lm.generate_records(list(TEXTS), batch_size=2, **options)
+    drafted = lm.generate_records(list(TEXTS), batch_size=2, draft="prompt-lookup", **options)
+    assert [(r["prompt"], r["token_ids"], r["completion"]) for r in drafted] == [
+        (r["prompt"], r["token_ids"], r["completion"]) for r in plain
+    ]
+    assert lm.last_speculation.emitted == 8  # the last batch held the third prompt alone

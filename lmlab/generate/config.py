@@ -88,7 +88,7 @@ class GenerationConfig:
         None,
         "speculative decoding: a smaller checkpoint with the same tokenizer drafts tokens that the model checks, "
         "several per forward pass; prompt-lookup drafts them from n-gram matches in the prompt (no model); the "
-        "output is what decoding without a draft gives; one prompt at a time",
+        "output is what decoding without a draft gives; several prompts (or samples) draft and are checked together",
     )
     num_draft_tokens: int = option(5, "tokens drafted per round (with draft)")
 
@@ -162,11 +162,6 @@ class GenerationConfig:
             raise LmlabError("draft (speculative decoding) needs strategy greedy or sample", params="draft strategy")
         if self.compile:
             raise LmlabError("draft (speculative decoding) decodes eagerly: drop compile", params="draft compile")
-        if self.num_return_sequences > 1:
-            raise LmlabError(
-                "draft (speculative decoding) makes one sequence per prompt: num_return_sequences must be 1",
-                params="draft num_return_sequences",
-            )
 
     @property
     def samples(self) -> bool:

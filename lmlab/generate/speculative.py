@@ -16,7 +16,9 @@ Rolling back a cache is forgetting: the caches are static buffers addressed by s
 the slots past that count; the next forward writes its tokens into those slots before attention reads
 them (reads stop at ``cache_len``), so nothing is copied.
 
-One sequence at a time (batch 1): rows of a batch would keep different numbers of tokens each round.
+One sequence at a time (batch 1): rows of a batch keep different numbers of tokens each round, which
+:class:`~lmlab.generate.speculative_engine.BatchedSpeculativeEngine` handles (a ragged cache, a position per row);
+:class:`~lmlab.api.LM` runs one row here and several through that engine.
 The loop yields one :class:`~lmlab.generate.loop.Step` per token, so ``generate``, ``stream`` and chat
 wrap it as they wrap :func:`~lmlab.generate.loop.decode`; stop ids, stop rules and ``max_new_tokens``
 end it at the same token.
@@ -183,8 +185,8 @@ def _check(model: nn.Module, prompts: Sequence[Sequence[int]], k: int, total: in
     B = len(prompts)
     if B != 1:
         raise LmlabError(
-            f"speculative decoding (draft) decodes one sequence at a time; got a batch of {B}: give one prompt and "
-            "num_return_sequences 1",
+            f"speculative_decode decodes one sequence; got a batch of {B}: run several through "
+            "lmlab.generate.speculative_engine.BatchedSpeculativeEngine (as LM.generate does)",
             params="draft",
         )
     if not prompts[0]:
