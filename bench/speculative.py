@@ -13,8 +13,10 @@ method: tokens/s (the best of ``--repeats`` passes over the prompts, the methods
 acceptance rate (drafted tokens the target kept), the speedup over the same library's plain greedy, and
 lmlab ÷ HF. Every speculative output is checked to be its library's plain greedy output token for token. The
 prompts are the first ``--prompt-tokens`` tokens of held-out documents (``--prompts-file``: JSON Lines with a
-``text`` field, e.g. the demo's heldout.jsonl; default: documents spread over the embedded corpus). ``--prompt-style rewrite`` wraps that text in the target's chat
-template as an editing request ("Rewrite the following text, fixing any typos"), the work prompt lookup is for.
+``text`` field, e.g. the demo's heldout.jsonl; default: documents spread over the embedded corpus).
+``--prompt-style rewrite`` wraps that text in the target's chat template as an editing request ("Rewrite the
+following text, fixing any typos"), the work prompt lookup is for. Both libraries suppress the end of text
+until ``--new-tokens`` (``min_new_tokens``).
 """
 
 from __future__ import annotations
