@@ -3,6 +3,7 @@
     python bench/speculative.py --target RUN_OR_CKPT --draft CKPT [--new-tokens 128] [--k 4] [--json out.json]
     python bench/speculative.py --target RUN --draft first:1     # the draft: the target's first layer(s)
     python bench/speculative.py --target RUN --draft distill:1:300   # … then 300 steps distilled from the target
+    python bench/speculative.py --target SmolLM2.gguf --prompt-style rewrite   # no draft model: prompt lookup only
 
 Both libraries decode the same prompt ids greedily for exactly ``--new-tokens`` tokens (no end-of-text stop):
 plain greedy, speculative with the draft model (k tokens a round) and prompt lookup (k tokens a round). HF runs
@@ -12,7 +13,10 @@ method: tokens/s (the best of ``--repeats`` passes over the prompts, the methods
 acceptance rate (drafted tokens the target kept), the speedup over the same library's plain greedy, and
 lmlab ÷ HF. Every speculative output is checked to be its library's plain greedy output token for token. The
 prompts are the first ``--prompt-tokens`` tokens of held-out documents (``--prompts-file``: JSON Lines with a
-``text`` field, e.g. the demo's heldout.jsonl).
+``text`` field, e.g. the demo's heldout.jsonl; default: documents spread over the embedded corpus).
+``--prompt-style rewrite`` wraps that text in the target's chat template as an editing request ("Rewrite the
+following text, fixing any typos"), the work prompt lookup is for. Both libraries suppress the end of text
+until ``--new-tokens`` (``min_new_tokens``).
 """
 
 from __future__ import annotations
@@ -33,7 +37,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--target", required=True, help="the target checkpoint or run folder")
     p.add_argument(
-        "--draft", required=True, help="a draft checkpoint with the same tokenizer, first:N (layers) or distill:N:STEPS"
+        "--draft",
+        default=None,
+        help="a draft checkpoint with the same tokenizer, first:N (layers) or distill:N:STEPS (default: none, "
+        "greedy and prompt lookup only)",
+    )
+    p.add_argument(
+        "--prompt-style",
+        choices=("continue", "rewrite"),
+        default="continue",
+        help="continue: the text itself; rewrite: the text in the chat template with a request to rewrite it",
     )
     p.add_argument("--prompts-file", default=None, help="JSON Lines with 'text' (default: the embedded corpus)")
     p.add_argument("--prompts", type=int, default=4, help="prompts to decode")
@@ -97,9 +110,17 @@ def prompts(tokenizer, args) -> list[list[int]]:
     else:
         from lmlab.data import builtin_corpus
 
-        texts = builtin_corpus(max_chars=200_000)[::-50]
+        texts = builtin_corpus(max_chars=1_000_000)
     ids = [row[: args.prompt_tokens] for row in tokenizer.encode_batch(texts)]
-    return [row for row in ids if len(row) == args.prompt_tokens][: args.prompts]
+    ids = [row for row in ids if len(row) == args.prompt_tokens]
+    ids = [ids[i * len(ids) // args.prompts] for i in range(min(args.prompts, len(ids)))]  # spread over the texts
+    if args.prompt_style == "rewrite":
+        from lmlab.templates import render
+
+        request = "Rewrite the following text, fixing any typos:\n\n"
+        chats = [[{"role": "user", "content": request + tokenizer.decode(row)}] for row in ids]
+        ids = [tokenizer.encode(render(tokenizer, chat, add_generation_prompt=True)) for chat in chats]
+    return ids
 
 
 def measure(runners: dict, ids: list[list[int]], repeats: int) -> dict:
@@ -121,12 +142,14 @@ def lmlab_runners(target: Path, draft: Path, args) -> tuple[dict, dict]:
     import lmlab
 
     lm = lmlab.load(target, device="cpu")
-    common = dict(max_new_tokens=args.new_tokens, ignore_eos=True)
+    common = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)  # as HF: no end of text
     methods = {
         "greedy": {},
         "draft model": dict(draft=str(draft), num_draft_tokens=args.k),
         "prompt lookup": dict(draft="prompt-lookup", num_draft_tokens=args.k),
     }
+    if draft is None:
+        del methods["draft model"]
     counts = {name: [0, 0] for name in methods}
 
     def runner(name, options):
@@ -150,17 +173,21 @@ def hf_runners(target: Path, draft: Path, args, work: Path) -> dict:
 
     models = {}
     for name, path in (("target", target), ("draft", draft)):
-        folder = lmlab.export_hf(path, work / f"hf-{name}")
-        models[name] = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    model, assistant = models["target"], models["draft"]
-    assistant.generation_config.num_assistant_tokens = args.k
-    assistant.generation_config.num_assistant_tokens_schedule = "constant"
+        if path is not None:
+            folder = lmlab.export_hf(path, work / f"hf-{name}")
+            models[name] = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    model, assistant = models["target"], models.get("draft")
+    if assistant is not None:
+        assistant.generation_config.num_assistant_tokens = args.k
+        assistant.generation_config.num_assistant_tokens_schedule = "constant"
     common = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
     methods = {
         "greedy": {},
         "draft model": dict(assistant_model=assistant),
         "prompt lookup": dict(prompt_lookup_num_tokens=args.k),
     }
+    if assistant is None:
+        del methods["draft model"]
 
     def runner(options):
         @torch.inference_mode()
@@ -209,7 +236,9 @@ def main(argv=None) -> int:
     target = resolve_checkpoint(args.target)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        if args.draft.startswith("first:"):
+        if not args.draft:
+            draft = None
+        elif args.draft.startswith("first:"):
             draft = first_layers(target, int(args.draft.split(":", 1)[1]), work / "draft")
         elif args.draft.startswith("distill:"):
             n, steps = (int(x) for x in args.draft.split(":")[1:3])
@@ -225,7 +254,8 @@ def main(argv=None) -> int:
     mine = results["greedy"][1]
     print(
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
-        f"{len(ids)} prompts × {args.prompt_tokens} tokens, {args.new_tokens} new tokens, k = {args.k}"
+        f"{len(ids)} prompts × {args.prompt_tokens} tokens ({args.prompt_style}), {args.new_tokens} new tokens, "
+        f"k = {args.k}"
     )
     print(report(ours, theirs))
     if theirs:

@@ -264,3 +264,17 @@ def test_lmlab_is_declared_in_lm_evals_model_entry_points():
     registry = Registry("model")
     registry.register("lmlab", target=point)
     assert registry.get("lmlab") is LmlabLM
+
+
+def test_sampled_generations_are_seeded_per_batch(trained_run):
+    """Sampling: one prompt in two batches draws differently (each batch its own generator), and the same seed
+    repeats the run exactly while another seed changes it."""
+    options = {"until": ["\n\n"], "max_gen_toks": 16, "do_sample": True, "temperature": 1.0}
+    requests = _requests("generate_until", [("The", options)] * 2)
+
+    def run(seed):
+        return _lmlab(trained_run, batch_size=1, seed=seed).generate_until(requests)
+
+    first = run(7)
+    assert first[0] != first[1]
+    assert run(7) == first and run(8) != first

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,8 @@ class LmlabLM(TemplateLM):
         max_length: context window in tokens (default: the model's block size)
         max_gen_toks: tokens to generate when a task does not say
         verify: check the checkpoint's tokenizer (and a Hugging Face folder against transformers)
+        seed: seeds sampled generations (``do_sample`` with a temperature): each batch draws with its own
+            generator, seeded in turn from this one, so a run is reproducible and its batches' draws independent
         lm: a loaded :class:`lmlab.api.LM` instead of ``pretrained``
     """
 
@@ -96,6 +99,7 @@ class LmlabLM(TemplateLM):
         max_length: int | None = None,
         max_gen_toks: int = 256,
         verify: bool = True,
+        seed: int = 1234,
         lm: LM | None = None,
         **unused: Any,
     ) -> None:
@@ -104,7 +108,7 @@ class LmlabLM(TemplateLM):
         if unknown:
             raise LmlabError(
                 f"unknown model argument(s) {', '.join(unknown)}: the lmlab model type takes pretrained, batch_size, "
-                "device, max_length, max_gen_toks and verify"
+                "device, max_length, max_gen_toks, verify and seed"
             )
         if (pretrained is None) == (lm is None):
             raise LmlabError("the lmlab model type needs pretrained=FOLDER (a checkpoint, run or HF folder)")
@@ -121,6 +125,7 @@ class LmlabLM(TemplateLM):
                 params="max_length",
             )
         self._max_gen_toks = int(max_gen_toks)
+        self._seeds = random.Random(int(seed))  # one seed per sampled batch
 
     @classmethod
     def create_from_arg_obj(cls, arg_dict: dict[str, Any], additional_config: dict[str, Any] | None = None):
@@ -290,7 +295,8 @@ class LmlabLM(TemplateLM):
         sample = bool(kwargs.pop("do_sample", False)) and float(kwargs.get("temperature", 0.0) or 0.0) > 0
         config: dict[str, Any] = dict(max_new_tokens=new, stop=[s for s in until if s])
         if sample:
-            config.update(strategy="sample", temperature=float(kwargs["temperature"]), seed=1234)
+            seed = self._seeds.randrange(2**31)
+            config.update(strategy="sample", temperature=float(kwargs["temperature"]), seed=seed)
             config.update({k: kwargs[k] for k in ("top_k", "top_p") if k in kwargs})
         if self.lm.is_seq2seq:
             from lmlab.data.tasks import encode_sources
