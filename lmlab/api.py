@@ -423,7 +423,7 @@ class LM:
         from lmlab.generate.engine import Request
         from lmlab.generate.speculative import SpeculationStats
 
-        engine = self._speculative_engine(config, len(rows))
+        engine = self._speculative_engine(config, len(rows), max(len(row) for row in rows) + new)
         decoded = [Decoded() for _ in rows]
         for row, prompt, generator in zip(decoded, rows, self._row_generators(config, len(rows))):
             rules = {**self.decoding_rules(config), "generator": generator}
@@ -435,9 +435,9 @@ class LM:
         self.last_speculation = SpeculationStats(stats.drafted, stats.accepted, stats.rounds, emitted)
         return decoded
 
-    def _speculative_engine(self, config: GenerationConfig, rows: int):
-        """A :class:`~lmlab.generate.speculative_engine.BatchedSpeculativeEngine` of ``rows`` rows drafting as
-        ``config.draft`` says (prompt lookup, or a draft model loaded once and checked)."""
+    def _speculative_engine(self, config: GenerationConfig, rows: int, max_len: int):
+        """A :class:`~lmlab.generate.speculative_engine.BatchedSpeculativeEngine` of ``rows`` rows of ``max_len``
+        KV slots each, drafting as ``config.draft`` says (prompt lookup, or a draft model loaded once and checked)."""
         from lmlab.generate.speculative import PROMPT_LOOKUP
         from lmlab.generate.speculative_engine import BatchedSpeculativeEngine
 
@@ -454,6 +454,7 @@ class LM:
             vocab_size=vocab,
             max_batch_size=rows,
             max_queue=rows,
+            max_len=max_len,
         )
 
     def _row_generators(self, config: GenerationConfig, rows: int) -> list[torch.Generator | None]:

@@ -294,3 +294,22 @@ def test_generate_records_with_a_draft_batches_and_equals_plain_records(lms):
         (r["prompt"], r["token_ids"], r["completion"]) for r in plain
     ]
     assert lm.last_speculation.emitted == 8  # the last batch held the third prompt alone
+
+
+def test_batched_speculation_sizes_its_cache_to_the_rows(lms, monkeypatch):
+    """Several rows with a drafter: the engine's KV cache holds the longest prompt + max_new_tokens per row, not
+    the model's whole context window."""
+    from lmlab.generate import speculative_engine
+
+    sizes = []
+    real = speculative_engine.BatchedSpeculativeEngine.__init__
+
+    def spy(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        sizes.append((self.cache.k[0].shape[0], self.cache.k[0].shape[2]))
+
+    monkeypatch.setattr(speculative_engine.BatchedSpeculativeEngine, "__init__", spy)
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
+    out = lms["target"].complete_ids(prompts, max_new_tokens=6, ignore_eos=True, draft="prompt-lookup")
+    assert [len(row[0].token_ids) for row in out] == [6, 6]
+    assert sizes == [(2, 5 + 6)] and lms["target"].block_size > 11

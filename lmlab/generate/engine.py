@@ -168,7 +168,8 @@ class Engine:
     raises :class:`QueueFull` past that). ``on_step(running, waiting)`` is called after every step (metrics).
     ``compile=True`` runs the decode step through :func:`~lmlab.generate.loop.compiled_step` (a CUDA graph
     on GPU) with the rows and the attended length rounded up to powers of two, so that a few graphs serve
-    every batch: the first step of each (rows, length) bucket compiles.
+    every batch: the first step of each (rows, length) bucket compiles. ``max_len`` caps a row's KV slots
+    (prompt + new tokens) below the model's context window, when the caller knows its requests' lengths.
 
     Waiting requests are admitted together (:meth:`_admit`): prompts of similar length share one prefill
     forward pass, right-padded, with at most ``prefill_tokens`` tokens (pads included) in a pass and the
@@ -187,12 +188,13 @@ class Engine:
         max_queue: int = 256,
         on_step: Callable[[int, int], None] | None = None,
         compile: bool = False,
+        max_len: int | None = None,
     ) -> None:
         if getattr(model.config, "arch", None) != "decoder":
             raise LmlabError("continuous batching runs decoder-only models (GPT-2 or LLaMA style)")
         self.model, self.max_batch_size, self.max_queue = model.eval(), max_batch_size, max_queue
         self.device = next(model.parameters()).device
-        self.block_size = model.config.block_size
+        self.block_size = min(model.config.block_size, max_len or model.config.block_size)  # a row's KV slots
         self.cache = model.new_kv_cache(max_batch_size, self.block_size, static=compile)
         self.step_fn = compiled_step(self.device) if compile else None
         self.rows: list[Request] = []  # the requests in flight, row i of the cache is rows[i]'s

@@ -154,6 +154,8 @@ class BatchedSpeculativeEngine(Engine):
         max_batch_size: rows decoded together.
         max_queue: requests that may wait for a row.
         on_step: called with (running, waiting) after every step.
+        max_len: the longest text (prompt + new tokens) a row holds: its KV cache's slots (default and at most:
+            the model's context window).
     """
 
     def __init__(
@@ -167,12 +169,13 @@ class BatchedSpeculativeEngine(Engine):
         max_batch_size: int = 16,
         max_queue: int = 256,
         on_step: Callable[[int, int], None] | None = None,
+        max_len: int | None = None,
     ) -> None:
         if isinstance(num_draft_tokens, bool) or not isinstance(num_draft_tokens, int) or num_draft_tokens < 1:
             raise LmlabError(
                 f"num_draft_tokens is {num_draft_tokens!r}: expected a positive integer", params="num_draft_tokens"
             )
-        super().__init__(model, max_batch_size=max_batch_size, max_queue=max_queue, on_step=on_step)
+        super().__init__(model, max_batch_size=max_batch_size, max_queue=max_queue, on_step=on_step, max_len=max_len)
         self.num_draft_tokens, self.lookup, self.stats = num_draft_tokens, PromptLookup(max_ngram), SpeculationStats()
         self.vocab_size = vocab_size or model.config.vocab_size
         self.draft = None
