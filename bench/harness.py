@@ -2,15 +2,17 @@
 
     python bench/harness.py [--model gpt2-mini] [--vocab-size 4096] [--steps 0] [--num-fewshot 3]
         [--batch-size 8] [--rounds 3] [--threads N] [--json out.json]
+    python bench/harness.py --checkpoint SmolLM2-135M-Instruct.Q4_1.gguf    # a trained model instead
 
 Builds a checkpoint of ``--model`` (a BPE tokenizer of ``--vocab-size`` trained on lmlab's built-in corpus;
-``--steps`` of pretraining on it, 0: untrained weights, seed 0), exports it with ``lmlab.export_hf`` and loads it
-in both backends. Then, per request kind, the requests lm-eval builds for the example tasks (examples/harness:
-``lmlab_mc`` → loglikelihood, ``lmlab_gen`` → generate_until; ``--num-fewshot`` examples per prompt) are answered
-by each backend in ``--rounds`` alternating rounds (lmlab first in even rounds); the best time of each is reported,
-with the ratio hf ÷ lmlab (above 1: lmlab is faster) and a check that both gave the same answers. Model loading
-and task building are not timed. Rolling log-likelihoods (``loglikelihood_rolling``) are timed on the test
-prompts of both tasks joined into long texts.
+``--steps`` of pretraining on it, 0: untrained weights, seed 0) — or takes ``--checkpoint`` (a checkpoint, run,
+Hugging Face folder or GGUF file) — exports it with ``lmlab.export_hf`` and loads it in both backends. Then, per
+request kind, the requests lm-eval builds for the example tasks (examples/harness: ``lmlab_mc`` → loglikelihood,
+``lmlab_gen`` → generate_until; ``--num-fewshot`` examples per prompt) are answered by each backend in ``--rounds``
+alternating rounds (lmlab first in even rounds); the best time of each is reported, with the ratio hf ÷ lmlab (above
+1: lmlab is faster) and a check that both gave the same answers. Model loading and task building are not timed.
+Rolling log-likelihoods (``loglikelihood_rolling``) are timed on the test prompts of both tasks joined into long
+texts.
 """
 
 from __future__ import annotations
@@ -35,8 +37,11 @@ TASKS = ROOT / "examples" / "harness"
 
 
 def build(args, folder: Path) -> tuple[Path, Path]:
-    """An lmlab checkpoint (or run) of ``args.model`` and its Hugging Face export."""
+    """An lmlab checkpoint (or run) of ``args.model``, or ``args.checkpoint``, and its Hugging Face export."""
     import lmlab
+
+    if args.checkpoint:
+        return Path(args.checkpoint), lmlab.export_hf(args.checkpoint, folder / "hf")
     from lmlab.config import preset
     from lmlab.data import builtin_corpus
     from lmlab.io.checkpoint import save_checkpoint
@@ -113,13 +118,14 @@ def run(args) -> dict:
                 requests=len(items), **{f"{k}_s": v for k, v in best.items()}, ratio=best["hf"] / best["lmlab"]
             )
             rows[kind]["same_answers"] = same(kind, answers["lmlab"], answers["hf"])
-        params = models["lmlab"].lm.model.num_params()
-    return dict(rows=rows, params=params)
+        params, vocab = models["lmlab"].lm.model.num_params(), models["lmlab"].lm.model.config.vocab_size
+    return dict(rows=rows, params=params, vocab=vocab)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="gpt2-mini")
+    p.add_argument("--checkpoint", default=None, help="a trained model to load instead of building --model")
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--steps", type=int, default=0, help="pretraining steps (0: untrained weights)")
     p.add_argument("--num-fewshot", type=int, default=3)
@@ -135,7 +141,8 @@ def main() -> None:
     import transformers
 
     print(
-        f"{args.model}: {result['params']:,} parameters, vocab {args.vocab_size}, {args.num_fewshot}-shot, "
+        f"{args.checkpoint or args.model}: {result['params']:,} parameters, vocab {result['vocab']}, "
+        f"{args.num_fewshot}-shot, "
         f"batch {args.batch_size}, {torch.get_num_threads()} threads, best of {args.rounds}"
     )
     print(f"{'request kind':<22} {'requests':>8} {'lmlab s':>9} {'hf s':>9} {'hf/lmlab':>9}  same answers")
