@@ -423,7 +423,10 @@ class LM:
         from lmlab.generate.engine import Request
         from lmlab.generate.speculative import SpeculationStats
 
-        engine = self._speculative_engine(config, len(rows), max(len(row) for row in rows) + new)
+        longest = max(len(row) for row in rows) + new
+        engine = self.speculative_engine(
+            config.draft, config.num_draft_tokens, max_batch_size=len(rows), max_queue=len(rows), max_len=longest
+        )
         decoded = [Decoded() for _ in rows]
         for row, prompt, generator in zip(decoded, rows, self._row_generators(config, len(rows))):
             rules = {**self.decoding_rules(config), "generator": generator}
@@ -435,25 +438,36 @@ class LM:
         self.last_speculation = SpeculationStats(stats.drafted, stats.accepted, stats.rounds, emitted)
         return decoded
 
-    def _speculative_engine(self, config: GenerationConfig, rows: int, max_len: int):
-        """A :class:`~lmlab.generate.speculative_engine.BatchedSpeculativeEngine` of ``rows`` rows of ``max_len``
-        KV slots each, drafting as ``config.draft`` says (prompt lookup, or a draft model loaded once and checked)."""
+    def speculative_engine(
+        self,
+        draft: str | Path | LM,
+        num_draft_tokens: int = 5,
+        *,
+        max_batch_size: int = 16,
+        max_queue: int = 256,
+        max_len: int | None = None,
+    ):
+        """A :class:`~lmlab.generate.speculative_engine.BatchedSpeculativeEngine` for this model: continuous
+        batching where every row drafts ``num_draft_tokens`` tokens as ``draft`` says (``"prompt-lookup"``, or a
+        draft checkpoint or :class:`LM`, loaded once and checked to share the tokenizer) and one forward pass
+        checks them all. ``max_len``: a row's KV slots (default: the context window). ``serve --draft`` and
+        several rows of :meth:`complete_ids` with a draft run on it."""
         from lmlab.generate.speculative import PROMPT_LOOKUP
         from lmlab.generate.speculative_engine import BatchedSpeculativeEngine
 
-        if self.is_seq2seq:
+        if self.is_seq2seq or self.model.config.arch != "decoder":
             raise LmlabError("draft (speculative decoding) needs a decoder-only model", params="draft")
-        draft, vocab = None, None
-        if not (isinstance(config.draft, str) and config.draft == PROMPT_LOOKUP):
-            draft = self._draft_lm(config.draft).model
-            vocab = min(self.model.config.vocab_size, draft.config.vocab_size)
+        model, vocab = None, None
+        if not (isinstance(draft, str) and draft == PROMPT_LOOKUP):
+            model = self._draft_lm(draft).model
+            vocab = min(self.model.config.vocab_size, model.config.vocab_size)
         return BatchedSpeculativeEngine(
             self.model,
-            num_draft_tokens=config.num_draft_tokens,
-            draft=draft,
+            num_draft_tokens=num_draft_tokens,
+            draft=model,
             vocab_size=vocab,
-            max_batch_size=rows,
-            max_queue=rows,
+            max_batch_size=max_batch_size,
+            max_queue=max_queue,
             max_len=max_len,
         )
 

@@ -93,29 +93,10 @@ def _engine(lm, max_batch_size: int, max_queue: int, compile: bool):
 def _draft_engine(lm, draft: str, num_draft_tokens: int, max_queue: int, compile: bool, max_batch_size: int = 16):
     """The engine of ``serve --draft``: speculative decoding inside continuous batching (every row drafts, by
     prompt lookup or with the draft model, and one forward pass of the model checks every row's draft)."""
-    from lmlab.generate.speculative import PROMPT_LOOKUP
-    from lmlab.generate.speculative_engine import BatchedSpeculativeEngine
-
-    if lm.model.config.arch != "decoder":
-        raise LmlabError("draft (speculative decoding) needs a decoder-only model", params="draft")
     if compile:
         raise LmlabError("draft (speculative decoding) decodes eagerly: drop compile", params="draft compile")
-    if isinstance(num_draft_tokens, bool) or not isinstance(num_draft_tokens, int) or num_draft_tokens < 1:
-        raise LmlabError(
-            f"num_draft_tokens is {num_draft_tokens!r}: expected a positive integer", params="num_draft_tokens"
-        )
-    model, vocab = None, None
-    if draft != PROMPT_LOOKUP:  # loads and checks the draft now, not at the first request
-        drafter, vocab = lm.drafter(draft, lm.block_size)
-        model = drafter.run.model
-    return BatchedSpeculativeEngine(
-        lm.model,
-        num_draft_tokens=num_draft_tokens,
-        draft=model,
-        vocab_size=vocab,
-        max_batch_size=max_batch_size,
-        max_queue=max_queue,
-    )
+    # the draft checkpoint is loaded and checked now, not at the first request; the engine checks num_draft_tokens
+    return lm.speculative_engine(draft, num_draft_tokens, max_batch_size=max_batch_size, max_queue=max_queue)
 
 
 def _check(port, max_batch_size, max_queue, max_prompt_tokens, max_new_tokens, timeout) -> None:
