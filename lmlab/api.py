@@ -452,15 +452,11 @@ class LM:
         draft checkpoint or :class:`LM`, loaded once and checked to share the tokenizer) and one forward pass
         checks them all. ``max_len``: a row's KV slots (default: the context window). ``serve --draft`` and
         several rows of :meth:`complete_ids` with a draft run on it."""
-        from lmlab.generate.speculative import PROMPT_LOOKUP
         from lmlab.generate.speculative_engine import BatchedSpeculativeEngine
 
         if self.is_seq2seq or self.model.config.arch != "decoder":
             raise LmlabError("draft (speculative decoding) needs a decoder-only model", params="draft")
-        model, vocab = None, None
-        if not (isinstance(draft, str) and draft == PROMPT_LOOKUP):
-            model = self._draft_lm(draft).model
-            vocab = min(self.model.config.vocab_size, model.config.vocab_size)
+        model, vocab = self._draft_model(draft)
         return BatchedSpeculativeEngine(
             self.model,
             num_draft_tokens=num_draft_tokens,
@@ -486,13 +482,19 @@ class LM:
     def drafter(self, draft: str | Path | LM, max_len: int):
         """A drafter for speculative decoding of sequences up to ``max_len`` tokens, and the vocabulary size the
         two models share: ``draft`` is ``"prompt-lookup"``, a checkpoint (loaded once) or an :class:`LM`."""
-        from lmlab.generate.speculative import PROMPT_LOOKUP, DraftModel, PromptLookup
+        from lmlab.generate.speculative import DraftModel, PromptLookup
 
-        if draft == PROMPT_LOOKUP:
-            return PromptLookup(), self.model.config.vocab_size
+        model, vocab = self._draft_model(draft)
+        return (PromptLookup() if model is None else DraftModel(model, max_len, vocab)), vocab
+
+    def _draft_model(self, draft: str | Path | LM) -> tuple[nn.Module | None, int]:
+        """The draft model ``draft`` names (None for ``"prompt-lookup"``) and the vocabulary both models score."""
+        from lmlab.generate.speculative import PROMPT_LOOKUP
+
+        if isinstance(draft, str) and draft == PROMPT_LOOKUP:
+            return None, self.model.config.vocab_size
         model = self._draft_lm(draft).model
-        vocab = min(self.model.config.vocab_size, model.config.vocab_size)
-        return DraftModel(model, max_len, vocab), vocab
+        return model, min(self.model.config.vocab_size, model.config.vocab_size)
 
     def _draft_lm(self, draft: str | Path | LM) -> LM:
         """The draft model ``draft`` names (a checkpoint, loaded once per LM, on this model's device and dtype), checked

@@ -160,6 +160,22 @@ def token_event(request: Request, token: int, logits: Tensor) -> Event:
     return event
 
 
+def prefill_rows(
+    model: nn.Module, cache: KVCache, first: int, prompts: Sequence[Sequence[int]]
+) -> tuple[Tensor, Tensor]:
+    """``prompts`` into the rows ``first…`` of ``cache`` in one forward pass, right-padded to the longest (row r
+    writes slots ``0..P_r-1``, its pads after them): the final hidden states (rows, T, width) and each row's
+    last real position (rows,)."""
+    device = cache.k[0].device
+    lengths = [len(prompt) for prompt in prompts]
+    T = max(lengths)
+    ids = torch.tensor([[*prompt, *[0] * (T - n)] for prompt, n in zip(prompts, lengths)], device=device)
+    slots = torch.arange(T, device=device)
+    rows = cache.row_span(first, first + len(prompts))
+    hidden = model(ids, kv_cache=rows, input_pos=slots, cache_len=T, hidden_only=True)
+    return hidden, torch.tensor(lengths, device=device) - 1
+
+
 class Engine:
     """The loop that owns ``model`` (a decoder-only :class:`~lmlab.model.DecoderLM`): :meth:`submit` queues
     a :class:`Request`, :meth:`start` runs the loop on a thread of its own (or call :meth:`step` yourself).
@@ -322,13 +338,8 @@ class Engine:
         real token from seeing the pads behind it, and the pads' slots lie at or past the row's position,
         which a decode step overwrites (slot ``P_r``) or masks (:meth:`_decode` reads slots ``≤ pos``). Each
         row's logits are the LM head's on its own last real token (the hidden states are gathered first)."""
-        first, lengths = len(self.rows), [len(request.prompt) for request in group]
-        T = max(lengths)
-        ids = torch.tensor([[*r.prompt, *[0] * (T - n)] for r, n in zip(group, lengths)], device=self.device)
-        last = torch.tensor(lengths, device=self.device) - 1
-        cache = self.cache.row_span(first, first + len(group))
-        slots = torch.arange(T, device=self.device)
-        hidden = self.model(ids, kv_cache=cache, input_pos=slots, cache_len=T, hidden_only=True)
+        first = len(self.rows)
+        hidden, last = prefill_rows(self.model, self.cache, first, [request.prompt for request in group])
         logits = self.model.lm_logits(hidden[torch.arange(len(group), device=self.device), last])  # (rows, V)
         self.logits = logits if self.logits is None else torch.cat([self.logits, logits])
         self.pos[first : first + len(group)] = last + 1

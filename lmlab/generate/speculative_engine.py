@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from lmlab.errors import LmlabError
-from lmlab.generate.engine import Engine, Event, RaggedCache, Request, token_event
+from lmlab.generate.engine import Engine, Event, RaggedCache, Request, prefill_rows, token_event
 from lmlab.generate.speculative import PromptLookup, SpeculationStats, _verify_scores, accept
 
 
@@ -87,12 +87,8 @@ class DraftRows:
 
     def prefill(self, first: int, prompts: list[Sequence[int]]) -> None:
         """Prompts into rows ``first…``, right-padded to the longest, in one forward pass."""
-        lengths, width = [len(p) for p in prompts], max(len(p) for p in prompts)
-        ids = torch.tensor([[*p, *[0] * (width - len(p))] for p in prompts], device=self.device)
-        cache = self.cache.row_span(first, first + len(prompts))
-        slots = torch.arange(width, device=self.device)
-        self.model(ids, kv_cache=cache, input_pos=slots, cache_len=width, hidden_only=True)
-        self.pos[first : first + len(prompts)] = torch.tensor(lengths, device=self.device)
+        _, last = prefill_rows(self.model, self.cache, first, prompts)
+        self.pos[first : first + len(prompts)] = last + 1
 
     def feed(self, tokens: list[list[int]]) -> Tensor:
         """Every row r's ``tokens[r]`` (at least one) at its next slots; the logits (n, vocab) after each row's last."""
@@ -112,15 +108,16 @@ class DraftRows:
         for _ in range(k):
             logits = self.feed(feeds)
             for row, request in enumerate(requests):
-                token, p = self._choose(request, texts[row] + drafts[row], logits[row : row + 1].float())
+                token, p = self._choose(request, texts[row], drafts[row], logits[row : row + 1].float())
                 drafts[row].append(token)
                 probs[row].extend([p] if p is not None else [])
             feeds = [[draft[-1]] for draft in drafts]  # the last draft is never fed: the target checks it
         return drafts, [torch.cat(p) if p else None for p in probs]
 
-    def _choose(self, request: Request, context: list[int], scores: Tensor) -> tuple[int, Tensor | None]:
-        if request.processors:
-            scores = request.processors(torch.tensor([context], dtype=torch.long, device=self.device), scores)
+    def _choose(self, request: Request, text: list[int], draft: list[int], scores: Tensor) -> tuple[int, Tensor | None]:
+        if request.processors:  # they read the text so far: built only for them (a list per draft step and row)
+            context = torch.tensor([[*text, *draft]], dtype=torch.long, device=self.device)
+            scores = request.processors(context, scores)
         if not request.sample:
             return int(scores.argmax(-1)), None
         p = scores.softmax(-1)
@@ -267,9 +264,12 @@ class BatchedSpeculativeEngine(Engine):
         that ends the request; its position advances past the kept tokens. Whether the request is done."""
         k, length = len(draft), len(request.prompt) + len(request.generated)
         logits = logits[: k + 1].float()
-        context = torch.tensor([*request.prompt, *request.generated, *draft], dtype=torch.long, device=self.device)
-        scores = _verify_scores(logits[:, : self.vocab_size], context, length, request.processors or ())
-        n, following = accept(scores, context[length:], q, request.sample, request.generator)
+        scores = logits[:, : self.vocab_size]
+        if request.processors:  # they read the text before each position: the whole text, built only for them
+            context = torch.tensor([*request.prompt, *request.generated, *draft], dtype=torch.long, device=self.device)
+            scores = _verify_scores(scores, context, length, request.processors)
+        drafted = torch.tensor(draft, dtype=torch.long, device=self.device)
+        n, following = accept(scores, drafted, q, request.sample, request.generator)
         self.stats.drafted, self.stats.accepted = self.stats.drafted + k, self.stats.accepted + n
         if self.draft is not None:
             self.draft.keep(row, length + n)
