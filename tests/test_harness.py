@@ -278,3 +278,6 @@ def test_sampled_generations_are_seeded_per_batch(trained_run):
     first = run(7)
     assert first[0] != first[1]
     assert run(7) == first and run(8) != first
+    with pytest.raises(LmlabError, match="seed 'x': expected an integer") as e:
+        _lmlab(trained_run, seed="x")
+    assert e.value.params == ("seed",)

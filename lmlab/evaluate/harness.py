@@ -125,6 +125,8 @@ class LmlabLM(TemplateLM):
                 params="max_length",
             )
         self._max_gen_toks = int(max_gen_toks)
+        if isinstance(seed, bool) or not str(seed).lstrip("-").isdigit():
+            raise LmlabError(f"seed {seed!r}: expected an integer", params="seed")
         self._seeds = random.Random(int(seed))  # one seed per sampled batch
 
     @classmethod
